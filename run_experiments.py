@@ -1,0 +1,1703 @@
+# %% [markdown]
+# # What does elastic KV-cache memory (kvcached) buy over vLLM's static pool?
+#
+# vLLM reserves its whole KV-cache pool at start-up (`--gpu-memory-utilization`), so an idle
+# server holds most of the card. kvcached maps KV pages on demand and gives them back when a
+# burst ends. This script measures, on *your* GPU with *your* models:
+#
+# 1. `kvcached`          one model, kvcached's elastic pool: idle VRAM, peak, release time, latency;
+# 2. `static`            the same model and workload with vLLM's static pool;
+# 3. `shared_kvcached`   models A and B on one GPU, both elastic, alternating bursts;
+# 4. `shared_static`     the same pair split statically (`--gpu-memory-utilization` per model);
+# 5. `overload_kvcached` / `overload_static`: one model bursts past its static share while the
+#    other idles, then they swap, both pairs under the same stated KV budget.
+#
+# Memory comes from NVML (device total and per server process tree), kvcached's own shared-memory
+# segment, and vLLM's `/metrics`; latency from streamed chat completions (TTFT, per-token, E2E).
+# The harness never imports torch or vLLM: a CUDA context here would skew what it measures.
+#
+# Run it three ways:
+# * GPU box:  `python run_experiments.py` (see `--help`; `--preset smoke` for a quick look);
+# * Colab:    paste this whole file into one cell, edit `NOTEBOOK_ARGS` below, run the cell;
+# * offline:  `python run_experiments.py --report results/<run>` rebuilds summaries and plots.
+#
+# Results go to a fresh `results/<UTC timestamp>_<tag>/`, never overwritten.
+
+# %% Imports and runtime detection (no side effects)
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+
+def running_in_notebook() -> bool:
+    """True inside Jupyter/Colab, where sys.argv belongs to the kernel, not to us."""
+    return "ipykernel" in sys.modules or "google.colab" in sys.modules
+
+
+# %% Configuration
+# In Colab, edit this string instead of passing command-line flags (the kernel's argv is ignored).
+NOTEBOOK_ARGS = "--preset auto"
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+EXPERIMENTS = ("kvcached", "static", "shared_kvcached", "shared_static",
+               "overload_kvcached", "overload_static")
+EXPERIMENT_ALIASES = {"1": ["kvcached"], "2": ["static"], "3": ["shared_kvcached"],
+                      "4": ["shared_static"], "5": ["overload_kvcached", "overload_static"],
+                      "seed": ["kvcached", "static", "shared_kvcached"],
+                      "all": list(EXPERIMENTS)}
+# Order in which experiments run: grouped so that a server started for one is reused by the next
+# (kvcached A serves 1, 3 and 5; static A serves 2 and 4), which saves a vLLM start-up each time.
+RUN_ORDER = ("kvcached", "shared_kvcached", "overload_kvcached", "static", "shared_static",
+             "overload_static")
+PRESETS = ("auto", "seed", "smoke")
+
+SEED_PROMPTS = (
+    "Explain quantum entanglement to a curious 10-year-old.",
+    "Write a Python function that detects cycles in a linked list.",
+    "Summarize the plot of Hamlet in one paragraph.",
+    "List 5 surprising household uses for baking soda with explanations.",
+    "Compose a vivid haiku about rainy Monday mornings.",
+    "Describe the Fermi paradox and three plausible resolutions.",
+    "Translate 'knowledge is power' into French, German, and Japanese.",
+    "Explain the difference between TCP and UDP with real examples.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # --- what to run
+    experiments: str = "all"            # comma list of names or numbers 1-5, 'seed' = 1,2,3
+    preset: str = "auto"                # auto: bursts sized to the card; seed: the tutorial's; smoke: tiny
+    tag: str = "run"                    # suffix of the results folder name
+    results_dir: str = "results"        # parent of every run folder
+    repeats: int = 1                    # measured workload repetitions per experiment (same servers, same plan)
+    # --- models and servers
+    model_a: str = "Qwen/Qwen2.5-0.5B-Instruct"  # HF id or local folder
+    model_b: str = "Qwen/Qwen2.5-1.5B-Instruct"  # second model for the shared/overload experiments
+    tokenizer: str = ""                 # passed to vLLM as --tokenizer when set
+    load_format: str = ""               # 'dummy' = random weights with the real shapes (no download)
+    max_model_len: int = 2048           # tokens; bounds prompt + output
+    host: str = "127.0.0.1"             # vLLM binds every interface unless told otherwise
+    port_a: int = 8001
+    port_b: int = 8002
+    api_key: str = ""                   # passed to vLLM and sent by the client when set
+    server_cmd: str = ""                # replaces 'python -m vllm.entrypoints.openai.api_server'
+    extra_server_args: str = ""         # appended to every server command
+    gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
+    pair_utilization_b: float = 0.0     # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
+    kvcached_env: str = ""              # extra KEY=VALUE pairs for the kvcached arm, comma separated
+    gpu_index: int = 0                  # NVML index of the card the servers use
+    start_timeout_s: float = 900.0      # vLLM start-up: 50-100 s usual, first compile can be longer
+    # --- workload
+    bursts: int = 0                     # 0 = preset's value
+    burst_size: int = 0                 # concurrent requests per burst; 0 = preset (auto: sized to the card)
+    gap_s: float = -1.0                 # idle seconds between bursts; <0 = preset
+    max_tokens: int = 0                 # output tokens per request; 0 = preset
+    prompt_tokens: int = -1             # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
+    temperature: float = 0.7
+    ignore_eos: bool = False            # vLLM's ignore_eos: every response is exactly max_tokens long
+    burst_kv_fraction: float = 0.05     # auto preset: one burst's KV demand as a fraction of free VRAM
+    max_burst_size: int = 256           # auto preset: cap on concurrent requests
+    seed: int = 0                       # RNG seed of the workload plan
+    warmup: bool = True                 # discarded burst of the same shape before measuring
+    request_timeout_s: float = 300.0    # a ready server can still stall (kvcached without pages)
+    # --- overload experiment
+    overload_budget_gib: float = 2.0    # KV budget of each pair (static: half per model; kvcached: limit)
+    overload_demand: float = 1.4        # bursting model's KV demand as a multiple of its static share
+    # --- sampling
+    sample_hz: float = 20.0             # NVML device-memory samples per second
+    process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
+    release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
+    release_timeout_s: float = 30.0     # stop waiting for release after this
+    settle_s: float = 4.0               # ...or once memory has not moved for this long
+    report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
+
+
+PRESET_WORKLOADS = {
+    # bursts, burst_size, gap_s, max_tokens, prompt_tokens
+    "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0),
+    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=32),
+    "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768),
+}
+
+class ConfigError(ValueError):
+    """A bad flag value, reported before anything is launched."""
+
+
+class StrictParser(argparse.ArgumentParser):
+    """Unknown or malformed flags raise ConfigError instead of exiting (main() reports it)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = StrictParser(
+        prog="run_experiments.py",
+        description="Measure kvcached's elastic KV cache against vLLM's static pool.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, dest=field.name, default=field.default,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            parser.add_argument(flag, dest=field.name, type=kind, default=field.default)
+    return parser
+
+
+def parse_experiments(spec: str) -> list[str]:
+    chosen: list[str] = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        names = EXPERIMENT_ALIASES.get(token, [token] if token in EXPERIMENTS else None)
+        if names is None:
+            raise ConfigError(f"--experiments: unknown experiment {token!r}; "
+                              f"choose from {', '.join(EXPERIMENTS)}, numbers 1-5, 'seed' or 'all'")
+        chosen += [n for n in names if n not in chosen]
+    if not chosen:
+        raise ConfigError("--experiments: nothing chosen")
+    return [n for n in RUN_ORDER if n in chosen]
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every flag before anything launches; returns cfg with the preset's workload filled in."""
+    def need(ok: bool, flag: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+    parse_experiments(cfg.experiments)
+    need(cfg.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+    need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
+    need(cfg.repeats >= 1, "repeats", "must be >= 1")
+    for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = preset's value)")
+    need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
+    need(cfg.temperature >= 0, "temperature", "must be >= 0")
+    need(0 < cfg.burst_kv_fraction < 1, "burst_kv_fraction", "must be in (0, 1)")
+    need(cfg.overload_budget_gib > 0, "overload_budget_gib", "must be > 0")
+    need(1 < cfg.overload_demand < 2, "overload_demand",
+         "must be in (1, 2): above the static share, below the pair's whole budget")
+    for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s"):
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
+    need(cfg.release_timeout_s >= 0 and cfg.settle_s > 0, "release_timeout_s", "must be >= 0")
+    for name in ("port_a", "port_b"):
+        need(0 < getattr(cfg, name) < 65536, name, "must be a TCP port")
+    need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
+    parse_env_pairs(cfg.kvcached_env)
+    if cfg.pair_utilization_b == 0:
+        need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
+             "leaves no room for model B in shared_static; set --pair-utilization-b")
+    preset = PRESET_WORKLOADS[cfg.preset]
+    filled = dict(
+        bursts=cfg.bursts or preset["bursts"],
+        burst_size=cfg.burst_size or preset["burst_size"],
+        gap_s=cfg.gap_s if cfg.gap_s >= 0 else preset["gap_s"],
+        max_tokens=cfg.max_tokens or preset["max_tokens"],
+        prompt_tokens=cfg.prompt_tokens if cfg.prompt_tokens >= 0 else preset["prompt_tokens"],
+    )
+    need(filled["max_tokens"] < cfg.max_model_len, "max_tokens", "must be below --max-model-len")
+    return dataclasses.replace(cfg, **filled)
+
+
+def parse_env_pairs(spec: str) -> dict[str, str]:
+    pairs = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--kvcached-env: expected KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def config_from_args(argv: Optional[list[str]]) -> Config:
+    """Parse argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) into a validated Config."""
+    if argv is None:
+        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    namespace = build_parser().parse_args(argv)   # --help prints and raises SystemExit(0)
+    return validate_config(Config(**vars(namespace)))
+
+
+# %% Model facts: KV bytes per token, read without torch or the network when possible
+KNOWN_MODEL_CONFIGS = {
+    # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(num_hidden_layers=24, num_key_value_heads=2,
+                                       hidden_size=896, num_attention_heads=14, torch_dtype="bfloat16"),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(num_hidden_layers=28, num_key_value_heads=2,
+                                       hidden_size=1536, num_attention_heads=12, torch_dtype="bfloat16"),
+}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
+
+
+def load_model_config(model: str, timeout_s: float = 5.0) -> tuple[Optional[dict], str]:
+    """(config.json as a dict, where it came from). Local folder, then known table, then the hub."""
+    local = Path(model).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()), str(local)
+    if model in KNOWN_MODEL_CONFIGS:
+        return dict(KNOWN_MODEL_CONFIGS[model]), "built-in table"
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            import requests
+            url = f"https://huggingface.co/{model}/resolve/main/config.json"
+            response = requests.get(url, timeout=timeout_s)
+            if response.ok:
+                return response.json(), url
+        except Exception:   # no network: the caller falls back to the preset
+            pass
+    return None, "unavailable"
+
+
+def kv_bytes_per_token(model_config: dict) -> int:
+    """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes."""
+    text = model_config.get("text_config", model_config)   # multimodal configs nest it
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    kv_heads = text.get("num_key_value_heads", heads)
+    dtype_bytes = DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+# %% Workload plan: built from a seed before sending, saved, identical for every arm
+FILLER_WORDS = ("system memory cache model token latency river mountain quiet garden window "
+                "history science music engine signal careful bright simple number market").split()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRequest:
+    burst: int
+    index: int
+    prompt: str
+    max_tokens: int
+    temperature: float
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadPlan:
+    bursts: int
+    burst_size: int
+    gap_s: float
+    max_tokens: int
+    prompt_tokens: int
+    temperature: float
+    seed: int
+    sizing: str                         # how burst_size was chosen, in words
+    requests: tuple[PlannedRequest, ...]
+
+    def burst(self, b: int) -> list[PlannedRequest]:
+        return [r for r in self.requests if r.burst == b]
+
+
+def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
+    """A seed prompt, padded with random words to about prompt_tokens (~1.3 tokens a word)."""
+    base = SEED_PROMPTS[index % len(SEED_PROMPTS)]
+    if prompt_tokens <= 0:
+        return base
+    words = max(0, int(prompt_tokens / 1.3) - len(base.split()))
+    # random words also defeat any prefix sharing between requests
+    filler = " ".join(rng.choice(FILLER_WORDS) for _ in range(words))
+    return f"Context: {filler}\n\nTask: {base}"
+
+
+def size_burst(kv_per_token: Optional[int], free_bytes: Optional[int], prompt_tokens: int,
+               max_tokens: int, fraction: float, cap: int, fallback: int = 32) -> tuple[int, str]:
+    """Concurrent requests so that one burst's KV demand is `fraction` of the card's free memory."""
+    if not kv_per_token or not free_bytes:
+        return fallback, (f"model config or free memory unknown: fell back to {fallback} "
+                          f"concurrent requests (set --burst-size to choose)")
+    per_request = (prompt_tokens + max_tokens) * kv_per_token
+    wanted = fraction * free_bytes / per_request
+    size = max(1, min(cap, int(wanted)))
+    why = (f"{size} concurrent requests x ({prompt_tokens} prompt + {max_tokens} output tokens) x "
+           f"{kv_per_token} KV bytes/token = {size * per_request / GIB:.2f} GiB per burst, "
+           f"{fraction:.0%} of {free_bytes / GIB:.1f} GiB free")
+    if size == cap and wanted > cap:
+        why += f" would need {int(wanted)}; capped at --max-burst-size {cap}"
+    return size, why
+
+
+def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[int] = None,
+                  max_tokens: Optional[int] = None) -> WorkloadPlan:
+    rng = random.Random(cfg.seed)
+    bursts = bursts or cfg.bursts
+    max_tokens = max_tokens or cfg.max_tokens
+    prompt_tokens = min(cfg.prompt_tokens, int((cfg.max_model_len - max_tokens - 64) / 1.3))
+    requests_ = tuple(
+        PlannedRequest(burst=b, index=i, prompt=make_prompt(rng, b * burst_size + i, prompt_tokens),
+                       max_tokens=max_tokens, temperature=cfg.temperature)
+        for b in range(bursts) for i in range(burst_size))
+    return WorkloadPlan(bursts=bursts, burst_size=burst_size, gap_s=cfg.gap_s,
+                        max_tokens=max_tokens, prompt_tokens=prompt_tokens,
+                        temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
+                        requests=requests_)
+
+
+def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
+    """One heavy burst whose KV demand is overload_demand x a model's static share of the budget."""
+    share = budget_bytes / 2
+    per_request = (cfg.prompt_tokens + cfg.max_tokens) * kv_per_token
+    size = max(2, math.ceil(cfg.overload_demand * share / per_request))
+    sizing = (f"{size} requests x {(cfg.prompt_tokens + cfg.max_tokens)} tokens x {kv_per_token} B = "
+              f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
+              f"({share / GIB:.2f} GiB), below the pair's budget ({budget_bytes / GIB:.2f} GiB)")
+    return plan_workload(cfg, size, sizing, bursts=1)
+
+
+# %% Server lifecycle: one session per server, readiness on /health, the whole group stopped
+@dataclasses.dataclass(frozen=True)
+class ServerSpec:
+    name: str                           # 'A' or 'B'
+    model: str
+    port: int
+    kvcached: bool
+    gpu_memory_utilization: Optional[float] = None
+    kv_cache_memory_bytes: Optional[int] = None
+
+    @property
+    def key(self) -> tuple:
+        return dataclasses.astuple(self)
+
+    @property
+    def label(self) -> str:
+        if self.kvcached:
+            return f"{self.name} kvcached"
+        if self.kv_cache_memory_bytes:
+            return f"{self.name} static {self.kv_cache_memory_bytes / GIB:g} GiB KV"
+        return f"{self.name} static {self.gpu_memory_utilization:g}"
+
+    @property
+    def ipc_name(self) -> str:
+        # unique per instance and recognisably ours, so stale segments can be removed safely
+        return f"kvcached_bench_{self.port}"
+
+
+class ServerError(RuntimeError):
+    """A server that did not come up, with the evidence to fix it."""
+
+
+def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
+    prefix = (shlex.split(cfg.server_cmd) if cfg.server_cmd
+              else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"])
+    cmd = prefix + ["--model", spec.model, "--host", cfg.host, "--port", str(spec.port),
+                    "--max-model-len", str(cfg.max_model_len),
+                    "--no-enable-prefix-caching",   # repeated prompts must not skip KV demand
+                    "--enforce-eager"]              # no CUDA graphs: faster start, less memory
+    if cfg.load_format:
+        cmd += ["--load-format", cfg.load_format]
+    if cfg.tokenizer:
+        cmd += ["--tokenizer", cfg.tokenizer]
+    if cfg.api_key:
+        cmd += ["--api-key", cfg.api_key]
+    if spec.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    if spec.kv_cache_memory_bytes is not None:
+        cmd += ["--kv-cache-memory-bytes", str(spec.kv_cache_memory_bytes)]
+    return cmd + shlex.split(cfg.extra_server_args)
+
+
+def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None) -> dict[str, str]:
+    """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline."""
+    env = dict(os.environ if base is None else base)
+    if spec.kvcached:
+        env.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=spec.ipc_name)
+        env.update(parse_env_pairs(cfg.kvcached_env))
+    else:
+        env.update(ENABLE_KVCACHED="false", KVCACHED_AUTOPATCH="0")
+        env.pop("KVCACHED_IPC_NAME", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """root_pid and all its descendants, from /proc (vLLM's GPU memory sits in a child)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, stack = [], [root_pid]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class RunningServer:
+    spec: ServerSpec
+    proc: subprocess.Popen
+    cmd: list[str]
+    env_shown: dict[str, str]           # the KVCACHED_* / VLLM_* part of its environment, for config.json
+    log_path: Path
+    started_at: float
+    host: str = "127.0.0.1"
+    ready_at: Optional[float] = None
+    known_pids: set[int] = dataclasses.field(default_factory=set)
+    warmed: set[str] = dataclasses.field(default_factory=set)   # plan shapes this server has served
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.spec.port}"
+
+    @property
+    def startup_s(self) -> Optional[float]:
+        return None if self.ready_at is None else self.ready_at - self.started_at
+
+    def pids(self) -> list[int]:
+        tree = process_tree(self.proc.pid)
+        self.known_pids.update(tree)
+        return tree
+
+    def describe(self) -> dict:
+        return {"label": self.spec.label, "spec": dataclasses.asdict(self.spec), "cmd": self.cmd,
+                "cmd_shell": shlex.join(self.cmd), "env": self.env_shown,
+                "log": str(self.log_path), "startup_s": self.startup_s}
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def start_server(cfg: Config, spec: ServerSpec, log_path: Path) -> RunningServer:
+    if port_in_use(cfg.host, spec.port):
+        raise ServerError(f"port {spec.port} on {cfg.host} is already in use: stop what holds it "
+                          f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b")
+    if spec.kvcached:
+        remove_stale_segment(spec.ipc_name)
+    cmd = server_command(cfg, spec)
+    env = server_env(cfg, spec)
+    shown = {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_"))}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd)}\n"
+                  .encode())
+        log.flush()
+        # Own session: the whole group (API server + EngineCore, which holds the GPU memory) can be
+        # signalled at once, and Ctrl-C in a terminal does not hit the servers before we stop them.
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    server = RunningServer(spec=spec, proc=proc, cmd=cmd, env_shown=shown, log_path=log_path,
+                           started_at=time.time(), host=cfg.host)
+    server.known_pids.add(proc.pid)
+    return server
+
+
+def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
+               progress_every_s: float = 10.0, say: Callable[[str], None] = print) -> float:
+    """Poll /health until 200; fail fast with the log's tail if the process exits first."""
+    import requests
+    deadline = server.started_at + timeout_s
+    next_progress = time.time() + progress_every_s
+    while True:
+        server.pids()   # remember the tree while it is alive, for a thorough stop later
+        code = server.proc.poll()
+        if code is not None:
+            raise ServerError(
+                f"server {server.spec.label} exited with code {code} before it was ready.\n"
+                f"command: {shlex.join(server.cmd)}\nlog: {server.log_path}\n"
+                f"--- last 40 lines of the log ---\n{tail(server.log_path)}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                server.ready_at = time.time()
+                return server.startup_s
+        except requests.RequestException:
+            pass   # connection refused until vLLM is up
+        now = time.time()
+        if now > deadline:
+            raise ServerError(
+                f"server {server.spec.label} not ready after {timeout_s:.0f} s "
+                f"(raise --start-timeout-s if it is still loading).\ncommand: {shlex.join(server.cmd)}\n"
+                f"log: {server.log_path}\n--- last 40 lines of the log ---\n{tail(server.log_path)}")
+        if now >= next_progress:
+            last = tail(server.log_path, 1).strip()[:120]
+            say(f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
+                f"{now - server.started_at:.0f} s  | {last}")
+            next_progress = now + progress_every_s
+        time.sleep(poll_s)
+
+
+def stop_server(server: RunningServer, grace_s: float = 15.0) -> None:
+    """SIGINT the whole group, wait, then SIGKILL; also any descendant seen, even if the leader died."""
+    pids = set(server.pids()) | server.known_pids
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.proc.pid, sig)
+        for pid in pids:
+            if sig == signal.SIGKILL and pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            server.proc.poll()
+            if not any(pid_alive(p) for p in pids):
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.proc.wait(timeout=1)
+    if server.spec.kvcached:
+        remove_stale_segment(server.spec.ipc_name)
+
+
+class ServerPool:
+    """Keeps servers across experiments that can share them; stops every one of them on close()."""
+
+    def __init__(self, cfg: Config, say: Callable[[str], None] = print):
+        self.cfg, self.say = cfg, say
+        self.running: dict[tuple, RunningServer] = {}
+
+    def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
+        wanted = {s.key for s in specs}
+        for key in [k for k in self.running if k not in wanted]:
+            server = self.running.pop(key)
+            self.say(f"  stopping {server.spec.label} (not needed now)")
+            stop_server(server)
+        out = []
+        for spec in specs:   # one at a time: concurrent start-ups mis-measure each other's memory
+            if spec.key in self.running:
+                self.say(f"  reusing {spec.label} (started {self.running[spec.key].startup_s:.0f} s "
+                         f"start-up ago, saved a restart)")
+            else:
+                log_path = log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
+                self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {log_path})")
+                server = start_server(self.cfg, spec, log_path)
+                self.running[spec.key] = server
+                wait_ready(server, self.cfg.start_timeout_s, say=self.say)
+                self.say(f"  {spec.label} ready after {server.startup_s:.1f} s")
+            out.append(self.running[spec.key])
+        return out
+
+    def close(self) -> None:
+        while self.running:
+            _, server = self.running.popitem()
+            stop_server(server)
+
+
+# %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
+SHM_DIR = Path(os.environ.get("KVCACHED_BENCH_SHM_DIR", "/dev/shm"))
+SEGMENT = struct.Struct("<qqq")
+
+
+def segment_path(ipc_name: str) -> Path:
+    return SHM_DIR / ipc_name
+
+
+def read_segment(ipc_name: str) -> Optional[dict]:
+    """kvcached's memory accounting for one instance, or None if the segment is absent or short."""
+    try:
+        with open(segment_path(ipc_name), "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)   # kvcached's writers take LOCK_EX
+            data = f.read(SEGMENT.size)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    if len(data) < SEGMENT.size:
+        return None
+    total, used, prealloc = SEGMENT.unpack(data)
+    return {"total_bytes": total, "used_bytes": used, "prealloc_bytes": prealloc}
+
+
+def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
+    """What `kvctl limit NAME SIZE` does: rewrite the instance's total under an exclusive lock."""
+    with open(segment_path(ipc_name), "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.write(struct.pack("<q", limit_bytes))
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_segment(ipc_name: str) -> None:
+    if ipc_name.startswith("kvcached_bench_"):   # only names this script creates
+        with contextlib.suppress(FileNotFoundError):
+            segment_path(ipc_name).unlink()
+
+
+# %% GPU memory sampling in a background thread (NVML, never torch)
+def load_nvml(module: Any = None) -> Any:
+    """The NVML module (nvidia-ml-py's `pynvml`), initialised; injectable for tests."""
+    if module is None:
+        try:
+            import pynvml as module
+        except ImportError as exc:
+            raise RuntimeError("NVML not importable: pip install nvidia-ml-py") from exc
+    module.nvmlInit()
+    return module
+
+
+def gpu_facts(nvml: Any, index: int) -> dict:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    name = nvml.nvmlDeviceGetName(handle)
+    driver = nvml.nvmlSystemGetDriverVersion()
+    decode = lambda v: v.decode() if isinstance(v, bytes) else v
+    facts = {"index": index, "name": decode(name), "driver": decode(driver),
+             "total_mib": mem.total / MIB, "used_mib_at_start": mem.used / MIB,
+             "free_mib_at_start": (mem.total - mem.used) / MIB}
+    with contextlib.suppress(Exception):
+        cuda = nvml.nvmlSystemGetCudaDriverVersion()
+        facts["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+    return facts
+
+
+def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
+    """pid -> used bytes for compute processes on the card."""
+    for name in ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses"):
+        fn = getattr(nvml, name, None)
+        if fn is not None:
+            return {p.pid: int(p.usedGpuMemory or 0) for p in fn(handle)}
+    return {}
+
+
+def scrape_metrics(url: str, timeout_s: float = 1.0) -> dict[str, float]:
+    """vLLM's /metrics, parsed with prometheus_client's text parser, summed over label sets."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+    text = requests.get(url + "/metrics", timeout=timeout_s).text
+    wanted = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+              "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
+              "vllm:num_preemptions": "preemptions"}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = wanted.get(sample.name)
+            if key:
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+class Sampler(threading.Thread):
+    """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
+
+    Rows go to a JSONL file as they come: {"kind": "device"|"process"|"kvcached"|"metrics"|"error"}.
+    An NVML or HTTP error becomes a row; sampling goes on.
+    """
+
+    def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
+                 sample_hz: float, process_hz: float):
+        super().__init__(daemon=True, name="memory-sampler")
+        self.nvml, self.servers, self.path = nvml, servers, path
+        self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        self.interval, self.slow_every = 1.0 / sample_hz, max(1, round(sample_hz / process_hz))
+        self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
+        self.lock = threading.Lock()
+        self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
+        self.errors = 0
+        self.metrics_thread = threading.Thread(target=self._metrics_loop, daemon=True,
+                                               name="metrics-scraper")
+
+    def _write(self, rows: list[dict]) -> None:
+        with self.lock, open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def sample_once(self, tick: int) -> None:
+        now = time.time()
+        rows: list[dict] = []
+        try:
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            self.device.append((now, mem.used / MIB))
+            rows.append({"kind": "device", "t": now, "used_mib": mem.used / MIB,
+                         "total_mib": mem.total / MIB})
+        except Exception as exc:   # NVML hiccups must not end the experiment
+            self.errors += 1
+            rows.append({"kind": "error", "t": now, "source": "nvml", "error": repr(exc)})
+        if tick % self.slow_every == 0:
+            try:
+                by_pid = gpu_processes(self.nvml, self.handle)
+                for server in self.servers:
+                    pids = server.pids()
+                    used = sum(by_pid.get(p, 0) for p in pids)
+                    holders = {str(p): by_pid[p] / MIB for p in pids if p in by_pid}
+                    rows.append({"kind": "process", "t": now, "server": server.spec.name,
+                                 "used_mib": used / MIB, "holders_mib": holders,
+                                 "leader_pid": server.proc.pid})
+            except Exception as exc:
+                self.errors += 1
+                rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
+            for server in self.servers:
+                if server.spec.kvcached:
+                    seg = read_segment(server.spec.ipc_name)
+                    if seg is not None:
+                        rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
+        self._write(rows)
+
+    def _metrics_loop(self) -> None:
+        interval = self.interval * self.slow_every
+        while not self.halt.wait(interval):
+            for server in self.servers:
+                now = time.time()
+                try:
+                    row = {"kind": "metrics", "t": now, "server": server.spec.name,
+                           **scrape_metrics(server.url)}
+                except Exception as exc:
+                    row = {"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
+                           "error": repr(exc)[:300]}
+                self._write([row])
+
+    def run(self) -> None:
+        self.metrics_thread.start()
+        tick = 0
+        self.sample_once(tick)
+        while not self.halt.wait(self.interval):
+            tick += 1
+            self.sample_once(tick)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=5)
+        self.metrics_thread.join(timeout=5)
+
+
+# %% Load generation: one streaming request function that never raises
+@dataclasses.dataclass
+class RequestRecord:
+    experiment: str
+    server: str                         # 'A' or 'B'
+    phase: str                          # which step of the schedule (e.g. 'A burst 2')
+    repeat: int
+    burst: int
+    index: int
+    t_send: float                       # wall clock (s since epoch)
+    ok: bool = False
+    status: Optional[int] = None        # HTTP status, None if no response
+    error: Optional[str] = None
+    ttft_s: Optional[float] = None      # send -> first content chunk
+    e2e_s: Optional[float] = None       # send -> end of stream (or failure)
+    itl_s: list = dataclasses.field(default_factory=list)   # gaps between content chunks
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+
+    @property
+    def tpot_s(self) -> Optional[float]:
+        if not self.ok or self.ttft_s is None or not self.completion_tokens or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+def send_chat(base_url: str, model: str, request: PlannedRequest, record: RequestRecord,
+              api_key: str = "", timeout_s: float = 300.0, ignore_eos: bool = False,
+              session: Any = None) -> RequestRecord:
+    """Stream one chat completion; every outcome, failures included, ends up in `record`."""
+    import requests
+    body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
+            "max_tokens": request.max_tokens, "temperature": request.temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    http = session or requests
+    start = time.perf_counter()
+    record.t_send = time.time()
+    last_token = None
+    try:
+        with http.post(f"{base_url}/v1/chat/completions", json=body, headers=auth_headers(api_key),
+                       stream=True, timeout=(10, timeout_s)) as response:
+            record.status = response.status_code
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {response.text[:300]}"
+                return record
+            # chunk_size=None yields each HTTP chunk as it arrives: a buffered read would delay TTFT
+            for line in response.iter_lines(chunk_size=None):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                event = json.loads(payload)
+                if event.get("usage"):
+                    record.prompt_tokens = event["usage"].get("prompt_tokens")
+                    record.completion_tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        now = time.perf_counter()
+                        if record.ttft_s is None:
+                            record.ttft_s = now - start
+                        else:
+                            record.itl_s.append(now - last_token)
+                        last_token = now
+                if time.perf_counter() - start > timeout_s:
+                    raise TimeoutError(f"stream still open after {timeout_s:.0f} s")
+        record.ok = record.ttft_s is not None
+        if not record.ok:
+            record.error = "stream ended without any content"
+    except Exception as exc:   # a failure is a row, never the end of the experiment
+        record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        record.e2e_s = time.perf_counter() - start
+    return record
+
+
+def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
+              cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0) -> list[RequestRecord]:
+    """All requests of one burst at once; returns when the last one has finished."""
+    import requests
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(requests_)))
+    pool = concurrent.futures.ThreadPoolExecutor(len(requests_), thread_name_prefix="request")
+    try:
+        futures = [pool.submit(send_chat, server.url, server.spec.model, r, make_record(r),
+                               cfg.api_key, cfg.request_timeout_s, cfg.ignore_eos, session)
+                   for r in requests_]
+        started = time.time()
+        while True:
+            done, pending = concurrent.futures.wait(futures, timeout=progress_every_s)
+            if not pending:
+                break
+            say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
+        return [f.result() for f in futures]
+    finally:
+        # on Ctrl-C, don't wait for open streams: the servers are stopped next and that ends them
+        pool.shutdown(wait=False, cancel_futures=True)
+        session.close()
+
+
+# %% Metrics: pure functions of saved records
+def percentile(values: Iterable[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (q in 0..100); None for no data."""
+    data = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not data:
+        return None
+    pos = (len(data) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def distribution(values: Iterable[Optional[float]]) -> dict:
+    data = [v for v in values if v is not None]
+    return {"n": len(data), "p50": percentile(data, 50), "p90": percentile(data, 90),
+            "p99": percentile(data, 99), "mean": (sum(data) / len(data)) if data else None,
+            "max": max(data) if data else None}
+
+
+def latency_summary(records: list[dict]) -> dict:
+    """TTFT / TPOT / E2E percentiles, throughput and errors from requests.jsonl rows."""
+    ok = [r for r in records if r.get("ok")]
+    failed = [r for r in records if not r.get("ok")]
+    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ok
+            if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None]
+    span = None
+    if records:
+        start = min(r["t_send"] for r in records)
+        end = max(r["t_send"] + (r.get("e2e_s") or 0) for r in records)
+        span = end - start
+    out_tokens = sum(r.get("completion_tokens") or 0 for r in ok)
+    errors: dict[str, int] = {}
+    for r in failed:
+        key = (r.get("error") or "unknown")[:80]
+        errors[key] = errors.get(key, 0) + 1
+    return {"requests": len(records), "ok": len(ok), "failed": len(failed), "errors": errors,
+            "ttft_s": distribution(r.get("ttft_s") for r in ok),
+            "tpot_s": distribution(tpot),
+            "e2e_s": distribution(r.get("e2e_s") for r in ok),
+            "output_tokens": out_tokens,
+            "output_tokens_per_s": (out_tokens / span) if span else None}
+
+
+def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
+    return percentile([v for t, v in samples if start <= t <= end], 50)
+
+
+def window_max(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
+    values = [v for t, v in samples if start <= t <= end]
+    return max(values) if values else None
+
+
+def release_time(samples: list[tuple[float, float]], workload_end: float, idle: Optional[float],
+                 tolerance: float) -> Optional[float]:
+    """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
+    if idle is None:
+        return None
+    limit = idle * (1 + tolerance)
+    for t, value in samples:
+        if t >= workload_end and value <= limit:
+            return t - workload_end
+    return None
+
+
+def memory_summary(samples: list[tuple[float, float]], marks: dict, tolerance: float) -> dict:
+    """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
+    idle_load = window_median(samples, *marks["idle_after_load"]) if "idle_after_load" in marks else None
+    idle = window_median(samples, *marks["idle_before"]) if "idle_before" in marks else idle_load
+    start, end = marks.get("workload", (None, None))
+    stop = marks.get("sampling_end", end)
+    peak = window_max(samples, start, stop) if start is not None else None
+    after = [v for t, v in samples if end is not None and t >= end]
+    return {"idle_after_load_mib": idle_load, "idle_before_workload_mib": idle, "peak_mib": peak,
+            "flex_mib": (peak - idle) if peak is not None and idle is not None else None,
+            "release_s": release_time(samples, end, idle, tolerance) if end is not None else None,
+            "residual_mib": (after[-1] - idle) if after and idle is not None else None}
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return (a / b) if a is not None and b not in (None, 0) else None
+
+
+def spread(values: list[Optional[float]]) -> dict:
+    data = [v for v in values if v is not None]
+    return {"median": percentile(data, 50), "min": min(data) if data else None,
+            "max": max(data) if data else None, "n": len(data)}
+
+
+# %% Experiments: which servers, which schedule of bursts
+# vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the
+# KV pool (default U = 0.92 would refuse the second server of a pair); U then only gates start-up.
+KV_BYTES_START_GATE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    phase: str                          # label in summaries and plots
+    server: str                         # 'A' or 'B'
+    plan: str                           # key into the plans dict
+    burst: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    question: str
+    servers: tuple[ServerSpec, ...]
+    steps: tuple[Step, ...]
+    kv_limits: tuple[tuple[str, int], ...] = ()   # kvcached per-instance limits, set after start
+
+
+def define_experiments(cfg: Config, plans: dict[str, WorkloadPlan], budget_bytes: int) -> dict[str, ExperimentSpec]:
+    kvc_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=True)
+    kvc_b = ServerSpec("B", cfg.model_b, cfg.port_b, kvcached=True)
+    static_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=False,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+    pair_b = cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2)
+    static_b = ServerSpec("B", cfg.model_b, cfg.port_b, kvcached=False, gpu_memory_utilization=pair_b)
+    budget_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=False,
+                          gpu_memory_utilization=KV_BYTES_START_GATE, kv_cache_memory_bytes=budget_bytes // 2)
+    budget_b = dataclasses.replace(budget_a, name="B", model=cfg.model_b, port=cfg.port_b)
+    bursts = plans["main"].bursts
+    single = tuple(Step(f"burst {b + 1}", "A", "main", b) for b in range(bursts))
+    alternating = tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in "AB")
+    overload = (Step("A bursts, B idle", "A", "overload_A", 0), Step("B bursts, A idle", "B", "overload_B", 0))
+    return {
+        "kvcached": ExperimentSpec("kvcached", "How much VRAM does an idle kvcached server keep, and "
+                                   "how does its memory follow a bursty load?", (kvc_a,), single),
+        "static": ExperimentSpec("static", f"The same with vLLM's static pool "
+                                 f"(--gpu-memory-utilization {cfg.gpu_memory_utilization:g}).", (static_a,), single),
+        "shared_kvcached": ExperimentSpec("shared_kvcached", "Two models on one GPU, both elastic, "
+                                          "alternating bursts.", (kvc_a, kvc_b), alternating),
+        "shared_static": ExperimentSpec("shared_static", f"The same pair split statically "
+                                        f"(A {cfg.gpu_memory_utilization:g}, B {pair_b:g} of the card).",
+                                        (static_a, static_b), alternating),
+        "overload_kvcached": ExperimentSpec(
+            "overload_kvcached", f"One model bursts past its static share while the other idles; "
+            f"elastic pair, each instance limited to the pair's {budget_bytes / GIB:g} GiB budget.",
+            (kvc_a, kvc_b), overload, kv_limits=(("A", budget_bytes), ("B", budget_bytes))),
+        "overload_static": ExperimentSpec(
+            "overload_static", f"The same load with a static pair of {budget_bytes / 2 / GIB:g} GiB "
+            f"KV each (--kv-cache-memory-bytes).", (budget_a, budget_b), overload),
+    }
+
+
+# %% Experiment driver pieces
+class MemoryWatch:
+    """Reads the sampler's live device samples to wait for the event itself instead of a fixed sleep."""
+
+    def __init__(self, sampler: "Sampler"):
+        self.sampler = sampler
+
+    def recent(self, seconds: float) -> list[tuple[float, float]]:
+        cutoff = time.time() - seconds
+        return [s for s in list(self.sampler.device) if s[0] >= cutoff]
+
+    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float,
+                     timeout_s: float) -> str:
+        """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
+        start = time.time()
+        while time.time() - start < timeout_s:
+            window = self.recent(settle_s)
+            if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
+                return "released"
+            if time.time() - start >= settle_s and window:
+                values = [v for _, v in window]
+                if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
+                    return "settled"
+            time.sleep(0.1)
+        return "timeout"
+
+
+def idle_window(seconds: float = 1.5) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return (start, time.time())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):   # a run killed mid-write leaves a torn line
+            rows.append(json.loads(line))
+    return rows
+
+
+def record_row(record: RequestRecord) -> dict:
+    return {**dataclasses.asdict(record), "tpot_s": record.tpot_s}
+
+
+def run_step(cfg: Config, exp: ExperimentSpec, step: Step, plan: WorkloadPlan, server: RunningServer,
+             repeat: int, say: Callable[[str], None]) -> list[RequestRecord]:
+    reqs = plan.burst(step.burst)
+    make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
+    started = time.time()
+    records = run_burst(server, reqs, make, cfg, say=say)
+    failed = sum(not r.ok for r in records)
+    ttft = percentile([r.ttft_s for r in records if r.ok], 50)
+    say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
+        f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
+        f"{'n/a' if ttft is None else f'{ttft:.3f} s'}")
+    return records
+
+
+def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], pool: ServerPool,
+                   nvml: Any, exp_dir: Path, say: Callable[[str], None]) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    say(f"\n=== {exp.name}: {exp.question}")
+    before = set(pool.running)
+    servers = pool.ensure(list(exp.servers), exp_dir)
+    by_name = {s.spec.name: s for s in servers}
+    info = {"name": exp.name, "question": exp.question, "servers": [s.describe() for s in servers],
+            "reused": [s.spec.label for s in servers if s.spec.key in before],
+            "steps": [dataclasses.asdict(s) for s in exp.steps], "repeats": cfg.repeats, "marks": {}}
+    marks = info["marks"]
+    sampler = Sampler(nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz,
+                      cfg.process_sample_hz)
+    watch = MemoryWatch(sampler)
+    sampler.start()
+    restore_limits = {}
+    try:
+        marks["idle_after_load"] = idle_window()
+        for name, limit in exp.kv_limits:
+            ipc = by_name[name].spec.ipc_name
+            seg = read_segment(ipc)
+            if seg is None:
+                raise RuntimeError(f"kvcached segment {segment_path(ipc)} not found: is kvcached active "
+                                   f"in server {name}? (see {by_name[name].log_path})")
+            restore_limits[ipc] = seg["total_bytes"]
+            write_segment_limit(ipc, limit)
+            say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB (was {seg['total_bytes'] / GIB:.1f} GiB)")
+        info["kv_limits"] = {name: limit for name, limit in exp.kv_limits}
+        if cfg.warmup:
+            start = time.time()
+            for name, server in by_name.items():
+                step = next((s for s in exp.steps if s.server == name), None)
+                if step is None or step.plan in server.warmed:
+                    continue
+                say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
+                warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
+                                plans[step.plan], server, -1, say)
+                write_jsonl(exp_dir / "warmup.jsonl", map(record_row, warm))
+                server.warmed.add(step.plan)
+            marks["warmup"] = (start, time.time())
+            outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
+                                         cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+            say(f"  after warm-up memory {outcome}")
+        marks["idle_before"] = idle_window()
+        idle = window_median(list(sampler.device), *marks["idle_before"])
+        marks["bursts"] = []
+        workload_start = time.time()
+        for repeat in range(cfg.repeats):
+            for i, step in enumerate(exp.steps):
+                start = time.time()
+                records = run_step(cfg, exp, step, plans[step.plan], by_name[step.server], repeat, say)
+                write_jsonl(exp_dir / "requests.jsonl", map(record_row, records))
+                marks["bursts"].append({"phase": step.phase, "server": step.server, "repeat": repeat,
+                                        "start": start, "end": time.time()})
+                last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
+                if not last:
+                    time.sleep(plans[step.plan].gap_s)
+        marks["workload"] = (workload_start, time.time())
+        outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+        say(f"  after the workload memory {outcome} ({time.time() - marks['workload'][1]:.1f} s)")
+    finally:
+        for ipc, total in restore_limits.items():
+            with contextlib.suppress(OSError):
+                write_segment_limit(ipc, total)
+        sampler.stop()
+        marks["sampling_end"] = time.time()
+        info["sampler_errors"] = sampler.errors
+        (exp_dir / "experiment.json").write_text(json.dumps(info, indent=2))
+
+
+
+# %% Summaries: computed from the raw files only, so --report can rebuild them offline
+def series(rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None,
+           scale: float = 1.0) -> list[tuple[float, float]]:
+    return [(r["t"], r[field] * scale) for r in rows
+            if r.get("kind") == kind and field in r and (server is None or r.get("server") == server)]
+
+
+def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
+    info = json.loads((exp_dir / "experiment.json").read_text())
+    marks = {k: tuple(v) if isinstance(v, list) and k != "bursts" else v for k, v in info["marks"].items()}
+    rows = read_jsonl(exp_dir / "memory.jsonl")
+    records = read_jsonl(exp_dir / "requests.jsonl")
+    summary = {"name": info["name"], "question": info["question"],
+               "device": memory_summary(series(rows, "device"), marks, tolerance),
+               "latency": latency_summary(records), "servers": {}, "phases": {}, "repeats": {},
+               "sampler_errors": info.get("sampler_errors", 0),
+               "kv_limits_bytes": info.get("kv_limits", {})}
+    for server in info["servers"]:
+        name = server["spec"]["name"]
+        entry = {"label": server["label"], "model": server["spec"]["model"],
+                 "startup_s": server["startup_s"], "reused": server["label"] in info.get("reused", []),
+                 "memory": memory_summary(series(rows, "process", server=name), marks, tolerance),
+                 "latency": latency_summary([r for r in records if r["server"] == name])}
+        kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == name]
+        if kv:
+            entry["kvcached"] = {"limit_mib": kv[-1]["total_bytes"] / MIB,
+                                 "peak_used_mib": max(r["used_bytes"] for r in kv) / MIB,
+                                 "peak_prealloc_mib": max(r["prealloc_bytes"] for r in kv) / MIB}
+        met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == name]
+        if met:
+            first = next((r.get("preemptions") for r in met if "preemptions" in r), None)
+            last = next((r.get("preemptions") for r in reversed(met) if "preemptions" in r), None)
+            entry["vllm"] = {"max_running": max(r.get("running", 0) for r in met),
+                             "max_waiting": max(r.get("waiting", 0) for r in met),
+                             "preemptions": (last - first) if first is not None and last is not None else None}
+        summary["servers"][name] = entry
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        summary["phases"][phase] = latency_summary([r for r in records if r["phase"] == phase])
+    repeats = sorted({r["repeat"] for r in records})
+    if len(repeats) > 1:
+        per = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
+        for metric in ("ttft_s", "e2e_s"):
+            for q in ("p50", "p99"):
+                summary["repeats"][f"{metric}_{q}"] = spread([p[metric][q] for p in per])
+    return summary
+
+
+def get(d: Optional[dict], *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return (a - b) if a is not None and b is not None else None
+
+
+def compare(summaries: dict[str, dict]) -> dict:
+    """kvcached vs static: single model, shared pair per model, overload per phase."""
+    out: dict[str, Any] = {}
+    kvc, sta = summaries.get("kvcached"), summaries.get("static")
+    if kvc and sta:
+        out["single"] = {
+            "idle_saving_mib": diff(get(sta, "device", "idle_after_load_mib"),
+                                    get(kvc, "device", "idle_after_load_mib")),
+            "peak_saving_mib": diff(get(sta, "device", "peak_mib"), get(kvc, "device", "peak_mib")),
+            "ttft_p50_ratio": ratio(get(kvc, "latency", "ttft_s", "p50"), get(sta, "latency", "ttft_s", "p50")),
+            "e2e_p50_ratio": ratio(get(kvc, "latency", "e2e_s", "p50"), get(sta, "latency", "e2e_s", "p50")),
+        }
+    for kind in ("shared", "overload"):
+        ela, sta = summaries.get(f"{kind}_kvcached"), summaries.get(f"{kind}_static")
+        if not (ela and sta):
+            continue
+        block: dict[str, Any] = {"idle_saving_mib": diff(get(sta, "device", "idle_before_workload_mib"),
+                                                         get(ela, "device", "idle_before_workload_mib")),
+                                 "per_model": {}, "per_phase": {}}
+        for name in ela["servers"]:
+            e, s = ela["servers"][name], sta["servers"].get(name, {})
+            block["per_model"][name] = {
+                f"{metric}_{q}": {"kvcached": get(e, "latency", metric, q), "static": get(s, "latency", metric, q),
+                                  "ratio": ratio(get(e, "latency", metric, q), get(s, "latency", metric, q))}
+                for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
+            block["per_model"][name].update({
+                "failed": {"kvcached": get(e, "latency", "failed"), "static": get(s, "latency", "failed")},
+                "max_waiting": {"kvcached": get(e, "vllm", "max_waiting"), "static": get(s, "vllm", "max_waiting")},
+                "preemptions": {"kvcached": get(e, "vllm", "preemptions"), "static": get(s, "vllm", "preemptions")},
+                "peak_mib": {"kvcached": get(e, "memory", "peak_mib"), "static": get(s, "memory", "peak_mib")}})
+        for phase in ela["phases"]:
+            e, s = ela["phases"][phase], sta["phases"].get(phase)
+            block["per_phase"][phase] = {
+                f"{metric}_{q}_ratio": ratio(get(e, metric, q), get(s, metric, q))
+                for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
+        out[kind] = block
+    return out
+
+
+# %% Plots (matplotlib's object API: no pyplot state, no backend switch inside a notebook)
+COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62728"}
+
+
+def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) -> Any:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(size[0], size[1] * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def shade_bursts(ax: Any, info: dict, t0: float) -> None:
+    for burst in info["marks"].get("bursts", []):
+        ax.axvspan(burst["start"] - t0, burst["end"] - t0, color=COLORS.get(burst["server"], "grey"),
+                   alpha=0.08, lw=0)
+
+
+def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, dict]) -> Optional[Path]:
+    arms = [a for a in ("kvcached", "static") if a in exp_dirs]
+    if not arms:
+        return None
+    fig, axes = new_figure(1, size=(11, 4.2))
+    ax = axes[0][0]
+    for arm in arms:
+        info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
+        t0 = info["marks"].get("workload", [None])[0] or info["marks"]["idle_after_load"][0]
+        data = series(read_jsonl(exp_dirs[arm] / "memory.jsonl"), "device")
+        ax.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS[arm], lw=1.6,
+                label=f"{arm} (device used)")
+        idle = get(summaries[arm], "device", "idle_before_workload_mib")
+        if idle is not None:
+            ax.axhline(idle, color=COLORS[arm], ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
+        if arm == arms[0]:
+            shade_bursts(ax, info, t0)
+    ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
+    ax.set_ylabel("GPU memory used (MiB)")
+    ax.set_title("VRAM under a bursty workload: kvcached vs static pool, one model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, run_dir / "plots" / "vram_single_model.png")
+
+
+def plot_latency(run_dir: Path, exp_dirs: dict[str, Path]) -> Optional[Path]:
+    groups, labels = {"ttft_s": [], "e2e_s": []}, []
+    for name, exp_dir in exp_dirs.items():
+        records = [r for r in read_jsonl(exp_dir / "requests.jsonl") if r.get("ok")]
+        for server in sorted({r["server"] for r in records}):
+            mine = [r for r in records if r["server"] == server]
+            labels.append(f"{name}\n{server}")
+            for key in groups:
+                groups[key].append([r[key] for r in mine if r.get(key) is not None] or [float("nan")])
+    if not labels:
+        return None
+    fig, axes = new_figure(2, size=(max(8, 1.4 * len(labels)), 3.4))
+    for ax, (key, title) in zip((axes[0][0], axes[1][0]), (("ttft_s", "time to first token (s)"),
+                                                           ("e2e_s", "end-to-end latency (s)"))):
+        ax.boxplot(groups[key], tick_labels=labels, showfliers=True)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title("Latency per experiment and model (successful requests)")
+    return save_figure(fig, run_dir / "plots" / "latency.png")
+
+
+def plot_pair(run_dir: Path, exp_dirs: dict[str, Path], kind: str) -> Optional[Path]:
+    arms = [f"{kind}_{a}" for a in ("kvcached", "static") if f"{kind}_{a}" in exp_dirs]
+    if not arms:
+        return None
+    fig, axes = new_figure(3, len(arms), size=(6.5 * len(arms), 2.8))
+    for col, arm in enumerate(arms):
+        info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
+        rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
+        t0 = info["marks"]["idle_after_load"][0]
+        mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
+        data = series(rows, "device")
+        mem.plot([t - t0 for t, _ in data], [v for _, v in data], color="black", lw=1.4, label="device total")
+        for server in info["servers"]:
+            name = server["spec"]["name"]
+            proc = series(rows, "process", server=name)
+            mem.plot([t - t0 for t, _ in proc], [v for _, v in proc], color=COLORS[name], lw=1.2,
+                     label=f"{name}: {server['spec']['model'].split('/')[-1]}")
+            used = series(rows, "kvcached", "used_bytes", server=name, scale=1 / MIB)
+            if used:
+                kv.plot([t - t0 for t, _ in used], [v for _, v in used], color=COLORS[name], lw=1.2,
+                        label=f"{name} kvcached used")
+            for field, style in (("running", "-"), ("waiting", "--")):
+                points = series(rows, "metrics", field, server=name)
+                met.plot([t - t0 for t, _ in points], [v for _, v in points], color=COLORS[name],
+                         ls=style, lw=1.1, label=f"{name} {field}")
+        for ax in (mem, kv, met):
+            shade_bursts(ax, info, t0)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        mem.set_title(f"{arm}: GPU memory (NVML: device and per server)")
+        mem.set_ylabel("MiB")
+        kv.set_title("kvcached's own view: KV bytes in use (shared-memory segment)")
+        kv.set_ylabel("MiB")
+        if not any(r.get("kind") == "kvcached" for r in rows):
+            kv.text(0.5, 0.5, "static pool: no kvcached segment", ha="center", transform=kv.transAxes)
+        met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
+        met.set_xlabel("seconds since the experiment began (shaded: bursts)")
+    return save_figure(fig, run_dir / "plots" / f"{kind}_memory.png")
+
+
+# %% Report: summary.json, summary.md, plots, and the headline
+def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict, plots: list[str]) -> str:
+    gpu = config.get("gpu", {})
+    lines = [f"# kvcached vs static KV cache: {config.get('run_name', '')}", "",
+             f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
+             f"vLLM {get(config, 'versions', 'vllm')}, kvcached {get(config, 'versions', 'kvcached')}, "
+             f"torch {get(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
+             f"Command: `{config.get('command', '')}`", "",
+             f"Workload: {get(config, 'plans', 'main', 'sizing')}", "",
+             "| experiment | idle after load (MiB) | idle before load (MiB) | peak (MiB) | flex (MiB) | "
+             "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        d, lat = s["device"], s["latency"]
+        startups = ", ".join(f"{k} {fmt(v['startup_s'], 0)}{' (reused)' if v['reused'] else ''}"
+                             for k, v in s["servers"].items())
+        lines.append(
+            f"| {name} | {fmt(d['idle_after_load_mib'])} | {fmt(d['idle_before_workload_mib'])} | "
+            f"{fmt(d['peak_mib'])} | {fmt(d['flex_mib'])} | {fmt(d['release_s'], 1)} | "
+            f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p90'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | "
+            f"{fmt(lat['tpot_s']['p50'] and lat['tpot_s']['p50'] * 1000, 1)} | "
+            f"{fmt(lat['e2e_s']['p50'], 2)} / {fmt(lat['e2e_s']['p99'], 2)} | {fmt(lat['output_tokens_per_s'])} | "
+            f"{lat['failed']}/{lat['requests']} | {startups} |")
+    per_server = [(n, k, v) for n, s in summaries.items() for k, v in s["servers"].items() if len(s["servers"]) > 1]
+    if per_server:
+        lines += ["", "Per model (memory from NVML per process tree; kvcached and vLLM's own views):", "",
+                  "| experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
+                  "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, key, v in per_server:
+            kv, vl, lat = v.get("kvcached", {}), v.get("vllm", {}), v["latency"]
+            lines.append(
+                f"| {name} | {key}: {v['model'].split('/')[-1]} | {fmt(v['memory']['idle_before_workload_mib'])} | "
+                f"{fmt(v['memory']['peak_mib'])} | {fmt(kv.get('peak_used_mib'))} / {fmt(kv.get('limit_mib'))} | "
+                f"{fmt(vl.get('max_running'))} / {fmt(vl.get('max_waiting'))} | {fmt(vl.get('preemptions'))} | "
+                f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | {fmt(lat['e2e_s']['p50'], 2)} | "
+                f"{lat['failed']}/{lat['requests']} |")
+    if "single" in comparison:
+        c = comparison["single"]
+        lines += ["", f"**One model:** kvcached keeps {fmt(c['idle_saving_mib'])} MiB less when idle and "
+                  f"{fmt(c['peak_saving_mib'])} MiB less at peak than the static pool; TTFT p50 ratio "
+                  f"kvcached/static {fmt(c['ttft_p50_ratio'], 2)}, E2E p50 ratio {fmt(c['e2e_p50_ratio'], 2)}."]
+    for kind in ("shared", "overload"):
+        if kind not in comparison:
+            continue
+        lines += ["", f"**{kind}: elastic/static latency ratios** (below 1: kvcached faster)", "",
+                  "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |", "|---|---|---|---|---|"]
+        block = comparison[kind]
+        rows = block["per_phase"] if kind == "overload" else {
+            f"model {k}": {f"{m}_ratio": v[m]["ratio"] for m in ("ttft_s_p50", "ttft_s_p99", "e2e_s_p50", "e2e_s_p99")}
+            for k, v in block["per_model"].items()}
+        for label, r in rows.items():
+            lines.append(f"| {label} | {fmt(r['ttft_s_p50_ratio'], 2)} | {fmt(r['ttft_s_p99_ratio'], 2)} | "
+                         f"{fmt(r['e2e_s_p50_ratio'], 2)} | {fmt(r['e2e_s_p99_ratio'], 2)} |")
+    repeated = {n: s["repeats"] for n, s in summaries.items() if s.get("repeats")}
+    if repeated:
+        lines += ["", "Spread over repeats (median [min, max]):", ""]
+        for name, rep in repeated.items():
+            lines.append(f"- {name}: " + "; ".join(
+                f"{k} {fmt(v['median'], 3)} [{fmt(v['min'], 3)}, {fmt(v['max'], 3)}]" for k, v in rep.items()))
+    lines += ["", "Plots:", ""] + [f"![{p}](plots/{p})" for p in plots]
+    lines += ["", "Definitions: *idle* = median device memory over 1.5 s with no requests; *flex* = peak - "
+              "idle before the workload; *release* = seconds after the last burst until memory is within "
+              f"{fmt(get(config, 'config', 'release_tolerance') and 100 * get(config, 'config', 'release_tolerance'))}% "
+              "of that idle level (n/a: it stayed above; see residual in summary.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def headline(run_dir: Path, summaries: dict[str, dict], comparison: dict) -> dict:
+    return {"run_dir": str(run_dir),
+            "experiments": {n: {"idle_mib": get(s, "device", "idle_after_load_mib"),
+                                "peak_mib": get(s, "device", "peak_mib"),
+                                "release_s": get(s, "device", "release_s"),
+                                "ttft_p50_s": get(s, "latency", "ttft_s", "p50"),
+                                "ttft_p99_s": get(s, "latency", "ttft_s", "p99"),
+                                "e2e_p50_s": get(s, "latency", "e2e_s", "p50"),
+                                "failed": get(s, "latency", "failed")} for n, s in summaries.items()},
+            "idle_saving_mib": get(comparison, "single", "idle_saving_mib"),
+            "peak_saving_mib": get(comparison, "single", "peak_saving_mib")}
+
+
+def finite(obj: Any) -> Any:
+    """JSON without Infinity/NaN: those become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def build_report(run_dir: Path) -> dict:
+    config = json.loads((run_dir / "config.json").read_text())
+    tolerance = get(config, "config", "release_tolerance") or 0.05
+    exp_dirs = {json.loads((d / "experiment.json").read_text())["name"]: d
+                for d in sorted(run_dir.iterdir()) if (d / "experiment.json").exists()}
+    summaries = {}
+    for name, exp_dir in exp_dirs.items():
+        summaries[name] = finite(summarize_experiment(exp_dir, tolerance))
+        (exp_dir / "summary.json").write_text(json.dumps(summaries[name], indent=2))
+    failed = {d.name: json.loads((d / "error.json").read_text()).get("error")
+              for d in sorted(run_dir.iterdir()) if (d / "error.json").exists()}
+    comparison = finite(compare(summaries))
+    plots = [p.name for p in (plot_single(run_dir, exp_dirs, summaries), plot_latency(run_dir, exp_dirs),
+                              plot_pair(run_dir, exp_dirs, "shared"), plot_pair(run_dir, exp_dirs, "overload"))
+             if p is not None]
+    top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
+           "plots": plots}
+    (run_dir / "summary.json").write_text(json.dumps(top, indent=2))
+    md = markdown_summary(config, summaries, comparison, plots)
+    if failed:
+        md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
+    (run_dir / "summary.md").write_text(md)
+    return finite({**headline(run_dir, summaries, comparison), "failed": sorted(failed)})
+
+
+# %% Run set-up: results folder, versions, plans
+def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> Path:
+    """results/<UTC timestamp>_<tag>/, created fresh: an existing folder is never reused."""
+    stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = parent / (f"{stamp}_{tag}" + (f"_{n}" if n else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder under {parent}")
+
+
+def package_versions(names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "requests",
+                                            "prometheus-client", "matplotlib", "numpy")) -> dict:
+    """Installed versions from package metadata: nothing is imported (no torch in this process)."""
+    from importlib import metadata
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_serving_stack(cfg: Config, experiments: list[str]) -> None:
+    """Fail before launching anything if vLLM or kvcached is missing from the servers' Python."""
+    import importlib.util
+    if cfg.server_cmd:
+        return   # another engine or a fake: its own business
+    missing = [pkg for pkg, needed in (("vllm", True), ("kvcached", any("kvcached" in e for e in experiments)))
+               if needed and importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} not installed for {sys.executable}: "
+                          f"pip install -r requirements.txt, then "
+                          f"pip install kvcached==0.1.6 --no-build-isolation (see README)")
+
+
+def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict[str, WorkloadPlan], int, dict]:
+    facts = {}
+    for key, model in (("A", cfg.model_a), ("B", cfg.model_b)):
+        model_config, source = load_model_config(model)
+        facts[key] = {"model": model, "config_source": source,
+                      "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None}
+    kv_a, kv_b = facts["A"]["kv_bytes_per_token"], facts["B"]["kv_bytes_per_token"]
+    if cfg.burst_size:
+        size, sizing = cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
+    else:
+        size, sizing = size_burst(kv_a, int(gpu["free_mib_at_start"] * MIB), cfg.prompt_tokens,
+                                  cfg.max_tokens, cfg.burst_kv_fraction, cfg.max_burst_size)
+    plans = {"main": plan_workload(cfg, size, sizing)}
+    budget = int(cfg.overload_budget_gib * GIB)
+    for key, kv in (("A", kv_a), ("B", kv_b)):
+        plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
+    say(f"workload: {plans['main'].bursts} bursts x {size} concurrent requests, "
+        f"~{plans['main'].prompt_tokens} prompt + {cfg.max_tokens} output tokens, {cfg.gap_s:g} s gaps")
+    say(f"  why: {sizing}")
+    if kv_b:
+        say(f"  model B needs {kv_b / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
+            f"in the shared experiments")
+    return plans, budget, facts
+
+
+def plan_summary(plan: WorkloadPlan) -> dict:
+    out = dataclasses.asdict(plan)
+    out["requests"] = len(plan.requests)
+    return out
+
+
+# %% main(): thin and imperative
+def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print) -> int:
+    try:
+        try:
+            cfg = config_from_args(argv)
+        except SystemExit as exc:   # --help
+            return int(exc.code or 0)
+        if cfg.report:
+            result = build_report(Path(cfg.report))
+            say(json.dumps(result))
+            return 0
+        experiments = parse_experiments(cfg.experiments)
+        check_serving_stack(cfg, experiments)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.load_format == "dummy" and not cfg.ignore_eos:
+        say("note: --load-format dummy gives random weights whose output can end at any token; "
+            "turning on --ignore-eos so every response has exactly max_tokens tokens")
+        cfg = dataclasses.replace(cfg, ignore_eos=True)
+    try:
+        nvml = load_nvml(nvml_module)
+        gpu = gpu_facts(nvml, cfg.gpu_index)
+    except Exception as exc:
+        print(f"error: cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
+              f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.", file=sys.stderr)
+        return 2
+    run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
+    say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
+        f"used before we start; results in {run_dir}")
+    plans, budget, model_facts = make_plans(cfg, gpu, say)
+    for key, plan in plans.items():
+        (run_dir / f"plan_{key}.json").write_text(json.dumps(dataclasses.asdict(plan), indent=1))
+    config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+              "command": shlex.join([sys.executable, "run_experiments.py"] + (argv if argv is not None
+                                    else sys.argv[1:])),
+              "notebook": running_in_notebook(), "config": dataclasses.asdict(cfg), "gpu": gpu,
+              "versions": {"python": sys.version.split()[0], **package_versions()},
+              "host": socket.gethostname(), "experiments": experiments, "models": model_facts,
+              "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
+              "kvcached_env_seen": {k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")},
+              "servers": {}}
+    write_config = lambda: (run_dir / "config.json").write_text(json.dumps(finite(config), indent=2))
+    write_config()
+    specs = define_experiments(cfg, plans, budget)
+    pool = ServerPool(cfg, say)
+    restore = install_stop_signals() if not running_in_notebook() else {}
+    interrupted = False
+    failures = 0
+    try:
+        for number, name in enumerate(experiments, 1):
+            exp_dir = run_dir / f"{number:02d}_{name}"
+            try:
+                run_experiment(cfg, specs[name], plans, pool, nvml, exp_dir, say)
+            except Exception as exc:   # this experiment failed; the others still run
+                failures += 1
+                import traceback
+                exp_dir.mkdir(parents=True, exist_ok=True)
+                (exp_dir / "error.json").write_text(json.dumps(
+                    {"experiment": name, "error": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc()}, indent=2))
+                say(f"  FAILED {name}: {type(exc).__name__}: {exc}")
+            for server in pool.running.values():
+                config["servers"][server.spec.label] = server.describe()
+            write_config()
+    except KeyboardInterrupt:
+        interrupted = True
+        say("\ninterrupted: stopping every server before leaving")
+    finally:
+        pool.close()
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+    config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    config["interrupted"] = interrupted
+    write_config()
+    result = build_report(run_dir)
+    say(f"\nsummary: {run_dir / 'summary.md'}")
+    say(json.dumps(result))
+    return 130 if interrupted else (1 if failures else 0)
+
+
+def install_stop_signals() -> dict:
+    """SIGTERM/SIGHUP become KeyboardInterrupt, so the finally-block stops the servers (script mode)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):   # not the main thread
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+# %% Entry point: the only cell that starts processes or writes files
+if __name__ == "__main__":
+    if running_in_notebook():
+        main(shlex.split(NOTEBOOK_ARGS))
+    else:
+        sys.exit(main())

@@ -122,7 +122,7 @@ class Config:
     warmup: bool = True                 # discarded burst of the same shape before measuring
     request_timeout_s: float = 300.0    # a ready server can still stall (kvcached without pages)
     # --- overload experiment
-    overload_budget_gib: float = 2.0    # KV budget of each pair (static: half per model; kvcached: limit)
+    overload_budget_gib: float = 0.0    # KV budget of each pair (static: half per model; kvcached: limit); 0 = preset
     overload_demand: float = 1.4        # bursting model's KV demand as a multiple of its static share
     # --- sampling
     sample_hz: float = 20.0             # NVML device-memory samples per second
@@ -134,10 +134,10 @@ class Config:
 
 
 PRESET_WORKLOADS = {
-    # bursts, burst_size, gap_s, max_tokens, prompt_tokens
-    "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0),
-    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=32),
-    "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768),
+    # bursts, burst_size, gap_s, max_tokens, prompt_tokens, overload_budget_gib
+    "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0, overload_budget_gib=4.0),
+    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=0.25),
+    "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0),
 }
 
 class ConfigError(ValueError):
@@ -196,7 +196,7 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
     need(cfg.temperature >= 0, "temperature", "must be >= 0")
     need(0 < cfg.burst_kv_fraction < 1, "burst_kv_fraction", "must be in (0, 1)")
-    need(cfg.overload_budget_gib > 0, "overload_budget_gib", "must be > 0")
+    need(cfg.overload_budget_gib >= 0, "overload_budget_gib", "must be > 0 (0 = preset's value)")
     need(1 < cfg.overload_demand < 2, "overload_demand",
          "must be in (1, 2): above the static share, below the pair's whole budget")
     for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s"):
@@ -217,8 +217,9 @@ def validate_config(cfg: Config) -> Config:
         gap_s=cfg.gap_s if cfg.gap_s >= 0 else preset["gap_s"],
         max_tokens=cfg.max_tokens or preset["max_tokens"],
         prompt_tokens=cfg.prompt_tokens if cfg.prompt_tokens >= 0 else preset["prompt_tokens"],
+        overload_budget_gib=cfg.overload_budget_gib or preset["overload_budget_gib"],
     )
-    need(filled["max_tokens"] < cfg.max_model_len, "max_tokens", "must be below --max-model-len")
+    need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
 
 
@@ -310,12 +311,15 @@ class WorkloadPlan:
         return [r for r in self.requests if r.burst == b]
 
 
+CHAT_TEMPLATE_TOKENS = 30   # role markers and system prompt the server's chat template adds
+
+
 def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
-    """A seed prompt, padded with random words to about prompt_tokens (~1.3 tokens a word)."""
+    """A seed prompt padded with common words (one token each in BPE vocabularies) to ~prompt_tokens."""
     base = SEED_PROMPTS[index % len(SEED_PROMPTS)]
     if prompt_tokens <= 0:
         return base
-    words = max(0, int(prompt_tokens / 1.3) - len(base.split()))
+    words = max(0, prompt_tokens - CHAT_TEMPLATE_TOKENS - 2 * len(base.split()))
     # random words also defeat any prefix sharing between requests
     filler = " ".join(rng.choice(FILLER_WORDS) for _ in range(words))
     return f"Context: {filler}\n\nTask: {base}"
@@ -339,11 +343,12 @@ def size_burst(kv_per_token: Optional[int], free_bytes: Optional[int], prompt_to
 
 
 def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[int] = None,
-                  max_tokens: Optional[int] = None) -> WorkloadPlan:
+                  max_tokens: Optional[int] = None, prompt_tokens: Optional[int] = None) -> WorkloadPlan:
     rng = random.Random(cfg.seed)
     bursts = bursts or cfg.bursts
     max_tokens = max_tokens or cfg.max_tokens
-    prompt_tokens = min(cfg.prompt_tokens, int((cfg.max_model_len - max_tokens - 64) / 1.3))
+    prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens,
+                        cfg.max_model_len - max_tokens - 64)
     requests_ = tuple(
         PlannedRequest(burst=b, index=i, prompt=make_prompt(rng, b * burst_size + i, prompt_tokens),
                        max_tokens=max_tokens, temperature=cfg.temperature)
@@ -355,14 +360,20 @@ def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[in
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
-    """One heavy burst whose KV demand is overload_demand x a model's static share of the budget."""
+    """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share."""
     share = budget_bytes / 2
-    per_request = (cfg.prompt_tokens + cfg.max_tokens) * kv_per_token
-    size = max(2, math.ceil(cfg.overload_demand * share / per_request))
-    sizing = (f"{size} requests x {(cfg.prompt_tokens + cfg.max_tokens)} tokens x {kv_per_token} B = "
+    max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
+    prompt_tokens = cfg.max_model_len - max_tokens - 64 - 256   # 256 tokens of room for tokenizer drift
+    per_request = (prompt_tokens + max_tokens) * kv_per_token
+    wanted = math.ceil(cfg.overload_demand * share / per_request)
+    size = max(2, min(wanted, cfg.max_burst_size))
+    sizing = (f"{size} requests x ({prompt_tokens} + {max_tokens}) tokens x {kv_per_token} B = "
               f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
               f"({share / GIB:.2f} GiB), below the pair's budget ({budget_bytes / GIB:.2f} GiB)")
-    return plan_workload(cfg, size, sizing, bursts=1)
+    if size < wanted:
+        sizing += (f"; WARNING: capped at --max-burst-size {cfg.max_burst_size}, {wanted} needed: "
+                   f"raise it or lower --overload-budget-gib")
+    return plan_workload(cfg, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
 # %% Server lifecycle: one session per server, readiness on /health, the whole group stopped
@@ -617,8 +628,7 @@ class ServerPool:
         out = []
         for spec in specs:   # one at a time: concurrent start-ups mis-measure each other's memory
             if spec.key in self.running:
-                self.say(f"  reusing {spec.label} (started {self.running[spec.key].startup_s:.0f} s "
-                         f"start-up ago, saved a restart)")
+                self.say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
             else:
                 log_path = log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
                 self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {log_path})")
@@ -636,7 +646,7 @@ class ServerPool:
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
-SHM_DIR = Path(os.environ.get("KVCACHED_BENCH_SHM_DIR", "/dev/shm"))
+SHM_DIR = Path("/dev/shm")                # where kvcached 0.1.6 puts KVCACHED_IPC_NAME
 SEGMENT = struct.Struct("<qqq")
 
 
@@ -952,6 +962,7 @@ def latency_summary(records: list[dict]) -> dict:
             "tpot_s": distribution(tpot),
             "e2e_s": distribution(r.get("e2e_s") for r in ok),
             "output_tokens": out_tokens,
+            "prompt_tokens_mean": (sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
             "output_tokens_per_s": (out_tokens / span) if span else None}
 
 
@@ -1020,7 +1031,7 @@ class ExperimentSpec:
     question: str
     servers: tuple[ServerSpec, ...]
     steps: tuple[Step, ...]
-    kv_limits: tuple[tuple[str, int], ...] = ()   # kvcached per-instance limits, set after start
+    kv_budget: int = 0                  # bytes of KV memory the kvcached pair may hold together
 
 
 def define_experiments(cfg: Config, plans: dict[str, WorkloadPlan], budget_bytes: int) -> dict[str, ExperimentSpec]:
@@ -1049,8 +1060,8 @@ def define_experiments(cfg: Config, plans: dict[str, WorkloadPlan], budget_bytes
                                         (static_a, static_b), alternating),
         "overload_kvcached": ExperimentSpec(
             "overload_kvcached", f"One model bursts past its static share while the other idles; "
-            f"elastic pair, each instance limited to the pair's {budget_bytes / GIB:g} GiB budget.",
-            (kvc_a, kvc_b), overload, kv_limits=(("A", budget_bytes), ("B", budget_bytes))),
+            f"elastic pair sharing a {budget_bytes / GIB:g} GiB KV budget (kvcached's per-instance limit).",
+            (kvc_a, kvc_b), overload, kv_budget=budget_bytes),
         "overload_static": ExperimentSpec(
             "overload_static", f"The same load with a static pair of {budget_bytes / 2 / GIB:g} GiB "
             f"KV each (--kv-cache-memory-bytes).", (budget_a, budget_b), overload),
@@ -1058,6 +1069,13 @@ def define_experiments(cfg: Config, plans: dict[str, WorkloadPlan], budget_bytes
 
 
 # %% Experiment driver pieces
+def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
+    """kvcached limits per instance so the pair never holds more than `budget` of KV memory:
+    each may grow into whatever the other does not hold now (used + preallocated pages)."""
+    held = {name: seg["used_bytes"] + seg["prealloc_bytes"] for name, seg in segments.items()}
+    return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
+
+
 class MemoryWatch:
     """Reads the sampler's live device samples to wait for the event itself instead of a fixed sleep."""
 
@@ -1073,7 +1091,7 @@ class MemoryWatch:
         """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
         start = time.time()
         while time.time() - start < timeout_s:
-            window = self.recent(settle_s)
+            window = [s for s in self.recent(settle_s) if s[0] > start]
             if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
                 return "released"
             if time.time() - start >= settle_s and window:
@@ -1142,21 +1160,26 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
     restore_limits = {}
     try:
         marks["idle_after_load"] = idle_window()
-        for name, limit in exp.kv_limits:
-            ipc = by_name[name].spec.ipc_name
-            seg = read_segment(ipc)
-            if seg is None:
-                raise RuntimeError(f"kvcached segment {segment_path(ipc)} not found: is kvcached active "
-                                   f"in server {name}? (see {by_name[name].log_path})")
-            restore_limits[ipc] = seg["total_bytes"]
-            write_segment_limit(ipc, limit)
-            say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB (was {seg['total_bytes'] / GIB:.1f} GiB)")
-        info["kv_limits"] = {name: limit for name, limit in exp.kv_limits}
+        if exp.kv_budget:
+            segments = {}
+            for name, server in by_name.items():
+                segments[name] = read_segment(server.spec.ipc_name)
+                if segments[name] is None:
+                    raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
+                                       f"is kvcached active in server {name}? (see {server.log_path})")
+            limits = pair_limits(exp.kv_budget, segments)
+            for name, limit in limits.items():
+                ipc = by_name[name].spec.ipc_name
+                restore_limits[ipc] = segments[name]["total_bytes"]
+                write_segment_limit(ipc, limit)
+                say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB "
+                    f"(was {segments[name]['total_bytes'] / GIB:.1f} GiB)")
+            info["kv_limits"] = limits
         if cfg.warmup:
             start = time.time()
             for name, server in by_name.items():
                 step = next((s for s in exp.steps if s.server == name), None)
-                if step is None or step.plan in server.warmed:
+                if step is None or server.warmed:   # cold-start costs are paid once per process
                     continue
                 say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
                 warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
@@ -1184,6 +1207,7 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
         marks["workload"] = (workload_start, time.time())
         outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
         say(f"  after the workload memory {outcome} ({time.time() - marks['workload'][1]:.1f} s)")
+        time.sleep(1.0)   # a short flat tail, so the plots show where memory ended up
     finally:
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
@@ -1300,7 +1324,7 @@ COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62
 def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) -> Any:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(size[0], size[1] * rows), dpi=110)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex="col")
     return fig, axes
 
 
@@ -1309,6 +1333,14 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def experiment_start(info: dict, rows: list[dict]) -> float:
+    """Time zero of an experiment's plots; an interrupted experiment may lack its marks."""
+    marks = info.get("marks", {})
+    if "idle_after_load" in marks:
+        return marks["idle_after_load"][0]
+    return min((r["t"] for r in rows if "t" in r), default=0.0)
 
 
 def shade_bursts(ax: Any, info: dict, t0: float) -> None:
@@ -1325,8 +1357,9 @@ def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, d
     ax = axes[0][0]
     for arm in arms:
         info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
-        t0 = info["marks"].get("workload", [None])[0] or info["marks"]["idle_after_load"][0]
-        data = series(read_jsonl(exp_dirs[arm] / "memory.jsonl"), "device")
+        rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
+        t0 = info["marks"].get("workload", [None])[0] or experiment_start(info, rows)
+        data = series(rows, "device")
         ax.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS[arm], lw=1.6,
                 label=f"{arm} (device used)")
         idle = get(summaries[arm], "device", "idle_before_workload_mib")
@@ -1371,7 +1404,7 @@ def plot_pair(run_dir: Path, exp_dirs: dict[str, Path], kind: str) -> Optional[P
     for col, arm in enumerate(arms):
         info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
         rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
-        t0 = info["marks"]["idle_after_load"][0]
+        t0 = experiment_start(info, rows)
         mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
         data = series(rows, "device")
         mem.plot([t - t0 for t, _ in data], [v for _, v in data], color="black", lw=1.4, label="device total")
@@ -1678,7 +1711,12 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     config["interrupted"] = interrupted
     write_config()
-    result = build_report(run_dir)
+    try:
+        result = build_report(run_dir)
+    except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
+        print(f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
+              f"{run_dir}; retry with --report {run_dir}", file=sys.stderr)
+        return 1
     say(f"\nsummary: {run_dir / 'summary.md'}")
     say(json.dumps(result))
     return 130 if interrupted else (1 if failures else 0)

@@ -1,0 +1,55 @@
+"""Shared test helpers: the harness imported as a module, fake servers on free ports, a fake NVML."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = ROOT / "tests" / "fakes"
+FAKE_SERVER = FAKES / "fake_vllm_server.py"
+sys.path.insert(0, str(ROOT))
+
+import run_experiments as rx  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    """A fake card: state files of fake servers under FAKE_GPU_DIR, read by tests/fakes/pynvml.py."""
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    monkeypatch.setenv("FAKE_GPU_DIR", str(gpu_dir))
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "16384")
+    monkeypatch.syspath_prepend(str(FAKES))
+    sys.modules.pop("pynvml", None)
+    import pynvml
+    yield pynvml
+    sys.modules.pop("pynvml", None)
+
+
+def make_cfg(**overrides) -> "rx.Config":
+    base = dict(preset="smoke", server_cmd=f"{sys.executable} {FAKE_SERVER}", port_a=free_port(),
+                port_b=free_port(), start_timeout_s=20)
+    base.update(overrides)
+    return rx.validate_config(rx.Config(**base))
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def alive(pid: int) -> bool:
+    return rx.pid_alive(pid)

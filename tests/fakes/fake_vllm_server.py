@@ -1,0 +1,570 @@
+"""Stand-in for `python -m vllm.entrypoints.openai.api_server` on machines without a GPU.
+
+It speaks the parts of vLLM's OpenAI-compatible HTTP API that the benchmark harness
+uses and reports "GPU memory" through state files read by the fake pynvml module
+(tests/fakes/pynvml.py). See tests/fakes/README.md for the environment variables.
+
+As in real vLLM, all GPU memory belongs to an engine child process ("EngineCore"),
+not to the API server process, and memory only moves with load when kvcached is on.
+"""
+import argparse
+import collections
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MIB = 1024 * 1024
+PAGE = 2 * MIB            # kvcached maps KV memory in 2 MiB pages
+OVERHEAD = 300 * MIB      # CUDA context, activations, ...
+PREALLOC = 32 * MIB       # pages kvcached keeps mapped while idle
+DEFAULT_KV_PER_TOKEN = 12288
+
+# The engine child: holds the memory (on paper) and dies with its parent, like EngineCore.
+CHILD_CODE = r"""
+import os, signal, subprocess, sys, time
+parent, grandchild, gpu_dir = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # die quietly, no KeyboardInterrupt trace
+if grandchild:  # a process that outlives its parent: only killing the group removes it
+    p = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                          "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+                          "while True: time.sleep(3600)"])
+    if gpu_dir:
+        with open(os.path.join(gpu_dir, "grandchild.pid"), "w") as f:
+            f.write(str(p.pid))
+while os.getppid() == parent:
+    time.sleep(0.2)
+"""
+
+_log_lock = threading.Lock()
+
+
+def log(msg, err=False):
+    stream = sys.stderr if err else sys.stdout
+    with _log_lock:
+        stream.write(msg + "\n")
+        stream.flush()
+
+
+def env_float(name, default):
+    return float(os.environ.get(name, default))
+
+
+def parse_args(argv):
+    # Strict like vLLM: an unknown flag is "error: unrecognized arguments", exit 2.
+    p = argparse.ArgumentParser(prog="api_server.py", allow_abbrev=False)
+    p.add_argument("--model", required=True)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-bytes", type=int)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--tokenizer")
+    p.add_argument("--api-key")
+    p.add_argument("--served-model-name", nargs="+")
+    p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False)
+    return p.parse_args(argv)
+
+
+def model_sizes(model):
+    """(weight bytes, KV bytes per token, max position) estimated from config.json."""
+    cfg = {}
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]  # multimodal configs nest the language model
+    weights, kv_per_token = 1024 * MIB, DEFAULT_KV_PER_TOKEN
+    try:
+        layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+        weights = 2 * (12 * layers * hidden * hidden + int(cfg["vocab_size"]) * hidden)
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        kv_per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, 2-byte dtype
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass  # keep what was worked out so far, defaults for the rest
+    return weights, kv_per_token, int(cfg.get("max_position_embeddings") or 4096)
+
+
+# --- kvcached shared-memory segment: three little-endian int64 (total, used, prealloc) ---
+
+def segment_path():
+    name = os.environ.get("KVCACHED_IPC_NAME", "kvcached_mem_info")
+    return os.path.join(os.environ.get("FAKE_SHM_DIR") or "/dev/shm", name)
+
+
+def segment_write(path, offset, values):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, struct.pack("<%dq" % len(values), *values), offset)
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def segment_read_total(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        data = os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+    return struct.unpack("<q", data)[0] if len(data) == 8 else None
+
+
+class Engine:
+    """Memory accounting and FCFS admission shared by all request threads."""
+
+    def __init__(self, weights, kv_per_token, kvcached, pool, seg_total):
+        self.base = weights + OVERHEAD
+        self.kv = kv_per_token
+        self.kvcached = kvcached
+        self.pool = pool                  # static arm: KV pool bytes
+        self.seg_total = seg_total        # kvcached arm: last limit read from the segment
+        self.seg_path = segment_path() if kvcached else None
+        self.gpu_dir = os.environ.get("FAKE_GPU_DIR")
+        self.cond = threading.Condition()
+        self.queue = collections.deque()  # request ids waiting for admission, oldest first
+        self.running = 0
+        self.reserved = 0                 # bytes reserved by running requests
+        self.kv_tokens = 0                # tokens whose KV is held right now
+        self.preemptions = 0
+        self.ready = False                # before: weights only; after: KV pool too
+        self.closed = False
+        self.child = None
+        self.published = None
+
+    # memory
+    def kv_bytes(self):
+        raw = self.kv_tokens * self.kv
+        return -(-raw // PAGE) * PAGE if self.kvcached else raw
+
+    def memory(self):
+        if not self.ready:
+            return self.base
+        if self.kvcached:
+            return self.base + PREALLOC + self.kv_bytes()
+        return self.base + self.pool
+
+    def capacity(self):
+        if not self.kvcached:
+            return self.pool // self.kv * self.kv
+        try:  # the harness may rewrite the limit at any time
+            total = segment_read_total(self.seg_path)
+            if total is not None:
+                self.seg_total = total
+        except OSError:
+            pass
+        return max(0, self.seg_total - PREALLOC)
+
+    def publish(self, force=False):
+        """Write memory to the state file and used bytes to the segment. Call with cond held."""
+        mem = self.memory()
+        if self.closed or (mem == self.published and not force):
+            return
+        self.published = mem
+        if self.gpu_dir and self.child:
+            path = os.path.join(self.gpu_dir, "%d.json" % self.child.pid)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"used_bytes": mem, "name": "EngineCore"}, f)
+            os.replace(path + ".tmp", path)  # readers never see half a file
+        if self.kvcached and self.ready:
+            try:
+                segment_write(self.seg_path, 8, [self.kv_bytes()])
+            except OSError:
+                pass
+
+    def start(self, grandchild):
+        self.child = subprocess.Popen([sys.executable, "-c", CHILD_CODE, str(os.getpid()),
+                                       "1" if grandchild else "0", self.gpu_dir or ""])
+        with self.cond:
+            self.publish()
+
+    def become_ready(self):
+        with self.cond:
+            if self.kvcached:
+                segment_write(self.seg_path, 0, [self.seg_total, 0, PREALLOC])
+            self.ready = True
+            self.publish()
+
+    # requests
+    def admit(self, rid, need, prompt_tokens):
+        """Block until this request's reservation fits (FCFS), then hold its prompt's KV."""
+        with self.cond:
+            self.queue.append(rid)
+            waited = False
+            while True:
+                fits = self.reserved + need <= self.capacity()
+                # A request too big to ever fit still runs alone, so nothing deadlocks.
+                if self.queue[0] == rid and (fits or self.running == 0):
+                    break
+                if not waited:
+                    waited = True
+                    self.preemptions += 1
+                self.cond.wait(0.05)  # wake up now and then: the limit may have grown
+            self.queue.popleft()
+            self.running += 1
+            self.reserved += need
+            self.kv_tokens += prompt_tokens
+            self.publish(force=True)
+            self.cond.notify_all()  # the next in line may fit too
+
+    def add_token(self):
+        with self.cond:
+            self.kv_tokens += 1
+            self.publish()
+
+    def finish(self, need, held):
+        with self.cond:
+            self.running -= 1
+            self.reserved -= need
+            self.publish(force=True)
+            self.cond.notify_all()
+        # KV pages are given back a moment after the request ends, as in kvcached.
+        threading.Timer(0.05, self._free, (held,)).start()
+
+    def _free(self, tokens):
+        with self.cond:
+            self.kv_tokens -= tokens
+            self.publish()
+
+    def usage(self):
+        with self.cond:
+            cap = self.capacity()
+            return min(1.0, self.kv_tokens * self.kv / cap) if cap else 0.0
+
+    def cleanup(self):
+        """Remove the state file and segment, stop the engine child. Safe from a signal handler."""
+        got = self.cond.acquire(timeout=0.2)
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            if self.gpu_dir and self.child:
+                try:
+                    os.unlink(os.path.join(self.gpu_dir, "%d.json" % self.child.pid))
+                except OSError:
+                    pass
+            if self.kvcached:
+                try:
+                    os.unlink(self.seg_path)
+                except OSError:
+                    pass
+            if self.child and self.child.poll() is None:
+                self.child.terminate()
+        finally:
+            if got:
+                self.cond.release()
+
+
+def error_body(message, kind, code):
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "uvicorn"
+    args = None      # set in main()
+    engine = None
+    names = None
+    max_len = None
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        super().setup()
+        # Small SSE chunks must leave at once: the harness times token arrival.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, fmt, *args):
+        log("INFO:     %s - %s" % (self.address_string(), fmt % args))
+
+    def send_json(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def authorized(self):
+        key = self.args.api_key
+        if key and self.headers.get("Authorization") != "Bearer " + key:
+            self.send_json(401, {"error": "Unauthorized"})
+            return False
+        return True
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/metrics":
+            body = self.metrics().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == "/v1/models":
+            if self.authorized():
+                self.send_json(200, {"object": "list", "data": [
+                    {"id": n, "object": "model", "created": int(time.time()),
+                     "owned_by": "vllm", "root": self.args.model, "max_model_len": self.max_len}
+                    for n in self.names]})
+        else:
+            self.send_json(404, {"detail": "Not Found"})
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.split("?")[0] != "/v1/chat/completions":
+            self.send_json(404, {"detail": "Not Found"})
+        elif self.authorized():
+            try:
+                self.chat(raw)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                log("INFO Aborted request: client disconnected")
+
+    def metrics(self):
+        e = self.engine
+        label = '{engine="0",model_name="%s"}' % (
+            self.names[0].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        usage = e.usage()
+        with e.cond:
+            rows = [
+                ("vllm:num_requests_running", "gauge",
+                 "Number of requests in model execution batches.", e.running),
+                ("vllm:num_requests_waiting", "gauge",
+                 "Number of requests waiting to be processed.", len(e.queue)),
+                ("vllm:kv_cache_usage_perc", "gauge",
+                 "KV-cache usage. 1 means 100 percent usage.", usage),
+                ("vllm:num_preemptions_total", "counter",
+                 "Cumulative number of preemption from the engine.", e.preemptions),
+            ]
+        out = []
+        for name, kind, help_text, value in rows:
+            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
+                    "%s%s %s" % (name, label, float(value))]
+        return "\n".join(out) + "\n"
+
+    def chat(self, raw):
+        try:
+            body = json.loads(raw or b"null")
+            assert isinstance(body, dict) and isinstance(body.get("messages"), list)
+        except (ValueError, AssertionError):
+            return self.send_json(400, error_body("Invalid request body", "BadRequestError", 400))
+        model = body.get("model") or self.names[0]
+        if model not in self.names:
+            return self.send_json(404, error_body(
+                "The model `%s` does not exist." % model, "NotFoundError", 404))
+
+        # Crude tokenizer: one token per word, plus 10 for the chat template.
+        parts = []
+        for m in body["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [c.get("text", "") for c in content if isinstance(c, dict)]
+        text = " ".join(parts)
+        prompt_tokens = len(text.split()) + 10
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = self.max_len - prompt_tokens
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return self.send_json(400, error_body(
+                "max_tokens must be at least 1, got %s." % max_tokens, "BadRequestError", 400))
+        if prompt_tokens + max_tokens > self.max_len:
+            return self.send_json(400, error_body(
+                "'max_tokens' or 'max_completion_tokens' is too large: %d. This model's maximum "
+                "context length is %d tokens and your request has %d input tokens (%d > %d - %d)."
+                % (max_tokens, self.max_len, prompt_tokens, max_tokens, self.max_len,
+                   prompt_tokens), "BadRequestError", 400))
+        if body.get("ignore_eos"):
+            n_out = max_tokens
+        else:  # deterministic "EOS" so that some answers end early
+            n_out = 1 + zlib.crc32(text.encode()) % max_tokens
+        finish = "length" if n_out == max_tokens else "stop"
+
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out,
+                 "total_tokens": prompt_tokens + n_out}
+        if self.args.enable_log_requests:
+            log("INFO Received request %s: prompt_tokens=%d, max_tokens=%d"
+                % (rid, prompt_tokens, max_tokens))
+
+        def event(choices, **extra):
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                   "model": model, "choices": choices}
+            obj.update(extra)
+            data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+            self.write_chunk(data)
+
+        def choice(delta, reason=None):
+            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event(choice({"role": "assistant", "content": ""}))
+
+        e = self.engine
+        need = (prompt_tokens + max_tokens) * e.kv
+        e.admit(rid, need, prompt_tokens)  # queueing before the first token shows in TTFT
+        held = prompt_tokens
+        try:
+            time.sleep(env_float("FAKE_TTFT_S", 0.02))
+            itl = env_float("FAKE_ITL_S", 0.002)
+            for i in range(n_out):
+                if i:
+                    time.sleep(itl)
+                e.add_token()
+                held += 1
+                if stream:
+                    event(choice({"content": "tok "}, finish if i == n_out - 1 else None))
+            if not stream:
+                return self.send_json(200, {
+                    "id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": "tok " * n_out},
+                                 "logprobs": None, "finish_reason": finish}],
+                    "usage": usage})
+            if include_usage:
+                event([], usage=usage)
+            self.write_chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")  # end of the chunked body
+        finally:
+            e.finish(need, held)
+
+    def write_chunk(self, data):
+        # One SSE event = one HTTP chunk, written in a single send (wfile is unbuffered).
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 2048  # like uvicorn; the default 5 drops connections in a burst
+
+
+def fail(msg, rc):
+    log("Traceback (most recent call last):\n  ...\n" + msg, err=True)
+    sys.exit(rc)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = os.environ.get("FAKE_MODE", "")
+    startup_s = env_float("FAKE_STARTUP_S", 0.3)
+    total = int(env_float("FAKE_GPU_TOTAL_MIB", 16384) * MIB)
+    kvcached = (os.environ.get("ENABLE_KVCACHED", "").lower() in ("true", "1")
+                and os.environ.get("KVCACHED_AUTOPATCH") == "1")
+    weights, kv_per_token, max_pos = model_sizes(args.model)
+
+    log("INFO fake vllm starting: model=%s kvcached=%s mode=%r" % (args.model, kvcached, mode))
+    log("INFO Loading weights took 0.00 GiB (estimated %.2f GiB)" % (weights / 2**30))
+    if mode == "crash":
+        time.sleep(startup_s)
+        fail("ValueError: fake start-up failure", 3)
+
+    pool = 0
+    if not kvcached:
+        if args.kv_cache_memory_bytes is not None:
+            pool = args.kv_cache_memory_bytes
+        else:
+            # Real vLLM refuses to start if other processes already use the memory it wants.
+            try:
+                import pynvml as nvml  # the fake next to this file
+                free = total - nvml.used_bytes()
+            except (ImportError, AttributeError):
+                free = total
+            want = args.gpu_memory_utilization * total
+            if free < want:
+                fail("ValueError: Free memory on device (%.2f/%.2f GiB) on startup is less than "
+                     "desired GPU memory utilization (%.2f, %.2f GiB). Decrease GPU memory "
+                     "utilization or reduce GPU memory used by other processes."
+                     % (free / 2**30, total / 2**30, args.gpu_memory_utilization,
+                        want / 2**30), 1)
+            pool = int(want) - weights - OVERHEAD
+            if pool <= 0:
+                fail("ValueError: No available memory for the cache blocks. Try increasing "
+                     "`gpu_memory_utilization` when initializing the engine.", 1)
+
+    engine = Engine(weights, kv_per_token, kvcached, pool,
+                    seg_total=int(0.95 * total) - weights - OVERHEAD)
+    Handler.args, Handler.engine = args, engine
+    Handler.names = args.served_model_name or [args.model]
+    Handler.max_len = args.max_model_len or max_pos
+
+    def on_signal(signum, frame):
+        log("INFO Shutting down (signal %d)" % signum)
+        engine.cleanup()
+        os._exit(0)
+
+    if mode == "ignore_sigterm":  # set before spawning: the child inherits SIG_IGN
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    try:
+        # vLLM binds the port first (so it is reserved) but only listens once ready:
+        # until then connections are refused.
+        server = Server((args.host, args.port), Handler, bind_and_activate=False)
+        try:
+            server.server_bind()
+        except OSError as exc:
+            fail("OSError: %s" % exc, 1)
+        engine.start(grandchild=(mode == "grandchild"))
+        if mode == "hang":
+            while True:
+                time.sleep(3600)
+        time.sleep(startup_s)
+        engine.become_ready()
+        if kvcached:
+            log("INFO kvcached: limit %d MiB in %s" % (engine.seg_total // MIB, engine.seg_path))
+        else:
+            log("INFO KV cache pool: %d tokens" % (pool // kv_per_token))
+        try:
+            server.server_activate()
+        except OSError as exc:
+            fail("OSError: %s" % exc, 1)
+        log("INFO Starting vLLM API server 0 on http://%s:%d" % (args.host, args.port))
+        log("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
+            % (args.host, args.port))
+        if mode == "exit_after_ready":
+            def die():
+                log("ERROR EngineCore died unexpectedly", err=True)
+                engine.cleanup()
+                os._exit(1)
+            threading.Timer(1.0, die).start()
+        server.serve_forever(poll_interval=0.1)
+    finally:
+        engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()

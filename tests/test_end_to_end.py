@@ -1,0 +1,181 @@
+"""The whole script as a subprocess against fake vLLM servers and a fake NVML whose memory follows
+the servers: the static arm reserves its pool at start, the kvcached arm grows with live requests."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_SERVER, FAKES, ROOT, alive, free_port, wait_for
+
+CARD_MIB, BASELINE_MIB = 16384, 400
+FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5",
+        "--prompt-tokens", "512", "--max-tokens", "64", "--burst-size", "8"]
+
+
+def fake_env(gpu_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
+               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.01", PYTHONUNBUFFERED="1",
+               ENABLE_KVCACHED="true")   # a user's shell setting that must not leak into the static arm
+    return env
+
+
+def script_args(results: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run_experiments.py"), *FAST, "--results-dir", str(results),
+            "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--port-a", str(free_port()),
+            "--port-b", str(free_port()), *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    (base / "gpu").mkdir()
+    started = time.time()
+    proc = subprocess.run(script_args(base / "results"), env=fake_env(base / "gpu"), capture_output=True,
+                          text=True, timeout=240)
+    elapsed = time.time() - started
+    print(f"mocked end-to-end run: {elapsed:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir, = (base / "results").iterdir()
+    return {"proc": proc, "run_dir": run_dir, "gpu_dir": base / "gpu", "summary": json.loads(
+        (run_dir / "summary.json").read_text()), "elapsed": elapsed}
+
+
+def test_last_stdout_line_is_the_headline_json(full_run):
+    last = full_run["proc"].stdout.strip().splitlines()[-1]
+    headline = json.loads(last)
+    assert Path(headline["run_dir"]) == full_run["run_dir"]
+    assert set(headline["experiments"]) == {"kvcached", "static", "shared_kvcached", "shared_static",
+                                            "overload_kvcached", "overload_static"}
+    assert "Infinity" not in last and "NaN" not in last
+
+
+def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
+    exps = full_run["summary"]["experiments"]
+    static, kvc = exps["static"]["device"], exps["kvcached"]["device"]
+    # fake static server: 0.55 of the card from the start, flat under load
+    assert static["idle_after_load_mib"] == pytest.approx(BASELINE_MIB + 0.55 * CARD_MIB, rel=0.01)
+    assert static["flex_mib"] == pytest.approx(0, abs=1)
+    # fake kvcached server: weights + small prealloc when idle, grows with live requests
+    assert kvc["idle_after_load_mib"] < static["idle_after_load_mib"] / 3
+    assert kvc["flex_mib"] > 20
+    assert kvc["release_s"] is not None and kvc["release_s"] < 5
+    single = full_run["summary"]["comparison"]["single"]
+    assert single["idle_saving_mib"] == pytest.approx(
+        static["idle_after_load_mib"] - kvc["idle_after_load_mib"])
+
+
+def test_two_model_runs_attribute_memory_per_model(full_run):
+    shared = full_run["summary"]["experiments"]["shared_kvcached"]
+    for name in "AB":
+        server = shared["servers"][name]
+        assert server["memory"]["idle_before_workload_mib"] > 500          # weights, in the engine child
+        assert server["memory"]["flex_mib"] > 10                            # its own bursts
+        assert server["kvcached"]["peak_used_mib"] > 10
+        assert server["vllm"]["max_running"] >= 1
+        assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16
+    assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
+    static_pair = full_run["summary"]["experiments"]["shared_static"]["servers"]
+    assert static_pair["B"]["memory"]["idle_before_workload_mib"] == pytest.approx(0.35 * CARD_MIB, rel=0.01)
+
+
+def test_overload_static_pair_queues_and_elastic_pair_stays_in_budget(full_run):
+    exps = full_run["summary"]["experiments"]
+    static_a = exps["overload_static"]["servers"]["A"]
+    assert static_a["vllm"]["max_waiting"] > 0, "the burst needs more than its static share"
+    elastic = exps["overload_kvcached"]
+    budget_mib = 0.25 * 1024
+    assert all(v / 2**20 <= budget_mib for v in elastic["kv_limits_bytes"].values())
+    assert elastic["servers"]["A"]["kvcached"]["peak_used_mib"] > budget_mib / 2   # above the static share
+    ratios = full_run["summary"]["comparison"]["overload"]["per_phase"]
+    assert set(ratios) == {"A bursts, B idle", "B bursts, A idle"}
+
+
+def test_results_layout_and_plots(full_run):
+    run_dir = full_run["run_dir"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["gpu"]["name"] == "Tesla T4 (fake)"
+    assert config["servers"] and all("cmd_shell" in s for s in config["servers"].values())
+    static_env = next(s["env"] for s in config["servers"].values() if "static" in s["label"])
+    assert static_env["ENABLE_KVCACHED"] == "false"
+    for exp in ("01_kvcached", "04_static"):
+        for name in ("requests.jsonl", "memory.jsonl", "summary.json", "experiment.json"):
+            assert (run_dir / exp / name).stat().st_size > 0
+    assert list((run_dir / "01_kvcached").glob("server_*.log"))
+    plots = sorted((run_dir / "plots").glob("*.png"))
+    assert {p.name for p in plots} == {"vram_single_model.png", "latency.png", "shared_memory.png",
+                                       "overload_memory.png"}
+    for plot in plots:
+        data = plot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "| kvcached |" in (run_dir / "summary.md").read_text()
+
+
+def test_nothing_is_left_running(full_run):
+    states = list(full_run["gpu_dir"].glob("*.json"))
+    assert not [p for p in states if alive(int(p.stem))]
+
+
+def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):
+    run_dir = full_run["run_dir"]
+    before = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(run_dir)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=""))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text()) == before
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
+
+
+def test_failed_experiment_is_recorded_and_the_others_run(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    # like vLLM, the static server refuses to start when 0.99 of the card is not free
+    args = script_args(tmp_path / "results", "--experiments", "1,2", "--pair-utilization-b", "0.3",
+                       "--gpu-memory-utilization", "0.99")
+    proc = subprocess.run(args, env=fake_env(tmp_path / "gpu"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    run_dir, = (tmp_path / "results").iterdir()
+    error = json.loads((run_dir / "02_static" / "error.json").read_text())
+    assert "exited with code" in error["error"] and "last 40 lines" in error["error"]
+    assert (run_dir / "01_kvcached" / "summary.json").exists()
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == ["02_static"]
+
+
+def test_sigterm_stops_every_server(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    args = script_args(tmp_path / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")
+    proc = subprocess.Popen(args, env=fake_env(tmp_path / "gpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert wait_for(lambda: len(list((tmp_path / "gpu").glob("*.json"))) >= 2, timeout=60), "servers up"
+    time.sleep(1.0)
+    engines = [int(p.stem) for p in (tmp_path / "gpu").glob("*.json")]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:]
+    assert "stopping every server" in out
+    assert not any(alive(pid) for pid in engines)
+
+
+def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    source = (ROOT / "run_experiments.py").read_text()
+    notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(tmp_path / "results",
+                                                                                    "--experiments", "1")[2:])
+    source = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
+    cell = (ROOT / "tests" / "_cell.py")
+    driver = ("import sys, types\n"
+              "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
+              "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
+              f"exec(compile(open({str(tmp_path / 'cell.py')!r}).read(), '<cell>', 'exec'), {{'__name__': '__main__'}})\n"
+              "print('CELL DONE')\n")
+    (tmp_path / "cell.py").write_text(source)
+    proc = subprocess.run([sys.executable, "-c", driver], env=fake_env(tmp_path / "gpu"), capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("CELL DONE"), "main() must return, not sys.exit, in a notebook"
+    run_dir, = (tmp_path / "results").iterdir()
+    assert (run_dir / "01_kvcached" / "summary.json").exists()

@@ -1,0 +1,162 @@
+"""Server lifecycle against the fake vLLM server: ready, crash, hang, grandchildren, stubborn servers."""
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import FAKE_SERVER, alive, free_port, make_cfg, rx, wait_for
+
+KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
+STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
+                                     gpu_memory_utilization=0.5)
+
+
+@pytest.fixture
+def started(tmp_path):
+    servers = []
+
+    def start(cfg, spec):
+        server = rx.start_server(cfg, spec, tmp_path / f"server_{spec.name}.log")
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        rx.stop_server(server, grace_s=2)
+
+
+def test_ready_then_stopped_leaves_no_process(fake_gpu, started):
+    cfg = make_cfg()
+    server = started(cfg, KVC_A(cfg))
+    startup = rx.wait_ready(server, timeout_s=20)
+    assert 0.2 < startup < 10
+    tree = server.pids()
+    assert len(tree) >= 2, "the fake, like vLLM, holds its memory in an engine child"
+    rx.stop_server(server, grace_s=5)
+    assert not any(alive(p) for p in tree)
+    assert not rx.segment_path(server.spec.ipc_name).exists()
+
+
+def test_crash_at_start_fails_fast_with_the_evidence(fake_gpu, started, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    cfg = make_cfg()
+    server = started(cfg, STATIC_A(cfg))
+    begin = time.time()
+    with pytest.raises(rx.ServerError) as err:
+        rx.wait_ready(server, timeout_s=60)
+    assert time.time() - begin < 5
+    message = str(err.value)
+    assert "exited with code 3" in message
+    assert str(server.log_path) in message
+    assert "fake start-up failure" in message           # the log's tail, not "see logs"
+    assert "--gpu-memory-utilization" in message        # the command
+
+
+def test_removed_flag_makes_the_server_exit_at_once(fake_gpu, started):
+    cfg = make_cfg(extra_server_args="--disable-log-requests")
+    server = started(cfg, STATIC_A(cfg))
+    with pytest.raises(rx.ServerError, match="exited with code 2"):
+        rx.wait_ready(server, timeout_s=30)
+
+
+def test_hanging_server_times_out_and_is_stopped(fake_gpu, started, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    cfg = make_cfg()
+    server = started(cfg, STATIC_A(cfg))
+    with pytest.raises(rx.ServerError, match="not ready after 1 s"):
+        rx.wait_ready(server, timeout_s=1.0)
+    tree = server.pids()
+    rx.stop_server(server, grace_s=2)
+    assert not any(alive(p) for p in tree)
+
+
+def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_MODE", "grandchild")
+    cfg = make_cfg()
+    server = started(cfg, KVC_A(cfg))
+    rx.wait_ready(server, timeout_s=20)
+    pid_file = tmp_path / "gpu" / "grandchild.pid"
+    assert wait_for(pid_file.exists)
+    grandchild = int(pid_file.read_text())
+    assert alive(grandchild)
+    rx.stop_server(server, grace_s=5)
+    assert not alive(grandchild)
+
+
+def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigterm")
+    cfg = make_cfg()
+    server = started(cfg, STATIC_A(cfg))
+    rx.wait_ready(server, timeout_s=20)
+    tree = server.pids()
+    begin = time.time()
+    rx.stop_server(server, grace_s=0.5)
+    assert not any(alive(p) for p in tree)
+    assert time.time() - begin < 12
+
+
+def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
+    cfg = make_cfg()
+    server = started(cfg, KVC_A(cfg))
+    rx.wait_ready(server, timeout_s=20)
+    tree = server.pids()
+    engine = [p for p in tree if p != server.proc.pid]
+    os.kill(server.proc.pid, signal.SIGKILL)            # the API server dies, the engine is orphaned
+    server.proc.wait(timeout=5)
+    rx.stop_server(server, grace_s=2)
+    assert not any(alive(p) for p in engine)
+
+
+def test_port_in_use_is_an_error_before_launch(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        cfg = make_cfg(port_a=sock.getsockname()[1])
+        with pytest.raises(rx.ServerError, match="already in use"):
+            rx.start_server(cfg, STATIC_A(cfg), tmp_path / "never.log")
+    assert not (tmp_path / "never.log").exists()
+
+
+def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
+    cfg = make_cfg()
+    pool = rx.ServerPool(cfg, say=lambda s: None)
+    try:
+        first, = pool.ensure([KVC_A(cfg)], tmp_path)
+        again, = pool.ensure([KVC_A(cfg)], tmp_path)
+        assert again is first
+        tree = first.pids()
+        static, = pool.ensure([STATIC_A(cfg)], tmp_path)
+        assert static is not first and not any(alive(p) for p in tree)
+    finally:
+        pool.close()
+    assert not pool.running and not alive(static.proc.pid)
+
+
+def test_sampler_attributes_memory_to_the_server_tree(fake_gpu, started, tmp_path):
+    cfg = make_cfg()
+    server = started(cfg, STATIC_A(cfg))
+    rx.wait_ready(server, timeout_s=20)
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [server], tmp_path / "memory.jsonl", sample_hz=20, process_hz=10)
+    sampler.start()
+    time.sleep(0.6)
+    sampler.stop()
+    rows = rx.read_jsonl(tmp_path / "memory.jsonl")
+    process = [r for r in rows if r["kind"] == "process"]
+    assert process and process[-1]["used_mib"] == pytest.approx(0.5 * 16384, rel=0.02)
+    assert str(server.proc.pid) not in process[-1]["holders_mib"], "the API server holds no GPU memory"
+    metrics = [r for r in rows if r["kind"] == "metrics"]
+    assert metrics and metrics[-1]["running"] == 0
+
+
+def test_sampler_survives_nvml_errors(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_NVML_FLAKY", "1")
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_hz=5)
+    sampler.start()
+    time.sleep(0.5)
+    sampler.stop()
+    rows = rx.read_jsonl(tmp_path / "memory.jsonl")
+    assert any(r["kind"] == "error" for r in rows) and sum(r["kind"] == "device" for r in rows) > 5
+    assert sampler.errors > 0 and not sampler.is_alive()

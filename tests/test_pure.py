@@ -1,0 +1,235 @@
+"""Pure functions: configuration, planning, metrics, results layout. No processes, no network."""
+import dataclasses
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from conftest import rx
+
+
+def test_experiment_aliases_expand_in_run_order():
+    assert rx.parse_experiments("3,1") == ["kvcached", "shared_kvcached"]
+    assert rx.parse_experiments("seed") == ["kvcached", "shared_kvcached", "static"]
+    assert rx.parse_experiments("5") == ["overload_kvcached", "overload_static"]
+    assert set(rx.parse_experiments("all")) == set(rx.EXPERIMENTS)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--experiments", "7"], "--experiments"),
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+    (["--gpu-memory-utilization", "1.2"], "--gpu-memory-utilization"),
+    (["--bursts", "-1"], "--bursts"),
+    (["--burst-size", "-3"], "--burst-size"),
+    (["--repeats", "0"], "--repeats"),
+    (["--preset", "huge"], "--preset"),
+    (["--overload-demand", "2.5"], "--overload-demand"),
+    (["--port-b", "8001"], "--port-b"),
+    (["--kvcached-env", "NOEQUALS"], "--kvcached-env"),
+    (["--max-tokens", "4096"], "--max-tokens"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags_fail_before_launch_naming_the_flag(argv, flag, capsys):
+    assert rx.main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_presets_fill_the_workload_and_explicit_flags_win():
+    seed = rx.config_from_args(["--preset", "seed"])
+    assert (seed.bursts, seed.burst_size, seed.gap_s, seed.max_tokens, seed.prompt_tokens) == (3, 6, 6.0, 180, 0)
+    assert seed.temperature == 0.7
+    mine = rx.config_from_args(["--preset", "seed", "--bursts", "5", "--gap-s", "0"])
+    assert (mine.bursts, mine.gap_s) == (5, 0.0)
+
+
+def test_notebook_mode_ignores_kernel_argv(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1.json"])
+    monkeypatch.setattr(rx, "NOTEBOOK_ARGS", "--preset smoke --tag colab")
+    cfg = rx.config_from_args(None)
+    assert (cfg.preset, cfg.tag) == ("smoke", "colab")
+
+
+def test_script_mode_reads_sys_argv(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "argv", ["run_experiments.py", "--tag", "cli"])
+    assert rx.config_from_args(None).tag == "cli"
+
+
+def test_kv_bytes_per_token_of_the_default_models():
+    assert rx.kv_bytes_per_token(rx.KNOWN_MODEL_CONFIGS["Qwen/Qwen2.5-0.5B-Instruct"]) == 2 * 24 * 2 * 64 * 2
+    assert rx.kv_bytes_per_token(rx.KNOWN_MODEL_CONFIGS["Qwen/Qwen2.5-1.5B-Instruct"]) == 2 * 28 * 2 * 128 * 2
+
+
+def test_local_model_folder_config_is_read_without_network(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=64, torch_dtype="float32")))
+    config, source = rx.load_model_config(str(tmp_path))
+    assert source.endswith("config.json")
+    assert rx.kv_bytes_per_token(config) == 2 * 2 * 1 * 16 * 4
+
+
+def test_burst_is_sized_to_a_fraction_of_free_memory():
+    size, why = rx.size_burst(12288, 16 * rx.GIB, 768, 128, 0.05, 256)
+    per_request = (768 + 128) * 12288
+    assert size == int(0.05 * 16 * rx.GIB / per_request)
+    assert "5%" in why and str(size) in why
+    capped, why = rx.size_burst(12288, 141 * rx.GIB, 768, 128, 0.05, 256)
+    assert capped == 256 and "capped" in why
+    fallback, why = rx.size_burst(None, None, 768, 128, 0.05, 256)
+    assert fallback > 0 and "--burst-size" in why
+
+
+def test_plan_is_seeded_and_fits_the_context():
+    cfg = rx.config_from_args(["--preset", "auto", "--max-model-len", "1024", "--max-tokens", "200"])
+    one, two = rx.plan_workload(cfg, 4, "x"), rx.plan_workload(cfg, 4, "x")
+    assert one == two
+    other = rx.plan_workload(dataclasses.replace(cfg, seed=1), 4, "x")
+    assert other.requests != one.requests
+    assert len(one.requests) == cfg.bursts * 4 and len(one.burst(0)) == 4
+    longest = max(len(r.prompt.split()) for r in one.requests)
+    assert longest + 200 <= 1024
+
+
+def test_seed_preset_uses_the_tutorial_prompts():
+    cfg = rx.config_from_args(["--preset", "seed"])
+    plan = rx.plan_workload(cfg, cfg.burst_size, "seed")
+    assert [r.prompt for r in plan.burst(0)] == list(rx.SEED_PROMPTS[:6])
+    assert {r.max_tokens for r in plan.requests} == {180}
+
+
+def test_overload_burst_needs_more_than_the_static_share_and_less_than_the_budget():
+    cfg = rx.config_from_args(["--preset", "auto"])
+    budget = 2 * rx.GIB
+    plan = rx.overload_plan(cfg, 12288, budget)
+    demand = len(plan.requests) * (plan.prompt_tokens + plan.max_tokens) * 12288
+    assert budget / 2 < demand < budget
+    assert plan.prompt_tokens + plan.max_tokens <= cfg.max_model_len - 64
+    assert plan.max_tokens > cfg.max_tokens       # long outputs
+
+
+def test_pair_limits_keep_the_pair_within_its_budget():
+    segments = {"A": {"used_bytes": 100, "prealloc_bytes": 400, "total_bytes": 10**12},
+                "B": {"used_bytes": 0, "prealloc_bytes": 500, "total_bytes": 10**12}}
+    limits = rx.pair_limits(4000, segments)
+    assert limits == {"A": 3500, "B": 3500}
+    assert rx.pair_limits(300, segments)["A"] == 0
+
+
+def test_server_commands_and_env_for_both_arms():
+    cfg = rx.config_from_args(["--api-key", "k", "--load-format", "dummy"])
+    specs = rx.define_experiments(cfg, {"main": rx.plan_workload(cfg, 2, "x"),
+                                        "overload_A": rx.plan_workload(cfg, 2, "x"),
+                                        "overload_B": rx.plan_workload(cfg, 2, "x")}, 2 * rx.GIB)
+    static, = specs["static"].servers
+    kvc, = specs["kvcached"].servers
+    static_cmd, kvc_cmd = rx.server_command(cfg, static), rx.server_command(cfg, kvc)
+    assert static_cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--disable-log-requests" not in static_cmd    # removed in vLLM 0.24: the server exits rc 2
+    assert static_cmd[static_cmd.index("--gpu-memory-utilization") + 1] == "0.55"
+    assert "--gpu-memory-utilization" not in kvc_cmd
+    assert kvc_cmd[kvc_cmd.index("--host") + 1] == "127.0.0.1"
+    assert {"--load-format", "dummy", "--api-key", "k"} <= set(kvc_cmd)
+    shell = {"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1", "KVCACHED_IPC_NAME": "theirs"}
+    static_env = rx.server_env(cfg, static, shell)
+    assert static_env["ENABLE_KVCACHED"] == "false" and static_env["KVCACHED_AUTOPATCH"] == "0"
+    assert "KVCACHED_IPC_NAME" not in static_env
+    kvc_env = rx.server_env(cfg, kvc, {})
+    assert (kvc_env["ENABLE_KVCACHED"], kvc_env["KVCACHED_AUTOPATCH"]) == ("true", "1")
+    a, b = specs["shared_kvcached"].servers
+    assert rx.server_env(cfg, a, {})["KVCACHED_IPC_NAME"] != rx.server_env(cfg, b, {})["KVCACHED_IPC_NAME"]
+    budget_a, budget_b = specs["overload_static"].servers
+    assert budget_a.kv_cache_memory_bytes == budget_b.kv_cache_memory_bytes == rx.GIB
+    pair = specs["shared_static"].servers
+    assert pair[0].gpu_memory_utilization + pair[1].gpu_memory_utilization <= 0.9 + 1e-9
+
+
+def test_kvcached_env_extension_reaches_only_the_kvcached_arm():
+    cfg = rx.config_from_args(["--kvcached-env", "KVCACHED_CONTIGUOUS_LAYOUT=false"])
+    kvc = rx.ServerSpec("A", "m", 8001, kvcached=True)
+    static = rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5)
+    assert rx.server_env(cfg, kvc, {})["KVCACHED_CONTIGUOUS_LAYOUT"] == "false"
+    assert "KVCACHED_CONTIGUOUS_LAYOUT" not in rx.server_env(cfg, static, {})
+
+
+def test_percentiles_and_empty_inputs():
+    assert rx.percentile([], 50) is None
+    assert rx.percentile([1, 2, 3, 4], 50) == 2.5
+    assert rx.percentile([5], 99) == 5
+    assert rx.distribution([])["p50"] is None
+
+
+def test_latency_summary_handles_empty_and_all_failed():
+    empty = rx.latency_summary([])
+    assert empty["requests"] == 0 and empty["ttft_s"]["p50"] is None and empty["output_tokens_per_s"] is None
+    failed = [{"ok": False, "t_send": 10.0, "e2e_s": 0.1, "error": "ConnectionError: refused", "server": "A"}] * 3
+    summary = rx.latency_summary(failed)
+    assert (summary["requests"], summary["ok"], summary["failed"]) == (3, 0, 3)
+    assert summary["errors"] == {"ConnectionError: refused": 3}
+    assert summary["ttft_s"]["p50"] is None
+
+
+def test_latency_summary_tpot_and_throughput():
+    rows = [{"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 1.1, "completion_tokens": 11},
+            {"ok": True, "t_send": 1.0, "ttft_s": 0.3, "e2e_s": 1.3, "completion_tokens": 11}]
+    summary = rx.latency_summary(rows)
+    assert summary["tpot_s"]["p50"] == pytest.approx(0.1)
+    assert summary["output_tokens_per_s"] == pytest.approx(22 / 2.3)
+
+
+def test_memory_summary_idle_peak_release():
+    samples = [(t / 10, 1000.0) for t in range(0, 20)]              # idle 1000
+    samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]         # burst to 3000
+    samples += [(3 + t / 10, 2000.0) for t in range(0, 5)]          # releasing
+    samples += [(3.5 + t / 10, 1040.0) for t in range(0, 10)]       # back within 5%
+    marks = {"idle_after_load": (0, 0.9), "idle_before": (1.0, 1.9), "workload": (2.0, 3.0), "sampling_end": 4.5}
+    summary = rx.memory_summary(samples, marks, 0.05)
+    assert summary["idle_before_workload_mib"] == 1000
+    assert summary["peak_mib"] == 3000
+    assert summary["flex_mib"] == 2000
+    assert summary["release_s"] == pytest.approx(0.5)
+    assert summary["residual_mib"] == pytest.approx(40)
+    never = rx.memory_summary([(s[0], 5000.0 if s[0] >= 2 else s[1]) for s in samples], marks, 0.05)
+    assert never["release_s"] is None and never["residual_mib"] == 4000
+
+
+def test_static_pool_releases_at_once():
+    flat = [(t / 10, 9000.0) for t in range(50)]
+    marks = {"idle_after_load": (0, 1), "idle_before": (1, 2), "workload": (2, 3), "sampling_end": 5}
+    assert rx.memory_summary(flat, marks, 0.05)["release_s"] == pytest.approx(0.0)
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    import datetime as dt
+    now = dt.datetime(2026, 11, 28, 7, 0, 0, tzinfo=dt.timezone.utc)
+    first = rx.new_run_dir(tmp_path, "x", now)
+    second = rx.new_run_dir(tmp_path, "x", now)
+    assert first != second and first.name == "20261128T070000Z_x" and second.exists()
+
+
+def test_json_has_no_infinity():
+    out = json.dumps(rx.finite({"a": float("inf"), "b": [float("nan"), 1.0]}))
+    assert "Infinity" not in out and "NaN" not in out and json.loads(out) == {"a": None, "b": [None, 1.0]}
+
+
+def test_kvcached_segment_read_and_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
+    (tmp_path / "kvcached_bench_1").write_bytes(rx.SEGMENT.pack(128 * rx.GIB, 96 * rx.MIB, 480 * rx.MIB))
+    assert rx.read_segment("kvcached_bench_1") == {"total_bytes": 128 * rx.GIB, "used_bytes": 96 * rx.MIB,
+                                                   "prealloc_bytes": 480 * rx.MIB}
+    rx.write_segment_limit("kvcached_bench_1", rx.GIB)
+    assert rx.read_segment("kvcached_bench_1")["total_bytes"] == rx.GIB
+    assert rx.read_segment("kvcached_bench_1")["used_bytes"] == 96 * rx.MIB
+    assert rx.read_segment("absent") is None
+    rx.remove_stale_segment("kvcached_bench_1")
+    assert not (tmp_path / "kvcached_bench_1").exists()
+
+
+def test_importing_starts_nothing_and_writes_nothing(tmp_path):
+    import subprocess
+    code = "import run_experiments, threading, sys; print(threading.active_count(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(rx.Path(rx.__file__).parent),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "False"]

@@ -128,8 +128,8 @@ class Config:
     sample_hz: float = 20.0             # NVML device-memory samples per second
     process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
-    release_timeout_s: float = 30.0     # stop waiting for release after this
-    settle_s: float = 4.0               # ...or once memory has not moved for this long
+    release_timeout_s: float = 20.0     # stop waiting for release after this
+    settle_s: float = 3.0               # ...or once memory has not moved for this long
     report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
 
 
@@ -428,9 +428,12 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
     return cmd + shlex.split(cfg.extra_server_args)
 
 
-def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None) -> dict[str, str]:
-    """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline."""
+def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
+               device: Optional[dict] = None) -> dict[str, str]:
+    """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline.
+    `device` pins the server to the card NVML measures (CUDA_VISIBLE_DEVICES by UUID)."""
     env = dict(os.environ if base is None else base)
+    env.update(device or {})
     if spec.kvcached:
         env.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=spec.ipc_name)
         env.update(parse_env_pairs(cfg.kvcached_env))
@@ -529,15 +532,15 @@ def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def start_server(cfg: Config, spec: ServerSpec, log_path: Path) -> RunningServer:
+def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional[dict] = None) -> RunningServer:
     if port_in_use(cfg.host, spec.port):
         raise ServerError(f"port {spec.port} on {cfg.host} is already in use: stop what holds it "
                           f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b")
     if spec.kvcached:
         remove_stale_segment(spec.ipc_name)
     cmd = server_command(cfg, spec)
-    env = server_env(cfg, spec)
-    shown = {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_"))}
+    env = server_env(cfg, spec, device=device)
+    shown = {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd)}\n"
@@ -615,8 +618,8 @@ def stop_server(server: RunningServer, grace_s: float = 15.0) -> None:
 class ServerPool:
     """Keeps servers across experiments that can share them; stops every one of them on close()."""
 
-    def __init__(self, cfg: Config, say: Callable[[str], None] = print):
-        self.cfg, self.say = cfg, say
+    def __init__(self, cfg: Config, say: Callable[[str], None] = print, device: Optional[dict] = None):
+        self.cfg, self.say, self.device = cfg, say, device
         self.running: dict[tuple, RunningServer] = {}
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
@@ -632,9 +635,13 @@ class ServerPool:
             else:
                 log_path = log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
                 self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {log_path})")
-                server = start_server(self.cfg, spec, log_path)
+                server = start_server(self.cfg, spec, log_path, self.device)
                 self.running[spec.key] = server
-                wait_ready(server, self.cfg.start_timeout_s, say=self.say)
+                try:
+                    wait_ready(server, self.cfg.start_timeout_s, say=self.say)
+                except BaseException:   # never keep (or later reuse) a server that did not come up
+                    stop_server(self.running.pop(spec.key))
+                    raise
                 self.say(f"  {spec.label} ready after {server.startup_s:.1f} s")
             out.append(self.running[spec.key])
         return out
@@ -704,6 +711,7 @@ def gpu_facts(nvml: Any, index: int) -> dict:
     driver = nvml.nvmlSystemGetDriverVersion()
     decode = lambda v: v.decode() if isinstance(v, bytes) else v
     facts = {"index": index, "name": decode(name), "driver": decode(driver),
+             "uuid": decode(nvml.nvmlDeviceGetUUID(handle)),
              "total_mib": mem.total / MIB, "used_mib_at_start": mem.used / MIB,
              "free_mib_at_start": (mem.total - mem.used) / MIB}
     with contextlib.suppress(Exception):
@@ -1679,7 +1687,13 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     write_config = lambda: (run_dir / "config.json").write_text(json.dumps(finite(config), indent=2))
     write_config()
     specs = define_experiments(cfg, plans, budget)
-    pool = ServerPool(cfg, say)
+    # CUDA numbers devices its own way; a UUID names the very card NVML measures
+    device = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
+    if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
+        say(f"note: servers run on GPU {cfg.gpu_index} ({gpu['uuid']}), the card measured; "
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} from the shell is overridden "
+            f"(choose the card with --gpu-index)")
+    pool = ServerPool(cfg, say, device)
     restore = install_stop_signals() if not running_in_notebook() else {}
     interrupted = False
     failures = 0

@@ -102,6 +102,7 @@ def test_results_layout_and_plots(full_run):
     assert config["servers"] and all("cmd_shell" in s for s in config["servers"].values())
     static_env = next(s["env"] for s in config["servers"].values() if "static" in s["label"])
     assert static_env["ENABLE_KVCACHED"] == "false"
+    assert static_env["CUDA_VISIBLE_DEVICES"] == config["gpu"]["uuid"]   # the card NVML measures
     for exp in ("01_kvcached", "04_static"):
         for name in ("requests.jsonl", "memory.jsonl", "summary.json", "experiment.json"):
             assert (run_dir / exp / name).stat().st_size > 0
@@ -166,7 +167,6 @@ def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(tmp_path):
     notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(tmp_path / "results",
                                                                                     "--experiments", "1")[2:])
     source = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
-    cell = (ROOT / "tests" / "_cell.py")
     driver = ("import sys, types\n"
               "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
               "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"

@@ -1006,7 +1006,10 @@ def memory_summary(samples: list[tuple[float, float]], marks: dict, tolerance: f
     return {"idle_after_load_mib": idle_load, "idle_before_workload_mib": idle, "peak_mib": peak,
             "flex_mib": (peak - idle) if peak is not None and idle is not None else None,
             "release_s": release_time(samples, end, idle, tolerance) if end is not None else None,
-            "residual_mib": (after[-1] - idle) if after and idle is not None else None}
+            "residual_mib": (after[-1] - idle) if after and idle is not None else None,
+            # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit
+            # above the level right after loading
+            "residual_vs_load_mib": (after[-1] - idle_load) if after and idle_load is not None else None}
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -1123,17 +1126,29 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file, or of its gzipped copy (committed reference runs are compressed)."""
     if not path.exists():
-        return []
+        packed = path.with_name(path.name + ".gz")
+        if not packed.exists():
+            return []
+        import gzip
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
+        text = path.read_text()
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         with contextlib.suppress(json.JSONDecodeError):   # a run killed mid-write leaves a torn line
             rows.append(json.loads(line))
     return rows
 
 
-def record_row(record: RequestRecord) -> dict:
-    return {**dataclasses.asdict(record), "tpot_s": record.tpot_s}
+def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
+    row = {**dataclasses.asdict(record), "tpot_s": record.tpot_s}
+    for key in ("ttft_s", "e2e_s", "tpot_s"):
+        if row[key] is not None:
+            row[key] = round(row[key], 6)          # microseconds are plenty; keeps the files small
+    row["itl_s"] = [round(v, 5) for v in record.itl_s] if keep_itl else []
+    return row
 
 
 def run_step(cfg: Config, exp: ExperimentSpec, step: Step, plan: WorkloadPlan, server: RunningServer,
@@ -1192,7 +1207,7 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
                 say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
                 warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
                                 plans[step.plan], server, -1, say)
-                write_jsonl(exp_dir / "warmup.jsonl", map(record_row, warm))
+                write_jsonl(exp_dir / "warmup.jsonl", (record_row(r, keep_itl=False) for r in warm))
                 server.warmed.add(step.plan)
             marks["warmup"] = (start, time.time())
             outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
@@ -1267,6 +1282,9 @@ def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
         summary["phases"][phase] = latency_summary([r for r in records if r["phase"] == phase])
     repeats = sorted({r["repeat"] for r in records})
     if len(repeats) > 1:
+        summary["phase_repeats"] = {phase: [latency_summary([r for r in records
+                                                             if r["phase"] == phase and r["repeat"] == k])
+                                            for k in repeats] for phase in summary["phases"]}
         per = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
         for metric in ("ttft_s", "e2e_s"):
             for q in ("p50", "p99"):
@@ -1321,6 +1339,12 @@ def compare(summaries: dict[str, dict]) -> dict:
             block["per_phase"][phase] = {
                 f"{metric}_{q}_ratio": ratio(get(e, metric, q), get(s, metric, q))
                 for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
+            reps_e, reps_s = ela.get("phase_repeats", {}).get(phase, []), sta.get("phase_repeats", {}).get(phase, [])
+            if len(reps_e) > 1 and len(reps_e) == len(reps_s):
+                block["per_phase"][phase]["over_repeats"] = {
+                    f"{metric}_{q}_ratio": spread([ratio(get(a, metric, q), get(b, metric, q))
+                                                   for a, b in zip(reps_e, reps_s)])
+                    for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
         out[kind] = block
     return out
 
@@ -1505,8 +1529,14 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
             f"model {k}": {f"{m}_ratio": v[m]["ratio"] for m in ("ttft_s_p50", "ttft_s_p99", "e2e_s_p50", "e2e_s_p99")}
             for k, v in block["per_model"].items()}
         for label, r in rows.items():
-            lines.append(f"| {label} | {fmt(r['ttft_s_p50_ratio'], 2)} | {fmt(r['ttft_s_p99_ratio'], 2)} | "
-                         f"{fmt(r['e2e_s_p50_ratio'], 2)} | {fmt(r['e2e_s_p99_ratio'], 2)} |")
+            cells = []
+            for key in ("ttft_s_p50_ratio", "ttft_s_p99_ratio", "e2e_s_p50_ratio", "e2e_s_p99_ratio"):
+                cell = fmt(r[key], 2)
+                rep = get(r, "over_repeats", key)
+                if rep:   # median and range of the per-repeat ratios
+                    cell += f" (repeats: {fmt(rep['median'], 2)} [{fmt(rep['min'], 2)}-{fmt(rep['max'], 2)}])"
+                cells.append(cell)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     repeated = {n: s["repeats"] for n, s in summaries.items() if s.get("repeats")}
     if repeated:
         lines += ["", "Spread over repeats (median [min, max]):", ""]
@@ -1673,8 +1703,12 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
         f"used before we start; results in {run_dir}")
     plans, budget, model_facts = make_plans(cfg, gpu, say)
-    for key, plan in plans.items():
-        (run_dir / f"plan_{key}.json").write_text(json.dumps(dataclasses.asdict(plan), indent=1))
+    used = {"overload_A", "overload_B"} if any(e.startswith("overload") for e in experiments) else set()
+    if any(not e.startswith("overload") for e in experiments):
+        used.add("main")
+    import gzip
+    for key in sorted(used):   # prompts included, so gzipped: they are most of the bytes
+        (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(json.dumps(dataclasses.asdict(plans[key])).encode()))
     config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
               "command": shlex.join([sys.executable, "run_experiments.py"] + (argv if argv is not None
                                     else sys.argv[1:])),

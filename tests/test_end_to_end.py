@@ -146,6 +146,20 @@ def test_failed_experiment_is_recorded_and_the_others_run(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == ["02_static"]
 
 
+def test_repeats_report_the_spread_of_elastic_static_ratios(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    args = script_args(tmp_path / "results", "--experiments", "5", "--repeats", "2")
+    proc = subprocess.run(args, env=fake_env(tmp_path / "gpu"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir, = (tmp_path / "results").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    phase = summary["comparison"]["overload"]["per_phase"]["A bursts, B idle"]
+    assert phase["over_repeats"]["ttft_s_p99_ratio"]["n"] == 2
+    assert summary["experiments"]["overload_static"]["repeats"]["ttft_s_p50"]["n"] == 2
+    assert "repeats:" in (run_dir / "summary.md").read_text()
+    assert sorted(p.name for p in run_dir.glob("plan_*")) == ["plan_overload_A.json.gz", "plan_overload_B.json.gz"]
+
+
 def test_sigterm_stops_every_server(tmp_path):
     (tmp_path / "gpu").mkdir()
     args = script_args(tmp_path / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")

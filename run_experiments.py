@@ -1385,25 +1385,32 @@ def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, d
     arms = [a for a in ("kvcached", "static") if a in exp_dirs]
     if not arms:
         return None
-    fig, axes = new_figure(1, size=(11, 4.2))
+    zoom = "kvcached" in arms and len(arms) > 1   # a static pool's scale flattens the kvcached line
+    fig, axes = new_figure(2 if zoom else 1, size=(11, 3.6))
     ax = axes[0][0]
     for arm in arms:
         info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
         rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
         t0 = info["marks"].get("workload", [None])[0] or experiment_start(info, rows)
         data = series(rows, "device")
-        ax.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS[arm], lw=1.6,
-                label=f"{arm} (device used)")
         idle = get(summaries[arm], "device", "idle_before_workload_mib")
-        if idle is not None:
-            ax.axhline(idle, color=COLORS[arm], ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
-        if arm == arms[0]:
-            shade_bursts(ax, info, t0)
+        for target in ([ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]):
+            target.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS[arm], lw=1.6,
+                        label=f"{arm} (device used)")
+            if idle is not None:
+                target.axhline(idle, color=COLORS[arm], ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
+            if arm == arms[0]:
+                shade_bursts(target, info, t0)
     ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
     ax.set_ylabel("GPU memory used (MiB)")
     ax.set_title("VRAM under a bursty workload: kvcached vs static pool, one model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for row in axes:
+        row[0].grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    if zoom:
+        axes[1][0].set_title("kvcached alone, zoomed")
+        axes[1][0].set_ylabel("GPU memory used (MiB)")
+        axes[1][0].set_xlabel(ax.get_xlabel())
     return save_figure(fig, run_dir / "plots" / "vram_single_model.png")
 
 

@@ -129,6 +129,7 @@ class Config:
     process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
     release_timeout_s: float = 20.0     # stop waiting for release after this
+    idle_window_s: float = 1.5          # quiet time over which an idle level is taken
     settle_s: float = 3.0               # ...or once memory has not moved for this long
     report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
 
@@ -202,6 +203,7 @@ def validate_config(cfg: Config) -> Config:
     for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
+    need(cfg.idle_window_s > 0, "idle_window_s", "must be > 0")
     need(cfg.release_timeout_s >= 0 and cfg.settle_s > 0, "release_timeout_s", "must be >= 0")
     for name in ("port_a", "port_b"):
         need(0 < getattr(cfg, name) < 65536, name, "must be a TCP port")
@@ -1113,7 +1115,7 @@ class MemoryWatch:
         return "timeout"
 
 
-def idle_window(seconds: float = 1.5) -> tuple[float, float]:
+def idle_window(seconds: float) -> tuple[float, float]:
     start = time.time()
     time.sleep(seconds)
     return (start, time.time())
@@ -1182,7 +1184,7 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
     sampler.start()
     restore_limits = {}
     try:
-        marks["idle_after_load"] = idle_window()
+        marks["idle_after_load"] = idle_window(cfg.idle_window_s)
         if exp.kv_budget:
             segments = {}
             for name, server in by_name.items():
@@ -1213,7 +1215,7 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
             outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
                                          cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
             say(f"  after warm-up memory {outcome}")
-        marks["idle_before"] = idle_window()
+        marks["idle_before"] = idle_window(cfg.idle_window_s)
         idle = window_median(list(sampler.device), *marks["idle_before"])
         marks["bursts"] = []
         workload_start = time.time()
@@ -1230,7 +1232,7 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
         marks["workload"] = (workload_start, time.time())
         outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
         say(f"  after the workload memory {outcome} ({time.time() - marks['workload'][1]:.1f} s)")
-        time.sleep(1.0)   # a short flat tail, so the plots show where memory ended up
+        time.sleep(cfg.idle_window_s)   # a short flat tail, so the plots show where memory ended up
     finally:
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
@@ -1544,6 +1546,9 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
                     cell += f" (repeats: {fmt(rep['median'], 2)} [{fmt(rep['min'], 2)}-{fmt(rep['max'], 2)}])"
                 cells.append(cell)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    starts = server_starts(summaries)
+    lines += ["", f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
+              f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."]
     repeated = {n: s["repeats"] for n, s in summaries.items() if s.get("repeats")}
     if repeated:
         lines += ["", "Spread over repeats (median [min, max]):", ""]
@@ -1551,11 +1556,20 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
             lines.append(f"- {name}: " + "; ".join(
                 f"{k} {fmt(v['median'], 3)} [{fmt(v['min'], 3)}, {fmt(v['max'], 3)}]" for k, v in rep.items()))
     lines += ["", "Plots:", ""] + [f"![{p}](plots/{p})" for p in plots]
-    lines += ["", "Definitions: *idle* = median device memory over 1.5 s with no requests; *flex* = peak - "
+    lines += ["", f"Definitions: *idle* = median device memory over {get(config, 'config', 'idle_window_s') or 1.5:g} s with no requests; *flex* = peak - "
               "idle before the workload; *release* = seconds after the last burst until memory is within "
               f"{fmt(get(config, 'config', 'release_tolerance') and 100 * get(config, 'config', 'release_tolerance'))}% "
               "of that idle level (n/a: it stayed above; see residual in summary.json)."]
     return "\n".join(lines) + "\n"
+
+
+def server_starts(summaries: dict[str, dict]) -> dict:
+    """vLLM start-ups paid and avoided: a reused server saves the start-up it took the first time."""
+    entries = [v for s in summaries.values() for v in s["servers"].values()]
+    paid = [v["startup_s"] for v in entries if not v["reused"] and v["startup_s"] is not None]
+    saved = [v["startup_s"] for v in entries if v["reused"] and v["startup_s"] is not None]
+    return {"started": len(paid), "reused": len(saved), "startup_s_total": sum(paid),
+            "startup_s_saved": sum(saved)}
 
 
 def headline(run_dir: Path, summaries: dict[str, dict], comparison: dict) -> dict:
@@ -1568,7 +1582,8 @@ def headline(run_dir: Path, summaries: dict[str, dict], comparison: dict) -> dic
                                 "e2e_p50_s": get(s, "latency", "e2e_s", "p50"),
                                 "failed": get(s, "latency", "failed")} for n, s in summaries.items()},
             "idle_saving_mib": get(comparison, "single", "idle_saving_mib"),
-            "peak_saving_mib": get(comparison, "single", "peak_saving_mib")}
+            "peak_saving_mib": get(comparison, "single", "peak_saving_mib"),
+            "server_starts": server_starts(summaries)}
 
 
 def finite(obj: Any) -> Any:
@@ -1598,7 +1613,7 @@ def build_report(run_dir: Path) -> dict:
                               plot_pair(run_dir, exp_dirs, "shared"), plot_pair(run_dir, exp_dirs, "overload"))
              if p is not None]
     top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
-           "plots": plots}
+           "plots": plots, "server_starts": server_starts(summaries)}
     (run_dir / "summary.json").write_text(json.dumps(top, indent=2))
     md = markdown_summary(config, summaries, comparison, plots)
     if failed:

@@ -27,6 +27,11 @@ MIB = 1024 * 1024
 PAGE = 2 * MIB            # kvcached maps KV memory in 2 MiB pages
 OVERHEAD = 300 * MIB      # CUDA context, activations, ...
 PREALLOC = 32 * MIB       # pages kvcached keeps mapped while idle
+# Seen on an H200 with vLLM 0.24 + kvcached 0.1.6: after its first burst a kvcached server settles
+# ~480 MiB above its just-loaded level (pages kept mapped for reuse), and a static server holds
+# ~320 MiB more than --gpu-memory-utilization x total (the CUDA context is outside that budget).
+RESERVE_AFTER_USE = 64 * MIB
+CONTEXT = 300 * MIB
 DEFAULT_KV_PER_TOKEN = 12288
 
 # The engine child: holds the memory (on paper) and dies with its parent, like EngineCore.
@@ -146,6 +151,7 @@ class Engine:
         self.kv_tokens = 0                # tokens whose KV is held right now
         self.preemptions = 0
         self.ready = False                # before: weights only; after: KV pool too
+        self.reserve = 0                  # kvcached pages kept mapped once the first request ran
         self.closed = False
         self.child = None
         self.published = None
@@ -157,10 +163,10 @@ class Engine:
 
     def memory(self):
         if not self.ready:
-            return self.base
+            return self.base + CONTEXT
         if self.kvcached:
-            return self.base + PREALLOC + self.kv_bytes()
-        return self.base + self.pool
+            return self.base + CONTEXT + PREALLOC + self.reserve + self.kv_bytes()
+        return self.base + CONTEXT + self.pool
 
     def capacity(self):
         if not self.kvcached:
@@ -219,6 +225,7 @@ class Engine:
                     self.preemptions += 1
                 self.cond.wait(0.05)  # wake up now and then: the limit may have grown
             self.queue.popleft()
+            self.reserve = RESERVE_AFTER_USE
             self.running += 1
             self.reserved += need
             self.kv_tokens += prompt_tokens

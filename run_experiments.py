@@ -592,8 +592,10 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
         time.sleep(poll_s)
 
 
-def stop_server(server: RunningServer, grace_s: float = 15.0) -> None:
-    """SIGINT the whole group, wait, then SIGKILL; also any descendant seen, even if the leader died."""
+def stop_server(server: RunningServer, grace_s: float = 15.0) -> float:
+    """SIGINT the whole group, wait, then SIGKILL; also any descendant seen, even if the leader died.
+    Returns the seconds it took: the wait ends when the processes are gone, not after a fixed sleep."""
+    started = time.time()
     pids = set(server.pids()) | server.known_pids
     for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -615,6 +617,7 @@ def stop_server(server: RunningServer, grace_s: float = 15.0) -> None:
         server.proc.wait(timeout=1)
     if server.spec.kvcached:
         remove_stale_segment(server.spec.ipc_name)
+    return time.time() - started
 
 
 class ServerPool:
@@ -628,8 +631,7 @@ class ServerPool:
         wanted = {s.key for s in specs}
         for key in [k for k in self.running if k not in wanted]:
             server = self.running.pop(key)
-            self.say(f"  stopping {server.spec.label} (not needed now)")
-            stop_server(server)
+            self.say(f"  stopped {server.spec.label} (not needed now) in {stop_server(server):.1f} s")
         out = []
         for spec in specs:   # one at a time: concurrent start-ups mis-measure each other's memory
             if spec.key in self.running:
@@ -1494,8 +1496,9 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
              f"vLLM {get(config, 'versions', 'vllm')}, kvcached {get(config, 'versions', 'kvcached')}, "
              f"torch {get(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
              f"Command: `{config.get('command', '')}`", "",
-             f"Workload: {get(config, 'plans', 'main', 'sizing')}", "",
-             "| experiment | idle after load (MiB) | idle before load (MiB) | peak (MiB) | flex (MiB) | "
+             *[f"Workload `{key}`: {plan.get('sizing')}" for key, plan in config.get("plans", {}).items()
+               if any(name.startswith("overload") == key.startswith("overload") for name in summaries)], "",
+             "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
              "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():

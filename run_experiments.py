@@ -733,7 +733,7 @@ def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
     return {}
 
 
-def scrape_metrics(url: str, timeout_s: float = 1.0) -> dict[str, float]:
+def scrape_metrics(url: str, timeout_s: float = 2.5) -> dict[str, float]:
     """vLLM's /metrics, parsed with prometheus_client's text parser, summed over label sets."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
@@ -1507,7 +1507,7 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
                              for k, v in s["servers"].items())
         lines.append(
             f"| {name} | {fmt(d['idle_after_load_mib'])} | {fmt(d['idle_before_workload_mib'])} | "
-            f"{fmt(d['peak_mib'])} | {fmt(d['flex_mib'])} | {fmt(d['release_s'], 1)} | "
+            f"{fmt(d['peak_mib'])} | {fmt(d['flex_mib'])} | {fmt(d['release_s'], 2)} | "
             f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p90'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | "
             f"{fmt(lat['tpot_s']['p50'] and lat['tpot_s']['p50'] * 1000, 1)} | "
             f"{fmt(lat['e2e_s']['p50'], 2)} / {fmt(lat['e2e_s']['p99'], 2)} | {fmt(lat['output_tokens_per_s'])} | "
@@ -1791,8 +1791,19 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
               f"{run_dir}; retry with --report {run_dir}", file=sys.stderr)
         return 1
     say(f"\nsummary: {run_dir / 'summary.md'}")
+    if running_in_notebook():
+        show_in_notebook(run_dir)
     say(json.dumps(result))
     return 130 if interrupted else (1 if failures else 0)
+
+
+def show_in_notebook(run_dir: Path) -> None:
+    """Inline summary and plots in Jupyter/Colab (the files are written either way)."""
+    with contextlib.suppress(Exception):
+        from IPython.display import Image, Markdown, display
+        display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
+        for png in sorted((run_dir / "plots").glob("*.png")):
+            display(Image(filename=str(png)))
 
 
 def install_stop_signals() -> dict:

@@ -1169,6 +1169,40 @@ def run_step(cfg: Config, exp: ExperimentSpec, step: Step, plan: WorkloadPlan, s
     return records
 
 
+def apply_pair_budget(budget: int, by_name: dict[str, RunningServer], restore: dict[str, int],
+                      say: Callable[[str], None]) -> dict[str, int]:
+    """Write kvcached limits so the pair shares `budget`; remembers the old limits in `restore`."""
+    segments = {}
+    for name, server in by_name.items():
+        segments[name] = read_segment(server.spec.ipc_name)
+        if segments[name] is None:
+            raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
+                               f"is kvcached active in server {name}? (see {server.log_path})")
+    limits = pair_limits(budget, segments)
+    for name, limit in limits.items():
+        ipc = by_name[name].spec.ipc_name
+        restore[ipc] = segments[name]["total_bytes"]
+        write_segment_limit(ipc, limit)
+        say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB "
+            f"(was {segments[name]['total_bytes'] / GIB:.1f} GiB)")
+    return limits
+
+
+def warm_up(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], by_name: dict[str, RunningServer],
+            path: Path, say: Callable[[str], None]) -> None:
+    """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
+    heavy burst is several times slower, whichever arm it hits."""
+    for name, server in by_name.items():
+        step = next((s for s in exp.steps if s.server == name), None)
+        if step is None or server.warmed:   # cold-start costs are paid once per process
+            continue
+        say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
+        warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
+                        plans[step.plan], server, -1, say)
+        write_jsonl(path, (record_row(r, keep_itl=False) for r in warm))
+        server.warmed.add(step.plan)
+
+
 def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], pool: ServerPool,
                    nvml: Any, exp_dir: Path, say: Callable[[str], None]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -1188,31 +1222,10 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
     try:
         marks["idle_after_load"] = idle_window(cfg.idle_window_s)
         if exp.kv_budget:
-            segments = {}
-            for name, server in by_name.items():
-                segments[name] = read_segment(server.spec.ipc_name)
-                if segments[name] is None:
-                    raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
-                                       f"is kvcached active in server {name}? (see {server.log_path})")
-            limits = pair_limits(exp.kv_budget, segments)
-            for name, limit in limits.items():
-                ipc = by_name[name].spec.ipc_name
-                restore_limits[ipc] = segments[name]["total_bytes"]
-                write_segment_limit(ipc, limit)
-                say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB "
-                    f"(was {segments[name]['total_bytes'] / GIB:.1f} GiB)")
-            info["kv_limits"] = limits
+            info["kv_limits"] = apply_pair_budget(exp.kv_budget, by_name, restore_limits, say)
         if cfg.warmup:
             start = time.time()
-            for name, server in by_name.items():
-                step = next((s for s in exp.steps if s.server == name), None)
-                if step is None or server.warmed:   # cold-start costs are paid once per process
-                    continue
-                say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-                warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
-                                plans[step.plan], server, -1, say)
-                write_jsonl(exp_dir / "warmup.jsonl", (record_row(r, keep_itl=False) for r in warm))
-                server.warmed.add(step.plan)
+            warm_up(cfg, exp, plans, by_name, exp_dir / "warmup.jsonl", say)
             marks["warmup"] = (start, time.time())
             outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
                                          cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)

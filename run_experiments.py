@@ -137,7 +137,7 @@ class Config:
 PRESET_WORKLOADS = {
     # bursts, burst_size, gap_s, max_tokens, prompt_tokens, overload_budget_gib
     "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0, overload_budget_gib=4.0),
-    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=0.25),
+    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=2.0),
     "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0),
 }
 
@@ -152,19 +152,37 @@ class StrictParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def config_help() -> dict[str, str]:
+    """Each field's trailing comment in Config, as its --help text (empty where the source is not
+    available, e.g. pasted into a notebook cell)."""
+    import inspect
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):
+        return {}
+    helps = {}
+    for line in source.splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            helps[name] = rest.split("#", 1)[1].strip()
+    return helps
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(
         prog="run_experiments.py",
         description="Measure kvcached's elastic KV cache against vLLM's static pool.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = config_help()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "").replace("%", "%%")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, default=field.default,
+            parser.add_argument(flag, dest=field.name, default=field.default, help=text,
                                 action=argparse.BooleanOptionalAction)
         else:
             kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(flag, dest=field.name, type=kind, default=field.default)
+            parser.add_argument(flag, dest=field.name, type=kind, default=field.default, help=text)
     return parser
 
 
@@ -1180,6 +1198,12 @@ def apply_pair_budget(budget: int, by_name: dict[str, RunningServer], restore: d
                                f"is kvcached active in server {name}? (see {server.log_path})")
     limits = pair_limits(budget, segments)
     for name, limit in limits.items():
+        own = segments[name]["used_bytes"] + segments[name]["prealloc_bytes"]
+        if limit <= own:
+            raise RuntimeError(
+                f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {name} no room to grow: "
+                f"the pair already holds {sum(s['used_bytes'] + s['prealloc_bytes'] for s in segments.values()) / MIB:,.0f} "
+                f"MiB of pre-allocated KV pages. Raise --overload-budget-gib.")
         ipc = by_name[name].spec.ipc_name
         restore[ipc] = segments[name]["total_bytes"]
         write_segment_limit(ipc, limit)

@@ -13,7 +13,7 @@ import pytest
 from conftest import FAKE_SERVER, FAKES, ROOT, alive, free_port, wait_for
 
 CARD_MIB, BASELINE_MIB = 16384, 400
-FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.5",
+FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.5", "--overload-budget-gib", "0.25",
         "--prompt-tokens", "512", "--max-tokens", "64", "--burst-size", "8"]
 
 

@@ -36,6 +36,12 @@ def test_bad_flags_fail_before_launch_naming_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_help_describes_every_flag(capsys):
+    assert rx.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fraction of the card vLLM may take" in out and "--overload-budget-gib" in out
+
+
 def test_presets_fill_the_workload_and_explicit_flags_win():
     seed = rx.config_from_args(["--preset", "seed"])
     assert (seed.bursts, seed.burst_size, seed.gap_s, seed.max_tokens, seed.prompt_tokens) == (3, 6, 6.0, 180, 0)
@@ -233,3 +239,19 @@ def test_importing_starts_nothing_and_writes_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=str(rx.Path(rx.__file__).parent),
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "False"]
+
+
+def test_pair_budget_too_small_for_kvcached_preallocation_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
+    servers = {}
+    for name, port in (("A", 1), ("B", 2)):
+        spec = rx.ServerSpec(name, "m", port, kvcached=True)
+        (tmp_path / spec.ipc_name).write_bytes(rx.SEGMENT.pack(100 * rx.GIB, 96 * rx.MIB, 480 * rx.MIB))
+        servers[name] = types.SimpleNamespace(spec=spec, log_path=tmp_path / "log")
+    restore = {}
+    with pytest.raises(RuntimeError, match="Raise --overload-budget-gib"):
+        rx.apply_pair_budget(rx.GIB // 2, servers, restore, say=lambda s: None)
+    limits = rx.apply_pair_budget(4 * rx.GIB, servers, restore, say=lambda s: None)
+    assert limits == {"A": 4 * rx.GIB - 576 * rx.MIB, "B": 4 * rx.GIB - 576 * rx.MIB}
+    assert rx.read_segment(servers["A"].spec.ipc_name)["total_bytes"] == limits["A"]
+    assert restore[servers["A"].spec.ipc_name] == 100 * rx.GIB

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
+import gzip
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -1153,7 +1155,6 @@ def read_jsonl(path: Path) -> list[dict]:
         packed = path.with_name(path.name + ".gz")
         if not packed.exists():
             return []
-        import gzip
         text = gzip.decompress(packed.read_bytes()).decode()
     else:
         text = path.read_text()
@@ -1728,6 +1729,16 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
     return plans, budget, facts
 
 
+def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[str]) -> None:
+    """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
+    used = {"overload_A", "overload_B"} if any(e.startswith("overload") for e in experiments) else set()
+    if any(not e.startswith("overload") for e in experiments):
+        used.add("main")
+    for key in sorted(used):
+        payload = json.dumps(dataclasses.asdict(plans[key])).encode()
+        (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))
+
+
 def plan_summary(plan: WorkloadPlan) -> dict:
     out = dataclasses.asdict(plan)
     out["requests"] = len(plan.requests)
@@ -1765,12 +1776,7 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
         f"used before we start; results in {run_dir}")
     plans, budget, model_facts = make_plans(cfg, gpu, say)
-    used = {"overload_A", "overload_B"} if any(e.startswith("overload") for e in experiments) else set()
-    if any(not e.startswith("overload") for e in experiments):
-        used.add("main")
-    import gzip
-    for key in sorted(used):   # prompts included, so gzipped: they are most of the bytes
-        (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(json.dumps(dataclasses.asdict(plans[key])).encode()))
+    save_plans(run_dir, plans, experiments)
     config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
               "command": shlex.join([sys.executable, "run_experiments.py"] + (argv if argv is not None
                                     else sys.argv[1:])),
@@ -1800,7 +1806,6 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
                 run_experiment(cfg, specs[name], plans, pool, nvml, exp_dir, say)
             except Exception as exc:   # this experiment failed; the others still run
                 failures += 1
-                import traceback
                 exp_dir.mkdir(parents=True, exist_ok=True)
                 (exp_dir / "error.json").write_text(json.dumps(
                     {"experiment": name, "error": f"{type(exc).__name__}: {exc}",

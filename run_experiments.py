@@ -37,9 +37,12 @@ import json
 import math
 import os
 import random
+import re
+import resource
 import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -201,17 +204,26 @@ def parse_experiments(spec: str) -> list[str]:
     return [n for n in RUN_ORDER if n in chosen]
 
 
+def need(ok: bool, flag: str, why: str) -> None:
+    """A ConfigError naming the flag (Config field name) when ok is False."""
+    if not ok:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches; returns cfg with the preset's workload filled in."""
-    def need(ok: bool, flag: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
-
+    for field in dataclasses.fields(Config):   # inf/nan would crash, hang or fail every experiment
+        value = getattr(cfg, field.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
     need(cfg.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    need(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.tag) is not None, "tag",
+         f"must be letters, digits, '.', '_' or '-' (it names a folder), got {cfg.tag!r}")
     need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
     need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
     need(cfg.repeats >= 1, "repeats", "must be >= 1")
+    need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
     for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = preset's value)")
     need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
@@ -220,18 +232,33 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.overload_budget_gib >= 0, "overload_budget_gib", "must be > 0 (0 = preset's value)")
     need(1 < cfg.overload_demand < 2, "overload_demand",
          "must be in (1, 2): above the static share, below the pair's whole budget")
-    for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s"):
+    for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s", "settle_s",
+                 "idle_window_s"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
-    need(cfg.idle_window_s > 0, "idle_window_s", "must be > 0")
-    need(cfg.release_timeout_s >= 0 and cfg.settle_s > 0, "release_timeout_s", "must be >= 0")
+    need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
     for name in ("port_a", "port_b"):
         need(0 < getattr(cfg, name) < 65536, name, "must be a TCP port")
     need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
+    for name in ("server_cmd", "extra_server_args"):
+        try:
+            shlex.split(getattr(cfg, name))
+        except ValueError as exc:   # e.g. "No closing quotation"
+            need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
+    for name in ("model_a", "model_b", "tokenizer"):
+        path = getattr(cfg, name)
+        need(not looks_like_path(path) or Path(path).expanduser().is_dir(), name,
+             f"{path!r} looks like a local folder but there is no such folder "
+             f"(a Hugging Face id looks like 'org/name')")
     parse_env_pairs(cfg.kvcached_env)
     if cfg.pair_utilization_b == 0:
         need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
              "leaves no room for model B in shared_static; set --pair-utilization-b")
+    return fill_preset(cfg)
+
+
+def fill_preset(cfg: Config) -> Config:
+    """The preset's workload values wherever a flag was left at 0 / negative."""
     preset = PRESET_WORKLOADS[cfg.preset]
     filled = dict(
         bursts=cfg.bursts or preset["bursts"],
@@ -243,6 +270,11 @@ def validate_config(cfg: Config) -> Config:
     )
     need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
+
+
+def looks_like_path(model: str) -> bool:
+    """'/data/m', './m', '~/m' name folders; 'org/name' is a Hugging Face id."""
+    return model.startswith(("/", ".", "~")) or os.sep + os.sep in model
 
 
 def parse_env_pairs(spec: str) -> dict[str, str]:
@@ -398,7 +430,61 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
     return plan_workload(cfg, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
-# %% Server lifecycle: one session per server, readiness on /health, the whole group stopped
+# %% Secrets: never written to the run folder, the logs' headers or stdout
+REDACTED = "***"
+SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
+SECRETS: set[str] = set()   # values to scrub from anything we write or print (filled by register_secrets)
+
+
+def is_secret_name(name: str) -> bool:
+    """VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key: yes; TOKENIZERS_PARALLELISM, --max-tokens: no."""
+    parts = name.upper().replace("-", "_").strip("_").split("_")
+    return parts[-1] in ("KEY", "APIKEY") or any(p in SECRET_WORDS for p in parts)
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if v and is_secret_name(k) else v) for k, v in env.items()}
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """`--api-key X` and `--api-key=X` become `--api-key ***`."""
+    out, hide_next = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif flag.startswith("--") and is_secret_name(flag[2:]):
+            out.append(f"{flag}={REDACTED}" if eq else arg)
+            hide_next = not eq
+        else:
+            out.append(arg)
+    return out
+
+
+def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
+    """Remember every secret value we might see, so that scrub() can remove it from any text."""
+    environ = os.environ if environ is None else environ
+    values = [cfg.api_key] + [v for k, v in environ.items() if is_secret_name(k)]
+    for spec in (cfg.server_cmd, cfg.extra_server_args):
+        argv = shlex.split(spec)
+        values += [a for a, shown in zip(argv, redact_argv(argv)) if a != shown]
+        values += [a.partition("=")[2] for a in argv if "=" in a and a.startswith("--")
+                   and is_secret_name(a.partition("=")[0][2:])]
+    SECRETS.update(v for v in values if v and len(v) >= 6)   # shorter values would mangle ordinary text
+
+
+def scrub(text: str) -> str:
+    for secret in sorted(SECRETS, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def scrubbed(say: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda message: say(scrub(str(message)))
+
+
+# %% Server lifecycle: a keeper per server, readiness on /health, the whole tree stopped
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
     name: str                           # 'A' or 'B'
@@ -422,12 +508,13 @@ class ServerSpec:
 
     @property
     def ipc_name(self) -> str:
-        # unique per instance and recognisably ours, so stale segments can be removed safely
-        return f"kvcached_bench_{self.port}"
+        # Unique to this harness process: /dev/shm is shared with every user of the machine, and a
+        # predictable name invites a planted file or symlink.
+        return f"kvcached_bench_{os.getpid()}_{self.port}"
 
 
 class ServerError(RuntimeError):
-    """A server that did not come up, with the evidence to fix it."""
+    """A server that did not come up, died, or is not ours, with the evidence to fix it."""
 
 
 def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
@@ -441,8 +528,6 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
         cmd += ["--load-format", cfg.load_format]
     if cfg.tokenizer:
         cmd += ["--tokenizer", cfg.tokenizer]
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
     if spec.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.kv_cache_memory_bytes is not None:
@@ -453,7 +538,8 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
 def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
                device: Optional[dict] = None) -> dict[str, str]:
     """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline.
-    `device` pins the server to the card NVML measures (CUDA_VISIBLE_DEVICES by UUID)."""
+    `device` pins the server to the card NVML measures (CUDA_VISIBLE_DEVICES by UUID). The API key
+    travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
     env = dict(os.environ if base is None else base)
     env.update(device or {})
     if spec.kvcached:
@@ -462,40 +548,40 @@ def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
     else:
         env.update(ENABLE_KVCACHED="false", KVCACHED_AUTOPATCH="0")
         env.pop("KVCACHED_IPC_NAME", None)
+    if cfg.api_key:
+        env["VLLM_API_KEY"] = cfg.api_key
+    else:   # a key in the caller's shell would make the server refuse our keyless requests
+        env.pop("VLLM_API_KEY", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def tail(path: Path, lines: int = 40) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return scrub("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     except OSError as exc:
         return f"(log unreadable: {exc})"
+
+
+# --- what the kernel says about processes and sockets (/proc)
+def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+    """(state, ppid, process group, start time in clock ticks) of a live pid, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def process_tree(root_pid: int) -> list[int]:
     """root_pid and all its descendants, from /proc (vLLM's GPU memory sits in a child)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit():
+            stat_ = proc_stat(int(entry))
+            if stat_ is not None:
+                children.setdefault(stat_[1], []).append(int(entry))
     tree, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
@@ -504,32 +590,173 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
+    """Alive, not a zombie, and (when start_ticks is given) still the very process we saw: a pid that
+    was freed and handed to a stranger has another start time."""
+    stat_ = proc_stat(pid)
+    if stat_ is None or stat_[0] in ("Z", "X"):
+        return False
+    return start_ticks is None or stat_[3] == start_ticks
+
+
+TCP_LISTEN, TCP_CLOSE = "0A", "07"   # /proc/net/tcp states: listening; bound but not listening
+
+
+def port_sockets(port: int, states: tuple[str, ...] = (TCP_LISTEN, TCP_CLOSE)) -> set[int]:
+    """Inodes of TCP sockets on this local port (any address, IPv4 or IPv6) in the given states.
+    vLLM binds its port before the engine loads and listens only when ready: a bind probe misses that."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
+                        inodes.add(int(fields[9]))
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return inodes
+
+
+def socket_owners(inodes: set[int], pids: Optional[Iterable[int]] = None) -> set[int]:
+    """Which of `pids` (default: every process we may look at) hold one of these socket inodes."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    found = set()
+    for pid in (pids if pids is not None else (int(e) for e in os.listdir("/proc") if e.isdigit())):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                        found.add(pid)
+                        break
+    return found
+
+
+def port_taken(host: str, port: int) -> Optional[str]:
+    """Why the port cannot be ours (something bound or listening on it), or None if it is free."""
+    inodes = port_sockets(port)
+    if inodes:
+        owners = socket_owners(inodes)
+        return f"bound by {'pid ' + ', '.join(map(str, sorted(owners)) ) if owners else 'another process'}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:   # where /proc/net is unreadable
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return f"not bindable ({exc.strerror})"
+    return None
+
+
+# --- the keeper: a small supervisor between us and each server
+# Whatever ends this harness (Ctrl-C, kill -9, the OOM killer, a notebook restart), the keeper sees
+# its end of a pipe close and stops the server's whole tree. It is also a child subreaper, so an
+# EngineCore orphaned by its API server stays in the keeper's tree where we can find and stop it.
+KEEPER_CODE = r"""
+import ctypes, os, select, signal, subprocess, sys, time
+lifeline, grace_s, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+try:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+except Exception:
+    pass
+# A handler, not SIG_IGN: the server must not inherit an ignored SIGINT (exec resets handlers).
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, lambda *_: None)
+server = subprocess.Popen(cmd)
+me, code = os.getpid(), None
+
+def descendants():
+    kids = {}
+    for e in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % e) as f:
+                kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(e))
+        except (OSError, ValueError, IndexError):
+            pass
+    out, stack = [], list(kids.get(me, []))
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(kids.get(pid, []))
+    return out
+
+def reap():
+    global code
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid == server.pid:
+            code = os.waitstatus_to_exitcode(status)
+
+def signal_all(sig):
+    for pid in descendants():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+def wait_empty(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        reap()
+        if not descendants():
+            return True
+        time.sleep(0.05)
+    return False
+
+def remove_segment():   # kvcached cannot unlink it when its engine was killed
+    path = "/dev/shm/" + os.environ.get("KVCACHED_IPC_NAME", "")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        info = os.lstat(path)
+        if path.startswith("/dev/shm/kvcached_bench_") and info.st_uid == os.getuid() and (info.st_mode & 0o170000) == 0o100000:
+            os.unlink(path)
     except OSError:
-        return False
+        pass
+
+while True:
+    ready, _, _ = select.select([lifeline], [], [], 0.2)
+    if ready and not os.read(lifeline, 1):   # the harness is gone, however it ended
+        signal_all(signal.SIGINT)
+        if not wait_empty(grace_s):
+            signal_all(signal.SIGKILL)
+            wait_empty(2)
+        remove_segment()
+        os._exit(0)
+    reap()
+    if code is not None:   # the server ended by itself (or was stopped): leave nothing of it behind
+        if not wait_empty(grace_s):
+            signal_all(signal.SIGKILL)
+            wait_empty(2)
+        remove_segment()
+        os._exit(code if code >= 0 else 128 - code)
+"""
+KEEPER_GRACE_S = 4.0          # after the harness is gone: SIGINT, this long, then SIGKILL
+_LIFELINE: list[int] = []     # [read end, write end]; the write end never leaves this process
+
+
+def lifeline_fd() -> int:
+    """Read end of a pipe whose write end only this process holds: EOF means we are gone."""
+    if not _LIFELINE:
+        _LIFELINE.extend(os.pipe())   # both ends close-on-exec; the keeper gets the read end by pass_fds
+    return _LIFELINE[0]
 
 
 @dataclasses.dataclass
 class RunningServer:
     spec: ServerSpec
-    proc: subprocess.Popen
-    cmd: list[str]
-    env_shown: dict[str, str]           # the KVCACHED_* / VLLM_* part of its environment, for config.json
+    proc: subprocess.Popen              # the keeper; the server is its child, in the keeper's group
+    cmd: list[str]                      # as shown: secrets redacted
+    env_shown: dict[str, str]           # the KVCACHED_* / VLLM_* / CUDA_* part of its environment, redacted
     log_path: Path
     started_at: float
     host: str = "127.0.0.1"
     ready_at: Optional[float] = None
-    known_pids: set[int] = dataclasses.field(default_factory=set)
-    warmed: set[str] = dataclasses.field(default_factory=set)   # plan shapes this server has served
+    seen: dict[int, int] = dataclasses.field(default_factory=dict)   # pid -> start ticks, every pid of its tree
+    warmed: set[str] = dataclasses.field(default_factory=set)        # plan shapes this server has served
+    stopped: bool = False               # set once nothing of it is alive any more
 
     @property
     def url(self) -> str:
@@ -539,71 +766,107 @@ class RunningServer:
     def startup_s(self) -> Optional[float]:
         return None if self.ready_at is None else self.ready_at - self.started_at
 
-    def pids(self) -> list[int]:
-        tree = process_tree(self.proc.pid)
-        self.known_pids.update(tree)
-        return tree
+    def tree(self) -> list[int]:
+        """Its live processes now; each is also remembered (with its start time) for the final stop."""
+        pids = process_tree(self.proc.pid)
+        for pid in pids:
+            if pid not in self.seen:
+                stat_ = proc_stat(pid)
+                if stat_ is not None:
+                    self.seen[pid] = stat_[3]
+        return pids
+
+    def alive_pids(self) -> list[int]:
+        """Pids seen in its tree that are still the same processes (never a stranger who got the pid)."""
+        with contextlib.suppress(OSError):
+            self.tree()
+        return [pid for pid, ticks in self.seen.items() if pid_alive(pid, ticks)]
+
+    def exit_code(self) -> Optional[int]:
+        return self.proc.poll()
 
     def describe(self) -> dict:
         return {"label": self.spec.label, "spec": dataclasses.asdict(self.spec), "cmd": self.cmd,
                 "cmd_shell": shlex.join(self.cmd), "env": self.env_shown,
                 "log": str(self.log_path), "startup_s": self.startup_s}
 
+    def evidence(self) -> str:
+        return (f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
+                f"--- last 40 lines of the log ---\n{tail(self.log_path)}")
+
 
 def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional[dict] = None) -> RunningServer:
-    if port_in_use(cfg.host, spec.port):
-        raise ServerError(f"port {spec.port} on {cfg.host} is already in use: stop what holds it "
+def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional[dict] = None,
+                 say: Callable[[str], None] = print) -> RunningServer:
+    taken = port_taken(cfg.host, spec.port)
+    if taken:
+        raise ServerError(f"port {spec.port} is already {taken}: stop what holds it "
                           f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b")
-    if spec.kvcached:
-        remove_stale_segment(spec.ipc_name)
+    if spec.kvcached and not remove_segment(spec.ipc_name, say):
+        raise ServerError(f"{segment_path(spec.ipc_name)} exists and is not ours: kvcached would share it "
+                          f"with a stranger. Remove it (as its owner) and run again.")
     cmd = server_command(cfg, spec)
     env = server_env(cfg, spec, device=device)
-    shown = {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
+    shown = redact_env({k: v for k, v in env.items()
+                        if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))})
+    cmd_shown = redact_argv(cmd)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd)}\n"
-                  .encode())
+        header = f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd_shown)}\n"
+        log.write(scrub(header).encode())
         log.flush()
-        # Own session: the whole group (API server + EngineCore, which holds the GPU memory) can be
-        # signalled at once, and Ctrl-C in a terminal does not hit the servers before we stop them.
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    server = RunningServer(spec=spec, proc=proc, cmd=cmd, env_shown=shown, log_path=log_path,
+        # Own session: the whole tree can be signalled at once, and Ctrl-C in a terminal does not hit
+        # the servers before we stop them. The keeper ends the server if this process dies.
+        proc = subprocess.Popen([sys.executable, "-c", KEEPER_CODE, str(lifeline_fd()), str(KEEPER_GRACE_S),
+                                 *cmd], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lifeline_fd(),))
+    server = RunningServer(spec=spec, proc=proc, cmd=cmd_shown, env_shown=shown, log_path=log_path,
                            started_at=time.time(), host=cfg.host)
-    server.known_pids.add(proc.pid)
+    server.tree()
     return server
+
+
+def listener_is_ours(server: RunningServer) -> bool:
+    """The socket listening on the server's port belongs to a process of its tree."""
+    inodes = port_sockets(server.spec.port, (TCP_LISTEN,))
+    return bool(inodes) and bool(socket_owners(inodes, server.tree()))
+
+
+def health_ok(server: RunningServer, timeout_s: float = 2.0) -> bool:
+    import requests
+    try:
+        return requests.get(server.url + "/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
                progress_every_s: float = 10.0, say: Callable[[str], None] = print) -> float:
-    """Poll /health until 200; fail fast with the log's tail if the process exits first."""
-    import requests
+    """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first."""
     deadline = server.started_at + timeout_s
     next_progress = time.time() + progress_every_s
     while True:
-        server.pids()   # remember the tree while it is alive, for a thorough stop later
-        code = server.proc.poll()
+        server.tree()   # remember the tree while it is alive, for a thorough stop later
+        code = server.exit_code()
         if code is not None:
-            raise ServerError(
-                f"server {server.spec.label} exited with code {code} before it was ready.\n"
-                f"command: {shlex.join(server.cmd)}\nlog: {server.log_path}\n"
-                f"--- last 40 lines of the log ---\n{tail(server.log_path)}")
-        try:
-            if requests.get(server.url + "/health", timeout=2).status_code == 200:
-                server.ready_at = time.time()
-                return server.startup_s
-        except requests.RequestException:
-            pass   # connection refused until vLLM is up
+            raise ServerError(f"server {server.spec.label} exited with code {code} before it was ready.\n"
+                              f"{server.evidence()}")
+        if health_ok(server):
+            if not listener_is_ours(server):
+                raise ServerError(
+                    f"port {server.spec.port} answers /health, but the socket listening there does not "
+                    f"belong to our server {server.spec.label} (pids {sorted(server.tree())}): another "
+                    f"server is using the port. Measuring it would record someone else's numbers; pick "
+                    f"free ports with --port-a/--port-b.\n{server.evidence()}")
+            server.ready_at = time.time()
+            return server.startup_s
         now = time.time()
         if now > deadline:
-            raise ServerError(
-                f"server {server.spec.label} not ready after {timeout_s:.0f} s "
-                f"(raise --start-timeout-s if it is still loading).\ncommand: {shlex.join(server.cmd)}\n"
-                f"log: {server.log_path}\n--- last 40 lines of the log ---\n{tail(server.log_path)}")
+            raise ServerError(f"server {server.spec.label} not ready after {timeout_s:.0f} s "
+                              f"(raise --start-timeout-s if it is still loading).\n{server.evidence()}")
         if now >= next_progress:
             last = tail(server.log_path, 1).strip()[:120]
             say(f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
@@ -612,46 +875,123 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
         time.sleep(poll_s)
 
 
-def stop_server(server: RunningServer, grace_s: float = 15.0) -> float:
-    """SIGINT the whole group, wait, then SIGKILL; also any descendant seen, even if the leader died.
-    Returns the seconds it took: the wait ends when the processes are gone, not after a fixed sleep."""
-    started = time.time()
-    pids = set(server.pids()) | server.known_pids
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def server_problem(server: RunningServer) -> Optional[str]:
+    """Why this server cannot serve now (it died, or /health fails), or None if it is fine."""
+    code = server.exit_code()
+    if code is not None:
+        return f"exited with code {code}"
+    if not health_ok(server, timeout_s=5.0):
+        return "does not answer /health"
+    if not listener_is_ours(server):
+        return f"no longer owns port {server.spec.port}"
+    return None
+
+
+# --- stopping: SIGINT, SIGTERM, SIGKILL to the keeper's group and every process seen in the tree
+STOP_STAGES = ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+HURRY = threading.Event()           # set by a second Ctrl-C/SIGTERM during a stop: SIGKILL now
+STOPPING = threading.Event()        # a stop is under way: signal handlers must not interrupt it
+INTERRUPT_PENDING = threading.Event()   # a signal arrived during a stop: the run ends once it is done
+
+
+def signal_server(server: RunningServer, sig: int) -> None:
+    """Signal the keeper's process group and each pid of the tree that is still the process we saw."""
+    alive = server.alive_pids()
+    group = server.proc.pid
+    # the group id is safe to use while the keeper is unreaped or a verified member still has it
+    if server.proc.returncode is None or any((proc_stat(p) or ("", 0, -1, 0))[2] == group for p in alive):
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.proc.pid, sig)
-        for pid in pids:
-            if sig == signal.SIGKILL and pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            server.proc.poll()
-            if not any(pid_alive(p) for p in pids):
+            os.killpg(group, sig)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_servers(servers: list[RunningServer], grace_s: float = STOP_STAGES[0][1],
+                 say: Callable[[str], None] = lambda _: None) -> float:
+    """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
+    shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
+    started, interrupted = time.time(), False
+    STOPPING.set()
+    try:
+        stages = ((STOP_STAGES[0][0], grace_s),) + STOP_STAGES[1:]
+        for sig, wait_s in stages:
+            if HURRY.is_set() and sig != signal.SIGKILL:
+                continue
+            live = [s for s in servers if s.alive_pids()]
+            if not live:
                 break
-            time.sleep(0.05)
-        else:
-            continue
-        break
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.proc.wait(timeout=1)
-    if server.spec.kvcached:
-        remove_stale_segment(server.spec.ipc_name)
+            for server in live:
+                signal_server(server, sig)
+            deadline = time.time() + wait_s
+            while time.time() < deadline:
+                try:
+                    if not any(s.alive_pids() for s in live) or (HURRY.is_set() and sig != signal.SIGKILL):
+                        break
+                    time.sleep(0.05)
+                except KeyboardInterrupt:   # a notebook's interrupt: hurry, but finish the job
+                    interrupted = True
+                    HURRY.set()
+                    say("  interrupted again: killing the servers now")
+        for server in servers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.proc.wait(timeout=1)
+            server.stopped = not server.alive_pids()
+            if server.spec.kvcached:
+                remove_segment(server.spec.ipc_name, say)
+            scrub_file(server.log_path)
+    finally:
+        STOPPING.clear()
+    if interrupted or INTERRUPT_PENDING.is_set():
+        INTERRUPT_PENDING.clear()
+        raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
 
 
+def stop_server(server: RunningServer, grace_s: float = STOP_STAGES[0][1]) -> float:
+    return stop_servers([server], grace_s)
+
+
+def scrub_file(path: Path) -> None:
+    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
+    if not SECRETS:
+        return
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace")
+        if scrub(text) != text:
+            write_text_atomic(path, scrub(text))
+
+
 class ServerPool:
-    """Keeps servers across experiments that can share them; stops every one of them on close()."""
+    """Keeps servers across experiments that can share them; stops every one of them on close().
+    A server leaves the pool only once nothing of it is alive."""
 
     def __init__(self, cfg: Config, say: Callable[[str], None] = print, device: Optional[dict] = None):
         self.cfg, self.say, self.device = cfg, say, device
         self.running: dict[tuple, RunningServer] = {}
 
+    def stop(self, servers: list[RunningServer], why: str) -> None:
+        if not servers:
+            return
+        worst = sum(wait for _, wait in STOP_STAGES)
+        self.say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to "
+                 f"{worst:.0f} s; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now")
+        try:
+            took = stop_servers(servers, say=self.say)
+            self.say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
+        finally:
+            for key in [k for k, s in self.running.items() if s.stopped]:
+                del self.running[key]
+
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
-        for key in [k for k in self.running if k not in wanted]:
-            server = self.running.pop(key)
-            self.say(f"  stopped {server.spec.label} (not needed now) in {stop_server(server):.1f} s")
+        self.stop([s for k, s in self.running.items() if k not in wanted], "not needed now")
+        for spec in specs:   # a running server is reused only if it still serves, and from our process
+            server = self.running.get(spec.key)
+            problem = server and server_problem(server)
+            if problem:
+                self.say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}")
+                self.stop([server], "dead or not ours")
         out = []
         for spec in specs:   # one at a time: concurrent start-ups mis-measure each other's memory
             if spec.key in self.running:
@@ -659,21 +999,19 @@ class ServerPool:
             else:
                 log_path = log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
                 self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {log_path})")
-                server = start_server(self.cfg, spec, log_path, self.device)
+                server = start_server(self.cfg, spec, log_path, self.device, say=self.say)
                 self.running[spec.key] = server
                 try:
                     wait_ready(server, self.cfg.start_timeout_s, say=self.say)
                 except BaseException:   # never keep (or later reuse) a server that did not come up
-                    stop_server(self.running.pop(spec.key))
+                    self.stop([server], "it did not come up")
                     raise
                 self.say(f"  {spec.label} ready after {server.startup_s:.1f} s")
             out.append(self.running[spec.key])
         return out
 
     def close(self) -> None:
-        while self.running:
-            _, server = self.running.popitem()
-            stop_server(server)
+        self.stop(list(self.running.values()), "end of run")
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
@@ -681,18 +1019,50 @@ SHM_DIR = Path("/dev/shm")                # where kvcached 0.1.6 puts KVCACHED_I
 SEGMENT = struct.Struct("<qqq")
 
 
+class SegmentError(OSError):
+    """A segment that is not what kvcached would have made for us: not read, written or removed."""
+
+
 def segment_path(ipc_name: str) -> Path:
     return SHM_DIR / ipc_name
 
 
-def read_segment(ipc_name: str) -> Optional[dict]:
-    """kvcached's memory accounting for one instance, or None if the segment is absent or short."""
+@contextlib.contextmanager
+def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
+    """The segment's fd, opened without following links, checked to be our own regular file of the
+    expected size: /dev/shm is writable by every user of the machine."""
+    fd = os.open(segment_path(ipc_name), (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with open(segment_path(ipc_name), "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)   # kvcached's writers take LOCK_EX
-            data = f.read(SEGMENT.size)
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except OSError:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < SEGMENT.size:
+            raise SegmentError(f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
+                               f"{info.st_size} bytes)")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def locked(fd: int, mode: int, tries: int = 5, pause_s: float = 0.01) -> None:
+    """flock without blocking the caller for long: a stranger holding the lock costs one sample, not 40 s."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise SegmentError("kvcached segment is locked by another process")
+            time.sleep(pause_s)
+
+
+def read_segment(ipc_name: str) -> Optional[dict]:
+    """kvcached's memory accounting for one instance; None if the segment is absent (not yet made, or
+    gone). Raises SegmentError for a segment that is not ours or stays locked."""
+    try:
+        with open_segment(ipc_name) as fd:
+            locked(fd, fcntl.LOCK_SH)   # kvcached's writers take LOCK_EX
+            data = os.pread(fd, SEGMENT.size, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except FileNotFoundError:
         return None
     if len(data) < SEGMENT.size:
         return None
@@ -702,18 +1072,25 @@ def read_segment(ipc_name: str) -> Optional[dict]:
 
 def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
     """What `kvctl limit NAME SIZE` does: rewrite the instance's total under an exclusive lock."""
-    with open(segment_path(ipc_name), "r+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.write(struct.pack("<q", limit_bytes))
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
+    with open_segment(ipc_name, write=True) as fd:
+        locked(fd, fcntl.LOCK_EX, tries=50)
+        os.pwrite(fd, struct.pack("<q", limit_bytes), 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def remove_stale_segment(ipc_name: str) -> None:
-    if ipc_name.startswith("kvcached_bench_"):   # only names this script creates
-        with contextlib.suppress(FileNotFoundError):
-            segment_path(ipc_name).unlink()
+def remove_segment(ipc_name: str, say: Callable[[str], None] = print) -> bool:
+    """Remove our segment; True if none is left. Never removes (or follows) what is not ours."""
+    path = segment_path(ipc_name)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        say(f"  warning: not removing {path}: {'a symlink' if stat.S_ISLNK(info.st_mode) else 'not a regular file' if not stat.S_ISREG(info.st_mode) else f'owned by uid {info.st_uid}'}, not ours")
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
 
 
 # %% GPU memory sampling in a background thread (NVML, never torch)
@@ -757,7 +1134,9 @@ def scrape_metrics(url: str, timeout_s: float = 2.5) -> dict[str, float]:
     """vLLM's /metrics, parsed with prometheus_client's text parser, summed over label sets."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
-    text = requests.get(url + "/metrics", timeout=timeout_s).text
+    response = requests.get(url + "/metrics", timeout=timeout_s)
+    response.raise_for_status()
+    text = response.text
     wanted = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
               "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
               "vllm:num_preemptions": "preemptions"}
@@ -774,7 +1153,8 @@ class Sampler(threading.Thread):
     """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
 
     Rows go to a JSONL file as they come: {"kind": "device"|"process"|"kvcached"|"metrics"|"error"}.
-    An NVML or HTTP error becomes a row; sampling goes on.
+    Every error (NVML, HTTP, a full disk, a locked segment) is counted and becomes a row where it can;
+    sampling goes on. Ticks are on absolute times, so the rate does not drift with the work per tick.
     """
 
     def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
@@ -787,13 +1167,29 @@ class Sampler(threading.Thread):
         self.lock = threading.Lock()
         self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}         # source -> count, for the summary
+        self.file: Optional[Any] = None
         self.metrics_thread = threading.Thread(target=self._metrics_loop, daemon=True,
                                                name="metrics-scraper")
 
+    def count_error(self, source: str) -> None:
+        with self.lock:
+            self.errors += 1
+            self.error_kinds[source] = self.error_kinds.get(source, 0) + 1
+
     def _write(self, rows: list[dict]) -> None:
-        with self.lock, open(self.path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        try:
+            with self.lock:
+                if self.file is None:
+                    self.file = open(self.path, "a", buffering=1)   # line-buffered: a crash loses no row
+                for row in rows:
+                    self.file.write(json.dumps(row) + "\n")
+        except OSError:   # disk full, too many open files: count it, try again next tick
+            with contextlib.suppress(OSError):
+                if self.file is not None:
+                    self.file.close()
+            self.file = None
+            self.count_error("write")
 
     def sample_once(self, tick: int) -> None:
         now = time.time()
@@ -804,26 +1200,31 @@ class Sampler(threading.Thread):
             rows.append({"kind": "device", "t": now, "used_mib": mem.used / MIB,
                          "total_mib": mem.total / MIB})
         except Exception as exc:   # NVML hiccups must not end the experiment
-            self.errors += 1
+            self.count_error("nvml")
             rows.append({"kind": "error", "t": now, "source": "nvml", "error": repr(exc)})
         if tick % self.slow_every == 0:
             try:
                 by_pid = gpu_processes(self.nvml, self.handle)
                 for server in self.servers:
-                    pids = server.pids()
+                    pids = server.tree()
                     used = sum(by_pid.get(p, 0) for p in pids)
                     holders = {str(p): by_pid[p] / MIB for p in pids if p in by_pid}
                     rows.append({"kind": "process", "t": now, "server": server.spec.name,
                                  "used_mib": used / MIB, "holders_mib": holders,
-                                 "leader_pid": server.proc.pid})
+                                 "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)})
             except Exception as exc:
-                self.errors += 1
+                self.count_error("nvml-processes")
                 rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
             for server in self.servers:
                 if server.spec.kvcached:
-                    seg = read_segment(server.spec.ipc_name)
-                    if seg is not None:
-                        rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
+                    try:
+                        seg = read_segment(server.spec.ipc_name)
+                        if seg is not None:
+                            rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
+                    except OSError as exc:
+                        self.count_error("kvcached segment")
+                        rows.append({"kind": "error", "t": now, "source": f"kvcached {server.spec.name}",
+                                     "error": repr(exc)[:300]})
         self._write(rows)
 
     def _metrics_loop(self) -> None:
@@ -835,22 +1236,34 @@ class Sampler(threading.Thread):
                     row = {"kind": "metrics", "t": now, "server": server.spec.name,
                            **scrape_metrics(server.url)}
                 except Exception as exc:
+                    self.count_error("metrics")
                     row = {"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
                            "error": repr(exc)[:300]}
                 self._write([row])
 
     def run(self) -> None:
         self.metrics_thread.start()
-        tick = 0
-        self.sample_once(tick)
-        while not self.halt.wait(self.interval):
+        start, tick = time.time(), 0
+        while True:
+            try:
+                self.sample_once(tick)
+            except Exception:   # whatever it was, the next tick still comes
+                self.count_error("sampler")
             tick += 1
-            self.sample_once(tick)
+            next_tick = start + tick * self.interval
+            if self.halt.wait(max(0.0, next_tick - time.time())):
+                break
+            if time.time() - next_tick > self.interval:   # fell behind (a stall): skip, don't burst
+                tick = int((time.time() - start) / self.interval) + 1
 
     def stop(self) -> None:
         self.halt.set()
         self.join(timeout=5)
         self.metrics_thread.join(timeout=5)
+        with self.lock, contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+            self.file = None
 
 
 # %% Load generation: one streaming request function that never raises
@@ -863,7 +1276,7 @@ class RequestRecord:
     burst: int
     index: int
     t_send: float                       # wall clock (s since epoch)
-    ok: bool = False
+    ok: bool = False                    # completed: [DONE] seen, a finish_reason, no error event
     status: Optional[int] = None        # HTTP status, None if no response
     error: Optional[str] = None
     ttft_s: Optional[float] = None      # send -> first content chunk
@@ -871,6 +1284,8 @@ class RequestRecord:
     itl_s: list = dataclasses.field(default_factory=list)   # gaps between content chunks
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    finish_reason: Optional[str] = None
+    content_reads: int = 0              # network reads that carried content; 1 = the server did not stream
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -879,10 +1294,72 @@ class RequestRecord:
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
 
 
+def abort_response(response: Any) -> None:
+    """Shut the response's socket from another thread: a blocked read returns at once."""
+    with contextlib.suppress(Exception):
+        sock = response.raw.connection.sock
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        response.close()
+
+
+def read_sse(response: Any, record: RequestRecord, start: float, deadline: float) -> bool:
+    """Consume an SSE stream into `record`; True once `data: [DONE]` arrived. Lines are split here,
+    not by iter_lines, so that keep-alive comments and trickles still meet the deadline check."""
+    buffer, last_token = b"", None
+    for chunk in response.iter_content(chunk_size=None):   # each HTTP chunk as it arrives
+        now = time.perf_counter()
+        if now > deadline:
+            raise TimeoutError("no complete response before the deadline")
+        *lines, buffer = (buffer + chunk).split(b"\n")
+        had_content = False
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue   # blank separators and ': keep-alive' comments
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return True
+            event = json.loads(payload)
+            if event.get("error"):   # vLLM reports a failure inside an HTTP 200 stream
+                error = event["error"]
+                record.error = f"error event in stream: {str(error.get('message', error) if isinstance(error, dict) else error)[:300]}"
+            if event.get("usage"):
+                record.prompt_tokens = event["usage"].get("prompt_tokens")
+                record.completion_tokens = event["usage"].get("completion_tokens")
+            for choice in event.get("choices") or ():
+                if choice.get("finish_reason"):
+                    record.finish_reason = choice["finish_reason"]
+                if (choice.get("delta") or {}).get("content"):
+                    had_content = True
+                    if record.ttft_s is None:
+                        record.ttft_s = now - start
+                    else:
+                        record.itl_s.append(now - last_token)
+                    last_token = now
+        record.content_reads += had_content
+    return False
+
+
+def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignore_eos: bool) -> Optional[str]:
+    """Why a streamed response does not count as completed, or None if it does."""
+    if record.error:
+        return record.error
+    if not done:
+        return "stream closed before [DONE]"
+    if record.ttft_s is None:
+        return "stream ended without any content"
+    if not record.finish_reason:
+        return "stream ended without a finish_reason"
+    if ignore_eos and record.completion_tokens != max_tokens:
+        return f"{record.completion_tokens} of {max_tokens} tokens despite ignore_eos"
+    return None
+
+
 def send_chat(base_url: str, model: str, request: PlannedRequest, record: RequestRecord,
               api_key: str = "", timeout_s: float = 300.0, ignore_eos: bool = False,
               session: Any = None) -> RequestRecord:
-    """Stream one chat completion; every outcome, failures included, ends up in `record`."""
+    """Stream one chat completion; every outcome, failures included, ends up in `record`.
+    timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles."""
     import requests
     body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens, "temperature": request.temperature,
@@ -891,66 +1368,93 @@ def send_chat(base_url: str, model: str, request: PlannedRequest, record: Reques
         body["ignore_eos"] = True
     http = session or requests
     start = time.perf_counter()
+    deadline = start + timeout_s
     record.t_send = time.time()
-    last_token = None
+    timer = None
     try:
         with http.post(f"{base_url}/v1/chat/completions", json=body, headers=auth_headers(api_key),
                        stream=True, timeout=(10, timeout_s)) as response:
+            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
+            timer.daemon = True
+            timer.start()
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.text[:300]}"
                 return record
-            # chunk_size=None yields each HTTP chunk as it arrives: a buffered read would delay TTFT
-            for line in response.iter_lines(chunk_size=None):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    break
-                event = json.loads(payload)
-                if event.get("usage"):
-                    record.prompt_tokens = event["usage"].get("prompt_tokens")
-                    record.completion_tokens = event["usage"].get("completion_tokens")
-                for choice in event.get("choices") or ():
-                    if (choice.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        if record.ttft_s is None:
-                            record.ttft_s = now - start
-                        else:
-                            record.itl_s.append(now - last_token)
-                        last_token = now
-                if time.perf_counter() - start > timeout_s:
-                    raise TimeoutError(f"stream still open after {timeout_s:.0f} s")
-        record.ok = record.ttft_s is not None
-        if not record.ok:
-            record.error = "stream ended without any content"
+            done = read_sse(response, record, start, deadline)
+        record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
+        record.ok = record.error is None
     except Exception as exc:   # a failure is a row, never the end of the experiment
-        record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        late = time.perf_counter() >= deadline
+        record.error = (f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)" if late
+                        else f"{type(exc).__name__}: {str(exc)[:300]}")
     finally:
+        if timer is not None:
+            timer.cancel()
         record.e2e_s = time.perf_counter() - start
     return record
 
 
+class RecordSink:
+    """Appends each request's row the moment it finishes, so an interrupted burst loses nothing done."""
+
+    def __init__(self, path: Path, keep_itl: bool = True):
+        self.path, self.keep_itl, self.lock = path, keep_itl, threading.Lock()
+
+    def __call__(self, record: RequestRecord) -> None:
+        with self.lock:
+            write_jsonl(self.path, [record_row(record, self.keep_itl)])
+
+
+BURST_DEADLINE_SLACK_S = 30.0   # past every request's own deadline: connect time, thread start-up
+
+
 def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
-              cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0) -> list[RequestRecord]:
-    """All requests of one burst at once; returns when the last one has finished."""
+              cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0,
+              sink: Optional[Callable[[RequestRecord], None]] = None) -> list[RequestRecord]:
+    """All requests of one burst at once; returns when the last one has finished, or at the burst's
+    deadline, with whatever is still open recorded as failed."""
     import requests
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(requests_)))
     pool = concurrent.futures.ThreadPoolExecutor(len(requests_), thread_name_prefix="request")
+    records = [make_record(r) for r in requests_]
+    delivered, lock = set(), threading.Lock()
+
+    def deliver(i: int, record: RequestRecord) -> None:   # each request's row exactly once
+        with lock:
+            if i not in delivered:
+                delivered.add(i)
+                if sink is not None:
+                    sink(record)
+    started = time.time()
+    deadline = started + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
-        futures = [pool.submit(send_chat, server.url, server.spec.model, r, make_record(r),
-                               cfg.api_key, cfg.request_timeout_s, cfg.ignore_eos, session)
-                   for r in requests_]
-        started = time.time()
+        futures = [pool.submit(send_chat, server.url, server.spec.model, r, rec, cfg.api_key,
+                               cfg.request_timeout_s, cfg.ignore_eos, session)
+                   for r, rec in zip(requests_, records)]
+        for i, future in enumerate(futures):
+            future.add_done_callback(lambda f, i=i: deliver(i, f.result()))
         while True:
-            done, pending = concurrent.futures.wait(futures, timeout=progress_every_s)
+            done, pending = concurrent.futures.wait(futures, timeout=min(progress_every_s,
+                                                                         max(0.0, deadline - time.time())))
             if not pending:
+                return [f.result() for f in futures]
+            if time.time() >= deadline:
                 break
             say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
-        return [f.result() for f in futures]
+        out = []
+        for i, (future, record) in enumerate(zip(futures, records)):
+            if future.done():
+                out.append(future.result())
+                continue
+            late = dataclasses.replace(record, ok=False, itl_s=list(record.itl_s), e2e_s=time.time() - started,
+                                       error=f"still open at the burst's deadline ({deadline - started:.0f} s)")
+            out.append(late)
+            deliver(i, late)
+        return out
     finally:
-        # on Ctrl-C, don't wait for open streams: the servers are stopped next and that ends them
+        # on Ctrl-C or a deadline, don't wait for open streams: the servers are stopped next
         pool.shutdown(wait=False, cancel_futures=True)
         session.close()
 
@@ -989,13 +1493,24 @@ def latency_summary(records: list[dict]) -> dict:
     for r in failed:
         key = (r.get("error") or "unknown")[:80]
         errors[key] = errors.get(key, 0) + 1
-    return {"requests": len(records), "ok": len(ok), "failed": len(failed), "errors": errors,
+    summary = {"requests": len(records), "ok": len(ok), "failed": len(failed), "errors": errors,
             "ttft_s": distribution(r.get("ttft_s") for r in ok),
             "tpot_s": distribution(tpot),
             "e2e_s": distribution(r.get("e2e_s") for r in ok),
             "output_tokens": out_tokens,
             "prompt_tokens_mean": (sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
             "output_tokens_per_s": (out_tokens / span) if span else None}
+    if not_streamed(ok):   # the whole answer came in one read: a "TTFT" would be the E2E time
+        summary["ttft_s"] = summary["tpot_s"] = distribution([])
+        summary["ttft_note"] = ("the server did not stream (each response arrived in one piece): "
+                                "time to first token and per-token time cannot be measured")
+    return summary
+
+
+def not_streamed(ok_rows: list[dict]) -> bool:
+    """Most multi-token responses arrived in a single read (rows from before this field: streamed)."""
+    multi = [r for r in ok_rows if (r.get("completion_tokens") or 0) >= 2 and "content_reads" in r]
+    return bool(multi) and sum(r["content_reads"] < 2 for r in multi) > len(multi) / 2
 
 
 def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
@@ -1034,6 +1549,13 @@ def memory_summary(samples: list[tuple[float, float]], marks: dict, tolerance: f
             # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit
             # above the level right after loading
             "residual_vs_load_mib": (after[-1] - idle_load) if after and idle_load is not None else None}
+
+
+def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
+    release time read across it would be wrong."""
+    times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
+    return max(b - a for a, b in zip(times, times[1:]))
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -1137,7 +1659,8 @@ class MemoryWatch:
         return "timeout"
 
 
-def idle_window(seconds: float) -> tuple[float, float]:
+def sleep_idle_window(seconds: float) -> tuple[float, float]:
+    """Sleep with no requests in flight; the (start, end) over which an idle level is taken."""
     start = time.time()
     time.sleep(seconds)
     return (start, time.time())
@@ -1147,6 +1670,24 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers (and a crash, or a full disk) see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(scrub(text))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(finite(obj), indent=2))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -1175,16 +1716,28 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 
 
 def run_step(cfg: Config, exp: ExperimentSpec, step: Step, plan: WorkloadPlan, server: RunningServer,
-             repeat: int, say: Callable[[str], None]) -> list[RequestRecord]:
+             repeat: int, say: Callable[[str], None], sink: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+    """One burst against a server that must still be alive before and after it."""
+    problem = server.exit_code()
+    if problem is not None:
+        raise ServerError(f"server {server.spec.label} died (exit code {problem}) before {step.phase!r}.\n"
+                          f"{server.evidence()}")
     reqs = plan.burst(step.burst)
     make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
     started = time.time()
-    records = run_burst(server, reqs, make, cfg, say=say)
+    records = run_burst(server, reqs, make, cfg, say=say, sink=sink)
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
     say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
         f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
         f"{'n/a' if ttft is None else f'{ttft:.3f} s'}")
+    if failed == len(records):
+        first = next((r.error for r in records if r.error), "unknown")
+        problem = server_problem(server)
+        if problem:   # a dead server makes every later number meaningless: stop this experiment
+            raise ServerError(f"every request of {step.phase!r} failed and server {server.spec.label} "
+                              f"{problem} (first error: {first}).\n{server.evidence()}")
+        say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
     return records
 
 
@@ -1222,9 +1775,8 @@ def warm_up(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], by
         if step is None or server.warmed:   # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        warm = run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"),
-                        plans[step.plan], server, -1, say)
-        write_jsonl(path, (record_row(r, keep_itl=False) for r in warm))
+        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"), plans[step.plan], server, -1,
+                 say, RecordSink(path, keep_itl=False))
         server.warmed.add(step.plan)
 
 
@@ -1232,20 +1784,25 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
                    nvml: Any, exp_dir: Path, say: Callable[[str], None]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
     say(f"\n=== {exp.name}: {exp.question}")
+    info = {"name": exp.name, "question": exp.question, "servers": [], "reused": [],
+            "steps": [dataclasses.asdict(s) for s in exp.steps], "repeats": cfg.repeats, "marks": {},
+            "sample_interval_s": 1 / cfg.sample_hz, "finished": False}
+    write_json(exp_dir / "experiment.json", info)   # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
     by_name = {s.spec.name: s for s in servers}
-    info = {"name": exp.name, "question": exp.question, "servers": [s.describe() for s in servers],
-            "reused": [s.spec.label for s in servers if s.spec.key in before],
-            "steps": [dataclasses.asdict(s) for s in exp.steps], "repeats": cfg.repeats, "marks": {}}
+    info["servers"] = [s.describe() for s in servers]
+    info["reused"] = [s.spec.label for s in servers if s.spec.key in before]
     marks = info["marks"]
     sampler = Sampler(nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz,
                       cfg.process_sample_hz)
     watch = MemoryWatch(sampler)
     sampler.start()
+    sink = RecordSink(exp_dir / "requests.jsonl")
     restore_limits = {}
     try:
-        marks["idle_after_load"] = idle_window(cfg.idle_window_s)
+        marks["idle_after_load"] = sleep_idle_window(cfg.idle_window_s)
+        write_json(exp_dir / "experiment.json", info)
         if exp.kv_budget:
             info["kv_limits"] = apply_pair_budget(exp.kv_budget, by_name, restore_limits, say)
         if cfg.warmup:
@@ -1255,17 +1812,18 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
             outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
                                          cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
             say(f"  after warm-up memory {outcome}")
-        marks["idle_before"] = idle_window(cfg.idle_window_s)
+        marks["idle_before"] = sleep_idle_window(cfg.idle_window_s)
         idle = window_median(list(sampler.device), *marks["idle_before"])
         marks["bursts"] = []
         workload_start = time.time()
         for repeat in range(cfg.repeats):
             for i, step in enumerate(exp.steps):
                 start = time.time()
-                records = run_step(cfg, exp, step, plans[step.plan], by_name[step.server], repeat, say)
-                write_jsonl(exp_dir / "requests.jsonl", map(record_row, records))
-                marks["bursts"].append({"phase": step.phase, "server": step.server, "repeat": repeat,
-                                        "start": start, "end": time.time()})
+                burst = {"phase": step.phase, "server": step.server, "repeat": repeat, "start": start, "end": None}
+                marks["bursts"].append(burst)
+                run_step(cfg, exp, step, plans[step.plan], by_name[step.server], repeat, say, sink)
+                burst["end"] = time.time()
+                write_json(exp_dir / "experiment.json", info)
                 last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
                 if not last:
                     time.sleep(plans[step.plan].gap_s)
@@ -1273,15 +1831,18 @@ def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPl
         outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
         say(f"  after the workload memory {outcome} ({time.time() - marks['workload'][1]:.1f} s)")
         time.sleep(cfg.idle_window_s)   # a short flat tail, so the plots show where memory ended up
+        info["finished"] = True
     finally:
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
                 write_segment_limit(ipc, total)
         sampler.stop()
         marks["sampling_end"] = time.time()
+        for burst in marks.get("bursts", []):   # a burst cut short by an interrupt ends here
+            burst["end"] = burst["end"] or marks["sampling_end"]
         info["sampler_errors"] = sampler.errors
-        (exp_dir / "experiment.json").write_text(json.dumps(info, indent=2))
-
+        info["sampler_error_kinds"] = sampler.error_kinds
+        write_json(exp_dir / "experiment.json", info)
 
 
 # %% Summaries: computed from the raw files only, so --report can rebuild them offline
@@ -1291,21 +1852,89 @@ def series(rows: list[dict], kind: str, field: str = "used_mib", server: Optiona
             if r.get("kind") == kind and field in r and (server is None or r.get("server") == server)]
 
 
+class ReportError(RuntimeError):
+    """--report pointed at something that is not a run folder."""
+
+
+def read_json(path: Path) -> tuple[Any, Optional[str]]:
+    """(contents, None), or (None, why it could not be read) for a missing, empty or torn file."""
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, f"{path.name} missing"
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def load_experiment(exp_dir: Path) -> tuple[dict, list[str]]:
+    """experiment.json, or a stand-in built from the folder when it is missing or torn (a killed run):
+    the raw memory and request files are reported either way."""
+    info, problem = read_json(exp_dir / "experiment.json")
+    if isinstance(info, dict) and "name" in info:
+        return info, []
+    name = re.sub(r"^\d+_", "", exp_dir.name)
+    return ({"name": name, "question": "(unknown: experiment.json could not be read)", "servers": [],
+             "marks": {}, "finished": False}, [f"{problem or 'experiment.json malformed'}: "
+                                                "figures come from the raw files only"])
+
+
+def experiment_marks(info: dict, device: list[tuple[float, float]]) -> dict:
+    """Phase marks as tuples; where a killed run left none, the workload spans its bursts or samples."""
+    marks = {k: tuple(v) if isinstance(v, list) and k != "bursts" else v for k, v in info.get("marks", {}).items()}
+    if "workload" not in marks:
+        bursts = marks.get("bursts") or []
+        times = [t for t, _ in device]
+        if bursts:
+            marks["workload"] = (bursts[0]["start"], bursts[-1].get("end") or (max(times) if times else bursts[0]["start"]))
+        elif times and not info.get("finished", True):
+            marks["workload"] = (min(times), max(times))
+    if "sampling_end" not in marks and device:
+        marks["sampling_end"] = max(t for t, _ in device)
+    return marks
+
+
+MAX_SAMPLE_GAP = 10   # sample intervals without a device sample before memory figures are void
+
+
+def memory_problems(info: dict, marks: dict, device: list[tuple[float, float]], latency: dict) -> list[str]:
+    """Why this experiment's memory figures must not be reported, if they must not."""
+    problems = []
+    if latency["requests"] and not latency["ok"]:
+        problems.append(f"no request succeeded ({latency['failed']} failed): memory under load was not measured")
+    start = (marks.get("idle_after_load") or marks.get("workload") or (None,))[0]
+    end = marks.get("sampling_end")
+    interval = info.get("sample_interval_s")
+    if start is not None and end is not None and interval:
+        gap = largest_gap(device, start, end)
+        if gap > MAX_SAMPLE_GAP * interval:
+            problems.append(f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
+                            f"{info.get('sampler_error_kinds') or 'no errors recorded'})")
+    return problems
+
+
 def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
-    info = json.loads((exp_dir / "experiment.json").read_text())
-    marks = {k: tuple(v) if isinstance(v, list) and k != "bursts" else v for k, v in info["marks"].items()}
+    info, problems = load_experiment(exp_dir)
     rows = read_jsonl(exp_dir / "memory.jsonl")
     records = read_jsonl(exp_dir / "requests.jsonl")
+    device = series(rows, "device")
+    marks = experiment_marks(info, device)
+    latency = latency_summary(records)
+    invalid = memory_problems(info, marks, device, latency)
+    if not info.get("finished", True):
+        problems.append("incomplete: the experiment was interrupted or failed before its end")
+    void = lambda summary: {k: None for k in summary} if invalid else summary
     summary = {"name": info["name"], "question": info["question"],
-               "device": memory_summary(series(rows, "device"), marks, tolerance),
-               "latency": latency_summary(records), "servers": {}, "phases": {}, "repeats": {},
+               "device": void(memory_summary(device, marks, tolerance)),
+               "latency": latency, "servers": {}, "phases": {}, "repeats": {},
                "sampler_errors": info.get("sampler_errors", 0),
-               "kv_limits_bytes": info.get("kv_limits", {})}
+               "sampler_error_kinds": info.get("sampler_error_kinds", {}),
+               "kv_limits_bytes": info.get("kv_limits", {}),
+               "memory_valid": not invalid, "problems": invalid + problems}
     for server in info["servers"]:
         name = server["spec"]["name"]
         entry = {"label": server["label"], "model": server["spec"]["model"],
                  "startup_s": server["startup_s"], "reused": server["label"] in info.get("reused", []),
-                 "memory": memory_summary(series(rows, "process", server=name), marks, tolerance),
+                 "memory": void(memory_summary(series(rows, "process", server=name), marks, tolerance)),
                  "latency": latency_summary([r for r in records if r["server"] == name])}
         kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == name]
         if kv:
@@ -1314,10 +1943,10 @@ def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
                                  "peak_prealloc_mib": max(r["prealloc_bytes"] for r in kv) / MIB}
         met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == name]
         if met:
+            peak = lambda key: max((r[key] for r in met if key in r), default=None)   # absent gauge: n/a, not 0
             first = next((r.get("preemptions") for r in met if "preemptions" in r), None)
             last = next((r.get("preemptions") for r in reversed(met) if "preemptions" in r), None)
-            entry["vllm"] = {"max_running": max(r.get("running", 0) for r in met),
-                             "max_waiting": max(r.get("waiting", 0) for r in met),
+            entry["vllm"] = {"max_running": peak("running"), "max_waiting": peak("waiting"),
                              "preemptions": (last - first) if first is not None and last is not None else None}
         summary["servers"][name] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
@@ -1419,6 +2048,8 @@ def experiment_start(info: dict, rows: list[dict]) -> float:
 
 def shade_bursts(ax: Any, info: dict, t0: float) -> None:
     for burst in info["marks"].get("bursts", []):
+        if burst.get("end") is None:   # killed mid-burst
+            continue
         ax.axvspan(burst["start"] - t0, burst["end"] - t0, color=COLORS.get(burst["server"], "grey"),
                    alpha=0.08, lw=0)
 
@@ -1431,7 +2062,7 @@ def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, d
     fig, axes = new_figure(2 if zoom else 1, size=(11, 3.6))
     ax = axes[0][0]
     for arm in arms:
-        info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
+        info, _ = load_experiment(exp_dirs[arm])
         rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
         t0 = info["marks"].get("workload", [None])[0] or experiment_start(info, rows)
         data = series(rows, "device")
@@ -1483,7 +2114,7 @@ def plot_pair(run_dir: Path, exp_dirs: dict[str, Path], kind: str) -> Optional[P
         return None
     fig, axes = new_figure(3, len(arms), size=(6.5 * len(arms), 2.8))
     for col, arm in enumerate(arms):
-        info = json.loads((exp_dirs[arm] / "experiment.json").read_text())
+        info, _ = load_experiment(exp_dirs[arm])
         rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
         t0 = experiment_start(info, rows)
         mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
@@ -1529,7 +2160,11 @@ def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
 
 def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict, plots: list[str]) -> str:
     gpu = config.get("gpu", {})
-    lines = [f"# kvcached vs static KV cache: {config.get('run_name', '')}", "",
+    banner = []
+    if config.get("interrupted"):
+        banner = ["> **This run was interrupted** before it finished: experiments after the one in flight "
+                  "did not run, and the one in flight is partial (marked incomplete below).", ""]
+    lines = [f"# kvcached vs static KV cache: {config.get('run_name', '')}", "", *banner,
              f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
              f"vLLM {get(config, 'versions', 'vllm')}, kvcached {get(config, 'versions', 'kvcached')}, "
              f"torch {get(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
@@ -1543,13 +2178,20 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
         d, lat = s["device"], s["latency"]
         startups = ", ".join(f"{k} {fmt(v['startup_s'], 0)}{' (reused)' if v['reused'] else ''}"
                              for k, v in s["servers"].items())
+        shown = name if s.get("memory_valid", True) else f"{name} (memory figures void, see below)"
         lines.append(
-            f"| {name} | {fmt(d['idle_after_load_mib'])} | {fmt(d['idle_before_workload_mib'])} | "
+            f"| {shown} | {fmt(d['idle_after_load_mib'])} | {fmt(d['idle_before_workload_mib'])} | "
             f"{fmt(d['peak_mib'])} | {fmt(d['flex_mib'])} | {fmt(d['release_s'], 2)} | "
             f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p90'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | "
             f"{fmt(lat['tpot_s']['p50'] and lat['tpot_s']['p50'] * 1000, 1)} | "
             f"{fmt(lat['e2e_s']['p50'], 2)} / {fmt(lat['e2e_s']['p99'], 2)} | {fmt(lat['output_tokens_per_s'])} | "
             f"{lat['failed']}/{lat['requests']} | {startups} |")
+    notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.get("problems", [])]
+    notes += [f"- {name}: {s['latency']['ttft_note']}" for name, s in summaries.items() if s["latency"].get("ttft_note")]
+    notes += [f"- {name}: {s['sampler_errors']} sampling errors ({s.get('sampler_error_kinds') or 'see memory.jsonl'})"
+              for name, s in summaries.items() if s.get("sampler_errors")]
+    if notes:
+        lines += ["", "**Problems** (figures affected are n/a or flagged):", "", *notes]
     per_server = [(n, k, v) for n, s in summaries.items() for k, v in s["servers"].items() if len(s["servers"]) > 1]
     if per_server:
         lines += ["", "Per model (memory from NVML per process tree; kvcached and vLLM's own views):", "",
@@ -1638,29 +2280,52 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+EXPERIMENT_FILES = ("experiment.json", "error.json", "memory.jsonl", "memory.jsonl.gz", "requests.jsonl",
+                    "requests.jsonl.gz")
+
+
+def experiment_dirs(run_dir: Path) -> list[Path]:
+    return [d for d in sorted(run_dir.iterdir())
+            if d.is_dir() and re.match(r"\d+_", d.name) and any((d / f).exists() for f in EXPERIMENT_FILES)]
+
+
 def build_report(run_dir: Path) -> dict:
-    config = json.loads((run_dir / "config.json").read_text())
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a folder")
+    config, config_problem = read_json(run_dir / "config.json")
+    dirs = experiment_dirs(run_dir)
+    if config is None and not dirs:
+        raise ReportError(f"{run_dir} is not a run folder: no config.json and no experiment folders in it")
+    config = config if isinstance(config, dict) else {}
     tolerance = get(config, "config", "release_tolerance") or 0.05
-    exp_dirs = {json.loads((d / "experiment.json").read_text())["name"]: d
-                for d in sorted(run_dir.iterdir()) if (d / "experiment.json").exists()}
-    summaries = {}
-    for name, exp_dir in exp_dirs.items():
-        summaries[name] = finite(summarize_experiment(exp_dir, tolerance))
-        (exp_dir / "summary.json").write_text(json.dumps(summaries[name], indent=2))
-    failed = {d.name: json.loads((d / "error.json").read_text()).get("error")
-              for d in sorted(run_dir.iterdir()) if (d / "error.json").exists()}
+    summaries, exp_dirs, failed = {}, {}, {}
+    for exp_dir in dirs:
+        error, _ = read_json(exp_dir / "error.json")
+        if error is not None:
+            failed[exp_dir.name] = error.get("error") if isinstance(error, dict) else str(error)
+        if not any((exp_dir / f).exists() for f in EXPERIMENT_FILES if f != "error.json"):
+            continue
+        summary = finite(summarize_experiment(exp_dir, tolerance))
+        summaries[summary["name"]], exp_dirs[summary["name"]] = summary, exp_dir
+        write_json(exp_dir / "summary.json", summary)
     comparison = finite(compare(summaries))
     plots = [p.name for p in (plot_single(run_dir, exp_dirs, summaries), plot_latency(run_dir, exp_dirs),
                               plot_pair(run_dir, exp_dirs, "shared"), plot_pair(run_dir, exp_dirs, "overload"))
              if p is not None]
     top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
            "plots": plots, "server_starts": server_starts(summaries)}
-    (run_dir / "summary.json").write_text(json.dumps(top, indent=2))
+    if config_problem:
+        top["problems"] = [config_problem]
+    write_json(run_dir / "summary.json", top)
     md = markdown_summary(config, summaries, comparison, plots)
+    if config_problem:
+        md = f"> **Note:** {config_problem}; run details are missing from this summary.\n\n" + md
     if failed:
         md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
-    (run_dir / "summary.md").write_text(md)
-    return finite({**headline(run_dir, summaries, comparison), "failed": sorted(failed)})
+    write_text_atomic(run_dir / "summary.md", md)
+    invalid = sorted(n for n, s in summaries.items() if not s["memory_valid"])
+    return finite({**headline(run_dir, summaries, comparison), "failed": sorted(failed), "invalid": invalid,
+                   "interrupted": bool(config.get("interrupted"))})
 
 
 # %% Run set-up: results folder, versions, plans
@@ -1702,6 +2367,41 @@ def check_serving_stack(cfg: Config, experiments: list[str]) -> None:
         raise ConfigError(f"{' and '.join(missing)} not installed for {sys.executable}: "
                           f"pip install -r requirements.txt, then "
                           f"pip install kvcached==0.1.6 --no-build-isolation (see README)")
+
+
+def check_results_dir(parent: Path) -> None:
+    """The results folder can hold a new run folder: checked before anything launches."""
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"--results-dir: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); "
+                          f"choose a writable folder") from exc
+
+
+def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
+    """Each request in flight holds a socket: raise the soft open-files limit if needed, or say what to do."""
+    needed = concurrent_requests + spare
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise ConfigError(f"--burst-size/--max-burst-size: {concurrent_requests} concurrent requests need about "
+                      f"{needed} open files, but this shell allows at most {hard} (`ulimit -Hn`). Raise it "
+                      f"(`ulimit -n {needed}` as allowed, or in /etc/security/limits.conf) or send fewer at once.")
+
+
+def gpu_count_check(nvml: Any, index: int) -> None:
+    count = nvml.nvmlDeviceGetCount()
+    if index >= count:
+        raise ConfigError(f"--gpu-index: GPU index {index} out of range: this machine has {count} "
+                          f"GPU{'s' if count != 1 else ''} (0-{count - 1})")
 
 
 def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict[str, WorkloadPlan], int, dict]:
@@ -1756,9 +2456,12 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
             result = build_report(Path(cfg.report))
             say(json.dumps(result))
             return 0
+        register_secrets(cfg)
+        say = scrubbed(say)
         experiments = parse_experiments(cfg.experiments)
         check_serving_stack(cfg, experiments)
-    except ConfigError as exc:
+        check_results_dir(Path(cfg.results_dir))
+    except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.load_format == "dummy" and not cfg.ignore_eos:
@@ -1767,27 +2470,36 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
         cfg = dataclasses.replace(cfg, ignore_eos=True)
     try:
         nvml = load_nvml(nvml_module)
+        gpu_count_check(nvml, cfg.gpu_index)
         gpu = gpu_facts(nvml, cfg.gpu_index)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"error: cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
               f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.", file=sys.stderr)
         return 2
+    plans, budget, model_facts = make_plans(cfg, gpu, say)
+    try:
+        ensure_open_files(max(len(plans[k].burst(0)) for k in plans))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
         f"used before we start; results in {run_dir}")
-    plans, budget, model_facts = make_plans(cfg, gpu, say)
     save_plans(run_dir, plans, experiments)
+    command = [sys.executable, "run_experiments.py"] + (argv if argv is not None else sys.argv[1:])
     config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "command": shlex.join([sys.executable, "run_experiments.py"] + (argv if argv is not None
-                                    else sys.argv[1:])),
-              "notebook": running_in_notebook(), "config": dataclasses.asdict(cfg), "gpu": gpu,
+              "command": shlex.join(redact_argv(command)),
+              "notebook": running_in_notebook(),
+              "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""}, "gpu": gpu,
               "versions": {"python": sys.version.split()[0], **package_versions()},
               "host": socket.gethostname(), "experiments": experiments, "models": model_facts,
               "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
-              "kvcached_env_seen": {k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")},
+              "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
               "servers": {}}
-    write_config = lambda: (run_dir / "config.json").write_text(json.dumps(finite(config), indent=2))
-    write_config()
+    write_json(run_dir / "config.json", config)
     specs = define_experiments(cfg, plans, budget)
     # CUDA numbers devices its own way; a UUID names the very card NVML measures
     device = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
@@ -1796,9 +2508,8 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
             f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} from the shell is overridden "
             f"(choose the card with --gpu-index)")
     pool = ServerPool(cfg, say, device)
-    restore = install_stop_signals() if not running_in_notebook() else {}
-    interrupted = False
-    failures = 0
+    restore = install_stop_signals(say) if not running_in_notebook() else {}
+    interrupted, failures = False, 0
     try:
         for number, name in enumerate(experiments, 1):
             exp_dir = run_dir / f"{number:02d}_{name}"
@@ -1807,25 +2518,27 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
             except Exception as exc:   # this experiment failed; the others still run
                 failures += 1
                 exp_dir.mkdir(parents=True, exist_ok=True)
-                (exp_dir / "error.json").write_text(json.dumps(
-                    {"experiment": name, "error": f"{type(exc).__name__}: {exc}",
-                     "traceback": traceback.format_exc()}, indent=2))
+                write_json(exp_dir / "error.json", {"experiment": name, "error": f"{type(exc).__name__}: {exc}",
+                                                    "traceback": traceback.format_exc()})
                 say(f"  FAILED {name}: {type(exc).__name__}: {exc}")
             for server in pool.running.values():
                 config["servers"][server.spec.label] = server.describe()
-            write_config()
+            write_json(run_dir / "config.json", config)
     except KeyboardInterrupt:
         interrupted = True
         say("\ninterrupted: stopping every server before leaving")
     finally:
-        pool.close()
+        try:
+            pool.close()
+        except KeyboardInterrupt:   # signalled again while stopping: the servers are gone all the same
+            interrupted = True
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
     config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     config["interrupted"] = interrupted
-    write_config()
+    write_json(run_dir / "config.json", config)
     try:
         result = build_report(run_dir)
     except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
@@ -1833,10 +2546,12 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
               f"{run_dir}; retry with --report {run_dir}", file=sys.stderr)
         return 1
     say(f"\nsummary: {run_dir / 'summary.md'}")
+    for name in result["invalid"]:
+        say(f"WARNING: {name}: memory figures void ({'; '.join(result['experiments'][name].get('problems', []))})")
     if running_in_notebook():
         show_in_notebook(run_dir)
     say(json.dumps(result))
-    return 130 if interrupted else (1 if failures else 0)
+    return 130 if interrupted else (1 if failures or result["invalid"] else 0)
 
 
 def show_in_notebook(run_dir: Path) -> None:
@@ -1848,12 +2563,23 @@ def show_in_notebook(run_dir: Path) -> None:
             display(Image(filename=str(png)))
 
 
-def install_stop_signals() -> dict:
-    """SIGTERM/SIGHUP become KeyboardInterrupt, so the finally-block stops the servers (script mode)."""
+SIGNALS_SEEN = [0]
+
+
+def install_stop_signals(say: Callable[[str], None] = print) -> dict:
+    """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers (script
+    mode). While servers are being stopped a signal does not interrupt the stop: the first one ends
+    the run once the stop is done, any further one kills the servers at once."""
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        SIGNALS_SEEN[0] += 1
+        if not STOPPING.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        INTERRUPT_PENDING.set()
+        if SIGNALS_SEEN[0] > 1 and not HURRY.is_set():
+            HURRY.set()
+            say("\n  signalled again: killing the servers now")
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):   # not the main thread
             previous[sig] = signal.signal(sig, handler)
     return previous

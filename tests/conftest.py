@@ -52,4 +52,10 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
 
 
 def alive(pid: int) -> bool:
-    return rx.pid_alive(pid)
+    """A live, non-zombie process, read from /proc/<pid>/status (independent of the harness's helpers)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return state.split()[1] not in ("Z", "X")

@@ -126,18 +126,26 @@ def test_nothing_is_left_running(full_run):
     assert not [p for p in states if alive(int(p.stem))]
 
 
-def test_committed_reference_run_rebuilds_to_its_summary(tmp_path):
+COMMITTED_RUNS = sorted(p for p in (ROOT / "results").iterdir() if (p / "summary.json").exists())
+
+
+@pytest.mark.parametrize("reference", COMMITTED_RUNS, ids=lambda p: p.name)
+def test_committed_run_rebuilds_to_its_summary(reference, tmp_path):
     import shutil
-    reference = ROOT / "results" / "20261128T064129Z_run1"
     copy = tmp_path / reference.name
-    shutil.copytree(reference, copy)
+    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("*.png"))
     (copy / "summary.json").unlink()
+    (copy / "summary.md").unlink()
     proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rebuilt = json.loads((copy / "summary.json").read_text())
-    assert rebuilt == json.loads((reference / "summary.json").read_text())
-    assert rebuilt["experiments"]["static"]["device"]["idle_after_load_mib"] == 80011.875
+    assert json.loads((copy / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert (copy / "summary.md").read_text() == (reference / "summary.md").read_text()
+
+
+def test_reference_figures_are_the_h200_ones():
+    summary = json.loads((ROOT / "results" / "20261128T064129Z_run1" / "summary.json").read_text())
+    assert summary["experiments"]["static"]["device"]["idle_after_load_mib"] == 80011.875
 
 
 def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):

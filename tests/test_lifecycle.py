@@ -31,7 +31,7 @@ def test_ready_then_stopped_leaves_no_process(fake_gpu, started):
     server = started(cfg, KVC_A(cfg))
     startup = rx.wait_ready(server, timeout_s=20)
     assert 0.2 < startup < 10
-    tree = server.pids()
+    tree = server.tree()
     assert len(tree) >= 2, "the fake, like vLLM, holds its memory in an engine child"
     rx.stop_server(server, grace_s=5)
     assert not any(alive(p) for p in tree)
@@ -66,7 +66,7 @@ def test_hanging_server_times_out_and_is_stopped(fake_gpu, started, monkeypatch)
     server = started(cfg, STATIC_A(cfg))
     with pytest.raises(rx.ServerError, match="not ready after 1 s"):
         rx.wait_ready(server, timeout_s=1.0)
-    tree = server.pids()
+    tree = server.tree()
     rx.stop_server(server, grace_s=2)
     assert not any(alive(p) for p in tree)
 
@@ -89,7 +89,7 @@ def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
     cfg = make_cfg()
     server = started(cfg, STATIC_A(cfg))
     rx.wait_ready(server, timeout_s=20)
-    tree = server.pids()
+    tree = server.tree()
     begin = time.time()
     rx.stop_server(server, grace_s=0.5)
     assert not any(alive(p) for p in tree)
@@ -100,10 +100,12 @@ def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
     rx.wait_ready(server, timeout_s=20)
-    tree = server.pids()
-    engine = [p for p in tree if p != server.proc.pid]
-    os.kill(server.proc.pid, signal.SIGKILL)            # the API server dies, the engine is orphaned
-    server.proc.wait(timeout=5)
+    tree = server.tree()
+    keeper = server.proc.pid
+    api_server, = [p for p in tree if rx.proc_stat(p)[1] == keeper]
+    engine = [p for p in tree if p not in (keeper, api_server)]
+    assert engine
+    os.kill(api_server, signal.SIGKILL)                  # the API server dies, the engine is orphaned
     rx.stop_server(server, grace_s=2)
     assert not any(alive(p) for p in engine)
 
@@ -113,7 +115,7 @@ def test_port_in_use_is_an_error_before_launch(tmp_path):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         cfg = make_cfg(port_a=sock.getsockname()[1])
-        with pytest.raises(rx.ServerError, match="already in use"):
+        with pytest.raises(rx.ServerError, match="already bound by pid"):
             rx.start_server(cfg, STATIC_A(cfg), tmp_path / "never.log")
     assert not (tmp_path / "never.log").exists()
 
@@ -125,7 +127,7 @@ def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
         first, = pool.ensure([KVC_A(cfg)], tmp_path)
         again, = pool.ensure([KVC_A(cfg)], tmp_path)
         assert again is first
-        tree = first.pids()
+        tree = first.tree()
         static, = pool.ensure([STATIC_A(cfg)], tmp_path)
         assert static is not first and not any(alive(p) for p in tree)
     finally:

@@ -51,7 +51,12 @@ while os.getppid() == parent:
     time.sleep(0.2)
 """
 
+STREAM_FAULTS = ("error_event", "truncate", "no_finish_reason", "short", "keepalive", "trickle",
+                 "no_stream")
+
 _log_lock = threading.Lock()
+_fault_lock = threading.Lock()
+_chat_requests = 0
 
 
 def log(msg, err=False):
@@ -65,7 +70,17 @@ def env_float(name, default):
     return float(os.environ.get(name, default))
 
 
-def parse_args(argv):
+def next_fault():
+    """FAKE_STREAM_FAULT for the next chat request, "" if FAKE_FAULT_EVERY skips this one."""
+    global _chat_requests
+    with _fault_lock:
+        _chat_requests += 1
+        n = _chat_requests
+    every = int(os.environ.get("FAKE_FAULT_EVERY") or 1)
+    return os.environ.get("FAKE_STREAM_FAULT", "") if (n - 1) % every == 0 else ""
+
+
+def make_parser():
     # Strict like vLLM: an unknown flag is "error: unrecognized arguments", exit 2.
     p = argparse.ArgumentParser(prog="api_server.py", allow_abbrev=False)
     p.add_argument("--model", required=True)
@@ -81,7 +96,12 @@ def parse_args(argv):
     p.add_argument("--api-key")
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False)
-    return p.parse_args(argv)
+    return p
+
+
+def non_default_args(parser, args):
+    """What vLLM logs at start-up: parsed args that differ from their defaults (secrets too)."""
+    return {k: v for k, v in vars(args).items() if v != parser.get_default(k)}
 
 
 def model_sizes(model):
@@ -288,6 +308,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "uvicorn"
     args = None      # set in main()
+    api_key = None
     engine = None
     names = None
     max_len = None
@@ -312,7 +333,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def authorized(self):
-        key = self.args.api_key
+        key = self.api_key
         if key and self.headers.get("Authorization") != "Bearer " + key:
             self.send_json(401, {"error": "Unauthorized"})
             return False
@@ -374,6 +395,7 @@ class Handler(BaseHTTPRequestHandler):
         return "\n".join(out) + "\n"
 
     def chat(self, raw):
+        fault = next_fault()  # counted over every chat request, streamed or not
         try:
             body = json.loads(raw or b"null")
             assert isinstance(body, dict) and isinstance(body.get("messages"), list)
@@ -412,9 +434,17 @@ class Handler(BaseHTTPRequestHandler):
             n_out = 1 + zlib.crc32(text.encode()) % max_tokens
         finish = "length" if n_out == max_tokens else "stop"
 
+        stream = bool(body.get("stream"))
+        fault = fault if stream else ""
+        if fault == "short":  # claims "length" although it stopped halfway
+            n_out, finish = max(1, max_tokens // 2), "length"
+        elif fault in ("error_event", "truncate"):  # the stream breaks off after these
+            n_out, finish = min(n_out, 2), None
+        elif fault == "no_finish_reason":
+            finish = None
+
         rid = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
-        stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out,
                  "total_tokens": prompt_tokens + n_out}
@@ -422,21 +452,29 @@ class Handler(BaseHTTPRequestHandler):
             log("INFO Received request %s: prompt_tokens=%d, max_tokens=%d"
                 % (rid, prompt_tokens, max_tokens))
 
+        buffered = []  # no_stream: the whole SSE body, sent in one piece at the end
+
+        def send(data):
+            if fault == "no_stream":
+                buffered.append(data)
+            else:
+                self.write_chunk(data)
+
         def event(choices, **extra):
             obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
                    "model": model, "choices": choices}
             obj.update(extra)
-            data = b"data: " + json.dumps(obj).encode() + b"\n\n"
-            self.write_chunk(data)
+            send(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         def choice(delta, reason=None):
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
 
-        if stream:
+        if stream and fault != "no_stream":
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+        if stream:
             event(choice({"role": "assistant", "content": ""}))
 
         e = self.engine
@@ -444,8 +482,12 @@ class Handler(BaseHTTPRequestHandler):
         e.admit(rid, need, prompt_tokens)  # queueing before the first token shows in TTFT
         held = prompt_tokens
         try:
+            if fault == "keepalive":  # never a token; ends when a write finds the client gone
+                while True:
+                    time.sleep(0.2)
+                    self.write_chunk(b": keep-alive\n\n")
             time.sleep(env_float("FAKE_TTFT_S", 0.02))
-            itl = env_float("FAKE_ITL_S", 0.002)
+            itl = 1.0 if fault == "trickle" else env_float("FAKE_ITL_S", 0.002)
             for i in range(n_out):
                 if i:
                     time.sleep(itl)
@@ -460,10 +502,25 @@ class Handler(BaseHTTPRequestHandler):
                                                          "content": "tok " * n_out},
                                  "logprobs": None, "finish_reason": finish}],
                     "usage": usage})
-            if include_usage:
+            if fault == "truncate":  # no [DONE], no terminating chunk: the socket just ends
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault == "error_event":  # what vLLM sends when the engine fails mid-stream
+                send(b"data: " + json.dumps(error_body(
+                    "fake engine error", "InternalServerError", 500)).encode() + b"\n\n")
+            elif include_usage:
                 event([], usage=usage)
-            self.write_chunk(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")  # end of the chunked body
+            send(b"data: [DONE]\n\n")
+            if fault == "no_stream":
+                data = b"".join(buffered)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                self.wfile.write(b"0\r\n\r\n")  # end of the chunked body
         finally:
             e.finish(need, held)
 
@@ -482,7 +539,8 @@ def fail(msg, rc):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     mode = os.environ.get("FAKE_MODE", "")
     startup_s = env_float("FAKE_STARTUP_S", 0.3)
     total = int(env_float("FAKE_GPU_TOTAL_MIB", 16384) * MIB)
@@ -491,6 +549,10 @@ def main(argv=None):
     weights, kv_per_token, max_pos = model_sizes(args.model)
 
     log("INFO fake vllm starting: model=%s kvcached=%s mode=%r" % (args.model, kvcached, mode))
+    log("INFO non-default args: %s" % non_default_args(parser, args))
+    fault = os.environ.get("FAKE_STREAM_FAULT", "")
+    if fault and fault not in STREAM_FAULTS:  # a typo would silently test the normal path
+        fail("ValueError: unknown FAKE_STREAM_FAULT %r" % fault, 2)
     log("INFO Loading weights took 0.00 GiB (estimated %.2f GiB)" % (weights / 2**30))
     if mode == "crash":
         time.sleep(startup_s)
@@ -522,6 +584,7 @@ def main(argv=None):
     engine = Engine(weights, kv_per_token, kvcached, pool,
                     seg_total=int(0.95 * total) - weights - OVERHEAD)
     Handler.args, Handler.engine = args, engine
+    Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM does
     Handler.names = args.served_model_name or [args.model]
     Handler.max_len = args.max_model_len or max_pos
 
@@ -530,11 +593,13 @@ def main(argv=None):
         engine.cleanup()
         os._exit(0)
 
-    if mode == "ignore_sigterm":  # set before spawning: the child inherits SIG_IGN
+    # Set before spawning: the engine child inherits SIG_IGN (and Python keeps an inherited
+    # SIG_IGN for SIGINT rather than installing its KeyboardInterrupt handler).
+    if mode == "ignore_sigterm":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "ignore_sigint" else on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
     try:
@@ -562,12 +627,13 @@ def main(argv=None):
         log("INFO Starting vLLM API server 0 on http://%s:%d" % (args.host, args.port))
         log("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
             % (args.host, args.port))
-        if mode == "exit_after_ready":
+        if mode in ("exit_after_ready", "die_after_s"):
             def die():
                 log("ERROR EngineCore died unexpectedly", err=True)
                 engine.cleanup()
                 os._exit(1)
-            threading.Timer(1.0, die).start()
+            delay = 1.0 if mode == "exit_after_ready" else env_float("FAKE_DIE_AFTER_S", 1.0)
+            threading.Timer(delay, die).start()
         server.serve_forever(poll_interval=0.1)
     finally:
         engine.cleanup()

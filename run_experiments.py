@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import gzip
 import json
@@ -599,12 +600,12 @@ def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
     return start_ticks is None or stat_[3] == start_ticks
 
 
-TCP_LISTEN, TCP_CLOSE = "0A", "07"   # /proc/net/tcp states: listening; bound but not listening
+TCP_LISTEN = "0A"                         # /proc/net/tcp state of a listening socket
+TCP_CLOSING = ("01", "04", "05", "06", "08", "09", "0B")   # established and closing connections
 
 
-def port_sockets(port: int, states: tuple[str, ...] = (TCP_LISTEN, TCP_CLOSE)) -> set[int]:
-    """Inodes of TCP sockets on this local port (any address, IPv4 or IPv6) in the given states.
-    vLLM binds its port before the engine loads and listens only when ready: a bind probe misses that."""
+def port_sockets(port: int, states: tuple[str, ...]) -> set[int]:
+    """Inodes of TCP sockets on this local port (any address, IPv4 or IPv6) in the given states."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -634,17 +635,25 @@ def socket_owners(inodes: set[int], pids: Optional[Iterable[int]] = None) -> set
 
 
 def port_taken(host: str, port: int) -> Optional[str]:
-    """Why the port cannot be ours (something bound or listening on it), or None if it is free."""
-    inodes = port_sockets(port)
-    if inodes:
-        owners = socket_owners(inodes)
-        return f"bound by {'pid ' + ', '.join(map(str, sorted(owners)) ) if owners else 'another process'}"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:   # where /proc/net is unreadable
+    """Why the port cannot be ours, or None if it is free. A socket that is bound but not listening
+    yet (vLLM while its engine loads) is invisible in /proc/net/tcp; only a bind without
+    SO_REUSEADDR collides with it."""
+    listening = port_sockets(port, (TCP_LISTEN,))
+    if listening:
+        owners = socket_owners(listening)
+        return f"in use: listened on by {'pid ' + ', '.join(map(str, sorted(owners))) if owners else 'another process'}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
+            return None
         except OSError as exc:
-            return f"not bindable ({exc.strerror})"
-    return None
+            if exc.errno != errno.EADDRINUSE:
+                return f"not bindable ({exc.strerror})"
+    if port_sockets(port, TCP_CLOSING):
+        # connections of a server that just stopped also block a plain bind; vLLM binds with
+        # SO_REUSEADDR, and wait_ready still checks that the listener is ours
+        return None
+    return "in use: bound by a process that does not listen yet (a server starting up?)"
 
 
 # --- the keeper: a small supervisor between us and each server
@@ -803,7 +812,7 @@ def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional
                  say: Callable[[str], None] = print) -> RunningServer:
     taken = port_taken(cfg.host, spec.port)
     if taken:
-        raise ServerError(f"port {spec.port} is already {taken}: stop what holds it "
+        raise ServerError(f"port {spec.port} is already {taken}. Stop what holds it "
                           f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b")
     if spec.kvcached and not remove_segment(spec.ipc_name, say):
         raise ServerError(f"{segment_path(spec.ipc_name)} exists and is not ours: kvcached would share it "
@@ -1312,13 +1321,14 @@ def read_sse(response: Any, record: RequestRecord, start: float, deadline: float
         if now > deadline:
             raise TimeoutError("no complete response before the deadline")
         *lines, buffer = (buffer + chunk).split(b"\n")
-        had_content = False
+        had_content = done = False
         for line in lines:
             if not line.startswith(b"data:"):
                 continue   # blank separators and ': keep-alive' comments
             payload = line[5:].strip()
             if payload == b"[DONE]":
-                return True
+                done = True
+                break
             event = json.loads(payload)
             if event.get("error"):   # vLLM reports a failure inside an HTTP 200 stream
                 error = event["error"]
@@ -1337,6 +1347,8 @@ def read_sse(response: Any, record: RequestRecord, start: float, deadline: float
                         record.itl_s.append(now - last_token)
                     last_token = now
         record.content_reads += had_content
+        if done:
+            return True
     return False
 
 
@@ -1419,11 +1431,11 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(requests_)))
     pool = concurrent.futures.ThreadPoolExecutor(len(requests_), thread_name_prefix="request")
     records = [make_record(r) for r in requests_]
-    delivered, lock = set(), threading.Lock()
+    delivered, lock, closed = set(), threading.Lock(), False
 
     def deliver(i: int, record: RequestRecord) -> None:   # each request's row exactly once
         with lock:
-            if i not in delivered:
+            if i not in delivered and not closed:
                 delivered.add(i)
                 if sink is not None:
                     sink(record)
@@ -1454,7 +1466,10 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
             deliver(i, late)
         return out
     finally:
-        # on Ctrl-C or a deadline, don't wait for open streams: the servers are stopped next
+        # On Ctrl-C, don't wait for open streams: the servers are stopped next, and the requests that
+        # stop cuts off are not the server's failures, so nothing more is recorded from here on.
+        with lock:
+            closed = True
         pool.shutdown(wait=False, cancel_futures=True)
         session.close()
 

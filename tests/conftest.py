@@ -20,6 +20,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def fresh_stop_state():
+    """The harness's process-wide stop flags and secrets start clean in every test."""
+    yield
+    rx.HURRY.clear()
+    rx.INTERRUPT_PENDING.clear()
+    rx.STOPPING.clear()
+    rx.SIGNALS_SEEN[0] = 0
+    rx.SECRETS.clear()
+
+
 @pytest.fixture
 def fake_gpu(tmp_path, monkeypatch):
     """A fake card: state files of fake servers under FAKE_GPU_DIR, read by tests/fakes/pynvml.py."""
@@ -59,3 +70,25 @@ def alive(pid: int) -> bool:
     except (OSError, StopIteration):
         return False
     return state.split()[1] not in ("Z", "X")
+
+
+# --- the whole script as a subprocess against the fakes
+CARD_MIB, BASELINE_MIB = 16384, 400
+FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.5", "--overload-budget-gib", "0.25",
+        "--prompt-tokens", "512", "--max-tokens", "64", "--burst-size", "8"]
+
+
+def fake_env(gpu_dir: Path, **extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
+               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.01", PYTHONUNBUFFERED="1",
+               ENABLE_KVCACHED="true")   # a user's shell setting that must not leak into the static arm
+    env.update(extra)
+    return env
+
+
+def script_args(results: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run_experiments.py"), *FAST, "--results-dir", str(results),
+            "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--port-a", str(free_port()),
+            "--port-b", str(free_port()), *extra]
+
+

@@ -10,25 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_SERVER, FAKES, ROOT, alive, free_port, wait_for
-
-CARD_MIB, BASELINE_MIB = 16384, 400
-FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.5", "--overload-budget-gib", "0.25",
-        "--prompt-tokens", "512", "--max-tokens", "64", "--burst-size", "8"]
-
-
-def fake_env(gpu_dir: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
-               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.01", PYTHONUNBUFFERED="1",
-               ENABLE_KVCACHED="true")   # a user's shell setting that must not leak into the static arm
-    return env
-
-
-def script_args(results: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "run_experiments.py"), *FAST, "--results-dir", str(results),
-            "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--port-a", str(free_port()),
-            "--port-b", str(free_port()), *extra]
-
+from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, fake_env, script_args, wait_for
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):

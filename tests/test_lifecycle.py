@@ -115,7 +115,7 @@ def test_port_in_use_is_an_error_before_launch(tmp_path):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         cfg = make_cfg(port_a=sock.getsockname()[1])
-        with pytest.raises(rx.ServerError, match="already bound by pid"):
+        with pytest.raises(rx.ServerError, match="already in use: listened on by pid"):
             rx.start_server(cfg, STATIC_A(cfg), tmp_path / "never.log")
     assert not (tmp_path / "never.log").exists()
 

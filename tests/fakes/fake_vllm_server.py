@@ -47,7 +47,10 @@ if grandchild:  # a process that outlives its parent: only killing the group rem
     if gpu_dir:
         with open(os.path.join(gpu_dir, "grandchild.pid"), "w") as f:
             f.write(str(p.pid))
-while os.getppid() == parent:
+# Like vLLM 0.24's EngineCore (vllm-project/vllm#55510), FAKE_ORPHAN_ENGINE=1 keeps it (and its
+# "GPU memory") alive after its API server dies: only whoever started the server can stop it then.
+orphan = os.environ.get("FAKE_ORPHAN_ENGINE") == "1"
+while orphan or os.getppid() == parent:
     time.sleep(0.2)
 """
 

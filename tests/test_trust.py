@@ -1,0 +1,605 @@
+"""Faults a user meets on a shared GPU box: each one handled, nothing leaked, no wrong number with rc 0.
+Numbered as the failure-handling table in the README."""
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_SERVER, alive, fake_env, free_port, make_cfg, rx, script_args, wait_for
+
+KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
+STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
+                                     gpu_memory_utilization=0.5)
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below root, read from /proc by the test itself."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, stack = set(), list(kids.get(root, []))
+    while stack:
+        pid = stack.pop()
+        out.add(pid)
+        stack.extend(kids.get(pid, []))
+    return out
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started = []
+
+    def start(cfg, spec, ready=True):
+        server = rx.start_server(cfg, spec, tmp_path / f"server_{spec.name}_{len(started)}.log")
+        started.append(server)
+        if ready:
+            rx.wait_ready(server, timeout_s=20)
+        return server
+    yield start
+    rx.HURRY.set()
+    rx.stop_servers(started)
+
+
+def run_script(tmp_path, *extra, env_extra=None, timeout=120):
+    (tmp_path / "gpu").mkdir(exist_ok=True)
+    proc = subprocess.run(script_args(tmp_path / "results", *extra), env=fake_env(tmp_path / "gpu", **(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    runs = sorted((tmp_path / "results").iterdir()) if (tmp_path / "results").exists() else []
+    return proc, (runs[-1] if runs else None)
+
+
+# 1. Servers die with the harness ------------------------------------------------------------------
+def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    # the fake engine, like vLLM 0.24's EngineCore, outlives its API server unless someone stops it
+    env = fake_env(tmp_path / "gpu", FAKE_ORPHAN_ENGINE="1", FAKE_ITL_S="0.05")
+    args = script_args(tmp_path / "results", "--experiments", "3", "--bursts", "20", "--no-warmup")
+    harness = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60), "bursting"
+        ours = descendants(harness.pid)
+        ports = [int(args[args.index(flag) + 1]) for flag in ("--port-a", "--port-b")]
+        assert len(ours) >= 6, "two keepers, two API servers, two engines"
+        harness.kill()
+        harness.wait()
+        assert wait_for(lambda: not any(alive(p) for p in ours), timeout=10), \
+            [p for p in ours if alive(p)]
+        assert all(port_free(p) for p in ports)
+        assert not list((tmp_path / "gpu").glob("*.json")) or not any(
+            alive(int(p.stem)) for p in (tmp_path / "gpu").glob("*.json") if p.stem.isdigit())
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+
+
+def test_server_ending_on_its_own_takes_its_orphaned_engine_along(fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_ORPHAN_ENGINE", "1")
+    cfg = make_cfg()
+    server = servers(cfg, STATIC_A(cfg))
+    tree = server.tree()
+    api_server, = [p for p in tree if rx.proc_stat(p)[1] == server.proc.pid]
+    os.kill(api_server, signal.SIGKILL)
+    assert wait_for(lambda: server.exit_code() is not None, timeout=10), "the keeper reports the death"
+    assert server.exit_code() == 128 + signal.SIGKILL
+    assert not any(alive(p) for p in tree)
+
+
+# 2. Cleanup survives impatience -------------------------------------------------------------------
+@pytest.fixture
+def short_stop_stages(monkeypatch):
+    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 30.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)))
+
+
+def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")   # SIGINT alone would never stop it; SIGTERM does
+    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+    cfg = make_cfg()
+    pool = rx.ServerPool(cfg, say=lambda _: None)
+    server = servers(cfg, STATIC_A(cfg))
+    pool.running[server.spec.key] = server
+    tree = server.tree()
+    previous = rx.install_stop_signals(say=lambda _: None)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(KeyboardInterrupt):
+            pool.stop([server], "between experiments")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert not any(alive(p) for p in tree), "the server was stopped before the run ended"
+    assert not pool.running, "and left the pool only once gone"
+    assert not rx.HURRY.is_set(), "one signal does not skip the graceful stages"
+
+
+def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypatch, short_stop_stages):
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")   # SIGINT alone would never stop it
+    cfg = make_cfg()
+    server = servers(cfg, STATIC_A(cfg))
+    tree = server.tree()
+    rx.SIGNALS_SEEN[0] = 1   # the first Ctrl-C started this stop
+    previous = rx.install_stop_signals(say=lambda _: None)
+    begin = time.time()
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            rx.stop_servers([server])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert time.time() - begin < 5, "not the 30 s grace"
+    assert not any(alive(p) for p in tree)
+
+
+def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(fake_gpu, servers, monkeypatch,
+                                                                       short_stop_stages):
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")
+    cfg = make_cfg()
+    server = servers(cfg, STATIC_A(cfg))
+    tree = server.tree()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # what a notebook kernel has
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            rx.stop_servers([server])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not any(alive(p) for p in tree)
+
+
+def test_double_ctrl_c_of_the_script_kills_servers_and_says_so(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    env = fake_env(tmp_path / "gpu", FAKE_MODE="ignore_sigint")
+    args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60)
+    ours = descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    begin = time.time()
+    out, _ = proc.communicate(timeout=30)
+    assert time.time() - begin < 8, out[-2000:]
+    assert proc.returncode == 130
+    assert "press Ctrl-C again to kill it now" in out and "killing the servers now" in out
+    assert not any(alive(p) for p in ours)
+
+
+# 3. Own your port ---------------------------------------------------------------------------------
+def test_port_bound_but_not_listening_is_refused(fake_gpu, tmp_path):
+    cfg = make_cfg()
+    foreign = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--model", "m", "--host", "127.0.0.1",
+                                "--port", str(cfg.port_a)], env=dict(os.environ, FAKE_STARTUP_S="30"),
+                               stdout=open(tmp_path / "foreign.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: b"fake vllm starting" in (tmp_path / "foreign.log").read_bytes(), timeout=10)
+        time.sleep(0.3)   # it binds right after that line
+        with socket.socket() as probe:   # a bind probe is fooled by SO_REUSEADDR
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", cfg.port_a))
+        with pytest.raises(rx.ServerError, match="bound by a process that does not listen yet"):
+            rx.start_server(cfg, STATIC_A(cfg), tmp_path / "never.log")
+    finally:
+        foreign.kill()
+        foreign.wait()
+
+
+class Healthy(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_health_from_someone_elses_server_is_not_ready(fake_gpu, servers, tmp_path):
+    # our "server" never listens; a stranger answers /health on the port once ours has started
+    cfg = make_cfg(server_cmd=f"{sys.executable} -c 'import time; time.sleep(60)'")
+    server = servers(cfg, STATIC_A(cfg), ready=False)
+    stranger = ThreadingHTTPServer(("127.0.0.1", cfg.port_a), Healthy)
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(rx.ServerError, match="does not belong to our server"):
+            rx.wait_ready(server, timeout_s=10)
+    finally:
+        stranger.shutdown()
+        stranger.server_close()
+
+
+def test_two_runs_on_the_same_ports_second_fails_first_intact(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    env = fake_env(tmp_path / "gpu")
+    first_args = script_args(tmp_path / "first", "--experiments", "1", "--bursts", "6")
+    ports = ["--port-a", first_args[first_args.index("--port-a") + 1],
+             "--port-b", first_args[first_args.index("--port-b") + 1]]
+    first = subprocess.Popen(first_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: list((tmp_path / "first").glob("*/01_*/warmup.jsonl")), timeout=60)
+    second = subprocess.run(script_args(tmp_path / "second", "--experiments", "1") + ports, env=env,
+                            capture_output=True, text=True, timeout=60)
+    out, _ = first.communicate(timeout=120)
+    assert second.returncode == 1
+    assert "already in use: listened on by pid" in second.stdout
+    assert first.returncode == 0, out[-2000:]
+    run, = (tmp_path / "first").iterdir()
+    summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
+    assert summary["memory_valid"] and summary["latency"]["failed"] == 0
+    assert summary["servers"]["A"]["memory"]["idle_before_workload_mib"] > 500, "its own server's memory"
+
+
+# 4. Never signal a stranger -----------------------------------------------------------------------
+def test_a_reused_pid_is_never_signalled(fake_gpu, servers):
+    cfg = make_cfg()
+    server = servers(cfg, KVC_A(cfg))
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # the pid once belonged to the server's tree; now a stranger has it (another start time)
+        server.seen[stranger.pid] = rx.proc_stat(stranger.pid)[3] - 1
+        rx.stop_server(server, grace_s=5)
+        assert stranger.poll() is None, "the stranger survived"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+# 5. A request is OK only if it completed ----------------------------------------------------------
+def request(tokens=8):
+    return rx.PlannedRequest(burst=0, index=0, prompt="hello there", max_tokens=tokens, temperature=0.0)
+
+
+def send(server, timeout_s=30.0, tokens=8):
+    record = rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0)
+    return rx.send_chat(server.url, server.spec.model, request(tokens), record, timeout_s=timeout_s,
+                        ignore_eos=True)
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("error_event", "error event in stream: fake engine error"),
+    ("truncate", "ChunkedEncodingError"),
+    ("no_finish_reason", "without a finish_reason"),
+    ("short", "4 of 8 tokens despite ignore_eos"),
+])
+def test_incomplete_streams_are_failures_with_the_reason(fault, reason, fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_STREAM_FAULT", fault)
+    cfg = make_cfg()
+    record = send(servers(cfg, KVC_A(cfg)))
+    assert not record.ok and reason in record.error
+
+
+@pytest.mark.parametrize("fault", ["keepalive", "trickle"])
+def test_request_deadline_is_absolute(fault, fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_STREAM_FAULT", fault)
+    cfg = make_cfg()
+    server = servers(cfg, KVC_A(cfg))
+    begin = time.time()
+    record = send(server, timeout_s=1.0)
+    assert time.time() - begin < 2.0
+    assert not record.ok and "--request-timeout-s" in record.error
+
+
+def test_burst_has_an_overall_deadline(monkeypatch):
+    def stuck(url, model, req, record, *args, **kwargs):
+        time.sleep(3)
+        return record
+    monkeypatch.setattr(rx, "send_chat", stuck)
+    monkeypatch.setattr(rx, "BURST_DEADLINE_SLACK_S", 0.3)
+    cfg = rx.validate_config(rx.Config(preset="smoke", request_timeout_s=0.2))
+    server = rx.RunningServer(rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={},
+                              log_path=Path("x"), started_at=0.0)
+    rows = []
+    begin = time.time()
+    records = rx.run_burst(server, [request()] * 3, lambda r: rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0),
+                           cfg, say=lambda _: None, sink=rows.append)
+    assert time.time() - begin < 1.5
+    assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
+
+
+def test_a_server_that_does_not_stream_gets_no_ttft(fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_STREAM_FAULT", "no_stream")
+    cfg = make_cfg()
+    server = servers(cfg, KVC_A(cfg))
+    rows = [rx.record_row(send(server)) for _ in range(3)]
+    assert all(r["ok"] and r["content_reads"] == 1 for r in rows)
+    latency = rx.latency_summary(rows)
+    assert latency["ttft_s"]["p50"] is None and "did not stream" in latency["ttft_note"]
+    assert latency["e2e_s"]["p50"] is not None
+
+
+# 6. A dead server is never reused -----------------------------------------------------------------
+def test_dead_server_is_restarted_not_reused(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_MODE", "die_after_s")
+    monkeypatch.setenv("FAKE_DIE_AFTER_S", "0.5")
+    cfg = make_cfg()
+    said = []
+    pool = rx.ServerPool(cfg, say=said.append)
+    try:
+        first, = pool.ensure([KVC_A(cfg)], tmp_path)
+        assert wait_for(lambda: first.exit_code() is not None, timeout=10)
+        monkeypatch.setenv("FAKE_MODE", "")
+        again, = pool.ensure([KVC_A(cfg)], tmp_path)
+        assert again is not first and again.exit_code() is None
+        assert any("exited with code 1: not reusing it" in s for s in said)
+    finally:
+        pool.close()
+
+
+def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "die_after_s")
+    monkeypatch.setenv("FAKE_DIE_AFTER_S", "0.3")
+    cfg = make_cfg()
+    server = servers(cfg, KVC_A(cfg))
+    assert wait_for(lambda: server.exit_code() is not None, timeout=10)
+    exp = rx.ExperimentSpec("kvcached", "q", (server.spec,), (rx.Step("burst 1", "A", "main", 0),))
+    with pytest.raises(rx.ServerError, match="died"):
+        rx.run_step(cfg, exp, exp.steps[0], rx.plan_workload(cfg, 2, "x"), server, 0, lambda _: None,
+                    lambda _: None)
+
+
+# 7. The sampler cannot die silently ---------------------------------------------------------------
+def test_sampler_survives_a_full_disk_and_counts_it(fake_gpu, tmp_path, monkeypatch):
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_hz=5)
+    real_open, failing = open, [True]
+
+    def flaky_open(path, *args, **kwargs):
+        if failing[0] and str(path).endswith("memory.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", flaky_open)
+    sampler.start()
+    time.sleep(0.3)
+    failing[0] = False
+    time.sleep(0.3)
+    alive_before_stop = sampler.is_alive()
+    sampler.stop()
+    assert alive_before_stop
+    assert sampler.error_kinds.get("write", 0) >= 5
+    assert sum(r["kind"] == "device" for r in rx.read_jsonl(tmp_path / "memory.jsonl")) >= 5, "rows after the disk recovered"
+
+
+def test_a_gap_in_the_device_series_voids_the_memory_figures(tmp_path):
+    exp = tmp_path / "01_kvcached"
+    exp.mkdir()
+    t0 = 1000.0
+    times = [t0 + i * 0.05 for i in range(40)] + [t0 + 10 + i * 0.05 for i in range(40)]   # an 8 s hole
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t, "used_mib": 1000.0} for t in times])
+    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 1, "e2e_s": 1.0, "ttft_s": 0.1,
+                                             "server": "A", "phase": "burst 1", "repeat": 0}])
+    rx.write_json(exp / "experiment.json", {
+        "name": "kvcached", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
+        "marks": {"idle_after_load": [t0, t0 + 1], "idle_before": [t0 + 1, t0 + 1.5],
+                  "workload": [t0 + 1.5, t0 + 11], "sampling_end": t0 + 12}})
+    summary = rx.summarize_experiment(exp, 0.05)
+    assert not summary["memory_valid"] and summary["device"]["peak_mib"] is None
+    assert "not sampled for 8.0 s" in summary["problems"][0]
+
+
+def test_a_segment_locked_by_a_stranger_costs_one_sample_not_a_stall(tmp_path, monkeypatch):
+    monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
+    (tmp_path / "seg").write_bytes(rx.SEGMENT.pack(1, 2, 3))
+    with open(tmp_path / "seg", "rb") as other:   # another open file description: flock conflicts
+        fcntl.flock(other, fcntl.LOCK_EX)
+        begin = time.time()
+        with pytest.raises(rx.SegmentError, match="locked"):
+            rx.read_segment("seg")
+        assert time.time() - begin < 0.5
+    assert rx.read_segment("seg")["used_bytes"] == 2
+
+
+def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tmp_path):
+    nvml = rx.load_nvml(fake_gpu)
+    nowhere = rx.RunningServer(rx.ServerSpec("A", "m", free_port(), False, 0.5), proc=subprocess.Popen(["true"]),
+                               cmd=[], env_shown={}, log_path=tmp_path / "x", started_at=0.0)
+    nowhere.proc.wait()
+    sampler = rx.Sampler(nvml, 0, [nowhere], tmp_path / "memory.jsonl", sample_hz=20, process_hz=10)
+    sampler.start()
+    time.sleep(0.5)
+    sampler.stop()
+    assert sampler.error_kinds.get("metrics", 0) >= 2
+    exp = tmp_path / "01_static"
+    exp.mkdir()
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "metrics", "t": 1.0, "server": "A", "running": 3.0}])
+    rx.write_json(exp / "experiment.json", {"name": "static", "question": "q", "marks": {}, "servers": [
+        {"label": "A static", "spec": {"name": "A", "model": "m"}, "startup_s": 1.0}]})
+    vllm = rx.summarize_experiment(exp, 0.05)["servers"]["A"]["vllm"]
+    assert vllm["max_running"] == 3.0 and vllm["max_waiting"] is None
+
+
+# 8. Files are written atomically and read forgivingly ---------------------------------------------
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    target = tmp_path / "experiment.json"
+    rx.write_json(target, {"v": 1})
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        rx.write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["experiment.json"]
+
+
+def test_report_of_a_killed_run_names_what_it_cannot_read(tmp_path):
+    run = tmp_path / "20260101T000000Z_run"
+    (run / "01_kvcached").mkdir(parents=True)
+    (run / "config.json").write_text("")                         # torn by a full disk
+    (run / "01_kvcached" / "experiment.json").write_text("")
+    rx.write_jsonl(run / "01_kvcached" / "memory.jsonl",
+                   [{"kind": "device", "t": 1 + i / 20, "used_mib": 900.0 + i} for i in range(40)])
+    proc = subprocess.run([sys.executable, str(rx.Path(rx.__file__)), "--report", str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = (run / "summary.md").read_text()
+    assert "config.json unreadable" in md and "experiment.json unreadable" in md
+    summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
+    assert summary["device"]["peak_mib"] == 939.0, "the raw samples are still reported"
+
+
+@pytest.mark.parametrize("target", ["not_a_run", "missing"])
+def test_report_of_something_else_is_one_clear_line(tmp_path, target):
+    folder = tmp_path / target
+    if target == "not_a_run":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("hello")
+    proc = subprocess.run([sys.executable, str(rx.Path(rx.__file__)), "--report", str(folder)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "not a run folder" in proc.stderr or "not a folder" in proc.stderr
+
+
+# 9. No secret is ever written ---------------------------------------------------------------------
+def test_no_secret_reaches_the_run_folder_or_stdout(tmp_path):
+    key, token = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
+    proc, run = run_script(tmp_path, "--experiments", "1", "--api-key", key,
+                           env_extra={"HF_TOKEN": token, "KVCACHED_SECRET_THING": "s3cr3t-value"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
+    assert summary["latency"]["ok"] == summary["latency"]["requests"] > 0, "the key reached the server"
+    found = subprocess.run(["grep", "-rlaE", f"{key}|{token}|s3cr3t-value", str(tmp_path)],
+                           capture_output=True, text=True).stdout
+    assert found == ""
+    assert key not in proc.stdout + proc.stderr and token not in proc.stdout + proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["api_key"] == "***" and "--api-key '***'" in config["command"]
+
+
+def test_redaction_rules():
+    assert rx.redact_argv(["--api-key", "k", "--api-key=k2", "--max-num-batched-tokens", "8"]) == \
+        ["--api-key", "***", "--api-key=***", "--max-num-batched-tokens", "8"]
+    env = rx.redact_env({"VLLM_API_KEY": "a", "HF_TOKEN": "b", "AWS_SECRET_ACCESS_KEY": "c",
+                         "TOKENIZERS_PARALLELISM": "false", "KVCACHED_IPC_NAME": "n"})
+    assert env == {"VLLM_API_KEY": "***", "HF_TOKEN": "***", "AWS_SECRET_ACCESS_KEY": "***",
+                   "TOKENIZERS_PARALLELISM": "false", "KVCACHED_IPC_NAME": "n"}
+
+
+# 10. /dev/shm is shared and hostile ---------------------------------------------------------------
+def test_planted_symlink_is_never_followed_or_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious contents of someone else's file")
+    (tmp_path / "seg").symlink_to(victim)
+    with pytest.raises(OSError):
+        rx.write_segment_limit("seg", 1)
+    with pytest.raises(OSError):
+        rx.read_segment("seg")
+    said = []
+    assert not rx.remove_segment("seg", say=said.append)
+    assert victim.read_bytes() == b"precious contents of someone else's file"
+    assert (tmp_path / "seg").is_symlink() and "a symlink" in said[0]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a file of another uid needs root")
+def test_a_segment_of_another_user_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
+    segment = tmp_path / "seg"
+    segment.write_bytes(rx.SEGMENT.pack(1, 2, 3))
+    os.chown(segment, 12345, 12345)
+    with pytest.raises(rx.SegmentError, match="not our kvcached segment"):
+        rx.read_segment("seg")
+    said = []
+    assert not rx.remove_segment("seg", say=said.append)
+    assert segment.exists() and "owned by uid 12345" in said[0]
+
+
+def test_segment_names_are_unique_to_the_harness_process():
+    spec = rx.ServerSpec("A", "m", 8001, kvcached=True)
+    other = subprocess.run([sys.executable, "-c", "import run_experiments as rx; "
+                            "print(rx.ServerSpec('A', 'm', 8001, kvcached=True).ipc_name)"],
+                           cwd=str(rx.Path(rx.__file__).parent), capture_output=True, text=True).stdout.strip()
+    assert spec.ipc_name.startswith("kvcached_bench_") and other.startswith("kvcached_bench_")
+    assert spec.ipc_name != other
+
+
+# 11. Honest reporting of partial runs -------------------------------------------------------------
+def test_interrupted_run_keeps_the_finished_requests_and_says_so(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    # no --ignore-eos: answers end at different lengths, so a burst finishes request by request
+    env = fake_env(tmp_path / "gpu", FAKE_ITL_S="0.05")
+    args = script_args(tmp_path / "results", "--experiments", "1", "--no-warmup", "--burst-size", "16")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:]
+    run, = (tmp_path / "results").iterdir()
+    rows = rx.read_jsonl(run / "01_kvcached" / "requests.jsonl")
+    assert 1 <= len(rows) < 16 and all(r["ok"] for r in rows)
+    md = (run / "summary.md").read_text()
+    assert "This run was interrupted" in md and "incomplete" in md
+
+
+def test_experiment_where_every_request_failed_is_void_and_fails_the_run(tmp_path):
+    proc, run = run_script(tmp_path, "--experiments", "1", "--bursts", "1",
+                           env_extra={"FAKE_STREAM_FAULT": "error_event"})
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    headline = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert headline["invalid"] == ["kvcached"] and headline["experiments"]["kvcached"]["peak_mib"] is None
+    md = (run / "summary.md").read_text()
+    assert "memory figures void" in md and "no request succeeded" in md
+
+
+# 12. Bad values are rejected up front, naming the flag --------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["--overload-budget-gib", "inf"], "--overload-budget-gib"),
+    (["--release-timeout-s", "inf"], "--release-timeout-s"),
+    (["--sample-hz", "nan"], "--sample-hz"),
+    (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
+    (["--extra-server-args", "--x 'y"], "--extra-server-args"),
+    (["--settle-s", "0"], "--settle-s"),
+    (["--model-a", "/no/such/dir"], "--model-a"),
+    (["--tag", "a/b"], "--tag"),
+])
+def test_bad_values_name_the_flag_before_anything_launches(argv, flag, tmp_path, capsys):
+    rc = rx.main(argv + ["--results-dir", str(tmp_path / "results")])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith(f"error: {flag}:")
+    assert not (tmp_path / "results").exists()
+
+
+def test_results_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys, fake_gpu):
+    afile = tmp_path / "file"
+    afile.write_text("")
+    for target in (afile, afile / "below"):
+        assert rx.main(["--results-dir", str(target), "--server-cmd", "x"], nvml_module=fake_gpu) == 2
+        assert "--results-dir" in capsys.readouterr().err
+
+
+def test_gpu_index_out_of_range_says_how_many_there_are(tmp_path, capsys, fake_gpu):
+    rc = rx.main(["--gpu-index", "7", "--server-cmd", "x", "--results-dir", str(tmp_path / "r")],
+                 nvml_module=fake_gpu)
+    assert rc == 2
+    assert "GPU index 7 out of range: this machine has 1 GPU" in capsys.readouterr().err
+    assert not list((tmp_path / "r").iterdir())
+
+
+def test_open_files_limit_is_raised_or_named(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rx.resource, "getrlimit", lambda _: (256, 4096))
+    monkeypatch.setattr(rx.resource, "setrlimit", lambda _, value: calls.append(value))
+    rx.ensure_open_files(1000)
+    assert calls == [(1128, 4096)]
+    monkeypatch.setattr(rx.resource, "getrlimit", lambda _: (256, 512))
+    with pytest.raises(rx.ConfigError, match=r"--burst-size.*ulimit -n 1128"):
+        rx.ensure_open_files(1000)

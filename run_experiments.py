@@ -1935,9 +1935,17 @@ def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
     marks = experiment_marks(info, device)
     latency = latency_summary(records)
     invalid = memory_problems(info, marks, device, latency)
-    if not info.get("finished", True):
-        problems.append("incomplete: the experiment was interrupted or failed before its end")
-    void = lambda summary: {k: None for k in summary} if invalid else summary
+    finished = info.get("finished", True)
+    if not finished:
+        problems.append("incomplete: the experiment was interrupted or failed before its end; "
+                        "no release time or residual is reported")
+
+    def void(memory: dict) -> dict:
+        if invalid:
+            return {k: None for k in memory}
+        if not finished:   # memory was still coming back (or not) when the run stopped
+            return {**memory, "release_s": None, "residual_mib": None, "residual_vs_load_mib": None}
+        return memory
     summary = {"name": info["name"], "question": info["question"],
                "device": void(memory_summary(device, marks, tolerance)),
                "latency": latency, "servers": {}, "phases": {}, "repeats": {},
@@ -2176,6 +2184,9 @@ def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
 def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict, plots: list[str]) -> str:
     gpu = config.get("gpu", {})
     banner = []
+    if config and "finished_utc" not in config:
+        banner = ["> **This run did not finish** (it was killed, or is still running): the summary shows "
+                  "what was recorded until then.", ""]
     if config.get("interrupted"):
         banner = ["> **This run was interrupted** before it finished: experiments after the one in flight "
                   "did not run, and the one in flight is partial (marked incomplete below).", ""]

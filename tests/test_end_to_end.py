@@ -108,10 +108,10 @@ def test_nothing_is_left_running(full_run):
     assert not [p for p in states if alive(int(p.stem))]
 
 
-COMMITTED_RUNS = sorted(p for p in (ROOT / "results").iterdir() if (p / "summary.json").exists())
+COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
 
 
-@pytest.mark.parametrize("reference", COMMITTED_RUNS, ids=lambda p: p.name)
+@pytest.mark.parametrize("reference", COMMITTED_RUNS, ids=lambda p: str(p.relative_to(ROOT / "results")))
 def test_committed_run_rebuilds_to_its_summary(reference, tmp_path):
     import shutil
     copy = tmp_path / reference.name

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Real-GPU check of the harness's fault handling (vLLM + kvcached installed, models as below):
+#  1. kill -9 of the harness mid-burst: the card is back to its idle level within 10 s, nothing of ours left;
+#  2. two runs on the same ports: the second fails clearly, whether the first is still starting (port
+#     bound, not listening) or already serving, and the first run's numbers are intact.
+# Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check)
+set -u
+A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
+B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
+OUTDIR=${OUT:-/tmp/fault_check}
+WORK=/tmp/fault_check_work
+mkdir -p "$OUTDIR" && rm -rf "$WORK" && mkdir -p "$WORK"
+LOG="$OUTDIR/fault_check.log"
+COMMON=(--model-a "$A" --model-b "$B" --load-format dummy --preset smoke)
+used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0; }
+say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+wait_file() { for _ in $(seq 1 "$2"); do compgen -G "$1" > /dev/null && return 0; sleep 0.5; done; return 1; }
+ours() { ps -eo pid,ppid,pgid,etimes,args | grep -E "vllm.entrypoints|VLLM::|SUBREAPER|multiprocessing" | grep -v grep | cut -c1-160; }
+wait_log() { for _ in $(seq 1 "$3"); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.5; done; return 1; }
+
+say "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i 0)"
+say "python $(python3 -V 2>&1); vllm $(python3 -c 'import importlib.metadata as m; print(m.version("vllm"))'); kvcached $(python3 -c 'import importlib.metadata as m; print(m.version("kvcached"))')"
+BASE=$(used); say "idle card: ${BASE} MiB used"
+
+say "=== 1. kill -9 of the harness during a burst (static arm, 0.55 of the card)"
+python3 run_experiments.py "${COMMON[@]}" --experiments 2 --bursts 40 --burst-size 64 --max-tokens 256 \
+  --prompt-tokens 512 --gap-s 0.2 --no-warmup --results-dir "$WORK/kill" > "$OUTDIR/kill_harness.log" 2>&1 &
+H=$!
+if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
+  sleep 1
+  say "mid-burst: card ${BASE} -> $(used) MiB; our processes:"; ours | tee -a "$LOG"
+  kill -9 "$H"; T0=$(date +%s.%N); say "harness (pid $H) killed with SIGKILL"
+  BACK=""
+  for _ in $(seq 1 120); do
+    NOW=$(used)
+    if [ "$NOW" -le $((BASE + 64)) ]; then BACK=$(python3 -c "import time; print(f'{time.time() - $T0:.2f}')"); break; fi
+    sleep 0.25
+  done
+  say "card back to ${NOW} MiB ${BACK:+after ${BACK} s}${BACK:-: NOT back within 30 s}"
+  say "left of ours 10 s after the kill:"; sleep 2; ours | tee -a "$LOG" || say "(none)"
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tee -a "$LOG"
+else
+  say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_harness.log" | tee -a "$LOG"; kill -9 "$H"
+fi
+
+say "=== 2. two runs on the same ports"
+python3 run_experiments.py "${COMMON[@]}" --experiments 1 --bursts 6 --gap-s 2 --port-a 8101 --port-b 8102 \
+  --results-dir "$WORK/first" > "$OUTDIR/first_run.log" 2>&1 &
+F=$!
+# vLLM binds its port after ~20 s of imports and listens only once the engine is up (~50 s)
+wait_log "$OUTDIR/first_run.log" "starting A kvcached" 60 && sleep 25
+LISTENING=$(awk '$2 ~ /:1FA5$/ && $4 == "0A"' /proc/net/tcp /proc/net/tcp6 | wc -l)
+say "second run while the first is starting (first listening on 8101: $LISTENING):"
+python3 run_experiments.py "${COMMON[@]}" --experiments 1 --port-a 8101 --port-b 8102 --results-dir "$WORK/second_early" \
+  > "$OUTDIR/second_early.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port 8101|FAILED' "$OUTDIR/second_early.log" | cut -c1-300)"
+wait_log "$OUTDIR/first_run.log" "ready after" 300
+say "first run's server ready; second run while it serves:"
+python3 run_experiments.py "${COMMON[@]}" --experiments 1 --port-a 8101 --port-b 8102 --results-dir "$WORK/second_late" \
+  > "$OUTDIR/second_late.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port 8101|FAILED' "$OUTDIR/second_late.log" | cut -c1-300)"
+wait "$F"; say "first run: rc $?; headline: $(tail -1 "$OUTDIR/first_run.log" | cut -c1-600)"
+say "idle card at the end: $(used) MiB"
+tar czf "$OUTDIR/fault_check_runs.tgz" -C "$WORK" . 2>/dev/null

@@ -22,36 +22,68 @@
 # * offline:  `python run_experiments.py --report results/<run>` rebuilds summaries and plots.
 #
 # Results go to a fresh `results/<UTC timestamp>_<tag>/`, never overwritten.
+#
+# How this file reads: the story first (configuration, the table of experiments, what one
+# experiment does, main), then an appendix of machinery, one cell per concern. Nothing runs before
+# the last cell, so the story may call what the appendix defines.
 
 # %% Imports and runtime detection (no side effects)
 from __future__ import annotations
 
 import argparse
+
 import concurrent.futures
+
 import contextlib
+
 import dataclasses
+
 import datetime as _dt
+
 import errno
+
 import fcntl
+
 import gzip
+
 import json
+
 import math
+
 import os
+
 import random
+
 import re
+
 import resource
+
 import shlex
+
 import signal
+
 import socket
+
 import stat
+
 import struct
+
 import subprocess
+
 import sys
+
 import threading
+
 import time
+
 import traceback
+
 from pathlib import Path
+
 from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
 
 
 def running_in_notebook() -> bool:
@@ -59,40 +91,23 @@ def running_in_notebook() -> bool:
     return "ipykernel" in sys.modules or "google.colab" in sys.modules
 
 
-# %% Configuration
+# %% Configuration: every knob, one line each, with its unit and reason
 # In Colab, edit this string instead of passing command-line flags (the kernel's argv is ignored).
 NOTEBOOK_ARGS = "--preset auto"
 
 MIB = 1024 ** 2
-GIB = 1024 ** 3
-EXPERIMENTS = ("kvcached", "static", "shared_kvcached", "shared_static",
-               "overload_kvcached", "overload_static")
-EXPERIMENT_ALIASES = {"1": ["kvcached"], "2": ["static"], "3": ["shared_kvcached"],
-                      "4": ["shared_static"], "5": ["overload_kvcached", "overload_static"],
-                      "seed": ["kvcached", "static", "shared_kvcached"],
-                      "all": list(EXPERIMENTS)}
-# Order in which experiments run: grouped so that a server started for one is reused by the next
-# (kvcached A serves 1, 3 and 5; static A serves 2 and 4), which saves a vLLM start-up each time.
-RUN_ORDER = ("kvcached", "shared_kvcached", "overload_kvcached", "static", "shared_static",
-             "overload_static")
-PRESETS = ("auto", "seed", "smoke")
 
-SEED_PROMPTS = (
-    "Explain quantum entanglement to a curious 10-year-old.",
-    "Write a Python function that detects cycles in a linked list.",
-    "Summarize the plot of Hamlet in one paragraph.",
-    "List 5 surprising household uses for baking soda with explanations.",
-    "Compose a vivid haiku about rainy Monday mornings.",
-    "Describe the Fermi paradox and three plausible resolutions.",
-    "Translate 'knowledge is power' into French, German, and Japanese.",
-    "Explain the difference between TCP and UDP with real examples.",
-)
+
+GIB = 1024 ** 3
+
+
+PRESETS = ("auto", "seed", "smoke")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- what to run
-    experiments: str = "all"            # comma list of names or numbers 1-5, 'seed' = 1,2,3
+    experiments: str = "all"            # comma list of names or numbers (see the table), 'seed' = 1,2,3, 'all'
     preset: str = "auto"                # auto: bursts sized to the card; seed: the tutorial's; smoke: tiny
     tag: str = "run"                    # suffix of the results folder name
     results_dir: str = "results"        # parent of every run folder
@@ -104,8 +119,8 @@ class Config:
     load_format: str = ""               # 'dummy' = random weights with the real shapes (no download)
     max_model_len: int = 2048           # tokens; bounds prompt + output
     host: str = "127.0.0.1"             # vLLM binds every interface unless told otherwise
-    port_a: int = 8001
-    port_b: int = 8002
+    port_a: int = 8001                  # model A's server (one port per slot, so A can be reused across experiments)
+    port_b: int = 8002                  # model B's server
     api_key: str = ""                   # passed to vLLM and sent by the client when set
     server_cmd: str = ""                # replaces 'python -m vllm.entrypoints.openai.api_server'
     extra_server_args: str = ""         # appended to every server command
@@ -120,7 +135,7 @@ class Config:
     gap_s: float = -1.0                 # idle seconds between bursts; <0 = preset
     max_tokens: int = 0                 # output tokens per request; 0 = preset
     prompt_tokens: int = -1             # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
-    temperature: float = 0.7
+    temperature: float = 0.7            # sampling temperature of every request (the seed's value)
     ignore_eos: bool = False            # vLLM's ignore_eos: every response is exactly max_tokens long
     burst_kv_fraction: float = 0.05     # auto preset: one burst's KV demand as a fraction of free VRAM
     max_burst_size: int = 256           # auto preset: cap on concurrent requests
@@ -134,10 +149,11 @@ class Config:
     sample_hz: float = 20.0             # NVML device-memory samples per second
     process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
-    release_timeout_s: float = 20.0     # stop waiting for release after this
+    release_timeout_s: float = 20.0     # stop waiting for memory to come back after this
     idle_window_s: float = 1.5          # quiet time over which an idle level is taken
-    settle_s: float = 3.0               # ...or once memory has not moved for this long
+    settle_s: float = 3.0               # stop waiting for release once memory has not moved for this long
     report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
+    check: bool = False                 # only print the preflight checklist (also run before every run); exit 0/1
 
 
 PRESET_WORKLOADS = {
@@ -147,6 +163,450 @@ PRESET_WORKLOADS = {
     "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0),
 }
 
+
+# %% The experiments, as one table
+# Each entry is one experiment: its question, the group it is compared in, its arm (how KV memory is
+# managed), its servers, its schedule of bursts and the plans those bursts send. Nothing else in this
+# file knows experiments by name: adding one is one entry here, plus a server function for a new arm.
+@dataclasses.dataclass(frozen=True)
+class Step:
+    phase: str                          # label in summaries and plots
+    server: str                         # server slot: 'A' or 'B'
+    plan: str                           # key into the plans dict
+    burst: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Experiments that answer one question together, one per arm, compared kvcached vs static."""
+    name: str                           # key of the comparison in summary.json
+    pair: bool                          # two models share the card (per-model figures) or one model alone
+    ratios_by: str                      # the latency-ratio table is cut by 'model' or by 'phase'
+    plot: str                           # file name of the group's memory plot
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    number: int                         # what --experiments also accepts (entries may share a number)
+    name: str                           # folder and summary key
+    group: str                          # key of GROUPS
+    arm: str                            # 'kvcached' or 'static': which side of the comparison
+    question: str
+    servers: Callable[["Config", int], tuple["ServerSpec", ...]]   # (config, pair KV budget) -> servers
+    schedule: Callable[[int], tuple[Step, ...]]                    # bursts per plan -> steps
+    plans: tuple[str, ...]              # the plans its steps send
+    shares_budget: bool = False         # kvcached limits are set so the pair shares one KV budget
+
+
+def kvcached_server(cfg: "Config", slot: str) -> "ServerSpec":
+    return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=True)
+
+
+def static_server(cfg: "Config", slot: str, utilization: float, kv_bytes: Optional[int] = None) -> "ServerSpec":
+    return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=False,
+                      gpu_memory_utilization=utilization, kv_cache_memory_bytes=kv_bytes)
+
+
+# vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the
+# KV pool (default U = 0.92 would refuse the second server of a pair); U then only gates start-up.
+KV_BYTES_START_GATE = 0.2
+
+
+def pair_b_utilization(cfg: "Config") -> float:
+    return cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2)
+
+
+def single_bursts(bursts: int) -> tuple[Step, ...]:
+    return tuple(Step(f"burst {b + 1}", "A", "main", b) for b in range(bursts))
+
+
+def alternating_bursts(bursts: int) -> tuple[Step, ...]:
+    return tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in "AB")
+
+
+def overload_swap(bursts: int) -> tuple[Step, ...]:
+    return (Step("A bursts, B idle", "A", "overload_A", 0), Step("B bursts, A idle", "B", "overload_B", 0))
+
+
+GROUPS = {
+    "single": Group("single", pair=False, ratios_by="model", plot="vram_single_model.png"),
+    "shared": Group("shared", pair=True, ratios_by="model", plot="shared_memory.png"),
+    "overload": Group("overload", pair=True, ratios_by="phase", plot="overload_memory.png"),
+}
+COMPARED_ARMS = ("kvcached", "static")   # elastic first: ratios are kvcached / static
+
+EXPERIMENTS = [
+    Experiment(1, "kvcached", "single", "kvcached",
+               "How much VRAM does an idle kvcached server keep, and how does its memory follow a bursty load?",
+               lambda cfg, budget: (kvcached_server(cfg, "A"),), single_bursts, ("main",)),
+    Experiment(2, "static", "single", "static",
+               "The same with vLLM's static pool (--gpu-memory-utilization).",
+               lambda cfg, budget: (static_server(cfg, "A", cfg.gpu_memory_utilization),), single_bursts, ("main",)),
+    Experiment(3, "shared_kvcached", "shared", "kvcached",
+               "Two models on one GPU, both elastic, alternating bursts.",
+               lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")), alternating_bursts,
+               ("main",)),
+    Experiment(4, "shared_static", "shared", "static",
+               "The same pair split statically (--gpu-memory-utilization per model).",
+               lambda cfg, budget: (static_server(cfg, "A", cfg.gpu_memory_utilization),
+                                    static_server(cfg, "B", pair_b_utilization(cfg))), alternating_bursts, ("main",)),
+    Experiment(5, "overload_kvcached", "overload", "kvcached",
+               "One model bursts past its static share while the other idles; an elastic pair sharing one "
+               "KV budget (kvcached's per-instance limits).",
+               lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")), overload_swap,
+               ("overload_A", "overload_B"), shares_budget=True),
+    Experiment(5, "overload_static", "overload", "static",
+               "The same load on a static pair with half the KV budget each (--kv-cache-memory-bytes).",
+               lambda cfg, budget: (static_server(cfg, "A", KV_BYTES_START_GATE, budget // 2),
+                                    static_server(cfg, "B", KV_BYTES_START_GATE, budget // 2)), overload_swap,
+               ("overload_A", "overload_B")),
+]
+SEED_EXPERIMENTS = (1, 2, 3)            # the tutorial's three: --experiments seed
+
+
+def experiment(name: str) -> Optional[Experiment]:
+    return next((e for e in EXPERIMENTS if e.name == name), None)
+
+
+def parse_experiments(spec: str) -> list[Experiment]:
+    """'1,3', 'kvcached,static', 'seed' or 'all' -> entries in run order: grouped by arm so that a
+    server started for one experiment serves the next ones too (kvcached A serves 1, 3 and 5)."""
+    chosen: list[Experiment] = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        if token == "all":
+            found = list(EXPERIMENTS)
+        elif token == "seed":
+            found = [e for e in EXPERIMENTS if e.number in SEED_EXPERIMENTS]
+        else:
+            found = [e for e in EXPERIMENTS if token in (e.name, str(e.number))]
+        if not found:
+            raise ConfigError(f"--experiments: unknown experiment {token!r}; choose from "
+                              f"{', '.join(e.name for e in EXPERIMENTS)}, their numbers, 'seed' or 'all'")
+        chosen += [e for e in found if e not in chosen]
+    if not chosen:
+        raise ConfigError("--experiments: nothing chosen")
+    arms = list(dict.fromkeys(e.arm for e in EXPERIMENTS))
+    return sorted(chosen, key=lambda e: (arms.index(e.arm), EXPERIMENTS.index(e)))
+
+
+def group_arms(names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """group -> {arm: experiment name} for the experiments present, from the table."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        entry = experiment(name)
+        if entry is not None:
+            out.setdefault(entry.group, {})[entry.arm] = name
+    return out
+
+
+# %% What one experiment does
+# Start (or reuse) its servers; sample memory from an idle baseline; warm up; take the idle level;
+# send the planned bursts; wait for the memory to come back; write everything down as it happens.
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    """One table entry resolved against the config: concrete servers and steps."""
+    name: str
+    question: str
+    servers: tuple["ServerSpec", ...]
+    steps: tuple[Step, ...]
+    kv_budget: int = 0                  # bytes of KV memory the kvcached pair may hold together
+
+
+def resolve_experiment(entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"],
+                       budget_bytes: int) -> ExperimentSpec:
+    return ExperimentSpec(entry.name, entry.question, entry.servers(cfg, budget_bytes),
+                          entry.schedule(plans["main"].bursts), budget_bytes if entry.shares_budget else 0)
+
+
+def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"], pool: "ServerPool",
+                   nvml: Any, exp_dir: Path, say: Callable[[str], None]) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    say(f"\n=== {exp.name}: {exp.question}")
+    record = ExperimentRecord(exp.name, exp.question, steps=[dataclasses.asdict(s) for s in exp.steps],
+                              repeats=cfg.repeats, sample_interval_s=1 / cfg.sample_hz)
+    save = lambda: write_json(exp_dir / "experiment.json", record.to_json())
+    save()   # a run killed from here on can still be reported
+    before = set(pool.running)
+    servers = pool.ensure(list(exp.servers), exp_dir)
+    by_slot = {s.spec.name: s for s in servers}
+    record.servers = [s.describe() for s in servers]
+    record.reused = [s.spec.label for s in servers if s.spec.key in before]
+    marks = record.marks
+    sampler = Sampler(nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz)
+    watch = MemoryWatch(sampler)
+    sampler.start()
+    sink = RecordSink(exp_dir / "requests.jsonl")
+    restore_limits: dict[str, int] = {}
+    try:
+        marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
+        save()
+        if exp.kv_budget:
+            record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits, say)
+        if cfg.warmup:
+            start = time.time()
+            warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl", say)
+            marks.warmup = (start, time.time())
+            outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
+                                         cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+            say(f"  after warm-up memory {outcome}")
+        marks.idle_before = sleep_idle_window(cfg.idle_window_s)
+        idle = window_median(list(sampler.device), *marks.idle_before)
+        workload_start = time.time()
+        for repeat in range(cfg.repeats):
+            for i, step in enumerate(exp.steps):
+                burst = BurstMark(step.phase, step.server, repeat, time.time())
+                marks.bursts.append(burst)
+                run_step(cfg, exp, step, plans[step.plan], by_slot[step.server], repeat, say, sink)
+                burst.end = time.time()
+                save()
+                last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
+                if not last:
+                    time.sleep(plans[step.plan].gap_s)
+        marks.workload = (workload_start, time.time())
+        outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+        say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
+        time.sleep(cfg.idle_window_s)   # a short flat tail, so the plots show where memory ended up
+        record.finished = True
+    finally:
+        for ipc, total in restore_limits.items():
+            with contextlib.suppress(OSError):
+                write_segment_limit(ipc, total)
+        sampler.stop()
+        marks.sampling_end = time.time()
+        for burst in marks.bursts:   # a burst cut short by an interrupt ends here
+            burst.end = burst.end or marks.sampling_end
+        record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
+        save()
+
+
+# %% main(): resolve the config, open the run folder, run the table, report
+@dataclasses.dataclass
+class Run:
+    """Everything one run needs, settled before the first server starts."""
+    cfg: "Config"
+    experiments: list[Experiment]
+    nvml: Any
+    gpu: dict
+    plans: dict[str, "WorkloadPlan"]
+    budget: int                         # bytes of KV memory each overload pair shares
+    run_dir: Path
+    config: dict                        # what config.json holds
+
+
+def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print) -> int:
+    """Exit code: 0 all measured; 1 an experiment failed or its memory figures are void; 2 bad input
+    (nothing launched); 130 interrupted."""
+    try:
+        cfg = config_from_args(argv, say)
+        if cfg is None:   # --help
+            return 0
+        if cfg.report:
+            say(json.dumps(build_report(Path(cfg.report))))
+            return 0
+        say = scrubbed(say)
+        if cfg.check:
+            checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
+            say(checklist(checks))
+            return 0 if all(c.ok for c in checks) else 1
+        run = prepare_run(cfg, argv, nvml_module, say)
+    except (ConfigError, ReportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    interrupted, failures = run_table(run, say)
+    return report_run(run, interrupted, failures, say)
+
+
+def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
+    """Every chosen experiment in turn, servers kept across them where they fit, all stopped at the end.
+    Returns (interrupted, failed experiments)."""
+    specs = {e.name: resolve_experiment(e, run.cfg, run.plans, run.budget) for e in run.experiments}
+    pool = ServerPool(run.cfg, say, pin_to_card(run.gpu, run.cfg.gpu_index, say))
+    restore = install_stop_signals(say) if not running_in_notebook() else {}
+    interrupted, failures = False, 0
+    try:
+        for number, entry in enumerate(run.experiments, 1):
+            exp_dir = run.run_dir / f"{number:02d}_{entry.name}"
+            try:
+                run_experiment(run.cfg, specs[entry.name], run.plans, pool, run.nvml, exp_dir, say)
+            except Exception as exc:   # this experiment failed; the others still run
+                failures += 1
+                exp_dir.mkdir(parents=True, exist_ok=True)
+                write_json(exp_dir / "error.json", {"experiment": entry.name, "error": f"{type(exc).__name__}: {exc}",
+                                                    "traceback": traceback.format_exc()})
+                say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
+            for server in pool.running.values():
+                run.config["servers"][server.spec.label] = server.describe()
+            write_json(run.run_dir / "config.json", run.config)
+    except KeyboardInterrupt:
+        interrupted = True
+        SIGNALS_SEEN[0] = max(SIGNALS_SEEN[0], 1)   # a notebook's stop button reaches us only this way
+        say("\ninterrupted: stopping every server before leaving")
+    finally:
+        try:
+            pool.close()
+        except KeyboardInterrupt:   # signalled again while stopping: the servers are gone all the same
+            interrupted = True
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+        with contextlib.suppress(Exception):
+            run.nvml.nvmlShutdown()
+    return interrupted, failures
+
+
+def report_run(run: Run, interrupted: bool, failures: int, say: Callable[[str], None]) -> int:
+    run.config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    run.config["interrupted"] = interrupted
+    write_json(run.run_dir / "config.json", run.config)
+    try:
+        result = build_report(run.run_dir)
+    except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
+        print(f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
+              f"{run.run_dir}; retry with --report {run.run_dir}", file=sys.stderr)
+        return 1
+    say(f"\nsummary: {run.run_dir / 'summary.md'}")
+    for name in result["invalid"]:
+        say(f"WARNING: {name}: memory figures void ({'; '.join(result['problems'].get(name, []))})")
+    if running_in_notebook():
+        show_in_notebook(run.run_dir)
+    say(json.dumps(result))
+    return 130 if interrupted else (1 if failures or result["invalid"] else 0)
+
+
+# %% Appendix: the machinery, one cell per concern
+# Configuration parsing, model facts, workload plans, secrets, server lifecycle, kvcached's segment,
+# memory sampling, load generation, metrics, summaries, plots, report, run set-up, signals.
+
+
+# %% Records of an experiment: experiment.json's phase marks and facts
+@dataclasses.dataclass
+class Marks:
+    """When each phase of an experiment happened (wall clock), for summaries and plots."""
+    idle_after_load: Optional[tuple[float, float]] = None   # quiet window right after the servers are up
+    warmup: Optional[tuple[float, float]] = None
+    idle_before: Optional[tuple[float, float]] = None       # quiet window after the warm-up: the idle level
+    workload: Optional[tuple[float, float]] = None          # first burst start to last burst end
+    sampling_end: Optional[float] = None
+    bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "bursts"}
+        return {**out, "bursts": [dataclasses.asdict(b) for b in self.bursts]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Marks":
+        spans = {k: tuple(data[k]) for k in ("idle_after_load", "warmup", "idle_before", "workload")
+                 if data.get(k) is not None}
+        return cls(**spans, sampling_end=data.get("sampling_end"),
+                   bursts=[BurstMark(**b) for b in data.get("bursts") or []])
+
+
+@dataclasses.dataclass
+class BurstMark:
+    phase: str
+    server: str
+    repeat: int
+    start: float
+    end: Optional[float] = None         # None: cut off (interrupted, killed)
+
+
+@dataclasses.dataclass
+class ExperimentRecord:
+    """experiment.json: what ran, on which servers, and when; written at the start and after each burst."""
+    name: str
+    question: str
+    servers: list[dict] = dataclasses.field(default_factory=list)   # RunningServer.describe() of each
+    reused: list[str] = dataclasses.field(default_factory=list)     # labels of servers kept from before
+    steps: list[dict] = dataclasses.field(default_factory=list)
+    repeats: int = 1
+    marks: Marks = dataclasses.field(default_factory=Marks)
+    sample_interval_s: Optional[float] = None
+    finished: bool = False
+    sampler_errors: int = 0
+    sampler_error_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
+    kv_limits: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
+                "marks": self.marks.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExperimentRecord":
+        known = {f.name for f in dataclasses.fields(cls)} - {"marks"}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.marks = Marks.from_json(data.get("marks") or {})
+        record.finished = data.get("finished", True)   # runs from before this field finished
+        return record
+
+
+
+# %% Experiment steps: warm-up, one burst, a shared KV budget
+def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"],
+            by_slot: dict[str, "RunningServer"], path: Path, say: Callable[[str], None]) -> None:
+    """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
+    heavy burst is several times slower, whichever arm it hits."""
+    for slot, server in by_slot.items():
+        step = next((s for s in exp.steps if s.server == slot), None)
+        if step is None or server.warmed:   # cold-start costs are paid once per process
+            continue
+        say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
+        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plans[step.plan], server, -1,
+                 say, RecordSink(path, keep_itl=False))
+        server.warmed.add(step.plan)
+
+
+def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan", server: "RunningServer",
+             repeat: int, say: Callable[[str], None], sink: Callable[["RequestRecord"], None]) -> list["RequestRecord"]:
+    """One burst against a server that must still be alive before and after it."""
+    code = server.exit_code()
+    if code is not None:
+        raise ServerError(f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.\n"
+                          f"{server.evidence()}")
+    reqs = plan.burst(step.burst)
+    make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
+    started = time.time()
+    records = run_burst(server, reqs, make, cfg, say=say, sink=sink)
+    failed = sum(not r.ok for r in records)
+    ttft = percentile([r.ttft_s for r in records if r.ok], 50)
+    say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
+        f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
+        f"{'n/a' if ttft is None else f'{ttft:.3f} s'}")
+    if failed == len(records):
+        first = next((r.error for r in records if r.error), "unknown")
+        problem = server_problem(server)
+        if problem:   # a dead server makes every later number meaningless: stop this experiment
+            raise ServerError(f"every request of {step.phase!r} failed and server {server.spec.label} "
+                              f"{problem} (first error: {first}).\n{server.evidence()}")
+        say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
+    return records
+
+
+def apply_pair_budget(budget: int, by_slot: dict[str, "RunningServer"], restore: dict[str, int],
+                      say: Callable[[str], None]) -> dict[str, int]:
+    """Write kvcached limits so the pair shares `budget`; remembers the old limits in `restore`."""
+    segments = {}
+    for slot, server in by_slot.items():
+        segments[slot] = read_segment(server.spec.ipc_name)
+        if segments[slot] is None:
+            raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
+                               f"is kvcached active in server {slot}? (see {server.log_path})")
+    limits = pair_limits(budget, segments)
+    for slot, limit in limits.items():
+        own = segments[slot]["used_bytes"] + segments[slot]["prealloc_bytes"]
+        if limit <= own:
+            raise RuntimeError(
+                f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {slot} no room to grow: "
+                f"the pair already holds {sum(s['used_bytes'] + s['prealloc_bytes'] for s in segments.values()) / MIB:,.0f} "
+                f"MiB of pre-allocated KV pages. Raise --overload-budget-gib.")
+        ipc = by_slot[slot].spec.ipc_name
+        restore[ipc] = segments[slot]["total_bytes"]
+        write_segment_limit(ipc, limit)
+        say(f"  kvcached limit of {slot} set to {limit / GIB:.2f} GiB "
+            f"(was {segments[slot]['total_bytes'] / GIB:.1f} GiB)")
+    return limits
+
+
+
+# %% Configuration machinery: flags from the Config fields, checks before anything launches
 class ConfigError(ValueError):
     """A bad flag value, reported before anything is launched."""
 
@@ -192,19 +652,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_experiments(spec: str) -> list[str]:
-    chosen: list[str] = []
-    for token in (t.strip() for t in spec.split(",") if t.strip()):
-        names = EXPERIMENT_ALIASES.get(token, [token] if token in EXPERIMENTS else None)
-        if names is None:
-            raise ConfigError(f"--experiments: unknown experiment {token!r}; "
-                              f"choose from {', '.join(EXPERIMENTS)}, numbers 1-5, 'seed' or 'all'")
-        chosen += [n for n in names if n not in chosen]
-    if not chosen:
-        raise ConfigError("--experiments: nothing chosen")
-    return [n for n in RUN_ORDER if n in chosen]
-
-
 def need(ok: bool, flag: str, why: str) -> None:
     """A ConfigError naming the flag (Config field name) when ok is False."""
     if not ok:
@@ -212,7 +659,7 @@ def need(ok: bool, flag: str, why: str) -> None:
 
 
 def validate_config(cfg: Config) -> Config:
-    """Check every flag before anything launches; returns cfg with the preset's workload filled in."""
+    """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
     for field in dataclasses.fields(Config):   # inf/nan would crash, hang or fail every experiment
         value = getattr(cfg, field.name)
         if isinstance(value, float):
@@ -255,7 +702,18 @@ def validate_config(cfg: Config) -> Config:
     if cfg.pair_utilization_b == 0:
         need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
              "leaves no room for model B in shared_static; set --pair-utilization-b")
-    return fill_preset(cfg)
+    return cfg
+
+
+def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
+    """The values a run uses: the preset's workload where flags were left open, and the rules that
+    follow from other flags."""
+    cfg = fill_preset(cfg)
+    if cfg.load_format == "dummy" and not cfg.ignore_eos:
+        say("note: --load-format dummy gives random weights whose output can end at any token; "
+            "turning on --ignore-eos so every response has exactly max_tokens tokens")
+        cfg = dataclasses.replace(cfg, ignore_eos=True)
+    return cfg
 
 
 def fill_preset(cfg: Config) -> Config:
@@ -288,12 +746,16 @@ def parse_env_pairs(spec: str) -> dict[str, str]:
     return pairs
 
 
-def config_from_args(argv: Optional[list[str]]) -> Config:
-    """Parse argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) into a validated Config."""
+def config_from_args(argv: Optional[list[str]], say: Callable[[str], None] = print) -> Optional[Config]:
+    """argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) -> the validated, resolved Config;
+    None once --help has been printed."""
     if argv is None:
         argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
-    namespace = build_parser().parse_args(argv)   # --help prints and raises SystemExit(0)
-    return validate_config(Config(**vars(namespace)))
+    try:
+        namespace = build_parser().parse_args(argv)
+    except SystemExit:   # --help printed (bad flags raise ConfigError instead)
+        return None
+    return resolve_config(validate_config(Config(**vars(namespace))), say)
 
 
 # %% Model facts: KV bytes per token, read without torch or the network when possible
@@ -304,26 +766,35 @@ KNOWN_MODEL_CONFIGS = {
     "Qwen/Qwen2.5-1.5B-Instruct": dict(num_hidden_layers=28, num_key_value_heads=2,
                                        hidden_size=1536, num_attention_heads=12, torch_dtype="bfloat16"),
 }
+
+
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 
-def load_model_config(model: str, timeout_s: float = 5.0) -> tuple[Optional[dict], str]:
+def load_model_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[dict], str]:
     """(config.json as a dict, where it came from). Local folder, then known table, then the hub."""
     local = Path(model).expanduser() / "config.json"
     if local.is_file():
         return json.loads(local.read_text()), str(local)
     if model in KNOWN_MODEL_CONFIGS:
         return dict(KNOWN_MODEL_CONFIGS[model]), "built-in table"
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            import requests
-            url = f"https://huggingface.co/{model}/resolve/main/config.json"
-            response = requests.get(url, timeout=timeout_s)
-            if response.ok:
-                return response.json(), url
-        except Exception:   # no network: the caller falls back to the preset
-            pass
+    path, _ = hub_config(model, timeout_s)
+    if path is not None:
+        return json.loads(Path(path).read_text()), f"hub: {model}"
     return None, "unavailable"
+
+
+def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]:
+    """(local path of the model's config.json, '') or (None, why not). huggingface_hub (installed with
+    vLLM) honours HF_TOKEN for gated models, HF_ENDPOINT for mirrors, its cache and HF_HUB_OFFLINE=1."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None, "huggingface_hub is not installed (it comes with vLLM)"
+    try:
+        return hf_hub_download(model, "config.json", etag_timeout=timeout_s), ""
+    except Exception as exc:   # gated, missing, offline, unreachable: the message says which
+        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def kv_bytes_per_token(model_config: dict) -> int:
@@ -337,6 +808,18 @@ def kv_bytes_per_token(model_config: dict) -> int:
 
 
 # %% Workload plan: built from a seed before sending, saved, identical for every arm
+SEED_PROMPTS = (
+    "Explain quantum entanglement to a curious 10-year-old.",
+    "Write a Python function that detects cycles in a linked list.",
+    "Summarize the plot of Hamlet in one paragraph.",
+    "List 5 surprising household uses for baking soda with explanations.",
+    "Compose a vivid haiku about rainy Monday mornings.",
+    "Describe the Fermi paradox and three plausible resolutions.",
+    "Translate 'knowledge is power' into French, German, and Japanese.",
+    "Explain the difference between TCP and UDP with real examples.",
+)
+
+
 FILLER_WORDS = ("system memory cache model token latency river mountain quiet garden window "
                 "history science music engine signal careful bright simple number market").split()
 
@@ -433,7 +916,11 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
 
 # %% Secrets: never written to the run folder, the logs' headers or stdout
 REDACTED = "***"
+
+
 SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
+
+
 SECRETS: set[str] = set()   # values to scrub from anything we write or print (filled by register_secrets)
 
 
@@ -516,6 +1003,14 @@ class ServerSpec:
 
 class ServerError(RuntimeError):
     """A server that did not come up, died, or is not ours, with the evidence to fix it."""
+
+
+def model_of(cfg: Config, slot: str) -> str:
+    return {"A": cfg.model_a, "B": cfg.model_b}[slot]
+
+
+def port_of(cfg: Config, slot: str) -> int:
+    return {"A": cfg.port_a, "B": cfg.port_b}[slot]
 
 
 def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
@@ -601,6 +1096,8 @@ def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
 
 
 TCP_LISTEN = "0A"                         # /proc/net/tcp state of a listening socket
+
+
 TCP_CLOSING = ("01", "04", "05", "06", "08", "09", "0B")   # established and closing connections
 
 
@@ -742,7 +1239,11 @@ while True:
         remove_segment()
         os._exit(code if code >= 0 else 128 - code)
 """
+
+
 KEEPER_GRACE_S = 4.0          # after the harness is gone: SIGINT, this long, then SIGKILL
+
+
 _LIFELINE: list[int] = []     # [read end, write end]; the write end never leaves this process
 
 
@@ -898,8 +1399,14 @@ def server_problem(server: RunningServer) -> Optional[str]:
 
 # --- stopping: SIGINT, SIGTERM, SIGKILL to the keeper's group and every process seen in the tree
 STOP_STAGES = ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+
+
 HURRY = threading.Event()           # set by a second Ctrl-C/SIGTERM during a stop: SIGKILL now
+
+
 STOPPING = threading.Event()        # a stop is under way: signal handlers must not interrupt it
+
+
 INTERRUPT_PENDING = threading.Event()   # a signal arrived during a stop: the run ends once it is done
 
 
@@ -983,8 +1490,8 @@ class ServerPool:
         if not servers:
             return
         worst = sum(wait for _, wait in STOP_STAGES)
-        self.say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to "
-                 f"{worst:.0f} s; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now")
+        hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
+        self.say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}")
         try:
             took = stop_servers(servers, say=self.say)
             self.say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
@@ -1025,6 +1532,8 @@ class ServerPool:
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
 SHM_DIR = Path("/dev/shm")                # where kvcached 0.1.6 puts KVCACHED_IPC_NAME
+
+
 SEGMENT = struct.Struct("<qqq")
 
 
@@ -1102,6 +1611,13 @@ def remove_segment(ipc_name: str, say: Callable[[str], None] = print) -> bool:
     return True
 
 
+def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
+    """kvcached limits per instance so the pair never holds more than `budget` of KV memory:
+    each may grow into whatever the other does not hold now (used + preallocated pages)."""
+    held = {name: seg["used_bytes"] + seg["prealloc_bytes"] for name, seg in segments.items()}
+    return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
+
+
 # %% GPU memory sampling in a background thread (NVML, never torch)
 def load_nvml(module: Any = None) -> Any:
     """The NVML module (nvidia-ml-py's `pynvml`), initialised; injectable for tests."""
@@ -1128,6 +1644,16 @@ def gpu_facts(nvml: Any, index: int) -> dict:
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
         facts["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
     return facts
+
+
+FOREIGN_PIDS = ("NVML reports process ids from another PID namespace (a container): per-server memory is "
+                "unavailable here; the device totals are unaffected")
+
+
+def pids_from_elsewhere(by_pid: dict[int, int]) -> bool:
+    """NVML lists processes on the card, yet none of them exists in our /proc: we run in a container
+    whose PID namespace hides the host pids NVML reports."""
+    return bool(by_pid) and not any(Path(f"/proc/{pid}").exists() for pid in by_pid)
 
 
 def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
@@ -1167,11 +1693,12 @@ class Sampler(threading.Thread):
     """
 
     def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
-                 sample_hz: float, process_hz: float):
+                 sample_hz: float, process_sample_hz: float):
         super().__init__(daemon=True, name="memory-sampler")
         self.nvml, self.servers, self.path = nvml, servers, path
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        self.interval, self.slow_every = 1.0 / sample_hz, max(1, round(sample_hz / process_hz))
+        # per-process, segment and /metrics samples come every `slow_ticks` device samples
+        self.interval, self.slow_ticks = 1.0 / sample_hz, max(1, round(sample_hz / process_sample_hz))
         self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
         self.lock = threading.Lock()
         self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
@@ -1211,16 +1738,19 @@ class Sampler(threading.Thread):
         except Exception as exc:   # NVML hiccups must not end the experiment
             self.count_error("nvml")
             rows.append({"kind": "error", "t": now, "source": "nvml", "error": repr(exc)})
-        if tick % self.slow_every == 0:
+        if tick % self.slow_ticks == 0:
             try:
                 by_pid = gpu_processes(self.nvml, self.handle)
+                foreign = pids_from_elsewhere(by_pid)
                 for server in self.servers:
                     pids = server.tree()
                     used = sum(by_pid.get(p, 0) for p in pids)
                     holders = {str(p): by_pid[p] / MIB for p in pids if p in by_pid}
-                    rows.append({"kind": "process", "t": now, "server": server.spec.name,
-                                 "used_mib": used / MIB, "holders_mib": holders,
-                                 "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)})
+                    row = {"kind": "process", "t": now, "server": server.spec.name, "used_mib": used / MIB,
+                           "holders_mib": holders, "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)}
+                    if foreign and not holders:   # a container: NVML speaks of host pids we cannot see
+                        row.update(used_mib=None, unattributed=FOREIGN_PIDS)
+                    rows.append(row)
             except Exception as exc:
                 self.count_error("nvml-processes")
                 rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
@@ -1237,7 +1767,7 @@ class Sampler(threading.Thread):
         self._write(rows)
 
     def _metrics_loop(self) -> None:
-        interval = self.interval * self.slow_every
+        interval = self.interval * self.slow_ticks
         while not self.halt.wait(interval):
             for server in self.servers:
                 now = time.time()
@@ -1273,6 +1803,39 @@ class Sampler(threading.Thread):
             if self.file is not None:
                 self.file.close()
             self.file = None
+
+
+class MemoryWatch:
+    """Reads the sampler's live device samples to wait for the event itself instead of a fixed sleep."""
+
+    def __init__(self, sampler: "Sampler"):
+        self.sampler = sampler
+
+    def recent(self, seconds: float) -> list[tuple[float, float]]:
+        cutoff = time.time() - seconds
+        return [s for s in list(self.sampler.device) if s[0] >= cutoff]
+
+    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float,
+                     timeout_s: float) -> str:
+        """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
+        start = time.time()
+        while time.time() - start < timeout_s:
+            window = [s for s in self.recent(settle_s) if s[0] > start]
+            if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
+                return "released"
+            if time.time() - start >= settle_s and window:
+                values = [v for _, v in window]
+                if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
+                    return "settled"
+            time.sleep(0.1)
+        return "timeout"
+
+
+def sleep_idle_window(seconds: float) -> tuple[float, float]:
+    """Sleep with no requests in flight; the (start, end) over which an idle level is taken."""
+    start = time.time()
+    time.sleep(seconds)
+    return (start, time.time())
 
 
 # %% Load generation: one streaming request function that never raises
@@ -1474,213 +2037,7 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
         session.close()
 
 
-# %% Metrics: pure functions of saved records
-def percentile(values: Iterable[float], q: float) -> Optional[float]:
-    """Linear-interpolated percentile (q in 0..100); None for no data."""
-    data = sorted(v for v in values if v is not None and math.isfinite(v))
-    if not data:
-        return None
-    pos = (len(data) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
-def distribution(values: Iterable[Optional[float]]) -> dict:
-    data = [v for v in values if v is not None]
-    return {"n": len(data), "p50": percentile(data, 50), "p90": percentile(data, 90),
-            "p99": percentile(data, 99), "mean": (sum(data) / len(data)) if data else None,
-            "max": max(data) if data else None}
-
-
-def latency_summary(records: list[dict]) -> dict:
-    """TTFT / TPOT / E2E percentiles, throughput and errors from requests.jsonl rows."""
-    ok = [r for r in records if r.get("ok")]
-    failed = [r for r in records if not r.get("ok")]
-    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ok
-            if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None]
-    span = None
-    if records:
-        start = min(r["t_send"] for r in records)
-        end = max(r["t_send"] + (r.get("e2e_s") or 0) for r in records)
-        span = end - start
-    out_tokens = sum(r.get("completion_tokens") or 0 for r in ok)
-    errors: dict[str, int] = {}
-    for r in failed:
-        key = (r.get("error") or "unknown")[:80]
-        errors[key] = errors.get(key, 0) + 1
-    summary = {"requests": len(records), "ok": len(ok), "failed": len(failed), "errors": errors,
-            "ttft_s": distribution(r.get("ttft_s") for r in ok),
-            "tpot_s": distribution(tpot),
-            "e2e_s": distribution(r.get("e2e_s") for r in ok),
-            "output_tokens": out_tokens,
-            "prompt_tokens_mean": (sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
-            "output_tokens_per_s": (out_tokens / span) if span else None}
-    if not_streamed(ok):   # the whole answer came in one read: a "TTFT" would be the E2E time
-        summary["ttft_s"] = summary["tpot_s"] = distribution([])
-        summary["ttft_note"] = ("the server did not stream (each response arrived in one piece): "
-                                "time to first token and per-token time cannot be measured")
-    return summary
-
-
-def not_streamed(ok_rows: list[dict]) -> bool:
-    """Most multi-token responses arrived in a single read (rows from before this field: streamed)."""
-    multi = [r for r in ok_rows if (r.get("completion_tokens") or 0) >= 2 and "content_reads" in r]
-    return bool(multi) and sum(r["content_reads"] < 2 for r in multi) > len(multi) / 2
-
-
-def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
-    return percentile([v for t, v in samples if start <= t <= end], 50)
-
-
-def window_max(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
-    values = [v for t, v in samples if start <= t <= end]
-    return max(values) if values else None
-
-
-def release_time(samples: list[tuple[float, float]], workload_end: float, idle: Optional[float],
-                 tolerance: float) -> Optional[float]:
-    """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
-    if idle is None:
-        return None
-    limit = idle * (1 + tolerance)
-    for t, value in samples:
-        if t >= workload_end and value <= limit:
-            return t - workload_end
-    return None
-
-
-def memory_summary(samples: list[tuple[float, float]], marks: dict, tolerance: float) -> dict:
-    """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
-    idle_load = window_median(samples, *marks["idle_after_load"]) if "idle_after_load" in marks else None
-    idle = window_median(samples, *marks["idle_before"]) if "idle_before" in marks else idle_load
-    start, end = marks.get("workload", (None, None))
-    stop = marks.get("sampling_end", end)
-    peak = window_max(samples, start, stop) if start is not None else None
-    after = [v for t, v in samples if end is not None and t >= end]
-    return {"idle_after_load_mib": idle_load, "idle_before_workload_mib": idle, "peak_mib": peak,
-            "flex_mib": (peak - idle) if peak is not None and idle is not None else None,
-            "release_s": release_time(samples, end, idle, tolerance) if end is not None else None,
-            "residual_mib": (after[-1] - idle) if after and idle is not None else None,
-            # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit
-            # above the level right after loading
-            "residual_vs_load_mib": (after[-1] - idle_load) if after and idle_load is not None else None}
-
-
-def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
-    """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
-    release time read across it would be wrong."""
-    times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
-    return max(b - a for a, b in zip(times, times[1:]))
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return (a / b) if a is not None and b not in (None, 0) else None
-
-
-def spread(values: list[Optional[float]]) -> dict:
-    data = [v for v in values if v is not None]
-    return {"median": percentile(data, 50), "min": min(data) if data else None,
-            "max": max(data) if data else None, "n": len(data)}
-
-
-# %% Experiments: which servers, which schedule of bursts
-# vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the
-# KV pool (default U = 0.92 would refuse the second server of a pair); U then only gates start-up.
-KV_BYTES_START_GATE = 0.2
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    phase: str                          # label in summaries and plots
-    server: str                         # 'A' or 'B'
-    plan: str                           # key into the plans dict
-    burst: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentSpec:
-    name: str
-    question: str
-    servers: tuple[ServerSpec, ...]
-    steps: tuple[Step, ...]
-    kv_budget: int = 0                  # bytes of KV memory the kvcached pair may hold together
-
-
-def define_experiments(cfg: Config, plans: dict[str, WorkloadPlan], budget_bytes: int) -> dict[str, ExperimentSpec]:
-    kvc_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=True)
-    kvc_b = ServerSpec("B", cfg.model_b, cfg.port_b, kvcached=True)
-    static_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=False,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-    pair_b = cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2)
-    static_b = ServerSpec("B", cfg.model_b, cfg.port_b, kvcached=False, gpu_memory_utilization=pair_b)
-    budget_a = ServerSpec("A", cfg.model_a, cfg.port_a, kvcached=False,
-                          gpu_memory_utilization=KV_BYTES_START_GATE, kv_cache_memory_bytes=budget_bytes // 2)
-    budget_b = dataclasses.replace(budget_a, name="B", model=cfg.model_b, port=cfg.port_b)
-    bursts = plans["main"].bursts
-    single = tuple(Step(f"burst {b + 1}", "A", "main", b) for b in range(bursts))
-    alternating = tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in "AB")
-    overload = (Step("A bursts, B idle", "A", "overload_A", 0), Step("B bursts, A idle", "B", "overload_B", 0))
-    return {
-        "kvcached": ExperimentSpec("kvcached", "How much VRAM does an idle kvcached server keep, and "
-                                   "how does its memory follow a bursty load?", (kvc_a,), single),
-        "static": ExperimentSpec("static", f"The same with vLLM's static pool "
-                                 f"(--gpu-memory-utilization {cfg.gpu_memory_utilization:g}).", (static_a,), single),
-        "shared_kvcached": ExperimentSpec("shared_kvcached", "Two models on one GPU, both elastic, "
-                                          "alternating bursts.", (kvc_a, kvc_b), alternating),
-        "shared_static": ExperimentSpec("shared_static", f"The same pair split statically "
-                                        f"(A {cfg.gpu_memory_utilization:g}, B {pair_b:g} of the card).",
-                                        (static_a, static_b), alternating),
-        "overload_kvcached": ExperimentSpec(
-            "overload_kvcached", f"One model bursts past its static share while the other idles; "
-            f"elastic pair sharing a {budget_bytes / GIB:g} GiB KV budget (kvcached's per-instance limit).",
-            (kvc_a, kvc_b), overload, kv_budget=budget_bytes),
-        "overload_static": ExperimentSpec(
-            "overload_static", f"The same load with a static pair of {budget_bytes / 2 / GIB:g} GiB "
-            f"KV each (--kv-cache-memory-bytes).", (budget_a, budget_b), overload),
-    }
-
-
-# %% Experiment driver pieces
-def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
-    """kvcached limits per instance so the pair never holds more than `budget` of KV memory:
-    each may grow into whatever the other does not hold now (used + preallocated pages)."""
-    held = {name: seg["used_bytes"] + seg["prealloc_bytes"] for name, seg in segments.items()}
-    return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
-
-
-class MemoryWatch:
-    """Reads the sampler's live device samples to wait for the event itself instead of a fixed sleep."""
-
-    def __init__(self, sampler: "Sampler"):
-        self.sampler = sampler
-
-    def recent(self, seconds: float) -> list[tuple[float, float]]:
-        cutoff = time.time() - seconds
-        return [s for s in list(self.sampler.device) if s[0] >= cutoff]
-
-    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float,
-                     timeout_s: float) -> str:
-        """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
-        start = time.time()
-        while time.time() - start < timeout_s:
-            window = [s for s in self.recent(settle_s) if s[0] > start]
-            if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
-                return "released"
-            if time.time() - start >= settle_s and window:
-                values = [v for _, v in window]
-                if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
-                    return "settled"
-            time.sleep(0.1)
-        return "timeout"
-
-
-def sleep_idle_window(seconds: float) -> tuple[float, float]:
-    """Sleep with no requests in flight; the (start, end) over which an idle level is taken."""
-    start = time.time()
-    time.sleep(seconds)
-    return (start, time.time())
-
-
+# %% Files: raw rows appended as they come, JSON replaced whole
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "a") as f:
         for row in rows:
@@ -1702,7 +2059,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(finite(obj), indent=2))
+    write_text_atomic(path, json.dumps(to_json(obj), indent=2))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -1730,141 +2087,185 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
     return row
 
 
-def run_step(cfg: Config, exp: ExperimentSpec, step: Step, plan: WorkloadPlan, server: RunningServer,
-             repeat: int, say: Callable[[str], None], sink: Callable[[RequestRecord], None]) -> list[RequestRecord]:
-    """One burst against a server that must still be alive before and after it."""
-    problem = server.exit_code()
-    if problem is not None:
-        raise ServerError(f"server {server.spec.label} died (exit code {problem}) before {step.phase!r}.\n"
-                          f"{server.evidence()}")
-    reqs = plan.burst(step.burst)
-    make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
-    started = time.time()
-    records = run_burst(server, reqs, make, cfg, say=say, sink=sink)
-    failed = sum(not r.ok for r in records)
-    ttft = percentile([r.ttft_s for r in records if r.ok], 50)
-    say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
-        f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
-        f"{'n/a' if ttft is None else f'{ttft:.3f} s'}")
-    if failed == len(records):
-        first = next((r.error for r in records if r.error), "unknown")
-        problem = server_problem(server)
-        if problem:   # a dead server makes every later number meaningless: stop this experiment
-            raise ServerError(f"every request of {step.phase!r} failed and server {server.spec.label} "
-                              f"{problem} (first error: {first}).\n{server.evidence()}")
-        say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
-    return records
+# %% Metrics: pure functions of saved records
+def percentile(values: Iterable[Optional[float]], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (q in 0..100); None for no data."""
+    data = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.percentile(data, q)) if data else None
 
 
-def apply_pair_budget(budget: int, by_name: dict[str, RunningServer], restore: dict[str, int],
-                      say: Callable[[str], None]) -> dict[str, int]:
-    """Write kvcached limits so the pair shares `budget`; remembers the old limits in `restore`."""
-    segments = {}
-    for name, server in by_name.items():
-        segments[name] = read_segment(server.spec.ipc_name)
-        if segments[name] is None:
-            raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
-                               f"is kvcached active in server {name}? (see {server.log_path})")
-    limits = pair_limits(budget, segments)
-    for name, limit in limits.items():
-        own = segments[name]["used_bytes"] + segments[name]["prealloc_bytes"]
-        if limit <= own:
-            raise RuntimeError(
-                f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {name} no room to grow: "
-                f"the pair already holds {sum(s['used_bytes'] + s['prealloc_bytes'] for s in segments.values()) / MIB:,.0f} "
-                f"MiB of pre-allocated KV pages. Raise --overload-budget-gib.")
-        ipc = by_name[name].spec.ipc_name
-        restore[ipc] = segments[name]["total_bytes"]
-        write_segment_limit(ipc, limit)
-        say(f"  kvcached limit of {name} set to {limit / GIB:.2f} GiB "
-            f"(was {segments[name]['total_bytes'] / GIB:.1f} GiB)")
-    return limits
+def omitted_if_none() -> Any:
+    """A record field left out of the JSON when it is None (a section that does not apply)."""
+    return dataclasses.field(default=None, metadata={"omit_if_none": True})
 
 
-def warm_up(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], by_name: dict[str, RunningServer],
-            path: Path, say: Callable[[str], None]) -> None:
-    """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
-    heavy burst is several times slower, whichever arm it hits."""
-    for name, server in by_name.items():
-        step = next((s for s in exp.steps if s.server == name), None)
-        if step is None or server.warmed:   # cold-start costs are paid once per process
-            continue
-        say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {name}"), plans[step.plan], server, -1,
-                 say, RecordSink(path, keep_itl=False))
-        server.warmed.add(step.plan)
+def to_json(obj: Any) -> Any:
+    """Records as JSON-ready dicts (optional sections left out when absent), no Infinity/NaN."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
-def run_experiment(cfg: Config, exp: ExperimentSpec, plans: dict[str, WorkloadPlan], pool: ServerPool,
-                   nvml: Any, exp_dir: Path, say: Callable[[str], None]) -> None:
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    say(f"\n=== {exp.name}: {exp.question}")
-    info = {"name": exp.name, "question": exp.question, "servers": [], "reused": [],
-            "steps": [dataclasses.asdict(s) for s in exp.steps], "repeats": cfg.repeats, "marks": {},
-            "sample_interval_s": 1 / cfg.sample_hz, "finished": False}
-    write_json(exp_dir / "experiment.json", info)   # a run killed from here on can still be reported
-    before = set(pool.running)
-    servers = pool.ensure(list(exp.servers), exp_dir)
-    by_name = {s.spec.name: s for s in servers}
-    info["servers"] = [s.describe() for s in servers]
-    info["reused"] = [s.spec.label for s in servers if s.spec.key in before]
-    marks = info["marks"]
-    sampler = Sampler(nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz,
-                      cfg.process_sample_hz)
-    watch = MemoryWatch(sampler)
-    sampler.start()
-    sink = RecordSink(exp_dir / "requests.jsonl")
-    restore_limits = {}
-    try:
-        marks["idle_after_load"] = sleep_idle_window(cfg.idle_window_s)
-        write_json(exp_dir / "experiment.json", info)
-        if exp.kv_budget:
-            info["kv_limits"] = apply_pair_budget(exp.kv_budget, by_name, restore_limits, say)
-        if cfg.warmup:
-            start = time.time()
-            warm_up(cfg, exp, plans, by_name, exp_dir / "warmup.jsonl", say)
-            marks["warmup"] = (start, time.time())
-            outcome = watch.wait_settled(window_median(list(sampler.device), *marks["idle_after_load"]),
-                                         cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-            say(f"  after warm-up memory {outcome}")
-        marks["idle_before"] = sleep_idle_window(cfg.idle_window_s)
-        idle = window_median(list(sampler.device), *marks["idle_before"])
-        marks["bursts"] = []
-        workload_start = time.time()
-        for repeat in range(cfg.repeats):
-            for i, step in enumerate(exp.steps):
-                start = time.time()
-                burst = {"phase": step.phase, "server": step.server, "repeat": repeat, "start": start, "end": None}
-                marks["bursts"].append(burst)
-                run_step(cfg, exp, step, plans[step.plan], by_name[step.server], repeat, say, sink)
-                burst["end"] = time.time()
-                write_json(exp_dir / "experiment.json", info)
-                last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
-                if not last:
-                    time.sleep(plans[step.plan].gap_s)
-        marks["workload"] = (workload_start, time.time())
-        outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-        say(f"  after the workload memory {outcome} ({time.time() - marks['workload'][1]:.1f} s)")
-        time.sleep(cfg.idle_window_s)   # a short flat tail, so the plots show where memory ended up
-        info["finished"] = True
-    finally:
-        for ipc, total in restore_limits.items():
-            with contextlib.suppress(OSError):
-                write_segment_limit(ipc, total)
-        sampler.stop()
-        marks["sampling_end"] = time.time()
-        for burst in marks.get("bursts", []):   # a burst cut short by an interrupt ends here
-            burst["end"] = burst["end"] or marks["sampling_end"]
-        info["sampler_errors"] = sampler.errors
-        info["sampler_error_kinds"] = sampler.error_kinds
-        write_json(exp_dir / "experiment.json", info)
+@dataclasses.dataclass
+class Distribution:
+    n: int
+    p50: Optional[float]
+    p90: Optional[float]
+    p99: Optional[float]
+    mean: Optional[float]
+    max: Optional[float]
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
+        data = [v for v in values if v is not None]
+        return cls(len(data), percentile(data, 50), percentile(data, 90), percentile(data, 99),
+                   float(np.mean(data)) if data else None, max(data) if data else None)
+
+
+@dataclasses.dataclass
+class LatencySummary:
+    requests: int
+    ok: int
+    failed: int
+    errors: dict[str, int]              # first 80 characters of each failure reason -> count
+    ttft_s: Distribution
+    tpot_s: Distribution
+    e2e_s: Distribution
+    output_tokens: int
+    prompt_tokens_mean: Optional[float]
+    output_tokens_per_s: Optional[float]
+    ttft_note: Optional[str] = omitted_if_none()   # why there is no TTFT (the server did not stream)
+
+    def quantile(self, metric: str, q: str) -> Optional[float]:
+        return getattr(getattr(self, metric), q)
+
+
+def latency_summary(records: list[dict]) -> LatencySummary:
+    """TTFT / TPOT / E2E percentiles, throughput and errors from requests.jsonl rows."""
+    ok = [r for r in records if r.get("ok")]
+    failed = [r for r in records if not r.get("ok")]
+    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ok
+            if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None]
+    span = None
+    if records:
+        start = min(r["t_send"] for r in records)
+        end = max(r["t_send"] + (r.get("e2e_s") or 0) for r in records)
+        span = end - start
+    out_tokens = sum(r.get("completion_tokens") or 0 for r in ok)
+    errors: dict[str, int] = {}
+    for r in failed:
+        key = (r.get("error") or "unknown")[:80]
+        errors[key] = errors.get(key, 0) + 1
+    summary = LatencySummary(
+        requests=len(records), ok=len(ok), failed=len(failed), errors=errors,
+        ttft_s=Distribution.of(r.get("ttft_s") for r in ok), tpot_s=Distribution.of(tpot),
+        e2e_s=Distribution.of(r.get("e2e_s") for r in ok), output_tokens=out_tokens,
+        prompt_tokens_mean=(sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
+        output_tokens_per_s=(out_tokens / span) if span else None)
+    if not_streamed(ok):   # the whole answer came in one read: a "TTFT" would be the E2E time
+        summary.ttft_s = summary.tpot_s = Distribution.of([])
+        summary.ttft_note = ("the server did not stream (each response arrived in one piece): "
+                             "time to first token and per-token time cannot be measured")
+    return summary
+
+
+def not_streamed(ok_rows: list[dict]) -> bool:
+    """Most multi-token responses arrived in a single read (rows from before this field: streamed)."""
+    multi = [r for r in ok_rows if (r.get("completion_tokens") or 0) >= 2 and "content_reads" in r]
+    return bool(multi) and sum(r["content_reads"] < 2 for r in multi) > len(multi) / 2
+
+
+def window(samples: list[tuple[float, float]], span: Optional[tuple[float, float]]) -> list[float]:
+    return [] if span is None else [v for t, v in samples if span[0] <= t <= span[1]]
+
+
+def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
+    return percentile(window(samples, (start, end)), 50)
+
+
+def release_time(samples: list[tuple[float, float]], workload_end: float, idle: Optional[float],
+                 tolerance: float) -> Optional[float]:
+    """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
+    if idle is None:
+        return None
+    limit = idle * (1 + tolerance)
+    return next((t - workload_end for t, value in samples if t >= workload_end and value <= limit), None)
+
+
+@dataclasses.dataclass
+class MemorySummary:
+    idle_after_load_mib: Optional[float]        # right after the servers came up
+    idle_before_workload_mib: Optional[float]   # after the warm-up: the level the bursts start from
+    peak_mib: Optional[float]
+    flex_mib: Optional[float]                   # peak - idle before the workload
+    release_s: Optional[float]                  # after the last burst, until back within tolerance of idle
+    residual_mib: Optional[float]               # where it ended, above idle before the workload
+    # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit above
+    # the level right after loading
+    residual_vs_load_mib: Optional[float]
+
+    @classmethod
+    def void(cls) -> "MemorySummary":
+        return cls(*[None] * len(dataclasses.fields(cls)))
+
+
+def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: float) -> MemorySummary:
+    """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
+    idle_load = percentile(window(samples, marks.idle_after_load), 50)
+    idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
+    peak = None
+    if marks.workload is not None:
+        peak = max(window(samples, (marks.workload[0], marks.sampling_end or marks.workload[1])), default=None)
+    end = marks.workload[1] if marks.workload else None
+    after = [v for t, v in samples if end is not None and t >= end]
+    return MemorySummary(
+        idle_after_load_mib=idle_load, idle_before_workload_mib=idle, peak_mib=peak,
+        flex_mib=(peak - idle) if peak is not None and idle is not None else None,
+        release_s=release_time(samples, end, idle, tolerance) if end is not None else None,
+        residual_mib=(after[-1] - idle) if after and idle is not None else None,
+        residual_vs_load_mib=(after[-1] - idle_load) if after and idle_load is not None else None)
+
+
+def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
+    release time read across it would be wrong."""
+    times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
+    return max(b - a for a, b in zip(times, times[1:]))
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return (a / b) if a is not None and b not in (None, 0) else None
+
+
+def diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return (a - b) if a is not None and b is not None else None
+
+
+@dataclasses.dataclass
+class Spread:
+    median: Optional[float]
+    min: Optional[float]
+    max: Optional[float]
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> "Spread":
+        data = [v for v in values if v is not None]
+        return cls(percentile(data, 50), min(data, default=None), max(data, default=None), len(data))
 
 
 # %% Summaries: computed from the raw files only, so --report can rebuild them offline
 def series(rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None,
            scale: float = 1.0) -> list[tuple[float, float]]:
     return [(r["t"], r[field] * scale) for r in rows
-            if r.get("kind") == kind and field in r and (server is None or r.get("server") == server)]
+            if r.get("kind") == kind and r.get(field) is not None and (server is None or r.get("server") == server)]
 
 
 class ReportError(RuntimeError):
@@ -1881,165 +2282,272 @@ def read_json(path: Path) -> tuple[Any, Optional[str]]:
         return None, f"{path.name} unreadable ({type(exc).__name__}: {str(exc)[:120]})"
 
 
-def load_experiment(exp_dir: Path) -> tuple[dict, list[str]]:
+@dataclasses.dataclass
+class LoadedExperiment:
+    """One experiment folder, read once: its record and raw rows."""
+    path: Path
+    record: ExperimentRecord
+    memory: list[dict]                  # memory.jsonl rows
+    requests: list[dict]                # requests.jsonl rows
+    problems: list[str]                 # what could not be read
+
+    @property
+    def device(self) -> list[tuple[float, float]]:
+        return series(self.memory, "device")
+
+    @property
+    def t0(self) -> float:
+        """Time zero of its plots; an interrupted experiment may lack its marks."""
+        if self.record.marks.idle_after_load:
+            return self.record.marks.idle_after_load[0]
+        return min((r["t"] for r in self.memory if "t" in r), default=0.0)
+
+
+def load_experiment(exp_dir: Path) -> LoadedExperiment:
     """experiment.json, or a stand-in built from the folder when it is missing or torn (a killed run):
     the raw memory and request files are reported either way."""
-    info, problem = read_json(exp_dir / "experiment.json")
-    if isinstance(info, dict) and "name" in info:
-        return info, []
-    name = re.sub(r"^\d+_", "", exp_dir.name)
-    return ({"name": name, "question": "(unknown: experiment.json could not be read)", "servers": [],
-             "marks": {}, "finished": False}, [f"{problem or 'experiment.json malformed'}: "
-                                                "figures come from the raw files only"])
+    data, problem = read_json(exp_dir / "experiment.json")
+    problems = []
+    if isinstance(data, dict) and "name" in data:
+        record = ExperimentRecord.from_json(data)
+    else:
+        record = ExperimentRecord(re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)")
+        problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
+    loaded = LoadedExperiment(exp_dir, record, read_jsonl(exp_dir / "memory.jsonl"),
+                              read_jsonl(exp_dir / "requests.jsonl"), problems)
+    fill_missing_marks(loaded)
+    return loaded
 
 
-def experiment_marks(info: dict, device: list[tuple[float, float]]) -> dict:
-    """Phase marks as tuples; where a killed run left none, the workload spans its bursts or samples."""
-    marks = {k: tuple(v) if isinstance(v, list) and k != "bursts" else v for k, v in info.get("marks", {}).items()}
-    if "workload" not in marks:
-        bursts = marks.get("bursts") or []
-        times = [t for t, _ in device]
-        if bursts:
-            marks["workload"] = (bursts[0]["start"], bursts[-1].get("end") or (max(times) if times else bursts[0]["start"]))
-        elif times and not info.get("finished", True):
-            marks["workload"] = (min(times), max(times))
-    if "sampling_end" not in marks and device:
-        marks["sampling_end"] = max(t for t, _ in device)
-    return marks
+def fill_missing_marks(loaded: LoadedExperiment) -> None:
+    """Where a killed run left no workload mark, the workload spans its bursts (or its samples)."""
+    marks, times = loaded.record.marks, [t for t, _ in loaded.device]
+    if marks.workload is None:
+        if marks.bursts:
+            marks.workload = (marks.bursts[0].start, marks.bursts[-1].end or max(times, default=marks.bursts[0].start))
+        elif times and not loaded.record.finished:
+            marks.workload = (min(times), max(times))
+    if marks.sampling_end is None and times:
+        marks.sampling_end = max(times)
 
 
 MAX_SAMPLE_GAP = 10   # sample intervals without a device sample before memory figures are void
 
 
-def memory_problems(info: dict, marks: dict, device: list[tuple[float, float]], latency: dict) -> list[str]:
+def memory_problems(record: ExperimentRecord, device: list[tuple[float, float]], latency: LatencySummary) -> list[str]:
     """Why this experiment's memory figures must not be reported, if they must not."""
     problems = []
-    if latency["requests"] and not latency["ok"]:
-        problems.append(f"no request succeeded ({latency['failed']} failed): memory under load was not measured")
-    start = (marks.get("idle_after_load") or marks.get("workload") or (None,))[0]
-    end = marks.get("sampling_end")
-    interval = info.get("sample_interval_s")
-    if start is not None and end is not None and interval:
-        gap = largest_gap(device, start, end)
-        if gap > MAX_SAMPLE_GAP * interval:
+    if latency.requests and not latency.ok:
+        problems.append(f"no request succeeded ({latency.failed} failed): memory under load was not measured")
+    marks = record.marks
+    start = (marks.idle_after_load or marks.workload or (None,))[0]
+    if start is not None and marks.sampling_end is not None and record.sample_interval_s:
+        gap = largest_gap(device, start, marks.sampling_end)
+        if gap > MAX_SAMPLE_GAP * record.sample_interval_s:
             problems.append(f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
-                            f"{info.get('sampler_error_kinds') or 'no errors recorded'})")
+                            f"{record.sampler_error_kinds or 'no errors recorded'})")
     return problems
 
 
-def summarize_experiment(exp_dir: Path, tolerance: float) -> dict:
-    info, problems = load_experiment(exp_dir)
-    rows = read_jsonl(exp_dir / "memory.jsonl")
-    records = read_jsonl(exp_dir / "requests.jsonl")
-    device = series(rows, "device")
-    marks = experiment_marks(info, device)
+@dataclasses.dataclass
+class KvcachedView:
+    """kvcached's own accounting, from its shared-memory segment."""
+    limit_mib: float
+    peak_used_mib: float
+    peak_prealloc_mib: float
+
+
+@dataclasses.dataclass
+class VllmView:
+    """vLLM's /metrics; None where the gauge never appeared."""
+    max_running: Optional[float]
+    max_waiting: Optional[float]
+    preemptions: Optional[float]
+
+
+@dataclasses.dataclass
+class ServerSummary:
+    label: str
+    model: str
+    startup_s: Optional[float]
+    reused: bool
+    memory: MemorySummary               # NVML, its process tree
+    latency: LatencySummary
+    kvcached: Optional[KvcachedView] = omitted_if_none()
+    vllm: Optional[VllmView] = omitted_if_none()
+
+
+@dataclasses.dataclass
+class ExperimentSummary:
+    name: str
+    question: str
+    device: MemorySummary               # NVML, the whole card
+    latency: LatencySummary
+    servers: dict[str, ServerSummary]
+    phases: dict[str, LatencySummary]
+    repeats: dict[str, Spread]          # 'ttft_s_p50' ... -> spread over repeats
+    sampler_errors: int
+    sampler_error_kinds: dict[str, int]
+    kv_limits_bytes: dict[str, int]
+    memory_valid: bool
+    problems: list[str]
+    phase_repeats: Optional[dict[str, list[LatencySummary]]] = omitted_if_none()
+
+
+def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> ExperimentSummary:
+    record, rows, records = loaded.record, loaded.memory, loaded.requests
+    device = loaded.device
     latency = latency_summary(records)
-    invalid = memory_problems(info, marks, device, latency)
-    finished = info.get("finished", True)
-    if not finished:
+    invalid = memory_problems(record, device, latency)
+    problems = list(loaded.problems)
+    if any(r.get("unattributed") for r in rows if r.get("kind") == "process"):
+        problems.append(FOREIGN_PIDS)
+    if not record.finished:
         problems.append("incomplete: the experiment was interrupted or failed before its end; "
                         "no release time or residual is reported")
 
-    def void(memory: dict) -> dict:
+    def checked(memory: MemorySummary) -> MemorySummary:
         if invalid:
-            return {k: None for k in memory}
-        if not finished:   # memory was still coming back (or not) when the run stopped
-            return {**memory, "release_s": None, "residual_mib": None, "residual_vs_load_mib": None}
+            return MemorySummary.void()
+        if not record.finished:   # memory was still coming back (or not) when the run stopped
+            return dataclasses.replace(memory, release_s=None, residual_mib=None, residual_vs_load_mib=None)
         return memory
-    summary = {"name": info["name"], "question": info["question"],
-               "device": void(memory_summary(device, marks, tolerance)),
-               "latency": latency, "servers": {}, "phases": {}, "repeats": {},
-               "sampler_errors": info.get("sampler_errors", 0),
-               "sampler_error_kinds": info.get("sampler_error_kinds", {}),
-               "kv_limits_bytes": info.get("kv_limits", {}),
-               "memory_valid": not invalid, "problems": invalid + problems}
-    for server in info["servers"]:
-        name = server["spec"]["name"]
-        entry = {"label": server["label"], "model": server["spec"]["model"],
-                 "startup_s": server["startup_s"], "reused": server["label"] in info.get("reused", []),
-                 "memory": void(memory_summary(series(rows, "process", server=name), marks, tolerance)),
-                 "latency": latency_summary([r for r in records if r["server"] == name])}
-        kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == name]
+
+    marks = record.marks
+    summary = ExperimentSummary(
+        name=record.name, question=record.question, device=checked(memory_summary(device, marks, tolerance)),
+        latency=latency, servers={}, phases={}, repeats={}, sampler_errors=record.sampler_errors,
+        sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
+        memory_valid=not invalid, problems=invalid + problems)
+    for server in record.servers:
+        slot = server["spec"]["name"]
+        entry = ServerSummary(label=server["label"], model=server["spec"]["model"], startup_s=server["startup_s"],
+                              reused=server["label"] in record.reused,
+                              memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
+                              latency=latency_summary([r for r in records if r["server"] == slot]))
+        kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == slot]
         if kv:
-            entry["kvcached"] = {"limit_mib": kv[-1]["total_bytes"] / MIB,
-                                 "peak_used_mib": max(r["used_bytes"] for r in kv) / MIB,
-                                 "peak_prealloc_mib": max(r["prealloc_bytes"] for r in kv) / MIB}
-        met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == name]
+            entry.kvcached = KvcachedView(kv[-1]["total_bytes"] / MIB, max(r["used_bytes"] for r in kv) / MIB,
+                                          max(r["prealloc_bytes"] for r in kv) / MIB)
+        met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == slot]
         if met:
             peak = lambda key: max((r[key] for r in met if key in r), default=None)   # absent gauge: n/a, not 0
-            first = next((r.get("preemptions") for r in met if "preemptions" in r), None)
-            last = next((r.get("preemptions") for r in reversed(met) if "preemptions" in r), None)
-            entry["vllm"] = {"max_running": peak("running"), "max_waiting": peak("waiting"),
-                             "preemptions": (last - first) if first is not None and last is not None else None}
-        summary["servers"][name] = entry
+            counts = [r["preemptions"] for r in met if "preemptions" in r]
+            entry.vllm = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+        summary.servers[slot] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
-        summary["phases"][phase] = latency_summary([r for r in records if r["phase"] == phase])
+        summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase])
     repeats = sorted({r["repeat"] for r in records})
     if len(repeats) > 1:
-        summary["phase_repeats"] = {phase: [latency_summary([r for r in records
-                                                             if r["phase"] == phase and r["repeat"] == k])
-                                            for k in repeats] for phase in summary["phases"]}
+        summary.phase_repeats = {phase: [latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
+                                         for k in repeats] for phase in summary.phases}
         per = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
         for metric in ("ttft_s", "e2e_s"):
             for q in ("p50", "p99"):
-                summary["repeats"][f"{metric}_{q}"] = spread([p[metric][q] for p in per])
+                summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
     return summary
 
 
-def get(d: Optional[dict], *path: str) -> Any:
-    for key in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
+# --- comparisons: kvcached vs static within each group of the table
+LATENCY_KEYS = [(metric, q) for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")]
 
 
-def diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return (a - b) if a is not None and b is not None else None
+@dataclasses.dataclass
+class SingleComparison:
+    idle_saving_mib: Optional[float]    # static idle - kvcached idle, right after load
+    peak_saving_mib: Optional[float]
+    ttft_p50_ratio: Optional[float]     # kvcached / static
+    e2e_p50_ratio: Optional[float]
 
 
-def compare(summaries: dict[str, dict]) -> dict:
-    """kvcached vs static: single model, shared pair per model, overload per phase."""
+@dataclasses.dataclass
+class Both:
+    kvcached: Any
+    static: Any
+
+
+@dataclasses.dataclass
+class BothWithRatio:
+    kvcached: Optional[float]
+    static: Optional[float]
+    ratio: Optional[float]
+
+
+@dataclasses.dataclass
+class ModelComparison:
+    ttft_s_p50: BothWithRatio
+    ttft_s_p99: BothWithRatio
+    e2e_s_p50: BothWithRatio
+    e2e_s_p99: BothWithRatio
+    failed: Both
+    max_waiting: Both
+    preemptions: Both
+    peak_mib: Both
+
+
+@dataclasses.dataclass
+class PhaseComparison:
+    ttft_s_p50_ratio: Optional[float]
+    ttft_s_p99_ratio: Optional[float]
+    e2e_s_p50_ratio: Optional[float]
+    e2e_s_p99_ratio: Optional[float]
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios
+
+    def cells(self) -> list[tuple[Optional[float], Optional[Spread]]]:
+        return [(getattr(self, f"{m}_{q}_ratio"), (self.over_repeats or {}).get(f"{m}_{q}_ratio"))
+                for m, q in LATENCY_KEYS]
+
+
+@dataclasses.dataclass
+class PairComparison:
+    idle_saving_mib: Optional[float]    # static idle - kvcached idle, both models, before the workload
+    per_model: dict[str, ModelComparison]
+    per_phase: dict[str, PhaseComparison]
+
+
+def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComparison:
+    return SingleComparison(
+        idle_saving_mib=diff(sta.device.idle_after_load_mib, ela.device.idle_after_load_mib),
+        peak_saving_mib=diff(sta.device.peak_mib, ela.device.peak_mib),
+        ttft_p50_ratio=ratio(ela.latency.ttft_s.p50, sta.latency.ttft_s.p50),
+        e2e_p50_ratio=ratio(ela.latency.e2e_s.p50, sta.latency.e2e_s.p50))
+
+
+def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparison:
+    block = PairComparison(diff(sta.device.idle_before_workload_mib, ela.device.idle_before_workload_mib), {}, {})
+    for slot, e in ela.servers.items():
+        s = sta.servers.get(slot)
+        lat = lambda server, m, q: server.latency.quantile(m, q) if server else None
+        vllm = lambda server, key: getattr(server.vllm, key) if server and server.vllm else None
+        block.per_model[slot] = ModelComparison(
+            *[BothWithRatio(lat(e, m, q), lat(s, m, q), ratio(lat(e, m, q), lat(s, m, q))) for m, q in LATENCY_KEYS],
+            failed=Both(e.latency.failed, s.latency.failed if s else None),
+            max_waiting=Both(vllm(e, "max_waiting"), vllm(s, "max_waiting")),
+            preemptions=Both(vllm(e, "preemptions"), vllm(s, "preemptions")),
+            peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None))
+    for phase, e in ela.phases.items():
+        s = sta.phases.get(phase)
+        q_of = lambda summary, m, q: summary.quantile(m, q) if summary else None
+        comparison = PhaseComparison(*[ratio(q_of(e, m, q), q_of(s, m, q)) for m, q in LATENCY_KEYS])
+        reps_e = (ela.phase_repeats or {}).get(phase, [])
+        reps_s = (sta.phase_repeats or {}).get(phase, [])
+        if len(reps_e) > 1 and len(reps_e) == len(reps_s):
+            comparison.over_repeats = {f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q))
+                                                                   for a, b in zip(reps_e, reps_s))
+                                       for m, q in LATENCY_KEYS}
+        block.per_phase[phase] = comparison
+    return block
+
+
+def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
+    """Per group of the table with both arms present: kvcached vs static."""
     out: dict[str, Any] = {}
-    kvc, sta = summaries.get("kvcached"), summaries.get("static")
-    if kvc and sta:
-        out["single"] = {
-            "idle_saving_mib": diff(get(sta, "device", "idle_after_load_mib"),
-                                    get(kvc, "device", "idle_after_load_mib")),
-            "peak_saving_mib": diff(get(sta, "device", "peak_mib"), get(kvc, "device", "peak_mib")),
-            "ttft_p50_ratio": ratio(get(kvc, "latency", "ttft_s", "p50"), get(sta, "latency", "ttft_s", "p50")),
-            "e2e_p50_ratio": ratio(get(kvc, "latency", "e2e_s", "p50"), get(sta, "latency", "e2e_s", "p50")),
-        }
-    for kind in ("shared", "overload"):
-        ela, sta = summaries.get(f"{kind}_kvcached"), summaries.get(f"{kind}_static")
-        if not (ela and sta):
-            continue
-        block: dict[str, Any] = {"idle_saving_mib": diff(get(sta, "device", "idle_before_workload_mib"),
-                                                         get(ela, "device", "idle_before_workload_mib")),
-                                 "per_model": {}, "per_phase": {}}
-        for name in ela["servers"]:
-            e, s = ela["servers"][name], sta["servers"].get(name, {})
-            block["per_model"][name] = {
-                f"{metric}_{q}": {"kvcached": get(e, "latency", metric, q), "static": get(s, "latency", metric, q),
-                                  "ratio": ratio(get(e, "latency", metric, q), get(s, "latency", metric, q))}
-                for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
-            block["per_model"][name].update({
-                "failed": {"kvcached": get(e, "latency", "failed"), "static": get(s, "latency", "failed")},
-                "max_waiting": {"kvcached": get(e, "vllm", "max_waiting"), "static": get(s, "vllm", "max_waiting")},
-                "preemptions": {"kvcached": get(e, "vllm", "preemptions"), "static": get(s, "vllm", "preemptions")},
-                "peak_mib": {"kvcached": get(e, "memory", "peak_mib"), "static": get(s, "memory", "peak_mib")}})
-        for phase in ela["phases"]:
-            e, s = ela["phases"][phase], sta["phases"].get(phase)
-            block["per_phase"][phase] = {
-                f"{metric}_{q}_ratio": ratio(get(e, metric, q), get(s, metric, q))
-                for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
-            reps_e, reps_s = ela.get("phase_repeats", {}).get(phase, []), sta.get("phase_repeats", {}).get(phase, [])
-            if len(reps_e) > 1 and len(reps_e) == len(reps_s):
-                block["per_phase"][phase]["over_repeats"] = {
-                    f"{metric}_{q}_ratio": spread([ratio(get(a, metric, q), get(b, metric, q))
-                                                   for a, b in zip(reps_e, reps_s)])
-                    for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")}
-        out[kind] = block
+    arms_of = group_arms(summaries)
+    for name, group in GROUPS.items():
+        arms = arms_of.get(name, {})
+        if all(arm in arms for arm in COMPARED_ARMS):
+            ela, sta = (summaries[arms[arm]] for arm in COMPARED_ARMS)
+            out[name] = compare_pair(ela, sta) if group.pair else compare_single(ela, sta)
     return out
 
 
@@ -2061,42 +2569,33 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def experiment_start(info: dict, rows: list[dict]) -> float:
-    """Time zero of an experiment's plots; an interrupted experiment may lack its marks."""
-    marks = info.get("marks", {})
-    if "idle_after_load" in marks:
-        return marks["idle_after_load"][0]
-    return min((r["t"] for r in rows if "t" in r), default=0.0)
-
-
-def shade_bursts(ax: Any, info: dict, t0: float) -> None:
-    for burst in info["marks"].get("bursts", []):
-        if burst.get("end") is None:   # killed mid-burst
+def shade_bursts(ax: Any, marks: Marks, t0: float) -> None:
+    for burst in marks.bursts:
+        if burst.end is None:   # killed mid-burst
             continue
-        ax.axvspan(burst["start"] - t0, burst["end"] - t0, color=COLORS.get(burst["server"], "grey"),
-                   alpha=0.08, lw=0)
+        ax.axvspan(burst.start - t0, burst.end - t0, color=COLORS.get(burst.server, "grey"), alpha=0.08, lw=0)
 
 
-def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, dict]) -> Optional[Path]:
-    arms = [a for a in ("kvcached", "static") if a in exp_dirs]
+def plot_single(path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+    """Device memory of one model's arms on one axis (and kvcached zoomed below)."""
     if not arms:
         return None
     zoom = "kvcached" in arms and len(arms) > 1   # a static pool's scale flattens the kvcached line
     fig, axes = new_figure(2 if zoom else 1, size=(11, 3.6))
     ax = axes[0][0]
-    for arm in arms:
-        info, _ = load_experiment(exp_dirs[arm])
-        rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
-        t0 = info["marks"].get("workload", [None])[0] or experiment_start(info, rows)
-        data = series(rows, "device")
-        idle = get(summaries[arm], "device", "idle_before_workload_mib")
+    for i, (arm, loaded) in enumerate(arms.items()):
+        marks = loaded.record.marks
+        t0 = marks.workload[0] if marks.workload else loaded.t0
+        data = loaded.device
+        idle = summaries[loaded.record.name].device.idle_before_workload_mib
         for target in ([ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]):
-            target.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS[arm], lw=1.6,
+            target.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS.get(arm, "grey"), lw=1.6,
                         label=f"{arm} (device used)")
             if idle is not None:
-                target.axhline(idle, color=COLORS[arm], ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
-            if arm == arms[0]:
-                shade_bursts(target, info, t0)
+                target.axhline(idle, color=COLORS.get(arm, "grey"), ls=":", alpha=0.6,
+                               label=f"{arm} idle {idle:,.0f} MiB")
+            if i == 0:
+                shade_bursts(target, marks, t0)
     ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
     ax.set_ylabel("GPU memory used (MiB)")
     ax.set_title("VRAM under a bursty workload: kvcached vs static pool, one model")
@@ -2107,13 +2606,13 @@ def plot_single(run_dir: Path, exp_dirs: dict[str, Path], summaries: dict[str, d
         axes[1][0].set_title("kvcached alone, zoomed")
         axes[1][0].set_ylabel("GPU memory used (MiB)")
         axes[1][0].set_xlabel(ax.get_xlabel())
-    return save_figure(fig, run_dir / "plots" / "vram_single_model.png")
+    return save_figure(fig, path)
 
 
-def plot_latency(run_dir: Path, exp_dirs: dict[str, Path]) -> Optional[Path]:
+def plot_latency(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
     groups, labels = {"ttft_s": [], "e2e_s": []}, []
-    for name, exp_dir in exp_dirs.items():
-        records = [r for r in read_jsonl(exp_dir / "requests.jsonl") if r.get("ok")]
+    for name, exp in loaded.items():
+        records = [r for r in exp.requests if r.get("ok")]
         for server in sorted({r["server"] for r in records}):
             mine = [r for r in records if r["server"] == server]
             labels.append(f"{name}\n{server}")
@@ -2128,40 +2627,38 @@ def plot_latency(run_dir: Path, exp_dirs: dict[str, Path]) -> Optional[Path]:
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
     axes[0][0].set_title("Latency per experiment and model (successful requests)")
-    return save_figure(fig, run_dir / "plots" / "latency.png")
+    return save_figure(fig, path)
 
 
-def plot_pair(run_dir: Path, exp_dirs: dict[str, Path], kind: str) -> Optional[Path]:
-    arms = [f"{kind}_{a}" for a in ("kvcached", "static") if f"{kind}_{a}" in exp_dirs]
+def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
+    """Per arm (columns): memory per model, kvcached's own view, vLLM's running/waiting requests."""
     if not arms:
         return None
     fig, axes = new_figure(3, len(arms), size=(6.5 * len(arms), 2.8))
-    for col, arm in enumerate(arms):
-        info, _ = load_experiment(exp_dirs[arm])
-        rows = read_jsonl(exp_dirs[arm] / "memory.jsonl")
-        t0 = experiment_start(info, rows)
+    for col, loaded in enumerate(arms.values()):
+        rows, t0, marks = loaded.memory, loaded.t0, loaded.record.marks
         mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
-        data = series(rows, "device")
+        data = loaded.device
         mem.plot([t - t0 for t, _ in data], [v for _, v in data], color="black", lw=1.4, label="device total")
-        for server in info["servers"]:
-            name = server["spec"]["name"]
-            proc = series(rows, "process", server=name)
-            mem.plot([t - t0 for t, _ in proc], [v for _, v in proc], color=COLORS[name], lw=1.2,
-                     label=f"{name}: {server['spec']['model'].split('/')[-1]}")
-            used = series(rows, "kvcached", "used_bytes", server=name, scale=1 / MIB)
+        for server in loaded.record.servers:
+            slot = server["spec"]["name"]
+            proc = series(rows, "process", server=slot)
+            mem.plot([t - t0 for t, _ in proc], [v for _, v in proc], color=COLORS[slot], lw=1.2,
+                     label=f"{slot}: {server['spec']['model'].split('/')[-1]}")
+            used = series(rows, "kvcached", "used_bytes", server=slot, scale=1 / MIB)
             if used:
-                kv.plot([t - t0 for t, _ in used], [v for _, v in used], color=COLORS[name], lw=1.2,
-                        label=f"{name} kvcached used")
+                kv.plot([t - t0 for t, _ in used], [v for _, v in used], color=COLORS[slot], lw=1.2,
+                        label=f"{slot} kvcached used")
             for field, style in (("running", "-"), ("waiting", "--")):
-                points = series(rows, "metrics", field, server=name)
-                met.plot([t - t0 for t, _ in points], [v for _, v in points], color=COLORS[name],
-                         ls=style, lw=1.1, label=f"{name} {field}")
+                points = series(rows, "metrics", field, server=slot)
+                met.plot([t - t0 for t, _ in points], [v for _, v in points], color=COLORS[slot],
+                         ls=style, lw=1.1, label=f"{slot} {field}")
         for ax in (mem, kv, met):
-            shade_bursts(ax, info, t0)
+            shade_bursts(ax, marks, t0)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        mem.set_title(f"{arm}: GPU memory (NVML: device and per server)")
+        mem.set_title(f"{loaded.record.name}: GPU memory (NVML: device and per server)")
         mem.set_ylabel("MiB")
         kv.set_title("kvcached's own view: KV bytes in use (shared-memory segment)")
         kv.set_ylabel("MiB")
@@ -2169,7 +2666,29 @@ def plot_pair(run_dir: Path, exp_dirs: dict[str, Path], kind: str) -> Optional[P
             kv.text(0.5, 0.5, "static pool: no kvcached segment", ha="center", transform=kv.transAxes)
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
         met.set_xlabel("seconds since the experiment began (shaded: bursts)")
-    return save_figure(fig, run_dir / "plots" / f"{kind}_memory.png")
+    return save_figure(fig, path)
+
+
+def make_plots(run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """One memory plot per group of the table present (arms in comparison order), and the latency plot."""
+    arms_of = group_arms(loaded)
+    paths = []
+    for name, group in GROUPS.items():
+        present = arms_of.get(name, {})
+        arms = {arm: loaded[present[arm]] for arm in sorted(present, key=arm_rank)}
+        if group.pair:
+            paths.append(plot_pair(run_dir / "plots" / group.plot, arms))
+        else:
+            paths.append(plot_single(run_dir / "plots" / group.plot, arms, summaries))
+        if name == "single":   # the latency plot has always come second
+            paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
+    if "single" not in GROUPS:
+        paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
+    return [p.name for p in paths if p is not None]
+
+
+def arm_rank(arm: str) -> int:
+    return COMPARED_ARMS.index(arm) if arm in COMPARED_ARMS else len(COMPARED_ARMS)
 
 
 # %% Report: summary.json, summary.md, plots, and the headline
@@ -2181,7 +2700,17 @@ def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
-def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict, plots: list[str]) -> str:
+def dig(d: Any, *path: str) -> Any:
+    """A value deep inside config.json, which an old or torn run may lack (None then)."""
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any],
+                     plots: list[str]) -> str:
     gpu = config.get("gpu", {})
     banner = []
     if config and "finished_utc" not in config:
@@ -2190,120 +2719,103 @@ def markdown_summary(config: dict, summaries: dict[str, dict], comparison: dict,
     if config.get("interrupted"):
         banner = ["> **This run was interrupted** before it finished: experiments after the one in flight "
                   "did not run, and the one in flight is partial (marked incomplete below).", ""]
+    used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
     lines = [f"# kvcached vs static KV cache: {config.get('run_name', '')}", "", *banner,
              f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
-             f"vLLM {get(config, 'versions', 'vllm')}, kvcached {get(config, 'versions', 'kvcached')}, "
-             f"torch {get(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
+             f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
+             f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
              f"Command: `{config.get('command', '')}`", "",
              *[f"Workload `{key}`: {plan.get('sizing')}" for key, plan in config.get("plans", {}).items()
-               if any(name.startswith("overload") == key.startswith("overload") for name in summaries)], "",
+               if key in used_plans], "",
              "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
              "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
-        d, lat = s["device"], s["latency"]
-        startups = ", ".join(f"{k} {fmt(v['startup_s'], 0)}{' (reused)' if v['reused'] else ''}"
-                             for k, v in s["servers"].items())
-        shown = name if s.get("memory_valid", True) else f"{name} (memory figures void, see below)"
+        d, lat = s.device, s.latency
+        startups = ", ".join(f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}"
+                             for k, v in s.servers.items())
+        shown = name if s.memory_valid else f"{name} (memory figures void, see below)"
         lines.append(
-            f"| {shown} | {fmt(d['idle_after_load_mib'])} | {fmt(d['idle_before_workload_mib'])} | "
-            f"{fmt(d['peak_mib'])} | {fmt(d['flex_mib'])} | {fmt(d['release_s'], 2)} | "
-            f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p90'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | "
-            f"{fmt(lat['tpot_s']['p50'] and lat['tpot_s']['p50'] * 1000, 1)} | "
-            f"{fmt(lat['e2e_s']['p50'], 2)} / {fmt(lat['e2e_s']['p99'], 2)} | {fmt(lat['output_tokens_per_s'])} | "
-            f"{lat['failed']}/{lat['requests']} | {startups} |")
-    notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.get("problems", [])]
-    notes += [f"- {name}: {s['latency']['ttft_note']}" for name, s in summaries.items() if s["latency"].get("ttft_note")]
-    notes += [f"- {name}: {s['sampler_errors']} sampling errors ({s.get('sampler_error_kinds') or 'see memory.jsonl'})"
-              for name, s in summaries.items() if s.get("sampler_errors")]
+            f"| {shown} | {fmt(d.idle_after_load_mib)} | {fmt(d.idle_before_workload_mib)} | "
+            f"{fmt(d.peak_mib)} | {fmt(d.flex_mib)} | {fmt(d.release_s, 2)} | "
+            f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)} | "
+            f"{fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1)} | "
+            f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)} | {fmt(lat.output_tokens_per_s)} | "
+            f"{lat.failed}/{lat.requests} | {startups} |")
+    notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.problems]
+    notes += [f"- {name}: {s.latency.ttft_note}" for name, s in summaries.items() if s.latency.ttft_note]
+    notes += [f"- {name}: {s.sampler_errors} sampling errors ({s.sampler_error_kinds or 'see memory.jsonl'})"
+              for name, s in summaries.items() if s.sampler_errors]
     if notes:
         lines += ["", "**Problems** (figures affected are n/a or flagged):", "", *notes]
-    per_server = [(n, k, v) for n, s in summaries.items() for k, v in s["servers"].items() if len(s["servers"]) > 1]
+    per_server = [(n, k, v) for n, s in summaries.items() for k, v in s.servers.items() if len(s.servers) > 1]
     if per_server:
         lines += ["", "Per model (memory from NVML per process tree; kvcached and vLLM's own views):", "",
                   "| experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
                   "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, key, v in per_server:
-            kv, vl, lat = v.get("kvcached", {}), v.get("vllm", {}), v["latency"]
+            kv, vl, lat = v.kvcached, v.vllm, v.latency
             lines.append(
-                f"| {name} | {key}: {v['model'].split('/')[-1]} | {fmt(v['memory']['idle_before_workload_mib'])} | "
-                f"{fmt(v['memory']['peak_mib'])} | {fmt(kv.get('peak_used_mib'))} / {fmt(kv.get('limit_mib'))} | "
-                f"{fmt(vl.get('max_running'))} / {fmt(vl.get('max_waiting'))} | {fmt(vl.get('preemptions'))} | "
-                f"{fmt(lat['ttft_s']['p50'], 3)} / {fmt(lat['ttft_s']['p99'], 3)} | {fmt(lat['e2e_s']['p50'], 2)} | "
-                f"{lat['failed']}/{lat['requests']} |")
-    if "single" in comparison:
-        c = comparison["single"]
-        lines += ["", f"**One model:** kvcached keeps {fmt(c['idle_saving_mib'])} MiB less when idle and "
-                  f"{fmt(c['peak_saving_mib'])} MiB less at peak than the static pool; TTFT p50 ratio "
-                  f"kvcached/static {fmt(c['ttft_p50_ratio'], 2)}, E2E p50 ratio {fmt(c['e2e_p50_ratio'], 2)}."]
-    for kind in ("shared", "overload"):
-        if kind not in comparison:
+                f"| {name} | {key}: {v.model.split('/')[-1]} | {fmt(v.memory.idle_before_workload_mib)} | "
+                f"{fmt(v.memory.peak_mib)} | {fmt(kv and kv.peak_used_mib)} / {fmt(kv and kv.limit_mib)} | "
+                f"{fmt(vl and vl.max_running)} / {fmt(vl and vl.max_waiting)} | {fmt(vl and vl.preemptions)} | "
+                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)} | {fmt(lat.e2e_s.p50, 2)} | "
+                f"{lat.failed}/{lat.requests} |")
+    for name, block in comparison.items():
+        if isinstance(block, SingleComparison):
+            lines += ["", f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
+                      f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
+                      f"kvcached/static {fmt(block.ttft_p50_ratio, 2)}, E2E p50 ratio {fmt(block.e2e_p50_ratio, 2)}."]
             continue
-        lines += ["", f"**{kind}: elastic/static latency ratios** (below 1: kvcached faster)", "",
+        lines += ["", f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "",
                   "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |", "|---|---|---|---|---|"]
-        block = comparison[kind]
-        rows = block["per_phase"] if kind == "overload" else {
-            f"model {k}": {f"{m}_ratio": v[m]["ratio"] for m in ("ttft_s_p50", "ttft_s_p99", "e2e_s_p50", "e2e_s_p99")}
-            for k, v in block["per_model"].items()}
-        for label, r in rows.items():
-            cells = []
-            for key in ("ttft_s_p50_ratio", "ttft_s_p99_ratio", "e2e_s_p50_ratio", "e2e_s_p99_ratio"):
-                cell = fmt(r[key], 2)
-                rep = get(r, "over_repeats", key)
-                if rep:   # median and range of the per-repeat ratios
-                    cell += f" (repeats: {fmt(rep['median'], 2)} [{fmt(rep['min'], 2)}-{fmt(rep['max'], 2)}])"
-                cells.append(cell)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if GROUPS[name].ratios_by == "phase":
+            rows = {phase: c.cells() for phase, c in block.per_phase.items()}
+        else:
+            rows = {f"model {slot}": [(getattr(c, f"{m}_{q}").ratio, None) for m, q in LATENCY_KEYS]
+                    for slot, c in block.per_model.items()}
+        for label, cells in rows.items():
+            shown = [fmt(value, 2) + (f" (repeats: {fmt(rep.median, 2)} [{fmt(rep.min, 2)}-{fmt(rep.max, 2)}])"
+                                      if rep is not None else "") for value, rep in cells]
+            lines.append(f"| {label} | " + " | ".join(shown) + " |")
     starts = server_starts(summaries)
     lines += ["", f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
               f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."]
-    repeated = {n: s["repeats"] for n, s in summaries.items() if s.get("repeats")}
+    repeated = {n: s.repeats for n, s in summaries.items() if s.repeats}
     if repeated:
         lines += ["", "Spread over repeats (median [min, max]):", ""]
         for name, rep in repeated.items():
             lines.append(f"- {name}: " + "; ".join(
-                f"{k} {fmt(v['median'], 3)} [{fmt(v['min'], 3)}, {fmt(v['max'], 3)}]" for k, v in rep.items()))
+                f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items()))
     lines += ["", "Plots:", ""] + [f"![{p}](plots/{p})" for p in plots]
-    lines += ["", f"Definitions: *idle* = median device memory over {get(config, 'config', 'idle_window_s') or 1.5:g} s with no requests; *flex* = peak - "
-              "idle before the workload; *release* = seconds after the last burst until memory is within "
-              f"{fmt(get(config, 'config', 'release_tolerance') and 100 * get(config, 'config', 'release_tolerance'))}% "
+    tolerance = dig(config, "config", "release_tolerance")
+    lines += ["", f"Definitions: *idle* = median device memory over {dig(config, 'config', 'idle_window_s') or 1.5:g} s "
+              "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
+              f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
               "of that idle level (n/a: it stayed above; see residual in summary.json)."]
     return "\n".join(lines) + "\n"
 
 
-def server_starts(summaries: dict[str, dict]) -> dict:
+def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
     """vLLM start-ups paid and avoided: a reused server saves the start-up it took the first time."""
-    entries = [v for s in summaries.values() for v in s["servers"].values()]
-    paid = [v["startup_s"] for v in entries if not v["reused"] and v["startup_s"] is not None]
-    saved = [v["startup_s"] for v in entries if v["reused"] and v["startup_s"] is not None]
+    entries = [v for s in summaries.values() for v in s.servers.values()]
+    paid = [v.startup_s for v in entries if not v.reused and v.startup_s is not None]
+    saved = [v.startup_s for v in entries if v.reused and v.startup_s is not None]
     return {"started": len(paid), "reused": len(saved), "startup_s_total": sum(paid),
             "startup_s_saved": sum(saved)}
 
 
-def headline(run_dir: Path, summaries: dict[str, dict], comparison: dict) -> dict:
+def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> dict:
+    single = comparison.get("single")
     return {"run_dir": str(run_dir),
-            "experiments": {n: {"idle_mib": get(s, "device", "idle_after_load_mib"),
-                                "peak_mib": get(s, "device", "peak_mib"),
-                                "release_s": get(s, "device", "release_s"),
-                                "ttft_p50_s": get(s, "latency", "ttft_s", "p50"),
-                                "ttft_p99_s": get(s, "latency", "ttft_s", "p99"),
-                                "e2e_p50_s": get(s, "latency", "e2e_s", "p50"),
-                                "failed": get(s, "latency", "failed")} for n, s in summaries.items()},
-            "idle_saving_mib": get(comparison, "single", "idle_saving_mib"),
-            "peak_saving_mib": get(comparison, "single", "peak_saving_mib"),
+            "experiments": {n: {"idle_mib": s.device.idle_after_load_mib, "peak_mib": s.device.peak_mib,
+                                "release_s": s.device.release_s, "ttft_p50_s": s.latency.ttft_s.p50,
+                                "ttft_p99_s": s.latency.ttft_s.p99, "e2e_p50_s": s.latency.e2e_s.p50,
+                                "failed": s.latency.failed} for n, s in summaries.items()},
+            "idle_saving_mib": single.idle_saving_mib if single else None,
+            "peak_saving_mib": single.peak_saving_mib if single else None,
             "server_starts": server_starts(summaries)}
-
-
-def finite(obj: Any) -> Any:
-    """JSON without Infinity/NaN: those become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 EXPERIMENT_FILES = ("experiment.json", "error.json", "memory.jsonl", "memory.jsonl.gz", "requests.jsonl",
@@ -2316,6 +2828,7 @@ def experiment_dirs(run_dir: Path) -> list[Path]:
 
 
 def build_report(run_dir: Path) -> dict:
+    """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a folder")
     config, config_problem = read_json(run_dir / "config.json")
@@ -2323,21 +2836,22 @@ def build_report(run_dir: Path) -> dict:
     if config is None and not dirs:
         raise ReportError(f"{run_dir} is not a run folder: no config.json and no experiment folders in it")
     config = config if isinstance(config, dict) else {}
-    tolerance = get(config, "config", "release_tolerance") or 0.05
-    summaries, exp_dirs, failed = {}, {}, {}
+    tolerance = dig(config, "config", "release_tolerance") or 0.05
+    loaded: dict[str, LoadedExperiment] = {}
+    summaries: dict[str, ExperimentSummary] = {}
+    failed: dict[str, str] = {}
     for exp_dir in dirs:
         error, _ = read_json(exp_dir / "error.json")
         if error is not None:
             failed[exp_dir.name] = error.get("error") if isinstance(error, dict) else str(error)
         if not any((exp_dir / f).exists() for f in EXPERIMENT_FILES if f != "error.json"):
             continue
-        summary = finite(summarize_experiment(exp_dir, tolerance))
-        summaries[summary["name"]], exp_dirs[summary["name"]] = summary, exp_dir
-        write_json(exp_dir / "summary.json", summary)
-    comparison = finite(compare(summaries))
-    plots = [p.name for p in (plot_single(run_dir, exp_dirs, summaries), plot_latency(run_dir, exp_dirs),
-                              plot_pair(run_dir, exp_dirs, "shared"), plot_pair(run_dir, exp_dirs, "overload"))
-             if p is not None]
+        exp = load_experiment(exp_dir)
+        loaded[exp.record.name] = exp
+        summaries[exp.record.name] = summarize_experiment(exp, tolerance)
+        write_json(exp_dir / "summary.json", summaries[exp.record.name])
+    comparison = compare(summaries)
+    plots = make_plots(run_dir, loaded, summaries)
     top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
            "plots": plots, "server_starts": server_starts(summaries)}
     if config_problem:
@@ -2349,12 +2863,198 @@ def build_report(run_dir: Path) -> dict:
     if failed:
         md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
     write_text_atomic(run_dir / "summary.md", md)
-    invalid = sorted(n for n, s in summaries.items() if not s["memory_valid"])
-    return finite({**headline(run_dir, summaries, comparison), "failed": sorted(failed), "invalid": invalid,
-                   "interrupted": bool(config.get("interrupted"))})
+    invalid = sorted(n for n, s in summaries.items() if not s.memory_valid)
+    return to_json({**headline(run_dir, summaries, comparison), "failed": sorted(failed), "invalid": invalid,
+                    "problems": {n: s.problems for n, s in summaries.items() if s.problems},
+                    "interrupted": bool(config.get("interrupted"))})
 
 
-# %% Run set-up: results folder, versions, plans
+# %% Preflight: what must hold before a server starts (--check prints it and stops)
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool                            # False stops the run before anything launches
+    detail: str                         # one line: what was found
+    fix: str = ""                       # what to do about it
+    warning: bool = False               # fine to run, but worth knowing
+
+    def line(self) -> str:
+        mark = "✗" if not self.ok else ("!" if self.warning else "✓")
+        return f"  {mark} {self.name}: {self.detail}" + (f"\n      fix: {self.fix}" if self.fix and (not self.ok or self.warning) else "")
+
+
+PYTHONS = ((3, 10), (3, 13))            # what vLLM 0.24 and kvcached 0.1.6 declare
+IMPORT_TIMEOUT_S = 240.0                # importing vLLM takes 15-25 s on a warm machine
+
+
+def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
+    shown = f"Python {version[0]}.{version[1]} ({sys.executable})"
+    if version < PYTHONS[0]:
+        return Check("python", False, shown, f"use Python {PYTHONS[0][0]}.{PYTHONS[0][1]}-{PYTHONS[1][0]}.{PYTHONS[1][1]}")
+    if version > PYTHONS[1]:
+        return Check("python", True, shown + ": newer than vLLM 0.24/kvcached 0.1.6 were tested on", warning=True,
+                     fix=f"if an install fails, use Python {PYTHONS[1][0]}.{PYTHONS[1][1]}")
+    return Check("python", True, shown)
+
+
+def torch_cuda_version() -> Optional[str]:
+    """The CUDA version the installed torch was built for, read from torch/version.py without
+    importing torch (a CUDA context in this process would skew what it measures)."""
+    import importlib.util
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        with contextlib.suppress(OSError):
+            found = re.search(r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]", (Path(folder) / "version.py").read_text(), re.M)
+            if found:
+                return found.group(1)
+    return None
+
+
+def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
+    """The driver's CUDA version must reach the one torch (and so vLLM) was built for."""
+    try:
+        raw = nvml.nvmlSystemGetCudaDriverVersion()
+        driver = nvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:
+        return Check("driver", False, f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver")
+    driver = driver.decode() if isinstance(driver, bytes) else driver
+    have = (raw // 1000, raw % 1000 // 10)
+    shown = f"driver {driver} supports CUDA {have[0]}.{have[1]}"
+    if torch_cuda is None:
+        return Check("driver", True, shown + "; torch not installed here (servers use --server-cmd?)", warning=True)
+    need_ = tuple(int(x) for x in torch_cuda.split(".")[:2])
+    if have[0] < need_[0]:
+        return Check("driver", False, f"{shown}, but torch was built for CUDA {torch_cuda}",
+                     f"install a driver for CUDA {need_[0]} (R{580 if need_[0] >= 13 else 525}+), or a vLLM/torch "
+                     f"built for CUDA {have[0]}.x (see the README's compatibility table)")
+    if have < need_:
+        return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda} relies on minor-version "
+                     f"compatibility", warning=True, fix="update the driver if kernels fail to load")
+    return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
+
+
+def check_card(nvml: Any, index: int, static_share: float) -> Check:
+    """Free memory and other processes on the measured card: others skew every reading, and vLLM's
+    static pool refuses to start without its share free."""
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    others = gpu_processes(nvml, handle)
+    shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
+    if static_share and mem.total - mem.used < static_share * mem.total:
+        return Check("card", False, f"{shown}: less than the static pool's {static_share:g} of the card",
+                     f"free the card ({', '.join(f'pid {p} {b / MIB:,.0f} MiB' for p, b in others.items()) or 'nvidia-smi'}) "
+                     f"or lower --gpu-memory-utilization")
+    if others:
+        listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
+        return Check("card", True, f"{shown}; other processes on it: {listed}", warning=True,
+                     fix="their memory moves the device totals; per-server figures are unaffected")
+    return Check("card", True, shown)
+
+
+def import_check(name: str, code: str, env: dict[str, str], timeout_s: float, fix: str) -> tuple[Check, str]:
+    """Run `code` in a fresh Python (the servers' interpreter): (the check, its stdout)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Check(name, False, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        if last and re.match(r"\w+(Error|Exception)\b", last[-1]):   # the exception line says it all
+            last = last[-1:]
+        hint = fix
+        if "libcudart.so" in proc.stderr or "undefined symbol" in proc.stderr:
+            hint = ("torch and vLLM were built for different CUDA versions: reinstall the pair together "
+                    "(see the README's compatibility table)")
+        return Check(name, False, " | ".join(last)[:300] or f"exit code {proc.returncode}", hint), ""
+    return Check(name, True, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "importable"), proc.stdout
+
+
+VLLM_PROBE = ("import sys, importlib.metadata as m; import vllm, vllm._C; "
+              "print('autopatch', 'kvcached.integration.vllm.autopatch' in sys.modules); "
+              "print(f'vllm {m.version(\"vllm\")} importable')")
+
+
+def check_serving_imports(cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S) -> list[Check]:
+    """vLLM's compiled part imports in the servers' Python, and kvcached's autopatch hooks into it: in
+    a subprocess, so this process never holds a CUDA context."""
+    if cfg.server_cmd:
+        return [Check("vllm", True, f"not checked: servers run with --server-cmd {cfg.server_cmd.split()[0]}", warning=True)]
+    env = dict(os.environ, ENABLE_KVCACHED="true" if kvcached_needed else "false",
+               KVCACHED_AUTOPATCH="1" if kvcached_needed else "0", CUDA_VISIBLE_DEVICES="")
+    vllm, out = import_check("vllm", VLLM_PROBE, env, timeout_s,
+                             "pip install -r requirements.txt (vllm==0.24.0)")
+    checks = [vllm]
+    if kvcached_needed and vllm.ok:
+        patched = "autopatch True" in out
+        checks.append(Check("kvcached", patched, "autopatch hooks into vLLM" if patched else
+                            "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
+                            "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in "
+                            "site-packages)"))
+    return checks
+
+
+def check_models(cfg: Config, slots: Iterable[str]) -> list[Check]:
+    checks = []
+    for slot in slots:
+        model = model_of(cfg, slot)
+        if (Path(model).expanduser() / "config.json").is_file():
+            checks.append(Check(f"model {slot}", True, f"{model} (local folder)"))
+            continue
+        if cfg.server_cmd:   # another engine (or a fake) may name models its own way
+            checks.append(Check(f"model {slot}", True, f"{model}: left to --server-cmd", warning=True))
+            continue
+        path, why = hub_config(model)
+        if path is not None:
+            checks.append(Check(f"model {slot}", True, f"{model} (hub or its cache)"))
+        else:
+            checks.append(Check(f"model {slot}", False, f"{model}: {why}",
+                                "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
+                                "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache"))
+    return checks
+
+
+def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
+    checks = []
+    for slot in slots:
+        port = port_of(cfg, slot)
+        taken = port_taken(cfg.host, port)
+        checks.append(Check(f"port {slot}", not taken, f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free"),
+                            f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}"))
+    return checks
+
+
+def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
+    """Every check, in the order a new user meets the problems; (checks, NVML if it loaded)."""
+    checks = [check_python()]
+    try:
+        check_results_dir(Path(cfg.results_dir))
+        checks.append(Check("results", True, f"{cfg.results_dir}/ writable"))
+    except ConfigError as exc:
+        checks.append(Check("results", False, str(exc), "choose a writable folder with --results-dir"))
+    nvml = None
+    try:
+        nvml = open_gpu(nvml_module, cfg.gpu_index)
+        name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(cfg.gpu_index))
+        checks.append(Check("nvml", True, f"GPU {cfg.gpu_index}: {name.decode() if isinstance(name, bytes) else name}"))
+        checks.append(check_driver(nvml, torch_cuda_version()))
+        budget = int(cfg.overload_budget_gib * GIB)
+        static = [s.gpu_memory_utilization or 0 for e in experiments for s in e.servers(cfg, budget) if not s.kvcached]
+        checks.append(check_card(nvml, cfg.gpu_index, max(static, default=0)))
+    except ConfigError as exc:
+        checks.append(Check("nvml", False, str(exc).split(". ")[0], "run on a machine with an NVIDIA GPU and "
+                            "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither"))
+    slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
+    checks += check_serving_imports(cfg, any(e.arm == "kvcached" for e in experiments))
+    checks += check_models(cfg, slots)
+    checks += check_ports(cfg, slots)
+    return checks, nvml
+
+
+def checklist(checks: list[Check]) -> str:
+    return "preflight:\n" + "\n".join(c.line() for c in checks)
+
+
+# %% Run set-up: results folder, versions, checks, plans, signals
 def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> Path:
     """results/<UTC timestamp>_<tag>/, created fresh: an existing folder is never reused."""
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
@@ -2380,19 +3080,6 @@ def package_versions(names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidi
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def check_serving_stack(cfg: Config, experiments: list[str]) -> None:
-    """Fail before launching anything if vLLM or kvcached is missing from the servers' Python."""
-    import importlib.util
-    if cfg.server_cmd:
-        return   # another engine or a fake: its own business
-    missing = [pkg for pkg, needed in (("vllm", True), ("kvcached", any("kvcached" in e for e in experiments)))
-               if needed and importlib.util.find_spec(pkg) is None]
-    if missing:
-        raise ConfigError(f"{' and '.join(missing)} not installed for {sys.executable}: "
-                          f"pip install -r requirements.txt, then "
-                          f"pip install kvcached==0.1.6 --no-build-isolation (see README)")
 
 
 def check_results_dir(parent: Path) -> None:
@@ -2430,6 +3117,54 @@ def gpu_count_check(nvml: Any, index: int) -> None:
                           f"GPU{'s' if count != 1 else ''} (0-{count - 1})")
 
 
+def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: Callable[[str], None]) -> Run:
+    """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
+    register_secrets(cfg)
+    experiments = parse_experiments(cfg.experiments)
+    checks, nvml = preflight(cfg, experiments, nvml_module)
+    if not all(c.ok for c in checks):
+        raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
+    say(checklist(checks))
+    gpu = gpu_facts(nvml, cfg.gpu_index)
+    plans, budget, model_facts = make_plans(cfg, gpu, say)
+    ensure_open_files(max(len(plan.burst(0)) for plan in plans.values()))
+    run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
+    say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
+        f"used before we start; results in {run_dir}")
+    save_plans(run_dir, plans, experiments)
+    command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
+    config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+              "command": shlex.join(redact_argv(command)), "notebook": running_in_notebook(),
+              "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""}, "gpu": gpu,
+              "versions": {"python": sys.version.split()[0], **package_versions()},
+              "host": socket.gethostname(), "experiments": [e.name for e in experiments], "models": model_facts,
+              "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
+              "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
+              "servers": {}}
+    write_json(run_dir / "config.json", config)
+    return Run(cfg, experiments, nvml, gpu, plans, budget, run_dir, config)
+
+
+def open_gpu(nvml_module: Any, index: int) -> Any:
+    try:
+        nvml = load_nvml(nvml_module)
+    except Exception as exc:
+        raise ConfigError(f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
+                          f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.") from exc
+    gpu_count_check(nvml, index)
+    return nvml
+
+
+def pin_to_card(gpu: dict, index: int, say: Callable[[str], None]) -> dict[str, str]:
+    """The servers' CUDA_VISIBLE_DEVICES: CUDA numbers devices its own way, a UUID names the very card
+    NVML measures."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
+        say(f"note: servers run on GPU {index} ({gpu['uuid']}), the card measured; "
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} from the shell is overridden "
+            f"(choose the card with --gpu-index)")
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
+
+
 def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key, model in (("A", cfg.model_a), ("B", cfg.model_b)):
@@ -2455,12 +3190,9 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
     return plans, budget, facts
 
 
-def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[str]) -> None:
+def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
     """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    used = {"overload_A", "overload_B"} if any(e.startswith("overload") for e in experiments) else set()
-    if any(not e.startswith("overload") for e in experiments):
-        used.add("main")
-    for key in sorted(used):
+    for key in sorted({plan for e in experiments for plan in e.plans}):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))
 
@@ -2469,115 +3201,6 @@ def plan_summary(plan: WorkloadPlan) -> dict:
     out = dataclasses.asdict(plan)
     out["requests"] = len(plan.requests)
     return out
-
-
-# %% main(): thin and imperative
-def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print) -> int:
-    try:
-        try:
-            cfg = config_from_args(argv)
-        except SystemExit as exc:   # --help
-            return int(exc.code or 0)
-        if cfg.report:
-            result = build_report(Path(cfg.report))
-            say(json.dumps(result))
-            return 0
-        register_secrets(cfg)
-        say = scrubbed(say)
-        experiments = parse_experiments(cfg.experiments)
-        check_serving_stack(cfg, experiments)
-        check_results_dir(Path(cfg.results_dir))
-    except (ConfigError, ReportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if cfg.load_format == "dummy" and not cfg.ignore_eos:
-        say("note: --load-format dummy gives random weights whose output can end at any token; "
-            "turning on --ignore-eos so every response has exactly max_tokens tokens")
-        cfg = dataclasses.replace(cfg, ignore_eos=True)
-    try:
-        nvml = load_nvml(nvml_module)
-        gpu_count_check(nvml, cfg.gpu_index)
-        gpu = gpu_facts(nvml, cfg.gpu_index)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        print(f"error: cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
-              f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.", file=sys.stderr)
-        return 2
-    plans, budget, model_facts = make_plans(cfg, gpu, say)
-    try:
-        ensure_open_files(max(len(plans[k].burst(0)) for k in plans))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
-    say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
-        f"used before we start; results in {run_dir}")
-    save_plans(run_dir, plans, experiments)
-    command = [sys.executable, "run_experiments.py"] + (argv if argv is not None else sys.argv[1:])
-    config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "command": shlex.join(redact_argv(command)),
-              "notebook": running_in_notebook(),
-              "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""}, "gpu": gpu,
-              "versions": {"python": sys.version.split()[0], **package_versions()},
-              "host": socket.gethostname(), "experiments": experiments, "models": model_facts,
-              "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
-              "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
-              "servers": {}}
-    write_json(run_dir / "config.json", config)
-    specs = define_experiments(cfg, plans, budget)
-    # CUDA numbers devices its own way; a UUID names the very card NVML measures
-    device = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
-    if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
-        say(f"note: servers run on GPU {cfg.gpu_index} ({gpu['uuid']}), the card measured; "
-            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} from the shell is overridden "
-            f"(choose the card with --gpu-index)")
-    pool = ServerPool(cfg, say, device)
-    restore = install_stop_signals(say) if not running_in_notebook() else {}
-    interrupted, failures = False, 0
-    try:
-        for number, name in enumerate(experiments, 1):
-            exp_dir = run_dir / f"{number:02d}_{name}"
-            try:
-                run_experiment(cfg, specs[name], plans, pool, nvml, exp_dir, say)
-            except Exception as exc:   # this experiment failed; the others still run
-                failures += 1
-                exp_dir.mkdir(parents=True, exist_ok=True)
-                write_json(exp_dir / "error.json", {"experiment": name, "error": f"{type(exc).__name__}: {exc}",
-                                                    "traceback": traceback.format_exc()})
-                say(f"  FAILED {name}: {type(exc).__name__}: {exc}")
-            for server in pool.running.values():
-                config["servers"][server.spec.label] = server.describe()
-            write_json(run_dir / "config.json", config)
-    except KeyboardInterrupt:
-        interrupted = True
-        say("\ninterrupted: stopping every server before leaving")
-    finally:
-        try:
-            pool.close()
-        except KeyboardInterrupt:   # signalled again while stopping: the servers are gone all the same
-            interrupted = True
-        for sig, handler in restore.items():
-            signal.signal(sig, handler)
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
-    config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    config["interrupted"] = interrupted
-    write_json(run_dir / "config.json", config)
-    try:
-        result = build_report(run_dir)
-    except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
-        print(f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
-              f"{run_dir}; retry with --report {run_dir}", file=sys.stderr)
-        return 1
-    say(f"\nsummary: {run_dir / 'summary.md'}")
-    for name in result["invalid"]:
-        say(f"WARNING: {name}: memory figures void ({'; '.join(result['experiments'][name].get('problems', []))})")
-    if running_in_notebook():
-        show_in_notebook(run_dir)
-    say(json.dumps(result))
-    return 130 if interrupted else (1 if failures or result["invalid"] else 0)
 
 
 def show_in_notebook(run_dir: Path) -> None:

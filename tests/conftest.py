@@ -1,7 +1,12 @@
-"""Shared test helpers: the harness imported as a module, fake servers on free ports, a fake NVML."""
+"""Shared test helpers: the harness imported as a module, fake servers on free ports, a fake NVML,
+end-to-end runs of the whole script (some of them started in the background, see `background`)."""
+import concurrent.futures
 import os
+import random
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +19,52 @@ sys.path.insert(0, str(ROOT))
 import run_experiments as rx  # noqa: E402
 
 
+# --- markers -------------------------------------------------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with vLLM and kvcached; "
+                                       "skipped unless RUN_GPU_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that read a background run's result go last: the runs go on while the others run.
+    items.sort(key=lambda item: any(name in BACKGROUND for name in getattr(item, "fixturenames", ())))
+    if os.environ.get("RUN_GPU_TESTS") != "1":
+        skip = pytest.mark.skip(reason="GPU test: set RUN_GPU_TESTS=1 to run it on a GPU machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free port no other test of this session got, below the kernel's ephemeral range: a client
+    connection of a test running meanwhile (some run in the background) never takes it as its local
+    port before the server meant for it binds it."""
+    low, high = ephemeral_ports()
+    span = (10000, low) if low > 12000 else (high + 1, 65536)
+    for _ in range(500):
+        port = random.randrange(*span)
+        if port in HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        HANDED_OUT.add(port)
+        return port
+    with socket.socket() as sock:   # a crowded machine: any port the kernel offers
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -29,6 +78,13 @@ def fresh_stop_state():
     rx.STOPPING.clear()
     rx.SIGNALS_SEEN[0] = 0
     rx.SECRETS.clear()
+
+
+@pytest.fixture(autouse=True)
+def quick_fake_startup(monkeypatch):
+    """Fake servers started by the tests themselves accept connections 0.05 s after start-up
+    (0.3 s by default); a test that needs a longer start-up sets FAKE_STARTUP_S itself."""
+    monkeypatch.setenv("FAKE_STARTUP_S", "0.05")
 
 
 @pytest.fixture
@@ -49,11 +105,15 @@ def make_cfg(**overrides) -> "rx.Config":
     base = dict(preset="smoke", server_cmd=f"{sys.executable} {FAKE_SERVER}", port_a=free_port(),
                 port_b=free_port(), start_timeout_s=20)
     base.update(overrides)
-    return rx.validate_config(rx.Config(**base))
+    return rx.resolve_config(rx.validate_config(rx.Config(**base)), say=lambda _: None)
+
+
+def ready(server, timeout_s: float = 20):
+    """rx.wait_ready, polling /health every 50 ms (the fakes come up in a fraction of a second)."""
+    return rx.wait_ready(server, timeout_s=timeout_s, poll_s=0.05)
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):
-    import time
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -74,13 +134,22 @@ def alive(pid: int) -> bool:
 
 # --- the whole script as a subprocess against the fakes
 CARD_MIB, BASELINE_MIB = 16384, 400
-FAST = ["--preset", "smoke", "--gap-s", "0.3", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.5", "--overload-budget-gib", "0.25",
-        "--prompt-tokens", "512", "--max-tokens", "64", "--burst-size", "8"]
+# Small and quick, but every burst still spans several samples: bursts of 8 requests x 32 tokens at
+# 8 ms per token (~0.3 s), per-process/kvcached/metrics samples every 0.1 s, device samples every 0.05 s.
+FAST = ["--preset", "smoke", "--gap-s", "0.1", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.25",
+        "--overload-budget-gib", "0.25", "--prompt-tokens", "512", "--max-tokens", "32", "--burst-size", "8",
+        "--process-sample-hz", "10"]
+
+
+# The environment before any test: a test that sets FAKE_* variables with monkeypatch while a background
+# run starts must not hand them to that run.
+SESSION_ENV = dict(os.environ)
 
 
 def fake_env(gpu_dir: Path, **extra: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
-               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.01", PYTHONUNBUFFERED="1",
+    env = dict(SESSION_ENV, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
+               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.008", FAKE_STARTUP_S="0.05",
+               PYTHONUNBUFFERED="1",
                ENABLE_KVCACHED="true")   # a user's shell setting that must not leak into the static arm
     env.update(extra)
     return env
@@ -92,3 +161,82 @@ def script_args(results: Path, *extra: str) -> list[str]:
             "--port-b", str(free_port()), *extra]
 
 
+# --- end-to-end runs in the background -----------------------------------------------------------
+# The mocked end-to-end runs mostly sleep (idle windows, gaps, streamed tokens): two of them at once
+# use well under a core. A test module declares a background job with @background("name") and a
+# fixture "name" that returns background_runs.result("name"); its tests only read what the job left.
+# Every declared job that the collected tests use starts, at most BACKGROUND_SLOTS at a time, the
+# first time any of them is asked for (test_end_to_end and test_trust ask as they start), and the
+# tests that read them run last (pytest_collection_modifyitems): the jobs go on while the others run.
+BACKGROUND: dict = {}
+BACKGROUND_SLOTS = 2
+
+
+def background(name: str, weight: float = 1.0):
+    """Declare a background job: fn(base: Path) returns either a command, dict(args=[...], env={...},
+    cwd=None, timeout=s), run to its end with its output kept, or a scenario: a callable run in a
+    thread whose return value the tests read. Heavier jobs start first: they bound the wall time."""
+    def register(fn):
+        BACKGROUND[name] = (weight, fn)
+        return fn
+    return register
+
+
+class BackgroundJob:
+    def __init__(self, base: Path, job):
+        self.base, self.job = base, job
+        self.proc = None
+        self.elapsed = None
+
+    def run(self):
+        started = time.time()
+        try:
+            return self.job() if callable(self.job) else self.command()
+        finally:
+            self.elapsed = time.time() - started
+
+    def command(self) -> tuple[subprocess.CompletedProcess, Path]:
+        out, err = self.base / "stdout.txt", self.base / "stderr.txt"
+        with open(out, "w") as stdout, open(err, "w") as stderr:   # files: a full pipe never blocks a run
+            self.proc = subprocess.Popen(self.job["args"], env=self.job["env"], cwd=self.job.get("cwd"),
+                                         stdout=stdout, stderr=stderr)
+            try:
+                self.proc.wait(timeout=self.job.get("timeout", 240))
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+        return subprocess.CompletedProcess(self.job["args"], self.proc.returncode, out.read_text(),
+                                           err.read_text()), self.base
+
+
+class BackgroundJobs:
+    def __init__(self, names, tmp_path_factory):
+        self.pool = concurrent.futures.ThreadPoolExecutor(BACKGROUND_SLOTS, thread_name_prefix="background")
+        self.jobs, self.futures = {}, {}
+        for name in names:
+            base = tmp_path_factory.mktemp(name)
+            self.jobs[name] = BackgroundJob(base, BACKGROUND[name][1](base))
+            self.futures[name] = self.pool.submit(self.jobs[name].run)
+
+    def result(self, name: str):
+        """What the job left once it has ended: (CompletedProcess, its folder) for a command, else
+        the scenario's return value; an exception in a scenario is raised here."""
+        return self.futures[name].result(timeout=900)
+
+    def close(self):
+        """Jobs not started are dropped, commands still running killed (their keepers stop their
+        servers); scenarios end by themselves within their own timeouts."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for job in self.jobs.values():
+            if job.proc is not None and job.proc.poll() is None:
+                job.proc.kill()
+        self.pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def background_runs(request, tmp_path_factory):
+    used = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}
+    jobs = BackgroundJobs(sorted(used, key=lambda n: (-BACKGROUND[n][0], n)), tmp_path_factory)
+    yield jobs
+    jobs.close()

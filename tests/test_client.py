@@ -1,10 +1,12 @@
 """The load generator: TTFT taken on arrival of the first token, failures as rows, auth."""
+import json
 import time
+import types
 
 import pytest
 import requests
 
-from conftest import free_port, make_cfg, rx
+from conftest import free_port, make_cfg, ready, rx
 
 
 @pytest.fixture
@@ -17,7 +19,7 @@ def live_server(fake_gpu, tmp_path, monkeypatch):
                              gpu_memory_utilization=None if spec_kvcached else 0.5)
         server = rx.start_server(cfg, spec, tmp_path / "server.log")
         servers.append(server)
-        rx.wait_ready(server, timeout_s=20)
+        ready(server)
         return cfg, server
     yield start
     for server in servers:
@@ -32,7 +34,101 @@ def blank_record():
     return rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0)
 
 
-def median_ttft(server, tokens, runs=5):
+class ScriptedClock:
+    """time.perf_counter for the harness: the scripted response moves it to each chunk's arrival."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class ScriptedTime:
+    """The harness's `time` module with a scripted perf_counter (this process's own clock untouched)."""
+    def __init__(self, clock):
+        self.perf_counter = clock
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class ScriptedResponse:
+    """A streamed HTTP 200 whose chunks arrive at scripted perf_counter times; the connection closes
+    with the last one."""
+    status_code = 200
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Transfer-Encoding": "chunked"}
+    text = ""
+
+    def __init__(self, clock, chunks):
+        self.clock, self.chunks = clock, chunks
+        self.raw = types.SimpleNamespace(connection=None)
+        self.chunk_sizes, self.closed = [], False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def iter_content(self, chunk_size=1, decode_unicode=False):
+        self.chunk_sizes.append(chunk_size)
+        for t, data in self.chunks:
+            self.clock.now = t
+            yield data
+
+    def close(self):
+        self.closed = True
+
+
+class ScriptedSession:
+    def __init__(self, response):
+        self.response, self.posts = response, []
+
+    def post(self, url, **kwargs):
+        self.posts.append((url, kwargs))
+        return self.response
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def token_event(content, finish=None):
+    return sse({"id": "c", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]})
+
+
+def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
+    # Sent at t=0; the role chunk (no content) at 1/16 s, the first token at 0.25 s, then 39 tokens
+    # 1/32 s apart, usage with the last one, [DONE] 1/64 s later. Binary fractions: exact.
+    clock = ScriptedClock()
+    monkeypatch.setattr(rx, "time", ScriptedTime(clock))
+    first, gap, tokens = 0.25, 1 / 32, 40
+    last = first + (tokens - 1) * gap
+    chunks = [(1 / 16, token_event({"role": "assistant", "content": ""}))]
+    chunks += [(first + i * gap, token_event({"content": "tok "}, "length" if i == tokens - 1 else None))
+               for i in range(tokens)]
+    chunks += [(last, sse({"id": "c", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": tokens,
+                                                                "total_tokens": 12 + tokens}})),
+               (last + 1 / 64, b"data: [DONE]\n\n")]
+    response = ScriptedResponse(clock, chunks)
+    session = ScriptedSession(response)
+    record = rx.send_chat("http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, session=session)
+    assert record.ok, record.error
+    assert record.ttft_s == first, "the first content chunk, not the role chunk nor the end of the stream"
+    assert record.itl_s == [gap] * (tokens - 1)
+    assert record.e2e_s == last + 1 / 64
+    assert record.completion_tokens == tokens and record.prompt_tokens == 12 and record.finish_reason == "length"
+    assert record.content_reads == tokens
+    # read as it arrives: a streamed request, each chunk as it comes (chunk_size=None), no buffered body
+    (url, kwargs), = session.posts
+    assert url == "http://fake/v1/chat/completions" and kwargs["stream"] is True
+    assert kwargs["json"]["stream"] is True and kwargs["json"]["max_tokens"] == tokens
+    assert response.chunk_sizes == [None] and response.closed
+
+
+def median_ttft(server, tokens, runs=3):
     session = requests.Session()
     rx.send_chat(server.url, server.spec.model, one_request(2), blank_record(), session=session)  # connect
     records = [rx.send_chat(server.url, server.spec.model, one_request(tokens), blank_record(),
@@ -41,21 +137,22 @@ def median_ttft(server, tokens, runs=5):
     return rx.percentile([r.ttft_s for r in records], 50), records
 
 
-def test_ttft_is_taken_when_the_first_token_arrives(live_server, monkeypatch):
-    # The same server twice, first token at once and after 0.2 s, then 40 tokens 25 ms apart: the
-    # difference must be the 0.2 s within 5 ms (a buffered read would add the whole ~1 s stream).
-    monkeypatch.setenv("FAKE_ITL_S", "0.025")
+def test_ttft_on_a_real_socket_follows_the_servers_first_token(live_server, monkeypatch):
+    # The same fake server twice, first token at once and after 0.2 s, then 10 tokens 20 ms apart:
+    # over real sockets the difference is the 0.2 s (a buffered read would add the whole stream).
+    monkeypatch.setenv("FAKE_ITL_S", "0.02")
     monkeypatch.setenv("FAKE_TTFT_S", "0.0")
     _, instant = live_server()
-    base, _ = median_ttft(instant, 40)
     monkeypatch.setenv("FAKE_TTFT_S", "0.2")
     _, delayed = live_server()
-    ttft, records = median_ttft(delayed, 40)
-    assert ttft - base == pytest.approx(0.2, abs=0.005)
+    base, _ = median_ttft(instant, 10)
+    ttft, records = median_ttft(delayed, 10)
+    assert ttft - base == pytest.approx(0.2, abs=0.06)
     for record in records:
-        assert record.completion_tokens == 40 and len(record.itl_s) == 39
-        assert record.e2e_s > 0.2 + 38 * 0.025
-        assert rx.percentile(record.itl_s, 50) == pytest.approx(0.025, abs=0.005)
+        assert record.completion_tokens == 10 and len(record.itl_s) == 9
+        assert record.e2e_s > 0.2 + 8 * 0.02
+        assert record.ttft_s < record.e2e_s - 0.15, "TTFT well before the end of the stream"
+        assert rx.percentile(record.itl_s, 50) == pytest.approx(0.02, abs=0.01)
 
 
 def test_failures_are_rows_not_exceptions(live_server):

@@ -1,7 +1,10 @@
 """The whole script as a subprocess against fake vLLM servers and a fake NVML whose memory follows
-the servers: the static arm reserves its pool at start, the kvcached arm grows with live requests."""
+the servers: the static arm reserves its pool at start, the kvcached arm grows with live requests.
+Runs whose tests only read what they left go in the background (conftest.background), a few at once,
+while this module's first tests run in the foreground."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,16 +13,104 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, fake_env, script_args, wait_for
+from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, rx, script_args, wait_for
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_background_runs(request):
+    request.getfixturevalue("background_runs")
+
+
+# --- committed runs: --report rebuilds each one's summary.json and summary.md exactly ----------------
+COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
+REPORT_CLI_RUN = ROOT / "results" / "20261128T064129Z_run1"
+
+
+def rebuildable_copy(reference, tmp_path):
+    """The committed run without its summaries and plots (rebuilt below), in a fresh folder of its name."""
+    copy = tmp_path / reference.name
+    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("*.png"))
+    (copy / "summary.json").unlink()
+    (copy / "summary.md").unlink()
+    return copy
+
+
+def assert_rebuilt_as_committed(copy, reference):
+    assert json.loads((copy / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert (copy / "summary.md").read_text() == (reference / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("reference", COMMITTED_RUNS, ids=lambda p: str(p.relative_to(ROOT / "results")))
+def test_committed_run_rebuilds_to_its_summary(reference, tmp_path):
+    # main() in this process (one matplotlib import for all); the script itself: the next test
+    copy = rebuildable_copy(reference, tmp_path)
+    assert rx.main(["--report", str(copy)]) == 0
+    assert_rebuilt_as_committed(copy, reference)
+
+
+def test_report_command_rebuilds_a_committed_run(tmp_path):
+    assert REPORT_CLI_RUN in COMMITTED_RUNS
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert_rebuilt_as_committed(copy, REPORT_CLI_RUN)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(copy)
+
+
+def test_reference_figures_are_the_h200_ones():
+    summary = json.loads((ROOT / "results" / "20261128T064129Z_run1" / "summary.json").read_text())
+    assert summary["experiments"]["static"]["device"]["idle_after_load_mib"] == 80011.875
+
+
+@background("sigterm_scenario")
+def sigterm_scenario_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        args = script_args(base / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")
+        proc = subprocess.Popen(args, env=fake_env(base / "gpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= 2, timeout=60)
+            time.sleep(0.3)
+            engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
+                    "alive_after": [pid for pid in engines if alive(pid)]}
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return scenario
+
+
+@pytest.fixture
+def sigterm_scenario(background_runs):
+    return background_runs.result("sigterm_scenario")
+
+
+def test_sigterm_stops_every_server(sigterm_scenario):
+    run = sigterm_scenario
+    assert run["up"], "servers up"
+    assert run["rc"] == 130, run["out"][-2000:]
+    assert "stopping every server" in run["out"]
+    assert run["engines"] and not run["alive_after"]
+
+
+# --- one run of all six experiments, read by the tests below ---------------------------------------
+@background("full_run", weight=10)
+def full_run_cmd(base):
+    (base / "gpu").mkdir()
+    # --ignore-eos: every answer runs its full length, so each burst holds its KV (and the static
+    # overload pair its queue) for several sampling intervals instead of thinning out request by request
+    return dict(args=script_args(base / "results", "--ignore-eos"), env=fake_env(base / "gpu"), timeout=240)
+
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
-    (base / "gpu").mkdir()
-    started = time.time()
-    proc = subprocess.run(script_args(base / "results"), env=fake_env(base / "gpu"), capture_output=True,
-                          text=True, timeout=240)
-    elapsed = time.time() - started
+def full_run(background_runs):
+    proc, base = background_runs.result("full_run")
+    elapsed = background_runs.jobs["full_run"].elapsed
     print(f"mocked end-to-end run: {elapsed:.1f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir, = (base / "results").iterdir()
@@ -53,6 +144,17 @@ def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
         static["idle_after_load_mib"] - kvc["idle_after_load_mib"])
 
 
+def rows_per_burst(full_run, server):
+    """For a failure message: rows in shared_kvcached's requests.jsonl per burst of the server, and what
+    the harness said of those bursts."""
+    exp_dir, = full_run["run_dir"].glob("*_shared_kvcached")
+    rows = [r for r in rx.read_jsonl(exp_dir / "requests.jsonl") if r["server"] == server]
+    section = full_run["proc"].stdout.split("=== shared_kvcached:", 1)[-1].split("===", 1)[0]
+    said = [line.strip() for line in section.splitlines() if line.strip().startswith(f"{server} burst")]
+    return (f"rows in requests.jsonl: { {p: sum(r['phase'] == p for r in rows) for p in sorted({r['phase'] for r in rows})} }"
+            f"; the harness said: {said}")
+
+
 def test_two_model_runs_attribute_memory_per_model(full_run):
     shared = full_run["summary"]["experiments"]["shared_kvcached"]
     for name in "AB":
@@ -61,7 +163,7 @@ def test_two_model_runs_attribute_memory_per_model(full_run):
         assert server["memory"]["flex_mib"] > 10                            # its own bursts
         assert server["kvcached"]["peak_used_mib"] > 10
         assert server["vllm"]["max_running"] >= 1
-        assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16
+        assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16, rows_per_burst(full_run, name)
     assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
     starts = full_run["summary"]["server_starts"]
     # 10 servers across the six experiments; A and B kvcached and A static are reused: 6 start-ups
@@ -108,28 +210,6 @@ def test_nothing_is_left_running(full_run):
     assert not [p for p in states if alive(int(p.stem))]
 
 
-COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
-
-
-@pytest.mark.parametrize("reference", COMMITTED_RUNS, ids=lambda p: str(p.relative_to(ROOT / "results")))
-def test_committed_run_rebuilds_to_its_summary(reference, tmp_path):
-    import shutil
-    copy = tmp_path / reference.name
-    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("*.png"))
-    (copy / "summary.json").unlink()
-    (copy / "summary.md").unlink()
-    proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((copy / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
-    assert (copy / "summary.md").read_text() == (reference / "summary.md").read_text()
-
-
-def test_reference_figures_are_the_h200_ones():
-    summary = json.loads((ROOT / "results" / "20261128T064129Z_run1" / "summary.json").read_text())
-    assert summary["experiments"]["static"]["device"]["idle_after_load_mib"] == 80011.875
-
-
 def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):
     run_dir = full_run["run_dir"]
     before = json.loads((run_dir / "summary.json").read_text())
@@ -141,26 +221,47 @@ def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
 
 
-def test_failed_experiment_is_recorded_and_the_others_run(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    # like vLLM, the static server refuses to start when 0.99 of the card is not free
-    args = script_args(tmp_path / "results", "--experiments", "1,2", "--pair-utilization-b", "0.3",
-                       "--gpu-memory-utilization", "0.99")
-    proc = subprocess.run(args, env=fake_env(tmp_path / "gpu"), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    run_dir, = (tmp_path / "results").iterdir()
-    error = json.loads((run_dir / "02_static" / "error.json").read_text())
-    assert "exited with code" in error["error"] and "last 40 lines" in error["error"]
-    assert (run_dir / "01_kvcached" / "summary.json").exists()
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == ["02_static"]
+# --- other whole runs, in the background ---------------------------------------------------------
+@background("failed_experiment_run")
+def failed_experiment_cmd(base):
+    (base / "gpu").mkdir()
+    # the kvcached server crashes while starting (its arm's environment tells the fake so)
+    args = script_args(base / "results", "--experiments", "1,2", "--kvcached-env", "FAKE_MODE=crash")
+    return dict(args=args, env=fake_env(base / "gpu"), timeout=120)
 
 
-def test_repeats_report_the_spread_of_elastic_static_ratios(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    args = script_args(tmp_path / "results", "--experiments", "5", "--repeats", "2")
-    proc = subprocess.run(args, env=fake_env(tmp_path / "gpu"), capture_output=True, text=True, timeout=180)
+@pytest.fixture
+def failed_experiment_run(background_runs):
+    return background_runs.result("failed_experiment_run")
+
+
+def test_failed_experiment_is_recorded_and_the_others_run(failed_experiment_run):
+    proc, base = failed_experiment_run
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir, = (base / "results").iterdir()
+    error = json.loads((run_dir / "01_kvcached" / "error.json").read_text())
+    assert "exited with code 3" in error["error"] and "last 40 lines" in error["error"]
+    assert "fake start-up failure" in error["error"]
+    assert json.loads((run_dir / "02_static" / "summary.json").read_text())["latency"]["failed"] == 0
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == ["01_kvcached"]
+
+
+@background("repeats_run", weight=5)
+def repeats_cmd(base):
+    (base / "gpu").mkdir()
+    args = script_args(base / "results", "--experiments", "5", "--repeats", "2", "--no-warmup", "--max-tokens", "16")
+    return dict(args=args, env=fake_env(base / "gpu"), timeout=180)
+
+
+@pytest.fixture
+def repeats_run(background_runs):
+    return background_runs.result("repeats_run")
+
+
+def test_repeats_report_the_spread_of_elastic_static_ratios(repeats_run):
+    proc, base = repeats_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run_dir, = (tmp_path / "results").iterdir()
+    run_dir, = (base / "results").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     phase = summary["comparison"]["overload"]["per_phase"]["A bursts, B idle"]
     assert phase["over_repeats"]["ttft_s_p99_ratio"]["n"] == 2
@@ -169,36 +270,32 @@ def test_repeats_report_the_spread_of_elastic_static_ratios(tmp_path):
     assert sorted(p.name for p in run_dir.glob("plan_*")) == ["plan_overload_A.json.gz", "plan_overload_B.json.gz"]
 
 
-def test_sigterm_stops_every_server(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    args = script_args(tmp_path / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")
-    proc = subprocess.Popen(args, env=fake_env(tmp_path / "gpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    assert wait_for(lambda: len(list((tmp_path / "gpu").glob("*.json"))) >= 2, timeout=60), "servers up"
-    time.sleep(1.0)
-    engines = [int(p.stem) for p in (tmp_path / "gpu").glob("*.json")]
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out[-2000:]
-    assert "stopping every server" in out
-    assert not any(alive(pid) for pid in engines)
-
-
-def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(tmp_path):
-    (tmp_path / "gpu").mkdir()
+@background("notebook_run")
+def notebook_cmd(base):
+    (base / "gpu").mkdir()
     source = (ROOT / "run_experiments.py").read_text()
-    notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(tmp_path / "results",
+    notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(base / "results",
                                                                                     "--experiments", "1")[2:])
-    source = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
+    patched = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
     driver = ("import sys, types\n"
               "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
               "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
-              f"exec(compile(open({str(tmp_path / 'cell.py')!r}).read(), '<cell>', 'exec'), {{'__name__': '__main__'}})\n"
+              f"exec(compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec'), {{'__name__': '__main__'}})\n"
               "print('CELL DONE')\n")
-    (tmp_path / "cell.py").write_text(source)
-    proc = subprocess.run([sys.executable, "-c", driver], env=fake_env(tmp_path / "gpu"), capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
+    (base / "cell.py").write_text(patched)
+    return dict(args=[sys.executable, "-c", driver], env=fake_env(base / "gpu"), cwd=str(base), timeout=120,
+                patched=patched != source)
+
+
+@pytest.fixture
+def notebook_run(background_runs):
+    return background_runs.result("notebook_run") + (background_runs.jobs["notebook_run"].job["patched"],)
+
+
+def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):
+    proc, base, patched = notebook_run
+    assert patched, "the cell's NOTEBOOK_ARGS line was found and set"
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("CELL DONE"), "main() must return, not sys.exit, in a notebook"
-    run_dir, = (tmp_path / "results").iterdir()
+    run_dir, = (base / "results").iterdir()
     assert (run_dir / "01_kvcached" / "summary.json").exists()

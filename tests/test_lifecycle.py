@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_SERVER, alive, free_port, make_cfg, rx, wait_for
+from conftest import FAKE_SERVER, alive, free_port, make_cfg, ready, rx, wait_for
 
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
 STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
@@ -26,10 +26,11 @@ def started(tmp_path):
         rx.stop_server(server, grace_s=2)
 
 
-def test_ready_then_stopped_leaves_no_process(fake_gpu, started):
+def test_ready_then_stopped_leaves_no_process(fake_gpu, started, monkeypatch):
+    monkeypatch.setenv("FAKE_STARTUP_S", "0.3")   # the fake's default start-up, as slow as it gets here
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
-    startup = rx.wait_ready(server, timeout_s=20)
+    startup = ready(server)
     assert 0.2 < startup < 10
     tree = server.tree()
     assert len(tree) >= 2, "the fake, like vLLM, holds its memory in an engine child"
@@ -75,7 +76,7 @@ def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tm
     monkeypatch.setenv("FAKE_MODE", "grandchild")
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
-    rx.wait_ready(server, timeout_s=20)
+    ready(server)
     pid_file = tmp_path / "gpu" / "grandchild.pid"
     assert wait_for(pid_file.exists)
     grandchild = int(pid_file.read_text())
@@ -86,9 +87,10 @@ def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tm
 
 def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigterm")
+    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 30.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)))
     cfg = make_cfg()
     server = started(cfg, STATIC_A(cfg))
-    rx.wait_ready(server, timeout_s=20)
+    ready(server)
     tree = server.tree()
     begin = time.time()
     rx.stop_server(server, grace_s=0.5)
@@ -99,7 +101,7 @@ def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
 def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
-    rx.wait_ready(server, timeout_s=20)
+    ready(server)
     tree = server.tree()
     keeper = server.proc.pid
     api_server, = [p for p in tree if rx.proc_stat(p)[1] == keeper]
@@ -138,9 +140,9 @@ def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
 def test_sampler_attributes_memory_to_the_server_tree(fake_gpu, started, tmp_path):
     cfg = make_cfg()
     server = started(cfg, STATIC_A(cfg))
-    rx.wait_ready(server, timeout_s=20)
+    ready(server)
     nvml = rx.load_nvml(fake_gpu)
-    sampler = rx.Sampler(nvml, 0, [server], tmp_path / "memory.jsonl", sample_hz=20, process_hz=10)
+    sampler = rx.Sampler(nvml, 0, [server], tmp_path / "memory.jsonl", sample_hz=20, process_sample_hz=10)
     sampler.start()
     time.sleep(0.6)
     sampler.stop()
@@ -155,7 +157,7 @@ def test_sampler_attributes_memory_to_the_server_tree(fake_gpu, started, tmp_pat
 def test_sampler_survives_nvml_errors(fake_gpu, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_NVML_FLAKY", "1")
     nvml = rx.load_nvml(fake_gpu)
-    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_hz=5)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     sampler.start()
     time.sleep(0.5)
     sampler.stop()

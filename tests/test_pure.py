@@ -10,11 +10,25 @@ import pytest
 from conftest import rx
 
 
+def names(spec):
+    return [e.name for e in rx.parse_experiments(spec)]
+
+
 def test_experiment_aliases_expand_in_run_order():
-    assert rx.parse_experiments("3,1") == ["kvcached", "shared_kvcached"]
-    assert rx.parse_experiments("seed") == ["kvcached", "shared_kvcached", "static"]
-    assert rx.parse_experiments("5") == ["overload_kvcached", "overload_static"]
-    assert set(rx.parse_experiments("all")) == set(rx.EXPERIMENTS)
+    assert names("3,1") == ["kvcached", "shared_kvcached"]
+    assert names("seed") == ["kvcached", "shared_kvcached", "static"]
+    assert names("5") == ["overload_kvcached", "overload_static"]
+    assert names("static,kvcached") == ["kvcached", "static"]
+    # grouped by arm, so that a server started for one experiment is reused by the next
+    assert names("all") == ["kvcached", "shared_kvcached", "overload_kvcached", "static", "shared_static",
+                            "overload_static"]
+
+
+def test_every_group_has_one_experiment_per_compared_arm():
+    for group in rx.GROUPS:
+        arms = sorted(e.arm for e in rx.EXPERIMENTS if e.group == group)
+        assert arms == sorted(rx.COMPARED_ARMS), group
+    assert len({e.name for e in rx.EXPERIMENTS}) == len(rx.EXPERIMENTS)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -126,9 +140,8 @@ def test_pair_limits_keep_the_pair_within_its_budget():
 
 def test_server_commands_and_env_for_both_arms():
     cfg = rx.config_from_args(["--api-key", "k", "--load-format", "dummy"])
-    specs = rx.define_experiments(cfg, {"main": rx.plan_workload(cfg, 2, "x"),
-                                        "overload_A": rx.plan_workload(cfg, 2, "x"),
-                                        "overload_B": rx.plan_workload(cfg, 2, "x")}, 2 * rx.GIB)
+    plans = {key: rx.plan_workload(cfg, 2, "x") for key in ("main", "overload_A", "overload_B")}
+    specs = {e.name: rx.resolve_experiment(e, cfg, plans, 2 * rx.GIB) for e in rx.EXPERIMENTS}
     static, = specs["static"].servers
     kvc, = specs["kvcached"].servers
     static_cmd, kvc_cmd = rx.server_command(cfg, static), rx.server_command(cfg, kvc)
@@ -167,25 +180,26 @@ def test_percentiles_and_empty_inputs():
     assert rx.percentile([], 50) is None
     assert rx.percentile([1, 2, 3, 4], 50) == 2.5
     assert rx.percentile([5], 99) == 5
-    assert rx.distribution([])["p50"] is None
+    assert rx.Distribution.of([]).p50 is None
+    assert rx.percentile([0.1, 0.2, 0.4, 1.0], 90) == pytest.approx(0.82)   # linear interpolation
 
 
 def test_latency_summary_handles_empty_and_all_failed():
     empty = rx.latency_summary([])
-    assert empty["requests"] == 0 and empty["ttft_s"]["p50"] is None and empty["output_tokens_per_s"] is None
+    assert empty.requests == 0 and empty.ttft_s.p50 is None and empty.output_tokens_per_s is None
     failed = [{"ok": False, "t_send": 10.0, "e2e_s": 0.1, "error": "ConnectionError: refused", "server": "A"}] * 3
     summary = rx.latency_summary(failed)
-    assert (summary["requests"], summary["ok"], summary["failed"]) == (3, 0, 3)
-    assert summary["errors"] == {"ConnectionError: refused": 3}
-    assert summary["ttft_s"]["p50"] is None
+    assert (summary.requests, summary.ok, summary.failed) == (3, 0, 3)
+    assert summary.errors == {"ConnectionError: refused": 3}
+    assert summary.ttft_s.p50 is None
 
 
 def test_latency_summary_tpot_and_throughput():
     rows = [{"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 1.1, "completion_tokens": 11},
             {"ok": True, "t_send": 1.0, "ttft_s": 0.3, "e2e_s": 1.3, "completion_tokens": 11}]
     summary = rx.latency_summary(rows)
-    assert summary["tpot_s"]["p50"] == pytest.approx(0.1)
-    assert summary["output_tokens_per_s"] == pytest.approx(22 / 2.3)
+    assert summary.tpot_s.p50 == pytest.approx(0.1)
+    assert summary.output_tokens_per_s == pytest.approx(22 / 2.3)
 
 
 def test_memory_summary_idle_peak_release():
@@ -193,21 +207,31 @@ def test_memory_summary_idle_peak_release():
     samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]         # burst to 3000
     samples += [(3 + t / 10, 2000.0) for t in range(0, 5)]          # releasing
     samples += [(3.5 + t / 10, 1040.0) for t in range(0, 10)]       # back within 5%
-    marks = {"idle_after_load": (0, 0.9), "idle_before": (1.0, 1.9), "workload": (2.0, 3.0), "sampling_end": 4.5}
+    marks = rx.Marks(idle_after_load=(0, 0.9), idle_before=(1.0, 1.9), workload=(2.0, 3.0), sampling_end=4.5)
     summary = rx.memory_summary(samples, marks, 0.05)
-    assert summary["idle_before_workload_mib"] == 1000
-    assert summary["peak_mib"] == 3000
-    assert summary["flex_mib"] == 2000
-    assert summary["release_s"] == pytest.approx(0.5)
-    assert summary["residual_mib"] == pytest.approx(40)
+    assert summary.idle_before_workload_mib == 1000
+    assert summary.peak_mib == 3000
+    assert summary.flex_mib == 2000
+    assert summary.release_s == pytest.approx(0.5)
+    assert summary.residual_mib == pytest.approx(40)
     never = rx.memory_summary([(s[0], 5000.0 if s[0] >= 2 else s[1]) for s in samples], marks, 0.05)
-    assert never["release_s"] is None and never["residual_mib"] == 4000
+    assert never.release_s is None and never.residual_mib == 4000
 
 
 def test_static_pool_releases_at_once():
     flat = [(t / 10, 9000.0) for t in range(50)]
-    marks = {"idle_after_load": (0, 1), "idle_before": (1, 2), "workload": (2, 3), "sampling_end": 5}
-    assert rx.memory_summary(flat, marks, 0.05)["release_s"] == pytest.approx(0.0)
+    marks = rx.Marks(idle_after_load=(0, 1), idle_before=(1, 2), workload=(2, 3), sampling_end=5)
+    assert rx.memory_summary(flat, marks, 0.05).release_s == pytest.approx(0.0)
+
+
+def test_records_serialise_without_absent_sections_and_typos_fail():
+    summary = rx.latency_summary([])
+    assert "ttft_note" not in rx.to_json(summary)
+    assert rx.to_json({"x": float("inf"), "y": [float("nan")]}) == {"x": None, "y": [None]}
+    with pytest.raises(AttributeError):
+        summary.ttft_p50   # a typo is an error, not "n/a"
+    marks = rx.Marks(idle_after_load=(1.0, 2.0), bursts=[rx.BurstMark("burst 1", "A", 0, 3.0, 4.0)])
+    assert rx.Marks.from_json(json.loads(json.dumps(marks.to_json()))) == marks
 
 
 def test_run_folders_are_never_reused(tmp_path):
@@ -219,7 +243,7 @@ def test_run_folders_are_never_reused(tmp_path):
 
 
 def test_json_has_no_infinity():
-    out = json.dumps(rx.finite({"a": float("inf"), "b": [float("nan"), 1.0]}))
+    out = json.dumps(rx.to_json({"a": float("inf"), "b": [float("nan"), 1.0]}))
     assert "Infinity" not in out and "NaN" not in out and json.loads(out) == {"a": None, "b": [None, 1.0]}
 
 

@@ -2,6 +2,7 @@
 Numbered as the failure-handling table in the README."""
 import errno
 import fcntl
+import inspect
 import json
 import os
 import signal
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_SERVER, alive, fake_env, free_port, make_cfg, rx, script_args, wait_for
+from conftest import FAKE_SERVER, alive, background, fake_env, free_port, make_cfg, ready, rx, script_args, wait_for
+
+@pytest.fixture(scope="module", autouse=True)
+def start_background_runs(request):
+    """This module's whole-script runs start with it (if test_end_to_end has not started them yet):
+    they go on in the background while its other tests run; the tests that read them run last."""
+    request.getfixturevalue("background_runs")
+
 
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
 STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
@@ -53,51 +61,61 @@ def port_free(port: int) -> bool:
 def servers(tmp_path):
     started = []
 
-    def start(cfg, spec, ready=True):
+    def start(cfg, spec, wait=True):
         server = rx.start_server(cfg, spec, tmp_path / f"server_{spec.name}_{len(started)}.log")
         started.append(server)
-        if ready:
-            rx.wait_ready(server, timeout_s=20)
+        if wait:
+            ready(server)
         return server
     yield start
     rx.HURRY.set()
     rx.stop_servers(started)
 
 
-def run_script(tmp_path, *extra, env_extra=None, timeout=120):
-    (tmp_path / "gpu").mkdir(exist_ok=True)
-    proc = subprocess.run(script_args(tmp_path / "results", *extra), env=fake_env(tmp_path / "gpu", **(env_extra or {})),
-                          capture_output=True, text=True, timeout=timeout)
-    runs = sorted((tmp_path / "results").iterdir()) if (tmp_path / "results").exists() else []
-    return proc, (runs[-1] if runs else None)
-
-
 # 1. Servers die with the harness ------------------------------------------------------------------
-def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    # the fake engine, like vLLM 0.24's EngineCore, outlives its API server unless someone stops it
-    env = fake_env(tmp_path / "gpu", FAKE_ORPHAN_ENGINE="1", FAKE_ITL_S="0.05")
-    args = script_args(tmp_path / "results", "--experiments", "3", "--bursts", "20", "--no-warmup")
-    harness = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60), "bursting"
-        ours = descendants(harness.pid)
-        ports = [int(args[args.index(flag) + 1]) for flag in ("--port-a", "--port-b")]
-        assert len(ours) >= 6, "two keepers, two API servers, two engines"
-        harness.kill()
-        harness.wait()
-        assert wait_for(lambda: not any(alive(p) for p in ours), timeout=10), \
-            [p for p in ours if alive(p)]
-        assert all(port_free(p) for p in ports)
-        assert not list((tmp_path / "gpu").glob("*.json")) or not any(
-            alive(int(p.stem)) for p in (tmp_path / "gpu").glob("*.json") if p.stem.isdigit())
-    finally:
-        if harness.poll() is None:
+@background("sigkill_scenario")
+def sigkill_scenario_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        # the fake engine, like vLLM 0.24's EngineCore, outlives its API server unless someone stops it
+        env = fake_env(base / "gpu", FAKE_ORPHAN_ENGINE="1", FAKE_ITL_S="0.05")
+        args = script_args(base / "results", "--experiments", "3", "--bursts", "20", "--no-warmup")
+        harness = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            bursting = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
+            ours = descendants(harness.pid)
+            ports = [int(args[args.index(flag) + 1]) for flag in ("--port-a", "--port-b")]
             harness.kill()
+            harness.wait()
+            gone = wait_for(lambda: not any(alive(p) for p in ours), timeout=10)
+            return {"bursting": bursting, "ours": ours, "gone": gone, "left": [p for p in ours if alive(p)],
+                    "ports_free": [port_free(p) for p in ports],
+                    "engines_alive": [int(p.stem) for p in (base / "gpu").glob("*.json")
+                                      if p.stem.isdigit() and alive(int(p.stem))]}
+        finally:
+            if harness.poll() is None:
+                harness.kill()
+                harness.wait()
+    return scenario
+
+
+@pytest.fixture
+def sigkill_scenario(background_runs):
+    return background_runs.result("sigkill_scenario")
+
+
+def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(sigkill_scenario):
+    run = sigkill_scenario
+    assert run["bursting"], "bursting"
+    assert len(run["ours"]) >= 6, "two keepers, two API servers, two engines"
+    assert run["gone"], run["left"]
+    assert all(run["ports_free"])
+    assert not run["engines_alive"]
 
 
 def test_server_ending_on_its_own_takes_its_orphaned_engine_along(fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_ORPHAN_ENGINE", "1")
+    monkeypatch.setattr(rx, "KEEPER_GRACE_S", 0.5)   # how long the keeper waits before SIGKILL (4 s)
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
     tree = server.tree()
@@ -109,14 +127,37 @@ def test_server_ending_on_its_own_takes_its_orphaned_engine_along(fake_gpu, serv
 
 
 # 2. Cleanup survives impatience -------------------------------------------------------------------
+def set_stop_stages(monkeypatch, stages):
+    """STOP_STAGES, and the first stage's grace where a caller leaves it out (ServerPool.stop does):
+    stop_servers' default grace_s was bound to STOP_STAGES[0][1] when the harness was imported."""
+    monkeypatch.setattr(rx, "STOP_STAGES", stages)
+    names = [p.name for p in inspect.signature(rx.stop_servers).parameters.values()
+             if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
+    defaults = list(rx.stop_servers.__defaults__ or ())
+    if "grace_s" in names and isinstance(defaults[names.index("grace_s")], (int, float)):
+        defaults[names.index("grace_s")] = stages[0][1]
+        monkeypatch.setattr(rx.stop_servers, "__defaults__", tuple(defaults))
+
+
+def signal_once_stopping(sig, after_s=0.0):
+    """Send sig to this process once a stop is under way (rx.STOPPING), after_s later."""
+    def fire():
+        if wait_for(rx.STOPPING.is_set, timeout=20, interval=0.005):
+            time.sleep(after_s)
+            os.kill(os.getpid(), sig)
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture
 def short_stop_stages(monkeypatch):
-    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 30.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)))
+    set_stop_stages(monkeypatch, ((signal.SIGINT, 30.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)))
 
 
 def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigint")   # SIGINT alone would never stop it; SIGTERM does
-    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+    set_stop_stages(monkeypatch, ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
     cfg = make_cfg()
     pool = rx.ServerPool(cfg, say=lambda _: None)
     server = servers(cfg, STATIC_A(cfg))
@@ -124,7 +165,7 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
     tree = server.tree()
     previous = rx.install_stop_signals(say=lambda _: None)
     try:
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        signal_once_stopping(signal.SIGTERM)   # during the 1 s SIGINT stage the server ignores
         with pytest.raises(KeyboardInterrupt):
             pool.stop([server], "between experiments")
     finally:
@@ -144,7 +185,7 @@ def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypat
     previous = rx.install_stop_signals(say=lambda _: None)
     begin = time.time()
     try:
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        signal_once_stopping(signal.SIGINT, after_s=0.2)
         with pytest.raises(KeyboardInterrupt):
             rx.stop_servers([server])
     finally:
@@ -162,7 +203,7 @@ def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(fake_gpu,
     tree = server.tree()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # what a notebook kernel has
     try:
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        signal_once_stopping(signal.SIGINT, after_s=0.2)   # in the stop's wait, as a notebook user would
         with pytest.raises(KeyboardInterrupt):
             rx.stop_servers([server])
     finally:
@@ -170,22 +211,51 @@ def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(fake_gpu,
     assert not any(alive(p) for p in tree)
 
 
-def test_double_ctrl_c_of_the_script_kills_servers_and_says_so(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    env = fake_env(tmp_path / "gpu", FAKE_MODE="ignore_sigint")
-    args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60)
-    ours = descendants(proc.pid)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    begin = time.time()
-    out, _ = proc.communicate(timeout=30)
-    assert time.time() - begin < 8, out[-2000:]
-    assert proc.returncode == 130
+@background("double_ctrl_c_scenario")
+def double_ctrl_c_scenario_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        env = fake_env(base / "gpu", FAKE_MODE="ignore_sigint")
+        args = script_args(base / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        try:
+            bursting = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
+            ours = descendants(proc.pid)
+            proc.send_signal(signal.SIGINT)
+            # the stop has begun: SIGINT to the server, which ignores it, then 15 s of grace
+            stopping = wait_for(lambda: any("press Ctrl-C again" in line for line in lines), timeout=30)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            begin = time.time()
+            proc.wait(timeout=30)
+            took = time.time() - begin
+            left = [p for p in ours if alive(p)]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(timeout=10)
+        return {"bursting": bursting, "stopping": stopping, "took": took, "rc": proc.returncode,
+                "out": "".join(lines), "ours": ours, "left": left}
+    return scenario
+
+
+@pytest.fixture
+def double_ctrl_c_scenario(background_runs):
+    return background_runs.result("double_ctrl_c_scenario")
+
+
+def test_double_ctrl_c_of_the_script_kills_servers_and_says_so(double_ctrl_c_scenario):
+    run = double_ctrl_c_scenario
+    out = run["out"]
+    assert run["bursting"] and run["stopping"], out[-2000:]
+    assert run["took"] < 8, out[-2000:]
+    assert run["rc"] == 130
     assert "press Ctrl-C again to kill it now" in out and "killing the servers now" in out
-    assert not any(alive(p) for p in ours)
+    assert run["ours"] and not run["left"]
 
 
 # 3. Own your port ---------------------------------------------------------------------------------
@@ -220,7 +290,7 @@ class Healthy(BaseHTTPRequestHandler):
 def test_health_from_someone_elses_server_is_not_ready(fake_gpu, servers, tmp_path):
     # our "server" never listens; a stranger answers /health on the port once ours has started
     cfg = make_cfg(server_cmd=f"{sys.executable} -c 'import time; time.sleep(60)'")
-    server = servers(cfg, STATIC_A(cfg), ready=False)
+    server = servers(cfg, STATIC_A(cfg), wait=False)
     stranger = ThreadingHTTPServer(("127.0.0.1", cfg.port_a), Healthy)
     threading.Thread(target=stranger.serve_forever, daemon=True).start()
     try:
@@ -231,22 +301,46 @@ def test_health_from_someone_elses_server_is_not_ready(fake_gpu, servers, tmp_pa
         stranger.server_close()
 
 
-def test_two_runs_on_the_same_ports_second_fails_first_intact(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    env = fake_env(tmp_path / "gpu")
-    first_args = script_args(tmp_path / "first", "--experiments", "1", "--bursts", "6")
-    ports = ["--port-a", first_args[first_args.index("--port-a") + 1],
-             "--port-b", first_args[first_args.index("--port-b") + 1]]
-    first = subprocess.Popen(first_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert wait_for(lambda: list((tmp_path / "first").glob("*/01_*/warmup.jsonl")), timeout=60)
-    second = subprocess.run(script_args(tmp_path / "second", "--experiments", "1") + ports, env=env,
-                            capture_output=True, text=True, timeout=60)
-    out, _ = first.communicate(timeout=120)
-    assert second.returncode == 1
-    assert "already in use: listened on by pid" in second.stdout
-    assert first.returncode == 0, out[-2000:]
-    run, = (tmp_path / "first").iterdir()
-    summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
+@background("two_runs_scenario", weight=2)
+def two_runs_scenario_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        env = fake_env(base / "gpu")
+        first_args = script_args(base / "first", "--experiments", "1", "--bursts", "6")
+        ports = ["--port-a", first_args[first_args.index("--port-a") + 1],
+                 "--port-b", first_args[first_args.index("--port-b") + 1]]
+        first = subprocess.Popen(first_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            serving = wait_for(lambda: list((base / "first").glob("*/01_*/warmup.jsonl")), timeout=60)
+            second = subprocess.run(script_args(base / "second", "--experiments", "1") + ports, env=env,
+                                    capture_output=True, text=True, timeout=60)
+            first_still_running = first.poll() is None
+            out, _ = first.communicate(timeout=120)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.communicate()
+        return {"serving": serving, "second": second, "first_still_running": first_still_running,
+                "first_rc": first.returncode, "first_out": out, "first_dir": base / "first"}
+    return scenario
+
+
+@pytest.fixture
+def two_runs_scenario(background_runs):
+    return background_runs.result("two_runs_scenario")
+
+
+def test_two_runs_on_the_same_ports_second_fails_first_intact(two_runs_scenario):
+    run = two_runs_scenario
+    second = run["second"]
+    assert run["serving"] and run["first_still_running"], \
+        "the second run met the first one serving\n" + run["first_out"][-2000:] + second.stdout[-1000:]
+    assert second.returncode == 2, "refused by the preflight, before anything launched"
+    assert "already in use: listened on by pid" in second.stderr
+    assert not list((run["first_dir"].parent / "second").glob("*/"))
+    assert run["first_rc"] == 0, run["first_out"][-2000:]
+    first_run, = run["first_dir"].iterdir()
+    summary = json.loads((first_run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["memory_valid"] and summary["latency"]["failed"] == 0
     assert summary["servers"]["A"]["memory"]["idle_before_workload_mib"] > 500, "its own server's memory"
 
@@ -307,7 +401,7 @@ def test_burst_has_an_overall_deadline(monkeypatch):
         return record
     monkeypatch.setattr(rx, "send_chat", stuck)
     monkeypatch.setattr(rx, "BURST_DEADLINE_SLACK_S", 0.3)
-    cfg = rx.validate_config(rx.Config(preset="smoke", request_timeout_s=0.2))
+    cfg = rx.resolve_config(rx.Config(preset="smoke", request_timeout_s=0.2))
     server = rx.RunningServer(rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={},
                               log_path=Path("x"), started_at=0.0)
     rows = []
@@ -325,8 +419,8 @@ def test_a_server_that_does_not_stream_gets_no_ttft(fake_gpu, servers, monkeypat
     rows = [rx.record_row(send(server)) for _ in range(3)]
     assert all(r["ok"] and r["content_reads"] == 1 for r in rows)
     latency = rx.latency_summary(rows)
-    assert latency["ttft_s"]["p50"] is None and "did not stream" in latency["ttft_note"]
-    assert latency["e2e_s"]["p50"] is not None
+    assert latency.ttft_s.p50 is None and "did not stream" in latency.ttft_note
+    assert latency.e2e_s.p50 is not None
 
 
 # 6. A dead server is never reused -----------------------------------------------------------------
@@ -362,7 +456,7 @@ def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers, monkey
 # 7. The sampler cannot die silently ---------------------------------------------------------------
 def test_sampler_survives_a_full_disk_and_counts_it(fake_gpu, tmp_path, monkeypatch):
     nvml = rx.load_nvml(fake_gpu)
-    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_hz=5)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     real_open, failing = open, [True]
 
     def flaky_open(path, *args, **kwargs):
@@ -393,9 +487,9 @@ def test_a_gap_in_the_device_series_voids_the_memory_figures(tmp_path):
         "name": "kvcached", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
         "marks": {"idle_after_load": [t0, t0 + 1], "idle_before": [t0 + 1, t0 + 1.5],
                   "workload": [t0 + 1.5, t0 + 11], "sampling_end": t0 + 12}})
-    summary = rx.summarize_experiment(exp, 0.05)
-    assert not summary["memory_valid"] and summary["device"]["peak_mib"] is None
-    assert "not sampled for 8.0 s" in summary["problems"][0]
+    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
+    assert not summary.memory_valid and summary.device.peak_mib is None
+    assert "not sampled for 8.0 s" in summary.problems[0]
 
 
 def test_a_segment_locked_by_a_stranger_costs_one_sample_not_a_stall(tmp_path, monkeypatch):
@@ -415,7 +509,7 @@ def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tm
     nowhere = rx.RunningServer(rx.ServerSpec("A", "m", free_port(), False, 0.5), proc=subprocess.Popen(["true"]),
                                cmd=[], env_shown={}, log_path=tmp_path / "x", started_at=0.0)
     nowhere.proc.wait()
-    sampler = rx.Sampler(nvml, 0, [nowhere], tmp_path / "memory.jsonl", sample_hz=20, process_hz=10)
+    sampler = rx.Sampler(nvml, 0, [nowhere], tmp_path / "memory.jsonl", sample_hz=20, process_sample_hz=10)
     sampler.start()
     time.sleep(0.5)
     sampler.stop()
@@ -425,8 +519,8 @@ def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tm
     rx.write_jsonl(exp / "memory.jsonl", [{"kind": "metrics", "t": 1.0, "server": "A", "running": 3.0}])
     rx.write_json(exp / "experiment.json", {"name": "static", "question": "q", "marks": {}, "servers": [
         {"label": "A static", "spec": {"name": "A", "model": "m"}, "startup_s": 1.0}]})
-    vllm = rx.summarize_experiment(exp, 0.05)["servers"]["A"]["vllm"]
-    assert vllm["max_running"] == 3.0 and vllm["max_waiting"] is None
+    vllm = rx.summarize_experiment(rx.load_experiment(exp), 0.05).servers["A"].vllm
+    assert vllm.max_running == 3.0 and vllm.max_waiting is None
 
 
 # 8. Files are written atomically and read forgivingly ---------------------------------------------
@@ -470,10 +564,26 @@ def test_report_of_something_else_is_one_clear_line(tmp_path, target):
 
 
 # 9. No secret is ever written ---------------------------------------------------------------------
-def test_no_secret_reaches_the_run_folder_or_stdout(tmp_path):
-    key, token = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
-    proc, run = run_script(tmp_path, "--experiments", "1", "--api-key", key,
-                           env_extra={"HF_TOKEN": token, "KVCACHED_SECRET_THING": "s3cr3t-value"})
+SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
+
+
+@background("secrets_run")
+def secrets_cmd(base):
+    (base / "gpu").mkdir()
+    env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
+    return dict(args=script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY), env=env, timeout=120)
+
+
+@pytest.fixture
+def secrets_run(background_runs):
+    proc, base = background_runs.result("secrets_run")
+    runs = sorted((base / "results").iterdir()) if (base / "results").exists() else []
+    return proc, base, (runs[-1] if runs else None)
+
+
+def test_no_secret_reaches_the_run_folder_or_stdout(secrets_run):
+    key, token = SECRET_KEY, SECRET_TOKEN
+    proc, tmp_path, run = secrets_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["latency"]["ok"] == summary["latency"]["requests"] > 0, "the key reached the server"
@@ -533,26 +643,59 @@ def test_segment_names_are_unique_to_the_harness_process():
 
 
 # 11. Honest reporting of partial runs -------------------------------------------------------------
-def test_interrupted_run_keeps_the_finished_requests_and_says_so(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    # no --ignore-eos: answers end at different lengths, so a burst finishes request by request
-    env = fake_env(tmp_path / "gpu", FAKE_ITL_S="0.05")
-    args = script_args(tmp_path / "results", "--experiments", "1", "--no-warmup", "--burst-size", "16")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert wait_for(lambda: list((tmp_path / "results").glob("*/01_*/requests.jsonl")), timeout=60)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out[-2000:]
-    run, = (tmp_path / "results").iterdir()
-    rows = rx.read_jsonl(run / "01_kvcached" / "requests.jsonl")
+@background("interrupted_scenario")
+def interrupted_scenario_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        # no --ignore-eos: answers end at different lengths, so a burst finishes request by request
+        env = fake_env(base / "gpu", FAKE_ITL_S="0.05")
+        args = script_args(base / "results", "--experiments", "1", "--no-warmup", "--burst-size", "16",
+                           "--max-tokens", "64")
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            finishing = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return {"finishing": finishing, "rc": proc.returncode, "out": out, "results": base / "results"}
+    return scenario
+
+
+@pytest.fixture
+def interrupted_scenario(background_runs):
+    return background_runs.result("interrupted_scenario")
+
+
+def test_interrupted_run_keeps_the_finished_requests_and_says_so(interrupted_scenario):
+    run = interrupted_scenario
+    assert run["finishing"], run["out"][-2000:]
+    assert run["rc"] == 130, run["out"][-2000:]
+    interrupted, = run["results"].iterdir()
+    rows = rx.read_jsonl(interrupted / "01_kvcached" / "requests.jsonl")
     assert 1 <= len(rows) < 16 and all(r["ok"] for r in rows)
-    md = (run / "summary.md").read_text()
+    md = (interrupted / "summary.md").read_text()
     assert "This run was interrupted" in md and "incomplete" in md
 
 
-def test_experiment_where_every_request_failed_is_void_and_fails_the_run(tmp_path):
-    proc, run = run_script(tmp_path, "--experiments", "1", "--bursts", "1",
-                           env_extra={"FAKE_STREAM_FAULT": "error_event"})
+@background("all_failed_run")
+def all_failed_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=script_args(base / "results", "--experiments", "1", "--bursts", "1"),
+                env=fake_env(base / "gpu", FAKE_STREAM_FAULT="error_event"), timeout=120)
+
+
+@pytest.fixture
+def all_failed_run(background_runs):
+    proc, base = background_runs.result("all_failed_run")
+    runs = sorted((base / "results").iterdir()) if (base / "results").exists() else []
+    return proc, (runs[-1] if runs else None)
+
+
+def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_failed_run):
+    proc, run = all_failed_run
     assert proc.returncode == 1, proc.stdout[-2000:]
     headline = json.loads(proc.stdout.strip().splitlines()[-1])
     assert headline["invalid"] == ["kvcached"] and headline["experiments"]["kvcached"]["peak_mib"] is None

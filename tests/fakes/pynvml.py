@@ -7,7 +7,8 @@ as on a real card memory is freed when its owner dies.
 
 Env: FAKE_GPU_DIR, FAKE_GPU_TOTAL_MIB (16384), FAKE_GPU_BASELINE_MIB (400),
 FAKE_GPU_NAME, FAKE_NVML_FAIL=1 (nvmlInit raises), FAKE_NVML_FLAKY=1
-(every 5th nvmlDeviceGetMemoryInfo call raises).
+(every 5th nvmlDeviceGetMemoryInfo call raises), FAKE_NVML_PID_OFFSET=N (process pids
+reported shifted by N, as host pids seen from inside a container).
 """
 import glob
 import json
@@ -172,8 +173,10 @@ def nvmlDeviceGetMemoryInfo(handle, version=None):
 
 def nvmlDeviceGetComputeRunningProcesses(handle):
     _check_handle(handle)
+    # In a container NVML reports host pids, which the container's /proc does not show.
+    offset = int(os.environ.get("FAKE_NVML_PID_OFFSET", "0"))
     return [
-        SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF,
+        SimpleNamespace(pid=pid + offset, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF,
                         computeInstanceId=0xFFFFFFFF)
         for pid, used, _ in _live_processes()
     ]

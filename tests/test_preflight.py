@@ -1,0 +1,121 @@
+"""--check: each line of the preflight checklist, its failure path with fakes, and that a failing
+preflight starts nothing."""
+import os
+import socket
+import sys
+
+import pytest
+
+from conftest import FAKE_SERVER, free_port, make_cfg, rx
+
+
+def test_python_versions():
+    assert not rx.check_python((3, 9)).ok
+    newer = rx.check_python((3, 14))
+    assert newer.ok and newer.warning
+    assert rx.check_python((3, 12)).ok and not rx.check_python((3, 12)).warning
+
+
+@pytest.mark.parametrize("driver_cuda, torch_cuda, ok, warning", [
+    (13000, "13.0", True, False),
+    (13000, "12.8", True, False),
+    (12080, "13.0", False, False),     # the PyPI vLLM 0.24 / torch 2.11 pair on a CUDA 12 driver
+    (13000, "13.1", True, True),       # minor-version compatibility
+])
+def test_driver_against_torch_cuda(fake_gpu, monkeypatch, driver_cuda, torch_cuda, ok, warning):
+    nvml = rx.load_nvml(fake_gpu)
+    monkeypatch.setattr(fake_gpu, "nvmlSystemGetCudaDriverVersion", lambda: driver_cuda)
+    check = rx.check_driver(nvml, torch_cuda)
+    assert (check.ok, check.warning) == (ok, warning)
+    if not ok:
+        assert "R580" in check.fix and "CUDA 12.8" in check.detail
+
+
+def test_torch_cuda_version_is_read_without_importing_torch(tmp_path, monkeypatch):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise RuntimeError('imported')")
+    (tmp_path / "torch" / "version.py").write_text("__version__ = '2.11.0'\ncuda: Optional[str] = '13.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("torch", None)
+    assert rx.torch_cuda_version() == "13.0"
+
+
+def test_a_busy_card_fails_the_static_share_and_names_the_holders(fake_gpu, monkeypatch):
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "9000")   # of 16384
+    nvml = rx.load_nvml(fake_gpu)
+    busy = rx.check_card(nvml, 0, 0.55)
+    assert not busy.ok and "less than the static pool's 0.55" in busy.detail
+    assert rx.check_card(nvml, 0, 0.3).ok
+
+
+def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():
+    check, _ = rx.import_check("vllm", "raise ImportError('libcudart.so.13: cannot open shared object file')",
+                               dict(os.environ), 30, "pip install vllm")
+    assert not check.ok and "libcudart.so.13" in check.detail and "different CUDA versions" in check.fix
+
+
+def fake_vllm(tmp_path, patched: bool) -> dict:
+    """A `vllm` package with a `_C`, and (if patched) a kvcached hook that imports with it."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "_C.py").write_text("")
+    hook = "import kvcached.integration.vllm.autopatch\n" if patched else ""
+    (tmp_path / "vllm" / "__init__.py").write_text(hook)
+    for pkg in ("kvcached", "kvcached/integration", "kvcached/integration/vllm"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "kvcached/integration/vllm/autopatch.py").write_text("")
+    (tmp_path / "vllm-0.24.0.dist-info").mkdir()
+    (tmp_path / "vllm-0.24.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.24.0\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_kvcached_autopatch_must_hook_into_vllm(tmp_path, monkeypatch, patched):
+    for key, value in fake_vllm(tmp_path, patched).items():
+        monkeypatch.setenv(key, value)
+    cfg = rx.resolve_config(rx.Config(preset="smoke"))
+    vllm, *kvcached = rx.check_serving_imports(cfg, kvcached_needed=True, timeout_s=60)
+    assert vllm.ok and "vllm 0.24.0 importable" in vllm.detail
+    assert kvcached[0].ok == patched
+    if not patched:
+        assert "--no-build-isolation" in kvcached[0].fix
+
+
+def test_models_local_folder_or_hub(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(rx, "hub_config", lambda model, timeout_s=10.0: (None, "GatedRepoError: 401 Unauthorized"))
+    cfg = rx.resolve_config(rx.Config(preset="smoke", model_a=str(tmp_path), model_b="meta-llama/Llama-3.1-8B"))
+    local, gated = rx.check_models(cfg, "AB")
+    assert local.ok and not gated.ok
+    assert "GatedRepoError" in gated.detail and "HF_TOKEN" in gated.fix
+
+
+def test_a_port_in_use_is_a_failed_check():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        cfg = make_cfg(port_a=sock.getsockname()[1])
+        taken, free = rx.check_ports(cfg, "AB")
+    assert not taken.ok and "--port-a" in taken.fix and free.ok
+
+
+def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeypatch, capsys):
+    args = ["--check", "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--results-dir", str(tmp_path / "r"),
+            "--port-a", str(free_port()), "--port-b", str(free_port())]
+    assert rx.main(args, nvml_module=fake_gpu) == 0
+    out = capsys.readouterr().out
+    assert "✓ nvml: GPU 0: Tesla T4 (fake)" in out and "✓ port A" in out
+    monkeypatch.setenv("FAKE_NVML_FAIL", "1")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert "✗ nvml: cannot read the GPU through NVML" in capsys.readouterr().out
+    assert not list((tmp_path / "r").iterdir()), "--check starts nothing and writes no run"
+
+
+def test_a_failed_preflight_starts_nothing(fake_gpu, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "12000")   # the static arm could not start
+    rc = rx.main(["--experiments", "2", "--server-cmd", f"{sys.executable} {FAKE_SERVER}",
+                  "--results-dir", str(tmp_path / "r"), "--port-a", str(free_port()), "--port-b", str(free_port())],
+                 nvml_module=fake_gpu)
+    err = capsys.readouterr().err
+    assert rc == 2 and "preflight failed, nothing was started" in err and "✗ card" in err
+    assert not list((tmp_path / "r").iterdir())

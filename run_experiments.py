@@ -1423,14 +1423,14 @@ def signal_server(server: RunningServer, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop_servers(servers: list[RunningServer], grace_s: float = STOP_STAGES[0][1],
+def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
                  say: Callable[[str], None] = lambda _: None) -> float:
     """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
     shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
     started, interrupted = time.time(), False
     STOPPING.set()
     try:
-        stages = ((STOP_STAGES[0][0], grace_s),) + STOP_STAGES[1:]
+        stages = ((STOP_STAGES[0][0], STOP_STAGES[0][1] if grace_s is None else grace_s),) + STOP_STAGES[1:]
         for sig, wait_s in stages:
             if HURRY.is_set() and sig != signal.SIGKILL:
                 continue
@@ -1464,7 +1464,7 @@ def stop_servers(servers: list[RunningServer], grace_s: float = STOP_STAGES[0][1
     return time.time() - started
 
 
-def stop_server(server: RunningServer, grace_s: float = STOP_STAGES[0][1]) -> float:
+def stop_server(server: RunningServer, grace_s: Optional[float] = None) -> float:
     return stop_servers([server], grace_s)
 
 
@@ -2013,7 +2013,9 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
         while True:
             done, pending = concurrent.futures.wait(futures, timeout=min(progress_every_s,
                                                                          max(0.0, deadline - time.time())))
-            if not pending:
+            if not pending:   # wait() can return before the done-callbacks ran: deliver here too
+                for i, future in enumerate(futures):
+                    deliver(i, future.result())
                 return [f.result() for f in futures]
             if time.time() >= deadline:
                 break
@@ -2969,9 +2971,17 @@ def import_check(name: str, code: str, env: dict[str, str], timeout_s: float, fi
     return Check(name, True, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "importable"), proc.stdout
 
 
-VLLM_PROBE = ("import sys, importlib.metadata as m; import vllm, vllm._C; "
-              "print('autopatch', 'kvcached.integration.vllm.autopatch' in sys.modules); "
-              "print(f'vllm {m.version(\"vllm\")} importable')")
+# vLLM's compiled extensions (vllm/_C*.so: which ones depends on the version) are what a CUDA
+# mismatch breaks; importing vllm alone would not load them.
+VLLM_PROBE = """
+import importlib, importlib.metadata as m, pathlib, sys
+import torch, vllm
+compiled = sorted({p.name.split(".")[0] for p in pathlib.Path(vllm.__file__).parent.glob("_C*.so")})
+for name in compiled:
+    importlib.import_module("vllm." + name)
+print("autopatch", "kvcached.integration.vllm.autopatch" in sys.modules)
+print(f"vllm {m.version('vllm')} importable (compiled: {', '.join(compiled) or 'none found'})")
+"""
 
 
 def check_serving_imports(cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S) -> list[Check]:

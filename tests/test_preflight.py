@@ -57,9 +57,13 @@ def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():
 def fake_vllm(tmp_path, patched: bool) -> dict:
     """A `vllm` package with a `_C`, and (if patched) a kvcached hook that imports with it."""
     (tmp_path / "vllm").mkdir()
-    (tmp_path / "vllm" / "_C.py").write_text("")
+    (tmp_path / "vllm" / "_C_stable_libtorch.abi3.so").write_text("")   # what the probe looks for...
+    (tmp_path / "standin").mkdir()
+    (tmp_path / "standin" / "_C_stable_libtorch.py").write_text("")      # ...and what it then imports
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
     hook = "import kvcached.integration.vllm.autopatch\n" if patched else ""
-    (tmp_path / "vllm" / "__init__.py").write_text(hook)
+    (tmp_path / "vllm" / "__init__.py").write_text(f"__path__.insert(0, {str(tmp_path / 'standin')!r})\n" + hook)
     for pkg in ("kvcached", "kvcached/integration", "kvcached/integration/vllm"):
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")
@@ -75,7 +79,7 @@ def test_kvcached_autopatch_must_hook_into_vllm(tmp_path, monkeypatch, patched):
         monkeypatch.setenv(key, value)
     cfg = rx.resolve_config(rx.Config(preset="smoke"))
     vllm, *kvcached = rx.check_serving_imports(cfg, kvcached_needed=True, timeout_s=60)
-    assert vllm.ok and "vllm 0.24.0 importable" in vllm.detail
+    assert vllm.ok and "vllm 0.24.0 importable (compiled: _C_stable_libtorch)" in vllm.detail
     assert kvcached[0].ok == patched
     if not patched:
         assert "--no-build-isolation" in kvcached[0].fix

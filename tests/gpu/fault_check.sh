@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Real-GPU check of the harness's fault handling (vLLM + kvcached installed, models as below):
 #  1. kill -9 of the harness mid-burst: the card is back to its idle level within 10 s, nothing of ours left;
-#  2. two runs on the same ports: the second fails clearly, whether the first is still starting (port
-#     bound, not listening) or already serving, and the first run's numbers are intact.
+#  2. two runs on the same ports: the second is refused before it launches anything, whether the first
+#     is still starting (port bound, not listening) or already serving; the first run's numbers are intact.
 # Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check)
 set -u
 A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
@@ -44,7 +44,7 @@ else
 fi
 
 say "=== 2. two runs on the same ports"
-python3 run_experiments.py "${COMMON[@]}" --experiments 1 --bursts 6 --gap-s 2 --port-a 8101 --port-b 8102 \
+python3 run_experiments.py "${COMMON[@]}" --experiments 1 --bursts 40 --gap-s 2 --port-a 8101 --port-b 8102 \
   --results-dir "$WORK/first" > "$OUTDIR/first_run.log" 2>&1 &
 F=$!
 # vLLM binds its port after ~20 s of imports and listens only once the engine is up (~50 s)
@@ -52,11 +52,11 @@ wait_log "$OUTDIR/first_run.log" "starting A kvcached" 60 && sleep 25
 LISTENING=$(awk '$2 ~ /:1FA5$/ && $4 == "0A"' /proc/net/tcp /proc/net/tcp6 | wc -l)
 say "second run while the first is starting (first listening on 8101: $LISTENING):"
 python3 run_experiments.py "${COMMON[@]}" --experiments 1 --port-a 8101 --port-b 8102 --results-dir "$WORK/second_early" \
-  > "$OUTDIR/second_early.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port 8101|FAILED' "$OUTDIR/second_early.log" | cut -c1-300)"
+  > "$OUTDIR/second_early.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port A:|port 8101|FAILED' "$OUTDIR/second_early.log" | cut -c1-300)"
 wait_log "$OUTDIR/first_run.log" "ready after" 300
 say "first run's server ready; second run while it serves:"
 python3 run_experiments.py "${COMMON[@]}" --experiments 1 --port-a 8101 --port-b 8102 --results-dir "$WORK/second_late" \
-  > "$OUTDIR/second_late.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port 8101|FAILED' "$OUTDIR/second_late.log" | cut -c1-300)"
-wait "$F"; say "first run: rc $?; headline: $(tail -1 "$OUTDIR/first_run.log" | cut -c1-600)"
+  > "$OUTDIR/second_late.log" 2>&1; say "  rc $?: $(grep -m1 -E 'port A:|port 8101|FAILED' "$OUTDIR/second_late.log" | cut -c1-300)"
+kill -TERM "$F"; wait "$F"; say "first run stopped with SIGTERM: rc $? (130 expected); headline: $(tail -1 "$OUTDIR/first_run.log" | cut -c1-600)"
 say "idle card at the end: $(used) MiB"
 tar czf "$OUTDIR/fault_check_runs.tgz" -C "$WORK" . 2>/dev/null

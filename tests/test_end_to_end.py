@@ -277,11 +277,25 @@ def notebook_cmd(base):
     notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(base / "results",
                                                                                     "--experiments", "1")[2:])
     patched = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
-    driver = ("import sys, types\n"
+    # Three executions of the cell in one kernel, as a user would: run, run again, then press the stop
+    # button (SIGINT, the kernel's interrupt) during the third run's first burst.
+    driver = ("import glob, os, signal, sys, threading, time, types\n"
               "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
               "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
-              f"exec(compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec'), {{'__name__': '__main__'}})\n"
-              "print('CELL DONE')\n")
+              f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
+              "for run in range(3):\n"
+              "    if run == 2:\n"
+              "        def stop_button():\n"
+              f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"
+              "                time.sleep(0.02)\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n"
+              "        threading.Thread(target=stop_button, daemon=True).start()\n"
+              "    exec(cell, {'__name__': '__main__'})\n"
+              "    print('CELL DONE', run)\n"
+              "deadline = time.time() + 10\n"
+              "while time.time() < deadline and [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:\n"
+              "    time.sleep(0.1)\n"
+              "print('LEFT THREADS', [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()])\n")
     (base / "cell.py").write_text(patched)
     return dict(args=[sys.executable, "-c", driver], env=fake_env(base / "gpu"), cwd=str(base), timeout=120,
                 patched=patched != source)
@@ -296,6 +310,12 @@ def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):
     proc, base, patched = notebook_run
     assert patched, "the cell's NOTEBOOK_ARGS line was found and set"
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("CELL DONE"), "main() must return, not sys.exit, in a notebook"
-    run_dir, = (base / "results").iterdir()
-    assert (run_dir / "01_kvcached" / "summary.json").exists()
+    assert all(f"CELL DONE {n}" in proc.stdout for n in range(3)), "main() must return, not sys.exit, in a notebook"
+    assert "LEFT THREADS []" in proc.stdout
+    first, second, stopped = sorted((base / "results").iterdir())
+    for run_dir in (first, second):
+        assert json.loads((run_dir / "summary.json").read_text())["experiments"]["kvcached"]["memory_valid"]
+    assert json.loads((stopped / "config.json").read_text())["interrupted"] is True
+    assert "This run was interrupted" in (stopped / "summary.md").read_text()
+    engines = [int(p.stem) for p in (base / "gpu").glob("*.json") if p.stem.isdigit()]
+    assert not any(alive(pid) for pid in engines), "the stop button leaves no server behind"

@@ -1490,6 +1490,7 @@ class ServerPool:
         if not servers:
             return
         worst = sum(wait for _, wait in STOP_STAGES)
+        STOPPING.set()   # from here on a signal cannot cut the stop short (stop_servers clears it)
         hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
         self.say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}")
         try:

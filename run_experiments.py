@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 
 import datetime as _dt
+import functools
 
 import errno
 
@@ -771,19 +772,20 @@ KNOWN_MODEL_CONFIGS = {
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 
-def load_model_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[dict], str]:
+def load_model_config(model: str) -> tuple[Optional[dict], str]:
     """(config.json as a dict, where it came from). Local folder, then known table, then the hub."""
     local = Path(model).expanduser() / "config.json"
     if local.is_file():
         return json.loads(local.read_text()), str(local)
     if model in KNOWN_MODEL_CONFIGS:
         return dict(KNOWN_MODEL_CONFIGS[model]), "built-in table"
-    path, _ = hub_config(model, timeout_s)
+    path, _ = hub_config(model)
     if path is not None:
         return json.loads(Path(path).read_text()), f"hub: {model}"
     return None, "unavailable"
 
 
+@functools.lru_cache(maxsize=None)   # the preflight and the workload sizing ask the hub once, not twice
 def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]:
     """(local path of the model's config.json, '') or (None, why not). huggingface_hub (installed with
     vLLM) honours HF_TOKEN for gated models, HF_ENDPOINT for mirrors, its cache and HF_HUB_OFFLINE=1."""
@@ -2294,7 +2296,7 @@ class LoadedExperiment:
     requests: list[dict]                # requests.jsonl rows
     problems: list[str]                 # what could not be read
 
-    @property
+    @functools.cached_property   # read by the marks, the summary and the plots alike
     def device(self) -> list[tuple[float, float]]:
         return series(self.memory, "device")
 

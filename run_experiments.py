@@ -129,6 +129,8 @@ class Config:
     pair_utilization_b: float = 0.0     # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
     kvcached_env: str = ""              # extra KEY=VALUE pairs for the kvcached arm, comma separated
     gpu_index: int = 0                  # NVML index of the card the servers use
+    gpus: str = ""                      # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
+    allow_mixed_gpus: bool = False      # let --gpus mix card models or sizes (recorded; figures differ by card)
     start_timeout_s: float = 900.0      # vLLM start-up: 50-100 s usual, first compile can be longer
     # --- workload
     bursts: int = 0                     # 0 = preset's value
@@ -343,30 +345,36 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
         save()
         if exp.kv_budget:
             record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits, say)
+        warmed = False
         if cfg.warmup:
             start = time.time()
-            warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl", say)
-            marks.warmup = (start, time.time())
-            outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
-                                         cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-            say(f"  after warm-up memory {outcome}")
-        marks.idle_before = sleep_idle_window(cfg.idle_window_s)
+            warmed = warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl", say)
+            if warmed:
+                marks.warmup = (start, time.time())
+                outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
+                                             cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+                say(f"  after warm-up memory {outcome}")
+        # with nothing sent since the idle window after load, that window is the idle level too
+        marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed else marks.idle_after_load
         idle = window_median(list(sampler.device), *marks.idle_before)
         workload_start = time.time()
         for repeat in range(cfg.repeats):
             for i, step in enumerate(exp.steps):
+                server = by_slot[step.server]
                 burst = BurstMark(step.phase, step.server, repeat, time.time())
                 marks.bursts.append(burst)
-                run_step(cfg, exp, step, plans[step.plan], by_slot[step.server], repeat, say, sink)
+                before = server_latency_snapshot(server)
+                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink)
                 burst.end = time.time()
+                burst.server_before = before
+                burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
                 save()
                 last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
                 if not last:
-                    time.sleep(plans[step.plan].gap_s)
+                    pause(plans[step.plan].gap_s)
         marks.workload = (workload_start, time.time())
         outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
         say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
-        time.sleep(cfg.idle_window_s)   # a short flat tail, so the plots show where memory ended up
         record.finished = True
     finally:
         for ipc, total in restore_limits.items():
@@ -380,23 +388,107 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
         save()
 
 
+# %% Lanes: with --gpus, experiments run in parallel, one lane per card
+# Experiments that share a server (kvcached A serves 1, 3 and 5) form one unit and stay in one lane, so
+# no server starts twice. Units go greedily, longest first, to the least loaded lane (by a rough estimate
+# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its own card,
+# ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
+LANE_PORT_STEP = 100
+START_ESTIMATE_S = 60.0                 # one vLLM start-up, for the scheduler's estimates only
+BURST_ESTIMATE_S = 10.0                 # one burst
+
+
+def gpu_indices(cfg: "Config") -> list[int]:
+    return [int(i) for i in cfg.gpus.split(",")] if cfg.gpus else [cfg.gpu_index]
+
+
+def lane_config(cfg: "Config", lane: int, gpu_index: int) -> "Config":
+    step = LANE_PORT_STEP * lane
+    return dataclasses.replace(cfg, gpu_index=gpu_index, port_a=cfg.port_a + step, port_b=cfg.port_b + step)
+
+
+def server_units(experiments: list[Experiment], cfg: "Config", budget: int) -> list[list[Experiment]]:
+    """Experiments joined when they share a server, in run order."""
+    units: list[tuple[set, list[Experiment]]] = []
+    for entry in experiments:
+        keys = {spec.key for spec in entry.servers(cfg, budget)}
+        joined = [u for u in units if u[0] & keys]
+        merged = (keys.union(*(u[0] for u in joined)), [e for u in joined for e in u[1]] + [entry])
+        units = [u for u in units if not any(u is j for j in joined)] + [merged]
+    return [sorted(exps, key=experiments.index) for _, exps in units]
+
+
+def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: int) -> float:
+    """A rough duration of a lane's experiments run in order: start-ups (kvcached ones together, static
+    ones in turn) and bursts with their gaps. For the scheduler only."""
+    running: set = set()
+    total = 0.0
+    for entry in lane:
+        specs = {spec.key: spec for spec in entry.servers(cfg, budget)}
+        new = [spec for key, spec in specs.items() if key not in running]
+        starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
+        steps = len(entry.schedule(bursts)) * cfg.repeats
+        total += starts * START_ESTIMATE_S + steps * (BURST_ESTIMATE_S + max(cfg.gap_s, 0))
+        running = set(specs)
+    return total
+
+
+def plan_lanes(experiments: list[Experiment], cfg: "Config", budget: int, bursts: int,
+               lanes: int) -> list[list[Experiment]]:
+    """Experiments per lane, each lane in run order; the same single list when there is one lane."""
+    if lanes == 1:
+        return [list(experiments)]
+    cost = lambda group: lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
+
+    def assign(units: list[list[Experiment]]) -> list[list[Experiment]]:
+        plan: list[list[Experiment]] = [[] for _ in range(lanes)]
+        for unit in sorted(units, key=cost, reverse=True):   # longest first, to the least loaded lane
+            min(plan, key=cost).extend(unit)
+        return [sorted(lane, key=experiments.index) for lane in plan]
+
+    units = server_units(experiments, cfg, budget)
+    best = assign(units)
+    for unit in sorted(units, key=cost, reverse=True):   # split a unit where that ends sooner
+        if len(unit) > 1:
+            split = [u for u in units if u is not unit] + [[e] for e in unit]
+            tried = assign(split)
+            if max(map(cost, tried)) < max(map(cost, best)):
+                units, best = split, tried
+    return best
+
+
 # %% main(): resolve the config, open the run folder, run the table, report
+@dataclasses.dataclass
+class Lane:
+    """One card and the experiments it runs, in order."""
+    cfg: "Config"                       # the run's config with this card's index and ports
+    gpu: dict                           # the card's facts (gpu_facts)
+    experiments: list[Experiment]
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one run needs, settled before the first server starts."""
     cfg: "Config"
-    experiments: list[Experiment]
+    experiments: list[Experiment]       # run order: it numbers the experiment folders
     nvml: Any
-    gpu: dict
+    gpu: dict                           # the first card's facts
     plans: dict[str, "WorkloadPlan"]
     budget: int                         # bytes of KV memory each overload pair shares
     run_dir: Path
     config: dict                        # what config.json holds
+    lanes: list[Lane]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)   # config.json, across lanes
+
+    def save_config(self) -> None:
+        with self.lock:
+            write_json(self.run_dir / "config.json", self.config)
 
 
 def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print) -> int:
     """Exit code: 0 all measured; 1 an experiment failed or its memory figures are void; 2 bad input
     (nothing launched); 130 interrupted."""
+    started = time.time()
     try:
         cfg = config_from_args(argv, say)
         if cfg is None:   # --help
@@ -413,51 +505,101 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    run.config["timing"] = {"started": started, "table_start": time.time()}
     interrupted, failures = run_table(run, say)
+    run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures, say)
 
 
 def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
-    """Every chosen experiment in turn, servers kept across them where they fit, all stopped at the end.
-    Returns (interrupted, failed experiments)."""
-    specs = {e.name: resolve_experiment(e, run.cfg, run.plans, run.budget) for e in run.experiments}
-    pool = ServerPool(run.cfg, say, pin_to_card(run.gpu, run.cfg.gpu_index, say))
+    """Every chosen experiment, lane by lane (lanes in parallel), servers kept across experiments where
+    they fit, all stopped at the end. Returns (interrupted, failed experiments)."""
+    ABORT.clear()
+    lanes = run.lanes
+    says = [(lambda text, g=lane.cfg.gpu_index: say(f"[GPU {g}] {text}")) if len(lanes) > 1 else say
+            for lane in lanes]
+    pools = [ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
+             for lane, lane_say in zip(lanes, says)]
     restore = install_stop_signals(say) if not running_in_notebook() else {}
-    interrupted, failures = False, 0
+    outcomes = [LaneOutcome() for _ in lanes]
+    workers = [threading.Thread(target=run_lane, args=(run, lane, pool, lane_say, outcome), daemon=True,
+                                name=f"lane-gpu{lane.cfg.gpu_index}")
+               for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)]
+    interrupted = False
     try:
-        for number, entry in enumerate(run.experiments, 1):
-            exp_dir = run.run_dir / f"{number:02d}_{entry.name}"
-            try:
-                run_experiment(run.cfg, specs[entry.name], run.plans, pool, run.nvml, exp_dir, say)
-            except Exception as exc:   # this experiment failed; the others still run
-                failures += 1
-                exp_dir.mkdir(parents=True, exist_ok=True)
-                write_json(exp_dir / "error.json", {"experiment": entry.name, "error": f"{type(exc).__name__}: {exc}",
-                                                    "traceback": traceback.format_exc()})
-                say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
-            for server in pool.running.values():
-                run.config["servers"][server.spec.label] = server.describe()
-            write_json(run.run_dir / "config.json", run.config)
+        if len(workers) == 1:   # one card: in this thread, as a notebook's interrupt reaches only it
+            run_lane(run, lanes[0], pools[0], says[0], outcomes[0])
+        else:
+            for worker in workers:
+                worker.start()
+            while any(w.is_alive() for w in workers):
+                for worker in workers:
+                    worker.join(timeout=0.2)
     except KeyboardInterrupt:
         interrupted = True
+        ABORT.set()   # the other lanes stop at their next step
         SIGNALS_SEEN[0] = max(SIGNALS_SEEN[0], 1)   # a notebook's stop button reaches us only this way
         say("\ninterrupted: stopping every server before leaving")
     finally:
         try:
-            pool.close()
+            close_pools(pools, say)
         except KeyboardInterrupt:   # signalled again while stopping: the servers are gone all the same
             interrupted = True
+        for worker in workers:
+            if worker.is_alive():
+                worker.join(timeout=30)
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         with contextlib.suppress(Exception):
             run.nvml.nvmlShutdown()
-    return interrupted, failures
+    return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
+
+
+@dataclasses.dataclass
+class LaneOutcome:
+    failures: int = 0
+    interrupted: bool = False
+
+
+def run_lane(run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None], outcome: LaneOutcome) -> None:
+    """A lane's experiments in turn; one that fails is written down and the next one runs."""
+    for entry in lane.experiments:
+        exp_dir = run.run_dir / f"{run.experiments.index(entry) + 1:02d}_{entry.name}"
+        spec = resolve_experiment(entry, lane.cfg, run.plans, run.budget)
+        try:
+            run_experiment(lane.cfg, spec, run.plans, pool, run.nvml, exp_dir, say)
+        except Aborted:
+            outcome.interrupted = True
+            return
+        except KeyboardInterrupt:
+            if threading.current_thread() is threading.main_thread():
+                raise
+            outcome.interrupted = True
+            return
+        except Exception as exc:   # this experiment failed; the others still run
+            if ABORT.is_set():   # cut off by the interrupt, not a failure of its own
+                outcome.interrupted = True
+                return
+            outcome.failures += 1
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            write_json(exp_dir / "error.json", {"experiment": entry.name, "error": f"{type(exc).__name__}: {exc}",
+                                                "traceback": traceback.format_exc()})
+            say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
+        finally:
+            with run.lock:
+                for server in list(pool.running.values()):
+                    run.config["servers"][server.spec.label + lane_suffix(run, lane)] = server.describe()
+            run.save_config()
+
+
+def lane_suffix(run: Run, lane: Lane) -> str:
+    return f" on GPU {lane.cfg.gpu_index}" if len(run.lanes) > 1 else ""
 
 
 def report_run(run: Run, interrupted: bool, failures: int, say: Callable[[str], None]) -> int:
     run.config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     run.config["interrupted"] = interrupted
-    write_json(run.run_dir / "config.json", run.config)
+    run.save_config()
     try:
         result = build_report(run.run_dir)
     except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
@@ -508,6 +650,9 @@ class BurstMark:
     repeat: int
     start: float
     end: Optional[float] = None         # None: cut off (interrupted, killed)
+    # the server's latency histograms (sums and counts, /metrics) right before and after the burst
+    server_before: Optional[dict] = None
+    server_after: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -542,9 +687,10 @@ class ExperimentRecord:
 
 # %% Experiment steps: warm-up, one burst, a shared KV budget
 def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"],
-            by_slot: dict[str, "RunningServer"], path: Path, say: Callable[[str], None]) -> None:
+            by_slot: dict[str, "RunningServer"], path: Path, say: Callable[[str], None]) -> bool:
     """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
-    heavy burst is several times slower, whichever arm it hits."""
+    heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
+    sent = False
     for slot, server in by_slot.items():
         step = next((s for s in exp.steps if s.server == slot), None)
         if step is None or server.warmed:   # cold-start costs are paid once per process
@@ -553,6 +699,8 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
         run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plans[step.plan], server, -1,
                  say, RecordSink(path, keep_itl=False))
         server.warmed.add(step.plan)
+        sent = True
+    return sent
 
 
 def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan", server: "RunningServer",
@@ -673,6 +821,10 @@ def validate_config(cfg: Config) -> Config:
     need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
     need(cfg.repeats >= 1, "repeats", "must be >= 1")
     need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
+    need(re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus, "gpus",
+         f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}")
+    need(len(set(gpu_indices(cfg))) == len(gpu_indices(cfg)), "gpus", "lists a card twice")
+    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
     for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = preset's value)")
     need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
@@ -686,8 +838,10 @@ def validate_config(cfg: Config) -> Config:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
     need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
+    lanes = len(gpu_indices(cfg))
     for name in ("port_a", "port_b"):
-        need(0 < getattr(cfg, name) < 65536, name, "must be a TCP port")
+        need(0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1), name,
+             "must be a TCP port" + (f" (lane k of --gpus uses it + {LANE_PORT_STEP}k)" if lanes > 1 else ""))
     need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
     for name in ("server_cmd", "extra_server_args"):
         try:
@@ -1072,14 +1226,20 @@ def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
         return None
 
 
-def process_tree(root_pid: int) -> list[int]:
-    """root_pid and all its descendants, from /proc (vLLM's GPU memory sits in a child)."""
+def children_by_parent() -> dict[int, list[int]]:
+    """ppid -> child pids of every live process, from one pass over /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             stat_ = proc_stat(int(entry))
             if stat_ is not None:
                 children.setdefault(stat_[1], []).append(int(entry))
+    return children
+
+
+def process_tree(root_pid: int, children: Optional[dict[int, list[int]]] = None) -> list[int]:
+    """root_pid and all its descendants (vLLM's GPU memory sits in a child)."""
+    children = children_by_parent() if children is None else children
     tree, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
@@ -1268,6 +1428,7 @@ class RunningServer:
     ready_at: Optional[float] = None
     seen: dict[int, int] = dataclasses.field(default_factory=dict)   # pid -> start ticks, every pid of its tree
     warmed: set[str] = dataclasses.field(default_factory=set)        # plan shapes this server has served
+    together: tuple[str, ...] = ()      # labels of the servers started at the same time as this one
     stopped: bool = False               # set once nothing of it is alive any more
 
     @property
@@ -1278,9 +1439,9 @@ class RunningServer:
     def startup_s(self) -> Optional[float]:
         return None if self.ready_at is None else self.ready_at - self.started_at
 
-    def tree(self) -> list[int]:
+    def tree(self, children: Optional[dict[int, list[int]]] = None) -> list[int]:
         """Its live processes now; each is also remembered (with its start time) for the final stop."""
-        pids = process_tree(self.proc.pid)
+        pids = process_tree(self.proc.pid, children)
         for pid in pids:
             if pid not in self.seen:
                 stat_ = proc_stat(pid)
@@ -1300,7 +1461,8 @@ class RunningServer:
     def describe(self) -> dict:
         return {"label": self.spec.label, "spec": dataclasses.asdict(self.spec), "cmd": self.cmd,
                 "cmd_shell": shlex.join(self.cmd), "env": self.env_shown,
-                "log": str(self.log_path), "startup_s": self.startup_s}
+                "log": str(self.log_path), "startup_s": self.startup_s, "started_at": self.started_at,
+                "ready_at": self.ready_at, **({"started_together_with": list(self.together)} if self.together else {})}
 
     def evidence(self) -> str:
         return (f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
@@ -1384,7 +1546,7 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
             say(f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
                 f"{now - server.started_at:.0f} s  | {last}")
             next_progress = now + progress_every_s
-        time.sleep(poll_s)
+        pause(poll_s)
 
 
 def server_problem(server: RunningServer) -> Optional[str]:
@@ -1412,6 +1574,23 @@ STOPPING = threading.Event()        # a stop is under way: signal handlers must 
 INTERRUPT_PENDING = threading.Event()   # a signal arrived during a stop: the run ends once it is done
 
 
+ABORT = threading.Event()           # the run was interrupted: every lane stops at its next wait
+
+
+class Aborted(KeyboardInterrupt):
+    """Raised in a lane's thread when the run was interrupted (signals reach only the main thread)."""
+
+
+def pause(seconds: float) -> None:
+    """time.sleep that ends the lane's work when the run is interrupted."""
+    if ABORT.wait(seconds) if seconds > 0 else ABORT.is_set():
+        raise Aborted("the run was interrupted")
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def signal_server(server: RunningServer, sig: int) -> None:
     """Signal the keeper's process group and each pid of the tree that is still the process we saw."""
     alive = server.alive_pids()
@@ -1430,7 +1609,9 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
     """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
     shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
     started, interrupted = time.time(), False
-    STOPPING.set()
+    main = in_main_thread()   # signals, and so STOPPING and the re-raised interrupt, concern it alone
+    if main:
+        STOPPING.set()
     try:
         stages = ((STOP_STAGES[0][0], STOP_STAGES[0][1] if grace_s is None else grace_s),) + STOP_STAGES[1:]
         for sig, wait_s in stages:
@@ -1459,8 +1640,9 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
                 remove_segment(server.spec.ipc_name, say)
             scrub_file(server.log_path)
     finally:
-        STOPPING.clear()
-    if interrupted or INTERRUPT_PENDING.is_set():
+        if main:
+            STOPPING.clear()
+    if main and (interrupted or INTERRUPT_PENDING.is_set()):
         INTERRUPT_PENDING.clear()
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
@@ -1487,20 +1669,25 @@ class ServerPool:
     def __init__(self, cfg: Config, say: Callable[[str], None] = print, device: Optional[dict] = None):
         self.cfg, self.say, self.device = cfg, say, device
         self.running: dict[tuple, RunningServer] = {}
+        self.lock = threading.Lock()    # another lane's thread may close the pool while this one starts
+        self.closed = False
 
     def stop(self, servers: list[RunningServer], why: str) -> None:
-        if not servers:
-            return
-        worst = sum(wait for _, wait in STOP_STAGES)
-        STOPPING.set()   # from here on a signal cannot cut the stop short (stop_servers clears it)
-        hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
-        self.say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}")
         try:
-            took = stop_servers(servers, say=self.say)
-            self.say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
+            stop_announced(servers, why, self.say)
         finally:
+            self.forget_stopped()
+
+    def forget_stopped(self) -> None:
+        with self.lock:
             for key in [k for k, s in self.running.items() if s.stopped]:
                 del self.running[key]
+
+    def shut(self) -> list[RunningServer]:
+        """No server starts from now on; the ones running, to be stopped."""
+        with self.lock:
+            self.closed = True
+            return list(self.running.values())
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
@@ -1511,26 +1698,62 @@ class ServerPool:
             if problem:
                 self.say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}")
                 self.stop([server], "dead or not ours")
-        out = []
-        for spec in specs:   # one at a time: concurrent start-ups mis-measure each other's memory
+        for spec in specs:
             if spec.key in self.running:
                 self.say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
-            else:
+        new = [spec for spec in specs if spec.key not in self.running]
+        # kvcached servers take KV memory only when it is used, so they can start together; a static
+        # server sizes its pool from the free memory it sees while starting, so those go one at a time
+        together = [spec for spec in new if spec.kvcached]
+        for batch in ([together] if together else []) + [[spec] for spec in new if not spec.kvcached]:
+            self.start_together(batch, log_dir)
+        return [self.running[spec.key] for spec in specs]
+
+    def start_together(self, specs: list[ServerSpec], log_dir: Path) -> None:
+        started: list[RunningServer] = []
+        try:
+            for spec in specs:
                 log_path = log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
                 self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {log_path})")
-                server = start_server(self.cfg, spec, log_path, self.device, say=self.say)
-                self.running[spec.key] = server
-                try:
-                    wait_ready(server, self.cfg.start_timeout_s, say=self.say)
-                except BaseException:   # never keep (or later reuse) a server that did not come up
-                    self.stop([server], "it did not come up")
-                    raise
-                self.say(f"  {spec.label} ready after {server.startup_s:.1f} s")
-            out.append(self.running[spec.key])
-        return out
+                with self.lock:
+                    if self.closed:
+                        raise Aborted("the run was interrupted before this server started")
+                    server = start_server(self.cfg, spec, log_path, self.device, say=self.say)
+                    server.together = tuple(s.label for s in specs if s is not spec)
+                    self.running[spec.key] = server
+                started.append(server)
+            for server in started:
+                wait_ready(server, self.cfg.start_timeout_s, say=self.say)
+                self.say(f"  {server.spec.label} ready after {server.startup_s:.1f} s"
+                         f"{' (started together with the others)' if len(started) > 1 else ''}")
+        except BaseException:   # never keep (or later reuse) a server that did not come up
+            self.stop([s for s in started if s.ready_at is None], "it did not come up")
+            raise
 
     def close(self) -> None:
-        self.stop(list(self.running.values()), "end of run")
+        close_pools([self], self.say)
+
+
+def stop_announced(servers: list[RunningServer], why: str, say: Callable[[str], None]) -> None:
+    if not servers:
+        return
+    worst = sum(wait for _, wait in STOP_STAGES)
+    if in_main_thread():
+        STOPPING.set()   # from here on a signal cannot cut the stop short (stop_servers clears it)
+    hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
+    say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}")
+    took = stop_servers(servers, say=say)
+    say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
+
+
+def close_pools(pools: list[ServerPool], say: Callable[[str], None]) -> None:
+    """Every lane's servers stopped together, and no lane starts another one meanwhile."""
+    servers = [server for pool in pools for server in pool.shut()]
+    try:
+        stop_announced(servers, "end of run", say)
+    finally:
+        for pool in pools:
+            pool.forget_stopped()
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
@@ -1668,31 +1891,70 @@ def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
     return {}
 
 
-def scrape_metrics(url: str, timeout_s: float = 2.5) -> dict[str, float]:
-    """vLLM's /metrics, parsed with prometheus_client's text parser, summed over label sets."""
-    import requests
+GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+          "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
+          "vllm:num_preemptions": "preemptions"}
+
+
+# vLLM's own clocks per request (histograms): their _sum and _count before and after a burst give the
+# server's mean for that burst, beside what the client measured.
+SERVER_LATENCY = {"ttft": "vllm:time_to_first_token_seconds", "e2e": "vllm:e2e_request_latency_seconds",
+                  "queue": "vllm:request_queue_time_seconds", "prefill": "vllm:request_prefill_time_seconds",
+                  "decode": "vllm:request_decode_time_seconds"}
+
+
+WANTED_SAMPLES = {**GAUGES, **{f"{name}_{part}": f"{short}_{part}" for short, name in SERVER_LATENCY.items()
+                               for part in ("sum", "count")}}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The wanted samples of a /metrics page, summed over label sets. Only the wanted lines reach
+    prometheus_client's parser: vLLM's page is mostly histogram buckets nobody here reads."""
     from prometheus_client.parser import text_string_to_metric_families
-    response = requests.get(url + "/metrics", timeout=timeout_s)
-    response.raise_for_status()
-    text = response.text
-    wanted = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-              "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
-              "vllm:num_preemptions": "preemptions"}
+    lines = [line for line in text.splitlines() if line.split("{", 1)[0].split(" ", 1)[0] in WANTED_SAMPLES]
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
-            key = wanted.get(sample.name)
+            key = WANTED_SAMPLES.get(sample.name)
             if key:
                 out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
+def scrape_metrics(url: str, timeout_s: float = 2.5, session: Any = None) -> dict[str, float]:
+    """vLLM's /metrics: its queue gauges, preemption counter and latency histograms' sums and counts."""
+    import requests
+    response = (session or requests).get(url + "/metrics", timeout=timeout_s)
+    response.raise_for_status()
+    return parse_metrics(response.text)
+
+
+def server_latency_snapshot(server: "RunningServer", expect: Optional[dict] = None, finished: int = 0,
+                            wait_s: float = 2.0) -> Optional[dict]:
+    """The server's latency histograms' sums and counts now (None if /metrics cannot be read). After a
+    burst (`expect` = the snapshot before it), wait briefly until the server has counted the
+    `finished` requests: it records them a moment after their last byte leaves."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            found = scrape_metrics(server.url)
+        except Exception:
+            return None
+        snapshot = {k: v for k, v in found.items() if k.endswith(("_sum", "_count"))}
+        counted = snapshot.get("ttft_count", 0.0) - ((expect or {}).get("ttft_count") or 0.0)
+        if expect is None or "ttft_count" not in snapshot or counted >= finished or time.time() > deadline:
+            return snapshot
+        time.sleep(0.05)
+
+
 class Sampler(threading.Thread):
     """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
 
-    Rows go to a JSONL file as they come: {"kind": "device"|"process"|"kvcached"|"metrics"|"error"}.
-    Every error (NVML, HTTP, a full disk, a locked segment) is counted and becomes a row where it can;
-    sampling goes on. Ticks are on absolute times, so the rate does not drift with the work per tick.
+    Rows go to a JSONL file, buffered and flushed about once a second: {"kind": "device"|"process"|
+    "kvcached"|"metrics"|"error"}. Every error (NVML, HTTP, a full disk, a locked segment) is counted
+    and becomes a row where it can; sampling goes on. Tick k is due at t0 + k/sample_hz, so the rate
+    does not drift with the work per tick; a tick that is already past when the sampler gets to it
+    is skipped and counted, never made up for with a burst of samples.
     """
 
     def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
@@ -1702,11 +1964,13 @@ class Sampler(threading.Thread):
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
         # per-process, segment and /metrics samples come every `slow_ticks` device samples
         self.interval, self.slow_ticks = 1.0 / sample_hz, max(1, round(sample_hz / process_sample_hz))
+        self.flush_ticks = max(1, round(sample_hz))   # about once a second
         self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
         self.lock = threading.Lock()
         self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
         self.errors = 0
         self.error_kinds: dict[str, int] = {}         # source -> count, for the summary
+        self.missed_ticks = 0
         self.file: Optional[Any] = None
         self.metrics_thread = threading.Thread(target=self._metrics_loop, daemon=True,
                                                name="metrics-scraper")
@@ -1716,19 +1980,30 @@ class Sampler(threading.Thread):
             self.errors += 1
             self.error_kinds[source] = self.error_kinds.get(source, 0) + 1
 
+    def _file_failed(self) -> None:   # disk full, too many open files: count it, try again next time
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
+        self.errors += 1
+        self.error_kinds["write"] = self.error_kinds.get("write", 0) + 1
+
     def _write(self, rows: list[dict]) -> None:
-        try:
-            with self.lock:
+        with self.lock:
+            try:
                 if self.file is None:
-                    self.file = open(self.path, "a", buffering=1)   # line-buffered: a crash loses no row
-                for row in rows:
-                    self.file.write(json.dumps(row) + "\n")
-        except OSError:   # disk full, too many open files: count it, try again next tick
-            with contextlib.suppress(OSError):
+                    self.file = open(self.path, "a")
+                self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+            except OSError:
+                self._file_failed()
+
+    def flush(self) -> None:
+        with self.lock:
+            try:
                 if self.file is not None:
-                    self.file.close()
-            self.file = None
-            self.count_error("write")
+                    self.file.flush()
+            except OSError:
+                self._file_failed()
 
     def sample_once(self, tick: int) -> None:
         now = time.time()
@@ -1742,46 +2017,54 @@ class Sampler(threading.Thread):
             self.count_error("nvml")
             rows.append({"kind": "error", "t": now, "source": "nvml", "error": repr(exc)})
         if tick % self.slow_ticks == 0:
-            try:
-                by_pid = gpu_processes(self.nvml, self.handle)
-                foreign = pids_from_elsewhere(by_pid)
-                for server in self.servers:
-                    pids = server.tree()
-                    used = sum(by_pid.get(p, 0) for p in pids)
-                    holders = {str(p): by_pid[p] / MIB for p in pids if p in by_pid}
-                    row = {"kind": "process", "t": now, "server": server.spec.name, "used_mib": used / MIB,
-                           "holders_mib": holders, "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)}
-                    if foreign and not holders:   # a container: NVML speaks of host pids we cannot see
-                        row.update(used_mib=None, unattributed=FOREIGN_PIDS)
-                    rows.append(row)
-            except Exception as exc:
-                self.count_error("nvml-processes")
-                rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
-            for server in self.servers:
-                if server.spec.kvcached:
-                    try:
-                        seg = read_segment(server.spec.ipc_name)
-                        if seg is not None:
-                            rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
-                    except OSError as exc:
-                        self.count_error("kvcached segment")
-                        rows.append({"kind": "error", "t": now, "source": f"kvcached {server.spec.name}",
-                                     "error": repr(exc)[:300]})
+            rows += self.slow_rows(now)
         self._write(rows)
 
-    def _metrics_loop(self) -> None:
-        interval = self.interval * self.slow_ticks
-        while not self.halt.wait(interval):
+    def slow_rows(self, now: float) -> list[dict]:
+        rows = []
+        try:
+            by_pid = gpu_processes(self.nvml, self.handle)
+            foreign = pids_from_elsewhere(by_pid)
+            children = children_by_parent()   # one pass over /proc for every server
             for server in self.servers:
-                now = time.time()
+                pids = server.tree(children)
+                used = sum(by_pid.get(p, 0) for p in pids)
+                holders = {str(p): by_pid[p] / MIB for p in pids if p in by_pid}
+                row = {"kind": "process", "t": now, "server": server.spec.name, "used_mib": used / MIB,
+                       "holders_mib": holders, "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)}
+                if foreign and not holders:   # a container: NVML speaks of host pids we cannot see
+                    row.update(used_mib=None, unattributed=FOREIGN_PIDS)
+                rows.append(row)
+        except Exception as exc:
+            self.count_error("nvml-processes")
+            rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
+        for server in self.servers:
+            if server.spec.kvcached:
                 try:
-                    row = {"kind": "metrics", "t": now, "server": server.spec.name,
-                           **scrape_metrics(server.url)}
-                except Exception as exc:
-                    self.count_error("metrics")
-                    row = {"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
-                           "error": repr(exc)[:300]}
-                self._write([row])
+                    seg = read_segment(server.spec.ipc_name)
+                    if seg is not None:
+                        rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
+                except OSError as exc:
+                    self.count_error("kvcached segment")
+                    rows.append({"kind": "error", "t": now, "source": f"kvcached {server.spec.name}",
+                                 "error": repr(exc)[:300]})
+        return rows
+
+    def _metrics_loop(self) -> None:
+        import requests
+        interval = self.interval * self.slow_ticks
+        with requests.Session() as session:   # one kept-alive connection per server, not one per scrape
+            while not self.halt.wait(interval):
+                for server in self.servers:
+                    now = time.time()
+                    try:
+                        row = {"kind": "metrics", "t": now, "server": server.spec.name,
+                               **scrape_metrics(server.url, session=session)}
+                    except Exception as exc:
+                        self.count_error("metrics")
+                        row = {"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
+                               "error": repr(exc)[:300]}
+                    self._write([row])
 
     def run(self) -> None:
         self.metrics_thread.start()
@@ -1789,19 +2072,21 @@ class Sampler(threading.Thread):
         while True:
             try:
                 self.sample_once(tick)
+                if tick % self.flush_ticks == 0:
+                    self.flush()
             except Exception:   # whatever it was, the next tick still comes
                 self.count_error("sampler")
-            tick += 1
-            next_tick = start + tick * self.interval
-            if self.halt.wait(max(0.0, next_tick - time.time())):
+            due = tick + 1
+            tick = max(due, math.ceil((time.time() - start) / self.interval))   # past ticks are skipped
+            self.missed_ticks += tick - due
+            if self.halt.wait(max(0.0, start + tick * self.interval - time.time())):
                 break
-            if time.time() - next_tick > self.interval:   # fell behind (a stall): skip, don't burst
-                tick = int((time.time() - start) / self.interval) + 1
 
     def stop(self) -> None:
         self.halt.set()
         self.join(timeout=5)
         self.metrics_thread.join(timeout=5)
+        self.flush()
         with self.lock, contextlib.suppress(OSError):
             if self.file is not None:
                 self.file.close()
@@ -1830,14 +2115,14 @@ class MemoryWatch:
                 values = [v for _, v in window]
                 if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
                     return "settled"
-            time.sleep(0.1)
+            pause(0.1)
         return "timeout"
 
 
 def sleep_idle_window(seconds: float) -> tuple[float, float]:
     """Sleep with no requests in flight; the (start, end) over which an idle level is taken."""
     start = time.time()
-    time.sleep(seconds)
+    pause(seconds)
     return (start, time.time())
 
 
@@ -2051,7 +2336,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers (and a crash, or a full disk) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "w") as f:
             f.write(scrub(text))
@@ -3046,20 +3331,23 @@ def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> t
         checks.append(Check("results", False, str(exc), "choose a writable folder with --results-dir"))
     nvml = None
     try:
-        nvml = open_gpu(nvml_module, cfg.gpu_index)
-        name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(cfg.gpu_index))
-        checks.append(Check("nvml", True, f"GPU {cfg.gpu_index}: {name.decode() if isinstance(name, bytes) else name}"))
+        indices = gpu_indices(cfg)
+        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
+        names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+        checks.append(Check("nvml", True, "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}"
+                                                  for i, n in zip(indices, names))))
         checks.append(check_driver(nvml, torch_cuda_version()))
         budget = int(cfg.overload_budget_gib * GIB)
         static = [s.gpu_memory_utilization or 0 for e in experiments for s in e.servers(cfg, budget) if not s.kvcached]
-        checks.append(check_card(nvml, cfg.gpu_index, max(static, default=0)))
+        checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
     except ConfigError as exc:
         checks.append(Check("nvml", False, str(exc).split(". ")[0], "run on a machine with an NVIDIA GPU and "
                             "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither"))
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
     checks += check_serving_imports(cfg, any(e.arm == "kvcached" for e in experiments))
     checks += check_models(cfg, slots)
-    checks += check_ports(cfg, slots)
+    for lane, index in enumerate(gpu_indices(cfg)):
+        checks += check_ports(lane_config(cfg, lane, index), slots)
     return checks, nvml
 
 
@@ -3123,11 +3411,12 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
                       f"(`ulimit -n {needed}` as allowed, or in /etc/security/limits.conf) or send fewer at once.")
 
 
-def gpu_count_check(nvml: Any, index: int) -> None:
+def gpu_count_check(nvml: Any, indices: list[int], flag: str = "--gpu-index") -> None:
     count = nvml.nvmlDeviceGetCount()
-    if index >= count:
-        raise ConfigError(f"--gpu-index: GPU index {index} out of range: this machine has {count} "
-                          f"GPU{'s' if count != 1 else ''} (0-{count - 1})")
+    for index in indices:
+        if index >= count:
+            raise ConfigError(f"{flag}: GPU index {index} out of range: this machine has {count} "
+                              f"GPU{'s' if count != 1 else ''} (0-{count - 1})")
 
 
 def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: Callable[[str], None]) -> Run:
@@ -3138,12 +3427,22 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     if not all(c.ok for c in checks):
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
-    gpu = gpu_facts(nvml, cfg.gpu_index)
+    cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
+    mixed = same_cards(cards, cfg.allow_mixed_gpus)
+    gpu = min(cards, key=lambda card: card["free_mib_at_start"])   # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu, say)
-    ensure_open_files(max(len(plan.burst(0)) for plan in plans.values()))
+    lanes = [Lane(lane_config(cfg, k, card["index"]), card, exps) for k, (card, exps) in
+             enumerate(zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))))]
+    lanes = [lane for lane in lanes if lane.experiments]
+    ensure_open_files(len(lanes) * max(len(plan.burst(0)) for plan in plans.values()))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
-    say(f"GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib']:,.0f} MiB, {gpu['used_mib_at_start']:,.0f} MiB "
-        f"used before we start; results in {run_dir}")
+    for card in cards:
+        say(f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
+            f"MiB used before we start")
+    for lane in lanes if len(lanes) > 1 else []:
+        say(f"  GPU {lane.cfg.gpu_index} runs {', '.join(e.name for e in lane.experiments)} "
+            f"(ports {lane.cfg.port_a}/{lane.cfg.port_b})")
+    say(f"results in {run_dir}")
     save_plans(run_dir, plans, experiments)
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
     config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
@@ -3153,18 +3452,31 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
               "host": socket.gethostname(), "experiments": [e.name for e in experiments], "models": model_facts,
               "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
               "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
-              "servers": {}}
+              "servers": {}, "gpus": cards, "mixed_gpus": mixed,
+              "lanes": [{"gpu_index": lane.cfg.gpu_index, "gpu_uuid": lane.gpu["uuid"], "ports": [lane.cfg.port_a, lane.cfg.port_b],
+                         "experiments": [e.name for e in lane.experiments]} for lane in lanes]}
     write_json(run_dir / "config.json", config)
-    return Run(cfg, experiments, nvml, gpu, plans, budget, run_dir, config)
+    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes)
 
 
-def open_gpu(nvml_module: Any, index: int) -> Any:
+def same_cards(cards: list[dict], allow_mixed: bool) -> bool:
+    """Whether the cards differ (allowed only with --allow-mixed-gpus): figures from different card
+    models or sizes are not comparable side by side."""
+    kinds = {(card["name"], round(card["total_mib"])) for card in cards}
+    if len(kinds) > 1 and not allow_mixed:
+        listed = "; ".join(f"GPU {c['index']}: {c['name']}, {c['total_mib']:,.0f} MiB" for c in cards)
+        raise ConfigError(f"--gpus: the cards differ ({listed}). Compare arms on one kind of card, or pass "
+                          f"--allow-mixed-gpus (recorded in config.json)")
+    return len(kinds) > 1
+
+
+def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
     try:
         nvml = load_nvml(nvml_module)
     except Exception as exc:
         raise ConfigError(f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
                           f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.") from exc
-    gpu_count_check(nvml, index)
+    gpu_count_check(nvml, indices, flag)
     return nvml
 
 

@@ -1,0 +1,81 @@
+"""What the memory sampler costs: one idle server, the sampler alone, achieved rate and CPU.
+
+    python benchmarks/sampler_bench.py --fake                         # fake NVML and a fake server
+    python benchmarks/sampler_bench.py -- --model-a /path --load-format dummy   # a real vLLM server
+
+Starts one server of the chosen arm with the harness's own code, waits until it is ready, then runs
+run_experiments.Sampler alone for --seconds at the harness's default rates (20 Hz device memory,
+2 Hz per-process memory, kvcached segment and /metrics) and prints the achieved device rate, the
+ticks it skipped, its errors, and the CPU time of this process (the sampler's two threads; the main
+thread only sleeps) as a share of one core. Flags after `--` are the harness's own flags.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import run_experiments as rx  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long the sampler runs alone")
+    parser.add_argument("--arm", choices=("kvcached", "static"), default="kvcached",
+                        help="the kind of server sampled (kvcached adds its segment reads)")
+    parser.add_argument("--fake", action="store_true",
+                        help="fake NVML and a fake vLLM server from tests/fakes (no GPU needed)")
+    parser.add_argument("harness", nargs="*", help="run_experiments.py flags, after --")
+    return parser.parse_args(argv)
+
+
+def use_fakes(gpu_dir: str) -> list[str]:
+    fakes = ROOT / "tests" / "fakes"
+    sys.path.insert(0, str(fakes))
+    os.environ.update(FAKE_GPU_DIR=gpu_dir, PYTHONPATH=str(fakes), FAKE_STARTUP_S="0.1")
+    return ["--server-cmd", f"{sys.executable} {fakes / 'fake_vllm_server.py'}"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        harness = (use_fakes(tmp) if args.fake else []) + args.harness
+        cfg = rx.resolve_config(rx.validate_config(rx.config_from_args(harness, say=lambda _: None)),
+                                say=lambda _: None)
+        nvml = rx.load_nvml(__import__("pynvml") if args.fake else None)
+        gpu = rx.gpu_facts(nvml, cfg.gpu_index)
+        spec = (rx.kvcached_server(cfg, "A") if args.arm == "kvcached"
+                else rx.static_server(cfg, "A", cfg.gpu_memory_utilization))
+        pool = rx.ServerPool(cfg, say=print, device=rx.pin_to_card(gpu, cfg.gpu_index, print))
+        try:
+            pool.ensure([spec], Path(tmp))
+            server = pool.running[spec.key]
+            sampler = rx.Sampler(nvml, cfg.gpu_index, [server], Path(tmp) / "memory.jsonl",
+                                 cfg.sample_hz, cfg.process_sample_hz)
+            cpu0, wall0 = time.process_time(), time.time()
+            sampler.start()
+            time.sleep(args.seconds)
+            sampler.stop()
+            cpu, wall = time.process_time() - cpu0, time.time() - wall0
+            times = [t for t, _ in sampler.device]
+            achieved = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+            rows = rx.read_jsonl(Path(tmp) / "memory.jsonl")
+            kinds = {k: sum(r.get("kind") == k for r in rows) for k in ("device", "process", "kvcached", "metrics")}
+        finally:
+            pool.close()
+            nvml.nvmlShutdown()
+    print(f"\nsampler alone for {wall:.1f} s against one idle {args.arm} server "
+          f"({'fake' if args.fake else gpu['name']}):")
+    print(f"  device samples: {achieved:.2f} Hz achieved at a {cfg.sample_hz:g} Hz setting, "
+          f"{sampler.missed_ticks} ticks skipped")
+    print(f"  rows written: {kinds}; errors: {sampler.errors} {sampler.error_kinds or ''}")
+    print(f"  CPU: {cpu:.2f} s in {wall:.1f} s = {100 * cpu / wall:.2f}% of one core")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

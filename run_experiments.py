@@ -326,7 +326,7 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
     exp_dir.mkdir(parents=True, exist_ok=True)
     say(f"\n=== {exp.name}: {exp.question}")
     record = ExperimentRecord(exp.name, exp.question, steps=[dataclasses.asdict(s) for s in exp.steps],
-                              repeats=cfg.repeats, sample_interval_s=1 / cfg.sample_hz)
+                              repeats=cfg.repeats, sample_interval_s=1 / cfg.sample_hz, gpu_index=cfg.gpu_index)
     save = lambda: write_json(exp_dir / "experiment.json", record.to_json())
     save()   # a run killed from here on can still be reported
     before = set(pool.running)
@@ -385,6 +385,7 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
         for burst in marks.bursts:   # a burst cut short by an interrupt ends here
             burst.end = burst.end or marks.sampling_end
         record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
+        record.sampler_missed_ticks = sampler.missed_ticks
         save()
 
 
@@ -670,6 +671,8 @@ class ExperimentRecord:
     sampler_errors: int = 0
     sampler_error_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
     kv_limits: dict[str, int] = dataclasses.field(default_factory=dict)
+    gpu_index: Optional[int] = None     # the card it ran on (NVML index)
+    sampler_missed_ticks: int = 0       # device samples skipped because the sampler was late
 
     def to_json(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
@@ -2668,6 +2671,81 @@ class ServerSummary:
 
 
 @dataclasses.dataclass
+class BurstClock:
+    """One burst: the client's mean latencies beside the server's (its histograms' deltas)."""
+    phase: str
+    repeat: int
+    client_ok: int                      # requests the client saw complete
+    server_counted: int                 # requests the server's TTFT histogram counted meanwhile
+    client_ttft_mean_s: Optional[float]
+    server_ttft_mean_s: Optional[float]
+    client_e2e_mean_s: Optional[float]
+    server_e2e_mean_s: Optional[float]
+    server_queue_mean_s: Optional[float]
+    server_prefill_mean_s: Optional[float]
+    server_decode_mean_s: Optional[float]
+
+
+@dataclasses.dataclass
+class ServerClock:
+    """Client vs server over an experiment's bursts (request-weighted means). The gap is the time a
+    request spends before vLLM's engine clock starts (HTTP, chat template, tokenization) and after it
+    stops, plus the client's own overhead."""
+    client_ttft_mean_s: Optional[float]
+    server_ttft_mean_s: Optional[float]
+    ttft_gap_ms: Optional[float]
+    client_e2e_mean_s: Optional[float]
+    server_e2e_mean_s: Optional[float]
+    e2e_gap_ms: Optional[float]
+    server_queue_mean_s: Optional[float]
+    server_prefill_mean_s: Optional[float]
+    server_decode_mean_s: Optional[float]
+    bursts: list[BurstClock]
+
+
+def histogram_mean(before: dict, after: dict, name: str) -> tuple[Optional[float], int]:
+    """(mean of the observations between two snapshots, how many), (None, 0) without any."""
+    if f"{name}_count" not in after or f"{name}_count" not in before:
+        return None, 0
+    count = after[f"{name}_count"] - before[f"{name}_count"]
+    total = after[f"{name}_sum"] - before[f"{name}_sum"]
+    return (total / count if count > 0 else None), max(0, int(round(count)))
+
+
+def mean(values: Iterable[Optional[float]]) -> Optional[float]:
+    data = [v for v in values if v is not None]
+    return sum(data) / len(data) if data else None
+
+
+def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
+    bursts, pooled = [], {k: [0.0, 0] for k in ("ttft", "e2e", "queue", "prefill", "decode")}
+    client_ttft, client_e2e = [], []
+    for mark in marks.bursts:
+        if not mark.server_before or not mark.server_after:
+            continue
+        ok = [r for r in records if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat and r.get("ok")]
+        means = {}
+        for key in pooled:
+            means[key], count = histogram_mean(mark.server_before, mark.server_after, key)
+            if means[key] is not None:
+                pooled[key][0] += means[key] * count
+                pooled[key][1] += count
+        counted = histogram_mean(mark.server_before, mark.server_after, "ttft")[1]
+        ttfts, e2es = [r.get("ttft_s") for r in ok], [r.get("e2e_s") for r in ok]
+        client_ttft += [v for v in ttfts if v is not None]
+        client_e2e += [v for v in e2es if v is not None]
+        bursts.append(BurstClock(mark.phase, mark.repeat, len(ok), counted, mean(ttfts), means["ttft"],
+                                 mean(e2es), means["e2e"], means["queue"], means["prefill"], means["decode"]))
+    if not bursts:
+        return None
+    server = {k: (total / n if n else None) for k, (total, n) in pooled.items()}
+    c_ttft, c_e2e = mean(client_ttft), mean(client_e2e)
+    gap = lambda c, s_: (c - s_) * 1000 if c is not None and s_ is not None else None
+    return ServerClock(c_ttft, server["ttft"], gap(c_ttft, server["ttft"]), c_e2e, server["e2e"],
+                       gap(c_e2e, server["e2e"]), server["queue"], server["prefill"], server["decode"], bursts)
+
+
+@dataclasses.dataclass
 class ExperimentSummary:
     name: str
     question: str
@@ -2682,6 +2760,8 @@ class ExperimentSummary:
     memory_valid: bool
     problems: list[str]
     phase_repeats: Optional[dict[str, list[LatencySummary]]] = omitted_if_none()
+    server_clock: Optional[ServerClock] = omitted_if_none()
+    gpu_index: Optional[int] = omitted_if_none()
 
 
 def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> ExperimentSummary:
@@ -2708,7 +2788,8 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> Experime
         name=record.name, question=record.question, device=checked(memory_summary(device, marks, tolerance)),
         latency=latency, servers={}, phases={}, repeats={}, sampler_errors=record.sampler_errors,
         sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
-        memory_valid=not invalid, problems=invalid + problems)
+        memory_valid=not invalid, problems=invalid + problems, server_clock=server_clock(marks, records),
+        gpu_index=record.gpu_index)
     for server in record.servers:
         slot = server["spec"]["name"]
         entry = ServerSummary(label=server["label"], model=server["spec"]["model"], startup_s=server["startup_s"],
@@ -3000,7 +3081,7 @@ def dig(d: Any, *path: str) -> Any:
 
 
 def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any],
-                     plots: list[str]) -> str:
+                     plots: list[str], timing: Optional[Timing] = None) -> str:
     gpu = config.get("gpu", {})
     banner = []
     if config and "finished_utc" not in config:
@@ -3069,9 +3150,30 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
             shown = [fmt(value, 2) + (f" (repeats: {fmt(rep.median, 2)} [{fmt(rep.min, 2)}-{fmt(rep.max, 2)}])"
                                       if rep is not None else "") for value, rep in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
+    if clocks:
+        lines += ["", "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
+                  "is vLLM's front end, HTTP and tokenization, plus the client):", "",
+                  "| experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
+                  "server queue / prefill / decode (ms) |", "|---|---|---|---|---|---|"]
+        ms = lambda v: fmt(v and v * 1000, 1)
+        for name, c in clocks.items():
+            lines.append(f"| {name} | {ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)} | {fmt(c.ttft_gap_ms, 1)} | "
+                         f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)} | {fmt(c.e2e_gap_ms, 1)} | "
+                         f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)} |")
     starts = server_starts(summaries)
     lines += ["", f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
               f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."]
+    lanes = config.get("lanes") or []
+    if len(lanes) > 1:
+        lines += ["", "Cards (--gpus, experiments in parallel): " + "; ".join(
+            f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes) + "."]
+    if timing:
+        lines += ["", f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
+                  f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
+                  f"the planned workload {fmt(timing.workload_s)} s and the harness's own time (idle windows, "
+                  f"warm-ups, waits for release, stops) {fmt(timing.harness_overhead_s)} s "
+                  f"({fmt(100 * timing.harness_overhead_share, 1)}%)."]
     repeated = {n: s.repeats for n, s in summaries.items() if s.repeats}
     if repeated:
         lines += ["", "Spread over repeats (median [min, max]):", ""]
@@ -3085,6 +3187,58 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
               f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
               "of that idle level (n/a: it stayed above; see residual in summary.json)."]
     return "\n".join(lines) + "\n"
+
+
+def covered_s(spans: Iterable[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the spans."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where a run's time went. The harness's own time is what the table took beyond vLLM's start-ups
+    and the planned workload (bursts and their gaps): idle windows, warm-ups, waits for memory to come
+    back, stops. The preflight (mostly importing vLLM once) is counted apart."""
+    wall_s: float
+    preflight_s: float
+    table_s: float                      # first experiment's start to every server stopped
+    startups_s: float                   # covered by at least one vLLM start-up
+    workload_s: float                   # covered by at least one experiment's workload
+    harness_overhead_s: float           # table_s - covered by start-ups or workloads
+    harness_overhead_share: float       # of table_s
+    lanes: Optional[dict[str, dict]] = omitted_if_none()   # per card, with --gpus
+
+
+def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[Timing]:
+    times = config.get("timing") or {}
+    if not {"started", "table_start", "table_end"} <= set(times):
+        return None
+    table = (times["table_start"], times["table_end"])
+    startups: dict[str, list] = {}
+    workloads: dict[str, list] = {}
+    for exp in loaded.values():
+        lane = str(exp.record.gpu_index)
+        for server in exp.record.servers:
+            if server.get("started_at") is not None and server.get("ready_at") is not None:
+                startups.setdefault(lane, []).append((server["started_at"], server["ready_at"]))
+        if exp.record.marks.workload:
+            workloads.setdefault(lane, []).append(exp.record.marks.workload)
+    every = lambda spans: [span for lane in spans.values() for span in lane]
+    table_s = table[1] - table[0]
+    busy = covered_s(every(startups) + every(workloads))
+    overhead = table_s - busy
+    lanes = {f"GPU {lane}": {"startups_s": covered_s(startups.get(lane, [])),
+                             "workload_s": covered_s(workloads.get(lane, [])),
+                             "last_workload_end_s": max((e for _, e in workloads.get(lane, [])), default=table[0]) - table[0]}
+             for lane in sorted(set(startups) | set(workloads))}
+    return Timing(times["table_end"] - times["started"], table[0] - times["started"], table_s,
+                  covered_s(set(every(startups))), covered_s(every(workloads)), overhead,
+                  overhead / table_s if table_s > 0 else 0.0, lanes if len(lanes) > 1 else None)
 
 
 def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
@@ -3142,12 +3296,14 @@ def build_report(run_dir: Path) -> dict:
         write_json(exp_dir / "summary.json", summaries[exp.record.name])
     comparison = compare(summaries)
     plots = make_plots(run_dir, loaded, summaries)
+    timing = run_timing(config, loaded)
     top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
-           "plots": plots, "server_starts": server_starts(summaries)}
+           "plots": plots, "server_starts": server_starts(summaries),
+           **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {})}
     if config_problem:
         top["problems"] = [config_problem]
     write_json(run_dir / "summary.json", top)
-    md = markdown_summary(config, summaries, comparison, plots)
+    md = markdown_summary(config, summaries, comparison, plots, timing)
     if config_problem:
         md = f"> **Note:** {config_problem}; run details are missing from this summary.\n\n" + md
     if failed:

@@ -517,7 +517,7 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
     they fit, all stopped at the end. Returns (interrupted, failed experiments)."""
     ABORT.clear()
     lanes = run.lanes
-    says = [(lambda text, g=lane.cfg.gpu_index: say(f"[GPU {g}] {text}")) if len(lanes) > 1 else say
+    says = [(lambda text, g=lane.cfg.gpu_index: say(prefixed(text, f"[GPU {g}] "))) if len(lanes) > 1 else say
             for lane in lanes]
     pools = [ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
              for lane, lane_say in zip(lanes, says)]
@@ -554,6 +554,10 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
         with contextlib.suppress(Exception):
             run.nvml.nvmlShutdown()
     return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
+
+
+def prefixed(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line if line.strip() else line for line in text.split("\n"))
 
 
 @dataclasses.dataclass

@@ -76,6 +76,7 @@ def fresh_stop_state():
     rx.HURRY.clear()
     rx.INTERRUPT_PENDING.clear()
     rx.STOPPING.clear()
+    rx.ABORT.clear()
     rx.SIGNALS_SEEN[0] = 0
     rx.SECRETS.clear()
 

@@ -6,6 +6,9 @@ uses and reports "GPU memory" through state files read by the fake pynvml module
 
 As in real vLLM, all GPU memory belongs to an engine child process ("EngineCore"),
 not to the API server process, and memory only moves with load when kvcached is on.
+The memory counts on the card that CUDA_VISIBLE_DEVICES names by UUID (card 0 otherwise).
+/metrics also carries vLLM's request-latency histograms (TTFT, end-to-end, queue, prefill,
+decode), timed after a FAKE_FRONTEND_S delay that stands for the HTTP/tokenizer front end.
 """
 import argparse
 import collections
@@ -57,6 +60,18 @@ while orphan or os.getppid() == parent:
 STREAM_FAULTS = ("error_event", "truncate", "no_finish_reason", "short", "keepalive", "trickle",
                  "no_stream")
 
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_METRICS = (  # (name, help), in the order Latencies.observe takes them
+    ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
+    ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+    ("vllm:request_queue_time_seconds",
+     "Histogram of time spent in WAITING phase for request."),
+    ("vllm:request_prefill_time_seconds",
+     "Histogram of time spent in PREFILL phase for request."),
+    ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request."),
+)
+
 _log_lock = threading.Lock()
 _fault_lock = threading.Lock()
 _chat_requests = 0
@@ -81,6 +96,59 @@ def next_fault():
         n = _chat_requests
     every = int(os.environ.get("FAKE_FAULT_EVERY") or 1)
     return os.environ.get("FAKE_STREAM_FAULT", "") if (n - 1) % every == 0 else ""
+
+
+def visible_uuid():
+    """The card the harness pinned this server to (CUDA_VISIBLE_DEVICES=GPU-...), else None."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return value if value.startswith("GPU-") else None
+
+
+def card_memory():
+    """(total, used) bytes of this server's card, as the fake pynvml sees it."""
+    try:
+        import pynvml as nvml  # the fake next to this file
+        index = nvml.card_index(visible_uuid())
+        return nvml.total_bytes(index), nvml.used_bytes(index)
+    except (ImportError, AttributeError):
+        return int(env_float("FAKE_GPU_TOTAL_MIB", 16384) * MIB), 0
+
+
+class Latencies:
+    """vLLM's per-request latency histograms, observed once per finished request."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buckets = [[0] * len(LATENCY_BUCKETS) for _ in LATENCY_METRICS]  # not cumulative
+        self.sums = [0.0] * len(LATENCY_METRICS)
+        self.count = 0
+
+    def observe(self, ttft, e2e, queue, prefill, decode):
+        with self.lock:  # all five at once, so a scrape never sees half a request
+            for i, value in enumerate((ttft, e2e, queue, prefill, decode)):
+                self.sums[i] += value
+                for j, bound in enumerate(LATENCY_BUCKETS):
+                    if value <= bound:
+                        self.buckets[i][j] += 1
+                        break
+            self.count += 1
+
+    def rows(self, label):
+        """Prometheus text lines; `label` is the rows' '{...}' label set."""
+        with self.lock:
+            buckets, sums, count = [list(b) for b in self.buckets], list(self.sums), self.count
+        inner = label[:-1]  # a bucket row has the same labels plus le="<bound>"
+        out = []
+        for (name, help_text), counts, total in zip(LATENCY_METRICS, buckets, sums):
+            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
+            cumulative = 0
+            for bound, n in zip(LATENCY_BUCKETS, counts):
+                cumulative += n
+                out.append('%s_bucket%s,le="%r"} %s' % (name, inner, bound, float(cumulative)))
+            out += ['%s_bucket%s,le="+Inf"} %s' % (name, inner, float(count)),
+                    "%s_sum%s %r" % (name, label, total),
+                    "%s_count%s %s" % (name, label, float(count))]
+        return out
 
 
 def make_parser():
@@ -167,6 +235,7 @@ class Engine:
         self.seg_total = seg_total        # kvcached arm: last limit read from the segment
         self.seg_path = segment_path() if kvcached else None
         self.gpu_dir = os.environ.get("FAKE_GPU_DIR")
+        self.uuid = visible_uuid()
         self.cond = threading.Condition()
         self.queue = collections.deque()  # request ids waiting for admission, oldest first
         self.running = 0
@@ -210,8 +279,11 @@ class Engine:
         self.published = mem
         if self.gpu_dir and self.child:
             path = os.path.join(self.gpu_dir, "%d.json" % self.child.pid)
+            state = {"used_bytes": mem, "name": "EngineCore"}
+            if self.uuid:
+                state["uuid"] = self.uuid  # the fake pynvml counts it on that card only
             with open(path + ".tmp", "w") as f:
-                json.dump({"used_bytes": mem, "name": "EngineCore"}, f)
+                json.dump(state, f)
             os.replace(path + ".tmp", path)  # readers never see half a file
         if self.kvcached and self.ready:
             try:
@@ -313,6 +385,7 @@ class Handler(BaseHTTPRequestHandler):
     args = None      # set in main()
     api_key = None
     engine = None
+    latencies = None
     names = None
     max_len = None
 
@@ -395,10 +468,13 @@ class Handler(BaseHTTPRequestHandler):
         for name, kind, help_text, value in rows:
             out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
                     "%s%s %s" % (name, label, float(value))]
+        out += self.latencies.rows(label)
         return "\n".join(out) + "\n"
 
     def chat(self, raw):
         fault = next_fault()  # counted over every chat request, streamed or not
+        time.sleep(env_float("FAKE_FRONTEND_S", 0))  # HTTP and tokenizer: before vLLM's clocks
+        t_start = time.monotonic()
         try:
             body = json.loads(raw or b"null")
             assert isinstance(body, dict) and isinstance(body.get("messages"), list)
@@ -482,8 +558,15 @@ class Handler(BaseHTTPRequestHandler):
 
         e = self.engine
         need = (prompt_tokens + max_tokens) * e.kv
+        t_queued = time.monotonic()
         e.admit(rid, need, prompt_tokens)  # queueing before the first token shows in TTFT
+        t_admitted = time.monotonic()
         held = prompt_tokens
+
+        def observe():
+            self.latencies.observe(t_first - t_start, t_last - t_start, t_admitted - t_queued,
+                                   t_first - t_admitted, t_last - t_first)
+
         try:
             if fault == "keepalive":  # never a token; ends when a write finds the client gone
                 while True:
@@ -498,13 +581,17 @@ class Handler(BaseHTTPRequestHandler):
                 held += 1
                 if stream:
                     event(choice({"content": "tok "}, finish if i == n_out - 1 else None))
+                if i == 0:
+                    t_first = time.monotonic()
+            t_last = time.monotonic()
             if not stream:
-                return self.send_json(200, {
+                self.send_json(200, {
                     "id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant",
                                                          "content": "tok " * n_out},
                                  "logprobs": None, "finish_reason": finish}],
                     "usage": usage})
+                return observe()
             if fault == "truncate":  # no [DONE], no terminating chunk: the socket just ends
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -524,6 +611,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
             else:
                 self.wfile.write(b"0\r\n\r\n")  # end of the chunked body
+            if fault != "error_event":  # a stream cut short is not a finished request
+                observe()
         finally:
             e.finish(need, held)
 
@@ -546,7 +635,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     mode = os.environ.get("FAKE_MODE", "")
     startup_s = env_float("FAKE_STARTUP_S", 0.3)
-    total = int(env_float("FAKE_GPU_TOTAL_MIB", 16384) * MIB)
+    total, used = card_memory()
     kvcached = (os.environ.get("ENABLE_KVCACHED", "").lower() in ("true", "1")
                 and os.environ.get("KVCACHED_AUTOPATCH") == "1")
     weights, kv_per_token, max_pos = model_sizes(args.model)
@@ -567,11 +656,7 @@ def main(argv=None):
             pool = args.kv_cache_memory_bytes
         else:
             # Real vLLM refuses to start if other processes already use the memory it wants.
-            try:
-                import pynvml as nvml  # the fake next to this file
-                free = total - nvml.used_bytes()
-            except (ImportError, AttributeError):
-                free = total
+            free = total - used
             want = args.gpu_memory_utilization * total
             if free < want:
                 fail("ValueError: Free memory on device (%.2f/%.2f GiB) on startup is less than "
@@ -586,7 +671,7 @@ def main(argv=None):
 
     engine = Engine(weights, kv_per_token, kvcached, pool,
                     seg_total=int(0.95 * total) - weights - OVERHEAD)
-    Handler.args, Handler.engine = args, engine
+    Handler.args, Handler.engine, Handler.latencies = args, engine, Latencies()
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM does
     Handler.names = args.served_model_name or [args.model]
     Handler.max_len = args.max_model_len or max_pos

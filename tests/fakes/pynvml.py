@@ -1,14 +1,17 @@
 """Fake of the nvidia-ml-py `pynvml` module for machines without a GPU.
 
-One fake card. Its used memory is a fixed baseline plus whatever live processes
-claim in state files `$FAKE_GPU_DIR/<pid>.json` = {"used_bytes": N, "name": ...}
-(written by fake_vllm_server.py). A file whose pid is gone counts for nothing,
-as on a real card memory is freed when its owner dies.
+FAKE_GPU_COUNT fake cards (1). A card's used memory is a fixed baseline plus whatever
+live processes claim in state files `$FAKE_GPU_DIR/<pid>.json` =
+{"used_bytes": N, "name": ..., "uuid": ...} (written by fake_vllm_server.py). A file counts
+on the card with its "uuid", or on card 0 if it has none or no card has that UUID. A file
+whose pid is gone counts for nothing, as on a real card memory is freed when its owner dies.
 
-Env: FAKE_GPU_DIR, FAKE_GPU_TOTAL_MIB (16384), FAKE_GPU_BASELINE_MIB (400),
-FAKE_GPU_NAME, FAKE_NVML_FAIL=1 (nvmlInit raises), FAKE_NVML_FLAKY=1
-(every 5th nvmlDeviceGetMemoryInfo call raises), FAKE_NVML_PID_OFFSET=N (process pids
-reported shifted by N, as host pids seen from inside a container).
+Env: FAKE_GPU_DIR, FAKE_GPU_COUNT (1), FAKE_GPU_TOTAL_MIB (16384), FAKE_GPU_TOTAL_MIBS
+(comma list, one per card, overrides FAKE_GPU_TOTAL_MIB for the cards it covers),
+FAKE_GPU_BASELINE_MIB (400, on every card), FAKE_GPU_NAME, FAKE_GPU_NAMES (comma list,
+like FAKE_GPU_TOTAL_MIBS), FAKE_NVML_FAIL=1 (nvmlInit raises), FAKE_NVML_FLAKY=1
+(every 5th nvmlDeviceGetMemoryInfo call raises, whatever the card), FAKE_NVML_PID_OFFSET=N
+(process pids reported shifted by N, as host pids seen from inside a container).
 """
 import glob
 import json
@@ -93,26 +96,53 @@ def nvmlSystemGetCudaDriverVersion():
     return 13000
 
 
+def gpu_count():
+    return int(os.environ.get("FAKE_GPU_COUNT") or 1)
+
+
+def gpu_uuid(index):
+    # Card 0 keeps the one-card fake's UUID; the others end in "fak<index>", same length.
+    if index == 0:
+        return "GPU-00000000-0000-0000-0000-000000000fak"
+    return "GPU-00000000-0000-0000-0000-" + ("fak%d" % index).rjust(12, "0")
+
+
+def card_index(uuid):
+    """The card with this UUID; card 0 for None or a UUID no card has."""
+    for index in range(gpu_count()):
+        if uuid == gpu_uuid(index):
+            return index
+    return 0
+
+
+def _per_card(list_name, name, default, index):
+    """Entry `index` of the comma list in env `list_name`, else env `name`, else `default`."""
+    values = os.environ.get(list_name, "").split(",")
+    if index < len(values) and values[index].strip():
+        return values[index].strip()
+    return os.environ.get(name, default)
+
+
 def nvmlDeviceGetCount():
     _check_init()
-    return 1
+    return gpu_count()
 
 
 def nvmlDeviceGetHandleByIndex(index):
     _check_init()
-    if index != 0:
+    if not isinstance(index, int) or not 0 <= index < gpu_count():
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-    return _Handle(0)
+    return _Handle(index)
 
 
 def nvmlDeviceGetName(handle):
     _check_handle(handle)
-    return os.environ.get("FAKE_GPU_NAME", "Tesla T4 (fake)")
+    return _per_card("FAKE_GPU_NAMES", "FAKE_GPU_NAME", "Tesla T4 (fake)", handle.index)
 
 
 def nvmlDeviceGetUUID(handle):
     _check_handle(handle)
-    return "GPU-00000000-0000-0000-0000-000000000fak"
+    return gpu_uuid(handle.index)
 
 
 def _pid_alive(pid):
@@ -130,8 +160,9 @@ def _pid_alive(pid):
         return True
 
 
-def _live_processes():
-    """[(pid, used_bytes, name)] for state files whose process is alive."""
+def _live_processes(index=None):
+    """[(pid, used_bytes, name)] for state files whose process is alive, on card `index`
+    (None: every card)."""
     gpu_dir = os.environ.get("FAKE_GPU_DIR")
     if not gpu_dir:
         return []
@@ -144,18 +175,20 @@ def _live_processes():
             used = int(state["used_bytes"])
         except (ValueError, OSError, KeyError, TypeError):
             continue  # not a state file, half written, or removed meanwhile
+        if index is not None and card_index(state.get("uuid")) != index:
+            continue
         if _pid_alive(pid):
             out.append((pid, used, str(state.get("name", "python"))))
     return out
 
 
-def total_bytes():
-    return int(float(os.environ.get("FAKE_GPU_TOTAL_MIB", "16384")) * MIB)
+def total_bytes(index=0):
+    return int(float(_per_card("FAKE_GPU_TOTAL_MIBS", "FAKE_GPU_TOTAL_MIB", "16384", index)) * MIB)
 
 
-def used_bytes():
+def used_bytes(index=0):
     baseline = int(float(os.environ.get("FAKE_GPU_BASELINE_MIB", "400")) * MIB)
-    return baseline + sum(used for _, used, _ in _live_processes())
+    return baseline + sum(used for _, used, _ in _live_processes(index))
 
 
 def nvmlDeviceGetMemoryInfo(handle, version=None):
@@ -166,8 +199,8 @@ def nvmlDeviceGetMemoryInfo(handle, version=None):
         n = _meminfo_calls
     if os.environ.get("FAKE_NVML_FLAKY") == "1" and n % 5 == 0:
         raise NVMLError(NVML_ERROR_UNKNOWN)
-    total = total_bytes()
-    used = min(used_bytes(), total)
+    total = total_bytes(handle.index)
+    used = min(used_bytes(handle.index), total)
     return SimpleNamespace(total=total, used=used, free=total - used, reserved=0)
 
 
@@ -178,7 +211,7 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
     return [
         SimpleNamespace(pid=pid + offset, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF,
                         computeInstanceId=0xFFFFFFFF)
-        for pid, used, _ in _live_processes()
+        for pid, used, _ in _live_processes(handle.index)
     ]
 
 

@@ -1,0 +1,279 @@
+"""Answer sooner: lanes across cards (--gpus), kvcached pairs started together, a drift-free sampler,
+the server's latency clock beside the client's, and where a run's time went."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import HANDED_OUT, alive, background, fake_env, free_port, rx, script_args, wait_for
+
+ALL = rx.parse_experiments("all")
+
+
+def names(lanes):
+    return [[e.name for e in lane] for lane in lanes]
+
+
+# --- scheduling: pure ----------------------------------------------------------------------------
+def test_experiments_that_share_a_server_form_one_unit():
+    cfg = rx.fill_preset(rx.Config())
+    assert names(rx.server_units(ALL, cfg, 4 << 30)) == [
+        ["kvcached", "shared_kvcached", "overload_kvcached"], ["static", "shared_static"], ["overload_static"]]
+
+
+@pytest.mark.parametrize("lanes", [2, 3, 4])
+def test_every_experiment_runs_once_in_some_lane_in_run_order(lanes):
+    cfg = rx.fill_preset(rx.Config())
+    plan = rx.plan_lanes(ALL, cfg, 4 << 30, 3, lanes)
+    assert len(plan) == lanes
+    assert sorted(e.name for lane in plan for e in lane) == sorted(e.name for e in ALL)
+    for lane in plan:
+        assert lane == sorted(lane, key=ALL.index)
+    estimates = [rx.lane_estimate_s(lane, cfg, 4 << 30, 3) for lane in plan]
+    assert max(estimates) < rx.lane_estimate_s(ALL, cfg, 4 << 30, 3) * 0.7, "parallel lanes end sooner"
+
+
+def test_one_card_keeps_todays_order():
+    cfg = rx.fill_preset(rx.Config())
+    assert rx.plan_lanes(ALL, cfg, 4 << 30, 3, 1) == [ALL]
+
+
+def test_the_seed_on_two_cards_starts_the_kvcached_pair_together_in_its_own_lane():
+    cfg = rx.fill_preset(rx.Config(preset="seed"))
+    plan = names(rx.plan_lanes(rx.parse_experiments("seed"), cfg, 4 << 30, 3, 2))
+    assert ["shared_kvcached"] in plan
+
+
+def test_a_lane_gets_its_own_card_and_ports():
+    cfg = rx.Config(port_a=9001, port_b=9002)
+    lane = rx.lane_config(cfg, 2, 5)
+    assert (lane.gpu_index, lane.port_a, lane.port_b) == (5, 9201, 9202)
+    assert rx.kvcached_server(lane, "A").ipc_name != rx.kvcached_server(cfg, "A").ipc_name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(gpus="0,0"), "lists a card twice"),
+    (dict(gpus="0;1"), "NVML indices separated by commas"),
+    (dict(gpus="0,1", gpu_index=1), "either --gpus or --gpu-index"),
+    (dict(gpus="0,1", port_a=65500, port_b=65501), "port"),
+])
+def test_bad_gpu_lists_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(rx.ConfigError, match=message):
+        rx.validate_config(rx.Config(**flags))
+
+
+def test_mixed_cards_are_refused_unless_allowed():
+    cards = [{"index": 0, "name": "H200", "total_mib": 143771.0}, {"index": 1, "name": "H100", "total_mib": 81559.0}]
+    with pytest.raises(rx.ConfigError, match="--allow-mixed-gpus"):
+        rx.same_cards(cards, allow_mixed=False)
+    assert rx.same_cards(cards, allow_mixed=True) is True
+    assert rx.same_cards(cards[:1] * 2, allow_mixed=False) is False
+
+
+def test_a_card_that_is_not_there_is_named(fake_gpu):
+    nvml = rx.load_nvml(fake_gpu)
+    with pytest.raises(rx.ConfigError, match="GPU index 3 out of range: this machine has 1 GPU"):
+        rx.gpu_count_check(nvml, [0, 3], "--gpus")
+
+
+# --- the time accounting and the server's clock: pure ----------------------------------------------
+def test_covered_seconds_count_overlaps_once():
+    assert rx.covered_s([(0, 10), (5, 12), (20, 21)]) == 13
+    assert rx.covered_s([]) == 0
+
+
+VLLM_PAGE = """# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 4.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 4.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.5
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="m"} 4.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="m"} 2.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 7.0
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 2.0
+vllm:generation_tokens_total{engine="0",model_name="m"} 999.0
+"""
+
+
+def test_metrics_page_keeps_only_what_is_read():
+    assert rx.parse_metrics(VLLM_PAGE) == {"ttft_count": 4.0, "ttft_sum": 0.5, "e2e_count": 4.0, "e2e_sum": 2.0,
+                                           "running": 7.0, "preemptions": 2.0}
+
+
+def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
+    marks = rx.Marks(bursts=[
+        rx.BurstMark("burst 1", "A", 0, 0.0, 1.0, {"ttft_sum": 1.0, "ttft_count": 10, "e2e_sum": 5.0, "e2e_count": 10},
+                     {"ttft_sum": 1.2, "ttft_count": 12, "e2e_sum": 7.0, "e2e_count": 12}),
+        rx.BurstMark("burst 2", "A", 0, 2.0, 3.0, None, None)])   # /metrics unreadable: left out
+    rows = [{"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.13, "e2e_s": 1.02},
+            {"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.15, "e2e_s": 1.04},
+            {"phase": "burst 1", "repeat": 0, "ok": False, "ttft_s": None, "e2e_s": 9.0},
+            {"phase": "burst 2", "repeat": 0, "ok": True, "ttft_s": 5.0, "e2e_s": 5.0}]
+    clock = rx.server_clock(marks, rows)
+    assert clock.server_ttft_mean_s == pytest.approx(0.1) and clock.client_ttft_mean_s == pytest.approx(0.14)
+    assert clock.ttft_gap_ms == pytest.approx(40.0) and clock.e2e_gap_ms == pytest.approx(30.0)
+    assert [(b.client_ok, b.server_counted) for b in clock.bursts] == [(2, 2)]
+    assert clock.server_queue_mean_s is None, "a histogram the server lacks is n/a"
+    assert rx.server_clock(rx.Marks(), rows) is None
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting(fake_gpu, tmp_path, monkeypatch):
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+    real, stalled = sampler.sample_once, []
+
+    def sample_once(tick):
+        real(tick)
+        if tick == 5 and not stalled:
+            stalled.append(tick)
+            time.sleep(0.2)   # ten intervals
+    monkeypatch.setattr(sampler, "sample_once", sample_once)
+    sampler.start()
+    time.sleep(0.6)
+    sampler.stop()
+    times = [t for t, _ in sampler.device]
+    assert 8 <= sampler.missed_ticks <= 11
+    after = [b - a for a, b in zip(times[6:], times[7:])]
+    assert min(after) > 0.01, "no catch-up burst after the stall"
+
+
+def test_buffered_rows_reach_the_file_within_about_a_second(fake_gpu, tmp_path):
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=20, process_sample_hz=2)
+    sampler.start()
+    try:
+        assert wait_for(lambda: len(rx.read_jsonl(tmp_path / "memory.jsonl")) >= 20, timeout=3)
+    finally:
+        sampler.stop()
+    assert len(rx.read_jsonl(tmp_path / "memory.jsonl")) == len(sampler.device), "every row written at stop"
+
+
+# --- two fake cards, end to end --------------------------------------------------------------------
+def lane_ports() -> tuple[int, int]:
+    """Ports p, p+1 whose lane-1 twins (+LANE_PORT_STEP) are free too."""
+    for _ in range(200):
+        a = free_port()
+        ports = (a, a + 1, a + rx.LANE_PORT_STEP, a + 1 + rx.LANE_PORT_STEP)
+        if all(p not in HANDED_OUT or p == a for p in ports) and not any(rx.port_taken("127.0.0.1", p) for p in ports):
+            HANDED_OUT.update(ports)
+            return a, a + 1
+    raise RuntimeError("no free ports")
+
+
+def two_card_args(base, *extra):
+    a, b = lane_ports()
+    args = script_args(base / "results", "--gpus", "0,1", *extra)
+    args[args.index("--port-a") + 1], args[args.index("--port-b") + 1] = str(a), str(b)
+    return args, a
+
+
+@background("two_card_run", weight=8)
+def two_card_run_cmd(base):
+    (base / "gpu").mkdir()
+    args, port_a = two_card_args(base, "--ignore-eos")
+    (base / "port_a").write_text(str(port_a))
+    return dict(args=args, env=fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_FRONTEND_S="0.02"), timeout=240)
+
+
+@pytest.fixture
+def two_card_run(background_runs):
+    result, base = background_runs.result("two_card_run")
+    run_dir = next((base / "results").iterdir())
+    return result, run_dir, int((base / "port_a").read_text())
+
+
+def test_two_cards_run_every_experiment_once_each_on_its_lanes_card(two_card_run):
+    result, run_dir, port_a = two_card_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    lanes = config["lanes"]
+    assert [lane["gpu_index"] for lane in lanes] == [0, 1]
+    assert sorted(e for lane in lanes for e in lane["experiments"]) == sorted(e.name for e in ALL)
+    assert [lane["ports"] for lane in lanes] == [[port_a, port_a + 1], [port_a + 100, port_a + 101]]
+    for lane in lanes:
+        for name in lane["experiments"]:
+            exp_dir = next(run_dir.glob(f"[0-9][0-9]_{name}"))
+            record = json.loads((exp_dir / "experiment.json").read_text())
+            assert record["gpu_index"] == lane["gpu_index"]
+            assert {s["spec"]["port"] for s in record["servers"]} <= set(lane["ports"])
+            assert all(s["env"]["CUDA_VISIBLE_DEVICES"] == lane["gpu_uuid"] for s in record["servers"])
+
+
+def test_each_card_measures_only_its_own_servers(two_card_run):
+    """The device total of every experiment is the card's baseline plus its own servers, though the
+    other card's servers ran at the same time."""
+    _, run_dir, _ = two_card_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for name, exp in summary["experiments"].items():
+        own = sum(s["memory"]["idle_before_workload_mib"] for s in exp["servers"].values())
+        assert exp["device"]["idle_before_workload_mib"] == pytest.approx(400 + own, abs=1), name
+
+
+def test_two_cards_report_the_lanes_the_server_clock_and_the_time(two_card_run):
+    _, run_dir, _ = two_card_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    md = (run_dir / "summary.md").read_text()
+    assert "Cards (--gpus, experiments in parallel): GPU 0 ran" in md
+    assert "Client vs server latency" in md and "harness's own time" in md
+    timing = summary["timing"]
+    assert summary["harness_overhead_s"] == timing["harness_overhead_s"] >= 0
+    assert set(timing["lanes"]) == {"GPU 0", "GPU 1"}
+    assert timing["startups_s"] + timing["workload_s"] + timing["harness_overhead_s"] >= timing["table_s"] - 1e-6
+    for name, exp in summary["experiments"].items():
+        clock = exp["server_clock"]
+        assert all(b["server_counted"] == b["client_ok"] > 0 for b in clock["bursts"]), name
+        assert clock["ttft_gap_ms"] >= 20 * 0.9, "the fake's 20 ms front end is outside the server's clock"
+        assert clock["server_ttft_mean_s"] < clock["client_ttft_mean_s"]
+
+
+def test_a_kvcached_pair_starts_together(two_card_run):
+    _, run_dir, _ = two_card_run
+    record = json.loads(next(run_dir.glob("[0-9][0-9]_shared_kvcached")).joinpath("experiment.json").read_text())
+    if record["reused"]:
+        pytest.skip("this plan reused the pair's first server")
+    a, b = record["servers"]
+    assert a["started_together_with"] == [b["label"]] and b["started_together_with"] == [a["label"]]
+    assert abs(a["started_at"] - b["started_at"]) < 1.0
+
+
+@background("two_card_interrupt")
+def two_card_interrupt_job(base):
+    def scenario():
+        (base / "gpu").mkdir()
+        args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "50", "--gap-s", "1")
+        proc = subprocess.Popen(args, env=fake_env(base / "gpu", FAKE_GPU_COUNT="2"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= 2, timeout=60)
+            time.sleep(0.5)
+            engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+            ports = (port_a, port_a + 1, port_a + 100, port_a + 101)
+            return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
+                    "alive_after": [pid for pid in engines if alive(pid)],
+                    "ports_taken": [p for p in ports if rx.port_taken("127.0.0.1", p)]}
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return scenario
+
+
+@pytest.fixture
+def two_card_interrupt(background_runs):
+    return background_runs.result("two_card_interrupt")
+
+
+def test_an_interrupt_stops_every_lane_and_every_server(two_card_interrupt):
+    run = two_card_interrupt
+    assert run["up"] and len(run["engines"]) == 2, "both lanes had a server up"
+    assert run["rc"] == 130, run["out"][-3000:]
+    assert not run["alive_after"] and not run["ports_taken"]
+    assert "FAILED" not in run["out"], "an interrupted lane is not a failed experiment"

@@ -164,13 +164,13 @@ def script_args(results: Path, *extra: str) -> list[str]:
 
 # --- end-to-end runs in the background -----------------------------------------------------------
 # The mocked end-to-end runs mostly sleep (idle windows, gaps, streamed tokens): two of them at once
-# use well under a core. A test module declares a background job with @background("name") and a
+# use well under a core each. A test module declares a background job with @background("name") and a
 # fixture "name" that returns background_runs.result("name"); its tests only read what the job left.
 # Every declared job that the collected tests use starts, at most BACKGROUND_SLOTS at a time, the
 # first time any of them is asked for (test_end_to_end and test_trust ask as they start), and the
 # tests that read them run last (pytest_collection_modifyitems): the jobs go on while the others run.
 BACKGROUND: dict = {}
-BACKGROUND_SLOTS = 2
+BACKGROUND_SLOTS = 3
 
 
 def background(name: str, weight: float = 1.0):

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 
+import collections
+
 import concurrent.futures
 
 import contextlib
@@ -522,6 +524,10 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
     pools = [ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
              for lane, lane_say in zip(lanes, says)]
     restore = install_stop_signals(say) if not running_in_notebook() else {}
+    # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
+    # switch interval keeps that wait short for the sampler and for each stream's timestamps.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, 0.001))
     outcomes = [LaneOutcome() for _ in lanes]
     workers = [threading.Thread(target=run_lane, args=(run, lane, pool, lane_say, outcome), daemon=True,
                                 name=f"lane-gpu{lane.cfg.gpu_index}")
@@ -551,6 +557,7 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
                 worker.join(timeout=30)
         for sig, handler in restore.items():
             signal.signal(sig, handler)
+        sys.setswitchinterval(switch_interval)
         with contextlib.suppress(Exception):
             run.nvml.nvmlShutdown()
     return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
@@ -1978,6 +1985,11 @@ class Sampler(threading.Thread):
     and becomes a row where it can; sampling goes on. Tick k is due at t0 + k/sample_hz, so the rate
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
+
+    The device thread does one NVML read per tick and owns the file; everything slower runs in a
+    second thread that hands its rows over through a deque. The device thread never waits on a lock
+    the slow thread holds: during a burst hundreds of request threads queue for the interpreter, and
+    a thread that lost its turn while holding such a lock would stall the device series with it.
     """
 
     def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
@@ -1985,63 +1997,67 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True, name="memory-sampler")
         self.nvml, self.servers, self.path = nvml, servers, path
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        # per-process, segment and /metrics samples come every `slow_ticks` device samples
-        self.interval, self.slow_ticks = 1.0 / sample_hz, max(1, round(sample_hz / process_sample_hz))
+        self.interval, self.slow_interval = 1.0 / sample_hz, 1.0 / process_sample_hz
         self.flush_ticks = max(1, round(sample_hz))   # about once a second
         self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
-        self.lock = threading.Lock()
         self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
-        self.errors = 0
-        self.error_kinds: dict[str, int] = {}         # source -> count, for the summary
+        self.counts: dict[int, dict[str, int]] = {}   # per thread: source -> errors (no shared counter)
         self.missed_ticks = 0
         self.roots = {server.proc.pid: server for server in servers}   # keepers: every server's tree hangs below one
+        self.handed_over: collections.deque = collections.deque()       # slow thread -> device thread
         self.file: Optional[Any] = None
-        self.metrics_thread = threading.Thread(target=self._metrics_loop, daemon=True,
-                                               name="metrics-scraper")
+        self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
+
+    @property
+    def error_kinds(self) -> dict[str, int]:
+        """source -> errors counted, for the summary."""
+        out: dict[str, int] = {}
+        for counts in list(self.counts.values()):
+            for source, n in list(counts.items()):
+                out[source] = out.get(source, 0) + n
+        return out
+
+    @property
+    def errors(self) -> int:
+        return sum(self.error_kinds.values())
 
     def count_error(self, source: str) -> None:
-        with self.lock:
-            self.errors += 1
-            self.error_kinds[source] = self.error_kinds.get(source, 0) + 1
+        counts = self.counts.setdefault(threading.get_ident(), {})
+        counts[source] = counts.get(source, 0) + 1
 
-    def _file_failed(self) -> None:   # disk full, too many open files: count it, try again next time
+    def _write(self, rows: list[dict]) -> None:   # device thread only
+        try:
+            if self.file is None:
+                self.file = open(self.path, "a")
+            self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError:   # disk full, too many open files: count it, try again next time
+            self._file_failed()
+
+    def _flush(self) -> None:
+        try:
+            if self.file is not None:
+                self.file.flush()
+        except OSError:
+            self._file_failed()
+
+    def _file_failed(self) -> None:
         with contextlib.suppress(OSError):
             if self.file is not None:
                 self.file.close()
         self.file = None
-        self.errors += 1
-        self.error_kinds["write"] = self.error_kinds.get("write", 0) + 1
-
-    def _write(self, rows: list[dict]) -> None:
-        with self.lock:
-            try:
-                if self.file is None:
-                    self.file = open(self.path, "a")
-                self.file.write("".join(json.dumps(row) + "\n" for row in rows))
-            except OSError:
-                self._file_failed()
-
-    def flush(self) -> None:
-        with self.lock:
-            try:
-                if self.file is not None:
-                    self.file.flush()
-            except OSError:
-                self._file_failed()
+        self.count_error("write")
 
     def sample_once(self, tick: int) -> None:
         now = time.time()
-        rows: list[dict] = []
         try:
             mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
             self.device.append((now, mem.used / MIB))
-            rows.append({"kind": "device", "t": now, "used_mib": mem.used / MIB,
-                         "total_mib": mem.total / MIB})
+            rows = [{"kind": "device", "t": now, "used_mib": mem.used / MIB, "total_mib": mem.total / MIB}]
         except Exception as exc:   # NVML hiccups must not end the experiment
             self.count_error("nvml")
-            rows.append({"kind": "error", "t": now, "source": "nvml", "error": repr(exc)})
-        if tick % self.slow_ticks == 0:
-            rows += self.slow_rows(now)
+            rows = [{"kind": "error", "t": now, "source": "nvml", "error": repr(exc)}]
+        while self.handed_over:
+            rows += self.handed_over.popleft()
         self._write(rows)
 
     def slow_rows(self, now: float) -> list[dict]:
@@ -2075,30 +2091,38 @@ class Sampler(threading.Thread):
                                  "error": repr(exc)[:300]})
         return rows
 
-    def _metrics_loop(self) -> None:
+    def metrics_rows(self, session: Any) -> list[dict]:
+        rows = []
+        for server in self.servers:
+            now = time.time()
+            try:
+                rows.append({"kind": "metrics", "t": now, "server": server.spec.name,
+                             **scrape_metrics(server.url, session=session)})
+            except Exception as exc:
+                self.count_error("metrics")
+                rows.append({"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
+                             "error": repr(exc)[:300]})
+        return rows
+
+    def _slow_loop(self) -> None:
         import requests
-        interval = self.interval * self.slow_ticks
         with requests.Session() as session:   # one kept-alive connection per server, not one per scrape
-            while not self.halt.wait(interval):
-                for server in self.servers:
-                    now = time.time()
-                    try:
-                        row = {"kind": "metrics", "t": now, "server": server.spec.name,
-                               **scrape_metrics(server.url, session=session)}
-                    except Exception as exc:
-                        self.count_error("metrics")
-                        row = {"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
-                               "error": repr(exc)[:300]}
-                    self._write([row])
+            while True:
+                try:
+                    self.handed_over.append(self.slow_rows(time.time()) + self.metrics_rows(session))
+                except Exception:
+                    self.count_error("sampler")
+                if self.halt.wait(self.slow_interval):
+                    break
 
     def run(self) -> None:
-        self.metrics_thread.start()
+        self.slow_thread.start()
         start, tick = time.time(), 0
         while True:
             try:
                 self.sample_once(tick)
                 if tick % self.flush_ticks == 0:
-                    self.flush()
+                    self._flush()
             except Exception:   # whatever it was, the next tick still comes
                 self.count_error("sampler")
             due = tick + 1
@@ -2106,16 +2130,20 @@ class Sampler(threading.Thread):
             self.missed_ticks += tick - due
             if self.halt.wait(max(0.0, start + tick * self.interval - time.time())):
                 break
+        self.slow_thread.join(timeout=5)
+        rows = [row for batch in list(self.handed_over) for row in batch]
+        self.handed_over.clear()
+        if rows:
+            self._write(rows)
+        self._flush()
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
 
     def stop(self) -> None:
         self.halt.set()
-        self.join(timeout=5)
-        self.metrics_thread.join(timeout=5)
-        self.flush()
-        with self.lock, contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-            self.file = None
+        self.join(timeout=10)
 
 
 class MemoryWatch:

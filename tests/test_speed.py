@@ -277,3 +277,22 @@ def test_an_interrupt_stops_every_lane_and_every_server(two_card_interrupt):
     assert run["rc"] == 130, run["out"][-3000:]
     assert not run["alive_after"] and not run["ports_taken"]
     assert "FAILED" not in run["out"], "an interrupted lane is not a failed experiment"
+
+
+def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_path, monkeypatch):
+    """Per-process, segment and /metrics reads can take long (a busy host, a slow server): the device
+    series goes on at its rate meanwhile, and the slow rows still reach the file."""
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+    real = sampler.slow_rows
+
+    def slow_rows(now):
+        time.sleep(0.4)   # twenty device intervals
+        return real(now) + [{"kind": "marker", "t": now}]
+    monkeypatch.setattr(sampler, "slow_rows", slow_rows)
+    sampler.start()
+    time.sleep(1.0)
+    sampler.stop()
+    times = [t for t, _ in sampler.device]
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.1
+    assert any(r["kind"] == "marker" for r in rx.read_jsonl(tmp_path / "memory.jsonl"))

@@ -75,6 +75,8 @@ import subprocess
 
 import sys
 
+import tempfile
+
 import threading
 
 import time
@@ -1977,6 +1979,38 @@ def server_latency_snapshot(server: "RunningServer", expect: Optional[dict] = No
         time.sleep(0.05)
 
 
+# The device series is read in a process of its own: in this one, a burst's hundreds of request threads
+# take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
+# samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
+DEVICE_SAMPLER_CODE = r"""
+import importlib, math, sys, threading, time
+module_dir, module_name, index, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if module_dir:
+    sys.path.insert(0, module_dir)
+nvml = importlib.import_module(module_name)
+nvml.nvmlInit()
+handle = nvml.nvmlDeviceGetHandleByIndex(index)
+halt = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()   # EOF: stop
+interval, start, tick, missed = 1.0 / hz, time.time(), 0, 0
+while True:
+    now = time.time()
+    try:
+        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        sys.stdout.write(f"d {now!r} {mem.used} {mem.total}\n")
+    except Exception as exc:
+        sys.stdout.write(f"e {now!r} {exc!r}\n")
+    sys.stdout.flush()
+    due = tick + 1
+    tick = max(due, math.ceil((time.time() - start) / interval))   # past ticks are skipped, not made up
+    if tick > due:
+        missed += tick - due
+        sys.stdout.write(f"m {missed}\n")
+    if halt.wait(max(0.0, start + tick * interval - time.time())):
+        break
+"""
+
+
 class Sampler(threading.Thread):
     """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
 
@@ -1986,26 +2020,25 @@ class Sampler(threading.Thread):
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
 
-    The device thread does one NVML read per tick and owns the file; everything slower runs in a
-    second thread that hands its rows over through a deque. The device thread never waits on a lock
-    the slow thread holds: during a burst hundreds of request threads queue for the interpreter, and
-    a thread that lost its turn while holding such a lock would stall the device series with it.
+    Device memory comes from a small process of its own (DEVICE_SAMPLER_CODE), stamped there; this
+    thread reads its lines and owns the file. Per-process, segment and /metrics reads run in a second
+    thread that hands its rows over through a deque, without a lock the file's writer waits on.
     """
 
     def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
                  sample_hz: float, process_sample_hz: float):
         super().__init__(daemon=True, name="memory-sampler")
-        self.nvml, self.servers, self.path = nvml, servers, path
+        self.nvml, self.servers, self.path, self.gpu_index = nvml, servers, path, gpu_index
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        self.interval, self.slow_interval = 1.0 / sample_hz, 1.0 / process_sample_hz
-        self.flush_ticks = max(1, round(sample_hz))   # about once a second
+        self.sample_hz, self.slow_interval = sample_hz, 1.0 / process_sample_hz
         self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
         self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
         self.counts: dict[int, dict[str, int]] = {}   # per thread: source -> errors (no shared counter)
         self.missed_ticks = 0
         self.roots = {server.proc.pid: server for server in servers}   # keepers: every server's tree hangs below one
-        self.handed_over: collections.deque = collections.deque()       # slow thread -> device thread
+        self.handed_over: collections.deque = collections.deque()       # slow thread -> file writer
         self.file: Optional[Any] = None
+        self.child: Optional[subprocess.Popen] = None
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
 
     @property
@@ -2025,7 +2058,26 @@ class Sampler(threading.Thread):
         counts = self.counts.setdefault(threading.get_ident(), {})
         counts[source] = counts.get(source, 0) + 1
 
-    def _write(self, rows: list[dict]) -> None:   # device thread only
+    def start(self, first_sample_timeout_s: float = 20.0) -> None:
+        """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
+        module = getattr(self.nvml, "__file__", None)
+        self.child_errors = tempfile.TemporaryFile(mode="w+")   # a file: a full pipe would block the child
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", DEVICE_SAMPLER_CODE, os.path.dirname(module) if module else "",
+             self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.child_errors, text=True, bufsize=1)
+        super().start()
+        deadline = time.time() + first_sample_timeout_s
+        while not self.device and time.time() < deadline and self.child.poll() is None:
+            time.sleep(0.01)
+        if not self.device:
+            self.stop()
+            self.child_errors.seek(0)
+            last = ([line for line in self.child_errors.read().splitlines() if line.strip()] or [""])[-1]
+            raise RuntimeError(f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
+                               f"{' (it exited: ' + last.strip()[:300] + ')' if last else ''}")
+
+    def _write(self, rows: list[dict]) -> None:   # this thread only
         try:
             if self.file is None:
                 self.file = open(self.path, "a")
@@ -2047,18 +2099,63 @@ class Sampler(threading.Thread):
         self.file = None
         self.count_error("write")
 
-    def sample_once(self, tick: int) -> None:
-        now = time.time()
-        try:
-            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
-            self.device.append((now, mem.used / MIB))
-            rows = [{"kind": "device", "t": now, "used_mib": mem.used / MIB, "total_mib": mem.total / MIB}]
-        except Exception as exc:   # NVML hiccups must not end the experiment
+    def device_row(self, line: str) -> Optional[dict]:
+        kind, _, rest = line.rstrip("\n").partition(" ")
+        if kind == "d":
+            t, used, total = rest.split()
+            self.device.append((float(t), int(used) / MIB))
+            return {"kind": "device", "t": float(t), "used_mib": int(used) / MIB, "total_mib": int(total) / MIB}
+        if kind == "e":
+            t, _, error = rest.partition(" ")
             self.count_error("nvml")
-            rows = [{"kind": "error", "t": now, "source": "nvml", "error": repr(exc)}]
-        while self.handed_over:
-            rows += self.handed_over.popleft()
-        self._write(rows)
+            return {"kind": "error", "t": float(t), "source": "nvml", "error": error}
+        if kind == "m":
+            self.missed_ticks = int(rest)
+        return None
+
+    def run(self) -> None:
+        self.slow_thread.start()
+        last_flush = time.time()
+        for line in self.child.stdout:   # until the device process ends
+            rows = []
+            try:
+                row = self.device_row(line)
+                rows = [row] if row else []
+            except ValueError:
+                self.count_error("sampler")
+            while self.handed_over:
+                rows += self.handed_over.popleft()
+            if rows:
+                self._write(rows)
+            if time.time() - last_flush >= 1.0:
+                self._flush()
+                last_flush = time.time()
+        if not self.halt.is_set():   # it died on its own: the series ends here, and the summary says so
+            self.count_error("device sampler exited")
+        self.halt.set()
+        self.slow_thread.join(timeout=5)
+        rows = [row for batch in list(self.handed_over) for row in batch]
+        self.handed_over.clear()
+        if rows:
+            self._write(rows)
+        self._flush()
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.child is not None:
+            with contextlib.suppress(OSError):
+                self.child.stdin.close()   # the device process stops at EOF
+            try:
+                self.child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+        if self.is_alive():
+            self.join(timeout=10)
 
     def slow_rows(self, now: float) -> list[dict]:
         rows = []
@@ -2114,36 +2211,6 @@ class Sampler(threading.Thread):
                     self.count_error("sampler")
                 if self.halt.wait(self.slow_interval):
                     break
-
-    def run(self) -> None:
-        self.slow_thread.start()
-        start, tick = time.time(), 0
-        while True:
-            try:
-                self.sample_once(tick)
-                if tick % self.flush_ticks == 0:
-                    self._flush()
-            except Exception:   # whatever it was, the next tick still comes
-                self.count_error("sampler")
-            due = tick + 1
-            tick = max(due, math.ceil((time.time() - start) / self.interval))   # past ticks are skipped
-            self.missed_ticks += tick - due
-            if self.halt.wait(max(0.0, start + tick * self.interval - time.time())):
-                break
-        self.slow_thread.join(timeout=5)
-        rows = [row for batch in list(self.handed_over) for row in batch]
-        self.handed_over.clear()
-        if rows:
-            self._write(rows)
-        self._flush()
-        with contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-        self.file = None
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(timeout=10)
 
 
 class MemoryWatch:

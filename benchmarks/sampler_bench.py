@@ -7,10 +7,11 @@ Starts one server of the chosen arm with the harness's own code, waits until it 
 run_experiments.Sampler alone for --seconds at the harness's default rates (20 Hz device memory,
 2 Hz per-process memory, kvcached segment and /metrics) and prints the achieved device rate, the
 ticks it skipped, its errors, and the CPU time of this process (the sampler's two threads; the main
-thread only sleeps) as a share of one core. Flags after `--` are the harness's own flags.
+thread only sleeps) and of the device-reading process as a share of one core. Flags after `--` are the harness's own flags.
 """
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -20,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import run_experiments as rx  # noqa: E402
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def parse_args(argv):
@@ -56,11 +62,12 @@ def main(argv=None) -> int:
             server = pool.running[spec.key]
             sampler = rx.Sampler(nvml, cfg.gpu_index, [server], Path(tmp) / "memory.jsonl",
                                  cfg.sample_hz, cfg.process_sample_hz)
-            cpu0, wall0 = time.process_time(), time.time()
+            cpu0, child0, wall0 = time.process_time(), children_cpu_s(), time.time()
             sampler.start()
             time.sleep(args.seconds)
-            sampler.stop()
+            sampler.stop()   # waits for the device process: its CPU time is counted from here
             cpu, wall = time.process_time() - cpu0, time.time() - wall0
+            child = children_cpu_s() - child0
             times = [t for t, _ in sampler.device]
             achieved = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
             rows = rx.read_jsonl(Path(tmp) / "memory.jsonl")
@@ -73,7 +80,8 @@ def main(argv=None) -> int:
     print(f"  device samples: {achieved:.2f} Hz achieved at a {cfg.sample_hz:g} Hz setting, "
           f"{sampler.missed_ticks} ticks skipped")
     print(f"  rows written: {kinds}; errors: {sampler.errors} {sampler.error_kinds or ''}")
-    print(f"  CPU: {cpu:.2f} s in {wall:.1f} s = {100 * cpu / wall:.2f}% of one core")
+    print(f"  CPU: {cpu:.2f} s in this process (the file writer and the slow thread) + {child:.2f} s in the "
+          f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core")
     return 0
 
 

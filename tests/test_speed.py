@@ -1,6 +1,7 @@
 """Answer sooner: lanes across cards (--gpus), kvcached pairs started together, a drift-free sampler,
 the server's latency clock beside the client's, and where a run's time went."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -124,23 +125,43 @@ def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
 
 # --- the sampler ---------------------------------------------------------------------------------
 def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_STALL", "6:0.2")   # the device process's 6th read takes ten intervals
     nvml = rx.load_nvml(fake_gpu)
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
-    real, stalled = sampler.sample_once, []
-
-    def sample_once(tick):
-        real(tick)
-        if tick == 5 and not stalled:
-            stalled.append(tick)
-            time.sleep(0.2)   # ten intervals
-    monkeypatch.setattr(sampler, "sample_once", sample_once)
     sampler.start()
-    time.sleep(0.6)
+    time.sleep(0.8)
     sampler.stop()
     times = [t for t, _ in sampler.device]
-    assert 8 <= sampler.missed_ticks <= 11
-    after = [b - a for a, b in zip(times[6:], times[7:])]
-    assert min(after) > 0.01, "no catch-up burst after the stall"
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    stall = gaps.index(max(gaps))
+    assert 0.19 < gaps[stall] < 0.3 and 8 <= sampler.missed_ticks <= 11
+    assert min(gaps[stall + 1:]) > 0.01, "no catch-up burst after the stall"
+
+
+def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
+    """The interpreter lock of this process (hundreds of request threads in a burst) cannot delay it."""
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+    sampler.start()
+    try:
+        assert sampler.child.pid != os.getpid() and sampler.child.poll() is None
+        busy_until = time.time() + 0.5
+        while time.time() < busy_until:   # hold the interpreter: no sleep, no I/O
+            sum(range(1000))
+        time.sleep(0.2)
+    finally:
+        sampler.stop()
+    times = [t for t, _ in sampler.device]
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.1
+    assert sampler.child.poll() is not None, "the device process ends with the sampler"
+
+
+def test_a_sampler_that_cannot_read_the_card_says_why(fake_gpu, tmp_path, monkeypatch):
+    nvml = rx.load_nvml(fake_gpu)
+    monkeypatch.setenv("FAKE_NVML_FAIL", "1")   # from here on nvmlInit fails: the device process's does
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+    with pytest.raises(RuntimeError, match="did not start.*Driver Not Loaded"):
+        sampler.start(first_sample_timeout_s=5)
 
 
 def test_buffered_rows_reach_the_file_within_about_a_second(fake_gpu, tmp_path):

@@ -11,12 +11,14 @@ Env: FAKE_GPU_DIR, FAKE_GPU_COUNT (1), FAKE_GPU_TOTAL_MIB (16384), FAKE_GPU_TOTA
 FAKE_GPU_BASELINE_MIB (400, on every card), FAKE_GPU_NAME, FAKE_GPU_NAMES (comma list,
 like FAKE_GPU_TOTAL_MIBS), FAKE_NVML_FAIL=1 (nvmlInit raises), FAKE_NVML_FLAKY=1
 (every 5th nvmlDeviceGetMemoryInfo call raises, whatever the card), FAKE_NVML_PID_OFFSET=N
-(process pids reported shifted by N, as host pids seen from inside a container).
+(process pids reported shifted by N, as host pids seen from inside a container), FAKE_NVML_STALL=N:S (the Nth
+nvmlDeviceGetMemoryInfo call of a process takes S seconds, as a stalled driver call would).
 """
 import glob
 import json
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 MIB = 1024 * 1024
@@ -199,6 +201,9 @@ def nvmlDeviceGetMemoryInfo(handle, version=None):
         n = _meminfo_calls
     if os.environ.get("FAKE_NVML_FLAKY") == "1" and n % 5 == 0:
         raise NVMLError(NVML_ERROR_UNKNOWN)
+    stall = os.environ.get("FAKE_NVML_STALL", "")   # "N:S": the Nth call (in this process) takes S seconds
+    if stall and n == int(stall.split(":")[0]):
+        time.sleep(float(stall.split(":")[1]))
     total = total_bytes(handle.index)
     used = min(used_bytes(handle.index), total)
     return SimpleNamespace(total=total, used=used, free=total - used, reserved=0)

@@ -14,9 +14,9 @@ timed() { local name=$1; shift; local t0; t0=$(date +%s.%N)
   "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
   say "$name: rc $rc in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"; }
 say "GPUs: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tr '\n' ';')"
-( timed one_lane python3 run_experiments.py "${MODELS[@]}" --gpu-index 0 --experiments 1,2 --tag one_lane ) &
+( timed one_lane python3 run_experiments.py "${MODELS[@]}" --gpu-index 0 --experiments 1 --tag one_lane ) &
 ( timed two_lanes python3 run_experiments.py "${MODELS[@]}" --gpus 1,2 --port-a 8201 --port-b 8202 \
-    --experiments 1,2,3 --tag two_lanes ) &
+    --experiments 1,3 --tag two_lanes ) &
 ( timed sampler_bench python3 benchmarks/sampler_bench.py --seconds 30 -- --model-a "$A" --load-format dummy \
     --gpu-index 3 --port-a 8501 --port-b 8502 ) &
 wait

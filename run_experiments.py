@@ -2831,7 +2831,7 @@ def histogram_mean(before: dict, after: dict, name: str) -> tuple[Optional[float
 
 def mean(values: Iterable[Optional[float]]) -> Optional[float]:
     data = [v for v in values if v is not None]
-    return sum(data) / len(data) if data else None
+    return math.fsum(data) / len(data) if data else None   # exact sum: the same figure on every Python
 
 
 def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
@@ -3363,8 +3363,8 @@ def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
     entries = [v for s in summaries.values() for v in s.servers.values()]
     paid = [v.startup_s for v in entries if not v.reused and v.startup_s is not None]
     saved = [v.startup_s for v in entries if v.reused and v.startup_s is not None]
-    return {"started": len(paid), "reused": len(saved), "startup_s_total": sum(paid),
-            "startup_s_saved": sum(saved)}
+    return {"started": len(paid), "reused": len(saved), "startup_s_total": math.fsum(paid),
+            "startup_s_saved": math.fsum(saved)}
 
 
 def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> dict:

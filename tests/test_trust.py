@@ -84,11 +84,12 @@ def sigkill_scenario_job(base):
         try:
             bursting = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
             ours = descendants(harness.pid)
+            samplers = [p for p in ours if "nvmlDeviceGetMemoryInfo" in Path(f"/proc/{p}/cmdline").read_text()]
             ports = [int(args[args.index(flag) + 1]) for flag in ("--port-a", "--port-b")]
             harness.kill()
             harness.wait()
             gone = wait_for(lambda: not any(alive(p) for p in ours), timeout=10)
-            return {"bursting": bursting, "ours": ours, "gone": gone, "left": [p for p in ours if alive(p)],
+            return {"bursting": bursting, "ours": ours, "gone": gone, "samplers": samplers, "left": [p for p in ours if alive(p)],
                     "ports_free": [port_free(p) for p in ports],
                     "engines_alive": [int(p.stem) for p in (base / "gpu").glob("*.json")
                                       if p.stem.isdigit() and alive(int(p.stem))]}
@@ -107,7 +108,8 @@ def sigkill_scenario(background_runs):
 def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(sigkill_scenario):
     run = sigkill_scenario
     assert run["bursting"], "bursting"
-    assert len(run["ours"]) >= 6, "two keepers, two API servers, two engines"
+    assert len(run["ours"]) >= 7, "two keepers, two API servers, two engines, the device sampler"
+    assert len(run["samplers"]) == 1, "the device-memory process is among them, and goes too"
     assert run["gone"], run["left"]
     assert all(run["ports_free"])
     assert not run["engines_alive"]

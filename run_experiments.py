@@ -144,6 +144,9 @@ class Config:
     prompt_tokens: int = -1             # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
     temperature: float = 0.7            # sampling temperature of every request (the seed's value)
     ignore_eos: bool = False            # vLLM's ignore_eos: every response is exactly max_tokens long
+    output_tokens_dist: str = "fixed"   # output lengths: fixed (max_tokens), uniform:LO-HI or lognormal:MEAN,SIGMA
+    slo_ttft_ms: float = 0.0            # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
+    slo_tpot_ms: float = 0.0            # goodput: ... and time per output token at most this (0 = none)
     burst_kv_fraction: float = 0.05     # auto preset: one burst's KV demand as a fraction of free VRAM
     max_burst_size: int = 256           # auto preset: cap on concurrent requests
     seed: int = 0                       # RNG seed of the workload plan
@@ -870,6 +873,11 @@ def validate_config(cfg: Config) -> Config:
              f"{path!r} looks like a local folder but there is no such folder "
              f"(a Hugging Face id looks like 'org/name')")
     parse_env_pairs(cfg.kvcached_env)
+    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    need(lengths.hi + 64 < cfg.max_model_len, "output_tokens_dist",
+         f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt")
+    for name in ("slo_ttft_ms", "slo_tpot_ms"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = no such objective)")
     if cfg.pair_utilization_b == 0:
         need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
              "leaves no room for model B in shared_static; set --pair-utilization-b")
@@ -880,6 +888,10 @@ def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
+    if cfg.output_tokens_dist != "fixed" and not cfg.ignore_eos:
+        say(f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
+            f"response is exactly as long as planned")
+        cfg = dataclasses.replace(cfg, ignore_eos=True)
     if cfg.load_format == "dummy" and not cfg.ignore_eos:
         say("note: --load-format dummy gives random weights whose output can end at any token; "
             "turning on --ignore-eos so every response has exactly max_tokens tokens")
@@ -1052,16 +1064,58 @@ def size_burst(kv_per_token: Optional[int], free_bytes: Optional[int], prompt_to
     return size, why
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputLengths:
+    """How many tokens each request asks for: 'fixed' (all max_tokens), 'uniform' between lo and hi,
+    or 'lognormal' with the given mean and sigma (of the log), cut to [1, hi]. Requests that end at
+    different times are where kvcached's freed pages can leave fragments behind."""
+    kind: str
+    lo: float = 0
+    hi: float = 0
+    mean: float = 0
+    sigma: float = 0
+
+    def draw(self, rng: random.Random, max_tokens: int) -> int:
+        if self.kind == "uniform":
+            return rng.randint(int(self.lo), int(self.hi))
+        if self.kind == "lognormal":
+            mu = math.log(self.mean) - self.sigma ** 2 / 2   # so that the lengths average `mean`
+            return max(1, min(max_tokens, round(rng.lognormvariate(mu, self.sigma))))
+        return max_tokens
+
+
+def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
+    """'fixed', 'uniform:LO-HI' or 'lognormal:MEAN,SIGMA' (raises ConfigError naming the flag)."""
+    kind, _, args = spec.partition(":")
+    try:
+        if kind == "fixed" and not args:
+            return OutputLengths("fixed")
+        if kind == "uniform":
+            lo, hi = (int(v) for v in args.split("-"))
+            if 1 <= lo <= hi:
+                return OutputLengths("uniform", lo=lo, hi=hi)
+        if kind == "lognormal":
+            mean, sigma = (float(v) for v in args.split(","))
+            if mean >= 1 and 0 < sigma <= 3 and math.isfinite(mean) and math.isfinite(sigma):
+                return OutputLengths("lognormal", mean=mean, sigma=sigma)
+    except ValueError:
+        pass
+    raise ConfigError(f"--output-tokens-dist: {spec!r} is not one of fixed, uniform:LO-HI (1 <= LO <= HI) "
+                      f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)")
+
+
 def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[int] = None,
                   max_tokens: Optional[int] = None, prompt_tokens: Optional[int] = None) -> WorkloadPlan:
     rng = random.Random(cfg.seed)
+    lengths_rng = random.Random(f"{cfg.seed}-output-lengths")   # prompts stay those of a fixed-length plan
     bursts = bursts or cfg.bursts
-    max_tokens = max_tokens or cfg.max_tokens
+    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    max_tokens = max(max_tokens or cfg.max_tokens, int(lengths.hi))
     prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens,
                         cfg.max_model_len - max_tokens - 64)
     requests_ = tuple(
         PlannedRequest(burst=b, index=i, prompt=make_prompt(rng, b * burst_size + i, prompt_tokens),
-                       max_tokens=max_tokens, temperature=cfg.temperature)
+                       max_tokens=lengths.draw(lengths_rng, max_tokens), temperature=cfg.temperature)
         for b in range(bursts) for i in range(burst_size))
     return WorkloadPlan(bursts=bursts, burst_size=burst_size, gap_s=cfg.gap_s,
                         max_tokens=max_tokens, prompt_tokens=prompt_tokens,
@@ -2472,6 +2526,24 @@ def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(to_json(obj), indent=2))
 
 
+CSV_COLUMNS = ("experiment", "server", "phase", "repeat", "burst", "index", "t_send", "ok", "status", "error",
+               "ttft_s", "tpot_s", "e2e_s", "prompt_tokens", "completion_tokens", "finish_reason",
+               "itl_p50_s", "itl_max_s")
+
+
+def write_requests_csv(path: Path, rows: list[dict]) -> None:
+    """requests.jsonl as one spreadsheet row per request (the token gaps summarised)."""
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        gaps = row.get("itl_s") or []
+        writer.writerow({**row, "itl_p50_s": percentile(gaps, 50), "itl_max_s": max(gaps, default=None)})
+    write_text_atomic(path, out.getvalue())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file, or of its gzipped copy (committed reference runs are compressed)."""
     if not path.exists():
@@ -2552,13 +2624,40 @@ class LatencySummary:
     prompt_tokens_mean: Optional[float]
     output_tokens_per_s: Optional[float]
     ttft_note: Optional[str] = omitted_if_none()   # why there is no TTFT (the server did not stream)
+    itl_s: Optional[Distribution] = omitted_if_none()   # every gap between content chunks, pooled
+    goodput: Optional["Goodput"] = omitted_if_none()   # with --slo-ttft-ms / --slo-tpot-ms
 
     def quantile(self, metric: str, q: str) -> Optional[float]:
         return getattr(getattr(self, metric), q)
 
 
-def latency_summary(records: list[dict]) -> LatencySummary:
-    """TTFT / TPOT / E2E percentiles, throughput and errors from requests.jsonl rows."""
+@dataclasses.dataclass
+class Goodput:
+    """Requests that completed within the service-level objectives; failed ones count as missing them."""
+    slo_ttft_ms: Optional[float]
+    slo_tpot_ms: Optional[float]
+    met: int
+    of: int
+    share: Optional[float]
+
+
+def goodput(records: list[dict], slo_ttft_ms: float, slo_tpot_ms: float) -> Optional[Goodput]:
+    if not (slo_ttft_ms or slo_tpot_ms):
+        return None
+    def meets(r: dict) -> bool:
+        if not r.get("ok"):
+            return False
+        if slo_ttft_ms and (r.get("ttft_s") is None or r["ttft_s"] * 1000 > slo_ttft_ms):
+            return False
+        return not (slo_tpot_ms and r.get("tpot_s") is not None and r["tpot_s"] * 1000 > slo_tpot_ms)
+    met = sum(meets(r) for r in records)
+    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records),
+                   met / len(records) if records else None)
+
+
+def latency_summary(records: list[dict], slo: tuple[float, float] = (0.0, 0.0)) -> LatencySummary:
+    """TTFT / TPOT / ITL / E2E percentiles, throughput, errors and goodput (slo = TTFT ms, TPOT ms)
+    from requests.jsonl rows."""
     ok = [r for r in records if r.get("ok")]
     failed = [r for r in records if not r.get("ok")]
     tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ok
@@ -2578,9 +2677,13 @@ def latency_summary(records: list[dict]) -> LatencySummary:
         ttft_s=Distribution.of(r.get("ttft_s") for r in ok), tpot_s=Distribution.of(tpot),
         e2e_s=Distribution.of(r.get("e2e_s") for r in ok), output_tokens=out_tokens,
         prompt_tokens_mean=(sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
-        output_tokens_per_s=(out_tokens / span) if span else None)
+        output_tokens_per_s=(out_tokens / span) if span else None, goodput=goodput(records, *slo))
+    gaps = [gap for r in ok for gap in r.get("itl_s") or []]
+    if gaps:
+        summary.itl_s = Distribution.of(gaps)
     if not_streamed(ok):   # the whole answer came in one read: a "TTFT" would be the E2E time
         summary.ttft_s = summary.tpot_s = Distribution.of([])
+        summary.itl_s = None
         summary.ttft_note = ("the server did not stream (each response arrived in one piece): "
                              "time to first token and per-token time cannot be measured")
     return summary
@@ -2881,10 +2984,11 @@ class ExperimentSummary:
     gpu_index: Optional[int] = omitted_if_none()
 
 
-def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> ExperimentSummary:
+def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
+                         slo: tuple[float, float] = (0.0, 0.0)) -> ExperimentSummary:
     record, rows, records = loaded.record, loaded.memory, loaded.requests
     device = loaded.device
-    latency = latency_summary(records)
+    latency = latency_summary(records, slo)
     invalid = memory_problems(record, device, latency)
     problems = list(loaded.problems)
     if any(r.get("unattributed") for r in rows if r.get("kind") == "process"):
@@ -2912,7 +3016,7 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> Experime
         entry = ServerSummary(label=server["label"], model=server["spec"]["model"], startup_s=server["startup_s"],
                               reused=server["label"] in record.reused,
                               memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
-                              latency=latency_summary([r for r in records if r["server"] == slot]))
+                              latency=latency_summary([r for r in records if r["server"] == slot], slo))
         kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == slot]
         if kv:
             entry.kvcached = KvcachedView(kv[-1]["total_bytes"] / MIB, max(r["used_bytes"] for r in kv) / MIB,
@@ -2924,7 +3028,7 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float) -> Experime
             entry.vllm = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
         summary.servers[slot] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
-        summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase])
+        summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase], slo)
     repeats = sorted({r["repeat"] for r in records})
     if len(repeats) > 1:
         summary.phase_repeats = {phase: [latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
@@ -3230,6 +3334,20 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
             f"{fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1)} | "
             f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)} | {fmt(lat.output_tokens_per_s)} | "
             f"{lat.failed}/{lat.requests} | {startups} |")
+    per_token = {n: s.latency for n, s in summaries.items() if s.latency.itl_s or s.latency.goodput}
+    if per_token:
+        slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
+        slo_text = slos and " and ".join(f"{name} <= {value:g} ms" for name, value in
+                                         (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms)) if value)
+        lines += ["", "Per output token (ms)" + (f"; goodput = requests completed with {slo_text}" if slos else "") + ":",
+                  "", "| experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99 |" + (" goodput |" if slos else ""),
+                  "|---|---|---|" + ("---|" if slos else "")]
+        ms3 = lambda d: " / ".join(fmt(v and v * 1000, 1) for v in (d.p50, d.p90, d.p99)) if d else "n/a"
+        for name, lat in per_token.items():
+            good = lat.goodput
+            lines.append(f"| {name} | {ms3(lat.tpot_s)} | {ms3(lat.itl_s)} |" + (
+                f" {fmt(good and good.share and 100 * good.share, 1)}% ({good.met}/{good.of}) |" if good else
+                (" n/a |" if slos else "")))
     notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.problems]
     notes += [f"- {name}: {s.latency.ttft_note}" for name, s in summaries.items() if s.latency.ttft_note]
     notes += [f"- {name}: {s.sampler_errors} sampling errors ({s.sampler_error_kinds or 'see memory.jsonl'})"
@@ -3398,6 +3516,7 @@ def build_report(run_dir: Path) -> dict:
         raise ReportError(f"{run_dir} is not a run folder: no config.json and no experiment folders in it")
     config = config if isinstance(config, dict) else {}
     tolerance = dig(config, "config", "release_tolerance") or 0.05
+    slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
     loaded: dict[str, LoadedExperiment] = {}
     summaries: dict[str, ExperimentSummary] = {}
     failed: dict[str, str] = {}
@@ -3409,7 +3528,9 @@ def build_report(run_dir: Path) -> dict:
             continue
         exp = load_experiment(exp_dir)
         loaded[exp.record.name] = exp
-        summaries[exp.record.name] = summarize_experiment(exp, tolerance)
+        summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo)
+        if (exp_dir / "requests.jsonl").exists():   # compressed archives of committed runs get none
+            write_requests_csv(exp_dir / "requests.csv", exp.requests)
         write_json(exp_dir / "summary.json", summaries[exp.record.name])
     comparison = compare(summaries)
     plots = make_plots(run_dir, loaded, summaries)
@@ -3773,14 +3894,16 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
     if cfg.burst_size:
         size, sizing = cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
     else:
+        longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
         size, sizing = size_burst(kv_a, int(gpu["free_mib_at_start"] * MIB), cfg.prompt_tokens,
-                                  cfg.max_tokens, cfg.burst_kv_fraction, cfg.max_burst_size)
+                                  longest, cfg.burst_kv_fraction, cfg.max_burst_size)
     plans = {"main": plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
     for key, kv in (("A", kv_a), ("B", kv_b)):
         plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
     say(f"workload: {plans['main'].bursts} bursts x {size} concurrent requests, "
-        f"~{plans['main'].prompt_tokens} prompt + {cfg.max_tokens} output tokens, {cfg.gap_s:g} s gaps")
+        f"~{plans['main'].prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
+        f"output tokens, {cfg.gap_s:g} s gaps")
     say(f"  why: {sizing}")
     if kv_b:
         say(f"  model B needs {kv_b / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "

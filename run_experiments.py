@@ -132,6 +132,7 @@ class Config:
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
     pair_utilization_b: float = 0.0     # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
     kvcached_env: str = ""              # extra KEY=VALUE pairs for the kvcached arm, comma separated
+    sleep_level: int = 1                # sleep arm: 1 keeps the weights in host memory, 2 drops them (real weights only)
     gpu_index: int = 0                  # NVML index of the card the servers use
     gpus: str = ""                      # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
     allow_mixed_gpus: bool = False      # let --gpus mix card models or sizes (recorded; figures differ by card)
@@ -217,6 +218,12 @@ def static_server(cfg: "Config", slot: str, utilization: float, kv_bytes: Option
                       gpu_memory_utilization=utilization, kv_cache_memory_bytes=kv_bytes)
 
 
+def sleeping_server(cfg: "Config", slot: str, utilization: float) -> "ServerSpec":
+    """A static pool that sleeps between bursts and is woken when the next one arrives."""
+    return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=False,
+                      gpu_memory_utilization=utilization, sleep_mode=True)
+
+
 # vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the
 # KV pool (default U = 0.92 would refuse the second server of a pair); U then only gates start-up.
 KV_BYTES_START_GATE = 0.2
@@ -244,6 +251,7 @@ GROUPS = {
     "overload": Group("overload", pair=True, ratios_by="phase", plot="overload_memory.png"),
 }
 COMPARED_ARMS = ("kvcached", "static")   # elastic first: ratios are kvcached / static
+OTHER_ARMS = ("sleep",)                  # compared with both where present
 
 EXPERIMENTS = [
     Experiment(1, "kvcached", "single", "kvcached",
@@ -270,6 +278,10 @@ EXPERIMENTS = [
                lambda cfg, budget: (static_server(cfg, "A", KV_BYTES_START_GATE, budget // 2),
                                     static_server(cfg, "B", KV_BYTES_START_GATE, budget // 2)), overload_swap,
                ("overload_A", "overload_B")),
+    Experiment(6, "sleep", "single", "sleep",
+               "The static pool with vLLM's sleep mode: put to sleep after each burst and woken when the next "
+               "one arrives, as a router would (the wake-up is part of the first requests' latency).",
+               lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),), single_bursts, ("main",)),
 ]
 SEED_EXPERIMENTS = (1, 2, 3)            # the tutorial's three: --experiments seed
 
@@ -361,8 +373,14 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                 outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
                                              cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
                 say(f"  after warm-up memory {outcome}")
+        sleepers = [s for s in servers if s.spec.sleep_mode]
+        for server in sleepers:   # the sleep arm idles asleep: that is its idle level
+            record.sleep_level = cfg.sleep_level
+            took = sleep_call(server, f"/sleep?level={cfg.sleep_level}", cfg.api_key)
+            say(f"  {server.spec.label} put to sleep (level {cfg.sleep_level}) in {took:.2f} s")
         # with nothing sent since the idle window after load, that window is the idle level too
-        marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed else marks.idle_after_load
+        marks.idle_before = (sleep_idle_window(cfg.idle_window_s) if warmed or sleepers
+                             else marks.idle_after_load)
         idle = window_median(list(sampler.device), *marks.idle_before)
         workload_start = time.time()
         for repeat in range(cfg.repeats):
@@ -371,15 +389,21 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                 burst = BurstMark(step.phase, step.server, repeat, time.time())
                 marks.bursts.append(burst)
                 before = server_latency_snapshot(server)
-                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink)
+                gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
+                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink, gate)
                 burst.end = time.time()
                 burst.server_before = before
                 burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
+                if gate is not None:
+                    burst.wake_s = gate.wake_s
+                    burst.sleep_s = sleep_call(server, f"/sleep?level={cfg.sleep_level}", cfg.api_key)
+                    say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {burst.sleep_s:.2f} s")
                 save()
                 last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
                 if not last:
                     pause(plans[step.plan].gap_s)
-        marks.workload = (workload_start, time.time())
+        # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
+        marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
         outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
         say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
         record.finished = True
@@ -670,6 +694,8 @@ class BurstMark:
     # the server's latency histograms (sums and counts, /metrics) right before and after the burst
     server_before: Optional[dict] = None
     server_after: Optional[dict] = None
+    wake_s: Optional[float] = None      # sleep arm: the wake-up its first request paid for
+    sleep_s: Optional[float] = None     # sleep arm: putting the server back to sleep after it
 
 
 @dataclasses.dataclass
@@ -688,6 +714,7 @@ class ExperimentRecord:
     sampler_error_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
     kv_limits: dict[str, int] = dataclasses.field(default_factory=dict)
     gpu_index: Optional[int] = None     # the card it ran on (NVML index)
+    sleep_level: Optional[int] = None   # sleep arm: the level its server slept at between bursts
     sampler_missed_ticks: int = 0       # device samples skipped because the sampler was late
 
     def to_json(self) -> dict:
@@ -723,7 +750,8 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
 
 
 def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan", server: "RunningServer",
-             repeat: int, say: Callable[[str], None], sink: Callable[["RequestRecord"], None]) -> list["RequestRecord"]:
+             repeat: int, say: Callable[[str], None], sink: Callable[["RequestRecord"], None],
+             gate: Optional[Callable[[], None]] = None) -> list["RequestRecord"]:
     """One burst against a server that must still be alive before and after it."""
     code = server.exit_code()
     if code is not None:
@@ -732,7 +760,7 @@ def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan
     reqs = plan.burst(step.burst)
     make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
     started = time.time()
-    records = run_burst(server, reqs, make, cfg, say=say, sink=sink)
+    records = run_burst(server, reqs, make, cfg, say=say, sink=sink, gate=gate)
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
     say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
@@ -772,6 +800,43 @@ def apply_pair_budget(budget: int, by_slot: dict[str, "RunningServer"], restore:
             f"(was {segments[slot]['total_bytes'] / GIB:.1f} GiB)")
     return limits
 
+
+
+def sleep_call(server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0) -> float:
+    """POST /sleep?level=N or /wake_up; seconds it took (raises ServerError if the server refused)."""
+    import requests
+    start = time.perf_counter()
+    try:
+        response = requests.post(server.url + path, headers=auth_headers(api_key), timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise ServerError(f"{path} on {server.spec.label} failed: {exc}") from exc
+    if response.status_code != 200:
+        raise ServerError(f"{path} on {server.spec.label} answered HTTP {response.status_code}: "
+                          f"{response.text[:200]} (vLLM serves it with --enable-sleep-mode and "
+                          f"VLLM_SERVER_DEV_MODE=1)")
+    return time.perf_counter() - start
+
+
+class WakeGate:
+    """What a router does for a sleeping server: the first request of a burst wakes it, the others
+    wait for that; all of them count the wake-up in their latency."""
+
+    def __init__(self, server: "RunningServer", api_key: str):
+        self.server, self.api_key = server, api_key
+        self.lock, self.woken = threading.Lock(), threading.Event()
+        self.wake_s: Optional[float] = None
+        self.error: Optional[str] = None
+
+    def __call__(self) -> None:
+        with self.lock:
+            if not self.woken.is_set():
+                try:
+                    self.wake_s = sleep_call(self.server, "/wake_up", self.api_key)
+                except ServerError as exc:
+                    self.error = str(exc)
+                self.woken.set()
+        if self.error:
+            raise ServerError(self.error)
 
 
 # %% Configuration machinery: flags from the Config fields, checks before anything launches
@@ -839,6 +904,7 @@ def validate_config(cfg: Config) -> Config:
     need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
     need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
     need(cfg.repeats >= 1, "repeats", "must be >= 1")
+    need(cfg.sleep_level in (1, 2), "sleep_level", f"must be 1 or 2 (vLLM's sleep levels), got {cfg.sleep_level}")
     need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
     need(re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus, "gpus",
          f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}")
@@ -892,6 +958,9 @@ def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
         say(f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
             f"response is exactly as long as planned")
         cfg = dataclasses.replace(cfg, ignore_eos=True)
+    if cfg.sleep_level == 2 and any(e.arm == "sleep" for e in parse_experiments(cfg.experiments)):
+        say("warning: --sleep-level 2 discards the weights while asleep; vLLM reloads them from their files "
+            "on wake-up, which --load-format dummy cannot (its answers are then noise)")
     if cfg.load_format == "dummy" and not cfg.ignore_eos:
         say("note: --load-format dummy gives random weights whose output can end at any token; "
             "turning on --ignore-eos so every response has exactly max_tokens tokens")
@@ -1207,6 +1276,7 @@ class ServerSpec:
     kvcached: bool
     gpu_memory_utilization: Optional[float] = None
     kv_cache_memory_bytes: Optional[int] = None
+    sleep_mode: bool = False            # vLLM's sleep mode: /sleep and /wake_up free and refill the card
 
     @property
     def key(self) -> tuple:
@@ -1218,7 +1288,7 @@ class ServerSpec:
             return f"{self.name} kvcached"
         if self.kv_cache_memory_bytes:
             return f"{self.name} static {self.kv_cache_memory_bytes / GIB:g} GiB KV"
-        return f"{self.name} static {self.gpu_memory_utilization:g}"
+        return f"{self.name} static {self.gpu_memory_utilization:g}{' + sleep mode' if self.sleep_mode else ''}"
 
     @property
     def ipc_name(self) -> str:
@@ -1254,6 +1324,8 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
         cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.kv_cache_memory_bytes is not None:
         cmd += ["--kv-cache-memory-bytes", str(spec.kv_cache_memory_bytes)]
+    if spec.sleep_mode:
+        cmd += ["--enable-sleep-mode"]
     return cmd + shlex.split(cfg.extra_server_args)
 
 
@@ -1270,6 +1342,8 @@ def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
     else:
         env.update(ENABLE_KVCACHED="false", KVCACHED_AUTOPATCH="0")
         env.pop("KVCACHED_IPC_NAME", None)
+    if spec.sleep_mode:   # vLLM 0.24 serves /sleep and /wake_up only in its development mode
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key
     else:   # a key in the caller's shell would make the server refuse our keyless requests
@@ -2394,9 +2468,10 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
 
 def send_chat(base_url: str, model: str, request: PlannedRequest, record: RequestRecord,
               api_key: str = "", timeout_s: float = 300.0, ignore_eos: bool = False,
-              session: Any = None) -> RequestRecord:
+              session: Any = None, gate: Optional[Callable[[], None]] = None) -> RequestRecord:
     """Stream one chat completion; every outcome, failures included, ends up in `record`.
-    timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles."""
+    timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles.
+    `gate` runs after the clock starts and before sending (a router waking a sleeping server)."""
     import requests
     body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens, "temperature": request.temperature,
@@ -2409,6 +2484,8 @@ def send_chat(base_url: str, model: str, request: PlannedRequest, record: Reques
     record.t_send = time.time()
     timer = None
     try:
+        if gate is not None:
+            gate()
         with http.post(f"{base_url}/v1/chat/completions", json=body, headers=auth_headers(api_key),
                        stream=True, timeout=(10, timeout_s)) as response:
             timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
@@ -2448,7 +2525,8 @@ BURST_DEADLINE_SLACK_S = 30.0   # past every request's own deadline: connect tim
 
 def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
               cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0,
-              sink: Optional[Callable[[RequestRecord], None]] = None) -> list[RequestRecord]:
+              sink: Optional[Callable[[RequestRecord], None]] = None,
+              gate: Optional[Callable[[], None]] = None) -> list[RequestRecord]:
     """All requests of one burst at once; returns when the last one has finished, or at the burst's
     deadline, with whatever is still open recorded as failed."""
     import requests
@@ -2468,7 +2546,7 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
     deadline = started + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
         futures = [pool.submit(send_chat, server.url, server.spec.model, r, rec, cfg.api_key,
-                               cfg.request_timeout_s, cfg.ignore_eos, session)
+                               cfg.request_timeout_s, cfg.ignore_eos, session, gate)
                    for r, rec in zip(requests_, records)]
         for i, future in enumerate(futures):
             future.add_done_callback(lambda f, i=i: deliver(i, f.result()))
@@ -2982,6 +3060,15 @@ class ExperimentSummary:
     phase_repeats: Optional[dict[str, list[LatencySummary]]] = omitted_if_none()
     server_clock: Optional[ServerClock] = omitted_if_none()
     gpu_index: Optional[int] = omitted_if_none()
+    sleep: Optional["SleepSummary"] = omitted_if_none()
+
+
+@dataclasses.dataclass
+class SleepSummary:
+    """The sleep arm: how deep it slept between bursts and what waking and sleeping cost."""
+    level: int
+    wake_s: Distribution                # per burst: the wake-up its first requests waited for
+    sleep_s: Distribution               # per burst: putting it back to sleep
 
 
 def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
@@ -3011,6 +3098,9 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid, problems=invalid + problems, server_clock=server_clock(marks, records),
         gpu_index=record.gpu_index)
+    if record.sleep_level is not None:
+        summary.sleep = SleepSummary(record.sleep_level, Distribution.of(b.wake_s for b in marks.bursts),
+                                     Distribution.of(b.sleep_s for b in marks.bursts))
     for server in record.servers:
         slot = server["spec"]["name"]
         entry = ServerSummary(label=server["label"], model=server["spec"]["model"], startup_s=server["startup_s"],
@@ -3131,8 +3221,36 @@ def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparis
     return block
 
 
+@dataclasses.dataclass
+class SleepComparison:
+    """The sleep arm against kvcached and the static pool it is built on (None where one is absent).
+    Idle levels are those between bursts: after the warm-up, the sleep arm asleep."""
+    level: int
+    asleep_mib: Optional[float]
+    kvcached_idle_mib: Optional[float]
+    static_idle_mib: Optional[float]
+    wake_s_mean: Optional[float]
+    wake_s_max: Optional[float]
+    ttft_p50_vs_kvcached: Optional[float]   # sleep / kvcached
+    ttft_p50_vs_static: Optional[float]     # sleep / static
+    e2e_p50_vs_kvcached: Optional[float]
+    e2e_p50_vs_static: Optional[float]
+
+
+def compare_sleep(sleep: ExperimentSummary, ela: Optional[ExperimentSummary],
+                  sta: Optional[ExperimentSummary]) -> SleepComparison:
+    lat = lambda s, m: s.latency.quantile(m, "p50") if s else None
+    idle = lambda s: s.device.idle_before_workload_mib if s else None
+    return SleepComparison(
+        sleep.sleep.level if sleep.sleep else 0, idle(sleep), idle(ela), idle(sta),
+        sleep.sleep.wake_s.mean if sleep.sleep else None, sleep.sleep.wake_s.max if sleep.sleep else None,
+        ratio(lat(sleep, "ttft_s"), lat(ela, "ttft_s")), ratio(lat(sleep, "ttft_s"), lat(sta, "ttft_s")),
+        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")), ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")))
+
+
 def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
-    """Per group of the table with both arms present: kvcached vs static."""
+    """Per group of the table with both arms present: kvcached vs static; and any other arm (sleep)
+    against both, under '<group>_<arm>'."""
     out: dict[str, Any] = {}
     arms_of = group_arms(summaries)
     for name, group in GROUPS.items():
@@ -3140,11 +3258,15 @@ def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
         if all(arm in arms for arm in COMPARED_ARMS):
             ela, sta = (summaries[arms[arm]] for arm in COMPARED_ARMS)
             out[name] = compare_pair(ela, sta) if group.pair else compare_single(ela, sta)
+        for arm in OTHER_ARMS:
+            if arm in arms and not group.pair:
+                ela, sta = (summaries[arms[a]] if a in arms else None for a in COMPARED_ARMS)
+                out[f"{name}_{arm}"] = compare_sleep(summaries[arms[arm]], ela, sta)
     return out
 
 
 # %% Plots (matplotlib's object API: no pyplot state, no backend switch inside a notebook)
-COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62728"}
+COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62728", "sleep": "#2ca02c"}
 
 
 def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) -> Any:
@@ -3280,7 +3402,8 @@ def make_plots(run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: di
 
 
 def arm_rank(arm: str) -> int:
-    return COMPARED_ARMS.index(arm) if arm in COMPARED_ARMS else len(COMPARED_ARMS)
+    arms = COMPARED_ARMS + OTHER_ARMS
+    return arms.index(arm) if arm in arms else len(arms)
 
 
 # %% Report: summary.json, summary.md, plots, and the headline
@@ -3369,6 +3492,15 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
                 f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)} | {fmt(lat.e2e_s.p50, 2)} | "
                 f"{lat.failed}/{lat.requests} |")
     for name, block in comparison.items():
+        if isinstance(block, SleepComparison):
+            lines += ["", f"**vLLM sleep mode (level {block.level}):** asleep between bursts the card holds "
+                      f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
+                      f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
+                      f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
+                      f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
+                      f"{fmt(block.ttft_p50_vs_kvcached, 2)}, sleep/static {fmt(block.ttft_p50_vs_static, 2)}; "
+                      f"E2E p50 {fmt(block.e2e_p50_vs_kvcached, 2)} and {fmt(block.e2e_p50_vs_static, 2)}."]
+            continue
         if isinstance(block, SingleComparison):
             lines += ["", f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
                       f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
@@ -3388,7 +3520,7 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
     clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
     if clocks:
         lines += ["", "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
-                  "is vLLM's front end, HTTP and tokenization, plus the client):", "",
+                  "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):", "",
                   "| experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
                   "server queue / prefill / decode (ms) |", "|---|---|---|---|---|---|"]
         ms = lambda v: fmt(v and v * 1000, 1)

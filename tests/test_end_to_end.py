@@ -135,7 +135,7 @@ def test_last_stdout_line_is_the_headline_json(full_run):
     headline = json.loads(last)
     assert Path(headline["run_dir"]) == full_run["run_dir"]
     assert set(headline["experiments"]) == {"kvcached", "static", "shared_kvcached", "shared_static",
-                                            "overload_kvcached", "overload_static"}
+                                            "overload_kvcached", "overload_static", "sleep"}
     assert "Infinity" not in last and "NaN" not in last
 
 
@@ -179,7 +179,7 @@ def test_two_model_runs_attribute_memory_per_model(full_run):
     assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
     starts = full_run["summary"]["server_starts"]
     # 10 servers across the six experiments; A and B kvcached and A static are reused: 6 start-ups
-    assert (starts["started"], starts["reused"]) == (6, 4) and starts["startup_s_saved"] > 0
+    assert (starts["started"], starts["reused"]) == (7, 4) and starts["startup_s_saved"] > 0   # 7: the sleep arm's
     static_pair = full_run["summary"]["experiments"]["shared_static"]["servers"]
     assert static_pair["B"]["memory"]["idle_before_workload_mib"] == pytest.approx(0.35 * CARD_MIB + 300, rel=0.01)
 

@@ -167,6 +167,7 @@ def make_parser():
     p.add_argument("--api-key")
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--enable-sleep-mode", action="store_true")
     return p
 
 
@@ -245,6 +246,7 @@ class Engine:
         self.ready = False                # before: weights only; after: KV pool too
         self.reserve = 0                  # kvcached pages kept mapped once the first request ran
         self.closed = False
+        self.asleep = 0                   # sleep level, 0 = awake
         self.child = None
         self.published = None
 
@@ -256,6 +258,8 @@ class Engine:
     def memory(self):
         if not self.ready:
             return self.base + CONTEXT
+        if self.asleep:   # level 1 moves the weights to host memory and drops the KV pool; level 2 drops both
+            return CONTEXT
         if self.kvcached:
             return self.base + CONTEXT + PREALLOC + self.reserve + self.kv_bytes()
         return self.base + CONTEXT + self.pool
@@ -428,6 +432,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif path == "/is_sleeping" and self.sleep_endpoints():
+            self.send_json(200, {"is_sleeping": bool(self.engine.asleep)})
         elif path == "/v1/models":
             if self.authorized():
                 self.send_json(200, {"object": "list", "data": [
@@ -437,10 +443,27 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"detail": "Not Found"})
 
+    def sleep_endpoints(self):
+        """vLLM's sleep mode: only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, as in vLLM 0.24."""
+        return self.args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?")[0] != "/v1/chat/completions":
+        path, _, query = self.path.partition("?")
+        if path in ("/sleep", "/wake_up") and self.sleep_endpoints() and self.authorized():
+            level = int(dict(q.split("=", 1) for q in query.split("&") if "=" in q).get("level", "1"))
+            time.sleep(env_float("FAKE_SLEEP_S" if path == "/sleep" else "FAKE_WAKE_S", 0.05))
+            with self.engine.cond:
+                self.engine.asleep = level if path == "/sleep" else 0
+                self.engine.publish(force=True)
+            log("INFO %s (level %d)" % ("sleeping" if path == "/sleep" else "woken up", level))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path != "/v1/chat/completions":
             self.send_json(404, {"detail": "Not Found"})
+        elif self.engine.asleep and self.authorized():   # nothing on the card to compute with
+            self.send_json(500, error_body("The engine is sleeping", "InternalServerError", 500))
         elif self.authorized():
             try:
                 self.chat(raw)

@@ -1,0 +1,77 @@
+"""The third strategy: vLLM's sleep mode, put to sleep between bursts and woken by the first request."""
+import json
+import sys
+
+import pytest
+
+from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, make_cfg, rx, script_args
+
+
+def run(fake_gpu, tmp_path, *extra, server_cmd=f"{sys.executable} {FAKE_SERVER}"):
+    said = []
+    rc = rx.main([*FAST, "--results-dir", str(tmp_path / "results"), "--server-cmd", server_cmd,
+                  "--port-a", str(free_port()), "--port-b", str(free_port()), *extra],
+                 nvml_module=fake_gpu, say=said.append)
+    runs = list((tmp_path / "results").iterdir())
+    return rc, said, runs[0] if runs else None
+
+
+def test_only_the_sleep_arm_gets_sleep_mode():
+    cfg = make_cfg()
+    sleeping = rx.sleeping_server(cfg, "A", 0.55)
+    static = rx.static_server(cfg, "A", 0.55)
+    assert "--enable-sleep-mode" in rx.server_command(cfg, sleeping)
+    assert "--enable-sleep-mode" not in rx.server_command(cfg, static)
+    assert rx.server_env(cfg, sleeping, base={})["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_SERVER_DEV_MODE" not in rx.server_env(cfg, static, base={})
+    assert sleeping.key != static.key, "a static server is never reused as the sleep arm's"
+
+
+def test_sleep_level_is_checked_and_level_2_warned_about():
+    with pytest.raises(rx.ConfigError, match="--sleep-level"):
+        rx.validate_config(rx.Config(sleep_level=3))
+    said = []
+    rx.resolve_config(rx.Config(sleep_level=2, experiments="6"), say=said.append)
+    assert any("--sleep-level 2" in line and "dummy" in line for line in said)
+
+
+@background("sleep_run", weight=3)
+def sleep_run_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=script_args(base / "results", "--experiments", "1,2,6"),
+                env=fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3"))
+
+
+@pytest.fixture
+def sleep_run(background_runs):
+    result, base = background_runs.result("sleep_run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    return next((base / "results").iterdir())
+
+
+def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
+    run_dir = sleep_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sleep = summary["experiments"]["sleep"]
+    assert sleep["sleep"]["level"] == 1 and sleep["sleep"]["wake_s"]["n"] == 2
+    assert 0.2 <= sleep["sleep"]["wake_s"]["mean"] < 0.5 and 0.3 <= sleep["sleep"]["sleep_s"]["mean"] < 0.6
+    asleep, awake = sleep["device"]["idle_before_workload_mib"], sleep["device"]["idle_after_load_mib"]
+    static_idle = summary["experiments"]["static"]["device"]["idle_before_workload_mib"]
+    assert asleep < awake == pytest.approx(static_idle, abs=1), "asleep it gives the static pool back"
+    assert sleep["device"]["peak_mib"] == pytest.approx(static_idle, abs=1), "awake for the bursts"
+    assert sleep["device"]["release_s"] >= 0.3, "the release includes putting it back to sleep"
+    assert sleep["latency"]["failed"] == 0
+    assert sleep["latency"]["ttft_s"]["p50"] >= 0.2, "the first requests wait for the wake-up"
+    block = summary["comparison"]["single_sleep"]
+    assert block["asleep_mib"] == asleep and block["ttft_p50_vs_kvcached"] > 1
+    md = (run_dir / "summary.md").read_text()
+    assert "**vLLM sleep mode (level 1):** asleep between bursts the card holds" in md
+
+
+def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fake_gpu, tmp_path):
+    # vLLM without VLLM_SERVER_DEV_MODE=1 has no /sleep: the experiment fails with the hint
+    rc, said, run_dir = run(fake_gpu, tmp_path, "--experiments", "6",
+                            server_cmd=f"env -u VLLM_SERVER_DEV_MODE {sys.executable} {FAKE_SERVER}")
+    assert rc == 1
+    error = json.loads((run_dir / "01_sleep" / "error.json").read_text())["error"]
+    assert "/sleep?level=1" in error and "HTTP 404" in error and "VLLM_SERVER_DEV_MODE=1" in error

@@ -282,6 +282,12 @@ EXPERIMENTS = [
                "The static pool with vLLM's sleep mode: put to sleep after each burst and woken when the next "
                "one arrives, as a router would (the wake-up is part of the first requests' latency).",
                lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),), single_bursts, ("main",)),
+    Experiment(7, "shared_sleep", "shared", "sleep",
+               "Two models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
+               "and only the one that bursts is awake (the other was put to sleep after its own burst).",
+               lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),
+                                    sleeping_server(cfg, "B", cfg.gpu_memory_utilization)), alternating_bursts,
+               ("main",)),
 ]
 SEED_EXPERIMENTS = (1, 2, 3)            # the tutorial's three: --experiments seed
 
@@ -373,14 +379,12 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                 outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
                                              cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
                 say(f"  after warm-up memory {outcome}")
-        sleepers = [s for s in servers if s.spec.sleep_mode]
-        for server in sleepers:   # the sleep arm idles asleep: that is its idle level
+        woke = False
+        for server in [s for s in servers if s.spec.sleep_mode]:   # the sleep arm idles asleep
             record.sleep_level = cfg.sleep_level
-            took = sleep_call(server, f"/sleep?level={cfg.sleep_level}", cfg.api_key)
-            say(f"  {server.spec.label} put to sleep (level {cfg.sleep_level}) in {took:.2f} s")
+            woke = put_to_sleep(server, cfg) is not None or woke
         # with nothing sent since the idle window after load, that window is the idle level too
-        marks.idle_before = (sleep_idle_window(cfg.idle_window_s) if warmed or sleepers
-                             else marks.idle_after_load)
+        marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
         idle = window_median(list(sampler.device), *marks.idle_before)
         workload_start = time.time()
         for repeat in range(cfg.repeats):
@@ -396,8 +400,8 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                 burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
                 if gate is not None:
                     burst.wake_s = gate.wake_s
-                    burst.sleep_s = sleep_call(server, f"/sleep?level={cfg.sleep_level}", cfg.api_key)
-                    say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {burst.sleep_s:.2f} s")
+                    burst.sleep_s = put_to_sleep(server, cfg)
+                    say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
                 save()
                 last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
                 if not last:
@@ -742,8 +746,11 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
         if step is None or server.warmed:   # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
+        gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
         run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plans[step.plan], server, -1,
-                 say, RecordSink(path, keep_itl=False))
+                 say, RecordSink(path, keep_itl=False), gate)
+        if gate is not None:
+            put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
         sent = True
     return sent
@@ -817,24 +824,35 @@ def sleep_call(server: "RunningServer", path: str, api_key: str, timeout_s: floa
     return time.perf_counter() - start
 
 
+def put_to_sleep(server: "RunningServer", cfg: "Config") -> Optional[float]:
+    """Sleep a sleep-mode server that is awake; seconds it took (None if it already slept)."""
+    if server.asleep:
+        return None
+    took = sleep_call(server, f"/sleep?level={cfg.sleep_level}", cfg.api_key)
+    server.asleep = True
+    return took
+
+
 class WakeGate:
     """What a router does for a sleeping server: the first request of a burst wakes it, the others
     wait for that; all of them count the wake-up in their latency."""
 
     def __init__(self, server: "RunningServer", api_key: str):
         self.server, self.api_key = server, api_key
-        self.lock, self.woken = threading.Lock(), threading.Event()
+        self.lock = threading.Lock()
+        self.done = False
         self.wake_s: Optional[float] = None
         self.error: Optional[str] = None
 
     def __call__(self) -> None:
         with self.lock:
-            if not self.woken.is_set():
+            if not self.done:
                 try:
                     self.wake_s = sleep_call(self.server, "/wake_up", self.api_key)
+                    self.server.asleep = False
                 except ServerError as exc:
                     self.error = str(exc)
-                self.woken.set()
+                self.done = True
         if self.error:
             raise ServerError(self.error)
 
@@ -1586,6 +1604,7 @@ class RunningServer:
     seen: dict[int, int] = dataclasses.field(default_factory=dict)   # pid -> start ticks, every pid of its tree
     warmed: set[str] = dataclasses.field(default_factory=set)        # plan shapes this server has served
     together: tuple[str, ...] = ()      # labels of the servers started at the same time as this one
+    asleep: bool = False                # sleep mode: put to sleep and not woken since
     stopped: bool = False               # set once nothing of it is alive any more
 
     @property
@@ -1886,6 +1905,9 @@ class ServerPool:
                 wait_ready(server, self.cfg.start_timeout_s, say=self.say)
                 self.say(f"  {server.spec.label} ready after {server.startup_s:.1f} s"
                          f"{' (started together with the others)' if len(started) > 1 else ''}")
+                if server.spec.sleep_mode:   # it sleeps until a burst needs it: the next server may take the card
+                    took = put_to_sleep(server, self.cfg)
+                    self.say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
         except BaseException:   # never keep (or later reuse) a server that did not come up
             self.stop([s for s in started if s.ready_at is None], "it did not come up")
             raise
@@ -3259,7 +3281,7 @@ def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
             ela, sta = (summaries[arms[arm]] for arm in COMPARED_ARMS)
             out[name] = compare_pair(ela, sta) if group.pair else compare_single(ela, sta)
         for arm in OTHER_ARMS:
-            if arm in arms and not group.pair:
+            if arm in arms:
                 ela, sta = (summaries[arms[a]] if a in arms else None for a in COMPARED_ARMS)
                 out[f"{name}_{arm}"] = compare_sleep(summaries[arms[arm]], ela, sta)
     return out

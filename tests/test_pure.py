@@ -21,7 +21,7 @@ def test_experiment_aliases_expand_in_run_order():
     assert names("static,kvcached") == ["kvcached", "static"]
     # grouped by arm, so that a server started for one experiment is reused by the next
     assert names("all") == ["kvcached", "shared_kvcached", "overload_kvcached", "static", "shared_static",
-                            "overload_static", "sleep"]
+                            "overload_static", "sleep", "shared_sleep"]
 
 
 def test_every_group_has_one_experiment_per_compared_arm():
@@ -33,7 +33,7 @@ def test_every_group_has_one_experiment_per_compared_arm():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--experiments", "7"], "--experiments"),
+    (["--experiments", "17"], "--experiments"),
     (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
     (["--gpu-memory-utilization", "1.2"], "--gpu-memory-utilization"),
     (["--bursts", "-1"], "--bursts"),

@@ -22,7 +22,7 @@ def test_experiments_that_share_a_server_form_one_unit():
     cfg = rx.fill_preset(rx.Config())
     assert names(rx.server_units(ALL, cfg, 4 << 30)) == [
         ["kvcached", "shared_kvcached", "overload_kvcached"], ["static", "shared_static"], ["overload_static"],
-        ["sleep"]]
+        ["sleep", "shared_sleep"]]
 
 
 @pytest.mark.parametrize("lanes", [2, 3, 4])

@@ -3515,7 +3515,8 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
                 f"{lat.failed}/{lat.requests} |")
     for name, block in comparison.items():
         if isinstance(block, SleepComparison):
-            lines += ["", f"**vLLM sleep mode (level {block.level}):** asleep between bursts the card holds "
+            models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
+            lines += ["", f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
                       f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
                       f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
                       f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "

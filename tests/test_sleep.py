@@ -66,7 +66,7 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     block = summary["comparison"]["single_sleep"]
     assert block["asleep_mib"] == asleep and block["ttft_p50_vs_kvcached"] > 1
     md = (run_dir / "summary.md").read_text()
-    assert "**vLLM sleep mode (level 1):** asleep between bursts the card holds" in md
+    assert "**vLLM sleep mode, one model (level 1):** asleep between bursts the card holds" in md
 
 
 def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fake_gpu, tmp_path):

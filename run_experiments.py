@@ -139,6 +139,11 @@ class Config:
     start_timeout_s: float = 900.0      # vLLM start-up: 50-100 s usual, first compile can be longer
     # --- workload
     bursts: int = 0                     # 0 = preset's value
+    arrivals: str = "bursts"            # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
+    rate: float = 0.0                   # open loop: requests per second in each window (--bursts windows)
+    rates: str = ""                     # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
+    burstiness: float = 1.0             # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
+    duration_s: float = 30.0            # open loop: seconds of arrivals per window
     burst_size: int = 0                 # concurrent requests per burst; 0 = preset (auto: sized to the card)
     gap_s: float = -1.0                 # idle seconds between bursts; <0 = preset
     max_tokens: int = 0                 # output tokens per request; 0 = preset
@@ -391,6 +396,8 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
             for i, step in enumerate(exp.steps):
                 server = by_slot[step.server]
                 burst = BurstMark(step.phase, step.server, repeat, time.time())
+                if plans[step.plan].rates:
+                    burst.rate = plans[step.plan].rates[step.burst]
                 marks.bursts.append(burst)
                 before = server_latency_snapshot(server)
                 gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
@@ -699,6 +706,7 @@ class BurstMark:
     server_before: Optional[dict] = None
     server_after: Optional[dict] = None
     wake_s: Optional[float] = None      # sleep arm: the wake-up its first request paid for
+    rate: Optional[float] = None        # open loop: the planned arrival rate of this window (requests/s)
     sleep_s: Optional[float] = None     # sleep arm: putting the server back to sleep after it
 
 
@@ -747,13 +755,20 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
         gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
-        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plans[step.plan], server, -1,
+        plan = plans[step.plan]
+        if plan.arrivals != "bursts":   # open loop: the first requests of a window at once, not a whole window
+            first = plan.burst(step.burst)[:OPEN_LOOP_WARMUP]
+            plan = dataclasses.replace(plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first))
+        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plan, server, -1,
                  say, RecordSink(path, keep_itl=False), gate)
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
         sent = True
     return sent
+
+
+OPEN_LOOP_WARMUP = 64                # open loop: requests of the warm-up burst
 
 
 def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan", server: "RunningServer",
@@ -962,6 +977,16 @@ def validate_config(cfg: Config) -> Config:
          f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt")
     for name in ("slo_ttft_ms", "slo_tpot_ms"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = no such objective)")
+    need(cfg.arrivals in ("bursts", "poisson", "gamma"), "arrivals",
+         f"must be bursts, poisson or gamma, got {cfg.arrivals!r}")
+    need(cfg.rate >= 0, "rate", f"must be >= 0 requests per second, got {cfg.rate:g}")
+    need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
+    if cfg.arrivals != "bursts":
+        need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
+        parse_rates(cfg)
+        need(bool(cfg.rates) or cfg.rate > 0, "rate", f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...")
+    else:
+        need(not cfg.rates and not cfg.rate, "arrivals", "--rate/--rates apply to open-loop arrivals: add --arrivals poisson")
     if cfg.pair_utilization_b == 0:
         need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
              "leaves no room for model B in shared_static; set --pair-utilization-b")
@@ -1102,6 +1127,7 @@ class PlannedRequest:
     prompt: str
     max_tokens: int
     temperature: float
+    offset_s: float = 0.0               # open loop: when it arrives, from the start of its window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1115,6 +1141,8 @@ class WorkloadPlan:
     seed: int
     sizing: str                         # how burst_size was chosen, in words
     requests: tuple[PlannedRequest, ...]
+    arrivals: str = "bursts"            # or 'poisson' / 'gamma': requests arrive at their offset_s
+    rates: tuple[float, ...] = ()       # open loop: requests per second of each window
 
     def burst(self, b: int) -> list[PlannedRequest]:
         return [r for r in self.requests if r.burst == b]
@@ -1208,6 +1236,43 @@ def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[in
                         max_tokens=max_tokens, prompt_tokens=prompt_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
                         requests=requests_)
+
+
+def parse_rates(cfg: Config) -> list[float]:
+    """The open-loop rate of each window: --rates, else --rate for each of --bursts windows."""
+    if cfg.rates:
+        try:
+            rates = [float(r) for r in cfg.rates.split(",")]
+        except ValueError:
+            rates = []
+        need(bool(rates) and all(math.isfinite(r) and r > 0 for r in rates), "rates",
+             f"must be positive requests per second separated by commas, e.g. 2,4,8; got {cfg.rates!r}")
+        return rates
+    return [cfg.rate] * max(cfg.bursts, 1)
+
+
+def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
+    """Arrivals planned before sending: gaps drawn from a gamma distribution (shape = burstiness;
+    1 is a Poisson process) at each window's rate, for duration_s seconds per window."""
+    rng, arrivals_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-arrivals")
+    lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
+    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    max_tokens = max(cfg.max_tokens, int(lengths.hi))
+    prompt_tokens = min(cfg.prompt_tokens, cfg.max_model_len - max_tokens - 64)
+    shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
+    rates, planned, index = parse_rates(cfg), [], 0
+    for window, rate in enumerate(rates):
+        t = arrivals_rng.gammavariate(shape, 1 / (rate * shape))
+        while t < cfg.duration_s:
+            planned.append(PlannedRequest(window, len([r for r in planned if r.burst == window]),
+                                          make_prompt(rng, index, prompt_tokens),
+                                          lengths.draw(lengths_rng, max_tokens), cfg.temperature, round(t, 6)))
+            index += 1
+            t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
+    busiest = max((sum(r.burst == w for r in planned) for w in range(len(rates))), default=0)
+    return WorkloadPlan(bursts=len(rates), burst_size=busiest, gap_s=cfg.gap_s, max_tokens=max_tokens,
+                        prompt_tokens=prompt_tokens, temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
+                        requests=tuple(planned), arrivals=cfg.arrivals, rates=tuple(rates))
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
@@ -2416,6 +2481,7 @@ class RequestRecord:
     completion_tokens: Optional[int] = None
     finish_reason: Optional[str] = None
     content_reads: int = 0              # network reads that carried content; 1 = the server did not stream
+    send_delay_s: Optional[float] = None   # open loop: how late the client sent it after its planned arrival
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -2490,10 +2556,13 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
 
 def send_chat(base_url: str, model: str, request: PlannedRequest, record: RequestRecord,
               api_key: str = "", timeout_s: float = 300.0, ignore_eos: bool = False,
-              session: Any = None, gate: Optional[Callable[[], None]] = None) -> RequestRecord:
+              session: Any = None, gate: Optional[Callable[[], None]] = None,
+              arrival: Optional[tuple[float, float]] = None) -> RequestRecord:
     """Stream one chat completion; every outcome, failures included, ends up in `record`.
     timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles.
-    `gate` runs after the clock starts and before sending (a router waking a sleeping server)."""
+    `gate` runs after the clock starts and before sending (a router waking a sleeping server).
+    `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts there, so a
+    request the client could not send on time counts its wait too."""
     import requests
     body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens, "temperature": request.temperature,
@@ -2501,13 +2570,14 @@ def send_chat(base_url: str, model: str, request: PlannedRequest, record: Reques
     if ignore_eos:
         body["ignore_eos"] = True
     http = session or requests
-    start = time.perf_counter()
+    start, record.t_send = arrival or (time.perf_counter(), time.time())
     deadline = start + timeout_s
-    record.t_send = time.time()
     timer = None
     try:
         if gate is not None:
             gate()
+        if arrival is not None:
+            record.send_delay_s = time.perf_counter() - start
         with http.post(f"{base_url}/v1/chat/completions", json=body, headers=auth_headers(api_key),
                        stream=True, timeout=(10, timeout_s)) as response:
             timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
@@ -2545,16 +2615,20 @@ class RecordSink:
 BURST_DEADLINE_SLACK_S = 30.0   # past every request's own deadline: connect time, thread start-up
 
 
+OPEN_LOOP_THREADS = 512         # open loop: requests in flight at most; one arriving past that waits, and its wait counts
+
+
 def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
               cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0,
               sink: Optional[Callable[[RequestRecord], None]] = None,
               gate: Optional[Callable[[], None]] = None) -> list[RequestRecord]:
-    """All requests of one burst at once; returns when the last one has finished, or at the burst's
-    deadline, with whatever is still open recorded as failed."""
+    """All requests of one burst at once (or, open loop, each at its planned offset); returns when the
+    last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
     import requests
     session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(requests_)))
-    pool = concurrent.futures.ThreadPoolExecutor(len(requests_), thread_name_prefix="request")
+    threads = min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=threads))
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
     records = [make_record(r) for r in requests_]
     delivered, lock, closed = set(), threading.Lock(), False
 
@@ -2564,14 +2638,19 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
                 delivered.add(i)
                 if sink is not None:
                     sink(record)
-    started = time.time()
-    deadline = started + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
+    started, started_perf = time.time(), time.perf_counter()
+    last_arrival = max((r.offset_s for r in requests_), default=0.0)
+    deadline = started + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
-        futures = [pool.submit(send_chat, server.url, server.spec.model, r, rec, cfg.api_key,
-                               cfg.request_timeout_s, cfg.ignore_eos, session, gate)
-                   for r, rec in zip(requests_, records)]
-        for i, future in enumerate(futures):
-            future.add_done_callback(lambda f, i=i: deliver(i, f.result()))
+        futures = []
+        for i, (r, rec) in enumerate(zip(requests_, records)):
+            arrival = None
+            if r.offset_s:   # open loop: submitted at its planned time, timed from it
+                pause(started_perf + r.offset_s - time.perf_counter())
+                arrival = (started_perf + r.offset_s, started + r.offset_s)
+            futures.append(pool.submit(send_chat, server.url, server.spec.model, r, rec, cfg.api_key,
+                                       cfg.request_timeout_s, cfg.ignore_eos, session, gate, arrival))
+            futures[-1].add_done_callback(lambda f, i=i: deliver(i, f.result()))
         while True:
             done, pending = concurrent.futures.wait(futures, timeout=min(progress_every_s,
                                                                          max(0.0, deadline - time.time())))
@@ -3083,6 +3162,23 @@ class ExperimentSummary:
     server_clock: Optional[ServerClock] = omitted_if_none()
     gpu_index: Optional[int] = omitted_if_none()
     sleep: Optional["SleepSummary"] = omitted_if_none()
+    rate_sweep: Optional[list["RatePoint"]] = omitted_if_none()
+
+
+@dataclasses.dataclass
+class RatePoint:
+    """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""
+    phase: str
+    repeat: int
+    rate: float                         # planned requests per second
+    requests: int
+    failed: int
+    ttft_p50_s: Optional[float]
+    ttft_p99_s: Optional[float]
+    e2e_p50_s: Optional[float]
+    e2e_p99_s: Optional[float]
+    goodput: Optional[float] = omitted_if_none()
+    max_send_delay_s: Optional[float] = omitted_if_none()   # the client's lateness: large means it could not keep up
 
 
 @dataclasses.dataclass
@@ -3120,6 +3216,16 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid, problems=invalid + problems, server_clock=server_clock(marks, records),
         gpu_index=record.gpu_index)
+    points = []
+    for mark in marks.bursts:
+        if mark.rate is not None:
+            mine = [r for r in records if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat]
+            lat = latency_summary(mine, slo)
+            delays = [r["send_delay_s"] for r in mine if r.get("send_delay_s") is not None]
+            points.append(RatePoint(mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, lat.ttft_s.p50,
+                                    lat.ttft_s.p99, lat.e2e_s.p50, lat.e2e_s.p99, lat.goodput and lat.goodput.share,
+                                    max(delays, default=None)))
+    summary.rate_sweep = points or None
     if record.sleep_level is not None:
         summary.sleep = SleepSummary(record.sleep_level, Distribution.of(b.wake_s for b in marks.bursts),
                                      Distribution.of(b.sleep_s for b in marks.bursts))
@@ -3540,6 +3646,17 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
             shown = [fmt(value, 2) + (f" (repeats: {fmt(rep.median, 2)} [{fmt(rep.min, 2)}-{fmt(rep.max, 2)}])"
                                       if rep is not None else "") for value, rep in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
+    if sweeps:
+        lines += ["", "Open-loop arrivals (latency timed from each planned arrival):", "",
+                  "| experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | goodput |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, points in sweeps.items():
+            for p in points:
+                lines.append(f"| {name} | {p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''} | {p.rate:g} | "
+                             f"{p.requests} | {p.failed} | {fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)} | "
+                             f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)} | "
+                             f"{fmt(p.goodput and 100 * p.goodput, 1) + '%' if p.goodput is not None else 'n/a'} |")
     clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
     if clocks:
         lines += ["", "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
@@ -4046,17 +4163,22 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
         facts[key] = {"model": model, "config_source": source,
                       "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None}
     kv_a, kv_b = facts["A"]["kv_bytes_per_token"], facts["B"]["kv_bytes_per_token"]
-    if cfg.burst_size:
+    if cfg.arrivals != "bursts":
+        size, sizing = 0, (f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
+                           f"requests/s, {cfg.duration_s:g} s per window"
+                           + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else ""))
+    elif cfg.burst_size:
         size, sizing = cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
     else:
         longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
         size, sizing = size_burst(kv_a, int(gpu["free_mib_at_start"] * MIB), cfg.prompt_tokens,
                                   longest, cfg.burst_kv_fraction, cfg.max_burst_size)
-    plans = {"main": plan_workload(cfg, size, sizing)}
+    plans = {"main": open_loop_plan(cfg, sizing) if cfg.arrivals != "bursts" else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
     for key, kv in (("A", kv_a), ("B", kv_b)):
         plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
-    say(f"workload: {plans['main'].bursts} bursts x {size} concurrent requests, "
+    say(f"workload: {plans['main'].bursts} {'windows' if cfg.arrivals != 'bursts' else 'bursts'} x "
+        f"{plans['main'].burst_size if cfg.arrivals != 'bursts' else size} {'requests (busiest)' if cfg.arrivals != 'bursts' else 'concurrent requests'}, "
         f"~{plans['main'].prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
         f"output tokens, {cfg.gap_s:g} s gaps")
     say(f"  why: {sizing}")

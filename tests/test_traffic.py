@@ -1,11 +1,12 @@
 """Traffic closer to real use: decode-length mixes, per-token latency, goodput under SLOs, a CSV."""
 import csv
+import gzip
 import json
 import sys
 
 import pytest
 
-from conftest import FAKE_SERVER, FAST, free_port, rx
+from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, rx, script_args
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
@@ -82,3 +83,74 @@ def test_a_length_mix_with_slos_end_to_end(fake_gpu, tmp_path):
     with open(exp / "requests.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and table[0]["completion_tokens"] and "itl_p50_s" in table[0]
+
+
+# --- open-loop arrivals ----------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (dict(arrivals="uniform", rate=2.0), "--arrivals"),
+    (dict(arrivals="poisson", rate=-1.0), "--rate"),
+    (dict(arrivals="poisson"), "needs --rate"),
+    (dict(arrivals="poisson", rates="2,-4"), "--rates"),
+    (dict(arrivals="poisson", rates="2,x"), "--rates"),
+    (dict(arrivals="gamma", rate=2.0, burstiness=0.0), "--burstiness"),
+    (dict(rate=4.0), "--arrivals poisson"),
+])
+def test_bad_arrival_flags_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(rx.ConfigError, match=message):
+        rx.validate_config(rx.Config(**flags))
+
+
+def arrival_gaps(plan, window=0):
+    offsets = [r.offset_s for r in plan.burst(window)]
+    return offsets, [b - a for a, b in zip(offsets, offsets[1:])]
+
+
+def test_poisson_and_gamma_arrivals_are_planned_at_the_rate_and_seeded():
+    cfg = rx.Config(arrivals="poisson", rates="5,20", duration_s=200, prompt_tokens=64, max_tokens=16)
+    plan = rx.open_loop_plan(cfg, "x")
+    assert plan.bursts == 2 and plan.rates == (5.0, 20.0)
+    for window, rate in enumerate(plan.rates):
+        offsets, gaps = arrival_gaps(plan, window)
+        assert offsets == sorted(offsets) and 0 < offsets[0] and offsets[-1] < 200
+        assert len(offsets) == pytest.approx(rate * 200, rel=0.1)
+        assert (sum((g - sum(gaps) / len(gaps)) ** 2 for g in gaps) / len(gaps)) ** 0.5 / (sum(gaps) / len(gaps)) \
+            == pytest.approx(1.0, abs=0.1), "exponential gaps: coefficient of variation 1"
+    assert rx.open_loop_plan(cfg, "x") == plan
+    bursty = rx.open_loop_plan(rx.Config(arrivals="gamma", rate=10, burstiness=0.25, duration_s=200,
+                                         prompt_tokens=64, max_tokens=16), "x")
+    _, gaps = arrival_gaps(bursty)
+    mean = sum(gaps) / len(gaps)
+    assert (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean == pytest.approx(2.0, rel=0.2)
+
+
+@background("open_loop_run", weight=2)
+def open_loop_run_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=script_args(base / "results", "--experiments", "1", "--arrivals", "poisson",
+                                 "--rates", "4,40", "--duration-s", "1.5", "--slo-ttft-ms", "5000"),
+                env=fake_env(base / "gpu"))
+
+
+@pytest.fixture
+def open_loop_run(background_runs):
+    result, base = background_runs.result("open_loop_run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    return next((base / "results").iterdir())
+
+
+def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):
+    plan = json.loads(gzip.decompress((open_loop_run / "plan_main.json.gz").read_bytes()))
+    record = json.loads((open_loop_run / "01_kvcached" / "experiment.json").read_text())
+    rows = rx.read_jsonl(open_loop_run / "01_kvcached" / "requests.jsonl")
+    for window, mark in enumerate(record["marks"]["bursts"]):
+        planned = sorted(r["offset_s"] for r in plan["requests"] if r["burst"] == window)
+        mine = [r for r in rows if r["burst"] == window]
+        assert len(mine) == len(planned)
+        assert max(r["send_delay_s"] for r in mine) < 0.05, "each one sent when it was due"
+        assert mark["end"] - mark["start"] >= planned[-1], "the window lasts as long as its arrivals"
+    summary = json.loads((open_loop_run / "summary.json").read_text())["experiments"]["kvcached"]
+    sweep = summary["rate_sweep"]
+    assert [p["rate"] for p in sweep] == [4, 40]
+    assert [p["requests"] for p in sweep] == [sum(r["burst"] == w for r in plan["requests"]) for w in (0, 1)]
+    assert all(p["failed"] == 0 and p["goodput"] == 1.0 and p["max_send_delay_s"] < 0.05 for p in sweep)
+    assert "Open-loop arrivals (latency timed from each planned arrival)" in (open_loop_run / "summary.md").read_text()

@@ -149,6 +149,8 @@ class Config:
     max_tokens: int = 0                 # output tokens per request; 0 = preset
     prompt_tokens: int = -1             # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
     temperature: float = 0.7            # sampling temperature of every request (the seed's value)
+    prefix_caching: bool = False        # vLLM's prefix caching (off: repeated prompt parts still need their KV)
+    shared_prefix_tokens: int = 0       # tokens of one prompt prefix every request shares (with --prefix-caching)
     ignore_eos: bool = False            # vLLM's ignore_eos: every response is exactly max_tokens long
     output_tokens_dist: str = "fixed"   # output lengths: fixed (max_tokens), uniform:LO-HI or lognormal:MEAN,SIGMA
     slo_ttft_ms: float = 0.0            # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
@@ -980,6 +982,11 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.arrivals in ("bursts", "poisson", "gamma"), "arrivals",
          f"must be bursts, poisson or gamma, got {cfg.arrivals!r}")
     need(cfg.rate >= 0, "rate", f"must be >= 0 requests per second, got {cfg.rate:g}")
+    need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
+    need(cfg.shared_prefix_tokens == 0 or cfg.prefix_caching, "shared_prefix_tokens",
+         "shares a prefix for vLLM to cache: add --prefix-caching")
+    need(cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < cfg.prompt_tokens, "shared_prefix_tokens",
+         f"must be below --prompt-tokens ({cfg.prompt_tokens})")
     need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
     if cfg.arrivals != "bursts":
         need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
@@ -1162,6 +1169,14 @@ def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
     return f"Context: {filler}\n\nTask: {base}"
 
 
+def shared_prefix(cfg: Config) -> str:
+    """The prompt prefix every request shares (--shared-prefix-tokens words), '' without one."""
+    if not cfg.shared_prefix_tokens:
+        return ""
+    rng = random.Random(f"{cfg.seed}-shared-prefix")
+    return "Shared: " + " ".join(rng.choice(FILLER_WORDS) for _ in range(cfg.shared_prefix_tokens)) + "\n\n"
+
+
 def size_burst(kv_per_token: Optional[int], free_bytes: Optional[int], prompt_tokens: int,
                max_tokens: int, fraction: float, cap: int, fallback: int = 32) -> tuple[int, str]:
     """Concurrent requests so that one burst's KV demand is `fraction` of the card's free memory."""
@@ -1228,8 +1243,9 @@ def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[in
     max_tokens = max(max_tokens or cfg.max_tokens, int(lengths.hi))
     prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens,
                         cfg.max_model_len - max_tokens - 64)
+    prefix, own_tokens = shared_prefix(cfg), prompt_tokens - cfg.shared_prefix_tokens
     requests_ = tuple(
-        PlannedRequest(burst=b, index=i, prompt=make_prompt(rng, b * burst_size + i, prompt_tokens),
+        PlannedRequest(burst=b, index=i, prompt=prefix + make_prompt(rng, b * burst_size + i, own_tokens),
                        max_tokens=lengths.draw(lengths_rng, max_tokens), temperature=cfg.temperature)
         for b in range(bursts) for i in range(burst_size))
     return WorkloadPlan(bursts=bursts, burst_size=burst_size, gap_s=cfg.gap_s,
@@ -1260,12 +1276,13 @@ def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
     max_tokens = max(cfg.max_tokens, int(lengths.hi))
     prompt_tokens = min(cfg.prompt_tokens, cfg.max_model_len - max_tokens - 64)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
+    prefix = shared_prefix(cfg)
     rates, planned, index = parse_rates(cfg), [], 0
     for window, rate in enumerate(rates):
         t = arrivals_rng.gammavariate(shape, 1 / (rate * shape))
         while t < cfg.duration_s:
             planned.append(PlannedRequest(window, len([r for r in planned if r.burst == window]),
-                                          make_prompt(rng, index, prompt_tokens),
+                                          prefix + make_prompt(rng, index, prompt_tokens - cfg.shared_prefix_tokens),
                                           lengths.draw(lengths_rng, max_tokens), cfg.temperature, round(t, 6)))
             index += 1
             t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
@@ -1397,7 +1414,8 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
               else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"])
     cmd = prefix + ["--model", spec.model, "--host", cfg.host, "--port", str(spec.port),
                     "--max-model-len", str(cfg.max_model_len),
-                    "--no-enable-prefix-caching",   # repeated prompts must not skip KV demand
+                    "--enable-prefix-caching" if cfg.prefix_caching   # off by default: repeated prompt parts
+                    else "--no-enable-prefix-caching",                # must not skip their KV demand
                     "--enforce-eager"]              # no CUDA graphs: faster start, less memory
     if cfg.load_format:
         cmd += ["--load-format", cfg.load_format]
@@ -2140,7 +2158,8 @@ def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
 
 GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
           "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
-          "vllm:num_preemptions": "preemptions"}
+          "vllm:num_preemptions": "preemptions", "vllm:prefix_cache_queries_total": "prefix_queries",
+          "vllm:prefix_cache_hits_total": "prefix_hits"}
 
 
 # vLLM's own clocks per request (histograms): their _sum and _count before and after a burst give the
@@ -3055,6 +3074,7 @@ class VllmView:
     max_running: Optional[float]
     max_waiting: Optional[float]
     preemptions: Optional[float]
+    prefix_hit_rate: Optional[float] = omitted_if_none()   # with --prefix-caching: cached share of prompt tokens
 
 
 @dataclasses.dataclass
@@ -3163,6 +3183,9 @@ class ExperimentSummary:
     gpu_index: Optional[int] = omitted_if_none()
     sleep: Optional["SleepSummary"] = omitted_if_none()
     rate_sweep: Optional[list["RatePoint"]] = omitted_if_none()
+    # device memory left above the level after load once each burst is over (just before the next one,
+    # or at the end): where pages freed by requests that ended at different times stay mapped
+    residual_after_burst_mib: Optional[list[Optional[float]]] = omitted_if_none()
 
 
 @dataclasses.dataclass
@@ -3187,6 +3210,9 @@ class SleepSummary:
     level: int
     wake_s: Distribution                # per burst: the wake-up its first requests waited for
     sleep_s: Distribution               # per burst: putting it back to sleep
+
+
+RESIDUAL_WINDOW_S = 0.5   # the quiet stretch before the next burst over which a residual is read
 
 
 def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
@@ -3216,6 +3242,10 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid, problems=invalid + problems, server_clock=server_clock(marks, records),
         gpu_index=record.gpu_index)
+    if summary.memory_valid and record.finished and marks.bursts and summary.device.idle_after_load_mib is not None:
+        ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
+        summary.residual_after_burst_mib = [diff(window_median(device, end - RESIDUAL_WINDOW_S, end),
+                                                 summary.device.idle_after_load_mib) for end in ends]
     points = []
     for mark in marks.bursts:
         if mark.rate is not None:
@@ -3244,6 +3274,10 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
             peak = lambda key: max((r[key] for r in met if key in r), default=None)   # absent gauge: n/a, not 0
             counts = [r["preemptions"] for r in met if "preemptions" in r]
             entry.vllm = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+            prefix = [r for r in met if "prefix_queries" in r and "prefix_hits" in r]
+            if len(prefix) > 1:
+                entry.vllm.prefix_hit_rate = ratio(prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
+                                                   prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"])
         summary.servers[slot] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
         summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase], slo)
@@ -3646,6 +3680,11 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
             shown = [fmt(value, 2) + (f" (repeats: {fmt(rep.median, 2)} [{fmt(rep.min, 2)}-{fmt(rep.max, 2)}])"
                                       if rep is not None else "") for value, rep in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    residuals = {n: s.residual_after_burst_mib for n, s in summaries.items() if s.residual_after_burst_mib}
+    if residuals:
+        lines += ["", "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
+                  "that stay mapped show here): " + "; ".join(
+                      f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items())]
     sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
     if sweeps:
         lines += ["", "Open-loop arrivals (latency timed from each planned arrival):", "",

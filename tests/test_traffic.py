@@ -154,3 +154,43 @@ def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):
     assert [p["requests"] for p in sweep] == [sum(r["burst"] == w for r in plan["requests"]) for w in (0, 1)]
     assert all(p["failed"] == 0 and p["goodput"] == 1.0 and p["max_send_delay_s"] < 0.05 for p in sweep)
     assert "Open-loop arrivals (latency timed from each planned arrival)" in (open_loop_run / "summary.md").read_text()
+
+
+# --- prefix caching with a shared prefix, and what each burst leaves behind --------------------------
+def test_a_shared_prefix_goes_with_prefix_caching():
+    cfg = rx.Config(prompt_tokens=300, max_tokens=16, prefix_caching=True, shared_prefix_tokens=100)
+    prompts = [r.prompt for r in rx.plan_workload(cfg, 4, "x", bursts=2).requests]
+    head = prompts[0].split("\n\n")[0]
+    assert head.startswith("Shared: ") and len(head.split()) == 101
+    assert all(p.startswith(head + "\n\n") for p in prompts) and len(set(prompts)) == len(prompts)
+    assert "--enable-prefix-caching" in rx.server_command(cfg, rx.static_server(cfg, "A", 0.5))
+    assert "--no-enable-prefix-caching" in rx.server_command(rx.Config(), rx.static_server(cfg, "A", 0.5))
+    with pytest.raises(rx.ConfigError, match="add --prefix-caching"):
+        rx.validate_config(rx.Config(shared_prefix_tokens=100))
+    with pytest.raises(rx.ConfigError, match="below --prompt-tokens"):
+        rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=900, prompt_tokens=768))
+
+
+def test_prefix_cache_counters_are_read():
+    page = ('vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0\n'
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 250.0\n')
+    assert rx.parse_metrics(page) == {"prefix_queries": 1000.0, "prefix_hits": 250.0}
+
+
+def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
+    exp = tmp_path / "01_kvcached"
+    exp.mkdir()
+    t0 = 1000.0
+    level = lambda t: 1000 + (300 if 3 <= t - t0 < 4 or 6 <= t - t0 < 7 else 0) + (50 if t - t0 >= 4 else 0) \
+        + (30 if t - t0 >= 7 else 0)   # two bursts, each leaving some pages behind
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(t0 + i * 0.05)}
+                                          for i in range(200)])
+    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 1.0, "ttft_s": 0.1,
+                                             "server": "A", "phase": "burst 1", "repeat": 0}])
+    rx.write_json(exp / "experiment.json", {
+        "name": "kvcached", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
+        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + 3, t0 + 7], "sampling_end": t0 + 9.95,
+                  "bursts": [{"phase": "burst 1", "server": "A", "repeat": 0, "start": t0 + 3, "end": t0 + 4},
+                             {"phase": "burst 2", "server": "A", "repeat": 0, "start": t0 + 6, "end": t0 + 7}]}})
+    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
+    assert summary.residual_after_burst_mib == [50, 80]

@@ -3560,7 +3560,31 @@ def make_plots(run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: di
             paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
     if "single" not in GROUPS:
         paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
+    paths.append(plot_rate_sweep(run_dir / "plots" / "rate_sweep.png", summaries))
     return [p.name for p in paths if p is not None]
+
+
+def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+    """Open loop: TTFT and E2E (p50 solid, p99 dashed) against the arrival rate, one line per experiment."""
+    sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
+    if not sweeps:
+        return None
+    fig, axes = new_figure(1, 2, size=(11, 3.8))
+    for col, (metric, title) in enumerate((("ttft", "time to first token"), ("e2e", "end-to-end latency"))):
+        ax = axes[0][col]
+        for i, (name, points) in enumerate(sweeps.items()):
+            color = f"C{i}"
+            for q, style in (("p50", "-"), ("p99", "--")):
+                xy = sorted((p.rate, getattr(p, f"{metric}_{q}_s")) for p in points
+                            if getattr(p, f"{metric}_{q}_s") is not None)
+                ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", color=color, lw=1.3,
+                        label=f"{name} {q}")
+        ax.set_xlabel("planned arrival rate (requests/s)")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{title} vs arrival rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def arm_rank(arm: str) -> int:

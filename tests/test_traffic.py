@@ -154,6 +154,7 @@ def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):
     assert [p["requests"] for p in sweep] == [sum(r["burst"] == w for r in plan["requests"]) for w in (0, 1)]
     assert all(p["failed"] == 0 and p["goodput"] == 1.0 and p["max_send_delay_s"] < 0.05 for p in sweep)
     assert "Open-loop arrivals (latency timed from each planned arrival)" in (open_loop_run / "summary.md").read_text()
+    assert (open_loop_run / "plots" / "rate_sweep.png").stat().st_size > 10_000
 
 
 # --- prefix caching with a shared prefix, and what each burst leaves behind --------------------------

@@ -2226,7 +2226,7 @@ nvml.nvmlInit()
 handle = nvml.nvmlDeviceGetHandleByIndex(index)
 halt = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()   # EOF: stop
-interval, start, tick, missed = 1.0 / hz, time.time(), 0, 0
+interval, start, tick, missed, flushed = 1.0 / hz, time.time(), 0, 0, 0.0
 while True:
     now = time.time()
     try:
@@ -2234,7 +2234,9 @@ while True:
         sys.stdout.write(f"d {now!r} {mem.used} {mem.total}\n")
     except Exception as exc:
         sys.stdout.write(f"e {now!r} {exc!r}\n")
-    sys.stdout.flush()
+    if now - flushed >= 0.2:   # a few lines at a time: the samples carry their own times
+        sys.stdout.flush()
+        flushed = now
     due = tick + 1
     tick = max(due, math.ceil((time.time() - start) / interval))   # past ticks are skipped, not made up
     if tick > due:
@@ -2242,6 +2244,7 @@ while True:
         sys.stdout.write(f"m {missed}\n")
     if halt.wait(max(0.0, start + tick * interval - time.time())):
         break
+sys.stdout.flush()
 """
 
 

@@ -241,3 +241,23 @@ def background_runs(request, tmp_path_factory):
     jobs = BackgroundJobs(sorted(used, key=lambda n: (-BACKGROUND[n][0], n)), tmp_path_factory)
     yield jobs
     jobs.close()
+
+
+def signalled_run(base: Path, args: list, env: dict, sig: int, servers: int = 2, settle_s: float = 0.3,
+                  ports: tuple = ()) -> dict:
+    """Run the script until `servers` fake engines are up, send it `sig`, and say what was left."""
+    import run_experiments
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= servers, timeout=60)
+        time.sleep(settle_s)
+        engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
+                "alive_after": [pid for pid in engines if alive(pid)],
+                "ports_taken": [p for p in ports if run_experiments.port_taken("127.0.0.1", p)]}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, rx, script_args, wait_for
+from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, rx, script_args, signalled_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,20 +79,7 @@ def sigterm_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
         args = script_args(base / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")
-        proc = subprocess.Popen(args, env=fake_env(base / "gpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        try:
-            up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= 2, timeout=60)
-            time.sleep(0.3)
-            engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-            return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
-                    "alive_after": [pid for pid in engines if alive(pid)]}
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        return signalled_run(base, args, fake_env(base / "gpu"), signal.SIGTERM)
     return scenario
 
 

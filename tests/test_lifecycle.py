@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_SERVER, alive, free_port, make_cfg, ready, rx, wait_for
+from conftest import alive, make_cfg, ready, rx, wait_for
 
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
 STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,

@@ -1,7 +1,6 @@
 """Pure functions: configuration, planning, metrics, results layout. No processes, no network."""
 import dataclasses
 import json
-import math
 import sys
 import types
 

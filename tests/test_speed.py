@@ -3,12 +3,11 @@ the server's latency clock beside the client's, and where a run's time went."""
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import HANDED_OUT, alive, background, fake_env, free_port, rx, script_args, wait_for
+from conftest import HANDED_OUT, background, fake_env, free_port, rx, script_args, signalled_run, wait_for
 
 ALL = rx.parse_experiments("all")
 
@@ -268,22 +267,8 @@ def two_card_interrupt_job(base):
     def scenario():
         (base / "gpu").mkdir()
         args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "50", "--gap-s", "1")
-        proc = subprocess.Popen(args, env=fake_env(base / "gpu", FAKE_GPU_COUNT="2"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= 2, timeout=60)
-            time.sleep(0.5)
-            engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
-            proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=60)
-            ports = (port_a, port_a + 1, port_a + 100, port_a + 101)
-            return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
-                    "alive_after": [pid for pid in engines if alive(pid)],
-                    "ports_taken": [p for p in ports if rx.port_taken("127.0.0.1", p)]}
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        return signalled_run(base, args, fake_env(base / "gpu", FAKE_GPU_COUNT="2"), signal.SIGINT, settle_s=0.5,
+                             ports=(port_a, port_a + 1, port_a + 100, port_a + 101))
     return scenario
 
 

@@ -79,7 +79,7 @@ def test_a_length_mix_with_slos_end_to_end(fake_gpu, tmp_path):
     assert summary["latency"]["itl_s"]["n"] > len(rows)
     md = (run / "summary.md").read_text()
     assert "goodput = requests completed with TTFT <= 10000 ms and TPOT <= 0.001 ms" in md
-    assert f"| kvcached | " in md and f"0.0% (0/{len(rows)}) |" in md
+    assert "| kvcached | " in md and f"0.0% (0/{len(rows)}) |" in md
     with open(exp / "requests.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and table[0]["completion_tokens"] and "itl_p50_s" in table[0]

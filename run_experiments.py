@@ -473,7 +473,8 @@ def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: 
         new = [spec for key, spec in specs.items() if key not in running]
         starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
         steps = len(entry.schedule(bursts)) * cfg.repeats
-        total += starts * START_ESTIMATE_S + steps * (BURST_ESTIMATE_S + max(cfg.gap_s, 0))
+        burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
+        total += starts * START_ESTIMATE_S + steps * (burst_s + max(cfg.gap_s, 0))
         running = set(specs)
     return total
 

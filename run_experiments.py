@@ -1,16 +1,22 @@
 # %% [markdown]
-# # What does elastic KV-cache memory (kvcached) buy over vLLM's static pool?
+# # What does elastic KV-cache memory (kvcached) buy over vLLM's static pool, and over sleep mode?
 #
 # vLLM reserves its whole KV-cache pool at start-up (`--gpu-memory-utilization`), so an idle
 # server holds most of the card. kvcached maps KV pages on demand and gives them back when a
-# burst ends. This script measures, on *your* GPU with *your* models:
+# burst ends. vLLM's sleep mode frees the card too, but someone must put the server to sleep and
+# wake it before traffic. This script measures, on *your* GPU with *your* models:
 #
 # 1. `kvcached`          one model, kvcached's elastic pool: idle VRAM, peak, release time, latency;
 # 2. `static`            the same model and workload with vLLM's static pool;
 # 3. `shared_kvcached`   models A and B on one GPU, both elastic, alternating bursts;
 # 4. `shared_static`     the same pair split statically (`--gpu-memory-utilization` per model);
 # 5. `overload_kvcached` / `overload_static`: one model bursts past its static share while the
-#    other idles, then they swap, both pairs under the same stated KV budget.
+#    other idles, then they swap, both pairs under the same stated KV budget;
+# 6. `sleep`             the static pool with sleep mode: asleep between bursts, woken by the next;
+# 7. `shared_sleep`      two models time-sharing the card that way.
+#
+# Closed bursts by default; `--arrivals poisson --rates ...` sends open-loop traffic instead.
+# `--gpus 0,1` spreads the experiments over several cards of one host.
 #
 # Memory comes from NVML (device total and per server process tree), kvcached's own shared-memory
 # segment, and vLLM's `/metrics`; latency from streamed chat completions (TTFT, per-token, E2E).

@@ -138,7 +138,7 @@ class Config:
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
     pair_utilization_b: float = 0.0     # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
     kvcached_env: str = ""              # extra KEY=VALUE pairs for the kvcached arm, comma separated
-    sleep_level: int = 1                # sleep arm: 1 keeps the weights in host memory, 2 drops them (real weights only)
+    sleep_level: int = 1                # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
     gpu_index: int = 0                  # NVML index of the card the servers use
     gpus: str = ""                      # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
     allow_mixed_gpus: bool = False      # let --gpus mix card models or sizes (recorded; figures differ by card)
@@ -408,7 +408,7 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                     burst.rate = plans[step.plan].rates[step.burst]
                 marks.bursts.append(burst)
                 before = server_latency_snapshot(server)
-                gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
+                gate = WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
                 records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink, gate)
                 burst.end = time.time()
                 burst.server_before = before
@@ -430,8 +430,8 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
                 write_segment_limit(ipc, total)
+        marks.sampling_end = time.time()   # before the stop, which may wait for a slow read to end
         sampler.stop()
-        marks.sampling_end = time.time()
         for burst in marks.bursts:   # a burst cut short by an interrupt ends here
             burst.end = burst.end or marks.sampling_end
         record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
@@ -763,10 +763,10 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
         if step is None or server.warmed:   # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        gate = WakeGate(server, cfg.api_key) if server.spec.sleep_mode else None
+        gate = WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
         plan = plans[step.plan]
         if plan.arrivals != "bursts":   # open loop: the first requests of a window at once, not a whole window
-            first = plan.burst(step.burst)[:OPEN_LOOP_WARMUP]
+            first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
             plan = dataclasses.replace(plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first))
         run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plan, server, -1,
                  say, RecordSink(path, keep_itl=False), gate)
@@ -789,6 +789,9 @@ def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan
         raise ServerError(f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.\n"
                           f"{server.evidence()}")
     reqs = plan.burst(step.burst)
+    if not reqs:   # an open-loop window can plan no arrival at a low rate
+        say(f"    {step.phase}: no request planned in this window")
+        return []
     make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
     started = time.time()
     records = run_burst(server, reqs, make, cfg, say=say, sink=sink, gate=gate)
@@ -833,12 +836,13 @@ def apply_pair_budget(budget: int, by_slot: dict[str, "RunningServer"], restore:
 
 
 
-def sleep_call(server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0) -> float:
-    """POST /sleep?level=N or /wake_up; seconds it took (raises ServerError if the server refused)."""
+def sleep_call(server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0,
+               body: Optional[dict] = None) -> float:
+    """POST /sleep?level=N, /wake_up, ...; seconds it took (raises ServerError if the server refused)."""
     import requests
     start = time.perf_counter()
     try:
-        response = requests.post(server.url + path, headers=auth_headers(api_key), timeout=timeout_s)
+        response = requests.post(server.url + path, headers=auth_headers(api_key), timeout=timeout_s, json=body)
     except requests.RequestException as exc:
         raise ServerError(f"{path} on {server.spec.label} failed: {exc}") from exc
     if response.status_code != 200:
@@ -861,8 +865,8 @@ class WakeGate:
     """What a router does for a sleeping server: the first request of a burst wakes it, the others
     wait for that; all of them count the wake-up in their latency."""
 
-    def __init__(self, server: "RunningServer", api_key: str):
-        self.server, self.api_key = server, api_key
+    def __init__(self, server: "RunningServer", api_key: str, level: int = 1):
+        self.server, self.api_key, self.level = server, api_key, level
         self.lock = threading.Lock()
         self.done = False
         self.wake_s: Optional[float] = None
@@ -873,6 +877,10 @@ class WakeGate:
             if not self.done:
                 try:
                     self.wake_s = sleep_call(self.server, "/wake_up", self.api_key)
+                    if self.level == 2:   # level 2 dropped the weights: vLLM wakes without them
+                        self.wake_s += sleep_call(self.server, "/collective_rpc", self.api_key,
+                                                  body={"method": "reload_weights"})
+                        self.wake_s += sleep_call(self.server, "/reset_prefix_cache", self.api_key)
                     self.server.asleep = False
                 except ServerError as exc:
                     self.error = str(exc)
@@ -970,6 +978,9 @@ def validate_config(cfg: Config) -> Config:
         need(0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1), name,
              "must be a TCP port" + (f" (lane k of --gpus uses it + {LANE_PORT_STEP}k)" if lanes > 1 else ""))
     need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
+    lane_ports = [p + LANE_PORT_STEP * k for k in range(lanes) for p in (cfg.port_a, cfg.port_b)]
+    need(len(set(lane_ports)) == len(lane_ports), "port_b",
+         f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b + {LANE_PORT_STEP}k)")
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
@@ -992,8 +1003,7 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
     need(cfg.shared_prefix_tokens == 0 or cfg.prefix_caching, "shared_prefix_tokens",
          "shares a prefix for vLLM to cache: add --prefix-caching")
-    need(cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < cfg.prompt_tokens, "shared_prefix_tokens",
-         f"must be below --prompt-tokens ({cfg.prompt_tokens})")
+
     need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
     if cfg.arrivals != "bursts":
         need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
@@ -1011,13 +1021,18 @@ def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
+    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - 64)   # what a plan's prompts get
+    need(cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room, "shared_prefix_tokens",
+         f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)")
     if cfg.output_tokens_dist != "fixed" and not cfg.ignore_eos:
         say(f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
             f"response is exactly as long as planned")
         cfg = dataclasses.replace(cfg, ignore_eos=True)
-    if cfg.sleep_level == 2 and any(e.arm == "sleep" for e in parse_experiments(cfg.experiments)):
-        say("warning: --sleep-level 2 discards the weights while asleep; vLLM reloads them from their files "
-            "on wake-up, which --load-format dummy cannot (its answers are then noise)")
+    if cfg.sleep_level == 2 and cfg.load_format == "dummy" and any(
+            e.arm == "sleep" for e in parse_experiments(cfg.experiments)):
+        raise ConfigError("--sleep-level 2 drops the weights while asleep and reloads them from their files on "
+                          "waking, which --load-format dummy has none of (vLLM answers HTTP 500): use level 1, "
+                          "or real weights")
     if cfg.load_format == "dummy" and not cfg.ignore_eos:
         say("note: --load-format dummy gives random weights whose output can end at any token; "
             "turning on --ignore-eos so every response has exactly max_tokens tokens")
@@ -1996,7 +2011,11 @@ class ServerPool:
                 self.say(f"  {server.spec.label} ready after {server.startup_s:.1f} s"
                          f"{' (started together with the others)' if len(started) > 1 else ''}")
                 if server.spec.sleep_mode:   # it sleeps until a burst needs it: the next server may take the card
-                    took = put_to_sleep(server, self.cfg)
+                    try:
+                        took = put_to_sleep(server, self.cfg)
+                    except ServerError:   # awake, it would hold the card the next server needs
+                        self.stop([server], "it could not be put to sleep")
+                        raise
                     self.say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
         except BaseException:   # never keep (or later reuse) a server that did not come up
             self.stop([s for s in started if s.ready_at is None], "it did not come up")
@@ -2224,7 +2243,8 @@ def server_latency_snapshot(server: "RunningServer", expect: Optional[dict] = No
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
 DEVICE_SAMPLER_CODE = r"""
-import importlib, math, sys, threading, time
+import importlib, math, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the harness's to handle; EOF stops this
 module_dir, module_name, index, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 if module_dir:
     sys.path.insert(0, module_dir)
@@ -2315,9 +2335,12 @@ class Sampler(threading.Thread):
         while not self.device and time.time() < deadline and self.child.poll() is None:
             time.sleep(0.01)
         if not self.device:
-            self.stop()
+            if self.child.poll() is None:
+                self.child.kill()
+                self.child.wait()
             self.child_errors.seek(0)
             last = ([line for line in self.child_errors.read().splitlines() if line.strip()] or [""])[-1]
+            self.stop()
             raise RuntimeError(f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
                                f"{' (it exited: ' + last.strip()[:300] + ')' if last else ''}")
 
@@ -2400,6 +2423,8 @@ class Sampler(threading.Thread):
                 self.child.wait()
         if self.is_alive():
             self.join(timeout=10)
+        with contextlib.suppress(Exception):
+            self.child_errors.close()
 
     def slow_rows(self, now: float) -> list[dict]:
         rows = []
@@ -3160,7 +3185,9 @@ def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
                 pooled[key][0] += means[key] * count
                 pooled[key][1] += count
         counted = histogram_mean(mark.server_before, mark.server_after, "ttft")[1]
-        ttfts, e2es = [r.get("ttft_s") for r in ok], [r.get("e2e_s") for r in ok]
+        # from the actual send: an open-loop request's clock starts at its planned arrival
+        sent = lambda r, key: None if r.get(key) is None else r[key] - (r.get("send_delay_s") or 0.0)
+        ttfts, e2es = [sent(r, "ttft_s") for r in ok], [sent(r, "e2e_s") for r in ok]
         client_ttft += [v for v in ttfts if v is not None]
         client_e2e += [v for v in e2es if v is not None]
         bursts.append(BurstClock(mark.phase, mark.repeat, len(ok), counted, mean(ttfts), means["ttft"],
@@ -3254,8 +3281,13 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         gpu_index=record.gpu_index)
     if summary.memory_valid and record.finished and marks.bursts and summary.device.idle_after_load_mib is not None:
         ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
-        summary.residual_after_burst_mib = [diff(window_median(device, end - RESIDUAL_WINDOW_S, end),
-                                                 summary.device.idle_after_load_mib) for end in ends]
+        # between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after
+        # the last one, sampling went on until memory was back or settled, however short that was
+        last = len(marks.bursts) - 1
+        summary.residual_after_burst_mib = [
+            diff(window_median(device, max(end - RESIDUAL_WINDOW_S, burst.end), end), summary.device.idle_after_load_mib)
+            if burst.end is not None and (end - burst.end >= RESIDUAL_WINDOW_S or (i == last and end > burst.end))
+            else None for i, (burst, end) in enumerate(zip(marks.bursts, ends))]
     points = []
     for mark in marks.bursts:
         if mark.rate is not None:
@@ -4173,7 +4205,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     lanes = [Lane(lane_config(cfg, k, card["index"]), card, exps) for k, (card, exps) in
              enumerate(zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))))]
     lanes = [lane for lane in lanes if lane.experiments]
-    ensure_open_files(len(lanes) * max(len(plan.burst(0)) for plan in plans.values()))
+    ensure_open_files(len(lanes) * max(min(max(len(plan.burst(b)) for b in range(plan.bursts)), OPEN_LOOP_THREADS)
+                                       for plan in plans.values()))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     for card in cards:
         say(f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "

@@ -27,12 +27,23 @@ def test_only_the_sleep_arm_gets_sleep_mode():
     assert sleeping.key != static.key, "a static server is never reused as the sleep arm's"
 
 
-def test_sleep_level_is_checked_and_level_2_warned_about():
+def test_sleep_level_is_checked_and_level_2_needs_real_weights():
     with pytest.raises(rx.ConfigError, match="--sleep-level"):
         rx.validate_config(rx.Config(sleep_level=3))
-    said = []
-    rx.resolve_config(rx.Config(sleep_level=2, experiments="6"), say=said.append)
-    assert any("--sleep-level 2" in line and "dummy" in line for line in said)
+    with pytest.raises(rx.ConfigError, match="--sleep-level 2 .* --load-format dummy"):
+        rx.resolve_config(rx.Config(sleep_level=2, experiments="6", load_format="dummy"), say=lambda _: None)
+    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="6"), say=lambda _: None).sleep_level == 2
+    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="1", load_format="dummy"), say=lambda _: None)
+
+
+def test_waking_from_level_2_reloads_the_weights(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rx, "sleep_call", lambda server, path, key, body=None: calls.append((path, body)) or 0.1)
+    server = type("S", (), {"asleep": True})()
+    rx.WakeGate(server, "", level=2)()
+    assert calls == [("/wake_up", None), ("/collective_rpc", {"method": "reload_weights"}),
+                     ("/reset_prefix_cache", None)]
+    assert not server.asleep
 
 
 @background("sleep_run", weight=3)

@@ -59,6 +59,7 @@ def test_a_lane_gets_its_own_card_and_ports():
     (dict(gpus="0;1"), "NVML indices separated by commas"),
     (dict(gpus="0,1", gpu_index=1), "either --gpus or --gpu-index"),
     (dict(gpus="0,1", port_a=65500, port_b=65501), "port"),
+    (dict(gpus="0,1", port_a=8001, port_b=8101), "collides with another lane's ports"),
 ])
 def test_bad_gpu_lists_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=message):
@@ -302,3 +303,18 @@ def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_pa
     times = [t for t, _ in sampler.device]
     assert max(b - a for a, b in zip(times, times[1:])) < 0.1
     assert any(r["kind"] == "marker" for r in rx.read_jsonl(tmp_path / "memory.jsonl"))
+
+
+def test_a_terminal_ctrl_c_does_not_end_the_device_process(fake_gpu, tmp_path):
+    """The harness handles the interrupt (and stops the sampler); the process itself must not die of it."""
+    nvml = rx.load_nvml(fake_gpu)
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+    sampler.start()
+    try:
+        os.kill(sampler.child.pid, signal.SIGINT)
+        before = len(sampler.device)
+        time.sleep(0.5)
+        assert sampler.child.poll() is None and len(sampler.device) > before + 10
+    finally:
+        sampler.stop()
+    assert "device sampler exited" not in sampler.error_kinds

@@ -168,8 +168,10 @@ def test_a_shared_prefix_goes_with_prefix_caching():
     assert "--no-enable-prefix-caching" in rx.server_command(rx.Config(), rx.static_server(cfg, "A", 0.5))
     with pytest.raises(rx.ConfigError, match="add --prefix-caching"):
         rx.validate_config(rx.Config(shared_prefix_tokens=100))
-    with pytest.raises(rx.ConfigError, match="below --prompt-tokens"):
-        rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=900, prompt_tokens=768))
+    assert rx.resolve_config(rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=100)),
+                             say=lambda _: None).prompt_tokens == 768, "the preset's prompt length counts"
+    with pytest.raises(rx.ConfigError, match="--shared-prefix-tokens.*below the prompt length"):
+        rx.resolve_config(rx.Config(prefix_caching=True, shared_prefix_tokens=900, prompt_tokens=768))
 
 
 def test_prefix_cache_counters_are_read():
@@ -195,3 +197,15 @@ def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
                              {"phase": "burst 2", "server": "A", "repeat": 0, "start": t0 + 6, "end": t0 + 7}]}})
     summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
     assert summary.residual_after_burst_mib == [50, 80]
+
+
+def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
+    cfg = rx.Config(arrivals="poisson", rates="0.001,50", duration_s=1, prompt_tokens=64, max_tokens=16)
+    plan = rx.open_loop_plan(cfg, "x")
+    assert plan.burst(0) == [] and plan.burst(1)
+    said = []
+    server = type("S", (), {"exit_code": lambda self: None})()
+    step = rx.Step("burst 1", "A", "main", 0)
+    exp = rx.ExperimentSpec("kvcached", "q", (), (step,))
+    assert rx.run_step(cfg, exp, step, plan, server, 0, said.append, lambda r: None) == []
+    assert said == ["    burst 1: no request planned in this window"]

@@ -3,17 +3,7 @@
 # lanes of one process, and what the sampler costs alone (4 cards; models as below).
 # Usage: bash tests/gpu/sampling_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/sampling_check)
 set -u
-A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
-B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
-OUTDIR=${OUT:-/tmp/sampling_check}
-mkdir -p "$OUTDIR/results"
-LOG="$OUTDIR/sampling_check.log"
-MODELS=(--model-a "$A" --model-b "$B" --load-format dummy --results-dir "$OUTDIR/results")
-say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-timed() { local name=$1; shift; local t0; t0=$(date +%s.%N)
-  "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
-  say "$name: rc $rc in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"; }
-say "GPUs: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tr '\n' ';')"
+source "$(dirname "$0")/lib.sh" sampling_check "$@"
 ( timed one_lane python3 run_experiments.py "${MODELS[@]}" --gpu-index 0 --experiments 1 --tag one_lane ) &
 ( timed two_lanes python3 run_experiments.py "${MODELS[@]}" --gpus 1,2 --port-a 8201 --port-b 8202 \
     --experiments 1,3 --tag two_lanes ) &

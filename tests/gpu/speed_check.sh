@@ -7,18 +7,7 @@
 #            experiment 2 at 64 streams, twice, for client vs server TTFT.
 # Usage: bash tests/gpu/speed_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/speed_check)
 set -u
-A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
-B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
-OUTDIR=${OUT:-/tmp/speed_check}
-mkdir -p "$OUTDIR/results"
-LOG="$OUTDIR/speed_check.log"
-MODELS=(--model-a "$A" --model-b "$B" --load-format dummy --results-dir "$OUTDIR/results")
-say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-timed() { local name=$1; shift; local t0; t0=$(date +%s.%N)
-  "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
-  say "$name: rc $rc in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"; }
-
-say "GPUs: $(nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tr '\n' ';')"
+source "$(dirname "$0")/lib.sh" speed_check "$@"
 say "python $(python3 -V 2>&1); vllm $(python3 -c 'import importlib.metadata as m; print(m.version("vllm"))'); kvcached $(python3 -c 'import importlib.metadata as m; print(m.version("kvcached"))'); cores $(nproc)"
 
 ( timed full_1gpu python3 run_experiments.py "${MODELS[@]}" --gpu-index 0 --tag full_1gpu ) &

@@ -6,19 +6,7 @@
 # Usage: bash tests/gpu/traffic_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/traffic_check)
 # For a rehearsal with fakes: SERVER_CMD (passed as --server-cmd) and EXTRA_ARGS (more flags, split on spaces).
 set -u
-A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
-B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
-OUTDIR=${OUT:-/tmp/traffic_check}
-mkdir -p "$OUTDIR/results"
-LOG="$OUTDIR/traffic_check.log"
-read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-[ -n "${SERVER_CMD:-}" ] && EXTRA+=(--server-cmd "$SERVER_CMD")
-MODELS=(--model-a "$A" --model-b "$B" --load-format dummy --results-dir "$OUTDIR/results" "${EXTRA[@]}")
-say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-timed() { local name=$1; shift; local t0; t0=$(date +%s.%N)
-  "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
-  say "$name: rc $rc in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"; }
-say "GPUs: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
+source "$(dirname "$0")/lib.sh" traffic_check "$@"
 ( timed three_arms python3 run_experiments.py "${MODELS[@]}" --gpus 0,1 --experiments 1,2,3,4,6,7 --tag three_arms ) &
 ( timed open_loop python3 run_experiments.py "${MODELS[@]}" --gpus 2,3 --port-a 8201 --port-b 8202 \
     --experiments 1,2 --arrivals poisson --rates 2,4,8,16 --duration-s 30 --output-tokens-dist lognormal:128,0.6 \

@@ -46,3 +46,22 @@ def test_smoke_run_on_a_real_gpu(tmp_path):
     assert kvcached["device"]["idle_after_load_mib"] > 1000, "the card holds the loaded model"
     assert kvcached["servers"]["A"]["memory"]["idle_before_workload_mib"] > 1000, "and it is the server's"
     assert not left, f"vLLM servers still alive after the run: {sorted(left)}"
+
+
+@pytest.mark.gpu
+def test_sleep_arm_on_a_real_gpu(tmp_path):
+    """vLLM's sleep mode between bursts: the card is given back asleep, and every burst is served."""
+    before = vllm_servers()
+    proc = subprocess.run([sys.executable, "run_experiments.py", "--preset", "smoke", "--experiments", "6",
+                           "--model-a", MODEL_A, "--model-b", MODEL_B, "--load-format", "dummy",
+                           "--results-dir", str(tmp_path)],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
+    left = vllm_servers() - before
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_dir, = tmp_path.iterdir()
+    sleep = json.loads((run_dir / "summary.json").read_text())["experiments"]["sleep"]
+    assert sleep["memory_valid"] is True and sleep["latency"]["failed"] == 0, sleep.get("problems")
+    asleep, awake = sleep["device"]["idle_before_workload_mib"], sleep["device"]["peak_mib"]
+    assert asleep < 0.2 * awake, "asleep it gives the static pool back"
+    assert sleep["sleep"]["wake_s"]["n"] >= 2 and sleep["sleep"]["wake_s"]["max"] < 30
+    assert not left, f"vLLM servers still alive after the run: {sorted(left)}"

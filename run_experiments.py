@@ -474,12 +474,12 @@ def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: 
     ones in turn) and bursts with their gaps. For the scheduler only."""
     running: set = set()
     total = 0.0
+    burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
     for entry in lane:
         specs = {spec.key: spec for spec in entry.servers(cfg, budget)}
         new = [spec for key, spec in specs.items() if key not in running]
         starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
         steps = len(entry.schedule(bursts)) * cfg.repeats
-        burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
         total += starts * START_ESTIMATE_S + steps * (burst_s + max(cfg.gap_s, 0))
         running = set(specs)
     return total
@@ -574,16 +574,16 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
              for lane, lane_say in zip(lanes, says)]
     restore = install_stop_signals(say) if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
-    # switch interval keeps that wait short for the sampler and for each stream's timestamps.
+    # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, 0.001))
     outcomes = [LaneOutcome() for _ in lanes]
     workers = [threading.Thread(target=run_lane, args=(run, lane, pool, lane_say, outcome), daemon=True,
                                 name=f"lane-gpu{lane.cfg.gpu_index}")
-               for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)]
+               for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)] if len(lanes) > 1 else []
     interrupted = False
     try:
-        if len(workers) == 1:   # one card: in this thread, as a notebook's interrupt reaches only it
+        if not workers:   # one card: in this thread, as a notebook's interrupt reaches only it
             run_lane(run, lanes[0], pools[0], says[0], outcomes[0])
         else:
             for worker in workers:
@@ -1003,7 +1003,6 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
     need(cfg.shared_prefix_tokens == 0 or cfg.prefix_caching, "shared_prefix_tokens",
          "shares a prefix for vLLM to cache: add --prefix-caching")
-
     need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
     if cfg.arrivals != "bursts":
         need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
@@ -1256,20 +1255,34 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
                       f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)")
 
 
+@dataclasses.dataclass
+class RequestMaker:
+    """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
+    mix or a shared prefix leaves the prompts of the same seed as they were."""
+    cfg: Config
+    max_tokens: int                     # the longest output a request may ask for
+    prompt_tokens: int                  # whole prompt, shared prefix included
+
+    def __post_init__(self):
+        self.lengths = parse_output_lengths(self.cfg.output_tokens_dist, self.cfg.max_tokens)
+        self.max_tokens = max(self.max_tokens, int(self.lengths.hi))
+        self.prompt_tokens = min(self.prompt_tokens, self.cfg.max_model_len - self.max_tokens - 64)
+        self.prefix = shared_prefix(self.cfg)
+        self.prompt_rng = random.Random(self.cfg.seed)
+        self.lengths_rng = random.Random(f"{self.cfg.seed}-output-lengths")
+
+    def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
+        prompt = make_prompt(self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens)
+        return PlannedRequest(burst, index, self.prefix + prompt, self.lengths.draw(self.lengths_rng, self.max_tokens),
+                              self.cfg.temperature, offset_s)
+
+
 def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[int] = None,
                   max_tokens: Optional[int] = None, prompt_tokens: Optional[int] = None) -> WorkloadPlan:
-    rng = random.Random(cfg.seed)
-    lengths_rng = random.Random(f"{cfg.seed}-output-lengths")   # prompts stay those of a fixed-length plan
     bursts = bursts or cfg.bursts
-    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-    max_tokens = max(max_tokens or cfg.max_tokens, int(lengths.hi))
-    prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens,
-                        cfg.max_model_len - max_tokens - 64)
-    prefix, own_tokens = shared_prefix(cfg), prompt_tokens - cfg.shared_prefix_tokens
-    requests_ = tuple(
-        PlannedRequest(burst=b, index=i, prompt=prefix + make_prompt(rng, b * burst_size + i, own_tokens),
-                       max_tokens=lengths.draw(lengths_rng, max_tokens), temperature=cfg.temperature)
-        for b in range(bursts) for i in range(burst_size))
+    make = RequestMaker(cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens)
+    max_tokens, prompt_tokens = make.max_tokens, make.prompt_tokens
+    requests_ = tuple(make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size))
     return WorkloadPlan(bursts=bursts, burst_size=burst_size, gap_s=cfg.gap_s,
                         max_tokens=max_tokens, prompt_tokens=prompt_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
@@ -1292,25 +1305,20 @@ def parse_rates(cfg: Config) -> list[float]:
 def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
     """Arrivals planned before sending: gaps drawn from a gamma distribution (shape = burstiness;
     1 is a Poisson process) at each window's rate, for duration_s seconds per window."""
-    rng, arrivals_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-arrivals")
-    lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
-    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-    max_tokens = max(cfg.max_tokens, int(lengths.hi))
-    prompt_tokens = min(cfg.prompt_tokens, cfg.max_model_len - max_tokens - 64)
+    arrivals_rng = random.Random(f"{cfg.seed}-arrivals")
+    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
-    prefix = shared_prefix(cfg)
-    rates, planned, index = parse_rates(cfg), [], 0
+    rates, planned, busiest = parse_rates(cfg), [], 0
     for window, rate in enumerate(rates):
+        in_window = 0
         t = arrivals_rng.gammavariate(shape, 1 / (rate * shape))
         while t < cfg.duration_s:
-            planned.append(PlannedRequest(window, len([r for r in planned if r.burst == window]),
-                                          prefix + make_prompt(rng, index, prompt_tokens - cfg.shared_prefix_tokens),
-                                          lengths.draw(lengths_rng, max_tokens), cfg.temperature, round(t, 6)))
-            index += 1
+            planned.append(make(window, in_window, len(planned), round(t, 6)))
+            in_window += 1
             t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
-    busiest = max((sum(r.burst == w for r in planned) for w in range(len(rates))), default=0)
-    return WorkloadPlan(bursts=len(rates), burst_size=busiest, gap_s=cfg.gap_s, max_tokens=max_tokens,
-                        prompt_tokens=prompt_tokens, temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
+        busiest = max(busiest, in_window)
+    return WorkloadPlan(bursts=len(rates), burst_size=busiest, gap_s=cfg.gap_s, max_tokens=make.max_tokens,
+                        prompt_tokens=make.prompt_tokens, temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
                         requests=tuple(planned), arrivals=cfg.arrivals, rates=tuple(rates))
 
 
@@ -1506,20 +1514,14 @@ def owner_of(pid: int, roots: dict[int, Any], max_depth: int = 32) -> Any:
     return None
 
 
-def children_by_parent() -> dict[int, list[int]]:
-    """ppid -> child pids of every live process, from one pass over /proc."""
+def process_tree(root_pid: int) -> list[int]:
+    """root_pid and all its descendants, from /proc (vLLM's GPU memory sits in a child)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             stat_ = proc_stat(int(entry))
             if stat_ is not None:
                 children.setdefault(stat_[1], []).append(int(entry))
-    return children
-
-
-def process_tree(root_pid: int, children: Optional[dict[int, list[int]]] = None) -> list[int]:
-    """root_pid and all its descendants (vLLM's GPU memory sits in a child)."""
-    children = children_by_parent() if children is None else children
     tree, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
@@ -2303,6 +2305,7 @@ class Sampler(threading.Thread):
         self.handed_over: collections.deque = collections.deque()       # slow thread -> file writer
         self.file: Optional[Any] = None
         self.child: Optional[subprocess.Popen] = None
+        self.child_errors: Optional[Any] = None   # the device process's stderr: a file, as a full pipe would block it
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
 
     @property
@@ -2325,7 +2328,7 @@ class Sampler(threading.Thread):
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
         module = getattr(self.nvml, "__file__", None)
-        self.child_errors = tempfile.TemporaryFile(mode="w+")   # a file: a full pipe would block the child
+        self.child_errors = tempfile.TemporaryFile(mode="w+")
         self.child = subprocess.Popen(
             [sys.executable, "-c", DEVICE_SAMPLER_CODE, os.path.dirname(module) if module else "",
              self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
@@ -2423,7 +2426,7 @@ class Sampler(threading.Thread):
                 self.child.wait()
         if self.is_alive():
             self.join(timeout=10)
-        with contextlib.suppress(Exception):
+        if self.child_errors is not None:
             self.child_errors.close()
 
     def slow_rows(self, now: float) -> list[dict]:
@@ -3849,7 +3852,7 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
                              "last_workload_end_s": max((e for _, e in workloads.get(lane, [])), default=table[0]) - table[0]}
              for lane in sorted(set(startups) | set(workloads))}
     return Timing(times["table_end"] - times["started"], table[0] - times["started"], table_s,
-                  covered_s(set(every(startups))), covered_s(every(workloads)), overhead,
+                  covered_s(every(startups)), covered_s(every(workloads)), overhead,
                   overhead / table_s if table_s > 0 else 0.0, lanes if len(lanes) > 1 else None)
 
 

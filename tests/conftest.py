@@ -235,6 +235,13 @@ class BackgroundJobs:
         self.pool.shutdown(wait=True)
 
 
+def succeeded_run(background_runs: "BackgroundJobs", name: str) -> Path:
+    """The run folder a background command left, once it has ended with exit code 0."""
+    result, base = background_runs.result(name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    return next((base / "results").iterdir())
+
+
 @pytest.fixture(scope="session")
 def background_runs(request, tmp_path_factory):
     used = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}

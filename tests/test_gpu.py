@@ -30,16 +30,22 @@ def vllm_servers() -> set[int]:
     return found
 
 
-@pytest.mark.gpu
-def test_smoke_run_on_a_real_gpu(tmp_path):
+def smoke_run(tmp_path, experiments: str) -> tuple:
+    """The script with the smoke preset on the real card: (its run folder, vLLM servers it left alive)."""
     before = vllm_servers()   # someone else's servers on a shared box are not ours to account for
-    proc = subprocess.run([sys.executable, "run_experiments.py", "--preset", "smoke", "--experiments", "1",
+    proc = subprocess.run([sys.executable, "run_experiments.py", "--preset", "smoke", "--experiments", experiments,
                            "--model-a", MODEL_A, "--model-b", MODEL_B, "--load-format", "dummy",
                            "--results-dir", str(tmp_path)],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
     left = vllm_servers() - before
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run_dir, = tmp_path.iterdir()
+    return run_dir, left
+
+
+@pytest.mark.gpu
+def test_smoke_run_on_a_real_gpu(tmp_path):
+    run_dir, left = smoke_run(tmp_path, "1")
     kvcached = json.loads((run_dir / "summary.json").read_text())["experiments"]["kvcached"]
     assert kvcached["memory_valid"] is True, kvcached.get("problems")
     assert kvcached["latency"]["failed"] == 0 and kvcached["latency"]["ok"] > 0
@@ -51,14 +57,7 @@ def test_smoke_run_on_a_real_gpu(tmp_path):
 @pytest.mark.gpu
 def test_sleep_arm_on_a_real_gpu(tmp_path):
     """vLLM's sleep mode between bursts: the card is given back asleep, and every burst is served."""
-    before = vllm_servers()
-    proc = subprocess.run([sys.executable, "run_experiments.py", "--preset", "smoke", "--experiments", "6",
-                           "--model-a", MODEL_A, "--model-b", MODEL_B, "--load-format", "dummy",
-                           "--results-dir", str(tmp_path)],
-                          cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
-    left = vllm_servers() - before
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    run_dir, = tmp_path.iterdir()
+    run_dir, left = smoke_run(tmp_path, "6")
     sleep = json.loads((run_dir / "summary.json").read_text())["experiments"]["sleep"]
     assert sleep["memory_valid"] is True and sleep["latency"]["failed"] == 0, sleep.get("problems")
     asleep, awake = sleep["device"]["idle_before_workload_mib"], sleep["device"]["peak_mib"]

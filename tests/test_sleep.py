@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, make_cfg, rx, script_args
+from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, make_cfg, rx, script_args, succeeded_run
 
 
 def run(fake_gpu, tmp_path, *extra, server_cmd=f"{sys.executable} {FAKE_SERVER}"):
@@ -55,9 +55,7 @@ def sleep_run_cmd(base):
 
 @pytest.fixture
 def sleep_run(background_runs):
-    result, base = background_runs.result("sleep_run")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    return next((base / "results").iterdir())
+    return succeeded_run(background_runs, "sleep_run")
 
 
 def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
@@ -97,9 +95,7 @@ def shared_sleep_run_cmd(base):
 
 @pytest.fixture
 def shared_sleep_run(background_runs):
-    result, base = background_runs.result("shared_sleep_run")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    return next((base / "results").iterdir())
+    return succeeded_run(background_runs, "shared_sleep_run")
 
 
 def test_two_sleeping_models_take_turns_each_at_the_full_share(shared_sleep_run):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, rx, script_args
+from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, rx, script_args, succeeded_run
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
@@ -133,9 +133,7 @@ def open_loop_run_cmd(base):
 
 @pytest.fixture
 def open_loop_run(background_runs):
-    result, base = background_runs.result("open_loop_run")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    return next((base / "results").iterdir())
+    return succeeded_run(background_runs, "open_loop_run")
 
 
 def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):

@@ -2,12 +2,16 @@
 the server's latency clock beside the client's, and where a run's time went."""
 import json
 import os
+import re
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import HANDED_OUT, background, fake_env, free_port, rx, script_args, signalled_run, wait_for
+from conftest import (FAKES, HANDED_OUT, background, fake_env, free_port, make_cfg, rx, script_args, signalled_run,
+                      succeeded_run, wait_for)
 
 ALL = rx.parse_experiments("all")
 
@@ -320,3 +324,100 @@ def test_a_terminal_ctrl_c_does_not_end_the_device_process(fake_gpu, tmp_path):
     finally:
         sampler.stop()
     assert "device sampler exited" not in sampler.error_kinds
+
+
+# --- vLLM imported ahead (--preimport) --------------------------------------------------------------
+def module_cfg(**overrides):
+    """The fake run as `python -m fake_vllm_server`, the form --preimport can stage."""
+    return make_cfg(server_cmd=f"{sys.executable} -m fake_vllm_server", **overrides)
+
+
+def test_only_a_python_dash_m_command_can_be_imported_ahead():
+    staged = rx.staged_command(["python3", "-m", "vllm.entrypoints.openai.api_server", "--port", "1"])
+    assert staged[:2] == ["python3", "-c"] and staged[3:] == ["vllm.entrypoints.openai.api_server", "--port", "1"]
+    assert rx.staged_command(["python3", "tests/fakes/fake_vllm_server.py", "--port", "1"]) is None
+
+
+@pytest.mark.parametrize("preimport, server_cmd, gpus, cores, on", [
+    ("auto", "", "", 8, True), ("auto", "", "", 4, False), ("auto", "", "0,1", 8, False),
+    ("auto", "", "0,1", 16, True), ("on", "", "", 2, True), ("off", "", "", 64, False),
+    ("auto", "python3 my_server.py", "", 64, False)])
+def test_preimport_auto_needs_spare_cores_per_card_and_a_module_command(preimport, server_cmd, gpus, cores, on):
+    cfg = rx.Config(preimport=preimport, server_cmd=server_cmd, gpus=gpus)
+    assert rx.preimport_on(cfg, cores=cores) is on
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preimport", "maybe"], "--preimport: must be auto, on or off"),
+    (["--preimport", "on", "--server-cmd", "python3 my_server.py"], "--preimport: on needs a server command")])
+def test_bad_preimport_settings_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(rx.ConfigError, match=re.escape(message)):
+        rx.config_from_args(flags, say=lambda _: None)
+
+
+def log_says_imported(server):
+    return "imported in" in server.log_path.read_text()
+
+
+def test_a_staged_server_imports_first_and_starts_only_when_released(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    monkeypatch.setenv("FAKE_IMPORT_S", "1.5")
+    cfg = module_cfg()
+    spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
+    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
+    try:
+        assert wait_for(lambda: log_says_imported(server), timeout=20)
+        time.sleep(0.3)
+        assert not rx.port_taken(cfg.host, cfg.port_a), "imported, but not serving before it is told to"
+        assert not list(fake_gpu_dir().glob("*.json")), "nothing on the card before the start"
+        rx.release_staged(cfg, server)
+        startup = rx.wait_ready(server, timeout_s=20, poll_s=0.05)
+        assert startup < 1.2, "the 1.5 s import was paid before the release"
+        assert server.describe()["imported_ahead_from"] < server.started_at
+    finally:
+        rx.stop_server(server, grace_s=2)
+    assert not server.alive_pids()
+
+
+def fake_gpu_dir():
+    return Path(os.environ["FAKE_GPU_DIR"])
+
+
+def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    cfg = module_cfg(preimport="on")
+    spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
+    orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
+    orphan.proc.stdin.close()   # what the harness's end looks like to it when the harness is gone
+    assert orphan.proc.wait(timeout=20) == 0 and not orphan.alive_pids()
+    pool = rx.ServerPool(cfg, say=lambda _: None)
+    pool.stage([spec], tmp_path)
+    staged = pool.staged[spec.key]
+    assert wait_for(lambda: log_says_imported(staged), timeout=20)
+    pool.close()
+    assert not staged.alive_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
+
+
+@background("preimport_run", weight=2)
+def preimport_run_cmd(base):
+    (base / "gpu").mkdir()
+    args = script_args(base / "results", "--experiments", "1,2,3,6", "--preimport", "on")
+    args[args.index("--server-cmd") + 1] = f"{sys.executable} -m fake_vllm_server"
+    return dict(args=args, env=fake_env(base / "gpu", FAKE_IMPORT_S="1.0"), timeout=180)
+
+
+@pytest.fixture
+def preimport_run(background_runs):
+    return succeeded_run(background_runs, "preimport_run")
+
+
+def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_release(preimport_run):
+    config = json.loads((preimport_run / "config.json").read_text())
+    servers = config["servers"]
+    first = servers["A kvcached"]
+    assert "imported_ahead_from" not in first and first["startup_s"] > 1.0, "nothing ran before the first"
+    later = [s for label, s in servers.items() if label != "A kvcached"]
+    assert len(later) == 3 and all(s["imported_ahead_from"] < s["started_at"] for s in later)
+    assert all(s["startup_s"] < 1.0 for s in later), "each paid its 1 s import while another experiment ran"
+    summary = json.loads((preimport_run / "summary.json").read_text())
+    assert all(exp["latency"]["ok"] > 0 for exp in summary["experiments"].values())

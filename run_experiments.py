@@ -3241,6 +3241,7 @@ class ServerSummary:
     latency: LatencySummary
     kvcached: Optional[KvcachedView] = omitted_if_none()
     vllm: Optional[VllmView] = omitted_if_none()
+    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()   # one per repeat (--repeats > 1)
 
 
 @dataclasses.dataclass
@@ -3335,6 +3336,7 @@ class ExperimentSummary:
     memory_valid: bool
     problems: list[str]
     phase_repeats: Optional[dict[str, list[LatencySummary]]] = omitted_if_none()
+    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()   # the whole experiment, per repeat
     server_clock: Optional[ServerClock] = omitted_if_none()
     gpu_index: Optional[int] = omitted_if_none()
     sleep: Optional["SleepSummary"] = omitted_if_none()
@@ -3392,6 +3394,7 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         return memory
 
     marks = record.marks
+    repeats = sorted({r["repeat"] for r in records})
     summary = ExperimentSummary(
         name=record.name, question=record.question, device=checked(memory_summary(device, marks, tolerance)),
         latency=latency, servers={}, phases={}, repeats={}, sampler_errors=record.sampler_errors,
@@ -3426,6 +3429,9 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
                               reused=server["label"] in record.reused,
                               memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
                               latency=latency_summary([r for r in records if r["server"] == slot], slo))
+        if len(repeats) > 1:
+            entry.latency_repeats = [latency_summary([r for r in records if r["server"] == slot and r["repeat"] == k])
+                                     for k in repeats]
         kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == slot]
         if kv:
             entry.kvcached = KvcachedView(kv[-1]["total_bytes"] / MIB, max(r["used_bytes"] for r in kv) / MIB,
@@ -3442,11 +3448,10 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         summary.servers[slot] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
         summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase], slo)
-    repeats = sorted({r["repeat"] for r in records})
     if len(repeats) > 1:
         summary.phase_repeats = {phase: [latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
                                          for k in repeats] for phase in summary.phases}
-        per = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
+        per = summary.latency_repeats = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
         for metric in ("ttft_s", "e2e_s"):
             for q in ("p50", "p99"):
                 summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
@@ -3463,6 +3468,7 @@ class SingleComparison:
     peak_saving_mib: Optional[float]
     ttft_p50_ratio: Optional[float]     # kvcached / static
     e2e_p50_ratio: Optional[float]
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios, 'ttft_s_p50_ratio' ...
 
 
 @dataclasses.dataclass
@@ -3488,6 +3494,7 @@ class ModelComparison:
     max_waiting: Both
     preemptions: Both
     peak_mib: Both
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios
 
 
 @dataclasses.dataclass
@@ -3510,12 +3517,22 @@ class PairComparison:
     per_phase: dict[str, PhaseComparison]
 
 
+def ratio_spreads(mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]) -> Optional[dict[str, Spread]]:
+    """Each latency ratio per repeat (mine / theirs, repeat k against repeat k), as a spread; None
+    without repeats on both sides."""
+    if not mine or not theirs or len(mine) < 2 or len(mine) != len(theirs):
+        return None
+    return {f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q)) for a, b in zip(mine, theirs))
+            for m, q in LATENCY_KEYS}
+
+
 def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComparison:
     return SingleComparison(
         idle_saving_mib=diff(sta.device.idle_after_load_mib, ela.device.idle_after_load_mib),
         peak_saving_mib=diff(sta.device.peak_mib, ela.device.peak_mib),
         ttft_p50_ratio=ratio(ela.latency.ttft_s.p50, sta.latency.ttft_s.p50),
-        e2e_p50_ratio=ratio(ela.latency.e2e_s.p50, sta.latency.e2e_s.p50))
+        e2e_p50_ratio=ratio(ela.latency.e2e_s.p50, sta.latency.e2e_s.p50),
+        over_repeats=ratio_spreads(ela.latency_repeats, sta.latency_repeats))
 
 
 def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparison:
@@ -3529,17 +3546,13 @@ def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparis
             failed=Both(e.latency.failed, s.latency.failed if s else None),
             max_waiting=Both(vllm(e, "max_waiting"), vllm(s, "max_waiting")),
             preemptions=Both(vllm(e, "preemptions"), vllm(s, "preemptions")),
-            peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None))
+            peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None),
+            over_repeats=ratio_spreads(e.latency_repeats, s.latency_repeats if s else None))
     for phase, e in ela.phases.items():
         s = sta.phases.get(phase)
         q_of = lambda summary, m, q: summary.quantile(m, q) if summary else None
         comparison = PhaseComparison(*[ratio(q_of(e, m, q), q_of(s, m, q)) for m, q in LATENCY_KEYS])
-        reps_e = (ela.phase_repeats or {}).get(phase, [])
-        reps_s = (sta.phase_repeats or {}).get(phase, [])
-        if len(reps_e) > 1 and len(reps_e) == len(reps_s):
-            comparison.over_repeats = {f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q))
-                                                                   for a, b in zip(reps_e, reps_s))
-                                       for m, q in LATENCY_KEYS}
+        comparison.over_repeats = ratio_spreads((ela.phase_repeats or {}).get(phase), (sta.phase_repeats or {}).get(phase))
         block.per_phase[phase] = comparison
     return block
 
@@ -3558,6 +3571,8 @@ class SleepComparison:
     ttft_p50_vs_static: Optional[float]     # sleep / static
     e2e_p50_vs_kvcached: Optional[float]
     e2e_p50_vs_static: Optional[float]
+    vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # sleep / kvcached, per repeat
+    vs_static_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()
 
 
 def compare_sleep(sleep: ExperimentSummary, ela: Optional[ExperimentSummary],
@@ -3568,7 +3583,9 @@ def compare_sleep(sleep: ExperimentSummary, ela: Optional[ExperimentSummary],
         sleep.sleep.level if sleep.sleep else 0, idle(sleep), idle(ela), idle(sta),
         sleep.sleep.wake_s.mean if sleep.sleep else None, sleep.sleep.wake_s.max if sleep.sleep else None,
         ratio(lat(sleep, "ttft_s"), lat(ela, "ttft_s")), ratio(lat(sleep, "ttft_s"), lat(sta, "ttft_s")),
-        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")), ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")))
+        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")), ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")),
+        ratio_spreads(sleep.latency_repeats, ela and ela.latency_repeats),
+        ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats))
 
 
 def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
@@ -3771,6 +3788,12 @@ def dig(d: Any, *path: str) -> Any:
     return d
 
 
+def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
+    """A ratio, and its spread over repeats where there were several."""
+    return fmt(value, 2) + (f" (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
+                            if spread is not None else "")
+
+
 def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any],
                      plots: list[str], timing: Optional[Timing] = None) -> str:
     gpu = config.get("gpu", {})
@@ -3840,30 +3863,35 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
                 f"{lat.failed}/{lat.requests} |")
     for name, block in comparison.items():
         if isinstance(block, SleepComparison):
+            rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
             models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
             lines += ["", f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
                       f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
                       f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
                       f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
                       f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
-                      f"{fmt(block.ttft_p50_vs_kvcached, 2)}, sleep/static {fmt(block.ttft_p50_vs_static, 2)}; "
-                      f"E2E p50 {fmt(block.e2e_p50_vs_kvcached, 2)} and {fmt(block.e2e_p50_vs_static, 2)}."]
+                      f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
+                      f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
+                      f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
+                      f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}."]
             continue
         if isinstance(block, SingleComparison):
+            reps = block.over_repeats or {}
             lines += ["", f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
                       f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
-                      f"kvcached/static {fmt(block.ttft_p50_ratio, 2)}, E2E p50 ratio {fmt(block.e2e_p50_ratio, 2)}."]
+                      f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
+                      f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}."]
             continue
         lines += ["", f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "",
                   "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |", "|---|---|---|---|---|"]
         if GROUPS[name].ratios_by == "phase":
             rows = {phase: c.cells() for phase, c in block.per_phase.items()}
         else:
-            rows = {f"model {slot}": [(getattr(c, f"{m}_{q}").ratio, None) for m, q in LATENCY_KEYS]
+            rows = {f"model {slot}": [(getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
+                                      for m, q in LATENCY_KEYS]
                     for slot, c in block.per_model.items()}
         for label, cells in rows.items():
-            shown = [fmt(value, 2) + (f" (repeats: {fmt(rep.median, 2)} [{fmt(rep.min, 2)}-{fmt(rep.max, 2)}])"
-                                      if rep is not None else "") for value, rep in cells]
+            shown = [with_repeats(value, spread) for value, spread in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
     residuals = {n: s.residual_after_burst_mib for n, s in summaries.items() if s.residual_after_burst_mib}
     if residuals:

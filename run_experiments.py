@@ -2094,11 +2094,13 @@ class ServerPool:
             if spec.key in self.running:
                 self.say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
         new = [spec for spec in specs if spec.key not in self.running]
-        self.stage(new[1:], log_dir)   # the later ones import while the first starts
         # kvcached servers take KV memory only when it is used, so they can start together; a static
         # server sizes its pool from the free memory it sees while starting, so those go one at a time
         together = [spec for spec in new if spec.kvcached]
-        for batch in ([together] if together else []) + [[spec] for spec in new if not spec.kvcached]:
+        batches = ([together] if together else []) + [[spec] for spec in new if not spec.kvcached]
+        for batch in batches[1:]:   # the later ones import vLLM while the first batch starts
+            self.stage(batch, log_dir)
+        for batch in batches:
             self.start_together(batch, log_dir)
         return [self.running[spec.key] for spec in specs]
 

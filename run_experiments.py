@@ -3406,12 +3406,14 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
     if summary.memory_valid and record.finished and marks.bursts and summary.device.idle_after_load_mib is not None:
         ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
         # between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after
-        # the last one, sampling went on until memory was back or settled, however short that was
+        # the last one, sampling went on until memory was back or settled, however short that was. The
+        # sleep arm's stretch starts once the server is asleep again, not while it is falling asleep.
         last = len(marks.bursts) - 1
+        quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
         summary.residual_after_burst_mib = [
-            diff(window_median(device, max(end - RESIDUAL_WINDOW_S, burst.end), end), summary.device.idle_after_load_mib)
-            if burst.end is not None and (end - burst.end >= RESIDUAL_WINDOW_S or (i == last and end > burst.end))
-            else None for i, (burst, end) in enumerate(zip(marks.bursts, ends))]
+            diff(window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end), summary.device.idle_after_load_mib)
+            if begin is not None and (end - begin >= RESIDUAL_WINDOW_S or (i == last and end > begin))
+            else None for i, (begin, end) in enumerate(zip(quiet, ends))]
     points = []
     for mark in marks.bursts:
         if mark.rate is not None:

@@ -207,3 +207,23 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
     exp = rx.ExperimentSpec("kvcached", "q", (), (step,))
     assert rx.run_step(cfg, exp, step, plan, server, 0, said.append, lambda r: None) == []
     assert said == ["    burst 1: no request planned in this window"]
+
+
+def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tmp_path):
+    """Seen on an H200: sampling ended 0.27 s after the last burst, 0.15 s of which the server took to
+    fall asleep (105 GB -> 1.6 GB); read over that fall, the residual came out at 23 GB instead of ~0."""
+    exp = tmp_path / "01_sleep"
+    exp.mkdir()
+    t0 = 1000.0
+    level = lambda t: 1600 + (80000 if 3 <= t - t0 < 4.15 else 0)   # awake during the burst, asleep after
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(t0 + i * 0.05)}
+                                          for i in range(86)])
+    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 0.9, "ttft_s": 0.2,
+                                             "server": "A", "phase": "burst 1", "repeat": 0}])
+    rx.write_json(exp / "experiment.json", {
+        "name": "sleep", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
+        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + 3, t0 + 4], "sampling_end": t0 + 4.27,
+                  "bursts": [{"phase": "burst 1", "server": "A", "repeat": 0, "start": t0 + 3, "end": t0 + 4,
+                              "wake_s": 0.15, "sleep_s": 0.15}]}})
+    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
+    assert summary.residual_after_burst_mib == [0]

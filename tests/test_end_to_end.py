@@ -22,7 +22,8 @@ def start_background_runs(request):
 
 # --- committed runs: --report rebuilds each one's summary.json and summary.md exactly ----------------
 COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
-REPORT_CLI_RUN = ROOT / "results" / "20261128T064129Z_run1"
+REFERENCE = ROOT / "results" / "20261128T214012Z_reference_check"
+REPORT_CLI_RUN = REFERENCE / "20261128T220100Z_seed_1gpu"
 
 
 def rebuildable_copy(reference, tmp_path):
@@ -70,8 +71,12 @@ def test_report_command_rebuilds_a_committed_run(tmp_path):
 
 
 def test_reference_figures_are_the_h200_ones():
-    summary = json.loads((ROOT / "results" / "20261128T064129Z_run1" / "summary.json").read_text())
-    assert summary["experiments"]["static"]["device"]["idle_after_load_mib"] == 80011.875
+    for run in ("20261128T214032Z_reference_1", "20261128T214032Z_reference_2"):
+        device = {name: e["device"] for name, e in
+                  json.loads((REFERENCE / run / "summary.json").read_text())["experiments"].items()}
+        assert device["static"]["idle_after_load_mib"] == 80011.875
+        assert device["kvcached"]["idle_after_load_mib"] == 5323.875
+        assert set(device) == {e.name for e in rx.parse_experiments("all")}, "every default experiment"
 
 
 @background("sigterm_scenario")

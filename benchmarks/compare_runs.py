@@ -1,0 +1,137 @@
+"""Two or more complete runs side by side, one table per question, from their summary.json files:
+
+    python benchmarks/compare_runs.py results/RUN_1 results/RUN_2
+
+Prints Markdown: memory (idle, peak, release) per experiment, latency ratios with each run's spread
+over its repeats, the sleep arm, and where the time went. A latency ratio is called signal when
+every run's spread over repeats lies on the same side of 1; otherwise it is within the noise.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def load(run_dir: str) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def fmt(value, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def spread_text(spread: dict) -> str:
+    return f"[{fmt(spread['min'], 2)}–{fmt(spread['max'], 2)}]" if spread and spread.get("n", 0) > 1 else ""
+
+
+def verdict(spreads: list) -> str:
+    """'signal: below 1' when every run's whole spread is below 1 (or above), else 'noise'."""
+    if not spreads or any(not s or s.get("n", 0) < 2 for s in spreads):
+        return "n/a"
+    if all(s["max"] < 1 for s in spreads):
+        return "**below 1**"
+    if all(s["min"] > 1 for s in spreads):
+        return "**above 1**"
+    return "noise"
+
+
+def row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def memory_table(runs: list) -> list:
+    names = list(runs[0]["experiments"])
+    out = ["### Memory (device, NVML, MiB)", "",
+           row(["experiment", "idle after load", "idle before workload", "peak", "release after the last burst (s)"]),
+           row(["---"] * 5)]
+    for name in names:
+        devices = [r["experiments"].get(name, {}).get("device", {}) for r in runs]
+        cell = lambda key, digits=0: " / ".join(fmt(d.get(key), digits) for d in devices)
+        out.append(row([name, cell("idle_after_load_mib"), cell("idle_before_workload_mib"), cell("peak_mib"),
+                        cell("release_s", 2)]))
+    return out + ["", "(run 1 / run 2 / ...)"]
+
+
+def ratio_rows(label: str, values: list, spreads: list) -> str:
+    shown = " / ".join(f"{fmt(v, 2)} {spread_text(s)}".strip() for v, s in zip(values, spreads))
+    return row([label, shown, verdict(spreads)])
+
+
+def latency_tables(runs: list) -> list:
+    out = ["### Latency ratios (each run: ratio over all its requests [min–max over its repeats])", "",
+           row(["comparison", "runs", "outside the noise?"]), row(["---"] * 3)]
+    comparisons = [r["comparison"] for r in runs]
+    keys = [("ttft_s_p50", "TTFT p50"), ("ttft_s_p99", "TTFT p99"), ("e2e_s_p50", "E2E p50"), ("e2e_s_p99", "E2E p99")]
+    single = [c.get("single") for c in comparisons]
+    if all(single):
+        for key, label in keys[::2]:
+            field = {"ttft_s_p50": "ttft_p50_ratio", "e2e_s_p50": "e2e_p50_ratio"}[key]
+            out.append(ratio_rows(f"one model, kvcached/static, {label}", [s[field] for s in single],
+                                  [(s.get("over_repeats") or {}).get(f"{key}_ratio") for s in single]))
+    shared = [c.get("shared") for c in comparisons]
+    if all(shared):
+        for slot in shared[0]["per_model"]:
+            for key, label in keys:
+                models = [s["per_model"][slot] for s in shared]
+                out.append(ratio_rows(f"two models, model {slot}, kvcached/static, {label}",
+                                      [m[key]["ratio"] for m in models],
+                                      [(m.get("over_repeats") or {}).get(f"{key}_ratio") for m in models]))
+    overload = [c.get("overload") for c in comparisons]
+    if all(overload):
+        for phase in overload[0]["per_phase"]:
+            for key, label in keys:
+                phases = [o["per_phase"][phase] for o in overload]
+                out.append(ratio_rows(f"overload, {phase}, kvcached/static, {label}",
+                                      [p[f"{key}_ratio"] for p in phases],
+                                      [(p.get("over_repeats") or {}).get(f"{key}_ratio") for p in phases]))
+    for name in ("single_sleep", "shared_sleep"):
+        blocks = [c.get(name) for c in comparisons]
+        if not all(blocks):
+            continue
+        for versus in ("kvcached", "static"):
+            for key, label in keys[::2]:
+                out.append(ratio_rows(f"{name.replace('_', ' ')}, sleep/{versus}, {label}",
+                                      [b[f"{key.replace('_s_', '_')}_vs_{versus}"] for b in blocks],
+                                      [(b.get(f"vs_{versus}_over_repeats") or {}).get(f"{key}_ratio") for b in blocks]))
+    return out
+
+
+def sleep_table(runs: list) -> list:
+    out = ["### Sleep mode (level 1)", "",
+           row(["", "asleep (MiB)", "kvcached idle (MiB)", "static idle (MiB)", "wake-up mean / max (s)", "awake peak (MiB)"]),
+           row(["---"] * 6)]
+    for name, experiment in (("single_sleep", "sleep"), ("shared_sleep", "shared_sleep")):
+        for i, run in enumerate(runs):
+            b = run["comparison"].get(name)
+            if not b:
+                continue
+            peak = run["experiments"].get(experiment, {}).get("device", {}).get("peak_mib")
+            out.append(row([f"{name} (run {i + 1})", fmt(b["asleep_mib"]), fmt(b["kvcached_idle_mib"]),
+                            fmt(b["static_idle_mib"]), f"{fmt(b['wake_s_mean'], 2)} / {fmt(b['wake_s_max'], 2)}",
+                            fmt(peak)]))
+    return out
+
+
+def time_table(runs: list) -> list:
+    out = ["### Time", "", row(["run", "wall (s)", "preflight", "start-ups (paid / reused)", "workload",
+                                "harness's own time"]), row(["---"] * 6)]
+    for i, run in enumerate(runs):
+        t, starts = run.get("timing") or {}, run.get("server_starts") or {}
+        out.append(row([f"run {i + 1}", fmt(t.get("wall_s")), fmt(t.get("preflight_s")),
+                        f"{fmt(t.get('startups_s'))} ({starts.get('started')} / {starts.get('reused')})",
+                        fmt(t.get("workload_s")),
+                        f"{fmt(t.get('harness_overhead_s'))} ({fmt(100 * (t.get('harness_overhead_share') or 0), 1)}%)"]))
+    return out
+
+
+def main(argv: list) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    runs = [load(d) for d in argv]
+    print("\n".join(["Runs: " + ", ".join(r["run"] for r in runs), ""] + memory_table(runs) + [""]
+                    + latency_tables(runs) + [""] + sleep_table(runs) + [""] + time_table(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

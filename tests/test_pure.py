@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from conftest import rx
+from conftest import ROOT, rx
 
 
 def names(spec):
@@ -299,3 +299,17 @@ def test_each_ratio_gets_its_spread_over_repeats_repeat_against_repeat():
     assert rx.ratio_spreads(kvcached, static[:2]) is None, "repeats must pair up"
     assert rx.with_repeats(0.5, spreads["ttft_s_p50_ratio"]) == "0.50 (repeats: 1.00 [0.50-3.00])"
     assert rx.with_repeats(0.5, None) == "0.50"
+
+
+def test_run_comparison_calls_signal_only_what_every_repeat_of_every_run_agrees_on():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_runs
+    below = {"min": 0.1, "max": 0.9, "n": 3}
+    assert compare_runs.verdict([below, {"min": 0.5, "max": 0.99, "n": 3}]) == "**below 1**"
+    assert compare_runs.verdict([below, {"min": 0.5, "max": 1.2, "n": 3}]) == "noise"
+    assert compare_runs.verdict([{"min": 1.1, "max": 4.0, "n": 3}] * 2) == "**above 1**"
+    assert compare_runs.verdict([below, {"min": 0.5, "max": 0.5, "n": 1}]) == "n/a", "one repeat has no spread"
+    reference = ROOT / "results" / "20261128T214012Z_reference_check"
+    runs = [compare_runs.load(str(reference / name)) for name in ("20261128T214032Z_reference_1", "20261128T214032Z_reference_2")]
+    table = "\n".join(compare_runs.latency_tables(runs))
+    assert "| overload, B bursts, A idle, kvcached/static, TTFT p99 | 0.06 [0.06–0.10] / 0.09 [0.09–0.10] | **below 1** |" in table

@@ -56,39 +56,42 @@ def ratio_rows(label: str, values: list, spreads: list) -> str:
     return row([label, shown, verdict(spreads)])
 
 
+KEYS = [("ttft_s_p50", "TTFT p50"), ("ttft_s_p99", "TTFT p99"), ("e2e_s_p50", "E2E p50"), ("e2e_s_p99", "E2E p99")]
+
+
+def entry_rows(title: str, blocks: list, entries: str, value_of, prefix: str = "") -> list:
+    """One row per entry (model or phase) and latency key of a pair comparison, across runs."""
+    rows = []
+    for entry in blocks[0][entries]:
+        for key, label in KEYS:
+            items = [b[entries][entry] for b in blocks]
+            rows.append(ratio_rows(f"{title}, {prefix}{entry}, kvcached/static, {label}", [value_of(i, key) for i in items],
+                                   [(i.get("over_repeats") or {}).get(f"{key}_ratio") for i in items]))
+    return rows
+
+
 def latency_tables(runs: list) -> list:
     out = ["### Latency ratios (each run: ratio over all its requests [min–max over its repeats])", "",
            row(["comparison", "runs", "outside the noise?"]), row(["---"] * 3)]
     comparisons = [r["comparison"] for r in runs]
-    keys = [("ttft_s_p50", "TTFT p50"), ("ttft_s_p99", "TTFT p99"), ("e2e_s_p50", "E2E p50"), ("e2e_s_p99", "E2E p99")]
     single = [c.get("single") for c in comparisons]
     if all(single):
-        for key, label in keys[::2]:
-            field = {"ttft_s_p50": "ttft_p50_ratio", "e2e_s_p50": "e2e_p50_ratio"}[key]
+        for key, label in KEYS[::2]:
+            field = key.replace("_s_", "_") + "_ratio"   # ttft_s_p50 -> ttft_p50_ratio
             out.append(ratio_rows(f"one model, kvcached/static, {label}", [s[field] for s in single],
                                   [(s.get("over_repeats") or {}).get(f"{key}_ratio") for s in single]))
     shared = [c.get("shared") for c in comparisons]
     if all(shared):
-        for slot in shared[0]["per_model"]:
-            for key, label in keys:
-                models = [s["per_model"][slot] for s in shared]
-                out.append(ratio_rows(f"two models, model {slot}, kvcached/static, {label}",
-                                      [m[key]["ratio"] for m in models],
-                                      [(m.get("over_repeats") or {}).get(f"{key}_ratio") for m in models]))
+        out += entry_rows("two models", shared, "per_model", lambda model, key: model[key]["ratio"], "model ")
     overload = [c.get("overload") for c in comparisons]
     if all(overload):
-        for phase in overload[0]["per_phase"]:
-            for key, label in keys:
-                phases = [o["per_phase"][phase] for o in overload]
-                out.append(ratio_rows(f"overload, {phase}, kvcached/static, {label}",
-                                      [p[f"{key}_ratio"] for p in phases],
-                                      [(p.get("over_repeats") or {}).get(f"{key}_ratio") for p in phases]))
+        out += entry_rows("overload", overload, "per_phase", lambda phase, key: phase[f"{key}_ratio"])
     for name in ("single_sleep", "shared_sleep"):
         blocks = [c.get(name) for c in comparisons]
         if not all(blocks):
             continue
         for versus in ("kvcached", "static"):
-            for key, label in keys[::2]:
+            for key, label in KEYS[::2]:
                 out.append(ratio_rows(f"{name.replace('_', ' ')}, sleep/{versus}, {label}",
                                       [b[f"{key.replace('_s_', '_')}_vs_{versus}"] for b in blocks],
                                       [(b.get(f"vs_{versus}_over_repeats") or {}).get(f"{key}_ratio") for b in blocks]))

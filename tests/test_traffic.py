@@ -178,23 +178,32 @@ def test_prefix_cache_counters_are_read():
     assert rx.parse_metrics(page) == {"prefix_queries": 1000.0, "prefix_hits": 250.0}
 
 
-def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
-    exp = tmp_path / "01_kvcached"
+def recorded_experiment(folder, name: str, level, seconds: float, workload: tuple, sampling_end: float,
+                        bursts: list) -> "rx.LoadedExperiment":
+    """An experiment folder as a run leaves it: device memory level(t) every 50 ms from t = 1000."""
+    exp = folder / f"01_{name}"
     exp.mkdir()
     t0 = 1000.0
-    level = lambda t: 1000 + (300 if 3 <= t - t0 < 4 or 6 <= t - t0 < 7 else 0) + (50 if t - t0 >= 4 else 0) \
-        + (30 if t - t0 >= 7 else 0)   # two bursts, each leaving some pages behind
-    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(t0 + i * 0.05)}
-                                          for i in range(200)])
-    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 1.0, "ttft_s": 0.1,
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(i * 0.05)}
+                                          for i in range(int(seconds / 0.05))])
+    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 0.9, "ttft_s": 0.1,
                                              "server": "A", "phase": "burst 1", "repeat": 0}])
     rx.write_json(exp / "experiment.json", {
-        "name": "kvcached", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
-        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + 3, t0 + 7], "sampling_end": t0 + 9.95,
-                  "bursts": [{"phase": "burst 1", "server": "A", "repeat": 0, "start": t0 + 3, "end": t0 + 4},
-                             {"phase": "burst 2", "server": "A", "repeat": 0, "start": t0 + 6, "end": t0 + 7}]}})
-    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
-    assert summary.residual_after_burst_mib == [50, 80]
+        "name": name, "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
+        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + workload[0], t0 + workload[1]],
+                  "sampling_end": t0 + sampling_end,
+                  "bursts": [dict(phase=f"burst {k + 1}", server="A", repeat=0, start=t0 + b["start"], end=t0 + b["end"],
+                                  **{key: v for key, v in b.items() if key not in ("start", "end")})
+                             for k, b in enumerate(bursts)]}})
+    return rx.load_experiment(exp)
+
+
+def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
+    level = lambda t: 1000 + (300 if 3 <= t < 4 or 6 <= t < 7 else 0) + (50 if t >= 4 else 0) \
+        + (30 if t >= 7 else 0)   # two bursts, each leaving some pages behind
+    loaded = recorded_experiment(tmp_path, "kvcached", level, 10, (3, 7), 9.95,
+                                 [{"start": 3, "end": 4}, {"start": 6, "end": 7}])
+    assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [50, 80]
 
 
 def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
@@ -212,18 +221,7 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
 def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tmp_path):
     """Seen on an H200: sampling ended 0.27 s after the last burst, 0.15 s of which the server took to
     fall asleep (105 GB -> 1.6 GB); read over that fall, the residual came out at 23 GB instead of ~0."""
-    exp = tmp_path / "01_sleep"
-    exp.mkdir()
-    t0 = 1000.0
-    level = lambda t: 1600 + (80000 if 3 <= t - t0 < 4.15 else 0)   # awake during the burst, asleep after
-    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(t0 + i * 0.05)}
-                                          for i in range(86)])
-    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 0.9, "ttft_s": 0.2,
-                                             "server": "A", "phase": "burst 1", "repeat": 0}])
-    rx.write_json(exp / "experiment.json", {
-        "name": "sleep", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
-        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + 3, t0 + 4], "sampling_end": t0 + 4.27,
-                  "bursts": [{"phase": "burst 1", "server": "A", "repeat": 0, "start": t0 + 3, "end": t0 + 4,
-                              "wake_s": 0.15, "sleep_s": 0.15}]}})
-    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
-    assert summary.residual_after_burst_mib == [0]
+    level = lambda t: 1600 + (80000 if 3 <= t < 4.15 else 0)   # awake during the burst, asleep after
+    loaded = recorded_experiment(tmp_path, "sleep", level, 4.3, (3, 4), 4.27,
+                                 [{"start": 3, "end": 4, "wake_s": 0.15, "sleep_s": 0.15}])
+    assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [0]

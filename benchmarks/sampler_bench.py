@@ -7,7 +7,8 @@ Starts one server of the chosen arm with the harness's own code, waits until it 
 run_experiments.Sampler alone for --seconds at the harness's default rates (20 Hz device memory,
 2 Hz per-process memory, kvcached segment and /metrics) and prints the achieved device rate, the
 ticks it skipped, its errors, and the CPU time of this process (the sampler's two threads; the main
-thread only sleeps) and of the device-reading process as a share of one core. Flags after `--` are the harness's own flags.
+thread only sleeps) and of the device-reading process as a share of one core, over the whole run and
+once running (from 3 s on, leaving out the device process's start). Flags after `--` are the harness's own flags.
 """
 import argparse
 import os
@@ -26,6 +27,16 @@ import run_experiments as rx  # noqa: E402
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+STEADY_AFTER_S = 3.0
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv):
@@ -64,7 +75,10 @@ def main(argv=None) -> int:
                                  cfg.sample_hz, cfg.process_sample_hz)
             cpu0, child0, wall0 = time.process_time(), children_cpu_s(), time.time()
             sampler.start()
-            time.sleep(args.seconds)
+            time.sleep(STEADY_AFTER_S)   # the device process has started and is ticking by now
+            steady0 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time())
+            time.sleep(max(args.seconds - STEADY_AFTER_S, 1.0))
+            steady1 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time())
             sampler.stop()   # waits for the device process: its CPU time is counted from here
             cpu, wall = time.process_time() - cpu0, time.time() - wall0
             child = children_cpu_s() - child0
@@ -82,6 +96,9 @@ def main(argv=None) -> int:
     print(f"  rows written: {kinds}; errors: {sampler.errors} {sampler.error_kinds or ''}")
     print(f"  CPU: {cpu:.2f} s in this process (the file writer and the slow thread) + {child:.2f} s in the "
           f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core")
+    (c0, d0, w0), (c1, d1, w1) = steady0, steady1
+    print(f"  once running (from {STEADY_AFTER_S:g} s on, the device process's start left out): "
+          f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {100 * (c1 - c0 + d1 - d0) / (w1 - w0):.2f}% of one core")
     return 0
 
 

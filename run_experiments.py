@@ -2961,8 +2961,10 @@ class Distribution:
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
         data = [v for v in values if v is not None]
-        return cls(len(data), percentile(data, 50), percentile(data, 90), percentile(data, 99),
-                   float(np.mean(data)) if data else None, max(data) if data else None)
+        array = np.asarray(data, dtype=float)
+        finite = array[np.isfinite(array)]   # percentiles leave out inf/nan, as percentile() does
+        p50, p90, p99 = (float(p) for p in np.percentile(finite, [50, 90, 99])) if finite.size else (None,) * 3
+        return cls(len(data), p50, p90, p99, float(np.mean(array)) if data else None, max(data) if data else None)
 
 
 @dataclasses.dataclass

@@ -421,3 +421,33 @@ def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_relea
     assert all(s["startup_s"] < 1.0 for s in later), "each paid its 1 s import while another experiment ran"
     summary = json.loads((preimport_run / "summary.json").read_text())
     assert all(exp["latency"]["ok"] > 0 for exp in summary["experiments"].values())
+
+
+def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    cfg = make_cfg(server_cmd=f"{sys.executable} -m no_such_server_module")
+    spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5)
+    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
+    assert server.proc.wait(timeout=20) != 0
+    with pytest.raises(rx.ServerError, match="while vLLM was being imported ahead") as failure:
+        rx.release_staged(cfg, server)
+    assert "No module named 'no_such_server_module'" in str(failure.value), "the log's tail is the evidence"
+
+
+def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu, tmp_path, monkeypatch):
+    import socket
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    cfg = module_cfg(preimport="on")
+    spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
+    pool = rx.ServerPool(cfg, say=lambda _: None)
+    try:
+        pool.stage([spec], tmp_path)
+        staged = pool.staged[spec.key]
+        with socket.socket() as squatter:   # someone takes the port before its turn comes
+            squatter.bind(("127.0.0.1", cfg.port_a))
+            squatter.listen()
+            with pytest.raises(rx.ServerError, match=f"port {cfg.port_a} is already"):
+                pool.ensure([spec], tmp_path)
+        assert not staged.alive_pids() and not pool.running and not pool.staged
+    finally:
+        pool.close()

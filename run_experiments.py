@@ -16,7 +16,8 @@
 # 7. `shared_sleep`      two models time-sharing the card that way.
 #
 # Closed bursts by default; `--arrivals poisson --rates ...` sends open-loop traffic instead.
-# `--gpus 0,1` spreads the experiments over several cards of one host.
+# `--gpus 0,1` spreads the experiments over several cards of one host; on a machine with cores to
+# spare, each next server imports vLLM while the experiment before it runs (`--preimport`).
 #
 # Memory comes from NVML (device total and per server process tree), kvcached's own shared-memory
 # segment, and vLLM's `/metrics`; latency from streamed chat completions (TTFT, per-token, E2E).

@@ -2925,10 +2925,15 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 
 
 # %% Metrics: pure functions of saved records
+def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
+    """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
+    array = np.asarray([v for v in values if v is not None], dtype=float)
+    finite = array[np.isfinite(array)]
+    return [float(p) for p in np.percentile(finite, qs)] if finite.size else [None] * len(qs)
+
+
 def percentile(values: Iterable[Optional[float]], q: float) -> Optional[float]:
-    """Linear-interpolated percentile (q in 0..100); None for no data."""
-    data = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.percentile(data, q)) if data else None
+    return percentiles(values, [q])[0]
 
 
 def omitted_if_none() -> Any:
@@ -2962,10 +2967,8 @@ class Distribution:
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
         data = [v for v in values if v is not None]
-        array = np.asarray(data, dtype=float)
-        finite = array[np.isfinite(array)]   # percentiles leave out inf/nan, as percentile() does
-        p50, p90, p99 = (float(p) for p in np.percentile(finite, [50, 90, 99])) if finite.size else (None,) * 3
-        return cls(len(data), p50, p90, p99, float(np.mean(array)) if data else None, max(data) if data else None)
+        p50, p90, p99 = percentiles(data, [50, 90, 99])
+        return cls(len(data), p50, p90, p99, float(np.mean(data)) if data else None, max(data) if data else None)
 
 
 @dataclasses.dataclass

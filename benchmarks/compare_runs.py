@@ -10,13 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_experiments import fmt  # noqa: E402
+
 
 def load(run_dir: str) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def fmt(value, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def spread_text(spread: dict) -> str:

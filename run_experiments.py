@@ -17,7 +17,8 @@
 #
 # Closed bursts by default; `--arrivals poisson --rates ...` sends open-loop traffic instead.
 # `--gpus 0,1` spreads the experiments over several cards of one host; on a machine with cores to
-# spare, each next server imports vLLM while the experiment before it runs (`--preimport`).
+# spare, each next server imports vLLM while the experiment before it runs, and the first ones while
+# the preflight checks that vLLM imports (`--preimport`).
 #
 # Memory comes from NVML (device total and per server process tree), kvcached's own shared-memory
 # segment, and vLLM's `/metrics`; latency from streamed chat completions (TTFT, per-token, E2E).
@@ -69,6 +70,8 @@ import re
 import resource
 
 import shlex
+
+import shutil
 
 import signal
 
@@ -534,6 +537,7 @@ class Run:
     run_dir: Path
     config: dict                        # what config.json holds
     lanes: list[Lane]
+    import_checks: Optional["concurrent.futures.Future[list[Check]]"] = None   # still running: --preimport
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)   # config.json, across lanes
 
     def save_config(self) -> None:
@@ -561,8 +565,13 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run.config["timing"] = {"started": started, "table_start": time.time()}
-    interrupted, failures = run_table(run, say)
+    run.config["timing"] = {"started": started}
+    try:
+        interrupted, failures = run_table(run, say)
+    except ConfigError as exc:   # vLLM's import check, run beside the first imports, failed: no run
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures, say)
 
@@ -587,6 +596,8 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
                for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)] if len(lanes) > 1 else []
     interrupted = False
     try:
+        import_first_servers(run, pools, say)
+        run.config["timing"]["table_start"] = time.time()
         if not workers:   # one card: in this thread, as a notebook's interrupt reaches only it
             run_lane(run, lanes[0], pools[0], says[0], outcomes[0])
         else:
@@ -616,6 +627,27 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
     return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
 
 
+def import_first_servers(run: Run, pools: list["ServerPool"], say: Callable[[str], None]) -> None:
+    """With --preimport, each lane's first servers import vLLM while vLLM's import check runs (see
+    import_checks_beside); the experiments begin once it has passed."""
+    if run.import_checks is None:
+        return
+    for lane, pool in zip(run.lanes, pools):
+        first = lane.experiments[0]
+        pool.stage(resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first))
+    checks = run.import_checks.result()
+    if all(c.ok for c in checks):
+        say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
+        return
+    close_pools(pools, say, "vLLM's import check failed")
+    raise ConfigError("preflight failed; the servers importing vLLM ahead were stopped before they started "
+                      "(--check repeats it):\n" + checklist(checks))
+
+
+def experiment_dir(run: Run, entry: Experiment) -> Path:
+    return run.run_dir / f"{run.experiments.index(entry) + 1:02d}_{entry.name}"
+
+
 def prefixed(text: str, prefix: str) -> str:
     return "\n".join(prefix + line if line.strip() else line for line in text.split("\n"))
 
@@ -628,11 +660,10 @@ class LaneOutcome:
 
 def run_lane(run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None], outcome: LaneOutcome) -> None:
     """A lane's experiments in turn; one that fails is written down and the next one runs."""
-    exp_dir_of = lambda entry: run.run_dir / f"{run.experiments.index(entry) + 1:02d}_{entry.name}"
     resolved = lambda entry: resolve_experiment(entry, lane.cfg, run.plans, run.budget)
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
-        exp_dir = exp_dir_of(entry)
-        stage_next = ((lambda: pool.stage(resolved(upcoming).servers, exp_dir_of(upcoming)))
+        exp_dir = experiment_dir(run, entry)
+        stage_next = ((lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming)))
                       if upcoming is not None else lambda: None)
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, say, stage_next)
@@ -2158,11 +2189,11 @@ def stop_announced(servers: list[RunningServer], why: str, say: Callable[[str], 
     say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
 
 
-def close_pools(pools: list[ServerPool], say: Callable[[str], None]) -> None:
+def close_pools(pools: list[ServerPool], say: Callable[[str], None], why: str = "end of run") -> None:
     """Every lane's servers stopped together, and no lane starts another one meanwhile."""
     servers = [server for pool in pools for server in pool.shut()]
     try:
-        stop_announced(servers, "end of run", say)
+        stop_announced(servers, why, say)
     finally:
         for pool in pools:
             pool.forget_stopped()
@@ -4169,10 +4200,11 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     return Check("card", True, shown)
 
 
-def import_check(name: str, code: str, env: dict[str, str], timeout_s: float, fix: str) -> tuple[Check, str]:
+def import_check(name: str, code: str, env: dict[str, str], timeout_s: float, fix: str,
+                 python: str = sys.executable) -> tuple[Check, str]:
     """Run `code` in a fresh Python (the servers' interpreter): (the check, its stdout)."""
     try:
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return Check(name, False, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
     if proc.returncode != 0:
@@ -4203,10 +4235,17 @@ print(f"vllm {m.version('vllm')} importable (compiled: {', '.join(compiled) or '
 def check_serving_imports(cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S) -> list[Check]:
     """vLLM's compiled part imports in the servers' Python, and kvcached's autopatch hooks into it: in
     a subprocess, so this process never holds a CUDA context."""
-    if cfg.server_cmd:
-        return [Check("vllm", True, f"not checked: servers run with --server-cmd {cfg.server_cmd.split()[0]}", warning=True)]
     env = dict(os.environ, ENABLE_KVCACHED="true" if kvcached_needed else "false",
                KVCACHED_AUTOPATCH="1" if kvcached_needed else "0", CUDA_VISIBLE_DEVICES="")
+    if cfg.server_cmd:   # another engine (or a fake): its module imports, if it is run as one
+        prefix = server_prefix(cfg)
+        if staged_command(prefix) is None:
+            return [Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)]
+        module = prefix[2]
+        code = f"import importlib\nimportlib.import_module({module!r})\nprint({module + ' importable'!r})"
+        check, _ = import_check("server", code, env, timeout_s,
+                                f"check --server-cmd: `{prefix[0]} -m {module}` must import", python=prefix[0])
+        return [check]
     vllm, out = import_check("vllm", VLLM_PROBE, env, timeout_s,
                              "pip install -r requirements.txt (vllm==0.24.0)")
     checks = [vllm]
@@ -4249,8 +4288,10 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
     return checks
 
 
-def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
-    """Every check, in the order a new user meets the problems; (checks, NVML if it loaded)."""
+def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any,
+              imports_later: bool = False) -> tuple[list[Check], Any]:
+    """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
+    `imports_later`: leave out the 20 s import check, for import_checks_beside() to run."""
     checks = [check_python()]
     try:
         check_results_dir(Path(cfg.results_dir))
@@ -4272,15 +4313,34 @@ def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> t
         checks.append(Check("nvml", False, str(exc).split(". ")[0], "run on a machine with an NVIDIA GPU and "
                             "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither"))
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
-    checks += check_serving_imports(cfg, any(e.arm == "kvcached" for e in experiments))
+    if not imports_later:
+        checks += check_serving_imports(cfg, needs_kvcached(experiments))
     checks += check_models(cfg, slots)
     for lane, index in enumerate(gpu_indices(cfg)):
         checks += check_ports(lane_config(cfg, lane, index), slots)
     return checks, nvml
 
 
-def checklist(checks: list[Check]) -> str:
-    return "preflight:\n" + "\n".join(c.line() for c in checks)
+def checklist(checks: list[Check], title: str = "preflight:") -> str:
+    return title + "\n" + "\n".join(c.line() for c in checks)
+
+
+def needs_kvcached(experiments: list[Experiment]) -> bool:
+    return any(e.arm == "kvcached" for e in experiments)
+
+
+def import_checks_beside(cfg: Config, experiments: list[Experiment]) -> "concurrent.futures.Future[list[Check]]":
+    """The import check in the background, while the first servers import vLLM too (--preimport):
+    importing is all either does, so neither holds the card or a port before the check has passed."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def check() -> None:
+        try:
+            future.set_result(check_serving_imports(cfg, needs_kvcached(experiments)))
+        except BaseException as exc:
+            future.set_exception(exc)
+    threading.Thread(target=check, daemon=True, name="import-check").start()   # daemon: an exit never waits on it
+    return future
 
 
 # %% Run set-up: results folder, versions, checks, plans, signals
@@ -4351,7 +4411,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
     register_secrets(cfg)
     experiments = parse_experiments(cfg.experiments)
-    checks, nvml = preflight(cfg, experiments, nvml_module)
+    preimport = preimport_on(cfg)
+    checks, nvml = preflight(cfg, experiments, nvml_module, imports_later=preimport)
     if not all(c.ok for c in checks):
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
@@ -4371,9 +4432,9 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     for lane in lanes if len(lanes) > 1 else []:
         say(f"  GPU {lane.cfg.gpu_index} runs {', '.join(e.name for e in lane.experiments)} "
             f"(ports {lane.cfg.port_a}/{lane.cfg.port_b})")
-    preimport = preimport_on(cfg)
     if preimport:
-        say("each next server imports vLLM while the experiment before it runs (--preimport off to wait instead)")
+        say("each next server imports vLLM while the experiment before it runs, the first ones while vLLM's "
+            "import is checked (--preimport off to wait instead)")
     say(f"results in {run_dir}")
     save_plans(run_dir, plans, experiments)
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
@@ -4389,7 +4450,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
               "lanes": [{"gpu_index": lane.cfg.gpu_index, "gpu_uuid": lane.gpu["uuid"], "ports": [lane.cfg.port_a, lane.cfg.port_b],
                          "experiments": [e.name for e in lane.experiments]} for lane in lanes]}
     write_json(run_dir / "config.json", config)
-    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes)
+    import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, import_checks)
 
 
 def same_cards(cards: list[dict], allow_mixed: bool) -> bool:

@@ -414,13 +414,46 @@ def preimport_run(background_runs):
 def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_release(preimport_run):
     config = json.loads((preimport_run / "config.json").read_text())
     servers = config["servers"]
-    first = servers["A kvcached"]
-    assert "imported_ahead_from" not in first and first["startup_s"] > 1.0, "nothing ran before the first"
-    later = [s for label, s in servers.items() if label != "A kvcached"]
-    assert len(later) == 2 and all(s["imported_ahead_from"] < s["started_at"] for s in later)
-    assert all(s["startup_s"] < 1.0 for s in later), "each paid its 1 s import while another experiment ran"
+    assert len(servers) == 3 and all(s["imported_ahead_from"] < s["started_at"] for s in servers.values())
+    assert all(s["startup_s"] < 1.0 for s in servers.values()), \
+        "each paid its 1 s import while another experiment ran, the first while the import was checked"
+    timing = config["timing"]
+    assert timing["table_start"] - timing["started"] > 1.0, "the first start waited for the import check"
+    assert "✓ server: fake_vllm_server importable" in (preimport_run.parent.parent / "stdout.txt").read_text()
     summary = json.loads((preimport_run / "summary.json").read_text())
     assert all(exp["latency"]["ok"] > 0 for exp in summary["experiments"].values())
+
+
+def test_a_failed_import_check_stops_the_servers_importing_beside_it_and_leaves_no_run(
+        fake_gpu, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    port = free_port()
+
+    def failing_check(cfg, kvcached_needed):
+        assert wait_for(lambda: staged_servers(port), timeout=20), "the first server imports meanwhile"
+        return [rx.Check("vllm", False, "ImportError: libcudart.so.13", "reinstall the pair")]
+    monkeypatch.setattr(rx, "check_serving_imports", failing_check)
+    rc = rx.main(["--experiments", "1", "--preimport", "on", "--server-cmd", f"{sys.executable} -m fake_vllm_server",
+                  "--results-dir", str(tmp_path / "r"), "--port-a", str(port), "--port-b", str(free_port())],
+                 nvml_module=fake_gpu)
+    captured = capsys.readouterr()
+    assert rc == 2 and "✗ vllm: ImportError: libcudart.so.13" in captured.err and "reinstall the pair" in captured.err
+    assert "were stopped before they started" in captured.err
+    assert not staged_servers(port) and not rx.port_taken("127.0.0.1", port)
+    assert not list((tmp_path / "r").iterdir()), "no run folder is left for a run that never began"
+
+
+def staged_servers(port: int) -> list[int]:
+    """Live processes whose command line is a staged fake server on this port."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fake_vllm_server" in cmdline and str(port).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(fake_gpu, tmp_path, monkeypatch):

@@ -32,11 +32,27 @@ def children_cpu_s() -> float:
 STEADY_AFTER_S = 3.0
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process, from /proc/<pid>/stat."""
+def process_cpu_s(pid) -> float:
+    """User + system CPU seconds of a live process (or "self/task/TID", a thread), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(native_id: int) -> float:
+    """User + system CPU seconds of one thread of this process."""
+    return process_cpu_s(f"self/task/{native_id}")
+
+
+def timed(fn, spent: list):
+    """fn, adding the calling thread's CPU seconds in it to spent[0]."""
+    def wrapper(*args, **kwargs):
+        start = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] += time.thread_time() - start
+    return wrapper
 
 
 def parse_args(argv):
@@ -73,12 +89,17 @@ def main(argv=None) -> int:
             server = pool.running[spec.key]
             sampler = rx.Sampler(nvml, cfg.gpu_index, [server], Path(tmp) / "memory.jsonl",
                                  cfg.sample_hz, cfg.process_sample_hz)
+            in_processes, in_metrics = [0.0], [0.0]   # the slow thread's two reads
+            sampler.slow_rows = timed(sampler.slow_rows, in_processes)
+            sampler.metrics_rows = timed(sampler.metrics_rows, in_metrics)
             cpu0, child0, wall0 = time.process_time(), children_cpu_s(), time.time()
             sampler.start()
             time.sleep(STEADY_AFTER_S)   # the device process has started and is ticking by now
-            steady0 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time())
+            threads = lambda: (thread_cpu_s(sampler.native_id), thread_cpu_s(sampler.slow_thread.native_id),
+                               in_processes[0], in_metrics[0])
+            steady0 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
             time.sleep(max(args.seconds - STEADY_AFTER_S, 1.0))
-            steady1 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time())
+            steady1 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
             sampler.stop()   # waits for the device process: its CPU time is counted from here
             cpu, wall = time.process_time() - cpu0, time.time() - wall0
             child = children_cpu_s() - child0
@@ -96,9 +117,14 @@ def main(argv=None) -> int:
     print(f"  rows written: {kinds}; errors: {sampler.errors} {sampler.error_kinds or ''}")
     print(f"  CPU: {cpu:.2f} s in this process (the file writer and the slow thread) + {child:.2f} s in the "
           f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core")
-    (c0, d0, w0), (c1, d1, w1) = steady0, steady1
+    (c0, d0, w0, t0), (c1, d1, w1, t1) = steady0, steady1
+    share = lambda seconds: f"{100 * seconds / (w1 - w0):.2f}%"
     print(f"  once running (from {STEADY_AFTER_S:g} s on, the device process's start left out): "
-          f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {100 * (c1 - c0 + d1 - d0) / (w1 - w0):.2f}% of one core")
+          f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {share(c1 - c0 + d1 - d0)} of one core")
+    writer, slow, processes, metrics = (b - a for a, b in zip(t0, t1))
+    print(f"    device process {share(d1 - d0)}; file writer thread {share(writer)}; slow thread {share(slow)} "
+          f"(per-process memory and segment {share(processes)}, /metrics {share(metrics)}); "
+          f"the rest of this process {share(c1 - c0 - writer - slow)}")
     return 0
 
 

@@ -125,6 +125,61 @@ def test_metrics_page_keeps_only_what_is_read():
                                            "running": 7.0, "preemptions": 2.0}
 
 
+def test_metrics_lines_match_whole_names_with_any_labels():
+    page = ('vllm:num_preemptions_total_extra{engine="0"} 5.0\n'          # a longer name: not ours
+            'vllm:num_requests_waiting{model_name="a}b \\"c\\"",engine="0"} 3.0 1700000000\n'
+            'vllm:num_requests_waiting{engine="1"} 2\n'
+            '#vllm:num_requests_running 9\n')
+    assert rx.parse_metrics(page) == {"waiting": 5.0}
+
+
+@pytest.fixture
+def metrics_server():
+    """A /metrics endpoint that can answer with an error, or close each connection after answering."""
+    import http.server
+    import threading
+    state = {"status": 200, "close": False, "connections": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            state["connections"] += 1
+
+        def do_GET(self):
+            body = VLLM_PAGE.encode()
+            self.send_response(state["status"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = state["close"]
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_sampler_reads_metrics_over_one_kept_connection(metrics_server):
+    url, state = metrics_server
+    kept: dict = {}
+    for _ in range(3):
+        assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
+    assert state["connections"] == 1 and url in kept
+    state["close"] = True   # the server drops idle connections: the next read reconnects, no error
+    assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
+    assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
+    state["status"] = 503
+    with pytest.raises(rx.MetricsError, match="HTTP 503"):
+        rx.scrape_metrics(url, kept=kept)
+    for conn in kept.values():
+        conn.close()
+
+
 def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
     marks = rx.Marks(bursts=[
         rx.BurstMark("burst 1", "A", 0, 0.0, 1.0, {"ttft_sum": 1.0, "ttft_count": 10, "e2e_sum": 5.0, "e2e_count": 10},

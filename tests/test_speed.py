@@ -424,6 +424,19 @@ def test_bad_preimport_settings_are_refused_naming_the_flag(flags, message):
         rx.config_from_args(flags, say=lambda _: None)
 
 
+@pytest.mark.parametrize("flags, shell, method", [
+    ([], {}, "fork"), ([], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "spawn"),
+    (["--engine-start", "spawn"], {}, "spawn"),
+    (["--engine-start", "fork"], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "fork")])
+def test_vllms_engine_process_is_forked_unless_the_flag_or_the_shell_says_spawn(flags, shell, method):
+    cfg = rx.config_from_args(flags, say=lambda _: None)
+    for spec in (rx.ServerSpec("A", "m", 8001, kvcached=True),
+                 rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5, sleep_mode=True)):
+        assert rx.server_env(cfg, spec, shell)["VLLM_WORKER_MULTIPROC_METHOD"] == method
+    with pytest.raises(rx.ConfigError, match="--engine-start: must be auto, fork or spawn"):
+        rx.config_from_args(["--engine-start", "forkserver"], say=lambda _: None)
+
+
 def log_says_imported(server):
     return "imported in" in server.log_path.read_text()
 
@@ -488,6 +501,8 @@ def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_relea
         "each paid its 1 s import while another experiment ran, the first while the import was checked"
     timing = config["timing"]
     assert timing["table_start"] - timing["started"] > 1.0, "the first start waited for the import check"
+    assert all(s["env"]["VLLM_WORKER_MULTIPROC_METHOD"] == config["engine_start"] for s in servers.values())
+    assert f"engine process started by {config['engine_start']}" in (preimport_run / "summary.md").read_text()
     assert "✓ server: fake_vllm_server importable" in (preimport_run.parent.parent / "stdout.txt").read_text()
     summary = json.loads((preimport_run / "summary.json").read_text())
     assert all(exp["latency"]["ok"] > 0 for exp in summary["experiments"].values())

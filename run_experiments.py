@@ -18,7 +18,8 @@
 # Closed bursts by default; `--arrivals poisson --rates ...` sends open-loop traffic instead.
 # `--gpus 0,1` spreads the experiments over several cards of one host; on a machine with cores to
 # spare, each next server imports vLLM while the experiment before it runs, and the first ones while
-# the preflight checks that vLLM imports (`--preimport`).
+# the preflight checks that vLLM imports (`--preimport`); vLLM's engine process is forked from its API
+# server rather than importing vLLM again (`--engine-start`).
 #
 # Memory comes from NVML (device total and per server process tree), kvcached's own shared-memory
 # segment, and vLLM's `/metrics`; latency from streamed chat completions (TTFT, per-token, E2E).

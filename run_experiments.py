@@ -1946,8 +1946,8 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
         server.tree()   # remember the tree while it is alive, for a thorough stop later
         code = server.exit_code()
         if code is not None:
-            raise ServerError(f"server {server.spec.label} exited with code {code} before it was ready.\n"
-                              f"{server.evidence()}")
+            raise ServerError(f"server {server.spec.label} exited with code {code} before it was ready."
+                              f"{fork_hint(server)}\n{server.evidence()}")
         if health_ok(server):
             if not listener_is_ours(server):
                 raise ServerError(
@@ -1960,13 +1960,21 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
         now = time.time()
         if now > deadline:
             raise ServerError(f"server {server.spec.label} not ready after {timeout_s:.0f} s "
-                              f"(raise --start-timeout-s if it is still loading).\n{server.evidence()}")
+                              f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}\n"
+                              f"{server.evidence()}")
         if now >= next_progress:
             last = tail(server.log_path, 1).strip()[:120]
             say(f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
                 f"{now - server.started_at:.0f} s  | {last}")
             next_progress = now + progress_every_s
         pause(poll_s)
+
+
+def fork_hint(server: RunningServer) -> str:
+    if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork":
+        return ""
+    return (" Its engine process was forked from the API server (--engine-start); if the log ends while "
+            "that process starts, try --engine-start spawn, vLLM's own way.")
 
 
 def server_problem(server: RunningServer) -> Optional[str]:

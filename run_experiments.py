@@ -421,7 +421,7 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                     burst.rate = plans[step.plan].rates[step.burst]
                 marks.bursts.append(burst)
                 before = server_latency_snapshot(server)
-                gate = WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
+                gate = wake_gate(server, cfg)
                 records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink, gate)
                 burst.end = time.time()
                 burst.server_before = before
@@ -807,7 +807,7 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
         if step is None or server.warmed:   # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        gate = WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
+        gate = wake_gate(server, cfg)
         plan = plans[step.plan]
         if plan.arrivals != "bursts":   # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
@@ -931,6 +931,11 @@ class WakeGate:
                 self.done = True
         if self.error:
             raise ServerError(self.error)
+
+
+def wake_gate(server: "RunningServer", cfg: "Config") -> Optional[WakeGate]:
+    """The gate a sleep-mode server's burst passes through; None for any other server."""
+    return WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
 
 
 # %% Configuration machinery: flags from the Config fields, checks before anything launches
@@ -2884,6 +2889,12 @@ BURST_DEADLINE_SLACK_S = 30.0   # past every request's own deadline: connect tim
 OPEN_LOOP_THREADS = 512         # open loop: requests in flight at most; one arriving past that waits, and its wait counts
 
 
+def burst_threads(requests_: list[PlannedRequest]) -> int:
+    """Requests in flight at once (one thread and one socket each): a whole closed burst; open loop,
+    at most OPEN_LOOP_THREADS."""
+    return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
+
+
 def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
               cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0,
               sink: Optional[Callable[[RequestRecord], None]] = None,
@@ -2892,7 +2903,7 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
     last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
     import requests
     session = requests.Session()
-    threads = min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
+    threads = burst_threads(requests_)
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=threads))
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
     records = [make_record(r) for r in requests_]
@@ -4518,8 +4529,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     lanes = [Lane(lane_config(cfg, k, card["index"]), card, exps) for k, (card, exps) in
              enumerate(zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))))]
     lanes = [lane for lane in lanes if lane.experiments]
-    ensure_open_files(len(lanes) * max(min(max(len(plan.burst(b)) for b in range(plan.bursts)), OPEN_LOOP_THREADS)
-                                       for plan in plans.values()))
+    ensure_open_files(len(lanes) * max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts)))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     for card in cards:
         say(f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
@@ -4588,7 +4598,8 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
         facts[key] = {"model": model, "config_source": source,
                       "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None}
     kv_a, kv_b = facts["A"]["kv_bytes_per_token"], facts["B"]["kv_bytes_per_token"]
-    if cfg.arrivals != "bursts":
+    open_loop = cfg.arrivals != "bursts"
+    if open_loop:
         size, sizing = 0, (f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
                            f"requests/s, {cfg.duration_s:g} s per window"
                            + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else ""))
@@ -4598,13 +4609,14 @@ def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict
         longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
         size, sizing = size_burst(kv_a, int(gpu["free_mib_at_start"] * MIB), cfg.prompt_tokens,
                                   longest, cfg.burst_kv_fraction, cfg.max_burst_size)
-    plans = {"main": open_loop_plan(cfg, sizing) if cfg.arrivals != "bursts" else plan_workload(cfg, size, sizing)}
+    plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
     for key, kv in (("A", kv_a), ("B", kv_b)):
         plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
-    say(f"workload: {plans['main'].bursts} {'windows' if cfg.arrivals != 'bursts' else 'bursts'} x "
-        f"{plans['main'].burst_size if cfg.arrivals != 'bursts' else size} {'requests (busiest)' if cfg.arrivals != 'bursts' else 'concurrent requests'}, "
-        f"~{plans['main'].prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
+    main = plans["main"]   # its burst_size: the --burst-size or sized one, or open loop the busiest window
+    say(f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
+        f"{'requests (busiest)' if open_loop else 'concurrent requests'}, "
+        f"~{main.prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
         f"output tokens, {cfg.gap_s:g} s gaps")
     say(f"  why: {sizing}")
     if kv_b:

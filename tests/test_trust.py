@@ -748,3 +748,10 @@ def test_open_files_limit_is_raised_or_named(monkeypatch):
     monkeypatch.setattr(rx.resource, "getrlimit", lambda _: (256, 512))
     with pytest.raises(rx.ConfigError, match=r"--burst-size.*ulimit -n 1128"):
         rx.ensure_open_files(1000)
+
+
+def test_open_files_are_counted_as_the_client_opens_them():
+    closed = [rx.PlannedRequest(0, i, "p", 8, 0.7) for i in range(600)]
+    open_loop = [rx.PlannedRequest(0, i, "p", 8, 0.7, offset_s=0.01 * (i + 1)) for i in range(600)]
+    assert rx.burst_threads(closed) == 600, "a closed burst sends every request at once"
+    assert rx.burst_threads(open_loop) == rx.OPEN_LOOP_THREADS

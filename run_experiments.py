@@ -3931,8 +3931,9 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
         startups = ", ".join(f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}"
                              for k, v in s.servers.items())
         shown = name if s.memory_valid else f"{name} (memory figures void, see below)"
+        reused_mark = " *" if any(v.reused for v in s.servers.values()) and d.idle_after_load_mib is not None else ""
         lines.append(
-            f"| {shown} | {fmt(d.idle_after_load_mib)} | {fmt(d.idle_before_workload_mib)} | "
+            f"| {shown} | {fmt(d.idle_after_load_mib)}{reused_mark} | {fmt(d.idle_before_workload_mib)} | "
             f"{fmt(d.peak_mib)} | {fmt(d.flex_mib)} | {fmt(d.release_s, 2)} | "
             f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)} | "
             f"{fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1)} | "
@@ -4058,6 +4059,10 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
               "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
               f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
               "of that idle level (n/a: it stayed above; see residual in summary.json)."]
+    if any(v.reused for s in summaries.values() for v in s.servers.values()):
+        lines += ["", "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
+                  "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
+                  "on what ran before. *Idle before workload* (after the warm-up) compares across runs."]
     return "\n".join(lines) + "\n"
 
 

@@ -170,6 +170,11 @@ def test_two_model_runs_attribute_memory_per_model(full_run):
         assert server["vllm"]["max_running"] >= 1
         assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16, rows_per_burst(full_run, name)
     assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in (full_run["run_dir"] / "summary.md").read_text().splitlines() if line.startswith("| ")}
+    # a reused server was not freshly loaded, and the table says so where its idle level is shown
+    assert rows["shared_kvcached"].endswith(" *") and not rows["kvcached"].endswith("*"), rows
+    assert "A server reused from an earlier experiment was not freshly loaded" in (full_run["run_dir"] / "summary.md").read_text()
     starts = full_run["summary"]["server_starts"]
     # 10 servers across the six experiments; A and B kvcached and A static are reused: 6 start-ups
     assert (starts["started"], starts["reused"]) == (6, 4) and starts["startup_s_saved"] > 0

@@ -170,8 +170,8 @@ def test_two_model_runs_attribute_memory_per_model(full_run):
         assert server["vllm"]["max_running"] >= 1
         assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16, rows_per_burst(full_run, name)
     assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
-            for line in (full_run["run_dir"] / "summary.md").read_text().splitlines() if line.startswith("| ")}
+    table = (full_run["run_dir"] / "summary.md").read_text().split("| experiment | idle after load", 1)[1].split("\n\n")[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:]}
     # a reused server was not freshly loaded, and the table says so where its idle level is shown
     assert rows["shared_kvcached"].endswith(" *") and not rows["kvcached"].endswith("*"), rows
     assert "A server reused from an earlier experiment was not freshly loaded" in (full_run["run_dir"] / "summary.md").read_text()

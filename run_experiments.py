@@ -185,7 +185,8 @@ class Config:
     process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
     release_timeout_s: float = 20.0     # stop waiting for memory to come back after this
-    idle_window_s: float = 1.5          # quiet time over which an idle level is taken
+    # in 150 windows of 1.5 s in real runs, the median of the first or last 0.5 s was the whole window's to the MiB
+    idle_window_s: float = 0.5          # quiet time over which an idle level is taken (>= 5 device samples)
     settle_s: float = 3.0               # stop waiting for release once memory has not moved for this long
     report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
     check: bool = False                 # only print the preflight checklist (also run before every run); exit 0/1
@@ -990,6 +991,9 @@ def need(ok: bool, flag: str, why: str) -> None:
         raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
 
+MIN_IDLE_SAMPLES = 5                  # device samples in an idle window, for a median that ignores a blip
+
+
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
     for field in dataclasses.fields(Config):   # inf/nan would crash, hang or fail every experiment
@@ -1023,6 +1027,9 @@ def validate_config(cfg: Config) -> Config:
     for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s", "settle_s",
                  "idle_window_s"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
+    need(cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9, "idle_window_s",
+         f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
+         f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)")
     need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
     need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
     lanes = len(gpu_indices(cfg))

@@ -713,6 +713,7 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
     (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
     (["--extra-server-args", "--x 'y"], "--extra-server-args"),
     (["--settle-s", "0"], "--settle-s"),
+    (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),   # 2 samples: no median to trust
     (["--model-a", "/no/such/dir"], "--model-a"),
     (["--tag", "a/b"], "--tag"),
 ])

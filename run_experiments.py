@@ -2072,6 +2072,9 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
                     interrupted = True
                     HURRY.set()
                     say("  interrupted again: killing the servers now")
+            stuck = [pid for s in live for pid in s.alive_pids()]
+            if stuck and sig != signal.SIGKILL and not HURRY.is_set():
+                say(f"    still running {wait_s:.0f} s after {signal.Signals(sig).name}: {process_names(stuck)}")
         for server in servers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.proc.wait(timeout=1)
@@ -2089,6 +2092,15 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
         INTERRUPT_PENDING.clear()
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
+
+
+def process_names(pids: list[int]) -> str:
+    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
+    def name(pid: int) -> str:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        return "gone"
+    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
 
 
 def stop_server(server: RunningServer, grace_s: Optional[float] = None) -> float:
@@ -3035,7 +3047,7 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 # %% Metrics: pure functions of saved records
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
-    array = np.asarray([v for v in values if v is not None], dtype=float)
+    array = values if isinstance(values, np.ndarray) else np.asarray([v for v in values if v is not None], dtype=float)
     finite = array[np.isfinite(array)]
     return [float(p) for p in np.percentile(finite, qs)] if finite.size else [None] * len(qs)
 
@@ -3074,9 +3086,10 @@ class Distribution:
 
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
-        data = [v for v in values if v is not None]
+        data = np.asarray([v for v in values if v is not None], dtype=float)
         p50, p90, p99 = percentiles(data, [50, 90, 99])
-        return cls(len(data), p50, p90, p99, float(np.mean(data)) if data else None, max(data) if data else None)
+        return cls(int(data.size), p50, p90, p99, float(data.mean()) if data.size else None,
+                   float(data.max()) if data.size else None)
 
 
 @dataclasses.dataclass

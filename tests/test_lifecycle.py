@@ -94,9 +94,13 @@ def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
     ready(server)
     tree = server.tree()
     begin = time.time()
-    rx.stop_server(server, grace_s=0.5)
+    said = []
+    rx.stop_servers([server], grace_s=0.5, say=said.append)
     assert not any(alive(p) for p in tree)
     assert time.time() - begin < 12
+    # which processes held the stop up is said, by pid and name (never a command line: it can hold a key)
+    assert len(said) == 2 and "after SIGINT" in said[0] and "after SIGTERM" in said[1], said
+    assert f"{server.proc.pid} (python" in said[0] and "fake_vllm" not in said[0], said
 
 
 def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):

@@ -706,6 +706,12 @@ def main(argv=None):
     Handler.max_len = args.max_model_len or max_pos
 
     def on_signal(signum, frame):
+        # A stop signals the process group and each process, so a second signal can arrive while this
+        # handler runs: it must neither block on the log's lock (held by the first) nor start again.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log("INFO Shutting down (signal %d)" % signum)
         engine.cleanup()
         os._exit(0)

@@ -60,11 +60,22 @@ def test_committed_run_rebuilds_to_its_summary(reference, committed_rebuilds):
     assert rebuilt["json_same"] and rebuilt["md_same"], f"compare {rebuilt['copy']} with {reference}"
 
 
-def test_report_command_rebuilds_a_committed_run(tmp_path):
+@background("report_cli_run", weight=2)
+def report_cli_cmd(base):
+    copy = rebuildable_copy(REPORT_CLI_RUN, base)
+    return dict(args=[sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
+                env=dict(os.environ), timeout=120)
+
+
+@pytest.fixture
+def report_cli_run(background_runs):
+    return background_runs.result("report_cli_run")
+
+
+def test_report_command_rebuilds_a_committed_run(report_cli_run):
     assert REPORT_CLI_RUN in COMMITTED_RUNS
-    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
-                          capture_output=True, text=True, timeout=120)
+    proc, base = report_cli_run
+    copy = base / REPORT_CLI_RUN.name
     assert proc.returncode == 0, proc.stderr
     assert_rebuilt_as_committed(copy, REPORT_CLI_RUN)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(copy)

@@ -2,11 +2,10 @@
 import csv
 import gzip
 import json
-import sys
 
 import pytest
 
-from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, rx, script_args, succeeded_run
+from conftest import background, fake_env, rx, script_args, succeeded_run
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
@@ -59,14 +58,21 @@ def test_token_gaps_are_pooled_over_requests():
     assert summary.itl_s.n == 3 and summary.itl_s.p50 == pytest.approx(0.02) and summary.itl_s.max == 0.03
 
 
-def test_a_length_mix_with_slos_end_to_end(fake_gpu, tmp_path):
-    said = []
-    rc = rx.main([*FAST, "--experiments", "1", "--results-dir", str(tmp_path / "results"), "--server-cmd",
-                  f"{sys.executable} {FAKE_SERVER}", "--port-a", str(free_port()), "--port-b", str(free_port()),
-                  "--output-tokens-dist", "uniform:4-40", "--slo-ttft-ms", "10000", "--slo-tpot-ms", "0.001"],
-                 nvml_module=fake_gpu, say=said.append)
-    assert rc == 0, "\n".join(said[-30:])
-    run, = (tmp_path / "results").iterdir()
+@background("length_mix_run", weight=2)
+def length_mix_run_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=script_args(base / "results", "--experiments", "1", "--output-tokens-dist", "uniform:4-40",
+                                 "--slo-ttft-ms", "10000", "--slo-tpot-ms", "0.001"),
+                env=fake_env(base / "gpu"))
+
+
+@pytest.fixture
+def length_mix_run(background_runs):
+    return succeeded_run(background_runs, "length_mix_run")
+
+
+def test_a_length_mix_with_slos_end_to_end(length_mix_run):
+    run = length_mix_run
     exp = run / "01_kvcached"
     rows = rx.read_jsonl(exp / "requests.jsonl")
     plan = json.loads(__import__("gzip").decompress((run / "plan_main.json.gz").read_bytes()))

@@ -42,12 +42,23 @@ def memory_table(runs: list) -> list:
     out = ["### Memory (device, NVML, MiB)", "",
            row(["experiment", "idle after load", "idle before workload", "peak", "release after the last burst (s)"]),
            row(["---"] * 5)]
+    any_reused = False
     for name in names:
-        devices = [r["experiments"].get(name, {}).get("device", {}) for r in runs]
+        experiments = [r["experiments"].get(name, {}) for r in runs]
+        devices = [e.get("device", {}) for e in experiments]
         cell = lambda key, digits=0: " / ".join(fmt(d.get(key), digits) for d in devices)
-        out.append(row([name, cell("idle_after_load_mib"), cell("idle_before_workload_mib"), cell("peak_mib"),
-                        cell("release_s", 2)]))
-    return out + ["", "(run 1 / run 2 / ...)"]
+        marks = [" *" if reused_server(e) and d.get("idle_after_load_mib") is not None else ""
+                 for e, d in zip(experiments, devices)]
+        any_reused = any_reused or any(marks)
+        after_load = " / ".join(fmt(d.get("idle_after_load_mib")) + m for d, m in zip(devices, marks))
+        out.append(row([name, after_load, cell("idle_before_workload_mib"), cell("peak_mib"), cell("release_s", 2)]))
+    note = ["", "\\* with a server reused from an earlier experiment of that run: not a fresh load, so it depends "
+            "on what ran before (a kvcached server keeps the pages its bursts mapped); compare *idle before workload*."]
+    return out + ["", "(run 1 / run 2 / ...)"] + (note if any_reused else [])
+
+
+def reused_server(experiment: dict) -> bool:
+    return any(server.get("reused") for server in experiment.get("servers", {}).values())
 
 
 def ratio_rows(label: str, values: list, spreads: list) -> str:

@@ -2074,7 +2074,7 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
                     say("  interrupted again: killing the servers now")
             stuck = [pid for s in live for pid in s.alive_pids()]
             if stuck and sig != signal.SIGKILL and not HURRY.is_set():
-                say(f"    still running {wait_s:.0f} s after {signal.Signals(sig).name}: {process_names(stuck)}")
+                say(f"    still running {wait_s:g} s after {signal.Signals(sig).name}: {process_names(stuck)}")
         for server in servers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.proc.wait(timeout=1)

@@ -3946,12 +3946,15 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
              "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
              "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # an idle level after load that a reused server (not freshly loaded) is part of: marked, and explained below
+    not_fresh = {name for name, s in summaries.items()
+                 if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())}
     for name, s in summaries.items():
         d, lat = s.device, s.latency
         startups = ", ".join(f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}"
                              for k, v in s.servers.items())
         shown = name if s.memory_valid else f"{name} (memory figures void, see below)"
-        reused_mark = " *" if any(v.reused for v in s.servers.values()) and d.idle_after_load_mib is not None else ""
+        reused_mark = " *" if name in not_fresh else ""
         lines.append(
             f"| {shown} | {fmt(d.idle_after_load_mib)}{reused_mark} | {fmt(d.idle_before_workload_mib)} | "
             f"{fmt(d.peak_mib)} | {fmt(d.flex_mib)} | {fmt(d.release_s, 2)} | "
@@ -4079,7 +4082,7 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
               "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
               f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
               "of that idle level (n/a: it stayed above; see residual in summary.json)."]
-    if any(v.reused for s in summaries.values() for v in s.servers.values()):
+    if not_fresh:
         lines += ["", "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
                   "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
                   "on what ran before. *Idle before workload* (after the warm-up) compares across runs."]

@@ -40,70 +40,39 @@
 from __future__ import annotations
 
 import argparse
-
 import collections
-
 import concurrent.futures
-
 import contextlib
-
 import dataclasses
-
 import datetime as _dt
-import functools
-
 import errno
-
 import fcntl
-
+import functools
 import gzip
-
 import http.client
-
 import json
-
 import math
-
 import os
-
 import random
-
 import re
-
 import resource
-
 import shlex
-
 import shutil
-
 import signal
-
 import socket
-
 import stat
-
 import struct
-
 import subprocess
-
 import sys
-
 import tempfile
-
 import threading
-
 import time
-
 import traceback
-
 import urllib.parse
-
 from pathlib import Path
-
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
-
 
 
 def running_in_notebook() -> bool:
@@ -115,10 +84,10 @@ def running_in_notebook() -> bool:
 # In Colab, edit this string instead of passing command-line flags (the kernel's argv is ignored).
 NOTEBOOK_ARGS = "--preset auto"
 
-MIB = 1024 ** 2
+MIB = 1024**2
 
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 PRESETS = ("auto", "seed", "smoke")
@@ -127,76 +96,84 @@ PRESETS = ("auto", "seed", "smoke")
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- what to run
-    experiments: str = "all"            # comma list of names or numbers (see the table), 'seed' = 1,2,3, 'all'
-    preset: str = "auto"                # auto: bursts sized to the card; seed: the tutorial's; smoke: tiny
-    tag: str = "run"                    # suffix of the results folder name
-    results_dir: str = "results"        # parent of every run folder
-    repeats: int = 1                    # measured workload repetitions per experiment (same servers, same plan)
+    experiments: str = "all"  # comma list of names or numbers (see the table), 'seed' = 1,2,3, 'all'
+    preset: str = "auto"  # auto: bursts sized to the card; seed: the tutorial's; smoke: tiny
+    tag: str = "run"  # suffix of the results folder name
+    results_dir: str = "results"  # parent of every run folder
+    repeats: int = 1  # measured workload repetitions per experiment (same servers, same plan)
     # --- models and servers
     model_a: str = "Qwen/Qwen2.5-0.5B-Instruct"  # HF id or local folder
     model_b: str = "Qwen/Qwen2.5-1.5B-Instruct"  # second model for the shared/overload experiments
-    tokenizer: str = ""                 # passed to vLLM as --tokenizer when set
-    load_format: str = ""               # 'dummy' = random weights with the real shapes (no download)
-    max_model_len: int = 2048           # tokens; bounds prompt + output
-    host: str = "127.0.0.1"             # vLLM binds every interface unless told otherwise
-    port_a: int = 8001                  # model A's server (one port per slot, so A can be reused across experiments)
-    port_b: int = 8002                  # model B's server
-    api_key: str = ""                   # passed to vLLM and sent by the client when set
-    server_cmd: str = ""                # replaces 'python -m vllm.entrypoints.openai.api_server'
-    extra_server_args: str = ""         # appended to every server command
+    tokenizer: str = ""  # passed to vLLM as --tokenizer when set
+    load_format: str = ""  # 'dummy' = random weights with the real shapes (no download)
+    max_model_len: int = 2048  # tokens; bounds prompt + output
+    host: str = "127.0.0.1"  # vLLM binds every interface unless told otherwise
+    port_a: int = 8001  # model A's server (one port per slot, so A can be reused across experiments)
+    port_b: int = 8002  # model B's server
+    api_key: str = ""  # passed to vLLM and sent by the client when set
+    server_cmd: str = ""  # replaces 'python -m vllm.entrypoints.openai.api_server'
+    extra_server_args: str = ""  # appended to every server command
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
-    pair_utilization_b: float = 0.0     # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
-    kvcached_env: str = ""              # extra KEY=VALUE pairs for the kvcached arm, comma separated
-    sleep_level: int = 1                # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
-    gpu_index: int = 0                  # NVML index of the card the servers use
-    gpus: str = ""                      # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
-    allow_mixed_gpus: bool = False      # let --gpus mix card models or sizes (recorded; figures differ by card)
-    start_timeout_s: float = 900.0      # vLLM start-up: 50-100 s usual, first compile can be longer
-    preimport: str = "auto"             # import vLLM for the next servers while others run (~15 s less per start): auto (>= 8 cores per card), on, off
-    engine_start: str = "auto"          # how vLLM starts its engine process: fork (from the API server, which has imported vLLM: ~20 s less per start), spawn (`vllm serve`'s way: it imports again), auto (the shell's VLLM_WORKER_MULTIPROC_METHOD if set, else fork)
+    pair_utilization_b: float = 0.0  # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
+    kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
+    sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
+    gpu_index: int = 0  # NVML index of the card the servers use
+    gpus: str = ""  # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
+    allow_mixed_gpus: bool = False  # let --gpus mix card models or sizes (recorded; figures differ by card)
+    start_timeout_s: float = 900.0  # vLLM start-up: 50-100 s usual, first compile can be longer
+    preimport: str = "auto"  # import vLLM for the next servers while others run (~15 s less per start): auto (>= 8 cores per card), on, off
+    engine_start: str = "auto"  # how vLLM starts its engine process: fork (from the API server, which has imported vLLM: ~20 s less per start), spawn (`vllm serve`'s way: it imports again), auto (the shell's VLLM_WORKER_MULTIPROC_METHOD if set, else fork)
     # --- workload
-    bursts: int = 0                     # 0 = preset's value
-    arrivals: str = "bursts"            # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
-    rate: float = 0.0                   # open loop: requests per second in each window (--bursts windows)
-    rates: str = ""                     # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
-    burstiness: float = 1.0             # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
-    duration_s: float = 30.0            # open loop: seconds of arrivals per window
-    burst_size: int = 0                 # concurrent requests per burst; 0 = preset (auto: sized to the card)
-    gap_s: float = -1.0                 # idle seconds between bursts; <0 = preset
-    max_tokens: int = 0                 # output tokens per request; 0 = preset
-    prompt_tokens: int = -1             # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
-    temperature: float = 0.7            # sampling temperature of every request (the seed's value)
-    prefix_caching: bool = False        # vLLM's prefix caching (off: repeated prompt parts still need their KV)
-    shared_prefix_tokens: int = 0       # tokens of one prompt prefix every request shares (with --prefix-caching)
-    ignore_eos: bool = False            # vLLM's ignore_eos: every response is exactly max_tokens long
-    output_tokens_dist: str = "fixed"   # output lengths: fixed (max_tokens), uniform:LO-HI or lognormal:MEAN,SIGMA
-    slo_ttft_ms: float = 0.0            # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
-    slo_tpot_ms: float = 0.0            # goodput: ... and time per output token at most this (0 = none)
-    burst_kv_fraction: float = 0.05     # auto preset: one burst's KV demand as a fraction of free VRAM
-    max_burst_size: int = 256           # auto preset: cap on concurrent requests
-    seed: int = 0                       # RNG seed of the workload plan
-    warmup: bool = True                 # discarded burst of the same shape before measuring
-    request_timeout_s: float = 300.0    # a ready server can still stall (kvcached without pages)
+    bursts: int = 0  # 0 = preset's value
+    arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
+    rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
+    rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
+    burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
+    duration_s: float = 30.0  # open loop: seconds of arrivals per window
+    burst_size: int = 0  # concurrent requests per burst; 0 = preset (auto: sized to the card)
+    gap_s: float = -1.0  # idle seconds between bursts; <0 = preset
+    max_tokens: int = 0  # output tokens per request; 0 = preset
+    prompt_tokens: int = -1  # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
+    temperature: float = 0.7  # sampling temperature of every request (the seed's value)
+    prefix_caching: bool = False  # vLLM's prefix caching (off: repeated prompt parts still need their KV)
+    shared_prefix_tokens: int = 0  # tokens of one prompt prefix every request shares (with --prefix-caching)
+    ignore_eos: bool = False  # vLLM's ignore_eos: every response is exactly max_tokens long
+    output_tokens_dist: str = (
+        "fixed"  # output lengths: fixed (max_tokens), uniform:LO-HI or lognormal:MEAN,SIGMA
+    )
+    slo_ttft_ms: float = 0.0  # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
+    slo_tpot_ms: float = 0.0  # goodput: ... and time per output token at most this (0 = none)
+    burst_kv_fraction: float = 0.05  # auto preset: one burst's KV demand as a fraction of free VRAM
+    max_burst_size: int = 256  # auto preset: cap on concurrent requests
+    seed: int = 0  # RNG seed of the workload plan
+    warmup: bool = True  # discarded burst of the same shape before measuring
+    request_timeout_s: float = 300.0  # a ready server can still stall (kvcached without pages)
     # --- overload experiment
-    overload_budget_gib: float = 0.0    # KV budget of each pair (static: half per model; kvcached: limit); 0 = preset
-    overload_demand: float = 1.4        # bursting model's KV demand as a multiple of its static share
+    overload_budget_gib: float = (
+        0.0  # KV budget of each pair (static: half per model; kvcached: limit); 0 = preset
+    )
+    overload_demand: float = 1.4  # bursting model's KV demand as a multiple of its static share
     # --- sampling
-    sample_hz: float = 20.0             # NVML device-memory samples per second
-    process_sample_hz: float = 2.0      # per-process, kvcached shm and /metrics samples per second
-    release_tolerance: float = 0.05     # 'released' = back within this fraction of the idle level
-    release_timeout_s: float = 20.0     # stop waiting for memory to come back after this
+    sample_hz: float = 20.0  # NVML device-memory samples per second
+    process_sample_hz: float = 2.0  # per-process, kvcached shm and /metrics samples per second
+    release_tolerance: float = 0.05  # 'released' = back within this fraction of the idle level
+    release_timeout_s: float = 20.0  # stop waiting for memory to come back after this
     # in 150 windows of 1.5 s in real runs, the median of the first or last 0.5 s was the whole window's to the MiB
-    idle_window_s: float = 0.5          # quiet time over which an idle level is taken (>= 5 device samples)
-    settle_s: float = 3.0               # stop waiting for release once memory has not moved for this long
-    report: str = ""                    # rebuild summaries and plots of this run folder, run nothing
-    check: bool = False                 # only print the preflight checklist (also run before every run); exit 0/1
+    idle_window_s: float = 0.5  # quiet time over which an idle level is taken (>= 5 device samples)
+    settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
+    report: str = ""  # rebuild summaries and plots of this run folder, run nothing
+    check: bool = False  # only print the preflight checklist (also run before every run); exit 0/1
 
 
 PRESET_WORKLOADS = {
     # bursts, burst_size, gap_s, max_tokens, prompt_tokens, overload_budget_gib
     "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0, overload_budget_gib=4.0),
-    "smoke": dict(bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=2.0),
-    "auto": dict(bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0),
+    "smoke": dict(
+        bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=2.0
+    ),
+    "auto": dict(
+        bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0
+    ),
 }
 
 
@@ -206,47 +183,62 @@ PRESET_WORKLOADS = {
 # file knows experiments by name: adding one is one entry here, plus a server function for a new arm.
 @dataclasses.dataclass(frozen=True)
 class Step:
-    phase: str                          # label in summaries and plots
-    server: str                         # server slot: 'A' or 'B'
-    plan: str                           # key into the plans dict
+    phase: str  # label in summaries and plots
+    server: str  # server slot: 'A' or 'B'
+    plan: str  # key into the plans dict
     burst: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
     """Experiments that answer one question together, one per arm, compared kvcached vs static."""
-    name: str                           # key of the comparison in summary.json
-    pair: bool                          # two models share the card (per-model figures) or one model alone
-    ratios_by: str                      # the latency-ratio table is cut by 'model' or by 'phase'
-    plot: str                           # file name of the group's memory plot
+
+    name: str  # key of the comparison in summary.json
+    pair: bool  # two models share the card (per-model figures) or one model alone
+    ratios_by: str  # the latency-ratio table is cut by 'model' or by 'phase'
+    plot: str  # file name of the group's memory plot
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    number: int                         # what --experiments also accepts (entries may share a number)
-    name: str                           # folder and summary key
-    group: str                          # key of GROUPS
-    arm: str                            # 'kvcached' or 'static': which side of the comparison
+    number: int  # what --experiments also accepts (entries may share a number)
+    name: str  # folder and summary key
+    group: str  # key of GROUPS
+    arm: str  # 'kvcached' or 'static': which side of the comparison
     question: str
-    servers: Callable[["Config", int], tuple["ServerSpec", ...]]   # (config, pair KV budget) -> servers
-    schedule: Callable[[int], tuple[Step, ...]]                    # bursts per plan -> steps
-    plans: tuple[str, ...]              # the plans its steps send
-    shares_budget: bool = False         # kvcached limits are set so the pair shares one KV budget
+    servers: Callable[["Config", int], tuple["ServerSpec", ...]]  # (config, pair KV budget) -> servers
+    schedule: Callable[[int], tuple[Step, ...]]  # bursts per plan -> steps
+    plans: tuple[str, ...]  # the plans its steps send
+    shares_budget: bool = False  # kvcached limits are set so the pair shares one KV budget
 
 
 def kvcached_server(cfg: "Config", slot: str) -> "ServerSpec":
     return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=True)
 
 
-def static_server(cfg: "Config", slot: str, utilization: float, kv_bytes: Optional[int] = None) -> "ServerSpec":
-    return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=False,
-                      gpu_memory_utilization=utilization, kv_cache_memory_bytes=kv_bytes)
+def static_server(
+    cfg: "Config", slot: str, utilization: float, kv_bytes: Optional[int] = None
+) -> "ServerSpec":
+    return ServerSpec(
+        slot,
+        model_of(cfg, slot),
+        port_of(cfg, slot),
+        kvcached=False,
+        gpu_memory_utilization=utilization,
+        kv_cache_memory_bytes=kv_bytes,
+    )
 
 
 def sleeping_server(cfg: "Config", slot: str, utilization: float) -> "ServerSpec":
     """A static pool that sleeps between bursts and is woken when the next one arrives."""
-    return ServerSpec(slot, model_of(cfg, slot), port_of(cfg, slot), kvcached=False,
-                      gpu_memory_utilization=utilization, sleep_mode=True)
+    return ServerSpec(
+        slot,
+        model_of(cfg, slot),
+        port_of(cfg, slot),
+        kvcached=False,
+        gpu_memory_utilization=utilization,
+        sleep_mode=True,
+    )
 
 
 # vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the
@@ -275,46 +267,105 @@ GROUPS = {
     "shared": Group("shared", pair=True, ratios_by="model", plot="shared_memory.png"),
     "overload": Group("overload", pair=True, ratios_by="phase", plot="overload_memory.png"),
 }
-COMPARED_ARMS = ("kvcached", "static")   # elastic first: ratios are kvcached / static
-OTHER_ARMS = ("sleep",)                  # compared with both where present
+COMPARED_ARMS = ("kvcached", "static")  # elastic first: ratios are kvcached / static
+OTHER_ARMS = ("sleep",)  # compared with both where present
 
 EXPERIMENTS = [
-    Experiment(1, "kvcached", "single", "kvcached",
-               "How much VRAM does an idle kvcached server keep, and how does its memory follow a bursty load?",
-               lambda cfg, budget: (kvcached_server(cfg, "A"),), single_bursts, ("main",)),
-    Experiment(2, "static", "single", "static",
-               "The same with vLLM's static pool (--gpu-memory-utilization).",
-               lambda cfg, budget: (static_server(cfg, "A", cfg.gpu_memory_utilization),), single_bursts, ("main",)),
-    Experiment(3, "shared_kvcached", "shared", "kvcached",
-               "Two models on one GPU, both elastic, alternating bursts.",
-               lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")), alternating_bursts,
-               ("main",)),
-    Experiment(4, "shared_static", "shared", "static",
-               "The same pair split statically (--gpu-memory-utilization per model).",
-               lambda cfg, budget: (static_server(cfg, "A", cfg.gpu_memory_utilization),
-                                    static_server(cfg, "B", pair_b_utilization(cfg))), alternating_bursts, ("main",)),
-    Experiment(5, "overload_kvcached", "overload", "kvcached",
-               "One model bursts past its static share while the other idles; an elastic pair sharing one "
-               "KV budget (kvcached's per-instance limits).",
-               lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")), overload_swap,
-               ("overload_A", "overload_B"), shares_budget=True),
-    Experiment(5, "overload_static", "overload", "static",
-               "The same load on a static pair with half the KV budget each (--kv-cache-memory-bytes).",
-               lambda cfg, budget: (static_server(cfg, "A", KV_BYTES_START_GATE, budget // 2),
-                                    static_server(cfg, "B", KV_BYTES_START_GATE, budget // 2)), overload_swap,
-               ("overload_A", "overload_B")),
-    Experiment(6, "sleep", "single", "sleep",
-               "The static pool with vLLM's sleep mode: put to sleep after each burst and woken when the next "
-               "one arrives, as a router would (the wake-up is part of the first requests' latency).",
-               lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),), single_bursts, ("main",)),
-    Experiment(7, "shared_sleep", "shared", "sleep",
-               "Two models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
-               "and only the one that bursts is awake (the other was put to sleep after its own burst).",
-               lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),
-                                    sleeping_server(cfg, "B", cfg.gpu_memory_utilization)), alternating_bursts,
-               ("main",)),
+    Experiment(
+        1,
+        "kvcached",
+        "single",
+        "kvcached",
+        "How much VRAM does an idle kvcached server keep, and how does its memory follow a bursty load?",
+        lambda cfg, budget: (kvcached_server(cfg, "A"),),
+        single_bursts,
+        ("main",),
+    ),
+    Experiment(
+        2,
+        "static",
+        "single",
+        "static",
+        "The same with vLLM's static pool (--gpu-memory-utilization).",
+        lambda cfg, budget: (static_server(cfg, "A", cfg.gpu_memory_utilization),),
+        single_bursts,
+        ("main",),
+    ),
+    Experiment(
+        3,
+        "shared_kvcached",
+        "shared",
+        "kvcached",
+        "Two models on one GPU, both elastic, alternating bursts.",
+        lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")),
+        alternating_bursts,
+        ("main",),
+    ),
+    Experiment(
+        4,
+        "shared_static",
+        "shared",
+        "static",
+        "The same pair split statically (--gpu-memory-utilization per model).",
+        lambda cfg, budget: (
+            static_server(cfg, "A", cfg.gpu_memory_utilization),
+            static_server(cfg, "B", pair_b_utilization(cfg)),
+        ),
+        alternating_bursts,
+        ("main",),
+    ),
+    Experiment(
+        5,
+        "overload_kvcached",
+        "overload",
+        "kvcached",
+        "One model bursts past its static share while the other idles; an elastic pair sharing one "
+        "KV budget (kvcached's per-instance limits).",
+        lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")),
+        overload_swap,
+        ("overload_A", "overload_B"),
+        shares_budget=True,
+    ),
+    Experiment(
+        5,
+        "overload_static",
+        "overload",
+        "static",
+        "The same load on a static pair with half the KV budget each (--kv-cache-memory-bytes).",
+        lambda cfg, budget: (
+            static_server(cfg, "A", KV_BYTES_START_GATE, budget // 2),
+            static_server(cfg, "B", KV_BYTES_START_GATE, budget // 2),
+        ),
+        overload_swap,
+        ("overload_A", "overload_B"),
+    ),
+    Experiment(
+        6,
+        "sleep",
+        "single",
+        "sleep",
+        "The static pool with vLLM's sleep mode: put to sleep after each burst and woken when the next "
+        "one arrives, as a router would (the wake-up is part of the first requests' latency).",
+        lambda cfg, budget: (sleeping_server(cfg, "A", cfg.gpu_memory_utilization),),
+        single_bursts,
+        ("main",),
+    ),
+    Experiment(
+        7,
+        "shared_sleep",
+        "shared",
+        "sleep",
+        "Two models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
+        "and only the one that bursts is awake (the other was put to sleep after its own burst).",
+        lambda cfg, budget: (
+            sleeping_server(cfg, "A", cfg.gpu_memory_utilization),
+            sleeping_server(cfg, "B", cfg.gpu_memory_utilization),
+        ),
+        alternating_bursts,
+        ("main",),
+    ),
 ]
-SEED_EXPERIMENTS = (1, 2, 3)            # the tutorial's three: --experiments seed
+SEED_EXPERIMENTS = (1, 2, 3)  # the tutorial's three: --experiments seed
 
 
 def experiment(name: str) -> Optional[Experiment]:
@@ -333,8 +384,10 @@ def parse_experiments(spec: str) -> list[Experiment]:
         else:
             found = [e for e in EXPERIMENTS if token in (e.name, str(e.number))]
         if not found:
-            raise ConfigError(f"--experiments: unknown experiment {token!r}; choose from "
-                              f"{', '.join(e.name for e in EXPERIMENTS)}, their numbers, 'seed' or 'all'")
+            raise ConfigError(
+                f"--experiments: unknown experiment {token!r}; choose from "
+                f"{', '.join(e.name for e in EXPERIMENTS)}, their numbers, 'seed' or 'all'"
+            )
         chosen += [e for e in found if e not in chosen]
     if not chosen:
         raise ConfigError("--experiments: nothing chosen")
@@ -358,36 +411,58 @@ def group_arms(names: Iterable[str]) -> dict[str, dict[str, str]]:
 @dataclasses.dataclass(frozen=True)
 class ExperimentSpec:
     """One table entry resolved against the config: concrete servers and steps."""
+
     name: str
     question: str
     servers: tuple["ServerSpec", ...]
     steps: tuple[Step, ...]
-    kv_budget: int = 0                  # bytes of KV memory the kvcached pair may hold together
+    kv_budget: int = 0  # bytes of KV memory the kvcached pair may hold together
 
 
-def resolve_experiment(entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"],
-                       budget_bytes: int) -> ExperimentSpec:
-    return ExperimentSpec(entry.name, entry.question, entry.servers(cfg, budget_bytes),
-                          entry.schedule(plans["main"].bursts), budget_bytes if entry.shares_budget else 0)
+def resolve_experiment(
+    entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
+) -> ExperimentSpec:
+    return ExperimentSpec(
+        entry.name,
+        entry.question,
+        entry.servers(cfg, budget_bytes),
+        entry.schedule(plans["main"].bursts),
+        budget_bytes if entry.shares_budget else 0,
+    )
 
 
-def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"], pool: "ServerPool",
-                   nvml: Any, exp_dir: Path, say: Callable[[str], None],
-                   when_ready: Callable[[], None] = lambda: None) -> None:
+def run_experiment(
+    cfg: "Config",
+    exp: ExperimentSpec,
+    plans: dict[str, "WorkloadPlan"],
+    pool: "ServerPool",
+    nvml: Any,
+    exp_dir: Path,
+    say: Callable[[str], None],
+    when_ready: Callable[[], None] = lambda: None,
+) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
     say(f"\n=== {exp.name}: {exp.question}")
-    record = ExperimentRecord(exp.name, exp.question, steps=[dataclasses.asdict(s) for s in exp.steps],
-                              repeats=cfg.repeats, sample_interval_s=1 / cfg.sample_hz, gpu_index=cfg.gpu_index)
+    record = ExperimentRecord(
+        exp.name,
+        exp.question,
+        steps=[dataclasses.asdict(s) for s in exp.steps],
+        repeats=cfg.repeats,
+        sample_interval_s=1 / cfg.sample_hz,
+        gpu_index=cfg.gpu_index,
+    )
     save = lambda: write_json(exp_dir / "experiment.json", record.to_json())
-    save()   # a run killed from here on can still be reported
+    save()  # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
     by_slot = {s.spec.name: s for s in servers}
     record.servers = [s.describe() for s in servers]
     record.reused = [s.spec.label for s in servers if s.spec.key in before]
-    when_ready()   # e.g. import the next experiment's servers while this one measures
+    when_ready()  # e.g. import the next experiment's servers while this one measures
     marks = record.marks
-    sampler = Sampler(nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz)
+    sampler = Sampler(
+        nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz
+    )
     watch = MemoryWatch(sampler)
     sampler.start()
     sink = RecordSink(exp_dir / "requests.jsonl")
@@ -403,11 +478,15 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
             warmed = warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl", say)
             if warmed:
                 marks.warmup = (start, time.time())
-                outcome = watch.wait_settled(window_median(list(sampler.device), *marks.idle_after_load),
-                                             cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+                outcome = watch.wait_settled(
+                    window_median(list(sampler.device), *marks.idle_after_load),
+                    cfg.release_tolerance,
+                    cfg.settle_s,
+                    cfg.release_timeout_s,
+                )
                 say(f"  after warm-up memory {outcome}")
         woke = False
-        for server in [s for s in servers if s.spec.sleep_mode]:   # the sleep arm idles asleep
+        for server in [s for s in servers if s.spec.sleep_mode]:  # the sleep arm idles asleep
             record.sleep_level = cfg.sleep_level
             woke = put_to_sleep(server, cfg) is not None or woke
         # with nothing sent since the idle window after load, that window is the idle level too
@@ -426,7 +505,9 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
                 records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink, gate)
                 burst.end = time.time()
                 burst.server_before = before
-                burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
+                burst.server_after = server_latency_snapshot(
+                    server, expect=before, finished=sum(r.ok for r in records)
+                )
                 if gate is not None:
                     burst.wake_s = gate.wake_s
                     burst.sleep_s = put_to_sleep(server, cfg)
@@ -444,9 +525,9 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
                 write_segment_limit(ipc, total)
-        marks.sampling_end = time.time()   # before the stop, which may wait for a slow read to end
+        marks.sampling_end = time.time()  # before the stop, which may wait for a slow read to end
         sampler.stop()
-        for burst in marks.bursts:   # a burst cut short by an interrupt ends here
+        for burst in marks.bursts:  # a burst cut short by an interrupt ends here
             burst.end = burst.end or marks.sampling_end
         record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
         record.sampler_missed_ticks = sampler.missed_ticks
@@ -459,8 +540,8 @@ def run_experiment(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "Workloa
 # of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its own card,
 # ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
 LANE_PORT_STEP = 100
-START_ESTIMATE_S = 60.0                 # one vLLM start-up, for the scheduler's estimates only
-BURST_ESTIMATE_S = 10.0                 # one burst
+START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
+BURST_ESTIMATE_S = 10.0  # one burst
 
 
 def gpu_indices(cfg: "Config") -> list[int]:
@@ -499,8 +580,9 @@ def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: 
     return total
 
 
-def plan_lanes(experiments: list[Experiment], cfg: "Config", budget: int, bursts: int,
-               lanes: int) -> list[list[Experiment]]:
+def plan_lanes(
+    experiments: list[Experiment], cfg: "Config", budget: int, bursts: int, lanes: int
+) -> list[list[Experiment]]:
     """Experiments per lane, each lane in run order; the same single list when there is one lane."""
     if lanes == 1:
         return [list(experiments)]
@@ -508,13 +590,13 @@ def plan_lanes(experiments: list[Experiment], cfg: "Config", budget: int, bursts
 
     def assign(units: list[list[Experiment]]) -> list[list[Experiment]]:
         plan: list[list[Experiment]] = [[] for _ in range(lanes)]
-        for unit in sorted(units, key=cost, reverse=True):   # longest first, to the least loaded lane
+        for unit in sorted(units, key=cost, reverse=True):  # longest first, to the least loaded lane
             min(plan, key=cost).extend(unit)
         return [sorted(lane, key=experiments.index) for lane in plan]
 
     units = server_units(experiments, cfg, budget)
     best = assign(units)
-    for unit in sorted(units, key=cost, reverse=True):   # split a unit where that ends sooner
+    for unit in sorted(units, key=cost, reverse=True):  # split a unit where that ends sooner
         if len(unit) > 1:
             split = [u for u in units if u is not unit] + [[e] for e in unit]
             tried = assign(split)
@@ -527,38 +609,42 @@ def plan_lanes(experiments: list[Experiment], cfg: "Config", budget: int, bursts
 @dataclasses.dataclass
 class Lane:
     """One card and the experiments it runs, in order."""
-    cfg: "Config"                       # the run's config with this card's index and ports
-    gpu: dict                           # the card's facts (gpu_facts)
+
+    cfg: "Config"  # the run's config with this card's index and ports
+    gpu: dict  # the card's facts (gpu_facts)
     experiments: list[Experiment]
 
 
 @dataclasses.dataclass
 class Run:
     """Everything one run needs, settled before the first server starts."""
+
     cfg: "Config"
-    experiments: list[Experiment]       # run order: it numbers the experiment folders
+    experiments: list[Experiment]  # run order: it numbers the experiment folders
     nvml: Any
-    gpu: dict                           # the first card's facts
+    gpu: dict  # the first card's facts
     plans: dict[str, "WorkloadPlan"]
-    budget: int                         # bytes of KV memory each overload pair shares
+    budget: int  # bytes of KV memory each overload pair shares
     run_dir: Path
-    config: dict                        # what config.json holds
+    config: dict  # what config.json holds
     lanes: list[Lane]
-    import_checks: Optional["concurrent.futures.Future[list[Check]]"] = None   # still running: --preimport
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)   # config.json, across lanes
+    import_checks: Optional["concurrent.futures.Future[list[Check]]"] = None  # still running: --preimport
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # config.json, across lanes
 
     def save_config(self) -> None:
         with self.lock:
             write_json(self.run_dir / "config.json", self.config)
 
 
-def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print) -> int:
+def main(
+    argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print
+) -> int:
     """Exit code: 0 all measured; 1 an experiment failed or its memory figures are void; 2 bad input
     (nothing launched); 130 interrupted."""
     started = time.time()
     try:
         cfg = config_from_args(argv, say)
-        if cfg is None:   # --help
+        if cfg is None:  # --help
             return 0
         if cfg.report:
             say(json.dumps(build_report(Path(cfg.report))))
@@ -575,7 +661,7 @@ def main(argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callabl
     run.config["timing"] = {"started": started}
     try:
         interrupted, failures = run_table(run, say)
-    except ConfigError as exc:   # vLLM's import check, run beside the first imports, failed: no run
+    except ConfigError as exc:  # vLLM's import check, run beside the first imports, failed: no run
         shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -588,24 +674,38 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
     they fit, all stopped at the end. Returns (interrupted, failed experiments)."""
     ABORT.clear()
     lanes = run.lanes
-    says = [(lambda text, g=lane.cfg.gpu_index: say(prefixed(text, f"[GPU {g}] "))) if len(lanes) > 1 else say
-            for lane in lanes]
-    pools = [ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
-             for lane, lane_say in zip(lanes, says)]
+    says = [
+        (lambda text, g=lane.cfg.gpu_index: say(prefixed(text, f"[GPU {g}] "))) if len(lanes) > 1 else say
+        for lane in lanes
+    ]
+    pools = [
+        ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
+        for lane, lane_say in zip(lanes, says)
+    ]
     restore = install_stop_signals(say) if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, 0.001))
     outcomes = [LaneOutcome() for _ in lanes]
-    workers = [threading.Thread(target=run_lane, args=(run, lane, pool, lane_say, outcome), daemon=True,
-                                name=f"lane-gpu{lane.cfg.gpu_index}")
-               for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)] if len(lanes) > 1 else []
+    workers = (
+        [
+            threading.Thread(
+                target=run_lane,
+                args=(run, lane, pool, lane_say, outcome),
+                daemon=True,
+                name=f"lane-gpu{lane.cfg.gpu_index}",
+            )
+            for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)
+        ]
+        if len(lanes) > 1
+        else []
+    )
     interrupted = False
     try:
         import_first_servers(run, pools, say)
         run.config["timing"]["table_start"] = time.time()
-        if not workers:   # one card: in this thread, as a notebook's interrupt reaches only it
+        if not workers:  # one card: in this thread, as a notebook's interrupt reaches only it
             run_lane(run, lanes[0], pools[0], says[0], outcomes[0])
         else:
             for worker in workers:
@@ -615,13 +715,13 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
                     worker.join(timeout=0.2)
     except KeyboardInterrupt:
         interrupted = True
-        ABORT.set()   # the other lanes stop at their next step
-        SIGNALS_SEEN[0] = max(SIGNALS_SEEN[0], 1)   # a notebook's stop button reaches us only this way
+        ABORT.set()  # the other lanes stop at their next step
+        SIGNALS_SEEN[0] = max(SIGNALS_SEEN[0], 1)  # a notebook's stop button reaches us only this way
         say("\ninterrupted: stopping every server before leaving")
     finally:
         try:
             close_pools(pools, say)
-        except KeyboardInterrupt:   # signalled again while stopping: the servers are gone all the same
+        except KeyboardInterrupt:  # signalled again while stopping: the servers are gone all the same
             interrupted = True
         for worker in workers:
             if worker.is_alive():
@@ -641,14 +741,18 @@ def import_first_servers(run: Run, pools: list["ServerPool"], say: Callable[[str
         return
     for lane, pool in zip(run.lanes, pools):
         first = lane.experiments[0]
-        pool.stage(resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first))
+        pool.stage(
+            resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
+        )
     checks = run.import_checks.result()
     if all(c.ok for c in checks):
         say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
         return
     close_pools(pools, say, "vLLM's import check failed")
-    raise ConfigError("preflight failed; the servers importing vLLM ahead were stopped before they started "
-                      "(--check repeats it):\n" + checklist(checks))
+    raise ConfigError(
+        "preflight failed; the servers importing vLLM ahead were stopped before they started "
+        "(--check repeats it):\n" + checklist(checks)
+    )
 
 
 def experiment_dir(run: Run, entry: Experiment) -> Path:
@@ -665,13 +769,18 @@ class LaneOutcome:
     interrupted: bool = False
 
 
-def run_lane(run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None], outcome: LaneOutcome) -> None:
+def run_lane(
+    run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None], outcome: LaneOutcome
+) -> None:
     """A lane's experiments in turn; one that fails is written down and the next one runs."""
     resolved = lambda entry: resolve_experiment(entry, lane.cfg, run.plans, run.budget)
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
-        stage_next = ((lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming)))
-                      if upcoming is not None else lambda: None)
+        stage_next = (
+            (lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming)))
+            if upcoming is not None
+            else lambda: None
+        )
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, say, stage_next)
         except Aborted:
@@ -682,14 +791,20 @@ def run_lane(run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None
                 raise
             outcome.interrupted = True
             return
-        except Exception as exc:   # this experiment failed; the others still run
-            if ABORT.is_set():   # cut off by the interrupt, not a failure of its own
+        except Exception as exc:  # this experiment failed; the others still run
+            if ABORT.is_set():  # cut off by the interrupt, not a failure of its own
                 outcome.interrupted = True
                 return
             outcome.failures += 1
             exp_dir.mkdir(parents=True, exist_ok=True)
-            write_json(exp_dir / "error.json", {"experiment": entry.name, "error": f"{type(exc).__name__}: {exc}",
-                                                "traceback": traceback.format_exc()})
+            write_json(
+                exp_dir / "error.json",
+                {
+                    "experiment": entry.name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                },
+            )
             say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
         finally:
             with run.lock:
@@ -708,9 +823,12 @@ def report_run(run: Run, interrupted: bool, failures: int, say: Callable[[str], 
     run.save_config()
     try:
         result = build_report(run.run_dir)
-    except Exception as exc:   # the raw files are safe; the report can be rebuilt with --report
-        print(f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
-              f"{run.run_dir}; retry with --report {run.run_dir}", file=sys.stderr)
+    except Exception as exc:  # the raw files are safe; the report can be rebuilt with --report
+        print(
+            f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
+            f"{run.run_dir}; retry with --report {run.run_dir}",
+            file=sys.stderr,
+        )
         return 1
     say(f"\nsummary: {run.run_dir / 'summary.md'}")
     for name in result["invalid"]:
@@ -730,10 +848,11 @@ def report_run(run: Run, interrupted: bool, failures: int, say: Callable[[str], 
 @dataclasses.dataclass
 class Marks:
     """When each phase of an experiment happened (wall clock), for summaries and plots."""
-    idle_after_load: Optional[tuple[float, float]] = None   # quiet window right after the servers are up
+
+    idle_after_load: Optional[tuple[float, float]] = None  # quiet window right after the servers are up
     warmup: Optional[tuple[float, float]] = None
-    idle_before: Optional[tuple[float, float]] = None       # quiet window after the warm-up: the idle level
-    workload: Optional[tuple[float, float]] = None          # first burst start to last burst end
+    idle_before: Optional[tuple[float, float]] = None  # quiet window after the warm-up: the idle level
+    workload: Optional[tuple[float, float]] = None  # first burst start to last burst end
     sampling_end: Optional[float] = None
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
 
@@ -743,10 +862,16 @@ class Marks:
 
     @classmethod
     def from_json(cls, data: dict) -> "Marks":
-        spans = {k: tuple(data[k]) for k in ("idle_after_load", "warmup", "idle_before", "workload")
-                 if data.get(k) is not None}
-        return cls(**spans, sampling_end=data.get("sampling_end"),
-                   bursts=[BurstMark(**b) for b in data.get("bursts") or []])
+        spans = {
+            k: tuple(data[k])
+            for k in ("idle_after_load", "warmup", "idle_before", "workload")
+            if data.get(k) is not None
+        }
+        return cls(
+            **spans,
+            sampling_end=data.get("sampling_end"),
+            bursts=[BurstMark(**b) for b in data.get("bursts") or []],
+        )
 
 
 @dataclasses.dataclass
@@ -755,22 +880,23 @@ class BurstMark:
     server: str
     repeat: int
     start: float
-    end: Optional[float] = None         # None: cut off (interrupted, killed)
+    end: Optional[float] = None  # None: cut off (interrupted, killed)
     # the server's latency histograms (sums and counts, /metrics) right before and after the burst
     server_before: Optional[dict] = None
     server_after: Optional[dict] = None
-    wake_s: Optional[float] = None      # sleep arm: the wake-up its first request paid for
-    rate: Optional[float] = None        # open loop: the planned arrival rate of this window (requests/s)
-    sleep_s: Optional[float] = None     # sleep arm: putting the server back to sleep after it
+    wake_s: Optional[float] = None  # sleep arm: the wake-up its first request paid for
+    rate: Optional[float] = None  # open loop: the planned arrival rate of this window (requests/s)
+    sleep_s: Optional[float] = None  # sleep arm: putting the server back to sleep after it
 
 
 @dataclasses.dataclass
 class ExperimentRecord:
     """experiment.json: what ran, on which servers, and when; written at the start and after each burst."""
+
     name: str
     question: str
-    servers: list[dict] = dataclasses.field(default_factory=list)   # RunningServer.describe() of each
-    reused: list[str] = dataclasses.field(default_factory=list)     # labels of servers kept from before
+    servers: list[dict] = dataclasses.field(default_factory=list)  # RunningServer.describe() of each
+    reused: list[str] = dataclasses.field(default_factory=list)  # labels of servers kept from before
     steps: list[dict] = dataclasses.field(default_factory=list)
     repeats: int = 1
     marks: Marks = dataclasses.field(default_factory=Marks)
@@ -779,42 +905,60 @@ class ExperimentRecord:
     sampler_errors: int = 0
     sampler_error_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
     kv_limits: dict[str, int] = dataclasses.field(default_factory=dict)
-    gpu_index: Optional[int] = None     # the card it ran on (NVML index)
-    sleep_level: Optional[int] = None   # sleep arm: the level its server slept at between bursts
-    sampler_missed_ticks: int = 0       # device samples skipped because the sampler was late
+    gpu_index: Optional[int] = None  # the card it ran on (NVML index)
+    sleep_level: Optional[int] = None  # sleep arm: the level its server slept at between bursts
+    sampler_missed_ticks: int = 0  # device samples skipped because the sampler was late
 
     def to_json(self) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
-                "marks": self.marks.to_json()}
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
+            "marks": self.marks.to_json(),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
         known = {f.name for f in dataclasses.fields(cls)} - {"marks"}
         record = cls(**{k: v for k, v in data.items() if k in known})
         record.marks = Marks.from_json(data.get("marks") or {})
-        record.finished = data.get("finished", True)   # runs from before this field finished
+        record.finished = data.get("finished", True)  # runs from before this field finished
         return record
 
 
-
 # %% Experiment steps: warm-up, one burst, a shared KV budget
-def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"],
-            by_slot: dict[str, "RunningServer"], path: Path, say: Callable[[str], None]) -> bool:
+def warm_up(
+    cfg: "Config",
+    exp: ExperimentSpec,
+    plans: dict[str, "WorkloadPlan"],
+    by_slot: dict[str, "RunningServer"],
+    path: Path,
+    say: Callable[[str], None],
+) -> bool:
     """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
     heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
     sent = False
     for slot, server in by_slot.items():
         step = next((s for s in exp.steps if s.server == slot), None)
-        if step is None or server.warmed:   # cold-start costs are paid once per process
+        if step is None or server.warmed:  # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
         gate = wake_gate(server, cfg)
         plan = plans[step.plan]
-        if plan.arrivals != "bursts":   # open loop: the first requests of a window at once, not a whole window
+        if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
-            plan = dataclasses.replace(plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first))
-        run_step(cfg, exp, dataclasses.replace(step, phase=f"warm-up {slot}"), plan, server, -1,
-                 say, RecordSink(path, keep_itl=False), gate)
+            plan = dataclasses.replace(
+                plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first)
+            )
+        run_step(
+            cfg,
+            exp,
+            dataclasses.replace(step, phase=f"warm-up {slot}"),
+            plan,
+            server,
+            -1,
+            say,
+            RecordSink(path, keep_itl=False),
+            gate,
+        )
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
@@ -822,19 +966,28 @@ def warm_up(cfg: "Config", exp: ExperimentSpec, plans: dict[str, "WorkloadPlan"]
     return sent
 
 
-OPEN_LOOP_WARMUP = 64                # open loop: requests of the warm-up burst
+OPEN_LOOP_WARMUP = 64  # open loop: requests of the warm-up burst
 
 
-def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan", server: "RunningServer",
-             repeat: int, say: Callable[[str], None], sink: Callable[["RequestRecord"], None],
-             gate: Optional[Callable[[], None]] = None) -> list["RequestRecord"]:
+def run_step(
+    cfg: "Config",
+    exp: ExperimentSpec,
+    step: Step,
+    plan: "WorkloadPlan",
+    server: "RunningServer",
+    repeat: int,
+    say: Callable[[str], None],
+    sink: Callable[["RequestRecord"], None],
+    gate: Optional[Callable[[], None]] = None,
+) -> list["RequestRecord"]:
     """One burst against a server that must still be alive before and after it."""
     code = server.exit_code()
     if code is not None:
-        raise ServerError(f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.\n"
-                          f"{server.evidence()}")
+        raise ServerError(
+            f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.\n{server.evidence()}"
+        )
     reqs = plan.burst(step.burst)
-    if not reqs:   # an open-loop window can plan no arrival at a low rate
+    if not reqs:  # an open-loop window can plan no arrival at a low rate
         say(f"    {step.phase}: no request planned in this window")
         return []
     make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
@@ -842,28 +995,35 @@ def run_step(cfg: "Config", exp: ExperimentSpec, step: Step, plan: "WorkloadPlan
     records = run_burst(server, reqs, make, cfg, say=say, sink=sink, gate=gate)
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
-    say(f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
+    say(
+        f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
         f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
-        f"{'n/a' if ttft is None else f'{ttft:.3f} s'}")
+        f"{'n/a' if ttft is None else f'{ttft:.3f} s'}"
+    )
     if failed == len(records):
         first = next((r.error for r in records if r.error), "unknown")
         problem = server_problem(server)
-        if problem:   # a dead server makes every later number meaningless: stop this experiment
-            raise ServerError(f"every request of {step.phase!r} failed and server {server.spec.label} "
-                              f"{problem} (first error: {first}).\n{server.evidence()}")
+        if problem:  # a dead server makes every later number meaningless: stop this experiment
+            raise ServerError(
+                f"every request of {step.phase!r} failed and server {server.spec.label} "
+                f"{problem} (first error: {first}).\n{server.evidence()}"
+            )
         say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
     return records
 
 
-def apply_pair_budget(budget: int, by_slot: dict[str, "RunningServer"], restore: dict[str, int],
-                      say: Callable[[str], None]) -> dict[str, int]:
+def apply_pair_budget(
+    budget: int, by_slot: dict[str, "RunningServer"], restore: dict[str, int], say: Callable[[str], None]
+) -> dict[str, int]:
     """Write kvcached limits so the pair shares `budget`; remembers the old limits in `restore`."""
     segments = {}
     for slot, server in by_slot.items():
         segments[slot] = read_segment(server.spec.ipc_name)
         if segments[slot] is None:
-            raise RuntimeError(f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
-                               f"is kvcached active in server {slot}? (see {server.log_path})")
+            raise RuntimeError(
+                f"kvcached segment {segment_path(server.spec.ipc_name)} not found: "
+                f"is kvcached active in server {slot}? (see {server.log_path})"
+            )
     limits = pair_limits(budget, segments)
     for slot, limit in limits.items():
         own = segments[slot]["used_bytes"] + segments[slot]["prealloc_bytes"]
@@ -871,29 +1031,37 @@ def apply_pair_budget(budget: int, by_slot: dict[str, "RunningServer"], restore:
             raise RuntimeError(
                 f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {slot} no room to grow: "
                 f"the pair already holds {sum(s['used_bytes'] + s['prealloc_bytes'] for s in segments.values()) / MIB:,.0f} "
-                f"MiB of pre-allocated KV pages. Raise --overload-budget-gib.")
+                f"MiB of pre-allocated KV pages. Raise --overload-budget-gib."
+            )
         ipc = by_slot[slot].spec.ipc_name
         restore[ipc] = segments[slot]["total_bytes"]
         write_segment_limit(ipc, limit)
-        say(f"  kvcached limit of {slot} set to {limit / GIB:.2f} GiB "
-            f"(was {segments[slot]['total_bytes'] / GIB:.1f} GiB)")
+        say(
+            f"  kvcached limit of {slot} set to {limit / GIB:.2f} GiB "
+            f"(was {segments[slot]['total_bytes'] / GIB:.1f} GiB)"
+        )
     return limits
 
 
-
-def sleep_call(server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0,
-               body: Optional[dict] = None) -> float:
+def sleep_call(
+    server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0, body: Optional[dict] = None
+) -> float:
     """POST /sleep?level=N, /wake_up, ...; seconds it took (raises ServerError if the server refused)."""
     import requests
+
     start = time.perf_counter()
     try:
-        response = requests.post(server.url + path, headers=auth_headers(api_key), timeout=timeout_s, json=body)
+        response = requests.post(
+            server.url + path, headers=auth_headers(api_key), timeout=timeout_s, json=body
+        )
     except requests.RequestException as exc:
         raise ServerError(f"{path} on {server.spec.label} failed: {exc}") from exc
     if response.status_code != 200:
-        raise ServerError(f"{path} on {server.spec.label} answered HTTP {response.status_code}: "
-                          f"{response.text[:200]} (vLLM serves it with --enable-sleep-mode and "
-                          f"VLLM_SERVER_DEV_MODE=1)")
+        raise ServerError(
+            f"{path} on {server.spec.label} answered HTTP {response.status_code}: "
+            f"{response.text[:200]} (vLLM serves it with --enable-sleep-mode and "
+            f"VLLM_SERVER_DEV_MODE=1)"
+        )
     return time.perf_counter() - start
 
 
@@ -922,9 +1090,10 @@ class WakeGate:
             if not self.done:
                 try:
                     self.wake_s = sleep_call(self.server, "/wake_up", self.api_key)
-                    if self.level == 2:   # level 2 dropped the weights: vLLM wakes without them
-                        self.wake_s += sleep_call(self.server, "/collective_rpc", self.api_key,
-                                                  body={"method": "reload_weights"})
+                    if self.level == 2:  # level 2 dropped the weights: vLLM wakes without them
+                        self.wake_s += sleep_call(
+                            self.server, "/collective_rpc", self.api_key, body={"method": "reload_weights"}
+                        )
                         self.wake_s += sleep_call(self.server, "/reset_prefix_cache", self.api_key)
                     self.server.asleep = False
                 except ServerError as exc:
@@ -955,6 +1124,7 @@ def config_help() -> dict[str, str]:
     """Each field's trailing comment in Config, as its --help text (empty where the source is not
     available, e.g. pasted into a notebook cell)."""
     import inspect
+
     try:
         source = inspect.getsource(Config)
     except (OSError, TypeError):
@@ -971,14 +1141,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(
         prog="run_experiments.py",
         description="Measure kvcached's elastic KV cache against vLLM's static pool.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     helps = config_help()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "").replace("%", "%%")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, default=field.default, help=text,
-                                action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                flag, dest=field.name, default=field.default, help=text, action=argparse.BooleanOptionalAction
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[field.type]
             parser.add_argument(flag, dest=field.name, type=kind, default=field.default, help=text)
@@ -991,29 +1163,44 @@ def need(ok: bool, flag: str, why: str) -> None:
         raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
 
-MIN_IDLE_SAMPLES = 5                  # device samples in an idle window, for a median that ignores a blip
+MIN_IDLE_SAMPLES = 5  # device samples in an idle window, for a median that ignores a blip
 
 
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
-    for field in dataclasses.fields(Config):   # inf/nan would crash, hang or fail every experiment
+    for field in dataclasses.fields(Config):  # inf/nan would crash, hang or fail every experiment
         value = getattr(cfg, field.name)
         if isinstance(value, float):
             need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
     need(cfg.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    need(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.tag) is not None, "tag",
-         f"must be letters, digits, '.', '_' or '-' (it names a folder), got {cfg.tag!r}")
+    need(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.tag) is not None,
+        "tag",
+        f"must be letters, digits, '.', '_' or '-' (it names a folder), got {cfg.tag!r}",
+    )
     need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
     need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
     need(cfg.repeats >= 1, "repeats", "must be >= 1")
-    need(cfg.preimport in ("auto", "on", "off"), "preimport", f"must be auto, on or off, got {cfg.preimport!r}")
-    need(cfg.engine_start in ("auto", "fork", "spawn"), "engine_start",
-         f"must be auto, fork or spawn, got {cfg.engine_start!r}")
-    need(cfg.sleep_level in (1, 2), "sleep_level", f"must be 1 or 2 (vLLM's sleep levels), got {cfg.sleep_level}")
+    need(
+        cfg.preimport in ("auto", "on", "off"), "preimport", f"must be auto, on or off, got {cfg.preimport!r}"
+    )
+    need(
+        cfg.engine_start in ("auto", "fork", "spawn"),
+        "engine_start",
+        f"must be auto, fork or spawn, got {cfg.engine_start!r}",
+    )
+    need(
+        cfg.sleep_level in (1, 2),
+        "sleep_level",
+        f"must be 1 or 2 (vLLM's sleep levels), got {cfg.sleep_level}",
+    )
     need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
-    need(re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus, "gpus",
-         f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}")
+    need(
+        re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus,
+        "gpus",
+        f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}",
+    )
     need(len(set(gpu_indices(cfg))) == len(gpu_indices(cfg)), "gpus", "lists a card twice")
     need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
     for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
@@ -1022,58 +1209,102 @@ def validate_config(cfg: Config) -> Config:
     need(cfg.temperature >= 0, "temperature", "must be >= 0")
     need(0 < cfg.burst_kv_fraction < 1, "burst_kv_fraction", "must be in (0, 1)")
     need(cfg.overload_budget_gib >= 0, "overload_budget_gib", "must be > 0 (0 = preset's value)")
-    need(1 < cfg.overload_demand < 2, "overload_demand",
-         "must be in (1, 2): above the static share, below the pair's whole budget")
-    for name in ("sample_hz", "process_sample_hz", "start_timeout_s", "request_timeout_s", "settle_s",
-                 "idle_window_s"):
+    need(
+        1 < cfg.overload_demand < 2,
+        "overload_demand",
+        "must be in (1, 2): above the static share, below the pair's whole budget",
+    )
+    for name in (
+        "sample_hz",
+        "process_sample_hz",
+        "start_timeout_s",
+        "request_timeout_s",
+        "settle_s",
+        "idle_window_s",
+    ):
         need(getattr(cfg, name) > 0, name, "must be > 0")
-    need(cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9, "idle_window_s",
-         f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
-         f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)")
+    need(
+        cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9,
+        "idle_window_s",
+        f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
+        f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)",
+    )
     need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
     need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
     lanes = len(gpu_indices(cfg))
     for name in ("port_a", "port_b"):
-        need(0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1), name,
-             "must be a TCP port" + (f" (lane k of --gpus uses it + {LANE_PORT_STEP}k)" if lanes > 1 else ""))
+        need(
+            0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
+            name,
+            "must be a TCP port" + (f" (lane k of --gpus uses it + {LANE_PORT_STEP}k)" if lanes > 1 else ""),
+        )
     need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
     lane_ports = [p + LANE_PORT_STEP * k for k in range(lanes) for p in (cfg.port_a, cfg.port_b)]
-    need(len(set(lane_ports)) == len(lane_ports), "port_b",
-         f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b + {LANE_PORT_STEP}k)")
+    need(
+        len(set(lane_ports)) == len(lane_ports),
+        "port_b",
+        f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b + {LANE_PORT_STEP}k)",
+    )
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
-        except ValueError as exc:   # e.g. "No closing quotation"
+        except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
     for name in ("model_a", "model_b", "tokenizer"):
         path = getattr(cfg, name)
-        need(not looks_like_path(path) or Path(path).expanduser().is_dir(), name,
-             f"{path!r} looks like a local folder but there is no such folder "
-             f"(a Hugging Face id looks like 'org/name')")
-    need(cfg.preimport != "on" or staged_command(server_prefix(cfg)) is not None, "preimport",
-         "on needs a server command of the form `python -m MODULE` (see --server-cmd)")
+        need(
+            not looks_like_path(path) or Path(path).expanduser().is_dir(),
+            name,
+            f"{path!r} looks like a local folder but there is no such folder "
+            f"(a Hugging Face id looks like 'org/name')",
+        )
+    need(
+        cfg.preimport != "on" or staged_command(server_prefix(cfg)) is not None,
+        "preimport",
+        "on needs a server command of the form `python -m MODULE` (see --server-cmd)",
+    )
     parse_env_pairs(cfg.kvcached_env)
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-    need(lengths.hi + 64 < cfg.max_model_len, "output_tokens_dist",
-         f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt")
+    need(
+        lengths.hi + 64 < cfg.max_model_len,
+        "output_tokens_dist",
+        f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt",
+    )
     for name in ("slo_ttft_ms", "slo_tpot_ms"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = no such objective)")
-    need(cfg.arrivals in ("bursts", "poisson", "gamma"), "arrivals",
-         f"must be bursts, poisson or gamma, got {cfg.arrivals!r}")
+    need(
+        cfg.arrivals in ("bursts", "poisson", "gamma"),
+        "arrivals",
+        f"must be bursts, poisson or gamma, got {cfg.arrivals!r}",
+    )
     need(cfg.rate >= 0, "rate", f"must be >= 0 requests per second, got {cfg.rate:g}")
     need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
-    need(cfg.shared_prefix_tokens == 0 or cfg.prefix_caching, "shared_prefix_tokens",
-         "shares a prefix for vLLM to cache: add --prefix-caching")
+    need(
+        cfg.shared_prefix_tokens == 0 or cfg.prefix_caching,
+        "shared_prefix_tokens",
+        "shares a prefix for vLLM to cache: add --prefix-caching",
+    )
     need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
     if cfg.arrivals != "bursts":
         need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
         parse_rates(cfg)
-        need(bool(cfg.rates) or cfg.rate > 0, "rate", f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...")
+        need(
+            bool(cfg.rates) or cfg.rate > 0,
+            "rate",
+            f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
+        )
     else:
-        need(not cfg.rates and not cfg.rate, "arrivals", "--rate/--rates apply to open-loop arrivals: add --arrivals poisson")
+        need(
+            not cfg.rates and not cfg.rate,
+            "arrivals",
+            "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
+        )
     if cfg.pair_utilization_b == 0:
-        need(cfg.gpu_memory_utilization < 0.85, "gpu_memory_utilization",
-             "leaves no room for model B in shared_static; set --pair-utilization-b")
+        need(
+            cfg.gpu_memory_utilization < 0.85,
+            "gpu_memory_utilization",
+            "leaves no room for model B in shared_static; set --pair-utilization-b",
+        )
     return cfg
 
 
@@ -1081,21 +1312,33 @@ def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
-    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - 64)   # what a plan's prompts get
-    need(cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room, "shared_prefix_tokens",
-         f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)")
+    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - 64)  # what a plan's prompts get
+    need(
+        cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
+        "shared_prefix_tokens",
+        f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)",
+    )
     if cfg.output_tokens_dist != "fixed" and not cfg.ignore_eos:
-        say(f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
-            f"response is exactly as long as planned")
+        say(
+            f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
+            f"response is exactly as long as planned"
+        )
         cfg = dataclasses.replace(cfg, ignore_eos=True)
-    if cfg.sleep_level == 2 and cfg.load_format == "dummy" and any(
-            e.arm == "sleep" for e in parse_experiments(cfg.experiments)):
-        raise ConfigError("--sleep-level 2 drops the weights while asleep and reloads them from their files on "
-                          "waking, which --load-format dummy has none of (vLLM answers HTTP 500): use level 1, "
-                          "or real weights")
+    if (
+        cfg.sleep_level == 2
+        and cfg.load_format == "dummy"
+        and any(e.arm == "sleep" for e in parse_experiments(cfg.experiments))
+    ):
+        raise ConfigError(
+            "--sleep-level 2 drops the weights while asleep and reloads them from their files on "
+            "waking, which --load-format dummy has none of (vLLM answers HTTP 500): use level 1, "
+            "or real weights"
+        )
     if cfg.load_format == "dummy" and not cfg.ignore_eos:
-        say("note: --load-format dummy gives random weights whose output can end at any token; "
-            "turning on --ignore-eos so every response has exactly max_tokens tokens")
+        say(
+            "note: --load-format dummy gives random weights whose output can end at any token; "
+            "turning on --ignore-eos so every response has exactly max_tokens tokens"
+        )
         cfg = dataclasses.replace(cfg, ignore_eos=True)
     return cfg
 
@@ -1137,7 +1380,7 @@ def config_from_args(argv: Optional[list[str]], say: Callable[[str], None] = pri
         argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
     try:
         namespace = build_parser().parse_args(argv)
-    except SystemExit:   # --help printed (bad flags raise ConfigError instead)
+    except SystemExit:  # --help printed (bad flags raise ConfigError instead)
         return None
     return resolve_config(validate_config(Config(**vars(namespace))), say)
 
@@ -1145,10 +1388,20 @@ def config_from_args(argv: Optional[list[str]], say: Callable[[str], None] = pri
 # %% Model facts: KV bytes per token, read without torch or the network when possible
 KNOWN_MODEL_CONFIGS = {
     # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(num_hidden_layers=24, num_key_value_heads=2,
-                                       hidden_size=896, num_attention_heads=14, torch_dtype="bfloat16"),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(num_hidden_layers=28, num_key_value_heads=2,
-                                       hidden_size=1536, num_attention_heads=12, torch_dtype="bfloat16"),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        num_hidden_layers=24,
+        num_key_value_heads=2,
+        hidden_size=896,
+        num_attention_heads=14,
+        torch_dtype="bfloat16",
+    ),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        num_hidden_layers=28,
+        num_key_value_heads=2,
+        hidden_size=1536,
+        num_attention_heads=12,
+        torch_dtype="bfloat16",
+    ),
 }
 
 
@@ -1168,7 +1421,7 @@ def load_model_config(model: str) -> tuple[Optional[dict], str]:
     return None, "unavailable"
 
 
-@functools.lru_cache(maxsize=None)   # the preflight and the workload sizing ask the hub once, not twice
+@functools.lru_cache(maxsize=None)  # the preflight and the workload sizing ask the hub once, not twice
 def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]:
     """(local path of the model's config.json, '') or (None, why not). huggingface_hub (installed with
     vLLM) honours HF_TOKEN for gated models, HF_ENDPOINT for mirrors, its cache and HF_HUB_OFFLINE=1."""
@@ -1178,13 +1431,13 @@ def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]
         return None, "huggingface_hub is not installed (it comes with vLLM)"
     try:
         return hf_hub_download(model, "config.json", etag_timeout=timeout_s), ""
-    except Exception as exc:   # gated, missing, offline, unreachable: the message says which
+    except Exception as exc:  # gated, missing, offline, unreachable: the message says which
         return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def kv_bytes_per_token(model_config: dict) -> int:
     """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes."""
-    text = model_config.get("text_config", model_config)   # multimodal configs nest it
+    text = model_config.get("text_config", model_config)  # multimodal configs nest it
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     kv_heads = text.get("num_key_value_heads", heads)
@@ -1205,8 +1458,10 @@ SEED_PROMPTS = (
 )
 
 
-FILLER_WORDS = ("system memory cache model token latency river mountain quiet garden window "
-                "history science music engine signal careful bright simple number market").split()
+FILLER_WORDS = (
+    "system memory cache model token latency river mountain quiet garden window "
+    "history science music engine signal careful bright simple number market"
+).split()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1216,7 +1471,7 @@ class PlannedRequest:
     prompt: str
     max_tokens: int
     temperature: float
-    offset_s: float = 0.0               # open loop: when it arrives, from the start of its window
+    offset_s: float = 0.0  # open loop: when it arrives, from the start of its window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1228,16 +1483,16 @@ class WorkloadPlan:
     prompt_tokens: int
     temperature: float
     seed: int
-    sizing: str                         # how burst_size was chosen, in words
+    sizing: str  # how burst_size was chosen, in words
     requests: tuple[PlannedRequest, ...]
-    arrivals: str = "bursts"            # or 'poisson' / 'gamma': requests arrive at their offset_s
-    rates: tuple[float, ...] = ()       # open loop: requests per second of each window
+    arrivals: str = "bursts"  # or 'poisson' / 'gamma': requests arrive at their offset_s
+    rates: tuple[float, ...] = ()  # open loop: requests per second of each window
 
     def burst(self, b: int) -> list[PlannedRequest]:
         return [r for r in self.requests if r.burst == b]
 
 
-CHAT_TEMPLATE_TOKENS = 30   # role markers and system prompt the server's chat template adds
+CHAT_TEMPLATE_TOKENS = 30  # role markers and system prompt the server's chat template adds
 
 
 def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
@@ -1259,18 +1514,29 @@ def shared_prefix(cfg: Config) -> str:
     return "Shared: " + " ".join(rng.choice(FILLER_WORDS) for _ in range(cfg.shared_prefix_tokens)) + "\n\n"
 
 
-def size_burst(kv_per_token: Optional[int], free_bytes: Optional[int], prompt_tokens: int,
-               max_tokens: int, fraction: float, cap: int, fallback: int = 32) -> tuple[int, str]:
+def size_burst(
+    kv_per_token: Optional[int],
+    free_bytes: Optional[int],
+    prompt_tokens: int,
+    max_tokens: int,
+    fraction: float,
+    cap: int,
+    fallback: int = 32,
+) -> tuple[int, str]:
     """Concurrent requests so that one burst's KV demand is `fraction` of the card's free memory."""
     if not kv_per_token or not free_bytes:
-        return fallback, (f"model config or free memory unknown: fell back to {fallback} "
-                          f"concurrent requests (set --burst-size to choose)")
+        return fallback, (
+            f"model config or free memory unknown: fell back to {fallback} "
+            f"concurrent requests (set --burst-size to choose)"
+        )
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = fraction * free_bytes / per_request
     size = max(1, min(cap, int(wanted)))
-    why = (f"{size} concurrent requests x ({prompt_tokens} prompt + {max_tokens} output tokens) x "
-           f"{kv_per_token} KV bytes/token = {size * per_request / GIB:.2f} GiB per burst, "
-           f"{fraction:.0%} of {free_bytes / GIB:.1f} GiB free")
+    why = (
+        f"{size} concurrent requests x ({prompt_tokens} prompt + {max_tokens} output tokens) x "
+        f"{kv_per_token} KV bytes/token = {size * per_request / GIB:.2f} GiB per burst, "
+        f"{fraction:.0%} of {free_bytes / GIB:.1f} GiB free"
+    )
     if size == cap and wanted > cap:
         why += f" would need {int(wanted)}; capped at --max-burst-size {cap}"
     return size, why
@@ -1281,6 +1547,7 @@ class OutputLengths:
     """How many tokens each request asks for: 'fixed' (all max_tokens), 'uniform' between lo and hi,
     or 'lognormal' with the given mean and sigma (of the log), cut to [1, hi]. Requests that end at
     different times are where kvcached's freed pages can leave fragments behind."""
+
     kind: str
     lo: float = 0
     hi: float = 0
@@ -1291,7 +1558,7 @@ class OutputLengths:
         if self.kind == "uniform":
             return rng.randint(int(self.lo), int(self.hi))
         if self.kind == "lognormal":
-            mu = math.log(self.mean) - self.sigma ** 2 / 2   # so that the lengths average `mean`
+            mu = math.log(self.mean) - self.sigma**2 / 2  # so that the lengths average `mean`
             return max(1, min(max_tokens, round(rng.lognormvariate(mu, self.sigma))))
         return max_tokens
 
@@ -1312,17 +1579,20 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
                 return OutputLengths("lognormal", mean=mean, sigma=sigma)
     except ValueError:
         pass
-    raise ConfigError(f"--output-tokens-dist: {spec!r} is not one of fixed, uniform:LO-HI (1 <= LO <= HI) "
-                      f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)")
+    raise ConfigError(
+        f"--output-tokens-dist: {spec!r} is not one of fixed, uniform:LO-HI (1 <= LO <= HI) "
+        f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)"
+    )
 
 
 @dataclasses.dataclass
 class RequestMaker:
     """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
     mix or a shared prefix leaves the prompts of the same seed as they were."""
+
     cfg: Config
-    max_tokens: int                     # the longest output a request may ask for
-    prompt_tokens: int                  # whole prompt, shared prefix included
+    max_tokens: int  # the longest output a request may ask for
+    prompt_tokens: int  # whole prompt, shared prefix included
 
     def __post_init__(self):
         self.lengths = parse_output_lengths(self.cfg.output_tokens_dist, self.cfg.max_tokens)
@@ -1333,21 +1603,44 @@ class RequestMaker:
         self.lengths_rng = random.Random(f"{self.cfg.seed}-output-lengths")
 
     def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
-        prompt = make_prompt(self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens)
-        return PlannedRequest(burst, index, self.prefix + prompt, self.lengths.draw(self.lengths_rng, self.max_tokens),
-                              self.cfg.temperature, offset_s)
+        prompt = make_prompt(
+            self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens
+        )
+        return PlannedRequest(
+            burst,
+            index,
+            self.prefix + prompt,
+            self.lengths.draw(self.lengths_rng, self.max_tokens),
+            self.cfg.temperature,
+            offset_s,
+        )
 
 
-def plan_workload(cfg: Config, burst_size: int, sizing: str, bursts: Optional[int] = None,
-                  max_tokens: Optional[int] = None, prompt_tokens: Optional[int] = None) -> WorkloadPlan:
+def plan_workload(
+    cfg: Config,
+    burst_size: int,
+    sizing: str,
+    bursts: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    prompt_tokens: Optional[int] = None,
+) -> WorkloadPlan:
     bursts = bursts or cfg.bursts
-    make = RequestMaker(cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens)
+    make = RequestMaker(
+        cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
+    )
     max_tokens, prompt_tokens = make.max_tokens, make.prompt_tokens
     requests_ = tuple(make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size))
-    return WorkloadPlan(bursts=bursts, burst_size=burst_size, gap_s=cfg.gap_s,
-                        max_tokens=max_tokens, prompt_tokens=prompt_tokens,
-                        temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
-                        requests=requests_)
+    return WorkloadPlan(
+        bursts=bursts,
+        burst_size=burst_size,
+        gap_s=cfg.gap_s,
+        max_tokens=max_tokens,
+        prompt_tokens=prompt_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        sizing=sizing,
+        requests=requests_,
+    )
 
 
 def parse_rates(cfg: Config) -> list[float]:
@@ -1357,8 +1650,11 @@ def parse_rates(cfg: Config) -> list[float]:
             rates = [float(r) for r in cfg.rates.split(",")]
         except ValueError:
             rates = []
-        need(bool(rates) and all(math.isfinite(r) and r > 0 for r in rates), "rates",
-             f"must be positive requests per second separated by commas, e.g. 2,4,8; got {cfg.rates!r}")
+        need(
+            bool(rates) and all(math.isfinite(r) and r > 0 for r in rates),
+            "rates",
+            f"must be positive requests per second separated by commas, e.g. 2,4,8; got {cfg.rates!r}",
+        )
         return rates
     return [cfg.rate] * max(cfg.bursts, 1)
 
@@ -1378,25 +1674,39 @@ def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
             in_window += 1
             t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
         busiest = max(busiest, in_window)
-    return WorkloadPlan(bursts=len(rates), burst_size=busiest, gap_s=cfg.gap_s, max_tokens=make.max_tokens,
-                        prompt_tokens=make.prompt_tokens, temperature=cfg.temperature, seed=cfg.seed, sizing=sizing,
-                        requests=tuple(planned), arrivals=cfg.arrivals, rates=tuple(rates))
+    return WorkloadPlan(
+        bursts=len(rates),
+        burst_size=busiest,
+        gap_s=cfg.gap_s,
+        max_tokens=make.max_tokens,
+        prompt_tokens=make.prompt_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        sizing=sizing,
+        requests=tuple(planned),
+        arrivals=cfg.arrivals,
+        rates=tuple(rates),
+    )
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
     """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share."""
     share = budget_bytes / 2
     max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
-    prompt_tokens = cfg.max_model_len - max_tokens - 64 - 256   # 256 tokens of room for tokenizer drift
+    prompt_tokens = cfg.max_model_len - max_tokens - 64 - 256  # 256 tokens of room for tokenizer drift
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))
-    sizing = (f"{size} requests x ({prompt_tokens} + {max_tokens}) tokens x {kv_per_token} B = "
-              f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
-              f"({share / GIB:.2f} GiB), below the pair's budget ({budget_bytes / GIB:.2f} GiB)")
+    sizing = (
+        f"{size} requests x ({prompt_tokens} + {max_tokens}) tokens x {kv_per_token} B = "
+        f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
+        f"({share / GIB:.2f} GiB), below the pair's budget ({budget_bytes / GIB:.2f} GiB)"
+    )
     if size < wanted:
-        sizing += (f"; WARNING: capped at --max-burst-size {cfg.max_burst_size}, {wanted} needed: "
-                   f"raise it or lower --overload-budget-gib")
+        sizing += (
+            f"; WARNING: capped at --max-burst-size {cfg.max_burst_size}, {wanted} needed: "
+            f"raise it or lower --overload-budget-gib"
+        )
     return plan_workload(cfg, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
@@ -1407,7 +1717,7 @@ REDACTED = "***"
 SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
-SECRETS: set[str] = set()   # values to scrub from anything we write or print (filled by register_secrets)
+SECRETS: set[str] = set()  # values to scrub from anything we write or print (filled by register_secrets)
 
 
 def is_secret_name(name: str) -> bool:
@@ -1443,9 +1753,12 @@ def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
         values += [a for a, shown in zip(argv, redact_argv(argv)) if a != shown]
-        values += [a.partition("=")[2] for a in argv if "=" in a and a.startswith("--")
-                   and is_secret_name(a.partition("=")[0][2:])]
-    SECRETS.update(v for v in values if v and len(v) >= 6)   # shorter values would mangle ordinary text
+        values += [
+            a.partition("=")[2]
+            for a in argv
+            if "=" in a and a.startswith("--") and is_secret_name(a.partition("=")[0][2:])
+        ]
+    SECRETS.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 
 def scrub(text: str) -> str:
@@ -1461,13 +1774,13 @@ def scrubbed(say: Callable[[str], None]) -> Callable[[str], None]:
 # %% Server lifecycle: a keeper per server, readiness on /health, the whole tree stopped
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
-    name: str                           # 'A' or 'B'
+    name: str  # 'A' or 'B'
     model: str
     port: int
     kvcached: bool
     gpu_memory_utilization: Optional[float] = None
     kv_cache_memory_bytes: Optional[int] = None
-    sleep_mode: bool = False            # vLLM's sleep mode: /sleep and /wake_up free and refill the card
+    sleep_mode: bool = False  # vLLM's sleep mode: /sleep and /wake_up free and refill the card
 
     @property
     def key(self) -> tuple:
@@ -1479,7 +1792,9 @@ class ServerSpec:
             return f"{self.name} kvcached"
         if self.kv_cache_memory_bytes:
             return f"{self.name} static {self.kv_cache_memory_bytes / GIB:g} GiB KV"
-        return f"{self.name} static {self.gpu_memory_utilization:g}{' + sleep mode' if self.sleep_mode else ''}"
+        return (
+            f"{self.name} static {self.gpu_memory_utilization:g}{' + sleep mode' if self.sleep_mode else ''}"
+        )
 
     @property
     def ipc_name(self) -> str:
@@ -1501,15 +1816,28 @@ def port_of(cfg: Config, slot: str) -> int:
 
 
 def server_prefix(cfg: Config) -> list[str]:
-    return shlex.split(cfg.server_cmd) if cfg.server_cmd else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return (
+        shlex.split(cfg.server_cmd)
+        if cfg.server_cmd
+        else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    )
 
 
 def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
-    cmd = server_prefix(cfg) + ["--model", spec.model, "--host", cfg.host, "--port", str(spec.port),
-                    "--max-model-len", str(cfg.max_model_len),
-                    "--enable-prefix-caching" if cfg.prefix_caching   # off by default: repeated prompt parts
-                    else "--no-enable-prefix-caching",                # must not skip their KV demand
-                    "--enforce-eager"]              # no CUDA graphs: faster start, less memory
+    cmd = server_prefix(cfg) + [
+        "--model",
+        spec.model,
+        "--host",
+        cfg.host,
+        "--port",
+        str(spec.port),
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--enable-prefix-caching"
+        if cfg.prefix_caching  # off by default: repeated prompt parts
+        else "--no-enable-prefix-caching",  # must not skip their KV demand
+        "--enforce-eager",
+    ]  # no CUDA graphs: faster start, less memory
     if cfg.load_format:
         cmd += ["--load-format", cfg.load_format]
     if cfg.tokenizer:
@@ -1523,8 +1851,9 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
     return cmd + shlex.split(cfg.extra_server_args)
 
 
-def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
-               device: Optional[dict] = None) -> dict[str, str]:
+def server_env(
+    cfg: Config, spec: ServerSpec, base: Optional[dict] = None, device: Optional[dict] = None
+) -> dict[str, str]:
     """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline.
     `device` pins the server to the card NVML measures (CUDA_VISIBLE_DEVICES by UUID). The API key
     travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
@@ -1536,12 +1865,12 @@ def server_env(cfg: Config, spec: ServerSpec, base: Optional[dict] = None,
     else:
         env.update(ENABLE_KVCACHED="false", KVCACHED_AUTOPATCH="0")
         env.pop("KVCACHED_IPC_NAME", None)
-    if spec.sleep_mode:   # vLLM 0.24 serves /sleep and /wake_up only in its development mode
+    if spec.sleep_mode:  # vLLM 0.24 serves /sleep and /wake_up only in its development mode
         env["VLLM_SERVER_DEV_MODE"] = "1"
     env["VLLM_WORKER_MULTIPROC_METHOD"] = engine_start_method(cfg, env)
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key
-    else:   # a key in the caller's shell would make the server refuse our keyless requests
+    else:  # a key in the caller's shell would make the server refuse our keyless requests
         env.pop("VLLM_API_KEY", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -1613,10 +1942,10 @@ def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
     return start_ticks is None or stat_[3] == start_ticks
 
 
-TCP_LISTEN = "0A"                         # /proc/net/tcp state of a listening socket
+TCP_LISTEN = "0A"  # /proc/net/tcp state of a listening socket
 
 
-TCP_CLOSING = ("01", "04", "05", "06", "08", "09", "0B")   # established and closing connections
+TCP_CLOSING = ("01", "04", "05", "06", "08", "09", "0B")  # established and closing connections
 
 
 def port_sockets(port: int, states: tuple[str, ...]) -> set[int]:
@@ -1639,7 +1968,7 @@ def socket_owners(inodes: set[int], pids: Optional[Iterable[int]] = None) -> set
     """Which of `pids` (default: every process we may look at) hold one of these socket inodes."""
     wanted = {f"socket:[{i}]" for i in inodes}
     found = set()
-    for pid in (pids if pids is not None else (int(e) for e in os.listdir("/proc") if e.isdigit())):
+    for pid in pids if pids is not None else (int(e) for e in os.listdir("/proc") if e.isdigit()):
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
@@ -1759,35 +2088,39 @@ while True:
 """
 
 
-KEEPER_GRACE_S = 4.0          # after the harness is gone: SIGINT, this long, then SIGKILL
+KEEPER_GRACE_S = 4.0  # after the harness is gone: SIGINT, this long, then SIGKILL
 
 
-_LIFELINE: list[int] = []     # [read end, write end]; the write end never leaves this process
+_LIFELINE: list[int] = []  # [read end, write end]; the write end never leaves this process
 
 
 def lifeline_fd() -> int:
     """Read end of a pipe whose write end only this process holds: EOF means we are gone."""
     if not _LIFELINE:
-        _LIFELINE.extend(os.pipe())   # both ends close-on-exec; the keeper gets the read end by pass_fds
+        _LIFELINE.extend(os.pipe())  # both ends close-on-exec; the keeper gets the read end by pass_fds
     return _LIFELINE[0]
 
 
 @dataclasses.dataclass
 class RunningServer:
     spec: ServerSpec
-    proc: subprocess.Popen              # the keeper; the server is its child, in the keeper's group
-    cmd: list[str]                      # as shown: secrets redacted
-    env_shown: dict[str, str]           # the KVCACHED_* / VLLM_* / CUDA_* part of its environment, redacted
+    proc: subprocess.Popen  # the keeper; the server is its child, in the keeper's group
+    cmd: list[str]  # as shown: secrets redacted
+    env_shown: dict[str, str]  # the KVCACHED_* / VLLM_* / CUDA_* part of its environment, redacted
     log_path: Path
     started_at: float
     host: str = "127.0.0.1"
     ready_at: Optional[float] = None
-    seen: dict[int, int] = dataclasses.field(default_factory=dict)   # pid -> start ticks, every pid of its tree
-    warmed: set[str] = dataclasses.field(default_factory=set)        # plan shapes this server has served
-    together: tuple[str, ...] = ()      # labels of the servers started at the same time as this one
-    staged_at: Optional[float] = None   # imported ahead: when its import began (started_at: when it was released)
-    asleep: bool = False                # sleep mode: put to sleep and not woken since
-    stopped: bool = False               # set once nothing of it is alive any more
+    seen: dict[int, int] = dataclasses.field(
+        default_factory=dict
+    )  # pid -> start ticks, every pid of its tree
+    warmed: set[str] = dataclasses.field(default_factory=set)  # plan shapes this server has served
+    together: tuple[str, ...] = ()  # labels of the servers started at the same time as this one
+    staged_at: Optional[float] = (
+        None  # imported ahead: when its import began (started_at: when it was released)
+    )
+    asleep: bool = False  # sleep mode: put to sleep and not woken since
+    stopped: bool = False  # set once nothing of it is alive any more
 
     @property
     def url(self) -> str:
@@ -1820,15 +2153,25 @@ class RunningServer:
         return self.proc.poll()
 
     def describe(self) -> dict:
-        return {"label": self.spec.label, "spec": dataclasses.asdict(self.spec), "cmd": self.cmd,
-                "cmd_shell": shlex.join(self.cmd), "env": self.env_shown,
-                "log": str(self.log_path), "startup_s": self.startup_s, "started_at": self.started_at,
-                "ready_at": self.ready_at, **({"started_together_with": list(self.together)} if self.together else {}),
-                **({"imported_ahead_from": self.staged_at} if self.staged_at is not None else {})}
+        return {
+            "label": self.spec.label,
+            "spec": dataclasses.asdict(self.spec),
+            "cmd": self.cmd,
+            "cmd_shell": shlex.join(self.cmd),
+            "env": self.env_shown,
+            "log": str(self.log_path),
+            "startup_s": self.startup_s,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+            **({"started_together_with": list(self.together)} if self.together else {}),
+            **({"imported_ahead_from": self.staged_at} if self.staged_at is not None else {}),
+        }
 
     def evidence(self) -> str:
-        return (f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
-                f"--- last 40 lines of the log ---\n{tail(self.log_path)}")
+        return (
+            f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
+            f"--- last 40 lines of the log ---\n{tail(self.log_path)}"
+        )
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -1839,25 +2182,38 @@ def start_checks(cfg: Config, spec: ServerSpec, say: Callable[[str], None] = pri
     """What must hold the moment a server starts: its port free, its kvcached segment name unused."""
     taken = port_taken(cfg.host, spec.port)
     if taken:
-        raise ServerError(f"port {spec.port} is already {taken}. Stop what holds it "
-                          f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b")
+        raise ServerError(
+            f"port {spec.port} is already {taken}. Stop what holds it "
+            f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b"
+        )
     if spec.kvcached and not remove_segment(spec.ipc_name, say):
-        raise ServerError(f"{segment_path(spec.ipc_name)} exists and is not ours: kvcached would share it "
-                          f"with a stranger. Remove it (as its owner) and run again.")
+        raise ServerError(
+            f"{segment_path(spec.ipc_name)} exists and is not ours: kvcached would share it "
+            f"with a stranger. Remove it (as its owner) and run again."
+        )
 
 
-def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional[dict] = None,
-                 say: Callable[[str], None] = print, staged: bool = False) -> RunningServer:
+def start_server(
+    cfg: Config,
+    spec: ServerSpec,
+    log_path: Path,
+    device: Optional[dict] = None,
+    say: Callable[[str], None] = print,
+    staged: bool = False,
+) -> RunningServer:
     """Launch a server now; `staged`: only import it now and start it on release_staged()."""
     cmd = server_command(cfg, spec)
     launch = staged_command(cmd) if staged else cmd
     if launch is None:
-        raise ServerError(f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}")
+        raise ServerError(
+            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
+        )
     if not staged:
         start_checks(cfg, spec, say)
     env = server_env(cfg, spec, device=device)
-    shown = redact_env({k: v for k, v in env.items()
-                        if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))})
+    shown = redact_env(
+        {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
+    )
     cmd_shown = redact_argv(cmd)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -1868,12 +2224,24 @@ def start_server(cfg: Config, spec: ServerSpec, log_path: Path, device: Optional
         log.flush()
         # Own session: the whole tree can be signalled at once, and Ctrl-C in a terminal does not hit
         # the servers before we stop them. The keeper ends the server if this process dies.
-        proc = subprocess.Popen([sys.executable, "-c", KEEPER_CODE, str(lifeline_fd()), str(KEEPER_GRACE_S),
-                                 *launch], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
-                                start_new_session=True, pass_fds=(lifeline_fd(),))
-    server = RunningServer(spec=spec, proc=proc, cmd=cmd_shown, env_shown=shown, log_path=log_path,
-                           started_at=time.time(), host=cfg.host)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KEEPER_CODE, str(lifeline_fd()), str(KEEPER_GRACE_S), *launch],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(lifeline_fd(),),
+        )
+    server = RunningServer(
+        spec=spec,
+        proc=proc,
+        cmd=cmd_shown,
+        env_shown=shown,
+        log_path=log_path,
+        started_at=time.time(),
+        host=cfg.host,
+    )
     if staged:
         server.staged_at = server.started_at
     server.tree()
@@ -1924,14 +2292,18 @@ def release_staged(cfg: Config, server: RunningServer, say: Callable[[str], None
     """Tell a staged server to start; its start-up is timed from here."""
     code = server.exit_code()
     if code is not None:
-        raise ServerError(f"server {server.spec.label} exited with code {code} while vLLM was being imported "
-                          f"ahead of its start.\n{server.evidence()}")
-    start_checks(cfg, server.spec, say)   # the server that held this port may have stopped just now
+        raise ServerError(
+            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
+            f"ahead of its start.\n{server.evidence()}"
+        )
+    start_checks(cfg, server.spec, say)  # the server that held this port may have stopped just now
     try:
         server.proc.stdin.write(b"go\n")
         server.proc.stdin.close()
-    except OSError as exc:   # it died between the check and the write
-        raise ServerError(f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}")
+    except OSError as exc:  # it died between the check and the write
+        raise ServerError(
+            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
+        )
     server.started_at = time.time()
 
 
@@ -1943,41 +2315,54 @@ def listener_is_ours(server: RunningServer) -> bool:
 
 def health_ok(server: RunningServer, timeout_s: float = 2.0) -> bool:
     import requests
+
     try:
         return requests.get(server.url + "/health", timeout=timeout_s).status_code == 200
     except requests.RequestException:
         return False
 
 
-def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
-               progress_every_s: float = 10.0, say: Callable[[str], None] = print) -> float:
+def wait_ready(
+    server: RunningServer,
+    timeout_s: float,
+    poll_s: float = 0.25,
+    progress_every_s: float = 10.0,
+    say: Callable[[str], None] = print,
+) -> float:
     """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first."""
     deadline = server.started_at + timeout_s
     next_progress = time.time() + progress_every_s
     while True:
-        server.tree()   # remember the tree while it is alive, for a thorough stop later
+        server.tree()  # remember the tree while it is alive, for a thorough stop later
         code = server.exit_code()
         if code is not None:
-            raise ServerError(f"server {server.spec.label} exited with code {code} before it was ready."
-                              f"{fork_hint(server)}\n{server.evidence()}")
+            raise ServerError(
+                f"server {server.spec.label} exited with code {code} before it was ready."
+                f"{fork_hint(server)}\n{server.evidence()}"
+            )
         if health_ok(server):
             if not listener_is_ours(server):
                 raise ServerError(
                     f"port {server.spec.port} answers /health, but the socket listening there does not "
                     f"belong to our server {server.spec.label} (pids {sorted(server.tree())}): another "
                     f"server is using the port. Measuring it would record someone else's numbers; pick "
-                    f"free ports with --port-a/--port-b.\n{server.evidence()}")
+                    f"free ports with --port-a/--port-b.\n{server.evidence()}"
+                )
             server.ready_at = time.time()
             return server.startup_s
         now = time.time()
         if now > deadline:
-            raise ServerError(f"server {server.spec.label} not ready after {timeout_s:.0f} s "
-                              f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}\n"
-                              f"{server.evidence()}")
+            raise ServerError(
+                f"server {server.spec.label} not ready after {timeout_s:.0f} s "
+                f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}\n"
+                f"{server.evidence()}"
+            )
         if now >= next_progress:
             last = tail(server.log_path, 1).strip()[:120]
-            say(f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
-                f"{now - server.started_at:.0f} s  | {last}")
+            say(
+                f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
+                f"{now - server.started_at:.0f} s  | {last}"
+            )
             next_progress = now + progress_every_s
         pause(poll_s)
 
@@ -1985,8 +2370,10 @@ def wait_ready(server: RunningServer, timeout_s: float, poll_s: float = 0.25,
 def fork_hint(server: RunningServer) -> str:
     if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork":
         return ""
-    return (" Its engine process was forked from the API server (--engine-start); if the log ends while "
-            "that process starts, try --engine-start spawn, vLLM's own way.")
+    return (
+        " Its engine process was forked from the API server (--engine-start); if the log ends while "
+        "that process starts, try --engine-start spawn, vLLM's own way."
+    )
 
 
 def server_problem(server: RunningServer) -> Optional[str]:
@@ -2005,16 +2392,16 @@ def server_problem(server: RunningServer) -> Optional[str]:
 STOP_STAGES = ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
 
 
-HURRY = threading.Event()           # set by a second Ctrl-C/SIGTERM during a stop: SIGKILL now
+HURRY = threading.Event()  # set by a second Ctrl-C/SIGTERM during a stop: SIGKILL now
 
 
-STOPPING = threading.Event()        # a stop is under way: signal handlers must not interrupt it
+STOPPING = threading.Event()  # a stop is under way: signal handlers must not interrupt it
 
 
-INTERRUPT_PENDING = threading.Event()   # a signal arrived during a stop: the run ends once it is done
+INTERRUPT_PENDING = threading.Event()  # a signal arrived during a stop: the run ends once it is done
 
 
-ABORT = threading.Event()           # the run was interrupted: every lane stops at its next wait
+ABORT = threading.Event()  # the run was interrupted: every lane stops at its next wait
 
 
 class Aborted(KeyboardInterrupt):
@@ -2044,12 +2431,13 @@ def signal_server(server: RunningServer, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
-                 say: Callable[[str], None] = lambda _: None) -> float:
+def stop_servers(
+    servers: list[RunningServer], grace_s: Optional[float] = None, say: Callable[[str], None] = lambda _: None
+) -> float:
     """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
     shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
     started, interrupted = time.time(), False
-    main = in_main_thread()   # signals, and so STOPPING and the re-raised interrupt, concern it alone
+    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
     if main:
         STOPPING.set()
     try:
@@ -2068,17 +2456,19 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
                     if not any(s.alive_pids() for s in live) or (HURRY.is_set() and sig != signal.SIGKILL):
                         break
                     time.sleep(0.05)
-                except KeyboardInterrupt:   # a notebook's interrupt: hurry, but finish the job
+                except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
                     interrupted = True
                     HURRY.set()
                     say("  interrupted again: killing the servers now")
             stuck = [pid for s in live for pid in s.alive_pids()]
             if stuck and sig != signal.SIGKILL and not HURRY.is_set():
-                say(f"    still running {wait_s:g} s after {signal.Signals(sig).name}: {process_names(stuck)}")
+                say(
+                    f"    still running {wait_s:g} s after {signal.Signals(sig).name}: {process_names(stuck)}"
+                )
         for server in servers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.proc.wait(timeout=1)
-            if server.proc.stdin:   # a staged server never told to start
+            if server.proc.stdin:  # a staged server never told to start
                 with contextlib.suppress(OSError):
                     server.proc.stdin.close()
             server.stopped = not server.alive_pids()
@@ -2096,10 +2486,12 @@ def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None,
 
 def process_names(pids: list[int]) -> str:
     """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
+
     def name(pid: int) -> str:
         with contextlib.suppress(OSError):
             return Path(f"/proc/{pid}/comm").read_text().strip()
         return "gone"
+
     return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
 
 
@@ -2124,9 +2516,9 @@ class ServerPool:
     def __init__(self, cfg: Config, say: Callable[[str], None] = print, device: Optional[dict] = None):
         self.cfg, self.say, self.device = cfg, say, device
         self.running: dict[tuple, RunningServer] = {}
-        self.staged: dict[tuple, RunningServer] = {}     # imported ahead, not started yet
+        self.staged: dict[tuple, RunningServer] = {}  # imported ahead, not started yet
         self.preimport = preimport_on(cfg)
-        self.lock = threading.Lock()    # another lane's thread may close the pool while this one starts
+        self.lock = threading.Lock()  # another lane's thread may close the pool while this one starts
         self.closed = False
 
     def stop(self, servers: list[RunningServer], why: str) -> None:
@@ -2156,10 +2548,13 @@ class ServerPool:
                 if self.closed:
                     return
                 try:
-                    self.staged[spec.key] = start_server(self.cfg, spec, server_log(log_dir, spec), self.device,
-                                                         say=self.say, staged=True)
-                except (OSError, ServerError) as exc:   # a saving, not a need: it starts the usual way later
-                    self.say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
+                    self.staged[spec.key] = start_server(
+                        self.cfg, spec, server_log(log_dir, spec), self.device, say=self.say, staged=True
+                    )
+                except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
+                    self.say(
+                        f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual"
+                    )
                     continue
             self.say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
 
@@ -2167,21 +2562,25 @@ class ServerPool:
         wanted = {s.key for s in specs}
         self.stop([s for k, s in self.running.items() if k not in wanted], "not needed now")
         self.stop([s for k, s in self.staged.items() if k not in wanted], "imported ahead, not needed")
-        for spec in specs:   # a running server is reused only if it still serves, and from our process
+        for spec in specs:  # a running server is reused only if it still serves, and from our process
             server = self.running.get(spec.key)
             problem = server and server_problem(server)
             if problem:
-                self.say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}")
+                self.say(
+                    f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}"
+                )
                 self.stop([server], "dead or not ours")
         for spec in specs:
             if spec.key in self.running:
-                self.say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
+                self.say(
+                    f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)"
+                )
         new = [spec for spec in specs if spec.key not in self.running]
         # kvcached servers take KV memory only when it is used, so they can start together; a static
         # server sizes its pool from the free memory it sees while starting, so those go one at a time
         together = [spec for spec in new if spec.kvcached]
         batches = ([together] if together else []) + [[spec] for spec in new if not spec.kvcached]
-        for batch in batches[1:]:   # the later ones import vLLM while the first batch starts
+        for batch in batches[1:]:  # the later ones import vLLM while the first batch starts
             self.stage(batch, log_dir)
         for batch in batches:
             self.start_together(batch, log_dir)
@@ -2196,27 +2595,40 @@ class ServerPool:
                         raise Aborted("the run was interrupted before this server started")
                     server = self.staged.pop(spec.key, None)
                     if server is None:
-                        server = start_server(self.cfg, spec, server_log(log_dir, spec), self.device, say=self.say)
+                        server = start_server(
+                            self.cfg, spec, server_log(log_dir, spec), self.device, say=self.say
+                        )
                     self.running[spec.key] = server
                     started.append(server)
                     if server.staged_at is not None:
                         release_staged(self.cfg, server, self.say)
                     server.together = tuple(s.label for s in specs if s is not spec)
-                ahead = (f", vLLM imported ahead {server.started_at - server.staged_at:.0f} s ago"
-                         if server.staged_at is not None else "")
-                self.say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path}{ahead})")
+                ahead = (
+                    f", vLLM imported ahead {server.started_at - server.staged_at:.0f} s ago"
+                    if server.staged_at is not None
+                    else ""
+                )
+                self.say(
+                    f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path}{ahead})"
+                )
             for server in started:
                 wait_ready(server, self.cfg.start_timeout_s, say=self.say)
-                self.say(f"  {server.spec.label} ready after {server.startup_s:.1f} s"
-                         f"{' (started together with the others)' if len(started) > 1 else ''}")
-                if server.spec.sleep_mode:   # it sleeps until a burst needs it: the next server may take the card
+                self.say(
+                    f"  {server.spec.label} ready after {server.startup_s:.1f} s"
+                    f"{' (started together with the others)' if len(started) > 1 else ''}"
+                )
+                if (
+                    server.spec.sleep_mode
+                ):  # it sleeps until a burst needs it: the next server may take the card
                     try:
                         took = put_to_sleep(server, self.cfg)
-                    except ServerError:   # awake, it would hold the card the next server needs
+                    except ServerError:  # awake, it would hold the card the next server needs
                         self.stop([server], "it could not be put to sleep")
                         raise
-                    self.say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
-        except BaseException:   # never keep (or later reuse) a server that did not come up
+                    self.say(
+                        f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s"
+                    )
+        except BaseException:  # never keep (or later reuse) a server that did not come up
             self.stop([s for s in started if s.ready_at is None], "it did not come up")
             raise
 
@@ -2233,9 +2645,13 @@ def stop_announced(servers: list[RunningServer], why: str, say: Callable[[str], 
         return
     worst = sum(wait for _, wait in STOP_STAGES)
     if in_main_thread():
-        STOPPING.set()   # from here on a signal cannot cut the stop short (stop_servers clears it)
-    hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
-    say(f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}")
+        STOPPING.set()  # from here on a signal cannot cut the stop short (stop_servers clears it)
+    hint = (
+        f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
+    )
+    say(
+        f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}"
+    )
     took = stop_servers(servers, say=say)
     say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
 
@@ -2251,7 +2667,7 @@ def close_pools(pools: list[ServerPool], say: Callable[[str], None], why: str = 
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
-SHM_DIR = Path("/dev/shm")                # where kvcached 0.1.6 puts KVCACHED_IPC_NAME
+SHM_DIR = Path("/dev/shm")  # where kvcached 0.1.6 puts KVCACHED_IPC_NAME
 
 
 SEGMENT = struct.Struct("<qqq")
@@ -2273,8 +2689,10 @@ def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < SEGMENT.size:
-            raise SegmentError(f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
-                               f"{info.st_size} bytes)")
+            raise SegmentError(
+                f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
+                f"{info.st_size} bytes)"
+            )
         yield fd
     finally:
         os.close(fd)
@@ -2297,7 +2715,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
     gone). Raises SegmentError for a segment that is not ours or stays locked."""
     try:
         with open_segment(ipc_name) as fd:
-            locked(fd, fcntl.LOCK_SH)   # kvcached's writers take LOCK_EX
+            locked(fd, fcntl.LOCK_SH)  # kvcached's writers take LOCK_EX
             data = os.pread(fd, SEGMENT.size, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     except FileNotFoundError:
@@ -2324,7 +2742,9 @@ def remove_segment(ipc_name: str, say: Callable[[str], None] = print) -> bool:
     except FileNotFoundError:
         return True
     if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        say(f"  warning: not removing {path}: {'a symlink' if stat.S_ISLNK(info.st_mode) else 'not a regular file' if not stat.S_ISREG(info.st_mode) else f'owned by uid {info.st_uid}'}, not ours")
+        say(
+            f"  warning: not removing {path}: {'a symlink' if stat.S_ISLNK(info.st_mode) else 'not a regular file' if not stat.S_ISREG(info.st_mode) else f'owned by uid {info.st_uid}'}, not ours"
+        )
         return False
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -2356,18 +2776,25 @@ def gpu_facts(nvml: Any, index: int) -> dict:
     name = nvml.nvmlDeviceGetName(handle)
     driver = nvml.nvmlSystemGetDriverVersion()
     decode = lambda v: v.decode() if isinstance(v, bytes) else v
-    facts = {"index": index, "name": decode(name), "driver": decode(driver),
-             "uuid": decode(nvml.nvmlDeviceGetUUID(handle)),
-             "total_mib": mem.total / MIB, "used_mib_at_start": mem.used / MIB,
-             "free_mib_at_start": (mem.total - mem.used) / MIB}
+    facts = {
+        "index": index,
+        "name": decode(name),
+        "driver": decode(driver),
+        "uuid": decode(nvml.nvmlDeviceGetUUID(handle)),
+        "total_mib": mem.total / MIB,
+        "used_mib_at_start": mem.used / MIB,
+        "free_mib_at_start": (mem.total - mem.used) / MIB,
+    }
     with contextlib.suppress(Exception):
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
         facts["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
     return facts
 
 
-FOREIGN_PIDS = ("NVML reports process ids from another PID namespace (a container): per-server memory is "
-                "unavailable here; the device totals are unaffected")
+FOREIGN_PIDS = (
+    "NVML reports process ids from another PID namespace (a container): per-server memory is "
+    "unavailable here; the device totals are unaffected"
+)
 
 
 def pids_from_elsewhere(by_pid: dict[int, int]) -> bool:
@@ -2385,27 +2812,46 @@ def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
     return {}
 
 
-GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-          "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions",
-          "vllm:num_preemptions": "preemptions", "vllm:prefix_cache_queries_total": "prefix_queries",
-          "vllm:prefix_cache_hits_total": "prefix_hits"}
+GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:num_preemptions": "preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+}
 
 
 # vLLM's own clocks per request (histograms): their _sum and _count before and after a burst give the
 # server's mean for that burst, beside what the client measured.
-SERVER_LATENCY = {"ttft": "vllm:time_to_first_token_seconds", "e2e": "vllm:e2e_request_latency_seconds",
-                  "queue": "vllm:request_queue_time_seconds", "prefill": "vllm:request_prefill_time_seconds",
-                  "decode": "vllm:request_decode_time_seconds"}
+SERVER_LATENCY = {
+    "ttft": "vllm:time_to_first_token_seconds",
+    "e2e": "vllm:e2e_request_latency_seconds",
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+}
 
 
-WANTED_SAMPLES = {**GAUGES, **{f"{name}_{part}": f"{short}_{part}" for short, name in SERVER_LATENCY.items()
-                               for part in ("sum", "count")}}
+WANTED_SAMPLES = {
+    **GAUGES,
+    **{
+        f"{name}_{part}": f"{short}_{part}"
+        for short, name in SERVER_LATENCY.items()
+        for part in ("sum", "count")
+    },
+}
 
 
 # One wanted sample per match: its name (whole), any labels, its value; the page is mostly histogram
 # buckets nobody here reads, and matching beats splitting it into lines.
-WANTED_LINE = re.compile(r"^(" + "|".join(re.escape(name) for name in sorted(WANTED_SAMPLES, key=len, reverse=True))
-                         + r")(?:\{.*\})?[ \t]+(\S+)", re.MULTILINE)
+WANTED_LINE = re.compile(
+    r"^("
+    + "|".join(re.escape(name) for name in sorted(WANTED_SAMPLES, key=len, reverse=True))
+    + r")(?:\{.*\})?[ \t]+(\S+)",
+    re.MULTILINE,
+)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -2429,7 +2875,7 @@ def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[dict] = None
     except (OSError, http.client.HTTPException):
         if conn is None:
             raise
-        conn, response, body = metrics_page(fresh(), parts.path)   # the server had closed the kept one
+        conn, response, body = metrics_page(fresh(), parts.path)  # the server had closed the kept one
     if kept is not None and not response.will_close:
         kept[url] = conn
     else:
@@ -2453,8 +2899,9 @@ class MetricsError(RuntimeError):
     pass
 
 
-def server_latency_snapshot(server: "RunningServer", expect: Optional[dict] = None, finished: int = 0,
-                            wait_s: float = 2.0) -> Optional[dict]:
+def server_latency_snapshot(
+    server: "RunningServer", expect: Optional[dict] = None, finished: int = 0, wait_s: float = 2.0
+) -> Optional[dict]:
     """The server's latency histograms' sums and counts now (None if /metrics cannot be read). After a
     burst (`expect` = the snapshot before it), wait briefly until the server has counted the
     `finished` requests: it records them a moment after their last byte leaves."""
@@ -2521,21 +2968,32 @@ class Sampler(threading.Thread):
     thread that hands its rows over through a deque, without a lock the file's writer waits on.
     """
 
-    def __init__(self, nvml: Any, gpu_index: int, servers: list[RunningServer], path: Path,
-                 sample_hz: float, process_sample_hz: float):
+    def __init__(
+        self,
+        nvml: Any,
+        gpu_index: int,
+        servers: list[RunningServer],
+        path: Path,
+        sample_hz: float,
+        process_sample_hz: float,
+    ):
         super().__init__(daemon=True, name="memory-sampler")
         self.nvml, self.servers, self.path, self.gpu_index = nvml, servers, path, gpu_index
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
         self.sample_hz, self.slow_interval = sample_hz, 1.0 / process_sample_hz
-        self.halt = threading.Event()   # not '_stop': that shadows Thread._stop and breaks join()
-        self.device: list[tuple[float, float]] = []   # (t, used MiB), read live by MemoryWatch
-        self.counts: dict[int, dict[str, int]] = {}   # per thread: source -> errors (no shared counter)
+        self.halt = threading.Event()  # not '_stop': that shadows Thread._stop and breaks join()
+        self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by MemoryWatch
+        self.counts: dict[int, dict[str, int]] = {}  # per thread: source -> errors (no shared counter)
         self.missed_ticks = 0
-        self.roots = {server.proc.pid: server for server in servers}   # keepers: every server's tree hangs below one
-        self.handed_over: collections.deque = collections.deque()       # slow thread -> file writer
+        self.roots = {
+            server.proc.pid: server for server in servers
+        }  # keepers: every server's tree hangs below one
+        self.handed_over: collections.deque = collections.deque()  # slow thread -> file writer
         self.file: Optional[Any] = None
         self.child: Optional[subprocess.Popen] = None
-        self.child_errors: Optional[Any] = None   # the device process's stderr: a file, as a full pipe would block it
+        self.child_errors: Optional[Any] = (
+            None  # the device process's stderr: a file, as a full pipe would block it
+        )
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
 
     @property
@@ -2560,9 +3018,21 @@ class Sampler(threading.Thread):
         module = getattr(self.nvml, "__file__", None)
         self.child_errors = tempfile.TemporaryFile(mode="w+")
         self.child = subprocess.Popen(
-            [sys.executable, "-c", DEVICE_SAMPLER_CODE, os.path.dirname(module) if module else "",
-             self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.child_errors, text=True, bufsize=1)
+            [
+                sys.executable,
+                "-c",
+                DEVICE_SAMPLER_CODE,
+                os.path.dirname(module) if module else "",
+                self.nvml.__name__,
+                str(self.gpu_index),
+                str(self.sample_hz),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.child_errors,
+            text=True,
+            bufsize=1,
+        )
         super().start()
         deadline = time.time() + first_sample_timeout_s
         while not self.device and time.time() < deadline and self.child.poll() is None:
@@ -2574,15 +3044,17 @@ class Sampler(threading.Thread):
             self.child_errors.seek(0)
             last = ([line for line in self.child_errors.read().splitlines() if line.strip()] or [""])[-1]
             self.stop()
-            raise RuntimeError(f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
-                               f"{' (it exited: ' + last.strip()[:300] + ')' if last else ''}")
+            raise RuntimeError(
+                f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
+                f"{' (it exited: ' + last.strip()[:300] + ')' if last else ''}"
+            )
 
-    def _write(self, rows: list[dict]) -> None:   # this thread only
+    def _write(self, rows: list[dict]) -> None:  # this thread only
         try:
             if self.file is None:
                 self.file = open(self.path, "a")
             self.file.write("".join(json.dumps(row) + "\n" for row in rows))
-        except OSError:   # disk full, too many open files: count it, try again next time
+        except OSError:  # disk full, too many open files: count it, try again next time
             self._file_failed()
 
     def _flush(self) -> None:
@@ -2604,7 +3076,12 @@ class Sampler(threading.Thread):
         if kind == "d":
             t, used, total = rest.split()
             self.device.append((float(t), int(used) / MIB))
-            return {"kind": "device", "t": float(t), "used_mib": int(used) / MIB, "total_mib": int(total) / MIB}
+            return {
+                "kind": "device",
+                "t": float(t),
+                "used_mib": int(used) / MIB,
+                "total_mib": int(total) / MIB,
+            }
         if kind == "e":
             t, _, error = rest.partition(" ")
             self.count_error("nvml")
@@ -2616,7 +3093,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         self.slow_thread.start()
         last_flush = time.time()
-        for line in self.child.stdout:   # until the device process ends
+        for line in self.child.stdout:  # until the device process ends
             rows = []
             try:
                 row = self.device_row(line)
@@ -2630,7 +3107,7 @@ class Sampler(threading.Thread):
             if time.time() - last_flush >= 1.0:
                 self._flush()
                 last_flush = time.time()
-        if not self.halt.is_set():   # it died on its own: the series ends here, and the summary says so
+        if not self.halt.is_set():  # it died on its own: the series ends here, and the summary says so
             self.count_error("device sampler exited")
         self.halt.set()
         self.slow_thread.join(timeout=5)
@@ -2648,7 +3125,7 @@ class Sampler(threading.Thread):
         self.halt.set()
         if self.child is not None:
             with contextlib.suppress(OSError):
-                self.child.stdin.close()   # the device process stops at EOF
+                self.child.stdin.close()  # the device process stops at EOF
             try:
                 self.child.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -2670,9 +3147,16 @@ class Sampler(threading.Thread):
                 server.remember(pids)
                 used = sum(by_pid[p] for p in pids)
                 holders = {str(p): by_pid[p] / MIB for p in pids}
-                row = {"kind": "process", "t": now, "server": server.spec.name, "used_mib": used / MIB,
-                       "holders_mib": holders, "leader_pid": server.proc.pid, "gpu_pids": len(by_pid)}
-                if foreign and not holders:   # a container: NVML speaks of host pids we cannot see
+                row = {
+                    "kind": "process",
+                    "t": now,
+                    "server": server.spec.name,
+                    "used_mib": used / MIB,
+                    "holders_mib": holders,
+                    "leader_pid": server.proc.pid,
+                    "gpu_pids": len(by_pid),
+                }
+                if foreign and not holders:  # a container: NVML speaks of host pids we cannot see
                     row.update(used_mib=None, unattributed=FOREIGN_PIDS)
                 rows.append(row)
         except Exception as exc:
@@ -2686,8 +3170,14 @@ class Sampler(threading.Thread):
                         rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
                 except OSError as exc:
                     self.count_error("kvcached segment")
-                    rows.append({"kind": "error", "t": now, "source": f"kvcached {server.spec.name}",
-                                 "error": repr(exc)[:300]})
+                    rows.append(
+                        {
+                            "kind": "error",
+                            "t": now,
+                            "source": f"kvcached {server.spec.name}",
+                            "error": repr(exc)[:300],
+                        }
+                    )
         return rows
 
     def metrics_rows(self, kept: dict) -> list[dict]:
@@ -2695,16 +3185,28 @@ class Sampler(threading.Thread):
         for server in self.servers:
             now = time.time()
             try:
-                rows.append({"kind": "metrics", "t": now, "server": server.spec.name,
-                             **scrape_metrics(server.url, kept=kept)})
+                rows.append(
+                    {
+                        "kind": "metrics",
+                        "t": now,
+                        "server": server.spec.name,
+                        **scrape_metrics(server.url, kept=kept),
+                    }
+                )
             except Exception as exc:
                 self.count_error("metrics")
-                rows.append({"kind": "error", "t": now, "source": f"metrics {server.spec.name}",
-                             "error": repr(exc)[:300]})
+                rows.append(
+                    {
+                        "kind": "error",
+                        "t": now,
+                        "source": f"metrics {server.spec.name}",
+                        "error": repr(exc)[:300],
+                    }
+                )
         return rows
 
     def _slow_loop(self) -> None:
-        kept: dict = {}   # one kept-alive connection per server, not one per scrape
+        kept: dict = {}  # one kept-alive connection per server, not one per scrape
         try:
             while True:
                 try:
@@ -2728,8 +3230,7 @@ class MemoryWatch:
         cutoff = time.time() - seconds
         return [s for s in list(self.sampler.device) if s[0] >= cutoff]
 
-    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float,
-                     timeout_s: float) -> str:
+    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float, timeout_s: float) -> str:
         """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
         start = time.time()
         while time.time() - start < timeout_s:
@@ -2755,23 +3256,23 @@ def sleep_idle_window(seconds: float) -> tuple[float, float]:
 @dataclasses.dataclass
 class RequestRecord:
     experiment: str
-    server: str                         # 'A' or 'B'
-    phase: str                          # which step of the schedule (e.g. 'A burst 2')
+    server: str  # 'A' or 'B'
+    phase: str  # which step of the schedule (e.g. 'A burst 2')
     repeat: int
     burst: int
     index: int
-    t_send: float                       # wall clock (s since epoch)
-    ok: bool = False                    # completed: [DONE] seen, a finish_reason, no error event
-    status: Optional[int] = None        # HTTP status, None if no response
+    t_send: float  # wall clock (s since epoch)
+    ok: bool = False  # completed: [DONE] seen, a finish_reason, no error event
+    status: Optional[int] = None  # HTTP status, None if no response
     error: Optional[str] = None
-    ttft_s: Optional[float] = None      # send -> first content chunk
-    e2e_s: Optional[float] = None       # send -> end of stream (or failure)
-    itl_s: list = dataclasses.field(default_factory=list)   # gaps between content chunks
+    ttft_s: Optional[float] = None  # send -> first content chunk
+    e2e_s: Optional[float] = None  # send -> end of stream (or failure)
+    itl_s: list = dataclasses.field(default_factory=list)  # gaps between content chunks
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     finish_reason: Optional[str] = None
-    content_reads: int = 0              # network reads that carried content; 1 = the server did not stream
-    send_delay_s: Optional[float] = None   # open loop: how late the client sent it after its planned arrival
+    content_reads: int = 0  # network reads that carried content; 1 = the server did not stream
+    send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -2793,7 +3294,7 @@ def read_sse(response: Any, record: RequestRecord, start: float, deadline: float
     """Consume an SSE stream into `record`; True once `data: [DONE]` arrived. Lines are split here,
     not by iter_lines, so that keep-alive comments and trickles still meet the deadline check."""
     buffer, last_token = b"", None
-    for chunk in response.iter_content(chunk_size=None):   # each HTTP chunk as it arrives
+    for chunk in response.iter_content(chunk_size=None):  # each HTTP chunk as it arrives
         now = time.perf_counter()
         if now > deadline:
             raise TimeoutError("no complete response before the deadline")
@@ -2801,13 +3302,13 @@ def read_sse(response: Any, record: RequestRecord, start: float, deadline: float
         had_content = done = False
         for line in lines:
             if not line.startswith(b"data:"):
-                continue   # blank separators and ': keep-alive' comments
+                continue  # blank separators and ': keep-alive' comments
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 done = True
                 break
             event = json.loads(payload)
-            if event.get("error"):   # vLLM reports a failure inside an HTTP 200 stream
+            if event.get("error"):  # vLLM reports a failure inside an HTTP 200 stream
                 error = event["error"]
                 record.error = f"error event in stream: {str(error.get('message', error) if isinstance(error, dict) else error)[:300]}"
             if event.get("usage"):
@@ -2844,19 +3345,33 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
     return None
 
 
-def send_chat(base_url: str, model: str, request: PlannedRequest, record: RequestRecord,
-              api_key: str = "", timeout_s: float = 300.0, ignore_eos: bool = False,
-              session: Any = None, gate: Optional[Callable[[], None]] = None,
-              arrival: Optional[tuple[float, float]] = None) -> RequestRecord:
+def send_chat(
+    base_url: str,
+    model: str,
+    request: PlannedRequest,
+    record: RequestRecord,
+    api_key: str = "",
+    timeout_s: float = 300.0,
+    ignore_eos: bool = False,
+    session: Any = None,
+    gate: Optional[Callable[[], None]] = None,
+    arrival: Optional[tuple[float, float]] = None,
+) -> RequestRecord:
     """Stream one chat completion; every outcome, failures included, ends up in `record`.
     timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles.
     `gate` runs after the clock starts and before sending (a router waking a sleeping server).
     `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts there, so a
     request the client could not send on time counts its wait too."""
     import requests
-    body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
-            "max_tokens": request.max_tokens, "temperature": request.temperature,
-            "stream": True, "stream_options": {"include_usage": True}}
+
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if ignore_eos:
         body["ignore_eos"] = True
     http = session or requests
@@ -2868,8 +3383,13 @@ def send_chat(base_url: str, model: str, request: PlannedRequest, record: Reques
             gate()
         if arrival is not None:
             record.send_delay_s = time.perf_counter() - start
-        with http.post(f"{base_url}/v1/chat/completions", json=body, headers=auth_headers(api_key),
-                       stream=True, timeout=(10, timeout_s)) as response:
+        with http.post(
+            f"{base_url}/v1/chat/completions",
+            json=body,
+            headers=auth_headers(api_key),
+            stream=True,
+            timeout=(10, timeout_s),
+        ) as response:
             timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
             timer.daemon = True
             timer.start()
@@ -2880,10 +3400,13 @@ def send_chat(base_url: str, model: str, request: PlannedRequest, record: Reques
             done = read_sse(response, record, start, deadline)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
-    except Exception as exc:   # a failure is a row, never the end of the experiment
+    except Exception as exc:  # a failure is a row, never the end of the experiment
         late = time.perf_counter() >= deadline
-        record.error = (f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)" if late
-                        else f"{type(exc).__name__}: {str(exc)[:300]}")
+        record.error = (
+            f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
+            if late
+            else f"{type(exc).__name__}: {str(exc)[:300]}"
+        )
     finally:
         if timer is not None:
             timer.cancel()
@@ -2902,10 +3425,12 @@ class RecordSink:
             write_jsonl(self.path, [record_row(record, self.keep_itl)])
 
 
-BURST_DEADLINE_SLACK_S = 30.0   # past every request's own deadline: connect time, thread start-up
+BURST_DEADLINE_SLACK_S = 30.0  # past every request's own deadline: connect time, thread start-up
 
 
-OPEN_LOOP_THREADS = 512         # open loop: requests in flight at most; one arriving past that waits, and its wait counts
+OPEN_LOOP_THREADS = (
+    512  # open loop: requests in flight at most; one arriving past that waits, and its wait counts
+)
 
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
@@ -2914,13 +3439,20 @@ def burst_threads(requests_: list[PlannedRequest]) -> int:
     return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
 
 
-def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_record: Callable[..., RequestRecord],
-              cfg: Config, say: Callable[[str], None] = print, progress_every_s: float = 10.0,
-              sink: Optional[Callable[[RequestRecord], None]] = None,
-              gate: Optional[Callable[[], None]] = None) -> list[RequestRecord]:
+def run_burst(
+    server: RunningServer,
+    requests_: list[PlannedRequest],
+    make_record: Callable[..., RequestRecord],
+    cfg: Config,
+    say: Callable[[str], None] = print,
+    progress_every_s: float = 10.0,
+    sink: Optional[Callable[[RequestRecord], None]] = None,
+    gate: Optional[Callable[[], None]] = None,
+) -> list[RequestRecord]:
     """All requests of one burst at once (or, open loop, each at its planned offset); returns when the
     last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
     import requests
+
     session = requests.Session()
     threads = burst_threads(requests_)
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=threads))
@@ -2928,12 +3460,13 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
     records = [make_record(r) for r in requests_]
     delivered, lock, closed = set(), threading.Lock(), False
 
-    def deliver(i: int, record: RequestRecord) -> None:   # each request's row exactly once
+    def deliver(i: int, record: RequestRecord) -> None:  # each request's row exactly once
         with lock:
             if i not in delivered and not closed:
                 delivered.add(i)
                 if sink is not None:
                     sink(record)
+
     started, started_perf = time.time(), time.perf_counter()
     last_arrival = max((r.offset_s for r in requests_), default=0.0)
     deadline = started + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
@@ -2941,16 +3474,30 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
         futures = []
         for i, (r, rec) in enumerate(zip(requests_, records)):
             arrival = None
-            if r.offset_s:   # open loop: submitted at its planned time, timed from it
+            if r.offset_s:  # open loop: submitted at its planned time, timed from it
                 pause(started_perf + r.offset_s - time.perf_counter())
                 arrival = (started_perf + r.offset_s, started + r.offset_s)
-            futures.append(pool.submit(send_chat, server.url, server.spec.model, r, rec, cfg.api_key,
-                                       cfg.request_timeout_s, cfg.ignore_eos, session, gate, arrival))
+            futures.append(
+                pool.submit(
+                    send_chat,
+                    server.url,
+                    server.spec.model,
+                    r,
+                    rec,
+                    cfg.api_key,
+                    cfg.request_timeout_s,
+                    cfg.ignore_eos,
+                    session,
+                    gate,
+                    arrival,
+                )
+            )
             futures[-1].add_done_callback(lambda f, i=i: deliver(i, f.result()))
         while True:
-            done, pending = concurrent.futures.wait(futures, timeout=min(progress_every_s,
-                                                                         max(0.0, deadline - time.time())))
-            if not pending:   # wait() can return before the done-callbacks ran: deliver here too
+            done, pending = concurrent.futures.wait(
+                futures, timeout=min(progress_every_s, max(0.0, deadline - time.time()))
+            )
+            if not pending:  # wait() can return before the done-callbacks ran: deliver here too
                 for i, future in enumerate(futures):
                     deliver(i, future.result())
                 return [f.result() for f in futures]
@@ -2962,8 +3509,13 @@ def run_burst(server: RunningServer, requests_: list[PlannedRequest], make_recor
             if future.done():
                 out.append(future.result())
                 continue
-            late = dataclasses.replace(record, ok=False, itl_s=list(record.itl_s), e2e_s=time.time() - started,
-                                       error=f"still open at the burst's deadline ({deadline - started:.0f} s)")
+            late = dataclasses.replace(
+                record,
+                ok=False,
+                itl_s=list(record.itl_s),
+                e2e_s=time.time() - started,
+                error=f"still open at the burst's deadline ({deadline - started:.0f} s)",
+            )
             out.append(late)
             deliver(i, late)
         return out
@@ -3001,15 +3553,33 @@ def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(to_json(obj), indent=2))
 
 
-CSV_COLUMNS = ("experiment", "server", "phase", "repeat", "burst", "index", "t_send", "ok", "status", "error",
-               "ttft_s", "tpot_s", "e2e_s", "prompt_tokens", "completion_tokens", "finish_reason",
-               "itl_p50_s", "itl_max_s")
+CSV_COLUMNS = (
+    "experiment",
+    "server",
+    "phase",
+    "repeat",
+    "burst",
+    "index",
+    "t_send",
+    "ok",
+    "status",
+    "error",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "itl_p50_s",
+    "itl_max_s",
+)
 
 
 def write_requests_csv(path: Path, rows: list[dict]) -> None:
     """requests.jsonl as one spreadsheet row per request (the token gaps summarised)."""
     import csv
     import io
+
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -3030,7 +3600,7 @@ def read_jsonl(path: Path) -> list[dict]:
         text = path.read_text()
     rows = []
     for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):   # a run killed mid-write leaves a torn line
+        with contextlib.suppress(json.JSONDecodeError):  # a run killed mid-write leaves a torn line
             rows.append(json.loads(line))
     return rows
 
@@ -3039,7 +3609,7 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
     row = {**dataclasses.asdict(record), "tpot_s": record.tpot_s}
     for key in ("ttft_s", "e2e_s", "tpot_s"):
         if row[key] is not None:
-            row[key] = round(row[key], 6)          # microseconds are plenty; keeps the files small
+            row[key] = round(row[key], 6)  # microseconds are plenty; keeps the files small
     row["itl_s"] = [round(v, 5) for v in record.itl_s] if keep_itl else []
     return row
 
@@ -3047,7 +3617,11 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 # %% Metrics: pure functions of saved records
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
-    array = values if isinstance(values, np.ndarray) else np.asarray([v for v in values if v is not None], dtype=float)
+    array = (
+        values
+        if isinstance(values, np.ndarray)
+        else np.asarray([v for v in values if v is not None], dtype=float)
+    )
     finite = array[np.isfinite(array)]
     return [float(p) for p in np.percentile(finite, qs)] if finite.size else [None] * len(qs)
 
@@ -3064,8 +3638,11 @@ def omitted_if_none() -> Any:
 def to_json(obj: Any) -> Any:
     """Records as JSON-ready dicts (optional sections left out when absent), no Infinity/NaN."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
+        return {
+            f.name: to_json(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
+        }
     if isinstance(obj, dict):
         return {k: to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -3088,8 +3665,14 @@ class Distribution:
     def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
         data = np.asarray([v for v in values if v is not None], dtype=float)
         p50, p90, p99 = percentiles(data, [50, 90, 99])
-        return cls(int(data.size), p50, p90, p99, float(data.mean()) if data.size else None,
-                   float(data.max()) if data.size else None)
+        return cls(
+            int(data.size),
+            p50,
+            p90,
+            p99,
+            float(data.mean()) if data.size else None,
+            float(data.max()) if data.size else None,
+        )
 
 
 @dataclasses.dataclass
@@ -3097,16 +3680,16 @@ class LatencySummary:
     requests: int
     ok: int
     failed: int
-    errors: dict[str, int]              # first 80 characters of each failure reason -> count
+    errors: dict[str, int]  # first 80 characters of each failure reason -> count
     ttft_s: Distribution
     tpot_s: Distribution
     e2e_s: Distribution
     output_tokens: int
     prompt_tokens_mean: Optional[float]
     output_tokens_per_s: Optional[float]
-    ttft_note: Optional[str] = omitted_if_none()   # why there is no TTFT (the server did not stream)
-    itl_s: Optional[Distribution] = omitted_if_none()   # every gap between content chunks, pooled
-    goodput: Optional["Goodput"] = omitted_if_none()   # with --slo-ttft-ms / --slo-tpot-ms
+    ttft_note: Optional[str] = omitted_if_none()  # why there is no TTFT (the server did not stream)
+    itl_s: Optional[Distribution] = omitted_if_none()  # every gap between content chunks, pooled
+    goodput: Optional["Goodput"] = omitted_if_none()  # with --slo-ttft-ms / --slo-tpot-ms
 
     def quantile(self, metric: str, q: str) -> Optional[float]:
         return getattr(getattr(self, metric), q)
@@ -3115,6 +3698,7 @@ class LatencySummary:
 @dataclasses.dataclass
 class Goodput:
     """Requests that completed within the service-level objectives; failed ones count as missing them."""
+
     slo_ttft_ms: Optional[float]
     slo_tpot_ms: Optional[float]
     met: int
@@ -3125,15 +3709,18 @@ class Goodput:
 def goodput(records: list[dict], slo_ttft_ms: float, slo_tpot_ms: float) -> Optional[Goodput]:
     if not (slo_ttft_ms or slo_tpot_ms):
         return None
+
     def meets(r: dict) -> bool:
         if not r.get("ok"):
             return False
         if slo_ttft_ms and (r.get("ttft_s") is None or r["ttft_s"] * 1000 > slo_ttft_ms):
             return False
         return not (slo_tpot_ms and r.get("tpot_s") is not None and r["tpot_s"] * 1000 > slo_tpot_ms)
+
     met = sum(meets(r) for r in records)
-    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records),
-                   met / len(records) if records else None)
+    return Goodput(
+        slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), met / len(records) if records else None
+    )
 
 
 def latency_summary(records: list[dict], slo: tuple[float, float] = (0.0, 0.0)) -> LatencySummary:
@@ -3141,8 +3728,11 @@ def latency_summary(records: list[dict], slo: tuple[float, float] = (0.0, 0.0)) 
     from requests.jsonl rows."""
     ok = [r for r in records if r.get("ok")]
     failed = [r for r in records if not r.get("ok")]
-    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ok
-            if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None]
+    tpot = [
+        (r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1)
+        for r in ok
+        if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None
+    ]
     span = None
     if records:
         start = min(r["t_send"] for r in records)
@@ -3154,19 +3744,28 @@ def latency_summary(records: list[dict], slo: tuple[float, float] = (0.0, 0.0)) 
         key = (r.get("error") or "unknown")[:80]
         errors[key] = errors.get(key, 0) + 1
     summary = LatencySummary(
-        requests=len(records), ok=len(ok), failed=len(failed), errors=errors,
-        ttft_s=Distribution.of(r.get("ttft_s") for r in ok), tpot_s=Distribution.of(tpot),
-        e2e_s=Distribution.of(r.get("e2e_s") for r in ok), output_tokens=out_tokens,
+        requests=len(records),
+        ok=len(ok),
+        failed=len(failed),
+        errors=errors,
+        ttft_s=Distribution.of(r.get("ttft_s") for r in ok),
+        tpot_s=Distribution.of(tpot),
+        e2e_s=Distribution.of(r.get("e2e_s") for r in ok),
+        output_tokens=out_tokens,
         prompt_tokens_mean=(sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
-        output_tokens_per_s=(out_tokens / span) if span else None, goodput=goodput(records, *slo))
+        output_tokens_per_s=(out_tokens / span) if span else None,
+        goodput=goodput(records, *slo),
+    )
     gaps = [gap for r in ok for gap in r.get("itl_s") or []]
     if gaps:
         summary.itl_s = Distribution.of(gaps)
-    if not_streamed(ok):   # the whole answer came in one read: a "TTFT" would be the E2E time
+    if not_streamed(ok):  # the whole answer came in one read: a "TTFT" would be the E2E time
         summary.ttft_s = summary.tpot_s = Distribution.of([])
         summary.itl_s = None
-        summary.ttft_note = ("the server did not stream (each response arrived in one piece): "
-                             "time to first token and per-token time cannot be measured")
+        summary.ttft_note = (
+            "the server did not stream (each response arrived in one piece): "
+            "time to first token and per-token time cannot be measured"
+        )
     return summary
 
 
@@ -3184,8 +3783,9 @@ def window_median(samples: list[tuple[float, float]], start: float, end: float) 
     return percentile(window(samples, (start, end)), 50)
 
 
-def release_time(samples: list[tuple[float, float]], workload_end: float, idle: Optional[float],
-                 tolerance: float) -> Optional[float]:
+def release_time(
+    samples: list[tuple[float, float]], workload_end: float, idle: Optional[float], tolerance: float
+) -> Optional[float]:
     """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
     if idle is None:
         return None
@@ -3195,12 +3795,12 @@ def release_time(samples: list[tuple[float, float]], workload_end: float, idle: 
 
 @dataclasses.dataclass
 class MemorySummary:
-    idle_after_load_mib: Optional[float]        # right after the servers came up
-    idle_before_workload_mib: Optional[float]   # after the warm-up: the level the bursts start from
+    idle_after_load_mib: Optional[float]  # right after the servers came up
+    idle_before_workload_mib: Optional[float]  # after the warm-up: the level the bursts start from
     peak_mib: Optional[float]
-    flex_mib: Optional[float]                   # peak - idle before the workload
-    release_s: Optional[float]                  # after the last burst, until back within tolerance of idle
-    residual_mib: Optional[float]               # where it ended, above idle before the workload
+    flex_mib: Optional[float]  # peak - idle before the workload
+    release_s: Optional[float]  # after the last burst, until back within tolerance of idle
+    residual_mib: Optional[float]  # where it ended, above idle before the workload
     # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit above
     # the level right after loading
     residual_vs_load_mib: Optional[float]
@@ -3216,15 +3816,20 @@ def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: 
     idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
     peak = None
     if marks.workload is not None:
-        peak = max(window(samples, (marks.workload[0], marks.sampling_end or marks.workload[1])), default=None)
+        peak = max(
+            window(samples, (marks.workload[0], marks.sampling_end or marks.workload[1])), default=None
+        )
     end = marks.workload[1] if marks.workload else None
     after = [v for t, v in samples if end is not None and t >= end]
     return MemorySummary(
-        idle_after_load_mib=idle_load, idle_before_workload_mib=idle, peak_mib=peak,
+        idle_after_load_mib=idle_load,
+        idle_before_workload_mib=idle,
+        peak_mib=peak,
         flex_mib=(peak - idle) if peak is not None and idle is not None else None,
         release_s=release_time(samples, end, idle, tolerance) if end is not None else None,
         residual_mib=(after[-1] - idle) if after and idle is not None else None,
-        residual_vs_load_mib=(after[-1] - idle_load) if after and idle_load is not None else None)
+        residual_vs_load_mib=(after[-1] - idle_load) if after and idle_load is not None else None,
+    )
 
 
 def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
@@ -3256,10 +3861,16 @@ class Spread:
 
 
 # %% Summaries: computed from the raw files only, so --report can rebuild them offline
-def series(rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None,
-           scale: float = 1.0) -> list[tuple[float, float]]:
-    return [(r["t"], r[field] * scale) for r in rows
-            if r.get("kind") == kind and r.get(field) is not None and (server is None or r.get("server") == server)]
+def series(
+    rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None, scale: float = 1.0
+) -> list[tuple[float, float]]:
+    return [
+        (r["t"], r[field] * scale)
+        for r in rows
+        if r.get("kind") == kind
+        and r.get(field) is not None
+        and (server is None or r.get("server") == server)
+    ]
 
 
 class ReportError(RuntimeError):
@@ -3279,13 +3890,14 @@ def read_json(path: Path) -> tuple[Any, Optional[str]]:
 @dataclasses.dataclass
 class LoadedExperiment:
     """One experiment folder, read once: its record and raw rows."""
+
     path: Path
     record: ExperimentRecord
-    memory: list[dict]                  # memory.jsonl rows
-    requests: list[dict]                # requests.jsonl rows
-    problems: list[str]                 # what could not be read
+    memory: list[dict]  # memory.jsonl rows
+    requests: list[dict]  # requests.jsonl rows
+    problems: list[str]  # what could not be read
 
-    @functools.cached_property   # read by the marks, the summary and the plots alike
+    @functools.cached_property  # read by the marks, the summary and the plots alike
     def device(self) -> list[tuple[float, float]]:
         return series(self.memory, "device")
 
@@ -3305,10 +3917,17 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
     if isinstance(data, dict) and "name" in data:
         record = ExperimentRecord.from_json(data)
     else:
-        record = ExperimentRecord(re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)")
+        record = ExperimentRecord(
+            re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)"
+        )
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
-    loaded = LoadedExperiment(exp_dir, record, read_jsonl(exp_dir / "memory.jsonl"),
-                              read_jsonl(exp_dir / "requests.jsonl"), problems)
+    loaded = LoadedExperiment(
+        exp_dir,
+        record,
+        read_jsonl(exp_dir / "memory.jsonl"),
+        read_jsonl(exp_dir / "requests.jsonl"),
+        problems,
+    )
     fill_missing_marks(loaded)
     return loaded
 
@@ -3318,17 +3937,22 @@ def fill_missing_marks(loaded: LoadedExperiment) -> None:
     marks, times = loaded.record.marks, [t for t, _ in loaded.device]
     if marks.workload is None:
         if marks.bursts:
-            marks.workload = (marks.bursts[0].start, marks.bursts[-1].end or max(times, default=marks.bursts[0].start))
+            marks.workload = (
+                marks.bursts[0].start,
+                marks.bursts[-1].end or max(times, default=marks.bursts[0].start),
+            )
         elif times and not loaded.record.finished:
             marks.workload = (min(times), max(times))
     if marks.sampling_end is None and times:
         marks.sampling_end = max(times)
 
 
-MAX_SAMPLE_GAP = 10   # sample intervals without a device sample before memory figures are void
+MAX_SAMPLE_GAP = 10  # sample intervals without a device sample before memory figures are void
 
 
-def memory_problems(record: ExperimentRecord, device: list[tuple[float, float]], latency: LatencySummary) -> list[str]:
+def memory_problems(
+    record: ExperimentRecord, device: list[tuple[float, float]], latency: LatencySummary
+) -> list[str]:
     """Why this experiment's memory figures must not be reported, if they must not."""
     problems = []
     if latency.requests and not latency.ok:
@@ -3338,14 +3962,17 @@ def memory_problems(record: ExperimentRecord, device: list[tuple[float, float]],
     if start is not None and marks.sampling_end is not None and record.sample_interval_s:
         gap = largest_gap(device, start, marks.sampling_end)
         if gap > MAX_SAMPLE_GAP * record.sample_interval_s:
-            problems.append(f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
-                            f"{record.sampler_error_kinds or 'no errors recorded'})")
+            problems.append(
+                f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
+                f"{record.sampler_error_kinds or 'no errors recorded'})"
+            )
     return problems
 
 
 @dataclasses.dataclass
 class KvcachedView:
     """kvcached's own accounting, from its shared-memory segment."""
+
     limit_mib: float
     peak_used_mib: float
     peak_prealloc_mib: float
@@ -3354,10 +3981,13 @@ class KvcachedView:
 @dataclasses.dataclass
 class VllmView:
     """vLLM's /metrics; None where the gauge never appeared."""
+
     max_running: Optional[float]
     max_waiting: Optional[float]
     preemptions: Optional[float]
-    prefix_hit_rate: Optional[float] = omitted_if_none()   # with --prefix-caching: cached share of prompt tokens
+    prefix_hit_rate: Optional[float] = (
+        omitted_if_none()
+    )  # with --prefix-caching: cached share of prompt tokens
 
 
 @dataclasses.dataclass
@@ -3366,20 +3996,21 @@ class ServerSummary:
     model: str
     startup_s: Optional[float]
     reused: bool
-    memory: MemorySummary               # NVML, its process tree
+    memory: MemorySummary  # NVML, its process tree
     latency: LatencySummary
     kvcached: Optional[KvcachedView] = omitted_if_none()
     vllm: Optional[VllmView] = omitted_if_none()
-    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()   # one per repeat (--repeats > 1)
+    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()  # one per repeat (--repeats > 1)
 
 
 @dataclasses.dataclass
 class BurstClock:
     """One burst: the client's mean latencies beside the server's (its histograms' deltas)."""
+
     phase: str
     repeat: int
-    client_ok: int                      # requests the client saw complete
-    server_counted: int                 # requests the server's TTFT histogram counted meanwhile
+    client_ok: int  # requests the client saw complete
+    server_counted: int  # requests the server's TTFT histogram counted meanwhile
     client_ttft_mean_s: Optional[float]
     server_ttft_mean_s: Optional[float]
     client_e2e_mean_s: Optional[float]
@@ -3394,6 +4025,7 @@ class ServerClock:
     """Client vs server over an experiment's bursts (request-weighted means). The gap is the time a
     request spends before vLLM's engine clock starts (HTTP, chat template, tokenization) and after it
     stops, plus the client's own overhead."""
+
     client_ttft_mean_s: Optional[float]
     server_ttft_mean_s: Optional[float]
     ttft_gap_ms: Optional[float]
@@ -3417,7 +4049,7 @@ def histogram_mean(before: dict, after: dict, name: str) -> tuple[Optional[float
 
 def mean(values: Iterable[Optional[float]]) -> Optional[float]:
     data = [v for v in values if v is not None]
-    return math.fsum(data) / len(data) if data else None   # exact sum: the same figure on every Python
+    return math.fsum(data) / len(data) if data else None  # exact sum: the same figure on every Python
 
 
 def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
@@ -3426,7 +4058,11 @@ def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
     for mark in marks.bursts:
         if not mark.server_before or not mark.server_after:
             continue
-        ok = [r for r in records if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat and r.get("ok")]
+        ok = [
+            r
+            for r in records
+            if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat and r.get("ok")
+        ]
         means = {}
         for key in pooled:
             means[key], count = histogram_mean(mark.server_before, mark.server_after, key)
@@ -3439,33 +4075,56 @@ def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
         ttfts, e2es = [sent(r, "ttft_s") for r in ok], [sent(r, "e2e_s") for r in ok]
         client_ttft += [v for v in ttfts if v is not None]
         client_e2e += [v for v in e2es if v is not None]
-        bursts.append(BurstClock(mark.phase, mark.repeat, len(ok), counted, mean(ttfts), means["ttft"],
-                                 mean(e2es), means["e2e"], means["queue"], means["prefill"], means["decode"]))
+        bursts.append(
+            BurstClock(
+                mark.phase,
+                mark.repeat,
+                len(ok),
+                counted,
+                mean(ttfts),
+                means["ttft"],
+                mean(e2es),
+                means["e2e"],
+                means["queue"],
+                means["prefill"],
+                means["decode"],
+            )
+        )
     if not bursts:
         return None
     server = {k: (total / n if n else None) for k, (total, n) in pooled.items()}
     c_ttft, c_e2e = mean(client_ttft), mean(client_e2e)
     gap = lambda c, s_: (c - s_) * 1000 if c is not None and s_ is not None else None
-    return ServerClock(c_ttft, server["ttft"], gap(c_ttft, server["ttft"]), c_e2e, server["e2e"],
-                       gap(c_e2e, server["e2e"]), server["queue"], server["prefill"], server["decode"], bursts)
+    return ServerClock(
+        c_ttft,
+        server["ttft"],
+        gap(c_ttft, server["ttft"]),
+        c_e2e,
+        server["e2e"],
+        gap(c_e2e, server["e2e"]),
+        server["queue"],
+        server["prefill"],
+        server["decode"],
+        bursts,
+    )
 
 
 @dataclasses.dataclass
 class ExperimentSummary:
     name: str
     question: str
-    device: MemorySummary               # NVML, the whole card
+    device: MemorySummary  # NVML, the whole card
     latency: LatencySummary
     servers: dict[str, ServerSummary]
     phases: dict[str, LatencySummary]
-    repeats: dict[str, Spread]          # 'ttft_s_p50' ... -> spread over repeats
+    repeats: dict[str, Spread]  # 'ttft_s_p50' ... -> spread over repeats
     sampler_errors: int
     sampler_error_kinds: dict[str, int]
     kv_limits_bytes: dict[str, int]
     memory_valid: bool
     problems: list[str]
     phase_repeats: Optional[dict[str, list[LatencySummary]]] = omitted_if_none()
-    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()   # the whole experiment, per repeat
+    latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()  # the whole experiment, per repeat
     server_clock: Optional[ServerClock] = omitted_if_none()
     gpu_index: Optional[int] = omitted_if_none()
     sleep: Optional["SleepSummary"] = omitted_if_none()
@@ -3478,9 +4137,10 @@ class ExperimentSummary:
 @dataclasses.dataclass
 class RatePoint:
     """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""
+
     phase: str
     repeat: int
-    rate: float                         # planned requests per second
+    rate: float  # planned requests per second
     requests: int
     failed: int
     ttft_p50_s: Optional[float]
@@ -3488,22 +4148,26 @@ class RatePoint:
     e2e_p50_s: Optional[float]
     e2e_p99_s: Optional[float]
     goodput: Optional[float] = omitted_if_none()
-    max_send_delay_s: Optional[float] = omitted_if_none()   # the client's lateness: large means it could not keep up
+    max_send_delay_s: Optional[float] = (
+        omitted_if_none()
+    )  # the client's lateness: large means it could not keep up
 
 
 @dataclasses.dataclass
 class SleepSummary:
     """The sleep arm: how deep it slept between bursts and what waking and sleeping cost."""
+
     level: int
-    wake_s: Distribution                # per burst: the wake-up its first requests waited for
-    sleep_s: Distribution               # per burst: putting it back to sleep
+    wake_s: Distribution  # per burst: the wake-up its first requests waited for
+    sleep_s: Distribution  # per burst: putting it back to sleep
 
 
-RESIDUAL_WINDOW_S = 0.5   # the quiet stretch before the next burst over which a residual is read
+RESIDUAL_WINDOW_S = 0.5  # the quiet stretch before the next burst over which a residual is read
 
 
-def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
-                         slo: tuple[float, float] = (0.0, 0.0)) -> ExperimentSummary:
+def summarize_experiment(
+    loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0)
+) -> ExperimentSummary:
     record, rows, records = loaded.record, loaded.memory, loaded.requests
     device = loaded.device
     latency = latency_summary(records, slo)
@@ -3512,25 +4176,42 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
     if any(r.get("unattributed") for r in rows if r.get("kind") == "process"):
         problems.append(FOREIGN_PIDS)
     if not record.finished:
-        problems.append("incomplete: the experiment was interrupted or failed before its end; "
-                        "no release time or residual is reported")
+        problems.append(
+            "incomplete: the experiment was interrupted or failed before its end; "
+            "no release time or residual is reported"
+        )
 
     def checked(memory: MemorySummary) -> MemorySummary:
         if invalid:
             return MemorySummary.void()
-        if not record.finished:   # memory was still coming back (or not) when the run stopped
+        if not record.finished:  # memory was still coming back (or not) when the run stopped
             return dataclasses.replace(memory, release_s=None, residual_mib=None, residual_vs_load_mib=None)
         return memory
 
     marks = record.marks
     repeats = sorted({r["repeat"] for r in records})
     summary = ExperimentSummary(
-        name=record.name, question=record.question, device=checked(memory_summary(device, marks, tolerance)),
-        latency=latency, servers={}, phases={}, repeats={}, sampler_errors=record.sampler_errors,
-        sampler_error_kinds=record.sampler_error_kinds, kv_limits_bytes=record.kv_limits,
-        memory_valid=not invalid, problems=invalid + problems, server_clock=server_clock(marks, records),
-        gpu_index=record.gpu_index)
-    if summary.memory_valid and record.finished and marks.bursts and summary.device.idle_after_load_mib is not None:
+        name=record.name,
+        question=record.question,
+        device=checked(memory_summary(device, marks, tolerance)),
+        latency=latency,
+        servers={},
+        phases={},
+        repeats={},
+        sampler_errors=record.sampler_errors,
+        sampler_error_kinds=record.sampler_error_kinds,
+        kv_limits_bytes=record.kv_limits,
+        memory_valid=not invalid,
+        problems=invalid + problems,
+        server_clock=server_clock(marks, records),
+        gpu_index=record.gpu_index,
+    )
+    if (
+        summary.memory_valid
+        and record.finished
+        and marks.bursts
+        and summary.device.idle_after_load_mib is not None
+    ):
         ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
         # between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after
         # the last one, sampling went on until memory was back or settled, however short that was. The
@@ -3538,51 +4219,93 @@ def summarize_experiment(loaded: LoadedExperiment, tolerance: float,
         last = len(marks.bursts) - 1
         quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
         summary.residual_after_burst_mib = [
-            diff(window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end), summary.device.idle_after_load_mib)
+            diff(
+                window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end),
+                summary.device.idle_after_load_mib,
+            )
             if begin is not None and (end - begin >= RESIDUAL_WINDOW_S or (i == last and end > begin))
-            else None for i, (begin, end) in enumerate(zip(quiet, ends))]
+            else None
+            for i, (begin, end) in enumerate(zip(quiet, ends))
+        ]
     points = []
     for mark in marks.bursts:
         if mark.rate is not None:
             mine = [r for r in records if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat]
             lat = latency_summary(mine, slo)
             delays = [r["send_delay_s"] for r in mine if r.get("send_delay_s") is not None]
-            points.append(RatePoint(mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, lat.ttft_s.p50,
-                                    lat.ttft_s.p99, lat.e2e_s.p50, lat.e2e_s.p99, lat.goodput and lat.goodput.share,
-                                    max(delays, default=None)))
+            points.append(
+                RatePoint(
+                    mark.phase,
+                    mark.repeat,
+                    mark.rate,
+                    lat.requests,
+                    lat.failed,
+                    lat.ttft_s.p50,
+                    lat.ttft_s.p99,
+                    lat.e2e_s.p50,
+                    lat.e2e_s.p99,
+                    lat.goodput and lat.goodput.share,
+                    max(delays, default=None),
+                )
+            )
     summary.rate_sweep = points or None
     if record.sleep_level is not None:
-        summary.sleep = SleepSummary(record.sleep_level, Distribution.of(b.wake_s for b in marks.bursts),
-                                     Distribution.of(b.sleep_s for b in marks.bursts))
+        summary.sleep = SleepSummary(
+            record.sleep_level,
+            Distribution.of(b.wake_s for b in marks.bursts),
+            Distribution.of(b.sleep_s for b in marks.bursts),
+        )
     for server in record.servers:
         slot = server["spec"]["name"]
-        entry = ServerSummary(label=server["label"], model=server["spec"]["model"], startup_s=server["startup_s"],
-                              reused=server["label"] in record.reused,
-                              memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
-                              latency=latency_summary([r for r in records if r["server"] == slot], slo))
+        entry = ServerSummary(
+            label=server["label"],
+            model=server["spec"]["model"],
+            startup_s=server["startup_s"],
+            reused=server["label"] in record.reused,
+            memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
+            latency=latency_summary([r for r in records if r["server"] == slot], slo),
+        )
         if len(repeats) > 1:
-            entry.latency_repeats = [latency_summary([r for r in records if r["server"] == slot and r["repeat"] == k])
-                                     for k in repeats]
+            entry.latency_repeats = [
+                latency_summary([r for r in records if r["server"] == slot and r["repeat"] == k])
+                for k in repeats
+            ]
         kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == slot]
         if kv:
-            entry.kvcached = KvcachedView(kv[-1]["total_bytes"] / MIB, max(r["used_bytes"] for r in kv) / MIB,
-                                          max(r["prealloc_bytes"] for r in kv) / MIB)
+            entry.kvcached = KvcachedView(
+                kv[-1]["total_bytes"] / MIB,
+                max(r["used_bytes"] for r in kv) / MIB,
+                max(r["prealloc_bytes"] for r in kv) / MIB,
+            )
         met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == slot]
         if met:
-            peak = lambda key: max((r[key] for r in met if key in r), default=None)   # absent gauge: n/a, not 0
+            peak = lambda key: max(
+                (r[key] for r in met if key in r), default=None
+            )  # absent gauge: n/a, not 0
             counts = [r["preemptions"] for r in met if "preemptions" in r]
-            entry.vllm = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+            entry.vllm = VllmView(
+                peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None
+            )
             prefix = [r for r in met if "prefix_queries" in r and "prefix_hits" in r]
             if len(prefix) > 1:
-                entry.vllm.prefix_hit_rate = ratio(prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
-                                                   prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"])
+                entry.vllm.prefix_hit_rate = ratio(
+                    prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
+                    prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"],
+                )
         summary.servers[slot] = entry
     for phase in dict.fromkeys(r["phase"] for r in records):
         summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase], slo)
     if len(repeats) > 1:
-        summary.phase_repeats = {phase: [latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
-                                         for k in repeats] for phase in summary.phases}
-        per = summary.latency_repeats = [latency_summary([r for r in records if r["repeat"] == k]) for k in repeats]
+        summary.phase_repeats = {
+            phase: [
+                latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
+                for k in repeats
+            ]
+            for phase in summary.phases
+        }
+        per = summary.latency_repeats = [
+            latency_summary([r for r in records if r["repeat"] == k]) for k in repeats
+        ]
         for metric in ("ttft_s", "e2e_s"):
             for q in ("p50", "p99"):
                 summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
@@ -3595,11 +4318,11 @@ LATENCY_KEYS = [(metric, q) for metric in ("ttft_s", "e2e_s") for q in ("p50", "
 
 @dataclasses.dataclass
 class SingleComparison:
-    idle_saving_mib: Optional[float]    # static idle - kvcached idle, right after load
+    idle_saving_mib: Optional[float]  # static idle - kvcached idle, right after load
     peak_saving_mib: Optional[float]
-    ttft_p50_ratio: Optional[float]     # kvcached / static
+    ttft_p50_ratio: Optional[float]  # kvcached / static
     e2e_p50_ratio: Optional[float]
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios, 'ttft_s_p50_ratio' ...
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios, 'ttft_s_p50_ratio' ...
 
 
 @dataclasses.dataclass
@@ -3625,7 +4348,7 @@ class ModelComparison:
     max_waiting: Both
     preemptions: Both
     peak_mib: Both
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios
 
 
 @dataclasses.dataclass
@@ -3634,27 +4357,33 @@ class PhaseComparison:
     ttft_s_p99_ratio: Optional[float]
     e2e_s_p50_ratio: Optional[float]
     e2e_s_p99_ratio: Optional[float]
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # per-repeat ratios
+    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios
 
     def cells(self) -> list[tuple[Optional[float], Optional[Spread]]]:
-        return [(getattr(self, f"{m}_{q}_ratio"), (self.over_repeats or {}).get(f"{m}_{q}_ratio"))
-                for m, q in LATENCY_KEYS]
+        return [
+            (getattr(self, f"{m}_{q}_ratio"), (self.over_repeats or {}).get(f"{m}_{q}_ratio"))
+            for m, q in LATENCY_KEYS
+        ]
 
 
 @dataclasses.dataclass
 class PairComparison:
-    idle_saving_mib: Optional[float]    # static idle - kvcached idle, both models, before the workload
+    idle_saving_mib: Optional[float]  # static idle - kvcached idle, both models, before the workload
     per_model: dict[str, ModelComparison]
     per_phase: dict[str, PhaseComparison]
 
 
-def ratio_spreads(mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]) -> Optional[dict[str, Spread]]:
+def ratio_spreads(
+    mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]
+) -> Optional[dict[str, Spread]]:
     """Each latency ratio per repeat (mine / theirs, repeat k against repeat k), as a spread; None
     without repeats on both sides."""
     if not mine or not theirs or len(mine) < 2 or len(mine) != len(theirs):
         return None
-    return {f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q)) for a, b in zip(mine, theirs))
-            for m, q in LATENCY_KEYS}
+    return {
+        f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q)) for a, b in zip(mine, theirs))
+        for m, q in LATENCY_KEYS
+    }
 
 
 def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComparison:
@@ -3663,27 +4392,36 @@ def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComp
         peak_saving_mib=diff(sta.device.peak_mib, ela.device.peak_mib),
         ttft_p50_ratio=ratio(ela.latency.ttft_s.p50, sta.latency.ttft_s.p50),
         e2e_p50_ratio=ratio(ela.latency.e2e_s.p50, sta.latency.e2e_s.p50),
-        over_repeats=ratio_spreads(ela.latency_repeats, sta.latency_repeats))
+        over_repeats=ratio_spreads(ela.latency_repeats, sta.latency_repeats),
+    )
 
 
 def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparison:
-    block = PairComparison(diff(sta.device.idle_before_workload_mib, ela.device.idle_before_workload_mib), {}, {})
+    block = PairComparison(
+        diff(sta.device.idle_before_workload_mib, ela.device.idle_before_workload_mib), {}, {}
+    )
     for slot, e in ela.servers.items():
         s = sta.servers.get(slot)
         lat = lambda server, m, q: server.latency.quantile(m, q) if server else None
         vllm = lambda server, key: getattr(server.vllm, key) if server and server.vllm else None
         block.per_model[slot] = ModelComparison(
-            *[BothWithRatio(lat(e, m, q), lat(s, m, q), ratio(lat(e, m, q), lat(s, m, q))) for m, q in LATENCY_KEYS],
+            *[
+                BothWithRatio(lat(e, m, q), lat(s, m, q), ratio(lat(e, m, q), lat(s, m, q)))
+                for m, q in LATENCY_KEYS
+            ],
             failed=Both(e.latency.failed, s.latency.failed if s else None),
             max_waiting=Both(vllm(e, "max_waiting"), vllm(s, "max_waiting")),
             preemptions=Both(vllm(e, "preemptions"), vllm(s, "preemptions")),
             peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None),
-            over_repeats=ratio_spreads(e.latency_repeats, s.latency_repeats if s else None))
+            over_repeats=ratio_spreads(e.latency_repeats, s.latency_repeats if s else None),
+        )
     for phase, e in ela.phases.items():
         s = sta.phases.get(phase)
         q_of = lambda summary, m, q: summary.quantile(m, q) if summary else None
         comparison = PhaseComparison(*[ratio(q_of(e, m, q), q_of(s, m, q)) for m, q in LATENCY_KEYS])
-        comparison.over_repeats = ratio_spreads((ela.phase_repeats or {}).get(phase), (sta.phase_repeats or {}).get(phase))
+        comparison.over_repeats = ratio_spreads(
+            (ela.phase_repeats or {}).get(phase), (sta.phase_repeats or {}).get(phase)
+        )
         block.per_phase[phase] = comparison
     return block
 
@@ -3692,31 +4430,40 @@ def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparis
 class SleepComparison:
     """The sleep arm against kvcached and the static pool it is built on (None where one is absent).
     Idle levels are those between bursts: after the warm-up, the sleep arm asleep."""
+
     level: int
     asleep_mib: Optional[float]
     kvcached_idle_mib: Optional[float]
     static_idle_mib: Optional[float]
     wake_s_mean: Optional[float]
     wake_s_max: Optional[float]
-    ttft_p50_vs_kvcached: Optional[float]   # sleep / kvcached
-    ttft_p50_vs_static: Optional[float]     # sleep / static
+    ttft_p50_vs_kvcached: Optional[float]  # sleep / kvcached
+    ttft_p50_vs_static: Optional[float]  # sleep / static
     e2e_p50_vs_kvcached: Optional[float]
     e2e_p50_vs_static: Optional[float]
-    vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()   # sleep / kvcached, per repeat
+    vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # sleep / kvcached, per repeat
     vs_static_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()
 
 
-def compare_sleep(sleep: ExperimentSummary, ela: Optional[ExperimentSummary],
-                  sta: Optional[ExperimentSummary]) -> SleepComparison:
+def compare_sleep(
+    sleep: ExperimentSummary, ela: Optional[ExperimentSummary], sta: Optional[ExperimentSummary]
+) -> SleepComparison:
     lat = lambda s, m: s.latency.quantile(m, "p50") if s else None
     idle = lambda s: s.device.idle_before_workload_mib if s else None
     return SleepComparison(
-        sleep.sleep.level if sleep.sleep else 0, idle(sleep), idle(ela), idle(sta),
-        sleep.sleep.wake_s.mean if sleep.sleep else None, sleep.sleep.wake_s.max if sleep.sleep else None,
-        ratio(lat(sleep, "ttft_s"), lat(ela, "ttft_s")), ratio(lat(sleep, "ttft_s"), lat(sta, "ttft_s")),
-        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")), ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")),
+        sleep.sleep.level if sleep.sleep else 0,
+        idle(sleep),
+        idle(ela),
+        idle(sta),
+        sleep.sleep.wake_s.mean if sleep.sleep else None,
+        sleep.sleep.wake_s.max if sleep.sleep else None,
+        ratio(lat(sleep, "ttft_s"), lat(ela, "ttft_s")),
+        ratio(lat(sleep, "ttft_s"), lat(sta, "ttft_s")),
+        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")),
+        ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")),
         ratio_spreads(sleep.latency_repeats, ela and ela.latency_repeats),
-        ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats))
+        ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats),
+    )
 
 
 def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
@@ -3742,6 +4489,7 @@ COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62
 
 def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) -> Any:
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(size[0], size[1] * rows), dpi=110)
     axes = fig.subplots(rows, cols, squeeze=False, sharex="col")
     return fig, axes
@@ -3756,16 +4504,18 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 def shade_bursts(ax: Any, marks: Marks, t0: float) -> None:
     for burst in marks.bursts:
-        if burst.end is None:   # killed mid-burst
+        if burst.end is None:  # killed mid-burst
             continue
         ax.axvspan(burst.start - t0, burst.end - t0, color=COLORS.get(burst.server, "grey"), alpha=0.08, lw=0)
 
 
-def plot_single(path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+def plot_single(
+    path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
+) -> Optional[Path]:
     """Device memory of one model's arms on one axis (and kvcached zoomed below)."""
     if not arms:
         return None
-    zoom = "kvcached" in arms and len(arms) > 1   # a static pool's scale flattens the kvcached line
+    zoom = "kvcached" in arms and len(arms) > 1  # a static pool's scale flattens the kvcached line
     fig, axes = new_figure(2 if zoom else 1, size=(11, 3.6))
     ax = axes[0][0]
     for i, (arm, loaded) in enumerate(arms.items()):
@@ -3773,12 +4523,22 @@ def plot_single(path: Path, arms: dict[str, LoadedExperiment], summaries: dict[s
         t0 = marks.workload[0] if marks.workload else loaded.t0
         data = loaded.device
         idle = summaries[loaded.record.name].device.idle_before_workload_mib
-        for target in ([ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]):
-            target.plot([t - t0 for t, _ in data], [v for _, v in data], color=COLORS.get(arm, "grey"), lw=1.6,
-                        label=f"{arm} (device used)")
+        for target in [ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]:
+            target.plot(
+                [t - t0 for t, _ in data],
+                [v for _, v in data],
+                color=COLORS.get(arm, "grey"),
+                lw=1.6,
+                label=f"{arm} (device used)",
+            )
             if idle is not None:
-                target.axhline(idle, color=COLORS.get(arm, "grey"), ls=":", alpha=0.6,
-                               label=f"{arm} idle {idle:,.0f} MiB")
+                target.axhline(
+                    idle,
+                    color=COLORS.get(arm, "grey"),
+                    ls=":",
+                    alpha=0.6,
+                    label=f"{arm} idle {idle:,.0f} MiB",
+                )
             if i == 0:
                 shade_bursts(target, marks, t0)
     ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
@@ -3806,8 +4566,9 @@ def plot_latency(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Pa
     if not labels:
         return None
     fig, axes = new_figure(2, size=(max(8, 1.4 * len(labels)), 3.4))
-    for ax, (key, title) in zip((axes[0][0], axes[1][0]), (("ttft_s", "time to first token (s)"),
-                                                           ("e2e_s", "end-to-end latency (s)"))):
+    for ax, (key, title) in zip(
+        (axes[0][0], axes[1][0]), (("ttft_s", "time to first token (s)"), ("e2e_s", "end-to-end latency (s)"))
+    ):
         ax.boxplot(groups[key], tick_labels=labels, showfliers=True)
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -3828,16 +4589,32 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         for server in loaded.record.servers:
             slot = server["spec"]["name"]
             proc = series(rows, "process", server=slot)
-            mem.plot([t - t0 for t, _ in proc], [v for _, v in proc], color=COLORS[slot], lw=1.2,
-                     label=f"{slot}: {server['spec']['model'].split('/')[-1]}")
+            mem.plot(
+                [t - t0 for t, _ in proc],
+                [v for _, v in proc],
+                color=COLORS[slot],
+                lw=1.2,
+                label=f"{slot}: {server['spec']['model'].split('/')[-1]}",
+            )
             used = series(rows, "kvcached", "used_bytes", server=slot, scale=1 / MIB)
             if used:
-                kv.plot([t - t0 for t, _ in used], [v for _, v in used], color=COLORS[slot], lw=1.2,
-                        label=f"{slot} kvcached used")
+                kv.plot(
+                    [t - t0 for t, _ in used],
+                    [v for _, v in used],
+                    color=COLORS[slot],
+                    lw=1.2,
+                    label=f"{slot} kvcached used",
+                )
             for field, style in (("running", "-"), ("waiting", "--")):
                 points = series(rows, "metrics", field, server=slot)
-                met.plot([t - t0 for t, _ in points], [v for _, v in points], color=COLORS[slot],
-                         ls=style, lw=1.1, label=f"{slot} {field}")
+                met.plot(
+                    [t - t0 for t, _ in points],
+                    [v for _, v in points],
+                    color=COLORS[slot],
+                    ls=style,
+                    lw=1.1,
+                    label=f"{slot} {field}",
+                )
         for ax in (mem, kv, met):
             shade_bursts(ax, marks, t0)
             ax.grid(alpha=0.3)
@@ -3854,7 +4631,9 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def make_plots(run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]) -> list[str]:
+def make_plots(
+    run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
+) -> list[str]:
     """One memory plot per group of the table present (arms in comparison order), and the latency plot."""
     arms_of = group_arms(loaded)
     paths = []
@@ -3865,7 +4644,7 @@ def make_plots(run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: di
             paths.append(plot_pair(run_dir / "plots" / group.plot, arms))
         else:
             paths.append(plot_single(run_dir / "plots" / group.plot, arms, summaries))
-        if name == "single":   # the latency plot has always come second
+        if name == "single":  # the latency plot has always come second
             paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
     if "single" not in GROUPS:
         paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
@@ -3884,10 +4663,20 @@ def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
         for i, (name, points) in enumerate(sweeps.items()):
             color = f"C{i}"
             for q, style in (("p50", "-"), ("p99", "--")):
-                xy = sorted((p.rate, getattr(p, f"{metric}_{q}_s")) for p in points
-                            if getattr(p, f"{metric}_{q}_s") is not None)
-                ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", color=color, lw=1.3,
-                        label=f"{name} {q}")
+                xy = sorted(
+                    (p.rate, getattr(p, f"{metric}_{q}_s"))
+                    for p in points
+                    if getattr(p, f"{metric}_{q}_s") is not None
+                )
+                ax.plot(
+                    [x for x, _ in xy],
+                    [y for _, y in xy],
+                    style,
+                    marker="o",
+                    color=color,
+                    lw=1.3,
+                    label=f"{name} {q}",
+                )
         ax.set_xlabel("planned arrival rate (requests/s)")
         ax.set_ylabel("seconds")
         ax.set_title(f"{title} vs arrival rate")
@@ -3921,38 +4710,66 @@ def dig(d: Any, *path: str) -> Any:
 
 def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
     """A ratio, and its spread over repeats where there were several."""
-    return fmt(value, 2) + (f" (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
-                            if spread is not None else "")
+    return fmt(value, 2) + (
+        f" (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
+        if spread is not None
+        else ""
+    )
 
 
-def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any],
-                     plots: list[str], timing: Optional[Timing] = None) -> str:
+def markdown_summary(
+    config: dict,
+    summaries: dict[str, ExperimentSummary],
+    comparison: dict[str, Any],
+    plots: list[str],
+    timing: Optional[Timing] = None,
+) -> str:
     gpu = config.get("gpu", {})
     banner = []
     if config and "finished_utc" not in config:
-        banner = ["> **This run did not finish** (it was killed, or is still running): the summary shows "
-                  "what was recorded until then.", ""]
+        banner = [
+            "> **This run did not finish** (it was killed, or is still running): the summary shows "
+            "what was recorded until then.",
+            "",
+        ]
     if config.get("interrupted"):
-        banner = ["> **This run was interrupted** before it finished: experiments after the one in flight "
-                  "did not run, and the one in flight is partial (marked incomplete below).", ""]
+        banner = [
+            "> **This run was interrupted** before it finished: experiments after the one in flight "
+            "did not run, and the one in flight is partial (marked incomplete below).",
+            "",
+        ]
     used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
-    lines = [f"# kvcached vs static KV cache: {config.get('run_name', '')}", "", *banner,
-             f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
-             f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
-             f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}", "",
-             f"Command: `{config.get('command', '')}`", "",
-             *[f"Workload `{key}`: {plan.get('sizing')}" for key, plan in config.get("plans", {}).items()
-               if key in used_plans], "",
-             "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
-             "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# kvcached vs static KV cache: {config.get('run_name', '')}",
+        "",
+        *banner,
+        f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
+        f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
+        f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}",
+        "",
+        f"Command: `{config.get('command', '')}`",
+        "",
+        *[
+            f"Workload `{key}`: {plan.get('sizing')}"
+            for key, plan in config.get("plans", {}).items()
+            if key in used_plans
+        ],
+        "",
+        "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
+        "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     # an idle level after load that a reused server (not freshly loaded) is part of: marked, and explained below
-    not_fresh = {name for name, s in summaries.items()
-                 if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())}
+    not_fresh = {
+        name
+        for name, s in summaries.items()
+        if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
+    }
     for name, s in summaries.items():
         d, lat = s.device, s.latency
-        startups = ", ".join(f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}"
-                             for k, v in s.servers.items())
+        startups = ", ".join(
+            f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}" for k, v in s.servers.items()
+        )
         shown = name if s.memory_valid else f"{name} (memory figures void, see below)"
         reused_mark = " *" if name in not_fresh else ""
         lines.append(
@@ -3961,33 +4778,55 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
             f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)} | "
             f"{fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1)} | "
             f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)} | {fmt(lat.output_tokens_per_s)} | "
-            f"{lat.failed}/{lat.requests} | {startups} |")
+            f"{lat.failed}/{lat.requests} | {startups} |"
+        )
     per_token = {n: s.latency for n, s in summaries.items() if s.latency.itl_s or s.latency.goodput}
     if per_token:
         slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
-        slo_text = slos and " and ".join(f"{name} <= {value:g} ms" for name, value in
-                                         (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms)) if value)
-        lines += ["", "Per output token (ms)" + (f"; goodput = requests completed with {slo_text}" if slos else "") + ":",
-                  "", "| experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99 |" + (" goodput |" if slos else ""),
-                  "|---|---|---|" + ("---|" if slos else "")]
+        slo_text = slos and " and ".join(
+            f"{name} <= {value:g} ms"
+            for name, value in (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms))
+            if value
+        )
+        lines += [
+            "",
+            "Per output token (ms)"
+            + (f"; goodput = requests completed with {slo_text}" if slos else "")
+            + ":",
+            "",
+            "| experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99 |" + (" goodput |" if slos else ""),
+            "|---|---|---|" + ("---|" if slos else ""),
+        ]
         ms3 = lambda d: " / ".join(fmt(v and v * 1000, 1) for v in (d.p50, d.p90, d.p99)) if d else "n/a"
         for name, lat in per_token.items():
             good = lat.goodput
-            lines.append(f"| {name} | {ms3(lat.tpot_s)} | {ms3(lat.itl_s)} |" + (
-                f" {fmt(good and good.share and 100 * good.share, 1)}% ({good.met}/{good.of}) |" if good else
-                (" n/a |" if slos else "")))
+            lines.append(
+                f"| {name} | {ms3(lat.tpot_s)} | {ms3(lat.itl_s)} |"
+                + (
+                    f" {fmt(good and good.share and 100 * good.share, 1)}% ({good.met}/{good.of}) |"
+                    if good
+                    else (" n/a |" if slos else "")
+                )
+            )
     notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.problems]
     notes += [f"- {name}: {s.latency.ttft_note}" for name, s in summaries.items() if s.latency.ttft_note]
-    notes += [f"- {name}: {s.sampler_errors} sampling errors ({s.sampler_error_kinds or 'see memory.jsonl'})"
-              for name, s in summaries.items() if s.sampler_errors]
+    notes += [
+        f"- {name}: {s.sampler_errors} sampling errors ({s.sampler_error_kinds or 'see memory.jsonl'})"
+        for name, s in summaries.items()
+        if s.sampler_errors
+    ]
     if notes:
         lines += ["", "**Problems** (figures affected are n/a or flagged):", "", *notes]
     per_server = [(n, k, v) for n, s in summaries.items() for k, v in s.servers.items() if len(s.servers) > 1]
     if per_server:
-        lines += ["", "Per model (memory from NVML per process tree; kvcached and vLLM's own views):", "",
-                  "| experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
-                  "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Per model (memory from NVML per process tree; kvcached and vLLM's own views):",
+            "",
+            "| experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
+            "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, key, v in per_server:
             kv, vl, lat = v.kvcached, v.vllm, v.latency
             lines.append(
@@ -3995,97 +4834,155 @@ def markdown_summary(config: dict, summaries: dict[str, ExperimentSummary], comp
                 f"{fmt(v.memory.peak_mib)} | {fmt(kv and kv.peak_used_mib)} / {fmt(kv and kv.limit_mib)} | "
                 f"{fmt(vl and vl.max_running)} / {fmt(vl and vl.max_waiting)} | {fmt(vl and vl.preemptions)} | "
                 f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)} | {fmt(lat.e2e_s.p50, 2)} | "
-                f"{lat.failed}/{lat.requests} |")
+                f"{lat.failed}/{lat.requests} |"
+            )
     for name, block in comparison.items():
         if isinstance(block, SleepComparison):
             rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
             models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
-            lines += ["", f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
-                      f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
-                      f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
-                      f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
-                      f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
-                      f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
-                      f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
-                      f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
-                      f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}."]
+            lines += [
+                "",
+                f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
+                f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
+                f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
+                f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
+                f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
+                f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
+                f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
+                f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
+                f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}.",
+            ]
             continue
         if isinstance(block, SingleComparison):
             reps = block.over_repeats or {}
-            lines += ["", f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
-                      f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
-                      f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
-                      f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}."]
+            lines += [
+                "",
+                f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
+                f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
+                f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
+                f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}.",
+            ]
             continue
-        lines += ["", f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "",
-                  "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)",
+            "",
+            "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |",
+            "|---|---|---|---|---|",
+        ]
         if GROUPS[name].ratios_by == "phase":
             rows = {phase: c.cells() for phase, c in block.per_phase.items()}
         else:
-            rows = {f"model {slot}": [(getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
-                                      for m, q in LATENCY_KEYS]
-                    for slot, c in block.per_model.items()}
+            rows = {
+                f"model {slot}": [
+                    (getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
+                    for m, q in LATENCY_KEYS
+                ]
+                for slot, c in block.per_model.items()
+            }
         for label, cells in rows.items():
             shown = [with_repeats(value, spread) for value, spread in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
     residuals = {n: s.residual_after_burst_mib for n, s in summaries.items() if s.residual_after_burst_mib}
     if residuals:
-        lines += ["", "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
-                  "that stay mapped show here): " + "; ".join(
-                      f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items())]
+        lines += [
+            "",
+            "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
+            "that stay mapped show here): "
+            + "; ".join(f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items()),
+        ]
     sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
     if sweeps:
-        lines += ["", "Open-loop arrivals (latency timed from each planned arrival):", "",
-                  "| experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | goodput |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Open-loop arrivals (latency timed from each planned arrival):",
+            "",
+            "| experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | goodput |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, points in sweeps.items():
             for p in points:
-                lines.append(f"| {name} | {p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''} | {p.rate:g} | "
-                             f"{p.requests} | {p.failed} | {fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)} | "
-                             f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)} | "
-                             f"{fmt(p.goodput and 100 * p.goodput, 1) + '%' if p.goodput is not None else 'n/a'} |")
+                lines.append(
+                    f"| {name} | {p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''} | {p.rate:g} | "
+                    f"{p.requests} | {p.failed} | {fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)} | "
+                    f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)} | "
+                    f"{fmt(p.goodput and 100 * p.goodput, 1) + '%' if p.goodput is not None else 'n/a'} |"
+                )
     clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
     if clocks:
-        lines += ["", "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
-                  "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):", "",
-                  "| experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
-                  "server queue / prefill / decode (ms) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
+            "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):",
+            "",
+            "| experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
+            "server queue / prefill / decode (ms) |",
+            "|---|---|---|---|---|---|",
+        ]
         ms = lambda v: fmt(v and v * 1000, 1)
         for name, c in clocks.items():
-            lines.append(f"| {name} | {ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)} | {fmt(c.ttft_gap_ms, 1)} | "
-                         f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)} | {fmt(c.e2e_gap_ms, 1)} | "
-                         f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)} |")
+            lines.append(
+                f"| {name} | {ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)} | {fmt(c.ttft_gap_ms, 1)} | "
+                f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)} | {fmt(c.e2e_gap_ms, 1)} | "
+                f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)} |"
+            )
     starts = server_starts(summaries)
-    started_by = f" vLLM's engine process started by {config['engine_start']} (--engine-start)." if config.get("engine_start") else ""
-    lines += ["", f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
-              f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved).{started_by}"]
+    started_by = (
+        f" vLLM's engine process started by {config['engine_start']} (--engine-start)."
+        if config.get("engine_start")
+        else ""
+    )
+    lines += [
+        "",
+        f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
+        f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved).{started_by}",
+    ]
     lanes = config.get("lanes") or []
     if len(lanes) > 1:
-        lines += ["", "Cards (--gpus, experiments in parallel): " + "; ".join(
-            f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes) + "."]
+        lines += [
+            "",
+            "Cards (--gpus, experiments in parallel): "
+            + "; ".join(f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes)
+            + ".",
+        ]
     if timing:
-        lines += ["", f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
-                  f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
-                  f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
-                  f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%"
-                  + "".join(f"; {name} {fmt(seconds, 1)} s" for name, seconds in (timing.overhead_parts_s or {}).items())
-                  + ")."]
+        lines += [
+            "",
+            f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
+            f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
+            f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
+            f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%"
+            + "".join(
+                f"; {name} {fmt(seconds, 1)} s" for name, seconds in (timing.overhead_parts_s or {}).items()
+            )
+            + ").",
+        ]
     repeated = {n: s.repeats for n, s in summaries.items() if s.repeats}
     if repeated:
         lines += ["", "Spread over repeats (median [min, max]):", ""]
         for name, rep in repeated.items():
-            lines.append(f"- {name}: " + "; ".join(
-                f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items()))
+            lines.append(
+                f"- {name}: "
+                + "; ".join(
+                    f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items()
+                )
+            )
     lines += ["", "Plots:", ""] + [f"![{p}](plots/{p})" for p in plots]
     tolerance = dig(config, "config", "release_tolerance")
-    lines += ["", f"Definitions: *idle* = median device memory over {dig(config, 'config', 'idle_window_s') or 1.5:g} s "
-              "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
-              f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
-              "of that idle level (n/a: it stayed above; see residual in summary.json)."]
+    lines += [
+        "",
+        f"Definitions: *idle* = median device memory over {dig(config, 'config', 'idle_window_s') or 1.5:g} s "
+        "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
+        f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
+        "of that idle level (n/a: it stayed above; see residual in summary.json).",
+    ]
     if not_fresh:
-        lines += ["", "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
-                  "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
-                  "on what ran before. *Idle before workload* (after the warm-up) compares across runs."]
+        lines += [
+            "",
+            "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
+            "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
+            "on what ran before. *Idle before workload* (after the warm-up) compares across runs.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -4104,27 +5001,39 @@ class Timing:
     """Where a run's time went. The harness's own time is what the table took beyond vLLM's start-ups
     and the planned workload (bursts and their gaps): idle windows, warm-ups, waits for memory to come
     back, stops. The preflight (mostly importing vLLM once) is counted apart."""
+
     wall_s: float
     preflight_s: float
-    table_s: float                      # first experiment's start to every server stopped
-    startups_s: float                   # covered by at least one vLLM start-up
-    workload_s: float                   # covered by at least one experiment's workload
-    harness_overhead_s: float           # table_s - covered by start-ups or workloads
-    harness_overhead_share: float       # of table_s
-    lanes: Optional[dict[str, dict]] = omitted_if_none()   # per card, with --gpus
-    overhead_parts_s: Optional[dict[str, float]] = omitted_if_none()   # the harness's own time by phase
+    table_s: float  # first experiment's start to every server stopped
+    startups_s: float  # covered by at least one vLLM start-up
+    workload_s: float  # covered by at least one experiment's workload
+    harness_overhead_s: float  # table_s - covered by start-ups or workloads
+    harness_overhead_share: float  # of table_s
+    lanes: Optional[dict[str, dict]] = omitted_if_none()  # per card, with --gpus
+    overhead_parts_s: Optional[dict[str, float]] = omitted_if_none()  # the harness's own time by phase
 
 
 OTHER = "other (stops, sampler starts, reuse checks)"
 
 
-def overhead_parts(table: tuple[float, float], busy: list[tuple[float, float]],
-                   parts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+def overhead_parts(
+    table: tuple[float, float], busy: list[tuple[float, float]], parts: dict[str, list[tuple[float, float]]]
+) -> dict[str, float]:
     """The table's time outside every busy span, by the first part (in order) whose spans cover it;
     what none covers is OTHER. With several lanes a moment counts once."""
     inside = lambda t, spans: any(a <= t < b for a, b in spans)
-    cuts = sorted({*table, *(t for spans in (busy, *parts.values()) for span in spans for t in span
-                             if table[0] < t < table[1])})
+    cuts = sorted(
+        {
+            *table,
+            *(
+                t
+                for spans in (busy, *parts.values())
+                for span in spans
+                for t in span
+                if table[0] < t < table[1]
+            ),
+        }
+    )
     out = dict.fromkeys([*parts, OTHER], 0.0)
     for a, b in zip(cuts, cuts[1:]):
         if not inside((a + b) / 2, busy):
@@ -4139,9 +5048,11 @@ def harness_phases(marks: "Marks") -> dict[str, list[tuple[float, float]]]:
         settling.append((marks.warmup[1], marks.idle_before[0]))
     if marks.workload and marks.sampling_end:
         settling.append((marks.workload[1], marks.sampling_end))
-    return {"warm-ups": [marks.warmup] if marks.warmup else [],
-            "idle windows": [span for span in (marks.idle_after_load, marks.idle_before) if span],
-            "waits for memory to settle": settling}
+    return {
+        "warm-ups": [marks.warmup] if marks.warmup else [],
+        "idle windows": [span for span in (marks.idle_after_load, marks.idle_before) if span],
+        "waits for memory to settle": settling,
+    }
 
 
 def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[Timing]:
@@ -4165,14 +5076,25 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
     table_s = table[1] - table[0]
     busy = covered_s(every(startups) + every(workloads))
     overhead = table_s - busy
-    lanes = {f"GPU {lane}": {"startups_s": covered_s(startups.get(lane, [])),
-                             "workload_s": covered_s(workloads.get(lane, [])),
-                             "last_workload_end_s": max((e for _, e in workloads.get(lane, [])), default=table[0]) - table[0]}
-             for lane in sorted(set(startups) | set(workloads))}
-    return Timing(times["table_end"] - times["started"], table[0] - times["started"], table_s,
-                  covered_s(every(startups)), covered_s(every(workloads)), overhead,
-                  overhead / table_s if table_s > 0 else 0.0, lanes if len(lanes) > 1 else None,
-                  overhead_parts(table, every(startups) + every(workloads), phases))
+    lanes = {
+        f"GPU {lane}": {
+            "startups_s": covered_s(startups.get(lane, [])),
+            "workload_s": covered_s(workloads.get(lane, [])),
+            "last_workload_end_s": max((e for _, e in workloads.get(lane, [])), default=table[0]) - table[0],
+        }
+        for lane in sorted(set(startups) | set(workloads))
+    }
+    return Timing(
+        times["table_end"] - times["started"],
+        table[0] - times["started"],
+        table_s,
+        covered_s(every(startups)),
+        covered_s(every(workloads)),
+        overhead,
+        overhead / table_s if table_s > 0 else 0.0,
+        lanes if len(lanes) > 1 else None,
+        overhead_parts(table, every(startups) + every(workloads), phases),
+    )
 
 
 def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
@@ -4180,29 +5102,52 @@ def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
     entries = [v for s in summaries.values() for v in s.servers.values()]
     paid = [v.startup_s for v in entries if not v.reused and v.startup_s is not None]
     saved = [v.startup_s for v in entries if v.reused and v.startup_s is not None]
-    return {"started": len(paid), "reused": len(saved), "startup_s_total": math.fsum(paid),
-            "startup_s_saved": math.fsum(saved)}
+    return {
+        "started": len(paid),
+        "reused": len(saved),
+        "startup_s_total": math.fsum(paid),
+        "startup_s_saved": math.fsum(saved),
+    }
 
 
 def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> dict:
     single = comparison.get("single")
-    return {"run_dir": str(run_dir),
-            "experiments": {n: {"idle_mib": s.device.idle_after_load_mib, "peak_mib": s.device.peak_mib,
-                                "release_s": s.device.release_s, "ttft_p50_s": s.latency.ttft_s.p50,
-                                "ttft_p99_s": s.latency.ttft_s.p99, "e2e_p50_s": s.latency.e2e_s.p50,
-                                "failed": s.latency.failed} for n, s in summaries.items()},
-            "idle_saving_mib": single.idle_saving_mib if single else None,
-            "peak_saving_mib": single.peak_saving_mib if single else None,
-            "server_starts": server_starts(summaries)}
+    return {
+        "run_dir": str(run_dir),
+        "experiments": {
+            n: {
+                "idle_mib": s.device.idle_after_load_mib,
+                "peak_mib": s.device.peak_mib,
+                "release_s": s.device.release_s,
+                "ttft_p50_s": s.latency.ttft_s.p50,
+                "ttft_p99_s": s.latency.ttft_s.p99,
+                "e2e_p50_s": s.latency.e2e_s.p50,
+                "failed": s.latency.failed,
+            }
+            for n, s in summaries.items()
+        },
+        "idle_saving_mib": single.idle_saving_mib if single else None,
+        "peak_saving_mib": single.peak_saving_mib if single else None,
+        "server_starts": server_starts(summaries),
+    }
 
 
-EXPERIMENT_FILES = ("experiment.json", "error.json", "memory.jsonl", "memory.jsonl.gz", "requests.jsonl",
-                    "requests.jsonl.gz")
+EXPERIMENT_FILES = (
+    "experiment.json",
+    "error.json",
+    "memory.jsonl",
+    "memory.jsonl.gz",
+    "requests.jsonl",
+    "requests.jsonl.gz",
+)
 
 
 def experiment_dirs(run_dir: Path) -> list[Path]:
-    return [d for d in sorted(run_dir.iterdir())
-            if d.is_dir() and re.match(r"\d+_", d.name) and any((d / f).exists() for f in EXPERIMENT_FILES)]
+    return [
+        d
+        for d in sorted(run_dir.iterdir())
+        if d.is_dir() and re.match(r"\d+_", d.name) and any((d / f).exists() for f in EXPERIMENT_FILES)
+    ]
 
 
 def build_report(run_dir: Path) -> dict:
@@ -4228,15 +5173,21 @@ def build_report(run_dir: Path) -> dict:
         exp = load_experiment(exp_dir)
         loaded[exp.record.name] = exp
         summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo)
-        if (exp_dir / "requests.jsonl").exists():   # compressed archives of committed runs get none
+        if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
             write_requests_csv(exp_dir / "requests.csv", exp.requests)
         write_json(exp_dir / "summary.json", summaries[exp.record.name])
     comparison = compare(summaries)
     plots = make_plots(run_dir, loaded, summaries)
     timing = run_timing(config, loaded)
-    top = {"run": run_dir.name, "experiments": summaries, "comparison": comparison, "failed": failed,
-           "plots": plots, "server_starts": server_starts(summaries),
-           **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {})}
+    top = {
+        "run": run_dir.name,
+        "experiments": summaries,
+        "comparison": comparison,
+        "failed": failed,
+        "plots": plots,
+        "server_starts": server_starts(summaries),
+        **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {}),
+    }
     if config_problem:
         top["problems"] = [config_problem]
     write_json(run_dir / "summary.json", top)
@@ -4247,36 +5198,54 @@ def build_report(run_dir: Path) -> dict:
         md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
     write_text_atomic(run_dir / "summary.md", md)
     invalid = sorted(n for n, s in summaries.items() if not s.memory_valid)
-    return to_json({**headline(run_dir, summaries, comparison), "failed": sorted(failed), "invalid": invalid,
-                    "problems": {n: s.problems for n, s in summaries.items() if s.problems},
-                    "interrupted": bool(config.get("interrupted"))})
+    return to_json(
+        {
+            **headline(run_dir, summaries, comparison),
+            "failed": sorted(failed),
+            "invalid": invalid,
+            "problems": {n: s.problems for n, s in summaries.items() if s.problems},
+            "interrupted": bool(config.get("interrupted")),
+        }
+    )
 
 
 # %% Preflight: what must hold before a server starts (--check prints it and stops)
 @dataclasses.dataclass
 class Check:
     name: str
-    ok: bool                            # False stops the run before anything launches
-    detail: str                         # one line: what was found
-    fix: str = ""                       # what to do about it
-    warning: bool = False               # fine to run, but worth knowing
+    ok: bool  # False stops the run before anything launches
+    detail: str  # one line: what was found
+    fix: str = ""  # what to do about it
+    warning: bool = False  # fine to run, but worth knowing
 
     def line(self) -> str:
         mark = "✗" if not self.ok else ("!" if self.warning else "✓")
-        return f"  {mark} {self.name}: {self.detail}" + (f"\n      fix: {self.fix}" if self.fix and (not self.ok or self.warning) else "")
+        return f"  {mark} {self.name}: {self.detail}" + (
+            f"\n      fix: {self.fix}" if self.fix and (not self.ok or self.warning) else ""
+        )
 
 
-PYTHONS = ((3, 10), (3, 13))            # what vLLM 0.24 and kvcached 0.1.6 declare
-IMPORT_TIMEOUT_S = 240.0                # importing vLLM takes 15-25 s on a warm machine
+PYTHONS = ((3, 10), (3, 13))  # what vLLM 0.24 and kvcached 0.1.6 declare
+IMPORT_TIMEOUT_S = 240.0  # importing vLLM takes 15-25 s on a warm machine
 
 
 def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
     shown = f"Python {version[0]}.{version[1]} ({sys.executable})"
     if version < PYTHONS[0]:
-        return Check("python", False, shown, f"use Python {PYTHONS[0][0]}.{PYTHONS[0][1]}-{PYTHONS[1][0]}.{PYTHONS[1][1]}")
+        return Check(
+            "python",
+            False,
+            shown,
+            f"use Python {PYTHONS[0][0]}.{PYTHONS[0][1]}-{PYTHONS[1][0]}.{PYTHONS[1][1]}",
+        )
     if version > PYTHONS[1]:
-        return Check("python", True, shown + ": newer than vLLM 0.24/kvcached 0.1.6 were tested on", warning=True,
-                     fix=f"if an install fails, use Python {PYTHONS[1][0]}.{PYTHONS[1][1]}")
+        return Check(
+            "python",
+            True,
+            shown + ": newer than vLLM 0.24/kvcached 0.1.6 were tested on",
+            warning=True,
+            fix=f"if an install fails, use Python {PYTHONS[1][0]}.{PYTHONS[1][1]}",
+        )
     return Check("python", True, shown)
 
 
@@ -4284,10 +5253,15 @@ def torch_cuda_version() -> Optional[str]:
     """The CUDA version the installed torch was built for, read from torch/version.py without
     importing torch (a CUDA context in this process would skew what it measures)."""
     import importlib.util
+
     spec = importlib.util.find_spec("torch")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         with contextlib.suppress(OSError):
-            found = re.search(r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]", (Path(folder) / "version.py").read_text(), re.M)
+            found = re.search(
+                r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]",
+                (Path(folder) / "version.py").read_text(),
+                re.M,
+            )
             if found:
                 return found.group(1)
     return None
@@ -4299,20 +5273,33 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
         raw = nvml.nvmlSystemGetCudaDriverVersion()
         driver = nvml.nvmlSystemGetDriverVersion()
     except Exception as exc:
-        return Check("driver", False, f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver")
+        return Check(
+            "driver", False, f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver"
+        )
     driver = driver.decode() if isinstance(driver, bytes) else driver
     have = (raw // 1000, raw % 1000 // 10)
     shown = f"driver {driver} supports CUDA {have[0]}.{have[1]}"
     if torch_cuda is None:
-        return Check("driver", True, shown + "; torch not installed here (servers use --server-cmd?)", warning=True)
+        return Check(
+            "driver", True, shown + "; torch not installed here (servers use --server-cmd?)", warning=True
+        )
     need_ = tuple(int(x) for x in torch_cuda.split(".")[:2])
     if have[0] < need_[0]:
-        return Check("driver", False, f"{shown}, but torch was built for CUDA {torch_cuda}",
-                     f"install a driver for CUDA {need_[0]} (R{580 if need_[0] >= 13 else 525}+), or a vLLM/torch "
-                     f"built for CUDA {have[0]}.x (see the README's compatibility table)")
+        return Check(
+            "driver",
+            False,
+            f"{shown}, but torch was built for CUDA {torch_cuda}",
+            f"install a driver for CUDA {need_[0]} (R{580 if need_[0] >= 13 else 525}+), or a vLLM/torch "
+            f"built for CUDA {have[0]}.x (see the README's compatibility table)",
+        )
     if have < need_:
-        return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda} relies on minor-version "
-                     f"compatibility", warning=True, fix="update the driver if kernels fail to load")
+        return Check(
+            "driver",
+            True,
+            f"{shown}; torch built for CUDA {torch_cuda} relies on minor-version compatibility",
+            warning=True,
+            fix="update the driver if kernels fail to load",
+        )
     return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
 
 
@@ -4324,33 +5311,49 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     others = gpu_processes(nvml, handle)
     shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
     if static_share and mem.total - mem.used < static_share * mem.total:
-        return Check("card", False, f"{shown}: less than the static pool's {static_share:g} of the card",
-                     f"free the card ({', '.join(f'pid {p} {b / MIB:,.0f} MiB' for p, b in others.items()) or 'nvidia-smi'}) "
-                     f"or lower --gpu-memory-utilization")
+        return Check(
+            "card",
+            False,
+            f"{shown}: less than the static pool's {static_share:g} of the card",
+            f"free the card ({', '.join(f'pid {p} {b / MIB:,.0f} MiB' for p, b in others.items()) or 'nvidia-smi'}) "
+            f"or lower --gpu-memory-utilization",
+        )
     if others:
         listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
-        return Check("card", True, f"{shown}; other processes on it: {listed}", warning=True,
-                     fix="their memory moves the device totals; per-server figures are unaffected")
+        return Check(
+            "card",
+            True,
+            f"{shown}; other processes on it: {listed}",
+            warning=True,
+            fix="their memory moves the device totals; per-server figures are unaffected",
+        )
     return Check("card", True, shown)
 
 
-def import_check(name: str, code: str, env: dict[str, str], timeout_s: float, fix: str,
-                 python: str = sys.executable) -> tuple[Check, str]:
+def import_check(
+    name: str, code: str, env: dict[str, str], timeout_s: float, fix: str, python: str = sys.executable
+) -> tuple[Check, str]:
     """Run `code` in a fresh Python (the servers' interpreter): (the check, its stdout)."""
     try:
-        proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return Check(name, False, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
     if proc.returncode != 0:
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
-        if last and re.match(r"\w+(Error|Exception)\b", last[-1]):   # the exception line says it all
+        if last and re.match(r"\w+(Error|Exception)\b", last[-1]):  # the exception line says it all
             last = last[-1:]
         hint = fix
         if "libcudart.so" in proc.stderr or "undefined symbol" in proc.stderr:
-            hint = ("torch and vLLM were built for different CUDA versions: reinstall the pair together "
-                    "(see the README's compatibility table)")
+            hint = (
+                "torch and vLLM were built for different CUDA versions: reinstall the pair together "
+                "(see the README's compatibility table)"
+            )
         return Check(name, False, " | ".join(last)[:300] or f"exit code {proc.returncode}", hint), ""
-    return Check(name, True, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "importable"), proc.stdout
+    return Check(
+        name, True, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "importable"
+    ), proc.stdout
 
 
 # vLLM's compiled extensions (vllm/_C*.so: which ones depends on the version) are what a CUDA
@@ -4366,29 +5369,50 @@ print(f"vllm {m.version('vllm')} importable (compiled: {', '.join(compiled) or '
 """
 
 
-def check_serving_imports(cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S) -> list[Check]:
+def check_serving_imports(
+    cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S
+) -> list[Check]:
     """vLLM's compiled part imports in the servers' Python, and kvcached's autopatch hooks into it: in
     a subprocess, so this process never holds a CUDA context."""
-    env = dict(os.environ, ENABLE_KVCACHED="true" if kvcached_needed else "false",
-               KVCACHED_AUTOPATCH="1" if kvcached_needed else "0", CUDA_VISIBLE_DEVICES="")
-    if cfg.server_cmd:   # another engine (or a fake): its module imports, if it is run as one
+    env = dict(
+        os.environ,
+        ENABLE_KVCACHED="true" if kvcached_needed else "false",
+        KVCACHED_AUTOPATCH="1" if kvcached_needed else "0",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    if cfg.server_cmd:  # another engine (or a fake): its module imports, if it is run as one
         prefix = server_prefix(cfg)
         if staged_command(prefix) is None:
-            return [Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)]
+            return [
+                Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)
+            ]
         module = prefix[2]
         code = f"import importlib\nimportlib.import_module({module!r})\nprint({module + ' importable'!r})"
-        check, _ = import_check("server", code, env, timeout_s,
-                                f"check --server-cmd: `{prefix[0]} -m {module}` must import", python=prefix[0])
+        check, _ = import_check(
+            "server",
+            code,
+            env,
+            timeout_s,
+            f"check --server-cmd: `{prefix[0]} -m {module}` must import",
+            python=prefix[0],
+        )
         return [check]
-    vllm, out = import_check("vllm", VLLM_PROBE, env, timeout_s,
-                             "pip install -r requirements.txt (vllm==0.24.0)")
+    vllm, out = import_check(
+        "vllm", VLLM_PROBE, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)"
+    )
     checks = [vllm]
     if kvcached_needed and vllm.ok:
         patched = "autopatch True" in out
-        checks.append(Check("kvcached", patched, "autopatch hooks into vLLM" if patched else
-                            "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
-                            "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in "
-                            "site-packages)"))
+        checks.append(
+            Check(
+                "kvcached",
+                patched,
+                "autopatch hooks into vLLM"
+                if patched
+                else "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
+                "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)",
+            )
+        )
     return checks
 
 
@@ -4399,16 +5423,22 @@ def check_models(cfg: Config, slots: Iterable[str]) -> list[Check]:
         if (Path(model).expanduser() / "config.json").is_file():
             checks.append(Check(f"model {slot}", True, f"{model} (local folder)"))
             continue
-        if cfg.server_cmd:   # another engine (or a fake) may name models its own way
+        if cfg.server_cmd:  # another engine (or a fake) may name models its own way
             checks.append(Check(f"model {slot}", True, f"{model}: left to --server-cmd", warning=True))
             continue
         path, why = hub_config(model)
         if path is not None:
             checks.append(Check(f"model {slot}", True, f"{model} (hub or its cache)"))
         else:
-            checks.append(Check(f"model {slot}", False, f"{model}: {why}",
-                                "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
-                                "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache"))
+            checks.append(
+                Check(
+                    f"model {slot}",
+                    False,
+                    f"{model}: {why}",
+                    "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
+                    "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache",
+                )
+            )
     return checks
 
 
@@ -4417,13 +5447,20 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
     for slot in slots:
         port = port_of(cfg, slot)
         taken = port_taken(cfg.host, port)
-        checks.append(Check(f"port {slot}", not taken, f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free"),
-                            f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}"))
+        checks.append(
+            Check(
+                f"port {slot}",
+                not taken,
+                f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free"),
+                f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}",
+            )
+        )
     return checks
 
 
-def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any,
-              imports_later: bool = False) -> tuple[list[Check], Any]:
+def preflight(
+    cfg: Config, experiments: list[Experiment], nvml_module: Any, imports_later: bool = False
+) -> tuple[list[Check], Any]:
     """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
     `imports_later`: leave out the 20 s import check, for import_checks_beside() to run."""
     checks = [check_python()]
@@ -4437,15 +5474,34 @@ def preflight(cfg: Config, experiments: list[Experiment], nvml_module: Any,
         indices = gpu_indices(cfg)
         nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
         names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-        checks.append(Check("nvml", True, "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}"
-                                                  for i, n in zip(indices, names))))
+        checks.append(
+            Check(
+                "nvml",
+                True,
+                "; ".join(
+                    f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names)
+                ),
+            )
+        )
         checks.append(check_driver(nvml, torch_cuda_version()))
         budget = int(cfg.overload_budget_gib * GIB)
-        static = [s.gpu_memory_utilization or 0 for e in experiments for s in e.servers(cfg, budget) if not s.kvcached]
+        static = [
+            s.gpu_memory_utilization or 0
+            for e in experiments
+            for s in e.servers(cfg, budget)
+            if not s.kvcached
+        ]
         checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
     except ConfigError as exc:
-        checks.append(Check("nvml", False, str(exc).split(". ")[0], "run on a machine with an NVIDIA GPU and "
-                            "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither"))
+        checks.append(
+            Check(
+                "nvml",
+                False,
+                str(exc).split(". ")[0],
+                "run on a machine with an NVIDIA GPU and "
+                "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither",
+            )
+        )
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
     if not imports_later:
         checks += check_serving_imports(cfg, needs_kvcached(experiments))
@@ -4463,7 +5519,9 @@ def needs_kvcached(experiments: list[Experiment]) -> bool:
     return any(e.arm == "kvcached" for e in experiments)
 
 
-def import_checks_beside(cfg: Config, experiments: list[Experiment]) -> "concurrent.futures.Future[list[Check]]":
+def import_checks_beside(
+    cfg: Config, experiments: list[Experiment]
+) -> "concurrent.futures.Future[list[Check]]":
     """The import check in the background, while the first servers import vLLM too (--preimport):
     importing is all either does, so neither holds the card or a port before the check has passed."""
     future: concurrent.futures.Future = concurrent.futures.Future()
@@ -4473,7 +5531,10 @@ def import_checks_beside(cfg: Config, experiments: list[Experiment]) -> "concurr
             future.set_result(check_serving_imports(cfg, needs_kvcached(experiments)))
         except BaseException as exc:
             future.set_exception(exc)
-    threading.Thread(target=check, daemon=True, name="import-check").start()   # daemon: an exit never waits on it
+
+    threading.Thread(
+        target=check, daemon=True, name="import-check"
+    ).start()  # daemon: an exit never waits on it
     return future
 
 
@@ -4492,10 +5553,12 @@ def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> P
     raise RuntimeError(f"could not create a fresh run folder under {parent}")
 
 
-def package_versions(names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "requests",
-                                            "matplotlib", "numpy")) -> dict:
+def package_versions(
+    names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "requests", "matplotlib", "numpy"),
+) -> dict:
     """Installed versions from package metadata: nothing is imported (no torch in this process)."""
     from importlib import metadata
+
     out = {}
     for name in names:
         try:
@@ -4515,8 +5578,9 @@ def check_results_dir(parent: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); "
-                          f"choose a writable folder") from exc
+        raise ConfigError(
+            f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
 
 
 def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
@@ -4528,17 +5592,21 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
     if hard == resource.RLIM_INFINITY or hard >= needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         return
-    raise ConfigError(f"--burst-size/--max-burst-size: {concurrent_requests} concurrent requests need about "
-                      f"{needed} open files, but this shell allows at most {hard} (`ulimit -Hn`). Raise it "
-                      f"(`ulimit -n {needed}` as allowed, or in /etc/security/limits.conf) or send fewer at once.")
+    raise ConfigError(
+        f"--burst-size/--max-burst-size: {concurrent_requests} concurrent requests need about "
+        f"{needed} open files, but this shell allows at most {hard} (`ulimit -Hn`). Raise it "
+        f"(`ulimit -n {needed}` as allowed, or in /etc/security/limits.conf) or send fewer at once."
+    )
 
 
 def gpu_count_check(nvml: Any, indices: list[int], flag: str = "--gpu-index") -> None:
     count = nvml.nvmlDeviceGetCount()
     for index in indices:
         if index >= count:
-            raise ConfigError(f"{flag}: GPU index {index} out of range: this machine has {count} "
-                              f"GPU{'s' if count != 1 else ''} (0-{count - 1})")
+            raise ConfigError(
+                f"{flag}: GPU index {index} out of range: this machine has {count} "
+                f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
+            )
 
 
 def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: Callable[[str], None]) -> Run:
@@ -4552,37 +5620,67 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     say(checklist(checks))
     cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
     mixed = same_cards(cards, cfg.allow_mixed_gpus)
-    gpu = min(cards, key=lambda card: card["free_mib_at_start"])   # plans fit the fullest card
+    gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu, say)
-    lanes = [Lane(lane_config(cfg, k, card["index"]), card, exps) for k, (card, exps) in
-             enumerate(zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))))]
+    lanes = [
+        Lane(lane_config(cfg, k, card["index"]), card, exps)
+        for k, (card, exps) in enumerate(
+            zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards)))
+        )
+    ]
     lanes = [lane for lane in lanes if lane.experiments]
-    ensure_open_files(len(lanes) * max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts)))
+    ensure_open_files(
+        len(lanes) * max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
+    )
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     for card in cards:
-        say(f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
-            f"MiB used before we start")
+        say(
+            f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
+            f"MiB used before we start"
+        )
     for lane in lanes if len(lanes) > 1 else []:
-        say(f"  GPU {lane.cfg.gpu_index} runs {', '.join(e.name for e in lane.experiments)} "
-            f"(ports {lane.cfg.port_a}/{lane.cfg.port_b})")
+        say(
+            f"  GPU {lane.cfg.gpu_index} runs {', '.join(e.name for e in lane.experiments)} "
+            f"(ports {lane.cfg.port_a}/{lane.cfg.port_b})"
+        )
     if preimport:
-        say("each next server imports vLLM while the experiment before it runs, the first ones while vLLM's "
-            "import is checked (--preimport off to wait instead)")
+        say(
+            "each next server imports vLLM while the experiment before it runs, the first ones while vLLM's "
+            "import is checked (--preimport off to wait instead)"
+        )
     say(f"results in {run_dir}")
     save_plans(run_dir, plans, experiments)
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
-    config = {"run_name": run_dir.name, "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "command": shlex.join(redact_argv(command)), "notebook": running_in_notebook(),
-              "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""}, "gpu": gpu,
-              "versions": {"python": sys.version.split()[0], **package_versions()},
-              "host": socket.gethostname(), "experiments": [e.name for e in experiments], "models": model_facts,
-              "plans": {k: plan_summary(p) for k, p in plans.items()}, "overload_budget_bytes": budget,
-              "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
-              "servers": {}, "gpus": cards, "mixed_gpus": mixed, "preimport_on": preimport,
-              "engine_start": engine_start_method(cfg),
-              "cpu_cores": usable_cores(),
-              "lanes": [{"gpu_index": lane.cfg.gpu_index, "gpu_uuid": lane.gpu["uuid"], "ports": [lane.cfg.port_a, lane.cfg.port_b],
-                         "experiments": [e.name for e in lane.experiments]} for lane in lanes]}
+    config = {
+        "run_name": run_dir.name,
+        "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "command": shlex.join(redact_argv(command)),
+        "notebook": running_in_notebook(),
+        "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""},
+        "gpu": gpu,
+        "versions": {"python": sys.version.split()[0], **package_versions()},
+        "host": socket.gethostname(),
+        "experiments": [e.name for e in experiments],
+        "models": model_facts,
+        "plans": {k: plan_summary(p) for k, p in plans.items()},
+        "overload_budget_bytes": budget,
+        "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
+        "servers": {},
+        "gpus": cards,
+        "mixed_gpus": mixed,
+        "preimport_on": preimport,
+        "engine_start": engine_start_method(cfg),
+        "cpu_cores": usable_cores(),
+        "lanes": [
+            {
+                "gpu_index": lane.cfg.gpu_index,
+                "gpu_uuid": lane.gpu["uuid"],
+                "ports": [lane.cfg.port_a, lane.cfg.port_b],
+                "experiments": [e.name for e in lane.experiments],
+            }
+            for lane in lanes
+        ],
+    }
     write_json(run_dir / "config.json", config)
     import_checks = import_checks_beside(cfg, experiments) if preimport else None
     return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, import_checks)
@@ -4594,8 +5692,10 @@ def same_cards(cards: list[dict], allow_mixed: bool) -> bool:
     kinds = {(card["name"], round(card["total_mib"])) for card in cards}
     if len(kinds) > 1 and not allow_mixed:
         listed = "; ".join(f"GPU {c['index']}: {c['name']}, {c['total_mib']:,.0f} MiB" for c in cards)
-        raise ConfigError(f"--gpus: the cards differ ({listed}). Compare arms on one kind of card, or pass "
-                          f"--allow-mixed-gpus (recorded in config.json)")
+        raise ConfigError(
+            f"--gpus: the cards differ ({listed}). Compare arms on one kind of card, or pass "
+            f"--allow-mixed-gpus (recorded in config.json)"
+        )
     return len(kinds) > 1
 
 
@@ -4603,8 +5703,10 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
     try:
         nvml = load_nvml(nvml_module)
     except Exception as exc:
-        raise ConfigError(f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
-                          f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one.") from exc
+        raise ConfigError(
+            f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
+            f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one."
+        ) from exc
     gpu_count_check(nvml, indices, flag)
     return nvml
 
@@ -4613,43 +5715,68 @@ def pin_to_card(gpu: dict, index: int, say: Callable[[str], None]) -> dict[str, 
     """The servers' CUDA_VISIBLE_DEVICES: CUDA numbers devices its own way, a UUID names the very card
     NVML measures."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
-        say(f"note: servers run on GPU {index} ({gpu['uuid']}), the card measured; "
+        say(
+            f"note: servers run on GPU {index} ({gpu['uuid']}), the card measured; "
             f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} from the shell is overridden "
-            f"(choose the card with --gpu-index)")
+            f"(choose the card with --gpu-index)"
+        )
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
 
 
-def make_plans(cfg: Config, gpu: dict, say: Callable[[str], None]) -> tuple[dict[str, WorkloadPlan], int, dict]:
+def make_plans(
+    cfg: Config, gpu: dict, say: Callable[[str], None]
+) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key, model in (("A", cfg.model_a), ("B", cfg.model_b)):
         model_config, source = load_model_config(model)
-        facts[key] = {"model": model, "config_source": source,
-                      "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None}
+        facts[key] = {
+            "model": model,
+            "config_source": source,
+            "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None,
+        }
     kv_a, kv_b = facts["A"]["kv_bytes_per_token"], facts["B"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     if open_loop:
-        size, sizing = 0, (f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
-                           f"requests/s, {cfg.duration_s:g} s per window"
-                           + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else ""))
+        size, sizing = (
+            0,
+            (
+                f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
+                f"requests/s, {cfg.duration_s:g} s per window"
+                + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else "")
+            ),
+        )
     elif cfg.burst_size:
-        size, sizing = cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
+        size, sizing = (
+            cfg.burst_size,
+            f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)",
+        )
     else:
         longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
-        size, sizing = size_burst(kv_a, int(gpu["free_mib_at_start"] * MIB), cfg.prompt_tokens,
-                                  longest, cfg.burst_kv_fraction, cfg.max_burst_size)
+        size, sizing = size_burst(
+            kv_a,
+            int(gpu["free_mib_at_start"] * MIB),
+            cfg.prompt_tokens,
+            longest,
+            cfg.burst_kv_fraction,
+            cfg.max_burst_size,
+        )
     plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
     for key, kv in (("A", kv_a), ("B", kv_b)):
         plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
-    main = plans["main"]   # its burst_size: the --burst-size or sized one, or open loop the busiest window
-    say(f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
+    main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
+    say(
+        f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
         f"{'requests (busiest)' if open_loop else 'concurrent requests'}, "
         f"~{main.prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
-        f"output tokens, {cfg.gap_s:g} s gaps")
+        f"output tokens, {cfg.gap_s:g} s gaps"
+    )
     say(f"  why: {sizing}")
     if kv_b:
-        say(f"  model B needs {kv_b / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
-            f"in the shared experiments")
+        say(
+            f"  model B needs {kv_b / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
+            f"in the shared experiments"
+        )
     return plans, budget, facts
 
 
@@ -4670,6 +5797,7 @@ def show_in_notebook(run_dir: Path) -> None:
     """Inline summary and plots in Jupyter/Colab (the files are written either way)."""
     with contextlib.suppress(Exception):
         from IPython.display import Image, Markdown, display
+
         display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
         for png in sorted((run_dir / "plots").glob("*.png")):
             display(Image(filename=str(png)))
@@ -4682,6 +5810,7 @@ def install_stop_signals(say: Callable[[str], None] = print) -> dict:
     """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers (script
     mode). While servers are being stopped a signal does not interrupt the stop: the first one ends
     the run once the stop is done, any further one kills the servers at once."""
+
     def handler(signum, frame):
         SIGNALS_SEEN[0] += 1
         if not STOPPING.is_set():
@@ -4690,9 +5819,10 @@ def install_stop_signals(say: Callable[[str], None] = print) -> dict:
         if SIGNALS_SEEN[0] > 1 and not HURRY.is_set():
             HURRY.set()
             say("\n  signalled again: killing the servers now")
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError):   # not the main thread
+        with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, handler)
     return previous
 

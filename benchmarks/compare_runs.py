@@ -6,6 +6,7 @@ Prints Markdown: memory (idle, peak, release) per experiment, latency ratios wit
 over its repeats, the sleep arm, and where the time went. A latency ratio is called signal when
 every run's spread over repeats lies on the same side of 1; otherwise it is within the noise.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -39,21 +40,39 @@ def row(cells) -> str:
 
 def memory_table(runs: list) -> list:
     names = list(runs[0]["experiments"])
-    out = ["### Memory (device, NVML, MiB)", "",
-           row(["experiment", "idle after load", "idle before workload", "peak", "release after the last burst (s)"]),
-           row(["---"] * 5)]
+    out = [
+        "### Memory (device, NVML, MiB)",
+        "",
+        row(
+            [
+                "experiment",
+                "idle after load",
+                "idle before workload",
+                "peak",
+                "release after the last burst (s)",
+            ]
+        ),
+        row(["---"] * 5),
+    ]
     any_reused = False
     for name in names:
         experiments = [r["experiments"].get(name, {}) for r in runs]
         devices = [e.get("device", {}) for e in experiments]
         cell = lambda key, digits=0: " / ".join(fmt(d.get(key), digits) for d in devices)
-        marks = [" *" if reused_server(e) and d.get("idle_after_load_mib") is not None else ""
-                 for e, d in zip(experiments, devices)]
+        marks = [
+            " *" if reused_server(e) and d.get("idle_after_load_mib") is not None else ""
+            for e, d in zip(experiments, devices)
+        ]
         any_reused = any_reused or any(marks)
         after_load = " / ".join(fmt(d.get("idle_after_load_mib")) + m for d, m in zip(devices, marks))
-        out.append(row([name, after_load, cell("idle_before_workload_mib"), cell("peak_mib"), cell("release_s", 2)]))
-    note = ["", "\\* with a server reused from an earlier experiment of that run: not a fresh load, so it depends "
-            "on what ran before (a kvcached server keeps the pages its bursts mapped); compare *idle before workload*."]
+        out.append(
+            row([name, after_load, cell("idle_before_workload_mib"), cell("peak_mib"), cell("release_s", 2)])
+        )
+    note = [
+        "",
+        "\\* with a server reused from an earlier experiment of that run: not a fresh load, so it depends "
+        "on what ran before (a kvcached server keeps the pages its bursts mapped); compare *idle before workload*.",
+    ]
     return out + ["", "(run 1 / run 2 / ...)"] + (note if any_reused else [])
 
 
@@ -66,7 +85,12 @@ def ratio_rows(label: str, values: list, spreads: list) -> str:
     return row([label, shown, verdict(spreads)])
 
 
-KEYS = [("ttft_s_p50", "TTFT p50"), ("ttft_s_p99", "TTFT p99"), ("e2e_s_p50", "E2E p50"), ("e2e_s_p99", "E2E p99")]
+KEYS = [
+    ("ttft_s_p50", "TTFT p50"),
+    ("ttft_s_p99", "TTFT p99"),
+    ("e2e_s_p50", "E2E p50"),
+    ("e2e_s_p99", "E2E p99"),
+]
 
 
 def entry_rows(title: str, blocks: list, entries: str, value_of, prefix: str = "") -> list:
@@ -75,21 +99,35 @@ def entry_rows(title: str, blocks: list, entries: str, value_of, prefix: str = "
     for entry in blocks[0][entries]:
         for key, label in KEYS:
             items = [b[entries][entry] for b in blocks]
-            rows.append(ratio_rows(f"{title}, {prefix}{entry}, kvcached/static, {label}", [value_of(i, key) for i in items],
-                                   [(i.get("over_repeats") or {}).get(f"{key}_ratio") for i in items]))
+            rows.append(
+                ratio_rows(
+                    f"{title}, {prefix}{entry}, kvcached/static, {label}",
+                    [value_of(i, key) for i in items],
+                    [(i.get("over_repeats") or {}).get(f"{key}_ratio") for i in items],
+                )
+            )
     return rows
 
 
 def latency_tables(runs: list) -> list:
-    out = ["### Latency ratios (each run: ratio over all its requests [min–max over its repeats])", "",
-           row(["comparison", "runs", "outside the noise?"]), row(["---"] * 3)]
+    out = [
+        "### Latency ratios (each run: ratio over all its requests [min–max over its repeats])",
+        "",
+        row(["comparison", "runs", "outside the noise?"]),
+        row(["---"] * 3),
+    ]
     comparisons = [r["comparison"] for r in runs]
     single = [c.get("single") for c in comparisons]
     if all(single):
         for key, label in KEYS[::2]:
-            field = key.replace("_s_", "_") + "_ratio"   # ttft_s_p50 -> ttft_p50_ratio
-            out.append(ratio_rows(f"one model, kvcached/static, {label}", [s[field] for s in single],
-                                  [(s.get("over_repeats") or {}).get(f"{key}_ratio") for s in single]))
+            field = key.replace("_s_", "_") + "_ratio"  # ttft_s_p50 -> ttft_p50_ratio
+            out.append(
+                ratio_rows(
+                    f"one model, kvcached/static, {label}",
+                    [s[field] for s in single],
+                    [(s.get("over_repeats") or {}).get(f"{key}_ratio") for s in single],
+                )
+            )
     shared = [c.get("shared") for c in comparisons]
     if all(shared):
         out += entry_rows("two models", shared, "per_model", lambda model, key: model[key]["ratio"], "model ")
@@ -102,37 +140,74 @@ def latency_tables(runs: list) -> list:
             continue
         for versus in ("kvcached", "static"):
             for key, label in KEYS[::2]:
-                out.append(ratio_rows(f"{name.replace('_', ' ')}, sleep/{versus}, {label}",
-                                      [b[f"{key.replace('_s_', '_')}_vs_{versus}"] for b in blocks],
-                                      [(b.get(f"vs_{versus}_over_repeats") or {}).get(f"{key}_ratio") for b in blocks]))
+                out.append(
+                    ratio_rows(
+                        f"{name.replace('_', ' ')}, sleep/{versus}, {label}",
+                        [b[f"{key.replace('_s_', '_')}_vs_{versus}"] for b in blocks],
+                        [(b.get(f"vs_{versus}_over_repeats") or {}).get(f"{key}_ratio") for b in blocks],
+                    )
+                )
     return out
 
 
 def sleep_table(runs: list) -> list:
-    out = ["### Sleep mode (level 1)", "",
-           row(["", "asleep (MiB)", "kvcached idle (MiB)", "static idle (MiB)", "wake-up mean / max (s)", "awake peak (MiB)"]),
-           row(["---"] * 6)]
+    out = [
+        "### Sleep mode (level 1)",
+        "",
+        row(
+            [
+                "",
+                "asleep (MiB)",
+                "kvcached idle (MiB)",
+                "static idle (MiB)",
+                "wake-up mean / max (s)",
+                "awake peak (MiB)",
+            ]
+        ),
+        row(["---"] * 6),
+    ]
     for name, experiment in (("single_sleep", "sleep"), ("shared_sleep", "shared_sleep")):
         for i, run in enumerate(runs):
             b = run["comparison"].get(name)
             if not b:
                 continue
             peak = run["experiments"].get(experiment, {}).get("device", {}).get("peak_mib")
-            out.append(row([f"{name} (run {i + 1})", fmt(b["asleep_mib"]), fmt(b["kvcached_idle_mib"]),
-                            fmt(b["static_idle_mib"]), f"{fmt(b['wake_s_mean'], 2)} / {fmt(b['wake_s_max'], 2)}",
-                            fmt(peak)]))
+            out.append(
+                row(
+                    [
+                        f"{name} (run {i + 1})",
+                        fmt(b["asleep_mib"]),
+                        fmt(b["kvcached_idle_mib"]),
+                        fmt(b["static_idle_mib"]),
+                        f"{fmt(b['wake_s_mean'], 2)} / {fmt(b['wake_s_max'], 2)}",
+                        fmt(peak),
+                    ]
+                )
+            )
     return out
 
 
 def time_table(runs: list) -> list:
-    out = ["### Time", "", row(["run", "wall (s)", "preflight", "start-ups (paid / reused)", "workload",
-                                "harness's own time"]), row(["---"] * 6)]
+    out = [
+        "### Time",
+        "",
+        row(["run", "wall (s)", "preflight", "start-ups (paid / reused)", "workload", "harness's own time"]),
+        row(["---"] * 6),
+    ]
     for i, run in enumerate(runs):
         t, starts = run.get("timing") or {}, run.get("server_starts") or {}
-        out.append(row([f"run {i + 1}", fmt(t.get("wall_s")), fmt(t.get("preflight_s")),
-                        f"{fmt(t.get('startups_s'))} ({starts.get('started')} / {starts.get('reused')})",
-                        fmt(t.get("workload_s")),
-                        f"{fmt(t.get('harness_overhead_s'))} ({fmt(100 * (t.get('harness_overhead_share') or 0), 1)}%)"]))
+        out.append(
+            row(
+                [
+                    f"run {i + 1}",
+                    fmt(t.get("wall_s")),
+                    fmt(t.get("preflight_s")),
+                    f"{fmt(t.get('startups_s'))} ({starts.get('started')} / {starts.get('reused')})",
+                    fmt(t.get("workload_s")),
+                    f"{fmt(t.get('harness_overhead_s'))} ({fmt(100 * (t.get('harness_overhead_share') or 0), 1)}%)",
+                ]
+            )
+        )
     return out
 
 
@@ -141,8 +216,18 @@ def main(argv: list) -> int:
         print(__doc__)
         return 2
     runs = [load(d) for d in argv]
-    print("\n".join(["Runs: " + ", ".join(r["run"] for r in runs), ""] + memory_table(runs) + [""]
-                    + latency_tables(runs) + [""] + sleep_table(runs) + [""] + time_table(runs)))
+    print(
+        "\n".join(
+            ["Runs: " + ", ".join(r["run"] for r in runs), ""]
+            + memory_table(runs)
+            + [""]
+            + latency_tables(runs)
+            + [""]
+            + sleep_table(runs)
+            + [""]
+            + time_table(runs)
+        )
+    )
     return 0
 
 

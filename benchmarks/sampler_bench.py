@@ -10,6 +10,7 @@ ticks it skipped, its errors, and the CPU time of this process (the sampler's tw
 thread only sleeps) and of the device-reading process as a share of one core, over the whole run and
 once running (from 3 s on, leaving out the device process's start). Flags after `--` are the harness's own flags.
 """
+
 import argparse
 import os
 import resource
@@ -46,22 +47,31 @@ def thread_cpu_s(native_id: int) -> float:
 
 def timed(fn, spent: list):
     """fn, adding the calling thread's CPU seconds in it to spent[0]."""
+
     def wrapper(*args, **kwargs):
         start = time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             spent[0] += time.thread_time() - start
+
     return wrapper
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the sampler runs alone")
-    parser.add_argument("--arm", choices=("kvcached", "static"), default="kvcached",
-                        help="the kind of server sampled (kvcached adds its segment reads)")
-    parser.add_argument("--fake", action="store_true",
-                        help="fake NVML and a fake vLLM server from tests/fakes (no GPU needed)")
+    parser.add_argument(
+        "--arm",
+        choices=("kvcached", "static"),
+        default="kvcached",
+        help="the kind of server sampled (kvcached adds its segment reads)",
+    )
+    parser.add_argument(
+        "--fake",
+        action="store_true",
+        help="fake NVML and a fake vLLM server from tests/fakes (no GPU needed)",
+    )
     parser.add_argument("harness", nargs="*", help="run_experiments.py flags, after --")
     return parser.parse_args(argv)
 
@@ -77,54 +87,80 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         harness = (use_fakes(tmp) if args.fake else []) + args.harness
-        cfg = rx.resolve_config(rx.validate_config(rx.config_from_args(harness, say=lambda _: None)),
-                                say=lambda _: None)
+        cfg = rx.resolve_config(
+            rx.validate_config(rx.config_from_args(harness, say=lambda _: None)), say=lambda _: None
+        )
         nvml = rx.load_nvml(__import__("pynvml") if args.fake else None)
         gpu = rx.gpu_facts(nvml, cfg.gpu_index)
-        spec = (rx.kvcached_server(cfg, "A") if args.arm == "kvcached"
-                else rx.static_server(cfg, "A", cfg.gpu_memory_utilization))
+        spec = (
+            rx.kvcached_server(cfg, "A")
+            if args.arm == "kvcached"
+            else rx.static_server(cfg, "A", cfg.gpu_memory_utilization)
+        )
         pool = rx.ServerPool(cfg, say=print, device=rx.pin_to_card(gpu, cfg.gpu_index, print))
         try:
             pool.ensure([spec], Path(tmp))
             server = pool.running[spec.key]
-            sampler = rx.Sampler(nvml, cfg.gpu_index, [server], Path(tmp) / "memory.jsonl",
-                                 cfg.sample_hz, cfg.process_sample_hz)
-            in_processes, in_metrics = [0.0], [0.0]   # the slow thread's two reads
+            sampler = rx.Sampler(
+                nvml,
+                cfg.gpu_index,
+                [server],
+                Path(tmp) / "memory.jsonl",
+                cfg.sample_hz,
+                cfg.process_sample_hz,
+            )
+            in_processes, in_metrics = [0.0], [0.0]  # the slow thread's two reads
             sampler.slow_rows = timed(sampler.slow_rows, in_processes)
             sampler.metrics_rows = timed(sampler.metrics_rows, in_metrics)
             cpu0, child0, wall0 = time.process_time(), children_cpu_s(), time.time()
             sampler.start()
-            time.sleep(STEADY_AFTER_S)   # the device process has started and is ticking by now
-            threads = lambda: (thread_cpu_s(sampler.native_id), thread_cpu_s(sampler.slow_thread.native_id),
-                               in_processes[0], in_metrics[0])
+            time.sleep(STEADY_AFTER_S)  # the device process has started and is ticking by now
+            threads = lambda: (
+                thread_cpu_s(sampler.native_id),
+                thread_cpu_s(sampler.slow_thread.native_id),
+                in_processes[0],
+                in_metrics[0],
+            )
             steady0 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
             time.sleep(max(args.seconds - STEADY_AFTER_S, 1.0))
             steady1 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
-            sampler.stop()   # waits for the device process: its CPU time is counted from here
+            sampler.stop()  # waits for the device process: its CPU time is counted from here
             cpu, wall = time.process_time() - cpu0, time.time() - wall0
             child = children_cpu_s() - child0
             times = [t for t, _ in sampler.device]
             achieved = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
             rows = rx.read_jsonl(Path(tmp) / "memory.jsonl")
-            kinds = {k: sum(r.get("kind") == k for r in rows) for k in ("device", "process", "kvcached", "metrics")}
+            kinds = {
+                k: sum(r.get("kind") == k for r in rows) for k in ("device", "process", "kvcached", "metrics")
+            }
         finally:
             pool.close()
             nvml.nvmlShutdown()
-    print(f"\nsampler alone for {wall:.1f} s against one idle {args.arm} server "
-          f"({'fake' if args.fake else gpu['name']}):")
-    print(f"  device samples: {achieved:.2f} Hz achieved at a {cfg.sample_hz:g} Hz setting, "
-          f"{sampler.missed_ticks} ticks skipped")
+    print(
+        f"\nsampler alone for {wall:.1f} s against one idle {args.arm} server "
+        f"({'fake' if args.fake else gpu['name']}):"
+    )
+    print(
+        f"  device samples: {achieved:.2f} Hz achieved at a {cfg.sample_hz:g} Hz setting, "
+        f"{sampler.missed_ticks} ticks skipped"
+    )
     print(f"  rows written: {kinds}; errors: {sampler.errors} {sampler.error_kinds or ''}")
-    print(f"  CPU: {cpu:.2f} s in this process (the file writer and the slow thread) + {child:.2f} s in the "
-          f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core")
+    print(
+        f"  CPU: {cpu:.2f} s in this process (the file writer and the slow thread) + {child:.2f} s in the "
+        f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core"
+    )
     (c0, d0, w0, t0), (c1, d1, w1, t1) = steady0, steady1
     share = lambda seconds: f"{100 * seconds / (w1 - w0):.2f}%"
-    print(f"  once running (from {STEADY_AFTER_S:g} s on, the device process's start left out): "
-          f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {share(c1 - c0 + d1 - d0)} of one core")
+    print(
+        f"  once running (from {STEADY_AFTER_S:g} s on, the device process's start left out): "
+        f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {share(c1 - c0 + d1 - d0)} of one core"
+    )
     writer, slow, processes, metrics = (b - a for a, b in zip(t0, t1))
-    print(f"    device process {share(d1 - d0)}; file writer thread {share(writer)}; slow thread {share(slow)} "
-          f"(per-process memory and segment {share(processes)}, /metrics {share(metrics)}); "
-          f"the rest of this process {share(c1 - c0 - writer - slow)}")
+    print(
+        f"    device process {share(d1 - d0)}; file writer thread {share(writer)}; slow thread {share(slow)} "
+        f"(per-process memory and segment {share(processes)}, /metrics {share(metrics)}); "
+        f"the rest of this process {share(c1 - c0 - writer - slow)}"
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: the harness imported as a module, fake servers on free ports, a fake NVML,
 end-to-end runs of the whole script (some of them started in the background, see `background`)."""
+
 import concurrent.futures
 import os
 import random
@@ -21,8 +22,9 @@ import run_experiments as rx  # noqa: E402
 
 # --- markers -------------------------------------------------------------------------------------
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with vLLM and kvcached; "
-                                       "skipped unless RUN_GPU_TESTS=1")
+    config.addinivalue_line(
+        "markers", "gpu: needs an NVIDIA GPU with vLLM and kvcached; skipped unless RUN_GPU_TESTS=1"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,7 +66,7 @@ def free_port() -> int:
                 continue
         HANDED_OUT.add(port)
         return port
-    with socket.socket() as sock:   # a crowded machine: any port the kernel offers
+    with socket.socket() as sock:  # a crowded machine: any port the kernel offers
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -98,13 +100,19 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(FAKES))
     sys.modules.pop("pynvml", None)
     import pynvml
+
     yield pynvml
     sys.modules.pop("pynvml", None)
 
 
 def make_cfg(**overrides) -> "rx.Config":
-    base = dict(preset="smoke", server_cmd=f"{sys.executable} {FAKE_SERVER}", port_a=free_port(),
-                port_b=free_port(), start_timeout_s=20)
+    base = dict(
+        preset="smoke",
+        server_cmd=f"{sys.executable} {FAKE_SERVER}",
+        port_a=free_port(),
+        port_b=free_port(),
+        start_timeout_s=20,
+    )
     base.update(overrides)
     return rx.resolve_config(rx.validate_config(rx.Config(**base)), say=lambda _: None)
 
@@ -137,9 +145,28 @@ def alive(pid: int) -> bool:
 CARD_MIB, BASELINE_MIB = 16384, 400
 # Small and quick, but every burst still spans several samples: bursts of 8 requests x 32 tokens at
 # 8 ms per token (~0.3 s), per-process/kvcached/metrics samples every 0.1 s, device samples every 0.05 s.
-FAST = ["--preset", "smoke", "--gap-s", "0.1", "--settle-s", "1", "--release-timeout-s", "5", "--idle-window-s", "0.25",
-        "--overload-budget-gib", "0.25", "--prompt-tokens", "512", "--max-tokens", "32", "--burst-size", "8",
-        "--process-sample-hz", "10"]
+FAST = [
+    "--preset",
+    "smoke",
+    "--gap-s",
+    "0.1",
+    "--settle-s",
+    "1",
+    "--release-timeout-s",
+    "5",
+    "--idle-window-s",
+    "0.25",
+    "--overload-budget-gib",
+    "0.25",
+    "--prompt-tokens",
+    "512",
+    "--max-tokens",
+    "32",
+    "--burst-size",
+    "8",
+    "--process-sample-hz",
+    "10",
+]
 
 
 # The environment before any test: a test that sets FAKE_* variables with monkeypatch while a background
@@ -148,18 +175,36 @@ SESSION_ENV = dict(os.environ)
 
 
 def fake_env(gpu_dir: Path, **extra: str) -> dict:
-    env = dict(SESSION_ENV, PYTHONPATH=str(FAKES), FAKE_GPU_DIR=str(gpu_dir), FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
-               FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB), FAKE_ITL_S="0.008", FAKE_STARTUP_S="0.05",
-               PYTHONUNBUFFERED="1",
-               ENABLE_KVCACHED="true")   # a user's shell setting that must not leak into the static arm
+    env = dict(
+        SESSION_ENV,
+        PYTHONPATH=str(FAKES),
+        FAKE_GPU_DIR=str(gpu_dir),
+        FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
+        FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB),
+        FAKE_ITL_S="0.008",
+        FAKE_STARTUP_S="0.05",
+        PYTHONUNBUFFERED="1",
+        ENABLE_KVCACHED="true",
+    )  # a user's shell setting that must not leak into the static arm
     env.update(extra)
     return env
 
 
 def script_args(results: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "run_experiments.py"), *FAST, "--results-dir", str(results),
-            "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--port-a", str(free_port()),
-            "--port-b", str(free_port()), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "run_experiments.py"),
+        *FAST,
+        "--results-dir",
+        str(results),
+        "--server-cmd",
+        f"{sys.executable} {FAKE_SERVER}",
+        "--port-a",
+        str(free_port()),
+        "--port-b",
+        str(free_port()),
+        *extra,
+    ]
 
 
 # --- end-to-end runs in the background -----------------------------------------------------------
@@ -177,9 +222,11 @@ def background(name: str, weight: float = 1.0):
     """Declare a background job: fn(base: Path) returns either a command, dict(args=[...], env={...},
     cwd=None, timeout=s), run to its end with its output kept, or a scenario: a callable run in a
     thread whose return value the tests read. Heavier jobs start first: they bound the wall time."""
+
     def register(fn):
         BACKGROUND[name] = (weight, fn)
         return fn
+
     return register
 
 
@@ -198,17 +245,19 @@ class BackgroundJob:
 
     def command(self) -> tuple[subprocess.CompletedProcess, Path]:
         out, err = self.base / "stdout.txt", self.base / "stderr.txt"
-        with open(out, "w") as stdout, open(err, "w") as stderr:   # files: a full pipe never blocks a run
-            self.proc = subprocess.Popen(self.job["args"], env=self.job["env"], cwd=self.job.get("cwd"),
-                                         stdout=stdout, stderr=stderr)
+        with open(out, "w") as stdout, open(err, "w") as stderr:  # files: a full pipe never blocks a run
+            self.proc = subprocess.Popen(
+                self.job["args"], env=self.job["env"], cwd=self.job.get("cwd"), stdout=stdout, stderr=stderr
+            )
             try:
                 self.proc.wait(timeout=self.job.get("timeout", 240))
             finally:
                 if self.proc.poll() is None:
                     self.proc.kill()
                     self.proc.wait()
-        return subprocess.CompletedProcess(self.job["args"], self.proc.returncode, out.read_text(),
-                                           err.read_text()), self.base
+        return subprocess.CompletedProcess(
+            self.job["args"], self.proc.returncode, out.read_text(), err.read_text()
+        ), self.base
 
 
 class BackgroundJobs:
@@ -250,10 +299,12 @@ def background_runs(request, tmp_path_factory):
     jobs.close()
 
 
-def signalled_run(base: Path, args: list, env: dict, sig: int, servers: int = 2, settle_s: float = 0.3,
-                  ports: tuple = ()) -> dict:
+def signalled_run(
+    base: Path, args: list, env: dict, sig: int, servers: int = 2, settle_s: float = 0.3, ports: tuple = ()
+) -> dict:
     """Run the script until `servers` fake engines are up, send it `sig`, and say what was left."""
     import run_experiments
+
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         up = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= servers, timeout=60)
@@ -261,9 +312,14 @@ def signalled_run(base: Path, args: list, env: dict, sig: int, servers: int = 2,
         engines = [int(p.stem) for p in (base / "gpu").glob("*.json")]
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
-        return {"up": up, "rc": proc.returncode, "out": out, "engines": engines,
-                "alive_after": [pid for pid in engines if alive(pid)],
-                "ports_taken": [p for p in ports if run_experiments.port_taken("127.0.0.1", p)]}
+        return {
+            "up": up,
+            "rc": proc.returncode,
+            "out": out,
+            "engines": engines,
+            "alive_after": [pid for pid in engines if alive(pid)],
+            "ports_taken": [p for p in ports if run_experiments.port_taken("127.0.0.1", p)],
+        }
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,6 +1,7 @@
 """Rebuild every committed run folder's summaries with --report, each in a fresh copy, and say
 whether they came out exactly as committed: python tests/rebuild_committed.py OUT_DIR
 (run by the tests in a process of its own, so it goes on while the others run)."""
+
 import json
 import shutil
 import sys
@@ -17,14 +18,18 @@ def committed_runs() -> list[Path]:
 
 
 def rebuild(reference: Path, into: Path) -> dict:
-    copy = into / reference.name   # summaries name their folder: keep it
+    copy = into / reference.name  # summaries name their folder: keep it
     shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("*.png"))
     (copy / "summary.json").unlink()
     (copy / "summary.md").unlink()
     rc = rx.main(["--report", str(copy)], say=lambda _: None)
-    return {"rc": rc, "copy": str(copy),
-            "json_same": json.loads((copy / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text()),
-            "md_same": (copy / "summary.md").read_text() == (reference / "summary.md").read_text()}
+    return {
+        "rc": rc,
+        "copy": str(copy),
+        "json_same": json.loads((copy / "summary.json").read_text())
+        == json.loads((reference / "summary.json").read_text()),
+        "md_same": (copy / "summary.md").read_text() == (reference / "summary.md").read_text(),
+    }
 
 
 def main(out: Path) -> None:

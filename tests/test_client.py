@@ -1,11 +1,11 @@
 """The load generator: TTFT taken on arrival of the first token, failures as rows, auth."""
+
 import json
 import time
 import types
 
 import pytest
 import requests
-
 from conftest import free_port, make_cfg, ready, rx
 
 
@@ -15,12 +15,18 @@ def live_server(fake_gpu, tmp_path, monkeypatch):
 
     def start(spec_kvcached=True, **cfg_overrides):
         cfg = make_cfg(**cfg_overrides)
-        spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=spec_kvcached,
-                             gpu_memory_utilization=None if spec_kvcached else 0.5)
+        spec = rx.ServerSpec(
+            "A",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            cfg.port_a,
+            kvcached=spec_kvcached,
+            gpu_memory_utilization=None if spec_kvcached else 0.5,
+        )
         server = rx.start_server(cfg, spec, tmp_path / "server.log")
         servers.append(server)
         ready(server)
         return cfg, server
+
     yield start
     for server in servers:
         rx.stop_server(server, grace_s=2)
@@ -36,6 +42,7 @@ def blank_record():
 
 class ScriptedClock:
     """time.perf_counter for the harness: the scripted response moves it to each chunk's arrival."""
+
     def __init__(self):
         self.now = 0.0
 
@@ -45,6 +52,7 @@ class ScriptedClock:
 
 class ScriptedTime:
     """The harness's `time` module with a scripted perf_counter (this process's own clock untouched)."""
+
     def __init__(self, clock):
         self.perf_counter = clock
 
@@ -55,6 +63,7 @@ class ScriptedTime:
 class ScriptedResponse:
     """A streamed HTTP 200 whose chunks arrive at scripted perf_counter times; the connection closes
     with the last one."""
+
     status_code = 200
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "Transfer-Encoding": "chunked"}
     text = ""
@@ -95,8 +104,13 @@ def sse(obj) -> bytes:
 
 
 def token_event(content, finish=None):
-    return sse({"id": "c", "object": "chat.completion.chunk", "choices": [
-        {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]})
+    return sse(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}],
+        }
+    )
 
 
 def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
@@ -107,22 +121,38 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
     first, gap, tokens = 0.25, 1 / 32, 40
     last = first + (tokens - 1) * gap
     chunks = [(1 / 16, token_event({"role": "assistant", "content": ""}))]
-    chunks += [(first + i * gap, token_event({"content": "tok "}, "length" if i == tokens - 1 else None))
-               for i in range(tokens)]
-    chunks += [(last, sse({"id": "c", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": tokens,
-                                                                "total_tokens": 12 + tokens}})),
-               (last + 1 / 64, b"data: [DONE]\n\n")]
+    chunks += [
+        (first + i * gap, token_event({"content": "tok "}, "length" if i == tokens - 1 else None))
+        for i in range(tokens)
+    ]
+    chunks += [
+        (
+            last,
+            sse(
+                {
+                    "id": "c",
+                    "choices": [],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens},
+                }
+            ),
+        ),
+        (last + 1 / 64, b"data: [DONE]\n\n"),
+    ]
     response = ScriptedResponse(clock, chunks)
     session = ScriptedSession(response)
-    record = rx.send_chat("http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, session=session)
+    record = rx.send_chat(
+        "http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, session=session
+    )
     assert record.ok, record.error
     assert record.ttft_s == first, "the first content chunk, not the role chunk nor the end of the stream"
     assert record.itl_s == [gap] * (tokens - 1)
     assert record.e2e_s == last + 1 / 64
-    assert record.completion_tokens == tokens and record.prompt_tokens == 12 and record.finish_reason == "length"
+    assert (
+        record.completion_tokens == tokens and record.prompt_tokens == 12 and record.finish_reason == "length"
+    )
     assert record.content_reads == tokens
     # read as it arrives: a streamed request, each chunk as it comes (chunk_size=None), no buffered body
-    (url, kwargs), = session.posts
+    ((url, kwargs),) = session.posts
     assert url == "http://fake/v1/chat/completions" and kwargs["stream"] is True
     assert kwargs["json"]["stream"] is True and kwargs["json"]["max_tokens"] == tokens
     assert response.chunk_sizes == [None] and response.closed
@@ -131,8 +161,17 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
 def median_ttft(server, tokens, runs=3):
     session = requests.Session()
     rx.send_chat(server.url, server.spec.model, one_request(2), blank_record(), session=session)  # connect
-    records = [rx.send_chat(server.url, server.spec.model, one_request(tokens), blank_record(),
-                            ignore_eos=True, session=session) for _ in range(runs)]
+    records = [
+        rx.send_chat(
+            server.url,
+            server.spec.model,
+            one_request(tokens),
+            blank_record(),
+            ignore_eos=True,
+            session=session,
+        )
+        for _ in range(runs)
+    ]
     assert all(r.ok for r in records), [r.error for r in records]
     return rx.percentile([r.ttft_s for r in records], 50), records
 

@@ -1,16 +1,18 @@
 """Inside a container NVML reports host pids: per-server memory is then unavailable, never 0."""
+
 import json
 
 import pytest
-
 from conftest import background, fake_env, script_args, succeeded_run
 
 
 @background("host_pids_run")
 def host_pids_run_cmd(base):
     (base / "gpu").mkdir()
-    env = fake_env(base / "gpu", FAKE_NVML_PID_OFFSET="4000000")   # beyond any pid of this machine
-    return dict(args=script_args(base / "results", "--experiments", "1", "--bursts", "1", "--no-warmup"), env=env)
+    env = fake_env(base / "gpu", FAKE_NVML_PID_OFFSET="4000000")  # beyond any pid of this machine
+    return dict(
+        args=script_args(base / "results", "--experiments", "1", "--bursts", "1", "--no-warmup"), env=env
+    )
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 the servers: the static arm reserves its pool at start, the kvcached arm grows with live requests.
 Runs whose tests only read what they left go in the background (conftest.background), a few at once,
 while this module's first tests run in the foreground."""
+
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, rx, script_args, signalled_run
 
 
@@ -36,14 +36,19 @@ def rebuildable_copy(reference, tmp_path):
 
 
 def assert_rebuilt_as_committed(copy, reference):
-    assert json.loads((copy / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert json.loads((copy / "summary.json").read_text()) == json.loads(
+        (reference / "summary.json").read_text()
+    )
     assert (copy / "summary.md").read_text() == (reference / "summary.md").read_text()
 
 
 @background("committed_rebuilds", weight=6)
 def committed_rebuilds_cmd(base):
-    return dict(args=[sys.executable, str(ROOT / "tests" / "rebuild_committed.py"), str(base)],
-                env=dict(os.environ), timeout=300)
+    return dict(
+        args=[sys.executable, str(ROOT / "tests" / "rebuild_committed.py"), str(base)],
+        env=dict(os.environ),
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -63,8 +68,11 @@ def test_committed_run_rebuilds_to_its_summary(reference, committed_rebuilds):
 @background("report_cli_run", weight=2)
 def report_cli_cmd(base):
     copy = rebuildable_copy(REPORT_CLI_RUN, base)
-    return dict(args=[sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
-                env=dict(os.environ), timeout=120)
+    return dict(
+        args=[sys.executable, str(ROOT / "run_experiments.py"), "--report", str(copy)],
+        env=dict(os.environ),
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -83,8 +91,10 @@ def test_report_command_rebuilds_a_committed_run(report_cli_run):
 
 def test_reference_figures_are_the_h200_ones():
     for run in ("20261128T214032Z_reference_1", "20261128T214032Z_reference_2"):
-        device = {name: e["device"] for name, e in
-                  json.loads((REFERENCE / run / "summary.json").read_text())["experiments"].items()}
+        device = {
+            name: e["device"]
+            for name, e in json.loads((REFERENCE / run / "summary.json").read_text())["experiments"].items()
+        }
         assert device["static"]["idle_after_load_mib"] == 80011.875
         assert device["kvcached"]["idle_after_load_mib"] == 5323.875
         assert set(device) == {e.name for e in rx.parse_experiments("all")}, "every default experiment"
@@ -96,6 +106,7 @@ def sigterm_scenario_job(base):
         (base / "gpu").mkdir()
         args = script_args(base / "results", "--experiments", "3", "--bursts", "50", "--gap-s", "1")
         return signalled_run(base, args, fake_env(base / "gpu"), signal.SIGTERM)
+
     return scenario
 
 
@@ -119,8 +130,11 @@ def full_run_cmd(base):
     # --ignore-eos: every answer runs its full length, so each burst holds its KV (and the static
     # overload pair its queue) for several sampling intervals instead of thinning out request by request.
     # The kvcached and static experiments; the sleep arm has runs of its own (test_sleep.py).
-    return dict(args=script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5"),
-                env=fake_env(base / "gpu"), timeout=240)
+    return dict(
+        args=script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5"),
+        env=fake_env(base / "gpu"),
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +143,28 @@ def full_run(background_runs):
     elapsed = background_runs.jobs["full_run"].elapsed
     print(f"mocked end-to-end run: {elapsed:.1f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir, = (base / "results").iterdir()
-    return {"proc": proc, "run_dir": run_dir, "gpu_dir": base / "gpu", "summary": json.loads(
-        (run_dir / "summary.json").read_text()), "elapsed": elapsed}
+    (run_dir,) = (base / "results").iterdir()
+    return {
+        "proc": proc,
+        "run_dir": run_dir,
+        "gpu_dir": base / "gpu",
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "elapsed": elapsed,
+    }
 
 
 def test_last_stdout_line_is_the_headline_json(full_run):
     last = full_run["proc"].stdout.strip().splitlines()[-1]
     headline = json.loads(last)
     assert Path(headline["run_dir"]) == full_run["run_dir"]
-    assert set(headline["experiments"]) == {"kvcached", "static", "shared_kvcached", "shared_static",
-                                            "overload_kvcached", "overload_static"}
+    assert set(headline["experiments"]) == {
+        "kvcached",
+        "static",
+        "shared_kvcached",
+        "shared_static",
+        "overload_kvcached",
+        "overload_static",
+    }
     assert "Infinity" not in last and "NaN" not in last
 
 
@@ -157,40 +182,55 @@ def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
     assert kvc["residual_vs_load_mib"] == pytest.approx(64, abs=8)
     single = full_run["summary"]["comparison"]["single"]
     assert single["idle_saving_mib"] == pytest.approx(
-        static["idle_after_load_mib"] - kvc["idle_after_load_mib"])
+        static["idle_after_load_mib"] - kvc["idle_after_load_mib"]
+    )
 
 
 def rows_per_burst(full_run, server):
     """For a failure message: rows in shared_kvcached's requests.jsonl per burst of the server, and what
     the harness said of those bursts."""
-    exp_dir, = full_run["run_dir"].glob("*_shared_kvcached")
+    (exp_dir,) = full_run["run_dir"].glob("*_shared_kvcached")
     rows = [r for r in rx.read_jsonl(exp_dir / "requests.jsonl") if r["server"] == server]
     section = full_run["proc"].stdout.split("=== shared_kvcached:", 1)[-1].split("===", 1)[0]
     said = [line.strip() for line in section.splitlines() if line.strip().startswith(f"{server} burst")]
-    return (f"rows in requests.jsonl: { {p: sum(r['phase'] == p for r in rows) for p in sorted({r['phase'] for r in rows})} }"
-            f"; the harness said: {said}")
+    return (
+        f"rows in requests.jsonl: { {p: sum(r['phase'] == p for r in rows) for p in sorted({r['phase'] for r in rows})} }"
+        f"; the harness said: {said}"
+    )
 
 
 def test_two_model_runs_attribute_memory_per_model(full_run):
     shared = full_run["summary"]["experiments"]["shared_kvcached"]
     for name in "AB":
         server = shared["servers"][name]
-        assert server["memory"]["idle_before_workload_mib"] > 500          # weights, in the engine child
-        assert server["memory"]["flex_mib"] > 10                            # its own bursts
+        assert server["memory"]["idle_before_workload_mib"] > 500  # weights, in the engine child
+        assert server["memory"]["flex_mib"] > 10  # its own bursts
         assert server["kvcached"]["peak_used_mib"] > 10
         assert server["vllm"]["max_running"] >= 1
-        assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16, rows_per_burst(full_run, name)
+        assert server["latency"]["failed"] == 0 and server["latency"]["ok"] == 16, rows_per_burst(
+            full_run, name
+        )
     assert shared["servers"]["A"]["reused"], "kvcached A is reused from the single-model experiment"
-    table = (full_run["run_dir"] / "summary.md").read_text().split("| experiment | idle after load", 1)[1].split("\n\n")[0]
+    table = (
+        (full_run["run_dir"] / "summary.md")
+        .read_text()
+        .split("| experiment | idle after load", 1)[1]
+        .split("\n\n")[0]
+    )
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:]}
     # a reused server was not freshly loaded, and the table says so where its idle level is shown
     assert rows["shared_kvcached"].endswith(" *") and not rows["kvcached"].endswith("*"), rows
-    assert "A server reused from an earlier experiment was not freshly loaded" in (full_run["run_dir"] / "summary.md").read_text()
+    assert (
+        "A server reused from an earlier experiment was not freshly loaded"
+        in (full_run["run_dir"] / "summary.md").read_text()
+    )
     starts = full_run["summary"]["server_starts"]
     # 10 servers across the six experiments; A and B kvcached and A static are reused: 6 start-ups
     assert (starts["started"], starts["reused"]) == (6, 4) and starts["startup_s_saved"] > 0
     static_pair = full_run["summary"]["experiments"]["shared_static"]["servers"]
-    assert static_pair["B"]["memory"]["idle_before_workload_mib"] == pytest.approx(0.35 * CARD_MIB + 300, rel=0.01)
+    assert static_pair["B"]["memory"]["idle_before_workload_mib"] == pytest.approx(
+        0.35 * CARD_MIB + 300, rel=0.01
+    )
 
 
 def test_overload_static_pair_queues_and_elastic_pair_stays_in_budget(full_run):
@@ -200,7 +240,7 @@ def test_overload_static_pair_queues_and_elastic_pair_stays_in_budget(full_run):
     elastic = exps["overload_kvcached"]
     budget_mib = 0.25 * 1024
     assert all(v / 2**20 <= budget_mib for v in elastic["kv_limits_bytes"].values())
-    assert elastic["servers"]["A"]["kvcached"]["peak_used_mib"] > budget_mib / 2   # above the static share
+    assert elastic["servers"]["A"]["kvcached"]["peak_used_mib"] > budget_mib / 2  # above the static share
     ratios = full_run["summary"]["comparison"]["overload"]["per_phase"]
     assert set(ratios) == {"A bursts, B idle", "B bursts, A idle"}
 
@@ -212,14 +252,18 @@ def test_results_layout_and_plots(full_run):
     assert config["servers"] and all("cmd_shell" in s for s in config["servers"].values())
     static_env = next(s["env"] for s in config["servers"].values() if "static" in s["label"])
     assert static_env["ENABLE_KVCACHED"] == "false"
-    assert static_env["CUDA_VISIBLE_DEVICES"] == config["gpu"]["uuid"]   # the card NVML measures
+    assert static_env["CUDA_VISIBLE_DEVICES"] == config["gpu"]["uuid"]  # the card NVML measures
     for exp in ("01_kvcached", "04_static"):
         for name in ("requests.jsonl", "memory.jsonl", "summary.json", "experiment.json"):
             assert (run_dir / exp / name).stat().st_size > 0
     assert list((run_dir / "01_kvcached").glob("server_*.log"))
     plots = sorted((run_dir / "plots").glob("*.png"))
-    assert {p.name for p in plots} == {"vram_single_model.png", "latency.png", "shared_memory.png",
-                                       "overload_memory.png"}
+    assert {p.name for p in plots} == {
+        "vram_single_model.png",
+        "latency.png",
+        "shared_memory.png",
+        "overload_memory.png",
+    }
     for plot in plots:
         data = plot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -235,8 +279,13 @@ def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):
     run_dir = full_run["run_dir"]
     before = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").unlink()
-    proc = subprocess.run([sys.executable, str(ROOT / "run_experiments.py"), "--report", str(run_dir)],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=""))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run_experiments.py"), "--report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=""),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run_dir / "summary.json").read_text()) == before
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
@@ -259,7 +308,7 @@ def failed_experiment_run(background_runs):
 def test_failed_experiment_is_recorded_and_the_others_run(failed_experiment_run):
     proc, base = failed_experiment_run
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run_dir, = (base / "results").iterdir()
+    (run_dir,) = (base / "results").iterdir()
     error = json.loads((run_dir / "01_kvcached" / "error.json").read_text())
     assert "exited with code 3" in error["error"] and "last 40 lines" in error["error"]
     assert "fake start-up failure" in error["error"]
@@ -270,7 +319,9 @@ def test_failed_experiment_is_recorded_and_the_others_run(failed_experiment_run)
 @background("repeats_run", weight=5)
 def repeats_cmd(base):
     (base / "gpu").mkdir()
-    args = script_args(base / "results", "--experiments", "5", "--repeats", "2", "--no-warmup", "--max-tokens", "16")
+    args = script_args(
+        base / "results", "--experiments", "5", "--repeats", "2", "--no-warmup", "--max-tokens", "16"
+    )
     return dict(args=args, env=fake_env(base / "gpu"), timeout=180)
 
 
@@ -282,44 +333,55 @@ def repeats_run(background_runs):
 def test_repeats_report_the_spread_of_elastic_static_ratios(repeats_run):
     proc, base = repeats_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run_dir, = (base / "results").iterdir()
+    (run_dir,) = (base / "results").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     phase = summary["comparison"]["overload"]["per_phase"]["A bursts, B idle"]
     assert phase["over_repeats"]["ttft_s_p99_ratio"]["n"] == 2
     assert summary["experiments"]["overload_static"]["repeats"]["ttft_s_p50"]["n"] == 2
     assert "repeats:" in (run_dir / "summary.md").read_text()
-    assert sorted(p.name for p in run_dir.glob("plan_*")) == ["plan_overload_A.json.gz", "plan_overload_B.json.gz"]
+    assert sorted(p.name for p in run_dir.glob("plan_*")) == [
+        "plan_overload_A.json.gz",
+        "plan_overload_B.json.gz",
+    ]
 
 
 @background("notebook_run")
 def notebook_cmd(base):
     (base / "gpu").mkdir()
     source = (ROOT / "run_experiments.py").read_text()
-    notebook_args = " ".join(json.dumps(a) if " " in a else a for a in script_args(base / "results",
-                                                                                    "--experiments", "1")[2:])
+    notebook_args = " ".join(
+        json.dumps(a) if " " in a else a for a in script_args(base / "results", "--experiments", "1")[2:]
+    )
     patched = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
     # Three executions of the cell in one kernel, as a user would: run, run again, then press the stop
     # button (SIGINT, the kernel's interrupt) during the third run's first burst.
-    driver = ("import glob, os, signal, sys, threading, time, types\n"
-              "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
-              "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
-              f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
-              "for run in range(3):\n"
-              "    if run == 2:\n"
-              "        def stop_button():\n"
-              f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"
-              "                time.sleep(0.02)\n"
-              "            os.kill(os.getpid(), signal.SIGINT)\n"
-              "        threading.Thread(target=stop_button, daemon=True).start()\n"
-              "    exec(cell, {'__name__': '__main__'})\n"
-              "    print('CELL DONE', run)\n"
-              "deadline = time.time() + 10\n"
-              "while time.time() < deadline and [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:\n"
-              "    time.sleep(0.1)\n"
-              "print('LEFT THREADS', [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()])\n")
+    driver = (
+        "import glob, os, signal, sys, threading, time, types\n"
+        "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
+        "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
+        f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
+        "for run in range(3):\n"
+        "    if run == 2:\n"
+        "        def stop_button():\n"
+        f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"
+        "                time.sleep(0.02)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        threading.Thread(target=stop_button, daemon=True).start()\n"
+        "    exec(cell, {'__name__': '__main__'})\n"
+        "    print('CELL DONE', run)\n"
+        "deadline = time.time() + 10\n"
+        "while time.time() < deadline and [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:\n"
+        "    time.sleep(0.1)\n"
+        "print('LEFT THREADS', [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()])\n"
+    )
     (base / "cell.py").write_text(patched)
-    return dict(args=[sys.executable, "-c", driver], env=fake_env(base / "gpu"), cwd=str(base), timeout=120,
-                patched=patched != source)
+    return dict(
+        args=[sys.executable, "-c", driver],
+        env=fake_env(base / "gpu"),
+        cwd=str(base),
+        timeout=120,
+        patched=patched != source,
+    )
 
 
 @pytest.fixture
@@ -331,7 +393,9 @@ def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):
     proc, base, patched = notebook_run
     assert patched, "the cell's NOTEBOOK_ARGS line was found and set"
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert all(f"CELL DONE {n}" in proc.stdout for n in range(3)), "main() must return, not sys.exit, in a notebook"
+    assert all(f"CELL DONE {n}" in proc.stdout for n in range(3)), (
+        "main() must return, not sys.exit, in a notebook"
+    )
     assert "LEFT THREADS []" in proc.stdout
     first, second, stopped = sorted((base / "results").iterdir())
     for run_dir in (first, second):

@@ -3,13 +3,13 @@ GPU). Models: local folders GPU_MODEL_A / GPU_MODEL_B (weights are not read: --l
 
     RUN_GPU_TESTS=1 python3 -m pytest -q tests/test_gpu.py
 """
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 MODEL_A = os.environ.get("GPU_MODEL_A", "/tmp/kitmodels/Qwen2.5-0.5B-Instruct")
@@ -32,14 +32,32 @@ def vllm_servers() -> set[int]:
 
 def smoke_run(tmp_path, experiments: str) -> tuple:
     """The script with the smoke preset on the real card: (its run folder, vLLM servers it left alive)."""
-    before = vllm_servers()   # someone else's servers on a shared box are not ours to account for
-    proc = subprocess.run([sys.executable, "run_experiments.py", "--preset", "smoke", "--experiments", experiments,
-                           "--model-a", MODEL_A, "--model-b", MODEL_B, "--load-format", "dummy",
-                           "--results-dir", str(tmp_path)],
-                          cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
+    before = vllm_servers()  # someone else's servers on a shared box are not ours to account for
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run_experiments.py",
+            "--preset",
+            "smoke",
+            "--experiments",
+            experiments,
+            "--model-a",
+            MODEL_A,
+            "--model-b",
+            MODEL_B,
+            "--load-format",
+            "dummy",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     left = vllm_servers() - before
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    run_dir, = tmp_path.iterdir()
+    (run_dir,) = tmp_path.iterdir()
     return run_dir, left
 
 

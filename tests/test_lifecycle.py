@@ -1,16 +1,17 @@
 """Server lifecycle against the fake vLLM server: ready, crash, hang, grandchildren, stubborn servers."""
+
 import os
 import signal
 import socket
 import time
 
 import pytest
-
 from conftest import alive, make_cfg, ready, rx, wait_for
 
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
-                                     gpu_memory_utilization=0.5)
+STATIC_A = lambda cfg: rx.ServerSpec(
+    "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
+)
 
 
 @pytest.fixture
@@ -21,13 +22,14 @@ def started(tmp_path):
         server = rx.start_server(cfg, spec, tmp_path / f"server_{spec.name}.log")
         servers.append(server)
         return server
+
     yield start
     for server in servers:
         rx.stop_server(server, grace_s=2)
 
 
 def test_ready_then_stopped_leaves_no_process(fake_gpu, started, monkeypatch):
-    monkeypatch.setenv("FAKE_STARTUP_S", "0.3")   # the fake's default start-up, as slow as it gets here
+    monkeypatch.setenv("FAKE_STARTUP_S", "0.3")  # the fake's default start-up, as slow as it gets here
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
     startup = ready(server)
@@ -50,8 +52,8 @@ def test_crash_at_start_fails_fast_with_the_evidence(fake_gpu, started, monkeypa
     message = str(err.value)
     assert "exited with code 3" in message
     assert str(server.log_path) in message
-    assert "fake start-up failure" in message           # the log's tail, not "see logs"
-    assert "--gpu-memory-utilization" in message        # the command
+    assert "fake start-up failure" in message  # the log's tail, not "see logs"
+    assert "--gpu-memory-utilization" in message  # the command
 
 
 def test_removed_flag_makes_the_server_exit_at_once(fake_gpu, started):
@@ -88,7 +90,9 @@ def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tm
 
 def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigterm")
-    monkeypatch.setattr(rx, "STOP_STAGES", ((signal.SIGINT, 30.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)))
+    monkeypatch.setattr(
+        rx, "STOP_STAGES", ((signal.SIGINT, 30.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0))
+    )
     cfg = make_cfg()
     server = started(cfg, STATIC_A(cfg))
     ready(server)
@@ -109,10 +113,10 @@ def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
     ready(server)
     tree = server.tree()
     keeper = server.proc.pid
-    api_server, = [p for p in tree if rx.proc_stat(p)[1] == keeper]
+    (api_server,) = [p for p in tree if rx.proc_stat(p)[1] == keeper]
     engine = [p for p in tree if p not in (keeper, api_server)]
     assert engine
-    os.kill(api_server, signal.SIGKILL)                  # the API server dies, the engine is orphaned
+    os.kill(api_server, signal.SIGKILL)  # the API server dies, the engine is orphaned
     rx.stop_server(server, grace_s=2)
     assert not any(alive(p) for p in engine)
 
@@ -131,11 +135,11 @@ def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
     cfg = make_cfg()
     pool = rx.ServerPool(cfg, say=lambda s: None)
     try:
-        first, = pool.ensure([KVC_A(cfg)], tmp_path)
-        again, = pool.ensure([KVC_A(cfg)], tmp_path)
+        (first,) = pool.ensure([KVC_A(cfg)], tmp_path)
+        (again,) = pool.ensure([KVC_A(cfg)], tmp_path)
         assert again is first
         tree = first.tree()
-        static, = pool.ensure([STATIC_A(cfg)], tmp_path)
+        (static,) = pool.ensure([STATIC_A(cfg)], tmp_path)
         assert static is not first and not any(alive(p) for p in tree)
     finally:
         pool.close()

@@ -1,11 +1,11 @@
 """--check: each line of the preflight checklist, its failure path with fakes, and that a failing
 preflight starts nothing."""
+
 import os
 import socket
 import sys
 
 import pytest
-
 from conftest import FAKE_SERVER, free_port, make_cfg, rx
 
 
@@ -16,12 +16,15 @@ def test_python_versions():
     assert rx.check_python((3, 12)).ok and not rx.check_python((3, 12)).warning
 
 
-@pytest.mark.parametrize("driver_cuda, torch_cuda, ok, warning", [
-    (13000, "13.0", True, False),
-    (13000, "12.8", True, False),
-    (12080, "13.0", False, False),     # the PyPI vLLM 0.24 / torch 2.11 pair on a CUDA 12 driver
-    (13000, "13.1", True, True),       # minor-version compatibility
-])
+@pytest.mark.parametrize(
+    "driver_cuda, torch_cuda, ok, warning",
+    [
+        (13000, "13.0", True, False),
+        (13000, "12.8", True, False),
+        (12080, "13.0", False, False),  # the PyPI vLLM 0.24 / torch 2.11 pair on a CUDA 12 driver
+        (13000, "13.1", True, True),  # minor-version compatibility
+    ],
+)
 def test_driver_against_torch_cuda(fake_gpu, monkeypatch, driver_cuda, torch_cuda, ok, warning):
     nvml = rx.load_nvml(fake_gpu)
     monkeypatch.setattr(fake_gpu, "nvmlSystemGetCudaDriverVersion", lambda: driver_cuda)
@@ -41,7 +44,7 @@ def test_torch_cuda_version_is_read_without_importing_torch(tmp_path, monkeypatc
 
 
 def test_a_busy_card_fails_the_static_share_and_names_the_holders(fake_gpu, monkeypatch):
-    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "9000")   # of 16384
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "9000")  # of 16384
     nvml = rx.load_nvml(fake_gpu)
     busy = rx.check_card(nvml, 0, 0.55)
     assert not busy.ok and "less than the static pool's 0.55" in busy.detail
@@ -49,27 +52,36 @@ def test_a_busy_card_fails_the_static_share_and_names_the_holders(fake_gpu, monk
 
 
 def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():
-    check, _ = rx.import_check("vllm", "raise ImportError('libcudart.so.13: cannot open shared object file')",
-                               dict(os.environ), 30, "pip install vllm")
+    check, _ = rx.import_check(
+        "vllm",
+        "raise ImportError('libcudart.so.13: cannot open shared object file')",
+        dict(os.environ),
+        30,
+        "pip install vllm",
+    )
     assert not check.ok and "libcudart.so.13" in check.detail and "different CUDA versions" in check.fix
 
 
 def fake_vllm(tmp_path, patched: bool) -> dict:
     """A `vllm` package with a `_C`, and (if patched) a kvcached hook that imports with it."""
     (tmp_path / "vllm").mkdir()
-    (tmp_path / "vllm" / "_C_stable_libtorch.abi3.so").write_text("")   # what the probe looks for...
+    (tmp_path / "vllm" / "_C_stable_libtorch.abi3.so").write_text("")  # what the probe looks for...
     (tmp_path / "standin").mkdir()
-    (tmp_path / "standin" / "_C_stable_libtorch.py").write_text("")      # ...and what it then imports
+    (tmp_path / "standin" / "_C_stable_libtorch.py").write_text("")  # ...and what it then imports
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("")
     hook = "import kvcached.integration.vllm.autopatch\n" if patched else ""
-    (tmp_path / "vllm" / "__init__.py").write_text(f"__path__.insert(0, {str(tmp_path / 'standin')!r})\n" + hook)
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        f"__path__.insert(0, {str(tmp_path / 'standin')!r})\n" + hook
+    )
     for pkg in ("kvcached", "kvcached/integration", "kvcached/integration/vllm"):
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")
     (tmp_path / "kvcached/integration/vllm/autopatch.py").write_text("")
     (tmp_path / "vllm-0.24.0.dist-info").mkdir()
-    (tmp_path / "vllm-0.24.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.24.0\n")
+    (tmp_path / "vllm-0.24.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: vllm\nVersion: 0.24.0\n"
+    )
     return {"PYTHONPATH": str(tmp_path)}
 
 
@@ -87,8 +99,12 @@ def test_kvcached_autopatch_must_hook_into_vllm(tmp_path, monkeypatch, patched):
 
 def test_models_local_folder_or_hub(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setattr(rx, "hub_config", lambda model, timeout_s=10.0: (None, "GatedRepoError: 401 Unauthorized"))
-    cfg = rx.resolve_config(rx.Config(preset="smoke", model_a=str(tmp_path), model_b="meta-llama/Llama-3.1-8B"))
+    monkeypatch.setattr(
+        rx, "hub_config", lambda model, timeout_s=10.0: (None, "GatedRepoError: 401 Unauthorized")
+    )
+    cfg = rx.resolve_config(
+        rx.Config(preset="smoke", model_a=str(tmp_path), model_b="meta-llama/Llama-3.1-8B")
+    )
     local, gated = rx.check_models(cfg, "AB")
     assert local.ok and not gated.ok
     assert "GatedRepoError" in gated.detail and "HF_TOKEN" in gated.fix
@@ -104,8 +120,17 @@ def test_a_port_in_use_is_a_failed_check():
 
 
 def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeypatch, capsys):
-    args = ["--check", "--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--results-dir", str(tmp_path / "r"),
-            "--port-a", str(free_port()), "--port-b", str(free_port())]
+    args = [
+        "--check",
+        "--server-cmd",
+        f"{sys.executable} {FAKE_SERVER}",
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--port-a",
+        str(free_port()),
+        "--port-b",
+        str(free_port()),
+    ]
     assert rx.main(args, nvml_module=fake_gpu) == 0
     out = capsys.readouterr().out
     assert "✓ nvml: GPU 0: Tesla T4 (fake)" in out and "✓ port A" in out
@@ -116,10 +141,22 @@ def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeyp
 
 
 def test_a_failed_preflight_starts_nothing(fake_gpu, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "12000")   # the static arm could not start
-    rc = rx.main(["--experiments", "2", "--server-cmd", f"{sys.executable} {FAKE_SERVER}",
-                  "--results-dir", str(tmp_path / "r"), "--port-a", str(free_port()), "--port-b", str(free_port())],
-                 nvml_module=fake_gpu)
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "12000")  # the static arm could not start
+    rc = rx.main(
+        [
+            "--experiments",
+            "2",
+            "--server-cmd",
+            f"{sys.executable} {FAKE_SERVER}",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--port-a",
+            str(free_port()),
+            "--port-b",
+            str(free_port()),
+        ],
+        nvml_module=fake_gpu,
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "preflight failed, nothing was started" in err and "✗ card" in err
     assert not list((tmp_path / "r").iterdir())

@@ -1,11 +1,11 @@
 """Pure functions: configuration, planning, metrics, results layout. No processes, no network."""
+
 import dataclasses
 import json
 import sys
 import types
 
 import pytest
-
 from conftest import ROOT, rx
 
 
@@ -19,8 +19,16 @@ def test_experiment_aliases_expand_in_run_order():
     assert names("5") == ["overload_kvcached", "overload_static"]
     assert names("static,kvcached") == ["kvcached", "static"]
     # grouped by arm, so that a server started for one experiment is reused by the next
-    assert names("all") == ["kvcached", "shared_kvcached", "overload_kvcached", "static", "shared_static",
-                            "overload_static", "sleep", "shared_sleep"]
+    assert names("all") == [
+        "kvcached",
+        "shared_kvcached",
+        "overload_kvcached",
+        "static",
+        "shared_static",
+        "overload_static",
+        "sleep",
+        "shared_sleep",
+    ]
 
 
 def test_every_group_has_one_experiment_per_compared_arm():
@@ -31,20 +39,23 @@ def test_every_group_has_one_experiment_per_compared_arm():
     assert len({e.name for e in rx.EXPERIMENTS}) == len(rx.EXPERIMENTS)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--experiments", "17"], "--experiments"),
-    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
-    (["--gpu-memory-utilization", "1.2"], "--gpu-memory-utilization"),
-    (["--bursts", "-1"], "--bursts"),
-    (["--burst-size", "-3"], "--burst-size"),
-    (["--repeats", "0"], "--repeats"),
-    (["--preset", "huge"], "--preset"),
-    (["--overload-demand", "2.5"], "--overload-demand"),
-    (["--port-b", "8001"], "--port-b"),
-    (["--kvcached-env", "NOEQUALS"], "--kvcached-env"),
-    (["--max-tokens", "4096"], "--max-tokens"),
-    (["--no-such-flag"], "--no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--experiments", "17"], "--experiments"),
+        (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+        (["--gpu-memory-utilization", "1.2"], "--gpu-memory-utilization"),
+        (["--bursts", "-1"], "--bursts"),
+        (["--burst-size", "-3"], "--burst-size"),
+        (["--repeats", "0"], "--repeats"),
+        (["--preset", "huge"], "--preset"),
+        (["--overload-demand", "2.5"], "--overload-demand"),
+        (["--port-b", "8001"], "--port-b"),
+        (["--kvcached-env", "NOEQUALS"], "--kvcached-env"),
+        (["--max-tokens", "4096"], "--max-tokens"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
 def test_bad_flags_fail_before_launch_naming_the_flag(argv, flag, capsys):
     assert rx.main(argv) == 2
     assert flag in capsys.readouterr().err
@@ -58,7 +69,13 @@ def test_help_describes_every_flag(capsys):
 
 def test_presets_fill_the_workload_and_explicit_flags_win():
     seed = rx.config_from_args(["--preset", "seed"])
-    assert (seed.bursts, seed.burst_size, seed.gap_s, seed.max_tokens, seed.prompt_tokens) == (3, 6, 6.0, 180, 0)
+    assert (seed.bursts, seed.burst_size, seed.gap_s, seed.max_tokens, seed.prompt_tokens) == (
+        3,
+        6,
+        6.0,
+        180,
+        0,
+    )
     assert seed.temperature == 0.7
     mine = rx.config_from_args(["--preset", "seed", "--bursts", "5", "--gap-s", "0"])
     assert (mine.bursts, mine.gap_s) == (5, 0.0)
@@ -84,8 +101,17 @@ def test_kv_bytes_per_token_of_the_default_models():
 
 
 def test_local_model_folder_config_is_read_without_network(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=64, torch_dtype="float32")))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                hidden_size=64,
+                torch_dtype="float32",
+            )
+        )
+    )
     config, source = rx.load_model_config(str(tmp_path))
     assert source.endswith("config.json")
     assert rx.kv_bytes_per_token(config) == 2 * 2 * 1 * 16 * 4
@@ -127,12 +153,14 @@ def test_overload_burst_needs_more_than_the_static_share_and_less_than_the_budge
     demand = len(plan.requests) * (plan.prompt_tokens + plan.max_tokens) * 12288
     assert budget / 2 < demand < budget
     assert plan.prompt_tokens + plan.max_tokens <= cfg.max_model_len - 64
-    assert plan.max_tokens > cfg.max_tokens       # long outputs
+    assert plan.max_tokens > cfg.max_tokens  # long outputs
 
 
 def test_pair_limits_keep_the_pair_within_its_budget():
-    segments = {"A": {"used_bytes": 100, "prealloc_bytes": 400, "total_bytes": 10**12},
-                "B": {"used_bytes": 0, "prealloc_bytes": 500, "total_bytes": 10**12}}
+    segments = {
+        "A": {"used_bytes": 100, "prealloc_bytes": 400, "total_bytes": 10**12},
+        "B": {"used_bytes": 0, "prealloc_bytes": 500, "total_bytes": 10**12},
+    }
     limits = rx.pair_limits(4000, segments)
     assert limits == {"A": 3500, "B": 3500}
     assert rx.pair_limits(300, segments)["A"] == 0
@@ -142,11 +170,11 @@ def test_server_commands_and_env_for_both_arms():
     cfg = rx.config_from_args(["--api-key", "k", "--load-format", "dummy"])
     plans = {key: rx.plan_workload(cfg, 2, "x") for key in ("main", "overload_A", "overload_B")}
     specs = {e.name: rx.resolve_experiment(e, cfg, plans, 2 * rx.GIB) for e in rx.EXPERIMENTS}
-    static, = specs["static"].servers
-    kvc, = specs["kvcached"].servers
+    (static,) = specs["static"].servers
+    (kvc,) = specs["kvcached"].servers
     static_cmd, kvc_cmd = rx.server_command(cfg, static), rx.server_command(cfg, kvc)
     assert static_cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert "--disable-log-requests" not in static_cmd    # removed in vLLM 0.24: the server exits rc 2
+    assert "--disable-log-requests" not in static_cmd  # removed in vLLM 0.24: the server exits rc 2
     assert static_cmd[static_cmd.index("--gpu-memory-utilization") + 1] == "0.55"
     assert "--gpu-memory-utilization" not in kvc_cmd
     assert kvc_cmd[kvc_cmd.index("--host") + 1] == "127.0.0.1"
@@ -181,13 +209,15 @@ def test_percentiles_and_empty_inputs():
     assert rx.percentile([1, 2, 3, 4], 50) == 2.5
     assert rx.percentile([5], 99) == 5
     assert rx.Distribution.of([]).p50 is None
-    assert rx.percentile([0.1, 0.2, 0.4, 1.0], 90) == pytest.approx(0.82)   # linear interpolation
+    assert rx.percentile([0.1, 0.2, 0.4, 1.0], 90) == pytest.approx(0.82)  # linear interpolation
 
 
 def test_latency_summary_handles_empty_and_all_failed():
     empty = rx.latency_summary([])
     assert empty.requests == 0 and empty.ttft_s.p50 is None and empty.output_tokens_per_s is None
-    failed = [{"ok": False, "t_send": 10.0, "e2e_s": 0.1, "error": "ConnectionError: refused", "server": "A"}] * 3
+    failed = [
+        {"ok": False, "t_send": 10.0, "e2e_s": 0.1, "error": "ConnectionError: refused", "server": "A"}
+    ] * 3
     summary = rx.latency_summary(failed)
     assert (summary.requests, summary.ok, summary.failed) == (3, 0, 3)
     assert summary.errors == {"ConnectionError: refused": 3}
@@ -195,18 +225,20 @@ def test_latency_summary_handles_empty_and_all_failed():
 
 
 def test_latency_summary_tpot_and_throughput():
-    rows = [{"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 1.1, "completion_tokens": 11},
-            {"ok": True, "t_send": 1.0, "ttft_s": 0.3, "e2e_s": 1.3, "completion_tokens": 11}]
+    rows = [
+        {"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 1.1, "completion_tokens": 11},
+        {"ok": True, "t_send": 1.0, "ttft_s": 0.3, "e2e_s": 1.3, "completion_tokens": 11},
+    ]
     summary = rx.latency_summary(rows)
     assert summary.tpot_s.p50 == pytest.approx(0.1)
     assert summary.output_tokens_per_s == pytest.approx(22 / 2.3)
 
 
 def test_memory_summary_idle_peak_release():
-    samples = [(t / 10, 1000.0) for t in range(0, 20)]              # idle 1000
-    samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]         # burst to 3000
-    samples += [(3 + t / 10, 2000.0) for t in range(0, 5)]          # releasing
-    samples += [(3.5 + t / 10, 1040.0) for t in range(0, 10)]       # back within 5%
+    samples = [(t / 10, 1000.0) for t in range(0, 20)]  # idle 1000
+    samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]  # burst to 3000
+    samples += [(3 + t / 10, 2000.0) for t in range(0, 5)]  # releasing
+    samples += [(3.5 + t / 10, 1040.0) for t in range(0, 10)]  # back within 5%
     marks = rx.Marks(idle_after_load=(0, 0.9), idle_before=(1.0, 1.9), workload=(2.0, 3.0), sampling_end=4.5)
     summary = rx.memory_summary(samples, marks, 0.05)
     assert summary.idle_before_workload_mib == 1000
@@ -229,13 +261,14 @@ def test_records_serialise_without_absent_sections_and_typos_fail():
     assert "ttft_note" not in rx.to_json(summary)
     assert rx.to_json({"x": float("inf"), "y": [float("nan")]}) == {"x": None, "y": [None]}
     with pytest.raises(AttributeError):
-        summary.ttft_p50   # a typo is an error, not "n/a"
+        summary.ttft_p50  # a typo is an error, not "n/a"
     marks = rx.Marks(idle_after_load=(1.0, 2.0), bursts=[rx.BurstMark("burst 1", "A", 0, 3.0, 4.0)])
     assert rx.Marks.from_json(json.loads(json.dumps(marks.to_json()))) == marks
 
 
 def test_run_folders_are_never_reused(tmp_path):
     import datetime as dt
+
     now = dt.datetime(2026, 11, 28, 7, 0, 0, tzinfo=dt.timezone.utc)
     first = rx.new_run_dir(tmp_path, "x", now)
     second = rx.new_run_dir(tmp_path, "x", now)
@@ -250,8 +283,11 @@ def test_json_has_no_infinity():
 def test_kvcached_segment_read_and_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
     (tmp_path / "kvcached_bench_1").write_bytes(rx.SEGMENT.pack(128 * rx.GIB, 96 * rx.MIB, 480 * rx.MIB))
-    assert rx.read_segment("kvcached_bench_1") == {"total_bytes": 128 * rx.GIB, "used_bytes": 96 * rx.MIB,
-                                                   "prealloc_bytes": 480 * rx.MIB}
+    assert rx.read_segment("kvcached_bench_1") == {
+        "total_bytes": 128 * rx.GIB,
+        "used_bytes": 96 * rx.MIB,
+        "prealloc_bytes": 480 * rx.MIB,
+    }
     rx.write_segment_limit("kvcached_bench_1", rx.GIB)
     assert rx.read_segment("kvcached_bench_1")["total_bytes"] == rx.GIB
     assert rx.read_segment("kvcached_bench_1")["used_bytes"] == 96 * rx.MIB
@@ -262,9 +298,15 @@ def test_kvcached_segment_read_and_limit(tmp_path, monkeypatch):
 
 def test_importing_starts_nothing_and_writes_nothing(tmp_path):
     import subprocess
+
     code = "import run_experiments, threading, sys; print(threading.active_count(), 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(rx.Path(rx.__file__).parent),
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(rx.Path(rx.__file__).parent),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == ["1", "False"]
 
 
@@ -285,7 +327,9 @@ def test_pair_budget_too_small_for_kvcached_preallocation_is_a_clear_error(tmp_p
 
 
 def repeat_of(ttft_s: float, e2e_s: float) -> "rx.LatencySummary":
-    return rx.latency_summary([{"ok": True, "t_send": 0.0, "ttft_s": ttft_s, "e2e_s": e2e_s, "completion_tokens": 8}])
+    return rx.latency_summary(
+        [{"ok": True, "t_send": 0.0, "ttft_s": ttft_s, "e2e_s": e2e_s, "completion_tokens": 8}]
+    )
 
 
 def test_each_ratio_gets_its_spread_over_repeats_repeat_against_repeat():
@@ -304,17 +348,28 @@ def test_each_ratio_gets_its_spread_over_repeats_repeat_against_repeat():
 def test_run_comparison_calls_signal_only_what_every_repeat_of_every_run_agrees_on():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_runs
+
     below = {"min": 0.1, "max": 0.9, "n": 3}
     assert compare_runs.verdict([below, {"min": 0.5, "max": 0.99, "n": 3}]) == "**below 1**"
     assert compare_runs.verdict([below, {"min": 0.5, "max": 1.2, "n": 3}]) == "noise"
     assert compare_runs.verdict([{"min": 1.1, "max": 4.0, "n": 3}] * 2) == "**above 1**"
-    assert compare_runs.verdict([below, {"min": 0.5, "max": 0.5, "n": 1}]) == "n/a", "one repeat has no spread"
+    assert compare_runs.verdict([below, {"min": 0.5, "max": 0.5, "n": 1}]) == "n/a", (
+        "one repeat has no spread"
+    )
     reference = ROOT / "results" / "20261128T214012Z_reference_check"
-    runs = [compare_runs.load(str(reference / name)) for name in ("20261128T214032Z_reference_1", "20261128T214032Z_reference_2")]
+    runs = [
+        compare_runs.load(str(reference / name))
+        for name in ("20261128T214032Z_reference_1", "20261128T214032Z_reference_2")
+    ]
     table = "\n".join(compare_runs.latency_tables(runs))
-    assert "| overload, B bursts, A idle, kvcached/static, TTFT p99 | 0.06 [0.06–0.10] / 0.09 [0.09–0.10] | **below 1** |" in table
+    assert (
+        "| overload, B bursts, A idle, kvcached/static, TTFT p99 | 0.06 [0.06–0.10] / 0.09 [0.09–0.10] | **below 1** |"
+        in table
+    )
     # on one card the pair reused kvcached A, whose pages mapped by experiment 1 count in its level after load
-    one_card = compare_runs.load(str(ROOT / "results" / "20261128T234149Z_one_card_check" / "20261128T234149Z_defaults_1gpu"))
+    one_card = compare_runs.load(
+        str(ROOT / "results" / "20261128T234149Z_one_card_check" / "20261128T234149Z_defaults_1gpu")
+    )
     memory = "\n".join(compare_runs.memory_table([runs[0], one_card]))
     assert "| shared_kvcached | 12,277 / 12,763 * | 13,327 / 13,329 |" in memory
     assert "| kvcached | 5,324 / 5,324 |" in memory and "not a fresh load" in memory

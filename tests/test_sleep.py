@@ -1,17 +1,40 @@
 """The third strategy: vLLM's sleep mode, put to sleep between bursts and woken by the first request."""
+
 import json
 import sys
 
 import pytest
-
-from conftest import FAKE_SERVER, FAST, background, fake_env, free_port, make_cfg, rx, script_args, succeeded_run
+from conftest import (
+    FAKE_SERVER,
+    FAST,
+    background,
+    fake_env,
+    free_port,
+    make_cfg,
+    rx,
+    script_args,
+    succeeded_run,
+)
 
 
 def run(fake_gpu, tmp_path, *extra, server_cmd=f"{sys.executable} {FAKE_SERVER}"):
     said = []
-    rc = rx.main([*FAST, "--results-dir", str(tmp_path / "results"), "--server-cmd", server_cmd,
-                  "--port-a", str(free_port()), "--port-b", str(free_port()), *extra],
-                 nvml_module=fake_gpu, say=said.append)
+    rc = rx.main(
+        [
+            *FAST,
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--server-cmd",
+            server_cmd,
+            "--port-a",
+            str(free_port()),
+            "--port-b",
+            str(free_port()),
+            *extra,
+        ],
+        nvml_module=fake_gpu,
+        say=said.append,
+    )
     runs = list((tmp_path / "results").iterdir())
     return rc, said, runs[0] if runs else None
 
@@ -33,24 +56,33 @@ def test_sleep_level_is_checked_and_level_2_needs_real_weights():
     with pytest.raises(rx.ConfigError, match="--sleep-level 2 .* --load-format dummy"):
         rx.resolve_config(rx.Config(sleep_level=2, experiments="6", load_format="dummy"), say=lambda _: None)
     assert rx.resolve_config(rx.Config(sleep_level=2, experiments="6"), say=lambda _: None).sleep_level == 2
-    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="1", load_format="dummy"), say=lambda _: None)
+    assert rx.resolve_config(
+        rx.Config(sleep_level=2, experiments="1", load_format="dummy"), say=lambda _: None
+    )
 
 
 def test_waking_from_level_2_reloads_the_weights(monkeypatch):
     calls = []
-    monkeypatch.setattr(rx, "sleep_call", lambda server, path, key, body=None: calls.append((path, body)) or 0.1)
+    monkeypatch.setattr(
+        rx, "sleep_call", lambda server, path, key, body=None: calls.append((path, body)) or 0.1
+    )
     server = type("S", (), {"asleep": True})()
     rx.WakeGate(server, "", level=2)()
-    assert calls == [("/wake_up", None), ("/collective_rpc", {"method": "reload_weights"}),
-                     ("/reset_prefix_cache", None)]
+    assert calls == [
+        ("/wake_up", None),
+        ("/collective_rpc", {"method": "reload_weights"}),
+        ("/reset_prefix_cache", None),
+    ]
     assert not server.asleep
 
 
 @background("sleep_run", weight=3)
 def sleep_run_cmd(base):
     (base / "gpu").mkdir()
-    return dict(args=script_args(base / "results", "--experiments", "1,2,6"),
-                env=fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3"))
+    return dict(
+        args=script_args(base / "results", "--experiments", "1,2,6"),
+        env=fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3"),
+    )
 
 
 @pytest.fixture
@@ -66,7 +98,9 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     assert 0.2 <= sleep["sleep"]["wake_s"]["mean"] < 0.5 and 0.3 <= sleep["sleep"]["sleep_s"]["mean"] < 0.6
     asleep, awake = sleep["device"]["idle_before_workload_mib"], sleep["device"]["peak_mib"]
     static_idle = summary["experiments"]["static"]["device"]["idle_before_workload_mib"]
-    assert sleep["device"]["idle_after_load_mib"] == pytest.approx(asleep, abs=1), "asleep as soon as it is up"
+    assert sleep["device"]["idle_after_load_mib"] == pytest.approx(asleep, abs=1), (
+        "asleep as soon as it is up"
+    )
     assert asleep < 0.2 * static_idle, "asleep it gives the static pool back"
     assert awake == pytest.approx(static_idle, abs=1), "awake for the bursts"
     assert sleep["device"]["release_s"] >= 0.3, "the release includes putting it back to sleep"
@@ -80,8 +114,13 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
 
 def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fake_gpu, tmp_path):
     # vLLM without VLLM_SERVER_DEV_MODE=1 has no /sleep: the experiment fails with the hint
-    rc, said, run_dir = run(fake_gpu, tmp_path, "--experiments", "6",
-                            server_cmd=f"env -u VLLM_SERVER_DEV_MODE {sys.executable} {FAKE_SERVER}")
+    rc, said, run_dir = run(
+        fake_gpu,
+        tmp_path,
+        "--experiments",
+        "6",
+        server_cmd=f"env -u VLLM_SERVER_DEV_MODE {sys.executable} {FAKE_SERVER}",
+    )
     assert rc == 1
     error = json.loads((run_dir / "01_sleep" / "error.json").read_text())["error"]
     assert "/sleep?level=1" in error and "HTTP 404" in error and "VLLM_SERVER_DEV_MODE=1" in error
@@ -108,8 +147,14 @@ def test_two_sleeping_models_take_turns_each_at_the_full_share(shared_sleep_run)
     for slot in "AB":
         assert servers[slot]["latency"]["failed"] == 0
         assert servers[slot]["memory"]["peak_mib"] > 0.5 * 16384, "each gets the static arm's share awake"
-    awake = {slot: [r["t"] for r in rows if r.get("kind") == "process" and r.get("server") == slot
-                    and r["used_mib"] > 0.5 * 16384] for slot in "AB"}
+    awake = {
+        slot: [
+            r["t"]
+            for r in rows
+            if r.get("kind") == "process" and r.get("server") == slot and r["used_mib"] > 0.5 * 16384
+        ]
+        for slot in "AB"
+    }
     assert awake["A"] and awake["B"]
     assert not set(awake["A"]) & set(awake["B"]), "never both awake at one sample"
     assert all(b["wake_s"] is not None and b["sleep_s"] is not None for b in record["marks"]["bursts"])

@@ -1,5 +1,6 @@
 """Answer sooner: lanes across cards (--gpus), kvcached pairs started together, a drift-free sampler,
 the server's latency clock beside the client's, and where a run's time went."""
+
 import json
 import os
 import re
@@ -9,9 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (FAKES, HANDED_OUT, background, fake_env, free_port, make_cfg, rx, script_args, signalled_run,
-                      succeeded_run, wait_for)
+from conftest import (
+    FAKES,
+    HANDED_OUT,
+    background,
+    fake_env,
+    free_port,
+    make_cfg,
+    rx,
+    script_args,
+    signalled_run,
+    succeeded_run,
+    wait_for,
+)
 
 ALL = rx.parse_experiments("all")
 
@@ -24,8 +35,11 @@ def names(lanes):
 def test_experiments_that_share_a_server_form_one_unit():
     cfg = rx.fill_preset(rx.Config())
     assert names(rx.server_units(ALL, cfg, 4 << 30)) == [
-        ["kvcached", "shared_kvcached", "overload_kvcached"], ["static", "shared_static"], ["overload_static"],
-        ["sleep", "shared_sleep"]]
+        ["kvcached", "shared_kvcached", "overload_kvcached"],
+        ["static", "shared_static"],
+        ["overload_static"],
+        ["sleep", "shared_sleep"],
+    ]
 
 
 @pytest.mark.parametrize("lanes", [2, 3, 4])
@@ -58,20 +72,26 @@ def test_a_lane_gets_its_own_card_and_ports():
     assert rx.kvcached_server(lane, "A").ipc_name != rx.kvcached_server(cfg, "A").ipc_name
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(gpus="0,0"), "lists a card twice"),
-    (dict(gpus="0;1"), "NVML indices separated by commas"),
-    (dict(gpus="0,1", gpu_index=1), "either --gpus or --gpu-index"),
-    (dict(gpus="0,1", port_a=65500, port_b=65501), "port"),
-    (dict(gpus="0,1", port_a=8001, port_b=8101), "collides with another lane's ports"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(gpus="0,0"), "lists a card twice"),
+        (dict(gpus="0;1"), "NVML indices separated by commas"),
+        (dict(gpus="0,1", gpu_index=1), "either --gpus or --gpu-index"),
+        (dict(gpus="0,1", port_a=65500, port_b=65501), "port"),
+        (dict(gpus="0,1", port_a=8001, port_b=8101), "collides with another lane's ports"),
+    ],
+)
 def test_bad_gpu_lists_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=message):
         rx.validate_config(rx.Config(**flags))
 
 
 def test_mixed_cards_are_refused_unless_allowed():
-    cards = [{"index": 0, "name": "H200", "total_mib": 143771.0}, {"index": 1, "name": "H100", "total_mib": 81559.0}]
+    cards = [
+        {"index": 0, "name": "H200", "total_mib": 143771.0},
+        {"index": 1, "name": "H100", "total_mib": 81559.0},
+    ]
     with pytest.raises(rx.ConfigError, match="--allow-mixed-gpus"):
         rx.same_cards(cards, allow_mixed=False)
     assert rx.same_cards(cards, allow_mixed=True) is True
@@ -92,16 +112,24 @@ def test_covered_seconds_count_overlaps_once():
 
 def test_the_harness_time_is_split_by_phase_counting_each_moment_once():
     # table 0-20; busy (start-ups, workloads) 0-5 and 12-16; two lanes' phases overlap at 6-7
-    parts = rx.overhead_parts((0, 20), [(0, 5), (12, 16)],
-                              {"warm-ups": [(5, 7)], "idle windows": [(6, 8), (4, 5.5)], "settle": [(16, 17)]})
-    assert parts == {"warm-ups": 2.0, "idle windows": 1.0, "settle": 1.0, rx.OTHER: 7.0}   # 8-12 and 17-20
+    parts = rx.overhead_parts(
+        (0, 20),
+        [(0, 5), (12, 16)],
+        {"warm-ups": [(5, 7)], "idle windows": [(6, 8), (4, 5.5)], "settle": [(16, 17)]},
+    )
+    assert parts == {"warm-ups": 2.0, "idle windows": 1.0, "settle": 1.0, rx.OTHER: 7.0}  # 8-12 and 17-20
     assert sum(parts.values()) == 20 - rx.covered_s([(0, 5), (12, 16)])
 
 
 def test_an_experiments_own_phases_come_from_its_marks():
-    marks = rx.Marks(idle_after_load=(1, 2), warmup=(2, 4), idle_before=(5, 6), workload=(6, 9), sampling_end=9.5)
-    assert rx.harness_phases(marks) == {"warm-ups": [(2, 4)], "idle windows": [(1, 2), (5, 6)],
-                                        "waits for memory to settle": [(4, 5), (9, 9.5)]}
+    marks = rx.Marks(
+        idle_after_load=(1, 2), warmup=(2, 4), idle_before=(5, 6), workload=(6, 9), sampling_end=9.5
+    )
+    assert rx.harness_phases(marks) == {
+        "warm-ups": [(2, 4)],
+        "idle windows": [(1, 2), (5, 6)],
+        "waits for memory to settle": [(4, 5), (9, 9.5)],
+    }
 
 
 VLLM_PAGE = """# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
@@ -121,15 +149,23 @@ vllm:generation_tokens_total{engine="0",model_name="m"} 999.0
 
 
 def test_metrics_page_keeps_only_what_is_read():
-    assert rx.parse_metrics(VLLM_PAGE) == {"ttft_count": 4.0, "ttft_sum": 0.5, "e2e_count": 4.0, "e2e_sum": 2.0,
-                                           "running": 7.0, "preemptions": 2.0}
+    assert rx.parse_metrics(VLLM_PAGE) == {
+        "ttft_count": 4.0,
+        "ttft_sum": 0.5,
+        "e2e_count": 4.0,
+        "e2e_sum": 2.0,
+        "running": 7.0,
+        "preemptions": 2.0,
+    }
 
 
 def test_metrics_lines_match_whole_names_with_any_labels():
-    page = ('vllm:num_preemptions_total_extra{engine="0"} 5.0\n'          # a longer name: not ours
-            'vllm:num_requests_waiting{model_name="a}b \\"c\\"",engine="0"} 3.0 1700000000\n'
-            'vllm:num_requests_waiting{engine="1"} 2\n'
-            '#vllm:num_requests_running 9\n')
+    page = (
+        'vllm:num_preemptions_total_extra{engine="0"} 5.0\n'  # a longer name: not ours
+        'vllm:num_requests_waiting{model_name="a}b \\"c\\"",engine="0"} 3.0 1700000000\n'
+        'vllm:num_requests_waiting{engine="1"} 2\n'
+        "#vllm:num_requests_running 9\n"
+    )
     assert rx.parse_metrics(page) == {"waiting": 5.0}
 
 
@@ -138,6 +174,7 @@ def metrics_server():
     """A /metrics endpoint that can answer with an error, or close each connection after answering."""
     import http.server
     import threading
+
     state = {"status": 200, "close": False, "connections": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -157,6 +194,7 @@ def metrics_server():
 
         def log_message(self, *args):
             pass
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", state
@@ -170,7 +208,7 @@ def test_the_sampler_reads_metrics_over_one_kept_connection(metrics_server):
     for _ in range(3):
         assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
     assert state["connections"] == 1 and url in kept
-    state["close"] = True   # the server drops idle connections: the next read reconnects, no error
+    state["close"] = True  # the server drops idle connections: the next read reconnects, no error
     assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
     assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
     state["status"] = 503
@@ -181,14 +219,26 @@ def test_the_sampler_reads_metrics_over_one_kept_connection(metrics_server):
 
 
 def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
-    marks = rx.Marks(bursts=[
-        rx.BurstMark("burst 1", "A", 0, 0.0, 1.0, {"ttft_sum": 1.0, "ttft_count": 10, "e2e_sum": 5.0, "e2e_count": 10},
-                     {"ttft_sum": 1.2, "ttft_count": 12, "e2e_sum": 7.0, "e2e_count": 12}),
-        rx.BurstMark("burst 2", "A", 0, 2.0, 3.0, None, None)])   # /metrics unreadable: left out
-    rows = [{"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.13, "e2e_s": 1.02},
-            {"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.15, "e2e_s": 1.04},
-            {"phase": "burst 1", "repeat": 0, "ok": False, "ttft_s": None, "e2e_s": 9.0},
-            {"phase": "burst 2", "repeat": 0, "ok": True, "ttft_s": 5.0, "e2e_s": 5.0}]
+    marks = rx.Marks(
+        bursts=[
+            rx.BurstMark(
+                "burst 1",
+                "A",
+                0,
+                0.0,
+                1.0,
+                {"ttft_sum": 1.0, "ttft_count": 10, "e2e_sum": 5.0, "e2e_count": 10},
+                {"ttft_sum": 1.2, "ttft_count": 12, "e2e_sum": 7.0, "e2e_count": 12},
+            ),
+            rx.BurstMark("burst 2", "A", 0, 2.0, 3.0, None, None),
+        ]
+    )  # /metrics unreadable: left out
+    rows = [
+        {"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.13, "e2e_s": 1.02},
+        {"phase": "burst 1", "repeat": 0, "ok": True, "ttft_s": 0.15, "e2e_s": 1.04},
+        {"phase": "burst 1", "repeat": 0, "ok": False, "ttft_s": None, "e2e_s": 9.0},
+        {"phase": "burst 2", "repeat": 0, "ok": True, "ttft_s": 5.0, "e2e_s": 5.0},
+    ]
     clock = rx.server_clock(marks, rows)
     assert clock.server_ttft_mean_s == pytest.approx(0.1) and clock.client_ttft_mean_s == pytest.approx(0.14)
     assert clock.ttft_gap_ms == pytest.approx(40.0) and clock.e2e_gap_ms == pytest.approx(30.0)
@@ -199,7 +249,7 @@ def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
 
 # --- the sampler ---------------------------------------------------------------------------------
 def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting(fake_gpu, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_NVML_STALL", "6:0.2")   # the device process's 6th read takes ten intervals
+    monkeypatch.setenv("FAKE_NVML_STALL", "6:0.2")  # the device process's 6th read takes ten intervals
     nvml = rx.load_nvml(fake_gpu)
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     sampler.start()
@@ -222,7 +272,7 @@ def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
     try:
         assert sampler.child.pid != os.getpid() and sampler.child.poll() is None
         busy_until = time.time() + 0.5
-        while time.time() < busy_until:   # hold the interpreter: no sleep, no I/O
+        while time.time() < busy_until:  # hold the interpreter: no sleep, no I/O
             sum(range(1000))
         time.sleep(0.2)
     finally:
@@ -234,7 +284,7 @@ def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
 
 def test_a_sampler_that_cannot_read_the_card_says_why(fake_gpu, tmp_path, monkeypatch):
     nvml = rx.load_nvml(fake_gpu)
-    monkeypatch.setenv("FAKE_NVML_FAIL", "1")   # from here on nvmlInit fails: the device process's does
+    monkeypatch.setenv("FAKE_NVML_FAIL", "1")  # from here on nvmlInit fails: the device process's does
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     with pytest.raises(RuntimeError, match="did not start.*Driver Not Loaded"):
         sampler.start(first_sample_timeout_s=5)
@@ -257,7 +307,9 @@ def lane_ports() -> tuple[int, int]:
     for _ in range(200):
         a = free_port()
         ports = (a, a + 1, a + rx.LANE_PORT_STEP, a + 1 + rx.LANE_PORT_STEP)
-        if all(p not in HANDED_OUT or p == a for p in ports) and not any(rx.port_taken("127.0.0.1", p) for p in ports):
+        if all(p not in HANDED_OUT or p == a for p in ports) and not any(
+            rx.port_taken("127.0.0.1", p) for p in ports
+        ):
             HANDED_OUT.update(ports)
             return a, a + 1
     raise RuntimeError("no free ports")
@@ -275,7 +327,9 @@ def two_card_run_cmd(base):
     (base / "gpu").mkdir()
     args, port_a = two_card_args(base, "--ignore-eos", "--experiments", "seed")
     (base / "port_a").write_text(str(port_a))
-    return dict(args=args, env=fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_FRONTEND_S="0.02"), timeout=240)
+    return dict(
+        args=args, env=fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_FRONTEND_S="0.02"), timeout=240
+    )
 
 
 @pytest.fixture
@@ -291,7 +345,11 @@ def test_two_cards_run_every_experiment_once_each_on_its_lanes_card(two_card_run
     config = json.loads((run_dir / "config.json").read_text())
     lanes = config["lanes"]
     assert [lane["gpu_index"] for lane in lanes] == [0, 1]
-    assert sorted(e for lane in lanes for e in lane["experiments"]) == ["kvcached", "shared_kvcached", "static"]
+    assert sorted(e for lane in lanes for e in lane["experiments"]) == [
+        "kvcached",
+        "shared_kvcached",
+        "static",
+    ]
     assert [lane["ports"] for lane in lanes] == [[port_a, port_a + 1], [port_a + 100, port_a + 101]]
     for lane in lanes:
         for name in lane["experiments"]:
@@ -321,7 +379,9 @@ def test_two_cards_report_the_lanes_the_server_clock_and_the_time(two_card_run):
     timing = summary["timing"]
     assert summary["harness_overhead_s"] == timing["harness_overhead_s"] >= 0
     assert set(timing["lanes"]) == {"GPU 0", "GPU 1"}
-    assert timing["startups_s"] + timing["workload_s"] + timing["harness_overhead_s"] >= timing["table_s"] - 1e-6
+    assert (
+        timing["startups_s"] + timing["workload_s"] + timing["harness_overhead_s"] >= timing["table_s"] - 1e-6
+    )
     for name, exp in summary["experiments"].items():
         clock = exp["server_clock"]
         assert all(b["server_counted"] == b["client_ok"] > 0 for b in clock["bursts"]), name
@@ -331,7 +391,9 @@ def test_two_cards_report_the_lanes_the_server_clock_and_the_time(two_card_run):
 
 def test_a_kvcached_pair_starts_together(two_card_run):
     _, run_dir, _ = two_card_run
-    record = json.loads(next(run_dir.glob("[0-9][0-9]_shared_kvcached")).joinpath("experiment.json").read_text())
+    record = json.loads(
+        next(run_dir.glob("[0-9][0-9]_shared_kvcached")).joinpath("experiment.json").read_text()
+    )
     assert not record["reused"], "the seed's plan on two cards gives the pair a lane of its own"
     a, b = record["servers"]
     assert a["started_together_with"] == [b["label"]] and b["started_together_with"] == [a["label"]]
@@ -343,8 +405,15 @@ def two_card_interrupt_job(base):
     def scenario():
         (base / "gpu").mkdir()
         args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "50", "--gap-s", "1")
-        return signalled_run(base, args, fake_env(base / "gpu", FAKE_GPU_COUNT="2"), signal.SIGINT, settle_s=0.5,
-                             ports=(port_a, port_a + 1, port_a + 100, port_a + 101))
+        return signalled_run(
+            base,
+            args,
+            fake_env(base / "gpu", FAKE_GPU_COUNT="2"),
+            signal.SIGINT,
+            settle_s=0.5,
+            ports=(port_a, port_a + 1, port_a + 100, port_a + 101),
+        )
+
     return scenario
 
 
@@ -369,14 +438,17 @@ def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_pa
     real = sampler.slow_rows
 
     def slow_rows(now):
-        time.sleep(0.4)   # twenty device intervals
+        time.sleep(0.4)  # twenty device intervals
         return real(now) + [{"kind": "marker", "t": now}]
+
     monkeypatch.setattr(sampler, "slow_rows", slow_rows)
     sampler.start()
     time.sleep(1.0)
     sampler.stop()
     times = [t for t, _ in sampler.device]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.25, "the slow reads (0.4 s each) do not hold it up"
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.25, (
+        "the slow reads (0.4 s each) do not hold it up"
+    )
     assert any(r["kind"] == "marker" for r in rx.read_jsonl(tmp_path / "memory.jsonl"))
 
 
@@ -403,35 +475,63 @@ def module_cfg(**overrides):
 
 def test_only_a_python_dash_m_command_can_be_imported_ahead():
     staged = rx.staged_command(["python3", "-m", "vllm.entrypoints.openai.api_server", "--port", "1"])
-    assert staged[:2] == ["python3", "-c"] and staged[3:] == ["vllm.entrypoints.openai.api_server", "--port", "1"]
+    assert staged[:2] == ["python3", "-c"] and staged[3:] == [
+        "vllm.entrypoints.openai.api_server",
+        "--port",
+        "1",
+    ]
     assert rx.staged_command(["python3", "tests/fakes/fake_vllm_server.py", "--port", "1"]) is None
 
 
-@pytest.mark.parametrize("preimport, server_cmd, gpus, cores, on", [
-    ("auto", "", "", 8, True), ("auto", "", "", 4, False), ("auto", "", "0,1", 8, False),
-    ("auto", "", "0,1", 16, True), ("on", "", "", 2, True), ("off", "", "", 64, False),
-    ("auto", "python3 my_server.py", "", 64, False)])
-def test_preimport_auto_needs_spare_cores_per_card_and_a_module_command(preimport, server_cmd, gpus, cores, on):
+@pytest.mark.parametrize(
+    "preimport, server_cmd, gpus, cores, on",
+    [
+        ("auto", "", "", 8, True),
+        ("auto", "", "", 4, False),
+        ("auto", "", "0,1", 8, False),
+        ("auto", "", "0,1", 16, True),
+        ("on", "", "", 2, True),
+        ("off", "", "", 64, False),
+        ("auto", "python3 my_server.py", "", 64, False),
+    ],
+)
+def test_preimport_auto_needs_spare_cores_per_card_and_a_module_command(
+    preimport, server_cmd, gpus, cores, on
+):
     cfg = rx.Config(preimport=preimport, server_cmd=server_cmd, gpus=gpus)
     assert rx.preimport_on(cfg, cores=cores) is on
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--preimport", "maybe"], "--preimport: must be auto, on or off"),
-    (["--preimport", "on", "--server-cmd", "python3 my_server.py"], "--preimport: on needs a server command")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--preimport", "maybe"], "--preimport: must be auto, on or off"),
+        (
+            ["--preimport", "on", "--server-cmd", "python3 my_server.py"],
+            "--preimport: on needs a server command",
+        ),
+    ],
+)
 def test_bad_preimport_settings_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=re.escape(message)):
         rx.config_from_args(flags, say=lambda _: None)
 
 
-@pytest.mark.parametrize("flags, shell, method", [
-    ([], {}, "fork"), ([], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "spawn"),
-    (["--engine-start", "spawn"], {}, "spawn"),
-    (["--engine-start", "fork"], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "fork")])
+@pytest.mark.parametrize(
+    "flags, shell, method",
+    [
+        ([], {}, "fork"),
+        ([], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "spawn"),
+        (["--engine-start", "spawn"], {}, "spawn"),
+        (["--engine-start", "fork"], {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, "fork"),
+    ],
+)
 def test_vllms_engine_process_is_forked_unless_the_flag_or_the_shell_says_spawn(flags, shell, method):
     cfg = rx.config_from_args(flags, say=lambda _: None)
-    for spec in (rx.ServerSpec("A", "m", 8001, kvcached=True),
-                 rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5, sleep_mode=True)):
+    for spec in (
+        rx.ServerSpec("A", "m", 8001, kvcached=True),
+        rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5, sleep_mode=True),
+    ):
         assert rx.server_env(cfg, spec, shell)["VLLM_WORKER_MULTIPROC_METHOD"] == method
     with pytest.raises(rx.ConfigError, match="--engine-start: must be auto, fork or spawn"):
         rx.config_from_args(["--engine-start", "forkserver"], say=lambda _: None)
@@ -470,7 +570,7 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
     orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
-    orphan.proc.stdin.close()   # what the harness's end looks like to it when the harness is gone
+    orphan.proc.stdin.close()  # what the harness's end looks like to it when the harness is gone
     assert orphan.proc.wait(timeout=20) == 0 and not orphan.alive_pids()
     pool = rx.ServerPool(cfg, say=lambda _: None)
     pool.stage([spec], tmp_path)
@@ -497,8 +597,9 @@ def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_relea
     config = json.loads((preimport_run / "config.json").read_text())
     servers = config["servers"]
     assert len(servers) == 3 and all(s["imported_ahead_from"] < s["started_at"] for s in servers.values())
-    assert all(s["startup_s"] < 1.0 for s in servers.values()), \
+    assert all(s["startup_s"] < 1.0 for s in servers.values()), (
         "each paid its 1 s import while another experiment ran, the first while the import was checked"
+    )
     timing = config["timing"]
     assert timing["table_start"] - timing["started"] > 1.0, "the first start waited for the import check"
     assert all(s["env"]["VLLM_WORKER_MULTIPROC_METHOD"] == config["engine_start"] for s in servers.values())
@@ -509,19 +610,39 @@ def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_relea
 
 
 def test_a_failed_import_check_stops_the_servers_importing_beside_it_and_leaves_no_run(
-        fake_gpu, tmp_path, monkeypatch, capsys):
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     port = free_port()
 
     def failing_check(cfg, kvcached_needed):
         assert wait_for(lambda: staged_servers(port), timeout=20), "the first server imports meanwhile"
         return [rx.Check("vllm", False, "ImportError: libcudart.so.13", "reinstall the pair")]
+
     monkeypatch.setattr(rx, "check_serving_imports", failing_check)
-    rc = rx.main(["--experiments", "1", "--preimport", "on", "--server-cmd", f"{sys.executable} -m fake_vllm_server",
-                  "--results-dir", str(tmp_path / "r"), "--port-a", str(port), "--port-b", str(free_port())],
-                 nvml_module=fake_gpu)
+    rc = rx.main(
+        [
+            "--experiments",
+            "1",
+            "--preimport",
+            "on",
+            "--server-cmd",
+            f"{sys.executable} -m fake_vllm_server",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--port-a",
+            str(port),
+            "--port-b",
+            str(free_port()),
+        ],
+        nvml_module=fake_gpu,
+    )
     captured = capsys.readouterr()
-    assert rc == 2 and "✗ vllm: ImportError: libcudart.so.13" in captured.err and "reinstall the pair" in captured.err
+    assert (
+        rc == 2
+        and "✗ vllm: ImportError: libcudart.so.13" in captured.err
+        and "reinstall the pair" in captured.err
+    )
     assert "were stopped before they started" in captured.err
     assert not staged_servers(port) and not rx.port_taken("127.0.0.1", port)
     assert not list((tmp_path / "r").iterdir()), "no run folder is left for a run that never began"
@@ -540,10 +661,14 @@ def staged_servers(port: int) -> list[int]:
     return found
 
 
-def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(fake_gpu, tmp_path, monkeypatch):
+def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(
+    fake_gpu, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = make_cfg(server_cmd=f"{sys.executable} -m no_such_server_module")
-    spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5)
+    spec = rx.ServerSpec(
+        "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
+    )
     server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
     assert server.proc.wait(timeout=20) != 0
     with pytest.raises(rx.ServerError, match="while vLLM was being imported ahead") as failure:
@@ -553,6 +678,7 @@ def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(
 
 def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu, tmp_path, monkeypatch):
     import socket
+
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
@@ -560,7 +686,7 @@ def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu,
     try:
         pool.stage([spec], tmp_path)
         staged = pool.staged[spec.key]
-        with socket.socket() as squatter:   # someone takes the port before its turn comes
+        with socket.socket() as squatter:  # someone takes the port before its turn comes
             squatter.bind(("127.0.0.1", cfg.port_a))
             squatter.listen()
             with pytest.raises(rx.ServerError, match=f"port {cfg.port_a} is already"):

@@ -1,36 +1,53 @@
 """Traffic closer to real use: decode-length mixes, per-token latency, goodput under SLOs, a CSV."""
+
 import csv
 import gzip
 import json
 
 import pytest
-
 from conftest import background, fake_env, rx, script_args, succeeded_run
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
     fixed = rx.plan_workload(rx.Config(max_tokens=64), 200, "x", bursts=1, prompt_tokens=100)
-    mixed = rx.plan_workload(rx.Config(max_tokens=64, output_tokens_dist="uniform:16-128"), 200, "x",
-                             bursts=1, prompt_tokens=100)
+    mixed = rx.plan_workload(
+        rx.Config(max_tokens=64, output_tokens_dist="uniform:16-128"), 200, "x", bursts=1, prompt_tokens=100
+    )
     lengths = [r.max_tokens for r in mixed.requests]
     assert {r.max_tokens for r in fixed.requests} == {64}
     assert min(lengths) >= 16 and max(lengths) <= 128 and len(set(lengths)) > 50
     assert [r.prompt for r in fixed.requests] == [r.prompt for r in mixed.requests], "same seed, same prompts"
-    assert lengths == [r.max_tokens for r in rx.plan_workload(
-        rx.Config(max_tokens=64, output_tokens_dist="uniform:16-128"), 200, "x", bursts=1, prompt_tokens=100).requests]
-    lognormal = rx.plan_workload(rx.Config(max_tokens=512, output_tokens_dist="lognormal:64,0.5"), 2000, "x",
-                                 bursts=1, prompt_tokens=100)
+    assert lengths == [
+        r.max_tokens
+        for r in rx.plan_workload(
+            rx.Config(max_tokens=64, output_tokens_dist="uniform:16-128"),
+            200,
+            "x",
+            bursts=1,
+            prompt_tokens=100,
+        ).requests
+    ]
+    lognormal = rx.plan_workload(
+        rx.Config(max_tokens=512, output_tokens_dist="lognormal:64,0.5"),
+        2000,
+        "x",
+        bursts=1,
+        prompt_tokens=100,
+    )
     mean = sum(r.max_tokens for r in lognormal.requests) / 2000
     assert 58 < mean < 70
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(output_tokens_dist="uniform:0-5"), "--output-tokens-dist"),
-    (dict(output_tokens_dist="lognormal:64"), "--output-tokens-dist"),
-    (dict(output_tokens_dist="poisson:3"), "--output-tokens-dist"),
-    (dict(output_tokens_dist="uniform:16-4000"), "no room for the prompt"),
-    (dict(slo_ttft_ms=-1.0), "--slo-ttft-ms"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(output_tokens_dist="uniform:0-5"), "--output-tokens-dist"),
+        (dict(output_tokens_dist="lognormal:64"), "--output-tokens-dist"),
+        (dict(output_tokens_dist="poisson:3"), "--output-tokens-dist"),
+        (dict(output_tokens_dist="uniform:16-4000"), "no room for the prompt"),
+        (dict(slo_ttft_ms=-1.0), "--slo-ttft-ms"),
+    ],
+)
 def test_bad_traffic_flags_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=message):
         rx.validate_config(rx.Config(**flags))
@@ -42,8 +59,12 @@ def test_a_length_mix_turns_on_ignore_eos_so_the_lengths_are_exact():
 
 
 def test_goodput_counts_failures_and_each_objective():
-    rows = [{"ok": True, "ttft_s": 0.1, "tpot_s": 0.01}, {"ok": True, "ttft_s": 0.3, "tpot_s": 0.01},
-            {"ok": True, "ttft_s": 0.1, "tpot_s": 0.05}, {"ok": False, "ttft_s": 0.1, "tpot_s": 0.01}]
+    rows = [
+        {"ok": True, "ttft_s": 0.1, "tpot_s": 0.01},
+        {"ok": True, "ttft_s": 0.3, "tpot_s": 0.01},
+        {"ok": True, "ttft_s": 0.1, "tpot_s": 0.05},
+        {"ok": False, "ttft_s": 0.1, "tpot_s": 0.01},
+    ]
     assert rx.goodput(rows, 200, 0).met == 2
     both = rx.goodput(rows, 200, 20)
     assert (both.met, both.of, both.share) == (1, 4, 0.25)
@@ -51,9 +72,18 @@ def test_goodput_counts_failures_and_each_objective():
 
 
 def test_token_gaps_are_pooled_over_requests():
-    rows = [{"ok": True, "t_send": 0.0, "e2e_s": 1.0, "ttft_s": 0.1, "completion_tokens": 3, "itl_s": [0.01, 0.03]},
-            {"ok": True, "t_send": 0.0, "e2e_s": 1.0, "ttft_s": 0.1, "completion_tokens": 2, "itl_s": [0.02]},
-            {"ok": False, "t_send": 0.0, "e2e_s": 1.0, "itl_s": [9.0]}]
+    rows = [
+        {
+            "ok": True,
+            "t_send": 0.0,
+            "e2e_s": 1.0,
+            "ttft_s": 0.1,
+            "completion_tokens": 3,
+            "itl_s": [0.01, 0.03],
+        },
+        {"ok": True, "t_send": 0.0, "e2e_s": 1.0, "ttft_s": 0.1, "completion_tokens": 2, "itl_s": [0.02]},
+        {"ok": False, "t_send": 0.0, "e2e_s": 1.0, "itl_s": [9.0]},
+    ]
     summary = rx.latency_summary(rows)
     assert summary.itl_s.n == 3 and summary.itl_s.p50 == pytest.approx(0.02) and summary.itl_s.max == 0.03
 
@@ -61,9 +91,20 @@ def test_token_gaps_are_pooled_over_requests():
 @background("length_mix_run", weight=2)
 def length_mix_run_cmd(base):
     (base / "gpu").mkdir()
-    return dict(args=script_args(base / "results", "--experiments", "1", "--output-tokens-dist", "uniform:4-40",
-                                 "--slo-ttft-ms", "10000", "--slo-tpot-ms", "0.001"),
-                env=fake_env(base / "gpu"))
+    return dict(
+        args=script_args(
+            base / "results",
+            "--experiments",
+            "1",
+            "--output-tokens-dist",
+            "uniform:4-40",
+            "--slo-ttft-ms",
+            "10000",
+            "--slo-tpot-ms",
+            "0.001",
+        ),
+        env=fake_env(base / "gpu"),
+    )
 
 
 @pytest.fixture
@@ -92,15 +133,18 @@ def test_a_length_mix_with_slos_end_to_end(length_mix_run):
 
 
 # --- open-loop arrivals ----------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, message", [
-    (dict(arrivals="uniform", rate=2.0), "--arrivals"),
-    (dict(arrivals="poisson", rate=-1.0), "--rate"),
-    (dict(arrivals="poisson"), "needs --rate"),
-    (dict(arrivals="poisson", rates="2,-4"), "--rates"),
-    (dict(arrivals="poisson", rates="2,x"), "--rates"),
-    (dict(arrivals="gamma", rate=2.0, burstiness=0.0), "--burstiness"),
-    (dict(rate=4.0), "--arrivals poisson"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(arrivals="uniform", rate=2.0), "--arrivals"),
+        (dict(arrivals="poisson", rate=-1.0), "--rate"),
+        (dict(arrivals="poisson"), "needs --rate"),
+        (dict(arrivals="poisson", rates="2,-4"), "--rates"),
+        (dict(arrivals="poisson", rates="2,x"), "--rates"),
+        (dict(arrivals="gamma", rate=2.0, burstiness=0.0), "--burstiness"),
+        (dict(rate=4.0), "--arrivals poisson"),
+    ],
+)
 def test_bad_arrival_flags_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=message):
         rx.validate_config(rx.Config(**flags))
@@ -119,11 +163,16 @@ def test_poisson_and_gamma_arrivals_are_planned_at_the_rate_and_seeded():
         offsets, gaps = arrival_gaps(plan, window)
         assert offsets == sorted(offsets) and 0 < offsets[0] and offsets[-1] < 200
         assert len(offsets) == pytest.approx(rate * 200, rel=0.1)
-        assert (sum((g - sum(gaps) / len(gaps)) ** 2 for g in gaps) / len(gaps)) ** 0.5 / (sum(gaps) / len(gaps)) \
-            == pytest.approx(1.0, abs=0.1), "exponential gaps: coefficient of variation 1"
+        assert (sum((g - sum(gaps) / len(gaps)) ** 2 for g in gaps) / len(gaps)) ** 0.5 / (
+            sum(gaps) / len(gaps)
+        ) == pytest.approx(1.0, abs=0.1), "exponential gaps: coefficient of variation 1"
     assert rx.open_loop_plan(cfg, "x") == plan
-    bursty = rx.open_loop_plan(rx.Config(arrivals="gamma", rate=10, burstiness=0.25, duration_s=200,
-                                         prompt_tokens=64, max_tokens=16), "x")
+    bursty = rx.open_loop_plan(
+        rx.Config(
+            arrivals="gamma", rate=10, burstiness=0.25, duration_s=200, prompt_tokens=64, max_tokens=16
+        ),
+        "x",
+    )
     _, gaps = arrival_gaps(bursty)
     mean = sum(gaps) / len(gaps)
     assert (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean == pytest.approx(2.0, rel=0.2)
@@ -132,9 +181,22 @@ def test_poisson_and_gamma_arrivals_are_planned_at_the_rate_and_seeded():
 @background("open_loop_run", weight=2)
 def open_loop_run_cmd(base):
     (base / "gpu").mkdir()
-    return dict(args=script_args(base / "results", "--experiments", "1", "--arrivals", "poisson",
-                                 "--rates", "4,40", "--duration-s", "1.5", "--slo-ttft-ms", "5000"),
-                env=fake_env(base / "gpu"))
+    return dict(
+        args=script_args(
+            base / "results",
+            "--experiments",
+            "1",
+            "--arrivals",
+            "poisson",
+            "--rates",
+            "4,40",
+            "--duration-s",
+            "1.5",
+            "--slo-ttft-ms",
+            "5000",
+        ),
+        env=fake_env(base / "gpu"),
+    )
 
 
 @pytest.fixture
@@ -157,7 +219,10 @@ def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):
     assert [p["rate"] for p in sweep] == [4, 40]
     assert [p["requests"] for p in sweep] == [sum(r["burst"] == w for r in plan["requests"]) for w in (0, 1)]
     assert all(p["failed"] == 0 and p["goodput"] == 1.0 and p["max_send_delay_s"] < 0.05 for p in sweep)
-    assert "Open-loop arrivals (latency timed from each planned arrival)" in (open_loop_run / "summary.md").read_text()
+    assert (
+        "Open-loop arrivals (latency timed from each planned arrival)"
+        in (open_loop_run / "summary.md").read_text()
+    )
     assert (open_loop_run / "plots" / "rate_sweep.png").stat().st_size > 10_000
 
 
@@ -172,43 +237,88 @@ def test_a_shared_prefix_goes_with_prefix_caching():
     assert "--no-enable-prefix-caching" in rx.server_command(rx.Config(), rx.static_server(cfg, "A", 0.5))
     with pytest.raises(rx.ConfigError, match="add --prefix-caching"):
         rx.validate_config(rx.Config(shared_prefix_tokens=100))
-    assert rx.resolve_config(rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=100)),
-                             say=lambda _: None).prompt_tokens == 768, "the preset's prompt length counts"
+    assert (
+        rx.resolve_config(
+            rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=100)), say=lambda _: None
+        ).prompt_tokens
+        == 768
+    ), "the preset's prompt length counts"
     with pytest.raises(rx.ConfigError, match="--shared-prefix-tokens.*below the prompt length"):
         rx.resolve_config(rx.Config(prefix_caching=True, shared_prefix_tokens=900, prompt_tokens=768))
 
 
 def test_prefix_cache_counters_are_read():
-    page = ('vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0\n'
-            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 250.0\n')
+    page = (
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 250.0\n'
+    )
     assert rx.parse_metrics(page) == {"prefix_queries": 1000.0, "prefix_hits": 250.0}
 
 
-def recorded_experiment(folder, name: str, level, seconds: float, workload: tuple, sampling_end: float,
-                        bursts: list) -> "rx.LoadedExperiment":
+def recorded_experiment(
+    folder, name: str, level, seconds: float, workload: tuple, sampling_end: float, bursts: list
+) -> "rx.LoadedExperiment":
     """An experiment folder as a run leaves it: device memory level(t) every 50 ms from t = 1000."""
     exp = folder / f"01_{name}"
     exp.mkdir()
     t0 = 1000.0
-    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t0 + i * 0.05, "used_mib": level(i * 0.05)}
-                                          for i in range(int(seconds / 0.05))])
-    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 3, "e2e_s": 0.9, "ttft_s": 0.1,
-                                             "server": "A", "phase": "burst 1", "repeat": 0}])
-    rx.write_json(exp / "experiment.json", {
-        "name": name, "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
-        "marks": {"idle_after_load": [t0, t0 + 1], "workload": [t0 + workload[0], t0 + workload[1]],
-                  "sampling_end": t0 + sampling_end,
-                  "bursts": [dict(phase=f"burst {k + 1}", server="A", repeat=0, start=t0 + b["start"], end=t0 + b["end"],
-                                  **{key: v for key, v in b.items() if key not in ("start", "end")})
-                             for k, b in enumerate(bursts)]}})
+    rx.write_jsonl(
+        exp / "memory.jsonl",
+        [
+            {"kind": "device", "t": t0 + i * 0.05, "used_mib": level(i * 0.05)}
+            for i in range(int(seconds / 0.05))
+        ],
+    )
+    rx.write_jsonl(
+        exp / "requests.jsonl",
+        [
+            {
+                "ok": True,
+                "t_send": t0 + 3,
+                "e2e_s": 0.9,
+                "ttft_s": 0.1,
+                "server": "A",
+                "phase": "burst 1",
+                "repeat": 0,
+            }
+        ],
+    )
+    rx.write_json(
+        exp / "experiment.json",
+        {
+            "name": name,
+            "question": "q",
+            "servers": [],
+            "sample_interval_s": 0.05,
+            "finished": True,
+            "marks": {
+                "idle_after_load": [t0, t0 + 1],
+                "workload": [t0 + workload[0], t0 + workload[1]],
+                "sampling_end": t0 + sampling_end,
+                "bursts": [
+                    dict(
+                        phase=f"burst {k + 1}",
+                        server="A",
+                        repeat=0,
+                        start=t0 + b["start"],
+                        end=t0 + b["end"],
+                        **{key: v for key, v in b.items() if key not in ("start", "end")},
+                    )
+                    for k, b in enumerate(bursts)
+                ],
+            },
+        },
+    )
     return rx.load_experiment(exp)
 
 
 def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
-    level = lambda t: 1000 + (300 if 3 <= t < 4 or 6 <= t < 7 else 0) + (50 if t >= 4 else 0) \
-        + (30 if t >= 7 else 0)   # two bursts, each leaving some pages behind
-    loaded = recorded_experiment(tmp_path, "kvcached", level, 10, (3, 7), 9.95,
-                                 [{"start": 3, "end": 4}, {"start": 6, "end": 7}])
+    level = lambda t: (
+        1000 + (300 if 3 <= t < 4 or 6 <= t < 7 else 0) + (50 if t >= 4 else 0) + (30 if t >= 7 else 0)
+    )  # two bursts, each leaving some pages behind
+    loaded = recorded_experiment(
+        tmp_path, "kvcached", level, 10, (3, 7), 9.95, [{"start": 3, "end": 4}, {"start": 6, "end": 7}]
+    )
     assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [50, 80]
 
 
@@ -227,7 +337,8 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
 def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tmp_path):
     """Seen on an H200: sampling ended 0.27 s after the last burst, 0.15 s of which the server took to
     fall asleep (105 GB -> 1.6 GB); read over that fall, the residual came out at 23 GB instead of ~0."""
-    level = lambda t: 1600 + (80000 if 3 <= t < 4.15 else 0)   # awake during the burst, asleep after
-    loaded = recorded_experiment(tmp_path, "sleep", level, 4.3, (3, 4), 4.27,
-                                 [{"start": 3, "end": 4, "wake_s": 0.15, "sleep_s": 0.15}])
+    level = lambda t: 1600 + (80000 if 3 <= t < 4.15 else 0)  # awake during the burst, asleep after
+    loaded = recorded_experiment(
+        tmp_path, "sleep", level, 4.3, (3, 4), 4.27, [{"start": 3, "end": 4, "wake_s": 0.15, "sleep_s": 0.15}]
+    )
     assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [0]

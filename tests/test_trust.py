@@ -1,5 +1,6 @@
 """Faults a user meets on a shared GPU box: each one handled, nothing leaked, no wrong number with rc 0.
 Numbered as the failure-handling table in the README."""
+
 import errno
 import fcntl
 import inspect
@@ -15,8 +16,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import (
+    FAKE_SERVER,
+    alive,
+    background,
+    fake_env,
+    free_port,
+    make_cfg,
+    ready,
+    rx,
+    script_args,
+    wait_for,
+)
 
-from conftest import FAKE_SERVER, alive, background, fake_env, free_port, make_cfg, ready, rx, script_args, wait_for
 
 @pytest.fixture(scope="module", autouse=True)
 def start_background_runs(request):
@@ -26,8 +38,9 @@ def start_background_runs(request):
 
 
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-STATIC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False,
-                                     gpu_memory_utilization=0.5)
+STATIC_A = lambda cfg: rx.ServerSpec(
+    "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
+)
 
 
 def descendants(root: int) -> set[int]:
@@ -67,6 +80,7 @@ def servers(tmp_path):
         if wait:
             ready(server)
         return server
+
     yield start
     rx.HURRY.set()
     rx.stop_servers(started)
@@ -84,19 +98,31 @@ def sigkill_scenario_job(base):
         try:
             bursting = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
             ours = descendants(harness.pid)
-            samplers = [p for p in ours if "nvmlDeviceGetMemoryInfo" in Path(f"/proc/{p}/cmdline").read_text()]
+            samplers = [
+                p for p in ours if "nvmlDeviceGetMemoryInfo" in Path(f"/proc/{p}/cmdline").read_text()
+            ]
             ports = [int(args[args.index(flag) + 1]) for flag in ("--port-a", "--port-b")]
             harness.kill()
             harness.wait()
             gone = wait_for(lambda: not any(alive(p) for p in ours), timeout=10)
-            return {"bursting": bursting, "ours": ours, "gone": gone, "samplers": samplers, "left": [p for p in ours if alive(p)],
-                    "ports_free": [port_free(p) for p in ports],
-                    "engines_alive": [int(p.stem) for p in (base / "gpu").glob("*.json")
-                                      if p.stem.isdigit() and alive(int(p.stem))]}
+            return {
+                "bursting": bursting,
+                "ours": ours,
+                "gone": gone,
+                "samplers": samplers,
+                "left": [p for p in ours if alive(p)],
+                "ports_free": [port_free(p) for p in ports],
+                "engines_alive": [
+                    int(p.stem)
+                    for p in (base / "gpu").glob("*.json")
+                    if p.stem.isdigit() and alive(int(p.stem))
+                ],
+            }
         finally:
             if harness.poll() is None:
                 harness.kill()
                 harness.wait()
+
     return scenario
 
 
@@ -117,11 +143,11 @@ def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(sigkill_scenari
 
 def test_server_ending_on_its_own_takes_its_orphaned_engine_along(fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_ORPHAN_ENGINE", "1")
-    monkeypatch.setattr(rx, "KEEPER_GRACE_S", 0.5)   # how long the keeper waits before SIGKILL (4 s)
+    monkeypatch.setattr(rx, "KEEPER_GRACE_S", 0.5)  # how long the keeper waits before SIGKILL (4 s)
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
     tree = server.tree()
-    api_server, = [p for p in tree if rx.proc_stat(p)[1] == server.proc.pid]
+    (api_server,) = [p for p in tree if rx.proc_stat(p)[1] == server.proc.pid]
     os.kill(api_server, signal.SIGKILL)
     assert wait_for(lambda: server.exit_code() is not None, timeout=10), "the keeper reports the death"
     assert server.exit_code() == 128 + signal.SIGKILL
@@ -133,8 +159,11 @@ def set_stop_stages(monkeypatch, stages):
     """STOP_STAGES, and the first stage's grace where a caller leaves it out (ServerPool.stop does):
     stop_servers' default grace_s was bound to STOP_STAGES[0][1] when the harness was imported."""
     monkeypatch.setattr(rx, "STOP_STAGES", stages)
-    names = [p.name for p in inspect.signature(rx.stop_servers).parameters.values()
-             if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
+    names = [
+        p.name
+        for p in inspect.signature(rx.stop_servers).parameters.values()
+        if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
+    ]
     defaults = list(rx.stop_servers.__defaults__ or ())
     if "grace_s" in names and isinstance(defaults[names.index("grace_s")], (int, float)):
         defaults[names.index("grace_s")] = stages[0][1]
@@ -143,10 +172,12 @@ def set_stop_stages(monkeypatch, stages):
 
 def signal_once_stopping(sig, after_s=0.0):
     """Send sig to this process once a stop is under way (rx.STOPPING), after_s later."""
+
     def fire():
         if wait_for(rx.STOPPING.is_set, timeout=20, interval=0.005):
             time.sleep(after_s)
             os.kill(os.getpid(), sig)
+
     thread = threading.Thread(target=fire, daemon=True)
     thread.start()
     return thread
@@ -158,7 +189,7 @@ def short_stop_stages(monkeypatch):
 
 
 def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, servers, monkeypatch):
-    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")   # SIGINT alone would never stop it; SIGTERM does
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it; SIGTERM does
     set_stop_stages(monkeypatch, ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
     cfg = make_cfg()
     pool = rx.ServerPool(cfg, say=lambda _: None)
@@ -167,7 +198,7 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
     tree = server.tree()
     previous = rx.install_stop_signals(say=lambda _: None)
     try:
-        signal_once_stopping(signal.SIGTERM)   # during the 1 s SIGINT stage the server ignores
+        signal_once_stopping(signal.SIGTERM)  # during the 1 s SIGINT stage the server ignores
         with pytest.raises(KeyboardInterrupt):
             pool.stop([server], "between experiments")
     finally:
@@ -179,11 +210,11 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
 
 
 def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypatch, short_stop_stages):
-    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")   # SIGINT alone would never stop it
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
     tree = server.tree()
-    rx.SIGNALS_SEEN[0] = 1   # the first Ctrl-C started this stop
+    rx.SIGNALS_SEEN[0] = 1  # the first Ctrl-C started this stop
     previous = rx.install_stop_signals(say=lambda _: None)
     begin = time.time()
     try:
@@ -197,15 +228,16 @@ def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypat
     assert not any(alive(p) for p in tree)
 
 
-def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(fake_gpu, servers, monkeypatch,
-                                                                       short_stop_stages):
+def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(
+    fake_gpu, servers, monkeypatch, short_stop_stages
+):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigint")
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
     tree = server.tree()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # what a notebook kernel has
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a notebook kernel has
     try:
-        signal_once_stopping(signal.SIGINT, after_s=0.2)   # in the stop's wait, as a notebook user would
+        signal_once_stopping(signal.SIGINT, after_s=0.2)  # in the stop's wait, as a notebook user would
         with pytest.raises(KeyboardInterrupt):
             rx.stop_servers([server])
     finally:
@@ -240,8 +272,16 @@ def double_ctrl_c_scenario_job(base):
                 proc.kill()
                 proc.wait()
             reader.join(timeout=10)
-        return {"bursting": bursting, "stopping": stopping, "took": took, "rc": proc.returncode,
-                "out": "".join(lines), "ours": ours, "left": left}
+        return {
+            "bursting": bursting,
+            "stopping": stopping,
+            "took": took,
+            "rc": proc.returncode,
+            "out": "".join(lines),
+            "ours": ours,
+            "left": left,
+        }
+
     return scenario
 
 
@@ -263,13 +303,16 @@ def test_double_ctrl_c_of_the_script_kills_servers_and_says_so(double_ctrl_c_sce
 # 3. Own your port ---------------------------------------------------------------------------------
 def test_port_bound_but_not_listening_is_refused(fake_gpu, tmp_path):
     cfg = make_cfg()
-    foreign = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--model", "m", "--host", "127.0.0.1",
-                                "--port", str(cfg.port_a)], env=dict(os.environ, FAKE_STARTUP_S="30"),
-                               stdout=open(tmp_path / "foreign.log", "wb"), stderr=subprocess.STDOUT)
+    foreign = subprocess.Popen(
+        [sys.executable, str(FAKE_SERVER), "--model", "m", "--host", "127.0.0.1", "--port", str(cfg.port_a)],
+        env=dict(os.environ, FAKE_STARTUP_S="30"),
+        stdout=open(tmp_path / "foreign.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert wait_for(lambda: b"fake vllm starting" in (tmp_path / "foreign.log").read_bytes(), timeout=10)
-        time.sleep(0.3)   # it binds right after that line
-        with socket.socket() as probe:   # a bind probe is fooled by SO_REUSEADDR
+        time.sleep(0.3)  # it binds right after that line
+        with socket.socket() as probe:  # a bind probe is fooled by SO_REUSEADDR
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", cfg.port_a))
         with pytest.raises(rx.ServerError, match="bound by a process that does not listen yet"):
@@ -309,21 +352,39 @@ def two_runs_scenario_job(base):
         (base / "gpu").mkdir()
         env = fake_env(base / "gpu")
         first_args = script_args(base / "first", "--experiments", "1", "--bursts", "6")
-        ports = ["--port-a", first_args[first_args.index("--port-a") + 1],
-                 "--port-b", first_args[first_args.index("--port-b") + 1]]
-        first = subprocess.Popen(first_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ports = [
+            "--port-a",
+            first_args[first_args.index("--port-a") + 1],
+            "--port-b",
+            first_args[first_args.index("--port-b") + 1],
+        ]
+        first = subprocess.Popen(
+            first_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         try:
             serving = wait_for(lambda: list((base / "first").glob("*/01_*/warmup.jsonl")), timeout=60)
-            second = subprocess.run(script_args(base / "second", "--experiments", "1") + ports, env=env,
-                                    capture_output=True, text=True, timeout=60)
+            second = subprocess.run(
+                script_args(base / "second", "--experiments", "1") + ports,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             first_still_running = first.poll() is None
             out, _ = first.communicate(timeout=120)
         finally:
             if first.poll() is None:
                 first.kill()
                 first.communicate()
-        return {"serving": serving, "second": second, "first_still_running": first_still_running,
-                "first_rc": first.returncode, "first_out": out, "first_dir": base / "first"}
+        return {
+            "serving": serving,
+            "second": second,
+            "first_still_running": first_still_running,
+            "first_rc": first.returncode,
+            "first_out": out,
+            "first_dir": base / "first",
+        }
+
     return scenario
 
 
@@ -335,13 +396,14 @@ def two_runs_scenario(background_runs):
 def test_two_runs_on_the_same_ports_second_fails_first_intact(two_runs_scenario):
     run = two_runs_scenario
     second = run["second"]
-    assert run["serving"] and run["first_still_running"], \
+    assert run["serving"] and run["first_still_running"], (
         "the second run met the first one serving\n" + run["first_out"][-2000:] + second.stdout[-1000:]
+    )
     assert second.returncode == 2, "refused by the preflight, before anything launched"
     assert "already in use: listened on by pid" in second.stderr
     assert not list((run["first_dir"].parent / "second").glob("*/"))
     assert run["first_rc"] == 0, run["first_out"][-2000:]
-    first_run, = run["first_dir"].iterdir()
+    (first_run,) = run["first_dir"].iterdir()
     summary = json.loads((first_run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["memory_valid"] and summary["latency"]["failed"] == 0
     assert summary["servers"]["A"]["memory"]["idle_before_workload_mib"] > 500, "its own server's memory"
@@ -369,16 +431,20 @@ def request(tokens=8):
 
 def send(server, timeout_s=30.0, tokens=8):
     record = rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0)
-    return rx.send_chat(server.url, server.spec.model, request(tokens), record, timeout_s=timeout_s,
-                        ignore_eos=True)
+    return rx.send_chat(
+        server.url, server.spec.model, request(tokens), record, timeout_s=timeout_s, ignore_eos=True
+    )
 
 
-@pytest.mark.parametrize("fault, reason", [
-    ("error_event", "error event in stream: fake engine error"),
-    ("truncate", "ChunkedEncodingError"),
-    ("no_finish_reason", "without a finish_reason"),
-    ("short", "4 of 8 tokens despite ignore_eos"),
-])
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("error_event", "error event in stream: fake engine error"),
+        ("truncate", "ChunkedEncodingError"),
+        ("no_finish_reason", "without a finish_reason"),
+        ("short", "4 of 8 tokens despite ignore_eos"),
+    ],
+)
 def test_incomplete_streams_are_failures_with_the_reason(fault, reason, fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_STREAM_FAULT", fault)
     cfg = make_cfg()
@@ -401,15 +467,23 @@ def test_burst_has_an_overall_deadline(monkeypatch):
     def stuck(url, model, req, record, *args, **kwargs):
         time.sleep(3)
         return record
+
     monkeypatch.setattr(rx, "send_chat", stuck)
     monkeypatch.setattr(rx, "BURST_DEADLINE_SLACK_S", 0.3)
     cfg = rx.resolve_config(rx.Config(preset="smoke", request_timeout_s=0.2))
-    server = rx.RunningServer(rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={},
-                              log_path=Path("x"), started_at=0.0)
+    server = rx.RunningServer(
+        rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={}, log_path=Path("x"), started_at=0.0
+    )
     rows = []
     begin = time.time()
-    records = rx.run_burst(server, [request()] * 3, lambda r: rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0),
-                           cfg, say=lambda _: None, sink=rows.append)
+    records = rx.run_burst(
+        server,
+        [request()] * 3,
+        lambda r: rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0),
+        cfg,
+        say=lambda _: None,
+        sink=rows.append,
+    )
     assert time.time() - begin < 1.5
     assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
 
@@ -433,10 +507,10 @@ def test_dead_server_is_restarted_not_reused(fake_gpu, monkeypatch, tmp_path):
     said = []
     pool = rx.ServerPool(cfg, say=said.append)
     try:
-        first, = pool.ensure([KVC_A(cfg)], tmp_path)
+        (first,) = pool.ensure([KVC_A(cfg)], tmp_path)
         assert wait_for(lambda: first.exit_code() is not None, timeout=10)
         monkeypatch.setenv("FAKE_MODE", "")
-        again, = pool.ensure([KVC_A(cfg)], tmp_path)
+        (again,) = pool.ensure([KVC_A(cfg)], tmp_path)
         assert again is not first and again.exit_code() is None
         assert any("exited with code 1: not reusing it" in s for s in said)
     finally:
@@ -451,8 +525,9 @@ def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers, monkey
     assert wait_for(lambda: server.exit_code() is not None, timeout=10)
     exp = rx.ExperimentSpec("kvcached", "q", (server.spec,), (rx.Step("burst 1", "A", "main", 0),))
     with pytest.raises(rx.ServerError, match="died"):
-        rx.run_step(cfg, exp, exp.steps[0], rx.plan_workload(cfg, 2, "x"), server, 0, lambda _: None,
-                    lambda _: None)
+        rx.run_step(
+            cfg, exp, exp.steps[0], rx.plan_workload(cfg, 2, "x"), server, 0, lambda _: None, lambda _: None
+        )
 
 
 # 7. The sampler cannot die silently ---------------------------------------------------------------
@@ -465,6 +540,7 @@ def test_sampler_survives_a_full_disk_and_counts_it(fake_gpu, tmp_path, monkeypa
         if failing[0] and str(path).endswith("memory.jsonl"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", flaky_open)
     sampler.start()
     time.sleep(0.3)
@@ -474,21 +550,47 @@ def test_sampler_survives_a_full_disk_and_counts_it(fake_gpu, tmp_path, monkeypa
     sampler.stop()
     assert alive_before_stop
     assert sampler.error_kinds.get("write", 0) >= 5
-    assert sum(r["kind"] == "device" for r in rx.read_jsonl(tmp_path / "memory.jsonl")) >= 5, "rows after the disk recovered"
+    assert sum(r["kind"] == "device" for r in rx.read_jsonl(tmp_path / "memory.jsonl")) >= 5, (
+        "rows after the disk recovered"
+    )
 
 
 def test_a_gap_in_the_device_series_voids_the_memory_figures(tmp_path):
     exp = tmp_path / "01_kvcached"
     exp.mkdir()
     t0 = 1000.0
-    times = [t0 + i * 0.05 for i in range(40)] + [t0 + 10 + i * 0.05 for i in range(40)]   # an 8 s hole
+    times = [t0 + i * 0.05 for i in range(40)] + [t0 + 10 + i * 0.05 for i in range(40)]  # an 8 s hole
     rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t, "used_mib": 1000.0} for t in times])
-    rx.write_jsonl(exp / "requests.jsonl", [{"ok": True, "t_send": t0 + 1, "e2e_s": 1.0, "ttft_s": 0.1,
-                                             "server": "A", "phase": "burst 1", "repeat": 0}])
-    rx.write_json(exp / "experiment.json", {
-        "name": "kvcached", "question": "q", "servers": [], "sample_interval_s": 0.05, "finished": True,
-        "marks": {"idle_after_load": [t0, t0 + 1], "idle_before": [t0 + 1, t0 + 1.5],
-                  "workload": [t0 + 1.5, t0 + 11], "sampling_end": t0 + 12}})
+    rx.write_jsonl(
+        exp / "requests.jsonl",
+        [
+            {
+                "ok": True,
+                "t_send": t0 + 1,
+                "e2e_s": 1.0,
+                "ttft_s": 0.1,
+                "server": "A",
+                "phase": "burst 1",
+                "repeat": 0,
+            }
+        ],
+    )
+    rx.write_json(
+        exp / "experiment.json",
+        {
+            "name": "kvcached",
+            "question": "q",
+            "servers": [],
+            "sample_interval_s": 0.05,
+            "finished": True,
+            "marks": {
+                "idle_after_load": [t0, t0 + 1],
+                "idle_before": [t0 + 1, t0 + 1.5],
+                "workload": [t0 + 1.5, t0 + 11],
+                "sampling_end": t0 + 12,
+            },
+        },
+    )
     summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
     assert not summary.memory_valid and summary.device.peak_mib is None
     assert "not sampled for 8.0 s" in summary.problems[0]
@@ -497,7 +599,7 @@ def test_a_gap_in_the_device_series_voids_the_memory_figures(tmp_path):
 def test_a_segment_locked_by_a_stranger_costs_one_sample_not_a_stall(tmp_path, monkeypatch):
     monkeypatch.setattr(rx, "SHM_DIR", tmp_path)
     (tmp_path / "seg").write_bytes(rx.SEGMENT.pack(1, 2, 3))
-    with open(tmp_path / "seg", "rb") as other:   # another open file description: flock conflicts
+    with open(tmp_path / "seg", "rb") as other:  # another open file description: flock conflicts
         fcntl.flock(other, fcntl.LOCK_EX)
         begin = time.time()
         with pytest.raises(rx.SegmentError, match="locked"):
@@ -508,8 +610,14 @@ def test_a_segment_locked_by_a_stranger_costs_one_sample_not_a_stall(tmp_path, m
 
 def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tmp_path):
     nvml = rx.load_nvml(fake_gpu)
-    nowhere = rx.RunningServer(rx.ServerSpec("A", "m", free_port(), False, 0.5), proc=subprocess.Popen(["true"]),
-                               cmd=[], env_shown={}, log_path=tmp_path / "x", started_at=0.0)
+    nowhere = rx.RunningServer(
+        rx.ServerSpec("A", "m", free_port(), False, 0.5),
+        proc=subprocess.Popen(["true"]),
+        cmd=[],
+        env_shown={},
+        log_path=tmp_path / "x",
+        started_at=0.0,
+    )
     nowhere.proc.wait()
     sampler = rx.Sampler(nvml, 0, [nowhere], tmp_path / "memory.jsonl", sample_hz=20, process_sample_hz=10)
     sampler.start()
@@ -519,8 +627,15 @@ def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tm
     exp = tmp_path / "01_static"
     exp.mkdir()
     rx.write_jsonl(exp / "memory.jsonl", [{"kind": "metrics", "t": 1.0, "server": "A", "running": 3.0}])
-    rx.write_json(exp / "experiment.json", {"name": "static", "question": "q", "marks": {}, "servers": [
-        {"label": "A static", "spec": {"name": "A", "model": "m"}, "startup_s": 1.0}]})
+    rx.write_json(
+        exp / "experiment.json",
+        {
+            "name": "static",
+            "question": "q",
+            "marks": {},
+            "servers": [{"label": "A static", "spec": {"name": "A", "model": "m"}, "startup_s": 1.0}],
+        },
+    )
     vllm = rx.summarize_experiment(rx.load_experiment(exp), 0.05).servers["A"].vllm
     assert vllm.max_running == 3.0 and vllm.max_waiting is None
 
@@ -539,12 +654,18 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 def test_report_of_a_killed_run_names_what_it_cannot_read(tmp_path):
     run = tmp_path / "20260101T000000Z_run"
     (run / "01_kvcached").mkdir(parents=True)
-    (run / "config.json").write_text("")                         # torn by a full disk
+    (run / "config.json").write_text("")  # torn by a full disk
     (run / "01_kvcached" / "experiment.json").write_text("")
-    rx.write_jsonl(run / "01_kvcached" / "memory.jsonl",
-                   [{"kind": "device", "t": 1 + i / 20, "used_mib": 900.0 + i} for i in range(40)])
-    proc = subprocess.run([sys.executable, str(rx.Path(rx.__file__)), "--report", str(run)],
-                          capture_output=True, text=True, timeout=60)
+    rx.write_jsonl(
+        run / "01_kvcached" / "memory.jsonl",
+        [{"kind": "device", "t": 1 + i / 20, "used_mib": 900.0 + i} for i in range(40)],
+    )
+    proc = subprocess.run(
+        [sys.executable, str(rx.Path(rx.__file__)), "--report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     md = (run / "summary.md").read_text()
     assert "config.json unreadable" in md and "experiment.json unreadable" in md
@@ -558,8 +679,12 @@ def test_report_of_something_else_is_one_clear_line(tmp_path, target):
     if target == "not_a_run":
         folder.mkdir()
         (folder / "notes.txt").write_text("hello")
-    proc = subprocess.run([sys.executable, str(rx.Path(rx.__file__)), "--report", str(folder)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(rx.Path(rx.__file__)), "--report", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "not a run folder" in proc.stderr or "not a folder" in proc.stderr
@@ -573,7 +698,11 @@ SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
 def secrets_cmd(base):
     (base / "gpu").mkdir()
     env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
-    return dict(args=script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY), env=env, timeout=120)
+    return dict(
+        args=script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY),
+        env=env,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -589,8 +718,9 @@ def test_no_secret_reaches_the_run_folder_or_stdout(secrets_run):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["latency"]["ok"] == summary["latency"]["requests"] > 0, "the key reached the server"
-    found = subprocess.run(["grep", "-rlaE", f"{key}|{token}|s3cr3t-value", str(tmp_path)],
-                           capture_output=True, text=True).stdout
+    found = subprocess.run(
+        ["grep", "-rlaE", f"{key}|{token}|s3cr3t-value", str(tmp_path)], capture_output=True, text=True
+    ).stdout
     assert found == ""
     assert key not in proc.stdout + proc.stderr and token not in proc.stdout + proc.stderr
     config = json.loads((run / "config.json").read_text())
@@ -598,12 +728,29 @@ def test_no_secret_reaches_the_run_folder_or_stdout(secrets_run):
 
 
 def test_redaction_rules():
-    assert rx.redact_argv(["--api-key", "k", "--api-key=k2", "--max-num-batched-tokens", "8"]) == \
-        ["--api-key", "***", "--api-key=***", "--max-num-batched-tokens", "8"]
-    env = rx.redact_env({"VLLM_API_KEY": "a", "HF_TOKEN": "b", "AWS_SECRET_ACCESS_KEY": "c",
-                         "TOKENIZERS_PARALLELISM": "false", "KVCACHED_IPC_NAME": "n"})
-    assert env == {"VLLM_API_KEY": "***", "HF_TOKEN": "***", "AWS_SECRET_ACCESS_KEY": "***",
-                   "TOKENIZERS_PARALLELISM": "false", "KVCACHED_IPC_NAME": "n"}
+    assert rx.redact_argv(["--api-key", "k", "--api-key=k2", "--max-num-batched-tokens", "8"]) == [
+        "--api-key",
+        "***",
+        "--api-key=***",
+        "--max-num-batched-tokens",
+        "8",
+    ]
+    env = rx.redact_env(
+        {
+            "VLLM_API_KEY": "a",
+            "HF_TOKEN": "b",
+            "AWS_SECRET_ACCESS_KEY": "c",
+            "TOKENIZERS_PARALLELISM": "false",
+            "KVCACHED_IPC_NAME": "n",
+        }
+    )
+    assert env == {
+        "VLLM_API_KEY": "***",
+        "HF_TOKEN": "***",
+        "AWS_SECRET_ACCESS_KEY": "***",
+        "TOKENIZERS_PARALLELISM": "false",
+        "KVCACHED_IPC_NAME": "n",
+    }
 
 
 # 10. /dev/shm is shared and hostile ---------------------------------------------------------------
@@ -637,9 +784,16 @@ def test_a_segment_of_another_user_is_left_alone(tmp_path, monkeypatch):
 
 def test_segment_names_are_unique_to_the_harness_process():
     spec = rx.ServerSpec("A", "m", 8001, kvcached=True)
-    other = subprocess.run([sys.executable, "-c", "import run_experiments as rx; "
-                            "print(rx.ServerSpec('A', 'm', 8001, kvcached=True).ipc_name)"],
-                           cwd=str(rx.Path(rx.__file__).parent), capture_output=True, text=True).stdout.strip()
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import run_experiments as rx; print(rx.ServerSpec('A', 'm', 8001, kvcached=True).ipc_name)",
+        ],
+        cwd=str(rx.Path(rx.__file__).parent),
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert spec.ipc_name.startswith("kvcached_bench_") and other.startswith("kvcached_bench_")
     assert spec.ipc_name != other
 
@@ -651,8 +805,9 @@ def interrupted_scenario_job(base):
         (base / "gpu").mkdir()
         # no --ignore-eos: answers end at different lengths, so a burst finishes request by request
         env = fake_env(base / "gpu", FAKE_ITL_S="0.05")
-        args = script_args(base / "results", "--experiments", "1", "--no-warmup", "--burst-size", "16",
-                           "--max-tokens", "64")
+        args = script_args(
+            base / "results", "--experiments", "1", "--no-warmup", "--burst-size", "16", "--max-tokens", "64"
+        )
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             finishing = wait_for(lambda: list((base / "results").glob("*/01_*/requests.jsonl")), timeout=60)
@@ -663,6 +818,7 @@ def interrupted_scenario_job(base):
                 proc.kill()
                 proc.communicate()
         return {"finishing": finishing, "rc": proc.returncode, "out": out, "results": base / "results"}
+
     return scenario
 
 
@@ -675,7 +831,7 @@ def test_interrupted_run_keeps_the_finished_requests_and_says_so(interrupted_sce
     run = interrupted_scenario
     assert run["finishing"], run["out"][-2000:]
     assert run["rc"] == 130, run["out"][-2000:]
-    interrupted, = run["results"].iterdir()
+    (interrupted,) = run["results"].iterdir()
     rows = rx.read_jsonl(interrupted / "01_kvcached" / "requests.jsonl")
     assert 1 <= len(rows) < 16 and all(r["ok"] for r in rows)
     md = (interrupted / "summary.md").read_text()
@@ -685,8 +841,11 @@ def test_interrupted_run_keeps_the_finished_requests_and_says_so(interrupted_sce
 @background("all_failed_run")
 def all_failed_cmd(base):
     (base / "gpu").mkdir()
-    return dict(args=script_args(base / "results", "--experiments", "1", "--bursts", "1"),
-                env=fake_env(base / "gpu", FAKE_STREAM_FAULT="error_event"), timeout=120)
+    return dict(
+        args=script_args(base / "results", "--experiments", "1", "--bursts", "1"),
+        env=fake_env(base / "gpu", FAKE_STREAM_FAULT="error_event"),
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -706,17 +865,20 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
 
 
 # 12. Bad values are rejected up front, naming the flag --------------------------------------------
-@pytest.mark.parametrize("argv, flag", [
-    (["--overload-budget-gib", "inf"], "--overload-budget-gib"),
-    (["--release-timeout-s", "inf"], "--release-timeout-s"),
-    (["--sample-hz", "nan"], "--sample-hz"),
-    (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
-    (["--extra-server-args", "--x 'y"], "--extra-server-args"),
-    (["--settle-s", "0"], "--settle-s"),
-    (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),   # 2 samples: no median to trust
-    (["--model-a", "/no/such/dir"], "--model-a"),
-    (["--tag", "a/b"], "--tag"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--overload-budget-gib", "inf"], "--overload-budget-gib"),
+        (["--release-timeout-s", "inf"], "--release-timeout-s"),
+        (["--sample-hz", "nan"], "--sample-hz"),
+        (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
+        (["--extra-server-args", "--x 'y"], "--extra-server-args"),
+        (["--settle-s", "0"], "--settle-s"),
+        (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),  # 2 samples: no median to trust
+        (["--model-a", "/no/such/dir"], "--model-a"),
+        (["--tag", "a/b"], "--tag"),
+    ],
+)
 def test_bad_values_name_the_flag_before_anything_launches(argv, flag, tmp_path, capsys):
     rc = rx.main(argv + ["--results-dir", str(tmp_path / "results")])
     assert rc == 2
@@ -733,8 +895,9 @@ def test_results_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys, f
 
 
 def test_gpu_index_out_of_range_says_how_many_there_are(tmp_path, capsys, fake_gpu):
-    rc = rx.main(["--gpu-index", "7", "--server-cmd", "x", "--results-dir", str(tmp_path / "r")],
-                 nvml_module=fake_gpu)
+    rc = rx.main(
+        ["--gpu-index", "7", "--server-cmd", "x", "--results-dir", str(tmp_path / "r")], nvml_module=fake_gpu
+    )
     assert rc == 2
     assert "GPU index 7 out of range: this machine has 1 GPU" in capsys.readouterr().err
     assert not list((tmp_path / "r").iterdir())

@@ -10,6 +10,7 @@ The memory counts on the card that CUDA_VISIBLE_DEVICES names by UUID (card 0 ot
 /metrics also carries vLLM's request-latency histograms (TTFT, end-to-end, queue, prefill,
 decode), timed after a FAKE_FRONTEND_S delay that stands for the HTTP/tokenizer front end.
 """
+
 import argparse
 import collections
 import fcntl
@@ -27,9 +28,9 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MIB = 1024 * 1024
-PAGE = 2 * MIB            # kvcached maps KV memory in 2 MiB pages
-OVERHEAD = 300 * MIB      # CUDA context, activations, ...
-PREALLOC = 32 * MIB       # pages kvcached keeps mapped while idle
+PAGE = 2 * MIB  # kvcached maps KV memory in 2 MiB pages
+OVERHEAD = 300 * MIB  # CUDA context, activations, ...
+PREALLOC = 32 * MIB  # pages kvcached keeps mapped while idle
 # Seen on an H200 with vLLM 0.24 + kvcached 0.1.6: after its first burst a kvcached server settles
 # ~480 MiB above its just-loaded level (pages kept mapped for reuse), and a static server holds
 # ~320 MiB more than --gpu-memory-utilization x total (the CUDA context is outside that budget).
@@ -57,18 +58,34 @@ while orphan or os.getppid() == parent:
     time.sleep(0.2)
 """
 
-STREAM_FAULTS = ("error_event", "truncate", "no_finish_reason", "short", "keepalive", "trickle",
-                 "no_stream")
+STREAM_FAULTS = ("error_event", "truncate", "no_finish_reason", "short", "keepalive", "trickle", "no_stream")
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                   7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 LATENCY_METRICS = (  # (name, help), in the order Latencies.observe takes them
     ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
     ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
-    ("vllm:request_queue_time_seconds",
-     "Histogram of time spent in WAITING phase for request."),
-    ("vllm:request_prefill_time_seconds",
-     "Histogram of time spent in PREFILL phase for request."),
+    ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+    ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request."),
     ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request."),
 )
 
@@ -114,6 +131,7 @@ def card_memory():
     """(total, used) bytes of this server's card, as the fake pynvml sees it."""
     try:
         import pynvml as nvml  # the fake next to this file
+
         index = nvml.card_index(visible_uuid())
         return nvml.total_bytes(index), nvml.used_bytes(index)
     except (ImportError, AttributeError):
@@ -151,9 +169,11 @@ class Latencies:
             for bound, n in zip(LATENCY_BUCKETS, counts):
                 cumulative += n
                 out.append('%s_bucket%s,le="%r"} %s' % (name, inner, bound, float(cumulative)))
-            out += ['%s_bucket%s,le="+Inf"} %s' % (name, inner, float(count)),
-                    "%s_sum%s %r" % (name, label, total),
-                    "%s_count%s %s" % (name, label, float(count))]
+            out += [
+                '%s_bucket%s,le="+Inf"} %s' % (name, inner, float(count)),
+                "%s_sum%s %r" % (name, label, total),
+                "%s_count%s %s" % (name, label, float(count)),
+            ]
         return out
 
 
@@ -207,6 +227,7 @@ def model_sizes(model):
 
 # --- kvcached shared-memory segment: three little-endian int64 (total, used, prealloc) ---
 
+
 def segment_path():
     name = os.environ.get("KVCACHED_IPC_NAME", "kvcached_mem_info")
     return os.path.join(os.environ.get("FAKE_SHM_DIR") or "/dev/shm", name)
@@ -238,21 +259,21 @@ class Engine:
         self.base = weights + OVERHEAD
         self.kv = kv_per_token
         self.kvcached = kvcached
-        self.pool = pool                  # static arm: KV pool bytes
-        self.seg_total = seg_total        # kvcached arm: last limit read from the segment
+        self.pool = pool  # static arm: KV pool bytes
+        self.seg_total = seg_total  # kvcached arm: last limit read from the segment
         self.seg_path = segment_path() if kvcached else None
         self.gpu_dir = os.environ.get("FAKE_GPU_DIR")
         self.uuid = visible_uuid()
         self.cond = threading.Condition()
         self.queue = collections.deque()  # request ids waiting for admission, oldest first
         self.running = 0
-        self.reserved = 0                 # bytes reserved by running requests
-        self.kv_tokens = 0                # tokens whose KV is held right now
+        self.reserved = 0  # bytes reserved by running requests
+        self.kv_tokens = 0  # tokens whose KV is held right now
         self.preemptions = 0
-        self.ready = False                # before: weights only; after: KV pool too
-        self.reserve = 0                  # kvcached pages kept mapped once the first request ran
+        self.ready = False  # before: weights only; after: KV pool too
+        self.reserve = 0  # kvcached pages kept mapped once the first request ran
         self.closed = False
-        self.asleep = 0                   # sleep level, 0 = awake
+        self.asleep = 0  # sleep level, 0 = awake
         self.child = None
         self.published = None
 
@@ -264,7 +285,7 @@ class Engine:
     def memory(self):
         if not self.ready:
             return self.base + CONTEXT
-        if self.asleep:   # level 1 moves the weights to host memory and drops the KV pool; level 2 drops both
+        if self.asleep:  # level 1 moves the weights to host memory and drops the KV pool; level 2 drops both
             return CONTEXT
         if self.kvcached:
             return self.base + CONTEXT + PREALLOC + self.reserve + self.kv_bytes()
@@ -302,8 +323,16 @@ class Engine:
                 pass
 
     def start(self, grandchild):
-        self.child = subprocess.Popen([sys.executable, "-c", CHILD_CODE, str(os.getpid()),
-                                       "1" if grandchild else "0", self.gpu_dir or ""])
+        self.child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD_CODE,
+                str(os.getpid()),
+                "1" if grandchild else "0",
+                self.gpu_dir or "",
+            ]
+        )
         with self.cond:
             self.publish()
 
@@ -392,7 +421,7 @@ def error_body(message, kind, code):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "uvicorn"
-    args = None      # set in main()
+    args = None  # set in main()
     api_key = None
     engine = None
     latencies = None
@@ -442,10 +471,23 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"is_sleeping": bool(self.engine.asleep)})
         elif path == "/v1/models":
             if self.authorized():
-                self.send_json(200, {"object": "list", "data": [
-                    {"id": n, "object": "model", "created": int(time.time()),
-                     "owned_by": "vllm", "root": self.args.model, "max_model_len": self.max_len}
-                    for n in self.names]})
+                self.send_json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": n,
+                                "object": "model",
+                                "created": int(time.time()),
+                                "owned_by": "vllm",
+                                "root": self.args.model,
+                                "max_model_len": self.max_len,
+                            }
+                            for n in self.names
+                        ],
+                    },
+                )
         else:
             self.send_json(404, {"detail": "Not Found"})
 
@@ -468,7 +510,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         elif path != "/v1/chat/completions":
             self.send_json(404, {"detail": "Not Found"})
-        elif self.engine.asleep and self.authorized():   # nothing on the card to compute with
+        elif self.engine.asleep and self.authorized():  # nothing on the card to compute with
             self.send_json(500, error_body("The engine is sleeping", "InternalServerError", 500))
         elif self.authorized():
             try:
@@ -480,23 +522,38 @@ class Handler(BaseHTTPRequestHandler):
     def metrics(self):
         e = self.engine
         label = '{engine="0",model_name="%s"}' % (
-            self.names[0].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+            self.names[0].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        )
         usage = e.usage()
         with e.cond:
             rows = [
-                ("vllm:num_requests_running", "gauge",
-                 "Number of requests in model execution batches.", e.running),
-                ("vllm:num_requests_waiting", "gauge",
-                 "Number of requests waiting to be processed.", len(e.queue)),
-                ("vllm:kv_cache_usage_perc", "gauge",
-                 "KV-cache usage. 1 means 100 percent usage.", usage),
-                ("vllm:num_preemptions_total", "counter",
-                 "Cumulative number of preemption from the engine.", e.preemptions),
+                (
+                    "vllm:num_requests_running",
+                    "gauge",
+                    "Number of requests in model execution batches.",
+                    e.running,
+                ),
+                (
+                    "vllm:num_requests_waiting",
+                    "gauge",
+                    "Number of requests waiting to be processed.",
+                    len(e.queue),
+                ),
+                ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage),
+                (
+                    "vllm:num_preemptions_total",
+                    "counter",
+                    "Cumulative number of preemption from the engine.",
+                    e.preemptions,
+                ),
             ]
         out = []
         for name, kind, help_text, value in rows:
-            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
-                    "%s%s %s" % (name, label, float(value))]
+            out += [
+                "# HELP %s %s" % (name, help_text),
+                "# TYPE %s %s" % (name, kind),
+                "%s%s %s" % (name, label, float(value)),
+            ]
         out += self.latencies.rows(label)
         return "\n".join(out) + "\n"
 
@@ -511,8 +568,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(400, error_body("Invalid request body", "BadRequestError", 400))
         model = body.get("model") or self.names[0]
         if model not in self.names:
-            return self.send_json(404, error_body(
-                "The model `%s` does not exist." % model, "NotFoundError", 404))
+            return self.send_json(
+                404, error_body("The model `%s` does not exist." % model, "NotFoundError", 404)
+            )
 
         # Crude tokenizer: one token per word, plus 10 for the chat template.
         parts = []
@@ -528,14 +586,20 @@ class Handler(BaseHTTPRequestHandler):
         if max_tokens is None:
             max_tokens = self.max_len - prompt_tokens
         if not isinstance(max_tokens, int) or max_tokens < 1:
-            return self.send_json(400, error_body(
-                "max_tokens must be at least 1, got %s." % max_tokens, "BadRequestError", 400))
+            return self.send_json(
+                400, error_body("max_tokens must be at least 1, got %s." % max_tokens, "BadRequestError", 400)
+            )
         if prompt_tokens + max_tokens > self.max_len:
-            return self.send_json(400, error_body(
-                "'max_tokens' or 'max_completion_tokens' is too large: %d. This model's maximum "
-                "context length is %d tokens and your request has %d input tokens (%d > %d - %d)."
-                % (max_tokens, self.max_len, prompt_tokens, max_tokens, self.max_len,
-                   prompt_tokens), "BadRequestError", 400))
+            return self.send_json(
+                400,
+                error_body(
+                    "'max_tokens' or 'max_completion_tokens' is too large: %d. This model's maximum "
+                    "context length is %d tokens and your request has %d input tokens (%d > %d - %d)."
+                    % (max_tokens, self.max_len, prompt_tokens, max_tokens, self.max_len, prompt_tokens),
+                    "BadRequestError",
+                    400,
+                ),
+            )
         if body.get("ignore_eos"):
             n_out = max_tokens
         else:  # deterministic "EOS" so that some answers end early
@@ -554,11 +618,15 @@ class Handler(BaseHTTPRequestHandler):
         rid = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out,
-                 "total_tokens": prompt_tokens + n_out}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n_out,
+            "total_tokens": prompt_tokens + n_out,
+        }
         if self.args.enable_log_requests:
-            log("INFO Received request %s: prompt_tokens=%d, max_tokens=%d"
-                % (rid, prompt_tokens, max_tokens))
+            log(
+                "INFO Received request %s: prompt_tokens=%d, max_tokens=%d" % (rid, prompt_tokens, max_tokens)
+            )
 
         buffered = []  # no_stream: the whole SSE body, sent in one piece at the end
 
@@ -569,8 +637,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.write_chunk(data)
 
         def event(choices, **extra):
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                   "model": model, "choices": choices}
+            obj = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
             obj.update(extra)
             send(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
@@ -593,8 +666,13 @@ class Handler(BaseHTTPRequestHandler):
         held = prompt_tokens
 
         def observe():
-            self.latencies.observe(t_first - t_start, t_last - t_start, t_admitted - t_queued,
-                                   t_first - t_admitted, t_last - t_first)
+            self.latencies.observe(
+                t_first - t_start,
+                t_last - t_start,
+                t_admitted - t_queued,
+                t_first - t_admitted,
+                t_last - t_first,
+            )
 
         try:
             if fault == "keepalive":  # never a token; ends when a write finds the client gone
@@ -614,20 +692,35 @@ class Handler(BaseHTTPRequestHandler):
                     t_first = time.monotonic()
             t_last = time.monotonic()
             if not stream:
-                self.send_json(200, {
-                    "id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant",
-                                                         "content": "tok " * n_out},
-                                 "logprobs": None, "finish_reason": finish}],
-                    "usage": usage})
+                self.send_json(
+                    200,
+                    {
+                        "id": rid,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "tok " * n_out},
+                                "logprobs": None,
+                                "finish_reason": finish,
+                            }
+                        ],
+                        "usage": usage,
+                    },
+                )
                 return observe()
             if fault == "truncate":  # no [DONE], no terminating chunk: the socket just ends
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             if fault == "error_event":  # what vLLM sends when the engine fails mid-stream
-                send(b"data: " + json.dumps(error_body(
-                    "fake engine error", "InternalServerError", 500)).encode() + b"\n\n")
+                send(
+                    b"data: "
+                    + json.dumps(error_body("fake engine error", "InternalServerError", 500)).encode()
+                    + b"\n\n"
+                )
             elif include_usage:
                 event([], usage=usage)
             send(b"data: [DONE]\n\n")
@@ -665,8 +758,10 @@ def main(argv=None):
     mode = os.environ.get("FAKE_MODE", "")
     startup_s = env_float("FAKE_STARTUP_S", 0.3)
     total, used = card_memory()
-    kvcached = (os.environ.get("ENABLE_KVCACHED", "").lower() in ("true", "1")
-                and os.environ.get("KVCACHED_AUTOPATCH") == "1")
+    kvcached = (
+        os.environ.get("ENABLE_KVCACHED", "").lower() in ("true", "1")
+        and os.environ.get("KVCACHED_AUTOPATCH") == "1"
+    )
     weights, kv_per_token, max_pos = model_sizes(args.model)
 
     log("INFO fake vllm starting: model=%s kvcached=%s mode=%r" % (args.model, kvcached, mode))
@@ -688,18 +783,22 @@ def main(argv=None):
             free = total - used
             want = args.gpu_memory_utilization * total
             if free < want:
-                fail("ValueError: Free memory on device (%.2f/%.2f GiB) on startup is less than "
-                     "desired GPU memory utilization (%.2f, %.2f GiB). Decrease GPU memory "
-                     "utilization or reduce GPU memory used by other processes."
-                     % (free / 2**30, total / 2**30, args.gpu_memory_utilization,
-                        want / 2**30), 1)
+                fail(
+                    "ValueError: Free memory on device (%.2f/%.2f GiB) on startup is less than "
+                    "desired GPU memory utilization (%.2f, %.2f GiB). Decrease GPU memory "
+                    "utilization or reduce GPU memory used by other processes."
+                    % (free / 2**30, total / 2**30, args.gpu_memory_utilization, want / 2**30),
+                    1,
+                )
             pool = int(want) - weights - OVERHEAD
             if pool <= 0:
-                fail("ValueError: No available memory for the cache blocks. Try increasing "
-                     "`gpu_memory_utilization` when initializing the engine.", 1)
+                fail(
+                    "ValueError: No available memory for the cache blocks. Try increasing "
+                    "`gpu_memory_utilization` when initializing the engine.",
+                    1,
+                )
 
-    engine = Engine(weights, kv_per_token, kvcached, pool,
-                    seg_total=int(0.95 * total) - weights - OVERHEAD)
+    engine = Engine(weights, kv_per_token, kvcached, pool, seg_total=int(0.95 * total) - weights - OVERHEAD)
     Handler.args, Handler.engine, Handler.latencies = args, engine, Latencies()
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM does
     Handler.names = args.served_model_name or [args.model]
@@ -708,7 +807,10 @@ def main(argv=None):
     def on_signal(signum, frame):
         # A stop signals the process group and each process, so a second signal can arrive while this
         # handler runs: it must neither block on the log's lock (held by the first) nor start again.
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        if (
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        ):
             return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -748,13 +850,14 @@ def main(argv=None):
         except OSError as exc:
             fail("OSError: %s" % exc, 1)
         log("INFO Starting vLLM API server 0 on http://%s:%d" % (args.host, args.port))
-        log("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
-            % (args.host, args.port))
+        log("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)" % (args.host, args.port))
         if mode in ("exit_after_ready", "die_after_s"):
+
             def die():
                 log("ERROR EngineCore died unexpectedly", err=True)
                 engine.cleanup()
                 os._exit(1)
+
             delay = 1.0 if mode == "exit_after_ready" else env_float("FAKE_DIE_AFTER_S", 1.0)
             threading.Timer(delay, die).start()
         server.serve_forever(poll_interval=0.1)

@@ -14,6 +14,7 @@ like FAKE_GPU_TOTAL_MIBS), FAKE_NVML_FAIL=1 (nvmlInit raises), FAKE_NVML_FLAKY=1
 (process pids reported shifted by N, as host pids seen from inside a container), FAKE_NVML_STALL=N:S (the Nth
 nvmlDeviceGetMemoryInfo call of a process takes S seconds, as a stalled driver call would).
 """
+
 import glob
 import json
 import os
@@ -201,7 +202,7 @@ def nvmlDeviceGetMemoryInfo(handle, version=None):
         n = _meminfo_calls
     if os.environ.get("FAKE_NVML_FLAKY") == "1" and n % 5 == 0:
         raise NVMLError(NVML_ERROR_UNKNOWN)
-    stall = os.environ.get("FAKE_NVML_STALL", "")   # "N:S": the Nth call (in this process) takes S seconds
+    stall = os.environ.get("FAKE_NVML_STALL", "")  # "N:S": the Nth call (in this process) takes S seconds
     if stall and n == int(stall.split(":")[0]):
         time.sleep(float(stall.split(":")[1]))
     total = total_bytes(handle.index)
@@ -214,8 +215,9 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
     # In a container NVML reports host pids, which the container's /proc does not show.
     offset = int(os.environ.get("FAKE_NVML_PID_OFFSET", "0"))
     return [
-        SimpleNamespace(pid=pid + offset, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF,
-                        computeInstanceId=0xFFFFFFFF)
+        SimpleNamespace(
+            pid=pid + offset, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
+        )
         for pid, used, _ in _live_processes(handle.index)
     ]
 

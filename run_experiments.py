@@ -80,6 +80,47 @@ def running_in_notebook() -> bool:
     return "ipykernel" in sys.modules or "google.colab" in sys.modules
 
 
+# %% Run state: one owner for the stop flags, the secrets and where messages go
+class RunState:
+    """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, the
+    pipe whose end tells each server's keeper this process is alive, and where messages go (prefixed
+    with the card in a lane's thread). main() starts a fresh one."""
+
+    def __init__(self, out: Callable[[str], None] = print):
+        self.out = out
+        self.hurry = threading.Event()  # a second Ctrl-C/SIGTERM during a stop: SIGKILL now
+        self.stopping = threading.Event()  # a stop is under way: signal handlers must not interrupt it
+        self.interrupt_pending = threading.Event()  # a signal came during a stop: end the run after it
+        self.abort = threading.Event()  # the run was interrupted: every lane stops at its next wait
+        self.signals_seen = 0
+        self.secrets: set[str] = set()  # values scrubbed from anything written or printed
+        self.lifeline: Optional[tuple[int, int]] = None  # (read end, write end) of the keepers' pipe
+        self._thread = threading.local()
+
+    def say(self, message: Any) -> None:
+        text = scrub(str(message))
+        prefix = getattr(self._thread, "prefix", "")
+        self.out(prefixed(text, prefix) if prefix else text)
+
+    @contextlib.contextmanager
+    def lane(self, prefix: str) -> Iterator[None]:
+        """Messages from this thread carry `prefix` (the lane's card) meanwhile."""
+        before = getattr(self._thread, "prefix", "")
+        self._thread.prefix = prefix
+        try:
+            yield
+        finally:
+            self._thread.prefix = before
+
+
+STATE = RunState()
+
+
+def say(message: Any) -> None:
+    """Print one progress message of the current run."""
+    STATE.say(message)
+
+
 # %% Configuration: every knob, one line each, with its unit and reason
 # In Colab, edit this string instead of passing command-line flags (the kernel's argv is ignored).
 NOTEBOOK_ARGS = "--preset auto"
@@ -438,7 +479,6 @@ def run_experiment(
     pool: "ServerPool",
     nvml: Any,
     exp_dir: Path,
-    say: Callable[[str], None],
     when_ready: Callable[[], None] = lambda: None,
 ) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -471,11 +511,11 @@ def run_experiment(
         marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
         save()
         if exp.kv_budget:
-            record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits, say)
+            record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits)
         warmed = False
         if cfg.warmup:
             start = time.time()
-            warmed = warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl", say)
+            warmed = warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl")
             if warmed:
                 marks.warmup = (start, time.time())
                 outcome = watch.wait_settled(
@@ -502,7 +542,7 @@ def run_experiment(
                 marks.bursts.append(burst)
                 before = server_latency_snapshot(server)
                 gate = wake_gate(server, cfg)
-                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, say, sink, gate)
+                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, sink, gate)
                 burst.end = time.time()
                 burst.server_before = before
                 burst.server_after = server_latency_snapshot(
@@ -637,52 +677,49 @@ class Run:
 
 
 def main(
-    argv: Optional[list[str]] = None, nvml_module: Any = None, say: Callable[[str], None] = print
+    argv: Optional[list[str]] = None, nvml_module: Any = None, out: Callable[[str], None] = print
 ) -> int:
     """Exit code: 0 all measured; 1 an experiment failed or its memory figures are void; 2 bad input
-    (nothing launched); 130 interrupted."""
+    (nothing launched); 130 interrupted. Messages go to `out`, scrubbed of secrets."""
+    global STATE
+    STATE = RunState(out)
     started = time.time()
     try:
-        cfg = config_from_args(argv, say)
+        cfg = config_from_args(argv)
         if cfg is None:  # --help
             return 0
         if cfg.report:
             say(json.dumps(build_report(Path(cfg.report))))
             return 0
-        say = scrubbed(say)
         if cfg.check:
             checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
             say(checklist(checks))
             return 0 if all(c.ok for c in checks) else 1
-        run = prepare_run(cfg, argv, nvml_module, say)
+        run = prepare_run(cfg, argv, nvml_module)
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.config["timing"] = {"started": started}
     try:
-        interrupted, failures = run_table(run, say)
+        interrupted, failures = run_table(run)
     except ConfigError as exc:  # vLLM's import check, run beside the first imports, failed: no run
         shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.config["timing"]["table_end"] = time.time()
-    return report_run(run, interrupted, failures, say)
+    return report_run(run, interrupted, failures)
 
 
-def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
+def run_table(run: Run) -> tuple[bool, int]:
     """Every chosen experiment, lane by lane (lanes in parallel), servers kept across experiments where
     they fit, all stopped at the end. Returns (interrupted, failed experiments)."""
-    ABORT.clear()
+    STATE.abort.clear()
     lanes = run.lanes
-    says = [
-        (lambda text, g=lane.cfg.gpu_index: say(prefixed(text, f"[GPU {g}] "))) if len(lanes) > 1 else say
-        for lane in lanes
-    ]
-    pools = [
-        ServerPool(lane.cfg, lane_say, pin_to_card(lane.gpu, lane.cfg.gpu_index, lane_say))
-        for lane, lane_say in zip(lanes, says)
-    ]
-    restore = install_stop_signals(say) if not running_in_notebook() else {}
+    pools = []
+    for lane in lanes:
+        with STATE.lane(lane_prefix(run, lane)):
+            pools.append(ServerPool(lane.cfg, pin_to_card(lane.gpu, lane.cfg.gpu_index)))
+    restore = install_stop_signals() if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
     switch_interval = sys.getswitchinterval()
@@ -692,21 +729,21 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
         [
             threading.Thread(
                 target=run_lane,
-                args=(run, lane, pool, lane_say, outcome),
+                args=(run, lane, pool, outcome),
                 daemon=True,
                 name=f"lane-gpu{lane.cfg.gpu_index}",
             )
-            for lane, pool, lane_say, outcome in zip(lanes, pools, says, outcomes)
+            for lane, pool, outcome in zip(lanes, pools, outcomes)
         ]
         if len(lanes) > 1
         else []
     )
     interrupted = False
     try:
-        import_first_servers(run, pools, say)
+        import_first_servers(run, pools)
         run.config["timing"]["table_start"] = time.time()
         if not workers:  # one card: in this thread, as a notebook's interrupt reaches only it
-            run_lane(run, lanes[0], pools[0], says[0], outcomes[0])
+            run_lane(run, lanes[0], pools[0], outcomes[0])
         else:
             for worker in workers:
                 worker.start()
@@ -715,12 +752,12 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
                     worker.join(timeout=0.2)
     except KeyboardInterrupt:
         interrupted = True
-        ABORT.set()  # the other lanes stop at their next step
-        SIGNALS_SEEN[0] = max(SIGNALS_SEEN[0], 1)  # a notebook's stop button reaches us only this way
+        STATE.abort.set()  # the other lanes stop at their next step
+        STATE.signals_seen = max(STATE.signals_seen, 1)  # a notebook's stop button reaches us only this way
         say("\ninterrupted: stopping every server before leaving")
     finally:
         try:
-            close_pools(pools, say)
+            close_pools(pools)
         except KeyboardInterrupt:  # signalled again while stopping: the servers are gone all the same
             interrupted = True
         for worker in workers:
@@ -734,7 +771,7 @@ def run_table(run: Run, say: Callable[[str], None]) -> tuple[bool, int]:
     return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
 
 
-def import_first_servers(run: Run, pools: list["ServerPool"], say: Callable[[str], None]) -> None:
+def import_first_servers(run: Run, pools: list["ServerPool"]) -> None:
     """With --preimport, each lane's first servers import vLLM while vLLM's import check runs (see
     import_checks_beside); the experiments begin once it has passed."""
     if run.import_checks is None:
@@ -748,7 +785,7 @@ def import_first_servers(run: Run, pools: list["ServerPool"], say: Callable[[str
     if all(c.ok for c in checks):
         say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
         return
-    close_pools(pools, say, "vLLM's import check failed")
+    close_pools(pools, "vLLM's import check failed")
     raise ConfigError(
         "preflight failed; the servers importing vLLM ahead were stopped before they started "
         "(--check repeats it):\n" + checklist(checks)
@@ -769,10 +806,13 @@ class LaneOutcome:
     interrupted: bool = False
 
 
-def run_lane(
-    run: Run, lane: Lane, pool: "ServerPool", say: Callable[[str], None], outcome: LaneOutcome
-) -> None:
+def run_lane(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> None:
     """A lane's experiments in turn; one that fails is written down and the next one runs."""
+    with STATE.lane(lane_prefix(run, lane)):
+        run_lane_experiments(run, lane, pool, outcome)
+
+
+def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> None:
     resolved = lambda entry: resolve_experiment(entry, lane.cfg, run.plans, run.budget)
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
@@ -782,7 +822,7 @@ def run_lane(
             else lambda: None
         )
         try:
-            run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, say, stage_next)
+            run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, stage_next)
         except Aborted:
             outcome.interrupted = True
             return
@@ -792,7 +832,7 @@ def run_lane(
             outcome.interrupted = True
             return
         except Exception as exc:  # this experiment failed; the others still run
-            if ABORT.is_set():  # cut off by the interrupt, not a failure of its own
+            if STATE.abort.is_set():  # cut off by the interrupt, not a failure of its own
                 outcome.interrupted = True
                 return
             outcome.failures += 1
@@ -817,7 +857,11 @@ def lane_suffix(run: Run, lane: Lane) -> str:
     return f" on GPU {lane.cfg.gpu_index}" if len(run.lanes) > 1 else ""
 
 
-def report_run(run: Run, interrupted: bool, failures: int, say: Callable[[str], None]) -> int:
+def lane_prefix(run: Run, lane: Lane) -> str:
+    return f"[GPU {lane.cfg.gpu_index}] " if len(run.lanes) > 1 else ""
+
+
+def report_run(run: Run, interrupted: bool, failures: int) -> int:
     run.config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     run.config["interrupted"] = interrupted
     run.save_config()
@@ -931,7 +975,6 @@ def warm_up(
     plans: dict[str, "WorkloadPlan"],
     by_slot: dict[str, "RunningServer"],
     path: Path,
-    say: Callable[[str], None],
 ) -> bool:
     """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
     heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
@@ -955,7 +998,6 @@ def warm_up(
             plan,
             server,
             -1,
-            say,
             RecordSink(path, keep_itl=False),
             gate,
         )
@@ -976,7 +1018,6 @@ def run_step(
     plan: "WorkloadPlan",
     server: "RunningServer",
     repeat: int,
-    say: Callable[[str], None],
     sink: Callable[["RequestRecord"], None],
     gate: Optional[Callable[[], None]] = None,
 ) -> list["RequestRecord"]:
@@ -992,7 +1033,7 @@ def run_step(
         return []
     make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
     started = time.time()
-    records = run_burst(server, reqs, make, cfg, say=say, sink=sink, gate=gate)
+    records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
     say(
@@ -1013,7 +1054,7 @@ def run_step(
 
 
 def apply_pair_budget(
-    budget: int, by_slot: dict[str, "RunningServer"], restore: dict[str, int], say: Callable[[str], None]
+    budget: int, by_slot: dict[str, "RunningServer"], restore: dict[str, int]
 ) -> dict[str, int]:
     """Write kvcached limits so the pair shares `budget`; remembers the old limits in `restore`."""
     segments = {}
@@ -1308,7 +1349,7 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-def resolve_config(cfg: Config, say: Callable[[str], None] = print) -> Config:
+def resolve_config(cfg: Config) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
@@ -1373,7 +1414,7 @@ def parse_env_pairs(spec: str) -> dict[str, str]:
     return pairs
 
 
-def config_from_args(argv: Optional[list[str]], say: Callable[[str], None] = print) -> Optional[Config]:
+def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
     """argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) -> the validated, resolved Config;
     None once --help has been printed."""
     if argv is None:
@@ -1382,7 +1423,7 @@ def config_from_args(argv: Optional[list[str]], say: Callable[[str], None] = pri
         namespace = build_parser().parse_args(argv)
     except SystemExit:  # --help printed (bad flags raise ConfigError instead)
         return None
-    return resolve_config(validate_config(Config(**vars(namespace))), say)
+    return resolve_config(validate_config(Config(**vars(namespace))))
 
 
 # %% Model facts: KV bytes per token, read without torch or the network when possible
@@ -1717,9 +1758,6 @@ REDACTED = "***"
 SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
-SECRETS: set[str] = set()  # values to scrub from anything we write or print (filled by register_secrets)
-
-
 def is_secret_name(name: str) -> bool:
     """VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key: yes; TOKENIZERS_PARALLELISM, --max-tokens: no."""
     parts = name.upper().replace("-", "_").strip("_").split("_")
@@ -1758,17 +1796,13 @@ def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
             for a in argv
             if "=" in a and a.startswith("--") and is_secret_name(a.partition("=")[0][2:])
         ]
-    SECRETS.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
+    STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 
 def scrub(text: str) -> str:
-    for secret in sorted(SECRETS, key=len, reverse=True):
+    for secret in sorted(STATE.secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
-
-
-def scrubbed(say: Callable[[str], None]) -> Callable[[str], None]:
-    return lambda message: say(scrub(str(message)))
 
 
 # %% Server lifecycle: a keeper per server, readiness on /health, the whole tree stopped
@@ -2091,14 +2125,11 @@ while True:
 KEEPER_GRACE_S = 4.0  # after the harness is gone: SIGINT, this long, then SIGKILL
 
 
-_LIFELINE: list[int] = []  # [read end, write end]; the write end never leaves this process
-
-
 def lifeline_fd() -> int:
     """Read end of a pipe whose write end only this process holds: EOF means we are gone."""
-    if not _LIFELINE:
-        _LIFELINE.extend(os.pipe())  # both ends close-on-exec; the keeper gets the read end by pass_fds
-    return _LIFELINE[0]
+    if not STATE.lifeline:
+        STATE.lifeline = os.pipe()  # both ends close-on-exec; the keeper gets the read end by pass_fds
+    return STATE.lifeline[0]
 
 
 @dataclasses.dataclass
@@ -2178,7 +2209,7 @@ def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def start_checks(cfg: Config, spec: ServerSpec, say: Callable[[str], None] = print) -> None:
+def start_checks(cfg: Config, spec: ServerSpec) -> None:
     """What must hold the moment a server starts: its port free, its kvcached segment name unused."""
     taken = port_taken(cfg.host, spec.port)
     if taken:
@@ -2186,7 +2217,7 @@ def start_checks(cfg: Config, spec: ServerSpec, say: Callable[[str], None] = pri
             f"port {spec.port} is already {taken}. Stop what holds it "
             f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b"
         )
-    if spec.kvcached and not remove_segment(spec.ipc_name, say):
+    if spec.kvcached and not remove_segment(spec.ipc_name):
         raise ServerError(
             f"{segment_path(spec.ipc_name)} exists and is not ours: kvcached would share it "
             f"with a stranger. Remove it (as its owner) and run again."
@@ -2198,7 +2229,6 @@ def start_server(
     spec: ServerSpec,
     log_path: Path,
     device: Optional[dict] = None,
-    say: Callable[[str], None] = print,
     staged: bool = False,
 ) -> RunningServer:
     """Launch a server now; `staged`: only import it now and start it on release_staged()."""
@@ -2209,7 +2239,7 @@ def start_server(
             f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
         )
     if not staged:
-        start_checks(cfg, spec, say)
+        start_checks(cfg, spec)
     env = server_env(cfg, spec, device=device)
     shown = redact_env(
         {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
@@ -2288,7 +2318,7 @@ def preimport_on(cfg: Config, cores: Optional[int] = None) -> bool:
 PREIMPORT_CORES_PER_CARD = 8
 
 
-def release_staged(cfg: Config, server: RunningServer, say: Callable[[str], None] = print) -> None:
+def release_staged(cfg: Config, server: RunningServer) -> None:
     """Tell a staged server to start; its start-up is timed from here."""
     code = server.exit_code()
     if code is not None:
@@ -2296,7 +2326,7 @@ def release_staged(cfg: Config, server: RunningServer, say: Callable[[str], None
             f"server {server.spec.label} exited with code {code} while vLLM was being imported "
             f"ahead of its start.\n{server.evidence()}"
         )
-    start_checks(cfg, server.spec, say)  # the server that held this port may have stopped just now
+    start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
     try:
         server.proc.stdin.write(b"go\n")
         server.proc.stdin.close()
@@ -2327,7 +2357,6 @@ def wait_ready(
     timeout_s: float,
     poll_s: float = 0.25,
     progress_every_s: float = 10.0,
-    say: Callable[[str], None] = print,
 ) -> float:
     """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first."""
     deadline = server.started_at + timeout_s
@@ -2392,25 +2421,13 @@ def server_problem(server: RunningServer) -> Optional[str]:
 STOP_STAGES = ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
 
 
-HURRY = threading.Event()  # set by a second Ctrl-C/SIGTERM during a stop: SIGKILL now
-
-
-STOPPING = threading.Event()  # a stop is under way: signal handlers must not interrupt it
-
-
-INTERRUPT_PENDING = threading.Event()  # a signal arrived during a stop: the run ends once it is done
-
-
-ABORT = threading.Event()  # the run was interrupted: every lane stops at its next wait
-
-
 class Aborted(KeyboardInterrupt):
     """Raised in a lane's thread when the run was interrupted (signals reach only the main thread)."""
 
 
 def pause(seconds: float) -> None:
     """time.sleep that ends the lane's work when the run is interrupted."""
-    if ABORT.wait(seconds) if seconds > 0 else ABORT.is_set():
+    if STATE.abort.wait(seconds) if seconds > 0 else STATE.abort.is_set():
         raise Aborted("the run was interrupted")
 
 
@@ -2431,19 +2448,17 @@ def signal_server(server: RunningServer, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop_servers(
-    servers: list[RunningServer], grace_s: Optional[float] = None, say: Callable[[str], None] = lambda _: None
-) -> float:
+def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None) -> float:
     """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
     shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
     started, interrupted = time.time(), False
     main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
     if main:
-        STOPPING.set()
+        STATE.stopping.set()
     try:
         stages = ((STOP_STAGES[0][0], STOP_STAGES[0][1] if grace_s is None else grace_s),) + STOP_STAGES[1:]
         for sig, wait_s in stages:
-            if HURRY.is_set() and sig != signal.SIGKILL:
+            if STATE.hurry.is_set() and sig != signal.SIGKILL:
                 continue
             live = [s for s in servers if s.alive_pids()]
             if not live:
@@ -2453,15 +2468,17 @@ def stop_servers(
             deadline = time.time() + wait_s
             while time.time() < deadline:
                 try:
-                    if not any(s.alive_pids() for s in live) or (HURRY.is_set() and sig != signal.SIGKILL):
+                    if not any(s.alive_pids() for s in live) or (
+                        STATE.hurry.is_set() and sig != signal.SIGKILL
+                    ):
                         break
                     time.sleep(0.05)
                 except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
                     interrupted = True
-                    HURRY.set()
+                    STATE.hurry.set()
                     say("  interrupted again: killing the servers now")
             stuck = [pid for s in live for pid in s.alive_pids()]
-            if stuck and sig != signal.SIGKILL and not HURRY.is_set():
+            if stuck and sig != signal.SIGKILL and not STATE.hurry.is_set():
                 say(
                     f"    still running {wait_s:g} s after {signal.Signals(sig).name}: {process_names(stuck)}"
                 )
@@ -2473,13 +2490,13 @@ def stop_servers(
                     server.proc.stdin.close()
             server.stopped = not server.alive_pids()
             if server.spec.kvcached:
-                remove_segment(server.spec.ipc_name, say)
+                remove_segment(server.spec.ipc_name)
             scrub_file(server.log_path)
     finally:
         if main:
-            STOPPING.clear()
-    if main and (interrupted or INTERRUPT_PENDING.is_set()):
-        INTERRUPT_PENDING.clear()
+            STATE.stopping.clear()
+    if main and (interrupted or STATE.interrupt_pending.is_set()):
+        STATE.interrupt_pending.clear()
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
 
@@ -2501,7 +2518,7 @@ def stop_server(server: RunningServer, grace_s: Optional[float] = None) -> float
 
 def scrub_file(path: Path) -> None:
     """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
-    if not SECRETS:
+    if not STATE.secrets:
         return
     with contextlib.suppress(OSError):
         text = path.read_text(errors="replace")
@@ -2513,8 +2530,8 @@ class ServerPool:
     """Keeps servers across experiments that can share them; stops every one of them on close().
     A server leaves the pool only once nothing of it is alive."""
 
-    def __init__(self, cfg: Config, say: Callable[[str], None] = print, device: Optional[dict] = None):
-        self.cfg, self.say, self.device = cfg, say, device
+    def __init__(self, cfg: Config, device: Optional[dict] = None):
+        self.cfg, self.device = cfg, device
         self.running: dict[tuple, RunningServer] = {}
         self.staged: dict[tuple, RunningServer] = {}  # imported ahead, not started yet
         self.preimport = preimport_on(cfg)
@@ -2523,7 +2540,7 @@ class ServerPool:
 
     def stop(self, servers: list[RunningServer], why: str) -> None:
         try:
-            stop_announced(servers, why, self.say)
+            stop_announced(servers, why)
         finally:
             self.forget_stopped()
 
@@ -2549,14 +2566,12 @@ class ServerPool:
                     return
                 try:
                     self.staged[spec.key] = start_server(
-                        self.cfg, spec, server_log(log_dir, spec), self.device, say=self.say, staged=True
+                        self.cfg, spec, server_log(log_dir, spec), self.device, staged=True
                     )
                 except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
-                    self.say(
-                        f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual"
-                    )
+                    say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
                     continue
-            self.say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
+            say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
@@ -2566,15 +2581,13 @@ class ServerPool:
             server = self.running.get(spec.key)
             problem = server and server_problem(server)
             if problem:
-                self.say(
+                say(
                     f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}"
                 )
                 self.stop([server], "dead or not ours")
         for spec in specs:
             if spec.key in self.running:
-                self.say(
-                    f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)"
-                )
+                say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
         new = [spec for spec in specs if spec.key not in self.running]
         # kvcached servers take KV memory only when it is used, so they can start together; a static
         # server sizes its pool from the free memory it sees while starting, so those go one at a time
@@ -2596,24 +2609,28 @@ class ServerPool:
                     server = self.staged.pop(spec.key, None)
                     if server is None:
                         server = start_server(
-                            self.cfg, spec, server_log(log_dir, spec), self.device, say=self.say
+                            self.cfg,
+                            spec,
+                            server_log(log_dir, spec),
+                            self.device,
                         )
                     self.running[spec.key] = server
                     started.append(server)
                     if server.staged_at is not None:
-                        release_staged(self.cfg, server, self.say)
+                        release_staged(self.cfg, server)
                     server.together = tuple(s.label for s in specs if s is not spec)
                 ahead = (
                     f", vLLM imported ahead {server.started_at - server.staged_at:.0f} s ago"
                     if server.staged_at is not None
                     else ""
                 )
-                self.say(
-                    f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path}{ahead})"
-                )
+                say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path}{ahead})")
             for server in started:
-                wait_ready(server, self.cfg.start_timeout_s, say=self.say)
-                self.say(
+                wait_ready(
+                    server,
+                    self.cfg.start_timeout_s,
+                )
+                say(
                     f"  {server.spec.label} ready after {server.startup_s:.1f} s"
                     f"{' (started together with the others)' if len(started) > 1 else ''}"
                 )
@@ -2625,42 +2642,42 @@ class ServerPool:
                     except ServerError:  # awake, it would hold the card the next server needs
                         self.stop([server], "it could not be put to sleep")
                         raise
-                    self.say(
-                        f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s"
-                    )
+                    say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
         except BaseException:  # never keep (or later reuse) a server that did not come up
             self.stop([s for s in started if s.ready_at is None], "it did not come up")
             raise
 
     def close(self) -> None:
-        close_pools([self], self.say)
+        close_pools([self])
 
 
 def server_log(log_dir: Path, spec: ServerSpec) -> Path:
     return log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
 
 
-def stop_announced(servers: list[RunningServer], why: str, say: Callable[[str], None]) -> None:
+def stop_announced(servers: list[RunningServer], why: str) -> None:
     if not servers:
         return
     worst = sum(wait for _, wait in STOP_STAGES)
     if in_main_thread():
-        STOPPING.set()  # from here on a signal cannot cut the stop short (stop_servers clears it)
+        STATE.stopping.set()  # from here on a signal cannot cut the stop short (stop_servers clears it)
     hint = (
-        f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now" if SIGNALS_SEEN[0] else ""
+        f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
+        if STATE.signals_seen
+        else ""
     )
     say(
         f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}"
     )
-    took = stop_servers(servers, say=say)
+    took = stop_servers(servers)
     say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
 
 
-def close_pools(pools: list[ServerPool], say: Callable[[str], None], why: str = "end of run") -> None:
+def close_pools(pools: list[ServerPool], why: str = "end of run") -> None:
     """Every lane's servers stopped together, and no lane starts another one meanwhile."""
     servers = [server for pool in pools for server in pool.shut()]
     try:
-        stop_announced(servers, why, say)
+        stop_announced(servers, why)
     finally:
         for pool in pools:
             pool.forget_stopped()
@@ -2734,7 +2751,7 @@ def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def remove_segment(ipc_name: str, say: Callable[[str], None] = print) -> bool:
+def remove_segment(ipc_name: str) -> bool:
     """Remove our segment; True if none is left. Never removes (or follows) what is not ours."""
     path = segment_path(ipc_name)
     try:
@@ -3444,7 +3461,6 @@ def run_burst(
     requests_: list[PlannedRequest],
     make_record: Callable[..., RequestRecord],
     cfg: Config,
-    say: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
     sink: Optional[Callable[[RequestRecord], None]] = None,
     gate: Optional[Callable[[], None]] = None,
@@ -5609,7 +5625,7 @@ def gpu_count_check(nvml: Any, indices: list[int], flag: str = "--gpu-index") ->
             )
 
 
-def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: Callable[[str], None]) -> Run:
+def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run:
     """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
     register_secrets(cfg)
     experiments = parse_experiments(cfg.experiments)
@@ -5621,7 +5637,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any, say: C
     cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
     mixed = same_cards(cards, cfg.allow_mixed_gpus)
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
-    plans, budget, model_facts = make_plans(cfg, gpu, say)
+    plans, budget, model_facts = make_plans(cfg, gpu)
     lanes = [
         Lane(lane_config(cfg, k, card["index"]), card, exps)
         for k, (card, exps) in enumerate(
@@ -5711,7 +5727,7 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
     return nvml
 
 
-def pin_to_card(gpu: dict, index: int, say: Callable[[str], None]) -> dict[str, str]:
+def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
     """The servers' CUDA_VISIBLE_DEVICES: CUDA numbers devices its own way, a UUID names the very card
     NVML measures."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
@@ -5723,9 +5739,7 @@ def pin_to_card(gpu: dict, index: int, say: Callable[[str], None]) -> dict[str, 
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
 
 
-def make_plans(
-    cfg: Config, gpu: dict, say: Callable[[str], None]
-) -> tuple[dict[str, WorkloadPlan], int, dict]:
+def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key, model in (("A", cfg.model_a), ("B", cfg.model_b)):
         model_config, source = load_model_config(model)
@@ -5803,21 +5817,18 @@ def show_in_notebook(run_dir: Path) -> None:
             display(Image(filename=str(png)))
 
 
-SIGNALS_SEEN = [0]
-
-
-def install_stop_signals(say: Callable[[str], None] = print) -> dict:
+def install_stop_signals() -> dict:
     """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers (script
     mode). While servers are being stopped a signal does not interrupt the stop: the first one ends
     the run once the stop is done, any further one kills the servers at once."""
 
     def handler(signum, frame):
-        SIGNALS_SEEN[0] += 1
-        if not STOPPING.is_set():
+        STATE.signals_seen += 1
+        if not STATE.stopping.is_set():
             raise KeyboardInterrupt(f"signal {signum}")
-        INTERRUPT_PENDING.set()
-        if SIGNALS_SEEN[0] > 1 and not HURRY.is_set():
-            HURRY.set()
+        STATE.interrupt_pending.set()
+        if STATE.signals_seen > 1 and not STATE.hurry.is_set():
+            STATE.hurry.set()
             say("\n  signalled again: killing the servers now")
 
     previous = {}

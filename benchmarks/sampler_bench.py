@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         harness = (use_fakes(tmp) if args.fake else []) + args.harness
-        cfg = rx.resolve_config(
-            rx.validate_config(rx.config_from_args(harness, say=lambda _: None)), say=lambda _: None
-        )
+        rx.STATE.out = lambda _: None
+        cfg = rx.resolve_config(rx.validate_config(rx.config_from_args(harness)))
+        rx.STATE.out = print
         nvml = rx.load_nvml(__import__("pynvml") if args.fake else None)
         gpu = rx.gpu_facts(nvml, cfg.gpu_index)
         spec = (
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             if args.arm == "kvcached"
             else rx.static_server(cfg, "A", cfg.gpu_memory_utilization)
         )
-        pool = rx.ServerPool(cfg, say=print, device=rx.pin_to_card(gpu, cfg.gpu_index, print))
+        pool = rx.ServerPool(cfg, device=rx.pin_to_card(gpu, cfg.gpu_index))
         try:
             pool.ensure([spec], Path(tmp))
             server = pool.running[spec.key]

@@ -72,15 +72,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def fresh_stop_state():
-    """The harness's process-wide stop flags and secrets start clean in every test."""
-    yield
-    rx.HURRY.clear()
-    rx.INTERRUPT_PENDING.clear()
-    rx.STOPPING.clear()
-    rx.ABORT.clear()
-    rx.SIGNALS_SEEN[0] = 0
-    rx.SECRETS.clear()
+def run_state(monkeypatch):
+    """Each test gets the harness's run state (stop flags, secrets, output) fresh, as main() does."""
+    state = rx.RunState()
+    monkeypatch.setattr(rx, "STATE", state)
+    return state
+
+
+@pytest.fixture
+def said(run_state):
+    """What the harness printed during the test, one message per item."""
+    messages: list[str] = []
+    run_state.out = messages.append
+    return messages
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +118,7 @@ def make_cfg(**overrides) -> "rx.Config":
         start_timeout_s=20,
     )
     base.update(overrides)
-    return rx.resolve_config(rx.validate_config(rx.Config(**base)), say=lambda _: None)
+    return rx.resolve_config(rx.validate_config(rx.Config(**base)))
 
 
 def ready(server, timeout_s: float = 20):

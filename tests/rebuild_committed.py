@@ -22,7 +22,7 @@ def rebuild(reference: Path, into: Path) -> dict:
     shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("*.png"))
     (copy / "summary.json").unlink()
     (copy / "summary.md").unlink()
-    rc = rx.main(["--report", str(copy)], say=lambda _: None)
+    rc = rx.main(["--report", str(copy)], out=lambda _: None)
     return {
         "rc": rc,
         "copy": str(copy),

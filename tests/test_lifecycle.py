@@ -99,7 +99,8 @@ def test_server_ignoring_sigterm_is_killed(fake_gpu, started, monkeypatch):
     tree = server.tree()
     begin = time.time()
     said = []
-    rx.stop_servers([server], grace_s=0.5, say=said.append)
+    rx.STATE.out = said.append
+    rx.stop_servers([server], grace_s=0.5)
     assert not any(alive(p) for p in tree)
     assert time.time() - begin < 12
     # which processes held the stop up is said, by pid and name (never a command line: it can hold a key)
@@ -133,7 +134,7 @@ def test_port_in_use_is_an_error_before_launch(tmp_path):
 
 def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
     cfg = make_cfg()
-    pool = rx.ServerPool(cfg, say=lambda s: None)
+    pool = rx.ServerPool(cfg)
     try:
         (first,) = pool.ensure([KVC_A(cfg)], tmp_path)
         (again,) = pool.ensure([KVC_A(cfg)], tmp_path)

@@ -292,7 +292,7 @@ def test_kvcached_segment_read_and_limit(tmp_path, monkeypatch):
     assert rx.read_segment("kvcached_bench_1")["total_bytes"] == rx.GIB
     assert rx.read_segment("kvcached_bench_1")["used_bytes"] == 96 * rx.MIB
     assert rx.read_segment("absent") is None
-    assert rx.remove_segment("kvcached_bench_1", say=lambda _: None)
+    assert rx.remove_segment("kvcached_bench_1")
     assert not (tmp_path / "kvcached_bench_1").exists()
 
 
@@ -319,8 +319,8 @@ def test_pair_budget_too_small_for_kvcached_preallocation_is_a_clear_error(tmp_p
         servers[name] = types.SimpleNamespace(spec=spec, log_path=tmp_path / "log")
     restore = {}
     with pytest.raises(RuntimeError, match="Raise --overload-budget-gib"):
-        rx.apply_pair_budget(rx.GIB // 2, servers, restore, say=lambda s: None)
-    limits = rx.apply_pair_budget(4 * rx.GIB, servers, restore, say=lambda s: None)
+        rx.apply_pair_budget(rx.GIB // 2, servers, restore)
+    limits = rx.apply_pair_budget(4 * rx.GIB, servers, restore)
     assert limits == {"A": 4 * rx.GIB - 576 * rx.MIB, "B": 4 * rx.GIB - 576 * rx.MIB}
     assert rx.read_segment(servers["A"].spec.ipc_name)["total_bytes"] == limits["A"]
     assert restore[servers["A"].spec.ipc_name] == 100 * rx.GIB

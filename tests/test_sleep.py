@@ -33,7 +33,7 @@ def run(fake_gpu, tmp_path, *extra, server_cmd=f"{sys.executable} {FAKE_SERVER}"
             *extra,
         ],
         nvml_module=fake_gpu,
-        say=said.append,
+        out=said.append,
     )
     runs = list((tmp_path / "results").iterdir())
     return rc, said, runs[0] if runs else None
@@ -54,11 +54,9 @@ def test_sleep_level_is_checked_and_level_2_needs_real_weights():
     with pytest.raises(rx.ConfigError, match="--sleep-level"):
         rx.validate_config(rx.Config(sleep_level=3))
     with pytest.raises(rx.ConfigError, match="--sleep-level 2 .* --load-format dummy"):
-        rx.resolve_config(rx.Config(sleep_level=2, experiments="6", load_format="dummy"), say=lambda _: None)
-    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="6"), say=lambda _: None).sleep_level == 2
-    assert rx.resolve_config(
-        rx.Config(sleep_level=2, experiments="1", load_format="dummy"), say=lambda _: None
-    )
+        rx.resolve_config(rx.Config(sleep_level=2, experiments="6", load_format="dummy"))
+    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="6")).sleep_level == 2
+    assert rx.resolve_config(rx.Config(sleep_level=2, experiments="1", load_format="dummy"))
 
 
 def test_waking_from_level_2_reloads_the_weights(monkeypatch):

@@ -514,7 +514,7 @@ def test_preimport_auto_needs_spare_cores_per_card_and_a_module_command(
 )
 def test_bad_preimport_settings_are_refused_naming_the_flag(flags, message):
     with pytest.raises(rx.ConfigError, match=re.escape(message)):
-        rx.config_from_args(flags, say=lambda _: None)
+        rx.config_from_args(flags)
 
 
 @pytest.mark.parametrize(
@@ -527,14 +527,14 @@ def test_bad_preimport_settings_are_refused_naming_the_flag(flags, message):
     ],
 )
 def test_vllms_engine_process_is_forked_unless_the_flag_or_the_shell_says_spawn(flags, shell, method):
-    cfg = rx.config_from_args(flags, say=lambda _: None)
+    cfg = rx.config_from_args(flags)
     for spec in (
         rx.ServerSpec("A", "m", 8001, kvcached=True),
         rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5, sleep_mode=True),
     ):
         assert rx.server_env(cfg, spec, shell)["VLLM_WORKER_MULTIPROC_METHOD"] == method
     with pytest.raises(rx.ConfigError, match="--engine-start: must be auto, fork or spawn"):
-        rx.config_from_args(["--engine-start", "forkserver"], say=lambda _: None)
+        rx.config_from_args(["--engine-start", "forkserver"])
 
 
 def log_says_imported(server):
@@ -572,7 +572,7 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
     orphan.proc.stdin.close()  # what the harness's end looks like to it when the harness is gone
     assert orphan.proc.wait(timeout=20) == 0 and not orphan.alive_pids()
-    pool = rx.ServerPool(cfg, say=lambda _: None)
+    pool = rx.ServerPool(cfg)
     pool.stage([spec], tmp_path)
     staged = pool.staged[spec.key]
     assert wait_for(lambda: log_says_imported(staged), timeout=20)
@@ -682,7 +682,7 @@ def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu,
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-    pool = rx.ServerPool(cfg, say=lambda _: None)
+    pool = rx.ServerPool(cfg)
     try:
         pool.stage([spec], tmp_path)
         staged = pool.staged[spec.key]

@@ -47,7 +47,7 @@ def test_a_toy_experiment_group_runs_end_to_end(fake_gpu, tmp_path, monkeypatch)
             "2",
         ],
         nvml_module=fake_gpu,
-        say=said.append,
+        out=said.append,
     )
     assert rc == 0, "\n".join(said[-30:])
     (run,) = (tmp_path / "results").iterdir()

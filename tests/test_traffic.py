@@ -54,7 +54,7 @@ def test_bad_traffic_flags_are_refused_naming_the_flag(flags, message):
 
 
 def test_a_length_mix_turns_on_ignore_eos_so_the_lengths_are_exact():
-    cfg = rx.resolve_config(rx.Config(output_tokens_dist="uniform:4-32"), say=lambda _: None)
+    cfg = rx.resolve_config(rx.Config(output_tokens_dist="uniform:4-32"))
     assert cfg.ignore_eos
 
 
@@ -239,7 +239,7 @@ def test_a_shared_prefix_goes_with_prefix_caching():
         rx.validate_config(rx.Config(shared_prefix_tokens=100))
     assert (
         rx.resolve_config(
-            rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=100)), say=lambda _: None
+            rx.validate_config(rx.Config(prefix_caching=True, shared_prefix_tokens=100))
         ).prompt_tokens
         == 768
     ), "the preset's prompt length counts"
@@ -322,15 +322,14 @@ def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
     assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [50, 80]
 
 
-def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path):
+def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path, said):
     cfg = rx.Config(arrivals="poisson", rates="0.001,50", duration_s=1, prompt_tokens=64, max_tokens=16)
     plan = rx.open_loop_plan(cfg, "x")
     assert plan.burst(0) == [] and plan.burst(1)
-    said = []
     server = type("S", (), {"exit_code": lambda self: None})()
     step = rx.Step("burst 1", "A", "main", 0)
     exp = rx.ExperimentSpec("kvcached", "q", (), (step,))
-    assert rx.run_step(cfg, exp, step, plan, server, 0, said.append, lambda r: None) == []
+    assert rx.run_step(cfg, exp, step, plan, server, 0, lambda r: None) == []
     assert said == ["    burst 1: no request planned in this window"]
 
 

@@ -82,7 +82,7 @@ def servers(tmp_path):
         return server
 
     yield start
-    rx.HURRY.set()
+    rx.STATE.hurry.set()
     rx.stop_servers(started)
 
 
@@ -174,7 +174,7 @@ def signal_once_stopping(sig, after_s=0.0):
     """Send sig to this process once a stop is under way (rx.STOPPING), after_s later."""
 
     def fire():
-        if wait_for(rx.STOPPING.is_set, timeout=20, interval=0.005):
+        if wait_for(rx.STATE.stopping.is_set, timeout=20, interval=0.005):
             time.sleep(after_s)
             os.kill(os.getpid(), sig)
 
@@ -192,11 +192,11 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
     monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it; SIGTERM does
     set_stop_stages(monkeypatch, ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
     cfg = make_cfg()
-    pool = rx.ServerPool(cfg, say=lambda _: None)
+    pool = rx.ServerPool(cfg)
     server = servers(cfg, STATIC_A(cfg))
     pool.running[server.spec.key] = server
     tree = server.tree()
-    previous = rx.install_stop_signals(say=lambda _: None)
+    previous = rx.install_stop_signals()
     try:
         signal_once_stopping(signal.SIGTERM)  # during the 1 s SIGINT stage the server ignores
         with pytest.raises(KeyboardInterrupt):
@@ -206,7 +206,7 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
             signal.signal(sig, handler)
     assert not any(alive(p) for p in tree), "the server was stopped before the run ended"
     assert not pool.running, "and left the pool only once gone"
-    assert not rx.HURRY.is_set(), "one signal does not skip the graceful stages"
+    assert not rx.STATE.hurry.is_set(), "one signal does not skip the graceful stages"
 
 
 def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypatch, short_stop_stages):
@@ -214,8 +214,8 @@ def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypat
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
     tree = server.tree()
-    rx.SIGNALS_SEEN[0] = 1  # the first Ctrl-C started this stop
-    previous = rx.install_stop_signals(say=lambda _: None)
+    rx.STATE.signals_seen = 1  # the first Ctrl-C started this stop
+    previous = rx.install_stop_signals()
     begin = time.time()
     try:
         signal_once_stopping(signal.SIGINT, after_s=0.2)
@@ -481,7 +481,6 @@ def test_burst_has_an_overall_deadline(monkeypatch):
         [request()] * 3,
         lambda r: rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0),
         cfg,
-        say=lambda _: None,
         sink=rows.append,
     )
     assert time.time() - begin < 1.5
@@ -505,7 +504,8 @@ def test_dead_server_is_restarted_not_reused(fake_gpu, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_DIE_AFTER_S", "0.5")
     cfg = make_cfg()
     said = []
-    pool = rx.ServerPool(cfg, say=said.append)
+    rx.STATE.out = said.append
+    pool = rx.ServerPool(cfg)
     try:
         (first,) = pool.ensure([KVC_A(cfg)], tmp_path)
         assert wait_for(lambda: first.exit_code() is not None, timeout=10)
@@ -764,7 +764,8 @@ def test_planted_symlink_is_never_followed_or_removed(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         rx.read_segment("seg")
     said = []
-    assert not rx.remove_segment("seg", say=said.append)
+    rx.STATE.out = said.append
+    assert not rx.remove_segment("seg")
     assert victim.read_bytes() == b"precious contents of someone else's file"
     assert (tmp_path / "seg").is_symlink() and "a symlink" in said[0]
 
@@ -778,7 +779,8 @@ def test_a_segment_of_another_user_is_left_alone(tmp_path, monkeypatch):
     with pytest.raises(rx.SegmentError, match="not our kvcached segment"):
         rx.read_segment("seg")
     said = []
-    assert not rx.remove_segment("seg", say=said.append)
+    rx.STATE.out = said.append
+    assert not rx.remove_segment("seg")
     assert segment.exists() and "owned by uid 12345" in said[0]
 
 

@@ -121,6 +121,20 @@ def say(message: Any) -> None:
     STATE.say(message)
 
 
+# %% Helper programs: functions of this file that run in a fresh Python
+# The keeper, the device sampler, the staged import and vLLM's probe run in processes of their own. They
+# are written as functions here, so the linter and the tests see them, and shipped as their own source
+# (inspect reads it from this file, or in a notebook from the cell IPython keeps). Each is self-contained:
+# it imports what it needs inside, and names only the functions shipped with it.
+def program_source(*functions: Callable, call: str) -> str:
+    """`python -c` text that defines `functions` and then runs `call`."""
+    import inspect
+    import textwrap
+
+    bodies = [textwrap.dedent(inspect.getsource(function)) for function in functions]
+    return "\n\n".join(["from __future__ import annotations", *bodies, call]) + "\n"
+
+
 # %% Configuration: every knob, one line each, with its unit and reason
 # In Colab, edit this string instead of passing command-line flags (the kernel's argv is ignored).
 NOTEBOOK_ARGS = "--preset auto"
@@ -5372,17 +5386,32 @@ def import_check(
     ), proc.stdout
 
 
-# vLLM's compiled extensions (vllm/_C*.so: which ones depends on the version) are what a CUDA
-# mismatch breaks; importing vllm alone would not load them.
-VLLM_PROBE = """
-import importlib, importlib.metadata as m, pathlib, sys
-import torch, vllm
-compiled = sorted({p.name.split(".")[0] for p in pathlib.Path(vllm.__file__).parent.glob("_C*.so")})
-for name in compiled:
-    importlib.import_module("vllm." + name)
-print("autopatch", "kvcached.integration.vllm.autopatch" in sys.modules)
-print(f"vllm {m.version('vllm')} importable (compiled: {', '.join(compiled) or 'none found'})")
-"""
+def probe_vllm() -> None:
+    """Helper program: import vLLM's compiled extensions (vllm/_C*.so, which ones depends on the
+    version: they are what a CUDA mismatch breaks, importing vllm alone would not load them) and say
+    whether kvcached's autopatch came along."""
+    import importlib
+    import importlib.metadata
+    import pathlib
+    import sys
+
+    import torch  # noqa: F401  (vLLM's extensions need it loaded first)
+    import vllm
+
+    compiled = sorted({p.name.split(".")[0] for p in pathlib.Path(vllm.__file__).parent.glob("_C*.so")})
+    for name in compiled:
+        importlib.import_module("vllm." + name)
+    print("autopatch", "kvcached.integration.vllm.autopatch" in sys.modules)
+    version = importlib.metadata.version("vllm")
+    print(f"vllm {version} importable (compiled: {', '.join(compiled) or 'none found'})")
+
+
+def probe_module(module: str) -> None:
+    """Helper program: import a --server-cmd's module."""
+    import importlib
+
+    importlib.import_module(module)
+    print(module, "importable")
 
 
 def check_serving_imports(
@@ -5403,10 +5432,9 @@ def check_serving_imports(
                 Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)
             ]
         module = prefix[2]
-        code = f"import importlib\nimportlib.import_module({module!r})\nprint({module + ' importable'!r})"
         check, _ = import_check(
             "server",
-            code,
+            program_source(probe_module, call=f"probe_module({module!r})"),
             env,
             timeout_s,
             f"check --server-cmd: `{prefix[0]} -m {module}` must import",
@@ -5414,7 +5442,11 @@ def check_serving_imports(
         )
         return [check]
     vllm, out = import_check(
-        "vllm", VLLM_PROBE, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)"
+        "vllm",
+        program_source(probe_vllm, call="probe_vllm()"),
+        env,
+        timeout_s,
+        "pip install -r requirements.txt (vllm==0.24.0)",
     )
     checks = [vllm]
     if kvcached_needed and vllm.ok:
@@ -5635,7 +5667,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
     cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
-    mixed = same_cards(cards, cfg.allow_mixed_gpus)
+    mixed = mixed_cards(cards, cfg.allow_mixed_gpus)
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu)
     lanes = [
@@ -5649,6 +5681,16 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         len(lanes) * max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
     )
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
+    announce_run(cards, lanes, preimport, run_dir)
+    save_plans(run_dir, plans, experiments)
+    config = run_config(cfg, argv, run_dir, experiments, gpu, cards, lanes, plans, budget, model_facts)
+    config.update(mixed_gpus=mixed, preimport_on=preimport)
+    write_json(run_dir / "config.json", config)
+    import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, import_checks)
+
+
+def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:
     for card in cards:
         say(
             f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
@@ -5665,9 +5707,23 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
             "import is checked (--preimport off to wait instead)"
         )
     say(f"results in {run_dir}")
-    save_plans(run_dir, plans, experiments)
+
+
+def run_config(
+    cfg: Config,
+    argv: Optional[list[str]],
+    run_dir: Path,
+    experiments: list[Experiment],
+    gpu: dict,
+    cards: list[dict],
+    lanes: list[Lane],
+    plans: dict[str, WorkloadPlan],
+    budget: int,
+    model_facts: dict,
+) -> dict:
+    """What config.json holds at the start (secrets redacted); servers and timing are added as they come."""
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
-    config = {
+    return {
         "run_name": run_dir.name,
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "command": shlex.join(redact_argv(command)),
@@ -5683,8 +5739,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
         "servers": {},
         "gpus": cards,
-        "mixed_gpus": mixed,
-        "preimport_on": preimport,
+        "mixed_gpus": False,
+        "preimport_on": False,
         "engine_start": engine_start_method(cfg),
         "cpu_cores": usable_cores(),
         "lanes": [
@@ -5697,12 +5753,9 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
             for lane in lanes
         ],
     }
-    write_json(run_dir / "config.json", config)
-    import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, import_checks)
 
 
-def same_cards(cards: list[dict], allow_mixed: bool) -> bool:
+def mixed_cards(cards: list[dict], allow_mixed: bool) -> bool:
     """Whether the cards differ (allowed only with --allow-mixed-gpus): figures from different card
     models or sizes are not comparable side by side."""
     kinds = {(card["name"], round(card["total_mib"])) for card in cards}

@@ -93,9 +93,9 @@ def test_mixed_cards_are_refused_unless_allowed():
         {"index": 1, "name": "H100", "total_mib": 81559.0},
     ]
     with pytest.raises(rx.ConfigError, match="--allow-mixed-gpus"):
-        rx.same_cards(cards, allow_mixed=False)
-    assert rx.same_cards(cards, allow_mixed=True) is True
-    assert rx.same_cards(cards[:1] * 2, allow_mixed=False) is False
+        rx.mixed_cards(cards, allow_mixed=False)
+    assert rx.mixed_cards(cards, allow_mixed=True) is True
+    assert rx.mixed_cards(cards[:1] * 2, allow_mixed=False) is False
 
 
 def test_a_card_that_is_not_there_is_named(fake_gpu):

@@ -505,80 +505,30 @@ def run_experiment(
         sample_interval_s=1 / cfg.sample_hz,
         gpu_index=cfg.gpu_index,
     )
-    save = lambda: write_json(exp_dir / "experiment.json", record.to_json())
+
+    def save() -> None:
+        write_json(exp_dir / "experiment.json", record.to_json())
+
     save()  # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
-    by_slot = {s.spec.name: s for s in servers}
     record.servers = [s.describe() for s in servers]
     record.reused = [s.spec.label for s in servers if s.spec.key in before]
     when_ready()  # e.g. import the next experiment's servers while this one measures
-    marks = record.marks
     sampler = Sampler(
         nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz
     )
-    watch = MemoryWatch(sampler)
     sampler.start()
-    sink = RecordSink(exp_dir / "requests.jsonl")
     restore_limits: dict[str, int] = {}
     try:
-        marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
-        save()
-        if exp.kv_budget:
-            record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits)
-        warmed = False
-        if cfg.warmup:
-            start = time.time()
-            warmed = warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl")
-            if warmed:
-                marks.warmup = (start, time.time())
-                outcome = watch.wait_settled(
-                    window_median(list(sampler.device), *marks.idle_after_load),
-                    cfg.release_tolerance,
-                    cfg.settle_s,
-                    cfg.release_timeout_s,
-                )
-                say(f"  after warm-up memory {outcome}")
-        woke = False
-        for server in [s for s in servers if s.spec.sleep_mode]:  # the sleep arm idles asleep
-            record.sleep_level = cfg.sleep_level
-            woke = put_to_sleep(server, cfg) is not None or woke
-        # with nothing sent since the idle window after load, that window is the idle level too
-        marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
-        idle = window_median(list(sampler.device), *marks.idle_before)
-        workload_start = time.time()
-        for repeat in range(cfg.repeats):
-            for i, step in enumerate(exp.steps):
-                server = by_slot[step.server]
-                burst = BurstMark(step.phase, step.server, repeat, time.time())
-                if plans[step.plan].rates:
-                    burst.rate = plans[step.plan].rates[step.burst]
-                marks.bursts.append(burst)
-                before = server_latency_snapshot(server)
-                gate = wake_gate(server, cfg)
-                records = run_step(cfg, exp, step, plans[step.plan], server, repeat, sink, gate)
-                burst.end = time.time()
-                burst.server_before = before
-                burst.server_after = server_latency_snapshot(
-                    server, expect=before, finished=sum(r.ok for r in records)
-                )
-                if gate is not None:
-                    burst.wake_s = gate.wake_s
-                    burst.sleep_s = put_to_sleep(server, cfg)
-                    say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
-                save()
-                last = repeat == cfg.repeats - 1 and i == len(exp.steps) - 1
-                if not last:
-                    pause(plans[step.plan].gap_s)
-        # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
-        marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
-        outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-        say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
+        by_slot = {s.spec.name: s for s in servers}
+        measure(cfg, exp, plans, by_slot, sampler, record, restore_limits, exp_dir, save)
         record.finished = True
     finally:
         for ipc, total in restore_limits.items():
             with contextlib.suppress(OSError):
                 write_segment_limit(ipc, total)
+        marks = record.marks
         marks.sampling_end = time.time()  # before the stop, which may wait for a slow read to end
         sampler.stop()
         for burst in marks.bursts:  # a burst cut short by an interrupt ends here
@@ -586,6 +536,78 @@ def run_experiment(
         record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
         record.sampler_missed_ticks = sampler.missed_ticks
         save()
+
+
+def measure(
+    cfg: "Config",
+    exp: ExperimentSpec,
+    plans: dict[str, "WorkloadPlan"],
+    by_slot: dict[str, "RunningServer"],
+    sampler: "Sampler",
+    record: "ExperimentRecord",
+    restore_limits: dict[str, int],
+    exp_dir: Path,
+    save: Callable[[], None],
+) -> None:
+    """Idle after load, warm-up, idle before the workload, the workload, and the release after it."""
+    marks, watch = record.marks, MemoryWatch(sampler)
+    marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
+    save()
+    if exp.kv_budget:
+        record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits)
+    start = time.time()
+    warmed = cfg.warmup and warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl")
+    if warmed:
+        marks.warmup = (start, time.time())
+        after_load = window_median(list(sampler.device), *marks.idle_after_load)
+        outcome = watch.wait_settled(after_load, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+        say(f"  after warm-up memory {outcome}")
+    woke = False
+    for server in [s for s in by_slot.values() if s.spec.sleep_mode]:  # the sleep arm idles asleep
+        record.sleep_level = cfg.sleep_level
+        woke = put_to_sleep(server, cfg) is not None or woke
+    # with nothing sent since the idle window after load, that window is the idle level too
+    marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
+    idle = window_median(list(sampler.device), *marks.idle_before)
+    workload_start = time.time()
+    sink = RecordSink(exp_dir / "requests.jsonl")
+    steps = [(repeat, step) for repeat in range(cfg.repeats) for step in exp.steps]
+    for n, (repeat, step) in enumerate(steps):
+        run_measured_step(cfg, exp, step, plans[step.plan], by_slot[step.server], repeat, sink, record)
+        save()
+        if n < len(steps) - 1:
+            pause(plans[step.plan].gap_s)
+    # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
+    marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
+    outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+    say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
+
+
+def run_measured_step(
+    cfg: "Config",
+    exp: ExperimentSpec,
+    step: Step,
+    plan: "WorkloadPlan",
+    server: "RunningServer",
+    repeat: int,
+    sink: "RecordSink",
+    record: "ExperimentRecord",
+) -> None:
+    """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
+    burst = BurstMark(step.phase, step.server, repeat, time.time())
+    if plan.rates:
+        burst.rate = plan.rates[step.burst]
+    record.marks.bursts.append(burst)
+    before = server_latency_snapshot(server)
+    gate = wake_gate(server, cfg)
+    records = run_step(cfg, exp, step, plan, server, repeat, sink, gate)
+    burst.end = time.time()
+    burst.server_before = before
+    burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
+    if gate is not None:
+        burst.wake_s = gate.wake_s
+        burst.sleep_s = put_to_sleep(server, cfg)
+        say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
 
 
 # %% Lanes: with --gpus, experiments run in parallel, one lane per card

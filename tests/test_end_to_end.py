@@ -23,7 +23,7 @@ def start_background_runs(request):
 # --- committed runs: --report rebuilds each one's summary.json and summary.md exactly ----------------
 COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
 REFERENCE = ROOT / "results" / "20261128T214012Z_reference_check"
-REPORT_CLI_RUN = REFERENCE / "20261128T220100Z_seed_1gpu"
+REPORT_CLI_RUN = REFERENCE / "20261128T215328Z_open_loop"
 
 
 def rebuildable_copy(reference, tmp_path):

@@ -176,8 +176,10 @@ class Config:
     gpus: str = ""  # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
     allow_mixed_gpus: bool = False  # let --gpus mix card models or sizes (recorded; figures differ by card)
     start_timeout_s: float = 900.0  # vLLM start-up: 50-100 s usual, first compile can be longer
-    preimport: str = "auto"  # import vLLM for the next servers while others run (~15 s less per start): auto (>= 8 cores per card), on, off
-    engine_start: str = "auto"  # how vLLM starts its engine process: fork (from the API server, which has imported vLLM: ~20 s less per start), spawn (`vllm serve`'s way: it imports again), auto (the shell's VLLM_WORKER_MULTIPROC_METHOD if set, else fork)
+    preimport: str = "auto"  # import vLLM ahead for the next servers: auto (>= 8 cores per card), on, off
+    engine_start: str = (
+        "auto"  # vLLM's engine process: fork (~20 s faster), spawn, auto (the shell's, else fork)
+    )
     # --- workload
     bursts: int = 0  # 0 = preset's value
     arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
@@ -213,7 +215,7 @@ class Config:
     process_sample_hz: float = 2.0  # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05  # 'released' = back within this fraction of the idle level
     release_timeout_s: float = 20.0  # stop waiting for memory to come back after this
-    # in 150 windows of 1.5 s in real runs, the median of the first or last 0.5 s was the whole window's to the MiB
+    # in 150 real idle windows of 1.5 s, the median of the first or last 0.5 s was the whole one's to the MiB
     idle_window_s: float = 0.5  # quiet time over which an idle level is taken (>= 5 device samples)
     settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
     report: str = ""  # rebuild summaries and plots of this run folder, run nothing
@@ -613,8 +615,8 @@ def run_measured_step(
 # %% Lanes: with --gpus, experiments run in parallel, one lane per card
 # Experiments that share a server (kvcached A serves 1, 3 and 5) form one unit and stay in one lane, so
 # no server starts twice. Units go greedily, longest first, to the least loaded lane (by a rough estimate
-# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its own card,
-# ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
+# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its
+# own card, ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
 LANE_PORT_STEP = 100
 START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
 BURST_ESTIMATE_S = 10.0  # one burst
@@ -662,7 +664,9 @@ def plan_lanes(
     """Experiments per lane, each lane in run order; the same single list when there is one lane."""
     if lanes == 1:
         return [list(experiments)]
-    cost = lambda group: lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
+
+    def cost(group: list[Experiment]) -> float:
+        return lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
 
     def assign(units: list[list[Experiment]]) -> list[list[Experiment]]:
         plan: list[list[Experiment]] = [[] for _ in range(lanes)]
@@ -849,14 +853,17 @@ def run_lane(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> 
 
 
 def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> None:
-    resolved = lambda entry: resolve_experiment(entry, lane.cfg, run.plans, run.budget)
+    def resolved(entry: Experiment) -> ExperimentSpec:
+        return resolve_experiment(entry, lane.cfg, run.plans, run.budget)
+
+    def stager(upcoming: Optional[Experiment]) -> Callable[[], None]:
+        if upcoming is None:
+            return lambda: None
+        return lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming))
+
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
-        stage_next = (
-            (lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming)))
-            if upcoming is not None
-            else lambda: None
-        )
+        stage_next = stager(upcoming)
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, stage_next)
         except Aborted:
@@ -1067,7 +1074,10 @@ def run_step(
     if not reqs:  # an open-loop window can plan no arrival at a low rate
         say(f"    {step.phase}: no request planned in this window")
         return []
-    make = lambda r: RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
+
+    def make(r: "PlannedRequest") -> "RequestRecord":
+        return RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
+
     started = time.time()
     records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
     failed = sum(not r.ok for r in records)
@@ -1103,11 +1113,11 @@ def apply_pair_budget(
             )
     limits = pair_limits(budget, segments)
     for slot, limit in limits.items():
-        own = segments[slot]["used_bytes"] + segments[slot]["prealloc_bytes"]
-        if limit <= own:
+        held = {k: seg["used_bytes"] + seg["prealloc_bytes"] for k, seg in segments.items()}
+        if limit <= held[slot]:
             raise RuntimeError(
                 f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {slot} no room to grow: "
-                f"the pair already holds {sum(s['used_bytes'] + s['prealloc_bytes'] for s in segments.values()) / MIB:,.0f} "
+                f"the pair already holds {sum(held.values()) / MIB:,.0f} "
                 f"MiB of pre-allocated KV pages. Raise --overload-budget-gib."
             )
         ipc = by_slot[slot].spec.ipc_name
@@ -5362,13 +5372,13 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
     shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
+    holders = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in others.items())
     if static_share and mem.total - mem.used < static_share * mem.total:
         return Check(
             "card",
             False,
             f"{shown}: less than the static pool's {static_share:g} of the card",
-            f"free the card ({', '.join(f'pid {p} {b / MIB:,.0f} MiB' for p, b in others.items()) or 'nvidia-smi'}) "
-            f"or lower --gpu-memory-utilization",
+            f"free the card ({holders or 'nvidia-smi'}) or lower --gpu-memory-utilization",
         )
     if others:
         listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
@@ -5715,8 +5725,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
 def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:
     for card in cards:
         say(
-            f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, {card['used_mib_at_start']:,.0f} "
-            f"MiB used before we start"
+            f"GPU {card['index']}: {card['name']}, {card['total_mib']:,.0f} MiB, "
+            f"{card['used_mib_at_start']:,.0f} MiB used before we start"
         )
     for lane in lanes if len(lanes) > 1 else []:
         say(
@@ -5854,11 +5864,11 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     for key, kv in (("A", kv_a), ("B", kv_b)):
         plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
+    output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
     say(
         f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
         f"{'requests (busiest)' if open_loop else 'concurrent requests'}, "
-        f"~{main.prompt_tokens} prompt + {cfg.max_tokens if cfg.output_tokens_dist == 'fixed' else cfg.output_tokens_dist} "
-        f"output tokens, {cfg.gap_s:g} s gaps"
+        f"~{main.prompt_tokens} prompt + {output} output tokens, {cfg.gap_s:g} s gaps"
     )
     say(f"  why: {sizing}")
     if kv_b:

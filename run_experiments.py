@@ -1205,6 +1205,61 @@ def need(ok: bool, flag: str, why: str) -> None:
 
 
 MIN_IDLE_SAMPLES = 5  # device samples in an idle window, for a median that ignores a blip
+PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
+
+FIELD_CHECKS = (
+    # (Config fields, what each one's value v must pass, the message otherwise: may show {v}), in order
+    ("preset", lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}, got {{v!r}}"),
+    (
+        "tag",
+        lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v),
+        "must be letters, digits, '.', '_' or '-' (it names a folder), got {v!r}",
+    ),
+    ("gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("pair_utilization_b", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = derived)"),
+    ("repeats", lambda v: v >= 1, "must be >= 1"),
+    ("preimport", lambda v: v in ("auto", "on", "off"), "must be auto, on or off, got {v!r}"),
+    ("engine_start", lambda v: v in ("auto", "fork", "spawn"), "must be auto, fork or spawn, got {v!r}"),
+    ("sleep_level", lambda v: v in (1, 2), "must be 1 or 2 (vLLM's sleep levels), got {v}"),
+    ("gpu_index", lambda v: v >= 0, "must be >= 0"),
+    (
+        "gpus",
+        lambda v: not v or re.fullmatch(r"(\d+)(,\d+)*", v),
+        "must be NVML indices separated by commas, e.g. 0,1; got {v!r}",
+    ),
+    ("bursts burst_size max_tokens max_burst_size", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
+    ("max_model_len", lambda v: v > 0, "must be > 0"),
+    ("temperature", lambda v: v >= 0, "must be >= 0"),
+    ("burst_kv_fraction", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("overload_budget_gib", lambda v: v >= 0, "must be > 0 (0 = preset's value)"),
+    (
+        "overload_demand",
+        lambda v: 1 < v < 2,
+        "must be in (1, 2): above the static share, below the pair's whole budget",
+    ),
+    (
+        "sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
+        lambda v: v > 0,
+        "must be > 0",
+    ),
+    ("release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("release_timeout_s", lambda v: v >= 0, "must be >= 0"),
+    (
+        "model_a model_b tokenizer",
+        lambda v: not looks_like_path(v) or Path(v).expanduser().is_dir(),
+        "{v!r} looks like a local folder but there is no such folder "
+        "(a Hugging Face id looks like 'org/name')",
+    ),
+    ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
+    (
+        "arrivals",
+        lambda v: v in ("bursts", "poisson", "gamma"),
+        "must be bursts, poisson or gamma, got {v!r}",
+    ),
+    ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
+    ("shared_prefix_tokens", lambda v: v >= 0, "must be >= 0"),
+    ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
+)
 
 
 def validate_config(cfg: Config) -> Config:
@@ -1214,65 +1269,32 @@ def validate_config(cfg: Config) -> Config:
         if isinstance(value, float):
             need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
-    need(cfg.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    need(
-        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.tag) is not None,
-        "tag",
-        f"must be letters, digits, '.', '_' or '-' (it names a folder), got {cfg.tag!r}",
-    )
-    need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
-    need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
-    need(cfg.repeats >= 1, "repeats", "must be >= 1")
-    need(
-        cfg.preimport in ("auto", "on", "off"), "preimport", f"must be auto, on or off, got {cfg.preimport!r}"
-    )
-    need(
-        cfg.engine_start in ("auto", "fork", "spawn"),
-        "engine_start",
-        f"must be auto, fork or spawn, got {cfg.engine_start!r}",
-    )
-    need(
-        cfg.sleep_level in (1, 2),
-        "sleep_level",
-        f"must be 1 or 2 (vLLM's sleep levels), got {cfg.sleep_level}",
-    )
-    need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
-    need(
-        re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus,
-        "gpus",
-        f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}",
-    )
-    need(len(set(gpu_indices(cfg))) == len(gpu_indices(cfg)), "gpus", "lists a card twice")
-    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
-    for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = preset's value)")
-    need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
-    need(cfg.temperature >= 0, "temperature", "must be >= 0")
-    need(0 < cfg.burst_kv_fraction < 1, "burst_kv_fraction", "must be in (0, 1)")
-    need(cfg.overload_budget_gib >= 0, "overload_budget_gib", "must be > 0 (0 = preset's value)")
-    need(
-        1 < cfg.overload_demand < 2,
-        "overload_demand",
-        "must be in (1, 2): above the static share, below the pair's whole budget",
-    )
-    for name in (
-        "sample_hz",
-        "process_sample_hz",
-        "start_timeout_s",
-        "request_timeout_s",
-        "settle_s",
-        "idle_window_s",
-    ):
-        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for names, passes, why in FIELD_CHECKS:
+        for name in names.split():
+            value = getattr(cfg, name)
+            need(bool(passes(value)), name, why.format(v=value))
     need(
         cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9,
         "idle_window_s",
         f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
         f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)",
     )
-    need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
-    need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
+    need(
+        cfg.pair_utilization_b > 0 or cfg.gpu_memory_utilization < 0.85,
+        "gpu_memory_utilization",
+        "leaves no room for model B in shared_static; set --pair-utilization-b",
+    )
+    check_lanes(cfg)
+    check_server_command(cfg)
+    check_workload(cfg)
+    return cfg
+
+
+def check_lanes(cfg: Config) -> None:
+    """--gpus, and the ports of every lane (lane k uses --port-a/--port-b + LANE_PORT_STEP k)."""
     lanes = len(gpu_indices(cfg))
+    need(len(set(gpu_indices(cfg))) == lanes, "gpus", "lists a card twice")
+    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
     for name in ("port_a", "port_b"):
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
@@ -1284,76 +1306,59 @@ def validate_config(cfg: Config) -> Config:
     need(
         len(set(lane_ports)) == len(lane_ports),
         "port_b",
-        f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b + {LANE_PORT_STEP}k)",
+        f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b "
+        f"+ {LANE_PORT_STEP}k)",
     )
+
+
+def check_server_command(cfg: Config) -> None:
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
-    for name in ("model_a", "model_b", "tokenizer"):
-        path = getattr(cfg, name)
-        need(
-            not looks_like_path(path) or Path(path).expanduser().is_dir(),
-            name,
-            f"{path!r} looks like a local folder but there is no such folder "
-            f"(a Hugging Face id looks like 'org/name')",
-        )
     need(
         cfg.preimport != "on" or staged_command(server_prefix(cfg)) is not None,
         "preimport",
         "on needs a server command of the form `python -m MODULE` (see --server-cmd)",
     )
     parse_env_pairs(cfg.kvcached_env)
+
+
+def check_workload(cfg: Config) -> None:
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
     need(
-        lengths.hi + 64 < cfg.max_model_len,
+        lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len,
         "output_tokens_dist",
-        f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt",
+        f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room "
+        f"for the prompt",
     )
-    for name in ("slo_ttft_ms", "slo_tpot_ms"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = no such objective)")
-    need(
-        cfg.arrivals in ("bursts", "poisson", "gamma"),
-        "arrivals",
-        f"must be bursts, poisson or gamma, got {cfg.arrivals!r}",
-    )
-    need(cfg.rate >= 0, "rate", f"must be >= 0 requests per second, got {cfg.rate:g}")
-    need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
     need(
         cfg.shared_prefix_tokens == 0 or cfg.prefix_caching,
         "shared_prefix_tokens",
         "shares a prefix for vLLM to cache: add --prefix-caching",
     )
-    need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
-    if cfg.arrivals != "bursts":
-        need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
-        parse_rates(cfg)
-        need(
-            bool(cfg.rates) or cfg.rate > 0,
-            "rate",
-            f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
-        )
-    else:
+    if cfg.arrivals == "bursts":
         need(
             not cfg.rates and not cfg.rate,
             "arrivals",
             "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
         )
-    if cfg.pair_utilization_b == 0:
-        need(
-            cfg.gpu_memory_utilization < 0.85,
-            "gpu_memory_utilization",
-            "leaves no room for model B in shared_static; set --pair-utilization-b",
-        )
-    return cfg
+        return
+    need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
+    parse_rates(cfg)
+    need(
+        bool(cfg.rates) or cfg.rate > 0,
+        "rate",
+        f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
+    )
 
 
 def resolve_config(cfg: Config) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
-    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - 64)  # what a plan's prompts get
+    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
     need(
         cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
         "shared_prefix_tokens",

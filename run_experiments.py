@@ -1631,34 +1631,41 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     )
 
 
-@dataclasses.dataclass
 class RequestMaker:
     """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
     mix or a shared prefix leaves the prompts of the same seed as they were."""
 
-    cfg: Config
-    max_tokens: int  # the longest output a request may ask for
-    prompt_tokens: int  # whole prompt, shared prefix included
-
-    def __post_init__(self):
-        self.lengths = parse_output_lengths(self.cfg.output_tokens_dist, self.cfg.max_tokens)
-        self.max_tokens = max(self.max_tokens, int(self.lengths.hi))
-        self.prompt_tokens = min(self.prompt_tokens, self.cfg.max_model_len - self.max_tokens - 64)
-        self.prefix = shared_prefix(self.cfg)
-        self.prompt_rng = random.Random(self.cfg.seed)
-        self.lengths_rng = random.Random(f"{self.cfg.seed}-output-lengths")
+    def __init__(self, cfg: Config, max_tokens: int, prompt_tokens: int):
+        self.cfg = cfg
+        self.lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+        self.max_tokens = max(max_tokens, int(self.lengths.hi))  # the longest output a request may ask for
+        room = cfg.max_model_len - self.max_tokens - PROMPT_MARGIN_TOKENS
+        self.prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
+        self.prefix = shared_prefix(cfg)
+        self.prompt_rng = random.Random(cfg.seed)
+        self.lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
 
     def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
         prompt = make_prompt(
             self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens
         )
-        return PlannedRequest(
-            burst,
-            index,
-            self.prefix + prompt,
-            self.lengths.draw(self.lengths_rng, self.max_tokens),
-            self.cfg.temperature,
-            offset_s,
+        length = self.lengths.draw(self.lengths_rng, self.max_tokens)
+        return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
+
+    def plan(
+        self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop
+    ) -> WorkloadPlan:
+        return WorkloadPlan(
+            bursts=bursts,
+            burst_size=burst_size,
+            gap_s=self.cfg.gap_s,
+            max_tokens=self.max_tokens,
+            prompt_tokens=self.prompt_tokens,
+            temperature=self.cfg.temperature,
+            seed=self.cfg.seed,
+            sizing=sizing,
+            requests=tuple(requests_),
+            **open_loop,
         )
 
 
@@ -1674,19 +1681,8 @@ def plan_workload(
     make = RequestMaker(
         cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
     )
-    max_tokens, prompt_tokens = make.max_tokens, make.prompt_tokens
-    requests_ = tuple(make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size))
-    return WorkloadPlan(
-        bursts=bursts,
-        burst_size=burst_size,
-        gap_s=cfg.gap_s,
-        max_tokens=max_tokens,
-        prompt_tokens=prompt_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        sizing=sizing,
-        requests=requests_,
-    )
+    requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
+    return make.plan(requests_, bursts, burst_size, sizing)
 
 
 def parse_rates(cfg: Config) -> list[float]:
@@ -1705,41 +1701,34 @@ def parse_rates(cfg: Config) -> list[float]:
     return [cfg.rate] * max(cfg.bursts, 1)
 
 
+def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: float) -> Iterator[float]:
+    """Seconds from a window's start: gaps drawn from a gamma distribution of this shape (1 = Poisson)."""
+    t = rng.gammavariate(shape, 1 / (rate * shape))
+    while t < duration_s:
+        yield t
+        t += rng.gammavariate(shape, 1 / (rate * shape))
+
+
 def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
-    """Arrivals planned before sending: gaps drawn from a gamma distribution (shape = burstiness;
-    1 is a Poisson process) at each window's rate, for duration_s seconds per window."""
+    """Arrivals planned before sending at each window's rate, for duration_s seconds per window (gamma
+    arrivals: shape = burstiness)."""
     arrivals_rng = random.Random(f"{cfg.seed}-arrivals")
     make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
     rates, planned, busiest = parse_rates(cfg), [], 0
     for window, rate in enumerate(rates):
-        in_window = 0
-        t = arrivals_rng.gammavariate(shape, 1 / (rate * shape))
-        while t < cfg.duration_s:
-            planned.append(make(window, in_window, len(planned), round(t, 6)))
-            in_window += 1
-            t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
-        busiest = max(busiest, in_window)
-    return WorkloadPlan(
-        bursts=len(rates),
-        burst_size=busiest,
-        gap_s=cfg.gap_s,
-        max_tokens=make.max_tokens,
-        prompt_tokens=make.prompt_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        sizing=sizing,
-        requests=tuple(planned),
-        arrivals=cfg.arrivals,
-        rates=tuple(rates),
-    )
+        offsets = list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s))
+        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+        busiest = max(busiest, len(offsets))
+    return make.plan(planned, len(rates), busiest, sizing, arrivals=cfg.arrivals, rates=tuple(rates))
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
     """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share."""
     share = budget_bytes / 2
     max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
-    prompt_tokens = cfg.max_model_len - max_tokens - 64 - 256  # 256 tokens of room for tokenizer drift
+    # and 256 tokens more of room for tokenizer drift
+    prompt_tokens = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))

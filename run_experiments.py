@@ -1449,8 +1449,6 @@ KNOWN_MODEL_CONFIGS = {
         torch_dtype="bfloat16",
     ),
 }
-
-
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 
@@ -1502,8 +1500,6 @@ SEED_PROMPTS = (
     "Translate 'knowledge is power' into French, German, and Japanese.",
     "Explain the difference between TCP and UDP with real examples.",
 )
-
-
 FILLER_WORDS = (
     "system memory cache model token latency river mountain quiet garden window "
     "history science music engine signal careful bright simple number market"
@@ -1747,13 +1743,12 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
 
 # %% Secrets: never written to the run folder, the logs' headers or stdout
 REDACTED = "***"
-
-
 SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
 def is_secret_name(name: str) -> bool:
-    """VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key: yes; TOKENIZERS_PARALLELISM, --max-tokens: no."""
+    """Secret: VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key.
+    Not: TOKENIZERS_PARALLELISM, --max-tokens."""
     parts = name.upper().replace("-", "_").strip("_").split("_")
     return parts[-1] in ("KEY", "APIKEY") or any(p in SECRET_WORDS for p in parts)
 
@@ -1784,12 +1779,10 @@ def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
     values = [cfg.api_key] + [v for k, v in environ.items() if is_secret_name(k)]
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
-        values += [a for a, shown in zip(argv, redact_argv(argv)) if a != shown]
-        values += [
-            a.partition("=")[2]
-            for a in argv
-            if "=" in a and a.startswith("--") and is_secret_name(a.partition("=")[0][2:])
-        ]
+        for arg, shown in zip(argv, redact_argv(argv)):
+            flag, eq, value = arg.partition("=")
+            values += [arg] if arg != shown else []
+            values += [value] if eq and flag.startswith("--") and is_secret_name(flag[2:]) else []
     STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 

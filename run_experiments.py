@@ -1188,13 +1188,11 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "").replace("%", "%%")
-        if field.type in ("bool", bool):
-            parser.add_argument(
-                flag, dest=field.name, default=field.default, help=text, action=argparse.BooleanOptionalAction
-            )
+        if field.type == "bool":  # a string: annotations are not evaluated
+            how = dict(action=argparse.BooleanOptionalAction)  # --warmup / --no-warmup
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(flag, dest=field.name, type=kind, default=field.default, help=text)
+            how = dict(type={"int": int, "float": float, "str": str}[field.type])
+        parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
 
 
@@ -1221,16 +1219,14 @@ FIELD_CHECKS = (
     ("preimport", lambda v: v in ("auto", "on", "off"), "must be auto, on or off, got {v!r}"),
     ("engine_start", lambda v: v in ("auto", "fork", "spawn"), "must be auto, fork or spawn, got {v!r}"),
     ("sleep_level", lambda v: v in (1, 2), "must be 1 or 2 (vLLM's sleep levels), got {v}"),
-    ("gpu_index", lambda v: v >= 0, "must be >= 0"),
+    ("gpu_index temperature release_timeout_s shared_prefix_tokens", lambda v: v >= 0, "must be >= 0"),
     (
         "gpus",
         lambda v: not v or re.fullmatch(r"(\d+)(,\d+)*", v),
         "must be NVML indices separated by commas, e.g. 0,1; got {v!r}",
     ),
     ("bursts burst_size max_tokens max_burst_size", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
-    ("max_model_len", lambda v: v > 0, "must be > 0"),
-    ("temperature", lambda v: v >= 0, "must be >= 0"),
-    ("burst_kv_fraction", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("overload_budget_gib", lambda v: v >= 0, "must be > 0 (0 = preset's value)"),
     (
         "overload_demand",
@@ -1238,12 +1234,10 @@ FIELD_CHECKS = (
         "must be in (1, 2): above the static share, below the pair's whole budget",
     ),
     (
-        "sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
+        "max_model_len sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
         lambda v: v > 0,
         "must be > 0",
     ),
-    ("release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("release_timeout_s", lambda v: v >= 0, "must be >= 0"),
     (
         "model_a model_b tokenizer",
         lambda v: not looks_like_path(v) or Path(v).expanduser().is_dir(),
@@ -1257,7 +1251,6 @@ FIELD_CHECKS = (
         "must be bursts, poisson or gamma, got {v!r}",
     ),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
-    ("shared_prefix_tokens", lambda v: v >= 0, "must be >= 0"),
     ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
 )
 

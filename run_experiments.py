@@ -1234,13 +1234,11 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "").replace("%", "%%")
-        if field.type in ("bool", bool):
-            parser.add_argument(
-                flag, dest=field.name, default=field.default, help=text, action=argparse.BooleanOptionalAction
-            )
+        if field.type == "bool":  # a string: annotations are not evaluated
+            how = dict(action=argparse.BooleanOptionalAction)  # --warmup / --no-warmup
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(flag, dest=field.name, type=kind, default=field.default, help=text)
+            how = dict(type={"int": int, "float": float, "str": str}[field.type])
+        parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
 
 
@@ -1251,6 +1249,56 @@ def need(ok: bool, flag: str, why: str) -> None:
 
 
 MIN_IDLE_SAMPLES = 5  # device samples in an idle window, for a median that ignores a blip
+PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
+
+FIELD_CHECKS = (
+    # (Config fields, what each one's value v must pass, the message otherwise: may show {v}), in order
+    ("preset", lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}, got {{v!r}}"),
+    (
+        "tag",
+        lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v),
+        "must be letters, digits, '.', '_' or '-' (it names a folder), got {v!r}",
+    ),
+    ("gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("pair_utilization_b", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = derived)"),
+    ("repeats", lambda v: v >= 1, "must be >= 1"),
+    ("preimport", lambda v: v in ("auto", "on", "off"), "must be auto, on or off, got {v!r}"),
+    ("engine_start", lambda v: v in ("auto", "fork", "spawn"), "must be auto, fork or spawn, got {v!r}"),
+    ("sleep_level", lambda v: v in (1, 2), "must be 1 or 2 (vLLM's sleep levels), got {v}"),
+    ("gpu_index temperature release_timeout_s shared_prefix_tokens", lambda v: v >= 0, "must be >= 0"),
+    (
+        "gpus",
+        lambda v: not v or re.fullmatch(r"(\d+)(,\d+)*", v),
+        "must be NVML indices separated by commas, e.g. 0,1; got {v!r}",
+    ),
+    ("bursts burst_size max_tokens max_burst_size", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
+    ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("overload_budget_gib", lambda v: v >= 0, "must be > 0 (0 = preset's value)"),
+    (
+        "overload_demand",
+        lambda v: 1 < v < 2,
+        "must be in (1, 2): above the static share, below the pair's whole budget",
+    ),
+    (
+        "max_model_len sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
+        lambda v: v > 0,
+        "must be > 0",
+    ),
+    (
+        "model_a model_b tokenizer",
+        lambda v: not looks_like_path(v) or Path(v).expanduser().is_dir(),
+        "{v!r} looks like a local folder but there is no such folder "
+        "(a Hugging Face id looks like 'org/name')",
+    ),
+    ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
+    (
+        "arrivals",
+        lambda v: v in ("bursts", "poisson", "gamma"),
+        "must be bursts, poisson or gamma, got {v!r}",
+    ),
+    ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
+    ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
+)
 
 
 def validate_config(cfg: Config) -> Config:
@@ -1260,65 +1308,32 @@ def validate_config(cfg: Config) -> Config:
         if isinstance(value, float):
             need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
-    need(cfg.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    need(
-        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.tag) is not None,
-        "tag",
-        f"must be letters, digits, '.', '_' or '-' (it names a folder), got {cfg.tag!r}",
-    )
-    need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
-    need(0 <= cfg.pair_utilization_b <= 1, "pair_utilization_b", "must be in [0, 1] (0 = derived)")
-    need(cfg.repeats >= 1, "repeats", "must be >= 1")
-    need(
-        cfg.preimport in ("auto", "on", "off"), "preimport", f"must be auto, on or off, got {cfg.preimport!r}"
-    )
-    need(
-        cfg.engine_start in ("auto", "fork", "spawn"),
-        "engine_start",
-        f"must be auto, fork or spawn, got {cfg.engine_start!r}",
-    )
-    need(
-        cfg.sleep_level in (1, 2),
-        "sleep_level",
-        f"must be 1 or 2 (vLLM's sleep levels), got {cfg.sleep_level}",
-    )
-    need(cfg.gpu_index >= 0, "gpu_index", "must be >= 0")
-    need(
-        re.fullmatch(r"(\d+)(,\d+)*", cfg.gpus) is not None or not cfg.gpus,
-        "gpus",
-        f"must be NVML indices separated by commas, e.g. 0,1; got {cfg.gpus!r}",
-    )
-    need(len(set(gpu_indices(cfg))) == len(gpu_indices(cfg)), "gpus", "lists a card twice")
-    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
-    for name in ("bursts", "burst_size", "max_tokens", "max_burst_size"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = preset's value)")
-    need(cfg.max_model_len > 0, "max_model_len", "must be > 0")
-    need(cfg.temperature >= 0, "temperature", "must be >= 0")
-    need(0 < cfg.burst_kv_fraction < 1, "burst_kv_fraction", "must be in (0, 1)")
-    need(cfg.overload_budget_gib >= 0, "overload_budget_gib", "must be > 0 (0 = preset's value)")
-    need(
-        1 < cfg.overload_demand < 2,
-        "overload_demand",
-        "must be in (1, 2): above the static share, below the pair's whole budget",
-    )
-    for name in (
-        "sample_hz",
-        "process_sample_hz",
-        "start_timeout_s",
-        "request_timeout_s",
-        "settle_s",
-        "idle_window_s",
-    ):
-        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for names, passes, why in FIELD_CHECKS:
+        for name in names.split():
+            value = getattr(cfg, name)
+            need(bool(passes(value)), name, why.format(v=value))
     need(
         cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9,
         "idle_window_s",
         f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
         f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)",
     )
-    need(0 < cfg.release_tolerance < 1, "release_tolerance", "must be in (0, 1)")
-    need(cfg.release_timeout_s >= 0, "release_timeout_s", "must be >= 0")
+    need(
+        cfg.pair_utilization_b > 0 or cfg.gpu_memory_utilization < 0.85,
+        "gpu_memory_utilization",
+        "leaves no room for model B in shared_static; set --pair-utilization-b",
+    )
+    check_lanes(cfg)
+    check_server_command(cfg)
+    check_workload(cfg)
+    return cfg
+
+
+def check_lanes(cfg: Config) -> None:
+    """--gpus, and the ports of every lane (lane k uses --port-a/--port-b + LANE_PORT_STEP k)."""
     lanes = len(gpu_indices(cfg))
+    need(len(set(gpu_indices(cfg))) == lanes, "gpus", "lists a card twice")
+    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
     for name in ("port_a", "port_b"):
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
@@ -1330,76 +1345,59 @@ def validate_config(cfg: Config) -> Config:
     need(
         len(set(lane_ports)) == len(lane_ports),
         "port_b",
-        f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b + {LANE_PORT_STEP}k)",
+        f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b "
+        f"+ {LANE_PORT_STEP}k)",
     )
+
+
+def check_server_command(cfg: Config) -> None:
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
-    for name in ("model_a", "model_b", "tokenizer"):
-        path = getattr(cfg, name)
-        need(
-            not looks_like_path(path) or Path(path).expanduser().is_dir(),
-            name,
-            f"{path!r} looks like a local folder but there is no such folder "
-            f"(a Hugging Face id looks like 'org/name')",
-        )
     need(
         cfg.preimport != "on" or staged_command(server_prefix(cfg)) is not None,
         "preimport",
         "on needs a server command of the form `python -m MODULE` (see --server-cmd)",
     )
     parse_env_pairs(cfg.kvcached_env)
+
+
+def check_workload(cfg: Config) -> None:
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
     need(
-        lengths.hi + 64 < cfg.max_model_len,
+        lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len,
         "output_tokens_dist",
-        f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room for the prompt",
+        f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room "
+        f"for the prompt",
     )
-    for name in ("slo_ttft_ms", "slo_tpot_ms"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = no such objective)")
-    need(
-        cfg.arrivals in ("bursts", "poisson", "gamma"),
-        "arrivals",
-        f"must be bursts, poisson or gamma, got {cfg.arrivals!r}",
-    )
-    need(cfg.rate >= 0, "rate", f"must be >= 0 requests per second, got {cfg.rate:g}")
-    need(cfg.shared_prefix_tokens >= 0, "shared_prefix_tokens", "must be >= 0")
     need(
         cfg.shared_prefix_tokens == 0 or cfg.prefix_caching,
         "shared_prefix_tokens",
         "shares a prefix for vLLM to cache: add --prefix-caching",
     )
-    need(cfg.burstiness > 0, "burstiness", f"must be > 0 (1 = Poisson), got {cfg.burstiness:g}")
-    if cfg.arrivals != "bursts":
-        need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
-        parse_rates(cfg)
-        need(
-            bool(cfg.rates) or cfg.rate > 0,
-            "rate",
-            f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
-        )
-    else:
+    if cfg.arrivals == "bursts":
         need(
             not cfg.rates and not cfg.rate,
             "arrivals",
             "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
         )
-    if cfg.pair_utilization_b == 0:
-        need(
-            cfg.gpu_memory_utilization < 0.85,
-            "gpu_memory_utilization",
-            "leaves no room for model B in shared_static; set --pair-utilization-b",
-        )
-    return cfg
+        return
+    need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
+    parse_rates(cfg)
+    need(
+        bool(cfg.rates) or cfg.rate > 0,
+        "rate",
+        f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
+    )
 
 
 def resolve_config(cfg: Config) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
     cfg = fill_preset(cfg)
-    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - 64)  # what a plan's prompts get
+    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
     need(
         cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
         "shared_prefix_tokens",
@@ -1490,8 +1488,6 @@ KNOWN_MODEL_CONFIGS = {
         torch_dtype="bfloat16",
     ),
 }
-
-
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 
@@ -1543,8 +1539,6 @@ SEED_PROMPTS = (
     "Translate 'knowledge is power' into French, German, and Japanese.",
     "Explain the difference between TCP and UDP with real examples.",
 )
-
-
 FILLER_WORDS = (
     "system memory cache model token latency river mountain quiet garden window "
     "history science music engine signal careful bright simple number market"
@@ -1672,34 +1666,41 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     )
 
 
-@dataclasses.dataclass
 class RequestMaker:
     """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
     mix or a shared prefix leaves the prompts of the same seed as they were."""
 
-    cfg: Config
-    max_tokens: int  # the longest output a request may ask for
-    prompt_tokens: int  # whole prompt, shared prefix included
-
-    def __post_init__(self):
-        self.lengths = parse_output_lengths(self.cfg.output_tokens_dist, self.cfg.max_tokens)
-        self.max_tokens = max(self.max_tokens, int(self.lengths.hi))
-        self.prompt_tokens = min(self.prompt_tokens, self.cfg.max_model_len - self.max_tokens - 64)
-        self.prefix = shared_prefix(self.cfg)
-        self.prompt_rng = random.Random(self.cfg.seed)
-        self.lengths_rng = random.Random(f"{self.cfg.seed}-output-lengths")
+    def __init__(self, cfg: Config, max_tokens: int, prompt_tokens: int):
+        self.cfg = cfg
+        self.lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+        self.max_tokens = max(max_tokens, int(self.lengths.hi))  # the longest output a request may ask for
+        room = cfg.max_model_len - self.max_tokens - PROMPT_MARGIN_TOKENS
+        self.prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
+        self.prefix = shared_prefix(cfg)
+        self.prompt_rng = random.Random(cfg.seed)
+        self.lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
 
     def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
         prompt = make_prompt(
             self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens
         )
-        return PlannedRequest(
-            burst,
-            index,
-            self.prefix + prompt,
-            self.lengths.draw(self.lengths_rng, self.max_tokens),
-            self.cfg.temperature,
-            offset_s,
+        length = self.lengths.draw(self.lengths_rng, self.max_tokens)
+        return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
+
+    def plan(
+        self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop
+    ) -> WorkloadPlan:
+        return WorkloadPlan(
+            bursts=bursts,
+            burst_size=burst_size,
+            gap_s=self.cfg.gap_s,
+            max_tokens=self.max_tokens,
+            prompt_tokens=self.prompt_tokens,
+            temperature=self.cfg.temperature,
+            seed=self.cfg.seed,
+            sizing=sizing,
+            requests=tuple(requests_),
+            **open_loop,
         )
 
 
@@ -1715,19 +1716,8 @@ def plan_workload(
     make = RequestMaker(
         cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
     )
-    max_tokens, prompt_tokens = make.max_tokens, make.prompt_tokens
-    requests_ = tuple(make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size))
-    return WorkloadPlan(
-        bursts=bursts,
-        burst_size=burst_size,
-        gap_s=cfg.gap_s,
-        max_tokens=max_tokens,
-        prompt_tokens=prompt_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        sizing=sizing,
-        requests=requests_,
-    )
+    requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
+    return make.plan(requests_, bursts, burst_size, sizing)
 
 
 def parse_rates(cfg: Config) -> list[float]:
@@ -1746,41 +1736,34 @@ def parse_rates(cfg: Config) -> list[float]:
     return [cfg.rate] * max(cfg.bursts, 1)
 
 
+def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: float) -> Iterator[float]:
+    """Seconds from a window's start: gaps drawn from a gamma distribution of this shape (1 = Poisson)."""
+    t = rng.gammavariate(shape, 1 / (rate * shape))
+    while t < duration_s:
+        yield t
+        t += rng.gammavariate(shape, 1 / (rate * shape))
+
+
 def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
-    """Arrivals planned before sending: gaps drawn from a gamma distribution (shape = burstiness;
-    1 is a Poisson process) at each window's rate, for duration_s seconds per window."""
+    """Arrivals planned before sending at each window's rate, for duration_s seconds per window (gamma
+    arrivals: shape = burstiness)."""
     arrivals_rng = random.Random(f"{cfg.seed}-arrivals")
     make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
     rates, planned, busiest = parse_rates(cfg), [], 0
     for window, rate in enumerate(rates):
-        in_window = 0
-        t = arrivals_rng.gammavariate(shape, 1 / (rate * shape))
-        while t < cfg.duration_s:
-            planned.append(make(window, in_window, len(planned), round(t, 6)))
-            in_window += 1
-            t += arrivals_rng.gammavariate(shape, 1 / (rate * shape))
-        busiest = max(busiest, in_window)
-    return WorkloadPlan(
-        bursts=len(rates),
-        burst_size=busiest,
-        gap_s=cfg.gap_s,
-        max_tokens=make.max_tokens,
-        prompt_tokens=make.prompt_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        sizing=sizing,
-        requests=tuple(planned),
-        arrivals=cfg.arrivals,
-        rates=tuple(rates),
-    )
+        offsets = list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s))
+        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+        busiest = max(busiest, len(offsets))
+    return make.plan(planned, len(rates), busiest, sizing, arrivals=cfg.arrivals, rates=tuple(rates))
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
     """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share."""
     share = budget_bytes / 2
     max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
-    prompt_tokens = cfg.max_model_len - max_tokens - 64 - 256  # 256 tokens of room for tokenizer drift
+    # and 256 tokens more of room for tokenizer drift
+    prompt_tokens = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))
@@ -1799,13 +1782,12 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
 
 # %% Secrets: never written to the run folder, the logs' headers or stdout
 REDACTED = "***"
-
-
 SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
 def is_secret_name(name: str) -> bool:
-    """VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key: yes; TOKENIZERS_PARALLELISM, --max-tokens: no."""
+    """Secret: VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key.
+    Not: TOKENIZERS_PARALLELISM, --max-tokens."""
     parts = name.upper().replace("-", "_").strip("_").split("_")
     return parts[-1] in ("KEY", "APIKEY") or any(p in SECRET_WORDS for p in parts)
 
@@ -1836,12 +1818,10 @@ def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
     values = [cfg.api_key] + [v for k, v in environ.items() if is_secret_name(k)]
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
-        values += [a for a, shown in zip(argv, redact_argv(argv)) if a != shown]
-        values += [
-            a.partition("=")[2]
-            for a in argv
-            if "=" in a and a.startswith("--") and is_secret_name(a.partition("=")[0][2:])
-        ]
+        for arg, shown in zip(argv, redact_argv(argv)):
+            flag, eq, value = arg.partition("=")
+            values += [arg] if arg != shown else []
+            values += [value] if eq and flag.startswith("--") and is_secret_name(flag[2:]) else []
     STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 

@@ -3317,8 +3317,7 @@ def as_records(rows: Iterable[RequestRecord | dict]) -> list[RequestRecord]:
 def abort_response(response: Any) -> None:
     """Shut the response's socket from another thread: a blocked read returns at once."""
     with contextlib.suppress(Exception):
-        sock = response.raw.connection.sock
-        sock.shutdown(socket.SHUT_RDWR)
+        response.raw.connection.sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         response.close()
 
@@ -3452,12 +3451,9 @@ def send_chat(
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
-        late = time.perf_counter() >= deadline
-        record.error = (
-            f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
-            if late
-            else f"{type(exc).__name__}: {str(exc)[:300]}"
-        )
+        record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if time.perf_counter() >= deadline:
+            record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
         record.e2e_s = time.perf_counter() - start
     return record
@@ -3475,9 +3471,8 @@ class RecordSink:
 
 
 BURST_DEADLINE_SLACK_S = 30.0  # past every request's own deadline: connect time, thread start-up
-OPEN_LOOP_THREADS = (
-    512  # open loop: requests in flight at most; one arriving past that waits, and its wait counts
-)
+# open loop: requests in flight at most; one arriving past that waits, and its wait counts
+OPEN_LOOP_THREADS = 512
 
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
@@ -3598,25 +3593,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 CSV_COLUMNS = (
-    "experiment",
-    "server",
-    "phase",
-    "repeat",
-    "burst",
-    "index",
-    "t_send",
-    "ok",
-    "status",
-    "error",
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
-    "prompt_tokens",
-    "completion_tokens",
-    "finish_reason",
-    "itl_p50_s",
-    "itl_max_s",
-)
+    "experiment server phase repeat burst index t_send ok status error ttft_s tpot_s e2e_s prompt_tokens "
+    "completion_tokens finish_reason itl_p50_s itl_max_s"
+).split()
 
 
 def write_requests_csv(path: Path, rows: list[dict]) -> None:

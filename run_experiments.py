@@ -3291,7 +3291,7 @@ class RequestRecord:
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     finish_reason: Optional[str] = None
-    content_reads: Optional[int] = 0  # reads that carried content; 1: not streamed; None: not counted yet
+    content_reads: Optional[int] = 0  # network reads with content (1: not streamed); None in older rows
     send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
 
     @property

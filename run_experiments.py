@@ -3438,6 +3438,7 @@ def send_chat(
     request the client could not send on time counts its wait too."""
     import requests
 
+    url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
     start, record.t_send = arrival or (time.perf_counter(), time.time())
     deadline = start + timeout_s
     try:
@@ -3445,8 +3446,6 @@ def send_chat(
             gate()
         if arrival is not None:
             record.send_delay_s = time.perf_counter() - start
-        body = chat_body(model, request, ignore_eos)
-        url = f"{base_url}/v1/chat/completions"
         done = stream_chat(session or requests, url, body, api_key, record, start, timeout_s)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None

@@ -235,7 +235,9 @@ def test_latency_summary_tpot_and_throughput():
 
 
 def test_a_request_row_reads_back_as_the_record_it_was_written_from():
-    record = rx.RequestRecord("t", "A", "p", 0, 1, 2, 10.0, ok=True, ttft_s=0.1, e2e_s=1.1, completion_tokens=11)
+    record = rx.RequestRecord(
+        "t", "A", "p", 0, 1, 2, 10.0, ok=True, ttft_s=0.1, e2e_s=1.1, completion_tokens=11
+    )
     row = json.loads(json.dumps(rx.record_row(record)))
     assert row["tpot_s"] == pytest.approx(0.1)
     assert rx.RequestRecord.from_row(row) == record

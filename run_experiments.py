@@ -3298,6 +3298,9 @@ def sleep_idle_window(seconds: float) -> tuple[float, float]:
 # %% Load generation: one streaming request function that never raises
 @dataclasses.dataclass
 class RequestRecord:
+    """One request from the wire to the summary: what send_chat measured, written to requests.jsonl by
+    record_row and read back by from_row; every latency figure is read from here."""
+
     experiment: str
     server: str  # 'A' or 'B'
     phase: str  # which step of the schedule (e.g. 'A burst 2')
@@ -3307,69 +3310,90 @@ class RequestRecord:
     t_send: float  # wall clock (s since epoch)
     ok: bool = False  # completed: [DONE] seen, a finish_reason, no error event
     status: Optional[int] = None  # HTTP status, None if no response
-    error: Optional[str] = None
+    error: Optional[str] = None  # why it failed: the one failure reason the summaries count
     ttft_s: Optional[float] = None  # send -> first content chunk
     e2e_s: Optional[float] = None  # send -> end of stream (or failure)
     itl_s: list = dataclasses.field(default_factory=list)  # gaps between content chunks
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     finish_reason: Optional[str] = None
-    content_reads: int = 0  # network reads that carried content; 1 = the server did not stream
+    content_reads: Optional[int] = 0  # network reads with content (1: not streamed); None in older rows
     send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
 
     @property
     def tpot_s(self) -> Optional[float]:
+        """Time per output token after the first, of a completed request of two tokens or more."""
         if not self.ok or self.ttft_s is None or not self.completion_tokens or self.completion_tokens < 2:
             return None
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+    @classmethod
+    def from_row(cls, row: dict) -> RequestRecord:
+        """A requests.jsonl row read back; a key an older row lacks reads as None. Its tpot_s is derived
+        again, from the row's rounded times, as the committed summaries were."""
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values.update(ok=bool(values["ok"]), itl_s=values["itl_s"] or [])
+        return cls(**values)
+
+
+def as_records(rows: Iterable[RequestRecord | dict]) -> list[RequestRecord]:
+    return [r if isinstance(r, RequestRecord) else RequestRecord.from_row(r) for r in rows]
 
 
 def abort_response(response: Any) -> None:
     """Shut the response's socket from another thread: a blocked read returns at once."""
     with contextlib.suppress(Exception):
-        sock = response.raw.connection.sock
-        sock.shutdown(socket.SHUT_RDWR)
+        response.raw.connection.sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         response.close()
 
 
-def read_sse(response: Any, record: RequestRecord, start: float, deadline: float) -> bool:
-    """Consume an SSE stream into `record`; True once `data: [DONE]` arrived. Lines are split here,
-    not by iter_lines, so that keep-alive comments and trickles still meet the deadline check."""
-    buffer, last_token = b"", None
+def sse_reads(response: Any, deadline: float) -> Iterator[tuple[float, list[bytes]]]:
+    """Each network read's arrival time and the `data:` payloads it completed. Lines are split here, not
+    by iter_lines, so that keep-alive comments and trickles still meet the deadline check."""
+    buffer = b""
     for chunk in response.iter_content(chunk_size=None):  # each HTTP chunk as it arrives
         now = time.perf_counter()
         if now > deadline:
             raise TimeoutError("no complete response before the deadline")
         *lines, buffer = (buffer + chunk).split(b"\n")
-        had_content = done = False
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue  # blank separators and ': keep-alive' comments
-            payload = line[5:].strip()
+        yield now, [line[5:].strip() for line in lines if line.startswith(b"data:")]
+
+
+def note_event(record: RequestRecord, event: dict) -> int:
+    """Copy one stream event's error, usage and finish reason into `record`; returns how many of its
+    choices carried content."""
+    error = event.get("error")
+    if error:  # vLLM reports a failure inside an HTTP 200 stream
+        message = error.get("message", error) if isinstance(error, dict) else error
+        record.error = f"error event in stream: {str(message)[:300]}"
+    if event.get("usage"):
+        record.prompt_tokens = event["usage"].get("prompt_tokens")
+        record.completion_tokens = event["usage"].get("completion_tokens")
+    contents = 0
+    for choice in event.get("choices") or ():
+        record.finish_reason = choice.get("finish_reason") or record.finish_reason
+        contents += bool((choice.get("delta") or {}).get("content"))
+    return contents
+
+
+def read_sse(response: Any, record: RequestRecord, start: float, deadline: float) -> bool:
+    """Consume an SSE stream into `record`, each content chunk timed on arrival; True once
+    `data: [DONE]` arrived."""
+    last_token = None
+    for now, payloads in sse_reads(response, deadline):
+        had_content = False
+        for payload in payloads:
             if payload == b"[DONE]":
-                done = True
-                break
-            event = json.loads(payload)
-            if event.get("error"):  # vLLM reports a failure inside an HTTP 200 stream
-                error = event["error"]
-                record.error = f"error event in stream: {str(error.get('message', error) if isinstance(error, dict) else error)[:300]}"
-            if event.get("usage"):
-                record.prompt_tokens = event["usage"].get("prompt_tokens")
-                record.completion_tokens = event["usage"].get("completion_tokens")
-            for choice in event.get("choices") or ():
-                if choice.get("finish_reason"):
-                    record.finish_reason = choice["finish_reason"]
-                if (choice.get("delta") or {}).get("content"):
-                    had_content = True
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.itl_s.append(now - last_token)
-                    last_token = now
+                record.content_reads += had_content
+                return True
+            for _ in range(note_event(record, json.loads(payload))):
+                if record.ttft_s is None:
+                    record.ttft_s = now - start
+                else:
+                    record.itl_s.append(now - last_token)
+                last_token, had_content = now, True
         record.content_reads += had_content
-        if done:
-            return True
     return False
 
 
@@ -3388,6 +3412,39 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
     return None
 
 
+def chat_body(model: str, request: PlannedRequest, ignore_eos: bool) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    return {**body, "ignore_eos": True} if ignore_eos else body
+
+
+def stream_chat(
+    client: Any, url: str, body: dict, api_key: str, record: RequestRecord, start: float, timeout_s: float
+) -> bool:
+    """POST and read the stream into `record`; True once [DONE] arrived. The socket is shut at
+    start + timeout_s, whatever the server trickles."""
+    deadline = start + timeout_s
+    headers = auth_headers(api_key)
+    with client.post(url, json=body, headers=headers, stream=True, timeout=(10, timeout_s)) as response:
+        timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
+        timer.daemon = True
+        timer.start()
+        try:
+            record.status = response.status_code
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {response.text[:300]}"
+                return False
+            return read_sse(response, record, start, deadline)
+        finally:
+            timer.cancel()
+
+
 def send_chat(
     base_url: str,
     model: str,
@@ -3401,58 +3458,28 @@ def send_chat(
     arrival: Optional[tuple[float, float]] = None,
 ) -> RequestRecord:
     """Stream one chat completion; every outcome, failures included, ends up in `record`.
-    timeout_s is absolute: the connection is cut at send + timeout_s, whatever the server trickles.
+    timeout_s is absolute: the connection is cut at send + timeout_s.
     `gate` runs after the clock starts and before sending (a router waking a sleeping server).
     `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts there, so a
     request the client could not send on time counts its wait too."""
     import requests
 
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": request.prompt}],
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if ignore_eos:
-        body["ignore_eos"] = True
-    http = session or requests
+    url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
     start, record.t_send = arrival or (time.perf_counter(), time.time())
     deadline = start + timeout_s
-    timer = None
     try:
         if gate is not None:
             gate()
         if arrival is not None:
             record.send_delay_s = time.perf_counter() - start
-        with http.post(
-            f"{base_url}/v1/chat/completions",
-            json=body,
-            headers=auth_headers(api_key),
-            stream=True,
-            timeout=(10, timeout_s),
-        ) as response:
-            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
-            timer.daemon = True
-            timer.start()
-            record.status = response.status_code
-            if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {response.text[:300]}"
-                return record
-            done = read_sse(response, record, start, deadline)
+        done = stream_chat(session or requests, url, body, api_key, record, start, timeout_s)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
-        late = time.perf_counter() >= deadline
-        record.error = (
-            f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
-            if late
-            else f"{type(exc).__name__}: {str(exc)[:300]}"
-        )
+        record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if time.perf_counter() >= deadline:
+            record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
-        if timer is not None:
-            timer.cancel()
         record.e2e_s = time.perf_counter() - start
     return record
 
@@ -3469,17 +3496,34 @@ class RecordSink:
 
 
 BURST_DEADLINE_SLACK_S = 30.0  # past every request's own deadline: connect time, thread start-up
-
-
-OPEN_LOOP_THREADS = (
-    512  # open loop: requests in flight at most; one arriving past that waits, and its wait counts
-)
+# open loop: requests in flight at most; one arriving past that waits, and its wait counts
+OPEN_LOOP_THREADS = 512
 
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
     """Requests in flight at once (one thread and one socket each): a whole closed burst; open loop,
     at most OPEN_LOOP_THREADS."""
     return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
+
+
+def await_arrival(request: PlannedRequest, started: tuple[float, float]) -> Optional[tuple[float, float]]:
+    """Open loop: sleep until the request's planned arrival and return it as (perf_counter, wall clock)
+    from the burst's start `started` (same form); a closed burst's requests (offset 0) go at once."""
+    if not request.offset_s:
+        return None
+    pause(started[0] + request.offset_s - time.perf_counter())
+    return started[0] + request.offset_s, started[1] + request.offset_s
+
+
+def await_burst(futures: list, started: float, deadline: float, progress_every_s: float) -> None:
+    """Until every request has finished or the burst's deadline has passed, with progress lines."""
+    while True:
+        done, pending = concurrent.futures.wait(
+            futures, timeout=min(progress_every_s, max(0.0, deadline - time.time()))
+        )
+        if not pending or time.time() >= deadline:
+            return
+        say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
 
 
 def run_burst(
@@ -3509,57 +3553,24 @@ def run_burst(
                 if sink is not None:
                     sink(record)
 
-    started, started_perf = time.time(), time.perf_counter()
+    def send(i: int, arrival: Optional[tuple[float, float]]) -> concurrent.futures.Future:
+        args = (server.url, server.spec.model, requests_[i], records[i], cfg.api_key, cfg.request_timeout_s)
+        future = pool.submit(send_chat, *args, cfg.ignore_eos, session, gate, arrival)
+        future.add_done_callback(lambda f: deliver(i, f.result()))
+        return future
+
+    started = (time.perf_counter(), time.time())
     last_arrival = max((r.offset_s for r in requests_), default=0.0)
-    deadline = started + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
+    deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
-        futures = []
-        for i, (r, rec) in enumerate(zip(requests_, records)):
-            arrival = None
-            if r.offset_s:  # open loop: submitted at its planned time, timed from it
-                pause(started_perf + r.offset_s - time.perf_counter())
-                arrival = (started_perf + r.offset_s, started + r.offset_s)
-            futures.append(
-                pool.submit(
-                    send_chat,
-                    server.url,
-                    server.spec.model,
-                    r,
-                    rec,
-                    cfg.api_key,
-                    cfg.request_timeout_s,
-                    cfg.ignore_eos,
-                    session,
-                    gate,
-                    arrival,
-                )
-            )
-            futures[-1].add_done_callback(lambda f, i=i: deliver(i, f.result()))
-        while True:
-            done, pending = concurrent.futures.wait(
-                futures, timeout=min(progress_every_s, max(0.0, deadline - time.time()))
-            )
-            if not pending:  # wait() can return before the done-callbacks ran: deliver here too
-                for i, future in enumerate(futures):
-                    deliver(i, future.result())
-                return [f.result() for f in futures]
-            if time.time() >= deadline:
-                break
-            say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
-        out = []
-        for i, (future, record) in enumerate(zip(futures, records)):
-            if future.done():
-                out.append(future.result())
-                continue
-            late = dataclasses.replace(
-                record,
-                ok=False,
-                itl_s=list(record.itl_s),
-                e2e_s=time.time() - started,
-                error=f"still open at the burst's deadline ({deadline - started:.0f} s)",
-            )
-            out.append(late)
-            deliver(i, late)
+        futures = [send(i, await_arrival(r, started)) for i, r in enumerate(requests_)]
+        await_burst(futures, started[1], deadline, progress_every_s)
+        out = [
+            f.result() if f.done() else still_open(rec, started[1], deadline)
+            for f, rec in zip(futures, records)
+        ]
+        for i, record in enumerate(out):  # wait() can return before the done-callbacks ran
+            deliver(i, record)
         return out
     finally:
         # On Ctrl-C, don't wait for open streams: the servers are stopped next, and the requests that
@@ -3568,6 +3579,17 @@ def run_burst(
             closed = True
         pool.shutdown(wait=False, cancel_futures=True)
         session.close()
+
+
+def still_open(record: RequestRecord, started: float, deadline: float) -> RequestRecord:
+    """A copy of an unfinished request's record, failed at the burst's deadline."""
+    return dataclasses.replace(
+        record,
+        ok=False,
+        itl_s=list(record.itl_s),
+        e2e_s=time.time() - started,
+        error=f"still open at the burst's deadline ({deadline - started:.0f} s)",
+    )
 
 
 # %% Files: raw rows appended as they come, JSON replaced whole
@@ -3596,25 +3618,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 CSV_COLUMNS = (
-    "experiment",
-    "server",
-    "phase",
-    "repeat",
-    "burst",
-    "index",
-    "t_send",
-    "ok",
-    "status",
-    "error",
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
-    "prompt_tokens",
-    "completion_tokens",
-    "finish_reason",
-    "itl_p50_s",
-    "itl_max_s",
-)
+    "experiment server phase repeat burst index t_send ok status error ttft_s tpot_s e2e_s prompt_tokens "
+    "completion_tokens finish_reason itl_p50_s itl_max_s"
+).split()
 
 
 def write_requests_csv(path: Path, rows: list[dict]) -> None:
@@ -3633,13 +3639,13 @@ def write_requests_csv(path: Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file, or of its gzipped copy (committed reference runs are compressed)."""
-    if not path.exists():
-        packed = path.with_name(path.name + ".gz")
-        if not packed.exists():
-            return []
+    packed = path.with_name(path.name + ".gz")
+    if path.exists():
+        text = path.read_text()
+    elif packed.exists():
         text = gzip.decompress(packed.read_bytes()).decode()
     else:
-        text = path.read_text()
+        return []
     rows = []
     for line in text.splitlines():
         with contextlib.suppress(json.JSONDecodeError):  # a run killed mid-write leaves a torn line
@@ -3648,10 +3654,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
+    """A request's requests.jsonl row: its fields, then its TPOT, times rounded to keep the file small."""
     row = {**dataclasses.asdict(record), "tpot_s": record.tpot_s}
     for key in ("ttft_s", "e2e_s", "tpot_s"):
         if row[key] is not None:
-            row[key] = round(row[key], 6)  # microseconds are plenty; keeps the files small
+            row[key] = round(row[key], 6)  # microseconds are plenty
     row["itl_s"] = [round(v, 5) for v in record.itl_s] if keep_itl else []
     return row
 
@@ -3659,12 +3666,8 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 # %% Metrics: pure functions of saved records
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
-    array = (
-        values
-        if isinstance(values, np.ndarray)
-        else np.asarray([v for v in values if v is not None], dtype=float)
-    )
-    finite = array[np.isfinite(array)]
+    data = np.asarray([v for v in values if v is not None], dtype=float)
+    finite = data[np.isfinite(data)]
     return [float(p) for p in np.percentile(finite, qs)] if finite.size else [None] * len(qs)
 
 
@@ -3704,17 +3707,17 @@ class Distribution:
     max: Optional[float]
 
     @classmethod
-    def of(cls, values: Iterable[Optional[float]]) -> "Distribution":
+    def of(cls, values: Iterable[Optional[float]]) -> Distribution:
         data = np.asarray([v for v in values if v is not None], dtype=float)
-        p50, p90, p99 = percentiles(data, [50, 90, 99])
-        return cls(
-            int(data.size),
-            p50,
-            p90,
-            p99,
-            float(data.mean()) if data.size else None,
-            float(data.max()) if data.size else None,
-        )
+        if not data.size:
+            return cls(0, None, None, None, None, None)
+        return cls(data.size, *percentiles(data, [50, 90, 99]), float(data.mean()), float(data.max()))
+
+
+NOT_STREAMED = (
+    "the server did not stream (each response arrived in one piece): "
+    "time to first token and per-token time cannot be measured"
+)
 
 
 @dataclasses.dataclass
@@ -3731,7 +3734,7 @@ class LatencySummary:
     output_tokens_per_s: Optional[float]
     ttft_note: Optional[str] = omitted_if_none()  # why there is no TTFT (the server did not stream)
     itl_s: Optional[Distribution] = omitted_if_none()  # every gap between content chunks, pooled
-    goodput: Optional["Goodput"] = omitted_if_none()  # with --slo-ttft-ms / --slo-tpot-ms
+    goodput: Optional[Goodput] = omitted_if_none()  # with --slo-ttft-ms / --slo-tpot-ms
 
     def quantile(self, metric: str, q: str) -> Optional[float]:
         return getattr(getattr(self, metric), q)
@@ -3748,73 +3751,57 @@ class Goodput:
     share: Optional[float]
 
 
-def goodput(records: list[dict], slo_ttft_ms: float, slo_tpot_ms: float) -> Optional[Goodput]:
+def goodput(
+    records: Iterable[RequestRecord | dict], slo_ttft_ms: float, slo_tpot_ms: float
+) -> Optional[Goodput]:
     if not (slo_ttft_ms or slo_tpot_ms):
         return None
+    records = as_records(records)
 
-    def meets(r: dict) -> bool:
-        if not r.get("ok"):
-            return False
-        if slo_ttft_ms and (r.get("ttft_s") is None or r["ttft_s"] * 1000 > slo_ttft_ms):
-            return False
-        return not (slo_tpot_ms and r.get("tpot_s") is not None and r["tpot_s"] * 1000 > slo_tpot_ms)
+    def meets(r: RequestRecord) -> bool:
+        late_first = slo_ttft_ms and (r.ttft_s is None or r.ttft_s * 1000 > slo_ttft_ms)
+        slow_rest = slo_tpot_ms and r.tpot_s is not None and r.tpot_s * 1000 > slo_tpot_ms
+        return r.ok and not late_first and not slow_rest
 
     met = sum(meets(r) for r in records)
-    return Goodput(
-        slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), met / len(records) if records else None
-    )
+    share = met / len(records) if records else None
+    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), share)
 
 
-def latency_summary(records: list[dict], slo: tuple[float, float] = (0.0, 0.0)) -> LatencySummary:
+def latency_summary(
+    records: Iterable[RequestRecord | dict], slo: tuple[float, float] = (0.0, 0.0)
+) -> LatencySummary:
     """TTFT / TPOT / ITL / E2E percentiles, throughput, errors and goodput (slo = TTFT ms, TPOT ms)
-    from requests.jsonl rows."""
-    ok = [r for r in records if r.get("ok")]
-    failed = [r for r in records if not r.get("ok")]
-    tpot = [
-        (r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1)
-        for r in ok
-        if r.get("completion_tokens") and r["completion_tokens"] > 1 and r.get("ttft_s") is not None
-    ]
+    of request records (requests.jsonl rows are read as records)."""
+    records = as_records(records)
+    ok = [r for r in records if r.ok]
+    streamed = not not_streamed(ok)  # if the whole answer came in one read, a "TTFT" would be the E2E time
     span = None
     if records:
-        start = min(r["t_send"] for r in records)
-        end = max(r["t_send"] + (r.get("e2e_s") or 0) for r in records)
-        span = end - start
-    out_tokens = sum(r.get("completion_tokens") or 0 for r in ok)
-    errors: dict[str, int] = {}
-    for r in failed:
-        key = (r.get("error") or "unknown")[:80]
-        errors[key] = errors.get(key, 0) + 1
-    summary = LatencySummary(
+        span = max(r.t_send + (r.e2e_s or 0) for r in records) - min(r.t_send for r in records)
+    out_tokens = sum(r.completion_tokens or 0 for r in ok)
+    gaps = [gap for r in ok for gap in r.itl_s] if streamed else []
+    return LatencySummary(
         requests=len(records),
         ok=len(ok),
-        failed=len(failed),
-        errors=errors,
-        ttft_s=Distribution.of(r.get("ttft_s") for r in ok),
-        tpot_s=Distribution.of(tpot),
-        e2e_s=Distribution.of(r.get("e2e_s") for r in ok),
+        failed=len(records) - len(ok),
+        errors=dict(collections.Counter((r.error or "unknown")[:80] for r in records if not r.ok)),
+        ttft_s=Distribution.of(r.ttft_s for r in ok if streamed),
+        tpot_s=Distribution.of(r.tpot_s for r in ok if streamed),
+        e2e_s=Distribution.of(r.e2e_s for r in ok),
         output_tokens=out_tokens,
-        prompt_tokens_mean=(sum(r.get("prompt_tokens") or 0 for r in ok) / len(ok)) if ok else None,
+        prompt_tokens_mean=(sum(r.prompt_tokens or 0 for r in ok) / len(ok)) if ok else None,
         output_tokens_per_s=(out_tokens / span) if span else None,
+        ttft_note=None if streamed else NOT_STREAMED,
+        itl_s=Distribution.of(gaps) if gaps else None,
         goodput=goodput(records, *slo),
     )
-    gaps = [gap for r in ok for gap in r.get("itl_s") or []]
-    if gaps:
-        summary.itl_s = Distribution.of(gaps)
-    if not_streamed(ok):  # the whole answer came in one read: a "TTFT" would be the E2E time
-        summary.ttft_s = summary.tpot_s = Distribution.of([])
-        summary.itl_s = None
-        summary.ttft_note = (
-            "the server did not stream (each response arrived in one piece): "
-            "time to first token and per-token time cannot be measured"
-        )
-    return summary
 
 
-def not_streamed(ok_rows: list[dict]) -> bool:
-    """Most multi-token responses arrived in a single read (rows from before this field: streamed)."""
-    multi = [r for r in ok_rows if (r.get("completion_tokens") or 0) >= 2 and "content_reads" in r]
-    return bool(multi) and sum(r["content_reads"] < 2 for r in multi) > len(multi) / 2
+def not_streamed(ok: list[RequestRecord]) -> bool:
+    """Most multi-token responses arrived in a single read (rows from before content_reads: streamed)."""
+    multi = [r for r in ok if (r.completion_tokens or 0) >= 2 and r.content_reads is not None]
+    return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
 def window(samples: list[tuple[float, float]], span: Optional[tuple[float, float]]) -> list[float]:
@@ -3848,7 +3835,7 @@ class MemorySummary:
     residual_vs_load_mib: Optional[float]
 
     @classmethod
-    def void(cls) -> "MemorySummary":
+    def void(cls) -> MemorySummary:
         return cls(*[None] * len(dataclasses.fields(cls)))
 
 
@@ -3856,21 +3843,19 @@ def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: 
     """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
     idle_load = percentile(window(samples, marks.idle_after_load), 50)
     idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
-    peak = None
-    if marks.workload is not None:
-        peak = max(
-            window(samples, (marks.workload[0], marks.sampling_end or marks.workload[1])), default=None
-        )
-    end = marks.workload[1] if marks.workload else None
-    after = [v for t, v in samples if end is not None and t >= end]
+    if marks.workload is None:
+        return MemorySummary(idle_load, idle, None, None, None, None, None)
+    start, end = marks.workload
+    peak = max(window(samples, (start, marks.sampling_end or end)), default=None)
+    last = next((v for t, v in reversed(samples) if t >= end), None)
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,
         peak_mib=peak,
-        flex_mib=(peak - idle) if peak is not None and idle is not None else None,
-        release_s=release_time(samples, end, idle, tolerance) if end is not None else None,
-        residual_mib=(after[-1] - idle) if after and idle is not None else None,
-        residual_vs_load_mib=(after[-1] - idle_load) if after and idle_load is not None else None,
+        flex_mib=diff(peak, idle),
+        release_s=release_time(samples, end, idle, tolerance),
+        residual_mib=diff(last, idle),
+        residual_vs_load_mib=diff(last, idle_load),
     )
 
 

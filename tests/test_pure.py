@@ -234,6 +234,17 @@ def test_latency_summary_tpot_and_throughput():
     assert summary.output_tokens_per_s == pytest.approx(22 / 2.3)
 
 
+def test_a_request_row_reads_back_as_the_record_it_was_written_from():
+    record = rx.RequestRecord(
+        "t", "A", "p", 0, 1, 2, 10.0, ok=True, ttft_s=0.1, e2e_s=1.1, completion_tokens=11
+    )
+    row = json.loads(json.dumps(rx.record_row(record)))
+    assert row["tpot_s"] == pytest.approx(0.1)
+    assert rx.RequestRecord.from_row(row) == record
+    old = {k: v for k, v in row.items() if k not in ("content_reads", "send_delay_s")}
+    assert rx.RequestRecord.from_row(old).content_reads is None, "a row from before content_reads: unknown"
+
+
 def test_memory_summary_idle_peak_release():
     samples = [(t / 10, 1000.0) for t in range(0, 20)]  # idle 1000
     samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]  # burst to 3000

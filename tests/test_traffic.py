@@ -59,11 +59,12 @@ def test_a_length_mix_turns_on_ignore_eos_so_the_lengths_are_exact():
 
 
 def test_goodput_counts_failures_and_each_objective():
+    # TPOT is derived from each row's times: (e2e - ttft) / (tokens - 1) = 0.01, 0.01, 0.05, 0.01 s
     rows = [
-        {"ok": True, "ttft_s": 0.1, "tpot_s": 0.01},
-        {"ok": True, "ttft_s": 0.3, "tpot_s": 0.01},
-        {"ok": True, "ttft_s": 0.1, "tpot_s": 0.05},
-        {"ok": False, "ttft_s": 0.1, "tpot_s": 0.01},
+        {"ok": True, "ttft_s": 0.1, "e2e_s": 0.2, "completion_tokens": 11},
+        {"ok": True, "ttft_s": 0.3, "e2e_s": 0.4, "completion_tokens": 11},
+        {"ok": True, "ttft_s": 0.1, "e2e_s": 0.6, "completion_tokens": 11},
+        {"ok": False, "ttft_s": 0.1, "e2e_s": 0.2, "completion_tokens": 11},
     ]
     assert rx.goodput(rows, 200, 0).met == 2
     both = rx.goodput(rows, 200, 20)

@@ -381,4 +381,6 @@ def test_run_comparison_calls_signal_only_what_every_repeat_of_every_run_agrees_
     # in its level after load (marked); shared_kvcached started its pair fresh (not marked)
     memory = "\n".join(compare_runs.memory_table(runs))
     assert "| overload_kvcached | 13,332 * / 13,334 * | 13,332 / 13,334 |" in memory
-    assert "| shared_kvcached | 12,277 / 12,278 | 13,327 / 13,328 |" in memory and "not a fresh load" in memory
+    assert (
+        "| shared_kvcached | 12,277 / 12,278 | 13,327 / 13,328 |" in memory and "not a fresh load" in memory
+    )

@@ -122,10 +122,10 @@ def say(message: Any) -> None:
 
 
 # %% Helper programs: functions of this file that run in a fresh Python
-# The keeper, the device sampler, the staged import and vLLM's probe run in processes of their own. They
-# are written as functions here, so the linter and the tests see them, and shipped as their own source
-# (inspect reads it from this file, or in a notebook from the cell IPython keeps). Each is self-contained:
-# it imports what it needs inside, and names only the functions shipped with it.
+# vLLM's probe and the --server-cmd import check run in a fresh Python. They are written as functions
+# here, so the linter and the tests see them, and shipped as their own source (inspect reads it from this
+# file, or in a notebook from the cell IPython keeps). Each is self-contained: it imports what it needs
+# inside, and names only the functions shipped with it.
 def program_source(*functions: Callable, call: str) -> str:
     """`python -c` text that defines `functions` and then runs `call`."""
     import inspect
@@ -177,9 +177,7 @@ class Config:
     allow_mixed_gpus: bool = False  # let --gpus mix card models or sizes (recorded; figures differ by card)
     start_timeout_s: float = 900.0  # vLLM start-up: 50-100 s usual, first compile can be longer
     preimport: str = "auto"  # import vLLM ahead for the next servers: auto (>= 8 cores per card), on, off
-    engine_start: str = (
-        "auto"  # vLLM's engine process: fork (~20 s faster), spawn, auto (the shell's, else fork)
-    )
+    engine_start: str = "auto"  # vLLM's engine process: fork (~20 s faster), spawn, auto (shell's or fork)
     # --- workload
     bursts: int = 0  # 0 = preset's value
     arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
@@ -195,9 +193,7 @@ class Config:
     prefix_caching: bool = False  # vLLM's prefix caching (off: repeated prompt parts still need their KV)
     shared_prefix_tokens: int = 0  # tokens of one prompt prefix every request shares (with --prefix-caching)
     ignore_eos: bool = False  # vLLM's ignore_eos: every response is exactly max_tokens long
-    output_tokens_dist: str = (
-        "fixed"  # output lengths: fixed (max_tokens), uniform:LO-HI or lognormal:MEAN,SIGMA
-    )
+    output_tokens_dist: str = "fixed"  # output lengths: fixed, uniform:LO-HI or lognormal:MEAN,SIGMA
     slo_ttft_ms: float = 0.0  # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
     slo_tpot_ms: float = 0.0  # goodput: ... and time per output token at most this (0 = none)
     burst_kv_fraction: float = 0.05  # auto preset: one burst's KV demand as a fraction of free VRAM
@@ -206,9 +202,7 @@ class Config:
     warmup: bool = True  # discarded burst of the same shape before measuring
     request_timeout_s: float = 300.0  # a ready server can still stall (kvcached without pages)
     # --- overload experiment
-    overload_budget_gib: float = (
-        0.0  # KV budget of each pair (static: half per model; kvcached: limit); 0 = preset
-    )
+    overload_budget_gib: float = 0.0  # KV of each pair (static: half per model; kvcached: limit); 0 = preset
     overload_demand: float = 1.4  # bursting model's KV demand as a multiple of its static share
     # --- sampling
     sample_hz: float = 20.0  # NVML device-memory samples per second

@@ -65,6 +65,9 @@ def test_help_describes_every_flag(capsys):
     assert rx.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "fraction of the card vLLM may take" in out and "--overload-budget-gib" in out
+    # read from Config's trailing comments: a field the formatter wraps onto more lines loses its text
+    helps = rx.config_help()
+    assert [f.name for f in rx.dataclasses.fields(rx.Config) if not helps.get(f.name)] == []
 
 
 def test_presets_fill_the_workload_and_explicit_flags_win():

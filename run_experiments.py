@@ -702,6 +702,7 @@ class Run:
     run_dir: Path
     config: dict  # what config.json holds
     lanes: list[Lane]
+    runner_env: dict[str, str]  # every server's model-runner setting (model_runner_env)
     import_checks: Optional["concurrent.futures.Future[list[Check]]"] = None  # still running: --preimport
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # config.json, across lanes
 
@@ -752,7 +753,9 @@ def run_table(run: Run) -> tuple[bool, int]:
     pools = []
     for lane in lanes:
         with STATE.lane(lane_prefix(run, lane)):
-            pools.append(ServerPool(lane.cfg, pin_to_card(lane.gpu, lane.cfg.gpu_index)))
+            pools.append(
+                ServerPool(lane.cfg, {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env})
+            )
     restore = install_stop_signals() if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
@@ -1906,13 +1909,14 @@ def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
 
 
 def server_env(
-    cfg: Config, spec: ServerSpec, base: Optional[dict] = None, device: Optional[dict] = None
+    cfg: Config, spec: ServerSpec, base: Optional[dict] = None, run_env: Optional[dict] = None
 ) -> dict[str, str]:
     """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline.
-    `device` pins the server to the card NVML measures (CUDA_VISIBLE_DEVICES by UUID). The API key
+    `run_env` is what every server of the run shares: the card NVML measures (CUDA_VISIBLE_DEVICES by
+    UUID) and the model runner (model_runner_env). The API key
     travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
     env = dict(os.environ if base is None else base)
-    env.update(device or {})
+    env.update(run_env or {})
     if spec.kvcached:
         env.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=spec.ipc_name)
         env.update(parse_env_pairs(cfg.kvcached_env))
@@ -2170,6 +2174,7 @@ class RunningServer:
     staged_at: Optional[float] = (
         None  # imported ahead: when its import began (started_at: when it was released)
     )
+    model_runner: Optional[str] = None  # vLLM's model runner, V1 or V2, read from its log once ready
     asleep: bool = False  # sleep mode: put to sleep and not woken since
     stopped: bool = False  # set once nothing of it is alive any more
 
@@ -2214,6 +2219,7 @@ class RunningServer:
             "startup_s": self.startup_s,
             "started_at": self.started_at,
             "ready_at": self.ready_at,
+            "model_runner": self.model_runner,
             **({"started_together_with": list(self.together)} if self.together else {}),
             **({"imported_ahead_from": self.staged_at} if self.staged_at is not None else {}),
         }
@@ -2248,7 +2254,7 @@ def start_server(
     cfg: Config,
     spec: ServerSpec,
     log_path: Path,
-    device: Optional[dict] = None,
+    run_env: Optional[dict] = None,
     staged: bool = False,
 ) -> RunningServer:
     """Launch a server now; `staged`: only import it now and start it on release_staged()."""
@@ -2260,7 +2266,7 @@ def start_server(
         )
     if not staged:
         start_checks(cfg, spec)
-    env = server_env(cfg, spec, device=device)
+    env = server_env(cfg, spec, run_env=run_env)
     shown = redact_env(
         {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
     )
@@ -2387,7 +2393,7 @@ def wait_ready(
         if code is not None:
             raise ServerError(
                 f"server {server.spec.label} exited with code {code} before it was ready."
-                f"{fork_hint(server)}\n{server.evidence()}"
+                f"{fork_hint(server)}{runner_hint(server)}\n{server.evidence()}"
             )
         if health_ok(server):
             if not listener_is_ours(server):
@@ -2398,6 +2404,7 @@ def wait_ready(
                     f"free ports with --port-a/--port-b.\n{server.evidence()}"
                 )
             server.ready_at = time.time()
+            server.model_runner = runner_from_log(server.log_path)
             return server.startup_s
         now = time.time()
         if now > deadline:
@@ -2414,6 +2421,18 @@ def wait_ready(
             )
             next_progress = now + progress_every_s
         pause(poll_s)
+
+
+def runner_hint(server: RunningServer) -> str:
+    """kvcached's refusal of the model runner it was given, with what to do about it."""
+    refused = any("KVCachedConfigError" in line for line in tail(server.log_path, 80).splitlines())
+    if not (refused and server.spec.kvcached):
+        return ""
+    return (
+        f" kvcached refused vLLM's model runner ({RUNNER_VARIABLE}="
+        f"{server.env_shown.get(RUNNER_VARIABLE, 'unset')}): unset {RUNNER_VARIABLE} in the shell, and "
+        f"the harness gives every server the runner kvcached needs (--check says which)."
+    )
 
 
 def fork_hint(server: RunningServer) -> str:
@@ -2550,8 +2569,8 @@ class ServerPool:
     """Keeps servers across experiments that can share them; stops every one of them on close().
     A server leaves the pool only once nothing of it is alive."""
 
-    def __init__(self, cfg: Config, device: Optional[dict] = None):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: Config, run_env: Optional[dict] = None):
+        self.cfg, self.run_env = cfg, run_env
         self.running: dict[tuple, RunningServer] = {}
         self.staged: dict[tuple, RunningServer] = {}  # imported ahead, not started yet
         self.preimport = preimport_on(cfg)
@@ -2586,7 +2605,7 @@ class ServerPool:
                     return
                 try:
                     self.staged[spec.key] = start_server(
-                        self.cfg, spec, server_log(log_dir, spec), self.device, staged=True
+                        self.cfg, spec, server_log(log_dir, spec), self.run_env, staged=True
                     )
                 except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
                     say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
@@ -2632,7 +2651,7 @@ class ServerPool:
                             self.cfg,
                             spec,
                             server_log(log_dir, spec),
-                            self.device,
+                            self.run_env,
                         )
                     self.running[spec.key] = server
                     started.append(server)
@@ -4738,6 +4757,27 @@ def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
     )
 
 
+def model_runner_lines(config: dict) -> list[str]:
+    """Which vLLM model runner the servers used (read from their logs), and a warning where they differ."""
+    used = collections.defaultdict(list)
+    for label, server in config.get("servers", {}).items():
+        if server.get("model_runner"):
+            used[server["model_runner"]].append(label)
+    setting = config.get("model_runner_env") or {}
+    why = f" ({RUNNER_VARIABLE}={setting[RUNNER_VARIABLE]} in every server's environment)" if setting else ""
+    if len(used) == 1:
+        return ["", f"vLLM's model runner: {next(iter(used))} for every server{why}."]
+    if len(used) > 1:
+        listed = "; ".join(f"{runner} for {', '.join(labels)}" for runner, labels in sorted(used.items()))
+        return [
+            "",
+            f"**The servers ran on different vLLM model runners** ({listed}): the comparison measures two "
+            f"model runners as well as two KV allocators. Set {RUNNER_VARIABLE}=0 in the shell to put every "
+            f"server on V1.",
+        ]
+    return []
+
+
 def markdown_summary(
     config: dict,
     summaries: dict[str, ExperimentSummary],
@@ -4801,6 +4841,7 @@ def markdown_summary(
             f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)} | {fmt(lat.output_tokens_per_s)} | "
             f"{lat.failed}/{lat.requests} | {startups} |"
         )
+    lines += model_runner_lines(config)
     per_token = {n: s.latency for n, s in summaries.items() if s.latency.itl_s or s.latency.goodput}
     if per_token:
         slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
@@ -5498,10 +5539,15 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
 
 
 def preflight(
-    cfg: Config, experiments: list[Experiment], nvml_module: Any, imports_later: bool = False
+    cfg: Config,
+    experiments: list[Experiment],
+    nvml_module: Any,
+    imports_later: bool = False,
+    versions: Optional[dict] = None,
 ) -> tuple[list[Check], Any]:
     """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
-    `imports_later`: leave out the 20 s import check, for import_checks_beside() to run."""
+    `imports_later`: leave out the 20 s import check, for import_checks_beside() to run. `versions`:
+    the servers' vllm and kvcached, when the caller has read them already (server_versions)."""
     checks = [check_python()]
     try:
         check_results_dir(Path(cfg.results_dir))
@@ -5544,6 +5590,9 @@ def preflight(
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
     if not imports_later:
         checks += check_serving_imports(cfg, needs_kvcached(experiments))
+    versions = server_versions(cfg) if versions is None else versions
+    checks.append(check_versions(versions, needs_kvcached(experiments)))
+    checks.append(check_model_runner(versions, needs_kvcached(experiments)))
     checks += check_models(cfg, slots)
     for lane, index in enumerate(gpu_indices(cfg)):
         checks += check_ports(lane_config(cfg, lane, index), slots)
@@ -5575,6 +5624,157 @@ def import_checks_beside(
         target=check, daemon=True, name="import-check"
     ).start()  # daemon: an exit never waits on it
     return future
+
+
+# %% Versions: the vLLM the installed kvcached supports, and one model runner for every arm
+# kvcached release -> the vLLM releases it supports (kvcached 0.1.6's README: "tested up to v0.30.0";
+# its engine-start patch refuses vLLM 0.31 and newer: "kvcached has no runner adapter for vLLM X").
+KVCACHED_SUPPORTS_VLLM = {"0.1.6": ((0, 17), (0, 30))}
+# The vLLM releases this harness knows: 0.24 run on a real card, 0.25-0.30 against the fakes.
+HARNESS_KNOWS_VLLM = ((0, 24), (0, 30))
+# vLLM 0.24 runs Llama, Qwen3, Mistral, ... on its Model Runner V2 by default, 0.25-0.28 every dense
+# model, 0.29 on every model. kvcached 0.1.6 dies at engine start on V2 before vLLM 0.28, and on V1 after.
+KVCACHED_V2_RUNNER_FROM = (0, 28)
+KVCACHED_V1_RUNNER_UNTIL = (0, 28)
+RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"
+V2_RUNNER_LOG_LINE = "Using V2 Model Runner"
+
+
+def release(version: Optional[str]) -> Optional[tuple[int, int]]:
+    """(major, minor) of a version string such as 0.24.0, 0.30.0rc1 or 0.26.0+cu130; None if unknown."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
+    (lo_major, lo_minor), (hi_major, hi_minor) = span
+    return f"{lo_major}.{lo_minor}–{hi_major}.{hi_minor}"
+
+
+def probe_versions() -> None:
+    """Helper program: the installed vllm and kvcached, from their package metadata (nothing imported)."""
+    import importlib.metadata
+    import json
+
+    found = {}
+    for name in ("vllm", "kvcached"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    print(json.dumps(found))
+
+
+def servers_python(cfg: Config) -> str:
+    """The interpreter the servers run in: --server-cmd's, when it starts with a Python."""
+    first = server_prefix(cfg)[0]
+    return first if Path(first).name.startswith("python") else sys.executable
+
+
+def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
+    """vllm and kvcached as the servers' Python sees them ({} if it cannot say): package metadata only,
+    so this takes a fraction of a second, before anything launches."""
+    try:
+        proc = subprocess.run(
+            [servers_python(cfg), "-c", program_source(probe_versions, call="probe_versions()")],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {}
+
+
+def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Check:
+    """The installed vLLM against the range the installed kvcached supports (a failure stops the run)
+    and against the releases this harness knows (a warning)."""
+    vllm, kvcached = found.get("vllm"), found.get("kvcached")
+    if release(vllm) is None:
+        return Check(
+            "versions", True, "vLLM's version unknown: the servers' Python has no vllm package", warning=True
+        )
+    shown = f"vllm {vllm}" + (f", kvcached {kvcached}" if kvcached_needed and kvcached else "")
+    if kvcached_needed and kvcached in KVCACHED_SUPPORTS_VLLM:
+        low, high = KVCACHED_SUPPORTS_VLLM[kvcached]
+        if not low <= release(vllm) <= high:
+            return Check(
+                "versions",
+                False,
+                f"kvcached {kvcached} supports vLLM {shown_range((low, high))}; found vllm {vllm}",
+                f"pip install vllm=={high[0]}.{high[1]}.0 (or leave out the kvcached experiments)",
+            )
+    elif kvcached_needed:
+        return Check(
+            "versions",
+            True,
+            f"{shown}: which vLLM releases kvcached {kvcached or '(version unknown)'} supports is not known "
+            f"here (known: kvcached {', '.join(KVCACHED_SUPPORTS_VLLM)})",
+            "see kvcached's README for the vLLM releases it supports",
+            warning=True,
+        )
+    low, high = HARNESS_KNOWS_VLLM
+    if not low <= release(vllm) <= high:
+        return Check(
+            "versions",
+            True,
+            f"{shown}: this harness knows vLLM {shown_range(HARNESS_KNOWS_VLLM)}; flags, endpoints or log "
+            f"lines may differ",
+            f"pip install vllm=={high[0]}.{high[1]}.0 for a release it knows",
+            warning=True,
+        )
+    return Check("versions", True, shown + (" (kvcached supports it)" if kvcached_needed else ""))
+
+
+def model_runner_env(
+    vllm_version: Optional[str], kvcached_needed: bool, shell: Optional[dict] = None
+) -> dict[str, str]:
+    """The model-runner setting every server gets, whatever its arm: a comparison of KV allocators must
+    not also compare two model runners. A value set in the shell is kept, for every arm alike."""
+    shell = os.environ if shell is None else shell
+    if RUNNER_VARIABLE in shell:
+        return {RUNNER_VARIABLE: shell[RUNNER_VARIABLE]}
+    found = release(vllm_version)
+    if kvcached_needed and found is not None and found < KVCACHED_V2_RUNNER_FROM:
+        return {RUNNER_VARIABLE: "0"}  # V1 for every arm: kvcached dies at start on V2 here
+    return {}
+
+
+def check_model_runner(
+    found: dict[str, Optional[str]], kvcached_needed: bool, shell: Optional[dict] = None
+) -> Check:
+    """The model runner every server will get, and whether kvcached can run on it (a runner chosen in
+    the shell that kvcached refuses would only show after a minute-long start)."""
+    shell = os.environ if shell is None else shell
+    vllm, kvcached = found.get("vllm"), found.get("kvcached") or "(version unknown)"
+    chosen = model_runner_env(vllm, kvcached_needed, shell)
+    if not chosen:
+        return Check("model runner", True, "vLLM's default for every server")
+    setting = chosen[RUNNER_VARIABLE]
+    why = "from the shell" if RUNNER_VARIABLE in shell else f"kvcached {kvcached} needs V1 on vllm {vllm}"
+    shown = f"{RUNNER_VARIABLE}={setting} for every server ({why})"
+    found_release, v2 = release(vllm), setting.strip().lower() in ("1", "true")
+    refused = ""
+    if kvcached_needed and found_release and v2 and found_release < KVCACHED_V2_RUNNER_FROM:
+        refused = f"kvcached {kvcached} runs on Model Runner V2 only from vLLM 0.28"
+    if kvcached_needed and found_release and not v2 and found_release > KVCACHED_V1_RUNNER_UNTIL:
+        refused = f"kvcached {kvcached} requires Model Runner V2 from vLLM 0.29"
+    if refused:
+        return Check(
+            "model runner",
+            False,
+            f"{shown}; {refused}, found vllm {vllm}",
+            f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs",
+        )
+    return Check("model runner", True, shown)
+
+
+def runner_from_log(log_path: Path) -> Optional[str]:
+    """Which model runner a ready vLLM server uses: V2 logs it at engine start, V1 says nothing."""
+    try:
+        return "V2" if V2_RUNNER_LOG_LINE in log_path.read_text(errors="replace") else "V1"
+    except OSError:
+        return None
 
 
 # %% Run set-up: results folder, versions, checks, plans, signals
@@ -5653,7 +5853,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     register_secrets(cfg)
     experiments = parse_experiments(cfg.experiments)
     preimport = preimport_on(cfg)
-    checks, nvml = preflight(cfg, experiments, nvml_module, imports_later=preimport)
+    versions = server_versions(cfg)
+    checks, nvml = preflight(cfg, experiments, nvml_module, imports_later=preimport, versions=versions)
     if not all(c.ok for c in checks):
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
@@ -5675,10 +5876,19 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     announce_run(cards, lanes, preimport, run_dir)
     save_plans(run_dir, plans, experiments)
     config = run_config(cfg, argv, run_dir, experiments, gpu, cards, lanes, plans, budget, model_facts)
-    config.update(mixed_gpus=mixed, preimport_on=preimport)
+    runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
+    if RUNNER_VARIABLE in runner_env:
+        say(
+            f"model runner: {RUNNER_VARIABLE}={runner_env[RUNNER_VARIABLE]} for every server, whatever its arm"
+        )
+    config.update(
+        mixed_gpus=mixed, preimport_on=preimport, server_versions=versions, model_runner_env=runner_env
+    )
     write_json(run_dir / "config.json", config)
     import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    return Run(cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, import_checks)
+    return Run(
+        cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, runner_env, import_checks
+    )
 
 
 def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:

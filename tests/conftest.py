@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
 FAKE_SERVER = FAKES / "fake_vllm_server.py"
+FAKE_PACKAGES = FAKES / "site"  # package metadata: the fakes imitate vLLM 0.24.0 and kvcached 0.1.6
 sys.path.insert(0, str(ROOT))
 
 import run_experiments as rx  # noqa: E402
@@ -181,7 +182,7 @@ SESSION_ENV = dict(os.environ)
 def fake_env(gpu_dir: Path, **extra: str) -> dict:
     env = dict(
         SESSION_ENV,
-        PYTHONPATH=str(FAKES),
+        PYTHONPATH=os.pathsep.join([str(FAKES), str(FAKE_PACKAGES)]),
         FAKE_GPU_DIR=str(gpu_dir),
         FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
         FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB),

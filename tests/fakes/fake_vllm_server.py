@@ -14,6 +14,7 @@ decode), timed after a FAKE_FRONTEND_S delay that stands for the HTTP/tokenizer 
 import argparse
 import collections
 import fcntl
+import importlib.metadata
 import json
 import os
 import signal
@@ -37,6 +38,22 @@ PREALLOC = 32 * MIB  # pages kvcached keeps mapped while idle
 RESERVE_AFTER_USE = 64 * MIB
 CONTEXT = 300 * MIB
 DEFAULT_KV_PER_TOKEN = 12288
+
+# vLLM 0.24 runs these on its Model Runner V2 unless VLLM_USE_V2_MODEL_RUNNER says otherwise
+# (DEFAULT_V2_MODEL_RUNNER_ARCHITECTURES in vllm/config/vllm.py); 0.25-0.28 run every dense model on V2,
+# 0.29 and 0.30 every model.
+V2_DEFAULT_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "GraniteMoeForCausalLM",
+}
+V2_FOR_EVERY_MODEL_FROM = (0, 25)
+KVCACHED_V2_FROM = (0, 28)  # kvcached 0.1.6 runs on Model Runner V2 from this vLLM on
+KVCACHED_V1_UNTIL = (0, 28)  # ... and on V1 up to this one (it requires V2 from 0.29)
+KVCACHED_LAST_VLLM = (0, 30)  # its engine-start patch has no runner adapter for newer vLLM
 
 # The engine child: holds the memory (on paper) and dies with its parent, like EngineCore.
 CHILD_CODE = r"""
@@ -200,6 +217,54 @@ def make_parser():
 def non_default_args(parser, args):
     """What vLLM logs at start-up: parsed args that differ from their defaults (secrets too)."""
     return {k: v for k, v in vars(args).items() if v != parser.get_default(k)}
+
+
+def installed(name, default):
+    """A package's version as this Python sees it: tests put fake metadata (NAME-X.dist-info) on the path."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return default
+
+
+def release(version):
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def architecture(model):
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            return (json.load(f).get("architectures") or [""])[0]
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def model_runner(vllm_version, architecture_name):
+    setting = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if setting is not None:
+        return "V2" if setting.strip().lower() in ("1", "true") else "V1"
+    if release(vllm_version) >= V2_FOR_EVERY_MODEL_FROM:
+        return "V2"
+    return "V2" if architecture_name in V2_DEFAULT_ARCHITECTURES else "V1"
+
+
+def kvcached_refusal(vllm_version, runner):
+    """Why kvcached 0.1.6 stops this engine at start, or None."""
+    found = release(vllm_version)
+    if found > KVCACHED_LAST_VLLM:
+        return "RuntimeError: kvcached has no runner adapter for vLLM %s" % vllm_version
+    if runner == "V2" and found < KVCACHED_V2_FROM:
+        return (
+            "kvcached.utils.KVCachedConfigError: kvcached does not support the vLLM %s Model Runner V2 "
+            "yet; set VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 model runner, or disable kvcached"
+            % vllm_version
+        )
+    if runner == "V1" and found > KVCACHED_V1_UNTIL:
+        return (
+            "kvcached.utils.KVCachedConfigError: kvcached requires Model Runner V2 on vLLM %s" % vllm_version
+        )
+    return None
 
 
 def model_sizes(model):
@@ -773,6 +838,14 @@ def main(argv=None):
     if mode == "crash":
         time.sleep(startup_s)
         fail("ValueError: fake start-up failure", 3)
+    vllm_version = installed("vllm", "0.24.0")
+    runner = model_runner(vllm_version, architecture(args.model))
+    if runner == "V2":
+        log("INFO Using V2 Model Runner")
+    refusal = kvcached and kvcached_refusal(vllm_version, runner)
+    if refusal:
+        time.sleep(startup_s)
+        fail("(EngineCore pid=%d) %s" % (os.getpid(), refusal), 1)
 
     pool = 0
     if not kvcached:

@@ -4730,7 +4730,7 @@ def arm_rank(arm: str) -> int:
     return arms.index(arm) if arm in arms else len(arms)
 
 
-# %% Report: summary.json, summary.md, plots, and the headline
+# %% summary.md, part 1: formatting, the run's header and its tables (one function per section)
 def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
     if value is None:
         return "n/a"
@@ -4778,6 +4778,19 @@ def model_runner_lines(config: dict) -> list[str]:
     return []
 
 
+def md_table(header: str, rows: Iterable[Iterable[Any]]) -> list[str]:
+    """A Markdown table: the header ("a | b | c"; an empty heading cell shows as `| |`), its rule, one
+    line per row."""
+    headings = header.split(" | ")
+    heading = "|" + "|".join(f" {cell} " if cell else " " for cell in headings) + "|"
+    return [heading, "|" + "---|" * len(headings), *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def section(*lines: str) -> list[str]:
+    """A block of the summary: a blank line, then its lines."""
+    return ["", *lines]
+
+
 def markdown_summary(
     config: dict,
     summaries: dict[str, ExperimentSummary],
@@ -4785,6 +4798,29 @@ def markdown_summary(
     plots: list[str],
     timing: Optional[Timing] = None,
 ) -> str:
+    """summary.md: one function per section, in the order a reader wants them."""
+    not_fresh = reused_idle_levels(summaries)
+    lines = [
+        *summary_header(config, summaries),
+        *main_table(summaries, not_fresh),
+        *model_runner_lines(config),
+        *per_token_table(summaries),
+        *problems_list(summaries),
+        *per_model_table(summaries),
+        *[line for name, block in comparison.items() for line in comparison_lines(name, block)],
+        *residuals_line(summaries),
+        *rate_sweep_table(summaries),
+        *server_clock_table(summaries),
+        *startups_lines(config, summaries),
+        *time_line(timing),
+        *repeats_list(summaries),
+        *section("Plots:", "", *[f"![{p}](plots/{p})" for p in plots]),
+        *definitions(config, not_fresh),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
     gpu = config.get("gpu", {})
     banner = []
     if config and "finished_utc" not in config:
@@ -4800,7 +4836,7 @@ def markdown_summary(
             "",
         ]
     used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
-    lines = [
+    return [
         f"# kvcached vs static KV cache: {config.get('run_name', '')}",
         "",
         *banner,
@@ -4815,61 +4851,77 @@ def markdown_summary(
             for key, plan in config.get("plans", {}).items()
             if key in used_plans
         ],
-        "",
-        "| experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
-        "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | start-up (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    # an idle level after load that a reused server (not freshly loaded) is part of: marked, and explained below
-    not_fresh = {
+
+
+def reused_idle_levels(summaries: dict[str, ExperimentSummary]) -> set[str]:
+    """Experiments whose idle level after load includes a reused (not freshly loaded) server."""
+    return {
         name
         for name, s in summaries.items()
         if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
     }
+
+
+def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> list[str]:
+    header = (
+        "experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
+        "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | "
+        "start-up (s)"
+    )
+    rows = []
     for name, s in summaries.items():
         d, lat = s.device, s.latency
         startups = ", ".join(
             f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}" for k, v in s.servers.items()
         )
-        shown = name if s.memory_valid else f"{name} (memory figures void, see below)"
-        reused_mark = " *" if name in not_fresh else ""
-        lines.append(
-            f"| {shown} | {fmt(d.idle_after_load_mib)}{reused_mark} | {fmt(d.idle_before_workload_mib)} | "
-            f"{fmt(d.peak_mib)} | {fmt(d.flex_mib)} | {fmt(d.release_s, 2)} | "
-            f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)} | "
-            f"{fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1)} | "
-            f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)} | {fmt(lat.output_tokens_per_s)} | "
-            f"{lat.failed}/{lat.requests} | {startups} |"
+        rows.append(
+            [
+                name if s.memory_valid else f"{name} (memory figures void, see below)",
+                fmt(d.idle_after_load_mib) + (" *" if name in not_fresh else ""),
+                fmt(d.idle_before_workload_mib),
+                fmt(d.peak_mib),
+                fmt(d.flex_mib),
+                fmt(d.release_s, 2),
+                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)}",
+                fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1),
+                f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)}",
+                fmt(lat.output_tokens_per_s),
+                f"{lat.failed}/{lat.requests}",
+                startups,
+            ]
         )
-    lines += model_runner_lines(config)
+    return ["", *md_table(header, rows)]
+
+
+def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     per_token = {n: s.latency for n, s in summaries.items() if s.latency.itl_s or s.latency.goodput}
-    if per_token:
-        slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
-        slo_text = slos and " and ".join(
-            f"{name} <= {value:g} ms"
-            for name, value in (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms))
-            if value
-        )
-        lines += [
-            "",
-            "Per output token (ms)"
-            + (f"; goodput = requests completed with {slo_text}" if slos else "")
-            + ":",
-            "",
-            "| experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99 |" + (" goodput |" if slos else ""),
-            "|---|---|---|" + ("---|" if slos else ""),
-        ]
-        ms3 = lambda d: " / ".join(fmt(v and v * 1000, 1) for v in (d.p50, d.p90, d.p99)) if d else "n/a"
-        for name, lat in per_token.items():
-            good = lat.goodput
-            lines.append(
-                f"| {name} | {ms3(lat.tpot_s)} | {ms3(lat.itl_s)} |"
-                + (
-                    f" {fmt(good and good.share and 100 * good.share, 1)}% ({good.met}/{good.of}) |"
-                    if good
-                    else (" n/a |" if slos else "")
-                )
-            )
+    if not per_token:
+        return []
+    slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
+    slo_text = slos and " and ".join(
+        f"{name} <= {value:g} ms"
+        for name, value in (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms))
+        if value
+    )
+
+    def ms3(dist: Optional[Distribution]) -> str:
+        return " / ".join(fmt(v and v * 1000, 1) for v in (dist.p50, dist.p90, dist.p99)) if dist else "n/a"
+
+    def goodput(good: Optional[Goodput]) -> list[str]:
+        if not slos:
+            return []
+        return [f"{fmt(good.share and 100 * good.share, 1)}% ({good.met}/{good.of})" if good else "n/a"]
+
+    header = "experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99" + (" | goodput" if slos else "")
+    rows = [[name, ms3(lat.tpot_s), ms3(lat.itl_s), *goodput(lat.goodput)] for name, lat in per_token.items()]
+    title = (
+        "Per output token (ms)" + (f"; goodput = requests completed with {slo_text}" if slos else "") + ":"
+    )
+    return section(title, "", *md_table(header, rows))
+
+
+def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
     notes = [f"- {name}: {problem}" for name, s in summaries.items() for problem in s.problems]
     notes += [f"- {name}: {s.latency.ttft_note}" for name, s in summaries.items() if s.latency.ttft_note]
     notes += [
@@ -4877,177 +4929,221 @@ def markdown_summary(
         for name, s in summaries.items()
         if s.sampler_errors
     ]
-    if notes:
-        lines += ["", "**Problems** (figures affected are n/a or flagged):", "", *notes]
+    return section("**Problems** (figures affected are n/a or flagged):", "", *notes) if notes else []
+
+
+def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     per_server = [(n, k, v) for n, s in summaries.items() for k, v in s.servers.items() if len(s.servers) > 1]
-    if per_server:
-        lines += [
-            "",
-            "Per model (memory from NVML per process tree; kvcached and vLLM's own views):",
-            "",
-            "| experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
-            "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, key, v in per_server:
-            kv, vl, lat = v.kvcached, v.vllm, v.latency
-            lines.append(
-                f"| {name} | {key}: {v.model.split('/')[-1]} | {fmt(v.memory.idle_before_workload_mib)} | "
-                f"{fmt(v.memory.peak_mib)} | {fmt(kv and kv.peak_used_mib)} / {fmt(kv and kv.limit_mib)} | "
-                f"{fmt(vl and vl.max_running)} / {fmt(vl and vl.max_waiting)} | {fmt(vl and vl.preemptions)} | "
-                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)} | {fmt(lat.e2e_s.p50, 2)} | "
-                f"{lat.failed}/{lat.requests} |"
-            )
-    for name, block in comparison.items():
-        if isinstance(block, SleepComparison):
-            rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
-            models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
-            lines += [
-                "",
-                f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
-                f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
-                f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
-                f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
-                f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
-                f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
-                f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
-                f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
-                f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}.",
+    if not per_server:
+        return []
+    header = (
+        "experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
+        "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed"
+    )
+    rows = []
+    for name, key, v in per_server:
+        kv, vl, lat = v.kvcached, v.vllm, v.latency
+        rows.append(
+            [
+                name,
+                f"{key}: {v.model.split('/')[-1]}",
+                fmt(v.memory.idle_before_workload_mib),
+                fmt(v.memory.peak_mib),
+                f"{fmt(kv and kv.peak_used_mib)} / {fmt(kv and kv.limit_mib)}",
+                f"{fmt(vl and vl.max_running)} / {fmt(vl and vl.max_waiting)}",
+                fmt(vl and vl.preemptions),
+                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)}",
+                fmt(lat.e2e_s.p50, 2),
+                f"{lat.failed}/{lat.requests}",
             ]
-            continue
-        if isinstance(block, SingleComparison):
-            reps = block.over_repeats or {}
-            lines += [
-                "",
-                f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
-                f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
-                f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
-                f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}.",
+        )
+    title = "Per model (memory from NVML per process tree; kvcached and vLLM's own views):"
+    return section(title, "", *md_table(header, rows))
+
+
+# %% summary.md, part 2: comparisons, sweeps, clocks, time and the notes under them
+def comparison_lines(name: str, block: Any) -> list[str]:
+    if isinstance(block, SleepComparison):
+        return section(sleep_paragraph(name, block))
+    if isinstance(block, SingleComparison):
+        reps = block.over_repeats or {}
+        return section(
+            f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
+            f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
+            f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
+            f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}."
+        )
+    if GROUPS[name].ratios_by == "phase":
+        rows = {phase: c.cells() for phase, c in block.per_phase.items()}
+    else:
+        rows = {
+            f"model {slot}": [
+                (getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
+                for m, q in LATENCY_KEYS
             ]
-            continue
-        lines += [
-            "",
-            f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)",
-            "",
-            "| | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 |",
-            "|---|---|---|---|---|",
-        ]
-        if GROUPS[name].ratios_by == "phase":
-            rows = {phase: c.cells() for phase, c in block.per_phase.items()}
-        else:
-            rows = {
-                f"model {slot}": [
-                    (getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
-                    for m, q in LATENCY_KEYS
-                ]
-                for slot, c in block.per_model.items()
-            }
-        for label, cells in rows.items():
-            shown = [with_repeats(value, spread) for value, spread in cells]
-            lines.append(f"| {label} | " + " | ".join(shown) + " |")
+            for slot, c in block.per_model.items()
+        }
+    table = md_table(
+        " | TTFT p50 | TTFT p99 | E2E p50 | E2E p99",
+        [[label, *(with_repeats(value, spread) for value, spread in cells)] for label, cells in rows.items()],
+    )
+    return section(f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "", *table)
+
+
+def sleep_paragraph(name: str, block: SleepComparison) -> str:
+    rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
+    models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
+    return (
+        f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
+        f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
+        f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
+        f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
+        f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
+        f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
+        f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
+        f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
+        f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}."
+    )
+
+
+def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
     residuals = {n: s.residual_after_burst_mib for n, s in summaries.items() if s.residual_after_burst_mib}
-    if residuals:
-        lines += [
-            "",
-            "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
-            "that stay mapped show here): "
-            + "; ".join(f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items()),
-        ]
+    if not residuals:
+        return []
+    return section(
+        "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
+        "that stay mapped show here): "
+        + "; ".join(f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items())
+    )
+
+
+def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
-    if sweeps:
-        lines += [
-            "",
-            "Open-loop arrivals (latency timed from each planned arrival):",
-            "",
-            "| experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | goodput |",
-            "|---|---|---|---|---|---|---|---|",
+    if not sweeps:
+        return []
+    header = (
+        "experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | "
+        "E2E p50 / p99 (s) | goodput"
+    )
+    rows = [
+        [
+            name,
+            f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}",
+            f"{p.rate:g}",
+            p.requests,
+            p.failed,
+            f"{fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)}",
+            f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)}",
+            fmt(p.goodput and 100 * p.goodput, 1) + "%" if p.goodput is not None else "n/a",
         ]
-        for name, points in sweeps.items():
-            for p in points:
-                lines.append(
-                    f"| {name} | {p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''} | {p.rate:g} | "
-                    f"{p.requests} | {p.failed} | {fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)} | "
-                    f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)} | "
-                    f"{fmt(p.goodput and 100 * p.goodput, 1) + '%' if p.goodput is not None else 'n/a'} |"
-                )
+        for name, points in sweeps.items()
+        for p in points
+    ]
+    return section(
+        "Open-loop arrivals (latency timed from each planned arrival):", "", *md_table(header, rows)
+    )
+
+
+def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
-    if clocks:
-        lines += [
-            "",
-            "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
-            "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):",
-            "",
-            "| experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
-            "server queue / prefill / decode (ms) |",
-            "|---|---|---|---|---|---|",
+    if not clocks:
+        return []
+
+    def ms(value: Optional[float]) -> str:
+        return fmt(value and value * 1000, 1)
+
+    header = (
+        "experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
+        "server queue / prefill / decode (ms)"
+    )
+    rows = [
+        [
+            name,
+            f"{ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)}",
+            fmt(c.ttft_gap_ms, 1),
+            f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)}",
+            fmt(c.e2e_gap_ms, 1),
+            f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)}",
         ]
-        ms = lambda v: fmt(v and v * 1000, 1)
-        for name, c in clocks.items():
-            lines.append(
-                f"| {name} | {ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)} | {fmt(c.ttft_gap_ms, 1)} | "
-                f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)} | {fmt(c.e2e_gap_ms, 1)} | "
-                f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)} |"
-            )
+        for name, c in clocks.items()
+    ]
+    title = (
+        "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
+        "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):"
+    )
+    return section(title, "", *md_table(header, rows))
+
+
+def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
     starts = server_starts(summaries)
     started_by = (
         f" vLLM's engine process started by {config['engine_start']} (--engine-start)."
         if config.get("engine_start")
         else ""
     )
-    lines += [
-        "",
+    lines = section(
         f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
-        f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved).{started_by}",
-    ]
+        f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."
+        f"{started_by}"
+    )
     lanes = config.get("lanes") or []
     if len(lanes) > 1:
-        lines += [
-            "",
+        lines += section(
             "Cards (--gpus, experiments in parallel): "
             + "; ".join(f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes)
-            + ".",
-        ]
-    if timing:
-        lines += [
-            "",
-            f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
-            f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
-            f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
-            f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%"
-            + "".join(
-                f"; {name} {fmt(seconds, 1)} s" for name, seconds in (timing.overhead_parts_s or {}).items()
-            )
-            + ").",
-        ]
+            + "."
+        )
+    return lines
+
+
+def time_line(timing: Optional[Timing]) -> list[str]:
+    if not timing:
+        return []
+    return section(
+        f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
+        f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
+        f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
+        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%"
+        + "".join(
+            f"; {name} {fmt(seconds, 1)} s" for name, seconds in (timing.overhead_parts_s or {}).items()
+        )
+        + ")."
+    )
+
+
+def repeats_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
     repeated = {n: s.repeats for n, s in summaries.items() if s.repeats}
-    if repeated:
-        lines += ["", "Spread over repeats (median [min, max]):", ""]
-        for name, rep in repeated.items():
-            lines.append(
-                f"- {name}: "
-                + "; ".join(
-                    f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items()
-                )
-            )
-    lines += ["", "Plots:", ""] + [f"![{p}](plots/{p})" for p in plots]
-    tolerance = dig(config, "config", "release_tolerance")
-    lines += [
+    if not repeated:
+        return []
+    return section(
+        "Spread over repeats (median [min, max]):",
         "",
+        *[
+            f"- {name}: "
+            + "; ".join(f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items())
+            for name, rep in repeated.items()
+        ],
+    )
+
+
+def definitions(config: dict, not_fresh: set[str]) -> list[str]:
+    tolerance = dig(config, "config", "release_tolerance")
+    lines = section(
         f"Definitions: *idle* = median device memory over {dig(config, 'config', 'idle_window_s') or 1.5:g} s "
         "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
         f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
-        "of that idle level (n/a: it stayed above; see residual in summary.json).",
-    ]
+        "of that idle level (n/a: it stayed above; see residual in summary.json)."
+    )
     if not_fresh:
-        lines += [
-            "",
+        lines += section(
             "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
             "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
-            "on what ran before. *Idle before workload* (after the warm-up) compares across runs.",
-        ]
-    return "\n".join(lines) + "\n"
+            "on what ran before. *Idle before workload* (after the warm-up) compares across runs."
+        )
+    return lines
 
 
+# %% Report: where the time went, the headline, and summary.json, summary.md and plots from a run folder
 def covered_s(spans: Iterable[tuple[float, float]]) -> float:
     """Seconds covered by at least one of the spans."""
     total, reach = 0.0, -math.inf

@@ -3900,7 +3900,7 @@ class Spread:
         return cls(percentile(data, 50), min(data, default=None), max(data, default=None), len(data))
 
 
-# %% Summaries: computed from the raw files only, so --report can rebuild them offline
+# %% Summaries, part 1: a run's raw files loaded (only they count, so --report can rebuild offline)
 def series(
     rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None, scale: float = 1.0
 ) -> list[tuple[float, float]]:
@@ -4043,6 +4043,7 @@ class ServerSummary:
     latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()  # one per repeat (--repeats > 1)
 
 
+# %% Summaries, part 2: vLLM's own clock around each burst, and one experiment's summary
 @dataclasses.dataclass
 class BurstClock:
     """One burst: the client's mean latencies beside the server's (its histograms' deltas)."""
@@ -4092,56 +4093,52 @@ def mean(values: Iterable[Optional[float]]) -> Optional[float]:
     return math.fsum(data) / len(data) if data else None  # exact sum: the same figure on every Python
 
 
+SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as /metrics reads them
+
+
+def from_send(record: dict, key: str) -> Optional[float]:
+    """A latency from the actual send: an open-loop request's clock starts at its planned arrival."""
+    return None if record.get(key) is None else record[key] - (record.get("send_delay_s") or 0.0)
+
+
+def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[float]:
+    return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
+
+
 def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
-    bursts, pooled = [], {k: [0.0, 0] for k in ("ttft", "e2e", "queue", "prefill", "decode")}
+    bursts, pooled = [], {name: [0.0, 0] for name in SERVER_HISTOGRAMS}
     client_ttft, client_e2e = [], []
     for mark in marks.bursts:
         if not mark.server_before or not mark.server_after:
             continue
-        ok = [
-            r
-            for r in records
-            if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat and r.get("ok")
-        ]
+        ok = select(records, phase=mark.phase, repeat=mark.repeat, ok=True)
         means = {}
-        for key in pooled:
-            means[key], count = histogram_mean(mark.server_before, mark.server_after, key)
-            if means[key] is not None:
-                pooled[key][0] += means[key] * count
-                pooled[key][1] += count
+        for name in SERVER_HISTOGRAMS:
+            means[name], count = histogram_mean(mark.server_before, mark.server_after, name)
+            if means[name] is not None:
+                pooled[name][0] += means[name] * count
+                pooled[name][1] += count
         counted = histogram_mean(mark.server_before, mark.server_after, "ttft")[1]
-        # from the actual send: an open-loop request's clock starts at its planned arrival
-        sent = lambda r, key: None if r.get(key) is None else r[key] - (r.get("send_delay_s") or 0.0)
-        ttfts, e2es = [sent(r, "ttft_s") for r in ok], [sent(r, "e2e_s") for r in ok]
+        ttfts, e2es = [from_send(r, "ttft_s") for r in ok], [from_send(r, "e2e_s") for r in ok]
         client_ttft += [v for v in ttfts if v is not None]
         client_e2e += [v for v in e2es if v is not None]
+        server = [means[name] for name in SERVER_HISTOGRAMS]
         bursts.append(
             BurstClock(
-                mark.phase,
-                mark.repeat,
-                len(ok),
-                counted,
-                mean(ttfts),
-                means["ttft"],
-                mean(e2es),
-                means["e2e"],
-                means["queue"],
-                means["prefill"],
-                means["decode"],
+                mark.phase, mark.repeat, len(ok), counted, mean(ttfts), server[0], mean(e2es), *server[1:]
             )
         )
     if not bursts:
         return None
-    server = {k: (total / n if n else None) for k, (total, n) in pooled.items()}
+    server = {name: (total / n if n else None) for name, (total, n) in pooled.items()}
     c_ttft, c_e2e = mean(client_ttft), mean(client_e2e)
-    gap = lambda c, s_: (c - s_) * 1000 if c is not None and s_ is not None else None
     return ServerClock(
         c_ttft,
         server["ttft"],
-        gap(c_ttft, server["ttft"]),
+        gap_ms(c_ttft, server["ttft"]),
         c_e2e,
         server["e2e"],
-        gap(c_e2e, server["e2e"]),
+        gap_ms(c_e2e, server["e2e"]),
         server["queue"],
         server["prefill"],
         server["decode"],
@@ -4205,15 +4202,19 @@ class SleepSummary:
 RESIDUAL_WINDOW_S = 0.5  # the quiet stretch before the next burst over which a residual is read
 
 
+def select(rows: Iterable[dict], **equal: Any) -> list[dict]:
+    """The rows whose fields equal every one given (a row without the field does not match)."""
+    return [r for r in rows if all(k in r and r[k] == v for k, v in equal.items())]
+
+
 def summarize_experiment(
     loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0)
 ) -> ExperimentSummary:
-    record, rows, records = loaded.record, loaded.memory, loaded.requests
-    device = loaded.device
+    record, records = loaded.record, loaded.requests
     latency = latency_summary(records, slo)
-    invalid = memory_problems(record, device, latency)
+    invalid = memory_problems(record, loaded.device, latency)
     problems = list(loaded.problems)
-    if any(r.get("unattributed") for r in rows if r.get("kind") == "process"):
+    if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
         problems.append(FOREIGN_PIDS)
     if not record.finished:
         problems.append(
@@ -4229,11 +4230,10 @@ def summarize_experiment(
         return memory
 
     marks = record.marks
-    repeats = sorted({r["repeat"] for r in records})
     summary = ExperimentSummary(
         name=record.name,
         question=record.question,
-        device=checked(memory_summary(device, marks, tolerance)),
+        device=checked(memory_summary(loaded.device, marks, tolerance)),
         latency=latency,
         servers={},
         phases={},
@@ -4252,43 +4252,10 @@ def summarize_experiment(
         and marks.bursts
         and summary.device.idle_after_load_mib is not None
     ):
-        ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
-        # between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after
-        # the last one, sampling went on until memory was back or settled, however short that was. The
-        # sleep arm's stretch starts once the server is asleep again, not while it is falling asleep.
-        last = len(marks.bursts) - 1
-        quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
-        summary.residual_after_burst_mib = [
-            diff(
-                window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end),
-                summary.device.idle_after_load_mib,
-            )
-            if begin is not None and (end - begin >= RESIDUAL_WINDOW_S or (i == last and end > begin))
-            else None
-            for i, (begin, end) in enumerate(zip(quiet, ends))
-        ]
-    points = []
-    for mark in marks.bursts:
-        if mark.rate is not None:
-            mine = [r for r in records if r.get("phase") == mark.phase and r.get("repeat") == mark.repeat]
-            lat = latency_summary(mine, slo)
-            delays = [r["send_delay_s"] for r in mine if r.get("send_delay_s") is not None]
-            points.append(
-                RatePoint(
-                    mark.phase,
-                    mark.repeat,
-                    mark.rate,
-                    lat.requests,
-                    lat.failed,
-                    lat.ttft_s.p50,
-                    lat.ttft_s.p99,
-                    lat.e2e_s.p50,
-                    lat.e2e_s.p99,
-                    lat.goodput and lat.goodput.share,
-                    max(delays, default=None),
-                )
-            )
-    summary.rate_sweep = points or None
+        summary.residual_after_burst_mib = residuals_after_bursts(
+            loaded.device, marks, summary.device.idle_after_load_mib
+        )
+    summary.rate_sweep = rate_sweep(records, marks, slo)
     if record.sleep_level is not None:
         summary.sleep = SleepSummary(
             record.sleep_level,
@@ -4296,63 +4263,123 @@ def summarize_experiment(
             Distribution.of(b.sleep_s for b in marks.bursts),
         )
     for server in record.servers:
-        slot = server["spec"]["name"]
-        entry = ServerSummary(
-            label=server["label"],
-            model=server["spec"]["model"],
-            startup_s=server["startup_s"],
-            reused=server["label"] in record.reused,
-            memory=checked(memory_summary(series(rows, "process", server=slot), marks, tolerance)),
-            latency=latency_summary([r for r in records if r["server"] == slot], slo),
+        memory = memory_summary(
+            series(loaded.memory, "process", server=server["spec"]["name"]), marks, tolerance
         )
-        if len(repeats) > 1:
-            entry.latency_repeats = [
-                latency_summary([r for r in records if r["server"] == slot and r["repeat"] == k])
-                for k in repeats
-            ]
-        kv = [r for r in rows if r.get("kind") == "kvcached" and r.get("server") == slot]
-        if kv:
-            entry.kvcached = KvcachedView(
-                kv[-1]["total_bytes"] / MIB,
-                max(r["used_bytes"] for r in kv) / MIB,
-                max(r["prealloc_bytes"] for r in kv) / MIB,
-            )
-        met = [r for r in rows if r.get("kind") == "metrics" and r.get("server") == slot]
-        if met:
-            peak = lambda key: max(
-                (r[key] for r in met if key in r), default=None
-            )  # absent gauge: n/a, not 0
-            counts = [r["preemptions"] for r in met if "preemptions" in r]
-            entry.vllm = VllmView(
-                peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None
-            )
-            prefix = [r for r in met if "prefix_queries" in r and "prefix_hits" in r]
-            if len(prefix) > 1:
-                entry.vllm.prefix_hit_rate = ratio(
-                    prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
-                    prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"],
-                )
-        summary.servers[slot] = entry
-    for phase in dict.fromkeys(r["phase"] for r in records):
-        summary.phases[phase] = latency_summary([r for r in records if r["phase"] == phase], slo)
-    if len(repeats) > 1:
-        summary.phase_repeats = {
-            phase: [
-                latency_summary([r for r in records if r["phase"] == phase and r["repeat"] == k])
-                for k in repeats
-            ]
-            for phase in summary.phases
-        }
-        per = summary.latency_repeats = [
-            latency_summary([r for r in records if r["repeat"] == k]) for k in repeats
-        ]
-        for metric in ("ttft_s", "e2e_s"):
-            for q in ("p50", "p99"):
-                summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
+        summary.servers[server["spec"]["name"]] = server_view(server, loaded, checked(memory), slo)
+    add_phases_and_repeats(summary, records, slo)
     return summary
 
 
-# --- comparisons: kvcached vs static within each group of the table
+def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: float) -> list[Optional[float]]:
+    """Device memory above the idle level once each burst is over. Between bursts: n/a where the quiet
+    stretch is shorter than the window (a short --gap-s); after the last one, sampling went on until
+    memory was back or settled, however short that was. The sleep arm's stretch starts once the server
+    is asleep again, not while it is falling asleep."""
+    ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
+    last = len(marks.bursts) - 1
+    quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
+    return [
+        diff(window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end), idle_after_load_mib)
+        if begin is not None and (end - begin >= RESIDUAL_WINDOW_S or (i == last and end > begin))
+        else None
+        for i, (begin, end) in enumerate(zip(quiet, ends))
+    ]
+
+
+def rate_sweep(records: list[dict], marks: "Marks", slo: tuple[float, float]) -> Optional[list[RatePoint]]:
+    """One point per open-loop window (None for closed bursts)."""
+    points = []
+    for mark in marks.bursts:
+        if mark.rate is None:
+            continue
+        mine = select(records, phase=mark.phase, repeat=mark.repeat)
+        lat = latency_summary(mine, slo)
+        delays = [r["send_delay_s"] for r in mine if r.get("send_delay_s") is not None]
+        points.append(
+            RatePoint(
+                mark.phase,
+                mark.repeat,
+                mark.rate,
+                lat.requests,
+                lat.failed,
+                lat.ttft_s.p50,
+                lat.ttft_s.p99,
+                lat.e2e_s.p50,
+                lat.e2e_s.p99,
+                lat.goodput and lat.goodput.share,
+                max(delays, default=None),
+            )
+        )
+    return points or None
+
+
+def server_view(
+    server: dict, loaded: LoadedExperiment, memory: MemorySummary, slo: tuple[float, float]
+) -> ServerSummary:
+    """One server of the experiment: its memory (NVML by process tree), latency, kvcached's and vLLM's views."""
+    slot, records = server["spec"]["name"], loaded.requests
+    entry = ServerSummary(
+        label=server["label"],
+        model=server["spec"]["model"],
+        startup_s=server["startup_s"],
+        reused=server["label"] in loaded.record.reused,
+        memory=memory,
+        latency=latency_summary(select(records, server=slot), slo),
+    )
+    repeats = sorted({r["repeat"] for r in records})
+    if len(repeats) > 1:
+        entry.latency_repeats = [latency_summary(select(records, server=slot, repeat=k)) for k in repeats]
+    entry.kvcached = kvcached_view(select(loaded.memory, kind="kvcached", server=slot))
+    entry.vllm = vllm_view(select(loaded.memory, kind="metrics", server=slot))
+    return entry
+
+
+def kvcached_view(rows: list[dict]) -> Optional[KvcachedView]:
+    if not rows:
+        return None
+    return KvcachedView(
+        rows[-1]["total_bytes"] / MIB,
+        max(r["used_bytes"] for r in rows) / MIB,
+        max(r["prealloc_bytes"] for r in rows) / MIB,
+    )
+
+
+def vllm_view(rows: list[dict]) -> Optional[VllmView]:
+    if not rows:
+        return None
+
+    def peak(key: str) -> Optional[float]:
+        return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
+
+    counts = [r["preemptions"] for r in rows if "preemptions" in r]
+    view = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+    prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
+    if len(prefix) > 1:
+        view.prefix_hit_rate = ratio(
+            prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
+            prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"],
+        )
+    return view
+
+
+def add_phases_and_repeats(summary: ExperimentSummary, records: list[dict], slo: tuple[float, float]) -> None:
+    """Latency per phase, and with --repeats, per repeat and the spread over repeats."""
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        summary.phases[phase] = latency_summary(select(records, phase=phase), slo)
+    repeats = sorted({r["repeat"] for r in records})
+    if len(repeats) < 2:
+        return
+    summary.phase_repeats = {
+        phase: [latency_summary(select(records, phase=phase, repeat=k)) for k in repeats]
+        for phase in summary.phases
+    }
+    per = summary.latency_repeats = [latency_summary(select(records, repeat=k)) for k in repeats]
+    for metric, q in LATENCY_KEYS:
+        summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
+
+
+# %% Comparisons: kvcached vs static (and sleep mode) within each group of the table
 LATENCY_KEYS = [(metric, q) for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")]
 
 

@@ -501,11 +501,7 @@ def run_experiment(
         sample_interval_s=1 / cfg.sample_hz,
         gpu_index=cfg.gpu_index,
     )
-
-    def save() -> None:
-        write_json(exp_dir / "experiment.json", record.to_json())
-
-    save()  # a run killed from here on can still be reported
+    save_record(exp_dir, record)  # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
     record.servers = [s.describe() for s in servers]
@@ -515,95 +511,12 @@ def run_experiment(
         nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz
     )
     sampler.start()
-    restore_limits: dict[str, int] = {}
+    trial = Trial(cfg, exp, plans, {s.spec.name: s for s in servers}, sampler, record, exp_dir)
     try:
-        by_slot = {s.spec.name: s for s in servers}
-        measure(cfg, exp, plans, by_slot, sampler, record, restore_limits, exp_dir, save)
+        measure(trial)
         record.finished = True
     finally:
-        for ipc, total in restore_limits.items():
-            with contextlib.suppress(OSError):
-                write_segment_limit(ipc, total)
-        marks = record.marks
-        marks.sampling_end = time.time()  # before the stop, which may wait for a slow read to end
-        sampler.stop()
-        for burst in marks.bursts:  # a burst cut short by an interrupt ends here
-            burst.end = burst.end or marks.sampling_end
-        record.sampler_errors, record.sampler_error_kinds = sampler.errors, dict(sampler.error_kinds)
-        record.sampler_missed_ticks = sampler.missed_ticks
-        save()
-
-
-def measure(
-    cfg: "Config",
-    exp: ExperimentSpec,
-    plans: dict[str, "WorkloadPlan"],
-    by_slot: dict[str, "RunningServer"],
-    sampler: "Sampler",
-    record: "ExperimentRecord",
-    restore_limits: dict[str, int],
-    exp_dir: Path,
-    save: Callable[[], None],
-) -> None:
-    """Idle after load, warm-up, idle before the workload, the workload, and the release after it."""
-    marks, watch = record.marks, MemoryWatch(sampler)
-    marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
-    save()
-    if exp.kv_budget:
-        record.kv_limits = apply_pair_budget(exp.kv_budget, by_slot, restore_limits)
-    start = time.time()
-    warmed = cfg.warmup and warm_up(cfg, exp, plans, by_slot, exp_dir / "warmup.jsonl")
-    if warmed:
-        marks.warmup = (start, time.time())
-        after_load = window_median(list(sampler.device), *marks.idle_after_load)
-        outcome = watch.wait_settled(after_load, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-        say(f"  after warm-up memory {outcome}")
-    woke = False
-    for server in [s for s in by_slot.values() if s.spec.sleep_mode]:  # the sleep arm idles asleep
-        record.sleep_level = cfg.sleep_level
-        woke = put_to_sleep(server, cfg) is not None or woke
-    # with nothing sent since the idle window after load, that window is the idle level too
-    marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
-    idle = window_median(list(sampler.device), *marks.idle_before)
-    workload_start = time.time()
-    sink = RecordSink(exp_dir / "requests.jsonl")
-    steps = [(repeat, step) for repeat in range(cfg.repeats) for step in exp.steps]
-    for n, (repeat, step) in enumerate(steps):
-        run_measured_step(cfg, exp, step, plans[step.plan], by_slot[step.server], repeat, sink, record)
-        save()
-        if n < len(steps) - 1:
-            pause(plans[step.plan].gap_s)
-    # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
-    marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
-    outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
-    say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
-
-
-def run_measured_step(
-    cfg: "Config",
-    exp: ExperimentSpec,
-    step: Step,
-    plan: "WorkloadPlan",
-    server: "RunningServer",
-    repeat: int,
-    sink: "RecordSink",
-    record: "ExperimentRecord",
-) -> None:
-    """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
-    burst = BurstMark(step.phase, step.server, repeat, time.time())
-    if plan.rates:
-        burst.rate = plan.rates[step.burst]
-    record.marks.bursts.append(burst)
-    before = server_latency_snapshot(server)
-    gate = wake_gate(server, cfg)
-    records = run_step(cfg, exp, step, plan, server, repeat, sink, gate)
-    burst.end = time.time()
-    burst.server_before = before
-    burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
-    if gate is not None:
-        burst.wake_s = gate.wake_s
-        burst.sleep_s = put_to_sleep(server, cfg)
-        say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
+        trial.close()
 
 
 # %% Lanes: with --gpus, experiments run in parallel, one lane per card
@@ -1008,39 +921,117 @@ class ExperimentRecord:
         return record
 
 
-# %% Experiment steps: warm-up, one burst, a shared KV budget
-def warm_up(
-    cfg: "Config",
-    exp: ExperimentSpec,
-    plans: dict[str, "WorkloadPlan"],
-    by_slot: dict[str, "RunningServer"],
-    path: Path,
-) -> bool:
+# %% Experiment steps: the trial, the measurement, warm-up, one burst, a shared KV budget
+def save_record(exp_dir: Path, record: "ExperimentRecord") -> None:
+    write_json(exp_dir / "experiment.json", record.to_json())
+
+
+@dataclasses.dataclass
+class Trial:
+    """What the steps of one experiment share: its config, servers (by slot), sampler and record."""
+
+    cfg: "Config"
+    exp: ExperimentSpec
+    plans: dict[str, "WorkloadPlan"]
+    servers: dict[str, "RunningServer"]
+    sampler: "Sampler"
+    record: "ExperimentRecord"
+    folder: Path
+    limits_before: dict[str, int] = dataclasses.field(default_factory=dict)  # kvcached segment -> bytes
+
+    def save(self) -> None:
+        save_record(self.folder, self.record)
+
+    def close(self) -> None:
+        """Give kvcached its limits back, stop sampling, and write the record down."""
+        for ipc, total in self.limits_before.items():
+            with contextlib.suppress(OSError):
+                write_segment_limit(ipc, total)
+        marks = self.record.marks
+        marks.sampling_end = time.time()  # before the stop, which may wait for a slow read to end
+        self.sampler.stop()
+        for burst in marks.bursts:  # a burst cut short by an interrupt ends here
+            burst.end = burst.end or marks.sampling_end
+        self.record.sampler_errors = self.sampler.errors
+        self.record.sampler_error_kinds = dict(self.sampler.error_kinds)
+        self.record.sampler_missed_ticks = self.sampler.missed_ticks
+        self.save()
+
+
+def measure(trial: Trial) -> None:
+    """Idle after load, warm-up, idle before the workload, the workload, and the release after it."""
+    cfg, record, sampler = trial.cfg, trial.record, trial.sampler
+    marks, watch = record.marks, MemoryWatch(sampler)
+    marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
+    trial.save()
+    if trial.exp.kv_budget:
+        record.kv_limits = apply_pair_budget(trial.exp.kv_budget, trial.servers, trial.limits_before)
+    start = time.time()
+    warmed = cfg.warmup and warm_up(trial)
+    if warmed:
+        marks.warmup = (start, time.time())
+        after_load = window_median(list(sampler.device), *marks.idle_after_load)
+        outcome = watch.wait_settled(after_load, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+        say(f"  after warm-up memory {outcome}")
+    woke = False
+    for server in [s for s in trial.servers.values() if s.spec.sleep_mode]:  # the sleep arm idles asleep
+        record.sleep_level = cfg.sleep_level
+        woke = put_to_sleep(server, cfg) is not None or woke
+    # with nothing sent since the idle window after load, that window is the idle level too
+    marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
+    idle = window_median(list(sampler.device), *marks.idle_before)
+    workload_start = time.time()
+    sink = RecordSink(trial.folder / "requests.jsonl")
+    steps = [(repeat, step) for repeat in range(cfg.repeats) for step in trial.exp.steps]
+    for n, (repeat, step) in enumerate(steps):
+        run_measured_step(trial, step, repeat, sink)
+        trial.save()
+        if n < len(steps) - 1:
+            pause(trial.plans[step.plan].gap_s)
+    # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
+    marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
+    outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+    say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
+
+
+def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
+    """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
+    plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
+    burst = BurstMark(step.phase, step.server, repeat, time.time())
+    if plan.rates:
+        burst.rate = plan.rates[step.burst]
+    trial.record.marks.bursts.append(burst)
+    before = server_latency_snapshot(server)
+    gate = wake_gate(server, cfg)
+    records = run_step(cfg, trial.exp, step, plan, server, repeat, sink, gate)
+    burst.end = time.time()
+    burst.server_before = before
+    burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
+    if gate is not None:
+        burst.wake_s = gate.wake_s
+        burst.sleep_s = put_to_sleep(server, cfg)
+        say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
+
+
+def warm_up(trial: Trial) -> bool:
     """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
     heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
-    sent = False
-    for slot, server in by_slot.items():
-        step = next((s for s in exp.steps if s.server == slot), None)
+    cfg, sent = trial.cfg, False
+    for slot, server in trial.servers.items():
+        step = next((s for s in trial.exp.steps if s.server == slot), None)
         if step is None or server.warmed:  # cold-start costs are paid once per process
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
         gate = wake_gate(server, cfg)
-        plan = plans[step.plan]
+        plan = trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
             plan = dataclasses.replace(
                 plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first)
             )
-        run_step(
-            cfg,
-            exp,
-            dataclasses.replace(step, phase=f"warm-up {slot}"),
-            plan,
-            server,
-            -1,
-            RecordSink(path, keep_itl=False),
-            gate,
-        )
+        warm = dataclasses.replace(step, phase=f"warm-up {slot}")
+        sink = RecordSink(trial.folder / "warmup.jsonl", keep_itl=False)
+        run_step(cfg, trial.exp, warm, plan, server, -1, sink, gate)
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)

@@ -4032,6 +4032,8 @@ class ServerSummary:
     kvcached: Optional[KvcachedView] = omitted_if_none()
     vllm: Optional[VllmView] = omitted_if_none()
     latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()  # one per repeat (--repeats > 1)
+    footprint: Optional["Footprint"] = omitted_if_none()  # idle memory: weights, KV, the rest
+    sleeps: Optional["SleepSplit"] = omitted_if_none()  # sleep mode: what each sleep freed
 
 
 # %% Summaries, part 2: vLLM's own clock around each burst, and one experiment's summary
@@ -4321,8 +4323,15 @@ def server_view(
     repeats = sorted({r["repeat"] for r in records})
     if len(repeats) > 1:
         entry.latency_repeats = [latency_summary(select(records, server=slot, repeat=k)) for k in repeats]
-    entry.kvcached = kvcached_view(select(loaded.memory, kind="kvcached", server=slot))
+    kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
+    entry.kvcached = kvcached_view(kvcached_rows)
     entry.vllm = vllm_view(select(loaded.memory, kind="metrics", server=slot))
+    text = server_log_text(loaded.path, server)
+    figures = log_figures(text or "")
+    if server["spec"].get("sleep_mode"):  # idle means asleep: its weights and pool are not on the card
+        entry.sleeps = sleep_split(figures, memory.idle_before_workload_mib)
+    else:
+        entry.footprint = footprint(server, memory, figures, kvcached_rows, loaded.record.marks)
     return entry
 
 
@@ -4368,6 +4377,92 @@ def add_phases_and_repeats(summary: ExperimentSummary, records: list[dict], slo:
     per = summary.latency_repeats = [latency_summary(select(records, repeat=k)) for k in repeats]
     for metric, q in LATENCY_KEYS:
         summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
+
+
+# %% Footprint: what an idle server's memory is made of (read from its log), and what sleep mode frees
+# vLLM logs what it loaded and what it reserved; NVML gives the whole. Read from the logs the harness
+# keeps anyway: nothing new touches the GPU. A line that is missing gives n/a, never 0.
+VLLM_LOG_FIGURES = {
+    "weights_gib": re.compile(r"Model loading took ([\d.]+) GiB"),
+    "kv_pool_gib": re.compile(
+        r"Available KV cache memory: ([\d.]+) GiB|reserved ([\d.]+) GiB memory for KV Cache"
+    ),
+    "sleep_pool_freed_gib": re.compile(r"CuMemAllocator: sleep freed ([\d.]+) GiB"),
+    "sleep_freed_gib": re.compile(r"Sleep mode freed ([\d.]+) GiB"),
+}
+
+
+def log_figures(text: str) -> dict[str, list[float]]:
+    """Every value of each figure vLLM logged, in order (a sleep-mode server logs one per sleep)."""
+    return {
+        name: [float(next(g for g in match.groups() if g)) for match in pattern.finditer(text)]
+        for name, pattern in VLLM_LOG_FIGURES.items()
+    }
+
+
+def server_log_text(exp_path: Path, server: dict) -> Optional[str]:
+    """A server's log, found in this run folder wherever the run was made (a reused server's log is in
+    the folder of the experiment that started it)."""
+    logged = Path(server.get("log") or "")
+    for path in (exp_path.parent / logged.parent.name / logged.name, exp_path / logged.name):
+        with contextlib.suppress(OSError):
+            return path.read_text(errors="replace")
+    return None
+
+
+@dataclasses.dataclass
+class Footprint:
+    """A server's memory before its workload (NVML, its process tree) and what it is made of."""
+
+    total_mib: Optional[float]
+    weights_mib: Optional[float]  # vLLM: "Model loading took X GiB"
+    kv_mib: Optional[float]  # static: vLLM's pool; kvcached: its segment's used + prealloc pages
+    rest_mib: Optional[float]  # CUDA context, activation workspace, allocator caches
+    kv_source: str  # where kv_mib comes from
+
+
+def footprint(
+    server: dict,
+    memory: MemorySummary,
+    figures: dict[str, list[float]],
+    kvcached_rows: list[dict],
+    marks: Marks,
+) -> Footprint:
+    total = memory.idle_before_workload_mib
+    weights = figures["weights_gib"][-1] * 1024 if figures["weights_gib"] else None
+    if server["spec"].get("kvcached"):
+        span = marks.idle_before or marks.idle_after_load
+        held = [
+            (r["used_bytes"] + r["prealloc_bytes"]) / MIB
+            for r in kvcached_rows
+            if span and span[0] <= r.get("t", -1) <= span[1]
+        ]
+        kv, source = percentile(held, 50), "kvcached's segment: used + prealloc"
+    else:
+        kv = figures["kv_pool_gib"][-1] * 1024 if figures["kv_pool_gib"] else None
+        source = "vLLM's KV cache pool"
+    parts = (total, weights, kv)
+    rest = total - weights - kv if all(p is not None for p in parts) else None
+    return Footprint(total, weights, kv, rest, source)
+
+
+@dataclasses.dataclass
+class SleepSplit:
+    """What each sleep freed, by vLLM's own lines: its cumem pool (weights and KV), and the rest of the
+    process (memory outside the pool, torch's caching allocator, regrown in every burst)."""
+
+    sleeps: int
+    pool_freed_mib: Optional[float]  # the last sleep's
+    beyond_pool_mib: Distribution  # process freed - pool freed, per sleep
+    asleep_mib: Optional[float]  # NVML, its process tree, asleep
+
+
+def sleep_split(figures: dict[str, list[float]], asleep_mib: Optional[float]) -> Optional[SleepSplit]:
+    pools, freed = figures["sleep_pool_freed_gib"], figures["sleep_freed_gib"]
+    if not pools:
+        return None
+    beyond = [(f - p) * 1024 for p, f in zip(pools, freed)]
+    return SleepSplit(len(pools), pools[-1] * 1024, Distribution.of(beyond), asleep_mib)
 
 
 # %% Comparisons: kvcached vs static (and sleep mode) within each group of the table
@@ -4501,11 +4596,17 @@ class SleepComparison:
     e2e_p50_vs_static: Optional[float]
     vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # sleep / kvcached, per repeat
     vs_static_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()
+    awake_peak_over_static_mib: Optional[float] = omitted_if_none()  # the same pool without sleep mode
 
 
 def compare_sleep(
-    sleep: ExperimentSummary, ela: Optional[ExperimentSummary], sta: Optional[ExperimentSummary]
+    sleep: ExperimentSummary,
+    ela: Optional[ExperimentSummary],
+    sta: Optional[ExperimentSummary],
+    same_pool: bool = True,
 ) -> SleepComparison:
+    """`same_pool`: the static arm's pool is the sleep arm's (one model; two sleeping models each get the
+    full share, which the static split cannot)."""
     lat = lambda s, m: s.latency.quantile(m, "p50") if s else None
     idle = lambda s: s.device.idle_before_workload_mib if s else None
     return SleepComparison(
@@ -4521,6 +4622,7 @@ def compare_sleep(
         ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")),
         ratio_spreads(sleep.latency_repeats, ela and ela.latency_repeats),
         ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats),
+        diff(sleep.device.peak_mib, sta.device.peak_mib) if sta and same_pool else None,
     )
 
 
@@ -4537,7 +4639,7 @@ def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
         for arm in OTHER_ARMS:
             if arm in arms:
                 ela, sta = (summaries[arms[a]] if a in arms else None for a in COMPARED_ARMS)
-                out[f"{name}_{arm}"] = compare_sleep(summaries[arms[arm]], ela, sta)
+                out[f"{name}_{arm}"] = compare_sleep(summaries[arms[arm]], ela, sta, same_pool=not group.pair)
     return out
 
 
@@ -4825,6 +4927,8 @@ def markdown_summary(
         *per_token_table(summaries),
         *problems_list(summaries),
         *per_model_table(summaries),
+        *footprint_table(summaries),
+        *sleep_split_lines(summaries, comparison),
         *[line for name, block in comparison.items() for line in comparison_lines(name, block)],
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
@@ -4980,6 +5084,47 @@ def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 # %% summary.md, part 2: comparisons, sweeps, clocks, time and the notes under them
+def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    rows = [
+        [name, v.label, fmt(f.total_mib), fmt(f.weights_mib), fmt(f.kv_mib), fmt(f.rest_mib)]
+        for name, s in summaries.items()
+        for v in s.servers.values()
+        if (f := v.footprint) and (f.weights_mib is not None or f.kv_mib is not None)
+    ]
+    if not rows:
+        return []
+    title = (
+        "What each server holds before its workload (MiB; the total from NVML by process tree, weights and "
+        "a static pool from vLLM's log, kvcached's KV pages from its segment; the rest is the CUDA context, "
+        "activation workspace and allocator caches; n/a where a log line is missing):"
+    )
+    header = "experiment | server | total | weights | KV cache | the rest"
+    return section(title, "", *md_table(header, rows))
+
+
+def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, s in summaries.items():
+        for v in s.servers.values():
+            split = v.sleeps
+            if split is None:
+                continue
+            beyond = split.beyond_pool_mib
+            lines.append(
+                f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log, each freed vLLM's cumem "
+                f"pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and {fmt(beyond.mean)} MiB more on "
+                f"average (at most {fmt(beyond.max)} MiB): memory outside the pool, torch's caching allocator, "
+                f"regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
+            )
+    lines += [
+        f"- {name}: the awake peak exceeds the same static pool without sleep mode by "
+        f"{fmt(block.awake_peak_over_static_mib)} MiB: memory outside vLLM's cumem pool, freed at each sleep."
+        for name, block in comparison.items()
+        if isinstance(block, SleepComparison) and block.awake_peak_over_static_mib is not None
+    ]
+    return section("What sleep mode frees (vLLM's own lines at each sleep):", "", *lines) if lines else []
+
+
 def comparison_lines(name: str, block: Any) -> list[str]:
     if isinstance(block, SleepComparison):
         return section(sleep_paragraph(name, block))

@@ -36,6 +36,9 @@ PREALLOC = 32 * MIB  # pages kvcached keeps mapped while idle
 # ~480 MiB above its just-loaded level (pages kept mapped for reuse), and a static server holds
 # ~320 MiB more than --gpu-memory-utilization x total (the CUDA context is outside that budget).
 RESERVE_AFTER_USE = 64 * MIB
+# A sleep-mode server that has served holds memory outside vLLM's cumem pool (torch's caching allocator),
+# freed at each sleep and regrown in each burst: 2-15 GiB on an H200, less here.
+OUTSIDE_POOL = 256 * MIB
 CONTEXT = 300 * MIB
 DEFAULT_KV_PER_TOKEN = 12288
 
@@ -339,6 +342,8 @@ class Engine:
         self.reserve = 0  # kvcached pages kept mapped once the first request ran
         self.closed = False
         self.asleep = 0  # sleep level, 0 = awake
+        self.sleep_mode = False  # --enable-sleep-mode
+        self.outside = 0  # sleep mode: bytes held outside the pool since the last sleep
         self.child = None
         self.published = None
 
@@ -354,7 +359,7 @@ class Engine:
             return CONTEXT
         if self.kvcached:
             return self.base + CONTEXT + PREALLOC + self.reserve + self.kv_bytes()
-        return self.base + CONTEXT + self.pool
+        return self.base + CONTEXT + self.pool + self.outside
 
     def capacity(self):
         if not self.kvcached:
@@ -425,6 +430,7 @@ class Engine:
                 self.cond.wait(0.05)  # wake up now and then: the limit may have grown
             self.queue.popleft()
             self.reserve = RESERVE_AFTER_USE
+            self.outside = OUTSIDE_POOL if self.sleep_mode else 0
             self.running += 1
             self.reserved += need
             self.kv_tokens += prompt_tokens
@@ -567,7 +573,11 @@ class Handler(BaseHTTPRequestHandler):
             level = int(dict(q.split("=", 1) for q in query.split("&") if "=" in q).get("level", "1"))
             time.sleep(env_float("FAKE_SLEEP_S" if path == "/sleep" else "FAKE_WAKE_S", 0.05))
             with self.engine.cond:
+                awake = self.engine.memory()
                 self.engine.asleep = level if path == "/sleep" else 0
+                if path == "/sleep":
+                    self.engine.outside = 0
+                    log_sleep(self.engine, level, awake - self.engine.memory())
                 self.engine.publish(force=True)
             log("INFO %s (level %d)" % ("sleeping" if path == "/sleep" else "woken up", level))
             self.send_response(200)
@@ -808,6 +818,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
+def log_sleep(engine, level, freed):
+    """vLLM's two lines at each sleep: its cumem pool (weights and KV), then the whole process."""
+    pool = engine.base - OVERHEAD + engine.pool
+    backed_up = engine.base - OVERHEAD if level == 1 else 0
+    log(
+        "INFO CuMemAllocator: sleep freed %.2f GiB memory in total, of which %.2f GiB is backed up in CPU "
+        "and the rest %.2f GiB is discarded directly."
+        % (pool / 2**30, backed_up / 2**30, (pool - backed_up) / 2**30)
+    )
+    log(
+        "INFO Sleep mode freed %.2f GiB memory, %.2f GiB memory is still in use."
+        % (freed / 2**30, engine.memory() / 2**30)
+    )
+
+
 class Server(ThreadingHTTPServer):
     request_queue_size = 2048  # like uvicorn; the default 5 drops connections in a burst
 
@@ -834,7 +859,7 @@ def main(argv=None):
     fault = os.environ.get("FAKE_STREAM_FAULT", "")
     if fault and fault not in STREAM_FAULTS:  # a typo would silently test the normal path
         fail("ValueError: unknown FAKE_STREAM_FAULT %r" % fault, 2)
-    log("INFO Loading weights took 0.00 GiB (estimated %.2f GiB)" % (weights / 2**30))
+    log("INFO Model loading took %.2f GiB memory and 0.01 seconds" % (weights / 2**30))
     if mode == "crash":
         time.sleep(startup_s)
         fail("ValueError: fake start-up failure", 3)
@@ -872,6 +897,11 @@ def main(argv=None):
                 )
 
     engine = Engine(weights, kv_per_token, kvcached, pool, seg_total=int(0.95 * total) - weights - OVERHEAD)
+    engine.sleep_mode = args.enable_sleep_mode
+    if not kvcached and args.kv_cache_memory_bytes is not None:
+        log("INFO Initial free memory, reserved %.2f GiB memory for KV Cache as specified" % (pool / 2**30))
+    elif not kvcached:
+        log("INFO Available KV cache memory: %.2f GiB" % (pool / 2**30))
     Handler.args, Handler.engine, Handler.latencies = args, engine, Latencies()
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # as vLLM does
     Handler.names = args.served_model_name or [args.model]

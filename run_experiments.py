@@ -4310,7 +4310,8 @@ def rate_sweep(records: list[dict], marks: "Marks", slo: tuple[float, float]) ->
 def server_view(
     server: dict, loaded: LoadedExperiment, memory: MemorySummary, slo: tuple[float, float]
 ) -> ServerSummary:
-    """One server of the experiment: its memory (NVML by process tree), latency, kvcached's and vLLM's views."""
+    """One server of the experiment: its memory (NVML by process tree), latency, and kvcached's and
+    vLLM's views."""
     slot, records = server["spec"]["name"], loaded.requests
     entry = ServerSummary(
         label=server["label"],
@@ -4549,29 +4550,44 @@ def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComp
     )
 
 
+def server_quantile(server: Optional[ServerSummary], metric: str, q: str) -> Optional[float]:
+    return server.latency.quantile(metric, q) if server else None
+
+
+def vllm_figure(server: Optional[ServerSummary], key: str) -> Optional[float]:
+    return getattr(server.vllm, key) if server and server.vllm else None
+
+
+def phase_quantile(summary: Optional[LatencySummary], metric: str, q: str) -> Optional[float]:
+    return summary.quantile(metric, q) if summary else None
+
+
 def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparison:
     block = PairComparison(
         diff(sta.device.idle_before_workload_mib, ela.device.idle_before_workload_mib), {}, {}
     )
     for slot, e in ela.servers.items():
         s = sta.servers.get(slot)
-        lat = lambda server, m, q: server.latency.quantile(m, q) if server else None
-        vllm = lambda server, key: getattr(server.vllm, key) if server and server.vllm else None
         block.per_model[slot] = ModelComparison(
             *[
-                BothWithRatio(lat(e, m, q), lat(s, m, q), ratio(lat(e, m, q), lat(s, m, q)))
+                BothWithRatio(
+                    server_quantile(e, m, q),
+                    server_quantile(s, m, q),
+                    ratio(server_quantile(e, m, q), server_quantile(s, m, q)),
+                )
                 for m, q in LATENCY_KEYS
             ],
             failed=Both(e.latency.failed, s.latency.failed if s else None),
-            max_waiting=Both(vllm(e, "max_waiting"), vllm(s, "max_waiting")),
-            preemptions=Both(vllm(e, "preemptions"), vllm(s, "preemptions")),
+            max_waiting=Both(vllm_figure(e, "max_waiting"), vllm_figure(s, "max_waiting")),
+            preemptions=Both(vllm_figure(e, "preemptions"), vllm_figure(s, "preemptions")),
             peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None),
             over_repeats=ratio_spreads(e.latency_repeats, s.latency_repeats if s else None),
         )
     for phase, e in ela.phases.items():
         s = sta.phases.get(phase)
-        q_of = lambda summary, m, q: summary.quantile(m, q) if summary else None
-        comparison = PhaseComparison(*[ratio(q_of(e, m, q), q_of(s, m, q)) for m, q in LATENCY_KEYS])
+        comparison = PhaseComparison(
+            *[ratio(phase_quantile(e, m, q), phase_quantile(s, m, q)) for m, q in LATENCY_KEYS]
+        )
         comparison.over_repeats = ratio_spreads(
             (ela.phase_repeats or {}).get(phase), (sta.phase_repeats or {}).get(phase)
         )
@@ -4607,8 +4623,13 @@ def compare_sleep(
 ) -> SleepComparison:
     """`same_pool`: the static arm's pool is the sleep arm's (one model; two sleeping models each get the
     full share, which the static split cannot)."""
-    lat = lambda s, m: s.latency.quantile(m, "p50") if s else None
-    idle = lambda s: s.device.idle_before_workload_mib if s else None
+
+    def lat(summary: Optional[ExperimentSummary], metric: str) -> Optional[float]:
+        return summary.latency.quantile(metric, "p50") if summary else None
+
+    def idle(summary: Optional[ExperimentSummary]) -> Optional[float]:
+        return summary.device.idle_before_workload_mib if summary else None
+
     return SleepComparison(
         sleep.sleep.level if sleep.sleep else 0,
         idle(sleep),
@@ -5113,8 +5134,8 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
             lines.append(
                 f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log, each freed vLLM's cumem "
                 f"pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and {fmt(beyond.mean)} MiB more on "
-                f"average (at most {fmt(beyond.max)} MiB): memory outside the pool, torch's caching allocator, "
-                f"regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
+                f"average (at most {fmt(beyond.max)} MiB): memory outside the pool, torch's caching "
+                f"allocator, regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
             )
     lines += [
         f"- {name}: the awake peak exceeds the same static pool without sleep mode by "
@@ -5290,18 +5311,18 @@ def repeats_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def definitions(config: dict, not_fresh: set[str]) -> list[str]:
-    tolerance = dig(config, "config", "release_tolerance")
+    tolerance, window = dig(config, "config", "release_tolerance"), dig(config, "config", "idle_window_s")
     lines = section(
-        f"Definitions: *idle* = median device memory over {dig(config, 'config', 'idle_window_s') or 1.5:g} s "
+        f"Definitions: *idle* = median device memory over {window or 1.5:g} s "
         "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
         f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
         "of that idle level (n/a: it stayed above; see residual in summary.json)."
     )
     if not_fresh:
         lines += section(
-            "\\* A server reused from an earlier experiment was not freshly loaded: its level is where that "
-            "experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure depends "
-            "on what ran before. *Idle before workload* (after the warm-up) compares across runs."
+            "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
+            "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
+            "depends on what ran before. *Idle before workload* (after the warm-up) compares across runs."
         )
     return lines
 
@@ -5342,7 +5363,10 @@ def overhead_parts(
 ) -> dict[str, float]:
     """The table's time outside every busy span, by the first part (in order) whose spans cover it;
     what none covers is OTHER. With several lanes a moment counts once."""
-    inside = lambda t, spans: any(a <= t < b for a, b in spans)
+
+    def inside(t: float, spans: list[tuple[float, float]]) -> bool:
+        return any(a <= t < b for a, b in spans)
+
     cuts = sorted(
         {
             *table,
@@ -5393,7 +5417,10 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
                 startups.setdefault(lane, []).append((server["started_at"], server["ready_at"]))
         if exp.record.marks.workload:
             workloads.setdefault(lane, []).append(exp.record.marks.workload)
-    every = lambda spans: [span for lane in spans.values() for span in lane]
+
+    def every(spans: dict[str, list]) -> list:
+        return [span for lane in spans.values() for span in lane]
+
     table_s = table[1] - table[0]
     busy = covered_s(every(startups) + every(workloads))
     overhead = table_s - busy
@@ -6138,7 +6165,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
     if RUNNER_VARIABLE in runner_env:
         say(
-            f"model runner: {RUNNER_VARIABLE}={runner_env[RUNNER_VARIABLE]} for every server, whatever its arm"
+            f"model runner: {RUNNER_VARIABLE}={runner_env[RUNNER_VARIABLE]} for every server, "
+            "whatever its arm"
         )
     config.update(
         mixed_gpus=mixed, preimport_on=preimport, server_versions=versions, model_runner_env=runner_env

@@ -58,7 +58,10 @@ def memory_table(runs: list) -> list:
     for name in names:
         experiments = [r["experiments"].get(name, {}) for r in runs]
         devices = [e.get("device", {}) for e in experiments]
-        cell = lambda key, digits=0: " / ".join(fmt(d.get(key), digits) for d in devices)
+
+        def cell(key: str, digits: int = 0, devices: list = devices) -> str:
+            return " / ".join(fmt(d.get(key), digits) for d in devices)
+
         marks = [
             " *" if reused_server(e) and d.get("idle_after_load_mib") is not None else ""
             for e, d in zip(experiments, devices)
@@ -71,7 +74,8 @@ def memory_table(runs: list) -> list:
     note = [
         "",
         "\\* with a server reused from an earlier experiment of that run: not a fresh load, so it depends "
-        "on what ran before (a kvcached server keeps the pages its bursts mapped); compare *idle before workload*.",
+        "on what ran before (a kvcached server keeps the pages its bursts mapped); compare "
+        "*idle before workload*.",
     ]
     return out + ["", "(run 1 / run 2 / ...)"] + (note if any_reused else [])
 
@@ -204,7 +208,8 @@ def time_table(runs: list) -> list:
                     fmt(t.get("preflight_s")),
                     f"{fmt(t.get('startups_s'))} ({starts.get('started')} / {starts.get('reused')})",
                     fmt(t.get("workload_s")),
-                    f"{fmt(t.get('harness_overhead_s'))} ({fmt(100 * (t.get('harness_overhead_share') or 0), 1)}%)",
+                    f"{fmt(t.get('harness_overhead_s'))} "
+                    f"({fmt(100 * (t.get('harness_overhead_share') or 0), 1)}%)",
                 ]
             )
         )

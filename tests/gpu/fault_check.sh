@@ -3,7 +3,8 @@
 #  1. kill -9 of the harness mid-burst: the card is back to its idle level within 10 s, nothing of ours left;
 #  2. two runs on the same ports: the second is refused before it launches anything, whether the first
 #     is still starting (port bound, not listening) or already serving; the first run's numbers are intact.
-# Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check)
+# Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check;
+# ONLY_KILL=1 runs the first check alone)
 set -u
 A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
 B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
@@ -42,6 +43,8 @@ if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
 else
   say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_harness.log" | tee -a "$LOG"; kill -9 "$H"
 fi
+
+if [ -n "${ONLY_KILL:-}" ]; then tar czf "$OUTDIR/fault_check_runs.tgz" -C "$WORK" . 2>/dev/null; exit 0; fi
 
 say "=== 2. two runs on the same ports"
 python3 run_experiments.py "${COMMON[@]}" --experiments 1 --bursts 40 --gap-s 2 --port-a 8101 --port-b 8102 \

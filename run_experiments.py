@@ -1827,7 +1827,7 @@ def scrub(text: str) -> str:
     return text
 
 
-# %% Server lifecycle: a keeper per server, readiness on /health, the whole tree stopped
+# %% Servers: what each one runs, and with which environment
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
     name: str  # 'A' or 'B'
@@ -1950,6 +1950,7 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"(log unreadable: {exc})"
 
 
+# %% Processes, ports and the keeper: the one process that stops a server, and how the harness asks
 # --- what the kernel says about processes and sockets (/proc)
 def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
     """(state, ppid, process group, start time in clock ticks) of a live pid, None if it is gone."""
@@ -2188,6 +2189,102 @@ def keeper_source() -> str:
     )
 
 
+# --- stopping: the one way a server stops. The keeper does it; the harness gives the order and waits
+def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float] = None) -> float:
+    """Stop them all at once: each keeper sends SIGINT to its server's whole tree, waits grace_s, sends
+    SIGKILL, removes the kvcached segment and exits. Returns the time taken, once every keeper has
+    exited. A Ctrl-C or SIGTERM meanwhile makes it "stop now" (SIGKILL) but never abandons a server;
+    the interrupt is re-raised after."""
+    if not servers:
+        return 0.0
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    started, interrupted = time.time(), False
+    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
+    if main:
+        STATE.stopping.set()  # from here on a signal cannot cut the stop short
+    try:
+        hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
+        say(
+            f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), "
+            f"up to {grace_s + KILL_WAIT_S:.0f} s{hint if STATE.signals_seen else ''}"
+        )
+        interrupted = await_keepers(servers, grace_s)
+        for server in servers:
+            settle(server)
+        say(f"  stopped {', '.join(s.spec.label for s in servers)} in {time.time() - started:.1f} s")
+    finally:
+        if main:
+            STATE.stopping.clear()
+    if main and (interrupted or STATE.interrupt_pending.is_set()):
+        STATE.interrupt_pending.clear()
+        raise KeyboardInterrupt("interrupted while stopping servers")
+    return time.time() - started
+
+
+def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
+    """Order each keeper to stop and wait for them to exit; "now" once STATE.hurry is set. True if a
+    notebook's interrupt came meanwhile (in a script, the signal handler sets hurry instead)."""
+    for server in servers:
+        server.order(f"stop {grace_s:g}")
+    interrupted, hurried = False, False
+    warn_at, give_up_at = time.time() + grace_s, time.time() + grace_s + KILL_WAIT_S + 5.0
+    while any(s.proc.poll() is None for s in servers) and time.time() < give_up_at:
+        try:
+            if STATE.hurry.is_set() and not hurried:
+                hurried = True
+                for server in servers:
+                    server.order("now")
+            if time.time() > warn_at and not hurried:
+                warn_at = math.inf
+                stuck = [pid for s in servers for pid in s.live_pids()]
+                if stuck:
+                    say(f"    still running {grace_s:g} s after SIGINT: {process_names(stuck)}; SIGKILL now")
+            time.sleep(0.05)
+        except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
+            interrupted = True
+            STATE.hurry.set()
+            say("  interrupted again: killing the servers now")
+    return interrupted
+
+
+def settle(server: RunningServer) -> None:
+    """After its keeper's stop: stopped only if the keeper has exited (it exits once nothing is left)."""
+    server.stopped = server.proc.poll() is not None
+    if not server.stopped:
+        say(
+            f"  warning: the keeper of {server.spec.label} (pid {server.proc.pid}) did not exit; still running: {process_names(server.tree())}"
+        )
+    if server.proc.stdin:  # a staged server never told to start
+        with contextlib.suppress(OSError):
+            server.proc.stdin.close()
+    if server.stopped and server.control is not None:
+        os.close(server.control)
+        server.control = None
+    scrub_file(server.log_path)
+
+
+def process_names(pids: list[int]) -> str:
+    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
+
+    def name(pid: int) -> str:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        return "gone"
+
+    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
+
+
+def scrub_file(path: Path) -> None:
+    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
+    if not STATE.secrets:
+        return
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace")
+        if scrub(text) != text:
+            write_text_atomic(path, scrub(text))
+
+
+# %% Running servers: start, readiness on /health, the pool that keeps them across experiments
 @dataclasses.dataclass
 class RunningServer:
     spec: ServerSpec
@@ -2337,65 +2434,6 @@ def start_server(
     return server
 
 
-# --- importing vLLM ahead: its API server's imports take 15-20 s of one core and touch no GPU, so the
-# next experiment's servers can do them while the current one runs, and start ~15 s sooner when asked.
-# The staged process imports the module, waits for "go" on its stdin (EOF: the harness is gone, so it
-# exits), then runs the module as `python -m` would.
-STAGED_CODE = r"""
-import importlib, runpy, sys, time, warnings
-module, t0 = sys.argv[1], time.time()
-importlib.import_module(module)
-print("[harness] %s imported in %.1f s; waiting for the start" % (module, time.time() - t0), flush=True)
-if sys.stdin.readline().strip() != "go":
-    sys.exit(0)
-sys.stdin.close()
-sys.argv = [module] + sys.argv[2:]
-warnings.filterwarnings("ignore", "'" + module, RuntimeWarning)   # "found in sys.modules": it is, by design
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
-
-
-def staged_command(cmd: list[str]) -> Optional[list[str]]:
-    """`python -m MODULE ARGS...` as a staged launch, None for any other command."""
-    if len(cmd) < 3 or cmd[1] != "-m":
-        return None
-    return [cmd[0], "-c", STAGED_CODE, *cmd[2:]]
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def preimport_on(cfg: Config, cores: Optional[int] = None) -> bool:
-    """auto: only with cores to spare, as the import runs beside a measured burst (a T4 Colab has 2)."""
-    if staged_command(server_prefix(cfg)) is None or cfg.preimport == "off":
-        return False
-    cores = usable_cores() if cores is None else cores
-    return cfg.preimport == "on" or cores >= PREIMPORT_CORES_PER_CARD * len(gpu_indices(cfg))
-
-
-PREIMPORT_CORES_PER_CARD = 8
-
-
-def release_staged(cfg: Config, server: RunningServer) -> None:
-    """Tell a staged server to start; its start-up is timed from here."""
-    code = server.exit_code()
-    if code is not None:
-        raise ServerError(
-            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
-            f"ahead of its start.\n{server.evidence()}"
-        )
-    start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
-    try:
-        server.proc.stdin.write(b"go\n")
-        server.proc.stdin.close()
-    except OSError as exc:  # it died between the check and the write
-        raise ServerError(
-            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
-        )
-    server.started_at = time.time()
-
-
 def listener_is_ours(server: RunningServer) -> bool:
     """The socket listening on the server's port belongs to a process of its tree."""
     inodes = port_sockets(server.spec.port, (TCP_LISTEN,))
@@ -2502,101 +2540,6 @@ def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# --- stopping: the one way a server stops. The keeper does it; the harness gives the order and waits
-def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float] = None) -> float:
-    """Stop them all at once: each keeper sends SIGINT to its server's whole tree, waits grace_s, sends
-    SIGKILL, removes the kvcached segment and exits. Returns the time taken, once every keeper has
-    exited. A Ctrl-C or SIGTERM meanwhile makes it "stop now" (SIGKILL) but never abandons a server;
-    the interrupt is re-raised after."""
-    if not servers:
-        return 0.0
-    grace_s = STOP_GRACE_S if grace_s is None else grace_s
-    started, interrupted = time.time(), False
-    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
-    if main:
-        STATE.stopping.set()  # from here on a signal cannot cut the stop short
-    try:
-        hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
-        say(
-            f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), "
-            f"up to {grace_s + KILL_WAIT_S:.0f} s{hint if STATE.signals_seen else ''}"
-        )
-        interrupted = await_keepers(servers, grace_s)
-        for server in servers:
-            settle(server)
-        say(f"  stopped {', '.join(s.spec.label for s in servers)} in {time.time() - started:.1f} s")
-    finally:
-        if main:
-            STATE.stopping.clear()
-    if main and (interrupted or STATE.interrupt_pending.is_set()):
-        STATE.interrupt_pending.clear()
-        raise KeyboardInterrupt("interrupted while stopping servers")
-    return time.time() - started
-
-
-def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
-    """Order each keeper to stop and wait for them to exit; "now" once STATE.hurry is set. True if a
-    notebook's interrupt came meanwhile (in a script, the signal handler sets hurry instead)."""
-    for server in servers:
-        server.order(f"stop {grace_s:g}")
-    interrupted, hurried = False, False
-    warn_at, give_up_at = time.time() + grace_s, time.time() + grace_s + KILL_WAIT_S + 5.0
-    while any(s.proc.poll() is None for s in servers) and time.time() < give_up_at:
-        try:
-            if STATE.hurry.is_set() and not hurried:
-                hurried = True
-                for server in servers:
-                    server.order("now")
-            if time.time() > warn_at and not hurried:
-                warn_at = math.inf
-                stuck = [pid for s in servers for pid in s.live_pids()]
-                if stuck:
-                    say(f"    still running {grace_s:g} s after SIGINT: {process_names(stuck)}; SIGKILL now")
-            time.sleep(0.05)
-        except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
-            interrupted = True
-            STATE.hurry.set()
-            say("  interrupted again: killing the servers now")
-    return interrupted
-
-
-def settle(server: RunningServer) -> None:
-    """After its keeper's stop: stopped only if the keeper has exited (it exits once nothing is left)."""
-    server.stopped = server.proc.poll() is not None
-    if not server.stopped:
-        say(
-            f"  warning: the keeper of {server.spec.label} (pid {server.proc.pid}) did not exit; still running: {process_names(server.tree())}"
-        )
-    if server.proc.stdin:  # a staged server never told to start
-        with contextlib.suppress(OSError):
-            server.proc.stdin.close()
-    if server.stopped and server.control is not None:
-        os.close(server.control)
-        server.control = None
-    scrub_file(server.log_path)
-
-
-def process_names(pids: list[int]) -> str:
-    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
-
-    def name(pid: int) -> str:
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/comm").read_text().strip()
-        return "gone"
-
-    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
-
-
-def scrub_file(path: Path) -> None:
-    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
-    if not STATE.secrets:
-        return
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace")
-        if scrub(text) != text:
-            write_text_atomic(path, scrub(text))
-
-
 class ServerPool:
     """Keeps servers across experiments that can share them, until shut() hands them all over to be
     stopped. A server leaves the pool only once nothing of it is alive (stop_servers marks it)."""
@@ -2626,7 +2569,7 @@ class ServerPool:
             return servers
 
     def stage(self, specs: Iterable[ServerSpec], log_dir: Path) -> None:
-        """Import vLLM now for servers that will start later (with --preimport; see STAGED_CODE)."""
+        """Import vLLM now for servers that will start later (with --preimport; see run_staged)."""
         for spec in specs:
             if not self.preimport or spec.key in self.running or spec.key in self.staged:
                 continue
@@ -2727,6 +2670,71 @@ def server_log(log_dir: Path, spec: ServerSpec) -> Path:
 def shut(pools: list[ServerPool]) -> list[RunningServer]:
     """Every lane's servers, to be stopped together; no lane starts another one meanwhile."""
     return [server for pool in pools for server in pool.shut()]
+
+
+# %% Importing vLLM ahead (--preimport)
+# Its API server's imports take 15-20 s of one core and touch no GPU, so the next experiment's servers
+# can do them while the current one runs, and start ~15 s sooner when asked.
+def run_staged(module: str, args: list[str]) -> None:
+    """A server imported ahead, in a Python of its own: imports `module`, waits for "go" on its stdin
+    (EOF: the harness is gone, so it exits), then runs the module as `python -m` would."""
+    import importlib
+    import runpy
+    import sys
+    import time
+    import warnings
+
+    t0 = time.time()
+    importlib.import_module(module)
+    print(f"[harness] {module} imported in {time.time() - t0:.1f} s; waiting for the start", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        sys.exit(0)
+    sys.stdin.close()
+    sys.argv = [module, *args]
+    warnings.filterwarnings("ignore", "'" + module, RuntimeWarning)  # "found in sys.modules": by design
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def staged_command(cmd: list[str]) -> Optional[list[str]]:
+    """`python -m MODULE ARGS...` as a staged launch, None for any other command."""
+    if len(cmd) < 3 or cmd[1] != "-m":
+        return None
+    source = program_source(run_staged, call="import sys\nrun_staged(sys.argv[1], sys.argv[2:])")
+    return [cmd[0], "-c", source, *cmd[2:]]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def preimport_on(cfg: Config, cores: Optional[int] = None) -> bool:
+    """auto: only with cores to spare, as the import runs beside a measured burst (a T4 Colab has 2)."""
+    if staged_command(server_prefix(cfg)) is None or cfg.preimport == "off":
+        return False
+    cores = usable_cores() if cores is None else cores
+    return cfg.preimport == "on" or cores >= PREIMPORT_CORES_PER_CARD * len(gpu_indices(cfg))
+
+
+PREIMPORT_CORES_PER_CARD = 8
+
+
+def release_staged(cfg: Config, server: RunningServer) -> None:
+    """Tell a staged server to start; its start-up is timed from here."""
+    code = server.exit_code()
+    if code is not None:
+        raise ServerError(
+            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
+            f"ahead of its start.\n{server.evidence()}"
+        )
+    start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
+    try:
+        server.proc.stdin.write(b"go\n")
+        server.proc.stdin.close()
+    except OSError as exc:  # it died between the check and the write
+        raise ServerError(
+            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
+        )
+    server.started_at = time.time()
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)

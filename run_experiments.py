@@ -120,11 +120,11 @@ def say(message: Any) -> None:
 
 
 # %% Helper programs: functions of this file that run in a fresh Python
-# Each server's keeper, vLLM's probe and the --server-cmd import check run in a fresh Python. They are
-# written as functions here, so the linter and the tests see them, and shipped as their own source
-# (inspect reads it from this file, or in a notebook from the cell IPython keeps; the preflight checks
-# that it can). Each is self-contained: it imports what it needs inside, and names only the functions
-# shipped with it.
+# Each server's keeper, the device sampler, a server imported ahead, vLLM's probe and the --server-cmd
+# import check run in a fresh Python. They are written as functions here, so the linter and the tests
+# see them, and shipped as their own source (inspect reads it from this file, or in a notebook from the
+# cell IPython keeps; the preflight checks that it can). Each is self-contained: it imports what it
+# needs inside, and names only the functions shipped with it.
 def program_source(*functions: Callable, call: str) -> str:
     """`python -c` text that defines `functions` and then runs `call`."""
     import inspect
@@ -3006,37 +3006,54 @@ def server_latency_snapshot(
 # The device series is read in a process of its own: in this one, a burst's hundreds of request threads
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
-DEVICE_SAMPLER_CODE = r"""
-import importlib, math, signal, sys, threading, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the harness's to handle; EOF stops this
-module_dir, module_name, index, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-if module_dir:
-    sys.path.insert(0, module_dir)
-nvml = importlib.import_module(module_name)
-nvml.nvmlInit()
-handle = nvml.nvmlDeviceGetHandleByIndex(index)
-halt = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()   # EOF: stop
-interval, start, tick, missed, flushed = 1.0 / hz, time.time(), 0, 0, 0.0
-while True:
-    now = time.time()
-    try:
-        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-        sys.stdout.write(f"d {now!r} {mem.used} {mem.total}\n")
-    except Exception as exc:
-        sys.stdout.write(f"e {now!r} {exc!r}\n")
-    if now - flushed >= 0.2:   # a few lines at a time: the samples carry their own times
-        sys.stdout.flush()
-        flushed = now
-    due = tick + 1
-    tick = max(due, math.ceil((time.time() - start) / interval))   # past ticks are skipped, not made up
-    if tick > due:
-        missed += tick - due
-        sys.stdout.write(f"m {missed}\n")
-    if halt.wait(max(0.0, start + tick * interval - time.time())):
-        break
-sys.stdout.flush()
-"""
+def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> None:
+    """The device process (shipped with program_source): NVML from `module_name`, card `index`, lines on
+    stdout at `hz` until its stdin ends."""
+    import importlib
+    import signal
+    import sys
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the harness's; EOF stops this
+    if module_dir:
+        sys.path.insert(0, module_dir)
+    nvml = importlib.import_module(module_name)
+    nvml.nvmlInit()
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    halt = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()  # EOF: stop
+    device_loop(
+        lambda: nvml.nvmlDeviceGetMemoryInfo(handle), sys.stdout.write, sys.stdout.flush, halt, hz, time.time
+    )
+
+
+def device_loop(
+    read: Callable, write: Callable, flush: Callable, halt: Any, hz: float, clock: Callable
+) -> None:
+    """Tick k is due at clock() + k/hz from the start; writes "d t used total" or "e t error" per tick
+    and "m missed" when past ticks were skipped; ends when halt.wait(seconds) returns True."""
+    import math
+
+    interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
+    while True:
+        now = clock()
+        try:
+            mem = read()
+            write(f"d {now!r} {mem.used} {mem.total}\n")
+        except Exception as exc:
+            write(f"e {now!r} {exc!r}\n")
+        if now - flushed >= 0.2:  # a few lines at a time: the samples carry their own times
+            flush()
+            flushed = now
+        due = tick + 1
+        tick = max(due, math.ceil((clock() - start) / interval))  # past ticks are skipped, not made up
+        if tick > due:
+            missed += tick - due
+            write(f"m {missed}\n")
+        if halt.wait(max(0.0, start + tick * interval - clock())):
+            break
+    flush()
 
 
 class Sampler(threading.Thread):
@@ -3048,7 +3065,7 @@ class Sampler(threading.Thread):
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
 
-    Device memory comes from a small process of its own (DEVICE_SAMPLER_CODE), stamped there; this
+    Device memory comes from a small process of its own (device_sampler), stamped there; this
     thread reads its lines and owns the file. Per-process, segment and /metrics reads run in a second
     thread that hands its rows over through a deque, without a lock the file's writer waits on.
     """
@@ -3106,7 +3123,11 @@ class Sampler(threading.Thread):
             [
                 sys.executable,
                 "-c",
-                DEVICE_SAMPLER_CODE,
+                program_source(
+                    device_loop,
+                    device_sampler,
+                    call="import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))",
+                ),
                 os.path.dirname(module) if module else "",
                 self.nvml.__name__,
                 str(self.gpu_index),

@@ -2251,9 +2251,8 @@ def settle(server: RunningServer) -> None:
     """After its keeper's stop: stopped only if the keeper has exited (it exits once nothing is left)."""
     server.stopped = server.proc.poll() is not None
     if not server.stopped:
-        say(
-            f"  warning: the keeper of {server.spec.label} (pid {server.proc.pid}) did not exit; still running: {process_names(server.tree())}"
-        )
+        keeper_ = f"the keeper of {server.spec.label} (pid {server.proc.pid})"
+        say(f"  warning: {keeper_} did not exit; still running: {process_names(server.tree())}")
     if server.proc.stdin:  # a staged server never told to start
         with contextlib.suppress(OSError):
             server.proc.stdin.close()

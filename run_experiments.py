@@ -82,9 +82,8 @@ def running_in_notebook() -> bool:
 
 # %% Run state: one owner for the stop flags, the secrets and where messages go
 class RunState:
-    """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, the
-    pipe whose end tells each server's keeper this process is alive, and where messages go (prefixed
-    with the card in a lane's thread). main() starts a fresh one."""
+    """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, and
+    where messages go (prefixed with the card in a lane's thread). main() starts a fresh one."""
 
     def __init__(self, out: Callable[[str], None] = print):
         self.out = out
@@ -94,7 +93,6 @@ class RunState:
         self.abort = threading.Event()  # the run was interrupted: every lane stops at its next wait
         self.signals_seen = 0
         self.secrets: set[str] = set()  # values scrubbed from anything written or printed
-        self.lifeline: Optional[tuple[int, int]] = None  # (read end, write end) of the keepers' pipe
         self._thread = threading.local()
 
     def say(self, message: Any) -> None:
@@ -122,10 +120,11 @@ def say(message: Any) -> None:
 
 
 # %% Helper programs: functions of this file that run in a fresh Python
-# vLLM's probe and the --server-cmd import check run in a fresh Python. They are written as functions
-# here, so the linter and the tests see them, and shipped as their own source (inspect reads it from this
-# file, or in a notebook from the cell IPython keeps). Each is self-contained: it imports what it needs
-# inside, and names only the functions shipped with it.
+# Each server's keeper, the device sampler, a server imported ahead, vLLM's probe and the --server-cmd
+# import check run in a fresh Python. They are written as functions here, so the linter and the tests
+# see them, and shipped as their own source (inspect reads it from this file, or in a notebook from the
+# cell IPython keeps; the preflight checks that it can). Each is self-contained: it imports what it
+# needs inside, and names only the functions shipped with it.
 def program_source(*functions: Callable, call: str) -> str:
     """`python -c` text that defines `functions` and then runs `call`."""
     import inspect
@@ -707,7 +706,7 @@ def run_table(run: Run) -> tuple[bool, int]:
         say("\ninterrupted: stopping every server before leaving")
     finally:
         try:
-            close_pools(pools)
+            stop_servers(shut(pools), "end of run")
         except KeyboardInterrupt:  # signalled again while stopping: the servers are gone all the same
             interrupted = True
         for worker in workers:
@@ -735,7 +734,7 @@ def import_first_servers(run: Run, pools: list["ServerPool"]) -> None:
     if all(c.ok for c in checks):
         say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
         return
-    close_pools(pools, "vLLM's import check failed")
+    stop_servers(shut(pools), "vLLM's import check failed")
     raise ConfigError(
         "preflight failed; the servers importing vLLM ahead were stopped before they started "
         "(--check repeats it):\n" + checklist(checks)
@@ -1819,7 +1818,7 @@ def scrub(text: str) -> str:
     return text
 
 
-# %% Server lifecycle: a keeper per server, readiness on /health, the whole tree stopped
+# %% Servers: what each one runs, and with which environment
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
     name: str  # 'A' or 'B'
@@ -1942,6 +1941,7 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"(log unreadable: {exc})"
 
 
+# %% Processes, ports and the keeper: the one process that stops a server, and how the harness asks
 # --- what the kernel says about processes and sockets (/proc)
 def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
     """(state, ppid, process group, start time in clock ticks) of a live pid, None if it is gone."""
@@ -1968,6 +1968,8 @@ def owner_of(pid: int, roots: dict[int, Any], max_depth: int = 32) -> Any:
 
 def process_tree(root_pid: int) -> list[int]:
     """root_pid and all its descendants, from /proc (vLLM's GPU memory sits in a child)."""
+    import os
+
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -1989,6 +1991,11 @@ def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
     if stat_ is None or stat_[0] in ("Z", "X"):
         return False
     return start_ticks is None or stat_[3] == start_ticks
+
+
+def live_below(root_pid: int) -> list[int]:
+    """The live processes below root_pid (an ended one, not yet reaped, is not counted)."""
+    return [pid for pid in process_tree(root_pid)[1:] if pid_alive(pid)]
 
 
 TCP_LISTEN = "0A"  # /proc/net/tcp state of a listening socket
@@ -2049,40 +2056,76 @@ def port_taken(host: str, port: int) -> Optional[str]:
     return "in use: bound by a process that does not listen yet (a server starting up?)"
 
 
-# --- the keeper: a small supervisor between us and each server
-# Whatever ends this harness (Ctrl-C, kill -9, the OOM killer, a notebook restart), the keeper sees
-# its end of a pipe close and stops the server's whole tree. It is also a child subreaper, so an
-# EngineCore orphaned by its API server stays in the keeper's tree where we can find and stop it.
-KEEPER_CODE = r"""
-import ctypes, os, select, signal, subprocess, sys, time
-lifeline, grace_s, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-try:
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
-except Exception:
-    pass
-# A handler, not SIG_IGN: the server must not inherit an ignored SIGINT (exec resets handlers).
-for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(sig, lambda *_: None)
-server = subprocess.Popen(cmd)
-me, code = os.getpid(), None
+# --- the keeper: a small supervisor between us and each server, and the only process that stops it
+# Whatever ends this harness (Ctrl-C, kill -9, the OOM killer, a notebook restart), the keeper sees its
+# end of the control pipe close and stops the server's whole tree. It is also a child subreaper, so an
+# EngineCore orphaned by its API server stays below the keeper, where it is found and stopped. It walks
+# the tree (process_tree) each time it signals: nothing is remembered, so a freed pid handed to a
+# stranger is never among those it signals.
+KEEPER_GRACE_S = 4.0  # after the harness is gone: SIGINT, this long, then SIGKILL
+STOP_GRACE_S = 15.0  # a stop the harness asks for: SIGINT, this long, then SIGKILL
+KILL_WAIT_S = 5.0  # after SIGKILL, how long the keeper waits for the tree to be gone
 
-def descendants():
-    kids = {}
-    for e in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % e) as f:
-                kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(e))
-        except (OSError, ValueError, IndexError):
-            pass
-    out, stack = [], list(kids.get(me, []))
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(kids.get(pid, []))
-    return out
 
-def reap():
-    global code
+def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill_wait_s: float) -> None:
+    """A server's supervisor, in a Python of its own (keeper_source). It starts the server and ends it:
+    on "stop GRACE_S" or "now" from the harness on `control`, on the pipe's end (the harness is gone),
+    or when the server ends by itself, since what it leaves behind must go too. It exits once nothing of
+    the server is left, with the server's exit code: that exit is the harness's "stopped"."""
+    import ctypes
+    import os
+    import signal
+    import subprocess
+
+    try:
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+    # A handler, not SIG_IGN: the server must not inherit an ignored SIGINT (exec resets handlers).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    server = subprocess.Popen(cmd)
+    codes: dict[int, int] = {}
+    order = None
+    while order is None and server.pid not in codes:
+        order = read_order(control, 0.2)
+        reap_children(codes)
+    grace_s = float(order.split()[1]) if order and order.startswith("stop ") else gone_grace_s
+    left = end_tree(
+        -1 if order == "gone" else control, 0.0 if order == "now" else grace_s, kill_wait_s, codes
+    )
+    if segment:
+        problem = unlink_segment(segment)
+        if problem:
+            print(f"[keeper] {problem}", flush=True)
+    if left:
+        print(f"[keeper] still alive after SIGKILL: pids {left}", flush=True)
+    code = codes.get(server.pid, 0)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def read_order(control: int, timeout_s: float) -> Optional[str]:
+    """The harness's last order on the pipe within timeout_s: "stop GRACE_S", "now", "gone" (the pipe
+    ended: the harness is gone, however it ended), or None. control -1: no pipe to read any more."""
+    import os
+    import select
+    import time
+
+    if control < 0:
+        time.sleep(timeout_s)
+        return None
+    if not select.select([control], [], [], timeout_s)[0]:
+        return None
+    lines = os.read(control, 256).decode(errors="replace").split("\n")
+    orders = [line.strip() for line in lines if line.strip()]
+    return orders[-1] if orders else (None if lines != [""] else "gone")
+
+
+def reap_children(codes: dict[int, int]) -> None:
+    """Collect every child that ended (the server's orphans are the keeper's children too), noting each
+    exit code by pid."""
+    import os
+
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -2090,63 +2133,148 @@ def reap():
             return
         if pid == 0:
             return
-        if pid == server.pid:
-            code = os.waitstatus_to_exitcode(status)
+        codes.setdefault(pid, os.waitstatus_to_exitcode(status))
 
-def signal_all(sig):
-    for pid in descendants():
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
 
-def wait_empty(seconds):
-    end = time.time() + seconds
-    while time.time() < end:
-        reap()
-        if not descendants():
-            return True
-        time.sleep(0.05)
-    return False
+def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, int]) -> list[int]:
+    """SIGINT to every process below this one, grace_s for them to end ("now" on `control` cuts it
+    short), then SIGKILL to whatever is left; returns the pids alive even after that."""
+    import os
+    import signal
+    import time
 
-def remove_segment():   # kvcached cannot unlink it when its engine was killed
-    path = "/dev/shm/" + os.environ.get("KVCACHED_IPC_NAME", "")
+    me = os.getpid()
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, kill_wait_s)):
+        for pid in live_below(me):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            reap_children(codes)
+            if not live_below(me):
+                return []
+            order = read_order(control, 0.05)
+            if order == "gone":
+                control = -1
+            if order == "now" and sig != signal.SIGKILL:
+                break
+    reap_children(codes)
+    return live_below(me)
+
+
+def keeper_source() -> str:
+    """The keeper's program for `python -c`; its arguments: control fd, segment path, grace, command."""
+    return program_source(
+        proc_stat,
+        process_tree,
+        pid_alive,
+        live_below,
+        unlink_segment,
+        read_order,
+        reap_children,
+        end_tree,
+        keeper,
+        call=f"import sys\nkeeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})",
+    )
+
+
+# --- stopping: the one way a server stops. The keeper does it; the harness gives the order and waits
+def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float] = None) -> float:
+    """Stop them all at once: each keeper sends SIGINT to its server's whole tree, waits grace_s, sends
+    SIGKILL, removes the kvcached segment and exits. Returns the time taken, once every keeper has
+    exited. A Ctrl-C or SIGTERM meanwhile makes it "stop now" (SIGKILL) but never abandons a server;
+    the interrupt is re-raised after."""
+    if not servers:
+        return 0.0
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    started, interrupted = time.time(), False
+    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
+    if main:
+        STATE.stopping.set()  # from here on a signal cannot cut the stop short
     try:
-        info = os.lstat(path)
-        if path.startswith("/dev/shm/kvcached_bench_") and info.st_uid == os.getuid() and (info.st_mode & 0o170000) == 0o100000:
-            os.unlink(path)
-    except OSError:
-        pass
-
-while True:
-    ready, _, _ = select.select([lifeline], [], [], 0.2)
-    if ready and not os.read(lifeline, 1):   # the harness is gone, however it ended
-        signal_all(signal.SIGINT)
-        if not wait_empty(grace_s):
-            signal_all(signal.SIGKILL)
-            wait_empty(2)
-        remove_segment()
-        os._exit(0)
-    reap()
-    if code is not None:   # the server ended by itself (or was stopped): leave nothing of it behind
-        if not wait_empty(grace_s):
-            signal_all(signal.SIGKILL)
-            wait_empty(2)
-        remove_segment()
-        os._exit(code if code >= 0 else 128 - code)
-"""
+        hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
+        say(
+            f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), "
+            f"up to {grace_s + KILL_WAIT_S:.0f} s{hint if STATE.signals_seen else ''}"
+        )
+        interrupted = await_keepers(servers, grace_s)
+        for server in servers:
+            settle(server)
+        say(f"  stopped {', '.join(s.spec.label for s in servers)} in {time.time() - started:.1f} s")
+    finally:
+        if main:
+            STATE.stopping.clear()
+    if main and (interrupted or STATE.interrupt_pending.is_set()):
+        STATE.interrupt_pending.clear()
+        raise KeyboardInterrupt("interrupted while stopping servers")
+    return time.time() - started
 
 
-KEEPER_GRACE_S = 4.0  # after the harness is gone: SIGINT, this long, then SIGKILL
+def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
+    """Order each keeper to stop and wait for them to exit; "now" once STATE.hurry is set. True if a
+    notebook's interrupt came meanwhile (in a script, the signal handler sets hurry instead)."""
+    for server in servers:
+        server.order(f"stop {grace_s:g}")
+    interrupted, hurried = False, False
+    warn_at, give_up_at = time.time() + grace_s, time.time() + grace_s + KILL_WAIT_S + 5.0
+    while any(s.proc.poll() is None for s in servers) and time.time() < give_up_at:
+        try:
+            if STATE.hurry.is_set() and not hurried:
+                hurried = True
+                for server in servers:
+                    server.order("now")
+            if time.time() > warn_at and not hurried:
+                warn_at = math.inf
+                stuck = [pid for s in servers for pid in s.live_pids()]
+                if stuck:
+                    say(f"    still running {grace_s:g} s after SIGINT: {process_names(stuck)}; SIGKILL now")
+            time.sleep(0.05)
+        except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
+            interrupted = True
+            STATE.hurry.set()
+            say("  interrupted again: killing the servers now")
+    return interrupted
 
 
-def lifeline_fd() -> int:
-    """Read end of a pipe whose write end only this process holds: EOF means we are gone."""
-    if not STATE.lifeline:
-        STATE.lifeline = os.pipe()  # both ends close-on-exec; the keeper gets the read end by pass_fds
-    return STATE.lifeline[0]
+def settle(server: RunningServer) -> None:
+    """After its keeper's stop: stopped only if the keeper has exited (it exits once nothing is left)."""
+    server.stopped = server.proc.poll() is not None
+    if not server.stopped:
+        keeper_ = f"the keeper of {server.spec.label} (pid {server.proc.pid})"
+        say(f"  warning: {keeper_} did not exit; still running: {process_names(server.tree())}")
+    if server.proc.stdin:  # a staged server never told to start
+        with contextlib.suppress(OSError):
+            server.proc.stdin.close()
+    if server.stopped and server.control is not None:
+        os.close(server.control)
+        server.control = None
+    scrub_file(server.log_path)
 
 
+def process_names(pids: list[int]) -> str:
+    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
+
+    def name(pid: int) -> str:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        return "gone"
+
+    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
+
+
+def scrub_file(path: Path) -> None:
+    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
+    if not STATE.secrets:
+        return
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace")
+        if scrub(text) != text:
+            write_text_atomic(path, scrub(text))
+
+
+# %% Running servers: start, readiness on /health, the pool that keeps them across experiments
 @dataclasses.dataclass
 class RunningServer:
     spec: ServerSpec
@@ -2157,9 +2285,7 @@ class RunningServer:
     started_at: float
     host: str = "127.0.0.1"
     ready_at: Optional[float] = None
-    seen: dict[int, int] = dataclasses.field(
-        default_factory=dict
-    )  # pid -> start ticks, every pid of its tree
+    control: Optional[int] = None  # our end of the keeper's control pipe: orders go there
     warmed: set[str] = dataclasses.field(default_factory=set)  # plan shapes this server has served
     together: tuple[str, ...] = ()  # labels of the servers started at the same time as this one
     staged_at: Optional[float] = (
@@ -2178,23 +2304,18 @@ class RunningServer:
         return None if self.ready_at is None else self.ready_at - self.started_at
 
     def tree(self) -> list[int]:
-        """Its live processes now; each is also remembered (with its start time) for the final stop."""
-        pids = process_tree(self.proc.pid)
-        self.remember(pids)
-        return pids
+        """The keeper and its processes now."""
+        return process_tree(self.proc.pid)
 
-    def remember(self, pids: Iterable[int]) -> None:
-        for pid in pids:
-            if pid not in self.seen:
-                stat_ = proc_stat(pid)
-                if stat_ is not None:
-                    self.seen[pid] = stat_[3]
+    def live_pids(self) -> list[int]:
+        """Its server's processes still alive, below the keeper; none once the keeper has exited."""
+        return live_below(self.proc.pid) if self.proc.poll() is None else []
 
-    def alive_pids(self) -> list[int]:
-        """Pids seen in its tree that are still the same processes (never a stranger who got the pid)."""
-        with contextlib.suppress(OSError):
-            self.tree()
-        return [pid for pid, ticks in self.seen.items() if pid_alive(pid, ticks)]
+    def order(self, what: str) -> None:
+        """Tell the keeper "stop GRACE_S" or "now"; one that has exited needs no order."""
+        if self.control is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.control, f"{what}\n".encode())
 
     def exit_code(self) -> Optional[int]:
         return self.proc.poll()
@@ -2269,17 +2390,25 @@ def start_server(
             header += "(imported ahead: the server starts when the harness says go)\n"
         log.write(scrub(header).encode())
         log.flush()
-        # Own session: the whole tree can be signalled at once, and Ctrl-C in a terminal does not hit
-        # the servers before we stop them. The keeper ends the server if this process dies.
-        proc = subprocess.Popen(
-            [sys.executable, "-c", KEEPER_CODE, str(lifeline_fd()), str(KEEPER_GRACE_S), *launch],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
-            start_new_session=True,
-            pass_fds=(lifeline_fd(),),
-        )
+        # Own session: Ctrl-C in a terminal does not hit the servers before we stop them. Only this
+        # process holds the pipe's write end (close-on-exec), so it ends when this process does.
+        theirs, ours = os.pipe()
+        segment = str(segment_path(spec.ipc_name)) if spec.kvcached else ""
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", keeper_source(), str(theirs), segment, str(KEEPER_GRACE_S), *launch],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(theirs,),
+            )
+        except BaseException:
+            os.close(ours)
+            raise
+        finally:
+            os.close(theirs)
     server = RunningServer(
         spec=spec,
         proc=proc,
@@ -2288,70 +2417,11 @@ def start_server(
         log_path=log_path,
         started_at=time.time(),
         host=cfg.host,
+        control=ours,
     )
     if staged:
         server.staged_at = server.started_at
-    server.tree()
     return server
-
-
-# --- importing vLLM ahead: its API server's imports take 15-20 s of one core and touch no GPU, so the
-# next experiment's servers can do them while the current one runs, and start ~15 s sooner when asked.
-# The staged process imports the module, waits for "go" on its stdin (EOF: the harness is gone, so it
-# exits), then runs the module as `python -m` would.
-STAGED_CODE = r"""
-import importlib, runpy, sys, time, warnings
-module, t0 = sys.argv[1], time.time()
-importlib.import_module(module)
-print("[harness] %s imported in %.1f s; waiting for the start" % (module, time.time() - t0), flush=True)
-if sys.stdin.readline().strip() != "go":
-    sys.exit(0)
-sys.stdin.close()
-sys.argv = [module] + sys.argv[2:]
-warnings.filterwarnings("ignore", "'" + module, RuntimeWarning)   # "found in sys.modules": it is, by design
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
-
-
-def staged_command(cmd: list[str]) -> Optional[list[str]]:
-    """`python -m MODULE ARGS...` as a staged launch, None for any other command."""
-    if len(cmd) < 3 or cmd[1] != "-m":
-        return None
-    return [cmd[0], "-c", STAGED_CODE, *cmd[2:]]
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def preimport_on(cfg: Config, cores: Optional[int] = None) -> bool:
-    """auto: only with cores to spare, as the import runs beside a measured burst (a T4 Colab has 2)."""
-    if staged_command(server_prefix(cfg)) is None or cfg.preimport == "off":
-        return False
-    cores = usable_cores() if cores is None else cores
-    return cfg.preimport == "on" or cores >= PREIMPORT_CORES_PER_CARD * len(gpu_indices(cfg))
-
-
-PREIMPORT_CORES_PER_CARD = 8
-
-
-def release_staged(cfg: Config, server: RunningServer) -> None:
-    """Tell a staged server to start; its start-up is timed from here."""
-    code = server.exit_code()
-    if code is not None:
-        raise ServerError(
-            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
-            f"ahead of its start.\n{server.evidence()}"
-        )
-    start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
-    try:
-        server.proc.stdin.write(b"go\n")
-        server.proc.stdin.close()
-    except OSError as exc:  # it died between the check and the write
-        raise ServerError(
-            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
-        )
-    server.started_at = time.time()
 
 
 def listener_is_ours(server: RunningServer) -> bool:
@@ -2379,7 +2449,6 @@ def wait_ready(
     deadline = server.started_at + timeout_s
     next_progress = time.time() + progress_every_s
     while True:
-        server.tree()  # remember the tree while it is alive, for a thorough stop later
         code = server.exit_code()
         if code is not None:
             raise ServerError(
@@ -2447,10 +2516,6 @@ def server_problem(server: RunningServer) -> Optional[str]:
     return None
 
 
-# --- stopping: SIGINT, SIGTERM, SIGKILL to the keeper's group and every process seen in the tree
-STOP_STAGES = ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
-
-
 class Aborted(KeyboardInterrupt):
     """Raised in a lane's thread when the run was interrupted (signals reach only the main thread)."""
 
@@ -2465,100 +2530,9 @@ def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def signal_server(server: RunningServer, sig: int) -> None:
-    """Signal the keeper's process group and each pid of the tree that is still the process we saw."""
-    alive = server.alive_pids()
-    group = server.proc.pid
-    # the group id is safe to use while the keeper is unreaped or a verified member still has it
-    if server.proc.returncode is None or any((proc_stat(p) or ("", 0, -1, 0))[2] == group for p in alive):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, sig)
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def stop_servers(servers: list[RunningServer], grace_s: Optional[float] = None) -> float:
-    """Stop them all at once and return when nothing of them is alive. A Ctrl-C or SIGTERM meanwhile
-    shortens the wait (SIGKILL at once) but never abandons a server; the interrupt is re-raised after."""
-    started, interrupted = time.time(), False
-    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
-    if main:
-        STATE.stopping.set()
-    try:
-        stages = ((STOP_STAGES[0][0], STOP_STAGES[0][1] if grace_s is None else grace_s),) + STOP_STAGES[1:]
-        for sig, wait_s in stages:
-            if STATE.hurry.is_set() and sig != signal.SIGKILL:
-                continue
-            live = [s for s in servers if s.alive_pids()]
-            if not live:
-                break
-            for server in live:
-                signal_server(server, sig)
-            deadline = time.time() + wait_s
-            while time.time() < deadline:
-                try:
-                    if not any(s.alive_pids() for s in live) or (
-                        STATE.hurry.is_set() and sig != signal.SIGKILL
-                    ):
-                        break
-                    time.sleep(0.05)
-                except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
-                    interrupted = True
-                    STATE.hurry.set()
-                    say("  interrupted again: killing the servers now")
-            stuck = [pid for s in live for pid in s.alive_pids()]
-            if stuck and sig != signal.SIGKILL and not STATE.hurry.is_set():
-                say(
-                    f"    still running {wait_s:g} s after {signal.Signals(sig).name}: {process_names(stuck)}"
-                )
-        for server in servers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.proc.wait(timeout=1)
-            if server.proc.stdin:  # a staged server never told to start
-                with contextlib.suppress(OSError):
-                    server.proc.stdin.close()
-            server.stopped = not server.alive_pids()
-            if server.spec.kvcached:
-                remove_segment(server.spec.ipc_name)
-            scrub_file(server.log_path)
-    finally:
-        if main:
-            STATE.stopping.clear()
-    if main and (interrupted or STATE.interrupt_pending.is_set()):
-        STATE.interrupt_pending.clear()
-        raise KeyboardInterrupt("interrupted while stopping servers")
-    return time.time() - started
-
-
-def process_names(pids: list[int]) -> str:
-    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
-
-    def name(pid: int) -> str:
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/comm").read_text().strip()
-        return "gone"
-
-    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
-
-
-def stop_server(server: RunningServer, grace_s: Optional[float] = None) -> float:
-    return stop_servers([server], grace_s)
-
-
-def scrub_file(path: Path) -> None:
-    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
-    if not STATE.secrets:
-        return
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace")
-        if scrub(text) != text:
-            write_text_atomic(path, scrub(text))
-
-
 class ServerPool:
-    """Keeps servers across experiments that can share them; stops every one of them on close().
-    A server leaves the pool only once nothing of it is alive."""
+    """Keeps servers across experiments that can share them, until shut() hands them all over to be
+    stopped. A server leaves the pool only once nothing of it is alive (stop_servers marks it)."""
 
     def __init__(self, cfg: Config, run_env: Optional[dict] = None):
         self.cfg, self.run_env = cfg, run_env
@@ -2568,12 +2542,6 @@ class ServerPool:
         self.lock = threading.Lock()  # another lane's thread may close the pool while this one starts
         self.closed = False
 
-    def stop(self, servers: list[RunningServer], why: str) -> None:
-        try:
-            stop_announced(servers, why)
-        finally:
-            self.forget_stopped()
-
     def forget_stopped(self) -> None:
         with self.lock:
             for servers in (self.running, self.staged):
@@ -2581,13 +2549,17 @@ class ServerPool:
                     del servers[key]
 
     def shut(self) -> list[RunningServer]:
-        """No server starts from now on; the ones running or staged, to be stopped."""
+        """No server starts from now on; the ones running or staged, handed over to be stopped."""
+        self.forget_stopped()
         with self.lock:
             self.closed = True
-            return list(self.running.values()) + list(self.staged.values())
+            servers = [*self.running.values(), *self.staged.values()]
+            self.running.clear()
+            self.staged.clear()
+            return servers
 
     def stage(self, specs: Iterable[ServerSpec], log_dir: Path) -> None:
-        """Import vLLM now for servers that will start later (with --preimport; see STAGED_CODE)."""
+        """Import vLLM now for servers that will start later (with --preimport; see run_staged)."""
         for spec in specs:
             if not self.preimport or spec.key in self.running or spec.key in self.staged:
                 continue
@@ -2605,8 +2577,9 @@ class ServerPool:
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
-        self.stop([s for k, s in self.running.items() if k not in wanted], "not needed now")
-        self.stop([s for k, s in self.staged.items() if k not in wanted], "imported ahead, not needed")
+        stop_servers([s for k, s in self.running.items() if k not in wanted], "not needed now")
+        stop_servers([s for k, s in self.staged.items() if k not in wanted], "imported ahead, not needed")
+        self.forget_stopped()
         for spec in specs:  # a running server is reused only if it still serves, and from our process
             server = self.running.get(spec.key)
             problem = server and server_problem(server)
@@ -2614,7 +2587,8 @@ class ServerPool:
                 say(
                     f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}"
                 )
-                self.stop([server], "dead or not ours")
+                stop_servers([server], "dead or not ours")
+                self.forget_stopped()
         for spec in specs:
             if spec.key in self.running:
                 say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
@@ -2670,47 +2644,87 @@ class ServerPool:
                     try:
                         took = put_to_sleep(server, self.cfg)
                     except ServerError:  # awake, it would hold the card the next server needs
-                        self.stop([server], "it could not be put to sleep")
+                        stop_servers([server], "it could not be put to sleep")
                         raise
                     say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
         except BaseException:  # never keep (or later reuse) a server that did not come up
-            self.stop([s for s in started if s.ready_at is None], "it did not come up")
+            stop_servers([s for s in started if s.ready_at is None], "it did not come up")
+            self.forget_stopped()
             raise
-
-    def close(self) -> None:
-        close_pools([self])
 
 
 def server_log(log_dir: Path, spec: ServerSpec) -> Path:
     return log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
 
 
-def stop_announced(servers: list[RunningServer], why: str) -> None:
-    if not servers:
-        return
-    worst = sum(wait for _, wait in STOP_STAGES)
-    if in_main_thread():
-        STATE.stopping.set()  # from here on a signal cannot cut the stop short (stop_servers clears it)
-    hint = (
-        f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
-        if STATE.signals_seen
-        else ""
-    )
-    say(
-        f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), up to {worst:.0f} s{hint}"
-    )
-    took = stop_servers(servers)
-    say(f"  stopped {', '.join(s.spec.label for s in servers)} in {took:.1f} s")
+def shut(pools: list[ServerPool]) -> list[RunningServer]:
+    """Every lane's servers, to be stopped together; no lane starts another one meanwhile."""
+    return [server for pool in pools for server in pool.shut()]
 
 
-def close_pools(pools: list[ServerPool], why: str = "end of run") -> None:
-    """Every lane's servers stopped together, and no lane starts another one meanwhile."""
-    servers = [server for pool in pools for server in pool.shut()]
+# %% Importing vLLM ahead (--preimport)
+# Its API server's imports take 15-20 s of one core and touch no GPU, so the next experiment's servers
+# can do them while the current one runs, and start ~15 s sooner when asked.
+def run_staged(module: str, args: list[str]) -> None:
+    """A server imported ahead, in a Python of its own: imports `module`, waits for "go" on its stdin
+    (EOF: the harness is gone, so it exits), then runs the module as `python -m` would."""
+    import importlib
+    import runpy
+    import sys
+    import time
+    import warnings
+
+    t0 = time.time()
+    importlib.import_module(module)
+    print(f"[harness] {module} imported in {time.time() - t0:.1f} s; waiting for the start", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        sys.exit(0)
+    sys.stdin.close()
+    sys.argv = [module, *args]
+    warnings.filterwarnings("ignore", "'" + module, RuntimeWarning)  # "found in sys.modules": by design
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def staged_command(cmd: list[str]) -> Optional[list[str]]:
+    """`python -m MODULE ARGS...` as a staged launch, None for any other command."""
+    if len(cmd) < 3 or cmd[1] != "-m":
+        return None
+    source = program_source(run_staged, call="import sys\nrun_staged(sys.argv[1], sys.argv[2:])")
+    return [cmd[0], "-c", source, *cmd[2:]]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def preimport_on(cfg: Config, cores: Optional[int] = None) -> bool:
+    """auto: only with cores to spare, as the import runs beside a measured burst (a T4 Colab has 2)."""
+    if staged_command(server_prefix(cfg)) is None or cfg.preimport == "off":
+        return False
+    cores = usable_cores() if cores is None else cores
+    return cfg.preimport == "on" or cores >= PREIMPORT_CORES_PER_CARD * len(gpu_indices(cfg))
+
+
+PREIMPORT_CORES_PER_CARD = 8
+
+
+def release_staged(cfg: Config, server: RunningServer) -> None:
+    """Tell a staged server to start; its start-up is timed from here."""
+    code = server.exit_code()
+    if code is not None:
+        raise ServerError(
+            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
+            f"ahead of its start.\n{server.evidence()}"
+        )
+    start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
     try:
-        stop_announced(servers, why)
-    finally:
-        for pool in pools:
-            pool.forget_stopped()
+        server.proc.stdin.write(b"go\n")
+        server.proc.stdin.close()
+    except OSError as exc:  # it died between the check and the write
+        raise ServerError(
+            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
+        )
+    server.started_at = time.time()
 
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
@@ -2783,19 +2797,33 @@ def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
 
 def remove_segment(ipc_name: str) -> bool:
     """Remove our segment; True if none is left. Never removes (or follows) what is not ours."""
-    path = segment_path(ipc_name)
+    problem = unlink_segment(str(segment_path(ipc_name)))
+    if problem:
+        say(f"  warning: {problem}")
+    return problem is None
+
+
+def unlink_segment(path: str) -> Optional[str]:
+    """Remove a segment if it is our own regular file; None once none is left, else why it stays. The
+    keeper runs it too, as kvcached cannot unlink its segment when its engine was killed."""
+    import os
+    import stat
+
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return True
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        say(
-            f"  warning: not removing {path}: {'a symlink' if stat.S_ISLNK(info.st_mode) else 'not a regular file' if not stat.S_ISREG(info.st_mode) else f'owned by uid {info.st_uid}'}, not ours"
-        )
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    return True
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return f"not removing {path}: a symlink, not ours"
+    if not stat.S_ISREG(info.st_mode):
+        return f"not removing {path}: not a regular file, not ours"
+    if info.st_uid != os.getuid():
+        return f"not removing {path}: owned by uid {info.st_uid}, not ours"
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
@@ -2968,37 +2996,54 @@ def server_latency_snapshot(
 # The device series is read in a process of its own: in this one, a burst's hundreds of request threads
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
-DEVICE_SAMPLER_CODE = r"""
-import importlib, math, signal, sys, threading, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the harness's to handle; EOF stops this
-module_dir, module_name, index, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-if module_dir:
-    sys.path.insert(0, module_dir)
-nvml = importlib.import_module(module_name)
-nvml.nvmlInit()
-handle = nvml.nvmlDeviceGetHandleByIndex(index)
-halt = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()   # EOF: stop
-interval, start, tick, missed, flushed = 1.0 / hz, time.time(), 0, 0, 0.0
-while True:
-    now = time.time()
-    try:
-        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-        sys.stdout.write(f"d {now!r} {mem.used} {mem.total}\n")
-    except Exception as exc:
-        sys.stdout.write(f"e {now!r} {exc!r}\n")
-    if now - flushed >= 0.2:   # a few lines at a time: the samples carry their own times
-        sys.stdout.flush()
-        flushed = now
-    due = tick + 1
-    tick = max(due, math.ceil((time.time() - start) / interval))   # past ticks are skipped, not made up
-    if tick > due:
-        missed += tick - due
-        sys.stdout.write(f"m {missed}\n")
-    if halt.wait(max(0.0, start + tick * interval - time.time())):
-        break
-sys.stdout.flush()
-"""
+def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> None:
+    """The device process (shipped with program_source): NVML from `module_name`, card `index`, lines on
+    stdout at `hz` until its stdin ends."""
+    import importlib
+    import signal
+    import sys
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the harness's; EOF stops this
+    if module_dir:
+        sys.path.insert(0, module_dir)
+    nvml = importlib.import_module(module_name)
+    nvml.nvmlInit()
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    halt = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()  # EOF: stop
+    device_loop(
+        lambda: nvml.nvmlDeviceGetMemoryInfo(handle), sys.stdout.write, sys.stdout.flush, halt, hz, time.time
+    )
+
+
+def device_loop(
+    read: Callable, write: Callable, flush: Callable, halt: Any, hz: float, clock: Callable
+) -> None:
+    """Tick k is due at clock() + k/hz from the start; writes "d t used total" or "e t error" per tick
+    and "m missed" when past ticks were skipped; ends when halt.wait(seconds) returns True."""
+    import math
+
+    interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
+    while True:
+        now = clock()
+        try:
+            mem = read()
+            write(f"d {now!r} {mem.used} {mem.total}\n")
+        except Exception as exc:
+            write(f"e {now!r} {exc!r}\n")
+        if now - flushed >= 0.2:  # a few lines at a time: the samples carry their own times
+            flush()
+            flushed = now
+        due = tick + 1
+        tick = max(due, math.ceil((clock() - start) / interval))  # past ticks are skipped, not made up
+        if tick > due:
+            missed += tick - due
+            write(f"m {missed}\n")
+        if halt.wait(max(0.0, start + tick * interval - clock())):
+            break
+    flush()
 
 
 class Sampler(threading.Thread):
@@ -3010,7 +3055,7 @@ class Sampler(threading.Thread):
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
 
-    Device memory comes from a small process of its own (DEVICE_SAMPLER_CODE), stamped there; this
+    Device memory comes from a small process of its own (device_sampler), stamped there; this
     thread reads its lines and owns the file. Per-process, segment and /metrics reads run in a second
     thread that hands its rows over through a deque, without a lock the file's writer waits on.
     """
@@ -3068,7 +3113,11 @@ class Sampler(threading.Thread):
             [
                 sys.executable,
                 "-c",
-                DEVICE_SAMPLER_CODE,
+                program_source(
+                    device_loop,
+                    device_sampler,
+                    call="import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))",
+                ),
                 os.path.dirname(module) if module else "",
                 self.nvml.__name__,
                 str(self.gpu_index),
@@ -3191,7 +3240,6 @@ class Sampler(threading.Thread):
             owners = {pid: owner_of(pid, self.roots) for pid in by_pid}
             for server in self.servers:
                 pids = [pid for pid, owner in owners.items() if owner is server]
-                server.remember(pids)
                 used = sum(by_pid[p] for p in pids)
                 holders = {str(p): by_pid[p] / MIB for p in pids}
                 row = {
@@ -5597,6 +5645,21 @@ def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
     return Check("python", True, shown)
 
 
+def check_keeper() -> Check:
+    """Each server's keeper runs this file's own functions, shipped as their source: in a notebook,
+    the source IPython keeps for each cell."""
+    try:
+        keeper_source()
+    except (OSError, TypeError) as exc:
+        return Check(
+            "keeper",
+            False,
+            f"its source cannot be read ({exc})",
+            "run the file as a script, or its cells in Jupyter/IPython, which keep each cell's source",
+        )
+    return Check("keeper", True, "its source can be shipped to each server's keeper")
+
+
 def torch_cuda_version() -> Optional[str]:
     """The CUDA version the installed torch was built for, read from torch/version.py without
     importing torch (a CUDA context in this process would skew what it measures)."""
@@ -5834,7 +5897,7 @@ def preflight(
     """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
     `imports_later`: leave out the 20 s import check, for import_checks_beside() to run. `versions`:
     the servers' vllm and kvcached, when the caller has read them already (server_versions)."""
-    checks = [check_python()]
+    checks = [check_python(), check_keeper()]
     try:
         check_results_dir(Path(cfg.results_dir))
         checks.append(Check("results", True, f"{cfg.results_dir}/ writable"))

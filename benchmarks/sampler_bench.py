@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 k: sum(r.get("kind") == k for r in rows) for k in ("device", "process", "kvcached", "metrics")
             }
         finally:
-            pool.close()
+            rx.stop_servers(pool.shut(), "end of the benchmark")
             nvml.nvmlShutdown()
     print(
         f"\nsampler alone for {wall:.1f} s against one idle {args.arm} server "

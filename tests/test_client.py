@@ -29,7 +29,7 @@ def live_server(fake_gpu, tmp_path, monkeypatch):
 
     yield start
     for server in servers:
-        rx.stop_server(server, grace_s=2)
+        rx.stop_servers([server], "end of test", grace_s=2)
 
 
 def one_request(tokens=32):

@@ -359,7 +359,12 @@ def notebook_cmd(base):
         "import glob, os, signal, sys, threading, time, types\n"
         "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
         "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
-        f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
+        # IPython keeps each cell's source in linecache, where inspect finds a function's source
+        "import linecache\n"
+        f"source = open({str(base / 'cell.py')!r}).read()\n"
+        "name = '<ipython-input-1-cell>'\n"
+        "linecache.cache[name] = (len(source), None, source.splitlines(True), name)\n"
+        "cell = compile(source, name, 'exec')\n"
         "for run in range(3):\n"
         "    if run == 2:\n"
         "        def stop_button():\n"

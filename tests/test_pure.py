@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import linecache
 import sys
 import types
 
@@ -82,6 +83,31 @@ def test_presets_fill_the_workload_and_explicit_flags_win():
     assert seed.temperature == 0.7
     mine = rx.config_from_args(["--preset", "seed", "--bursts", "5", "--gap-s", "0"])
     assert (mine.bursts, mine.gap_s) == (5, 0.0)
+
+
+def test_a_function_from_a_notebook_cell_is_shipped_from_the_source_ipython_keeps():
+    source = "def hello():\n    print('hello from a cell')\n"
+    name = "<ipython-input-7-test>"
+    space: dict = {}
+    exec(compile(source, name, "exec"), space)
+    with pytest.raises(OSError):
+        rx.program_source(space["hello"], call="hello()")
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # what IPython does
+    try:
+        assert "print('hello from a cell')" in rx.program_source(space["hello"], call="hello()")
+    finally:
+        linecache.cache.pop(name, None)
+
+
+def test_the_preflight_says_when_the_keeper_cannot_be_shipped(monkeypatch):
+    assert rx.check_keeper().ok
+
+    def unreadable():
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(rx, "keeper_source", unreadable)
+    check = rx.check_keeper()
+    assert not check.ok and "could not get source code" in check.detail and "IPython" in check.fix
 
 
 def test_notebook_mode_ignores_kernel_argv(monkeypatch):

@@ -557,8 +557,8 @@ def test_a_staged_server_imports_first_and_starts_only_when_released(fake_gpu, t
         assert startup < 1.2, "the 1.5 s import was paid before the release"
         assert server.describe()["imported_ahead_from"] < server.started_at
     finally:
-        rx.stop_server(server, grace_s=2)
-    assert not server.alive_pids()
+        rx.stop_servers([server], "end of test", grace_s=2)
+    assert not server.live_pids()
 
 
 def fake_gpu_dir():
@@ -571,13 +571,13 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
     orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
     orphan.proc.stdin.close()  # what the harness's end looks like to it when the harness is gone
-    assert orphan.proc.wait(timeout=20) == 0 and not orphan.alive_pids()
+    assert orphan.proc.wait(timeout=20) == 0 and not orphan.live_pids()
     pool = rx.ServerPool(cfg)
     pool.stage([spec], tmp_path)
     staged = pool.staged[spec.key]
     assert wait_for(lambda: log_says_imported(staged), timeout=20)
-    pool.close()
-    assert not staged.alive_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
+    rx.stop_servers(pool.shut(), "end of test")
+    assert not staged.live_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
 
 
 @background("preimport_run")
@@ -691,6 +691,6 @@ def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu,
             squatter.listen()
             with pytest.raises(rx.ServerError, match=f"port {cfg.port_a} is already"):
                 pool.ensure([spec], tmp_path)
-        assert not staged.alive_pids() and not pool.running and not pool.staged
+        assert not staged.live_pids() and not pool.running and not pool.staged
     finally:
-        pool.close()
+        rx.stop_servers(pool.shut(), "end of test")

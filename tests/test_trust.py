@@ -3,7 +3,6 @@ Numbered as the failure-handling table in the README."""
 
 import errno
 import fcntl
-import inspect
 import json
 import os
 import signal
@@ -83,7 +82,7 @@ def servers(tmp_path):
 
     yield start
     rx.STATE.hurry.set()
-    rx.stop_servers(started)
+    rx.stop_servers(started, "end of test")
 
 
 # 1. Servers die with the harness ------------------------------------------------------------------
@@ -155,21 +154,6 @@ def test_server_ending_on_its_own_takes_its_orphaned_engine_along(fake_gpu, serv
 
 
 # 2. Cleanup survives impatience -------------------------------------------------------------------
-def set_stop_stages(monkeypatch, stages):
-    """STOP_STAGES, and the first stage's grace where a caller leaves it out (ServerPool.stop does):
-    stop_servers' default grace_s was bound to STOP_STAGES[0][1] when the harness was imported."""
-    monkeypatch.setattr(rx, "STOP_STAGES", stages)
-    names = [
-        p.name
-        for p in inspect.signature(rx.stop_servers).parameters.values()
-        if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
-    ]
-    defaults = list(rx.stop_servers.__defaults__ or ())
-    if "grace_s" in names and isinstance(defaults[names.index("grace_s")], (int, float)):
-        defaults[names.index("grace_s")] = stages[0][1]
-        monkeypatch.setattr(rx.stop_servers, "__defaults__", tuple(defaults))
-
-
 def signal_once_stopping(sig, after_s=0.0):
     """Send sig to this process once a stop is under way (rx.STOPPING), after_s later."""
 
@@ -184,13 +168,13 @@ def signal_once_stopping(sig, after_s=0.0):
 
 
 @pytest.fixture
-def short_stop_stages(monkeypatch):
-    set_stop_stages(monkeypatch, ((signal.SIGINT, 30.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)))
+def long_grace(monkeypatch):
+    monkeypatch.setattr(rx, "STOP_GRACE_S", 30.0)  # what a stop waits after SIGINT before SIGKILL
 
 
 def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, servers, monkeypatch):
-    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it; SIGTERM does
-    set_stop_stages(monkeypatch, ((signal.SIGINT, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it; SIGKILL does
+    monkeypatch.setattr(rx, "STOP_GRACE_S", 1.0)
     cfg = make_cfg()
     pool = rx.ServerPool(cfg)
     server = servers(cfg, STATIC_A(cfg))
@@ -198,18 +182,18 @@ def test_a_signal_during_a_stop_lets_it_finish_then_ends_the_run(fake_gpu, serve
     tree = server.tree()
     previous = rx.install_stop_signals()
     try:
-        signal_once_stopping(signal.SIGTERM)  # during the 1 s SIGINT stage the server ignores
+        signal_once_stopping(signal.SIGTERM)  # during the 1 s grace after the SIGINT the server ignores
         with pytest.raises(KeyboardInterrupt):
-            pool.stop([server], "between experiments")
+            rx.stop_servers([server], "between experiments")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert not any(alive(p) for p in tree), "the server was stopped before the run ended"
-    assert not pool.running, "and left the pool only once gone"
+    assert server.stopped and not pool.shut(), "and left the pool only once gone"
     assert not rx.STATE.hurry.is_set(), "one signal does not skip the graceful stages"
 
 
-def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypatch, short_stop_stages):
+def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypatch, long_grace):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigint")  # SIGINT alone would never stop it
     cfg = make_cfg()
     server = servers(cfg, STATIC_A(cfg))
@@ -220,7 +204,7 @@ def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypat
     try:
         signal_once_stopping(signal.SIGINT, after_s=0.2)
         with pytest.raises(KeyboardInterrupt):
-            rx.stop_servers([server])
+            rx.stop_servers([server], "end of test")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -229,7 +213,7 @@ def test_second_signal_while_stopping_kills_at_once(fake_gpu, servers, monkeypat
 
 
 def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(
-    fake_gpu, servers, monkeypatch, short_stop_stages
+    fake_gpu, servers, monkeypatch, long_grace
 ):
     monkeypatch.setenv("FAKE_MODE", "ignore_sigint")
     cfg = make_cfg()
@@ -239,7 +223,7 @@ def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(
     try:
         signal_once_stopping(signal.SIGINT, after_s=0.2)  # in the stop's wait, as a notebook user would
         with pytest.raises(KeyboardInterrupt):
-            rx.stop_servers([server])
+            rx.stop_servers([server], "end of test")
     finally:
         signal.signal(signal.SIGINT, previous)
     assert not any(alive(p) for p in tree)
@@ -410,14 +394,21 @@ def test_two_runs_on_the_same_ports_second_fails_first_intact(two_runs_scenario)
 
 
 # 4. Never signal a stranger -----------------------------------------------------------------------
-def test_a_reused_pid_is_never_signalled(fake_gpu, servers):
+def test_a_pid_that_left_the_tree_is_never_signalled(fake_gpu, servers, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_MODE", "grandchild")
     cfg = make_cfg()
     server = servers(cfg, KVC_A(cfg))
+    grandchild_file = tmp_path / "gpu" / "grandchild.pid"
+    assert wait_for(grandchild_file.exists)
+    grandchild = int(grandchild_file.read_text())
+    assert grandchild in server.tree()
+    os.kill(grandchild, signal.SIGKILL)  # its pid is freed; a stranger may get it next
+    assert wait_for(lambda: grandchild not in server.live_pids(), timeout=10)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        # the pid once belonged to the server's tree; now a stranger has it (another start time)
-        server.seen[stranger.pid] = rx.proc_stat(stranger.pid)[3] - 1
-        rx.stop_server(server, grace_s=5)
+        # nothing is remembered: the keeper signals what is below it when it stops, read afresh
+        assert stranger.pid not in server.tree()
+        rx.stop_servers([server], "end of test", grace_s=5)
         assert stranger.poll() is None, "the stranger survived"
     finally:
         stranger.kill()
@@ -514,7 +505,7 @@ def test_dead_server_is_restarted_not_reused(fake_gpu, monkeypatch, tmp_path):
         assert again is not first and again.exit_code() is None
         assert any("exited with code 1: not reusing it" in s for s in said)
     finally:
-        pool.close()
+        rx.stop_servers(pool.shut(), "end of test")
 
 
 def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers, monkeypatch):

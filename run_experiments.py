@@ -2143,9 +2143,15 @@ def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, 
     import signal
     import time
 
-    me = os.getpid()
+    me, hurried = os.getpid(), False
     for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, kill_wait_s)):
-        for pid in live_below(me):
+        stuck = live_below(me)
+        if sig == signal.SIGKILL and stuck and grace_s > 0 and not hurried:  # the harness says it on
+            print(
+                f"[keeper] still running {grace_s:g} s after SIGINT: {comm_names(stuck)}; SIGKILL now",
+                flush=True,
+            )
+        for pid in stuck:
             try:
                 os.kill(pid, sig)
             except OSError:
@@ -2159,9 +2165,22 @@ def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, 
             if order == "gone":
                 control = -1
             if order == "now" and sig != signal.SIGKILL:
+                hurried = True
                 break
     reap_children(codes)
     return live_below(me)
+
+
+def comm_names(pids: list[int]) -> str:
+    """pid (kernel name) for each: never a command line, which can hold a key."""
+    names = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names.append(f"{pid} ({f.read().strip()})")
+        except OSError:
+            names.append(f"{pid} (gone)")
+    return ", ".join(names)
 
 
 def keeper_source() -> str:
@@ -2174,6 +2193,7 @@ def keeper_source() -> str:
         unlink_segment,
         read_order,
         reap_children,
+        comm_names,
         end_tree,
         keeper,
         call=f"import sys\nkeeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})",
@@ -2215,27 +2235,47 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
 def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
     """Order each keeper to stop and wait for them to exit; "now" once STATE.hurry is set. True if a
     notebook's interrupt came meanwhile (in a script, the signal handler sets hurry instead)."""
+    logged = {id(s): log_size(s.log_path) for s in servers}
     for server in servers:
         server.order(f"stop {grace_s:g}")
     interrupted, hurried = False, False
-    warn_at, give_up_at = time.time() + grace_s, time.time() + grace_s + KILL_WAIT_S + 5.0
+    give_up_at = time.time() + grace_s + KILL_WAIT_S + 5.0
     while any(s.proc.poll() is None for s in servers) and time.time() < give_up_at:
         try:
             if STATE.hurry.is_set() and not hurried:
                 hurried = True
                 for server in servers:
                     server.order("now")
-            if time.time() > warn_at and not hurried:
-                warn_at = math.inf
-                stuck = [pid for s in servers for pid in s.live_pids()]
-                if stuck:
-                    say(f"    still running {grace_s:g} s after SIGINT: {process_names(stuck)}; SIGKILL now")
             time.sleep(0.05)
         except KeyboardInterrupt:  # a notebook's interrupt: hurry, but finish the job
             interrupted = True
             STATE.hurry.set()
             say("  interrupted again: killing the servers now")
+    for server in servers:  # what held a stop up, as its keeper saw it when it sent SIGKILL
+        for line in keeper_lines(server.log_path, logged[id(server)], "still running"):
+            say(f"    {line}")
     return interrupted
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def keeper_lines(path: Path, start: int, containing: str) -> list[str]:
+    """The keeper's lines in a server's log from byte `start` on, without their prefix."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    prefix = "[keeper] "
+    return [
+        line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix) and containing in line
+    ]
 
 
 def settle(server: RunningServer) -> None:
@@ -2243,7 +2283,7 @@ def settle(server: RunningServer) -> None:
     server.stopped = server.proc.poll() is not None
     if not server.stopped:
         keeper_ = f"the keeper of {server.spec.label} (pid {server.proc.pid})"
-        say(f"  warning: {keeper_} did not exit; still running: {process_names(server.tree())}")
+        say(f"  warning: {keeper_} did not exit; still running: {comm_names(server.tree())}")
     if server.proc.stdin:  # a staged server never told to start
         with contextlib.suppress(OSError):
             server.proc.stdin.close()
@@ -2251,17 +2291,6 @@ def settle(server: RunningServer) -> None:
         os.close(server.control)
         server.control = None
     scrub_file(server.log_path)
-
-
-def process_names(pids: list[int]) -> str:
-    """'pid (name)' for each: the kernel's short name only, since a command line can hold a secret."""
-
-    def name(pid: int) -> str:
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/comm").read_text().strip()
-        return "gone"
-
-    return ", ".join(f"{pid} ({name(pid)})" for pid in pids)
 
 
 def scrub_file(path: Path) -> None:

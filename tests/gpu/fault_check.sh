@@ -37,7 +37,7 @@ if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
     if [ "$NOW" -le $((BASE + 64)) ]; then BACK=$(python3 -c "import time; print(f'{time.time() - $T0:.2f}')"); break; fi
     sleep 0.25
   done
-  say "card back to ${NOW} MiB ${BACK:+after ${BACK} s}${BACK:-: NOT back within 30 s}"
+  if [ -n "$BACK" ]; then say "card back to ${NOW} MiB after ${BACK} s"; else say "card at ${NOW} MiB: NOT back within 30 s"; fi
   say "left of ours 10 s after the kill:"; sleep 2; ours | tee -a "$LOG" || say "(none)"
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tee -a "$LOG"
 else

@@ -4907,7 +4907,41 @@ def make_plots(
     if "single" not in GROUPS:
         paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
     paths.append(plot_rate_sweep(run_dir / "plots" / "rate_sweep.png", summaries))
+    paths.append(plot_footprint(run_dir / "plots" / "footprint.png", summaries))
     return [p.name for p in paths if p is not None]
+
+
+FOOTPRINT_PARTS = (
+    ("weights", "weights_mib", "#7f7f7f"),
+    ("KV cache", "kv_mib", "#1f77b4"),
+    ("the rest", "rest_mib", "#ff7f0e"),
+)
+
+
+def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+    """One stacked bar per server and experiment: weights, KV cache and the rest, before the workload."""
+    bars = {
+        f"{name}\n{v.label}": v.footprint
+        for name, s in summaries.items()
+        for v in s.servers.values()
+        if v.footprint and all(getattr(v.footprint, key) is not None for _, key, _ in FOOTPRINT_PARTS)
+    }
+    if not bars:
+        return None
+    fig, axes = new_figure(1, size=(max(6.0, 1.6 * len(bars)), 4.2))
+    ax = axes[0][0]
+    bottom = [0.0] * len(bars)
+    for label, key, color in FOOTPRINT_PARTS:
+        heights = [getattr(f, key) for f in bars.values()]
+        ax.bar(list(bars), heights, bottom=bottom, color=color, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for x, total in enumerate(bottom):
+        ax.annotate(f"{total:,.0f}", (x, total), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("MiB before the workload (NVML, process tree)")
+    ax.set_title("What each server holds: weights, KV cache and the rest (CUDA context, workspace, caches)")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:

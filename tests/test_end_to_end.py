@@ -263,6 +263,7 @@ def test_results_layout_and_plots(full_run):
         "latency.png",
         "shared_memory.png",
         "overload_memory.png",
+        "footprint.png",
     }
     for plot in plots:
         data = plot.read_bytes()

@@ -184,3 +184,4 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     md = (sleep_run / "summary.md").read_text()
     assert "| static | A static 0.55 | " in md and "What sleep mode frees" in md
     assert "the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md
+    assert (sleep_run / "plots" / "footprint.png").stat().st_size > 0 and "plots/footprint.png" in md

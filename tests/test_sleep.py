@@ -93,7 +93,9 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     sleep = summary["experiments"]["sleep"]
     assert sleep["sleep"]["level"] == 1 and sleep["sleep"]["wake_s"]["n"] == 2
-    assert 0.2 <= sleep["sleep"]["wake_s"]["mean"] < 0.5 and 0.3 <= sleep["sleep"]["sleep_s"]["mean"] < 0.6
+    # at least the fake's 0.2 s wake-up and 0.3 s fall asleep (FAKE_WAKE_S, FAKE_SLEEP_S), and well under
+    # ten times that: the time of the call itself, not of a poll or a retry around it
+    assert 0.2 <= sleep["sleep"]["wake_s"]["mean"] < 2.0 and 0.3 <= sleep["sleep"]["sleep_s"]["mean"] < 3.0
     asleep, awake = sleep["device"]["idle_before_workload_mib"], sleep["device"]["peak_mib"]
     static_idle = summary["experiments"]["static"]["device"]["idle_before_workload_mib"]
     assert sleep["device"]["idle_after_load_mib"] == pytest.approx(asleep, abs=1), (

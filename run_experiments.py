@@ -2958,8 +2958,34 @@ def server_latency_snapshot(
 # The device series is read in a process of its own: in this one, a burst's hundreds of request threads
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
-DEVICE_SAMPLER_CODE = r"""
-import importlib, math, signal, sys, threading, time
+# The device process's loop, kept apart so that the tests can run it on a scripted clock (device_loop).
+DEVICE_LOOP_CODE = r"""
+def device_loop(read, write, flush, halt, hz, clock):
+    import math
+    interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
+    while True:
+        now = clock()
+        try:
+            mem = read()
+            write(f"d {now!r} {mem.used} {mem.total}\n")
+        except Exception as exc:
+            write(f"e {now!r} {exc!r}\n")
+        if now - flushed >= 0.2:   # a few lines at a time: the samples carry their own times
+            flush()
+            flushed = now
+        due = tick + 1
+        tick = max(due, math.ceil((clock() - start) / interval))   # past ticks are skipped, not made up
+        if tick > due:
+            missed += tick - due
+            write(f"m {missed}\n")
+        if halt.wait(max(0.0, start + tick * interval - clock())):
+            break
+    flush()
+"""
+DEVICE_SAMPLER_CODE = (
+    DEVICE_LOOP_CODE
+    + r"""
+import importlib, signal, sys, threading, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the harness's to handle; EOF stops this
 module_dir, module_name, index, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 if module_dir:
@@ -2969,26 +2995,15 @@ nvml.nvmlInit()
 handle = nvml.nvmlDeviceGetHandleByIndex(index)
 halt = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), halt.set()), daemon=True).start()   # EOF: stop
-interval, start, tick, missed, flushed = 1.0 / hz, time.time(), 0, 0, 0.0
-while True:
-    now = time.time()
-    try:
-        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-        sys.stdout.write(f"d {now!r} {mem.used} {mem.total}\n")
-    except Exception as exc:
-        sys.stdout.write(f"e {now!r} {exc!r}\n")
-    if now - flushed >= 0.2:   # a few lines at a time: the samples carry their own times
-        sys.stdout.flush()
-        flushed = now
-    due = tick + 1
-    tick = max(due, math.ceil((time.time() - start) / interval))   # past ticks are skipped, not made up
-    if tick > due:
-        missed += tick - due
-        sys.stdout.write(f"m {missed}\n")
-    if halt.wait(max(0.0, start + tick * interval - time.time())):
-        break
-sys.stdout.flush()
+device_loop(lambda: nvml.nvmlDeviceGetMemoryInfo(handle), sys.stdout.write, sys.stdout.flush, halt, hz, time.time)
 """
+)
+_device_loop_namespace: dict = {}
+exec(DEVICE_LOOP_CODE, _device_loop_namespace)
+# device_loop(read, write, flush, halt, hz, clock): tick k is due at clock() + k/hz from the start; writes
+# "d t used total" or "e t error" per tick and "m missed" when past ticks were skipped; ends when
+# halt.wait(seconds) returns True
+device_loop = _device_loop_namespace["device_loop"]
 
 
 class Sampler(threading.Thread):

@@ -294,7 +294,8 @@ def test_double_ctrl_c_of_the_script_kills_servers_and_says_so(double_ctrl_c_sce
     run = double_ctrl_c_scenario
     out = run["out"]
     assert run["bursting"] and run["stopping"], out[-2000:]
-    assert run["took"] < 8, out[-2000:]
+    # the second Ctrl-C kills at once: well inside the SIGINT grace (15 s) it skips
+    assert run["took"] < rx.STOP_STAGES[0][1], out[-2000:]
     assert run["rc"] == 130
     assert "press Ctrl-C again to kill it now" in out and "killing the servers now" in out
     assert run["ours"] and not run["left"]
@@ -459,7 +460,10 @@ def test_request_deadline_is_absolute(fault, fake_gpu, servers, monkeypatch):
     server = servers(cfg, KVC_A(cfg))
     begin = time.time()
     record = send(server, timeout_s=1.0)
-    assert time.time() - begin < 2.0
+    took = time.time() - begin
+    # cut at the deadline: not before it, and long before the stream would end by itself (the trickle's
+    # 8 tokens take 7 s; the keep-alives never end)
+    assert 1.0 <= took < 5.0
     assert not record.ok and "--request-timeout-s" in record.error
 
 
@@ -483,7 +487,8 @@ def test_burst_has_an_overall_deadline(monkeypatch):
         cfg,
         sink=rows.append,
     )
-    assert time.time() - begin < 1.5
+    # the burst's deadline is 0.2 + 0.3 s after its start: it ends then, not when the stuck sends end (3 s)
+    assert 0.5 <= time.time() - begin < 2.5
     assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
 
 

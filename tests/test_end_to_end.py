@@ -7,18 +7,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, rx, script_args, signalled_run
-
-
-@pytest.fixture(scope="module", autouse=True)
-def start_background_runs(request):
-    request.getfixturevalue("background_runs")
-
 
 # --- committed runs: --report rebuilds the golden one's summary.json and summary.md exactly, and every
 # other committed folder still parses (tests/rebuild_committed.py says how) ---------------------------
@@ -44,7 +37,7 @@ def assert_rebuilt_as_committed(copy, reference):
     assert (copy / "summary.md").read_text() == (reference / "summary.md").read_text()
 
 
-@background("committed_rebuilds", weight=6)
+@background("committed_rebuilds", weight=13)
 def committed_rebuilds_cmd(base):
     return dict(
         args=[sys.executable, str(ROOT / "tests" / "rebuild_committed.py"), str(base)],
@@ -83,7 +76,7 @@ def test_committed_run_rebuilds_or_parses(reference, committed_rebuilds):
     assert not rebuilt.get("problems") and not rebuilt.get("empty"), rebuilt
 
 
-@background("report_cli_run", weight=2)
+@background("report_cli_run", weight=3)
 def report_cli_cmd(base):
     copy = rebuildable_copy(REPORT_CLI_RUN, base)
     return dict(
@@ -118,7 +111,7 @@ def test_reference_figures_are_the_h200_ones():
         assert set(device) == {e.name for e in rx.parse_experiments("all")}, "every default experiment"
 
 
-@background("sigterm_scenario")
+@background("sigterm_scenario", weight=2.5)
 def sigterm_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -142,14 +135,37 @@ def test_sigterm_stops_every_server(sigterm_scenario):
 
 
 # --- one run of all six experiments, read by the tests below ---------------------------------------
-@background("full_run", weight=10)
+# After the run, the same job rebuilds its summary offline (--report without the fakes' pynvml on the
+# path) in a copy of the run folder, for test_report_rebuilds_the_same_summary_offline.
+FULL_RUN_THEN_REPORT = f"""
+import os, shutil, subprocess, sys
+from pathlib import Path
+base, args = Path(sys.argv[1]), sys.argv[2:]
+rc = subprocess.call(args)
+if rc == 0:
+    (run,) = (base / "results").iterdir()
+    copy = base / "report" / run.name
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()
+    with open(base / "report.out", "w") as out, open(base / "report.err", "w") as err:
+        code = subprocess.call(
+            [sys.executable, {str(ROOT / "run_experiments.py")!r}, "--report", str(copy)],
+            stdout=out, stderr=err, env=dict(os.environ, PYTHONPATH=""), timeout=120,
+        )
+    (base / "report.rc").write_text(str(code))
+sys.exit(rc)
+"""
+
+
+@background("full_run", weight=28)
 def full_run_cmd(base):
     (base / "gpu").mkdir()
     # --ignore-eos: every answer runs its full length, so each burst holds its KV (and the static
     # overload pair its queue) for several sampling intervals instead of thinning out request by request.
     # The kvcached and static experiments; the sleep arm has runs of its own (test_sleep.py).
+    args = script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5")
     return dict(
-        args=script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5"),
+        args=[sys.executable, "-c", FULL_RUN_THEN_REPORT, str(base), *args],
         env=fake_env(base / "gpu"),
         timeout=240,
     )
@@ -168,6 +184,7 @@ def full_run(background_runs):
         "gpu_dir": base / "gpu",
         "summary": json.loads((run_dir / "summary.json").read_text()),
         "elapsed": elapsed,
+        "base": base,
     }
 
 
@@ -301,24 +318,16 @@ def test_nothing_is_left_running(full_run):
     assert not [p for p in states if alive(int(p.stem))]
 
 
-def test_report_rebuilds_the_same_summary_offline(full_run, tmp_path):
-    run_dir = full_run["run_dir"]
-    before = json.loads((run_dir / "summary.json").read_text())
-    (run_dir / "summary.json").unlink()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run_experiments.py"), "--report", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=""),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((run_dir / "summary.json").read_text()) == before
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
+def test_report_rebuilds_the_same_summary_offline(full_run):
+    base = full_run["base"]
+    copy = base / "report" / full_run["run_dir"].name
+    assert (base / "report.rc").read_text() == "0", (base / "report.err").read_text()[-3000:]
+    assert json.loads((copy / "summary.json").read_text()) == full_run["summary"]
+    assert json.loads((base / "report.out").read_text().strip().splitlines()[-1])["run_dir"] == str(copy)
 
 
 # --- other whole runs, in the background ---------------------------------------------------------
-@background("failed_experiment_run")
+@background("failed_experiment_run", weight=5)
 def failed_experiment_cmd(base):
     (base / "gpu").mkdir()
     # the kvcached server crashes while starting (its arm's environment tells the fake so)
@@ -342,7 +351,7 @@ def test_failed_experiment_is_recorded_and_the_others_run(failed_experiment_run)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == ["01_kvcached"]
 
 
-@background("repeats_run", weight=5)
+@background("repeats_run", weight=8.5)
 def repeats_cmd(base):
     (base / "gpu").mkdir()
     args = script_args(
@@ -371,7 +380,7 @@ def test_repeats_report_the_spread_of_elastic_static_ratios(repeats_run):
     ]
 
 
-@background("notebook_run")
+@background("notebook_run", weight=11)
 def notebook_cmd(base):
     (base / "gpu").mkdir()
     source = (ROOT / "run_experiments.py").read_text()

@@ -74,7 +74,7 @@ def test_waking_from_level_2_reloads_the_weights(monkeypatch):
     assert not server.asleep
 
 
-@background("sleep_run", weight=3)
+@background("sleep_run", weight=11)
 def sleep_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(
@@ -126,7 +126,7 @@ def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fa
     assert "/sleep?level=1" in error and "HTTP 404" in error and "VLLM_SERVER_DEV_MODE=1" in error
 
 
-@background("shared_sleep_run", weight=3)
+@background("shared_sleep_run", weight=10)
 def shared_sleep_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(args=script_args(base / "results", "--experiments", "3,7"), env=fake_env(base / "gpu"))

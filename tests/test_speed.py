@@ -460,7 +460,7 @@ def test_a_kvcached_pair_starts_together(two_card_run):
     assert abs(a["started_at"] - b["started_at"]) < 1.0
 
 
-@background("two_card_interrupt")
+@background("two_card_interrupt", weight=3)
 def two_card_interrupt_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -642,7 +642,7 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     assert not staged.alive_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
 
 
-@background("preimport_run")
+@background("preimport_run", weight=11)
 def preimport_run_cmd(base):
     (base / "gpu").mkdir()
     args = script_args(base / "results", "--experiments", "1,2,6", "--preimport", "on")

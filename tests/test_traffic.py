@@ -89,7 +89,7 @@ def test_token_gaps_are_pooled_over_requests():
     assert summary.itl_s.n == 3 and summary.itl_s.p50 == pytest.approx(0.02) and summary.itl_s.max == 0.03
 
 
-@background("length_mix_run", weight=2)
+@background("length_mix_run", weight=4.5)
 def length_mix_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(
@@ -187,7 +187,7 @@ OPEN_LOOP = ["--arrivals", "gamma", "--burstiness", "25", "--rates", "3,6", "--d
 MIN_GAP_S = 0.1
 
 
-@background("open_loop_run", weight=2)
+@background("open_loop_run", weight=7.5)
 def open_loop_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(

@@ -29,14 +29,6 @@ from conftest import (
     wait_for,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def start_background_runs(request):
-    """This module's whole-script runs start with it (if test_end_to_end has not started them yet):
-    they go on in the background while its other tests run; the tests that read them run last."""
-    request.getfixturevalue("background_runs")
-
-
 KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
 STATIC_A = lambda cfg: rx.ServerSpec(
     "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
@@ -87,7 +79,7 @@ def servers(tmp_path):
 
 
 # 1. Servers die with the harness ------------------------------------------------------------------
-@background("sigkill_scenario")
+@background("sigkill_scenario", weight=2.5)
 def sigkill_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -245,7 +237,7 @@ def test_notebook_interrupt_while_stopping_kills_instead_of_abandoning(
     assert not any(alive(p) for p in tree)
 
 
-@background("double_ctrl_c_scenario")
+@background("double_ctrl_c_scenario", weight=4)
 def double_ctrl_c_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -347,7 +339,7 @@ def test_health_from_someone_elses_server_is_not_ready(fake_gpu, servers, tmp_pa
         stranger.server_close()
 
 
-@background("two_runs_scenario", weight=2)
+@background("two_runs_scenario", weight=6)
 def two_runs_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -699,7 +691,7 @@ def test_report_of_something_else_is_one_clear_line(tmp_path, target):
 SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
 
 
-@background("secrets_run")
+@background("secrets_run", weight=4.5)
 def secrets_cmd(base):
     (base / "gpu").mkdir()
     env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
@@ -806,7 +798,7 @@ def test_segment_names_are_unique_to_the_harness_process():
 
 
 # 11. Honest reporting of partial runs -------------------------------------------------------------
-@background("interrupted_scenario")
+@background("interrupted_scenario", weight=3)
 def interrupted_scenario_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -845,7 +837,7 @@ def test_interrupted_run_keeps_the_finished_requests_and_says_so(interrupted_sce
     assert "This run was interrupted" in md and "incomplete" in md
 
 
-@background("all_failed_run")
+@background("all_failed_run", weight=3.5)
 def all_failed_cmd(base):
     (base / "gpu").mkdir()
     return dict(

@@ -388,13 +388,18 @@ def notebook_cmd(base):
         json.dumps(a) if " " in a else a for a in script_args(base / "results", "--experiments", "1")[2:]
     )
     patched = source.replace('NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args!r}")
+    # the third run's cell asks for 50 bursts: the stop button surely lands while it is still bursting
+    long = source.replace(
+        'NOTEBOOK_ARGS = "--preset auto"', f"NOTEBOOK_ARGS = {notebook_args + ' --bursts 50'!r}"
+    )
     # Three executions of the cell in one kernel, as a user would: run, run again, then press the stop
-    # button (SIGINT, the kernel's interrupt) during the third run's first burst.
+    # button (SIGINT, the kernel's interrupt) once the third run's first requests are done.
     driver = (
         "import glob, os, signal, sys, threading, time, types\n"
         "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
         "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
         f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
+        f"long = compile(open({str(base / 'cell_long.py')!r}).read(), '<cell>', 'exec')\n"
         "for run in range(3):\n"
         "    if run == 2:\n"
         "        def stop_button():\n"
@@ -402,7 +407,7 @@ def notebook_cmd(base):
         "                time.sleep(0.02)\n"
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "        threading.Thread(target=stop_button, daemon=True).start()\n"
-        "    exec(cell, {'__name__': '__main__'})\n"
+        "    exec(long if run == 2 else cell, {'__name__': '__main__'})\n"
         "    print('CELL DONE', run)\n"
         "deadline = time.time() + 10\n"
         "while time.time() < deadline and [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:\n"
@@ -410,6 +415,7 @@ def notebook_cmd(base):
         "print('LEFT THREADS', [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()])\n"
     )
     (base / "cell.py").write_text(patched)
+    (base / "cell_long.py").write_text(long)
     return dict(
         args=[sys.executable, "-c", driver],
         env=fake_env(base / "gpu"),

@@ -396,6 +396,7 @@ def notebook_cmd(base):
     # button (SIGINT, the kernel's interrupt) once the third run's first requests are done.
     driver = (
         "import glob, os, signal, sys, threading, time, types\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # what a notebook kernel has\n"
         "sys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
         "sys.argv = ['ipykernel_launcher.py', '-f', '/root/.local/share/jupyter/runtime/kernel-1.json']\n"
         f"cell = compile(open({str(base / 'cell.py')!r}).read(), '<cell>', 'exec')\n"
@@ -405,6 +406,7 @@ def notebook_cmd(base):
         "        def stop_button():\n"
         f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"
         "                time.sleep(0.02)\n"
+        "            print('STOP BUTTON', signal.getsignal(signal.SIGINT), flush=True)\n"
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "        threading.Thread(target=stop_button, daemon=True).start()\n"
         "    exec(long if run == 2 else cell, {'__name__': '__main__'})\n"
@@ -441,7 +443,7 @@ def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):
     first, second, stopped = sorted((base / "results").iterdir())
     for run_dir in (first, second):
         assert json.loads((run_dir / "summary.json").read_text())["experiments"]["kvcached"]["memory_valid"]
-    assert json.loads((stopped / "config.json").read_text())["interrupted"] is True
+    assert json.loads((stopped / "config.json").read_text())["interrupted"] is True, proc.stdout[-3000:]
     assert "This run was interrupted" in (stopped / "summary.md").read_text()
     engines = [int(p.stem) for p in (base / "gpu").glob("*.json") if p.stem.isdigit()]
     assert not any(alive(pid) for pid in engines), "the stop button leaves no server behind"

@@ -213,20 +213,21 @@ def script_args(results: Path, *extra: str) -> list[str]:
 
 
 # --- end-to-end runs in the background -----------------------------------------------------------
-# The mocked end-to-end runs mostly sleep (idle windows, gaps, streamed tokens): two of them at once
-# use well under a core each. A test module declares a background job with @background("name") and a
-# fixture "name" that returns background_runs.result("name"); its tests only read what the job left.
-# Every declared job that the collected tests use starts, at most BACKGROUND_SLOTS at a time, the
-# first time any of them is asked for (test_end_to_end and test_trust ask as they start), and the
-# tests that read them run last (pytest_collection_modifyitems): the jobs go on while the others run.
+# The mocked end-to-end runs mostly sleep (idle windows, gaps, streamed tokens): four of them at once
+# use about a core. A test module declares a background job with @background("name") and a fixture
+# "name" that returns background_runs.result("name"); its tests only read what the job left. Every
+# declared job that the collected tests use starts, at most BACKGROUND_SLOTS at a time, as the session's
+# first test starts (start_background_runs), and the tests that read them run last
+# (pytest_collection_modifyitems): the jobs go on while the others run.
 BACKGROUND: dict = {}
-BACKGROUND_SLOTS = 3
+BACKGROUND_SLOTS = 4
 
 
 def background(name: str, weight: float = 1.0):
     """Declare a background job: fn(base: Path) returns either a command, dict(args=[...], env={...},
     cwd=None, timeout=s), run to its end with its output kept, or a scenario: a callable run in a
-    thread whose return value the tests read. Heavier jobs start first: they bound the wall time."""
+    thread whose return value the tests read. weight: about the seconds it takes on a quiet 2-core
+    machine; the longest jobs start first (they bound the wall time), the short ones fill in after."""
 
     def register(fn):
         BACKGROUND[name] = (weight, fn)
@@ -302,6 +303,12 @@ def background_runs(request, tmp_path_factory):
     jobs = BackgroundJobs(sorted(used, key=lambda n: (-BACKGROUND[n][0], n)), tmp_path_factory)
     yield jobs
     jobs.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_background_runs(request):
+    """The background jobs start with the first test: they go on while the others run."""
+    request.getfixturevalue("background_runs")
 
 
 def signalled_run(

@@ -6,7 +6,7 @@ import pytest
 from conftest import background, fake_env, script_args, succeeded_run
 
 
-@background("host_pids_run")
+@background("host_pids_run", weight=3.5)
 def host_pids_run_cmd(base):
     (base / "gpu").mkdir()
     env = fake_env(base / "gpu", FAKE_NVML_PID_OFFSET="4000000")  # beyond any pid of this machine

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -248,20 +249,75 @@ def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():
 
 
 # --- the sampler ---------------------------------------------------------------------------------
-def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting(fake_gpu, tmp_path, monkeypatch):
+class ScriptedClock:
+    """The device loop's clock: it moves only when the loop waits or a read takes time."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class ScriptedHalt:
+    """The device loop's halt event: wait(s) moves the clock s ahead, and says stop once it is at `until`."""
+
+    def __init__(self, clock, until):
+        self.clock, self.until = clock, until
+
+    def wait(self, seconds):
+        self.clock.now += seconds
+        return self.clock.now >= self.until
+
+
+def scripted_device_loop(hz, until, read_takes):
+    """Run rx.device_loop on a scripted clock; read_takes(n) is how long the nth read takes (from 1)."""
+    clock, reads, lines = ScriptedClock(), [], []
+
+    def read():
+        reads.append(clock.now)
+        clock.now += read_takes(len(reads))
+        return types.SimpleNamespace(used=3 * 2**20, total=4 * 2**20)
+
+    rx.device_loop(read, lines.append, lambda: None, ScriptedHalt(clock, until), hz, clock)
+    samples = [float(line.split()[1]) for line in lines if line.startswith("d ")]
+    missed = [int(line.split()[1]) for line in lines if line.startswith("m ")]
+    return samples, missed
+
+
+def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting():
+    # 64 Hz: ticks 1/64 s apart, binary fractions, exact on the scripted clock. The 6th read (tick 5)
+    # takes twelve intervals and ends at tick 17; the loop runs until tick 32.
+    tick = lambda k: 1000.0 + k / 64
+    samples, missed = scripted_device_loop(64, tick(32), lambda n: 12 / 64 if n == 6 else 0.0)
+    assert samples[:6] == [tick(k) for k in range(6)]
+    assert missed == [11], "ticks 6 to 16 are counted, not sampled"
+    assert samples[6:] == [tick(k) for k in range(17, 32)], "back on the grid: no catch-up burst"
+
+
+def test_slow_reads_keep_the_tick_grid_instead_of_drifting():
+    # every read takes a third of an interval: the next tick is still due on the grid, not one interval
+    # after the read ended
+    tick = lambda k: 1000.0 + k / 64
+    samples, missed = scripted_device_loop(64, tick(20), lambda n: 1 / 192)
+    assert samples == [tick(k) for k in range(20)] and missed == []
+
+
+def test_a_stalled_device_read_is_counted_by_the_sampler(fake_gpu, tmp_path, monkeypatch):
+    """The device process's count of skipped ticks reaches the sampler (the ticks on a scripted clock
+    are above)."""
     monkeypatch.setenv("FAKE_NVML_STALL", "6:0.2")  # the device process's 6th read takes ten intervals
     nvml = rx.load_nvml(fake_gpu)
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     sampler.start()
-    time.sleep(0.8)
-    sampler.stop()
+    try:
+        # a 0.2 s stall at 50 Hz: at least 9 ticks past when it ends, however late the process runs
+        assert wait_for(lambda: sampler.missed_ticks >= 9, timeout=10)
+        assert wait_for(lambda: len(sampler.device) >= 7, timeout=10), "and a sample after the stall"
+    finally:
+        sampler.stop()
     times = [t for t, _ in sampler.device]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    stall = gaps.index(max(gaps))
-    assert gaps[stall] > 0.19 and sampler.missed_ticks >= 8, "the stalled ticks are counted, not sampled"
-    resumed = times[stall + 1]
-    after = [t for t in times if resumed < t <= resumed + 0.2]
-    assert len(after) <= 12, "no catch-up burst after the stall (a 0.2 s stretch holds 10 ticks at 50 Hz)"
+    assert max(b - a for a, b in zip(times, times[1:])) >= 0.2, "the stalled ticks are not sampled"
 
 
 def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
@@ -271,14 +327,18 @@ def test_the_device_series_is_read_in_a_process_of_its_own(fake_gpu, tmp_path):
     sampler.start()
     try:
         assert sampler.child.pid != os.getpid() and sampler.child.poll() is None
-        busy_until = time.time() + 0.5
+        busy_from = time.time()
+        busy_until = busy_from + 0.5
         while time.time() < busy_until:  # hold the interpreter: no sleep, no I/O
             sum(range(1000))
-        time.sleep(0.2)
+        held = time.time()
+        assert wait_for(lambda: any(t > held for t, _ in sampler.device), timeout=10)
     finally:
         sampler.stop()
-    times = [t for t, _ in sampler.device]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.25
+    during = [t for t, _ in sampler.device if busy_from <= t <= held]
+    # 25 ticks fall due while this process holds its interpreter; the device process stamps them on its
+    # own (a fifth of them is plenty on a busy machine)
+    assert len(during) >= 5, during
     assert sampler.child.poll() is not None, "the device process ends with the sampler"
 
 
@@ -400,7 +460,7 @@ def test_a_kvcached_pair_starts_together(two_card_run):
     assert abs(a["started_at"] - b["started_at"]) < 1.0
 
 
-@background("two_card_interrupt")
+@background("two_card_interrupt", weight=3)
 def two_card_interrupt_job(base):
     def scenario():
         (base / "gpu").mkdir()
@@ -436,19 +496,21 @@ def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_pa
     nvml = rx.load_nvml(fake_gpu)
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     real = sampler.slow_rows
+    grew = []
 
     def slow_rows(now):
-        time.sleep(0.4)  # twenty device intervals
+        # stalled until the device series has gone on by twenty samples (a stall of its own would never end)
+        before = len(sampler.device)
+        grew.append(wait_for(lambda: len(sampler.device) >= before + 20, timeout=10))
         return real(now) + [{"kind": "marker", "t": now}]
 
     monkeypatch.setattr(sampler, "slow_rows", slow_rows)
     sampler.start()
-    time.sleep(1.0)
-    sampler.stop()
-    times = [t for t, _ in sampler.device]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.25, (
-        "the slow reads (0.4 s each) do not hold it up"
-    )
+    try:
+        assert wait_for(lambda: len(grew) >= 2, timeout=30)
+    finally:
+        sampler.stop()
+    assert all(grew), "the device series went on while the slow reads were stalled"
     assert any(r["kind"] == "marker" for r in rx.read_jsonl(tmp_path / "memory.jsonl"))
 
 
@@ -460,8 +522,8 @@ def test_a_terminal_ctrl_c_does_not_end_the_device_process(fake_gpu, tmp_path):
     try:
         os.kill(sampler.child.pid, signal.SIGINT)
         before = len(sampler.device)
-        time.sleep(0.5)
-        assert sampler.child.poll() is None and len(sampler.device) > before + 10
+        assert wait_for(lambda: len(sampler.device) > before + 10, timeout=10)
+        assert sampler.child.poll() is None
     finally:
         sampler.stop()
     assert "device sampler exited" not in sampler.error_kinds
@@ -554,7 +616,7 @@ def test_a_staged_server_imports_first_and_starts_only_when_released(fake_gpu, t
         assert not list(fake_gpu_dir().glob("*.json")), "nothing on the card before the start"
         rx.release_staged(cfg, server)
         startup = rx.wait_ready(server, timeout_s=20, poll_s=0.05)
-        assert startup < 1.2, "the 1.5 s import was paid before the release"
+        assert startup < 1.5, "the 1.5 s import was paid before the release"
         assert server.describe()["imported_ahead_from"] < server.started_at
     finally:
         rx.stop_servers([server], "end of test", grace_s=2)
@@ -580,7 +642,7 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     assert not staged.live_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
 
 
-@background("preimport_run")
+@background("preimport_run", weight=11)
 def preimport_run_cmd(base):
     (base / "gpu").mkdir()
     args = script_args(base / "results", "--experiments", "1,2,6", "--preimport", "on")

@@ -199,6 +199,7 @@ class Config:
     max_burst_size: int = 256  # auto preset: cap on concurrent requests
     seed: int = 0  # RNG seed of the workload plan
     warmup: bool = True  # discarded burst of the same shape before measuring
+    plots: bool = True  # draw plots/*.png at the end (--no-plots: a second or so less; --report draws them)
     request_timeout_s: float = 300.0  # a ready server can still stall (kvcached without pages)
     # --- overload experiment
     overload_budget_gib: float = 0.0  # KV of each pair (static: half per model; kvcached: limit); 0 = preset
@@ -818,7 +819,7 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
     run.config["interrupted"] = interrupted
     run.save_config()
     try:
-        result = build_report(run.run_dir)
+        result = build_report(run.run_dir, draw_plots=run.cfg.plots)
     except Exception as exc:  # the raw files are safe; the report can be rebuilt with --report
         print(
             f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
@@ -5047,7 +5048,7 @@ def markdown_summary(
     config: dict,
     summaries: dict[str, ExperimentSummary],
     comparison: dict[str, Any],
-    plots: list[str],
+    plots: Optional[list[str]],  # None: not drawn (--no-plots)
     timing: Optional[Timing] = None,
 ) -> str:
     """summary.md: one function per section, in the order a reader wants them."""
@@ -5068,7 +5069,11 @@ def markdown_summary(
         *startups_lines(config, summaries),
         *time_line(timing),
         *repeats_list(summaries),
-        *section("Plots:", "", *[f"![{p}](plots/{p})" for p in plots]),
+        *(
+            section("Plots:", "", *[f"![{p}](plots/{p})" for p in plots])
+            if plots is not None
+            else section("Plots: none drawn (--no-plots; `--report` draws them).")
+        ),
         *definitions(config, not_fresh),
     ]
     return "\n".join(lines) + "\n"
@@ -5609,7 +5614,7 @@ def experiment_dirs(run_dir: Path) -> list[Path]:
     ]
 
 
-def build_report(run_dir: Path) -> dict:
+def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a folder")
@@ -5636,14 +5641,14 @@ def build_report(run_dir: Path) -> dict:
             write_requests_csv(exp_dir / "requests.csv", exp.requests)
         write_json(exp_dir / "summary.json", summaries[exp.record.name])
     comparison = compare(summaries)
-    plots = make_plots(run_dir, loaded, summaries)
+    plots = make_plots(run_dir, loaded, summaries) if draw_plots else None
     timing = run_timing(config, loaded)
     top = {
         "run": run_dir.name,
         "experiments": summaries,
         "comparison": comparison,
         "failed": failed,
-        "plots": plots,
+        "plots": plots or [],
         "server_starts": server_starts(summaries),
         **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {}),
     }

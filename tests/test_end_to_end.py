@@ -163,7 +163,7 @@ def full_run_cmd(base):
     # --ignore-eos: every answer runs its full length, so each burst holds its KV (and the static
     # overload pair its queue) for several sampling intervals instead of thinning out request by request.
     # The kvcached and static experiments; the sleep arm has runs of its own (test_sleep.py).
-    args = script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5")
+    args = script_args(base / "results", "--ignore-eos", "--experiments", "1,2,3,4,5", "--plots")
     return dict(
         args=[sys.executable, "-c", FULL_RUN_THEN_REPORT, str(base), *args],
         env=fake_env(base / "gpu"),

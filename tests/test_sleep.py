@@ -78,7 +78,7 @@ def test_waking_from_level_2_reloads_the_weights(monkeypatch):
 def sleep_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(
-        args=script_args(base / "results", "--experiments", "1,2,6"),
+        args=script_args(base / "results", "--experiments", "1,2,6", "--plots"),
         env=fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3"),
     )
 

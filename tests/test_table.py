@@ -29,7 +29,7 @@ sys.exit(rx.main(sys.argv[1:]))
 @background("toy_group_run", weight=7)
 def toy_group_run_cmd(base):
     (base / "gpu").mkdir()
-    args = script_args(base / "results", "--experiments", "9", "--bursts", "2")
+    args = script_args(base / "results", "--experiments", "9", "--bursts", "2", "--plots")
     return dict(args=[sys.executable, "-c", TOY_DRIVER, *args[2:]], env=fake_env(base / "gpu"), timeout=120)
 
 

@@ -191,7 +191,9 @@ MIN_GAP_S = 0.1
 def open_loop_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(
-        args=script_args(base / "results", "--experiments", "1", *OPEN_LOOP, "--slo-ttft-ms", "5000"),
+        args=script_args(
+            base / "results", "--experiments", "1", *OPEN_LOOP, "--slo-ttft-ms", "5000", "--plots"
+        ),
         env=fake_env(base / "gpu"),
     )
 

@@ -53,7 +53,10 @@ def descendants(root: int) -> set[int]:
 
 
 def port_free(port: int) -> bool:
+    """Bindable the way vLLM binds its port, SO_REUSEADDR: connections the kill left in TIME_WAIT do not
+    block the next server, a socket still listening does."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             return True

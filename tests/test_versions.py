@@ -291,6 +291,7 @@ def assert_both_arms_on_v1(run_dir: Path) -> None:
         "vLLM's model runner: V1 for every server (VLLM_USE_V2_MODEL_RUNNER=0 in every server's environment)."
         in summary
     )
+    assert "Plots: none drawn (--no-plots" in summary and not list(run_dir.glob("plots/*.png")), "--no-plots"
 
 
 def test_from_vllm_0_28_every_arm_keeps_vllms_default_runner(qwen3_on_vllm_0_30):

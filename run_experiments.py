@@ -2042,7 +2042,8 @@ def port_taken(host: str, port: int) -> Optional[str]:
     listening = port_sockets(port, (TCP_LISTEN,))
     if listening:
         owners = socket_owners(listening)
-        return f"in use: listened on by {'pid ' + ', '.join(map(str, sorted(owners))) if owners else 'another process'}"
+        holders = "pid " + ", ".join(map(str, sorted(owners))) if owners else "another process"
+        return f"in use: listened on by {holders}"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -2197,7 +2198,8 @@ def keeper_source() -> str:
         comm_names,
         end_tree,
         keeper,
-        call=f"import sys\nkeeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})",
+        call="import sys\n"
+        f"keeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})",
     )
 
 
@@ -2614,9 +2616,8 @@ class ServerPool:
             server = self.running.get(spec.key)
             problem = server and server_problem(server)
             if problem:
-                say(
-                    f"  {spec.label} {problem}: not reusing it, starting a new one\n{tail(server.log_path, 5)}"
-                )
+                log_tail = tail(server.log_path, 5)
+                say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{log_tail}")
                 stop_servers([server], "dead or not ours")
                 self.forget_stopped()
         for spec in specs:
@@ -2753,7 +2754,7 @@ def release_staged(cfg: Config, server: RunningServer) -> None:
     except OSError as exc:  # it died between the check and the write
         raise ServerError(
             f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
-        )
+        ) from exc
     server.started_at = time.time()
 
 
@@ -2797,7 +2798,7 @@ def locked(fd: int, mode: int, tries: int = 5, pause_s: float = 0.01) -> None:
             return
         except BlockingIOError:
             if attempt == tries - 1:
-                raise SegmentError("kvcached segment is locked by another process")
+                raise SegmentError("kvcached segment is locked by another process") from None
             time.sleep(pause_s)
 
 
@@ -2880,7 +2881,10 @@ def gpu_facts(nvml: Any, index: int) -> dict:
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     name = nvml.nvmlDeviceGetName(handle)
     driver = nvml.nvmlSystemGetDriverVersion()
-    decode = lambda v: v.decode() if isinstance(v, bytes) else v
+
+    def decode(value: Any) -> Any:
+        return value.decode() if isinstance(value, bytes) else value
+
     facts = {
         "index": index,
         "name": decode(name),
@@ -2973,7 +2977,10 @@ def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[dict] = None
     `kept`: url -> open connection, reused across calls (the sampler reads twice a second; http.client
     costs a quarter of the CPU of requests per read)."""
     parts = urllib.parse.urlsplit(url)
-    fresh = lambda: http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+
+    def fresh() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+
     conn = (kept or {}).pop(url, None)
     try:
         conn, response, body = metrics_page(conn or fresh(), parts.path)
@@ -3146,7 +3153,8 @@ class Sampler(threading.Thread):
                 program_source(
                     device_loop,
                     device_sampler,
-                    call="import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))",
+                    call="import sys\n"
+                    "device_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))",
                 ),
                 os.path.dirname(module) if module else "",
                 self.nvml.__name__,

@@ -122,6 +122,18 @@ def make_cfg(**overrides) -> "rx.Config":
     return rx.resolve_config(rx.validate_config(rx.Config(**base)))
 
 
+def KVC_A(cfg) -> "rx.ServerSpec":
+    """Model A's kvcached server on the config's port A."""
+    return rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
+
+
+def STATIC_A(cfg) -> "rx.ServerSpec":
+    """Model A's static server (half the card) on the config's port A."""
+    return rx.ServerSpec(
+        "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
+    )
+
+
 def ready(server, timeout_s: float = 20):
     """rx.wait_ready, polling /health every 50 ms (the fakes come up in a fraction of a second)."""
     return rx.wait_ready(server, timeout_s=timeout_s, poll_s=0.05)

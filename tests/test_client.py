@@ -222,7 +222,10 @@ def test_api_key_is_sent_when_configured(live_server):
 def test_a_burst_returns_every_request(live_server):
     cfg, server = live_server()
     plan = rx.plan_workload(cfg, 6, "test")
-    make = lambda r: rx.RequestRecord("t", "A", "b", 0, r.burst, r.index, 0.0)
+
+    def make(r):
+        return rx.RequestRecord("t", "A", "b", 0, r.burst, r.index, 0.0)
+
     records = rx.run_burst(server, plan.burst(0), make, cfg)
     assert [r.index for r in records] == list(range(6)) and all(r.ok for r in records)
     assert all(r.prompt_tokens and r.completion_tokens for r in records)

@@ -59,7 +59,10 @@ def test_the_golden_run_is_the_newest_complete_reference():
         for run in COMMITTED_RUNS
         if len(json.loads((run / "summary.json").read_text())["experiments"]) == len(rx.EXPERIMENTS)
     ]
-    stamp = lambda run: run.name.split("_")[0]  # reference_1 and _2 started together; _1 ended last
+
+    def stamp(run):  # reference_1 and _2 started together; _1 ended last
+        return run.name.split("_")[0]
+
     assert GOLDEN_RUN in complete and stamp(GOLDEN_RUN) == max(stamp(run) for run in complete)
 
 
@@ -237,7 +240,7 @@ def rows_per_burst(full_run, server):
     section = full_run["proc"].stdout.split("=== shared_kvcached:", 1)[-1].split("===", 1)[0]
     said = [line.strip() for line in section.splitlines() if line.strip().startswith(f"{server} burst")]
     return (
-        f"rows in requests.jsonl: { {p: sum(r['phase'] == p for r in rows) for p in sorted({r['phase'] for r in rows})} }"
+        f"rows in requests.jsonl: { {p: sum(r['phase'] == p for r in rows) for p in sorted({r['phase'] for r in rows})} }"  # noqa: E501
         f"; the harness said: {said}"
     )
 
@@ -411,7 +414,7 @@ def notebook_cmd(base):
         "for run in range(3):\n"
         "    if run == 2:\n"
         "        def stop_button():\n"
-        f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"
+        f"            while len(glob.glob({str(base / 'results' / '*' / '01_*' / 'requests.jsonl')!r})) < 3:\n"  # noqa: E501
         "                time.sleep(0.02)\n"
         "            print('STOP BUTTON', signal.getsignal(signal.SIGINT), flush=True)\n"
         "            os.kill(os.getpid(), signal.SIGINT)\n"
@@ -419,9 +422,12 @@ def notebook_cmd(base):
         "    exec(long if run == 2 else cell, {'__name__': '__main__'})\n"
         "    print('CELL DONE', run)\n"
         "deadline = time.time() + 10\n"
-        "while time.time() < deadline and [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:\n"
+        "def left():\n"
+        "    main = threading.main_thread()\n"
+        "    return [t.name for t in threading.enumerate() if not t.daemon and t is not main]\n"
+        "while time.time() < deadline and left():\n"
         "    time.sleep(0.1)\n"
-        "print('LEFT THREADS', [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()])\n"
+        "print('LEFT THREADS', left())\n"
     )
     (base / "cell.py").write_text(patched)
     (base / "cell_long.py").write_text(long)

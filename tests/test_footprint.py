@@ -3,15 +3,23 @@
 import pytest
 from conftest import rx
 
-LOG = """(EngineCore pid=9) INFO [gpu_model_runner.py:5255] Model loading took 0.93 GiB memory and 0.4 seconds
-(EngineCore pid=9) INFO [gpu_worker.py:508] Available KV cache memory: 73.58 GiB
-(EngineCore pid=9) INFO [cumem.py:207] CuMemAllocator: sleep freed 74.57 GiB memory in total, of which 0.93 GiB \
-is backed up in CPU and the rest 73.64 GiB is discarded directly.
-(EngineCore pid=9) INFO [gpu_worker.py:182] Sleep mode freed 89.81 GiB memory, 1.50 GiB memory is still in use.
-(EngineCore pid=9) INFO [cumem.py:207] CuMemAllocator: sleep freed 74.57 GiB memory in total, of which 0.93 GiB \
-is backed up in CPU and the rest 73.64 GiB is discarded directly.
-(EngineCore pid=9) INFO [gpu_worker.py:182] Sleep mode freed 76.60 GiB memory, 1.50 GiB memory is still in use.
-"""
+ENGINE = "(EngineCore pid=9) INFO "
+SLEEP = (
+    ENGINE + "[cumem.py:207] CuMemAllocator: sleep freed 74.57 GiB memory in total, of which 0.93 GiB is "
+    "backed up in CPU and the rest 73.64 GiB is discarded directly.\n"
+)
+LOG = (
+    ENGINE
+    + "[gpu_model_runner.py:5255] Model loading took 0.93 GiB memory and 0.4 seconds\n"
+    + ENGINE
+    + "[gpu_worker.py:508] Available KV cache memory: 73.58 GiB\n"
+    + SLEEP
+    + ENGINE
+    + "[gpu_worker.py:182] Sleep mode freed 89.81 GiB memory, 1.50 GiB memory is still in use.\n"
+    + SLEEP
+    + ENGINE
+    + "[gpu_worker.py:182] Sleep mode freed 76.60 GiB memory, 1.50 GiB memory is still in use.\n"
+)
 
 
 def test_vllms_lines_are_read_back():

@@ -6,12 +6,7 @@ import socket
 import time
 
 import pytest
-from conftest import alive, make_cfg, ready, rx, wait_for
-
-KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-STATIC_A = lambda cfg: rx.ServerSpec(
-    "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
-)
+from conftest import KVC_A, STATIC_A, alive, make_cfg, ready, rx, wait_for
 
 
 @pytest.fixture

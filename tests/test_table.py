@@ -19,7 +19,9 @@ static_b = lambda cfg, budget: (rx.static_server(cfg, "B", 0.3),)
 b_bursts = lambda bursts: tuple(rx.Step(f"B burst {{b + 1}}", "B", "main", b) for b in range(bursts))
 rx.GROUPS = {{**rx.GROUPS, "toy": rx.Group("toy", pair=False, ratios_by="model", plot="toy_memory.png")}}
 rx.EXPERIMENTS = rx.EXPERIMENTS + [
-    rx.Experiment(9, "toy_kvcached", "toy", "kvcached", "Model B alone, elastic?", only_b, b_bursts, ("main",)),
+    rx.Experiment(
+        9, "toy_kvcached", "toy", "kvcached", "Model B alone, elastic?", only_b, b_bursts, ("main",)
+    ),
     rx.Experiment(9, "toy_static", "toy", "static", "Model B alone, static?", static_b, b_bursts, ("main",)),
 ]
 sys.exit(rx.main(sys.argv[1:]))

@@ -323,9 +323,10 @@ def recorded_experiment(
 
 
 def test_the_residual_after_each_burst_is_read_just_before_the_next(tmp_path):
-    level = lambda t: (
-        1000 + (300 if 3 <= t < 4 or 6 <= t < 7 else 0) + (50 if t >= 4 else 0) + (30 if t >= 7 else 0)
-    )  # two bursts, each leaving some pages behind
+
+    def level(t):  # two bursts, each leaving some pages behind
+        return 1000 + (300 if 3 <= t < 4 or 6 <= t < 7 else 0) + (50 if t >= 4 else 0) + (30 if t >= 7 else 0)
+
     loaded = recorded_experiment(
         tmp_path, "kvcached", level, 10, (3, 7), 9.95, [{"start": 3, "end": 4}, {"start": 6, "end": 7}]
     )
@@ -346,7 +347,10 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path, said):
 def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tmp_path):
     """Seen on an H200: sampling ended 0.27 s after the last burst, 0.15 s of which the server took to
     fall asleep (105 GB -> 1.6 GB); read over that fall, the residual came out at 23 GB instead of ~0."""
-    level = lambda t: 1600 + (80000 if 3 <= t < 4.15 else 0)  # awake during the burst, asleep after
+
+    def level(t):  # awake during the burst, asleep after
+        return 1600 + (80000 if 3 <= t < 4.15 else 0)
+
     loaded = recorded_experiment(
         tmp_path, "sleep", level, 4.3, (3, 4), 4.27, [{"start": 3, "end": 4, "wake_s": 0.15, "sleep_s": 0.15}]
     )

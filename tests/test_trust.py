@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     FAKE_SERVER,
+    KVC_A,
+    STATIC_A,
     alive,
     background,
     fake_env,
@@ -26,11 +28,6 @@ from conftest import (
     rx,
     script_args,
     wait_for,
-)
-
-KVC_A = lambda cfg: rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-STATIC_A = lambda cfg: rx.ServerSpec(
-    "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
 )
 
 

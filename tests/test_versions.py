@@ -185,7 +185,8 @@ def test_summary_says_the_runner_and_warns_when_arms_differ():
     same = {"servers": {"A kvcached": {"model_runner": "V1"}, "A static 0.55": {"model_runner": "V1"}}}
     assert rx.model_runner_lines({**same, "model_runner_env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}}) == [
         "",
-        "vLLM's model runner: V1 for every server (VLLM_USE_V2_MODEL_RUNNER=0 in every server's environment).",
+        "vLLM's model runner: V1 for every server "
+        "(VLLM_USE_V2_MODEL_RUNNER=0 in every server's environment).",
     ]
     differ = {"servers": {"A kvcached": {"model_runner": "V1"}, "A static 0.55": {"model_runner": "V2"}}}
     (line,) = rx.model_runner_lines(differ)[1:]

@@ -5411,11 +5411,7 @@ def time_line(timing: Optional[Timing]) -> list[str]:
         f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
         f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
         f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
-        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%"
-        + "".join(
-            f"; {name} {fmt(seconds, 1)} s" for name, seconds in (timing.overhead_parts_s or {}).items()
-        )
-        + ")."
+        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%)."
     )
 
 
@@ -5476,52 +5472,6 @@ class Timing:
     harness_overhead_s: float  # table_s - covered by start-ups or workloads
     harness_overhead_share: float  # of table_s
     lanes: Optional[dict[str, dict]] = omitted_if_none()  # per card, with --gpus
-    overhead_parts_s: Optional[dict[str, float]] = omitted_if_none()  # the harness's own time by phase
-
-
-OTHER = "other (stops, sampler starts, reuse checks)"
-
-
-def overhead_parts(
-    table: tuple[float, float], busy: list[tuple[float, float]], parts: dict[str, list[tuple[float, float]]]
-) -> dict[str, float]:
-    """The table's time outside every busy span, by the first part (in order) whose spans cover it;
-    what none covers is OTHER. With several lanes a moment counts once."""
-
-    def inside(t: float, spans: list[tuple[float, float]]) -> bool:
-        return any(a <= t < b for a, b in spans)
-
-    cuts = sorted(
-        {
-            *table,
-            *(
-                t
-                for spans in (busy, *parts.values())
-                for span in spans
-                for t in span
-                if table[0] < t < table[1]
-            ),
-        }
-    )
-    out = dict.fromkeys([*parts, OTHER], 0.0)
-    for a, b in zip(cuts, cuts[1:]):
-        if not inside((a + b) / 2, busy):
-            out[next((name for name, spans in parts.items() if inside((a + b) / 2, spans)), OTHER)] += b - a
-    return out
-
-
-def harness_phases(marks: "Marks") -> dict[str, list[tuple[float, float]]]:
-    """An experiment's own phases outside its start-ups and workload."""
-    settling = []
-    if marks.warmup and marks.idle_before:
-        settling.append((marks.warmup[1], marks.idle_before[0]))
-    if marks.workload and marks.sampling_end:
-        settling.append((marks.workload[1], marks.sampling_end))
-    return {
-        "warm-ups": [marks.warmup] if marks.warmup else [],
-        "idle windows": [span for span in (marks.idle_after_load, marks.idle_before) if span],
-        "waits for memory to settle": settling,
-    }
 
 
 def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[Timing]:
@@ -5531,10 +5481,7 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
     table = (times["table_start"], times["table_end"])
     startups: dict[str, list] = {}
     workloads: dict[str, list] = {}
-    phases: dict[str, list] = {}
     for exp in loaded.values():
-        for name, spans in harness_phases(exp.record.marks).items():
-            phases.setdefault(name, []).extend(spans)
         lane = str(exp.record.gpu_index)
         for server in exp.record.servers:
             if server.get("started_at") is not None and server.get("ready_at") is not None:
@@ -5565,7 +5512,6 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
         overhead,
         overhead / table_s if table_s > 0 else 0.0,
         lanes if len(lanes) > 1 else None,
-        overhead_parts(table, every(startups) + every(workloads), phases),
     )
 
 

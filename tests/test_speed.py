@@ -111,28 +111,6 @@ def test_covered_seconds_count_overlaps_once():
     assert rx.covered_s([]) == 0
 
 
-def test_the_harness_time_is_split_by_phase_counting_each_moment_once():
-    # table 0-20; busy (start-ups, workloads) 0-5 and 12-16; two lanes' phases overlap at 6-7
-    parts = rx.overhead_parts(
-        (0, 20),
-        [(0, 5), (12, 16)],
-        {"warm-ups": [(5, 7)], "idle windows": [(6, 8), (4, 5.5)], "settle": [(16, 17)]},
-    )
-    assert parts == {"warm-ups": 2.0, "idle windows": 1.0, "settle": 1.0, rx.OTHER: 7.0}  # 8-12 and 17-20
-    assert sum(parts.values()) == 20 - rx.covered_s([(0, 5), (12, 16)])
-
-
-def test_an_experiments_own_phases_come_from_its_marks():
-    marks = rx.Marks(
-        idle_after_load=(1, 2), warmup=(2, 4), idle_before=(5, 6), workload=(6, 9), sampling_end=9.5
-    )
-    assert rx.harness_phases(marks) == {
-        "warm-ups": [(2, 4)],
-        "idle windows": [(1, 2), (5, 6)],
-        "waits for memory to settle": [(4, 5), (9, 9.5)],
-    }
-
-
 VLLM_PAGE = """# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 3.0

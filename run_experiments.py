@@ -2864,7 +2864,7 @@ def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
     return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
 
 
-# %% GPU memory sampling in a background thread (NVML, never torch)
+# %% GPU memory sampling, part 1: NVML's facts and process list, vLLM's /metrics (NVML, never torch)
 def load_nvml(module: Any = None) -> Any:
     """The NVML module (nvidia-ml-py's `pynvml`), initialised; injectable for tests."""
     if module is None:
@@ -3030,6 +3030,7 @@ def server_latency_snapshot(
         time.sleep(0.05)
 
 
+# %% GPU memory sampling, part 2: the device series, the slower readers, the thread that writes and counts
 # The device series is read in a process of its own: in this one, a burst's hundreds of request threads
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
@@ -3083,6 +3084,154 @@ def device_loop(
     flush()
 
 
+class DeviceSeries:
+    """The device process (device_sampler) and what its lines say: (t, used MiB) samples, read live by
+    MemoryWatch, and how many ticks it skipped."""
+
+    def __init__(self, nvml: Any, gpu_index: int, hz: float):
+        self.nvml, self.gpu_index, self.hz = nvml, gpu_index, hz
+        self.samples: list[tuple[float, float]] = []
+        self.missed_ticks = 0
+        self.proc: Optional[subprocess.Popen] = None
+        self.stderr: Optional[Any] = None  # a file, as a full pipe would block the process
+
+    def start(self) -> None:
+        module = getattr(self.nvml, "__file__", None)
+        call = "import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
+        where = os.path.dirname(module) if module else ""
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)]
+            + [where, self.nvml.__name__, str(self.gpu_index), str(self.hz)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+        )
+
+    def wait_first(self, timeout_s: float) -> Optional[str]:
+        """None once the first sample is in; otherwise the process is ended and this says why not."""
+        deadline = time.time() + timeout_s
+        while not self.samples and time.time() < deadline and self.proc.poll() is None:
+            time.sleep(0.01)
+        if self.samples:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.seek(0)
+        last = ([line for line in self.stderr.read().splitlines() if line.strip()] or [""])[-1].strip()
+        return f" (it exited: {last[:300]})" if last else ""
+
+    def row(self, line: str, error_row: Callable) -> Optional[dict]:
+        """The memory.jsonl row of one line ("d t used total", "e t error", "m missed")."""
+        kind, _, rest = line.rstrip("\n").partition(" ")
+        if kind == "d":
+            t, used, total = rest.split()
+            self.samples.append((float(t), int(used) / MIB))
+            return {
+                "kind": "device",
+                "t": float(t),
+                "used_mib": int(used) / MIB,
+                "total_mib": int(total) / MIB,
+            }
+        if kind == "e":
+            t, _, error = rest.partition(" ")
+            return error_row("nvml", float(t), error)
+        if kind == "m":
+            self.missed_ticks = int(rest)
+        return None
+
+    def stop(self) -> None:
+        """Ends the process: it stops at EOF on its stdin, or is killed after 5 s."""
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        if self.stderr is not None:
+            self.stderr.close()
+
+
+def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float) -> list[dict]:
+    """One "process" row per server: the GPU memory of the processes in its tree, as NVML lists them."""
+    by_pid = gpu_processes(nvml, handle)
+    foreign = pids_from_elsewhere(by_pid)
+    owners = {pid: owner_of(pid, roots) for pid in by_pid}
+    rows = []
+    for server in servers:
+        pids = [pid for pid, owner in owners.items() if owner is server]
+        holders = {str(p): by_pid[p] / MIB for p in pids}
+        row = {
+            "kind": "process",
+            "t": now,
+            "server": server.spec.name,
+            "used_mib": sum(by_pid[p] for p in pids) / MIB,
+            "holders_mib": holders,
+            "leader_pid": server.proc.pid,
+            "gpu_pids": len(by_pid),
+        }
+        if foreign and not holders:  # a container: NVML speaks of host pids we cannot see
+            row.update(used_mib=None, unattributed=FOREIGN_PIDS)
+        rows.append(row)
+    return rows
+
+
+def segment_row(server: RunningServer, now: float) -> Optional[dict]:
+    """A "kvcached" row from the server's segment (None before kvcached has made it)."""
+    seg = read_segment(server.spec.ipc_name)
+    return None if seg is None else {"kind": "kvcached", "t": now, "server": server.spec.name, **seg}
+
+
+def metrics_row(server: RunningServer, now: float, kept: dict) -> dict:
+    """A "metrics" row from the server's /metrics (kept: its open connection, see scrape_metrics)."""
+    return {"kind": "metrics", "t": now, "server": server.spec.name, **scrape_metrics(server.url, kept=kept)}
+
+
+class RowFile:
+    """memory.jsonl, opened at the first write; an OSError (a full disk, too many open files) calls
+    `failed`, and the next write opens it again."""
+
+    def __init__(self, path: Path, failed: Callable[[], None]):
+        self.path, self.failed = path, failed
+        self.file: Optional[Any] = None
+
+    def write(self, rows: list[dict]) -> None:
+        try:
+            if self.file is None:
+                self.file = open(self.path, "a")
+            self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError:
+            self._lost()
+
+    def flush(self) -> None:
+        try:
+            if self.file is not None:
+                self.file.flush()
+        except OSError:
+            self._lost()
+
+    def close(self) -> None:
+        self.flush()
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
+        self.failed()
+
+
 class Sampler(threading.Thread):
     """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
 
@@ -3092,9 +3241,9 @@ class Sampler(threading.Thread):
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
 
-    Device memory comes from a small process of its own (device_sampler), stamped there; this
-    thread reads its lines and owns the file. Per-process, segment and /metrics reads run in a second
-    thread that hands its rows over through a deque, without a lock the file's writer waits on.
+    Device memory comes from a small process of its own (DeviceSeries), stamped there; this thread
+    reads its lines and owns the file. Per-process, segment and /metrics reads run in a second thread
+    that hands its rows over through a deque, without a lock the file's writer waits on.
     """
 
     def __init__(
@@ -3107,139 +3256,77 @@ class Sampler(threading.Thread):
         process_sample_hz: float,
     ):
         super().__init__(daemon=True, name="memory-sampler")
-        self.nvml, self.servers, self.path, self.gpu_index = nvml, servers, path, gpu_index
+        self.nvml, self.servers, self.path = nvml, servers, path
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        self.sample_hz, self.slow_interval = sample_hz, 1.0 / process_sample_hz
+        self.series = DeviceSeries(nvml, gpu_index, sample_hz)
+        self.slow_interval = 1.0 / process_sample_hz
         self.halt = threading.Event()  # not '_stop': that shadows Thread._stop and breaks join()
-        self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by MemoryWatch
-        self.counts: dict[int, dict[str, int]] = {}  # per thread: source -> errors (no shared counter)
-        self.missed_ticks = 0
-        self.roots = {
-            server.proc.pid: server for server in servers
-        }  # keepers: every server's tree hangs below one
+        self.counted: collections.Counter = collections.Counter()  # kind of error -> errors
+        self.lock = threading.Lock()  # over `counted`: both threads count
+        self.roots = {server.proc.pid: server for server in servers}  # every server's tree hangs below one
         self.handed_over: collections.deque = collections.deque()  # slow thread -> file writer
-        self.file: Optional[Any] = None
-        self.child: Optional[subprocess.Popen] = None
-        self.child_errors: Optional[Any] = (
-            None  # the device process's stderr: a file, as a full pipe would block it
-        )
+        self.file = RowFile(path, lambda: self.count_error("write"))
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
 
     @property
+    def device(self) -> list[tuple[float, float]]:
+        """(t, used MiB), read live by MemoryWatch."""
+        return self.series.samples
+
+    @property
+    def missed_ticks(self) -> int:
+        return self.series.missed_ticks
+
+    @property
+    def child(self) -> Optional[subprocess.Popen]:
+        return self.series.proc
+
+    @property
     def error_kinds(self) -> dict[str, int]:
-        """source -> errors counted, for the summary."""
-        out: dict[str, int] = {}
-        for counts in list(self.counts.values()):
-            for source, n in list(counts.items()):
-                out[source] = out.get(source, 0) + n
-        return out
+        """kind of error -> errors counted, for the summary."""
+        with self.lock:
+            return dict(self.counted)
 
     @property
     def errors(self) -> int:
         return sum(self.error_kinds.values())
 
-    def count_error(self, source: str) -> None:
-        counts = self.counts.setdefault(threading.get_ident(), {})
-        counts[source] = counts.get(source, 0) + 1
+    def count_error(self, kind: str) -> None:
+        with self.lock:
+            self.counted[kind] += 1
+
+    def error_row(self, kind: str, t: float, error: str, source: str = "") -> dict:
+        """Counts one error of `kind` and returns its row (source: where, when more than the kind)."""
+        self.count_error(kind)
+        return {"kind": "error", "t": t, "source": source or kind, "error": error}
 
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
-        module = getattr(self.nvml, "__file__", None)
-        self.child_errors = tempfile.TemporaryFile(mode="w+")
-        self.child = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                program_source(
-                    device_loop,
-                    device_sampler,
-                    call="import sys\n"
-                    "device_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))",
-                ),
-                os.path.dirname(module) if module else "",
-                self.nvml.__name__,
-                str(self.gpu_index),
-                str(self.sample_hz),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.child_errors,
-            text=True,
-            bufsize=1,
-        )
+        self.series.start()
         super().start()
-        deadline = time.time() + first_sample_timeout_s
-        while not self.device and time.time() < deadline and self.child.poll() is None:
-            time.sleep(0.01)
-        if not self.device:
-            if self.child.poll() is None:
-                self.child.kill()
-                self.child.wait()
-            self.child_errors.seek(0)
-            last = ([line for line in self.child_errors.read().splitlines() if line.strip()] or [""])[-1]
+        why_not = self.series.wait_first(first_sample_timeout_s)
+        if why_not is not None:
             self.stop()
             raise RuntimeError(
-                f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
-                f"{' (it exited: ' + last.strip()[:300] + ')' if last else ''}"
+                f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s{why_not}"
             )
-
-    def _write(self, rows: list[dict]) -> None:  # this thread only
-        try:
-            if self.file is None:
-                self.file = open(self.path, "a")
-            self.file.write("".join(json.dumps(row) + "\n" for row in rows))
-        except OSError:  # disk full, too many open files: count it, try again next time
-            self._file_failed()
-
-    def _flush(self) -> None:
-        try:
-            if self.file is not None:
-                self.file.flush()
-        except OSError:
-            self._file_failed()
-
-    def _file_failed(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-        self.file = None
-        self.count_error("write")
-
-    def device_row(self, line: str) -> Optional[dict]:
-        kind, _, rest = line.rstrip("\n").partition(" ")
-        if kind == "d":
-            t, used, total = rest.split()
-            self.device.append((float(t), int(used) / MIB))
-            return {
-                "kind": "device",
-                "t": float(t),
-                "used_mib": int(used) / MIB,
-                "total_mib": int(total) / MIB,
-            }
-        if kind == "e":
-            t, _, error = rest.partition(" ")
-            self.count_error("nvml")
-            return {"kind": "error", "t": float(t), "source": "nvml", "error": error}
-        if kind == "m":
-            self.missed_ticks = int(rest)
-        return None
 
     def run(self) -> None:
         self.slow_thread.start()
         last_flush = time.time()
-        for line in self.child.stdout:  # until the device process ends
+        for line in self.series.proc.stdout:  # until the device process ends
             rows = []
             try:
-                row = self.device_row(line)
+                row = self.series.row(line, self.error_row)
                 rows = [row] if row else []
             except ValueError:
                 self.count_error("sampler")
             while self.handed_over:
                 rows += self.handed_over.popleft()
             if rows:
-                self._write(rows)
+                self.file.write(rows)
             if time.time() - last_flush >= 1.0:
-                self._flush()
+                self.file.flush()
                 last_flush = time.time()
         if not self.halt.is_set():  # it died on its own: the series ends here, and the summary says so
             self.count_error("device sampler exited")
@@ -3248,69 +3335,29 @@ class Sampler(threading.Thread):
         rows = [row for batch in list(self.handed_over) for row in batch]
         self.handed_over.clear()
         if rows:
-            self._write(rows)
-        self._flush()
-        with contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-        self.file = None
+            self.file.write(rows)
+        self.file.close()
 
     def stop(self) -> None:
         self.halt.set()
-        if self.child is not None:
-            with contextlib.suppress(OSError):
-                self.child.stdin.close()  # the device process stops at EOF
-            try:
-                self.child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
+        self.series.stop()
         if self.is_alive():
             self.join(timeout=10)
-        if self.child_errors is not None:
-            self.child_errors.close()
+        self.series.close()
 
     def slow_rows(self, now: float) -> list[dict]:
-        rows = []
+        """Per-server memory and kvcached segments; a failed read is an error row."""
         try:
-            by_pid = gpu_processes(self.nvml, self.handle)
-            foreign = pids_from_elsewhere(by_pid)
-            owners = {pid: owner_of(pid, self.roots) for pid in by_pid}
-            for server in self.servers:
-                pids = [pid for pid, owner in owners.items() if owner is server]
-                used = sum(by_pid[p] for p in pids)
-                holders = {str(p): by_pid[p] / MIB for p in pids}
-                row = {
-                    "kind": "process",
-                    "t": now,
-                    "server": server.spec.name,
-                    "used_mib": used / MIB,
-                    "holders_mib": holders,
-                    "leader_pid": server.proc.pid,
-                    "gpu_pids": len(by_pid),
-                }
-                if foreign and not holders:  # a container: NVML speaks of host pids we cannot see
-                    row.update(used_mib=None, unattributed=FOREIGN_PIDS)
-                rows.append(row)
+            rows = process_rows(self.nvml, self.handle, self.servers, self.roots, now)
         except Exception as exc:
-            self.count_error("nvml-processes")
-            rows.append({"kind": "error", "t": now, "source": "nvml-processes", "error": repr(exc)})
+            rows = [self.error_row("nvml-processes", now, repr(exc))]
         for server in self.servers:
             if server.spec.kvcached:
                 try:
-                    seg = read_segment(server.spec.ipc_name)
-                    if seg is not None:
-                        rows.append({"kind": "kvcached", "t": now, "server": server.spec.name, **seg})
+                    rows += [row for row in [segment_row(server, now)] if row]
                 except OSError as exc:
-                    self.count_error("kvcached segment")
-                    rows.append(
-                        {
-                            "kind": "error",
-                            "t": now,
-                            "source": f"kvcached {server.spec.name}",
-                            "error": repr(exc)[:300],
-                        }
-                    )
+                    where = f"kvcached {server.spec.name}"
+                    rows.append(self.error_row("kvcached segment", now, repr(exc)[:300], where))
         return rows
 
     def metrics_rows(self, kept: dict) -> list[dict]:
@@ -3318,24 +3365,9 @@ class Sampler(threading.Thread):
         for server in self.servers:
             now = time.time()
             try:
-                rows.append(
-                    {
-                        "kind": "metrics",
-                        "t": now,
-                        "server": server.spec.name,
-                        **scrape_metrics(server.url, kept=kept),
-                    }
-                )
+                rows.append(metrics_row(server, now, kept))
             except Exception as exc:
-                self.count_error("metrics")
-                rows.append(
-                    {
-                        "kind": "error",
-                        "t": now,
-                        "source": f"metrics {server.spec.name}",
-                        "error": repr(exc)[:300],
-                    }
-                )
+                rows.append(self.error_row("metrics", now, repr(exc)[:300], f"metrics {server.spec.name}"))
         return rows
 
     def _slow_loop(self) -> None:

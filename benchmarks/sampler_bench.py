@@ -8,7 +8,8 @@ run_experiments.Sampler alone for --seconds at the harness's default rates (20 H
 2 Hz per-process memory, kvcached segment and /metrics) and prints the achieved device rate, the
 ticks it skipped, its errors, and the CPU time of this process (the sampler's two threads; the main
 thread only sleeps) and of the device-reading process as a share of one core, over the whole run and
-once running (from 3 s on, leaving out the device process's start). Flags after `--` are the harness's own flags.
+once running (from 3 s on, leaving out the device process's start). Flags after `--` are the harness's
+own flags.
 """
 
 import argparse
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             if args.arm == "kvcached"
             else rx.static_server(cfg, "A", cfg.gpu_memory_utilization)
         )
-        pool = rx.ServerPool(cfg, device=rx.pin_to_card(gpu, cfg.gpu_index))
+        pool = rx.ServerPool(cfg, rx.pin_to_card(gpu, cfg.gpu_index))
         try:
             pool.ensure([spec], Path(tmp))
             server = pool.running[spec.key]
@@ -115,12 +116,15 @@ def main(argv=None) -> int:
             cpu0, child0, wall0 = time.process_time(), children_cpu_s(), time.time()
             sampler.start()
             time.sleep(STEADY_AFTER_S)  # the device process has started and is ticking by now
-            threads = lambda: (
-                thread_cpu_s(sampler.native_id),
-                thread_cpu_s(sampler.slow_thread.native_id),
-                in_processes[0],
-                in_metrics[0],
-            )
+
+            def threads() -> tuple:
+                return (
+                    thread_cpu_s(sampler.native_id),
+                    thread_cpu_s(sampler.slow_thread.native_id),
+                    in_processes[0],
+                    in_metrics[0],
+                )
+
             steady0 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
             time.sleep(max(args.seconds - STEADY_AFTER_S, 1.0))
             steady1 = (time.process_time(), process_cpu_s(sampler.child.pid), time.time(), threads())
@@ -150,7 +154,10 @@ def main(argv=None) -> int:
         f"device process, in {wall:.1f} s = {100 * (cpu + child) / wall:.2f}% of one core"
     )
     (c0, d0, w0, t0), (c1, d1, w1, t1) = steady0, steady1
-    share = lambda seconds: f"{100 * seconds / (w1 - w0):.2f}%"
+
+    def share(seconds: float) -> str:
+        return f"{100 * seconds / (w1 - w0):.2f}%"
+
     print(
         f"  once running (from {STEADY_AFTER_S:g} s on, the device process's start left out): "
         f"{c1 - c0:.2f} s + {d1 - d0:.2f} s in {w1 - w0:.1f} s = {share(c1 - c0 + d1 - d0)} of one core"

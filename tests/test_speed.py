@@ -263,10 +263,14 @@ def scripted_device_loop(hz, until, read_takes):
     return samples, missed
 
 
+def tick(k: int) -> float:
+    """Tick k of a 64 Hz sampler started at t=1000: binary fractions, exact on the scripted clock."""
+    return 1000.0 + k / 64
+
+
 def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting():
     # 64 Hz: ticks 1/64 s apart, binary fractions, exact on the scripted clock. The 6th read (tick 5)
     # takes twelve intervals and ends at tick 17; the loop runs until tick 32.
-    tick = lambda k: 1000.0 + k / 64
     samples, missed = scripted_device_loop(64, tick(32), lambda n: 12 / 64 if n == 6 else 0.0)
     assert samples[:6] == [tick(k) for k in range(6)]
     assert missed == [11], "ticks 6 to 16 are counted, not sampled"
@@ -276,7 +280,6 @@ def test_a_late_sampler_skips_ticks_and_counts_them_instead_of_bursting():
 def test_slow_reads_keep_the_tick_grid_instead_of_drifting():
     # every read takes a third of an interval: the next tick is still due on the grid, not one interval
     # after the read ended
-    tick = lambda k: 1000.0 + k / 64
     samples, missed = scripted_device_loop(64, tick(20), lambda n: 1 / 192)
     assert samples == [tick(k) for k in range(20)] and missed == []
 

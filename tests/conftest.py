@@ -122,6 +122,12 @@ def make_cfg(**overrides) -> "rx.Config":
     return rx.resolve_config(rx.validate_config(rx.Config(**base)))
 
 
+def in_process_args(results: Path, *extra: str) -> list[str]:
+    """main()'s arguments for a run in this process against the fake server, on fresh ports."""
+    server = ["--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--results-dir", str(results)]
+    return [*extra, *server, "--port-a", str(free_port()), "--port-b", str(free_port())]
+
+
 def KVC_A(cfg) -> "rx.ServerSpec":
     """Model A's kvcached server on the config's port A."""
     return rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)

@@ -6,7 +6,7 @@ import socket
 import sys
 
 import pytest
-from conftest import FAKE_SERVER, free_port, make_cfg, rx
+from conftest import FAKE_SERVER, free_port, in_process_args, make_cfg, rx
 
 
 def test_python_versions():
@@ -120,17 +120,7 @@ def test_a_port_in_use_is_a_failed_check():
 
 
 def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeypatch, capsys):
-    args = [
-        "--check",
-        "--server-cmd",
-        f"{sys.executable} {FAKE_SERVER}",
-        "--results-dir",
-        str(tmp_path / "r"),
-        "--port-a",
-        str(free_port()),
-        "--port-b",
-        str(free_port()),
-    ]
+    args = in_process_args(tmp_path / "r", "--check")
     assert rx.main(args, nvml_module=fake_gpu) == 0
     out = capsys.readouterr().out
     assert "✓ nvml: GPU 0: Tesla T4 (fake)" in out and "✓ port A" in out

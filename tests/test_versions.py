@@ -5,18 +5,16 @@ path (tests/fakes holds 0.24.0 and kvcached 0.1.6; a test puts another release i
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 from conftest import (
     FAKE_PACKAGES,
-    FAKE_SERVER,
     FAKES,
     background,
     fake_env,
-    free_port,
+    in_process_args,
     rx,
     script_args,
     succeeded_run,
@@ -199,18 +197,7 @@ def test_an_unsupported_vllm_fails_check_and_the_run_exits_2_before_any_server(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("PYTHONPATH", with_packages(tmp_path, vllm="0.33.0", kvcached="0.1.6"))
-    args = [
-        "--experiments",
-        "1,2",
-        "--server-cmd",
-        f"{sys.executable} {FAKE_SERVER}",
-        "--results-dir",
-        str(tmp_path / "r"),
-        "--port-a",
-        str(free_port()),
-        "--port-b",
-        str(free_port()),
-    ]
+    args = in_process_args(tmp_path / "r", "--experiments", "1,2")
     assert rx.main(["--check", *args], nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
     assert "✗ versions: kvcached 0.1.6 supports vLLM 0.17–0.30; found vllm 0.33.0" in out

@@ -519,79 +519,6 @@ def run_experiment(
         trial.close()
 
 
-# %% Lanes: with --gpus, experiments run in parallel, one lane per card
-# Experiments that share a server (kvcached A serves 1, 3 and 5) form one unit and stay in one lane, so
-# no server starts twice. Units go greedily, longest first, to the least loaded lane (by a rough estimate
-# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its
-# own card, ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
-LANE_PORT_STEP = 100
-START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
-BURST_ESTIMATE_S = 10.0  # one burst
-
-
-def gpu_indices(cfg: "Config") -> list[int]:
-    return [int(i) for i in cfg.gpus.split(",")] if cfg.gpus else [cfg.gpu_index]
-
-
-def lane_config(cfg: "Config", lane: int, gpu_index: int) -> "Config":
-    step = LANE_PORT_STEP * lane
-    return dataclasses.replace(cfg, gpu_index=gpu_index, port_a=cfg.port_a + step, port_b=cfg.port_b + step)
-
-
-def server_units(experiments: list[Experiment], cfg: "Config", budget: int) -> list[list[Experiment]]:
-    """Experiments joined when they share a server, in run order."""
-    units: list[tuple[set, list[Experiment]]] = []
-    for entry in experiments:
-        keys = {spec.key for spec in entry.servers(cfg, budget)}
-        joined = [u for u in units if u[0] & keys]
-        merged = (keys.union(*(u[0] for u in joined)), [e for u in joined for e in u[1]] + [entry])
-        units = [u for u in units if not any(u is j for j in joined)] + [merged]
-    return [sorted(exps, key=experiments.index) for _, exps in units]
-
-
-def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: int) -> float:
-    """A rough duration of a lane's experiments run in order: start-ups (kvcached ones together, static
-    ones in turn) and bursts with their gaps. For the scheduler only."""
-    running: set = set()
-    total = 0.0
-    burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
-    for entry in lane:
-        specs = {spec.key: spec for spec in entry.servers(cfg, budget)}
-        new = [spec for key, spec in specs.items() if key not in running]
-        starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
-        steps = len(entry.schedule(bursts)) * cfg.repeats
-        total += starts * START_ESTIMATE_S + steps * (burst_s + max(cfg.gap_s, 0))
-        running = set(specs)
-    return total
-
-
-def plan_lanes(
-    experiments: list[Experiment], cfg: "Config", budget: int, bursts: int, lanes: int
-) -> list[list[Experiment]]:
-    """Experiments per lane, each lane in run order; the same single list when there is one lane."""
-    if lanes == 1:
-        return [list(experiments)]
-
-    def cost(group: list[Experiment]) -> float:
-        return lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
-
-    def assign(units: list[list[Experiment]]) -> list[list[Experiment]]:
-        plan: list[list[Experiment]] = [[] for _ in range(lanes)]
-        for unit in sorted(units, key=cost, reverse=True):  # longest first, to the least loaded lane
-            min(plan, key=cost).extend(unit)
-        return [sorted(lane, key=experiments.index) for lane in plan]
-
-    units = server_units(experiments, cfg, budget)
-    best = assign(units)
-    for unit in sorted(units, key=cost, reverse=True):  # split a unit where that ends sooner
-        if len(unit) > 1:
-            split = [u for u in units if u is not unit] + [[e] for e in unit]
-            tried = assign(split)
-            if max(map(cost, tried)) < max(map(cost, best)):
-                units, best = split, tried
-    return best
-
-
 # %% main(): resolve the config, open the run folder, run the table, report
 @dataclasses.dataclass
 class Lane:
@@ -837,8 +764,81 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
 
 
 # %% Appendix: the machinery, one cell per concern
-# Configuration parsing, model facts, workload plans, secrets, server lifecycle, kvcached's segment,
+# Lanes, configuration parsing, model facts, workload plans, secrets, server lifecycle, kvcached's segment,
 # memory sampling, load generation, metrics, summaries, plots, report, run set-up, signals.
+
+
+# %% Lanes: with --gpus, experiments run in parallel, one lane per card
+# Experiments that share a server (kvcached A serves 1, 3 and 5) form one unit and stay in one lane, so
+# no server starts twice. Units go greedily, longest first, to the least loaded lane (by a rough estimate
+# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its
+# own card, ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
+LANE_PORT_STEP = 100
+START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
+BURST_ESTIMATE_S = 10.0  # one burst
+
+
+def gpu_indices(cfg: "Config") -> list[int]:
+    return [int(i) for i in cfg.gpus.split(",")] if cfg.gpus else [cfg.gpu_index]
+
+
+def lane_config(cfg: "Config", lane: int, gpu_index: int) -> "Config":
+    step = LANE_PORT_STEP * lane
+    return dataclasses.replace(cfg, gpu_index=gpu_index, port_a=cfg.port_a + step, port_b=cfg.port_b + step)
+
+
+def server_units(experiments: list[Experiment], cfg: "Config", budget: int) -> list[list[Experiment]]:
+    """Experiments joined when they share a server, in run order."""
+    units: list[tuple[set, list[Experiment]]] = []
+    for entry in experiments:
+        keys = {spec.key for spec in entry.servers(cfg, budget)}
+        joined = [u for u in units if u[0] & keys]
+        merged = (keys.union(*(u[0] for u in joined)), [e for u in joined for e in u[1]] + [entry])
+        units = [u for u in units if not any(u is j for j in joined)] + [merged]
+    return [sorted(exps, key=experiments.index) for _, exps in units]
+
+
+def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: int) -> float:
+    """A rough duration of a lane's experiments run in order: start-ups (kvcached ones together, static
+    ones in turn) and bursts with their gaps. For the scheduler only."""
+    running: set = set()
+    total = 0.0
+    burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
+    for entry in lane:
+        specs = {spec.key: spec for spec in entry.servers(cfg, budget)}
+        new = [spec for key, spec in specs.items() if key not in running]
+        starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
+        steps = len(entry.schedule(bursts)) * cfg.repeats
+        total += starts * START_ESTIMATE_S + steps * (burst_s + max(cfg.gap_s, 0))
+        running = set(specs)
+    return total
+
+
+def plan_lanes(
+    experiments: list[Experiment], cfg: "Config", budget: int, bursts: int, lanes: int
+) -> list[list[Experiment]]:
+    """Experiments per lane, each lane in run order; the same single list when there is one lane."""
+    if lanes == 1:
+        return [list(experiments)]
+
+    def cost(group: list[Experiment]) -> float:
+        return lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
+
+    def assign(units: list[list[Experiment]]) -> list[list[Experiment]]:
+        plan: list[list[Experiment]] = [[] for _ in range(lanes)]
+        for unit in sorted(units, key=cost, reverse=True):  # longest first, to the least loaded lane
+            min(plan, key=cost).extend(unit)
+        return [sorted(lane, key=experiments.index) for lane in plan]
+
+    units = server_units(experiments, cfg, budget)
+    best = assign(units)
+    for unit in sorted(units, key=cost, reverse=True):  # split a unit where that ends sooner
+        if len(unit) > 1:
+            split = [u for u in units if u is not unit] + [[e] for e in unit]
+            tried = assign(split)
+            if max(map(cost, tried)) < max(map(cost, best)):
+                units, best = split, tried
+    return best
 
 
 # %% Records of an experiment: experiment.json's phase marks and facts

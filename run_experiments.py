@@ -2691,9 +2691,8 @@ class Preimporter(Ahead):
         except BaseException:
             stop_servers([server], "it could not be started")
             raise
-        say(
-            f"  {spec.label}: vLLM imported ahead {server.started_at - server.facts['imported_ahead_from']:.0f} s ago"
-        )
+        waited = server.started_at - server.facts["imported_ahead_from"]
+        say(f"  {spec.label}: vLLM was imported ahead {waited:.0f} s ago")
         return server
 
     def give_back(self, keep: Iterable[tuple] = ()) -> list[RunningServer]:
@@ -2710,20 +2709,12 @@ def start_staged(
     cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None
 ) -> RunningServer:
     """Only import the server now; it starts on release_staged(). No port check yet: it binds none."""
-    if staged_command(server_command(cfg, spec)) is None:
+    if staged_command(cmd := server_command(cfg, spec)) is None:
         raise ServerError(
-            f"only a `python -m MODULE` server command can be imported ahead, not "
-            f"{shlex.join(server_command(cfg, spec))}"
+            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
         )
-    server = launch_server(
-        cfg,
-        spec,
-        log_path,
-        run_env,
-        wrap=staged_command,
-        note="(imported ahead: the server starts when the harness says go)\n",
-        piped=True,
-    )
+    note = "(imported ahead: the server starts when the harness says go)\n"
+    server = launch_server(cfg, spec, log_path, run_env, wrap=staged_command, note=note, piped=True)
     server.facts["imported_ahead_from"] = server.started_at  # started_at moves to the release
     return server
 
@@ -2762,9 +2753,7 @@ def import_checks_beside(
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(
-        target=check, daemon=True, name="import-check"
-    ).start()  # daemon: an exit never waits on it
+    threading.Thread(target=check, daemon=True, name="import-check").start()  # an exit never waits on it
     return future
 
 

@@ -642,6 +642,35 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     assert not staged.live_pids() and not pool.ahead.staged and not rx.port_taken(cfg.host, cfg.port_b)
 
 
+def test_the_pool_meets_a_server_made_ready_ahead_only_through_its_hooks(fake_gpu, tmp_path):
+    cfg = make_cfg()
+    calls = []
+
+    class Recording(rx.Ahead):
+        def prepare(self, specs, log_dir):
+            calls.append(("prepare", [s.name for s in specs]))
+
+        def take(self, spec):
+            calls.append(("take", spec.name))
+
+        def give_back(self, keep=()):
+            calls.append(("give_back", sorted(k[0] for k in keep)))
+            return []
+
+    static = [
+        rx.ServerSpec(name, "Qwen/Qwen2.5-0.5B-Instruct", port, kvcached=False, gpu_memory_utilization=0.3)
+        for name, port in (("A", cfg.port_a), ("B", cfg.port_b))
+    ]
+    pool = rx.ServerPool(cfg, ahead=Recording())
+    try:
+        pool.ensure(static, tmp_path)
+    finally:
+        rx.stop_servers(pool.shut(), "end of test")
+    assert [c[0] for c in calls] == ["give_back", "prepare", "take", "take", "give_back"]
+    assert calls[1] == ("prepare", ["B"]), "the static server that starts second gets ready meanwhile"
+    assert calls[2:4] == [("take", "A"), ("take", "B")] and calls[-1] == ("give_back", [])
+
+
 @background("preimport_run", weight=11)
 def preimport_run_cmd(base):
     (base / "gpu").mkdir()

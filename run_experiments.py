@@ -506,7 +506,7 @@ def run_experiment(
     servers = pool.ensure(list(exp.servers), exp_dir)
     record.servers = [s.describe() for s in servers]
     record.reused = [s.spec.label for s in servers if s.spec.key in before]
-    when_ready()  # e.g. import the next experiment's servers while this one measures
+    when_ready()  # e.g. the pool prepares the next experiment's servers while this one measures
     sampler = Sampler(
         nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz
     )
@@ -593,9 +593,8 @@ def run_table(run: Run) -> tuple[bool, int]:
     pools = []
     for lane in lanes:
         with STATE.lane(lane_prefix(run, lane)):
-            pools.append(
-                ServerPool(lane.cfg, {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env})
-            )
+            env = {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env}
+            pools.append(ServerPool(lane.cfg, env, ahead_for(lane.cfg, env)))
     restore = install_stop_signals() if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
@@ -648,27 +647,6 @@ def run_table(run: Run) -> tuple[bool, int]:
     return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
 
 
-def import_first_servers(run: Run, pools: list["ServerPool"]) -> None:
-    """With --preimport, each lane's first servers import vLLM while vLLM's import check runs (see
-    import_checks_beside); the experiments begin once it has passed."""
-    if run.import_checks is None:
-        return
-    for lane, pool in zip(run.lanes, pools):
-        first = lane.experiments[0]
-        pool.stage(
-            resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
-        )
-    checks = run.import_checks.result()
-    if all(c.ok for c in checks):
-        say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
-        return
-    stop_servers(shut(pools), "vLLM's import check failed")
-    raise ConfigError(
-        "preflight failed; the servers importing vLLM ahead were stopped before they started "
-        "(--check repeats it):\n" + checklist(checks)
-    )
-
-
 def experiment_dir(run: Run, entry: Experiment) -> Path:
     return run.run_dir / f"{run.experiments.index(entry) + 1:02d}_{entry.name}"
 
@@ -693,16 +671,16 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool", outcome: Lane
     def resolved(entry: Experiment) -> ExperimentSpec:
         return resolve_experiment(entry, lane.cfg, run.plans, run.budget)
 
-    def stager(upcoming: Optional[Experiment]) -> Callable[[], None]:
+    def preparer(upcoming: Optional[Experiment]) -> Callable[[], None]:
         if upcoming is None:
             return lambda: None
-        return lambda: pool.stage(resolved(upcoming).servers, experiment_dir(run, upcoming))
+        return lambda: pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
 
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
-        stage_next = stager(upcoming)
+        prepare_next = preparer(upcoming)
         try:
-            run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, stage_next)
+            run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
         except Aborted:
             outcome.interrupted = True
             return
@@ -2287,7 +2265,7 @@ def settle(server: RunningServer) -> None:
     if not server.stopped:
         keeper_ = f"the keeper of {server.spec.label} (pid {server.proc.pid})"
         say(f"  warning: {keeper_} did not exit; still running: {comm_names(server.tree())}")
-    if server.proc.stdin:  # a staged server never told to start
+    if server.proc.stdin:  # one given a pipe to its stdin (see Preimporter), so that it hears EOF
         with contextlib.suppress(OSError):
             server.proc.stdin.close()
     if server.stopped and server.control is not None:
@@ -2320,9 +2298,7 @@ class RunningServer:
     control: Optional[int] = None  # our end of the keeper's control pipe: orders go there
     warmed: set[str] = dataclasses.field(default_factory=set)  # plan shapes this server has served
     together: tuple[str, ...] = ()  # labels of the servers started at the same time as this one
-    staged_at: Optional[float] = (
-        None  # imported ahead: when its import began (started_at: when it was released)
-    )
+    facts: dict = dataclasses.field(default_factory=dict)  # more for describe(), from who started it
     model_runner: Optional[str] = None  # vLLM's model runner, V1 or V2, read from its log once ready
     asleep: bool = False  # sleep mode: put to sleep and not woken since
     stopped: bool = False  # set once nothing of it is alive any more
@@ -2365,7 +2341,7 @@ class RunningServer:
             "ready_at": self.ready_at,
             "model_runner": self.model_runner,
             **({"started_together_with": list(self.together)} if self.together else {}),
-            **({"imported_ahead_from": self.staged_at} if self.staged_at is not None else {}),
+            **self.facts,
         }
 
     def evidence(self) -> str:
@@ -2395,21 +2371,26 @@ def start_checks(cfg: Config, spec: ServerSpec) -> None:
 
 
 def start_server(
+    cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None
+) -> RunningServer:
+    """Launch a server now."""
+    start_checks(cfg, spec)
+    return launch_server(cfg, spec, log_path, run_env)
+
+
+def launch_server(
     cfg: Config,
     spec: ServerSpec,
     log_path: Path,
     run_env: Optional[dict] = None,
-    staged: bool = False,
+    wrap: Callable[[list[str]], list[str]] = lambda cmd: cmd,
+    note: str = "",
+    piped: bool = False,
 ) -> RunningServer:
-    """Launch a server now; `staged`: only import it now and start it on release_staged()."""
+    """The server's command, through `wrap`, under its keeper, with no checks. `note`: a line for its
+    log's header; `piped`: a pipe to its stdin, to be told more there (see Preimporter)."""
     cmd = server_command(cfg, spec)
-    launch = staged_command(cmd) if staged else cmd
-    if launch is None:
-        raise ServerError(
-            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
-        )
-    if not staged:
-        start_checks(cfg, spec)
+    launch = wrap(cmd)
     env = server_env(cfg, spec, run_env=run_env)
     shown = redact_env(
         {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
@@ -2418,8 +2399,7 @@ def start_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         header = f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd_shown)}\n"
-        if staged:
-            header += "(imported ahead: the server starts when the harness says go)\n"
+        header += note
         log.write(scrub(header).encode())
         log.flush()
         # Own session: Ctrl-C in a terminal does not hit the servers before we stop them. Only this
@@ -2432,7 +2412,7 @@ def start_server(
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
                 start_new_session=True,
                 pass_fds=(theirs,),
             )
@@ -2441,7 +2421,7 @@ def start_server(
             raise
         finally:
             os.close(theirs)
-    server = RunningServer(
+    return RunningServer(
         spec=spec,
         proc=proc,
         cmd=cmd_shown,
@@ -2451,9 +2431,6 @@ def start_server(
         host=cfg.host,
         control=ours,
     )
-    if staged:
-        server.staged_at = server.started_at
-    return server
 
 
 def listener_is_ours(server: RunningServer) -> bool:
@@ -2562,55 +2539,57 @@ def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class Ahead:
+    """The pool's two hooks for servers made ready ahead of their start; this one makes none (the
+    Preimporter, in its own cell, imports vLLM ahead). Whatever it holds goes back on give_back()."""
+
+    def prepare(self, specs: list[ServerSpec], log_dir: Path) -> None:
+        """These servers start later: get them ready now, where that saves time."""
+
+    def take(self, spec: ServerSpec) -> Optional[RunningServer]:
+        """A server for `spec` made ready ahead, started now, or None to start one as usual."""
+        return None
+
+    def give_back(self, keep: Iterable[tuple] = ()) -> list[RunningServer]:
+        """The servers held for specs other than `keep`, handed over to be stopped."""
+        return []
+
+
 class ServerPool:
     """Keeps servers across experiments that can share them, until shut() hands them all over to be
     stopped. A server leaves the pool only once nothing of it is alive (stop_servers marks it)."""
 
-    def __init__(self, cfg: Config, run_env: Optional[dict] = None):
+    def __init__(self, cfg: Config, run_env: Optional[dict] = None, ahead: Optional[Ahead] = None):
         self.cfg, self.run_env = cfg, run_env
         self.running: dict[tuple, RunningServer] = {}
-        self.staged: dict[tuple, RunningServer] = {}  # imported ahead, not started yet
-        self.preimport = preimport_on(cfg)
+        self.ahead = ahead or Ahead()
         self.lock = threading.Lock()  # another lane's thread may close the pool while this one starts
         self.closed = False
 
     def forget_stopped(self) -> None:
         with self.lock:
-            for servers in (self.running, self.staged):
-                for key in [k for k, s in servers.items() if s.stopped]:
-                    del servers[key]
+            for key in [k for k, s in self.running.items() if s.stopped]:
+                del self.running[key]
 
     def shut(self) -> list[RunningServer]:
-        """No server starts from now on; the ones running or staged, handed over to be stopped."""
+        """No server starts from now on; the ones running or held ahead, handed over to be stopped."""
         self.forget_stopped()
         with self.lock:
             self.closed = True
-            servers = [*self.running.values(), *self.staged.values()]
+            servers = [*self.running.values(), *self.ahead.give_back()]
             self.running.clear()
-            self.staged.clear()
             return servers
 
-    def stage(self, specs: Iterable[ServerSpec], log_dir: Path) -> None:
-        """Import vLLM now for servers that will start later (with --preimport; see run_staged)."""
-        for spec in specs:
-            if not self.preimport or spec.key in self.running or spec.key in self.staged:
-                continue
-            with self.lock:
-                if self.closed:
-                    return
-                try:
-                    self.staged[spec.key] = start_server(
-                        self.cfg, spec, server_log(log_dir, spec), self.run_env, staged=True
-                    )
-                except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
-                    say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
-                    continue
-            say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
+    def prepare(self, specs: Iterable[ServerSpec], log_dir: Path) -> None:
+        """Hook: servers that will start later, for `ahead` to get ready now (none already running)."""
+        with self.lock:
+            if not self.closed:
+                self.ahead.prepare([s for s in specs if s.key not in self.running], log_dir)
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
         stop_servers([s for k, s in self.running.items() if k not in wanted], "not needed now")
-        stop_servers([s for k, s in self.staged.items() if k not in wanted], "imported ahead, not needed")
+        stop_servers(self.ahead.give_back(keep=wanted), "made ready ahead, not needed")
         self.forget_stopped()
         for spec in specs:  # a running server is reused only if it still serves, and from our process
             server = self.running.get(spec.key)
@@ -2628,8 +2607,8 @@ class ServerPool:
         # server sizes its pool from the free memory it sees while starting, so those go one at a time
         together = [spec for spec in new if spec.kvcached]
         batches = ([together] if together else []) + [[spec] for spec in new if not spec.kvcached]
-        for batch in batches[1:]:  # the later ones import vLLM while the first batch starts
-            self.stage(batch, log_dir)
+        for batch in batches[1:]:  # the later ones get ready while the first batch starts
+            self.prepare(batch, log_dir)
         for batch in batches:
             self.start_together(batch, log_dir)
         return [self.running[spec.key] for spec in specs]
@@ -2641,25 +2620,13 @@ class ServerPool:
                 with self.lock:
                     if self.closed:
                         raise Aborted("the run was interrupted before this server started")
-                    server = self.staged.pop(spec.key, None)
-                    if server is None:
-                        server = start_server(
-                            self.cfg,
-                            spec,
-                            server_log(log_dir, spec),
-                            self.run_env,
-                        )
+                    server = self.ahead.take(spec) or start_server(
+                        self.cfg, spec, server_log(log_dir, spec), self.run_env
+                    )
                     self.running[spec.key] = server
                     started.append(server)
-                    if server.staged_at is not None:
-                        release_staged(self.cfg, server)
                     server.together = tuple(s.label for s in specs if s is not spec)
-                ahead = (
-                    f", vLLM imported ahead {server.started_at - server.staged_at:.0f} s ago"
-                    if server.staged_at is not None
-                    else ""
-                )
-                say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path}{ahead})")
+                say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path})")
             for server in started:
                 wait_ready(
                     server,
@@ -2693,9 +2660,103 @@ def shut(pools: list[ServerPool]) -> list[RunningServer]:
     return [server for pool in pools for server in pool.shut()]
 
 
-# %% Importing vLLM ahead (--preimport)
+# %% Importing vLLM ahead (--preimport): the Preimporter, behind the pool's two hooks (Ahead)
 # Its API server's imports take 15-20 s of one core and touch no GPU, so the next experiment's servers
-# can do them while the current one runs, and start ~15 s sooner when asked.
+# can do them while the current one runs, and start ~15 s sooner when asked. A server imported ahead
+# runs under its keeper like any other, so the one stop path (stop_servers) stops it too.
+class Preimporter(Ahead):
+    """Servers that have imported vLLM and wait for "go" on their stdin, one per spec."""
+
+    def __init__(self, cfg: Config, run_env: Optional[dict] = None):
+        self.cfg, self.run_env = cfg, run_env
+        self.staged: dict[tuple, RunningServer] = {}  # imported ahead, not started yet
+
+    def prepare(self, specs: list[ServerSpec], log_dir: Path) -> None:
+        for spec in specs:
+            if spec.key in self.staged:
+                continue
+            try:
+                self.staged[spec.key] = start_staged(self.cfg, spec, server_log(log_dir, spec), self.run_env)
+            except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
+                say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
+                continue
+            say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
+
+    def take(self, spec: ServerSpec) -> Optional[RunningServer]:
+        server = self.staged.pop(spec.key, None)
+        if server is None:
+            return None
+        try:
+            release_staged(self.cfg, server)
+        except BaseException:
+            stop_servers([server], "it could not be started")
+            raise
+        waited = server.started_at - server.facts["imported_ahead_from"]
+        say(f"  {spec.label}: vLLM was imported ahead {waited:.0f} s ago")
+        return server
+
+    def give_back(self, keep: Iterable[tuple] = ()) -> list[RunningServer]:
+        keep = set(keep)
+        gone = [self.staged.pop(key) for key in [k for k in self.staged if k not in keep]]
+        return [server for server in gone if not server.stopped]
+
+
+def ahead_for(cfg: Config, run_env: Optional[dict] = None) -> Ahead:
+    return Preimporter(cfg, run_env) if preimport_on(cfg) else Ahead()
+
+
+def start_staged(
+    cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None
+) -> RunningServer:
+    """Only import the server now; it starts on release_staged(). No port check yet: it binds none."""
+    if staged_command(cmd := server_command(cfg, spec)) is None:
+        raise ServerError(
+            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
+        )
+    note = "(imported ahead: the server starts when the harness says go)\n"
+    server = launch_server(cfg, spec, log_path, run_env, wrap=staged_command, note=note, piped=True)
+    server.facts["imported_ahead_from"] = server.started_at  # started_at moves to the release
+    return server
+
+
+def import_first_servers(run: Run, pools: list["ServerPool"]) -> None:
+    """With --preimport, each lane's first servers import vLLM while vLLM's import check runs (see
+    import_checks_beside); the experiments begin once it has passed."""
+    if run.import_checks is None:
+        return
+    for lane, pool in zip(run.lanes, pools):
+        first = lane.experiments[0]
+        pool.prepare(
+            resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
+        )
+    checks = run.import_checks.result()
+    if all(c.ok for c in checks):
+        say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
+        return
+    stop_servers(shut(pools), "vLLM's import check failed")
+    raise ConfigError(
+        "preflight failed; the servers importing vLLM ahead were stopped before they started "
+        "(--check repeats it):\n" + checklist(checks)
+    )
+
+
+def import_checks_beside(
+    cfg: Config, experiments: list[Experiment]
+) -> "concurrent.futures.Future[list[Check]]":
+    """The import check in the background, while the first servers import vLLM too (--preimport):
+    importing is all either does, so neither holds the card or a port before the check has passed."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def check() -> None:
+        try:
+            future.set_result(check_serving_imports(cfg, needs_kvcached(experiments)))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=check, daemon=True, name="import-check").start()  # an exit never waits on it
+    return future
+
+
 def run_staged(module: str, args: list[str]) -> None:
     """A server imported ahead, in a Python of its own: imports `module`, waits for "go" on its stdin
     (EOF: the harness is gone, so it exits), then runs the module as `python -m` would."""
@@ -6008,25 +6069,6 @@ def checklist(checks: list[Check], title: str = "preflight:") -> str:
 
 def needs_kvcached(experiments: list[Experiment]) -> bool:
     return any(e.arm == "kvcached" for e in experiments)
-
-
-def import_checks_beside(
-    cfg: Config, experiments: list[Experiment]
-) -> "concurrent.futures.Future[list[Check]]":
-    """The import check in the background, while the first servers import vLLM too (--preimport):
-    importing is all either does, so neither holds the card or a port before the check has passed."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def check() -> None:
-        try:
-            future.set_result(check_serving_imports(cfg, needs_kvcached(experiments)))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(
-        target=check, daemon=True, name="import-check"
-    ).start()  # daemon: an exit never waits on it
-    return future
 
 
 # %% Versions: the vLLM the installed kvcached supports, and one model runner for every arm

@@ -589,7 +589,7 @@ def test_a_staged_server_imports_first_and_starts_only_when_released(fake_gpu, t
     monkeypatch.setenv("FAKE_IMPORT_S", "1.5")
     cfg = module_cfg()
     spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
+    server = rx.start_staged(cfg, spec, tmp_path / "server_A.log")
     try:
         assert wait_for(lambda: log_says_imported(server), timeout=20)
         time.sleep(0.3)
@@ -612,15 +612,44 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
-    orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
+    orphan = rx.start_staged(cfg, spec, tmp_path / "orphan.log")
     orphan.proc.stdin.close()  # what the harness's end looks like to it when the harness is gone
     assert orphan.proc.wait(timeout=20) == 0 and not orphan.live_pids()
-    pool = rx.ServerPool(cfg)
-    pool.stage([spec], tmp_path)
-    staged = pool.staged[spec.key]
+    pool = rx.ServerPool(cfg, ahead=rx.ahead_for(cfg))
+    pool.prepare([spec], tmp_path)
+    staged = pool.ahead.staged[spec.key]
     assert wait_for(lambda: log_says_imported(staged), timeout=20)
     rx.stop_servers(pool.shut(), "end of test")
-    assert not staged.live_pids() and not pool.staged and not rx.port_taken(cfg.host, cfg.port_b)
+    assert not staged.live_pids() and not pool.ahead.staged and not rx.port_taken(cfg.host, cfg.port_b)
+
+
+def test_the_pool_meets_a_server_made_ready_ahead_only_through_its_hooks(fake_gpu, tmp_path):
+    cfg = make_cfg()
+    calls = []
+
+    class Recording(rx.Ahead):
+        def prepare(self, specs, log_dir):
+            calls.append(("prepare", [s.name for s in specs]))
+
+        def take(self, spec):
+            calls.append(("take", spec.name))
+
+        def give_back(self, keep=()):
+            calls.append(("give_back", sorted(k[0] for k in keep)))
+            return []
+
+    static = [
+        rx.ServerSpec(name, "Qwen/Qwen2.5-0.5B-Instruct", port, kvcached=False, gpu_memory_utilization=0.3)
+        for name, port in (("A", cfg.port_a), ("B", cfg.port_b))
+    ]
+    pool = rx.ServerPool(cfg, ahead=Recording())
+    try:
+        pool.ensure(static, tmp_path)
+    finally:
+        rx.stop_servers(pool.shut(), "end of test")
+    assert [c[0] for c in calls] == ["give_back", "prepare", "take", "take", "give_back"]
+    assert calls[1] == ("prepare", ["B"]), "the static server that starts second gets ready meanwhile"
+    assert calls[2:4] == [("take", "A"), ("take", "B")] and calls[-1] == ("give_back", [])
 
 
 @background("preimport_run", weight=11)
@@ -712,7 +741,7 @@ def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(
     spec = rx.ServerSpec(
         "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
     )
-    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
+    server = rx.start_staged(cfg, spec, tmp_path / "server_A.log")
     assert server.proc.wait(timeout=20) != 0
     with pytest.raises(rx.ServerError, match="while vLLM was being imported ahead") as failure:
         rx.release_staged(cfg, server)
@@ -725,15 +754,15 @@ def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu,
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-    pool = rx.ServerPool(cfg)
+    pool = rx.ServerPool(cfg, ahead=rx.ahead_for(cfg))
     try:
-        pool.stage([spec], tmp_path)
-        staged = pool.staged[spec.key]
+        pool.prepare([spec], tmp_path)
+        staged = pool.ahead.staged[spec.key]
         with socket.socket() as squatter:  # someone takes the port before its turn comes
             squatter.bind(("127.0.0.1", cfg.port_a))
             squatter.listen()
             with pytest.raises(rx.ServerError, match=f"port {cfg.port_a} is already"):
                 pool.ensure([spec], tmp_path)
-        assert not staged.live_pids() and not pool.running and not pool.staged
+        assert not staged.live_pids() and not pool.running and not pool.ahead.staged
     finally:
         rx.stop_servers(pool.shut(), "end of test")

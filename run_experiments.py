@@ -6322,11 +6322,6 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     save_plans(run_dir, plans, experiments)
     config = run_config(cfg, argv, run_dir, experiments, gpu, cards, lanes, plans, budget, model_facts)
     runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
-    if RUNNER_VARIABLE in runner_env:
-        say(
-            f"model runner: {RUNNER_VARIABLE}={runner_env[RUNNER_VARIABLE]} for every server, "
-            "whatever its arm"
-        )
     config.update(
         mixed_gpus=mixed, preimport_on=preimport, server_versions=versions, model_runner_env=runner_env
     )

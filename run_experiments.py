@@ -4611,13 +4611,9 @@ def footprint(
     total = memory.idle_before_workload_mib
     weights = figures["weights_gib"][-1] * 1024 if figures["weights_gib"] else None
     if server["spec"].get("kvcached"):
-        span = marks.idle_before or marks.idle_after_load
-        held = [
-            (r["used_bytes"] + r["prealloc_bytes"]) / MIB
-            for r in kvcached_rows
-            if span and span[0] <= r.get("t", -1) <= span[1]
-        ]
-        kv, source = percentile(held, 50), "kvcached's segment: used + prealloc"
+        held = [(r["t"], (r["used_bytes"] + r["prealloc_bytes"]) / MIB) for r in kvcached_rows if "t" in r]
+        kv = window_median(held, *(marks.idle_before or marks.idle_after_load or (math.inf, math.inf)))
+        source = "kvcached's segment: used + prealloc"
     else:
         kv = figures["kv_pool_gib"][-1] * 1024 if figures["kv_pool_gib"] else None
         source = "vLLM's KV cache pool"
@@ -6096,20 +6092,6 @@ def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
     return f"{lo_major}.{lo_minor}–{hi_major}.{hi_minor}"
 
 
-def probe_versions() -> None:
-    """Helper program: the installed vllm and kvcached, from their package metadata (nothing imported)."""
-    import importlib.metadata
-    import json
-
-    found = {}
-    for name in ("vllm", "kvcached"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    print(json.dumps(found))
-
-
 def servers_python(cfg: Config) -> str:
     """The interpreter the servers run in: --server-cmd's, when it starts with a Python."""
     first = server_prefix(cfg)[0]
@@ -6121,7 +6103,14 @@ def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[
     so this takes a fraction of a second, before anything launches."""
     try:
         proc = subprocess.run(
-            [servers_python(cfg), "-c", program_source(probe_versions, call="probe_versions()")],
+            [
+                servers_python(cfg),
+                "-c",
+                program_source(
+                    package_versions,
+                    call="import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))",
+                ),
+            ],
             capture_output=True,
             text=True,
             timeout=timeout_s,

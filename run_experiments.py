@@ -3514,13 +3514,24 @@ class RequestRecord:
     def from_row(cls, row: dict) -> RequestRecord:
         """A requests.jsonl row read back; a key an older row lacks reads as None. Its tpot_s is derived
         again, from the row's rounded times, as the committed summaries were."""
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values = {name: row.get(name) for name in REQUEST_FIELDS}
         values.update(ok=bool(values["ok"]), itl_s=values["itl_s"] or [])
         return cls(**values)
 
 
+REQUEST_FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
+
+
 def as_records(rows: Iterable[RequestRecord | dict]) -> list[RequestRecord]:
     return [r if isinstance(r, RequestRecord) else RequestRecord.from_row(r) for r in rows]
+
+
+def grouped(records: Iterable[RequestRecord], *fields: str) -> dict[tuple, list[RequestRecord]]:
+    """The records by their values of `fields`, in order of first appearance (one pass)."""
+    groups: dict[tuple, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(tuple(getattr(r, f) for f in fields), []).append(r)
+    return groups
 
 
 def abort_response(response: Any) -> None:
@@ -3849,8 +3860,9 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 # %% Metrics: pure functions of saved records
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
-    data = np.asarray([v for v in values if v is not None], dtype=float)
-    finite = data[np.isfinite(data)]
+    if not isinstance(values, np.ndarray):  # an array has no None to drop (iterating one is slow)
+        values = np.asarray([v for v in values if v is not None], dtype=float)
+    finite = values[np.isfinite(values)]
     return [float(p) for p in np.percentile(finite, qs)] if finite.size else [None] * len(qs)
 
 
@@ -4107,6 +4119,10 @@ class LoadedExperiment:
     requests: list[dict]  # requests.jsonl rows
     problems: list[str]  # what could not be read
 
+    @functools.cached_property  # the summaries read them many times over, by server, phase and repeat
+    def records(self) -> list[RequestRecord]:
+        return as_records(self.requests)
+
     @functools.cached_property  # read by the marks, the summary and the plots alike
     def device(self) -> list[tuple[float, float]]:
         return series(self.memory, "device")
@@ -4268,22 +4284,24 @@ def mean(values: Iterable[Optional[float]]) -> Optional[float]:
 SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as /metrics reads them
 
 
-def from_send(record: dict, key: str) -> Optional[float]:
+def from_send(record: RequestRecord, key: str) -> Optional[float]:
     """A latency from the actual send: an open-loop request's clock starts at its planned arrival."""
-    return None if record.get(key) is None else record[key] - (record.get("send_delay_s") or 0.0)
+    value = getattr(record, key)
+    return None if value is None else value - (record.send_delay_s or 0.0)
 
 
 def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[float]:
     return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
 
 
-def server_clock(marks: Marks, records: list[dict]) -> Optional[ServerClock]:
+def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optional[ServerClock]:
     bursts, pooled = [], {name: [0.0, 0] for name in SERVER_HISTOGRAMS}
     client_ttft, client_e2e = [], []
+    by_burst = grouped((r for r in as_records(records) if r.ok), "phase", "repeat")
     for mark in marks.bursts:
         if not mark.server_before or not mark.server_after:
             continue
-        ok = select(records, phase=mark.phase, repeat=mark.repeat, ok=True)
+        ok = by_burst.get((mark.phase, mark.repeat), [])
         means = {}
         for name in SERVER_HISTOGRAMS:
             means[name], count = histogram_mean(mark.server_before, mark.server_after, name)
@@ -4382,7 +4400,7 @@ def select(rows: Iterable[dict], **equal: Any) -> list[dict]:
 def summarize_experiment(
     loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0)
 ) -> ExperimentSummary:
-    record, records = loaded.record, loaded.requests
+    record, records = loaded.record, loaded.records
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
     problems = list(loaded.problems)
@@ -4459,15 +4477,17 @@ def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: fl
     ]
 
 
-def rate_sweep(records: list[dict], marks: "Marks", slo: tuple[float, float]) -> Optional[list[RatePoint]]:
+def rate_sweep(
+    records: list[RequestRecord], marks: "Marks", slo: tuple[float, float]
+) -> Optional[list[RatePoint]]:
     """One point per open-loop window (None for closed bursts)."""
-    points = []
+    points, by_window = [], grouped(records, "phase", "repeat")
     for mark in marks.bursts:
         if mark.rate is None:
             continue
-        mine = select(records, phase=mark.phase, repeat=mark.repeat)
+        mine = by_window.get((mark.phase, mark.repeat), [])
         lat = latency_summary(mine, slo)
-        delays = [r["send_delay_s"] for r in mine if r.get("send_delay_s") is not None]
+        delays = [r.send_delay_s for r in mine if r.send_delay_s is not None]
         points.append(
             RatePoint(
                 mark.phase,
@@ -4491,18 +4511,20 @@ def server_view(
 ) -> ServerSummary:
     """One server of the experiment: its memory (NVML by process tree), latency, and kvcached's and
     vLLM's views."""
-    slot, records = server["spec"]["name"], loaded.requests
+    slot = server["spec"]["name"]
+    mine = grouped(loaded.records, "server").get((slot,), [])
     entry = ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
         startup_s=server["startup_s"],
         reused=server["label"] in loaded.record.reused,
         memory=memory,
-        latency=latency_summary(select(records, server=slot), slo),
+        latency=latency_summary(mine, slo),
     )
-    repeats = sorted({r["repeat"] for r in records})
+    repeats = sorted({r.repeat for r in loaded.records})
     if len(repeats) > 1:
-        entry.latency_repeats = [latency_summary(select(records, server=slot, repeat=k)) for k in repeats]
+        by_repeat = grouped(mine, "repeat")
+        entry.latency_repeats = [latency_summary(by_repeat.get((k,), [])) for k in repeats]
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
     entry.kvcached = kvcached_view(kvcached_rows)
     entry.vllm = vllm_view(select(loaded.memory, kind="metrics", server=slot))
@@ -4543,18 +4565,22 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
     return view
 
 
-def add_phases_and_repeats(summary: ExperimentSummary, records: list[dict], slo: tuple[float, float]) -> None:
+def add_phases_and_repeats(
+    summary: ExperimentSummary, records: list[RequestRecord], slo: tuple[float, float]
+) -> None:
     """Latency per phase, and with --repeats, per repeat and the spread over repeats."""
-    for phase in dict.fromkeys(r["phase"] for r in records):
-        summary.phases[phase] = latency_summary(select(records, phase=phase), slo)
-    repeats = sorted({r["repeat"] for r in records})
+    for (phase,), mine in grouped(records, "phase").items():
+        summary.phases[phase] = latency_summary(mine, slo)
+    by_repeat = grouped(records, "repeat")
+    repeats = sorted(k for (k,) in by_repeat)
     if len(repeats) < 2:
         return
+    by_phase_repeat = grouped(records, "phase", "repeat")
     summary.phase_repeats = {
-        phase: [latency_summary(select(records, phase=phase, repeat=k)) for k in repeats]
+        phase: [latency_summary(by_phase_repeat.get((phase, k), [])) for k in repeats]
         for phase in summary.phases
     }
-    per = summary.latency_repeats = [latency_summary(select(records, repeat=k)) for k in repeats]
+    per = summary.latency_repeats = [latency_summary(by_repeat[(k,)]) for k in repeats]
     for metric, q in LATENCY_KEYS:
         summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
 

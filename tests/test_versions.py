@@ -221,14 +221,11 @@ def versions_run(
     return dict(args=args, env=env, timeout=180)
 
 
-@background("qwen3_run", weight=3)
-def qwen3_run_cmd(base):
-    return versions_run(base, QWEN3_0_6B)
-
-
-@background("llama_run", weight=3)
-def llama_run_cmd(base):
-    return versions_run(base, LLAMA_3_2_1B)
+@background("qwen3_and_llama_run", weight=6)
+def qwen3_and_llama_run_cmd(base):
+    """Qwen3 as model A and Llama as model B, each under both arms (the shared kvcached and static pairs)."""
+    llama = model_folder(base, "llama", LLAMA_3_2_1B)
+    return versions_run(base, QWEN3_0_6B, "--experiments", "3,4", "--model-b", str(llama))
 
 
 @background("qwen3_on_vllm_0_30", weight=3)
@@ -237,13 +234,8 @@ def qwen3_on_vllm_0_30_cmd(base):
 
 
 @pytest.fixture
-def qwen3_run(background_runs):
-    return succeeded_run(background_runs, "qwen3_run")
-
-
-@pytest.fixture
-def llama_run(background_runs):
-    return succeeded_run(background_runs, "llama_run")
+def qwen3_and_llama_run(background_runs):
+    return succeeded_run(background_runs, "qwen3_and_llama_run")
 
 
 @pytest.fixture
@@ -255,22 +247,17 @@ def server_logs(run_dir: Path) -> dict[str, str]:
     return {log.name: log.read_text() for log in run_dir.glob("*/server_*.log")}
 
 
-def test_qwen3_runs_both_arms_on_v1_with_vllm_0_24(qwen3_run):
-    assert_both_arms_on_v1(qwen3_run)
-
-
-def test_llama_runs_both_arms_on_v1_with_vllm_0_24(llama_run):
-    assert_both_arms_on_v1(llama_run)
-
-
-def assert_both_arms_on_v1(run_dir: Path) -> None:
-    """A model vLLM 0.24 would run on V2 ran both arms on V1 (kvcached dies on V2 there), and said so."""
+def test_qwen3_and_llama_run_both_arms_on_v1_with_vllm_0_24(qwen3_and_llama_run):
+    """Models vLLM 0.24 would run on V2 ran both arms on V1 (kvcached dies on V2 there), and said so."""
+    run_dir = qwen3_and_llama_run
     logs = server_logs(run_dir)
-    assert len(logs) == 2, logs.keys()
+    assert len(logs) == 4, logs.keys()
+    config = json.loads((run_dir / "config.json").read_text())
+    architectures = {s["spec"]["model"].rsplit("/", 1)[-1] for s in config["servers"].values()}
+    assert architectures == {"model", "llama"}, config["servers"]
     for log in logs.values():
         assert log.splitlines()[0].startswith("$ ") and "VLLM_USE_V2_MODEL_RUNNER=0 " in log.splitlines()[0]
         assert "Using V2 Model Runner" not in log
-    config = json.loads((run_dir / "config.json").read_text())
     assert config["server_versions"] == {"vllm": "0.24.0", "kvcached": "0.1.6"}
     assert config["model_runner_env"] == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
     assert {s["model_runner"] for s in config["servers"].values()} == {"V1"}

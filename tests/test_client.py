@@ -229,3 +229,21 @@ def test_a_burst_returns_every_request(live_server):
     records = rx.run_burst(server, plan.burst(0), make, cfg)
     assert [r.index for r in records] == list(range(6)) and all(r.ok for r in records)
     assert all(r.prompt_tokens and r.completion_tokens for r in records)
+
+
+def test_requests_to_the_servers_never_go_through_a_proxy_from_the_shell(live_server, monkeypatch):
+    cfg, server = live_server()
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(requests.exceptions.ProxyError):
+        requests.get(server.url + "/health", timeout=2)  # what a plain client would do: the dead proxy
+    assert rx.health_ok(server)
+    assert rx.send_chat(server.url, server.spec.model, one_request(), blank_record()).ok
+    plan = rx.plan_workload(cfg, 2, "test")
+    records = rx.run_burst(
+        server, plan.burst(0), lambda r: rx.RequestRecord("t", "A", "b", 0, 0, r.index, 0.0), cfg
+    )
+    assert all(r.ok for r in records)

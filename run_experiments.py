@@ -2468,8 +2468,11 @@ def wait_ready(
     poll_s: float = 0.25,
     progress_every_s: float = 10.0,
 ) -> float:
-    """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first."""
+    """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first.
+    The first polls come quickly (a server imported ahead, or reused, answers within a second) and back
+    off to poll_s, so start-up times are read to within a poll."""
     deadline = server.started_at + timeout_s
+    interval = min(poll_s, 0.02)
     next_progress = time.time() + progress_every_s
     while True:
         code = server.exit_code()
@@ -2503,7 +2506,8 @@ def wait_ready(
                 f"{now - server.started_at:.0f} s  | {last}"
             )
             next_progress = now + progress_every_s
-        pause(poll_s)
+        pause(interval)
+        interval = min(poll_s, interval * 2)
 
 
 def runner_hint(server: RunningServer) -> str:

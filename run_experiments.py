@@ -83,32 +83,18 @@ def running_in_notebook() -> bool:
 # %% Run state: one owner for the stop flags, the secrets and where messages go
 class RunState:
     """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, and
-    where messages go (prefixed with the card in a lane's thread). main() starts a fresh one."""
+    where messages go. main() starts a fresh one."""
 
     def __init__(self, out: Callable[[str], None] = print):
         self.out = out
         self.hurry = threading.Event()  # a second Ctrl-C/SIGTERM during a stop: SIGKILL now
         self.stopping = threading.Event()  # a stop is under way: signal handlers must not interrupt it
         self.interrupt_pending = threading.Event()  # a signal came during a stop: end the run after it
-        self.abort = threading.Event()  # the run was interrupted: every lane stops at its next wait
         self.signals_seen = 0
         self.secrets: set[str] = set()  # values scrubbed from anything written or printed
-        self._thread = threading.local()
 
     def say(self, message: Any) -> None:
-        text = scrub(str(message))
-        prefix = getattr(self._thread, "prefix", "")
-        self.out(prefixed(text, prefix) if prefix else text)
-
-    @contextlib.contextmanager
-    def lane(self, prefix: str) -> Iterator[None]:
-        """Messages from this thread carry `prefix` (the lane's card) meanwhile."""
-        before = getattr(self._thread, "prefix", "")
-        self._thread.prefix = prefix
-        try:
-            yield
-        finally:
-            self._thread.prefix = before
+        self.out(scrub(str(message)))
 
 
 STATE = RunState()
@@ -172,7 +158,8 @@ class Config:
     kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
     sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
     gpu_index: int = 0  # NVML index of the card the servers use
-    gpus: str = ""  # e.g. '0,1': run experiments in parallel, one lane per card ('' = --gpu-index)
+    gpus: str = ""  # e.g. '0,1': run experiments in parallel, one process per card ('' = --gpu-index)
+    lane_of: str = ""  # set by --gpus for each card's process: the run folder whose lane it runs
     allow_mixed_gpus: bool = False  # let --gpus mix card models or sizes (recorded; figures differ by card)
     start_timeout_s: float = 900.0  # vLLM start-up: 50-100 s usual, first compile can be longer
     preimport: str = "auto"  # import vLLM ahead for the next servers: auto (>= 8 cores per card), on, off
@@ -544,11 +531,10 @@ class Run:
     lanes: list[Lane]
     runner_env: dict[str, str]  # every server's model-runner setting (model_runner_env)
     import_checks: Optional["concurrent.futures.Future[list[Check]]"] = None  # still running: --preimport
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # config.json, across lanes
+    config_file: str = "config.json"  # a card's process of a --gpus run writes its own (lane_file)
 
     def save_config(self) -> None:
-        with self.lock:
-            write_json(self.run_dir / "config.json", self.config)
+        write_json(self.run_dir / self.config_file, self.config)
 
 
 def main(
@@ -570,13 +556,15 @@ def main(
             checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
             say(checklist(checks))
             return 0 if all(c.ok for c in checks) else 1
+        if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
+            return lane_exit_code(*run_table(join_run(cfg, nvml_module)))
         run = prepare_run(cfg, argv, nvml_module)
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.config["timing"] = {"started": started}
     try:
-        interrupted, failures = run_table(run)
+        interrupted, failures = run_lanes(run, argv) if len(run.lanes) > 1 else run_table(run)
     except ConfigError as exc:  # vLLM's import check, run beside the first imports, failed: no run
         shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
@@ -586,88 +574,46 @@ def main(
 
 
 def run_table(run: Run) -> tuple[bool, int]:
-    """Every chosen experiment, lane by lane (lanes in parallel), servers kept across experiments where
-    they fit, all stopped at the end. Returns (interrupted, failed experiments)."""
-    STATE.abort.clear()
-    lanes = run.lanes
-    pools = []
-    for lane in lanes:
-        with STATE.lane(lane_prefix(run, lane)):
-            env = {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env}
-            pools.append(ServerPool(lane.cfg, env, ahead_for(lane.cfg, env)))
+    """Every experiment of the run's one lane, servers kept across experiments where they fit, all
+    stopped at the end. Returns (interrupted, failed experiments)."""
+    (lane,) = run.lanes
+    env = {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env}
+    pool = ServerPool(lane.cfg, env, ahead_for(lane.cfg, env))
     restore = install_stop_signals() if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, 0.001))
-    outcomes = [LaneOutcome() for _ in lanes]
-    workers = (
-        [
-            threading.Thread(
-                target=run_lane,
-                args=(run, lane, pool, outcome),
-                daemon=True,
-                name=f"lane-gpu{lane.cfg.gpu_index}",
-            )
-            for lane, pool, outcome in zip(lanes, pools, outcomes)
-        ]
-        if len(lanes) > 1
-        else []
-    )
-    interrupted = False
+    interrupted, failures = False, 0
     try:
-        import_first_servers(run, pools)
+        import_first_servers(run, pool)
         run.config["timing"]["table_start"] = time.time()
-        if not workers:  # one card: in this thread, as a notebook's interrupt reaches only it
-            run_lane(run, lanes[0], pools[0], outcomes[0])
-        else:
-            for worker in workers:
-                worker.start()
-            while any(w.is_alive() for w in workers):
-                for worker in workers:
-                    worker.join(timeout=0.2)
+        failures = run_lane_experiments(run, lane, pool)
     except KeyboardInterrupt:
         interrupted = True
-        STATE.abort.set()  # the other lanes stop at their next step
         STATE.signals_seen = max(STATE.signals_seen, 1)  # a notebook's stop button reaches us only this way
         say("\ninterrupted: stopping every server before leaving")
     finally:
         try:
-            stop_servers(shut(pools), "end of run")
+            stop_servers(pool.shut(), "end of run")
         except KeyboardInterrupt:  # signalled again while stopping: the servers are gone all the same
             interrupted = True
-        for worker in workers:
-            if worker.is_alive():
-                worker.join(timeout=30)
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         sys.setswitchinterval(switch_interval)
         with contextlib.suppress(Exception):
             run.nvml.nvmlShutdown()
-    return interrupted or any(o.interrupted for o in outcomes), sum(o.failures for o in outcomes)
+    return interrupted, failures
 
 
 def experiment_dir(run: Run, entry: Experiment) -> Path:
     return run.run_dir / f"{run.experiments.index(entry) + 1:02d}_{entry.name}"
 
 
-def prefixed(text: str, prefix: str) -> str:
-    return "\n".join(prefix + line if line.strip() else line for line in text.split("\n"))
+def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
+    """A lane's experiments in turn; one that fails is written down and the next one runs. Returns how
+    many failed."""
 
-
-@dataclasses.dataclass
-class LaneOutcome:
-    failures: int = 0
-    interrupted: bool = False
-
-
-def run_lane(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> None:
-    """A lane's experiments in turn; one that fails is written down and the next one runs."""
-    with STATE.lane(lane_prefix(run, lane)):
-        run_lane_experiments(run, lane, pool, outcome)
-
-
-def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool", outcome: LaneOutcome) -> None:
     def resolved(entry: Experiment) -> ExperimentSpec:
         return resolve_experiment(entry, lane.cfg, run.plans, run.budget)
 
@@ -676,47 +622,26 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool", outcome: Lane
             return lambda: None
         return lambda: pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
 
+    failures = 0
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
         prepare_next = preparer(upcoming)
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
-        except Aborted:
-            outcome.interrupted = True
-            return
-        except KeyboardInterrupt:
-            if threading.current_thread() is threading.main_thread():
-                raise
-            outcome.interrupted = True
-            return
         except Exception as exc:  # this experiment failed; the others still run
-            if STATE.abort.is_set():  # cut off by the interrupt, not a failure of its own
-                outcome.interrupted = True
-                return
-            outcome.failures += 1
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            write_json(
-                exp_dir / "error.json",
-                {
-                    "experiment": entry.name,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                },
-            )
+            failures += 1
+            write_failure(exp_dir, entry, f"{type(exc).__name__}: {exc}", traceback.format_exc())
             say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
         finally:
-            with run.lock:
-                for server in list(pool.running.values()):
-                    run.config["servers"][server.spec.label + lane_suffix(run, lane)] = server.describe()
+            for server in list(pool.running.values()):
+                run.config["servers"][server.spec.label] = server.describe()
             run.save_config()
+    return failures
 
 
-def lane_suffix(run: Run, lane: Lane) -> str:
-    return f" on GPU {lane.cfg.gpu_index}" if len(run.lanes) > 1 else ""
-
-
-def lane_prefix(run: Run, lane: Lane) -> str:
-    return f"[GPU {lane.cfg.gpu_index}] " if len(run.lanes) > 1 else ""
+def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
 
 
 def report_run(run: Run, interrupted: bool, failures: int) -> int:
@@ -746,11 +671,12 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
 # memory sampling, load generation, metrics, summaries, plots, report, run set-up, signals.
 
 
-# %% Lanes: with --gpus, experiments run in parallel, one lane per card
+# %% Lanes: with --gpus, experiments run in parallel, one harness process per card
 # Experiments that share a server (kvcached A serves 1, 3 and 5) form one unit and stay in one lane, so
 # no server starts twice. Units go greedily, longest first, to the least loaded lane (by a rough estimate
-# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane has its
-# own card, ports (+LANE_PORT_STEP per lane), kvcached segments and samplers; all write into one run folder.
+# of start-ups and bursts); a unit is split into its experiments where that ends sooner. Each lane is a
+# process of its own (this script with --lane-of): its card, ports (+LANE_PORT_STEP per lane), kvcached
+# segments, sampler and keepers. All write into one run folder; the first process reports.
 LANE_PORT_STEP = 100
 START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
 BURST_ESTIMATE_S = 10.0  # one burst
@@ -817,6 +743,176 @@ def plan_lanes(
             if max(map(cost, tried)) < max(map(cost, best)):
                 units, best = split, tried
     return best
+
+
+def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
+    """One process per card, each running its lane's experiments into the run folder. Their lines come
+    out here, prefixed with the card; a signal here is passed on to each, once. Returns (interrupted,
+    failed experiments), a lane that died counting its unfinished experiments as failed."""
+    if run.import_checks is not None:
+        confirm_imports(run)
+    run.config["timing"]["table_start"] = time.time()
+    lanes = {lane.cfg.gpu_index: start_lane(run, argv, lane.cfg.gpu_index) for lane in run.lanes}
+    signals: list[int] = []
+
+    def pass_on(signum, frame):
+        if not signals:
+            say("\ninterrupted: each card's process stops its servers")
+        signals.append(signum)
+        for process in lanes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        relay_output(lanes)
+        codes = {index: process.wait() for index, process in lanes.items()}
+    finally:
+        end_lanes(lanes)
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+    failures = sum(gather_lane(run, lane, codes[lane.cfg.gpu_index]) for lane in run.lanes)
+    run.save_config()
+    return bool(signals) or 130 in codes.values(), failures
+
+
+def script_file() -> Optional[str]:
+    """This script's file, which each card's process runs (none when pasted into a notebook cell)."""
+    path = globals().get("__file__")
+    return path if path and Path(path).is_file() else None
+
+
+def start_lane(run: Run, argv: Optional[list[str]], gpu_index: int) -> subprocess.Popen:
+    args = [
+        *(sys.argv[1:] if argv is None else argv),
+        "--lane-of",
+        str(run.run_dir),
+        "--gpu-index",
+        str(gpu_index),
+    ]
+    return subprocess.Popen(
+        [sys.executable, script_file(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
+    )
+
+
+def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
+    """Every line of each card's process, prefixed with its card, until they have all closed them."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    pending: dict[int, bytes] = {}
+    for index, process in lanes.items():
+        for stream, to in ((process.stdout, say), (process.stderr, print_error)):
+            selector.register(stream, selectors.EVENT_READ, (f"[GPU {index}] ", to))
+            pending[stream.fileno()] = b""
+    while selector.get_map():
+        for key, _ in selector.select():
+            chunk = os.read(key.fd, 1 << 16)
+            prefix, to = key.data
+            lines = (pending[key.fd] + chunk).split(b"\n")
+            pending[key.fd] = lines.pop() if chunk else b""
+            for line in lines if chunk else [x for x in lines if x]:
+                text = line.decode(errors="replace")
+                to(prefix + text if text.strip() else text)
+            if not chunk:
+                selector.unregister(key.fileobj)
+
+
+def print_error(line: str) -> None:
+    print(scrub(line), file=sys.stderr)
+
+
+def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
+    """Only after an error here: each card's process still running is told to stop, then killed (its
+    servers' keepers then stop them)."""
+    for process in lanes.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in lanes.values():
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def lane_file(gpu_index: int) -> str:
+    return f".lane_gpu{gpu_index}.json"
+
+
+def gather_lane(run: Run, lane: Lane, code: int) -> int:
+    """A card's process has ended: its servers go into config.json; returns its failed experiments (an
+    unfinished experiment of a process that died counts as one)."""
+    index = lane.cfg.gpu_index
+    facts, _ = read_json(run.run_dir / lane_file(index))
+    for label, server in ((facts or {}).get("servers") or {}).items():
+        run.config["servers"][f"{label} on GPU {index}"] = server
+    with contextlib.suppress(FileNotFoundError):
+        (run.run_dir / lane_file(index)).unlink()
+    failed = [e for e in lane.experiments if (experiment_dir(run, e) / "error.json").exists()]
+    if code in (0, 1, 130):
+        return len(failed)
+    for entry in lane.experiments:
+        exp_dir = experiment_dir(run, entry)
+        record, _ = read_json(exp_dir / "experiment.json")
+        if entry not in failed and not (isinstance(record, dict) and record.get("finished")):
+            write_failure(
+                exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
+            )
+            say(f"  FAILED {entry.name}: the process running GPU {index}'s lane ended with exit code {code}")
+            failed.append(entry)
+    return len(failed)
+
+
+def join_run(cfg: "Config", nvml_module: Any) -> Run:
+    """A card's process of a --gpus run: the run the first process prepared (config.json, plans), for
+    the lane of this card."""
+    register_secrets(cfg)
+    stop_with_first_process()
+    run_dir = Path(cfg.lane_of)
+    config, problem = read_json(run_dir / "config.json")
+    lane = next((x for x in (config or {}).get("lanes", []) if x["gpu_index"] == cfg.gpu_index), None)
+    if lane is None:
+        raise ConfigError(
+            f"--lane-of: {run_dir} has no lane for GPU {cfg.gpu_index} ({problem or 'no such lane'})"
+        )
+    lane_cfg = dataclasses.replace(cfg, port_a=lane["ports"][0], port_b=lane["ports"][1])
+    experiments = parse_experiments(cfg.experiments)
+    gpu = next(card for card in config["gpus"] if card["index"] == cfg.gpu_index)
+    plans = load_plans(run_dir)
+    ensure_open_files(
+        max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
+    )
+    return Run(
+        lane_cfg,
+        experiments,
+        open_gpu(nvml_module, [cfg.gpu_index], "--gpu-index"),
+        gpu,
+        plans,
+        config["overload_budget_bytes"],
+        run_dir,
+        {"servers": {}, "timing": {}},
+        [Lane(lane_cfg, gpu, [e for e in experiments if e.name in lane["experiments"]])],
+        config["model_runner_env"],
+        config_file=lane_file(cfg.gpu_index),
+    )
+
+
+def lane_exit_code(interrupted: bool, failures: int) -> int:
+    return 130 if interrupted else (1 if failures else 0)
+
+
+def stop_with_first_process() -> None:
+    """A card's process is told to stop (SIGTERM, as from Ctrl-C) when the process that started it
+    dies, even by SIGKILL (Linux; elsewhere its servers' keepers still stop them when it ends)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # %% Records of an experiment: experiment.json's phase marks and facts
@@ -1300,7 +1396,15 @@ def check_lanes(cfg: Config) -> None:
     """--gpus, and the ports of every lane (lane k uses --port-a/--port-b + LANE_PORT_STEP k)."""
     lanes = len(gpu_indices(cfg))
     need(len(set(gpu_indices(cfg))) == lanes, "gpus", "lists a card twice")
-    need(not (cfg.gpus and cfg.gpu_index), "gpus", "give either --gpus or --gpu-index, not both")
+    need(
+        not (cfg.gpus and cfg.gpu_index) or cfg.lane_of, "gpus", "give either --gpus or --gpu-index, not both"
+    )
+    need(
+        lanes == 1 or script_file() is not None,
+        "gpus",
+        "runs one process per card from this script's file, and there is none here (a notebook cell): "
+        "give one card (--gpu-index), or save the cell as run_experiments.py and run it from a terminal",
+    )
     for name in ("port_a", "port_b"):
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
@@ -2543,14 +2647,9 @@ def server_problem(server: RunningServer) -> Optional[str]:
     return None
 
 
-class Aborted(KeyboardInterrupt):
-    """Raised in a lane's thread when the run was interrupted (signals reach only the main thread)."""
-
-
 def pause(seconds: float) -> None:
-    """time.sleep that ends the lane's work when the run is interrupted."""
-    if STATE.abort.wait(seconds) if seconds > 0 else STATE.abort.is_set():
-        raise Aborted("the run was interrupted")
+    """time.sleep, for nothing where the time has already passed."""
+    time.sleep(max(0.0, seconds))
 
 
 def in_main_thread() -> bool:
@@ -2581,28 +2680,21 @@ class ServerPool:
         self.cfg, self.run_env = cfg, run_env
         self.running: dict[tuple, RunningServer] = {}
         self.ahead = ahead or Ahead()
-        self.lock = threading.Lock()  # another lane's thread may close the pool while this one starts
-        self.closed = False
 
     def forget_stopped(self) -> None:
-        with self.lock:
-            for key in [k for k, s in self.running.items() if s.stopped]:
-                del self.running[key]
+        for key in [k for k, s in self.running.items() if s.stopped]:
+            del self.running[key]
 
     def shut(self) -> list[RunningServer]:
-        """No server starts from now on; the ones running or held ahead, handed over to be stopped."""
+        """The servers running or held ahead, handed over to be stopped."""
         self.forget_stopped()
-        with self.lock:
-            self.closed = True
-            servers = [*self.running.values(), *self.ahead.give_back()]
-            self.running.clear()
-            return servers
+        servers = [*self.running.values(), *self.ahead.give_back()]
+        self.running.clear()
+        return servers
 
     def prepare(self, specs: Iterable[ServerSpec], log_dir: Path) -> None:
         """Hook: servers that will start later, for `ahead` to get ready now (none already running)."""
-        with self.lock:
-            if not self.closed:
-                self.ahead.prepare([s for s in specs if s.key not in self.running], log_dir)
+        self.ahead.prepare([s for s in specs if s.key not in self.running], log_dir)
 
     def ensure(self, specs: list[ServerSpec], log_dir: Path) -> list[RunningServer]:
         wanted = {s.key for s in specs}
@@ -2635,15 +2727,12 @@ class ServerPool:
         started: list[RunningServer] = []
         try:
             for spec in specs:
-                with self.lock:
-                    if self.closed:
-                        raise Aborted("the run was interrupted before this server started")
-                    server = self.ahead.take(spec) or start_server(
-                        self.cfg, spec, server_log(log_dir, spec), self.run_env
-                    )
-                    self.running[spec.key] = server
-                    started.append(server)
-                    server.together = tuple(s.label for s in specs if s is not spec)
+                server = self.ahead.take(spec) or start_server(
+                    self.cfg, spec, server_log(log_dir, spec), self.run_env
+                )
+                self.running[spec.key] = server
+                started.append(server)
+                server.together = tuple(s.label for s in specs if s is not spec)
                 say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path})")
             for server in started:
                 wait_ready(
@@ -2671,11 +2760,6 @@ class ServerPool:
 
 def server_log(log_dir: Path, spec: ServerSpec) -> Path:
     return log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
-
-
-def shut(pools: list[ServerPool]) -> list[RunningServer]:
-    """Every lane's servers, to be stopped together; no lane starts another one meanwhile."""
-    return [server for pool in pools for server in pool.shut()]
 
 
 # %% Importing vLLM ahead (--preimport): the Preimporter, behind the pool's two hooks (Ahead)
@@ -2737,24 +2821,31 @@ def start_staged(
     return server
 
 
-def import_first_servers(run: Run, pools: list["ServerPool"]) -> None:
-    """With --preimport, each lane's first servers import vLLM while vLLM's import check runs (see
+def import_first_servers(run: Run, pool: "ServerPool") -> None:
+    """With --preimport, the first servers import vLLM while vLLM's import check runs (see
     import_checks_beside); the experiments begin once it has passed."""
     if run.import_checks is None:
         return
-    for lane, pool in zip(run.lanes, pools):
-        first = lane.experiments[0]
-        pool.prepare(
-            resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
-        )
+    (lane,) = run.lanes
+    first = lane.experiments[0]
+    pool.prepare(
+        resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
+    )
+    try:
+        confirm_imports(run, "the servers importing vLLM ahead were stopped before they started")
+    except ConfigError:
+        stop_servers(pool.shut(), "vLLM's import check failed")
+        raise
+
+
+def confirm_imports(run: Run, stopped: str = "") -> None:
+    """vLLM's import check, started beside (import_checks_beside), has passed; else a ConfigError."""
     checks = run.import_checks.result()
     if all(c.ok for c in checks):
         say(checklist(checks, "preflight, imports (checked while the first servers imported vLLM):"))
         return
-    stop_servers(shut(pools), "vLLM's import check failed")
     raise ConfigError(
-        "preflight failed; the servers importing vLLM ahead were stopped before they started "
-        "(--check repeats it):\n" + checklist(checks)
+        f"preflight failed{'; ' + stopped if stopped else ''} (--check repeats it):\n" + checklist(checks)
     )
 
 
@@ -6344,7 +6435,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     ]
     lanes = [lane for lane in lanes if lane.experiments]
     ensure_open_files(
-        len(lanes) * max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
+        max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
     )
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     announce_run(cards, lanes, preimport, run_dir)
@@ -6523,6 +6614,16 @@ def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[
     for key in sorted({plan for e in experiments for plan in e.plans}):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))
+
+
+def load_plans(run_dir: Path) -> dict[str, WorkloadPlan]:
+    """The plans save_plans wrote, as they were sent."""
+    plans = {}
+    for path in sorted(run_dir.glob("plan_*.json.gz")):
+        data = json.loads(gzip.decompress(path.read_bytes()))
+        data.update(requests=tuple(PlannedRequest(**r) for r in data["requests"]), rates=tuple(data["rates"]))
+        plans[path.name[5:-8]] = WorkloadPlan(**data)
+    return plans
 
 
 def plan_summary(plan: WorkloadPlan) -> dict:

@@ -355,3 +355,23 @@ def signalled_run(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def lane_ports() -> tuple[int, int]:
+    """Ports p, p+1 whose lane-1 twins (+LANE_PORT_STEP) are free too."""
+    for _ in range(200):
+        a = free_port()
+        ports = (a, a + 1, a + rx.LANE_PORT_STEP, a + 1 + rx.LANE_PORT_STEP)
+        if all(p not in HANDED_OUT or p == a for p in ports) and not any(
+            rx.port_taken("127.0.0.1", p) for p in ports
+        ):
+            HANDED_OUT.update(ports)
+            return a, a + 1
+    raise RuntimeError("no free ports")
+
+
+def two_card_args(base, *extra):
+    a, b = lane_ports()
+    args = script_args(base / "results", "--gpus", "0,1", *extra)
+    args[args.index("--port-a") + 1], args[args.index("--port-b") + 1] = str(a), str(b)
+    return args, a

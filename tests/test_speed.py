@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import (
     FAKES,
-    HANDED_OUT,
     background,
     fake_env,
     free_port,
@@ -22,6 +21,7 @@ from conftest import (
     script_args,
     signalled_run,
     succeeded_run,
+    two_card_args,
     wait_for,
 )
 
@@ -64,6 +64,13 @@ def test_the_seed_on_two_cards_starts_the_kvcached_pair_together_in_its_own_lane
     cfg = rx.fill_preset(rx.Config(preset="seed"))
     plan = names(rx.plan_lanes(rx.parse_experiments("seed"), cfg, 4 << 30, 3, 2))
     assert ["shared_kvcached"] in plan
+
+
+def test_two_cards_in_a_notebook_cell_are_refused_before_launch_naming_the_flag(monkeypatch):
+    monkeypatch.setattr(rx, "script_file", lambda: None)  # pasted into a cell: no file to start per card
+    with pytest.raises(rx.ConfigError, match=r"^--gpus: runs one process per card .* \(--gpu-index\)"):
+        rx.validate_config(rx.Config(gpus="0,1"))
+    rx.validate_config(rx.Config(gpus="1"))  # one card needs no second process
 
 
 def test_a_lane_gets_its_own_card_and_ports():
@@ -343,26 +350,6 @@ def test_buffered_rows_reach_the_file_within_about_a_second(fake_gpu, tmp_path):
 
 
 # --- two fake cards, end to end --------------------------------------------------------------------
-def lane_ports() -> tuple[int, int]:
-    """Ports p, p+1 whose lane-1 twins (+LANE_PORT_STEP) are free too."""
-    for _ in range(200):
-        a = free_port()
-        ports = (a, a + 1, a + rx.LANE_PORT_STEP, a + 1 + rx.LANE_PORT_STEP)
-        if all(p not in HANDED_OUT or p == a for p in ports) and not any(
-            rx.port_taken("127.0.0.1", p) for p in ports
-        ):
-            HANDED_OUT.update(ports)
-            return a, a + 1
-    raise RuntimeError("no free ports")
-
-
-def two_card_args(base, *extra):
-    a, b = lane_ports()
-    args = script_args(base / "results", "--gpus", "0,1", *extra)
-    args[args.index("--port-a") + 1], args[args.index("--port-b") + 1] = str(a), str(b)
-    return args, a
-
-
 @background("two_card_run", weight=8)
 def two_card_run_cmd(base):
     (base / "gpu").mkdir()

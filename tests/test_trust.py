@@ -27,6 +27,7 @@ from conftest import (
     ready,
     rx,
     script_args,
+    two_card_args,
     wait_for,
 )
 
@@ -120,6 +121,88 @@ def sigkill_scenario_job(base):
 @pytest.fixture
 def sigkill_scenario(background_runs):
     return background_runs.result("sigkill_scenario")
+
+
+def lane_process(harness: int, gpu_index: int) -> int:
+    """The pid of the harness's process running GPU gpu_index's lane (--gpus)."""
+    for pid in descendants(harness):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--lane-of" in args and args[args.index(b"--gpu-index") + 1] == str(gpu_index).encode():
+            return pid
+    raise AssertionError(f"no process for GPU {gpu_index}'s lane")
+
+
+def two_card_kill(base: Path, whom: str) -> dict:
+    """A two-card run; once both lanes burst, SIGKILL `whom` ('lane 1': GPU 1's process; 'harness': the
+    first one), and say what was left."""
+    (base / "gpu").mkdir()
+    args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "4", "--no-warmup")
+    env = fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_ITL_S="0.03")
+    harness = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        bursting = wait_for(
+            lambda: len(list((base / "results").glob("*/0*/requests.jsonl"))) == 2, timeout=60
+        )
+        ours = descendants(harness.pid)
+        os.kill(lane_process(harness.pid, 1) if whom == "lane 1" else harness.pid, signal.SIGKILL)
+        out, _ = harness.communicate(timeout=60)
+        gone = wait_for(lambda: not any(alive(p) for p in ours), timeout=10)
+        ports = (port_a, port_a + 1, port_a + 100, port_a + 101)
+        return dict(
+            bursting=bursting,
+            rc=harness.returncode,
+            out=out,
+            gone=gone,
+            left=[p for p in ours if alive(p)],
+            ports_free=all(port_free(p) for p in ports),
+            run_dir=next((base / "results").iterdir()),
+        )
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.communicate()
+
+
+@background("lane_killed_scenario", weight=4)
+def lane_killed_job(base):
+    return lambda: two_card_kill(base, "lane 1")
+
+
+@background("two_card_sigkill_scenario", weight=3)
+def two_card_sigkill_job(base):
+    return lambda: two_card_kill(base, "harness")
+
+
+@pytest.fixture
+def lane_killed_scenario(background_runs):
+    return background_runs.result("lane_killed_scenario")
+
+
+@pytest.fixture
+def two_card_sigkill_scenario(background_runs):
+    return background_runs.result("two_card_sigkill_scenario")
+
+
+def test_a_cards_process_that_dies_fails_its_experiment_and_the_run_still_reports(lane_killed_scenario):
+    run = lane_killed_scenario
+    assert run["bursting"] and run["rc"] == 1, run["out"][-3000:]
+    config = json.loads((run["run_dir"] / "config.json").read_text())
+    (killed,) = [lane["experiments"] for lane in config["lanes"] if lane["gpu_index"] == 1]
+    (other,) = [lane["experiments"] for lane in config["lanes"] if lane["gpu_index"] == 0]
+    for name in killed:
+        error = json.loads(next(run["run_dir"].glob(f"0*_{name}/error.json")).read_text())["error"]
+        assert error == "the process running GPU 1's lane ended with exit code -9"
+    summary = json.loads((run["run_dir"] / "summary.json").read_text())
+    assert sorted(folder.split("_", 1)[1] for folder in summary["failed"]) == sorted(killed)
+    assert all(summary["experiments"][name]["latency"]["failed"] == 0 for name in other)
+    assert run["gone"] and run["ports_free"], run["left"]
+
+
+def test_sigkill_of_the_first_process_of_a_two_card_run_stops_every_lane(two_card_sigkill_scenario):
+    run = two_card_sigkill_scenario
+    assert run["bursting"] and run["rc"] == -9
+    assert run["gone"], f"every lane's process, keeper and server is gone: {run['left']}"
+    assert run["ports_free"]
 
 
 def test_sigkill_of_the_harness_mid_burst_leaves_nothing_running(sigkill_scenario):

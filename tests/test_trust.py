@@ -133,16 +133,14 @@ def lane_process(harness: int, gpu_index: int) -> int:
 
 
 def two_card_kill(base: Path, whom: str) -> dict:
-    """A two-card run; once both lanes burst, SIGKILL `whom` ('lane 1': GPU 1's process; 'harness': the
+    """A two-card run; once both lanes have a server up, SIGKILL `whom` ('lane 1': GPU 1's process; 'harness': the
     first one), and say what was left."""
     (base / "gpu").mkdir()
     args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "4", "--no-warmup")
     env = fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_ITL_S="0.03")
     harness = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        bursting = wait_for(
-            lambda: len(list((base / "results").glob("*/0*/requests.jsonl"))) == 2, timeout=60
-        )
+        bursting = wait_for(lambda: len(list((base / "gpu").glob("*.json"))) >= 2, timeout=60)
         ours = descendants(harness.pid)
         os.kill(lane_process(harness.pid, 1) if whom == "lane 1" else harness.pid, signal.SIGKILL)
         out, _ = harness.communicate(timeout=60)

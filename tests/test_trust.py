@@ -133,8 +133,8 @@ def lane_process(harness: int, gpu_index: int) -> int:
 
 
 def two_card_kill(base: Path, whom: str) -> dict:
-    """A two-card run; once both lanes have a server up, SIGKILL `whom` ('lane 1': GPU 1's process; 'harness': the
-    first one), and say what was left."""
+    """A two-card run; once both lanes have a server up, SIGKILL `whom` ('lane 1': GPU 1's process;
+    'harness': the first one), and say what was left."""
     (base / "gpu").mkdir()
     args, port_a = two_card_args(base, "--experiments", "1,2", "--bursts", "4", "--no-warmup")
     env = fake_env(base / "gpu", FAKE_GPU_COUNT="2", FAKE_ITL_S="0.03")

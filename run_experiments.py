@@ -61,6 +61,7 @@ import shutil
 import signal
 import socket
 import stat
+import string
 import struct
 import subprocess
 import sys
@@ -144,17 +145,20 @@ class Config:
     # --- models and servers
     model_a: str = "Qwen/Qwen2.5-0.5B-Instruct"  # HF id or local folder
     model_b: str = "Qwen/Qwen2.5-1.5B-Instruct"  # second model for the shared/overload experiments
+    models: str = ""  # N models sharing the card, comma list: slots A, B, C, ... ('' = --model-a,--model-b)
     tokenizer: str = ""  # passed to vLLM as --tokenizer when set
     load_format: str = ""  # 'dummy' = random weights with the real shapes (no download)
     max_model_len: int = 2048  # tokens; bounds prompt + output
     host: str = "127.0.0.1"  # vLLM binds every interface unless told otherwise
     port_a: int = 8001  # model A's server (one port per slot, so A can be reused across experiments)
     port_b: int = 8002  # model B's server
+    port: int = 0  # first port: slot i listens on port + i (0 = --port-a/--port-b, then --port-b + 1, ...)
     api_key: str = ""  # passed to vLLM and sent by the client when set
     server_cmd: str = ""  # replaces 'python -m vllm.entrypoints.openai.api_server'
     extra_server_args: str = ""  # appended to every server command
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
     pair_utilization_b: float = 0.0  # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
+    static_shares: str = ""  # shared_static: each model's fraction, comma list ('' = 0.90/N; two: see above)
     kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
     sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
     gpu_index: int = 0  # NVML index of the card the servers use
@@ -232,7 +236,7 @@ class Group:
     """Experiments that answer one question together, one per arm, compared kvcached vs static."""
 
     name: str  # key of the comparison in summary.json
-    pair: bool  # two models share the card (per-model figures) or one model alone
+    pair: bool  # the models share the card (per-model figures) or one model alone
     ratios_by: str  # the latency-ratio table is cut by 'model' or by 'phase'
     plot: str  # file name of the group's memory plot
 
@@ -244,8 +248,8 @@ class Experiment:
     group: str  # key of GROUPS
     arm: str  # 'kvcached' or 'static': which side of the comparison
     question: str
-    servers: Callable[["Config", int], tuple["ServerSpec", ...]]  # (config, pair KV budget) -> servers
-    schedule: Callable[[int], tuple[Step, ...]]  # bursts per plan -> steps
+    servers: Callable[["Config", int], tuple["ServerSpec", ...]]  # (config, shared KV budget) -> servers
+    schedule: Callable[[int, list[str]], tuple[Step, ...]]  # (bursts per plan, slots) -> steps
     plans: tuple[str, ...]  # the plans its steps send
     shares_budget: bool = False  # kvcached limits are set so the pair shares one KV budget
 
@@ -284,20 +288,40 @@ def sleeping_server(cfg: "Config", slot: str, utilization: float) -> "ServerSpec
 KV_BYTES_START_GATE = 0.2
 
 
-def pair_b_utilization(cfg: "Config") -> float:
-    return cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2)
+def static_shares(cfg: "Config") -> list[float]:
+    """Each model's --gpu-memory-utilization in shared_static: --static-shares, else 0.90 split evenly
+    (two models: --gpu-memory-utilization, the seed's 0.55, and the rest up to 0.90)."""
+    if cfg.static_shares:
+        return [float(v) for v in cfg.static_shares.split(",")]
+    if len(slots(cfg)) == 2:
+        return [
+            cfg.gpu_memory_utilization,
+            cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2),
+        ]
+    return [math.floor(90 / len(slots(cfg))) / 100] * len(slots(cfg))
 
 
-def single_bursts(bursts: int) -> tuple[Step, ...]:
+def each_slot(
+    make: Callable[["Config", str], "ServerSpec"],
+) -> Callable[["Config", int], tuple["ServerSpec", ...]]:
+    """Servers for an experiment with every model on the card: make(cfg, slot) per slot."""
+    return lambda cfg, budget: tuple(make(cfg, slot) for slot in slots(cfg))
+
+
+def single_bursts(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
     return tuple(Step(f"burst {b + 1}", "A", "main", b) for b in range(bursts))
 
 
-def alternating_bursts(bursts: int) -> tuple[Step, ...]:
-    return tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in "AB")
+def alternating_bursts(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
+    return tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in slots_)
 
 
-def overload_swap(bursts: int) -> tuple[Step, ...]:
-    return (Step("A bursts, B idle", "A", "overload_A", 0), Step("B bursts, A idle", "B", "overload_B", 0))
+def overload_swap(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
+    """Each model in turn bursts past its static share while the others idle."""
+    return tuple(
+        Step(f"{s} bursts, {', '.join(o for o in slots_ if o != s)} idle", s, f"overload_{s}", 0)
+        for s in slots_
+    )
 
 
 GROUPS = {
@@ -335,7 +359,7 @@ EXPERIMENTS = [
         "shared",
         "kvcached",
         "Two models on one GPU, both elastic, alternating bursts.",
-        lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")),
+        each_slot(kvcached_server),
         alternating_bursts,
         ("main",),
     ),
@@ -345,9 +369,8 @@ EXPERIMENTS = [
         "shared",
         "static",
         "The same pair split statically (--gpu-memory-utilization per model).",
-        lambda cfg, budget: (
-            static_server(cfg, "A", cfg.gpu_memory_utilization),
-            static_server(cfg, "B", pair_b_utilization(cfg)),
+        lambda cfg, budget: tuple(
+            static_server(cfg, slot, share) for slot, share in zip(slots(cfg), static_shares(cfg))
         ),
         alternating_bursts,
         ("main",),
@@ -359,9 +382,9 @@ EXPERIMENTS = [
         "kvcached",
         "One model bursts past its static share while the other idles; an elastic pair sharing one "
         "KV budget (kvcached's per-instance limits).",
-        lambda cfg, budget: (kvcached_server(cfg, "A"), kvcached_server(cfg, "B")),
+        each_slot(kvcached_server),
         overload_swap,
-        ("overload_A", "overload_B"),
+        ("overload",),
         shares_budget=True,
     ),
     Experiment(
@@ -370,12 +393,11 @@ EXPERIMENTS = [
         "overload",
         "static",
         "The same load on a static pair with half the KV budget each (--kv-cache-memory-bytes).",
-        lambda cfg, budget: (
-            static_server(cfg, "A", KV_BYTES_START_GATE, budget // 2),
-            static_server(cfg, "B", KV_BYTES_START_GATE, budget // 2),
+        lambda cfg, budget: tuple(
+            static_server(cfg, s, KV_BYTES_START_GATE, budget // len(slots(cfg))) for s in slots(cfg)
         ),
         overload_swap,
-        ("overload_A", "overload_B"),
+        ("overload",),
     ),
     Experiment(
         6,
@@ -395,10 +417,7 @@ EXPERIMENTS = [
         "sleep",
         "Two models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
         "and only the one that bursts is awake (the other was put to sleep after its own burst).",
-        lambda cfg, budget: (
-            sleeping_server(cfg, "A", cfg.gpu_memory_utilization),
-            sleeping_server(cfg, "B", cfg.gpu_memory_utilization),
-        ),
+        lambda cfg, budget: tuple(sleeping_server(cfg, s, cfg.gpu_memory_utilization) for s in slots(cfg)),
         alternating_bursts,
         ("main",),
     ),
@@ -464,7 +483,7 @@ def resolve_experiment(
         entry.name,
         entry.question,
         entry.servers(cfg, budget_bytes),
-        entry.schedule(plans["main"].bursts),
+        entry.schedule(plans["main"].bursts, slots(cfg)),
         budget_bytes if entry.shares_budget else 0,
     )
 
@@ -688,7 +707,13 @@ def gpu_indices(cfg: "Config") -> list[int]:
 
 def lane_config(cfg: "Config", lane: int, gpu_index: int) -> "Config":
     step = LANE_PORT_STEP * lane
-    return dataclasses.replace(cfg, gpu_index=gpu_index, port_a=cfg.port_a + step, port_b=cfg.port_b + step)
+    return dataclasses.replace(
+        cfg,
+        gpu_index=gpu_index,
+        port_a=cfg.port_a + step,
+        port_b=cfg.port_b + step,
+        port=cfg.port and cfg.port + step,
+    )
 
 
 def server_units(experiments: list[Experiment], cfg: "Config", budget: int) -> list[list[Experiment]]:
@@ -712,7 +737,7 @@ def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: 
         specs = {spec.key: spec for spec in entry.servers(cfg, budget)}
         new = [spec for key, spec in specs.items() if key not in running]
         starts = sum(not spec.kvcached for spec in new) + any(spec.kvcached for spec in new)
-        steps = len(entry.schedule(bursts)) * cfg.repeats
+        steps = len(entry.schedule(bursts, slots(cfg))) * cfg.repeats
         total += starts * START_ESTIMATE_S + steps * (burst_s + max(cfg.gap_s, 0))
         running = set(specs)
     return total
@@ -880,7 +905,7 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         raise ConfigError(
             f"--lane-of: {run_dir} has no lane for GPU {cfg.gpu_index} ({problem or 'no such lane'})"
         )
-    lane_cfg = dataclasses.replace(cfg, port_a=lane["ports"][0], port_b=lane["ports"][1])
+    lane_cfg = lane_config(cfg, config["lanes"].index(lane), cfg.gpu_index)
     experiments = parse_experiments(cfg.experiments)
     gpu = next(card for card in config["gpus"] if card["index"] == cfg.gpu_index)
     plans = load_plans(run_dir)
@@ -1387,6 +1412,7 @@ def validate_config(cfg: Config) -> Config:
         "leaves no room for model B in shared_static; set --pair-utilization-b",
     )
     check_lanes(cfg)
+    check_model_list(cfg)
     check_server_command(cfg)
     check_workload(cfg)
     return cfg
@@ -1405,19 +1431,60 @@ def check_lanes(cfg: Config) -> None:
         "runs one process per card from this script's file, and there is none here (a notebook cell): "
         "give one card (--gpu-index), or save the cell as run_experiments.py and run it from a terminal",
     )
-    for name in ("port_a", "port_b"):
+    last = "port" if cfg.port else "port_b"  # the flag that sets the highest port
+    for name in ("port",) if cfg.port else ("port_a", "port_b"):
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
             name,
             "must be a TCP port" + (f" (lane k of --gpus uses it + {LANE_PORT_STEP}k)" if lanes > 1 else ""),
         )
-    need(cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
-    lane_ports = [p + LANE_PORT_STEP * k for k in range(lanes) for p in (cfg.port_a, cfg.port_b)]
+    need(cfg.port or cfg.port_a != cfg.port_b, "port_b", "must differ from --port-a")
+    ports = [port_of(cfg, slot) for slot in slots(cfg)]
+    need(
+        max(ports) + LANE_PORT_STEP * (lanes - 1) < 65536,
+        last,
+        f"leaves no TCP port for model {slots(cfg)[-1]} (slot i of --models uses the first port + i)",
+    )
+    lane_ports = [p + LANE_PORT_STEP * k for k in range(lanes) for p in ports]
     need(
         len(set(lane_ports)) == len(lane_ports),
-        "port_b",
+        last,
         f"collides with another lane's ports ({lane_ports}: lane k uses --port-a/--port-b "
-        f"+ {LANE_PORT_STEP}k)",
+        f"+ {LANE_PORT_STEP}k)"
+        if lanes > 1
+        else f"collides with another model's port ({ports}: models after B use --port-b + 1, + 2, ...)",
+    )
+
+
+def check_model_list(cfg: Config) -> None:
+    """--models and --static-shares: before anything launches."""
+    models, shares = slot_models(cfg), cfg.static_shares
+    need(0 < len(models) <= 26 and all(models), "models", f"must name 1 to 26 models, got {cfg.models!r}")
+    for model in models:
+        need(
+            not looks_like_path(model) or Path(model).expanduser().is_dir(),
+            "models",
+            f"{model!r} looks like a local folder but there is no such folder",
+        )
+    if shares:
+        need(
+            re.fullmatch(r"\d*\.?\d+(,\d*\.?\d+)*", shares) is not None,
+            "static_shares",
+            f"must be fractions separated by commas, e.g. 0.3,0.3,0.3; got {shares!r}",
+        )
+        values = static_shares(cfg)
+        need(
+            len(values) == len(models),
+            "static_shares",
+            f"gives {len(values)} shares for {len(models)} models",
+        )
+        need(all(0 < v < 1 for v in values), "static_shares", "each share must be in (0, 1)")
+        need(sum(values) <= 0.95, "static_shares", f"sum to {sum(values):g}: at most 0.95 of the card")
+    shared = [e.name for e in parse_experiments(cfg.experiments) if GROUPS[e.group].pair]
+    need(
+        len(models) > 1 or not shared,
+        "models",
+        f"one model cannot share the card in {', '.join(shared)}: name two or more, or run 1, 2 and 6",
     )
 
 
@@ -1830,8 +1897,10 @@ def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
-    """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share."""
-    share = budget_bytes / 2
+    """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share
+    (an even split of the budget among the models)."""
+    share = budget_bytes / len(slots(cfg))
+    whose = "the pair's" if len(slots(cfg)) == 2 else "the models'"
     max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
     # and 256 tokens more of room for tokenizer drift
     prompt_tokens = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
@@ -1841,7 +1910,7 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
     sizing = (
         f"{size} requests x ({prompt_tokens} + {max_tokens}) tokens x {kv_per_token} B = "
         f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
-        f"({share / GIB:.2f} GiB), below the pair's budget ({budget_bytes / GIB:.2f} GiB)"
+        f"({share / GIB:.2f} GiB), below {whose} budget ({budget_bytes / GIB:.2f} GiB)"
     )
     if size < wanted:
         sizing += (
@@ -1938,12 +2007,25 @@ class ServerError(RuntimeError):
     """A server that did not come up, died, or is not ours, with the evidence to fix it."""
 
 
+def slot_models(cfg: Config) -> list[str]:
+    """The models sharing the card, in slot order: --models, else --model-a and --model-b."""
+    return [m.strip() for m in cfg.models.split(",")] if cfg.models else [cfg.model_a, cfg.model_b]
+
+
+def slots(cfg: Config) -> list[str]:
+    return list(string.ascii_uppercase[: len(slot_models(cfg))])
+
+
 def model_of(cfg: Config, slot: str) -> str:
-    return {"A": cfg.model_a, "B": cfg.model_b}[slot]
+    return slot_models(cfg)[slots(cfg).index(slot)]
 
 
 def port_of(cfg: Config, slot: str) -> int:
-    return {"A": cfg.port_a, "B": cfg.port_b}[slot]
+    """--port + i; else --port-a for A, --port-b for B, and on from --port-b for C, D, ..."""
+    i = slots(cfg).index(slot)
+    if cfg.port:
+        return cfg.port + i
+    return cfg.port_a if i == 0 else cfg.port_b + i - 1
 
 
 def server_prefix(cfg: Config) -> list[str]:
@@ -4919,6 +5001,7 @@ class SleepComparison:
     vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # sleep / kvcached, per repeat
     vs_static_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()
     awake_peak_over_static_mib: Optional[float] = omitted_if_none()  # the same pool without sleep mode
+    models: Optional[int] = omitted_if_none()  # sleeping models sharing the card, where more than two
 
 
 def compare_sleep(
@@ -4950,6 +5033,7 @@ def compare_sleep(
         ratio_spreads(sleep.latency_repeats, ela and ela.latency_repeats),
         ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats),
         diff(sleep.device.peak_mib, sta.device.peak_mib) if sta and same_pool else None,
+        len(sleep.servers) if len(sleep.servers) > 2 else None,
     )
 
 
@@ -4972,6 +5056,16 @@ def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
 
 # %% Plots (matplotlib's object API: no pyplot state, no backend switch inside a notebook)
 COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62728", "sleep": "#2ca02c"}
+MORE_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def color_of(name: str) -> str:
+    """A model's or arm's colour: models after B take the next colours of matplotlib's cycle."""
+    if name in COLORS:
+        return COLORS[name]
+    if len(name) == 1 and name.isupper():
+        return MORE_COLORS[(ord(name) - ord("C")) % len(MORE_COLORS)]
+    return "grey"
 
 
 def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) -> Any:
@@ -4993,7 +5087,7 @@ def shade_bursts(ax: Any, marks: Marks, t0: float) -> None:
     for burst in marks.bursts:
         if burst.end is None:  # killed mid-burst
             continue
-        ax.axvspan(burst.start - t0, burst.end - t0, color=COLORS.get(burst.server, "grey"), alpha=0.08, lw=0)
+        ax.axvspan(burst.start - t0, burst.end - t0, color=color_of(burst.server), alpha=0.08, lw=0)
 
 
 def plot_single(
@@ -5079,7 +5173,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
             mem.plot(
                 [t - t0 for t, _ in proc],
                 [v for _, v in proc],
-                color=COLORS[slot],
+                color=color_of(slot),
                 lw=1.2,
                 label=f"{slot}: {server['spec']['model'].split('/')[-1]}",
             )
@@ -5088,7 +5182,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
                 kv.plot(
                     [t - t0 for t, _ in used],
                     [v for _, v in used],
-                    color=COLORS[slot],
+                    color=color_of(slot),
                     lw=1.2,
                     label=f"{slot} kvcached used",
                 )
@@ -5097,7 +5191,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
                 met.plot(
                     [t - t0 for t, _ in points],
                     [v for _, v in points],
-                    color=COLORS[slot],
+                    color=color_of(slot),
                     ls=style,
                     lw=1.1,
                     label=f"{slot} {field}",
@@ -5336,7 +5430,7 @@ def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
         *[
             f"Workload `{key}`: {plan.get('sizing')}"
             for key, plan in config.get("plans", {}).items()
-            if key in used_plans
+            if key in used_plans or plan_family(key) in used_plans
         ],
     ]
 
@@ -5520,7 +5614,8 @@ def comparison_lines(name: str, block: Any) -> list[str]:
 
 def sleep_paragraph(name: str, block: SleepComparison) -> str:
     rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
-    models = "two models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
+    models = f"{block.models or 2} models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
+    models = models.replace("2 models", "two models")
     return (
         f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
         f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
@@ -6461,7 +6556,7 @@ def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir:
     for lane in lanes if len(lanes) > 1 else []:
         say(
             f"  GPU {lane.cfg.gpu_index} runs {', '.join(e.name for e in lane.experiments)} "
-            f"(ports {lane.cfg.port_a}/{lane.cfg.port_b})"
+            f"(ports {'/'.join(str(port_of(lane.cfg, s)) for s in slots(lane.cfg))})"
         )
     if preimport:
         say(
@@ -6509,7 +6604,7 @@ def run_config(
             {
                 "gpu_index": lane.cfg.gpu_index,
                 "gpu_uuid": lane.gpu["uuid"],
-                "ports": [lane.cfg.port_a, lane.cfg.port_b],
+                "ports": [port_of(lane.cfg, s) for s in slots(lane.cfg)],
                 "experiments": [e.name for e in lane.experiments],
             }
             for lane in lanes
@@ -6556,14 +6651,14 @@ def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
 
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
-    for key, model in (("A", cfg.model_a), ("B", cfg.model_b)):
-        model_config, source = load_model_config(model)
+    for key in slots(cfg):
+        model_config, source = load_model_config(model_of(cfg, key))
         facts[key] = {
-            "model": model,
+            "model": model_of(cfg, key),
             "config_source": source,
             "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None,
         }
-    kv_a, kv_b = facts["A"]["kv_bytes_per_token"], facts["B"]["kv_bytes_per_token"]
+    kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     if open_loop:
         size, sizing = (
@@ -6591,8 +6686,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         )
     plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
-    for key, kv in (("A", kv_a), ("B", kv_b)):
-        plans[f"overload_{key}"] = overload_plan(cfg, kv or 12288, budget)
+    for key in slots(cfg):
+        plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
     output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
     say(
@@ -6601,19 +6696,27 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         f"~{main.prompt_tokens} prompt + {output} output tokens, {cfg.gap_s:g} s gaps"
     )
     say(f"  why: {sizing}")
-    if kv_b:
-        say(
-            f"  model B needs {kv_b / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
-            f"in the shared experiments"
-        )
+    for key in slots(cfg)[1:]:
+        kv = facts[key]["kv_bytes_per_token"]
+        if kv:
+            say(
+                f"  model {key} needs {kv / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
+                f"in the shared experiments"
+            )
     return plans, budget, facts
 
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
     """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    for key in sorted({plan for e in experiments for plan in e.plans}):
+    used = {plan for e in experiments for plan in e.plans}
+    for key in sorted(k for k in plans if plan_family(k) in used):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))
+
+
+def plan_family(key: str) -> str:
+    """What an experiment's `plans` name: 'main', or 'overload' for overload_A, overload_B, ..."""
+    return key.split("_", 1)[0]
 
 
 def load_plans(run_dir: Path) -> dict[str, WorkloadPlan]:

@@ -16,7 +16,7 @@ import run_experiments as rx
 
 only_b = lambda cfg, budget: (rx.kvcached_server(cfg, "B"),)
 static_b = lambda cfg, budget: (rx.static_server(cfg, "B", 0.3),)
-b_bursts = lambda bursts: tuple(rx.Step(f"B burst {{b + 1}}", "B", "main", b) for b in range(bursts))
+b_bursts = lambda bursts, slots: tuple(rx.Step(f"B burst {{b + 1}}", "B", "main", b) for b in range(bursts))
 rx.GROUPS = {{**rx.GROUPS, "toy": rx.Group("toy", pair=False, ratios_by="model", plot="toy_memory.png")}}
 rx.EXPERIMENTS = rx.EXPERIMENTS + [
     rx.Experiment(

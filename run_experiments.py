@@ -15,6 +15,9 @@
 # 6. `sleep`             the static pool with sleep mode: asleep between bursts, woken by the next;
 # 7. `shared_sleep`      two models time-sharing the card that way.
 #
+# Experiments 3-7 take every model sharing the card: A and B by default, or as many as `--models`
+# names (slots A, B, C, ...; static shares from `--static-shares`, one overload budget split N ways).
+#
 # Closed bursts by default; `--arrivals poisson --rates ...` sends open-loop traffic instead.
 # `--gpus 0,1` spreads the experiments over several cards of one host; on a machine with cores to
 # spare, each next server imports vLLM while the experiment before it runs, and the first ones while
@@ -358,7 +361,7 @@ EXPERIMENTS = [
         "shared_kvcached",
         "shared",
         "kvcached",
-        "Two models on one GPU, both elastic, alternating bursts.",
+        "{Two} models on one GPU, {both} elastic, alternating bursts.",
         each_slot(kvcached_server),
         alternating_bursts,
         ("main",),
@@ -368,7 +371,7 @@ EXPERIMENTS = [
         "shared_static",
         "shared",
         "static",
-        "The same pair split statically (--gpu-memory-utilization per model).",
+        "The same {pair} split statically (--gpu-memory-utilization per model).",
         lambda cfg, budget: tuple(
             static_server(cfg, slot, share) for slot, share in zip(slots(cfg), static_shares(cfg))
         ),
@@ -380,7 +383,7 @@ EXPERIMENTS = [
         "overload_kvcached",
         "overload",
         "kvcached",
-        "One model bursts past its static share while the other idles; an elastic pair sharing one "
+        "One model bursts past its static share while {the other idles}; an elastic {pair} sharing one "
         "KV budget (kvcached's per-instance limits).",
         each_slot(kvcached_server),
         overload_swap,
@@ -392,7 +395,7 @@ EXPERIMENTS = [
         "overload_static",
         "overload",
         "static",
-        "The same load on a static pair with half the KV budget each (--kv-cache-memory-bytes).",
+        "The same load on a static {pair} with {half the KV budget} each (--kv-cache-memory-bytes).",
         lambda cfg, budget: tuple(
             static_server(cfg, s, KV_BYTES_START_GATE, budget // len(slots(cfg))) for s in slots(cfg)
         ),
@@ -415,8 +418,8 @@ EXPERIMENTS = [
         "shared_sleep",
         "shared",
         "sleep",
-        "Two models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
-        "and only the one that bursts is awake (the other was put to sleep after its own burst).",
+        "{Two} models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
+        "and only the one that bursts is awake (the {other was} put to sleep after its own burst).",
         lambda cfg, budget: tuple(sleeping_server(cfg, s, cfg.gpu_memory_utilization) for s in slots(cfg)),
         alternating_bursts,
         ("main",),
@@ -476,12 +479,21 @@ class ExperimentSpec:
     kv_budget: int = 0  # bytes of KV memory the kvcached pair may hold together
 
 
+def model_words(n: int) -> dict[str, str]:
+    """The words of the table's questions for n models (two: as the tutorial says them)."""
+    words = ("Two", "both", "pair", "the other idles", "other was", "half the KV budget")
+    if n == 2:
+        return {word: word for word in words}
+    many = (str(n), "all", f"set of {n} models", "the others idle", "others were", f"1/{n} of the KV budget")
+    return dict(zip(words, many))
+
+
 def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
     return ExperimentSpec(
         entry.name,
-        entry.question,
+        entry.question.format(**model_words(len(slots(cfg)))),
         entry.servers(cfg, budget_bytes),
         entry.schedule(plans["main"].bursts, slots(cfg)),
         budget_bytes if entry.shares_budget else 0,
@@ -1617,6 +1629,9 @@ KNOWN_MODEL_CONFIGS = {
         hidden_size=896,
         num_attention_heads=14,
         torch_dtype="bfloat16",
+        vocab_size=151936,
+        intermediate_size=4864,
+        tie_word_embeddings=True,
     ),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
         num_hidden_layers=28,
@@ -1624,6 +1639,9 @@ KNOWN_MODEL_CONFIGS = {
         hidden_size=1536,
         num_attention_heads=12,
         torch_dtype="bfloat16",
+        vocab_size=151936,
+        intermediate_size=8960,
+        tie_word_embeddings=True,
     ),
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
@@ -1664,6 +1682,21 @@ def kv_bytes_per_token(model_config: dict) -> int:
     kv_heads = text.get("num_key_value_heads", heads)
     dtype_bytes = DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def weight_bytes(model_config: dict) -> Optional[int]:
+    """About the bytes of a dense model's weights (embeddings, attention, MLP) from its config.json;
+    None where it lacks the sizes or has experts."""
+    text = model_config.get("text_config", model_config)
+    sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    if any(k not in text for k in sizes) or any("expert" in k for k in text):
+        return None
+    hidden, layers, vocab, mlp_width, heads = (text[k] for k in sizes)
+    head_dim = text.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * 2 * (heads + text.get("num_key_value_heads", heads))  # q, o; k, v
+    tied = text.get("tie_word_embeddings", model_config.get("tie_word_embeddings", False))
+    params = layers * (attention + 3 * hidden * mlp_width) + vocab * hidden * (1 if tied else 2)
+    return params * DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
 
 
 # %% Workload plan: built from a seed before sending, saved, identical for every arm
@@ -6051,6 +6084,42 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
     return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
 
 
+def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
+    """shared_static's shares hold each model's weights and one request of --max-model-len, and the
+    models fit the card together (vLLM would refuse to start otherwise, minutes into the run)."""
+    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
+    needs = {}
+    for slot in slots(cfg):
+        model_config, _ = load_model_config(model_of(cfg, slot))
+        weights = weight_bytes(model_config) if model_config else None
+        if weights is None:
+            return Check(
+                "static split", True, f"not checked: no sizes for model {slot}'s weights", warning=True
+            )
+        needs[slot] = weights + kv_bytes_per_token(model_config) * cfg.max_model_len
+    shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
+    if sum(needs.values()) > 0.95 * total:
+        return Check(
+            "static split",
+            False,
+            f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
+            f"request each ({shown} MiB); 0.95 of GPU {index} is {0.95 * total / MIB:,.0f} MiB",
+            "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
+            "--experiments",
+        )
+    for (slot, need), share in zip(needs.items(), static_shares(cfg)):
+        if share * total < need:
+            return Check(
+                "static split",
+                False,
+                f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
+                f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
+                "raise its share (--static-shares, or --gpu-memory-utilization/--pair-utilization-b for "
+                "two models)",
+            )
+    return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
+
+
 def check_card(nvml: Any, index: int, static_share: float) -> Check:
     """Free memory and other processes on the measured card: others skew every reading, and vLLM's
     static pool refuses to start without its share free."""
@@ -6263,6 +6332,8 @@ def preflight(
             if not s.kvcached
         ]
         checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
+        if any(e.name == "shared_static" for e in experiments):
+            checks.append(check_static_split(cfg, nvml, indices[0]))
     except ConfigError as exc:
         checks.append(
             Check(

@@ -375,3 +375,16 @@ def two_card_args(base, *extra):
     args = script_args(base / "results", "--gpus", "0,1", *extra)
     args[args.index("--port-a") + 1], args[args.index("--port-b") + 1] = str(a), str(b)
     return args, a
+
+
+def consecutive_ports(n: int) -> int:
+    """The first of n consecutive free ports no other test got (--port: slot i on port + i)."""
+    for _ in range(200):
+        first = free_port()
+        ports = range(first, first + n)
+        if all(p not in HANDED_OUT or p == first for p in ports) and not any(
+            rx.port_taken("127.0.0.1", p) for p in ports
+        ):
+            HANDED_OUT.update(ports)
+            return first
+    raise RuntimeError("no free ports")

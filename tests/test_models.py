@@ -1,0 +1,130 @@
+"""N models on one card: --models names slots A, B, C, ...; every experiment that shares the card takes
+them all (kvcached together, static shares one at a time, sleep mode one awake at a time, one overload
+budget split N ways); bad lists, shares and ports are refused before anything starts."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import background, consecutive_ports, fake_env, in_process_args, rx, script_args, succeeded_run
+
+THREE = "Qwen/Qwen2.5-0.5B-Instruct,Qwen/Qwen2.5-1.5B-Instruct,Qwen/Qwen2.5-0.5B-Instruct"
+SHARED = ["shared_kvcached", "shared_static", "overload_kvcached", "overload_static", "shared_sleep"]
+
+
+@background("three_models_run", weight=10)
+def three_models_run_cmd(base):
+    (base / "gpu").mkdir()
+    first = consecutive_ports(3)
+    (base / "port").write_text(str(first))
+    args = script_args(base / "results", "--models", THREE, "--port", str(first), "--experiments", "3,4,5,7")
+    return dict(args=args, env=fake_env(base / "gpu"), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def three_models_run(background_runs):
+    run_dir = succeeded_run(background_runs, "three_models_run")
+    port = int((run_dir.parent.parent / "port").read_text())
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), port
+
+
+def test_three_models_run_every_shared_experiment_with_three_servers(three_models_run):
+    run_dir, summary, port = three_models_run
+    assert sorted(summary["experiments"]) == sorted(SHARED)
+    for name in SHARED:
+        servers = summary["experiments"][name]["servers"]
+        assert sorted(servers) == ["A", "B", "C"], name
+        assert all(s["latency"]["ok"] > 0 and s["latency"]["failed"] == 0 for s in servers.values()), name
+        assert all(s["memory"]["peak_mib"] for s in servers.values()), name
+    record = json.loads(next(run_dir.glob("*_shared_kvcached/experiment.json")).read_text())
+    assert [s["spec"]["port"] for s in record["servers"]] == [port, port + 1, port + 2]
+    assert [s["spec"]["model"] for s in record["servers"]] == THREE.split(",")
+    assert len({s["started_at"] for s in record["servers"]}) == 3 and all(
+        len(s["started_together_with"]) == 2 for s in record["servers"]
+    ), "the elastic three start together"
+
+
+def test_three_static_shares_split_the_card_and_one_budget_splits_three_ways(three_models_run):
+    run_dir, summary, _ = three_models_run
+    static = json.loads(next(run_dir.glob("*_shared_static/experiment.json")).read_text())
+    assert [s["spec"]["gpu_memory_utilization"] for s in static["servers"]] == [0.3, 0.3, 0.3]
+    overload = json.loads(next(run_dir.glob("*_overload_static/experiment.json")).read_text())
+    budget = json.loads((run_dir / "config.json").read_text())["overload_budget_bytes"]
+    assert [s["spec"]["kv_cache_memory_bytes"] for s in overload["servers"]] == [budget // 3] * 3
+    limits = json.loads(next(run_dir.glob("*_overload_kvcached/experiment.json")).read_text())["kv_limits"]
+    assert sorted(limits) == ["A", "B", "C"]
+    phases = summary["comparison"]["overload"]["per_phase"]
+    assert sorted(phases) == ["A bursts, B, C idle", "B bursts, A, C idle", "C bursts, A, B idle"]
+    assert sorted(summary["comparison"]["shared"]["per_model"]) == ["A", "B", "C"]
+
+
+def test_bursts_alternate_over_all_three_and_the_summary_says_three_models(three_models_run):
+    run_dir, summary, _ = three_models_run
+    phases = list(summary["experiments"]["shared_kvcached"]["phases"])
+    assert phases[:3] == ["A burst 1", "B burst 1", "C burst 1"]
+    assert summary["comparison"]["shared_sleep"]["models"] == 3
+    assert "**vLLM sleep mode, 3 models (level 1):**" in (run_dir / "summary.md").read_text()
+
+
+# --- refused before launch, naming the flag ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--static-shares", "0.4,0.4,0.4"], "--static-shares: sum to 1.2: at most 0.95 of the card"),
+        (["--static-shares", "0.3,0.3"], "--static-shares: gives 2 shares for 3 models"),
+        (["--static-shares", "0.3,x,0.3"], "--static-shares: must be fractions separated by commas"),
+        (["--port", "65534"], "--port: leaves no TCP port for model C"),
+    ],
+)
+def test_bad_model_lists_shares_and_ports_are_refused_before_launch(flags, said, tmp_path, capsys):
+    args = in_process_args(tmp_path / "r", "--models", THREE, "--experiments", "3,4", *flags)
+    assert rx.main(args) == 2
+    assert f"error: {said}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+
+
+def test_one_model_cannot_share_the_card(tmp_path, capsys):
+    args = in_process_args(tmp_path / "r", "--models", "Qwen/Qwen2.5-0.5B-Instruct", "--experiments", "3")
+    assert rx.main(args) == 2
+    assert "--models: one model cannot share the card in shared_kvcached" in capsys.readouterr().err
+
+
+SEVEN_B = {  # Qwen2.5-7B's shapes: about 14 GiB of weights
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "intermediate_size": 18944,
+    "torch_dtype": "bfloat16",
+}
+
+
+def model_folder(base: Path, config: dict) -> str:
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps(config))
+    return str(base)
+
+
+@pytest.mark.parametrize(
+    "models, shares, said",
+    [
+        ("small", "0.05,0.3,0.3", "✗ static split: model A's share 0.05 (819 MiB) cannot hold its weights"),
+        ("7b", "", "✗ static split: 3 models need"),
+    ],
+)
+def test_shares_too_small_for_a_model_or_a_card_too_small_for_them_all_fail_the_preflight(
+    models, shares, said, fake_gpu, tmp_path, capsys
+):
+    listed = (
+        THREE
+        if models == "small"
+        else ",".join([model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(3)])
+    )
+    args = in_process_args(tmp_path / "r", "--models", listed, "--experiments", "4")
+    args += ["--static-shares", shares] if shares else []
+    assert rx.main(args, nvml_module=fake_gpu) == 2
+    err = capsys.readouterr().err
+    assert "preflight failed, nothing was started" in err and said in err
+    assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"

@@ -4833,6 +4833,8 @@ def server_log_text(exp_path: Path, server: dict) -> Optional[str]:
     for path in (exp_path.parent / logged.parent.name / logged.name, exp_path / logged.name):
         with contextlib.suppress(OSError):
             return path.read_text(errors="replace")
+        with contextlib.suppress(OSError):  # committed runs keep their logs gzipped
+            return gzip.decompress(path.with_name(path.name + ".gz").read_bytes()).decode(errors="replace")
     return None
 
 

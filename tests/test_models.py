@@ -128,3 +128,28 @@ def test_shares_too_small_for_a_model_or_a_card_too_small_for_them_all_fail_the_
     err = capsys.readouterr().err
     assert "preflight failed, nothing was started" in err and said in err
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
+
+
+def test_sleeping_models_take_turns_each_at_the_full_share(three_models_run):
+    """Each starts while the others sleep, at the same share; only the model that bursts is ever awake."""
+    run_dir, summary, _ = three_models_run
+    exp = next(run_dir.glob("*_shared_sleep"))
+    rows = rx.read_jsonl(exp / "memory.jsonl")
+    record = json.loads((exp / "experiment.json").read_text())
+    servers = summary["experiments"]["shared_sleep"]["servers"]
+    for slot in "ABC":
+        assert servers[slot]["memory"]["peak_mib"] > 0.5 * 16384, "each gets the static arm's share awake"
+    awake = {
+        slot: {
+            r["t"]
+            for r in rows
+            if r.get("kind") == "process" and r.get("server") == slot and r["used_mib"] > 0.5 * 16384
+        }
+        for slot in "ABC"
+    }
+    assert all(awake.values())
+    assert not (awake["A"] & awake["B"] or awake["A"] & awake["C"] or awake["B"] & awake["C"]), (
+        "one at a time"
+    )
+    assert all(b["wake_s"] is not None and b["sleep_s"] is not None for b in record["marks"]["bursts"])
+    assert "shared_sleep" in summary["comparison"]

@@ -127,41 +127,6 @@ def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fa
     assert "/sleep?level=1" in error and "HTTP 404" in error and "VLLM_SERVER_DEV_MODE=1" in error
 
 
-@background("shared_sleep_run", weight=10)
-def shared_sleep_run_cmd(base):
-    (base / "gpu").mkdir()
-    return dict(args=script_args(base / "results", "--experiments", "3,7"), env=fake_env(base / "gpu"))
-
-
-@pytest.fixture
-def shared_sleep_run(background_runs):
-    return succeeded_run(background_runs, "shared_sleep_run")
-
-
-def test_two_sleeping_models_take_turns_each_at_the_full_share(shared_sleep_run):
-    """B starts while A sleeps, at the same share; only the model that bursts is ever awake."""
-    exp = shared_sleep_run / "02_shared_sleep"
-    rows = rx.read_jsonl(exp / "memory.jsonl")
-    record = json.loads((exp / "experiment.json").read_text())
-    summary = json.loads((shared_sleep_run / "summary.json").read_text())
-    servers = summary["experiments"]["shared_sleep"]["servers"]
-    for slot in "AB":
-        assert servers[slot]["latency"]["failed"] == 0
-        assert servers[slot]["memory"]["peak_mib"] > 0.5 * 16384, "each gets the static arm's share awake"
-    awake = {
-        slot: [
-            r["t"]
-            for r in rows
-            if r.get("kind") == "process" and r.get("server") == slot and r["used_mib"] > 0.5 * 16384
-        ]
-        for slot in "AB"
-    }
-    assert awake["A"] and awake["B"]
-    assert not set(awake["A"]) & set(awake["B"]), "never both awake at one sample"
-    assert all(b["wake_s"] is not None and b["sleep_s"] is not None for b in record["marks"]["bursts"])
-    assert "shared_sleep" in summary["comparison"]
-
-
 def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(sleep_run):
     """Weights and KV from the fake's log lines, the rest what the fake holds besides (its 300 MiB of
     overhead and 300 MiB of CUDA context; kvcached also its 64 MiB of pages kept after a burst); the

@@ -13,12 +13,14 @@ THREE = "Qwen/Qwen2.5-0.5B-Instruct,Qwen/Qwen2.5-1.5B-Instruct,Qwen/Qwen2.5-0.5B
 SHARED = ["shared_kvcached", "shared_static", "overload_kvcached", "overload_static", "shared_sleep"]
 
 
-@background("three_models_run", weight=10)
+@background("three_models_run", weight=20)
 def three_models_run_cmd(base):
     (base / "gpu").mkdir()
     first = consecutive_ports(3)
     (base / "port").write_text(str(first))
-    args = script_args(base / "results", "--models", THREE, "--port", str(first), "--experiments", "3,4,5,7")
+    args = script_args(
+        base / "results", "--models", THREE, "--port", str(first), "--experiments", "3,4,5,7", "--bursts", "1"
+    )
     return dict(args=args, env=fake_env(base / "gpu"), timeout=240)
 
 

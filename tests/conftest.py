@@ -184,7 +184,7 @@ FAST = [
     "--prompt-tokens",
     "512",
     "--max-tokens",
-    "32",
+    "16",
     "--burst-size",
     "8",
     "--process-sample-hz",

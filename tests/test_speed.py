@@ -642,7 +642,7 @@ def test_the_pool_meets_a_server_made_ready_ahead_only_through_its_hooks(fake_gp
 @background("preimport_run", weight=11)
 def preimport_run_cmd(base):
     (base / "gpu").mkdir()
-    args = script_args(base / "results", "--experiments", "1,2,6", "--preimport", "on")
+    args = script_args(base / "results", "--experiments", "1,2,6", "--preimport", "on", "--bursts", "1")
     args[args.index("--server-cmd") + 1] = f"{sys.executable} -m fake_vllm_server"
     return dict(args=args, env=fake_env(base / "gpu", FAKE_IMPORT_S="1.0"), timeout=180)
 

@@ -225,12 +225,14 @@ def versions_run(
 def qwen3_and_llama_run_cmd(base):
     """Qwen3 as model A and Llama as model B, each under both arms (the shared kvcached and static pairs)."""
     llama = model_folder(base, "llama", LLAMA_3_2_1B)
-    return versions_run(base, QWEN3_0_6B, "--experiments", "3,4", "--model-b", str(llama))
+    return versions_run(base, QWEN3_0_6B, "--experiments", "3,4", "--model-b", str(llama), "--bursts", "1")
 
 
 @background("qwen3_on_vllm_0_30", weight=3)
 def qwen3_on_vllm_0_30_cmd(base):
-    return versions_run(base, QWEN3_0_6B, packages=with_packages(base, vllm="0.30.0", kvcached="0.1.6"))
+    return versions_run(
+        base, QWEN3_0_6B, "--bursts", "1", packages=with_packages(base, vllm="0.30.0", kvcached="0.1.6")
+    )
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import run_experiments as rx  # noqa: E402
 
 GOLDEN = ROOT / "results" / "20261128T214012Z_reference_check" / "20261128T214032Z_reference_1"
 # raw files (.jsonl, .jsonl.gz, as stored) of a folder that goes through --report as a whole; larger ones
-# are loaded file by file (the open-loop reference is rebuilt byte for byte by its own test)
+# are loaded file by file (the tutorial's three on an H100 are rebuilt byte for byte through the CLI by
+# test_report_command_rebuilds_a_committed_run)
 REPORT_WHOLE_BELOW_BYTES = 2**16
 
 

@@ -18,7 +18,7 @@ from conftest import BASELINE_MIB, CARD_MIB, ROOT, alive, background, fake_env, 
 COMMITTED_RUNS = sorted(p.parent for p in (ROOT / "results").rglob("config.json"))
 REFERENCE = ROOT / "results" / "20261128T214012Z_reference_check"
 GOLDEN_RUN = REFERENCE / "20261128T214032Z_reference_1"  # the newest complete reference: all experiments
-REPORT_CLI_RUN = REFERENCE / "20261128T215328Z_open_loop"
+REPORT_CLI_RUN = ROOT / "results" / "20261206T103647Z_seed_after_merges"  # small: the tutorial's three
 
 
 def rebuildable_copy(reference, tmp_path):

@@ -21,7 +21,8 @@ def three_models_run_cmd(base):
     args = script_args(
         base / "results", "--models", THREE, "--port", str(first), "--experiments", "3,4,5,7", "--bursts", "1"
     )
-    return dict(args=args, env=fake_env(base / "gpu"), timeout=240)
+    # 30 ms a token: each burst lasts half a second, several process samples of each awake sleeping model
+    return dict(args=args, env=fake_env(base / "gpu", FAKE_ITL_S="0.03"), timeout=240)
 
 
 @pytest.fixture(scope="module")

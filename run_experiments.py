@@ -4274,6 +4274,37 @@ def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: 
     )
 
 
+@dataclasses.dataclass
+class MemoryCost:
+    """GPU memory held while serving, from the workload's first request to its last one's end: a peak
+    alone hides how long memory was held. gib_hours = mean x the workload's length."""
+
+    workload_s: float
+    mean_mib: float  # weighted by time between samples
+    p95_mib: Optional[float]
+    peak_mib: float
+    gib_hours: float
+
+
+def memory_cost(
+    samples: list[tuple[float, float]], workload: Optional[tuple[float, float]]
+) -> Optional[MemoryCost]:
+    """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
+    inside = np.asarray(window_samples(samples, workload) if workload else [], dtype=float)
+    if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
+        return None
+    times, mib = inside[:, 0], inside[:, 1]
+    mean = float(((mib[1:] + mib[:-1]) / 2 * np.diff(times)).sum() / (times[-1] - times[0]))
+    length = workload[1] - workload[0]
+    return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
+
+
+def window_samples(
+    samples: list[tuple[float, float]], span: tuple[float, float]
+) -> list[tuple[float, float]]:
+    return [(t, v) for t, v in samples if span[0] <= t <= span[1]]
+
+
 def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
@@ -4449,6 +4480,7 @@ class ServerSummary:
     latency_repeats: Optional[list[LatencySummary]] = omitted_if_none()  # one per repeat (--repeats > 1)
     footprint: Optional["Footprint"] = omitted_if_none()  # idle memory: weights, KV, the rest
     sleeps: Optional["SleepSplit"] = omitted_if_none()  # sleep mode: what each sleep freed
+    memory_cost: Optional[MemoryCost] = omitted_if_none()  # NVML, its process tree, over the workload
 
 
 # %% Summaries, part 2: vLLM's own clock around each burst, and one experiment's summary
@@ -4579,6 +4611,7 @@ class ExperimentSummary:
     # device memory left above the level after load once each burst is over (just before the next one,
     # or at the end): where pages freed by requests that ended at different times stay mapped
     residual_after_burst_mib: Optional[list[Optional[float]]] = omitted_if_none()
+    memory_cost: Optional[MemoryCost] = omitted_if_none()  # NVML, the whole card, over the workload
 
 
 @dataclasses.dataclass
@@ -4639,6 +4672,9 @@ def summarize_experiment(
             return dataclasses.replace(memory, release_s=None, residual_mib=None, residual_vs_load_mib=None)
         return memory
 
+    def cost(samples: list[tuple[float, float]]) -> Optional[MemoryCost]:
+        return None if invalid or not record.finished else memory_cost(samples, record.marks.workload)
+
     marks = record.marks
     summary = ExperimentSummary(
         name=record.name,
@@ -4672,11 +4708,11 @@ def summarize_experiment(
             Distribution.of(b.wake_s for b in marks.bursts),
             Distribution.of(b.sleep_s for b in marks.bursts),
         )
+    summary.memory_cost = cost(loaded.device)
     for server in record.servers:
-        memory = memory_summary(
-            series(loaded.memory, "process", server=server["spec"]["name"]), marks, tolerance
-        )
-        summary.servers[server["spec"]["name"]] = server_view(server, loaded, checked(memory), slo)
+        held = series(loaded.memory, "process", server=server["spec"]["name"])
+        view = server_view(server, loaded, checked(memory_summary(held, marks, tolerance)), slo)
+        summary.servers[server["spec"]["name"]] = dataclasses.replace(view, memory_cost=cost(held))
     add_phases_and_repeats(summary, records, slo)
     return summary
 
@@ -5417,6 +5453,7 @@ def markdown_summary(
         *per_token_table(summaries),
         *problems_list(summaries),
         *per_model_table(summaries),
+        *memory_cost_table(summaries),
         *footprint_table(summaries),
         *sleep_split_lines(summaries, comparison),
         *[line for name, block in comparison.items() for line in comparison_lines(name, block)],
@@ -5574,6 +5611,35 @@ def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
             ]
         )
     title = "Per model (memory from NVML per process tree; kvcached and vLLM's own views):"
+    return section(title, "", *md_table(header, rows))
+
+
+def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """What each strategy held while it served: the card's mean, p95 and peak, GiB-hours, and each
+    model's mean."""
+    costed = {name: s for name, s in summaries.items() if s.memory_cost}
+    if not costed:
+        return []
+    rows = [
+        [
+            name,
+            fmt(c.workload_s, 1),
+            fmt(c.mean_mib),
+            fmt(c.p95_mib),
+            fmt(c.peak_mib),
+            fmt(c.gib_hours, 4),
+            ", ".join(
+                f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
+            ),
+        ]
+        for name, s in costed.items()
+        for c in [s.memory_cost]
+    ]
+    header = "experiment | workload (s) | mean (MiB) | p95 (MiB) | peak (MiB) | GiB·h | mean per model (MiB)"
+    title = (
+        "Memory held while serving (NVML over the workload, from its first request to its last one's end; "
+        "mean weighted by time; GiB·h = mean × the workload's length):"
+    )
     return section(title, "", *md_table(header, rows))
 
 
@@ -5886,6 +5952,8 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
             n: {
                 "idle_mib": s.device.idle_after_load_mib,
                 "peak_mib": s.device.peak_mib,
+                "mean_mib_serving": s.memory_cost and s.memory_cost.mean_mib,
+                "gib_hours": s.memory_cost and s.memory_cost.gib_hours,
                 "release_s": s.device.release_s,
                 "ttft_p50_s": s.latency.ttft_s.p50,
                 "ttft_p99_s": s.latency.ttft_s.p99,

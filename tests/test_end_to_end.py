@@ -297,6 +297,21 @@ def test_overload_static_pair_queues_and_elastic_pair_stays_in_budget(full_run):
     assert set(ratios) == {"A bursts, B idle", "B bursts, A idle"}
 
 
+def test_memory_held_while_serving_is_reported_per_strategy_and_per_model(full_run):
+    summary, md = full_run["summary"], (full_run["run_dir"] / "summary.md").read_text()
+    for name, exp in summary["experiments"].items():
+        cost, device = exp["memory_cost"], exp["device"]
+        assert device["idle_before_workload_mib"] - 1 <= cost["mean_mib"] <= cost["peak_mib"], name
+        assert cost["peak_mib"] <= device["peak_mib"] and cost["p95_mib"] <= cost["peak_mib"], name
+        assert cost["gib_hours"] == pytest.approx(cost["mean_mib"] / 1024 * cost["workload_s"] / 3600), name
+        assert all(s["memory_cost"]["mean_mib"] > 0 for s in exp["servers"].values()), name
+    static, kvcached = (summary["experiments"][n]["memory_cost"]["mean_mib"] for n in ("static", "kvcached"))
+    assert kvcached < static, "the elastic pool holds less while serving these bursts"
+    assert "Memory held while serving" in md and "| kvcached |" in md
+    headline = json.loads(full_run["proc"].stdout.strip().splitlines()[-1])["experiments"]["kvcached"]
+    assert headline["gib_hours"] == summary["experiments"]["kvcached"]["memory_cost"]["gib_hours"]
+
+
 def test_results_layout_and_plots(full_run):
     run_dir = full_run["run_dir"]
     config = json.loads((run_dir / "config.json").read_text())

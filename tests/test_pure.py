@@ -413,3 +413,14 @@ def test_run_comparison_calls_signal_only_what_every_repeat_of_every_run_agrees_
     assert (
         "| shared_kvcached | 12,277 / 12,278 | 13,327 / 13,328 |" in memory and "not a fresh load" in memory
     )
+
+
+def test_memory_cost_is_the_time_weighted_mean_over_the_workload_and_its_integral():
+    # 1 GiB for the first hour, 3 GiB for the second; samples outside the workload do not count
+    samples = [(-10.0, 99999.0), (0.0, 1024.0), (3600.0, 1024.0), (3600.001, 3072.0), (7200.0, 3072.0)]
+    cost = rx.memory_cost(samples + [(7300.0, 99999.0)], (0.0, 7200.0))
+    assert cost.mean_mib == pytest.approx(2048, rel=1e-3) and cost.peak_mib == 3072
+    assert cost.gib_hours == pytest.approx(4.0, rel=1e-3), "1 GiB x 1 h + 3 GiB x 1 h"
+    assert cost.workload_s == 7200 and cost.p95_mib == 3072
+    assert rx.memory_cost([(1.0, 5.0)], (0.0, 2.0)) is None, "one sample is no integral"
+    assert rx.memory_cost(samples, None) is None, "no workload, no cost"

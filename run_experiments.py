@@ -193,7 +193,7 @@ class Config:
     max_burst_size: int = 256  # auto preset: cap on concurrent requests
     seed: int = 0  # RNG seed of the workload plan
     warmup: bool = True  # discarded burst of the same shape before measuring
-    plots: bool = True  # draw plots/*.png at the end (--no-plots: a second or so less; --report draws them)
+    plots: bool = True  # draw plots/*.png at the end, or with --report (--no-plots: a second or so less)
     request_timeout_s: float = 300.0  # a ready server can still stall (kvcached without pages)
     # --- overload experiment
     overload_budget_gib: float = 0.0  # KV of each pair (static: half per model; kvcached: limit); 0 = preset
@@ -581,7 +581,7 @@ def main(
         if cfg is None:  # --help
             return 0
         if cfg.report:
-            say(json.dumps(build_report(Path(cfg.report))))
+            say(json.dumps(build_report(Path(cfg.report), draw_plots=cfg.plots)))
             return 0
         if cfg.check:
             checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
@@ -5466,7 +5466,7 @@ def markdown_summary(
         *(
             section("Plots:", "", *[f"![{p}](plots/{p})" for p in plots])
             if plots is not None
-            else section("Plots: none drawn (--no-plots; `--report` draws them).")
+            else section("Plots: none drawn (--no-plots; `--report` without it draws them).")
         ),
         *definitions(config, not_fresh),
     ]

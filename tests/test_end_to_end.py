@@ -145,7 +145,8 @@ def test_sigterm_stops_every_server(sigterm_scenario):
 
 # --- one run of all six experiments, read by the tests below ---------------------------------------
 # After the run, the same job rebuilds its summary offline (--report without the fakes' pynvml on the
-# path) in a copy of the run folder, for test_report_rebuilds_the_same_summary_offline.
+# path, and without plots: the run drew them) in a copy of the run folder, for
+# test_report_rebuilds_the_same_summary_offline.
 FULL_RUN_THEN_REPORT = f"""
 import os, shutil, subprocess, sys
 from pathlib import Path
@@ -158,7 +159,7 @@ if rc == 0:
     (copy / "summary.json").unlink()
     with open(base / "report.out", "w") as out, open(base / "report.err", "w") as err:
         code = subprocess.call(
-            [sys.executable, {str(ROOT / "run_experiments.py")!r}, "--report", str(copy)],
+            [sys.executable, {str(ROOT / "run_experiments.py")!r}, "--report", str(copy), "--no-plots"],
             stdout=out, stderr=err, env=dict(os.environ, PYTHONPATH=""), timeout=120,
         )
     (base / "report.rc").write_text(str(code))
@@ -347,7 +348,10 @@ def test_report_rebuilds_the_same_summary_offline(full_run):
     base = full_run["base"]
     copy = base / "report" / full_run["run_dir"].name
     assert (base / "report.rc").read_text() == "0", (base / "report.err").read_text()[-3000:]
-    assert json.loads((copy / "summary.json").read_text()) == full_run["summary"]
+    rebuilt = json.loads((copy / "summary.json").read_text())
+    assert rebuilt.pop("plots") == [], "--report --no-plots draws none (the run itself drew them)"
+    assert rebuilt == {k: v for k, v in full_run["summary"].items() if k != "plots"}
+    assert "Plots: none drawn" in (copy / "summary.md").read_text()
     assert json.loads((base / "report.out").read_text().strip().splitlines()[-1])["run_dir"] == str(copy)
 
 

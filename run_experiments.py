@@ -789,7 +789,8 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
     if run.import_checks is not None:
         confirm_imports(run)
     run.config["timing"]["table_start"] = time.time()
-    lanes = {lane.cfg.gpu_index: start_lane(run, argv, lane.cfg.gpu_index) for lane in run.lanes}
+    indices = [lane.cfg.gpu_index for lane in run.lanes]
+    lanes: dict[int, subprocess.Popen] = {}
     signals: list[int] = []
 
     def pass_on(signum, frame):
@@ -802,8 +803,11 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
 
     restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        for index in indices:  # one that cannot start leaves none of the others running
+            if not signals:  # interrupted meanwhile: the rest never start
+                lanes[index] = start_lane(run, argv, index)
         relay_output(lanes)
-        codes = {index: process.wait() for index, process in lanes.items()}
+        codes = {index: lanes[index].wait() if index in lanes else 130 for index in indices}
     finally:
         end_lanes(lanes)
         for sig, handler in restore.items():

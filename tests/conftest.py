@@ -388,3 +388,25 @@ def consecutive_ports(n: int) -> int:
             HANDED_OUT.update(ports)
             return first
     raise RuntimeError("no free ports")
+
+
+# One run serves two sets of tests: no secret reaches the run folder (test_trust.py) and a mix of output
+# lengths with SLOs (test_traffic.py); neither's checks depend on the other's flags.
+SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
+
+
+@background("secrets_and_length_mix_run", weight=4.5)
+def secrets_and_length_mix_cmd(base):
+    (base / "gpu").mkdir()
+    env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
+    length_mix = ["--output-tokens-dist", "uniform:4-40", "--slo-ttft-ms", "10000", "--slo-tpot-ms", "0.001"]
+    args = script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY, *length_mix)
+    return dict(args=args, env=env, timeout=120)
+
+
+@pytest.fixture
+def secrets_and_length_mix_run(background_runs):
+    """(the CompletedProcess, the job's folder, the run folder or None)."""
+    proc, base = background_runs.result("secrets_and_length_mix_run")
+    runs = sorted((base / "results").iterdir()) if (base / "results").exists() else []
+    return proc, base, (runs[-1] if runs else None)

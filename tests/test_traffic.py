@@ -89,32 +89,9 @@ def test_token_gaps_are_pooled_over_requests():
     assert summary.itl_s.n == 3 and summary.itl_s.p50 == pytest.approx(0.02) and summary.itl_s.max == 0.03
 
 
-@background("length_mix_run", weight=4.5)
-def length_mix_run_cmd(base):
-    (base / "gpu").mkdir()
-    return dict(
-        args=script_args(
-            base / "results",
-            "--experiments",
-            "1",
-            "--output-tokens-dist",
-            "uniform:4-40",
-            "--slo-ttft-ms",
-            "10000",
-            "--slo-tpot-ms",
-            "0.001",
-        ),
-        env=fake_env(base / "gpu"),
-    )
-
-
-@pytest.fixture
-def length_mix_run(background_runs):
-    return succeeded_run(background_runs, "length_mix_run")
-
-
-def test_a_length_mix_with_slos_end_to_end(length_mix_run):
-    run = length_mix_run
+def test_a_length_mix_with_slos_end_to_end(secrets_and_length_mix_run):
+    proc, _, run = secrets_and_length_mix_run
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     exp = run / "01_kvcached"
     rows = rx.read_jsonl(exp / "requests.jsonl")
     plan = json.loads(__import__("gzip").decompress((run / "plan_main.json.gz").read_bytes()))

@@ -18,6 +18,8 @@ import pytest
 from conftest import (
     FAKE_SERVER,
     KVC_A,
+    SECRET_KEY,
+    SECRET_TOKEN,
     STATIC_A,
     alive,
     background,
@@ -770,30 +772,9 @@ def test_report_of_something_else_is_one_clear_line(tmp_path, target):
 
 
 # 9. No secret is ever written ---------------------------------------------------------------------
-SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
-
-
-@background("secrets_run", weight=4.5)
-def secrets_cmd(base):
-    (base / "gpu").mkdir()
-    env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
-    return dict(
-        args=script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY),
-        env=env,
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def secrets_run(background_runs):
-    proc, base = background_runs.result("secrets_run")
-    runs = sorted((base / "results").iterdir()) if (base / "results").exists() else []
-    return proc, base, (runs[-1] if runs else None)
-
-
-def test_no_secret_reaches_the_run_folder_or_stdout(secrets_run):
+def test_no_secret_reaches_the_run_folder_or_stdout(secrets_and_length_mix_run):
     key, token = SECRET_KEY, SECRET_TOKEN
-    proc, tmp_path, run = secrets_run
+    proc, tmp_path, run = secrets_and_length_mix_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["latency"]["ok"] == summary["latency"]["requests"] > 0, "the key reached the server"

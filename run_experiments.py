@@ -662,7 +662,6 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
         except Exception as exc:  # this experiment failed; the others still run
             failures += 1
             write_failure(exp_dir, entry, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            say(f"  FAILED {entry.name}: {type(exc).__name__}: {exc}")
         finally:
             for server in list(pool.running.values()):
                 run.config["servers"][server.spec.label] = server.describe()
@@ -671,8 +670,10 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
 
 
 def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
+    """error.json in the experiment's folder, and the line that says so."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
+    say(f"  FAILED {entry.name}: {error}")
 
 
 def report_run(run: Run, interrupted: bool, failures: int) -> int:
@@ -904,7 +905,6 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
             write_failure(
                 exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
             )
-            say(f"  FAILED {entry.name}: the process running GPU {index}'s lane ended with exit code {code}")
             failed.append(entry)
     return len(failed)
 
@@ -1355,6 +1355,16 @@ def need(ok: bool, flag: str, why: str) -> None:
 MIN_IDLE_SAMPLES = 5  # device samples in an idle window, for a median that ignores a blip
 PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
 
+
+def folder_exists_if_named(model: str) -> bool:
+    return not looks_like_path(model) or Path(model).expanduser().is_dir()
+
+
+MISSING_FOLDER = (
+    "{v!r} looks like a local folder but there is no such folder (a Hugging Face id looks like 'org/name')"
+)
+
+
 FIELD_CHECKS = (
     # (Config fields, what each one's value v must pass, the message otherwise: may show {v}), in order
     ("preset", lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}, got {{v!r}}"),
@@ -1390,9 +1400,8 @@ FIELD_CHECKS = (
     ),
     (
         "model_a model_b tokenizer",
-        lambda v: not looks_like_path(v) or Path(v).expanduser().is_dir(),
-        "{v!r} looks like a local folder but there is no such folder "
-        "(a Hugging Face id looks like 'org/name')",
+        folder_exists_if_named,
+        MISSING_FOLDER,
     ),
     ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
     (
@@ -1477,11 +1486,7 @@ def check_model_list(cfg: Config) -> None:
     models, shares = slot_models(cfg), cfg.static_shares
     need(0 < len(models) <= 26 and all(models), "models", f"must name 1 to 26 models, got {cfg.models!r}")
     for model in models:
-        need(
-            not looks_like_path(model) or Path(model).expanduser().is_dir(),
-            "models",
-            f"{model!r} looks like a local folder but there is no such folder",
-        )
+        need(folder_exists_if_named(model), "models", MISSING_FOLDER.format(v=model))
     if shares:
         need(
             re.fullmatch(r"\d*\.?\d+(,\d*\.?\d+)*", shares) is not None,
@@ -4224,7 +4229,13 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
 
 
 def window(samples: list[tuple[float, float]], span: Optional[tuple[float, float]]) -> list[float]:
-    return [] if span is None else [v for t, v in samples if span[0] <= t <= span[1]]
+    return [v for _, v in window_samples(samples, span)]
+
+
+def window_samples(
+    samples: list[tuple[float, float]], span: Optional[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
 def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
@@ -4294,19 +4305,13 @@ def memory_cost(
     samples: list[tuple[float, float]], workload: Optional[tuple[float, float]]
 ) -> Optional[MemoryCost]:
     """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
-    inside = np.asarray(window_samples(samples, workload) if workload else [], dtype=float)
+    inside = np.asarray(window_samples(samples, workload), dtype=float)
     if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
         return None
     times, mib = inside[:, 0], inside[:, 1]
     mean = float(((mib[1:] + mib[:-1]) / 2 * np.diff(times)).sum() / (times[-1] - times[0]))
     length = workload[1] - workload[0]
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
-
-
-def window_samples(
-    samples: list[tuple[float, float]], span: tuple[float, float]
-) -> list[tuple[float, float]]:
-    return [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
 def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
@@ -4716,7 +4721,8 @@ def summarize_experiment(
     for server in record.servers:
         held = series(loaded.memory, "process", server=server["spec"]["name"])
         view = server_view(server, loaded, checked(memory_summary(held, marks, tolerance)), slo)
-        summary.servers[server["spec"]["name"]] = dataclasses.replace(view, memory_cost=cost(held))
+        view.memory_cost = cost(held)
+        summary.servers[server["spec"]["name"]] = view
     add_phases_and_repeats(summary, records, slo)
     return summary
 
@@ -4772,7 +4778,7 @@ def server_view(
     """One server of the experiment: its memory (NVML by process tree), latency, and kvcached's and
     vLLM's views."""
     slot = server["spec"]["name"]
-    mine = grouped(loaded.records, "server").get((slot,), [])
+    mine = [r for r in loaded.records if r.server == slot]
     entry = ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],

@@ -357,17 +357,23 @@ def signalled_run(
             proc.communicate()
 
 
-def lane_ports() -> tuple[int, int]:
-    """Ports p, p+1 whose lane-1 twins (+LANE_PORT_STEP) are free too."""
+def ports_free_at(offsets) -> int:
+    """A free port p no other test got, with p + each offset free and not handed out either."""
     for _ in range(200):
-        a = free_port()
-        ports = (a, a + 1, a + rx.LANE_PORT_STEP, a + 1 + rx.LANE_PORT_STEP)
-        if all(p not in HANDED_OUT or p == a for p in ports) and not any(
+        first = free_port()
+        ports = [first + offset for offset in offsets]
+        if all(p not in HANDED_OUT or p == first for p in ports) and not any(
             rx.port_taken("127.0.0.1", p) for p in ports
         ):
             HANDED_OUT.update(ports)
-            return a, a + 1
+            return first
     raise RuntimeError("no free ports")
+
+
+def lane_ports() -> tuple[int, int]:
+    """Ports p, p+1 whose lane-1 twins (+LANE_PORT_STEP) are free too."""
+    a = ports_free_at((0, 1, rx.LANE_PORT_STEP, 1 + rx.LANE_PORT_STEP))
+    return a, a + 1
 
 
 def two_card_args(base, *extra):
@@ -379,15 +385,7 @@ def two_card_args(base, *extra):
 
 def consecutive_ports(n: int) -> int:
     """The first of n consecutive free ports no other test got (--port: slot i on port + i)."""
-    for _ in range(200):
-        first = free_port()
-        ports = range(first, first + n)
-        if all(p not in HANDED_OUT or p == first for p in ports) and not any(
-            rx.port_taken("127.0.0.1", p) for p in ports
-        ):
-            HANDED_OUT.update(ports)
-            return first
-    raise RuntimeError("no free ports")
+    return ports_free_at(range(n))
 
 
 # One run serves two sets of tests: no secret reaches the run folder (test_trust.py) and a mix of output

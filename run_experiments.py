@@ -2635,9 +2635,10 @@ def launch_server(
         # process holds the pipe's write end (close-on-exec), so it ends when this process does.
         theirs, ours = os.pipe()
         segment = str(segment_path(spec.ipc_name)) if spec.kvcached else ""
-        try:
+        keeper_cmd = [sys.executable, "-S", "-c", keeper_source(), str(theirs), segment, str(KEEPER_GRACE_S)]
+        try:  # -S: the keeper needs only the standard library, not site-packages' start-up hooks
             proc = subprocess.Popen(
-                [sys.executable, "-c", keeper_source(), str(theirs), segment, str(KEEPER_GRACE_S), *launch],
+                [*keeper_cmd, *launch],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
 FAKE_SERVER = FAKES / "fake_vllm_server.py"
+# -S: the fake needs only the standard library and its own folders on PYTHONPATH, not site-packages
+FAKE_SERVER_CMD = f"{sys.executable} -S {FAKE_SERVER}"
 FAKE_PACKAGES = FAKES / "site"  # package metadata: the fakes imitate vLLM 0.24.0 and kvcached 0.1.6
 sys.path.insert(0, str(ROOT))
 
@@ -113,7 +115,7 @@ def fake_gpu(tmp_path, monkeypatch):
 def make_cfg(**overrides) -> "rx.Config":
     base = dict(
         preset="smoke",
-        server_cmd=f"{sys.executable} {FAKE_SERVER}",
+        server_cmd=FAKE_SERVER_CMD,
         port_a=free_port(),
         port_b=free_port(),
         start_timeout_s=20,
@@ -124,7 +126,7 @@ def make_cfg(**overrides) -> "rx.Config":
 
 def in_process_args(results: Path, *extra: str) -> list[str]:
     """main()'s arguments for a run in this process against the fake server, on fresh ports."""
-    server = ["--server-cmd", f"{sys.executable} {FAKE_SERVER}", "--results-dir", str(results)]
+    server = ["--server-cmd", FAKE_SERVER_CMD, "--results-dir", str(results)]
     return [*extra, *server, "--port-a", str(free_port()), "--port-b", str(free_port())]
 
 
@@ -222,7 +224,7 @@ def script_args(results: Path, *extra: str) -> list[str]:
         "--results-dir",
         str(results),
         "--server-cmd",
-        f"{sys.executable} {FAKE_SERVER}",
+        FAKE_SERVER_CMD,
         "--port-a",
         str(free_port()),
         "--port-b",

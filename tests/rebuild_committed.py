@@ -10,6 +10,8 @@ large one only has its raw files loaded (summarizing a full reference run takes 
 raw files have the shape of one already loaded or rebuilt (the same keys and types of values, e.g. the
 second reference run of the same commit) is not loaded again."""
 
+import gzip
+import itertools
 import json
 import shutil
 import sys
@@ -83,10 +85,20 @@ def shape(row: dict) -> tuple:
     return tuple(sorted((key, type(value).__name__) for key, value in row.items()))
 
 
+def first_rows(path: Path, count: int) -> list[dict]:
+    """The first rows of a JSONL file or of its gzipped copy, without reading the rest."""
+    packed = path.with_name(path.name + ".gz")
+    opened = open(path) if path.exists() else gzip.open(packed, "rt") if packed.exists() else None
+    if opened is None:
+        return []
+    with opened:
+        return [json.loads(line) for line in itertools.islice(opened, count) if line.strip()]
+
+
 def rows_shape(path: Path) -> tuple:
     """The shapes of a JSONL file's rows, one per kind of row, from its first lines."""
     kinds: dict = {}
-    for row in rx.read_jsonl(path)[:400]:
+    for row in first_rows(path, 400):
         kinds.setdefault(row.get("kind"), shape(row))
     return tuple(sorted(kinds.items(), key=str))
 

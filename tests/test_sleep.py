@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import (
     FAKE_SERVER,
+    FAKE_SERVER_CMD,
     FAST,
     background,
     fake_env,
@@ -17,7 +18,7 @@ from conftest import (
 )
 
 
-def run(fake_gpu, tmp_path, *extra, server_cmd=f"{sys.executable} {FAKE_SERVER}"):
+def run(fake_gpu, tmp_path, *extra, server_cmd=FAKE_SERVER_CMD):
     said = []
     rc = rx.main(
         [

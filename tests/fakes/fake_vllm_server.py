@@ -396,6 +396,7 @@ class Engine:
         self.child = subprocess.Popen(
             [
                 sys.executable,
+                "-S",  # the engine stand-in needs only the standard library
                 "-c",
                 CHILD_CODE,
                 str(os.getpid()),

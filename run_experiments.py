@@ -1763,7 +1763,7 @@ def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
         return base
     words = max(0, prompt_tokens - CHAT_TEMPLATE_TOKENS - 2 * len(base.split()))
     # random words also defeat any prefix sharing between requests
-    filler = " ".join(rng.choice(FILLER_WORDS) for _ in range(words))
+    filler = " ".join(rng.choices(FILLER_WORDS, k=words))
     return f"Context: {filler}\n\nTask: {base}"
 
 
@@ -1772,7 +1772,7 @@ def shared_prefix(cfg: Config) -> str:
     if not cfg.shared_prefix_tokens:
         return ""
     rng = random.Random(f"{cfg.seed}-shared-prefix")
-    return "Shared: " + " ".join(rng.choice(FILLER_WORDS) for _ in range(cfg.shared_prefix_tokens)) + "\n\n"
+    return "Shared: " + " ".join(rng.choices(FILLER_WORDS, k=cfg.shared_prefix_tokens)) + "\n\n"
 
 
 def size_burst(
@@ -2663,10 +2663,11 @@ def launch_server(
     )
 
 
-def listener_is_ours(server: RunningServer) -> bool:
-    """The socket listening on the server's port belongs to a process of its tree."""
+def listener_is_ours(server: RunningServer) -> Optional[bool]:
+    """Whether the socket listening on the server's port belongs to a process of its tree; None when
+    nothing listens there now (a server that answered and then died, say)."""
     inodes = port_sockets(server.spec.port, (TCP_LISTEN,))
-    return bool(inodes) and bool(socket_owners(inodes, server.tree()))
+    return bool(socket_owners(inodes, server.tree())) if inodes else None
 
 
 def local_session(pool_size: int = 10) -> Any:
@@ -2710,14 +2711,15 @@ def wait_ready(
                 f"server {server.spec.label} exited with code {code} before it was ready."
                 f"{fork_hint(server)}{runner_hint(server)}\n{server.evidence()}"
             )
-        if health_ok(server):
-            if not listener_is_ours(server):
-                raise ServerError(
-                    f"port {server.spec.port} answers /health, but the socket listening there does not "
-                    f"belong to our server {server.spec.label} (pids {sorted(server.tree())}): another "
-                    f"server is using the port. Measuring it would record someone else's numbers; pick "
-                    f"free ports with --port-a/--port-b.\n{server.evidence()}"
-                )
+        ours = listener_is_ours(server) if health_ok(server) else None
+        if ours is False:
+            raise ServerError(
+                f"port {server.spec.port} answers /health, but the socket listening there does not "
+                f"belong to our server {server.spec.label} (pids {sorted(server.tree())}): another "
+                f"server is using the port. Measuring it would record someone else's numbers; pick "
+                f"free ports with --port-a/--port-b.\n{server.evidence()}"
+            )
+        if ours:
             server.ready_at = time.time()
             server.model_runner = runner_from_log(server.log_path)
             return server.startup_s
@@ -2767,7 +2769,7 @@ def server_problem(server: RunningServer) -> Optional[str]:
         return f"exited with code {code}"
     if not health_ok(server, timeout_s=5.0):
         return "does not answer /health"
-    if not listener_is_ours(server):
+    if not listener_is_ours(server):  # someone else's, or nobody's
         return f"no longer owns port {server.spec.port}"
     return None
 

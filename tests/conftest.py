@@ -3,10 +3,13 @@ end-to-end runs of the whole script (some of them started in the background, see
 
 import concurrent.futures
 import os
+import pickle
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import run_experiments as rx  # noqa: E402
 
 # --- markers -------------------------------------------------------------------------------------
 def pytest_configure(config):
+    background_folder(config)  # before xdist starts its workers: they inherit the environment
     config.addinivalue_line(
         "markers", "gpu: needs an NVIDIA GPU with vLLM and kvcached; skipped unless RUN_GPU_TESTS=1"
     )
@@ -52,12 +56,26 @@ def ephemeral_ports() -> tuple[int, int]:
 HANDED_OUT: set[int] = set()
 
 
+def worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+
+
+def worker_ports() -> tuple[int, int]:
+    """The ports this worker hands out: below the kernel's ephemeral range, a share of its own for each
+    xdist worker (ports + LANE_PORT_STEP and a few after stay inside it too)."""
+    low, high = ephemeral_ports()
+    first, end = (10000, low) if low > 12000 else (high + 1, 65536)
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker_id().removeprefix("gw") or 0)
+    share = (end - first) // count
+    return first + index * share, first + (index + 1) * share - 2 * rx.LANE_PORT_STEP
+
+
 def free_port() -> int:
     """A free port no other test of this session got, below the kernel's ephemeral range: a client
     connection of a test running meanwhile (some run in the background) never takes it as its local
     port before the server meant for it binds it."""
-    low, high = ephemeral_ports()
-    span = (10000, low) if low > 12000 else (high + 1, 65536)
+    span = worker_ports()
     for _ in range(500):
         port = random.randrange(*span)
         if port in HANDED_OUT:
@@ -240,8 +258,12 @@ def script_args(results: Path, *extra: str) -> list[str]:
 # declared job that the collected tests use starts, at most BACKGROUND_SLOTS at a time, as the session's
 # first test starts (start_background_runs), and the tests that read them run last
 # (pytest_collection_modifyitems): the jobs go on while the others run.
+#
+# With pytest-xdist (pytest.ini asks for it) the tests run in several worker processes. One of them,
+# the starter (gw0, or the only process without xdist), runs the jobs; each job leaves its result in a
+# file of the session's background folder, which every worker reads.
 BACKGROUND: dict = {}
-BACKGROUND_SLOTS = 4
+BACKGROUND_SLOTS = 6
 
 
 def background(name: str, weight: float = 1.0):
@@ -258,17 +280,26 @@ def background(name: str, weight: float = 1.0):
 
 
 class BackgroundJob:
-    def __init__(self, base: Path, job):
-        self.base, self.job = base, job
+    """One job, run by the starter; run() leaves (value or error, seconds taken, the command's extra
+    keys) in its result file."""
+
+    def __init__(self, base: Path, job, result_file: Path):
+        self.base, self.job, self.result_file = base, job, result_file
         self.proc = None
-        self.elapsed = None
 
     def run(self):
         started = time.time()
+        outcome = {}
         try:
-            return self.job() if callable(self.job) else self.command()
-        finally:
-            self.elapsed = time.time() - started
+            outcome["value"] = self.job() if callable(self.job) else self.command()
+        except BaseException as e:  # handed to the test that reads it
+            outcome["error"] = e
+        outcome["elapsed"] = time.time() - started
+        if not callable(self.job):
+            outcome["extra"] = {k: v for k, v in self.job.items() if k not in ("args", "env", "cwd")}
+        partial = self.result_file.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(outcome))
+        partial.rename(self.result_file)
 
     def command(self) -> tuple[subprocess.CompletedProcess, Path]:
         out, err = self.base / "stdout.txt", self.base / "stderr.txt"
@@ -288,27 +319,64 @@ class BackgroundJob:
 
 
 class BackgroundJobs:
-    def __init__(self, names, tmp_path_factory):
+    def __init__(self, names, tmp_path_factory, folder: Path, starter: bool):
+        self.folder, self.starter = folder, starter
+        self.jobs, self.futures = {}, []
+        if not starter:
+            return
         self.pool = concurrent.futures.ThreadPoolExecutor(BACKGROUND_SLOTS, thread_name_prefix="background")
-        self.jobs, self.futures = {}, {}
         for name in names:
             base = tmp_path_factory.mktemp(name)
-            self.jobs[name] = BackgroundJob(base, BACKGROUND[name][1](base))
-            self.futures[name] = self.pool.submit(self.jobs[name].run)
+            self.jobs[name] = BackgroundJob(base, BACKGROUND[name][1](base), folder / f"{name}.result")
+            self.futures.append(self.pool.submit(self.jobs[name].run))
+
+    def outcome(self, name: str, timeout_s: float = 900) -> dict:
+        path = self.folder / f"{name}.result"
+        deadline = time.time() + timeout_s
+        while not path.exists():
+            assert time.time() < deadline, f"background job {name} left no result in {timeout_s:.0f} s"
+            time.sleep(0.05)
+        return pickle.loads(path.read_bytes())
 
     def result(self, name: str):
         """What the job left once it has ended: (CompletedProcess, its folder) for a command, else
         the scenario's return value; an exception in a scenario is raised here."""
-        return self.futures[name].result(timeout=900)
+        outcome = self.outcome(name)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
-    def close(self):
-        """Jobs not started are dropped, commands still running killed (their keepers stop their
-        servers); scenarios end by themselves within their own timeouts."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def elapsed(self, name: str) -> float:
+        return self.outcome(name)["elapsed"]
+
+    def extra(self, name: str) -> dict:
+        """A command job's own keys beside args, env and cwd (e.g. what it patched)."""
+        return self.outcome(name)["extra"]
+
+    def close(self, others_read_them: bool):
+        """Other workers may still read the jobs: let them end. Otherwise jobs not started are
+        dropped, commands still running killed (their keepers stop their servers); scenarios end by
+        themselves within their own timeouts."""
+        if not self.starter:
+            return
+        self.pool.shutdown(wait=others_read_them, cancel_futures=not others_read_them)
         for job in self.jobs.values():
             if job.proc is not None and job.proc.poll() is None:
                 job.proc.kill()
         self.pool.shutdown(wait=True)
+
+
+def background_folder(config) -> Path:
+    """The session's folder for job results: made by the first process (xdist's controller, or the
+    only one), passed to the workers through the environment and removed by its maker at the end."""
+    if "TESTS_BACKGROUND_DIR" not in os.environ:
+        os.environ["TESTS_BACKGROUND_DIR"] = config.background_folder_made = tempfile.mkdtemp(prefix="bg-")
+    return Path(os.environ["TESTS_BACKGROUND_DIR"])
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "background_folder_made", None):
+        shutil.rmtree(config.background_folder_made, ignore_errors=True)
 
 
 def succeeded_run(background_runs: "BackgroundJobs", name: str) -> Path:
@@ -321,9 +389,14 @@ def succeeded_run(background_runs: "BackgroundJobs", name: str) -> Path:
 @pytest.fixture(scope="session")
 def background_runs(request, tmp_path_factory):
     used = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}
-    jobs = BackgroundJobs(sorted(used, key=lambda n: (-BACKGROUND[n][0], n)), tmp_path_factory)
+    jobs = BackgroundJobs(
+        sorted(used, key=lambda n: (-BACKGROUND[n][0], n)),
+        tmp_path_factory,
+        background_folder(request.config),
+        starter=worker_id() == "gw0",
+    )
     yield jobs
-    jobs.close()
+    jobs.close(others_read_them="PYTEST_XDIST_WORKER" in os.environ)
 
 
 @pytest.fixture(scope="session", autouse=True)

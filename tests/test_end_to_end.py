@@ -184,7 +184,7 @@ def full_run_cmd(base):
 @pytest.fixture(scope="module")
 def full_run(background_runs):
     proc, base = background_runs.result("full_run")
-    elapsed = background_runs.jobs["full_run"].elapsed
+    elapsed = background_runs.elapsed("full_run")
     print(f"mocked end-to-end run: {elapsed:.1f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = (base / "results").iterdir()
@@ -467,7 +467,7 @@ def notebook_cmd(base):
 
 @pytest.fixture
 def notebook_run(background_runs):
-    return background_runs.result("notebook_run") + (background_runs.jobs["notebook_run"].job["patched"],)
+    return background_runs.result("notebook_run") + (background_runs.extra("notebook_run")["patched"],)
 
 
 def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):

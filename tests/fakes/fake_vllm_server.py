@@ -14,7 +14,6 @@ decode), timed after a FAKE_FRONTEND_S delay that stands for the HTTP/tokenizer 
 import argparse
 import collections
 import fcntl
-import importlib.metadata
 import json
 import os
 import signal
@@ -223,11 +222,15 @@ def non_default_args(parser, args):
 
 
 def installed(name, default):
-    """A package's version as this Python sees it: tests put fake metadata (NAME-X.dist-info) on the path."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return default
+    """A package's version as this Python sees it: tests put fake metadata (NAME-X.dist-info) on the path.
+    Read from the first such folder on sys.path, as importlib.metadata would (without importing it: it
+    is most of the fake's start-up)."""
+    for folder in sys.path:
+        if os.path.isdir(folder):
+            for entry in sorted(os.listdir(folder)):
+                if entry.startswith(name + "-") and entry.endswith(".dist-info"):
+                    return entry[len(name) + 1 : -len(".dist-info")]
+    return default
 
 
 def release(version):

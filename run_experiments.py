@@ -53,6 +53,7 @@ import fcntl
 import functools
 import gzip
 import http.client
+import itertools
 import json
 import math
 import os
@@ -3013,12 +3014,24 @@ def run_staged(module: str, args: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def staged_command(cmd: list[str]) -> Optional[list[str]]:
-    """`python -m MODULE ARGS...` as a staged launch, None for any other command."""
-    if len(cmd) < 3 or cmd[1] != "-m":
+def module_launch(cmd: list[str]) -> Optional[tuple[list[str], str, list[str]]]:
+    """`python [-FLAGS] -m MODULE ARGS...` as (python and its flags, MODULE, ARGS); None for any other
+    command."""
+    flags = list(itertools.takewhile(lambda a: re.fullmatch(r"-[bBdEiIOqsSuv]+", a), cmd[1:]))
+    rest = cmd[1 + len(flags) :]
+    if len(rest) < 2 or rest[0] != "-m":
         return None
+    return [cmd[0], *flags], rest[1], rest[2:]
+
+
+def staged_command(cmd: list[str]) -> Optional[list[str]]:
+    """A `python -m MODULE ARGS...` command as a staged launch, None for any other command."""
+    launch = module_launch(cmd)
+    if launch is None:
+        return None
+    python, module, args = launch
     source = program_source(run_staged, call="import sys\nrun_staged(sys.argv[1], sys.argv[2:])")
-    return [cmd[0], "-c", source, *cmd[2:]]
+    return [*python, "-c", source, module, *args]
 
 
 def usable_cores() -> int:
@@ -6297,17 +6310,18 @@ def check_serving_imports(
     )
     if cfg.server_cmd:  # another engine (or a fake): its module imports, if it is run as one
         prefix = server_prefix(cfg)
-        if staged_command(prefix) is None:
+        launch = module_launch(prefix)
+        if launch is None:
             return [
                 Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)
             ]
-        module = prefix[2]
+        python, module, _ = launch
         check, _ = import_check(
             "server",
             program_source(probe_module, call=f"probe_module({module!r})"),
             env,
             timeout_s,
-            f"check --server-cmd: `{prefix[0]} -m {module}` must import",
+            f"check --server-cmd: `{shlex.join(python)} -m {module}` must import",
             python=prefix[0],
         )
         return [check]

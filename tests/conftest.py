@@ -320,7 +320,7 @@ class BackgroundJob:
 
 class BackgroundJobs:
     def __init__(self, names, tmp_path_factory, folder: Path, starter: bool):
-        self.folder, self.starter = folder, starter
+        self.folder, self.starter, self.names = folder, starter, set(names)
         self.jobs, self.futures = {}, []
         if not starter:
             return
@@ -331,6 +331,7 @@ class BackgroundJobs:
             self.futures.append(self.pool.submit(self.jobs[name].run))
 
     def outcome(self, name: str, timeout_s: float = 900) -> dict:
+        assert name in self.names, f"job {name} not started: only jobs a test names as a fixture start"
         path = self.folder / f"{name}.result"
         deadline = time.time() + timeout_s
         while not path.exists():
@@ -483,3 +484,19 @@ def secrets_and_length_mix_run(background_runs):
     proc, base = background_runs.result("secrets_and_length_mix_run")
     runs = sorted((base / "results").iterdir()) if (base / "results").exists() else []
     return proc, base, (runs[-1] if runs else None)
+
+
+# One run serves the sleep arm's checks (test_sleep.py) and importing each next server ahead
+# (test_speed.py): the sleep arm's figures do not depend on when a server's module was imported.
+@background("sleep_and_preimport_run", weight=12)
+def sleep_and_preimport_cmd(base):
+    (base / "gpu").mkdir()
+    args = script_args(base / "results", "--experiments", "1,2,6", "--plots", "--preimport", "on")
+    args[args.index("--server-cmd") + 1] = f"{sys.executable} -S -m fake_vllm_server"
+    env = fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3", FAKE_IMPORT_S="1.0")
+    return dict(args=args, env=env, timeout=180)
+
+
+@pytest.fixture
+def sleep_and_preimport_run(background_runs):
+    return succeeded_run(background_runs, "sleep_and_preimport_run")

@@ -8,13 +8,9 @@ from conftest import (
     FAKE_SERVER,
     FAKE_SERVER_CMD,
     FAST,
-    background,
-    fake_env,
     free_port,
     make_cfg,
     rx,
-    script_args,
-    succeeded_run,
 )
 
 
@@ -75,18 +71,9 @@ def test_waking_from_level_2_reloads_the_weights(monkeypatch):
     assert not server.asleep
 
 
-@background("sleep_run", weight=11)
-def sleep_run_cmd(base):
-    (base / "gpu").mkdir()
-    return dict(
-        args=script_args(base / "results", "--experiments", "1,2,6", "--plots"),
-        env=fake_env(base / "gpu", FAKE_WAKE_S="0.2", FAKE_SLEEP_S="0.3"),
-    )
-
-
 @pytest.fixture
-def sleep_run(background_runs):
-    return succeeded_run(background_runs, "sleep_run")
+def sleep_run(sleep_and_preimport_run):
+    return sleep_and_preimport_run
 
 
 def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):

@@ -18,9 +18,7 @@ from conftest import (
     free_port,
     make_cfg,
     rx,
-    script_args,
     signalled_run,
-    succeeded_run,
     two_card_args,
     wait_for,
 )
@@ -511,6 +509,9 @@ def test_only_a_python_dash_m_command_can_be_imported_ahead():
         "1",
     ]
     assert rx.staged_command(["python3", "tests/fakes/fake_vllm_server.py", "--port", "1"]) is None
+    flagged = rx.staged_command(["python3", "-S", "-u", "-m", "fake_vllm_server", "--port", "1"])
+    assert flagged[:4] == ["python3", "-S", "-u", "-c"] and flagged[5:] == ["fake_vllm_server", "--port", "1"]
+    assert rx.staged_command(["python3", "-X", "importtime", "-m", "fake_vllm_server"]) is None
 
 
 @pytest.mark.parametrize(
@@ -639,17 +640,9 @@ def test_the_pool_meets_a_server_made_ready_ahead_only_through_its_hooks(fake_gp
     assert calls[2:4] == [("take", "A"), ("take", "B")] and calls[-1] == ("give_back", [])
 
 
-@background("preimport_run", weight=11)
-def preimport_run_cmd(base):
-    (base / "gpu").mkdir()
-    args = script_args(base / "results", "--experiments", "1,2,6", "--preimport", "on", "--bursts", "1")
-    args[args.index("--server-cmd") + 1] = f"{sys.executable} -m fake_vllm_server"
-    return dict(args=args, env=fake_env(base / "gpu", FAKE_IMPORT_S="1.0"), timeout=180)
-
-
 @pytest.fixture
-def preimport_run(background_runs):
-    return succeeded_run(background_runs, "preimport_run")
+def preimport_run(sleep_and_preimport_run):
+    return sleep_and_preimport_run
 
 
 def test_a_run_imports_each_next_server_ahead_and_times_its_start_from_the_release(preimport_run):

@@ -188,8 +188,9 @@ class Config:
     shared_prefix_tokens: int = 0  # tokens of one prompt prefix every request shares (with --prefix-caching)
     ignore_eos: bool = False  # vLLM's ignore_eos: every response is exactly max_tokens long
     output_tokens_dist: str = "fixed"  # output lengths: fixed, uniform:LO-HI or lognormal:MEAN,SIGMA
-    slo_ttft_ms: float = 0.0  # goodput: share of requests with TTFT at most this (0 = no TTFT SLO)
-    slo_tpot_ms: float = 0.0  # goodput: ... and time per output token at most this (0 = none)
+    slo_ttft_ms: float = 1000.0  # SLO attainment: share of requests with TTFT at most this (0 = none)
+    slo_tpot_ms: float = 100.0  # ... and time per output token at most this (0 = no TPOT objective)
+    slo_attainment: float = 99.0  # capacity: the % of a rate's requests that must meet the SLOs
     burst_kv_fraction: float = 0.05  # auto preset: one burst's KV demand as a fraction of free VRAM
     max_burst_size: int = 256  # auto preset: cap on concurrent requests
     seed: int = 0  # RNG seed of the workload plan
@@ -1405,6 +1406,7 @@ FIELD_CHECKS = (
         MISSING_FOLDER,
     ),
     ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
+    ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
     (
         "arrivals",
         lambda v: v in ("bursts", "poisson", "gamma"),
@@ -4633,6 +4635,7 @@ class ExperimentSummary:
     gpu_index: Optional[int] = omitted_if_none()
     sleep: Optional["SleepSummary"] = omitted_if_none()
     rate_sweep: Optional[list["RatePoint"]] = omitted_if_none()
+    capacity: Optional["Capacity"] = omitted_if_none()  # over the rate sweep, with SLOs
     # device memory left above the level after load once each burst is over (just before the next one,
     # or at the end): where pages freed by requests that ended at different times stay mapped
     residual_after_burst_mib: Optional[list[Optional[float]]] = omitted_if_none()
@@ -4656,6 +4659,20 @@ class RatePoint:
     max_send_delay_s: Optional[float] = (
         omitted_if_none()
     )  # the client's lateness: large means it could not keep up
+    mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
+
+
+@dataclasses.dataclass
+class Capacity:
+    """The most load a strategy took within the SLOs: the largest swept rate at which at least `target`
+    of the requests met them, and every lower rate too (repeats pooled). Below or above the sweep is
+    said as such: the sweep does not say how far beyond it the capacity lies."""
+
+    target: float  # share of requests, e.g. 0.99
+    attainment: dict[str, Optional[float]]  # rate (requests/s) -> share of its requests within the SLOs
+    verdict: str  # "within the sweep", "above the sweep" or "below the sweep"
+    largest_held_rps: Optional[float] = None  # None below the sweep
+    mean_mib: Optional[float] = None  # device memory held at that rate, mean over its windows
 
 
 @dataclasses.dataclass
@@ -4676,7 +4693,7 @@ def select(rows: Iterable[dict], **equal: Any) -> list[dict]:
 
 
 def summarize_experiment(
-    loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0)
+    loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0), target: float = 0.99
 ) -> ExperimentSummary:
     record, records = loaded.record, loaded.records
     latency = latency_summary(records, slo)
@@ -4726,7 +4743,8 @@ def summarize_experiment(
         summary.residual_after_burst_mib = residuals_after_bursts(
             loaded.device, marks, summary.device.idle_after_load_mib
         )
-    summary.rate_sweep = rate_sweep(records, marks, slo)
+    summary.rate_sweep = rate_sweep(records, marks, slo, loaded.device if summary.memory_valid else [])
+    summary.capacity = capacity(summary.rate_sweep, target)
     if record.sleep_level is not None:
         summary.sleep = SleepSummary(
             record.sleep_level,
@@ -4760,9 +4778,10 @@ def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: fl
 
 
 def rate_sweep(
-    records: list[RequestRecord], marks: "Marks", slo: tuple[float, float]
+    records: list[RequestRecord], marks: "Marks", slo: tuple[float, float], device: list = ()
 ) -> Optional[list[RatePoint]]:
-    """One point per open-loop window (None for closed bursts)."""
+    """One point per open-loop window (None for closed bursts), with the device memory held over it
+    when `device` samples are given."""
     points, by_window = [], grouped(records, "phase", "repeat")
     for mark in marks.bursts:
         if mark.rate is None:
@@ -4783,9 +4802,43 @@ def rate_sweep(
                 lat.e2e_s.p99,
                 lat.goodput and lat.goodput.share,
                 max(delays, default=None),
+                held_mib(device, mark),
             )
         )
     return points or None
+
+
+def held_mib(device: list, mark: BurstMark) -> Optional[float]:
+    cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
+    return cost and cost.mean_mib
+
+
+def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capacity]:
+    """Capacity over a rate sweep (None without one, or without SLOs)."""
+    if not points or any(p.goodput is None and p.requests for p in points):
+        return None
+    by_rate: dict[float, list[RatePoint]] = {}
+    for p in sorted(points, key=lambda p: p.rate):
+        by_rate.setdefault(p.rate, []).append(p)
+    met = {r: sum((p.goodput or 0) * p.requests for p in ps) for r, ps in by_rate.items()}
+    asked = {r: sum(p.requests for p in ps) for r, ps in by_rate.items()}
+    shares = {r: met[r] / asked[r] if asked[r] else None for r in by_rate}
+    held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
+    verdict = (
+        "below the sweep"
+        if not held
+        else "above the sweep"
+        if len(held) == len(shares)
+        else "within the sweep"
+    )
+    memory = [p.mean_mib for p in by_rate[held[-1]] if p.mean_mib is not None] if held else []
+    return Capacity(
+        target,
+        {f"{r:g}": share for r, share in shares.items()},
+        verdict,
+        held[-1] if held else None,
+        sum(memory) / len(memory) if memory else None,
+    )
 
 
 def server_view(
@@ -5327,6 +5380,7 @@ def make_plots(
     if "single" not in GROUPS:
         paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
     paths.append(plot_rate_sweep(run_dir / "plots" / "rate_sweep.png", summaries))
+    paths.append(plot_attainment(run_dir / "plots" / "attainment.png", summaries))
     paths.append(plot_footprint(run_dir / "plots" / "footprint.png", summaries))
     return [p.name for p in paths if p is not None]
 
@@ -5361,6 +5415,40 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
     ax.set_title("What each server holds: weights, KV cache and the rest (CUDA context, workspace, caches)")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+    """SLO attainment and TTFT p99 against the arrival rate, one line per experiment, the attainment
+    target and the TTFT objective drawn in."""
+    swept = {n: s for n, s in summaries.items() if s.capacity}
+    if not swept:
+        return None
+    fig, axes = new_figure(1, 2, size=(11, 3.8))
+    attained, late = axes[0][0], axes[0][1]
+    for i, (name, s) in enumerate(swept.items()):
+        shares = [(float(r), v) for r, v in s.capacity.attainment.items() if v is not None]
+        attained.plot(*zip(*shares), marker="o", color=f"C{i}", lw=1.3, label=name)
+        p99 = sorted((p.rate, p.ttft_p99_s) for p in s.rate_sweep if p.ttft_p99_s is not None)
+        if p99:
+            late.plot(*zip(*p99), marker="o", color=f"C{i}", lw=1.3, label=f"{name} p99")
+    first = next(iter(swept.values()))
+    attained.axhline(
+        first.capacity.target, color="k", ls=":", lw=1, label=f"target {percent(first.capacity.target)}"
+    )
+    attained.set_ylim(0, 1.02)
+    slo_ttft = first.latency.goodput and first.latency.goodput.slo_ttft_ms
+    if slo_ttft:
+        late.axhline(slo_ttft / 1000, color="k", ls=":", lw=1, label=f"SLO {slo_ttft:g} ms")
+    for ax, ylabel, title in (
+        (attained, "share of requests within the SLOs", "SLO attainment vs arrival rate"),
+        (late, "seconds", "TTFT p99 vs arrival rate"),
+    ):
+        ax.set_xlabel("planned arrival rate (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
@@ -5485,6 +5573,7 @@ def markdown_summary(
         *[line for name, block in comparison.items() for line in comparison_lines(name, block)],
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
+        *capacity_table(summaries),
         *server_clock_table(summaries),
         *startups_lines(config, summaries),
         *time_line(timing),
@@ -5794,6 +5883,79 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
+def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """Each strategy's attainment at every swept rate, its capacity and the memory it held there, then
+    the answer in one sentence."""
+    swept = {n: s for n, s in summaries.items() if s.capacity}
+    if not swept:
+        return []
+    first = next(iter(swept.values()))
+    rates = list(dict.fromkeys(r for s in swept.values() for r in s.capacity.attainment))
+    header = " | ".join(
+        ["experiment", *(f"{r} req/s" for r in rates), "capacity", "memory held there (mean MiB)", "GiB·h"]
+    )
+    rows = [
+        [
+            name,
+            *(percent(s.capacity.attainment.get(r)) for r in rates),
+            capacity_words(s.capacity),
+            fmt(s.capacity.mean_mib),
+            fmt(s.memory_cost and s.memory_cost.gib_hours, 4),
+        ]
+        for name, s in swept.items()
+    ]
+    return section(
+        f"What one card takes within the SLOs ({slo_words(first.latency.goodput)}): capacity is the "
+        f"largest swept rate at which at least {percent(first.capacity.target)} of the requests met them, "
+        "and every lower rate too (repeats pooled):",
+        "",
+        *md_table(header, rows),
+        "",
+        f"At {percent(first.capacity.target)} attainment, "
+        + "; ".join(capacity_sentence(name, s) for name, s in swept.items())
+        + ".",
+    )
+
+
+def percent(share: Optional[float]) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%".replace(".0%", "%")
+
+
+def slo_words(goodput: Optional[Goodput]) -> str:
+    objectives = [
+        f"{name} ≤ {value:g} ms"
+        for name, value in (
+            ("TTFT", goodput and goodput.slo_ttft_ms),
+            ("TPOT", goodput and goodput.slo_tpot_ms),
+        )
+        if value
+    ]
+    return ", ".join(objectives) or "no SLOs"
+
+
+def capacity_words(c: Capacity) -> str:
+    if c.verdict == "below the sweep":
+        return "below the sweep"
+    if c.verdict == "above the sweep":
+        return f"above the sweep (held every rate, up to {c.largest_held_rps:g} req/s)"
+    return f"{c.largest_held_rps:g} req/s"
+
+
+def capacity_sentence(name: str, s: ExperimentSummary) -> str:
+    c = s.capacity
+    if c.largest_held_rps is None:
+        return f"{name} missed it already at the lowest swept rate, {min(c.attainment, key=float)} requests/s"
+    held = f"{c.largest_held_rps:g} requests/s" + (
+        " (above the sweep)" if c.verdict == "above the sweep" else ""
+    )
+    memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
+    return f"{name} held {held}{memory}"
+
+
+def capacity_headline(c: Capacity) -> dict:
+    return {"verdict": c.verdict, "largest_held_rps": c.largest_held_rps, "mean_mib": c.mean_mib}
+
+
 def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
     if not clocks:
@@ -5980,6 +6142,7 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
                 "peak_mib": s.device.peak_mib,
                 "mean_mib_serving": s.memory_cost and s.memory_cost.mean_mib,
                 "gib_hours": s.memory_cost and s.memory_cost.gib_hours,
+                **({"capacity": capacity_headline(s.capacity)} if s.capacity else {}),
                 "release_s": s.device.release_s,
                 "ttft_p50_s": s.latency.ttft_s.p50,
                 "ttft_p99_s": s.latency.ttft_s.p99,
@@ -6023,6 +6186,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     config = config if isinstance(config, dict) else {}
     tolerance = dig(config, "config", "release_tolerance") or 0.05
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
+    target = (dig(config, "config", "slo_attainment") or 99.0) / 100
     loaded: dict[str, LoadedExperiment] = {}
     summaries: dict[str, ExperimentSummary] = {}
     failed: dict[str, str] = {}
@@ -6034,7 +6198,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
             continue
         exp = load_experiment(exp_dir)
         loaded[exp.record.name] = exp
-        summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo)
+        summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo, target)
         if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
             write_requests_csv(exp_dir / "requests.csv", exp.requests)
         write_json(exp_dir / "summary.json", summaries[exp.record.name])

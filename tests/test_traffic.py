@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import types
 
 import pytest
 from conftest import background, fake_env, rx, script_args, succeeded_run
@@ -211,6 +212,71 @@ def test_open_loop_requests_go_out_at_their_planned_times(open_loop_run):
         in (open_loop_run / "summary.md").read_text()
     )
     assert (open_loop_run / "plots" / "rate_sweep.png").stat().st_size > 10_000
+
+
+def test_an_open_loop_sweep_reports_capacity_within_the_slos_and_the_memory_held(open_loop_run):
+    summary = json.loads((open_loop_run / "summary.json").read_text())["experiments"]["kvcached"]
+    capacity = summary["capacity"]
+    assert capacity["attainment"] == {"3": 1.0, "6": 1.0} and capacity["target"] == 0.99
+    assert capacity["verdict"] == "above the sweep" and capacity["largest_held_rps"] == 6
+    at_six = [p["mean_mib"] for p in summary["rate_sweep"] if p["rate"] == 6]
+    assert capacity["mean_mib"] == pytest.approx(sum(at_six) / len(at_six))
+    idle, peak = summary["device"]["idle_before_workload_mib"], summary["device"]["peak_mib"]
+    assert all(idle <= p["mean_mib"] <= peak for p in summary["rate_sweep"]), "held while serving"
+    md = (open_loop_run / "summary.md").read_text()
+    assert "What one card takes within the SLOs (TTFT ≤ 5000 ms, TPOT ≤ 100 ms)" in md
+    assert "| kvcached | 100% | 100% | above the sweep (held every rate, up to 6 req/s) |" in md
+    assert "At 99% attainment, kvcached held 6 requests/s (above the sweep) in" in md
+    assert (open_loop_run / "plots" / "attainment.png").stat().st_size > 10_000
+    result = open_loop_run.parent.parent / "stdout.txt"
+    headline = json.loads(result.read_text().strip().splitlines()[-1])["experiments"]["kvcached"]
+    assert headline["capacity"]["verdict"] == "above the sweep" and headline["gib_hours"] > 0
+
+
+def point(rate, share, requests=100, mean_mib=None, repeat=0):
+    return rx.RatePoint(f"{rate} req/s", repeat, rate, requests, 0, 0.1, 0.2, 1, 2, share, 0.0, mean_mib)
+
+
+@pytest.mark.parametrize(
+    "points, verdict, held, mib",
+    [
+        ([point(3, 1.0, mean_mib=10), point(6, 0.99, mean_mib=20), point(9, 0.9)], "within the sweep", 6, 20),
+        ([point(3, 1.0), point(6, 0.995, mean_mib=30)], "above the sweep", 6, 30),
+        ([point(3, 0.98, mean_mib=5), point(6, 1.0)], "below the sweep", None, None),
+        # a miss ends it: a higher rate that happens to hold does not count
+        ([point(3, 1.0), point(6, 0.5), point(9, 1.0)], "within the sweep", 3, None),
+        # repeats of a rate are pooled by request: 10 of 10 and 97 of 100 is 97.3%
+        ([point(3, 1.0), point(6, 1.0, 10, 40), point(6, 0.97, 100, 60, 1)], "within the sweep", 3, None),
+        ([point(3, 1.0, 10, 40), point(3, 1.0, 30, 60, 1)], "above the sweep", 3, 50),
+    ],
+)
+def test_capacity_is_the_largest_rate_held_with_every_lower_one(points, verdict, held, mib):
+    capacity = rx.capacity(points, 0.99)
+    assert (capacity.verdict, capacity.largest_held_rps, capacity.mean_mib) == (verdict, held, mib)
+
+
+def test_capacity_needs_slos_and_says_below_and_above_in_words():
+    assert rx.capacity([point(3, None)], 0.99) is None and rx.capacity(None, 0.99) is None
+    below = rx.capacity([point(3, 0.5), point(6, 0.2)], 0.99)
+    assert below.attainment == {"3": 0.5, "6": 0.2}
+    assert rx.capacity_words(below) == "below the sweep"
+    summary = types.SimpleNamespace(capacity=below)
+    assert rx.capacity_sentence("static", summary) == (
+        "static missed it already at the lowest swept rate, 3 requests/s"
+    )
+    within = rx.capacity([point(3, 1.0, mean_mib=2048), point(6, 0.5)], 0.99)
+    assert rx.capacity_words(within) == "3 req/s"
+    assert rx.capacity_sentence("kvcached", types.SimpleNamespace(capacity=within)) == (
+        "kvcached held 3 requests/s in 2.0 GiB on average"
+    )
+
+
+def test_default_slos_apply_and_the_attainment_target_is_a_percentage():
+    cfg = rx.Config()
+    assert (cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.slo_attainment) == (1000, 100, 99)
+    for bad in (0, 101, -5):
+        with pytest.raises(rx.ConfigError, match="--slo-attainment"):
+            rx.validate_config(rx.Config(slo_attainment=bad))
 
 
 # --- prefix caching with a shared prefix, and what each burst leaves behind --------------------------

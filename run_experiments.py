@@ -4177,6 +4177,7 @@ class LatencySummary:
     ttft_note: Optional[str] = omitted_if_none()  # why there is no TTFT (the server did not stream)
     itl_s: Optional[Distribution] = omitted_if_none()  # every gap between content chunks, pooled
     goodput: Optional[Goodput] = omitted_if_none()  # with --slo-ttft-ms / --slo-tpot-ms
+    send_delay_s: Optional[Distribution] = omitted_if_none()  # open loop: actual send - planned arrival
 
     def quantile(self, metric: str, q: str) -> Optional[float]:
         return getattr(getattr(self, metric), q)
@@ -4223,6 +4224,7 @@ def latency_summary(
         span = max(r.t_send + (r.e2e_s or 0) for r in records) - min(r.t_send for r in records)
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
     gaps = [gap for r in ok for gap in r.itl_s] if streamed else []
+    delays = [r.send_delay_s for r in records if r.send_delay_s is not None]  # open loop only
     return LatencySummary(
         requests=len(records),
         ok=len(ok),
@@ -4237,7 +4239,23 @@ def latency_summary(
         ttft_note=None if streamed else NOT_STREAMED,
         itl_s=Distribution.of(gaps) if gaps else None,
         goodput=goodput(records, *slo),
+        send_delay_s=Distribution.of(delays) if delays else None,
     )
+
+
+FAITHFUL_SEND_DELAY_S = 0.05  # open loop: a send-delay p99 above this means the client fell behind
+
+
+def unfaithful(latency: LatencySummary) -> list[str]:
+    """The problem to report when requests went out well after their planned arrivals."""
+    late = latency.send_delay_s
+    if late is None or late.p99 is None or late.p99 <= FAITHFUL_SEND_DELAY_S:
+        return []
+    return [
+        f"not faithful to its plan: requests went out a p99 of {late.p99 * 1000:,.0f} ms after their planned "
+        f"arrival (above {FAITHFUL_SEND_DELAY_S * 1000:.0f} ms): the client fell behind, and the latencies "
+        "include its lateness"
+    ]
 
 
 def not_streamed(ok: list[RequestRecord]) -> bool:
@@ -4698,7 +4716,7 @@ def summarize_experiment(
     record, records = loaded.record, loaded.records
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
-    problems = list(loaded.problems)
+    problems = list(loaded.problems) + unfaithful(latency)
     if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
         problems.append(FOREIGN_PIDS)
     if not record.finished:
@@ -5878,8 +5896,24 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         for name, points in sweeps.items()
         for p in points
     ]
+    delays = "; ".join(
+        f"{name} p99 {fmt(s.latency.send_delay_s.p99 * 1000, 1)} ms"
+        for name, s in summaries.items()
+        if s.latency.send_delay_s and s.latency.send_delay_s.p99 is not None
+    )
     return section(
-        "Open-loop arrivals (latency timed from each planned arrival):", "", *md_table(header, rows)
+        "Open-loop arrivals (latency timed from each planned arrival):",
+        "",
+        *md_table(header, rows),
+        *(
+            [
+                "",
+                f"Send delay, how late requests went out after their planned arrival: {delays} (above "
+                f"{FAITHFUL_SEND_DELAY_S * 1000:.0f} ms a run is flagged as not faithful to its plan).",
+            ]
+            if delays
+            else []
+        ),
     )
 
 
@@ -6148,6 +6182,7 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
                 "ttft_p99_s": s.latency.ttft_s.p99,
                 "e2e_p50_s": s.latency.e2e_s.p50,
                 "failed": s.latency.failed,
+                **({"send_delay_p99_s": s.latency.send_delay_s.p99} if s.latency.send_delay_s else {}),
             }
             for n, s in summaries.items()
         },

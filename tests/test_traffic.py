@@ -233,6 +233,26 @@ def test_an_open_loop_sweep_reports_capacity_within_the_slos_and_the_memory_held
     assert headline["capacity"]["verdict"] == "above the sweep" and headline["gib_hours"] > 0
 
 
+def test_a_client_that_falls_behind_its_plan_is_flagged_in_the_summary(open_loop_run):
+    summary = json.loads((open_loop_run / "summary.json").read_text())["experiments"]["kvcached"]
+    assert summary["latency"]["send_delay_s"]["p99"] < rx.FAITHFUL_SEND_DELAY_S, "kept to its plan"
+    assert not any("not faithful" in p for p in summary["problems"])
+    assert "Send delay, how late requests went out after their planned arrival: kvcached p99" in (
+        (open_loop_run / "summary.md").read_text()
+    )
+
+    def rows(delay):
+        row = {"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 0.5, "completion_tokens": 8}
+        return [dict(row, index=i, send_delay_s=delay * i / 99) for i in range(100)]
+
+    on_time, late = rx.latency_summary(rows(0.04)), rx.latency_summary(rows(0.2))
+    assert rx.unfaithful(on_time) == []
+    (problem,) = rx.unfaithful(late)
+    assert problem.startswith("not faithful to its plan: requests went out a p99 of 198 ms after")
+    closed = rx.latency_summary([dict(r, send_delay_s=None) for r in rows(0)])
+    assert closed.send_delay_s is None and rx.unfaithful(closed) == [], "closed bursts have no plan times"
+
+
 def point(rate, share, requests=100, mean_mib=None, repeat=0):
     return rx.RatePoint(f"{rate} req/s", repeat, rate, requests, 0, 0.1, 0.2, 1, 2, share, 0.0, mean_mib)
 

@@ -174,11 +174,14 @@ class Config:
     engine_start: str = "auto"  # vLLM's engine process: fork (~20 s faster), spawn, auto (shell's or fork)
     # --- workload
     bursts: int = 0  # 0 = preset's value
-    arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma (open loop, planned ahead)
+    arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp (open loop, planned)
     rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
     rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
     burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
     duration_s: float = 30.0  # open loop: seconds of arrivals per window
+    peak_rates: str = ""  # ramp: each model's peak requests/s, one window per peak (a sweep), e.g. 12,16,20
+    ramp_step: float = 1.0  # ramp: requests/s added each second on the way up, taken off on the way down
+    stagger_s: float = 0.0  # ramp: model i starts this long after model i-1 (0 = once i-1 has peaked)
     burst_size: int = 0  # concurrent requests per burst; 0 = preset (auto: sized to the card)
     gap_s: float = -1.0  # idle seconds between bursts; <0 = preset
     max_tokens: int = 0  # output tokens per request; 0 = preset
@@ -319,6 +322,14 @@ def single_bursts(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
 
 def alternating_bursts(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
     return tuple(Step(f"{s} burst {b + 1}", s, "main", b) for b in range(bursts) for s in slots_)
+
+
+ALL_SLOTS = "*"  # a step's server: every model at once, each on its own plan of the step's family
+
+
+def concurrent_windows(windows: int, slots_: list[str]) -> tuple[Step, ...]:
+    """Per-model traffic: every model at once on its own plan (ramp_A, ramp_B, ...), window by window."""
+    return tuple(Step(f"ramp {w + 1}", ALL_SLOTS, "ramp", w) for w in range(windows))
 
 
 def overload_swap(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
@@ -493,11 +504,14 @@ def model_words(n: int) -> dict[str, str]:
 def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
+    schedule, question = entry.schedule, entry.question.format(**model_words(len(slots(cfg))))
+    if cfg.arrivals == "ramp" and schedule is alternating_bursts:  # the models' ramps overlap in time
+        schedule, question = concurrent_windows, question.replace("alternating bursts", "staggered ramps")
     return ExperimentSpec(
         entry.name,
-        entry.question.format(**model_words(len(slots(cfg)))),
+        question,
         entry.servers(cfg, budget_bytes),
-        entry.schedule(plans["main"].bursts, slots(cfg)),
+        schedule(plans["main"].bursts, slots(cfg)),
         budget_bytes if entry.shares_budget else 0,
     )
 
@@ -1104,7 +1118,7 @@ def measure(trial: Trial) -> None:
         run_measured_step(trial, step, repeat, sink)
         trial.save()
         if n < len(steps) - 1:
-            pause(trial.plans[step.plan].gap_s)
+            pause(trial.cfg.gap_s)
     # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
     outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
@@ -1113,6 +1127,8 @@ def measure(trial: Trial) -> None:
 
 def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
     """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
+    if step.server == ALL_SLOTS:
+        return run_concurrent_window(trial, step, repeat, sink)
     plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
     burst = BurstMark(step.phase, step.server, repeat, time.time())
     if plan.rates:
@@ -1130,14 +1146,45 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
         say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
 
 
+def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
+    """One window of per-model traffic: every model's requests at once, each model's from its own
+    plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
+    first = trial.plans[f"{step.plan}_{next(iter(trial.servers))}"]
+    burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
+    burst.rate = first.rates[step.burst] if first.rates else None
+    trial.record.marks.bursts.append(burst)
+    pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
+    try:
+        futures = [
+            pool.submit(
+                run_step,
+                trial.cfg,
+                trial.exp,
+                dataclasses.replace(step, server=slot, phase=step.phase),
+                trial.plans[f"{step.plan}_{slot}"],
+                server,
+                repeat,
+                sink,
+            )
+            for slot, server in trial.servers.items()
+        ]
+        for future in futures:
+            future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C the servers' stop ends the rest
+        burst.end = time.time()
+
+
 def warm_up(trial: Trial) -> bool:
     """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
     heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
     cfg, sent = trial.cfg, False
     for slot, server in trial.servers.items():
-        step = next((s for s in trial.exp.steps if s.server == slot), None)
+        step = next((s for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
         if step is None or server.warmed:  # cold-start costs are paid once per process
             continue
+        if step.server == ALL_SLOTS:
+            step = dataclasses.replace(step, server=slot, plan=f"{step.plan}_{slot}")
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
         gate = wake_gate(server, cfg)
         plan = trial.plans[step.plan]
@@ -1409,11 +1456,17 @@ FIELD_CHECKS = (
     ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
     (
         "arrivals",
-        lambda v: v in ("bursts", "poisson", "gamma"),
-        "must be bursts, poisson or gamma, got {v!r}",
+        lambda v: v in ("bursts", "poisson", "gamma", "ramp"),
+        "must be bursts, poisson, gamma or ramp, got {v!r}",
     ),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
     ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
+    ("ramp_step", lambda v: v > 0, "must be > 0 requests/s per second, got {v:g}"),
+    (
+        "stagger_s",
+        lambda v: v >= 0,
+        "must be >= 0 seconds (0 = once the previous model has peaked), got {v:g}",
+    ),
 )
 
 
@@ -1539,6 +1592,7 @@ def check_workload(cfg: Config) -> None:
         "shared_prefix_tokens",
         "shares a prefix for vLLM to cache: add --prefix-caching",
     )
+    need(cfg.arrivals == "ramp" or not cfg.peak_rates, "peak_rates", "apply to --arrivals ramp")
     if cfg.arrivals == "bursts":
         need(
             not cfg.rates and not cfg.rate,
@@ -1546,12 +1600,37 @@ def check_workload(cfg: Config) -> None:
             "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
         )
         return
+    if cfg.arrivals == "ramp":
+        check_ramp(cfg)
+        return
     need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
     parse_rates(cfg)
     need(
         bool(cfg.rates) or cfg.rate > 0,
         "rate",
         f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
+    )
+
+
+def check_ramp(cfg: Config) -> None:
+    need(not cfg.rates and not cfg.rate, "arrivals", "--rate/--rates are for poisson or gamma arrivals")
+    peaks = parse_peaks(cfg)
+    longest = max(ramp_length(cfg, peak, len(slots(cfg))) for peak in peaks)
+    need(
+        longest <= cfg.duration_s,
+        "duration_s",
+        f"is {cfg.duration_s:g} s, but the ramp of {len(slots(cfg))} model(s) to {max(peaks):g} "
+        f"requests/s in steps of {cfg.ramp_step:g} lasts {longest:g} s: raise --duration-s to "
+        f"{math.ceil(longest)}, or lower --peak-rates, raise --ramp-step, or shorten --stagger-s",
+    )
+    sleeping = [
+        e.name for e in parse_experiments(cfg.experiments) if e.arm == "sleep" and GROUPS[e.group].pair
+    ]
+    need(
+        not sleeping,
+        "arrivals",
+        f"ramp: {', '.join(sleeping)} has no policy yet for sleeping models under concurrent traffic; leave "
+        "it out of --experiments (the one-model sleep arm, experiment 6, takes model A's ramp)",
     )
 
 
@@ -1925,6 +2004,58 @@ def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: f
     while t < duration_s:
         yield t
         t += rng.gammavariate(shape, 1 / (rate * shape))
+
+
+def parse_peaks(cfg: Config) -> list[float]:
+    try:
+        peaks = [float(r) for r in cfg.peak_rates.split(",") if r.strip()]
+    except ValueError:
+        peaks = []
+    need(
+        bool(peaks) and all(math.isfinite(p) and p >= 1 for p in peaks),
+        "peak_rates",
+        f"must be peak requests per second of at least 1, separated by commas, e.g. 12,16,20; got "
+        f"{cfg.peak_rates!r}",
+    )
+    return peaks
+
+
+def ramp_seconds(peak: float, step: float) -> list[float]:
+    """One model's rate in each second of its ramp: up by `step` a second to `peak`, then back to 1."""
+    up = [min(peak, step * k) for k in range(1, math.ceil(peak / step) + 1)]
+    down = [max(1.0, peak - step * k) for k in range(1, math.ceil((peak - 1) / step) + 1)]
+    return up + down
+
+
+def ramp_offsets(rates: list[float], start_s: float) -> list[float]:
+    """Arrivals evenly spaced within each second at that second's rate (a fraction carried over)."""
+    offsets, carried = [], 0.0
+    for second, rate in enumerate(rates):
+        n = math.floor(carried + rate) - math.floor(carried)
+        carried += rate
+        offsets += [start_s + second + (i + 0.5) / n for i in range(n)]
+    return offsets
+
+
+def stagger(cfg: Config, peak: float) -> float:
+    """Seconds between two models' ramps: --stagger-s, or once the previous model has peaked."""
+    return cfg.stagger_s or float(math.ceil(peak / cfg.ramp_step))
+
+
+def ramp_length(cfg: Config, peak: float, models: int) -> float:
+    return (models - 1) * stagger(cfg, peak) + len(ramp_seconds(peak, cfg.ramp_step))
+
+
+def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
+    """The model at `position` (A = 0): one window per peak of --peak-rates, its ramp starting
+    position x the stagger into the window."""
+    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
+    peaks, planned, busiest = parse_peaks(cfg), [], 0
+    for window, peak in enumerate(peaks):
+        offsets = ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak))
+        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+        busiest = max(busiest, len(offsets))
+    return make.plan(planned, len(peaks), busiest, sizing, arrivals="ramp", rates=tuple(peaks))
 
 
 def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
@@ -7027,7 +7158,15 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         }
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
-    if open_loop:
+    if cfg.arrivals == "ramp":
+        size, sizing = (
+            0,
+            (
+                f"ramp: each model rises to {cfg.peak_rates} requests/s and back in steps of "
+                f"{cfg.ramp_step:g} a second, one window per peak, the models staggered"
+            ),
+        )
+    elif open_loop:
         size, sizing = (
             0,
             (
@@ -7051,7 +7190,11 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
             cfg.burst_kv_fraction,
             cfg.max_burst_size,
         )
-    plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
+    if cfg.arrivals == "ramp":  # the shared experiments send every model's ramp; one model alone, A's
+        plans = {f"ramp_{key}": ramp_plan(cfg, i, sizing) for i, key in enumerate(slots(cfg))}
+        plans["main"] = plans["ramp_A"]
+    else:
+        plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
     for key in slots(cfg):
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
@@ -7075,7 +7218,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
     """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    used = {plan for e in experiments for plan in e.plans}
+    used = {plan for e in experiments for plan in e.plans} | {"ramp"}  # a ramp is each model's own plan
     for key in sorted(k for k in plans if plan_family(k) in used):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))

@@ -1,6 +1,7 @@
 """Traffic closer to real use: decode-length mixes, per-token latency, goodput under SLOs, a CSV."""
 
 import csv
+import dataclasses
 import gzip
 import json
 import types
@@ -418,3 +419,105 @@ def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tm
         tmp_path, "sleep", level, 4.3, (3, 4), 4.27, [{"start": 3, "end": 4, "wake_s": 0.15, "sleep_s": 0.15}]
     )
     assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [0]
+
+
+# --- per-model traffic: staggered ramps --------------------------------------------------------------
+def test_a_ramp_rises_step_by_step_to_its_peak_and_falls_back_to_one():
+    assert rx.ramp_seconds(4, 1) == [1, 2, 3, 4, 3, 2, 1]
+    assert rx.ramp_seconds(5, 2) == [2, 4, 5, 3, 1]
+    # requests evenly spaced within each second, a fraction carried to the next one
+    assert rx.ramp_offsets([2, 1], 10.0) == [10.25, 10.75, 11.5]
+    assert rx.ramp_offsets([0.5, 0.5, 0.5], 0.0) == [1.5], "half a request a second: one every two"
+
+
+def test_each_model_ramps_in_turn_one_window_per_peak():
+    cfg = rx.Config(
+        models="m1,m2,m3", arrivals="ramp", peak_rates="3,4", ramp_step=1, duration_s=30, max_tokens=8
+    )
+    plans = [rx.ramp_plan(cfg, position, "x") for position in range(3)]
+    for position, plan in enumerate(plans):
+        assert plan.rates == (3, 4) and plan.arrivals == "ramp" and plan.bursts == 2
+        for window, peak in enumerate((3, 4)):
+            offsets = [r.offset_s for r in plan.burst(window)]
+            start = position * peak  # the default stagger: once the model before has peaked
+            per_second = [sum(start + s <= t < start + s + 1 for t in offsets) for s in range(2 * peak)]
+            assert per_second == [*range(1, peak + 1), *range(peak - 1, 0, -1), 0], (position, window)
+    assert [r.prompt for r in rx.ramp_plan(cfg, 1, "x").requests] == [r.prompt for r in plans[1].requests]
+    assert rx.ramp_length(cfg, 4, 3) == 2 * 4 + 7
+    staggered = rx.ramp_plan(dataclasses.replace(cfg, stagger_s=0.5), 2, "x")
+    assert staggered.burst(0)[0].offset_s == pytest.approx(1.0 + 0.5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--peak-rates", "4"], "--peak-rates: apply to --arrivals ramp"),
+        (["--arrivals", "ramp"], "--peak-rates: must be peak requests per second of at least 1"),
+        (["--arrivals", "ramp", "--peak-rates", "4,x"], "--peak-rates: must be peak requests per second"),
+        (["--arrivals", "ramp", "--peak-rates", "0.5"], "--peak-rates: must be peak requests per second"),
+        (["--arrivals", "ramp", "--peak-rates", "4", "--ramp-step", "0"], "--ramp-step: must be > 0"),
+        (["--arrivals", "ramp", "--peak-rates", "4", "--stagger-s", "-1"], "--stagger-s: must be >= 0"),
+        (
+            ["--arrivals", "ramp", "--peak-rates", "20", "--duration-s", "30"],
+            "--duration-s: is 30 s, but the ramp of 2 model(s) to 20 requests/s in steps of 1 lasts 59 s",
+        ),
+        (["--arrivals", "ramp", "--peak-rates", "4", "--rate", "2"], "--arrivals: --rate/--rates are for"),
+        (
+            ["--arrivals", "ramp", "--peak-rates", "2", "--experiments", "3,7"],
+            "--arrivals: ramp: shared_sleep has no policy yet",
+        ),
+    ],
+)
+def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):
+    assert rx.main(flags, out=lambda _: None) == 2
+    assert message in capsys.readouterr().err
+
+
+def ramp_sweep_args(base):
+    ramp = ["--arrivals", "ramp", "--peak-rates", "2,3", "--ramp-step", "2", "--stagger-s", "0.5"]
+    return script_args(base / "results", "--experiments", "3,4", *ramp, "--duration-s", "4", "--plots")
+
+
+@background("ramp_sweep_run", weight=9)
+def ramp_sweep_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=ramp_sweep_args(base), env=fake_env(base / "gpu"), timeout=180)
+
+
+@pytest.fixture
+def ramp_sweep_run(background_runs):
+    return succeeded_run(background_runs, "ramp_sweep_run")
+
+
+def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(ramp_sweep_run):
+    run = ramp_sweep_run
+    for name, folder in (("shared_kvcached", "01_shared_kvcached"), ("shared_static", "02_shared_static")):
+        record = json.loads((run / folder / "experiment.json").read_text())
+        assert [(b["phase"], b["server"], b["rate"]) for b in record["marks"]["bursts"]] == [
+            ("ramp 1", "*", 2),
+            ("ramp 2", "*", 3),
+        ]
+        rows = rx.read_jsonl(run / folder / "requests.jsonl")
+        for window, mark in enumerate(record["marks"]["bursts"]):
+            for slot in "AB":
+                plan = json.loads(gzip.decompress((run / f"plan_ramp_{slot}.json.gz").read_bytes()))
+                planned = {r["index"]: r["offset_s"] for r in plan["requests"] if r["burst"] == window}
+                mine = [r for r in rows if r["burst"] == window and r["server"] == slot]
+                assert sorted(r["index"] for r in mine) == sorted(planned), (name, window, slot)
+                assert all(mark["start"] <= r["t_send"] - planned[r["index"]] for r in mine)
+        summary = json.loads((run / "summary.json").read_text())["experiments"][name]
+        assert summary["capacity"]["attainment"] == {"2": 1.0, "3": 1.0}
+        assert summary["capacity"]["verdict"] == "above the sweep" and summary["memory_cost"]["gib_hours"] > 0
+        assert set(summary["servers"]) == {"A", "B"}
+    firsts = [
+        json.loads(gzip.decompress((run / f"plan_ramp_{slot}.json.gz").read_bytes()))["requests"][0][
+            "offset_s"
+        ]
+        for slot in "AB"
+    ]
+    assert firsts[1] - firsts[0] == pytest.approx(0.5), "B's ramp starts --stagger-s after A's"
+    md = (run / "summary.md").read_text()
+    assert "| shared_kvcached | 100% | 100% | above the sweep" in md and "GiB·h" in md
+    record = json.loads((run / "01_shared_kvcached" / "experiment.json").read_text())
+    assert record["question"] == "Two models on one GPU, both elastic, staggered ramps."
+    assert all((run / "plots" / p).stat().st_size > 10_000 for p in ("attainment.png", "shared_memory.png"))

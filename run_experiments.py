@@ -6080,11 +6080,26 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         "and every lower rate too (repeats pooled):",
         "",
         *md_table(header, rows),
+        *per_model_attainment(swept),
         "",
         f"At {percent(first.capacity.target)} attainment, "
         + "; ".join(capacity_sentence(name, s) for name, s in swept.items())
         + ".",
     )
+
+
+def per_model_attainment(swept: dict[str, ExperimentSummary]) -> list[str]:
+    """Each model's share of requests within the SLOs over all windows, where models share the card."""
+    lines = [
+        f"- {name}, per model over all windows: "
+        + ", ".join(
+            f"{slot} {percent(v.latency.goodput and v.latency.goodput.share)}"
+            for slot, v in s.servers.items()
+        )
+        for name, s in swept.items()
+        if len(s.servers) > 1
+    ]
+    return ["", *lines] if lines else []
 
 
 def percent(share: Optional[float]) -> str:

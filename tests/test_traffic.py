@@ -518,6 +518,7 @@ def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(r
     assert firsts[1] - firsts[0] == pytest.approx(0.5), "B's ramp starts --stagger-s after A's"
     md = (run / "summary.md").read_text()
     assert "| shared_kvcached | 100% | 100% | above the sweep" in md and "GiB·h" in md
+    assert "- shared_kvcached, per model over all windows: A 100%, B 100%" in md
     record = json.loads((run / "01_shared_kvcached" / "experiment.json").read_text())
     assert record["question"] == "Two models on one GPU, both elastic, staggered ramps."
     assert all((run / "plots" / p).stat().st_size > 10_000 for p in ("attainment.png", "shared_memory.png"))

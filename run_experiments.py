@@ -1160,7 +1160,7 @@ def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSi
                 run_step,
                 trial.cfg,
                 trial.exp,
-                dataclasses.replace(step, server=slot, phase=step.phase),
+                dataclasses.replace(step, server=slot),
                 trial.plans[f"{step.plan}_{slot}"],
                 server,
                 repeat,
@@ -4209,15 +4209,22 @@ def write_requests_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, out.getvalue())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file, or of its gzipped copy (committed reference runs are compressed)."""
+def open_jsonl(path: Path) -> Optional[Any]:
+    """A JSONL file, or its gzipped copy (committed reference runs are compressed), open for reading
+    text; None if neither is there."""
     packed = path.with_name(path.name + ".gz")
     if path.exists():
-        text = path.read_text()
-    elif packed.exists():
-        text = gzip.decompress(packed.read_bytes()).decode()
-    else:
+        return open(path)
+    return gzip.open(packed, "rt") if packed.exists() else None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file, or of its gzipped copy."""
+    opened = open_jsonl(path)
+    if opened is None:
         return []
+    with opened:
+        text = opened.read()
     lines = [line for line in text.splitlines() if line.strip()]
     with contextlib.suppress(json.JSONDecodeError):  # one parse of the whole file: a fifth faster
         return json.loads("[" + ",".join(lines) + "]")
@@ -5821,11 +5828,7 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     if not per_token:
         return []
     slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
-    slo_text = slos and " and ".join(
-        f"{name} <= {value:g} ms"
-        for name, value in (("TTFT", slos.slo_ttft_ms), ("TPOT", slos.slo_tpot_ms))
-        if value
-    )
+    slo_text = slos and slo_words(slos, " and ", "<=")
 
     def ms3(dist: Optional[Distribution]) -> str:
         return " / ".join(fmt(v and v * 1000, 1) for v in (dist.p50, dist.p90, dist.p99)) if dist else "n/a"
@@ -6106,16 +6109,17 @@ def percent(share: Optional[float]) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%".replace(".0%", "%")
 
 
-def slo_words(goodput: Optional[Goodput]) -> str:
+def slo_words(goodput: Optional[Goodput], joiner: str = ", ", at_most: str = "≤") -> str:
+    """The objectives that applied, e.g. "TTFT ≤ 1000 ms, TPOT ≤ 100 ms"."""
     objectives = [
-        f"{name} ≤ {value:g} ms"
+        f"{name} {at_most} {value:g} ms"
         for name, value in (
             ("TTFT", goodput and goodput.slo_ttft_ms),
             ("TPOT", goodput and goodput.slo_tpot_ms),
         )
         if value
     ]
-    return ", ".join(objectives) or "no SLOs"
+    return joiner.join(objectives) or "no SLOs"
 
 
 def capacity_words(c: Capacity) -> str:
@@ -7167,6 +7171,32 @@ def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu["uuid"]}
 
 
+def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, str]:
+    """A closed burst's size and, in words, how it (or the open-loop traffic) was chosen."""
+    if cfg.arrivals == "ramp":
+        return 0, (
+            f"ramp: each model rises to {cfg.peak_rates} requests/s and back in steps of "
+            f"{cfg.ramp_step:g} a second, one window per peak, the models staggered"
+        )
+    if cfg.arrivals != "bursts":
+        return 0, (
+            f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
+            f"requests/s, {cfg.duration_s:g} s per window"
+            + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else "")
+        )
+    if cfg.burst_size:
+        return cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
+    longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
+    return size_burst(
+        kv_a,
+        int(gpu["free_mib_at_start"] * MIB),
+        cfg.prompt_tokens,
+        longest,
+        cfg.burst_kv_fraction,
+        cfg.max_burst_size,
+    )
+
+
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key in slots(cfg):
@@ -7178,38 +7208,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         }
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
-    if cfg.arrivals == "ramp":
-        size, sizing = (
-            0,
-            (
-                f"ramp: each model rises to {cfg.peak_rates} requests/s and back in steps of "
-                f"{cfg.ramp_step:g} a second, one window per peak, the models staggered"
-            ),
-        )
-    elif open_loop:
-        size, sizing = (
-            0,
-            (
-                f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
-                f"requests/s, {cfg.duration_s:g} s per window"
-                + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else "")
-            ),
-        )
-    elif cfg.burst_size:
-        size, sizing = (
-            cfg.burst_size,
-            f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)",
-        )
-    else:
-        longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
-        size, sizing = size_burst(
-            kv_a,
-            int(gpu["free_mib_at_start"] * MIB),
-            cfg.prompt_tokens,
-            longest,
-            cfg.burst_kv_fraction,
-            cfg.max_burst_size,
-        )
+    size, sizing = workload_sizing(cfg, kv_a, gpu)
     if cfg.arrivals == "ramp":  # the shared experiments send every model's ramp; one model alone, A's
         plans = {f"ramp_{key}": ramp_plan(cfg, i, sizing) for i, key in enumerate(slots(cfg))}
         plans["main"] = plans["ramp_A"]

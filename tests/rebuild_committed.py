@@ -10,7 +10,6 @@ large one only has its raw files loaded (summarizing a full reference run takes 
 raw files have the shape of one already loaded or rebuilt (the same keys and types of values, e.g. the
 second reference run of the same commit) is not loaded again."""
 
-import gzip
 import itertools
 import json
 import shutil
@@ -87,8 +86,7 @@ def shape(row: dict) -> tuple:
 
 def first_rows(path: Path, count: int) -> list[dict]:
     """The first rows of a JSONL file or of its gzipped copy, without reading the rest."""
-    packed = path.with_name(path.name + ".gz")
-    opened = open(path) if path.exists() else gzip.open(packed, "rt") if packed.exists() else None
+    opened = rx.open_jsonl(path)
     if opened is None:
         return []
     with opened:

@@ -958,15 +958,6 @@ def main(argv=None):
             fail("OSError: %s" % exc, 1)
         log("INFO Starting vLLM API server 0 on http://%s:%d" % (args.host, args.port))
         log("INFO:     Uvicorn running on http://%s:%d (Press CTRL+C to quit)" % (args.host, args.port))
-        if mode in ("exit_after_ready", "die_after_s"):
-
-            def die():
-                log("ERROR EngineCore died unexpectedly", err=True)
-                engine.cleanup()
-                os._exit(1)
-
-            delay = 1.0 if mode == "exit_after_ready" else env_float("FAKE_DIE_AFTER_S", 1.0)
-            threading.Timer(delay, die).start()
         server.serve_forever(poll_interval=0.1)
     finally:
         engine.cleanup()

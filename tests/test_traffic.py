@@ -164,15 +164,16 @@ def test_poisson_and_gamma_arrivals_are_planned_at_the_rate_and_seeded():
 # wrong would send after the next one was due.
 OPEN_LOOP = ["--arrivals", "gamma", "--burstiness", "25", "--rates", "3,6", "--duration-s", "1.5"]
 MIN_GAP_S = 0.1
+# SLOs many times the fake's own times (8 ms a token, first token within ~30 ms), so that every request
+# meets them however busy the machine: attainment and capacity are then known in advance
+GENEROUS_SLOS = ["--slo-ttft-ms", "5000", "--slo-tpot-ms", "1000"]
 
 
 @background("open_loop_run", weight=7.5)
 def open_loop_run_cmd(base):
     (base / "gpu").mkdir()
     return dict(
-        args=script_args(
-            base / "results", "--experiments", "1", *OPEN_LOOP, "--slo-ttft-ms", "5000", "--plots"
-        ),
+        args=script_args(base / "results", "--experiments", "1", *OPEN_LOOP, *GENEROUS_SLOS, "--plots"),
         env=fake_env(base / "gpu"),
     )
 
@@ -225,7 +226,7 @@ def test_an_open_loop_sweep_reports_capacity_within_the_slos_and_the_memory_held
     idle, peak = summary["device"]["idle_before_workload_mib"], summary["device"]["peak_mib"]
     assert all(idle <= p["mean_mib"] <= peak for p in summary["rate_sweep"]), "held while serving"
     md = (open_loop_run / "summary.md").read_text()
-    assert "What one card takes within the SLOs (TTFT ≤ 5000 ms, TPOT ≤ 100 ms)" in md
+    assert "What one card takes within the SLOs (TTFT ≤ 5000 ms, TPOT ≤ 1000 ms)" in md
     assert "| kvcached | 100% | 100% | above the sweep (held every rate, up to 6 req/s) |" in md
     assert "At 99% attainment, kvcached held 6 requests/s (above the sweep) in" in md
     assert (open_loop_run / "plots" / "attainment.png").stat().st_size > 10_000
@@ -236,21 +237,25 @@ def test_an_open_loop_sweep_reports_capacity_within_the_slos_and_the_memory_held
 
 def test_a_client_that_falls_behind_its_plan_is_flagged_in_the_summary(open_loop_run):
     summary = json.loads((open_loop_run / "summary.json").read_text())["experiments"]["kvcached"]
-    assert summary["latency"]["send_delay_s"]["p99"] < rx.FAITHFUL_SEND_DELAY_S, "kept to its plan"
-    assert not any("not faithful" in p for p in summary["problems"])
+    rows = rx.read_jsonl(open_loop_run / "01_kvcached" / "requests.jsonl")
+    late = summary["latency"]["send_delay_s"]["p99"]
+    assert late == pytest.approx(rx.percentile([r["send_delay_s"] for r in rows], 99))
+    # how late a busy machine sends is the benchmark's to measure: here, flagged exactly when too late
+    flagged = any("not faithful" in p for p in summary["problems"])
+    assert flagged == (late > rx.FAITHFUL_SEND_DELAY_S)
     assert "Send delay, how late requests went out after their planned arrival: kvcached p99" in (
         (open_loop_run / "summary.md").read_text()
     )
 
-    def rows(delay):
+    def planned(delay):
         row = {"ok": True, "t_send": 0.0, "ttft_s": 0.1, "e2e_s": 0.5, "completion_tokens": 8}
         return [dict(row, index=i, send_delay_s=delay * i / 99) for i in range(100)]
 
-    on_time, late = rx.latency_summary(rows(0.04)), rx.latency_summary(rows(0.2))
+    on_time, behind = rx.latency_summary(planned(0.04)), rx.latency_summary(planned(0.2))
     assert rx.unfaithful(on_time) == []
-    (problem,) = rx.unfaithful(late)
+    (problem,) = rx.unfaithful(behind)
     assert problem.startswith("not faithful to its plan: requests went out a p99 of 198 ms after")
-    closed = rx.latency_summary([dict(r, send_delay_s=None) for r in rows(0)])
+    closed = rx.latency_summary([dict(r, send_delay_s=None) for r in planned(0)])
     assert closed.send_delay_s is None and rx.unfaithful(closed) == [], "closed bursts have no plan times"
 
 
@@ -474,7 +479,17 @@ def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):
 
 
 def ramp_sweep_args(base):
-    ramp = ["--arrivals", "ramp", "--peak-rates", "2,3", "--ramp-step", "2", "--stagger-s", "0.5"]
+    ramp = [
+        "--arrivals",
+        "ramp",
+        "--peak-rates",
+        "2,3",
+        "--ramp-step",
+        "2",
+        "--stagger-s",
+        "0.5",
+        *GENEROUS_SLOS,
+    ]
     return script_args(base / "results", "--experiments", "3", *ramp, "--duration-s", "4", "--plots")
 
 

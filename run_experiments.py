@@ -43,9 +43,11 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import contextlib
+import csv
 import dataclasses
 import datetime as _dt
 import errno
@@ -53,6 +55,7 @@ import fcntl
 import functools
 import gzip
 import http.client
+import io
 import itertools
 import json
 import math
@@ -174,7 +177,7 @@ class Config:
     engine_start: str = "auto"  # vLLM's engine process: fork (~20 s faster), spawn, auto (shell's or fork)
     # --- workload
     bursts: int = 0  # 0 = preset's value
-    arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp (open loop, planned)
+    arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp | trace (open loop)
     rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
     rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
     burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
@@ -182,6 +185,10 @@ class Config:
     peak_rates: str = ""  # ramp: each model's peak requests/s, one window per peak (a sweep), e.g. 12,16,20
     ramp_step: float = 1.0  # ramp: requests/s added each second on the way up, taken off on the way down
     stagger_s: float = 0.0  # ramp: model i starts this long after model i-1 (0 = once i-1 has peaked)
+    trace: str = ""  # trace arrivals: FILE[,FILE...], one per model (cycled): Azure LLM CSV or Mooncake JSONL
+    trace_window: str = ""  # trace: START:END seconds into the file, or busiest:SECONDS ('' = all of it)
+    trace_speedup: float = 1.0  # trace: time compressed this many times
+    trace_rate_scale: str = "1"  # trace: arrivals thinned or repeated (seeded), one window per scale: 0.5,1,2
     burst_size: int = 0  # concurrent requests per burst; 0 = preset (auto: sized to the card)
     gap_s: float = -1.0  # idle seconds between bursts; <0 = preset
     max_tokens: int = 0  # output tokens per request; 0 = preset
@@ -327,9 +334,9 @@ def alternating_bursts(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
 ALL_SLOTS = "*"  # a step's server: every model at once, each on its own plan of the step's family
 
 
-def concurrent_windows(windows: int, slots_: list[str]) -> tuple[Step, ...]:
+def concurrent_windows(windows: int, slots_: list[str], family: str = "ramp") -> tuple[Step, ...]:
     """Per-model traffic: every model at once on its own plan (ramp_A, ramp_B, ...), window by window."""
-    return tuple(Step(f"ramp {w + 1}", ALL_SLOTS, "ramp", w) for w in range(windows))
+    return tuple(Step(f"{family} {w + 1}", ALL_SLOTS, family, w) for w in range(windows))
 
 
 def overload_swap(bursts: int, slots_: list[str]) -> tuple[Step, ...]:
@@ -505,8 +512,10 @@ def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
     schedule, question = entry.schedule, entry.question.format(**model_words(len(slots(cfg))))
-    if cfg.arrivals == "ramp" and schedule is alternating_bursts:  # the models' ramps overlap in time
-        schedule, question = concurrent_windows, question.replace("alternating bursts", "staggered ramps")
+    if cfg.arrivals in PER_MODEL_ARRIVALS and schedule is alternating_bursts:  # the models' traffic overlaps
+        words = "staggered ramps" if cfg.arrivals == "ramp" else "replayed traces"
+        schedule = functools.partial(concurrent_windows, family=cfg.arrivals)
+        question = question.replace("alternating bursts", words)
     return ExperimentSpec(
         entry.name,
         question,
@@ -1015,6 +1024,17 @@ class BurstMark:
     wake_s: Optional[float] = None  # sleep arm: the wake-up its first request paid for
     rate: Optional[float] = None  # open loop: the planned arrival rate of this window (requests/s)
     sleep_s: Optional[float] = None  # sleep arm: putting the server back to sleep after it
+    rate_unit: Optional[str] = None  # what `rate` counts when not requests/s: 'x trace' (a trace's scale)
+
+
+def mark_rate(burst: BurstMark, plan: "WorkloadPlan", window: int) -> None:
+    """An open-loop window's planned rate (a trace: its rate scale) on its mark."""
+    if plan.rates:
+        burst.rate = plan.rates[window]
+        burst.rate_unit = TRACE_SCALE if plan.arrivals == "trace" else None
+
+
+TRACE_SCALE = "x trace"
 
 
 @dataclasses.dataclass
@@ -1131,8 +1151,7 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
         return run_concurrent_window(trial, step, repeat, sink)
     plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
     burst = BurstMark(step.phase, step.server, repeat, time.time())
-    if plan.rates:
-        burst.rate = plan.rates[step.burst]
+    mark_rate(burst, plan, step.burst)
     trial.record.marks.bursts.append(burst)
     before = server_latency_snapshot(server)
     gate = wake_gate(server, cfg)
@@ -1151,7 +1170,7 @@ def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSi
     plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
     first = trial.plans[f"{step.plan}_{next(iter(trial.servers))}"]
     burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
-    burst.rate = first.rates[step.burst] if first.rates else None
+    mark_rate(burst, first, step.burst)
     trial.record.marks.bursts.append(burst)
     pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
     try:
@@ -1228,7 +1247,16 @@ def run_step(
         return []
 
     def make(r: "PlannedRequest") -> "RequestRecord":
-        return RequestRecord(exp.name, server.spec.name, step.phase, repeat, r.burst, r.index, 0.0)
+        return RequestRecord(
+            exp.name,
+            server.spec.name,
+            step.phase,
+            repeat,
+            r.burst,
+            r.index,
+            0.0,
+            planned_prompt_tokens=r.prompt_tokens,
+        )
 
     started = time.time()
     records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
@@ -1456,9 +1484,10 @@ FIELD_CHECKS = (
     ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
     (
         "arrivals",
-        lambda v: v in ("bursts", "poisson", "gamma", "ramp"),
-        "must be bursts, poisson, gamma or ramp, got {v!r}",
+        lambda v: v in ("bursts", "poisson", "gamma", *PER_MODEL_ARRIVALS),
+        "must be bursts, poisson, gamma, ramp or trace, got {v!r}",
     ),
+    ("trace_speedup", lambda v: v > 0, "must be > 0 (2 = twice as fast as the trace), got {v:g}"),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
     ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
     ("ramp_step", lambda v: v > 0, "must be > 0 requests/s per second, got {v:g}"),
@@ -1593,6 +1622,7 @@ def check_workload(cfg: Config) -> None:
         "shares a prefix for vLLM to cache: add --prefix-caching",
     )
     need(cfg.arrivals == "ramp" or not cfg.peak_rates, "peak_rates", "apply to --arrivals ramp")
+    need(cfg.arrivals == "trace" or not cfg.trace, "trace", "applies to --arrivals trace")
     if cfg.arrivals == "bursts":
         need(
             not cfg.rates and not cfg.rate,
@@ -1600,9 +1630,9 @@ def check_workload(cfg: Config) -> None:
             "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
         )
         return
-    if cfg.arrivals == "ramp":
-        check_ramp(cfg)
-        return
+    if cfg.arrivals in PER_MODEL_ARRIVALS:
+        check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
+        return no_shared_sleep(cfg)
     need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
     parse_rates(cfg)
     need(
@@ -1623,14 +1653,18 @@ def check_ramp(cfg: Config) -> None:
         f"requests/s in steps of {cfg.ramp_step:g} lasts {longest:g} s: raise --duration-s to "
         f"{math.ceil(longest)}, or lower --peak-rates, raise --ramp-step, or shorten --stagger-s",
     )
+
+
+def no_shared_sleep(cfg: Config) -> None:
     sleeping = [
         e.name for e in parse_experiments(cfg.experiments) if e.arm == "sleep" and GROUPS[e.group].pair
     ]
     need(
         not sleeping,
         "arrivals",
-        f"ramp: {', '.join(sleeping)} has no policy yet for sleeping models under concurrent traffic; leave "
-        "it out of --experiments (the one-model sleep arm, experiment 6, takes model A's ramp)",
+        f"{cfg.arrivals}: {', '.join(sleeping)} has no policy yet for sleeping models under concurrent "
+        f"traffic; leave it out of --experiments (the one-model sleep arm, experiment 6, takes model A's "
+        f"{cfg.arrivals})",
     )
 
 
@@ -1644,10 +1678,13 @@ def resolve_config(cfg: Config) -> Config:
         "shared_prefix_tokens",
         f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)",
     )
-    if cfg.output_tokens_dist != "fixed" and not cfg.ignore_eos:
+    lengths_planned = "--arrivals trace" if cfg.arrivals == "trace" else None
+    if cfg.output_tokens_dist != "fixed":
+        lengths_planned = f"--output-tokens-dist {cfg.output_tokens_dist}"
+    if lengths_planned and not cfg.ignore_eos:
         say(
-            f"note: --output-tokens-dist {cfg.output_tokens_dist}: turning on --ignore-eos so that every "
-            f"response is exactly as long as planned"
+            f"note: {lengths_planned}: turning on --ignore-eos so that every response is exactly as long "
+            "as planned"
         )
         cfg = dataclasses.replace(cfg, ignore_eos=True)
     if (
@@ -1815,6 +1852,9 @@ class PlannedRequest:
     max_tokens: int
     temperature: float
     offset_s: float = 0.0  # open loop: when it arrives, from the start of its window
+    trace_row: Optional[int] = None  # trace: the request of the file it replays (0 = the first)
+    prompt_tokens: Optional[int] = None  # trace: the prompt tokens planned, template included
+    clipped: bool = False  # trace: shortened to fit --max-model-len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2094,6 +2134,246 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
             f"raise it or lower --overload-budget-gib"
         )
     return plan_workload(cfg, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+
+
+# %% Trace replay: a production trace's arrivals and lengths, one file per model, as a plan
+PER_MODEL_ARRIVALS = ("ramp", "trace")  # every model on its own plan, all at once
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+TRACE_FORMATS = (
+    "an Azure LLM inference CSV with the columns TIMESTAMP,ContextTokens,GeneratedTokens, or Mooncake-style "
+    "JSONL with timestamp (ms), input_length, output_length and optional hash_ids on each line"
+)
+TRACE_BLOCK_TOKENS = 512  # tokens of one Mooncake hash_ids block
+MIN_CLIPPED_PROMPT_TOKENS = 64  # a clipped request keeps at least this much prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRow:
+    row: int  # its place among the file's requests, from 0
+    at_s: float  # seconds after the file's first request
+    prompt_tokens: int
+    output_tokens: int
+    hash_ids: tuple[int, ...] = ()
+
+
+@functools.lru_cache(maxsize=8)
+def read_trace(path: str) -> tuple[TraceRow, ...]:
+    """A trace file's requests in time order, in either format (raises ConfigError naming --trace)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--trace: cannot read {path}: {exc}") from None
+    try:
+        parsed = mooncake_rows(text) if text.lstrip().startswith("{") else azure_rows(text)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--trace: {path} is not {TRACE_FORMATS}: {exc}") from None
+    need(bool(parsed), "trace", f"{path} holds no request")
+    first = min(at for at, *_ in parsed)
+    rows = [TraceRow(i, at - first, *lengths) for i, (at, *lengths) in enumerate(parsed)]
+    return tuple(sorted(rows, key=lambda r: r.at_s))
+
+
+def azure_rows(text: str) -> list[tuple]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in AZURE_COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)} in its header")
+    rows = []
+    for number, row in enumerate(reader, start=2):
+        try:
+            at = azure_seconds(row["TIMESTAMP"])
+            rows.append((at, *trace_lengths(row["ContextTokens"], row["GeneratedTokens"])))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+    return rows
+
+
+def azure_seconds(stamp: str) -> float:
+    """'2023-11-16 18:17:03.9799600' (the Azure traces' form) or plain seconds, as seconds."""
+    with contextlib.suppress(ValueError):
+        return float(stamp)
+    whole, _, fraction = stamp.strip().partition(".")
+    moment = _dt.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def mooncake_rows(text: str) -> list[tuple]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            hashes = tuple(int(h) for h in item.get("hash_ids") or ())
+            lengths = trace_lengths(item["input_length"], item["output_length"])
+            rows.append((float(item["timestamp"]) / 1000, *lengths, hashes))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"line {number}: {exc!r}") from None
+    return rows
+
+
+def trace_lengths(prompt: Any, output: Any) -> tuple[int, int]:
+    prompt_tokens, output_tokens = int(prompt), int(output)
+    if prompt_tokens < 0 or output_tokens < 1:
+        raise ValueError(f"lengths {prompt_tokens} + {output_tokens}: a prompt of >= 0 and an output of >= 1")
+    return prompt_tokens, output_tokens
+
+
+def trace_files(cfg: Config) -> list[str]:
+    return [f.strip() for f in cfg.trace.split(",") if f.strip()]
+
+
+def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
+    """Seconds into the trace replayed: START:END (either may be left out), busiest:SECONDS (the
+    stretch of that length with the most requests), or '' for all of it."""
+    head, _, tail = spec.partition(":")
+    try:
+        if head == "busiest":
+            return busiest_stretch(rows, float(tail))
+        start, end = float(head or 0), float(tail) if tail else math.inf
+        if spec and 0 <= start < end and not math.isnan(end):
+            return start, end
+        if not spec:
+            return 0.0, math.inf
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"--trace-window: {spec!r} is not START:END seconds into the trace (0 <= START < END, either "
+        "may be left out) or busiest:SECONDS"
+    )
+
+
+def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float, float]:
+    if not (length_s > 0 and math.isfinite(length_s)):
+        raise ValueError(length_s)
+    times = [r.at_s for r in rows]
+    most, start = 0, 0.0
+    for i, t in enumerate(times):
+        count = bisect.bisect_left(times, t + length_s) - i
+        if count > most:
+            most, start = count, t
+    return start, start + length_s
+
+
+def parse_rate_scales(cfg: Config) -> list[float]:
+    try:
+        scales = [float(v) for v in cfg.trace_rate_scale.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    need(
+        bool(scales) and all(math.isfinite(v) and v > 0 for v in scales),
+        "trace_rate_scale",
+        f"must be positive multiples of the trace's rate separated by commas, e.g. 0.5,1,2; got "
+        f"{cfg.trace_rate_scale!r}",
+    )
+    return scales
+
+
+def scaled(rows: list[TraceRow], scale: float, seed: str) -> list[TraceRow]:
+    """Each row kept floor(scale) times, and once more with the chance of scale's fraction. One draw per
+    row, so that a lower scale keeps a subset of a higher one's requests."""
+    rng = random.Random(seed)
+    return [row for row in rows for _ in range(math.floor(scale) + (rng.random() < scale % 1))]
+
+
+def clip_to_fit(prompt_tokens: int, output_tokens: int, max_model_len: int) -> tuple[int, int]:
+    """The lengths cut to fit the context (the output first down to what leaves a short prompt room)."""
+    room = max_model_len - PROMPT_MARGIN_TOKENS
+    output = min(output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
+    return min(prompt_tokens, room - output), output
+
+
+def trace_prompt(rng: random.Random, row: TraceRow, prompt_tokens: int, seed: int) -> str:
+    """A prompt of about prompt_tokens; with hash_ids, built block by block so that requests sharing a
+    block share that stretch of their prompt (prefix caching can reuse it)."""
+    if not row.hash_ids:
+        return make_prompt(rng, row.row, prompt_tokens)
+    words = max(1, prompt_tokens - CHAT_TEMPLATE_TOKENS)
+    shared = [
+        random.Random(f"{seed}-block-{h}").choices(FILLER_WORDS, k=TRACE_BLOCK_TOKENS) for h in row.hash_ids
+    ]
+    text = list(itertools.chain.from_iterable(shared))[:words]
+    return " ".join(text + rng.choices(FILLER_WORDS, k=words - len(text)))
+
+
+def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
+    """The model at `position` (A = 0) replays its file (cycled) within --trace-window, time compressed
+    by --trace-speedup: one window per --trace-rate-scale."""
+    files = trace_files(cfg)
+    rows = read_trace(files[position % len(files)])
+    start, end = trace_window(rows, cfg.trace_window)
+    chosen = [r for r in rows if start <= r.at_s < end]
+    rng, planned, busiest = random.Random(f"{cfg.seed}-trace-prompts-{position}"), [], 0
+    for window, scale in enumerate(parse_rate_scales(cfg)):
+        kept = scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")
+        for i, row in enumerate(kept):
+            prompt_tokens, output_tokens = clip_to_fit(
+                row.prompt_tokens, row.output_tokens, cfg.max_model_len
+            )
+            planned.append(
+                PlannedRequest(
+                    window,
+                    i,
+                    trace_prompt(rng, row, prompt_tokens, cfg.seed),
+                    output_tokens,
+                    cfg.temperature,
+                    round((row.at_s - start) / cfg.trace_speedup, 6),
+                    row.row,
+                    prompt_tokens,
+                    (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens),
+                )
+            )
+        busiest = max(busiest, len(kept))
+    return WorkloadPlan(
+        bursts=len(parse_rate_scales(cfg)),
+        burst_size=busiest,
+        gap_s=cfg.gap_s,
+        max_tokens=max((r.max_tokens for r in planned), default=0),
+        prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        sizing=sizing,
+        requests=tuple(planned),
+        arrivals="trace",
+        rates=tuple(parse_rate_scales(cfg)),
+    )
+
+
+def check_trace(cfg: Config) -> None:
+    """Every file readable, in a known format, with requests in the window (before anything launches)."""
+    need(bool(trace_files(cfg)), "trace", "--arrivals trace needs --trace FILE[,FILE...], one file per model")
+    need(
+        not cfg.rates and not cfg.rate and not cfg.peak_rates,
+        "arrivals",
+        "trace: leave out --rate(s)/--peak-rates",
+    )
+    parse_rate_scales(cfg)
+    for path in trace_files(cfg):
+        rows = read_trace(path)
+        start, end = trace_window(rows, cfg.trace_window)
+        need(
+            any(start <= r.at_s < end for r in rows),
+            "trace_window",
+            f"{cfg.trace_window} selects no request of {path}, whose requests span 0-{rows[-1].at_s:.0f} s",
+        )
+
+
+def say_clipped(cfg: Config, plans: dict[str, WorkloadPlan]) -> None:
+    for key, plan in plans.items():
+        clipped = sum(r.clipped for r in plan.requests)
+        if clipped and key != "main":
+            say(
+                f"  {key}: {clipped} of {len(plan.requests)} requests clipped to fit --max-model-len "
+                f"{cfg.max_model_len}"
+            )
+
+
+def trace_words(cfg: Config) -> str:
+    window = f"seconds {cfg.trace_window}" if cfg.trace_window else "all of it"
+    return (
+        f"trace replay: {', '.join(Path(f).name for f in trace_files(cfg))} (one per model, cycled), "
+        f"{window}, {cfg.trace_speedup:g}x faster, at {cfg.trace_rate_scale} x its rate, one window per scale"
+    )
 
 
 # %% Secrets: never written to the run folder, the logs' headers or stdout
@@ -3884,6 +4164,7 @@ class RequestRecord:
     finish_reason: Optional[str] = None
     content_reads: Optional[int] = 0  # network reads with content (1: not streamed); None in older rows
     send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
+    planned_prompt_tokens: Optional[int] = None  # trace: the prompt length the trace asked for
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -4799,6 +5080,26 @@ class ExperimentSummary:
     # or at the end): where pages freed by requests that ended at different times stay mapped
     residual_after_burst_mib: Optional[list[Optional[float]]] = omitted_if_none()
     memory_cost: Optional[MemoryCost] = omitted_if_none()  # NVML, the whole card, over the workload
+    prompt_tokens: Optional["PromptCheck"] = omitted_if_none()  # trace: the lengths vLLM counted vs planned
+
+
+@dataclasses.dataclass
+class PromptCheck:
+    """A trace's prompt lengths against what vLLM counted, over the completed requests that have both."""
+
+    requests: int
+    planned: int
+    counted: int
+
+    @classmethod
+    def of(cls, records: list[RequestRecord]) -> Optional[PromptCheck]:
+        pairs = [
+            (r.planned_prompt_tokens, r.prompt_tokens) for r in records if r.ok and r.planned_prompt_tokens
+        ]
+        pairs = [(planned, counted) for planned, counted in pairs if counted is not None]
+        if not pairs:
+            return None
+        return cls(len(pairs), sum(p for p, _ in pairs), sum(c for _, c in pairs))
 
 
 @dataclasses.dataclass
@@ -4878,6 +5179,7 @@ def summarize_experiment(
             Distribution.of(b.sleep_s for b in marks.bursts),
         )
     summary.memory_cost = cost(loaded.device)
+    summary.prompt_tokens = PromptCheck.of(records)
     for server in record.servers:
         held = series(loaded.memory, "process", server=server["spec"]["name"])
         view = server_view(server, loaded, checked(memory_summary(held, marks, tolerance)), slo)
@@ -5002,6 +5304,7 @@ class RatePoint:
         omitted_if_none()
     )  # the client's lateness: large means it could not keep up
     mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
+    unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE
 
 
 @dataclasses.dataclass
@@ -5015,6 +5318,7 @@ class Capacity:
     verdict: str  # "within the sweep", "above the sweep" or "below the sweep"
     largest_held_rps: Optional[float] = None  # None below the sweep
     mean_mib: Optional[float] = None  # device memory held at that rate, mean over its windows
+    unit: Optional[str] = omitted_if_none()  # of the rates when not requests/s: TRACE_SCALE
 
 
 def rate_sweep(
@@ -5043,6 +5347,7 @@ def rate_sweep(
                 lat.goodput and lat.goodput.share,
                 max(delays, default=None),
                 held_mib(device, mark),
+                mark.rate_unit,
             )
         )
     return points or None
@@ -5078,6 +5383,7 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
         verdict,
         held[-1] if held else None,
         sum(memory) / len(memory) if memory else None,
+        points[0].unit,
     )
 
 
@@ -5605,7 +5911,7 @@ def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
         (attained, "share of requests within the SLOs", "SLO attainment vs arrival rate"),
         (late, "seconds", "TTFT p99 vs arrival rate"),
     ):
-        ax.set_xlabel("planned arrival rate (requests/s)")
+        ax.set_xlabel(rate_axis(p for s in swept.values() for p in s.rate_sweep))
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -5638,7 +5944,7 @@ def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
                     lw=1.3,
                     label=f"{name} {q}",
                 )
-        ax.set_xlabel("planned arrival rate (requests/s)")
+        ax.set_xlabel(rate_axis(p for points in sweeps.values() for p in points))
         ax.set_ylabel("seconds")
         ax.set_title(f"{title} vs arrival rate")
         ax.grid(alpha=0.3)
@@ -6025,7 +6331,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         [
             name,
             f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}",
-            f"{p.rate:g}",
+            rate_words(p.rate, p.unit).removesuffix(" req/s"),
             p.requests,
             p.failed,
             f"{fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)}",
@@ -6053,6 +6359,20 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
             if delays
             else []
         ),
+        *prompt_check_lines(summaries),
+    )
+
+
+def prompt_check_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """A trace's prompt lengths as planned and as vLLM counted them (the prompts are made-up words)."""
+    checks = [
+        f"{name} {c.counted:,} of {c.planned:,} planned ({fmt(100 * (c.counted / c.planned - 1), 1)}%, "
+        f"{c.requests} requests)"
+        for name, c in ((n, s.prompt_tokens) for n, s in summaries.items())
+        if c
+    ]
+    return (
+        ["", "Prompt tokens vLLM counted against the trace's: " + "; ".join(checks) + "."] if checks else []
     )
 
 
@@ -6065,7 +6385,13 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     first = next(iter(swept.values()))
     rates = list(dict.fromkeys(r for s in swept.values() for r in s.capacity.attainment))
     header = " | ".join(
-        ["experiment", *(f"{r} req/s" for r in rates), "capacity", "memory held there (mean MiB)", "GiB·h"]
+        [
+            "experiment",
+            *(rate_words(r, first.capacity.unit) for r in rates),
+            "capacity",
+            "memory held there (mean MiB)",
+            "GiB·h",
+        ]
     )
     rows = [
         [
@@ -6126,15 +6452,30 @@ def capacity_words(c: Capacity) -> str:
     if c.verdict == "below the sweep":
         return "below the sweep"
     if c.verdict == "above the sweep":
-        return f"above the sweep (held every rate, up to {c.largest_held_rps:g} req/s)"
-    return f"{c.largest_held_rps:g} req/s"
+        return f"above the sweep (held every rate, up to {rate_words(c.largest_held_rps, c.unit)})"
+    return rate_words(c.largest_held_rps, c.unit)
+
+
+def rate_words(rate: float | str, unit: Optional[str], long: bool = False) -> str:
+    """A swept rate in words: '16 req/s' ('16 requests/s' long), or a trace's scale: '2x the trace'."""
+    number = f"{rate:g}" if isinstance(rate, float) else str(rate)
+    if unit == TRACE_SCALE:
+        return f"{number}x the trace"
+    return f"{number} {'requests/s' if long else 'req/s'}"
+
+
+def rate_axis(points: Iterable[RatePoint]) -> str:
+    if any(p.unit == TRACE_SCALE for p in points):
+        return "the trace's arrival rate, scaled (x trace)"
+    return "planned arrival rate (requests/s)"
 
 
 def capacity_sentence(name: str, s: ExperimentSummary) -> str:
     c = s.capacity
     if c.largest_held_rps is None:
-        return f"{name} missed it already at the lowest swept rate, {min(c.attainment, key=float)} requests/s"
-    held = f"{c.largest_held_rps:g} requests/s" + (
+        lowest = min(c.attainment, key=float)
+        return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
+    held = rate_words(c.largest_held_rps, c.unit, long=True) + (
         " (above the sweep)" if c.verdict == "above the sweep" else ""
     )
     memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
@@ -6142,7 +6483,8 @@ def capacity_sentence(name: str, s: ExperimentSummary) -> str:
 
 
 def capacity_headline(c: Capacity) -> dict:
-    return {"verdict": c.verdict, "largest_held_rps": c.largest_held_rps, "mean_mib": c.mean_mib}
+    out = {"verdict": c.verdict, "largest_held_rps": c.largest_held_rps, "mean_mib": c.mean_mib}
+    return {**out, "unit": c.unit} if c.unit else out
 
 
 def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
@@ -7173,6 +7515,8 @@ def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
 
 def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, str]:
     """A closed burst's size and, in words, how it (or the open-loop traffic) was chosen."""
+    if cfg.arrivals == "trace":
+        return 0, trace_words(cfg)
     if cfg.arrivals == "ramp":
         return 0, (
             f"ramp: each model rises to {cfg.peak_rates} requests/s and back in steps of "
@@ -7209,9 +7553,11 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     size, sizing = workload_sizing(cfg, kv_a, gpu)
-    if cfg.arrivals == "ramp":  # the shared experiments send every model's ramp; one model alone, A's
-        plans = {f"ramp_{key}": ramp_plan(cfg, i, sizing) for i, key in enumerate(slots(cfg))}
-        plans["main"] = plans["ramp_A"]
+    if cfg.arrivals in PER_MODEL_ARRIVALS:  # the shared experiments send every model's; one model alone, A's
+        build = ramp_plan if cfg.arrivals == "ramp" else trace_plan
+        plans = {f"{cfg.arrivals}_{key}": build(cfg, i, sizing) for i, key in enumerate(slots(cfg))}
+        plans["main"] = plans[f"{cfg.arrivals}_A"]
+        say_clipped(cfg, plans)
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
@@ -7219,10 +7565,12 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
     output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
+    lengths = f"~{main.prompt_tokens} prompt + {output} output tokens"
+    if cfg.arrivals == "trace":
+        lengths = f"the trace's lengths, up to {main.prompt_tokens} prompt + {main.max_tokens} output tokens"
     say(
         f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
-        f"{'requests (busiest)' if open_loop else 'concurrent requests'}, "
-        f"~{main.prompt_tokens} prompt + {output} output tokens, {cfg.gap_s:g} s gaps"
+        f"{'requests (busiest)' if open_loop else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
     )
     say(f"  why: {sizing}")
     for key in slots(cfg)[1:]:
@@ -7237,7 +7585,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
     """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    used = {plan for e in experiments for plan in e.plans} | {"ramp"}  # a ramp is each model's own plan
+    used = {plan for e in experiments for plan in e.plans} | set(PER_MODEL_ARRIVALS)  # each model's own
     for key in sorted(k for k in plans if plan_family(k) in used):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))
@@ -7261,6 +7609,8 @@ def load_plans(run_dir: Path) -> dict[str, WorkloadPlan]:
 def plan_summary(plan: WorkloadPlan) -> dict:
     out = dataclasses.asdict(plan)
     out["requests"] = len(plan.requests)
+    if any(r.clipped for r in plan.requests):
+        out["clipped"] = sum(r.clipped for r in plan.requests)
     return out
 
 

@@ -1,0 +1,200 @@
+"""Trace replay: a production trace's arrivals and lengths, one file per model, as a saved plan."""
+
+import dataclasses
+import datetime
+import gzip
+import json
+
+import pytest
+from conftest import background, fake_env, rx, script_args, succeeded_run
+
+AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:17:03.9799600,480,10
+2023-11-16 18:17:04.0319600,318,8
+2023-11-16 18:17:04.0781490,110,27
+2023-11-16 18:17:05.2792720,1145,7
+2023-11-16 18:17:06.4249540,7433,14
+2023-11-16 18:17:09.5191470,374,14
+"""
+
+
+def mooncake(rows: int = 8) -> str:
+    lines = [
+        {
+            "timestamp": 5000 + 450 * i,
+            "input_length": 300 + 100 * i,
+            "output_length": 4 + i,
+            "hash_ids": [7, 20 + i],
+        }
+        for i in range(rows)
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def azure_times(text: str) -> list[float]:
+    stamps = [line.split(",")[0] for line in text.splitlines()[1:]]
+    moments = [datetime.datetime.fromisoformat(s[:26]) for s in stamps]
+    return [(m - moments[0]).total_seconds() for m in moments]
+
+
+@pytest.fixture
+def traces(tmp_path):
+    (tmp_path / "azure.csv").write_text(AZURE)
+    (tmp_path / "mooncake.jsonl").write_text(mooncake())
+    return tmp_path
+
+
+def trace_cfg(traces, **flags) -> "rx.Config":
+    files = f"{traces / 'azure.csv'},{traces / 'mooncake.jsonl'}"
+    return rx.Config(models="m1,m2,m3", arrivals="trace", trace=files, max_model_len=4096, **flags)
+
+
+def test_a_saved_trace_plan_replays_each_file_to_the_millisecond_and_its_lengths_exactly(traces, tmp_path):
+    cfg = trace_cfg(traces, trace_window="0.05:4.5", trace_speedup=2.0)
+    plans = {f"trace_{key}": rx.trace_plan(cfg, i, "x") for i, key in enumerate("ABC")}
+    rx.save_plans(tmp_path, plans, [])
+    saved = rx.load_plans(tmp_path)
+    azure_at = azure_times(AZURE)
+    chosen = [i for i, t in enumerate(azure_at) if 0.05 <= t < 4.5]
+    a = saved["trace_A"].requests
+    assert [r.trace_row for r in a] == chosen == [1, 2, 3, 4]
+    assert [round(r.offset_s, 3) for r in a] == [round((azure_at[i] - 0.05) / 2, 3) for i in chosen]
+    lines = AZURE.splitlines()[1:]
+    assert [(r.prompt_tokens, r.max_tokens) for r in a] == [
+        tuple(int(v) for v in lines[i].split(",")[1:]) for i in chosen[:3]
+    ] + [(4096 - rx.PROMPT_MARGIN_TOKENS - 14, 14)], "the 7,433-token prompt clipped to fit"
+    assert [r.clipped for r in a] == [False, False, False, True]
+    b = saved["trace_B"].requests  # the JSONL: milliseconds, from its first request
+    assert [r.offset_s for r in b] == [pytest.approx((0.45 * i - 0.05) / 2, abs=1e-6) for i in range(1, 8)]
+    assert [(r.prompt_tokens, r.max_tokens) for r in b] == [
+        (300 + 100 * r.trace_row, 4 + r.trace_row) for r in b
+    ]
+    assert [r.offset_s for r in saved["trace_C"].requests] == [r.offset_s for r in a], (
+        "files cycle over models"
+    )
+    assert rx.plan_summary(saved["trace_A"])["clipped"] == 1
+    assert rx.trace_plan(cfg, 0, "x") == plans["trace_A"], "the same seed plans the same requests"
+
+
+def test_requests_sharing_hash_ids_share_their_prompt_blocks(traces):
+    plan = rx.trace_plan(trace_cfg(traces), 1, "x")
+    first, second = (r.prompt.split() for r in plan.requests[3:5])  # 600 and 700 tokens long
+    assert first[:512] == second[:512], "block 7 is the first of both"
+    assert first[512:560] != second[512:560], "their second blocks differ"
+    assert all(
+        abs(len(r.prompt.split()) + rx.CHAT_TEMPLATE_TOKENS - r.prompt_tokens) <= 1 for r in plan.requests
+    )
+
+
+def test_a_rate_scale_repeats_or_thins_the_trace_one_window_each(traces):
+    cfg = trace_cfg(traces, trace_rate_scale="0.5,1,2")
+    plan = rx.trace_plan(cfg, 1, "x")
+    rows = [[r.trace_row for r in plan.burst(w)] for w in range(3)]
+    assert plan.rates == (0.5, 1, 2) and plan.bursts == 3
+    assert rows[1] == list(range(8)) and rows[2] == sorted(2 * list(range(8)))
+    assert set(rows[0]) < set(rows[1]) and len(rows[0]) < 8, "a seeded half, a subset of the whole"
+    again = rx.trace_plan(dataclasses.replace(cfg, trace_rate_scale="0.5"), 1, "x")
+    assert [r.trace_row for r in again.requests] == rows[0]
+
+
+def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
+    rows = rx.read_trace(str(traces / "azure.csv"))
+    assert rx.trace_window(rows, "busiest:1") == (0.0, 1.0)
+    assert rx.trace_window(rows, "2:") == (2.0, float("inf"))
+    assert rx.trace_window(rows, "") == (0.0, float("inf"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trace", "{azure}"], "--trace: applies to --arrivals trace"),
+        ([], "--trace: --arrivals trace needs --trace FILE"),
+        (["--trace", "{missing}"], "--trace: cannot read"),
+        (
+            ["--trace", "{other}"],
+            "is not an Azure LLM inference CSV with the columns TIMESTAMP,ContextTokens,Gen",
+        ),
+        (["--trace", "{broken}"], "line 2: "),
+        (["--trace", "{azure}", "--trace-window", "100:200"], "--trace-window: 100:200 selects no request"),
+        (["--trace", "{azure}", "--trace-window", "5:2"], "--trace-window: '5:2' is not START:END"),
+        (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be > 0"),
+        (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
+        (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
+        (["--trace", "{azure}", "--experiments", "7"], "--arrivals: trace: shared_sleep has no policy yet"),
+    ],
+)
+def test_bad_traces_are_refused_naming_the_flag(flags, message, traces, capsys):
+    (traces / "other.csv").write_text("time,prompt,output\n1,2,3\n")
+    (traces / "broken.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n")
+    names = {
+        n: str(traces / f)
+        for n, f in (("azure", "azure.csv"), ("other", "other.csv"), ("broken", "broken.csv"))
+    }
+    flags = [f.format(missing=traces / "nope.csv", **names) for f in flags]
+    arrivals = [] if flags[:1] == ["--trace"] and "applies" in message else ["--arrivals", "trace"]
+    assert rx.main([*arrivals, *flags], out=lambda _: None) == 2
+    assert message in capsys.readouterr().err
+
+
+def trace_run_args(base):
+    (base / "azure.csv").write_text(AZURE)
+    (base / "mooncake.jsonl").write_text(mooncake(12))
+    trace = [
+        "--arrivals",
+        "trace",
+        "--trace",
+        f"{base / 'azure.csv'},{base / 'mooncake.jsonl'}",
+        "--trace-window",
+        ":3",
+        "--trace-speedup",
+        "2",
+        "--trace-rate-scale",
+        "1,2",
+        "--slo-ttft-ms",
+        "5000",
+        "--slo-tpot-ms",
+        "1000",
+    ]
+    return script_args(base / "results", "--experiments", "3", *trace)
+
+
+@background("trace_run", weight=7)
+def trace_run_cmd(base):
+    (base / "gpu").mkdir()
+    return dict(args=trace_run_args(base), env=fake_env(base / "gpu"), timeout=180)
+
+
+@pytest.fixture
+def trace_run(background_runs):
+    return succeeded_run(background_runs, "trace_run")
+
+
+def test_a_two_model_trace_replay_sends_each_file_to_its_model_and_reports_capacity_per_scale(trace_run):
+    run = trace_run
+    record = json.loads((run / "01_shared_kvcached" / "experiment.json").read_text())
+    assert record["question"] == "Two models on one GPU, both elastic, replayed traces."
+    marks = record["marks"]["bursts"]
+    assert [(b["phase"], b["server"], b["rate"], b["rate_unit"]) for b in marks] == [
+        ("trace 1", "*", 1, "x trace"),
+        ("trace 2", "*", 2, "x trace"),
+    ]
+    rows = rx.read_jsonl(run / "01_shared_kvcached" / "requests.jsonl")
+    for slot in "AB":
+        plan = json.loads(gzip.decompress((run / f"plan_trace_{slot}.json.gz").read_bytes()))
+        for window in (0, 1):
+            planned = {r["index"]: r for r in plan["requests"] if r["burst"] == window}
+            mine = [r for r in rows if r["burst"] == window and r["server"] == slot]
+            assert sorted(r["index"] for r in mine) == sorted(planned), (slot, window)
+            assert all(r["planned_prompt_tokens"] == planned[r["index"]]["prompt_tokens"] for r in mine)
+            assert all(r["completion_tokens"] == planned[r["index"]]["max_tokens"] for r in mine), (
+                "ignore_eos"
+            )
+    summary = json.loads((run / "summary.json").read_text())["experiments"]["shared_kvcached"]
+    assert (
+        summary["capacity"]["attainment"] == {"1": 1.0, "2": 1.0} and summary["capacity"]["unit"] == "x trace"
+    )
+    assert summary["prompt_tokens"]["requests"] == len(rows) and summary["prompt_tokens"]["planned"] > 0
+    md = (run / "summary.md").read_text()
+    assert "| experiment | 1x the trace | 2x the trace | capacity |" in md
+    assert "held 2x the trace (above the sweep)" in md
+    assert "Prompt tokens vLLM counted against the trace's: shared_kvcached " in md

@@ -1388,9 +1388,10 @@ class StrictParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+@functools.lru_cache(maxsize=1)
 def config_help() -> dict[str, str]:
     """Each field's trailing comment in Config, as its --help text (empty where the source is not
-    available, e.g. pasted into a notebook cell)."""
+    available, e.g. pasted into a notebook cell). Read once: finding a class's source parses the file."""
     import inspect
 
     try:

@@ -168,6 +168,7 @@ class Config:
     static_shares: str = ""  # shared_static: each model's fraction, comma list ('' = 0.90/N; two: see above)
     kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
     sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
+    sleep_after_idle_s: float = 2.0  # sleep arm under ramps or traces: a model idle this long goes to sleep
     gpu_index: int = 0  # NVML index of the card the servers use
     gpus: str = ""  # e.g. '0,1': run experiments in parallel, one process per card ('' = --gpu-index)
     lane_of: str = ""  # set by --gpus for each card's process: the run folder whose lane it runs
@@ -303,6 +304,9 @@ def sleeping_server(cfg: "Config", slot: str, utilization: float) -> "ServerSpec
 KV_BYTES_START_GATE = 0.2
 
 
+STATIC_SPLIT_TOTAL = 0.90  # of the card, split among the models by the static arm
+
+
 def static_shares(cfg: "Config") -> list[float]:
     """Each model's --gpu-memory-utilization in shared_static: --static-shares, else 0.90 split evenly
     (two models: --gpu-memory-utilization, the seed's 0.55, and the rest up to 0.90)."""
@@ -311,7 +315,7 @@ def static_shares(cfg: "Config") -> list[float]:
     if len(slots(cfg)) == 2:
         return [
             cfg.gpu_memory_utilization,
-            cfg.pair_utilization_b or round(0.90 - cfg.gpu_memory_utilization, 2),
+            cfg.pair_utilization_b or round(STATIC_SPLIT_TOTAL - cfg.gpu_memory_utilization, 2),
         ]
     return [math.floor(90 / len(slots(cfg))) / 100] * len(slots(cfg))
 
@@ -516,6 +520,12 @@ def resolve_experiment(
         words = "staggered ramps" if cfg.arrivals == "ramp" else "replayed traces"
         schedule = functools.partial(concurrent_windows, family=cfg.arrivals)
         question = question.replace("alternating bursts", words)
+        if entry.arm == "sleep":
+            question = (
+                f"{question.split(' with sleep mode')[0]} with sleep mode under {words}: a router wakes a "
+                f"model for its requests, puts it back to sleep after {cfg.sleep_after_idle_s:g} s idle, and "
+                f"keeps at most {awake_at_most(cfg)} awake (the static arm's share each)."
+            )
     return ExperimentSpec(
         entry.name,
         question,
@@ -1056,6 +1066,8 @@ class ExperimentRecord:
     gpu_index: Optional[int] = None  # the card it ran on (NVML index)
     sleep_level: Optional[int] = None  # sleep arm: the level its server slept at between bursts
     sampler_missed_ticks: int = 0  # device samples skipped because the sampler was late
+    # sleep arm under every model's traffic: per model, seconds of each wake-up, each sleep, each wait
+    router: Optional[dict[str, dict[str, list[float]]]] = None
 
     def to_json(self) -> dict:
         return {
@@ -1089,6 +1101,7 @@ class Trial:
     record: "ExperimentRecord"
     folder: Path
     limits_before: dict[str, int] = dataclasses.field(default_factory=dict)  # kvcached segment -> bytes
+    router: Optional["SleepRouter"] = None  # sleep-mode servers under every model's traffic at once
 
     def save(self) -> None:
         save_record(self.folder, self.record)
@@ -1134,11 +1147,18 @@ def measure(trial: Trial) -> None:
     workload_start = time.time()
     sink = RecordSink(trial.folder / "requests.jsonl")
     steps = [(repeat, step) for repeat in range(cfg.repeats) for step in trial.exp.steps]
-    for n, (repeat, step) in enumerate(steps):
-        run_measured_step(trial, step, repeat, sink)
-        trial.save()
-        if n < len(steps) - 1:
-            pause(trial.cfg.gap_s)
+    if record.sleep_level is not None and any(step.server == ALL_SLOTS for step in trial.exp.steps):
+        trial.router = SleepRouter(trial.servers, cfg, awake_at_most(cfg))
+    try:
+        for n, (repeat, step) in enumerate(steps):
+            run_measured_step(trial, step, repeat, sink)
+            trial.save()
+            if n < len(steps) - 1:
+                pause(trial.cfg.gap_s)
+    finally:
+        if trial.router:
+            trial.router.stop()
+            record.router = trial.router.log
     # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
     outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
@@ -1184,6 +1204,7 @@ def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSi
                 server,
                 repeat,
                 sink,
+                trial.router and trial.router.gate(slot),
             )
             for slot, server in trial.servers.items()
         ]
@@ -1233,7 +1254,7 @@ def run_step(
     server: "RunningServer",
     repeat: int,
     sink: Callable[["RequestRecord"], None],
-    gate: Optional[Callable[[], None]] = None,
+    gate: Optional["WakeGate | RouterGate"] = None,
 ) -> list["RequestRecord"]:
     """One burst against a server that must still be alive before and after it."""
     code = server.exit_code()
@@ -1370,10 +1391,150 @@ class WakeGate:
         if self.error:
             raise ServerError(self.error)
 
+    def release(self) -> None:
+        """A request done: the server stays awake until its burst is over."""
+
 
 def wake_gate(server: "RunningServer", cfg: "Config") -> Optional[WakeGate]:
     """The gate a sleep-mode server's burst passes through; None for any other server."""
     return WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
+
+
+# %% The sleep router: sleep-mode servers under every model's traffic at once
+class SleepRouter:
+    """What a router does for sleep-mode servers under concurrent traffic: a request for a sleeping model
+    wakes it (its latency counts the wake-up); at most `awake_at_most` models are awake, so a request for
+    another one waits until an awake model has no request in flight and puts it to sleep; a model idle
+    for --sleep-after-idle-s goes back to sleep. Waking and putting to sleep go one at a time."""
+
+    def __init__(self, servers: dict[str, "RunningServer"], cfg: "Config", awake_at_most: int):
+        self.servers, self.cfg, self.awake_at_most = servers, cfg, awake_at_most
+        self.cond = threading.Condition()
+        self.in_flight = dict.fromkeys(servers, 0)
+        self.idle_since = dict.fromkeys(servers, time.monotonic())
+        self.moving: set[str] = set()  # being woken or put to sleep
+        self.log = {slot: {"wakes": [], "sleeps": [], "waits": []} for slot in servers}
+        self.error: Optional[str] = None
+        self.stopped = threading.Event()
+        self.idler = threading.Thread(target=self.sleep_idle_ones, name="sleep-router", daemon=True)
+        self.idler.start()
+
+    def awake(self) -> list[str]:
+        return [s for s, server in self.servers.items() if not server.asleep or s in self.moving]
+
+    def enter(self, slot: str) -> None:
+        """Before a request for `slot` goes out: returns once its server is awake, counting it busy."""
+        started = time.perf_counter()
+        while True:
+            with self.cond:
+                victim = self.admit_or_pick(slot, started)
+            if victim is None:
+                return
+            if victim:
+                self.move(victim, asleep=True)
+            self.move(slot, asleep=False)
+
+    def admit_or_pick(self, slot: str, started: float) -> Optional[str]:
+        """None: the request may go. Otherwise `slot` is to be woken, after the model returned (if
+        not '') is put to sleep. Waits while neither can be (called holding the lock)."""
+        while True:
+            if self.error:
+                raise ServerError(self.error)
+            if not self.servers[slot].asleep and slot not in self.moving:
+                self.in_flight[slot] += 1
+                self.log[slot]["waits"].append(time.perf_counter() - started)
+                return None
+            if slot not in self.moving:
+                room = len(self.awake()) < self.awake_at_most
+                victim = "" if room else self.evictable()
+                if victim is not None:
+                    self.moving.update({slot, victim} - {""})
+                    return victim
+            self.cond.wait(0.05)
+
+    def evictable(self) -> Optional[str]:
+        """The awake model idle longest with nothing in flight (None while each one is busy)."""
+        idle = [s for s in self.awake() if not self.in_flight[s] and s not in self.moving]
+        return min(idle, key=self.idle_since.get, default=None)
+
+    def move(self, slot: str, asleep: bool) -> None:
+        server, took = self.servers[slot], None
+        try:
+            if asleep:
+                took = put_to_sleep(server, self.cfg)
+            else:
+                gate = WakeGate(server, self.cfg.api_key, self.cfg.sleep_level)
+                gate()
+                took = gate.wake_s
+        except ServerError as exc:
+            self.error = str(exc)
+        with self.cond:
+            self.moving.discard(slot)
+            if took is not None:
+                self.log[slot]["sleeps" if asleep else "wakes"].append(took)
+            self.cond.notify_all()
+
+    def leave(self, slot: str) -> None:
+        with self.cond:
+            self.in_flight[slot] -= 1
+            self.idle_since[slot] = time.monotonic()
+            self.cond.notify_all()
+
+    def sleep_idle_ones(self) -> None:
+        while not self.stopped.wait(0.05):
+            with self.cond:
+                due = [
+                    s
+                    for s in self.awake()
+                    if s not in self.moving
+                    and not self.in_flight[s]
+                    and time.monotonic() - self.idle_since[s] >= self.cfg.sleep_after_idle_s
+                ]
+                self.moving.update(due)
+            for slot in due:
+                self.move(slot, asleep=True)
+
+    def stop(self) -> None:
+        """No more requests: every model still awake goes to sleep, as after a burst."""
+        self.stopped.set()
+        self.idler.join()
+        for slot in self.awake():
+            self.move(slot, asleep=True)
+
+    def gate(self, slot: str) -> "RouterGate":
+        return RouterGate(self, slot)
+
+
+@dataclasses.dataclass
+class RouterGate:
+    """A request's pass through the router: entered before sending, left when its stream ends."""
+
+    router: SleepRouter
+    slot: str
+
+    def __call__(self) -> None:
+        self.router.enter(self.slot)
+
+    def release(self) -> None:
+        self.router.leave(self.slot)
+
+
+def awake_at_most(cfg: "Config") -> int:
+    """How many sleep-mode servers fit awake at the static arm's share of the card."""
+    return max(1, math.floor(STATIC_SPLIT_TOTAL / cfg.gpu_memory_utilization + 1e-9))
+
+
+def router_summary(log: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Per model: how often it woke and slept, and how long its requests waited for it."""
+    return {
+        slot: {
+            "wakes": len(times["wakes"]),
+            "wake_s": Distribution.of(times["wakes"]),
+            "sleeps": len(times["sleeps"]),
+            "wait_s": Distribution.of(times["waits"]),
+        }
+        for slot, times in log.items()
+    }
 
 
 # %% Configuration machinery: flags from the Config fields, checks before anything launches
@@ -1488,6 +1649,7 @@ FIELD_CHECKS = (
         lambda v: v in ("bursts", "poisson", "gamma", *PER_MODEL_ARRIVALS),
         "must be bursts, poisson, gamma, ramp or trace, got {v!r}",
     ),
+    ("sleep_after_idle_s", lambda v: v > 0, "must be > 0 seconds, got {v:g}"),
     ("trace_speedup", lambda v: v > 0, "must be > 0 (2 = twice as fast as the trace), got {v:g}"),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
     ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
@@ -1632,8 +1794,7 @@ def check_workload(cfg: Config) -> None:
         )
         return
     if cfg.arrivals in PER_MODEL_ARRIVALS:
-        check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
-        return no_shared_sleep(cfg)
+        return check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
     need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
     parse_rates(cfg)
     need(
@@ -1653,19 +1814,6 @@ def check_ramp(cfg: Config) -> None:
         f"is {cfg.duration_s:g} s, but the ramp of {len(slots(cfg))} model(s) to {max(peaks):g} "
         f"requests/s in steps of {cfg.ramp_step:g} lasts {longest:g} s: raise --duration-s to "
         f"{math.ceil(longest)}, or lower --peak-rates, raise --ramp-step, or shorten --stagger-s",
-    )
-
-
-def no_shared_sleep(cfg: Config) -> None:
-    sleeping = [
-        e.name for e in parse_experiments(cfg.experiments) if e.arm == "sleep" and GROUPS[e.group].pair
-    ]
-    need(
-        not sleeping,
-        "arrivals",
-        f"{cfg.arrivals}: {', '.join(sleeping)} has no policy yet for sleeping models under concurrent "
-        f"traffic; leave it out of --experiments (the one-model sleep arm, experiment 6, takes model A's "
-        f"{cfg.arrivals})",
     )
 
 
@@ -4312,7 +4460,7 @@ def send_chat(
     timeout_s: float = 300.0,
     ignore_eos: bool = False,
     session: Any = None,
-    gate: Optional[Callable[[], None]] = None,
+    gate: Optional["WakeGate | RouterGate"] = None,
     arrival: Optional[tuple[float, float]] = None,
 ) -> RequestRecord:
     """Stream one chat completion; every outcome, failures included, ends up in `record`.
@@ -4324,11 +4472,13 @@ def send_chat(
     url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
     start, record.t_send = arrival or (time.perf_counter(), time.time())
     deadline = start + timeout_s
+    entered = False
     try:
+        if arrival is not None:  # before the gate: a wake-up is the router's wait, not the client's lateness
+            record.send_delay_s = time.perf_counter() - start
         if gate is not None:
             gate()
-        if arrival is not None:
-            record.send_delay_s = time.perf_counter() - start
+            entered = True
         done = stream_chat(session or local_session(1), url, body, api_key, record, start, timeout_s)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
@@ -4338,6 +4488,8 @@ def send_chat(
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
         record.e2e_s = time.perf_counter() - start
+        if entered:
+            gate.release()
     return record
 
 
@@ -4390,7 +4542,7 @@ def run_burst(
     cfg: Config,
     progress_every_s: float = 10.0,
     sink: Optional[Callable[[RequestRecord], None]] = None,
-    gate: Optional[Callable[[], None]] = None,
+    gate: Optional["WakeGate | RouterGate"] = None,
 ) -> list[RequestRecord]:
     """All requests of one burst at once (or, open loop, each at its planned offset); returns when the
     last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
@@ -5110,6 +5262,7 @@ class SleepSummary:
     level: int
     wake_s: Distribution  # per burst: the wake-up its first requests waited for
     sleep_s: Distribution  # per burst: putting it back to sleep
+    router: Optional[dict[str, dict]] = omitted_if_none()  # every model's traffic at once: router_summary
 
 
 RESIDUAL_WINDOW_S = 0.5  # the quiet stretch before the next burst over which a residual is read
@@ -5178,6 +5331,7 @@ def summarize_experiment(
             record.sleep_level,
             Distribution.of(b.wake_s for b in marks.bursts),
             Distribution.of(b.sleep_s for b in marks.bursts),
+            router_summary(record.router) if record.router else None,
         )
     summary.memory_cost = cost(loaded.device)
     summary.prompt_tokens = PromptCheck.of(records)
@@ -5849,8 +6003,46 @@ def make_plots(
         paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
     paths.append(plot_rate_sweep(run_dir / "plots" / "rate_sweep.png", summaries))
     paths.append(plot_attainment(run_dir / "plots" / "attainment.png", summaries))
+    paths.append(plot_memory_per_model(run_dir / "plots" / "memory_per_model.png", loaded))
     paths.append(plot_footprint(run_dir / "plots" / "footprint.png", summaries))
     return [p.name for p in paths if p is not None]
+
+
+def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
+    """Every model's traffic at once (ramps, traces): per strategy (columns), each model's memory stacked
+    over time (NVML by process tree), and beneath it each model's planned arrivals per second."""
+    shown = {n: e for n, e in loaded.items() if any(b.server == ALL_SLOTS for b in e.record.marks.bursts)}
+    if not shown:
+        return None
+    fig, axes = new_figure(2, len(shown), size=(6.5 * len(shown), 2.8))
+    for col, (name, exp) in enumerate(shown.items()):
+        held, arrivals, t0 = axes[0][col], axes[1][col], exp.t0
+        slots_ = [server["spec"]["name"] for server in exp.record.servers]
+        grid = np.arange(0.0, max((t - t0 for t, _ in exp.device), default=0.0), 0.25)
+        stacked = [
+            np.interp(
+                grid, *zip(*[(t - t0, v) for t, v in series(exp.memory, "process", server=s)] or [(0, 0)])
+            )
+            for s in slots_
+        ]
+        held.stackplot(grid, stacked, labels=slots_, colors=[color_of(s) for s in slots_], alpha=0.8)
+        sent = grouped(exp.records, "server")
+        for slot in slots_:
+            seconds = np.floor([r.t_send - t0 for r in sent.get((slot,), [])])
+            counts = collections.Counter(seconds.astype(int).tolist())
+            xs = range(int(grid[-1]) + 1 if len(grid) else 0)
+            arrivals.step(
+                list(xs), [counts.get(x, 0) for x in xs], where="post", color=color_of(slot), label=slot
+            )
+        for ax in (held, arrivals):
+            shade_bursts(ax, exp.record.marks, t0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+        held.set_title(f"{name}: GPU memory per model, stacked (NVML by process tree)")
+        held.set_ylabel("MiB")
+        arrivals.set_title("each model's requests per second (planned arrivals)")
+        arrivals.set_xlabel("seconds since the experiment began (shaded: windows)")
+    return save_figure(fig, path)
 
 
 FOOTPRINT_PARTS = (
@@ -6042,6 +6234,7 @@ def markdown_summary(
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
         *capacity_table(summaries),
+        *router_lines(summaries),
         *server_clock_table(summaries),
         *startups_lines(config, summaries),
         *time_line(timing),
@@ -6430,6 +6623,26 @@ def per_model_attainment(swept: dict[str, ExperimentSummary]) -> list[str]:
         if len(s.servers) > 1
     ]
     return ["", *lines] if lines else []
+
+
+def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """The sleep arm under every model's traffic: each model's wake-ups and its requests' wait for them."""
+    lines = [
+        f"- {name}, {slot}: woke {r['wakes']} times ({fmt(r['wake_s'].mean, 2)} s on average), slept "
+        f"{r['sleeps']} times; its requests waited {fmt(r['wait_s'].mean, 3)} s on average for it "
+        f"(p99 {fmt(r['wait_s'].p99, 3)} s, at most {fmt(r['wait_s'].max, 3)} s)"
+        for name, s in summaries.items()
+        if s.sleep and s.sleep.router
+        for slot, r in s.sleep.router.items()
+    ]
+    if not lines:
+        return []
+    return section(
+        "Sleep router (a request for a sleeping model wakes it; a model idle for --sleep-after-idle-s "
+        "sleeps; no more awake than fit at the static share; waits count in each request's latency):",
+        "",
+        *lines,
+    )
 
 
 def percent(share: Optional[float]) -> str:

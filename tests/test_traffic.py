@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import re
 import types
 
 import pytest
@@ -467,10 +468,6 @@ def test_each_model_ramps_in_turn_one_window_per_peak():
             "--duration-s: is 30 s, but the ramp of 2 model(s) to 20 requests/s in steps of 1 lasts 59 s",
         ),
         (["--arrivals", "ramp", "--peak-rates", "4", "--rate", "2"], "--arrivals: --rate/--rates are for"),
-        (
-            ["--arrivals", "ramp", "--peak-rates", "2", "--experiments", "3,7"],
-            "--arrivals: ramp: shared_sleep has no policy yet",
-        ),
     ],
 )
 def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):
@@ -490,10 +487,13 @@ def ramp_sweep_args(base):
         "0.5",
         *GENEROUS_SLOS,
     ]
-    return script_args(base / "results", "--experiments", "3", *ramp, "--duration-s", "4", "--plots")
+    sleep = ["--sleep-after-idle-s", "0.3"]
+    return script_args(
+        base / "results", "--experiments", "3,4,7", *ramp, *sleep, "--duration-s", "4", "--plots"
+    )
 
 
-@background("ramp_sweep_run", weight=9)
+@background("ramp_sweep_run", weight=16)
 def ramp_sweep_cmd(base):
     (base / "gpu").mkdir()
     return dict(args=ramp_sweep_args(base), env=fake_env(base / "gpu"), timeout=180)
@@ -506,7 +506,8 @@ def ramp_sweep_run(background_runs):
 
 def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(ramp_sweep_run):
     run = ramp_sweep_run
-    for name, folder in (("shared_kvcached", "01_shared_kvcached"),):  # the static split runs alike
+    strategies = (("shared_kvcached", "01_shared_kvcached"), ("shared_static", "02_shared_static"))
+    for name, folder in (*strategies, ("shared_sleep", "03_shared_sleep")):
         record = json.loads((run / folder / "experiment.json").read_text())
         assert [(b["phase"], b["server"], b["rate"]) for b in record["marks"]["bursts"]] == [
             ("ramp 1", "*", 2),
@@ -532,8 +533,31 @@ def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(r
     ]
     assert firsts[1] - firsts[0] == pytest.approx(0.5), "B's ramp starts --stagger-s after A's"
     md = (run / "summary.md").read_text()
-    assert "| shared_kvcached | 100% | 100% | above the sweep" in md and "GiB·h" in md
-    assert "- shared_kvcached, per model over all windows: A 100%, B 100%" in md
+    for name in ("shared_kvcached", "shared_static", "shared_sleep"):
+        assert f"| {name} | 100% | 100% | above the sweep" in md and "GiB·h" in md
+        assert f"- {name}, per model over all windows: A 100%, B 100%" in md
     record = json.loads((run / "01_shared_kvcached" / "experiment.json").read_text())
     assert record["question"] == "Two models on one GPU, both elastic, staggered ramps."
-    assert all((run / "plots" / p).stat().st_size > 10_000 for p in ("attainment.png", "shared_memory.png"))
+    plots = ("attainment.png", "shared_memory.png", "memory_per_model.png")
+    assert all((run / "plots" / p).stat().st_size > 10_000 for p in plots)
+
+
+def test_the_sleep_router_wakes_each_model_for_its_requests_and_counts_the_wait(ramp_sweep_run):
+    run = ramp_sweep_run / "03_shared_sleep"
+    record = json.loads((run / "experiment.json").read_text())
+    assert (
+        "a router wakes a model for its requests, puts it back to sleep after 0.3 s idle"
+        in record["question"]
+    )
+    rows = rx.read_jsonl(run / "requests.jsonl")
+    for slot in "AB":
+        log = record["router"][slot]
+        assert len(log["waits"]) == sum(r["server"] == slot for r in rows), "one wait per request"
+        assert len(log["wakes"]) >= 2, "both models send in both windows, and only one fits awake"
+        assert len(log["sleeps"]) == len(log["wakes"]), "each wake-up ends in sleep, the last one at the end"
+        assert max(log["waits"]) >= min(log["wakes"]), "the first request of a wake-up waits it out"
+    summary = json.loads((ramp_sweep_run / "summary.json").read_text())["experiments"]["shared_sleep"]
+    assert summary["sleep"]["router"]["A"]["wakes"] == len(record["router"]["A"]["wakes"])
+    md = (ramp_sweep_run / "summary.md").read_text()
+    assert "Sleep router (a request for a sleeping model wakes it" in md
+    assert re.search(r"- shared_sleep, B: woke \d+ times \(0\.\d\d s on average\), slept \d+ times", md)

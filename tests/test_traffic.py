@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import json
 import re
+import shutil
 import types
 
 import pytest
@@ -540,6 +541,19 @@ def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(r
     assert record["question"] == "Two models on one GPU, both elastic, staggered ramps."
     plots = ("attainment.png", "shared_memory.png", "memory_per_model.png")
     assert all((run / "plots" / p).stat().st_size > 10_000 for p in plots)
+
+
+def test_report_rebuilds_attainment_capacity_and_the_router_from_the_raw_files(ramp_sweep_run, tmp_path):
+    copy = tmp_path / ramp_sweep_run.name
+    shutil.copytree(ramp_sweep_run, copy, ignore=shutil.ignore_patterns("*.png", "summary.*"))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    rebuilt, committed = (json.loads((d / "summary.json").read_text()) for d in (copy, ramp_sweep_run))
+    for name in ("shared_kvcached", "shared_static", "shared_sleep"):
+        for key in ("capacity", "rate_sweep", "memory_cost", "sleep"):
+            assert rebuilt["experiments"][name].get(key) == committed["experiments"][name].get(key), (
+                name,
+                key,
+            )
 
 
 def test_the_sleep_router_wakes_each_model_for_its_requests_and_counts_the_wait(ramp_sweep_run):

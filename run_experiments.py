@@ -181,6 +181,9 @@ class Config:
     arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp | trace (open loop)
     rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
     rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
+    rates_per_model: str = (
+        ""  # open loop: each model's own requests/s, e.g. 2,8,4, in each of --bursts windows
+    )
     burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
     duration_s: float = 30.0  # open loop: seconds of arrivals per window
     peak_rates: str = ""  # ramp: each model's peak requests/s, one window per peak (a sweep), e.g. 12,16,20
@@ -516,9 +519,10 @@ def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
     schedule, question = entry.schedule, entry.question.format(**model_words(len(slots(cfg))))
-    if cfg.arrivals in PER_MODEL_ARRIVALS and schedule is alternating_bursts:  # the models' traffic overlaps
-        words = "staggered ramps" if cfg.arrivals == "ramp" else "replayed traces"
-        schedule = functools.partial(concurrent_windows, family=cfg.arrivals)
+    family = per_model_family(cfg)
+    if family and schedule is alternating_bursts:  # the models' traffic overlaps in time
+        words = {"ramp": "staggered ramps", "trace": "replayed traces", "open": "rates of their own"}[family]
+        schedule = functools.partial(concurrent_windows, family=family)
         question = question.replace("alternating bursts", words)
         if entry.arm == "sleep":
             question = (
@@ -1191,6 +1195,8 @@ def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSi
     first = trial.plans[f"{step.plan}_{next(iter(trial.servers))}"]
     burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
     mark_rate(burst, first, step.burst)
+    if step.plan == "open":  # each model at its own rate: the window's rate is theirs together
+        burst.rate = sum(trial.plans[f"open_{slot}"].rates[step.burst] for slot in trial.servers)
     trial.record.marks.bursts.append(burst)
     pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
     try:
@@ -1786,6 +1792,11 @@ def check_workload(cfg: Config) -> None:
     )
     need(cfg.arrivals == "ramp" or not cfg.peak_rates, "peak_rates", "apply to --arrivals ramp")
     need(cfg.arrivals == "trace" or not cfg.trace, "trace", "applies to --arrivals trace")
+    need(
+        cfg.arrivals in ("poisson", "gamma") or not cfg.rates_per_model,
+        "rates_per_model",
+        "apply to poisson or gamma arrivals",
+    )
     if cfg.arrivals == "bursts":
         need(
             not cfg.rates and not cfg.rate,
@@ -1796,11 +1807,19 @@ def check_workload(cfg: Config) -> None:
     if cfg.arrivals in PER_MODEL_ARRIVALS:
         return check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
     need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
+    if cfg.rates_per_model:
+        need(
+            not cfg.rates and not cfg.rate,
+            "rates_per_model",
+            "give either each model's rate or --rate/--rates",
+        )
+        parse_rates_per_model(cfg)
+        return
     parse_rates(cfg)
     need(
         bool(cfg.rates) or cfg.rate > 0,
         "rate",
-        f"--arrivals {cfg.arrivals} needs --rate R or --rates R1,R2,...",
+        f"--arrivals {cfg.arrivals} needs --rate R, --rates R1,R2,... or --rates-per-model",
     )
 
 
@@ -2187,6 +2206,28 @@ def parse_rates(cfg: Config) -> list[float]:
     return [cfg.rate] * max(cfg.bursts, 1)
 
 
+def parse_rates_per_model(cfg: Config) -> list[float]:
+    try:
+        rates = [float(r) for r in cfg.rates_per_model.split(",")]
+    except ValueError:
+        rates = []
+    need(
+        len(rates) == len(slots(cfg)) and all(math.isfinite(r) and r > 0 for r in rates),
+        "rates_per_model",
+        f"must be one positive rate per model ({len(slots(cfg))}), separated by commas; got "
+        f"{cfg.rates_per_model!r}",
+    )
+    return rates
+
+
+def per_model_family(cfg: Config) -> Optional[str]:
+    """The plan family when every model has traffic of its own, sent all at once: 'ramp', 'trace' or
+    'open' (--rates-per-model); None when the models take turns on one plan."""
+    if cfg.arrivals in PER_MODEL_ARRIVALS:
+        return cfg.arrivals
+    return "open" if cfg.rates_per_model and cfg.arrivals in ("poisson", "gamma") else None
+
+
 def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: float) -> Iterator[float]:
     """Seconds from a window's start: gaps drawn from a gamma distribution of this shape (1 = Poisson)."""
     t = rng.gammavariate(shape, 1 / (rate * shape))
@@ -2247,13 +2288,17 @@ def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     return make.plan(planned, len(peaks), busiest, sizing, arrivals="ramp", rates=tuple(peaks))
 
 
-def open_loop_plan(cfg: Config, sizing: str) -> WorkloadPlan:
+def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> WorkloadPlan:
     """Arrivals planned before sending at each window's rate, for duration_s seconds per window (gamma
-    arrivals: shape = burstiness)."""
-    arrivals_rng = random.Random(f"{cfg.seed}-arrivals")
+    arrivals: shape = burstiness). With a `position` (A = 0): that model's --rates-per-model rate in each
+    of --bursts windows, from arrivals of its own."""
+    arrivals_rng = random.Random(f"{cfg.seed}-arrivals" + (f"-{position}" if position else ""))
     make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
-    rates, planned, busiest = parse_rates(cfg), [], 0
+    rates = (
+        parse_rates(cfg) if position is None else [parse_rates_per_model(cfg)[position]] * max(cfg.bursts, 1)
+    )
+    planned, busiest = [], 0
     for window, rate in enumerate(rates):
         offsets = list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s))
         planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
@@ -7737,9 +7782,11 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
             f"{cfg.ramp_step:g} a second, one window per peak, the models staggered"
         )
     if cfg.arrivals != "bursts":
+        rates = parse_rates_per_model(cfg) if cfg.rates_per_model else parse_rates(cfg)
+        each = " (each model its own, all at once)" if cfg.rates_per_model else ""
         return 0, (
-            f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in parse_rates(cfg))} "
-            f"requests/s, {cfg.duration_s:g} s per window"
+            f"open loop: {cfg.arrivals} arrivals at {', '.join(f'{r:g}' for r in rates)} "
+            f"requests/s{each}, {cfg.duration_s:g} s per window"
             + (f", burstiness {cfg.burstiness:g}" if cfg.arrivals == "gamma" else "")
         )
     if cfg.burst_size:
@@ -7767,10 +7814,11 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     size, sizing = workload_sizing(cfg, kv_a, gpu)
-    if cfg.arrivals in PER_MODEL_ARRIVALS:  # the shared experiments send every model's; one model alone, A's
-        build = ramp_plan if cfg.arrivals == "ramp" else trace_plan
-        plans = {f"{cfg.arrivals}_{key}": build(cfg, i, sizing) for i, key in enumerate(slots(cfg))}
-        plans["main"] = plans[f"{cfg.arrivals}_A"]
+    family = per_model_family(cfg)
+    if family:  # the shared experiments send every model's plan; one model alone, A's
+        build = {"ramp": ramp_plan, "trace": trace_plan, "open": lambda c, i, why: open_loop_plan(c, why, i)}
+        plans = {f"{family}_{key}": build[family](cfg, i, sizing) for i, key in enumerate(slots(cfg))}
+        plans["main"] = plans[f"{family}_A"]
         say_clipped(cfg, plans)
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
@@ -7799,7 +7847,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
     """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    used = {plan for e in experiments for plan in e.plans} | set(PER_MODEL_ARRIVALS)  # each model's own
+    used = {plan for e in experiments for plan in e.plans} | {*PER_MODEL_ARRIVALS, "open"}  # each model's own
     for key in sorted(k for k in plans if plan_family(k) in used):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))

@@ -160,6 +160,50 @@ def test_poisson_and_gamma_arrivals_are_planned_at_the_rate_and_seeded():
     assert (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean == pytest.approx(2.0, rel=0.2)
 
 
+def test_each_model_gets_arrivals_of_its_own_at_its_own_rate_sent_all_at_once():
+    cfg = rx.Config(
+        models="m1,m2,m3",
+        arrivals="poisson",
+        rates_per_model="2,8,4",
+        bursts=2,
+        duration_s=200,
+        max_tokens=16,
+    )
+    plans = [rx.open_loop_plan(cfg, "x", position) for position in range(3)]
+    for plan, rate in zip(plans, (2, 8, 4)):
+        assert plan.rates == (rate, rate) and plan.bursts == 2
+        assert len(plan.burst(1)) == pytest.approx(rate * 200, rel=0.15)
+    assert arrival_gaps(plans[0])[0] != arrival_gaps(plans[2])[0][: len(arrival_gaps(plans[0])[0])]
+    assert rx.per_model_family(cfg) == "open" and rx.per_model_family(rx.Config(arrivals="poisson")) is None
+    spec = rx.resolve_experiment(rx.experiment("shared_kvcached"), cfg, {"main": plans[0]}, 0)
+    steps = [(s.phase, s.server, s.plan, s.burst) for s in spec.steps]
+    assert steps == [("open 1", "*", "open", 0), ("open 2", "*", "open", 1)]
+    assert spec.question == "3 models on one GPU, all elastic, rates of their own."
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rates-per-model", "2,4"], "--rates-per-model: apply to poisson or gamma arrivals"),
+        (
+            ["--arrivals", "poisson", "--rates-per-model", "2"],
+            "--rates-per-model: must be one positive rate per model (2)",
+        ),
+        (
+            ["--arrivals", "poisson", "--rates-per-model", "2,-1"],
+            "--rates-per-model: must be one positive rate",
+        ),
+        (
+            ["--arrivals", "poisson", "--rates-per-model", "2,4", "--rate", "3"],
+            "--rates-per-model: give either",
+        ),
+    ],
+)
+def test_bad_per_model_rates_are_refused_naming_the_flag(flags, message, capsys):
+    assert rx.main(flags, out=lambda _: None) == 2
+    assert message in capsys.readouterr().err
+
+
 # Open-loop arrivals the client can keep on two busy cores: near-regular gaps (gamma, shape 25) at 3
 # and 6 requests a second, so that planned arrivals are at least MIN_GAP_S apart (checked on the plan).
 # A send that waited for an earlier request (each streams for ~0.3 s), a pool too small or a plan read

@@ -181,9 +181,7 @@ class Config:
     arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp | trace (open loop)
     rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
     rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
-    rates_per_model: str = (
-        ""  # open loop: each model's own requests/s, e.g. 2,8,4, in each of --bursts windows
-    )
+    rates_per_model: str = ""  # open loop: each model's own requests/s, e.g. 2,8,4 (--bursts windows)
     burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
     duration_s: float = 30.0  # open loop: seconds of arrivals per window
     peak_rates: str = ""  # ramp: each model's peak requests/s, one window per peak (a sweep), e.g. 12,16,20

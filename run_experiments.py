@@ -155,7 +155,7 @@ class Config:
     models: str = ""  # N models sharing the card, comma list: slots A, B, C, ... ('' = --model-a,--model-b)
     tokenizer: str = ""  # passed to vLLM as --tokenizer when set
     load_format: str = ""  # 'dummy' = random weights with the real shapes (no download)
-    max_model_len: int = 2048  # tokens; bounds prompt + output
+    max_model_len: int = 2048  # tokens; bounds prompt + output ('auto' with a trace: its longest request)
     host: str = "127.0.0.1"  # vLLM binds every interface unless told otherwise
     port_a: int = 8001  # model A's server (one port per slot, so A can be reused across experiments)
     port_b: int = 8002  # model B's server
@@ -1585,6 +1585,8 @@ def build_parser() -> argparse.ArgumentParser:
             how = dict(action=argparse.BooleanOptionalAction)  # --warmup / --no-warmup
         else:
             how = dict(type={"int": int, "float": float, "str": str}[field.type])
+            if field.name == "max_model_len":
+                how = dict(type=lambda v: AUTO_LENGTH if v == "auto" else int(v))
         parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
 
@@ -1637,7 +1639,7 @@ FIELD_CHECKS = (
         "must be in (1, 2): above the static share, below the pair's whole budget",
     ),
     (
-        "max_model_len sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
+        "sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
         lambda v: v > 0,
         "must be > 0",
     ),
@@ -1652,6 +1654,11 @@ FIELD_CHECKS = (
         "arrivals",
         lambda v: v in ("bursts", "poisson", "gamma", *PER_MODEL_ARRIVALS),
         "must be bursts, poisson, gamma, ramp or trace, got {v!r}",
+    ),
+    (
+        "max_model_len",
+        lambda v: v > 0 or v == AUTO_LENGTH,
+        "must be > 0 tokens, or auto (with --arrivals trace)",
     ),
     ("sleep_after_idle_s", lambda v: v > 0, "must be > 0 seconds, got {v:g}"),
     ("trace_speedup", lambda v: v > 0, "must be > 0 (2 = twice as fast as the trace), got {v:g}"),
@@ -1778,7 +1785,7 @@ def check_server_command(cfg: Config) -> None:
 def check_workload(cfg: Config) -> None:
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
     need(
-        lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len,
+        lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len or cfg.max_model_len == AUTO_LENGTH,
         "output_tokens_dist",
         f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room "
         f"for the prompt",
@@ -1790,6 +1797,11 @@ def check_workload(cfg: Config) -> None:
     )
     need(cfg.arrivals == "ramp" or not cfg.peak_rates, "peak_rates", "apply to --arrivals ramp")
     need(cfg.arrivals == "trace" or not cfg.trace, "trace", "applies to --arrivals trace")
+    need(
+        cfg.max_model_len != AUTO_LENGTH or cfg.arrivals == "trace",
+        "max_model_len",
+        "auto needs --arrivals trace",
+    )
     need(
         cfg.arrivals in ("poisson", "gamma") or not cfg.rates_per_model,
         "rates_per_model",
@@ -1837,6 +1849,8 @@ def check_ramp(cfg: Config) -> None:
 def resolve_config(cfg: Config) -> Config:
     """The values a run uses: the preset's workload where flags were left open, and the rules that
     follow from other flags."""
+    if cfg.max_model_len == AUTO_LENGTH:
+        cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
     cfg = fill_preset(cfg)
     room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
     need(
@@ -1926,6 +1940,7 @@ KNOWN_MODEL_CONFIGS = {
         vocab_size=151936,
         intermediate_size=4864,
         tie_word_embeddings=True,
+        max_position_embeddings=32768,
     ),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
         num_hidden_layers=28,
@@ -1936,6 +1951,7 @@ KNOWN_MODEL_CONFIGS = {
         vocab_size=151936,
         intermediate_size=8960,
         tie_word_embeddings=True,
+        max_position_embeddings=32768,
     ),
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
@@ -2558,6 +2574,33 @@ def say_clipped(cfg: Config, plans: dict[str, WorkloadPlan]) -> None:
                 f"  {key}: {clipped} of {len(plan.requests)} requests clipped to fit --max-model-len "
                 f"{cfg.max_model_len}"
             )
+
+
+AUTO_LENGTH = -1  # --max-model-len auto
+
+
+def trace_model_len(cfg: Config) -> int:
+    """--max-model-len auto: the longest request in any model's window, within every model's own limit."""
+    longest = 0
+    for path in trace_files(cfg):
+        rows = read_trace(path)
+        start, end = trace_window(rows, cfg.trace_window)
+        longest = max([longest] + [r.prompt_tokens + r.output_tokens for r in rows if start <= r.at_s < end])
+    wanted = longest + PROMPT_MARGIN_TOKENS
+    limits = {
+        key: (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings")
+        for key in slots(cfg)
+    }
+    known = [v for v in limits.values() if isinstance(v, int) and v > 0]
+    chosen = min([wanted, *known])
+    say(
+        f"note: --max-model-len auto: {chosen} tokens (the longest request in the traces' windows, "
+        f"{longest} tokens, and {PROMPT_MARGIN_TOKENS} of margin"
+        + (f"; the models' own limit {min(known)}: longer requests are clipped" if chosen < wanted else "")
+        + ("" if known else "; no model's limit known")
+        + ")"
+    )
+    return chosen
 
 
 def trace_words(cfg: Config) -> str:

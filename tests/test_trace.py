@@ -97,6 +97,22 @@ def test_a_rate_scale_repeats_or_thins_the_trace_one_window_each(traces):
     assert [r.trace_row for r in again.requests] == rows[0]
 
 
+def test_max_model_len_auto_takes_the_longest_request_within_the_models_own_limit(traces, tmp_path, capsys):
+    flags = ["--arrivals", "trace", "--trace", str(traces / "azure.csv"), "--max-model-len", "auto"]
+    assert rx.config_from_args(flags).max_model_len == 7433 + 14 + rx.PROMPT_MARGIN_TOKENS
+    small = tmp_path / "small-model"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    cfg = rx.config_from_args([*flags, "--model-a", str(small), "--trace-window", "0:5"])
+    assert (
+        cfg.max_model_len == 4096
+        and "the models' own limit 4096: longer requests are clipped" in capsys.readouterr().out
+    )
+    assert [r.clipped for r in rx.trace_plan(cfg, 0, "x").requests] == [False] * 4 + [True]
+    assert rx.main(["--max-model-len", "auto"], out=lambda _: None) == 2
+    assert "--max-model-len: auto needs --arrivals trace" in capsys.readouterr().err
+
+
 def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
     rows = rx.read_trace(str(traces / "azure.csv"))
     assert rx.trace_window(rows, "busiest:1") == (0.0, 1.0)

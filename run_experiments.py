@@ -1444,6 +1444,11 @@ class SleepRouter:
         while True:
             if self.error:
                 raise ServerError(self.error)
+            if self.stopped.is_set() or time.perf_counter() - started > self.cfg.request_timeout_s:
+                raise ServerError(
+                    f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
+                    "(--request-timeout-s): the models awake had requests in flight all along"
+                )
             if not self.servers[slot].asleep and slot not in self.moving:
                 self.in_flight[slot] += 1
                 self.log[slot]["waits"].append(time.perf_counter() - started)

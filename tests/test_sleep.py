@@ -140,3 +140,66 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     assert "| static | A static 0.55 | " in md and "What sleep mode frees" in md
     assert "the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md
     assert (sleep_run / "plots" / "footprint.png").stat().st_size > 0 and "plots/footprint.png" in md
+
+
+# --- the sleep router under every model's traffic at once -------------------------------------------
+class StubServer:
+    def __init__(self, calls: list, name: str):
+        self.asleep, self.calls, self.name = True, calls, name
+
+
+def stub_router(monkeypatch, awake_at_most: int, **cfg) -> tuple["rx.SleepRouter", list]:
+    calls: list = []
+
+    def to_sleep(server, cfg):
+        calls.append(("sleep", server.name))
+        server.asleep = True
+        return 0.01
+
+    class Wake:
+        def __init__(self, server, api_key, level):
+            self.server, self.wake_s = server, 0.02
+
+        def __call__(self):
+            calls.append(("wake", self.server.name))
+            self.server.asleep = False
+
+    monkeypatch.setattr(rx, "put_to_sleep", to_sleep)
+    monkeypatch.setattr(rx, "WakeGate", Wake)
+    servers = {slot: StubServer(calls, slot) for slot in "AB"}
+    router = rx.SleepRouter(servers, rx.Config(sleep_after_idle_s=60, **cfg), awake_at_most)
+    return router, calls
+
+
+def test_the_router_wakes_a_model_for_its_request_and_puts_the_idle_one_to_sleep_first(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1)
+    try:
+        router.enter("A")
+        router.enter("A")  # awake already: no second wake-up
+        router.leave("A")
+        router.leave("A")
+        router.enter("B")
+        router.leave("B")
+    finally:
+        router.stop()
+    assert calls == [("wake", "A"), ("sleep", "A"), ("wake", "B"), ("sleep", "B")]
+    assert [len(router.log[s]["waits"]) for s in "AB"] == [2, 1]
+    assert router.log["A"]["wakes"] == [0.02] and router.log["B"]["sleeps"] == [0.01]
+
+
+def test_a_request_that_never_gets_a_turn_awake_fails_at_the_request_timeout(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1, request_timeout_s=0.2)
+    try:
+        router.enter("A")  # and never leaves: A keeps the one place awake
+        with pytest.raises(rx.ServerError, match="no turn awake for B within 0.2 s"):
+            router.enter("B")
+    finally:
+        router.leave("A")
+        router.stop()
+    assert ("wake", "B") not in calls
+
+
+def test_two_models_fit_awake_when_the_static_share_allows():
+    assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.45)) == 2
+    assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.55)) == 1
+    assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.3)) == 3

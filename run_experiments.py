@@ -4816,7 +4816,8 @@ class Distribution:
 
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> Distribution:
-        data = np.asarray([v for v in values if v is not None], dtype=float)
+        data = np.array(values if isinstance(values, list) else list(values), dtype=float)  # None -> nan
+        data = data[~np.isnan(data)]
         if not data.size:
             return cls(0, None, None, None, None, None)
         return cls(data.size, *percentiles(data, [50, 90, 99]), float(data.mean()), float(data.max()))
@@ -4889,7 +4890,7 @@ def latency_summary(
     if records:
         span = max(r.t_send + (r.e2e_s or 0) for r in records) - min(r.t_send for r in records)
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
-    gaps = [gap for r in ok for gap in r.itl_s] if streamed else []
+    gaps = list(itertools.chain.from_iterable(r.itl_s for r in ok)) if streamed else []
     delays = [r.send_delay_s for r in records if r.send_delay_s is not None]  # open loop only
     return LatencySummary(
         requests=len(records),

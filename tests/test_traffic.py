@@ -527,7 +527,7 @@ def ramp_sweep_args(base):
         "--peak-rates",
         "2,3",
         "--ramp-step",
-        "2",
+        "3",
         "--stagger-s",
         "0.5",
         *GENEROUS_SLOS,

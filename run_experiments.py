@@ -2209,33 +2209,29 @@ def plan_workload(
     return make.plan(requests_, bursts, burst_size, sizing)
 
 
+def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
+    """A flag's numbers, separated by commas, each passing `ok` (else a ConfigError naming the flag)."""
+    text = getattr(cfg, flag)
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    need(bool(values) and all(math.isfinite(v) and ok(v) for v in values), flag, f"{why}; got {text!r}")
+    return values
+
+
 def parse_rates(cfg: Config) -> list[float]:
     """The open-loop rate of each window: --rates, else --rate for each of --bursts windows."""
     if cfg.rates:
-        try:
-            rates = [float(r) for r in cfg.rates.split(",")]
-        except ValueError:
-            rates = []
-        need(
-            bool(rates) and all(math.isfinite(r) and r > 0 for r in rates),
-            "rates",
-            f"must be positive requests per second separated by commas, e.g. 2,4,8; got {cfg.rates!r}",
-        )
-        return rates
+        why = "must be positive requests per second separated by commas, e.g. 2,4,8"
+        return number_list(cfg, "rates", lambda r: r > 0, why)
     return [cfg.rate] * max(cfg.bursts, 1)
 
 
 def parse_rates_per_model(cfg: Config) -> list[float]:
-    try:
-        rates = [float(r) for r in cfg.rates_per_model.split(",")]
-    except ValueError:
-        rates = []
-    need(
-        len(rates) == len(slots(cfg)) and all(math.isfinite(r) and r > 0 for r in rates),
-        "rates_per_model",
-        f"must be one positive rate per model ({len(slots(cfg))}), separated by commas; got "
-        f"{cfg.rates_per_model!r}",
-    )
+    why = f"must be one positive rate per model ({len(slots(cfg))}), separated by commas"
+    rates = number_list(cfg, "rates_per_model", lambda r: r > 0, why)
+    need(len(rates) == len(slots(cfg)), "rates_per_model", f"{why}; got {cfg.rates_per_model!r}")
     return rates
 
 
@@ -2256,17 +2252,8 @@ def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: f
 
 
 def parse_peaks(cfg: Config) -> list[float]:
-    try:
-        peaks = [float(r) for r in cfg.peak_rates.split(",") if r.strip()]
-    except ValueError:
-        peaks = []
-    need(
-        bool(peaks) and all(math.isfinite(p) and p >= 1 for p in peaks),
-        "peak_rates",
-        f"must be peak requests per second of at least 1, separated by commas, e.g. 12,16,20; got "
-        f"{cfg.peak_rates!r}",
-    )
-    return peaks
+    why = "must be peak requests per second of at least 1, separated by commas, e.g. 12,16,20"
+    return number_list(cfg, "peak_rates", lambda p: p >= 1, why)
 
 
 def ramp_seconds(peak: float, step: float) -> list[float]:
@@ -2469,17 +2456,8 @@ def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float,
 
 
 def parse_rate_scales(cfg: Config) -> list[float]:
-    try:
-        scales = [float(v) for v in cfg.trace_rate_scale.split(",") if v.strip()]
-    except ValueError:
-        scales = []
-    need(
-        bool(scales) and all(math.isfinite(v) and v > 0 for v in scales),
-        "trace_rate_scale",
-        f"must be positive multiples of the trace's rate separated by commas, e.g. 0.5,1,2; got "
-        f"{cfg.trace_rate_scale!r}",
-    )
-    return scales
+    why = "must be positive multiples of the trace's rate separated by commas, e.g. 0.5,1,2"
+    return number_list(cfg, "trace_rate_scale", lambda v: v > 0, why)
 
 
 def scaled(rows: list[TraceRow], scale: float, seed: str) -> list[TraceRow]:

@@ -1444,7 +1444,9 @@ class SleepRouter:
         while True:
             if self.error:
                 raise ServerError(self.error)
-            if self.stopped.is_set() or time.perf_counter() - started > self.cfg.request_timeout_s:
+            if self.stopped.is_set():
+                raise ServerError(f"the workload ended before {slot} had a turn awake")
+            if time.perf_counter() - started > self.cfg.request_timeout_s:
                 raise ServerError(
                     f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
                     "(--request-timeout-s): the models awake had requests in flight all along"
@@ -2455,6 +2457,13 @@ def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float,
     return start, start + length_s
 
 
+def window_rows(cfg: Config, path: str) -> tuple[float, list[TraceRow]]:
+    """Where --trace-window starts in a trace file (seconds), and the file's requests within it."""
+    rows = read_trace(path)
+    start, end = trace_window(rows, cfg.trace_window)
+    return start, [r for r in rows if start <= r.at_s < end]
+
+
 def parse_rate_scales(cfg: Config) -> list[float]:
     why = "must be positive multiples of the trace's rate separated by commas, e.g. 0.5,1,2"
     return number_list(cfg, "trace_rate_scale", lambda v: v > 0, why)
@@ -2491,11 +2500,14 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     """The model at `position` (A = 0) replays its file (cycled) within --trace-window, time compressed
     by --trace-speedup: one window per --trace-rate-scale."""
     files = trace_files(cfg)
-    rows = read_trace(files[position % len(files)])
-    start, end = trace_window(rows, cfg.trace_window)
-    chosen = [r for r in rows if start <= r.at_s < end]
-    rng, planned, busiest = random.Random(f"{cfg.seed}-trace-prompts-{position}"), [], 0
-    for window, scale in enumerate(parse_rate_scales(cfg)):
+    start, chosen = window_rows(cfg, files[position % len(files)])
+    rng, planned, busiest, scales = (
+        random.Random(f"{cfg.seed}-trace-prompts-{position}"),
+        [],
+        0,
+        parse_rate_scales(cfg),
+    )
+    for window, scale in enumerate(scales):
         kept = scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")
         for i, row in enumerate(kept):
             prompt_tokens, output_tokens = clip_to_fit(
@@ -2516,7 +2528,7 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
             )
         busiest = max(busiest, len(kept))
     return WorkloadPlan(
-        bursts=len(parse_rate_scales(cfg)),
+        bursts=len(scales),
         burst_size=busiest,
         gap_s=cfg.gap_s,
         max_tokens=max((r.max_tokens for r in planned), default=0),
@@ -2526,7 +2538,7 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
         sizing=sizing,
         requests=tuple(planned),
         arrivals="trace",
-        rates=tuple(parse_rate_scales(cfg)),
+        rates=tuple(scales),
     )
 
 
@@ -2540,12 +2552,11 @@ def check_trace(cfg: Config) -> None:
     )
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
-        rows = read_trace(path)
-        start, end = trace_window(rows, cfg.trace_window)
         need(
-            any(start <= r.at_s < end for r in rows),
+            bool(window_rows(cfg, path)[1]),
             "trace_window",
-            f"{cfg.trace_window} selects no request of {path}, whose requests span 0-{rows[-1].at_s:.0f} s",
+            f"{cfg.trace_window} selects no request of {path}, whose requests span "
+            f"0-{read_trace(path)[-1].at_s:.0f} s",
         )
 
 
@@ -2564,11 +2575,10 @@ AUTO_LENGTH = -1  # --max-model-len auto
 
 def trace_model_len(cfg: Config) -> int:
     """--max-model-len auto: the longest request in any model's window, within every model's own limit."""
-    longest = 0
-    for path in trace_files(cfg):
-        rows = read_trace(path)
-        start, end = trace_window(rows, cfg.trace_window)
-        longest = max([longest] + [r.prompt_tokens + r.output_tokens for r in rows if start <= r.at_s < end])
+    longest = max(
+        (r.prompt_tokens + r.output_tokens for path in trace_files(cfg) for r in window_rows(cfg, path)[1]),
+        default=0,
+    )
     wanted = longest + PROMPT_MARGIN_TOKENS
     limits = {
         key: (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings")

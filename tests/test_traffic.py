@@ -551,8 +551,12 @@ def ramp_sweep_run(background_runs):
 
 def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(ramp_sweep_run):
     run = ramp_sweep_run
-    strategies = (("shared_kvcached", "01_shared_kvcached"), ("shared_static", "02_shared_static"))
-    for name, folder in (*strategies, ("shared_sleep", "03_shared_sleep")):
+    strategies = (
+        ("shared_kvcached", "01_shared_kvcached"),
+        ("shared_static", "02_shared_static"),
+        ("shared_sleep", "03_shared_sleep"),
+    )
+    for name, folder in strategies:
         record = json.loads((run / folder / "experiment.json").read_text())
         assert [(b["phase"], b["server"], b["rate"]) for b in record["marks"]["bursts"]] == [
             ("ramp 1", "*", 2),

@@ -962,9 +962,7 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
     experiments = parse_experiments(cfg.experiments)
     gpu = next(card for card in config["gpus"] if card["index"] == cfg.gpu_index)
     plans = load_plans(run_dir)
-    ensure_open_files(
-        max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
-    )
+    ensure_open_files(most_sockets(plans, lane_cfg))
     return Run(
         lane_cfg,
         experiments,
@@ -4425,24 +4423,142 @@ def grouped(records: Iterable[RequestRecord], *fields: str) -> dict[tuple, list[
     return groups
 
 
-def abort_response(response: Any) -> None:
-    """Shut the response's socket from another thread: a blocked read returns at once."""
-    with contextlib.suppress(Exception):
-        response.raw.connection.sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(Exception):
-        response.close()
+READ_BYTES = 1 << 18  # one network read: a whole burst of tokens at once when they are there
+CONNECT_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
 
 
-def sse_reads(response: Any, deadline: float) -> Iterator[tuple[float, list[bytes]]]:
-    """Each network read's arrival time and the `data:` payloads it completed. Lines are split here, not
-    by iter_lines, so that keep-alive comments and trickles still meet the deadline check."""
-    buffer = b""
-    for chunk in response.iter_content(chunk_size=None):  # each HTTP chunk as it arrives
-        now = time.perf_counter()
-        if now > deadline:
-            raise TimeoutError("no complete response before the deadline")
-        *lines, buffer = (buffer + chunk).split(b"\n")
-        yield now, [line[5:].strip() for line in lines if line.startswith(b"data:")]
+class Connections:
+    """Keep-alive sockets to the servers, shared by one burst's threads. The client speaks HTTP/1.1 on
+    plain sockets: `requests` cost 2 ms of CPU per streamed answer (a thread for its deadline, a layer
+    per chunk), and at 500 requests/s on two cores the client fell seconds behind its plan."""
+
+    def __init__(self):
+        self.idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, address: tuple[str, int], timeout_s: float) -> socket.socket:
+        """An idle socket still open, or a new one."""
+        while True:
+            with self.lock:
+                if not self.idle.get(address):
+                    break
+                sock, since = self.idle[address].pop()
+            if time.monotonic() - since < KEEP_ALIVE_S and still_connected(sock):
+                return sock
+            sock.close()
+        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001)))
+
+    def open_ahead(self, url: str, count: int) -> None:
+        """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
+        address = url_address(url)
+        for _ in range(count - len(self.idle.get(address, ()))):
+            self.put(address, connect(address, CONNECT_TIMEOUT_S))
+
+    def put(self, address: tuple[str, int], sock: socket.socket) -> None:
+        with self.lock:
+            self.idle.setdefault(address, []).append((sock, time.monotonic()))
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, {}
+        for sock, _ in itertools.chain.from_iterable(idle.values()):
+            sock.close()
+
+    def __enter__(self) -> "Connections":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request goes out in one write, now
+    return sock
+
+
+def url_address(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port or 80
+
+
+def still_connected(sock: socket.socket) -> bool:
+    """Whether an idle socket is open with nothing unread (a server's close reads as end-of-file)."""
+    sock.settimeout(0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # end-of-file, or bytes nobody asked for
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+class Wire:
+    """One response off a socket: network reads to an absolute deadline (a trickle of bytes does not
+    extend it), and what was read past the part asked for."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline, self.buffer, self.complete = sock, deadline, b"", False
+
+    def read(self) -> bytes:
+        while True:
+            left = self.deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError("no complete response before the deadline")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(READ_BYTES)
+            except socket.timeout:
+                continue  # woken a little early: the loop raises once the deadline has passed
+            if not data:
+                raise ConnectionError("the server closed the connection mid-response")
+            return data
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """The status code and the headers (names in lower case)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.read()
+        top, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = top.decode("latin-1").split("\r\n")
+        fields = (line.partition(":") for line in lines)
+        return int(status_line.split()[1]), {name.strip().lower(): value.strip() for name, _, value in fields}
+
+    def body(self, headers: dict[str, str]) -> Iterator[tuple[float, bytes]]:
+        """The body, unframed, as (arrival time, bytes) per network read; `complete` once it has ended."""
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = -1 if chunked else int(headers.get("content-length", -1))
+        raw, now, seen = self.buffer, time.perf_counter(), 0
+        while True:
+            data, raw, self.complete = dechunk(raw) if chunked else (raw, b"", 0 <= length <= seen + len(raw))
+            seen += len(data)
+            yield now, data
+            if self.complete:
+                return
+            try:
+                raw += self.read()
+            except ConnectionError:
+                if length < 0 and not chunked:
+                    return  # a body without a length ends when the server closes
+                raise
+            now = time.perf_counter()
+
+
+def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
+    """The complete chunks at the front of a chunked body: (their data, what is left, whether the
+    terminating chunk was among them)."""
+    data, position = [], 0
+    while (end_of_size := raw.find(b"\r\n", position)) >= 0:
+        size = int(raw[position:end_of_size].split(b";", 1)[0], 16)
+        start = end_of_size + 2
+        if size == 0:
+            return b"".join(data), b"", raw.find(b"\r\n", start) >= 0
+        if len(raw) < start + size + 2:
+            break
+        data.append(raw[start : start + size])
+        position = start + size + 2
+    return b"".join(data), raw[position:], False
 
 
 def note_event(record: RequestRecord, event: dict) -> int:
@@ -4462,23 +4578,26 @@ def note_event(record: RequestRecord, event: dict) -> int:
     return contents
 
 
-def read_sse(response: Any, record: RequestRecord, start: float, deadline: float) -> bool:
-    """Consume an SSE stream into `record`, each content chunk timed on arrival; True once
-    `data: [DONE]` arrived."""
-    last_token = None
-    for now, payloads in sse_reads(response, deadline):
+def read_sse(reads: Iterator[tuple[float, bytes]], record: RequestRecord, start: float) -> bool:
+    """Consume an SSE stream into `record`, each content chunk timed on the arrival of its network read
+    (one JSON parse per read); True once `data: [DONE]` arrived."""
+    last_token, partial = None, b""
+    for now, data in reads:
+        *lines, partial = (partial + data).split(b"\n")
+        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        done = b"[DONE]" in payloads
+        payloads = payloads[: payloads.index(b"[DONE]")] if done else payloads
         had_content = False
-        for payload in payloads:
-            if payload == b"[DONE]":
-                record.content_reads += had_content
-                return True
-            for _ in range(note_event(record, json.loads(payload))):
+        for event in json.loads(b"[" + b",".join(payloads) + b"]") if payloads else ():
+            for _ in range(note_event(record, event)):
                 if record.ttft_s is None:
                     record.ttft_s = now - start
                 else:
                     record.itl_s.append(now - last_token)
                 last_token, had_content = now, True
         record.content_reads += had_content
+        if done:
+            return True
     return False
 
 
@@ -4510,24 +4629,39 @@ def chat_body(model: str, request: PlannedRequest, ignore_eos: bool) -> dict:
 
 
 def stream_chat(
-    client: Any, url: str, body: dict, api_key: str, record: RequestRecord, start: float, timeout_s: float
+    connections: Connections,
+    url: str,
+    body: dict,
+    api_key: str,
+    record: RequestRecord,
+    start: float,
+    timeout_s: float,
 ) -> bool:
-    """POST and read the stream into `record`; True once [DONE] arrived. The socket is shut at
+    """POST and read the stream into `record`; True once [DONE] arrived. Nothing is read past
     start + timeout_s, whatever the server trickles."""
-    deadline = start + timeout_s
-    headers = auth_headers(api_key)
-    with client.post(url, json=body, headers=headers, stream=True, timeout=(10, timeout_s)) as response:
-        timer = threading.Timer(max(0.0, deadline - time.perf_counter()), abort_response, (response,))
-        timer.daemon = True
-        timer.start()
-        try:
-            record.status = response.status_code
-            if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {response.text[:300]}"
-                return False
-            return read_sse(response, record, start, deadline)
-        finally:
-            timer.cancel()
+    parts = urllib.parse.urlsplit(url)
+    address, payload = url_address(url), json.dumps(body).encode()
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json"]
+    head += [f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in auth_headers(api_key).items())]
+    sock = connections.get(address, start + timeout_s - time.perf_counter())
+    wire, reuse = Wire(sock, start + timeout_s), False
+    try:
+        sock.settimeout(max(wire.deadline - time.perf_counter(), 0.001))
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+        record.status, headers = wire.head()
+        reads = wire.body(headers)
+        if record.status != 200:
+            text = b"".join(data for _, data in reads).decode("utf-8", "replace")
+            record.error = f"HTTP {record.status}: {text[:300]}"
+            return False
+        done = read_sse(reads, record, start)
+        reuse = done and wire.complete and headers.get("connection", "").lower() != "close"
+        return done
+    finally:
+        if reuse:
+            connections.put(address, sock)
+        else:
+            sock.close()
 
 
 def send_chat(
@@ -4538,7 +4672,7 @@ def send_chat(
     api_key: str = "",
     timeout_s: float = 300.0,
     ignore_eos: bool = False,
-    session: Any = None,
+    connections: Optional[Connections] = None,
     gate: Optional["WakeGate | RouterGate"] = None,
     arrival: Optional[tuple[float, float]] = None,
 ) -> RequestRecord:
@@ -4558,7 +4692,8 @@ def send_chat(
         if gate is not None:
             gate()
             entered = True
-        done = stream_chat(session or local_session(1), url, body, api_key, record, start, timeout_s)
+        with contextlib.nullcontext(connections) if connections else Connections() as wires:
+            done = stream_chat(wires, url, body, api_key, record, start, timeout_s)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
@@ -4584,8 +4719,8 @@ class RecordSink:
 
 
 BURST_DEADLINE_SLACK_S = 30.0  # past every request's own deadline: connect time, thread start-up
-# open loop: requests in flight at most; one arriving past that waits, and its wait counts
-OPEN_LOOP_THREADS = 512
+# open loop: requests in flight at most, per model; one arriving past that waits, and its wait counts
+OPEN_LOOP_THREADS = 1024
 
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
@@ -4626,7 +4761,7 @@ def run_burst(
     """All requests of one burst at once (or, open loop, each at its planned offset); returns when the
     last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
     threads = burst_threads(requests_)
-    session = local_session(threads)
+    connections = Connections()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
     records = [make_record(r) for r in requests_]
     delivered, lock, closed = set(), threading.Lock(), False
@@ -4640,10 +4775,13 @@ def run_burst(
 
     def send(i: int, arrival: Optional[tuple[float, float]]) -> concurrent.futures.Future:
         args = (server.url, server.spec.model, requests_[i], records[i], cfg.api_key, cfg.request_timeout_s)
-        future = pool.submit(send_chat, *args, cfg.ignore_eos, session, gate, arrival)
+        future = pool.submit(send_chat, *args, cfg.ignore_eos, connections, gate, arrival)
         future.add_done_callback(lambda f: deliver(i, f.result()))
         return future
 
+    if not any(r.offset_s for r in requests_):  # a closed burst: its TTFTs do not count the connects
+        with contextlib.suppress(OSError):  # a server that refuses is each request's failure, below
+            connections.open_ahead(server.url, threads)
     started = (time.perf_counter(), time.time())
     last_arrival = max((r.offset_s for r in requests_), default=0.0)
     deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
@@ -4663,7 +4801,7 @@ def run_burst(
         with lock:
             closed = True
         pool.shutdown(wait=False, cancel_futures=True)
-        session.close()
+        connections.close()
 
 
 def still_open(record: RequestRecord, started: float, deadline: float) -> RequestRecord:
@@ -7640,6 +7778,12 @@ def check_results_dir(parent: Path) -> None:
         ) from exc
 
 
+def most_sockets(plans: dict[str, WorkloadPlan], cfg: Config) -> int:
+    """Sockets the client may hold at once: the largest burst of any plan, to every model at once."""
+    largest = max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
+    return largest * len(slots(cfg))
+
+
 def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
     """Each request in flight holds a socket: raise the soft open-files limit if needed, or say what to do."""
     needed = concurrent_requests + spare
@@ -7687,9 +7831,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         )
     ]
     lanes = [lane for lane in lanes if lane.experiments]
-    ensure_open_files(
-        max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
-    )
+    ensure_open_files(most_sockets(plans, cfg))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     announce_run(cards, lanes, preimport, run_dir)
     save_plans(run_dir, plans, experiments)

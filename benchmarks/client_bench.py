@@ -5,9 +5,10 @@
 
 Starts a zero-work streaming server in a subprocess of its own (this file run with --serve: one asyncio
 loop speaking just enough HTTP/1.1 and OpenAI chat-completions SSE for the harness's client; it answers
-each request at once with --output-tokens content chunks, one HTTP chunk each, then a finish_reason, the
-usage and `data: [DONE]`, no sleeps; lighter than tests/fakes/fake_vllm_server.py, which keeps fake GPU
-memory and a thread per connection). Then drives it with run_experiments.run_burst, as the harness does:
+each request at once, in one write: --output-tokens content chunks, one HTTP chunk each, then a
+finish_reason, the usage and `data: [DONE]`, no sleeps; lighter than tests/fakes/fake_vllm_server.py,
+which keeps fake GPU memory and a thread per connection). Then drives it with run_experiments.run_burst,
+as the harness does:
 
 - open loop: the harness's open_loop_plan (Poisson arrivals planned ahead, fixed seed), one window of
   --duration-s seconds per rate of --rates, each window one run_burst;
@@ -84,16 +85,14 @@ class ZeroWork:
         self.stamps: dict[str, float] = {}
 
     def reply(self, writer: asyncio.StreamWriter, body: bytes, t_read: float) -> None:
-        """Every chunk of one streamed answer at once (each write goes out while the socket has room)."""
+        """Every chunk of one streamed answer in one write: the server's own work per request is a
+        JSON parse and a write, so that what the benchmark measures is the client."""
         request = json.loads(body)
         prompt = request["messages"][0]["content"]
         tokens = int(request.get("max_tokens") or 16)
-        writer.write(STREAM_HEAD)
-        writer.write(TOKEN_CHUNK)
+        answer = STREAM_HEAD + TOKEN_CHUNK * tokens + stream_tail(len(prompt.split()), tokens) + b"0\r\n\r\n"
         self.stamps[prompt.split(" ", 1)[0]] = time.perf_counter() - t_read
-        for _ in range(tokens - 1):
-            writer.write(TOKEN_CHUNK)
-        writer.write(stream_tail(len(prompt.split()), tokens) + b"0\r\n\r\n")
+        writer.write(answer)
 
     def plain(self, writer: asyncio.StreamWriter, path: str) -> None:
         if path == "/stamps":

@@ -1,8 +1,9 @@
 """The load generator: TTFT taken on arrival of the first token, failures as rows, auth."""
 
 import json
+import random
+import socket
 import time
-import types
 
 import pytest
 import requests
@@ -60,43 +61,43 @@ class ScriptedTime:
         return getattr(time, name)
 
 
-class ScriptedResponse:
-    """A streamed HTTP 200 whose chunks arrive at scripted perf_counter times; the connection closes
-    with the last one."""
-
-    status_code = 200
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Transfer-Encoding": "chunked"}
-    text = ""
+class ScriptedSocket:
+    """A socket whose reads arrive at scripted perf_counter times: a streamed HTTP 200, one HTTP chunk
+    per read, then the terminating chunk."""
 
     def __init__(self, clock, chunks):
-        self.clock, self.chunks = clock, chunks
-        self.raw = types.SimpleNamespace(connection=None)
-        self.chunk_sizes, self.closed = [], False
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        framed = [(t, b"%x\r\n%s\r\n" % (len(data), data)) for t, data in chunks]
+        self.clock, self.reads = (
+            clock,
+            [(0.0, head), *framed[:-1], (framed[-1][0], framed[-1][1] + b"0\r\n\r\n")],
+        )
+        self.sent, self.closed = b"", False
 
-    def __enter__(self):
-        return self
+    def settimeout(self, seconds):
+        pass
 
-    def __exit__(self, *exc):
-        self.close()
-        return False
+    def sendall(self, data):
+        self.sent += data
 
-    def iter_content(self, chunk_size=1, decode_unicode=False):
-        self.chunk_sizes.append(chunk_size)
-        for t, data in self.chunks:
-            self.clock.now = t
-            yield data
+    def recv(self, size, flags=0):
+        t, data = self.reads.pop(0)
+        self.clock.now = t
+        return data
 
     def close(self):
         self.closed = True
 
 
-class ScriptedSession:
-    def __init__(self, response):
-        self.response, self.posts = response, []
+class ScriptedConnections:
+    def __init__(self, sock):
+        self.sock, self.returned = sock, []
 
-    def post(self, url, **kwargs):
-        self.posts.append((url, kwargs))
-        return self.response
+    def get(self, address, timeout_s):
+        return self.sock
+
+    def put(self, address, sock):
+        self.returned.append(sock)
 
 
 def sse(obj) -> bytes:
@@ -138,10 +139,10 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
         ),
         (last + 1 / 64, b"data: [DONE]\n\n"),
     ]
-    response = ScriptedResponse(clock, chunks)
-    session = ScriptedSession(response)
+    sock = ScriptedSocket(clock, chunks)
+    connections = ScriptedConnections(sock)
     record = rx.send_chat(
-        "http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, session=session
+        "http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, connections=connections
     )
     assert record.ok, record.error
     assert record.ttft_s == first, "the first content chunk, not the role chunk nor the end of the stream"
@@ -151,16 +152,101 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
         record.completion_tokens == tokens and record.prompt_tokens == 12 and record.finish_reason == "length"
     )
     assert record.content_reads == tokens
-    # read as it arrives: a streamed request, each chunk as it comes (chunk_size=None), no buffered body
-    ((url, kwargs),) = session.posts
-    assert url == "http://fake/v1/chat/completions" and kwargs["stream"] is True
-    assert kwargs["json"]["stream"] is True and kwargs["json"]["max_tokens"] == tokens
-    assert response.chunk_sizes == [None] and response.closed
+    # one streamed POST, every read taken as it came, and the socket kept for the next request
+    head, body = sock.sent.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert json.loads(body)["stream"] is True and json.loads(body)["max_tokens"] == tokens
+    assert not sock.reads and connections.returned == [sock] and not sock.closed
+
+
+class PiecesSocket:
+    """A socket that hands out a response's bytes in the pieces given, then end-of-file."""
+
+    def __init__(self, pieces):
+        self.pieces, self.sent, self.closed = list(pieces), b"", False
+
+    def settimeout(self, seconds):
+        pass
+
+    def sendall(self, data):
+        self.sent += data
+
+    def recv(self, size, flags=0):
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def close(self):
+        self.closed = True
+
+
+def streamed_answer(tokens, close=False):
+    """vLLM's answer as bytes on the wire: head, one HTTP chunk per event, the terminating chunk."""
+    events = [token_event({"content": "tok "}, "length" if i == tokens - 1 else None) for i in range(tokens)]
+    usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
+    events += [sse({"id": "c", "choices": [], "usage": usage}), b"data: [DONE]\n\n"]
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + (b"Connection: close\r\n" if close else b"")
+    return head + b"\r\n" + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+def test_a_stream_cut_into_any_pieces_reads_the_same(monkeypatch):
+    # The same answer split at random byte positions (chunk sizes, CRLFs and JSON cut anywhere, single
+    # bytes included): every token counted, the usage read, [DONE] found, and the socket kept only when
+    # the terminating chunk came with [DONE]
+    tokens, wire = 12, streamed_answer(12)
+    done_seen_at = wire.index(b"data: [DONE]\n\n\r\n") + len(b"data: [DONE]\n\n\r\n") - 1
+    rng = random.Random(7)
+    for trial in range(60):
+        cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 40 if trial else len(wire) - 1)))
+        pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)])]
+        sock = PiecesSocket(pieces)
+        connections = ScriptedConnections(sock)
+        record = rx.send_chat(
+            "http://f",
+            "m",
+            one_request(tokens),
+            blank_record(),
+            timeout_s=30,
+            ignore_eos=True,
+            connections=connections,
+        )
+        assert record.ok, (trial, record.error)
+        assert (
+            record.completion_tokens == tokens
+            and record.prompt_tokens == 5
+            and len(record.itl_s) == tokens - 1
+        )
+        # [DONE] is seen once its HTTP chunk is whole: with the last byte of the CRLF closing it
+        terminator_with_done = len(wire) - len(pieces[-1]) <= done_seen_at
+        assert (connections.returned == [sock]) == terminator_with_done, trial
+        assert sock.closed != terminator_with_done
+
+
+def test_a_socket_is_kept_only_when_the_server_keeps_it():
+    wire = streamed_answer(3, close=True)
+    sock = PiecesSocket([wire])
+    connections = ScriptedConnections(sock)
+    assert rx.send_chat(
+        "http://f",
+        "m",
+        one_request(3),
+        blank_record(),
+        timeout_s=30,
+        ignore_eos=True,
+        connections=connections,
+    ).ok
+    assert connections.returned == [] and sock.closed, "Connection: close"
+    ours, theirs = socket.socketpair()
+    assert rx.still_connected(ours), "open, nothing unread"
+    theirs.sendall(b"x")
+    assert not rx.still_connected(ours), "bytes nobody asked for"
+    ours.recv(1)
+    theirs.close()
+    assert not rx.still_connected(ours), "closed by the server"
+    ours.close()
 
 
 def median_ttft(server, tokens, runs=3):
-    session = requests.Session()
-    rx.send_chat(server.url, server.spec.model, one_request(2), blank_record(), session=session)  # connect
+    connections = rx.Connections()
+    rx.send_chat(server.url, server.spec.model, one_request(2), blank_record(), connections=connections)
     records = [
         rx.send_chat(
             server.url,
@@ -168,7 +254,7 @@ def median_ttft(server, tokens, runs=3):
             one_request(tokens),
             blank_record(),
             ignore_eos=True,
-            session=session,
+            connections=connections,
         )
         for _ in range(runs)
     ]
@@ -207,7 +293,7 @@ def test_failures_are_rows_not_exceptions(live_server):
     too_long = rx.send_chat(server.url, server.spec.model, one_request(10_000), blank_record())
     assert not too_long.ok and too_long.status == 400
     refused = rx.send_chat(f"http://127.0.0.1:{free_port()}", "m", one_request(), blank_record())
-    assert not refused.ok and refused.status is None and "ConnectionError" in refused.error
+    assert not refused.ok and refused.status is None and "ConnectionRefusedError" in refused.error
     assert refused.e2e_s is not None
 
 

@@ -517,7 +517,7 @@ def send(server, timeout_s=30.0, tokens=8):
     "fault, reason",
     [
         ("error_event", "error event in stream: fake engine error"),
-        ("truncate", "ChunkedEncodingError"),
+        ("truncate", "closed the connection mid-response"),
         ("no_finish_reason", "without a finish_reason"),
         ("short", "4 of 8 tokens despite ignore_eos"),
     ],
@@ -974,7 +974,11 @@ def test_open_files_limit_is_raised_or_named(monkeypatch):
 
 
 def test_open_files_are_counted_as_the_client_opens_them():
-    closed = [rx.PlannedRequest(0, i, "p", 8, 0.7) for i in range(600)]
-    open_loop = [rx.PlannedRequest(0, i, "p", 8, 0.7, offset_s=0.01 * (i + 1)) for i in range(600)]
-    assert rx.burst_threads(closed) == 600, "a closed burst sends every request at once"
+    many = rx.OPEN_LOOP_THREADS + 100
+    closed = [rx.PlannedRequest(0, i, "p", 8, 0.7) for i in range(many)]
+    open_loop = [rx.PlannedRequest(0, i, "p", 8, 0.7, offset_s=0.01 * (i + 1)) for i in range(many)]
+    assert rx.burst_threads(closed) == many, "a closed burst sends every request at once"
     assert rx.burst_threads(open_loop) == rx.OPEN_LOOP_THREADS
+    cfg = rx.resolve_config(rx.Config(preset="smoke", models="m1,m2,m3"))
+    plans = {"main": rx.plan_workload(cfg, 40, "t", bursts=2), "warm": rx.plan_workload(cfg, 7, "t")}
+    assert rx.most_sockets(plans, cfg) == 3 * 40, "every model's largest burst at once"

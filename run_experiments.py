@@ -6707,12 +6707,16 @@ def sleep_paragraph(name: str, block: SleepComparison) -> str:
     rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
     models = f"{block.models or 2} models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
     models = models.replace("2 models", "two models")
+    wakes = (
+        f"every burst first waits for a wake-up of {fmt(block.wake_s_mean, 2)} s on average (at most "
+        f"{fmt(block.wake_s_max, 2)} s), which someone (a router) must trigger"
+        if block.wake_s_mean is not None
+        else "the router below woke each model for its requests"
+    )
     return (
         f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
         f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
-        f"{fmt(block.static_idle_mib)} MiB); every burst first waits for a wake-up of "
-        f"{fmt(block.wake_s_mean, 2)} s on average (at most {fmt(block.wake_s_max, 2)} s), which "
-        f"someone (a router) must trigger; kvcached needs nobody. TTFT p50 sleep/kvcached "
+        f"{fmt(block.static_idle_mib)} MiB); {wakes}; kvcached needs nobody. TTFT p50 sleep/kvcached "
         f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
         f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
         f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "

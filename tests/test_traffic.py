@@ -623,3 +623,4 @@ def test_the_sleep_router_wakes_each_model_for_its_requests_and_counts_the_wait(
     md = (ramp_sweep_run / "summary.md").read_text()
     assert "Sleep router (a request for a sleeping model wakes it" in md
     assert re.search(r"- shared_sleep, B: woke \d+ times \(0\.\d\d s on average\), slept \d+ times", md)
+    assert "the router below woke each model for its requests" in md and "wake-up of n/a" not in md

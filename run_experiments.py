@@ -4366,63 +4366,7 @@ def sleep_idle_window(seconds: float) -> tuple[float, float]:
     return (start, time.time())
 
 
-# %% Load generation: one streaming request function that never raises
-@dataclasses.dataclass
-class RequestRecord:
-    """One request from the wire to the summary: what send_chat measured, written to requests.jsonl by
-    record_row and read back by from_row; every latency figure is read from here."""
-
-    experiment: str
-    server: str  # 'A' or 'B'
-    phase: str  # which step of the schedule (e.g. 'A burst 2')
-    repeat: int
-    burst: int
-    index: int
-    t_send: float  # wall clock (s since epoch)
-    ok: bool = False  # completed: [DONE] seen, a finish_reason, no error event
-    status: Optional[int] = None  # HTTP status, None if no response
-    error: Optional[str] = None  # why it failed: the one failure reason the summaries count
-    ttft_s: Optional[float] = None  # send -> first content chunk
-    e2e_s: Optional[float] = None  # send -> end of stream (or failure)
-    itl_s: list = dataclasses.field(default_factory=list)  # gaps between content chunks
-    prompt_tokens: Optional[int] = None
-    completion_tokens: Optional[int] = None
-    finish_reason: Optional[str] = None
-    content_reads: Optional[int] = 0  # network reads with content (1: not streamed); None in older rows
-    send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
-    planned_prompt_tokens: Optional[int] = None  # trace: the prompt length the trace asked for
-
-    @property
-    def tpot_s(self) -> Optional[float]:
-        """Time per output token after the first, of a completed request of two tokens or more."""
-        if not self.ok or self.ttft_s is None or not self.completion_tokens or self.completion_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
-
-    @classmethod
-    def from_row(cls, row: dict) -> RequestRecord:
-        """A requests.jsonl row read back; a key an older row lacks reads as None. Its tpot_s is derived
-        again, from the row's rounded times, as the committed summaries were."""
-        values = {name: row.get(name) for name in REQUEST_FIELDS}
-        values.update(ok=bool(values["ok"]), itl_s=values["itl_s"] or [])
-        return cls(**values)
-
-
-REQUEST_FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
-
-
-def as_records(rows: Iterable[RequestRecord | dict]) -> list[RequestRecord]:
-    return [r if isinstance(r, RequestRecord) else RequestRecord.from_row(r) for r in rows]
-
-
-def grouped(records: Iterable[RequestRecord], *fields: str) -> dict[tuple, list[RequestRecord]]:
-    """The records by their values of `fields`, in order of first appearance (one pass)."""
-    groups: dict[tuple, list[RequestRecord]] = {}
-    for r in records:
-        groups.setdefault(tuple(getattr(r, f) for f in fields), []).append(r)
-    return groups
-
-
+# %% The wire: HTTP/1.1 on plain sockets, each read timed as it arrives
 READ_BYTES = 1 << 18  # one network read: a whole burst of tokens at once when they are there
 CONNECT_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
@@ -4559,6 +4503,63 @@ def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
         data.append(raw[start : start + size])
         position = start + size + 2
     return b"".join(data), raw[position:], False
+
+
+# %% Load generation: one streaming request function that never raises
+@dataclasses.dataclass
+class RequestRecord:
+    """One request from the wire to the summary: what send_chat measured, written to requests.jsonl by
+    record_row and read back by from_row; every latency figure is read from here."""
+
+    experiment: str
+    server: str  # 'A' or 'B'
+    phase: str  # which step of the schedule (e.g. 'A burst 2')
+    repeat: int
+    burst: int
+    index: int
+    t_send: float  # wall clock (s since epoch)
+    ok: bool = False  # completed: [DONE] seen, a finish_reason, no error event
+    status: Optional[int] = None  # HTTP status, None if no response
+    error: Optional[str] = None  # why it failed: the one failure reason the summaries count
+    ttft_s: Optional[float] = None  # send -> first content chunk
+    e2e_s: Optional[float] = None  # send -> end of stream (or failure)
+    itl_s: list = dataclasses.field(default_factory=list)  # gaps between content chunks
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+    finish_reason: Optional[str] = None
+    content_reads: Optional[int] = 0  # network reads with content (1: not streamed); None in older rows
+    send_delay_s: Optional[float] = None  # open loop: how late the client sent it after its planned arrival
+    planned_prompt_tokens: Optional[int] = None  # trace: the prompt length the trace asked for
+
+    @property
+    def tpot_s(self) -> Optional[float]:
+        """Time per output token after the first, of a completed request of two tokens or more."""
+        if not self.ok or self.ttft_s is None or not self.completion_tokens or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+    @classmethod
+    def from_row(cls, row: dict) -> RequestRecord:
+        """A requests.jsonl row read back; a key an older row lacks reads as None. Its tpot_s is derived
+        again, from the row's rounded times, as the committed summaries were."""
+        values = {name: row.get(name) for name in REQUEST_FIELDS}
+        values.update(ok=bool(values["ok"]), itl_s=values["itl_s"] or [])
+        return cls(**values)
+
+
+REQUEST_FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
+
+
+def as_records(rows: Iterable[RequestRecord | dict]) -> list[RequestRecord]:
+    return [r if isinstance(r, RequestRecord) else RequestRecord.from_row(r) for r in rows]
+
+
+def grouped(records: Iterable[RequestRecord], *fields: str) -> dict[tuple, list[RequestRecord]]:
+    """The records by their values of `fields`, in order of first appearance (one pass)."""
+    groups: dict[tuple, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(tuple(getattr(r, f) for f in fields), []).append(r)
+    return groups
 
 
 def note_event(record: RequestRecord, event: dict) -> int:

@@ -5847,63 +5847,46 @@ def sleep_split(figures: dict[str, list[float]], asleep_mib: Optional[float]) ->
 
 # %% Comparisons: kvcached vs static (and sleep mode) within each group of the table
 LATENCY_KEYS = [(metric, q) for metric in ("ttft_s", "e2e_s") for q in ("p50", "p99")]
+STRATEGIES = ("static", "kvcached", "sleep")  # each compared with every one before it: kvcached/static, ...
 
 
 @dataclasses.dataclass
-class SingleComparison:
-    idle_saving_mib: Optional[float]  # static idle - kvcached idle, right after load
-    peak_saving_mib: Optional[float]
-    ttft_p50_ratio: Optional[float]  # kvcached / static
-    e2e_p50_ratio: Optional[float]
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios, 'ttft_s_p50_ratio' ...
+class Figures:
+    """One strategy's figures where the strategies meet: a group of the table, one of its models or one
+    of its phases (memory where it applies)."""
+
+    ttft_s_p50: Optional[float]
+    ttft_s_p99: Optional[float]
+    e2e_s_p50: Optional[float]
+    e2e_s_p99: Optional[float]
+    failed: Optional[int] = omitted_if_none()
+    peak_mib: Optional[float] = omitted_if_none()
+    idle_after_load_mib: Optional[float] = omitted_if_none()
+    idle_before_workload_mib: Optional[float] = omitted_if_none()
+    max_waiting: Optional[float] = omitted_if_none()
+    preemptions: Optional[float] = omitted_if_none()
 
 
 @dataclasses.dataclass
-class Both:
-    kvcached: Any
-    static: Any
+class Comparison:
+    """Strategy X against strategy Y: each strategy's figures, and the latency ratios of each against
+    every one before it in STRATEGIES ('kvcached/static', 'sleep/static', 'sleep/kvcached': mine / theirs,
+    below 1 faster), per repeat too where both have repeats; per model and per phase for two or more
+    models."""
+
+    figures: dict[str, Figures]
+    ratios: dict[str, dict[str, Optional[float]]]
+    over_repeats: Optional[dict[str, dict[str, Spread]]] = omitted_if_none()
+    per_model: Optional[dict[str, "Comparison"]] = omitted_if_none()
+    per_phase: Optional[dict[str, "Comparison"]] = omitted_if_none()
+
+    def ratio(self, pair: str, key: str) -> tuple[Optional[float], Optional[Spread]]:
+        """A ratio ('kvcached/static', 'ttft_s_p50') and its spread over repeats, where there is one."""
+        return (self.ratios.get(pair) or {}).get(key), ((self.over_repeats or {}).get(pair) or {}).get(key)
 
 
-@dataclasses.dataclass
-class BothWithRatio:
-    kvcached: Optional[float]
-    static: Optional[float]
-    ratio: Optional[float]
-
-
-@dataclasses.dataclass
-class ModelComparison:
-    ttft_s_p50: BothWithRatio
-    ttft_s_p99: BothWithRatio
-    e2e_s_p50: BothWithRatio
-    e2e_s_p99: BothWithRatio
-    failed: Both
-    max_waiting: Both
-    preemptions: Both
-    peak_mib: Both
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios
-
-
-@dataclasses.dataclass
-class PhaseComparison:
-    ttft_s_p50_ratio: Optional[float]
-    ttft_s_p99_ratio: Optional[float]
-    e2e_s_p50_ratio: Optional[float]
-    e2e_s_p99_ratio: Optional[float]
-    over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # per-repeat ratios
-
-    def cells(self) -> list[tuple[Optional[float], Optional[Spread]]]:
-        return [
-            (getattr(self, f"{m}_{q}_ratio"), (self.over_repeats or {}).get(f"{m}_{q}_ratio"))
-            for m, q in LATENCY_KEYS
-        ]
-
-
-@dataclasses.dataclass
-class PairComparison:
-    idle_saving_mib: Optional[float]  # static idle - kvcached idle, both models, before the workload
-    per_model: dict[str, ModelComparison]
-    per_phase: dict[str, PhaseComparison]
+def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
+    return Figures(*[latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS], **more)
 
 
 def ratio_spreads(
@@ -5914,134 +5897,83 @@ def ratio_spreads(
     if not mine or not theirs or len(mine) < 2 or len(mine) != len(theirs):
         return None
     return {
-        f"{m}_{q}_ratio": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q)) for a, b in zip(mine, theirs))
+        f"{m}_{q}": Spread.of(ratio(a.quantile(m, q), b.quantile(m, q)) for a, b in zip(mine, theirs))
         for m, q in LATENCY_KEYS
     }
 
 
-def compare_single(ela: ExperimentSummary, sta: ExperimentSummary) -> SingleComparison:
-    return SingleComparison(
-        idle_saving_mib=diff(sta.device.idle_after_load_mib, ela.device.idle_after_load_mib),
-        peak_saving_mib=diff(sta.device.peak_mib, ela.device.peak_mib),
-        ttft_p50_ratio=ratio(ela.latency.ttft_s.p50, sta.latency.ttft_s.p50),
-        e2e_p50_ratio=ratio(ela.latency.e2e_s.p50, sta.latency.e2e_s.p50),
-        over_repeats=ratio_spreads(ela.latency_repeats, sta.latency_repeats),
+def compared(figures: dict[str, Figures], repeats: dict[str, Optional[list[LatencySummary]]]) -> Comparison:
+    """Figures per strategy (in STRATEGIES' order) with every pair's ratios."""
+    pairs = [
+        (x, y) for i, x in enumerate(STRATEGIES) for y in STRATEGIES[:i] if x in figures and y in figures
+    ]
+    keys = [f"{m}_{q}" for m, q in LATENCY_KEYS]
+    ratios = {
+        f"{x}/{y}": {k: ratio(getattr(figures[x], k), getattr(figures[y], k)) for k in keys} for x, y in pairs
+    }
+    spreads = {f"{x}/{y}": ratio_spreads(repeats.get(x), repeats.get(y)) for x, y in pairs}
+    return Comparison(figures, ratios, {k: v for k, v in spreads.items() if v} or None)
+
+
+def group_figures(summary: ExperimentSummary) -> Figures:
+    device = summary.device
+    return latency_figures(
+        summary.latency,
+        failed=summary.latency.failed,
+        peak_mib=device.peak_mib,
+        idle_after_load_mib=device.idle_after_load_mib,
+        idle_before_workload_mib=device.idle_before_workload_mib,
     )
 
 
-def server_quantile(server: Optional[ServerSummary], metric: str, q: str) -> Optional[float]:
-    return server.latency.quantile(metric, q) if server else None
-
-
-def vllm_figure(server: Optional[ServerSummary], key: str) -> Optional[float]:
-    return getattr(server.vllm, key) if server and server.vllm else None
-
-
-def phase_quantile(summary: Optional[LatencySummary], metric: str, q: str) -> Optional[float]:
-    return summary.quantile(metric, q) if summary else None
-
-
-def compare_pair(ela: ExperimentSummary, sta: ExperimentSummary) -> PairComparison:
-    block = PairComparison(
-        diff(sta.device.idle_before_workload_mib, ela.device.idle_before_workload_mib), {}, {}
+def model_figures(server: ServerSummary) -> Figures:
+    vllm = server.vllm
+    return latency_figures(
+        server.latency,
+        failed=server.latency.failed,
+        peak_mib=server.memory.peak_mib,
+        max_waiting=vllm.max_waiting if vllm else None,
+        preemptions=vllm.preemptions if vllm else None,
     )
-    for slot, e in ela.servers.items():
-        s = sta.servers.get(slot)
-        block.per_model[slot] = ModelComparison(
-            *[
-                BothWithRatio(
-                    server_quantile(e, m, q),
-                    server_quantile(s, m, q),
-                    ratio(server_quantile(e, m, q), server_quantile(s, m, q)),
-                )
-                for m, q in LATENCY_KEYS
-            ],
-            failed=Both(e.latency.failed, s.latency.failed if s else None),
-            max_waiting=Both(vllm_figure(e, "max_waiting"), vllm_figure(s, "max_waiting")),
-            preemptions=Both(vllm_figure(e, "preemptions"), vllm_figure(s, "preemptions")),
-            peak_mib=Both(e.memory.peak_mib, s.memory.peak_mib if s else None),
-            over_repeats=ratio_spreads(e.latency_repeats, s.latency_repeats if s else None),
+
+
+def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
+    """One group's strategies side by side; for two or more models, per model and per phase too."""
+    block = compared(
+        {arm: group_figures(s) for arm, s in arms.items()},
+        {arm: s.latency_repeats for arm, s in arms.items()},
+    )
+    if not pair:
+        return block
+    kvcached_first = sorted(arms.values(), key=lambda s: s is not arms.get("kvcached"))
+    slots_ = dict.fromkeys(slot for s in kvcached_first for slot in s.servers)
+    block.per_model = {
+        slot: compared(
+            {arm: model_figures(s.servers[slot]) for arm, s in arms.items() if slot in s.servers},
+            {arm: s.servers[slot].latency_repeats for arm, s in arms.items() if slot in s.servers},
         )
-    for phase, e in ela.phases.items():
-        s = sta.phases.get(phase)
-        comparison = PhaseComparison(
-            *[ratio(phase_quantile(e, m, q), phase_quantile(s, m, q)) for m, q in LATENCY_KEYS]
+        for slot in slots_
+    }
+    phases = dict.fromkeys(phase for s in kvcached_first for phase in s.phases)
+    block.per_phase = {
+        phase: compared(
+            {arm: latency_figures(s.phases[phase]) for arm, s in arms.items() if phase in s.phases},
+            {arm: (s.phase_repeats or {}).get(phase) for arm, s in arms.items()},
         )
-        comparison.over_repeats = ratio_spreads(
-            (ela.phase_repeats or {}).get(phase), (sta.phase_repeats or {}).get(phase)
-        )
-        block.per_phase[phase] = comparison
+        for phase in phases
+    }
     return block
 
 
-@dataclasses.dataclass
-class SleepComparison:
-    """The sleep arm against kvcached and the static pool it is built on (None where one is absent).
-    Idle levels are those between bursts: after the warm-up, the sleep arm asleep."""
-
-    level: int
-    asleep_mib: Optional[float]
-    kvcached_idle_mib: Optional[float]
-    static_idle_mib: Optional[float]
-    wake_s_mean: Optional[float]
-    wake_s_max: Optional[float]
-    ttft_p50_vs_kvcached: Optional[float]  # sleep / kvcached
-    ttft_p50_vs_static: Optional[float]  # sleep / static
-    e2e_p50_vs_kvcached: Optional[float]
-    e2e_p50_vs_static: Optional[float]
-    vs_kvcached_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()  # sleep / kvcached, per repeat
-    vs_static_over_repeats: Optional[dict[str, Spread]] = omitted_if_none()
-    awake_peak_over_static_mib: Optional[float] = omitted_if_none()  # the same pool without sleep mode
-    models: Optional[int] = omitted_if_none()  # sleeping models sharing the card, where more than two
-
-
-def compare_sleep(
-    sleep: ExperimentSummary,
-    ela: Optional[ExperimentSummary],
-    sta: Optional[ExperimentSummary],
-    same_pool: bool = True,
-) -> SleepComparison:
-    """`same_pool`: the static arm's pool is the sleep arm's (one model; two sleeping models each get the
-    full share, which the static split cannot)."""
-
-    def lat(summary: Optional[ExperimentSummary], metric: str) -> Optional[float]:
-        return summary.latency.quantile(metric, "p50") if summary else None
-
-    def idle(summary: Optional[ExperimentSummary]) -> Optional[float]:
-        return summary.device.idle_before_workload_mib if summary else None
-
-    return SleepComparison(
-        sleep.sleep.level if sleep.sleep else 0,
-        idle(sleep),
-        idle(ela),
-        idle(sta),
-        sleep.sleep.wake_s.mean if sleep.sleep else None,
-        sleep.sleep.wake_s.max if sleep.sleep else None,
-        ratio(lat(sleep, "ttft_s"), lat(ela, "ttft_s")),
-        ratio(lat(sleep, "ttft_s"), lat(sta, "ttft_s")),
-        ratio(lat(sleep, "e2e_s"), lat(ela, "e2e_s")),
-        ratio(lat(sleep, "e2e_s"), lat(sta, "e2e_s")),
-        ratio_spreads(sleep.latency_repeats, ela and ela.latency_repeats),
-        ratio_spreads(sleep.latency_repeats, sta and sta.latency_repeats),
-        diff(sleep.device.peak_mib, sta.device.peak_mib) if sta and same_pool else None,
-        len(sleep.servers) if len(sleep.servers) > 2 else None,
-    )
-
-
-def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Any]:
-    """Per group of the table with both arms present: kvcached vs static; and any other arm (sleep)
-    against both, under '<group>_<arm>'."""
-    out: dict[str, Any] = {}
+def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Comparison]:
+    """Per group of the table: its strategies side by side, where two or more ran (or sleep mode, whose
+    paragraph reads without the others too)."""
+    out: dict[str, Comparison] = {}
     arms_of = group_arms(summaries)
-    for name, group in GROUPS.items():
-        arms = arms_of.get(name, {})
-        if all(arm in arms for arm in COMPARED_ARMS):
-            ela, sta = (summaries[arms[arm]] for arm in COMPARED_ARMS)
-            out[name] = compare_pair(ela, sta) if group.pair else compare_single(ela, sta)
-        for arm in OTHER_ARMS:
-            if arm in arms:
-                ela, sta = (summaries[arms[a]] if a in arms else None for a in COMPARED_ARMS)
-                out[f"{name}_{arm}"] = compare_sleep(summaries[arms[arm]], ela, sta, same_pool=not group.pair)
+    for name in GROUPS:
+        present = {arm: summaries[arms_of[name][arm]] for arm in STRATEGIES if arm in arms_of.get(name, {})}
+        if len(present) > 1 or "sleep" in present:
+            out[name] = compare_group(present, GROUPS[name].pair)
     return out
 
 
@@ -6449,7 +6381,7 @@ def markdown_summary(
         *memory_cost_table(summaries),
         *footprint_table(summaries),
         *sleep_split_lines(summaries, comparison),
-        *[line for name, block in comparison.items() for line in comparison_lines(name, block)],
+        *[line for name, block in comparison.items() for line in comparison_lines(name, block, summaries)],
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
         *capacity_table(summaries),
@@ -6668,60 +6600,74 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
                 f"allocator, regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
             )
     lines += [
-        f"- {name}: the awake peak exceeds the same static pool without sleep mode by "
-        f"{fmt(block.awake_peak_over_static_mib)} MiB: memory outside vLLM's cumem pool, freed at each sleep."
+        f"- {name}_sleep: the awake peak exceeds the same static pool without sleep mode by "
+        f"{fmt(awake_over)} MiB: memory outside vLLM's cumem pool, freed at each sleep."
         for name, block in comparison.items()
-        if isinstance(block, SleepComparison) and block.awake_peak_over_static_mib is not None
+        if (awake_over := awake_peak_over_static(name, block)) is not None
     ]
     return section("What sleep mode frees (vLLM's own lines at each sleep):", "", *lines) if lines else []
 
 
-def comparison_lines(name: str, block: Any) -> list[str]:
-    if isinstance(block, SleepComparison):
-        return section(sleep_paragraph(name, block))
-    if isinstance(block, SingleComparison):
-        reps = block.over_repeats or {}
-        return section(
-            f"**One model:** kvcached keeps {fmt(block.idle_saving_mib)} MiB less when idle and "
-            f"{fmt(block.peak_saving_mib)} MiB less at peak than the static pool; TTFT p50 ratio "
-            f"kvcached/static {with_repeats(block.ttft_p50_ratio, reps.get('ttft_s_p50_ratio'))}, "
-            f"E2E p50 ratio {with_repeats(block.e2e_p50_ratio, reps.get('e2e_s_p50_ratio'))}."
-        )
-    if GROUPS[name].ratios_by == "phase":
-        rows = {phase: c.cells() for phase, c in block.per_phase.items()}
-    else:
-        rows = {
-            f"model {slot}": [
-                (getattr(c, f"{m}_{q}").ratio, (c.over_repeats or {}).get(f"{m}_{q}_ratio"))
-                for m, q in LATENCY_KEYS
-            ]
-            for slot, c in block.per_model.items()
-        }
-    table = md_table(
-        " | TTFT p50 | TTFT p99 | E2E p50 | E2E p99",
-        [[label, *(with_repeats(value, spread) for value, spread in cells)] for label, cells in rows.items()],
+def awake_peak_over_static(name: str, block: Comparison) -> Optional[float]:
+    """One model: how far the sleep arm's awake peak passed the same pool without sleep mode."""
+    sleep, static = block.figures.get("sleep"), block.figures.get("static")
+    return diff(sleep.peak_mib, static.peak_mib) if sleep and static and not GROUPS[name].pair else None
+
+
+def comparison_lines(name: str, block: Comparison, summaries: dict[str, ExperimentSummary]) -> list[str]:
+    lines = []
+    if {"kvcached", "static"} <= set(block.figures):
+        lines += single_lines(block) if not GROUPS[name].pair else pair_lines(name, block)
+    if "sleep" in block.figures:
+        lines += section(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
+    return lines
+
+
+def single_lines(block: Comparison) -> list[str]:
+    kvcached, static = block.figures["kvcached"], block.figures["static"]
+    idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
+    ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
+    return section(
+        f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle and "
+        f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; TTFT p50 "
+        f"ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
     )
+
+
+def pair_lines(name: str, block: Comparison) -> list[str]:
+    by_phase = GROUPS[name].ratios_by == "phase"
+    parts = (
+        block.per_phase if by_phase else {f"model {slot}": c for slot, c in (block.per_model or {}).items()}
+    )
+    rows = [
+        [label, *(with_repeats(*c.ratio("kvcached/static", f"{m}_{q}")) for m, q in LATENCY_KEYS)]
+        for label, c in (parts or {}).items()
+        if "kvcached" in c.figures
+    ]
+    table = md_table(" | TTFT p50 | TTFT p99 | E2E p50 | E2E p99", rows)
     return section(f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "", *table)
 
 
-def sleep_paragraph(name: str, block: SleepComparison) -> str:
-    rk, rs = block.vs_kvcached_over_repeats or {}, block.vs_static_over_repeats or {}
-    models = f"{block.models or 2} models" if GROUPS[name.rsplit("_", 1)[0]].pair else "one model"
+def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
+    figures = {arm: block.figures.get(arm) for arm in STRATEGIES}
+    idle = {arm: f.idle_before_workload_mib if f else None for arm, f in figures.items()}
+    models = "one model" if not GROUPS[name].pair else f"{len(sleep.servers)} models"
     models = models.replace("2 models", "two models")
+    wake = sleep.sleep.wake_s if sleep.sleep else None
     wakes = (
-        f"every burst first waits for a wake-up of {fmt(block.wake_s_mean, 2)} s on average (at most "
-        f"{fmt(block.wake_s_max, 2)} s), which someone (a router) must trigger"
-        if block.wake_s_mean is not None
+        f"every burst first waits for a wake-up of {fmt(wake.mean, 2)} s on average (at most "
+        f"{fmt(wake.max, 2)} s), which someone (a router) must trigger"
+        if wake is not None and wake.mean is not None
         else "the router below woke each model for its requests"
     )
     return (
-        f"**vLLM sleep mode, {models} (level {block.level}):** asleep between bursts the card holds "
-        f"{fmt(block.asleep_mib)} MiB (kvcached idle {fmt(block.kvcached_idle_mib)} MiB, static pool "
-        f"{fmt(block.static_idle_mib)} MiB); {wakes}; kvcached needs nobody. TTFT p50 sleep/kvcached "
-        f"{with_repeats(block.ttft_p50_vs_kvcached, rk.get('ttft_s_p50_ratio'))}, sleep/static "
-        f"{with_repeats(block.ttft_p50_vs_static, rs.get('ttft_s_p50_ratio'))}; E2E p50 "
-        f"{with_repeats(block.e2e_p50_vs_kvcached, rk.get('e2e_s_p50_ratio'))} and "
-        f"{with_repeats(block.e2e_p50_vs_static, rs.get('e2e_s_p50_ratio'))}."
+        f"**vLLM sleep mode, {models} (level {sleep.sleep.level if sleep.sleep else 0}):** asleep between "
+        f"bursts the card holds {fmt(idle['sleep'])} MiB (kvcached idle {fmt(idle['kvcached'])} MiB, static "
+        f"pool {fmt(idle['static'])} MiB); {wakes}; kvcached needs nobody. TTFT p50 sleep/kvcached "
+        f"{with_repeats(*block.ratio('sleep/kvcached', 'ttft_s_p50'))}, sleep/static "
+        f"{with_repeats(*block.ratio('sleep/static', 'ttft_s_p50'))}; E2E p50 "
+        f"{with_repeats(*block.ratio('sleep/kvcached', 'e2e_s_p50'))} and "
+        f"{with_repeats(*block.ratio('sleep/static', 'e2e_s_p50'))}."
     )
 
 
@@ -7101,7 +7047,9 @@ def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
 
 
 def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> dict:
-    single = comparison.get("single")
+    figures = comparison["single"].figures if "single" in comparison else {}
+    kvcached, static = figures.get("kvcached"), figures.get("static")
+    single = kvcached and static
     return {
         "run_dir": str(run_dir),
         "experiments": {
@@ -7120,8 +7068,8 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
             }
             for n, s in summaries.items()
         },
-        "idle_saving_mib": single.idle_saving_mib if single else None,
-        "peak_saving_mib": single.peak_saving_mib if single else None,
+        "idle_saving_mib": diff(static.idle_after_load_mib, kvcached.idle_after_load_mib) if single else None,
+        "peak_saving_mib": diff(static.peak_mib, kvcached.peak_mib) if single else None,
         "server_starts": server_starts(summaries),
     }
 

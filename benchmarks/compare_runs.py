@@ -97,20 +97,34 @@ KEYS = [
 ]
 
 
-def entry_rows(title: str, blocks: list, entries: str, value_of, prefix: str = "") -> list:
+def ratio_of(block: dict, pair: str, key: str) -> tuple:
+    """A comparison's ratio ('kvcached/static', 'ttft_s_p50') and its spread over repeats (or None)."""
+    return block["ratios"][pair][key], ((block.get("over_repeats") or {}).get(pair) or {}).get(key)
+
+
+def ratio_row(label: str, blocks: list, pair: str, key: str) -> str:
+    values, spreads = zip(*(ratio_of(b, pair, key) for b in blocks))
+    return ratio_rows(label, list(values), list(spreads))
+
+
+def entry_rows(title: str, blocks: list, entries: str, prefix: str = "") -> list:
     """One row per entry (model or phase) and latency key of a pair comparison, across runs."""
-    rows = []
-    for entry in blocks[0][entries]:
-        for key, label in KEYS:
-            items = [b[entries][entry] for b in blocks]
-            rows.append(
-                ratio_rows(
-                    f"{title}, {prefix}{entry}, kvcached/static, {label}",
-                    [value_of(i, key) for i in items],
-                    [(i.get("over_repeats") or {}).get(f"{key}_ratio") for i in items],
-                )
-            )
-    return rows
+    return [
+        ratio_row(
+            f"{title}, {prefix}{entry}, kvcached/static, {label}",
+            [b[entries][entry] for b in blocks],
+            "kvcached/static",
+            key,
+        )
+        for entry in blocks[0][entries]
+        for key, label in KEYS
+    ]
+
+
+def with_strategies(comparisons: list, group: str, *strategies: str) -> list:
+    """Each run's comparison of `group`, or [] unless every run has one with all of `strategies`."""
+    blocks = [c.get(group) for c in comparisons]
+    return blocks if all(b and set(strategies) <= set(b["figures"]) for b in blocks) else []
 
 
 def latency_tables(runs: list) -> list:
@@ -121,36 +135,22 @@ def latency_tables(runs: list) -> list:
         row(["---"] * 3),
     ]
     comparisons = [r["comparison"] for r in runs]
-    single = [c.get("single") for c in comparisons]
-    if all(single):
-        for key, label in KEYS[::2]:
-            field = key.replace("_s_", "_") + "_ratio"  # ttft_s_p50 -> ttft_p50_ratio
-            out.append(
-                ratio_rows(
-                    f"one model, kvcached/static, {label}",
-                    [s[field] for s in single],
-                    [(s.get("over_repeats") or {}).get(f"{key}_ratio") for s in single],
-                )
-            )
-    shared = [c.get("shared") for c in comparisons]
-    if all(shared):
-        out += entry_rows("two models", shared, "per_model", lambda model, key: model[key]["ratio"], "model ")
-    overload = [c.get("overload") for c in comparisons]
-    if all(overload):
-        out += entry_rows("overload", overload, "per_phase", lambda phase, key: phase[f"{key}_ratio"])
-    for name in ("single_sleep", "shared_sleep"):
-        blocks = [c.get(name) for c in comparisons]
-        if not all(blocks):
-            continue
+    single = with_strategies(comparisons, "single", "kvcached", "static")
+    out += [
+        ratio_row(f"one model, kvcached/static, {label}", single, "kvcached/static", key)
+        for key, label in (KEYS[::2] if single else [])
+    ]
+    shared = with_strategies(comparisons, "shared", "kvcached", "static")
+    out += entry_rows("two models", shared, "per_model", "model ") if shared else []
+    overload = with_strategies(comparisons, "overload", "kvcached", "static")
+    out += entry_rows("overload", overload, "per_phase") if overload else []
+    for group in ("single", "shared"):
         for versus in ("kvcached", "static"):
-            for key, label in KEYS[::2]:
-                out.append(
-                    ratio_rows(
-                        f"{name.replace('_', ' ')}, sleep/{versus}, {label}",
-                        [b[f"{key.replace('_s_', '_')}_vs_{versus}"] for b in blocks],
-                        [(b.get(f"vs_{versus}_over_repeats") or {}).get(f"{key}_ratio") for b in blocks],
-                    )
-                )
+            blocks = with_strategies(comparisons, group, "sleep", versus)
+            out += [
+                ratio_row(f"{group} sleep, sleep/{versus}, {label}", blocks, f"sleep/{versus}", key)
+                for key, label in (KEYS[::2] if blocks else [])
+            ]
     return out
 
 
@@ -170,21 +170,23 @@ def sleep_table(runs: list) -> list:
         ),
         row(["---"] * 6),
     ]
-    for name, experiment in (("single_sleep", "sleep"), ("shared_sleep", "shared_sleep")):
+    for group, experiment in (("single", "sleep"), ("shared", "shared_sleep")):
         for i, run in enumerate(runs):
-            b = run["comparison"].get(name)
-            if not b:
+            figures = (run["comparison"].get(group) or {}).get("figures", {})
+            if "sleep" not in figures:
                 continue
-            peak = run["experiments"].get(experiment, {}).get("device", {}).get("peak_mib")
+            sleep = run["experiments"].get(experiment, {})
+            wake = (sleep.get("sleep") or {}).get("wake_s") or {}
+            idle = {arm: (figures.get(arm) or {}).get("idle_before_workload_mib") for arm in figures}
             out.append(
                 row(
                     [
-                        f"{name} (run {i + 1})",
-                        fmt(b["asleep_mib"]),
-                        fmt(b["kvcached_idle_mib"]),
-                        fmt(b["static_idle_mib"]),
-                        f"{fmt(b['wake_s_mean'], 2)} / {fmt(b['wake_s_max'], 2)}",
-                        fmt(peak),
+                        f"{group}_sleep (run {i + 1})",
+                        fmt(idle["sleep"]),
+                        fmt(idle.get("kvcached")),
+                        fmt(idle.get("static")),
+                        f"{fmt(wake.get('mean'), 2)} / {fmt(wake.get('max'), 2)}",
+                        fmt(sleep.get("device", {}).get("peak_mib")),
                     ]
                 )
             )

@@ -233,8 +233,11 @@ def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
     assert (
         kept_mib - 1 <= kvc["residual_vs_load_mib"] <= kept_mib + tolerance * kvc["idle_before_workload_mib"]
     )
-    single = full_run["summary"]["comparison"]["single"]
-    assert single["idle_saving_mib"] == pytest.approx(
+    single = full_run["summary"]["comparison"]["single"]["figures"]
+    assert single["static"]["idle_after_load_mib"] == static["idle_after_load_mib"]
+    assert single["kvcached"]["idle_after_load_mib"] == kvc["idle_after_load_mib"]
+    headline = json.loads(full_run["proc"].stdout.strip().splitlines()[-1])
+    assert headline["idle_saving_mib"] == pytest.approx(
         static["idle_after_load_mib"] - kvc["idle_after_load_mib"]
     )
 
@@ -400,7 +403,7 @@ def test_repeats_report_the_spread_of_elastic_static_ratios(repeats_run):
     (run_dir,) = (base / "results").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     phase = summary["comparison"]["overload"]["per_phase"]["A bursts, B idle"]
-    assert phase["over_repeats"]["ttft_s_p99_ratio"]["n"] == 2
+    assert phase["over_repeats"]["kvcached/static"]["ttft_s_p99"]["n"] == 2
     assert summary["experiments"]["overload_static"]["repeats"]["ttft_s_p50"]["n"] == 2
     assert "repeats:" in (run_dir / "summary.md").read_text()
     assert sorted(p.name for p in run_dir.glob("plan_*")) == [

@@ -66,7 +66,8 @@ def test_bursts_alternate_over_all_three_and_the_summary_says_three_models(three
     run_dir, summary, _ = three_models_run
     phases = list(summary["experiments"]["shared_kvcached"]["phases"])
     assert phases[:3] == ["A burst 1", "B burst 1", "C burst 1"]
-    assert summary["comparison"]["shared_sleep"]["models"] == 3
+    per_model = summary["comparison"]["shared"]["per_model"]
+    assert all({"kvcached", "static", "sleep"} <= set(per_model[slot]["figures"]) for slot in "ABC")
     assert "**vLLM sleep mode, 3 models (level 1):**" in (run_dir / "summary.md").read_text()
 
 
@@ -155,4 +156,4 @@ def test_sleeping_models_take_turns_each_at_the_full_share(three_models_run):
         "one at a time"
     )
     assert all(b["wake_s"] is not None and b["sleep_s"] is not None for b in record["marks"]["bursts"])
-    assert "shared_sleep" in summary["comparison"]
+    assert "sleep" in summary["comparison"]["shared"]["figures"]

@@ -376,12 +376,12 @@ def test_each_ratio_gets_its_spread_over_repeats_repeat_against_repeat():
     kvcached = [repeat_of(0.1, 1.0), repeat_of(0.3, 1.0), repeat_of(0.2, 2.0)]
     static = [repeat_of(0.2, 1.0), repeat_of(0.1, 2.0), repeat_of(0.2, 1.0)]
     spreads = rx.ratio_spreads(kvcached, static)
-    ttft = spreads["ttft_s_p50_ratio"]
+    ttft = spreads["ttft_s_p50"]
     assert (ttft.median, ttft.min, ttft.max, ttft.n) == pytest.approx((1.0, 0.5, 3.0, 3))
-    assert spreads["e2e_s_p99_ratio"] == rx.Spread(1.0, 0.5, 2.0, 3)
+    assert spreads["e2e_s_p99"] == rx.Spread(1.0, 0.5, 2.0, 3)
     assert rx.ratio_spreads(kvcached[:1], static[:1]) is None, "one repeat has no spread"
     assert rx.ratio_spreads(kvcached, static[:2]) is None, "repeats must pair up"
-    assert rx.with_repeats(0.5, spreads["ttft_s_p50_ratio"]) == "0.50 (repeats: 1.00 [0.50-3.00])"
+    assert rx.with_repeats(0.5, spreads["ttft_s_p50"]) == "0.50 (repeats: 1.00 [0.50-3.00])"
     assert rx.with_repeats(0.5, None) == "0.50"
 
 

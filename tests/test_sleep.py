@@ -95,8 +95,9 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     assert sleep["device"]["release_s"] >= 0.3, "the release includes putting it back to sleep"
     assert sleep["latency"]["failed"] == 0
     assert sleep["latency"]["ttft_s"]["p50"] >= 0.2, "the first requests wait for the wake-up"
-    block = summary["comparison"]["single_sleep"]
-    assert block["asleep_mib"] == asleep and block["ttft_p50_vs_kvcached"] > 1
+    block = summary["comparison"]["single"]
+    assert block["figures"]["sleep"]["idle_before_workload_mib"] == asleep
+    assert block["ratios"]["sleep/kvcached"]["ttft_s_p50"] > 1
     md = (run_dir / "summary.md").read_text()
     assert "**vLLM sleep mode, one model (level 1):** asleep between bursts the card holds" in md
 
@@ -134,8 +135,8 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     kv_pool = servers["static"]["footprint"]["kv_mib"]
     assert split["pool_freed_mib"] == pytest.approx(1024 + kv_pool, abs=10), "weights and KV"
     assert split["beyond_pool_mib"]["max"] == pytest.approx(300 + 256, abs=10), "overhead and outside"
-    block = summary["comparison"]["single_sleep"]
-    assert block["awake_peak_over_static_mib"] == pytest.approx(256, abs=1)
+    figures = summary["comparison"]["single"]["figures"]
+    assert figures["sleep"]["peak_mib"] - figures["static"]["peak_mib"] == pytest.approx(256, abs=1)
     md = (sleep_run / "summary.md").read_text()
     assert "| static | A static 0.55 | " in md and "What sleep mode frees" in md
     assert "the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import socket
 import time
 
@@ -220,6 +221,31 @@ def test_a_stream_cut_into_any_pieces_reads_the_same(monkeypatch):
         assert sock.closed != terminator_with_done
 
 
+def test_bodies_framed_by_length_or_by_the_close_are_read_too():
+    events = streamed_answer(4).split(b"\r\n\r\n", 1)[1]
+    sse_bytes = b"".join(re.findall(rb"(data: .*?\n\n)", events))
+    for head in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(sse_bytes),
+        b"HTTP/1.0 200 OK\r\n\r\n",
+    ):
+        sock = PiecesSocket([head + sse_bytes[:50], sse_bytes[50:]])
+        record = rx.send_chat(
+            "http://f",
+            "m",
+            one_request(4),
+            blank_record(),
+            ignore_eos=True,
+            connections=ScriptedConnections(sock),
+        )
+        assert record.ok and record.completion_tokens == 4, (head, record.error)
+    error = b'{"error": "model not found"}'
+    sock = PiecesSocket([b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(error), error)])
+    record = rx.send_chat(
+        "http://f", "m", one_request(4), blank_record(), connections=ScriptedConnections(sock)
+    )
+    assert record.status == 404 and record.error == f"HTTP 404: {error.decode()}"
+
+
 def test_a_socket_is_kept_only_when_the_server_keeps_it():
     wire = streamed_answer(3, close=True)
     sock = PiecesSocket([wire])
@@ -315,6 +341,24 @@ def test_a_burst_returns_every_request(live_server):
     records = rx.run_burst(server, plan.burst(0), make, cfg)
     assert [r.index for r in records] == list(range(6)) and all(r.ok for r in records)
     assert all(r.prompt_tokens and r.completion_tokens for r in records)
+
+
+def test_a_closed_burst_connects_every_socket_before_its_clock_starts(live_server, monkeypatch):
+    cfg, server = live_server()
+    connects, real_connect = [], rx.connect
+
+    def counted(address, timeout_s):
+        connects.append(time.time())
+        return real_connect(address, timeout_s)
+
+    monkeypatch.setattr(rx, "connect", counted)
+    plan = rx.plan_workload(cfg, 8, "test")
+    records = rx.run_burst(
+        server, plan.burst(0), lambda r: rx.RequestRecord("t", "A", "b", 0, 0, r.index, 0.0), cfg
+    )
+    assert all(r.ok for r in records)
+    assert len(connects) == 8, "one socket per request, none opened inside the measured time"
+    assert max(connects) <= min(r.t_send for r in records)
 
 
 def test_requests_to_the_servers_never_go_through_a_proxy_from_the_shell(live_server, monkeypatch):

@@ -2210,10 +2210,11 @@ def plan_workload(
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
-    """A flag's numbers, separated by commas, each passing `ok` (else a ConfigError naming the flag)."""
+    """A flag's numbers, separated by commas (an empty entry, as after a trailing comma, is skipped), each
+    passing `ok` (else a ConfigError naming the flag)."""
     text = getattr(cfg, flag)
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     need(bool(values) and all(math.isfinite(v) and ok(v) for v in values), flag, f"{why}; got {text!r}")

@@ -624,3 +624,9 @@ def test_the_sleep_router_wakes_each_model_for_its_requests_and_counts_the_wait(
     assert "Sleep router (a request for a sleeping model wakes it" in md
     assert re.search(r"- shared_sleep, B: woke \d+ times \(0\.\d\d s on average\), slept \d+ times", md)
     assert "the router below woke each model for its requests" in md and "wake-up of n/a" not in md
+
+
+def test_number_flags_skip_empty_entries_and_refuse_an_empty_list():
+    assert rx.number_list(rx.Config(rates="2, 4,"), "rates", lambda r: r > 0, "why") == [2.0, 4.0]
+    with pytest.raises(rx.ConfigError, match=r"--rates: why; got ' , '"):
+        rx.number_list(rx.Config(rates=" , "), "rates", lambda r: r > 0, "why")

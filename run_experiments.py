@@ -1037,11 +1037,14 @@ class BurstMark:
     rate_unit: Optional[str] = None  # what `rate` counts when not requests/s: 'x trace' (a trace's scale)
 
 
-def mark_rate(burst: BurstMark, plan: "WorkloadPlan", window: int) -> None:
-    """An open-loop window's planned rate (a trace: its rate scale) on its mark."""
-    if plan.rates:
-        burst.rate = plan.rates[window]
-        burst.rate_unit = TRACE_SCALE if plan.arrivals == "trace" else None
+def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> None:
+    """An open-loop window's planned rate on its mark: the models' own rates (--rates-per-model) add up;
+    a ramp's peak and a trace's rate scale are each model's."""
+    first = plans[0]
+    if first.rates:
+        each = first.arrivals in PER_MODEL_ARRIVALS
+        burst.rate = first.rates[window] if each else math.fsum(p.rates[window] for p in plans)
+        burst.rate_unit = TRACE_SCALE if first.arrivals == "trace" else None
 
 
 TRACE_SCALE = "x trace"
@@ -1171,7 +1174,7 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
         return run_concurrent_window(trial, step, repeat, sink)
     plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
     burst = BurstMark(step.phase, step.server, repeat, time.time())
-    mark_rate(burst, plan, step.burst)
+    mark_rate(burst, [plan], step.burst)
     trial.record.marks.bursts.append(burst)
     before = server_latency_snapshot(server)
     gate = wake_gate(server, cfg)
@@ -1188,11 +1191,8 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
 def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
     """One window of per-model traffic: every model's requests at once, each model's from its own
     plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
-    first = trial.plans[f"{step.plan}_{next(iter(trial.servers))}"]
     burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
-    mark_rate(burst, first, step.burst)
-    if step.plan == "open":  # each model at its own rate: the window's rate is theirs together
-        burst.rate = sum(trial.plans[f"open_{slot}"].rates[step.burst] for slot in trial.servers)
+    mark_rate(burst, [trial.plans[f"{step.plan}_{slot}"] for slot in trial.servers], step.burst)
     trial.record.marks.bursts.append(burst)
     pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
     try:

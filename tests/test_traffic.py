@@ -630,3 +630,14 @@ def test_number_flags_skip_empty_entries_and_refuse_an_empty_list():
     assert rx.number_list(rx.Config(rates="2, 4,"), "rates", lambda r: r > 0, "why") == [2.0, 4.0]
     with pytest.raises(rx.ConfigError, match=r"--rates: why; got ' , '"):
         rx.number_list(rx.Config(rates=" , "), "rates", lambda r: r > 0, "why")
+
+
+def test_a_windows_rate_adds_the_models_own_rates_and_keeps_a_ramps_peak_or_a_traces_scale():
+    def marked(arrivals, *rates):
+        burst = rx.BurstMark("w", rx.ALL_SLOTS, 0, 0.0)
+        rx.mark_rate(burst, [types.SimpleNamespace(arrivals=arrivals, rates=[r]) for r in rates], 0)
+        return burst.rate, burst.rate_unit
+
+    assert marked("poisson", 2.0, 8.0, 4.0) == (14.0, None), "--rates-per-model: the card takes them all"
+    assert marked("ramp", 12.0, 12.0, 12.0) == (12.0, None), "each model's peak"
+    assert marked("trace", 0.5, 0.5) == (0.5, rx.TRACE_SCALE)

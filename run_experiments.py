@@ -5499,14 +5499,7 @@ def summarize_experiment(
     record, records = loaded.record, loaded.records
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
-    problems = list(loaded.problems) + unfaithful(latency)
-    if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
-        problems.append(FOREIGN_PIDS)
-    if not record.finished:
-        problems.append(
-            "incomplete: the experiment was interrupted or failed before its end; "
-            "no release time or residual is reported"
-        )
+    problems = experiment_problems(loaded, latency)
 
     def checked(memory: MemorySummary) -> MemorySummary:
         if invalid:
@@ -5546,13 +5539,7 @@ def summarize_experiment(
         )
     summary.rate_sweep = rate_sweep(records, marks, slo, loaded.device if summary.memory_valid else [])
     summary.capacity = capacity(summary.rate_sweep, target)
-    if record.sleep_level is not None:
-        summary.sleep = SleepSummary(
-            record.sleep_level,
-            Distribution.of(b.wake_s for b in marks.bursts),
-            Distribution.of(b.sleep_s for b in marks.bursts),
-            router_summary(record.router) if record.router else None,
-        )
+    summary.sleep = sleep_summary(record)
     summary.memory_cost = cost(loaded.device)
     summary.prompt_tokens = PromptCheck.of(records)
     for server in record.servers:
@@ -5562,6 +5549,33 @@ def summarize_experiment(
         summary.servers[server["spec"]["name"]] = view
     add_phases_and_repeats(summary, records, slo)
     return summary
+
+
+def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
+    """The sleep arm's wake-ups and sleeps around its bursts, and its router's log under steady traffic."""
+    if record.sleep_level is None:
+        return None
+    bursts = record.marks.bursts
+    return SleepSummary(
+        record.sleep_level,
+        Distribution.of(b.wake_s for b in bursts),
+        Distribution.of(b.sleep_s for b in bursts),
+        router_summary(record.router) if record.router else None,
+    )
+
+
+def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> list[str]:
+    """What the summary must say about an experiment beyond its memory: what was found while loading its
+    files, a client behind its plan, someone else's processes on the card, an unfinished run."""
+    problems = list(loaded.problems) + unfaithful(latency)
+    if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
+        problems.append(FOREIGN_PIDS)
+    if not loaded.record.finished:
+        problems.append(
+            "incomplete: the experiment was interrupted or failed before its end; "
+            "no release time or residual is reported"
+        )
+    return problems
 
 
 def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: float) -> list[Optional[float]]:
@@ -7472,6 +7486,31 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
     return checks
 
 
+def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
+    """NVML, the driver, each card's free memory for the largest static share, and the static split;
+    (checks, NVML if it loaded)."""
+    try:
+        indices = gpu_indices(cfg)
+        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
+    except ConfigError as exc:
+        fix = (
+            "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
+            "--report RUN_DIR needs neither"
+        )
+        return [Check("nvml", False, str(exc).split(". ")[0], fix)], None
+    names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+    shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
+    checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
+    budget = int(cfg.overload_budget_gib * GIB)
+    static = [
+        s.gpu_memory_utilization or 0 for e in experiments for s in e.servers(cfg, budget) if not s.kvcached
+    ]
+    checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
+    if any(e.name == "shared_static" for e in experiments):
+        checks.append(check_static_split(cfg, nvml, indices[0]))
+    return checks, nvml
+
+
 def preflight(
     cfg: Config,
     experiments: list[Experiment],
@@ -7488,41 +7527,8 @@ def preflight(
         checks.append(Check("results", True, f"{cfg.results_dir}/ writable"))
     except ConfigError as exc:
         checks.append(Check("results", False, str(exc), "choose a writable folder with --results-dir"))
-    nvml = None
-    try:
-        indices = gpu_indices(cfg)
-        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
-        names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-        checks.append(
-            Check(
-                "nvml",
-                True,
-                "; ".join(
-                    f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names)
-                ),
-            )
-        )
-        checks.append(check_driver(nvml, torch_cuda_version()))
-        budget = int(cfg.overload_budget_gib * GIB)
-        static = [
-            s.gpu_memory_utilization or 0
-            for e in experiments
-            for s in e.servers(cfg, budget)
-            if not s.kvcached
-        ]
-        checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
-        if any(e.name == "shared_static" for e in experiments):
-            checks.append(check_static_split(cfg, nvml, indices[0]))
-    except ConfigError as exc:
-        checks.append(
-            Check(
-                "nvml",
-                False,
-                str(exc).split(". ")[0],
-                "run on a machine with an NVIDIA GPU and "
-                "driver (pip install nvidia-ml-py); --report RUN_DIR needs neither",
-            )
-        )
+    gpu_checks, nvml = card_checks(cfg, experiments, nvml_module)
+    checks += gpu_checks
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
     if not imports_later:
         checks += check_serving_imports(cfg, needs_kvcached(experiments))

@@ -4382,17 +4382,17 @@ class Connections:
         self.idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
         self.lock = threading.Lock()
 
-    def get(self, address: tuple[str, int], timeout_s: float) -> socket.socket:
-        """An idle socket still open, or a new one."""
+    def get(self, address: tuple[str, int], timeout_s: float) -> tuple[socket.socket, bool]:
+        """An idle socket still open, or a new one; and whether it was idle here before."""
         while True:
             with self.lock:
                 if not self.idle.get(address):
                     break
                 sock, since = self.idle[address].pop()
             if time.monotonic() - since < KEEP_ALIVE_S and still_connected(sock):
-                return sock
+                return sock, True
             sock.close()
-        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001)))
+        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001))), False
 
     def open_ahead(self, url: str, count: int) -> None:
         """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
@@ -4497,8 +4497,10 @@ def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
     while (end_of_size := raw.find(b"\r\n", position)) >= 0:
         size = int(raw[position:end_of_size].split(b";", 1)[0], 16)
         start = end_of_size + 2
-        if size == 0:
-            return b"".join(data), b"", raw.find(b"\r\n", start) >= 0
+        if size == 0:  # the body ends with an empty line, after any trailer lines
+            rest = raw[start:]
+            ended = rest.startswith(b"\r\n") or b"\r\n\r\n" in rest
+            return b"".join(data), b"" if ended else raw[position:], ended
         if len(raw) < start + size + 2:
             break
         data.append(raw[start : start + size])
@@ -4599,6 +4601,7 @@ def read_sse(reads: Iterator[tuple[float, bytes]], record: RequestRecord, start:
                 last_token, had_content = now, True
         record.content_reads += had_content
         if done:
+            record.e2e_s = now - start
             return True
     return False
 
@@ -4630,6 +4633,9 @@ def chat_body(model: str, request: PlannedRequest, ignore_eos: bool) -> dict:
     return {**body, "ignore_eos": True} if ignore_eos else body
 
 
+DRAIN_S = 0.05  # after [DONE], how long the end of the body may take to come, so that its socket is reused
+
+
 def stream_chat(
     connections: Connections,
     url: str,
@@ -4645,18 +4651,21 @@ def stream_chat(
     address, payload = url_address(url), json.dumps(body).encode()
     head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json"]
     head += [f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in auth_headers(api_key).items())]
-    sock = connections.get(address, start + timeout_s - time.perf_counter())
-    wire, reuse = Wire(sock, start + timeout_s), False
+    request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+    sock, wire, headers = send_request(connections, address, request, start + timeout_s)
+    reuse = False
     try:
-        sock.settimeout(max(wire.deadline - time.perf_counter(), 0.001))
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
-        record.status, headers = wire.head()
+        record.status = int(headers.pop(":status"))
         reads = wire.body(headers)
         if record.status != 200:
             text = b"".join(data for _, data in reads).decode("utf-8", "replace")
             record.error = f"HTTP {record.status}: {text[:300]}"
             return False
         done = read_sse(reads, record, start)
+        if done and not wire.complete:  # the end of the body comes just after [DONE]: wait a moment
+            wire.deadline = min(wire.deadline, time.perf_counter() + DRAIN_S)
+            with contextlib.suppress(Exception):  # not in time, or cut off: the socket is just not reused
+                collections.deque(reads, maxlen=0)
         reuse = done and wire.complete and headers.get("connection", "").lower() != "close"
         return done
     finally:
@@ -4664,6 +4673,28 @@ def stream_chat(
             connections.put(address, sock)
         else:
             sock.close()
+
+
+def send_request(
+    connections: Connections, address: tuple[str, int], request: bytes, deadline: float
+) -> tuple[socket.socket, Wire, dict[str, str]]:
+    """Send and read the response's head (its status under ':status'). A kept socket that the server
+    closed meanwhile fails before any byte of a response: the request goes again, on another socket."""
+    while True:
+        sock, kept = connections.get(address, deadline - time.perf_counter())
+        wire = Wire(sock, deadline)
+        try:
+            sock.settimeout(max(deadline - time.perf_counter(), 0.001))
+            sock.sendall(request)
+            status, headers = wire.head()
+            return sock, wire, {**headers, ":status": str(status)}
+        except ConnectionError:
+            sock.close()
+            if not kept or wire.buffer:
+                raise
+        except BaseException:
+            sock.close()
+            raise
 
 
 def send_chat(
@@ -4703,7 +4734,8 @@ def send_chat(
         if time.perf_counter() >= deadline:
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
-        record.e2e_s = time.perf_counter() - start
+        if not record.ok:  # a completed stream ends at its [DONE]
+            record.e2e_s = time.perf_counter() - start
         if entered:
             gate.release()
     return record

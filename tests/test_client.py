@@ -95,7 +95,7 @@ class ScriptedConnections:
         self.sock, self.returned = sock, []
 
     def get(self, address, timeout_s):
-        return self.sock
+        return self.sock, False
 
     def put(self, address, sock):
         self.returned.append(sock)
@@ -190,10 +190,9 @@ def streamed_answer(tokens, close=False):
 
 def test_a_stream_cut_into_any_pieces_reads_the_same(monkeypatch):
     # The same answer split at random byte positions (chunk sizes, CRLFs and JSON cut anywhere, single
-    # bytes included): every token counted, the usage read, [DONE] found, and the socket kept only when
-    # the terminating chunk came with [DONE]
+    # bytes included): every token counted, the usage read, [DONE] found, and the body read to its end
+    # (the terminating chunk too, split or not), so the socket is kept for the next request
     tokens, wire = 12, streamed_answer(12)
-    done_seen_at = wire.index(b"data: [DONE]\n\n\r\n") + len(b"data: [DONE]\n\n\r\n") - 1
     rng = random.Random(7)
     for trial in range(60):
         cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 40 if trial else len(wire) - 1)))
@@ -215,10 +214,7 @@ def test_a_stream_cut_into_any_pieces_reads_the_same(monkeypatch):
             and record.prompt_tokens == 5
             and len(record.itl_s) == tokens - 1
         )
-        # [DONE] is seen once its HTTP chunk is whole: with the last byte of the CRLF closing it
-        terminator_with_done = len(wire) - len(pieces[-1]) <= done_seen_at
-        assert (connections.returned == [sock]) == terminator_with_done, trial
-        assert sock.closed != terminator_with_done
+        assert connections.returned == [sock] and not sock.closed and not sock.pieces, trial
 
 
 def test_bodies_framed_by_length_or_by_the_close_are_read_too():
@@ -244,6 +240,29 @@ def test_bodies_framed_by_length_or_by_the_close_are_read_too():
         "http://f", "m", one_request(4), blank_record(), connections=ScriptedConnections(sock)
     )
     assert record.status == 404 and record.error == f"HTTP 404: {error.decode()}"
+
+
+def test_the_end_of_a_chunked_body_is_found_split_or_with_trailers():
+    assert rx.dechunk(b"3\r\nabc\r\n0\r\n") == (b"abc", b"0\r\n", False), "the empty line still to come"
+    assert rx.dechunk(b"0\r\n\r\n") == (b"", b"", True)
+    assert rx.dechunk(b"0\r\nX-Trailer: 1\r\n") == (b"", b"0\r\nX-Trailer: 1\r\n", False)
+    assert rx.dechunk(b"0\r\nX-Trailer: 1\r\n\r\n") == (b"", b"", True)
+    assert rx.dechunk(b"5;ext=1\r\nhel") == (b"", b"5;ext=1\r\nhel", False), "half a chunk waits"
+
+
+def test_a_kept_socket_the_server_closed_meanwhile_costs_a_retry_not_a_failure():
+    stale, fresh = PiecesSocket([]), PiecesSocket([streamed_answer(3)])  # the stale one reads end-of-file
+
+    class TwoSockets(ScriptedConnections):
+        def get(self, address, timeout_s):
+            return (stale, True) if not stale.closed else (fresh, False)
+
+    connections = TwoSockets(None)
+    record = rx.send_chat(
+        "http://f", "m", one_request(3), blank_record(), ignore_eos=True, connections=connections
+    )
+    assert record.ok and stale.closed and connections.returned == [fresh]
+    assert fresh.sent.startswith(b"POST /v1/chat/completions ") and fresh.sent == stale.sent
 
 
 def test_a_socket_is_kept_only_when_the_server_keeps_it():

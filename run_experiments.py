@@ -6613,7 +6613,7 @@ def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     return section(title, "", *md_table(header, rows))
 
 
-# %% summary.md, part 2: comparisons, sweeps, clocks, time and the notes under them
+# %% summary.md, part 2: the strategies compared, and what memory did after the bursts
 def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     rows = [
         [name, v.label, fmt(f.total_mib), fmt(f.weights_mib), fmt(f.kv_mib), fmt(f.rest_mib)]
@@ -6729,6 +6729,7 @@ def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
+# %% summary.md, part 3: sweeps, capacity, the router, vLLM's clock, time and the notes under them
 def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
     if not sweeps:

@@ -6053,6 +6053,11 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
+def plot_series(ax: Any, points: list[tuple[float, float]], t0: float, **style: Any) -> None:
+    """(time, value) points against the seconds since t0."""
+    ax.plot([t - t0 for t, _ in points], [v for _, v in points], **style)
+
+
 def shade_bursts(ax: Any, marks: Marks, t0: float) -> None:
     for burst in marks.bursts:
         if burst.end is None:  # killed mid-burst
@@ -6075,13 +6080,7 @@ def plot_single(
         data = loaded.device
         idle = summaries[loaded.record.name].device.idle_before_workload_mib
         for target in [ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]:
-            target.plot(
-                [t - t0 for t, _ in data],
-                [v for _, v in data],
-                color=COLORS.get(arm, "grey"),
-                lw=1.6,
-                label=f"{arm} (device used)",
-            )
+            plot_series(target, data, t0, color=COLORS.get(arm, "grey"), lw=1.6, label=f"{arm} (device used)")
             if idle is not None:
                 target.axhline(
                     idle,
@@ -6136,36 +6135,18 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         rows, t0, marks = loaded.memory, loaded.t0, loaded.record.marks
         mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
         data = loaded.device
-        mem.plot([t - t0 for t, _ in data], [v for _, v in data], color="black", lw=1.4, label="device total")
+        plot_series(mem, data, t0, color="black", lw=1.4, label="device total")
         for server in loaded.record.servers:
             slot = server["spec"]["name"]
+            model = server["spec"]["model"].split("/")[-1]
             proc = series(rows, "process", server=slot)
-            mem.plot(
-                [t - t0 for t, _ in proc],
-                [v for _, v in proc],
-                color=color_of(slot),
-                lw=1.2,
-                label=f"{slot}: {server['spec']['model'].split('/')[-1]}",
-            )
+            plot_series(mem, proc, t0, color=color_of(slot), lw=1.2, label=f"{slot}: {model}")
             used = series(rows, "kvcached", "used_bytes", server=slot, scale=1 / MIB)
             if used:
-                kv.plot(
-                    [t - t0 for t, _ in used],
-                    [v for _, v in used],
-                    color=color_of(slot),
-                    lw=1.2,
-                    label=f"{slot} kvcached used",
-                )
+                plot_series(kv, used, t0, color=color_of(slot), lw=1.2, label=f"{slot} kvcached used")
             for field, style in (("running", "-"), ("waiting", "--")):
                 points = series(rows, "metrics", field, server=slot)
-                met.plot(
-                    [t - t0 for t, _ in points],
-                    [v for _, v in points],
-                    color=color_of(slot),
-                    ls=style,
-                    lw=1.1,
-                    label=f"{slot} {field}",
-                )
+                plot_series(met, points, t0, color=color_of(slot), ls=style, lw=1.1, label=f"{slot} {field}")
         for ax in (mem, kv, met):
             shade_bursts(ax, marks, t0)
             ax.grid(alpha=0.3)

@@ -54,7 +54,6 @@ import errno
 import fcntl
 import functools
 import gzip
-import http.client
 import io
 import itertools
 import json
@@ -1337,20 +1336,16 @@ def sleep_call(
     server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0, body: Optional[dict] = None
 ) -> float:
     """POST /sleep?level=N, /wake_up, ...; seconds it took (raises ServerError if the server refused)."""
-    import requests
-
     start = time.perf_counter()
     try:
-        with local_session() as session:
-            response = session.post(
-                server.url + path, headers=auth_headers(api_key), timeout=timeout_s, json=body
-            )
-    except requests.RequestException as exc:
-        raise ServerError(f"{path} on {server.spec.label} failed: {exc}") from exc
-    if response.status_code != 200:
+        with Connections() as connections:
+            status, text = http_call(connections, "POST", server.url + path, timeout_s, body, api_key)
+    except (OSError, ValueError) as exc:
+        raise ServerError(f"{path} on {server.spec.label} failed: {exc!r}") from exc
+    if status != 200:
         raise ServerError(
-            f"{path} on {server.spec.label} answered HTTP {response.status_code}: "
-            f"{response.text[:200]} (vLLM serves it with --enable-sleep-mode and "
+            f"{path} on {server.spec.label} answered HTTP {status}: "
+            f"{text.decode('utf-8', 'replace')[:200]} (vLLM serves it with --enable-sleep-mode and "
             f"VLLM_SERVER_DEV_MODE=1)"
         )
     return time.perf_counter() - start
@@ -3154,6 +3149,205 @@ def scrub_file(path: Path) -> None:
             write_text_atomic(path, scrub(text))
 
 
+# %% The wire: HTTP/1.1 on plain sockets, each read timed as it arrives
+READ_BYTES = 1 << 18  # one network read: a whole burst of tokens at once when they are there
+CONNECT_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
+
+
+class Connections:
+    """Keep-alive sockets to the servers, shared by one burst's threads. The client speaks HTTP/1.1 on
+    plain sockets: `requests` cost 2 ms of CPU per streamed answer (a thread for its deadline, a layer
+    per chunk), and at 500 requests/s on two cores the client fell seconds behind its plan."""
+
+    def __init__(self):
+        self.idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, address: tuple[str, int], timeout_s: float) -> tuple[socket.socket, bool]:
+        """An idle socket still open, or a new one; and whether it was idle here before."""
+        while True:
+            with self.lock:
+                if not self.idle.get(address):
+                    break
+                sock, since = self.idle[address].pop()
+            if time.monotonic() - since < KEEP_ALIVE_S and still_connected(sock):
+                return sock, True
+            sock.close()
+        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001))), False
+
+    def open_ahead(self, url: str, count: int) -> None:
+        """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
+        address = url_address(url)
+        for _ in range(count - len(self.idle.get(address, ()))):
+            self.put(address, connect(address, CONNECT_TIMEOUT_S))
+
+    def put(self, address: tuple[str, int], sock: socket.socket) -> None:
+        with self.lock:
+            self.idle.setdefault(address, []).append((sock, time.monotonic()))
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, {}
+        for sock, _ in itertools.chain.from_iterable(idle.values()):
+            sock.close()
+
+    def __enter__(self) -> "Connections":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request goes out in one write, now
+    return sock
+
+
+def url_address(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port or 80
+
+
+def still_connected(sock: socket.socket) -> bool:
+    """Whether an idle socket is open with nothing unread (a server's close reads as end-of-file)."""
+    sock.settimeout(0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # end-of-file, or bytes nobody asked for
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+class Wire:
+    """One response off a socket: network reads to an absolute deadline (a trickle of bytes does not
+    extend it), and what was read past the part asked for."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline, self.buffer, self.complete = sock, deadline, b"", False
+
+    def read(self) -> bytes:
+        while True:
+            left = self.deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError("no complete response before the deadline")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(READ_BYTES)
+            except socket.timeout:
+                continue  # woken a little early: the loop raises once the deadline has passed
+            if not data:
+                raise ConnectionError("the server closed the connection mid-response")
+            return data
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """The status code and the headers (names in lower case)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.read()
+        top, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = top.decode("latin-1").split("\r\n")
+        fields = (line.partition(":") for line in lines)
+        return int(status_line.split()[1]), {name.strip().lower(): value.strip() for name, _, value in fields}
+
+    def body(self, headers: dict[str, str]) -> Iterator[tuple[float, bytes]]:
+        """The body, unframed, as (arrival time, bytes) per network read; `complete` once it has ended."""
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = -1 if chunked else int(headers.get("content-length", -1))
+        raw, now, seen = self.buffer, time.perf_counter(), 0
+        while True:
+            data, raw, self.complete = dechunk(raw) if chunked else (raw, b"", 0 <= length <= seen + len(raw))
+            seen += len(data)
+            yield now, data
+            if self.complete:
+                return
+            try:
+                raw += self.read()
+            except ConnectionError:
+                if length < 0 and not chunked:
+                    return  # a body without a length ends when the server closes
+                raise
+            now = time.perf_counter()
+
+
+def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
+    """The complete chunks at the front of a chunked body: (their data, what is left, whether the
+    terminating chunk was among them)."""
+    data, position = [], 0
+    while (end_of_size := raw.find(b"\r\n", position)) >= 0:
+        size = int(raw[position:end_of_size].split(b";", 1)[0], 16)
+        start = end_of_size + 2
+        if size == 0:  # the body ends with an empty line, after any trailer lines
+            rest = raw[start:]
+            ended = rest.startswith(b"\r\n") or b"\r\n\r\n" in rest
+            return b"".join(data), b"" if ended else raw[position:], ended
+        if len(raw) < start + size + 2:
+            break
+        data.append(raw[start : start + size])
+        position = start + size + 2
+    return b"".join(data), raw[position:], False
+
+
+def http_request(method: str, url: str, payload: bytes = b"", api_key: str = "") -> bytes:
+    """An HTTP/1.1 request's bytes, with a JSON body if there is one."""
+    parts = urllib.parse.urlsplit(url)
+    head = [f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1"]
+    head += [f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in auth_headers(api_key).items())]
+    head += ["Content-Type: application/json"] if payload else []
+    head += [f"Content-Length: {len(payload)}"] if payload or method == "POST" else []
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+
+
+def http_call(
+    connections: Connections, method: str, url: str, timeout_s: float, body: Any = None, api_key: str = ""
+) -> tuple[int, bytes]:
+    """One request and its whole answer: (status, body). Raises OSError or ValueError when there is none."""
+    request = http_request(method, url, b"" if body is None else json.dumps(body).encode(), api_key)
+    with exchange(connections, url, request, time.perf_counter() + timeout_s) as (wire, headers):
+        return int(headers[":status"]), b"".join(data for _, data in wire.body(headers))
+
+
+@contextlib.contextmanager
+def exchange(
+    connections: Connections, url: str, request: bytes, deadline: float
+) -> Iterator[tuple[Wire, dict[str, str]]]:
+    """Send `request` and yield the wire and the response's headers (its status under ':status'); the
+    socket goes back to `connections` if the body was read to its end and the server keeps it open."""
+    address = url_address(url)
+    sock, wire, headers = send_request(connections, address, request, deadline)
+    try:
+        yield wire, headers
+    finally:
+        if wire.complete and headers.get("connection", "").lower() != "close":
+            connections.put(address, sock)
+        else:
+            sock.close()
+
+
+def send_request(
+    connections: Connections, address: tuple[str, int], request: bytes, deadline: float
+) -> tuple[socket.socket, Wire, dict[str, str]]:
+    """Send and read the response's head (its status under ':status'). A kept socket that the server
+    closed meanwhile fails before any byte of a response: the request goes again, on another socket."""
+    while True:
+        sock, kept = connections.get(address, deadline - time.perf_counter())
+        wire = Wire(sock, deadline)
+        try:
+            sock.settimeout(max(deadline - time.perf_counter(), 0.001))
+            sock.sendall(request)
+            status, headers = wire.head()
+            return sock, wire, {**headers, ":status": str(status)}
+        except ConnectionError:
+            sock.close()
+            if not kept or wire.buffer:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+
+
 # %% Running servers: start, readiness on /health, the pool that keeps them across experiments
 @dataclasses.dataclass
 class RunningServer:
@@ -3311,25 +3505,11 @@ def listener_is_ours(server: RunningServer) -> Optional[bool]:
     return bool(socket_owners(inodes, server.tree())) if inodes else None
 
 
-def local_session(pool_size: int = 10) -> Any:
-    """An HTTP session for the servers this run started. It never goes through a proxy from the shell
-    (http_proxy without no_proxy would send 127.0.0.1 there), and so never scans the environment for
-    one on each request either, inside the measured time (milliseconds under a burst's threads)."""
-    import requests
-
-    session = requests.Session()
-    session.trust_env = False
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=pool_size))
-    return session
-
-
 def health_ok(server: RunningServer, timeout_s: float = 2.0) -> bool:
-    import requests
-
     try:
-        with local_session() as session:
-            return session.get(server.url + "/health", timeout=timeout_s).status_code == 200
-    except requests.RequestException:
+        with Connections() as connections:
+            return http_call(connections, "GET", server.url + "/health", timeout_s)[0] == 200
+    except (OSError, ValueError):
         return False
 
 
@@ -3922,39 +4102,14 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[dict] = None) -> dict[str, float]:
+def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[Connections] = None) -> dict[str, float]:
     """vLLM's /metrics: its queue gauges, preemption counter and latency histograms' sums and counts.
-    `kept`: url -> open connection, reused across calls (the sampler reads twice a second; http.client
-    costs a quarter of the CPU of requests per read)."""
-    parts = urllib.parse.urlsplit(url)
-
-    def fresh() -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
-
-    conn = (kept or {}).pop(url, None)
-    try:
-        conn, response, body = metrics_page(conn or fresh(), parts.path)
-    except (OSError, http.client.HTTPException):
-        if conn is None:
-            raise
-        conn, response, body = metrics_page(fresh(), parts.path)  # the server had closed the kept one
-    if kept is not None and not response.will_close:
-        kept[url] = conn
-    else:
-        conn.close()
-    if response.status != 200:
-        raise MetricsError(f"{url}/metrics: HTTP {response.status} {response.reason}")
+    `kept`: sockets kept open across calls (the sampler reads twice a second)."""
+    with contextlib.nullcontext(kept) if kept else Connections() as connections:
+        status, body = http_call(connections, "GET", url.rstrip("/") + "/metrics", timeout_s)
+    if status != 200:
+        raise MetricsError(f"{url}/metrics: HTTP {status}")
     return parse_metrics(body.decode("utf-8", "replace"))
-
-
-def metrics_page(conn: http.client.HTTPConnection, path: str) -> tuple:
-    try:
-        conn.request("GET", path.rstrip("/") + "/metrics")
-        response = conn.getresponse()
-        return conn, response, response.read()
-    except BaseException:
-        conn.close()
-        raise
 
 
 class MetricsError(RuntimeError):
@@ -4139,7 +4294,7 @@ def segment_row(server: RunningServer, now: float) -> Optional[dict]:
     return None if seg is None else {"kind": "kvcached", "t": now, "server": server.spec.name, **seg}
 
 
-def metrics_row(server: RunningServer, now: float, kept: dict) -> dict:
+def metrics_row(server: RunningServer, now: float, kept: Connections) -> dict:
     """A "metrics" row from the server's /metrics (kept: its open connection, see scrape_metrics)."""
     return {"kind": "metrics", "t": now, "server": server.spec.name, **scrape_metrics(server.url, kept=kept)}
 
@@ -4310,7 +4465,7 @@ class Sampler(threading.Thread):
                     rows.append(self.error_row("kvcached segment", now, repr(exc)[:300], where))
         return rows
 
-    def metrics_rows(self, kept: dict) -> list[dict]:
+    def metrics_rows(self, kept: Connections) -> list[dict]:
         rows = []
         for server in self.servers:
             now = time.time()
@@ -4321,7 +4476,7 @@ class Sampler(threading.Thread):
         return rows
 
     def _slow_loop(self) -> None:
-        kept: dict = {}  # one kept-alive connection per server, not one per scrape
+        kept = Connections()  # one kept-alive connection per server, not one per scrape
         try:
             while True:
                 try:
@@ -4331,8 +4486,7 @@ class Sampler(threading.Thread):
                 if self.halt.wait(self.slow_interval):
                     break
         finally:
-            for conn in kept.values():
-                conn.close()
+            kept.close()
 
 
 class MemoryWatch:
@@ -4365,147 +4519,6 @@ def sleep_idle_window(seconds: float) -> tuple[float, float]:
     start = time.time()
     pause(seconds)
     return (start, time.time())
-
-
-# %% The wire: HTTP/1.1 on plain sockets, each read timed as it arrives
-READ_BYTES = 1 << 18  # one network read: a whole burst of tokens at once when they are there
-CONNECT_TIMEOUT_S = 10.0
-KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
-
-
-class Connections:
-    """Keep-alive sockets to the servers, shared by one burst's threads. The client speaks HTTP/1.1 on
-    plain sockets: `requests` cost 2 ms of CPU per streamed answer (a thread for its deadline, a layer
-    per chunk), and at 500 requests/s on two cores the client fell seconds behind its plan."""
-
-    def __init__(self):
-        self.idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
-        self.lock = threading.Lock()
-
-    def get(self, address: tuple[str, int], timeout_s: float) -> tuple[socket.socket, bool]:
-        """An idle socket still open, or a new one; and whether it was idle here before."""
-        while True:
-            with self.lock:
-                if not self.idle.get(address):
-                    break
-                sock, since = self.idle[address].pop()
-            if time.monotonic() - since < KEEP_ALIVE_S and still_connected(sock):
-                return sock, True
-            sock.close()
-        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001))), False
-
-    def open_ahead(self, url: str, count: int) -> None:
-        """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
-        address = url_address(url)
-        for _ in range(count - len(self.idle.get(address, ()))):
-            self.put(address, connect(address, CONNECT_TIMEOUT_S))
-
-    def put(self, address: tuple[str, int], sock: socket.socket) -> None:
-        with self.lock:
-            self.idle.setdefault(address, []).append((sock, time.monotonic()))
-
-    def close(self) -> None:
-        with self.lock:
-            idle, self.idle = self.idle, {}
-        for sock, _ in itertools.chain.from_iterable(idle.values()):
-            sock.close()
-
-    def __enter__(self) -> "Connections":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
-    sock = socket.create_connection(address, timeout=timeout_s)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request goes out in one write, now
-    return sock
-
-
-def url_address(url: str) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.hostname, parts.port or 80
-
-
-def still_connected(sock: socket.socket) -> bool:
-    """Whether an idle socket is open with nothing unread (a server's close reads as end-of-file)."""
-    sock.settimeout(0)
-    try:
-        sock.recv(1, socket.MSG_PEEK)  # end-of-file, or bytes nobody asked for
-    except BlockingIOError:
-        return True
-    except OSError:
-        pass
-    return False
-
-
-class Wire:
-    """One response off a socket: network reads to an absolute deadline (a trickle of bytes does not
-    extend it), and what was read past the part asked for."""
-
-    def __init__(self, sock: socket.socket, deadline: float):
-        self.sock, self.deadline, self.buffer, self.complete = sock, deadline, b"", False
-
-    def read(self) -> bytes:
-        while True:
-            left = self.deadline - time.perf_counter()
-            if left <= 0:
-                raise TimeoutError("no complete response before the deadline")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(READ_BYTES)
-            except socket.timeout:
-                continue  # woken a little early: the loop raises once the deadline has passed
-            if not data:
-                raise ConnectionError("the server closed the connection mid-response")
-            return data
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        """The status code and the headers (names in lower case)."""
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self.read()
-        top, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *lines = top.decode("latin-1").split("\r\n")
-        fields = (line.partition(":") for line in lines)
-        return int(status_line.split()[1]), {name.strip().lower(): value.strip() for name, _, value in fields}
-
-    def body(self, headers: dict[str, str]) -> Iterator[tuple[float, bytes]]:
-        """The body, unframed, as (arrival time, bytes) per network read; `complete` once it has ended."""
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = -1 if chunked else int(headers.get("content-length", -1))
-        raw, now, seen = self.buffer, time.perf_counter(), 0
-        while True:
-            data, raw, self.complete = dechunk(raw) if chunked else (raw, b"", 0 <= length <= seen + len(raw))
-            seen += len(data)
-            yield now, data
-            if self.complete:
-                return
-            try:
-                raw += self.read()
-            except ConnectionError:
-                if length < 0 and not chunked:
-                    return  # a body without a length ends when the server closes
-                raise
-            now = time.perf_counter()
-
-
-def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
-    """The complete chunks at the front of a chunked body: (their data, what is left, whether the
-    terminating chunk was among them)."""
-    data, position = [], 0
-    while (end_of_size := raw.find(b"\r\n", position)) >= 0:
-        size = int(raw[position:end_of_size].split(b";", 1)[0], 16)
-        start = end_of_size + 2
-        if size == 0:  # the body ends with an empty line, after any trailer lines
-            rest = raw[start:]
-            ended = rest.startswith(b"\r\n") or b"\r\n\r\n" in rest
-            return b"".join(data), b"" if ended else raw[position:], ended
-        if len(raw) < start + size + 2:
-            break
-        data.append(raw[start : start + size])
-        position = start + size + 2
-    return b"".join(data), raw[position:], False
 
 
 # %% Load generation: one streaming request function that never raises
@@ -4647,15 +4660,9 @@ def stream_chat(
 ) -> bool:
     """POST and read the stream into `record`; True once [DONE] arrived. Nothing is read past
     start + timeout_s, whatever the server trickles."""
-    parts = urllib.parse.urlsplit(url)
-    address, payload = url_address(url), json.dumps(body).encode()
-    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json"]
-    head += [f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in auth_headers(api_key).items())]
-    request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
-    sock, wire, headers = send_request(connections, address, request, start + timeout_s)
-    reuse = False
-    try:
-        record.status = int(headers.pop(":status"))
+    request = http_request("POST", url, json.dumps(body).encode(), api_key)
+    with exchange(connections, url, request, start + timeout_s) as (wire, headers):
+        record.status = int(headers[":status"])
         reads = wire.body(headers)
         if record.status != 200:
             text = b"".join(data for _, data in reads).decode("utf-8", "replace")
@@ -4666,35 +4673,7 @@ def stream_chat(
             wire.deadline = min(wire.deadline, time.perf_counter() + DRAIN_S)
             with contextlib.suppress(Exception):  # not in time, or cut off: the socket is just not reused
                 collections.deque(reads, maxlen=0)
-        reuse = done and wire.complete and headers.get("connection", "").lower() != "close"
         return done
-    finally:
-        if reuse:
-            connections.put(address, sock)
-        else:
-            sock.close()
-
-
-def send_request(
-    connections: Connections, address: tuple[str, int], request: bytes, deadline: float
-) -> tuple[socket.socket, Wire, dict[str, str]]:
-    """Send and read the response's head (its status under ':status'). A kept socket that the server
-    closed meanwhile fails before any byte of a response: the request goes again, on another socket."""
-    while True:
-        sock, kept = connections.get(address, deadline - time.perf_counter())
-        wire = Wire(sock, deadline)
-        try:
-            sock.settimeout(max(deadline - time.perf_counter(), 0.001))
-            sock.sendall(request)
-            status, headers = wire.head()
-            return sock, wire, {**headers, ":status": str(status)}
-        except ConnectionError:
-            sock.close()
-            if not kept or wire.buffer:
-                raise
-        except BaseException:
-            sock.close()
-            raise
 
 
 def send_chat(
@@ -7723,7 +7702,7 @@ def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> P
 
 
 def package_versions(
-    names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "requests", "matplotlib", "numpy"),
+    names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "matplotlib", "numpy"),
 ) -> dict:
     """Installed versions from package metadata: nothing is imported (no torch in this process)."""
     from importlib import metadata

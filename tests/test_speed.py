@@ -188,18 +188,17 @@ def metrics_server():
 
 def test_the_sampler_reads_metrics_over_one_kept_connection(metrics_server):
     url, state = metrics_server
-    kept: dict = {}
+    kept = rx.Connections()
     for _ in range(3):
         assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
-    assert state["connections"] == 1 and url in kept
+    assert state["connections"] == 1 and sum(map(len, kept.idle.values())) == 1
     state["close"] = True  # the server drops idle connections: the next read reconnects, no error
     assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
     assert rx.scrape_metrics(url, kept=kept)["running"] == 7.0
     state["status"] = 503
     with pytest.raises(rx.MetricsError, match="HTTP 503"):
         rx.scrape_metrics(url, kept=kept)
-    for conn in kept.values():
-        conn.close()
+    kept.close()
 
 
 def test_server_clock_is_the_histograms_delta_beside_the_clients_mean():

@@ -3305,20 +3305,20 @@ def http_call(
 ) -> tuple[int, bytes]:
     """One request and its whole answer: (status, body). Raises OSError or ValueError when there is none."""
     request = http_request(method, url, b"" if body is None else json.dumps(body).encode(), api_key)
-    with exchange(connections, url, request, time.perf_counter() + timeout_s) as (wire, headers):
-        return int(headers[":status"]), b"".join(data for _, data in wire.body(headers))
+    with exchange(connections, url, request, time.perf_counter() + timeout_s) as (wire, status, headers):
+        return status, b"".join(data for _, data in wire.body(headers))
 
 
 @contextlib.contextmanager
 def exchange(
     connections: Connections, url: str, request: bytes, deadline: float
-) -> Iterator[tuple[Wire, dict[str, str]]]:
-    """Send `request` and yield the wire and the response's headers (its status under ':status'); the
-    socket goes back to `connections` if the body was read to its end and the server keeps it open."""
+) -> Iterator[tuple[Wire, int, dict[str, str]]]:
+    """Send `request` and yield the wire, the response's status and its headers; the socket goes back to
+    `connections` if the body was read to its end and the server keeps it open."""
     address = url_address(url)
-    sock, wire, headers = send_request(connections, address, request, deadline)
+    sock, wire, status, headers = send_request(connections, address, request, deadline)
     try:
-        yield wire, headers
+        yield wire, status, headers
     finally:
         if wire.complete and headers.get("connection", "").lower() != "close":
             connections.put(address, sock)
@@ -3328,8 +3328,8 @@ def exchange(
 
 def send_request(
     connections: Connections, address: tuple[str, int], request: bytes, deadline: float
-) -> tuple[socket.socket, Wire, dict[str, str]]:
-    """Send and read the response's head (its status under ':status'). A kept socket that the server
+) -> tuple[socket.socket, Wire, int, dict[str, str]]:
+    """Send and read the response's head: (socket, wire, status, headers). A kept socket that the server
     closed meanwhile fails before any byte of a response: the request goes again, on another socket."""
     while True:
         sock, kept = connections.get(address, deadline - time.perf_counter())
@@ -3337,8 +3337,7 @@ def send_request(
         try:
             sock.settimeout(max(deadline - time.perf_counter(), 0.001))
             sock.sendall(request)
-            status, headers = wire.head()
-            return sock, wire, {**headers, ":status": str(status)}
+            return (sock, wire, *wire.head())
         except ConnectionError:
             sock.close()
             if not kept or wire.buffer:
@@ -4661,9 +4660,8 @@ def stream_chat(
     """POST and read the stream into `record`; True once [DONE] arrived. Nothing is read past
     start + timeout_s, whatever the server trickles."""
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
-    with exchange(connections, url, request, start + timeout_s) as (wire, headers):
-        record.status = int(headers[":status"])
-        reads = wire.body(headers)
+    with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
+        record.status, reads = status, wire.body(headers)
         if record.status != 200:
             text = b"".join(data for _, data in reads).decode("utf-8", "replace")
             record.error = f"HTTP {record.status}: {text[:300]}"

@@ -2495,12 +2495,8 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     by --trace-speedup: one window per --trace-rate-scale."""
     files = trace_files(cfg)
     start, chosen = window_rows(cfg, files[position % len(files)])
-    rng, planned, busiest, scales = (
-        random.Random(f"{cfg.seed}-trace-prompts-{position}"),
-        [],
-        0,
-        parse_rate_scales(cfg),
-    )
+    rng, scales = random.Random(f"{cfg.seed}-trace-prompts-{position}"), parse_rate_scales(cfg)
+    planned, busiest = [], 0
     for window, scale in enumerate(scales):
         kept = scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")
         for i, row in enumerate(kept):
@@ -5476,9 +5472,10 @@ class PromptCheck:
     @classmethod
     def of(cls, records: list[RequestRecord]) -> Optional[PromptCheck]:
         pairs = [
-            (r.planned_prompt_tokens, r.prompt_tokens) for r in records if r.ok and r.planned_prompt_tokens
+            (r.planned_prompt_tokens, r.prompt_tokens)
+            for r in records
+            if r.ok and r.planned_prompt_tokens and r.prompt_tokens is not None
         ]
-        pairs = [(planned, counted) for planned, counted in pairs if counted is not None]
         if not pairs:
             return None
         return cls(len(pairs), sum(p for p, _ in pairs), sum(c for _, c in pairs))

@@ -3149,6 +3149,8 @@ def scrub_file(path: Path) -> None:
 READ_BYTES = 1 << 18  # one network read: a whole burst of tokens at once when they are there
 CONNECT_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
+# Linux stamps each packet as it arrives; Python names the option only from 3.13 on
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
 
 
 class Connections:
@@ -3198,6 +3200,9 @@ class Connections:
 def connect(address: tuple[str, int], timeout_s: float) -> socket.socket:
     sock = socket.create_connection(address, timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request goes out in one write, now
+    if SO_TIMESTAMPNS is not None:
+        with contextlib.suppress(OSError):  # no stamps: each read is timed when it is read
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     return sock
 
 
@@ -3220,10 +3225,11 @@ def still_connected(sock: socket.socket) -> bool:
 
 class Wire:
     """One response off a socket: network reads to an absolute deadline (a trickle of bytes does not
-    extend it), and what was read past the part asked for."""
+    extend it), each timed at its arrival, and what was read past the part asked for."""
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock, self.deadline, self.buffer, self.complete = sock, deadline, b"", False
+        self.sent = self.arrived = time.perf_counter()
 
     def read(self) -> bytes:
         while True:
@@ -3232,11 +3238,12 @@ class Wire:
                 raise TimeoutError("no complete response before the deadline")
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(READ_BYTES)
+                data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, STAMP_BYTES)
             except socket.timeout:
                 continue  # woken a little early: the loop raises once the deadline has passed
             if not data:
                 raise ConnectionError("the server closed the connection mid-response")
+            self.arrived = arrival_time(ancillary, self.sent)
             return data
 
     def head(self) -> tuple[int, dict[str, str]]:
@@ -3252,7 +3259,7 @@ class Wire:
         """The body, unframed, as (arrival time, bytes) per network read; `complete` once it has ended."""
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = -1 if chunked else int(headers.get("content-length", -1))
-        raw, now, seen = self.buffer, time.perf_counter(), 0
+        raw, now, seen = self.buffer, self.arrived, 0
         while True:
             data, raw, self.complete = dechunk(raw) if chunked else (raw, b"", 0 <= length <= seen + len(raw))
             seen += len(data)
@@ -3265,7 +3272,23 @@ class Wire:
                 if length < 0 and not chunked:
                     return  # a body without a length ends when the server closes
                 raise
-            now = time.perf_counter()
+            now = self.arrived
+
+
+STAMP_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
+
+
+def arrival_time(ancillary: list[tuple[int, int, bytes]], sent: float) -> float:
+    """When the bytes just read reached this machine, on perf_counter's clock: the kernel's stamp of
+    their last packet (wall clock), so that a client too busy to read at once does not add its own wait
+    to the server's latencies; the read's own time where there is no stamp."""
+    now, wall = time.perf_counter(), time.time()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            waited = wall - seconds - nanoseconds * 1e-9
+            return max(now - waited, sent) if waited >= 0 else now  # a clock step reads as no stamp
+    return now
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
@@ -4532,7 +4555,7 @@ class RequestRecord:
     ok: bool = False  # completed: [DONE] seen, a finish_reason, no error event
     status: Optional[int] = None  # HTTP status, None if no response
     error: Optional[str] = None  # why it failed: the one failure reason the summaries count
-    ttft_s: Optional[float] = None  # send -> first content chunk
+    ttft_s: Optional[float] = None  # send -> first content chunk (its arrival at this machine)
     e2e_s: Optional[float] = None  # send -> end of stream (or failure)
     itl_s: list = dataclasses.field(default_factory=list)  # gaps between content chunks
     prompt_tokens: Optional[int] = None
@@ -4652,11 +4675,15 @@ def stream_chat(
     record: RequestRecord,
     start: float,
     timeout_s: float,
+    ready: Optional[float] = None,
 ) -> bool:
     """POST and read the stream into `record`; True once [DONE] arrived. Nothing is read past
-    start + timeout_s, whatever the server trickles."""
+    start + timeout_s, whatever the server trickles. A closed burst's request was `ready` to go at that
+    time: the client's own work from there to its send is taken off its clock, as it is not the server's."""
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
     with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
+        if ready is not None:
+            start, record.t_send = start + (wire.sent - ready), record.t_send + (wire.sent - ready)
         record.status, reads = status, wire.body(headers)
         if record.status != 200:
             text = b"".join(data for _, data in reads).decode("utf-8", "replace")
@@ -4686,7 +4713,8 @@ def send_chat(
     timeout_s is absolute: the connection is cut at send + timeout_s.
     `gate` runs after the clock starts and before sending (a router waking a sleeping server).
     `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts there, so a
-    request the client could not send on time counts its wait too."""
+    request the client could not send on time counts its wait too. A closed burst's request starts its
+    clock at its send, with the gate's wait (a wake-up) added."""
 
     url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
     start, record.t_send = arrival or (time.perf_counter(), time.time())
@@ -4698,8 +4726,9 @@ def send_chat(
         if gate is not None:
             gate()
             entered = True
+        ready = None if arrival else time.perf_counter()
         with contextlib.nullcontext(connections) if connections else Connections() as wires:
-            done = stream_chat(wires, url, body, api_key, record, start, timeout_s)
+            done = stream_chat(wires, url, body, api_key, record, start, timeout_s, ready)
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment

@@ -4,11 +4,11 @@
     python3 benchmarks/client_bench.py --rates 50,200,500 --duration-s 10 --streams 256 --output-tokens 64
 
 Starts a zero-work streaming server in a subprocess of its own (this file run with --serve: one asyncio
-loop speaking just enough HTTP/1.1 and OpenAI chat-completions SSE for the harness's client; it answers
-each request at once, in one write: --output-tokens content chunks, one HTTP chunk each, then a
-finish_reason, the usage and `data: [DONE]`, no sleeps; lighter than tests/fakes/fake_vllm_server.py,
-which keeps fake GPU memory and a thread per connection). Then drives it with run_experiments.run_burst,
-as the harness does:
+protocol speaking just enough HTTP/1.1 and OpenAI chat-completions SSE for the harness's client; it answers
+each request at once, in the callback that read it, in one write: --output-tokens content chunks, one
+HTTP chunk each, then a finish_reason, the usage and `data: [DONE]`, built once per length, no sleeps;
+lighter than tests/fakes/fake_vllm_server.py, which keeps fake GPU memory and a thread per connection).
+Then drives it with run_experiments.run_burst, as the harness does:
 
 - open loop: the harness's open_loop_plan (Poisson arrivals planned ahead, fixed seed), one window of
   --duration-s seconds per rate of --rates, each window one run_burst;
@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -78,51 +79,55 @@ def stream_tail(prompt_tokens: int, tokens: int) -> bytes:
     )
 
 
-class ZeroWork:
-    """The server's state: per request, its own time to first token, fetched (and cleared) by GET /stamps."""
+class ZeroWork(asyncio.Protocol):
+    """One keep-alive connection of the server, as a protocol: each request is answered from the bytes
+    that arrived, in the same callback, so that the server's own work per request stays a few
+    microseconds and what the benchmark measures is the client. Its class dict `stamps` holds, per
+    request, the server's own time to first token, fetched (and cleared) by GET /stamps."""
 
-    def __init__(self):
-        self.stamps: dict[str, float] = {}
+    stamps: dict[str, float] = {}
+    answers: dict[tuple[int, int], bytes] = {}  # (tokens, prompt words) -> the whole streamed answer
 
-    def reply(self, writer: asyncio.StreamWriter, body: bytes, t_read: float) -> None:
-        """Every chunk of one streamed answer in one write: the server's own work per request is a
-        JSON parse and a write, so that what the benchmark measures is the client."""
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport, self.pending = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        t_read = time.perf_counter()
+        self.pending += data
+        while (end := self.pending.find(b"\r\n\r\n")) >= 0:
+            head = self.pending[:end].decode("latin-1")
+            length = int(re.search(r"(?im)^content-length: *(\d+)", head)[1]) if "ength:" in head else 0
+            if len(self.pending) < end + 4 + length:
+                return
+            body, self.pending = self.pending[end + 4 : end + 4 + length], self.pending[end + 4 + length :]
+            path = head.split(" ", 2)[1]
+            if path == "/v1/chat/completions":
+                self.reply(body, t_read)
+            else:
+                self.plain(path)
+
+    def reply(self, body: bytes, t_read: float) -> None:
+        """Every chunk of one streamed answer in one write."""
         request = json.loads(body)
         prompt = request["messages"][0]["content"]
-        tokens = int(request.get("max_tokens") or 16)
-        answer = STREAM_HEAD + TOKEN_CHUNK * tokens + stream_tail(len(prompt.split()), tokens) + b"0\r\n\r\n"
+        tokens, words = int(request.get("max_tokens") or 16), len(prompt.split())
+        answer = self.answers.get((tokens, words))
+        if answer is None:
+            answer = STREAM_HEAD + TOKEN_CHUNK * tokens + stream_tail(words, tokens) + b"0\r\n\r\n"
+            self.answers[tokens, words] = answer
         self.stamps[prompt.split(" ", 1)[0]] = time.perf_counter() - t_read
-        writer.write(answer)
+        self.transport.write(answer)
 
-    def plain(self, writer: asyncio.StreamWriter, path: str) -> None:
+    def plain(self, path: str) -> None:
+        data = b"{}"
         if path == "/stamps":
-            data, self.stamps = json.dumps(self.stamps).encode(), {}
-        else:
-            data = b"{}"
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+            data = json.dumps(ZeroWork.stamps).encode()
+            ZeroWork.stamps = {}
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(data), data)
         )
-        writer.write(data)
-
-    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One keep-alive connection: requests one after another until the client closes it."""
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                path = lines[0].split(" ")[1]
-                headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-                body = await reader.readexactly(int(headers.get("content-length", 0)))
-                if path == "/v1/chat/completions":
-                    self.reply(writer, body, time.perf_counter())
-                else:
-                    self.plain(writer, path)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
 
 def exit_with_parent() -> None:
@@ -132,7 +137,7 @@ def exit_with_parent() -> None:
 
 
 async def serve() -> None:
-    server = await asyncio.start_server(ZeroWork().connection, "127.0.0.1", 0, backlog=4096)
+    server = await asyncio.get_running_loop().create_server(ZeroWork, "127.0.0.1", 0, backlog=4096)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 

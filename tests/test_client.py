@@ -4,6 +4,7 @@ import json
 import random
 import re
 import socket
+import struct
 import time
 
 import pytest
@@ -53,10 +54,13 @@ class ScriptedClock:
 
 
 class ScriptedTime:
-    """The harness's `time` module with a scripted perf_counter (this process's own clock untouched)."""
+    """The harness's `time` module with a scripted perf_counter, and a wall clock `wall_offset` ahead of
+    it (this process's own clock untouched)."""
 
-    def __init__(self, clock):
+    def __init__(self, clock, wall_offset=None):
         self.perf_counter = clock
+        if wall_offset is not None:
+            self.time = lambda: wall_offset + clock.now
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -86,8 +90,26 @@ class ScriptedSocket:
         self.clock.now = t
         return data
 
+    def recvmsg(self, size, ancillary_size):
+        return self.recv(size), [], 0, None
+
     def close(self):
         self.closed = True
+
+
+class LateReader(ScriptedSocket):
+    """Each read taken `late` seconds after its arrival, which the kernel stamped on the wall clock."""
+
+    def __init__(self, clock, chunks, late, wall_offset):
+        super().__init__(clock, chunks)
+        self.late, self.wall_offset = late, wall_offset
+
+    def recvmsg(self, size, ancillary_size):
+        t, data = self.reads.pop(0)
+        self.clock.now = t + self.late
+        nanoseconds = round((self.wall_offset + t) * 1e9)
+        stamp = struct.pack("qq", nanoseconds // 10**9, nanoseconds % 10**9)
+        return data, [(socket.SOL_SOCKET, rx.SO_TIMESTAMPNS, stamp)], 0, None
 
 
 class ScriptedConnections:
@@ -113,6 +135,80 @@ def token_event(content, finish=None):
             "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}],
         }
     )
+
+
+def scripted_stream(tokens, first, gap):
+    """A stream's reads as (arrival, bytes): the role chunk (no content) at 1/16 s, the first token at
+    `first`, the others `gap` apart, usage with the last one, [DONE] 1/64 s later."""
+    last = first + (tokens - 1) * gap
+    chunks = [(1 / 16, token_event({"role": "assistant", "content": ""}))]
+    chunks += [
+        (first + i * gap, token_event({"content": "tok "}, "length" if i == tokens - 1 else None))
+        for i in range(tokens)
+    ]
+    usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
+    return [
+        *chunks,
+        (last, sse({"id": "c", "choices": [], "usage": usage})),
+        (last + 1 / 64, b"data: [DONE]\n\n"),
+    ]
+
+
+def test_a_read_the_client_takes_late_is_timed_at_its_arrival(monkeypatch):
+    # Every read is taken 0.125 s after the kernel stamped its arrival: the latencies are the arrivals'
+    clock, wall_offset = ScriptedClock(), 1_000_000.0
+    monkeypatch.setattr(rx, "time", ScriptedTime(clock, wall_offset))
+    first, gap, tokens = 0.25, 1 / 32, 8
+    sock = LateReader(clock, scripted_stream(tokens, first, gap), 0.125, wall_offset)
+    record = rx.send_chat(
+        "http://f",
+        "m",
+        one_request(tokens),
+        blank_record(),
+        ignore_eos=True,
+        connections=ScriptedConnections(sock),
+    )
+    assert record.ok, record.error
+    assert record.ttft_s == pytest.approx(first, abs=1e-6)
+    assert record.itl_s == pytest.approx([gap] * (tokens - 1), abs=1e-6)
+    assert record.e2e_s == pytest.approx(first + (tokens - 1) * gap + 1 / 64, abs=1e-6)
+    assert not sock.reads
+
+
+def test_a_closed_burst_request_is_timed_from_its_send_with_the_wake_up_counted(monkeypatch):
+    # The client takes 0.5 s to get its socket (its own work: not counted); the gate waits 1 s for a
+    # wake-up (the request's latency: counted); then the first token comes 0.25 s after the send
+    clock = ScriptedClock()
+    monkeypatch.setattr(rx, "time", ScriptedTime(clock))
+    first, gap, tokens = 0.25, 1 / 32, 4
+
+    class SlowConnections(ScriptedConnections):
+        def get(self, address, timeout_s):
+            clock.now += 0.5
+            return self.sock, False
+
+    class WakeUp:
+        def __call__(self):
+            clock.now += 1.0
+
+        def release(self):
+            pass
+
+    chunks = [(1.5 + t, data) for t, data in scripted_stream(tokens, first, gap)]
+    sock = ScriptedSocket(clock, chunks)
+    sock.reads[0] = (1.5, sock.reads[0][1])  # the head comes at the send
+    record = rx.send_chat(
+        "http://f",
+        "m",
+        one_request(tokens),
+        blank_record(),
+        ignore_eos=True,
+        connections=SlowConnections(sock),
+        gate=WakeUp(),
+    )
+    assert record.ok, record.error
+    assert record.ttft_s == 1.0 + first
+    assert record.e2e_s == 1.0 + first + (tokens - 1) * gap + 1 / 64
 
 
 def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
@@ -174,6 +270,9 @@ class PiecesSocket:
 
     def recv(self, size, flags=0):
         return self.pieces.pop(0) if self.pieces else b""
+
+    def recvmsg(self, size, ancillary_size):
+        return self.recv(size), [], 0, None
 
     def close(self):
         self.closed = True

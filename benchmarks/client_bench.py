@@ -3,10 +3,10 @@
     python3 benchmarks/client_bench.py
     python3 benchmarks/client_bench.py --rates 50,200,500 --duration-s 10 --streams 256 --output-tokens 64
 
-Starts a zero-work streaming server in a subprocess of its own (this file run with --serve: one asyncio
-protocol speaking just enough HTTP/1.1 and OpenAI chat-completions SSE for the harness's client; it answers
-each request at once, in the callback that read it, in one write: --output-tokens content chunks, one
-HTTP chunk each, then a finish_reason, the usage and `data: [DONE]`, built once per length, no sleeps;
+Starts a zero-work streaming server in a subprocess of its own (this file run with --serve: one thread
+and one selector speaking just enough HTTP/1.1 and OpenAI chat-completions SSE for the harness's client;
+it answers each request as soon as it is read, in one write: --output-tokens content chunks, one HTTP
+chunk each, then a finish_reason, the usage and `data: [DONE]`, built once per length, no sleeps;
 lighter than tests/fakes/fake_vllm_server.py, which keeps fake GPU memory and a thread per connection).
 Then drives it with run_experiments.run_burst, as the harness does:
 
@@ -18,19 +18,20 @@ Prints one Markdown table, a row per load: requests, the rate they actually went
 failures, send delay (actual send - planned arrival, open loop) p50/p99/max, client-added TTFT p50/p99,
 the server's own TTFT p99 and the most requests in flight at once (beside the client's thread cap,
 rx.burst_threads). Client-added TTFT = the TTFT the client recorded minus the server's own time to first
-token (request read -> first chunk written, stamped by the server per request, keyed by the first word
-of the prompt); open loop, the client times TTFT from the planned arrival, so it includes the send
-delay, and the next column leaves that out. Progress goes to stderr, the table to stdout.
+token (the request's arrival, stamped by the kernel, to its answer written, so that the server's queue
+is the server's; per request, keyed by the first word of the prompt); open loop, the client times TTFT
+from the planned arrival, so it includes the send delay, and the next column leaves that out. Progress
+goes to stderr, the table to stdout.
 """
 
 import argparse
-import asyncio
 import dataclasses
 import http.client
 import json
 import os
 import platform
 import re
+import selectors
 import shlex
 import socket
 import subprocess
@@ -79,36 +80,61 @@ def stream_tail(prompt_tokens: int, tokens: int) -> bytes:
     )
 
 
-class ZeroWork(asyncio.Protocol):
-    """One keep-alive connection of the server, as a protocol: each request is answered from the bytes
-    that arrived, in the same callback, so that the server's own work per request stays a few
-    microseconds and what the benchmark measures is the client. Its class dict `stamps` holds, per
-    request, the server's own time to first token, fetched (and cleared) by GET /stamps."""
+class ZeroWork:
+    """The server: one thread, one selector over every connection. Each request is answered as soon as
+    it is read, in one write of an answer built once per length, so that its own work per request is a
+    few microseconds. Its time to first token runs from the request's arrival, stamped by the kernel,
+    so it includes the time a request waited for this one thread: that queue is the server's, not the
+    client's. `stamps` holds it per request, fetched (and cleared) by GET /stamps."""
 
-    stamps: dict[str, float] = {}
-    answers: dict[tuple[int, int], bytes] = {}  # (tokens, prompt words) -> the whole streamed answer
+    def __init__(self):
+        self.stamps: dict[str, float] = {}
+        self.answers: dict[tuple[int, int], bytes] = {}  # (tokens, prompt words) -> the streamed answer
+        self.pending: dict[socket.socket, bytes] = {}
+        self.selector = selectors.DefaultSelector()
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.transport, self.pending = transport, b""
+    def serve(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.selector.register(listener, selectors.EVENT_READ)
+        print(listener.getsockname()[1], flush=True)
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is listener:
+                    self.accept(listener)
+                else:
+                    self.read(key.fileobj)
 
-    def data_received(self, data: bytes) -> None:
-        t_read = time.perf_counter()
-        self.pending += data
-        while (end := self.pending.find(b"\r\n\r\n")) >= 0:
-            head = self.pending[:end].decode("latin-1")
+    def accept(self, listener: socket.socket) -> None:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, rx.SO_TIMESTAMPNS, 1)
+        self.pending[sock] = b""
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    def read(self, sock: socket.socket) -> None:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(1 << 16, rx.STAMP_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(sock)
+            del self.pending[sock]
+            sock.close()
+            return
+        arrived = rx.arrival_time(ancillary, 0.0)
+        self.pending[sock] += data
+        while (end := self.pending[sock].find(b"\r\n\r\n")) >= 0:
+            head = self.pending[sock][:end].decode("latin-1")
             length = int(re.search(r"(?im)^content-length: *(\d+)", head)[1]) if "ength:" in head else 0
-            if len(self.pending) < end + 4 + length:
+            if len(self.pending[sock]) < end + 4 + length:
                 return
-            body, self.pending = self.pending[end + 4 : end + 4 + length], self.pending[end + 4 + length :]
+            body = self.pending[sock][end + 4 : end + 4 + length]
+            self.pending[sock] = self.pending[sock][end + 4 + length :]
             path = head.split(" ", 2)[1]
-            if path == "/v1/chat/completions":
-                self.reply(body, t_read)
-            else:
-                self.plain(path)
+            sock.sendall(self.reply(body, arrived) if path == "/v1/chat/completions" else self.plain(path))
 
-    def reply(self, body: bytes, t_read: float) -> None:
-        """Every chunk of one streamed answer in one write."""
+    def reply(self, body: bytes, arrived: float) -> bytes:
+        """Every chunk of one streamed answer, to go in one write."""
         request = json.loads(body)
         prompt = request["messages"][0]["content"]
         tokens, words = int(request.get("max_tokens") or 16), len(prompt.split())
@@ -116,17 +142,16 @@ class ZeroWork(asyncio.Protocol):
         if answer is None:
             answer = STREAM_HEAD + TOKEN_CHUNK * tokens + stream_tail(words, tokens) + b"0\r\n\r\n"
             self.answers[tokens, words] = answer
-        self.stamps[prompt.split(" ", 1)[0]] = time.perf_counter() - t_read
-        self.transport.write(answer)
+        self.stamps[prompt.split(" ", 1)[0]] = time.perf_counter() - arrived
+        return answer
 
-    def plain(self, path: str) -> None:
+    def plain(self, path: str) -> bytes:
         data = b"{}"
         if path == "/stamps":
-            data = json.dumps(ZeroWork.stamps).encode()
-            ZeroWork.stamps = {}
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(data), data)
+            data, self.stamps = json.dumps(self.stamps).encode(), {}
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(data),
+            data,
         )
 
 
@@ -134,12 +159,6 @@ def exit_with_parent() -> None:
     """The benchmark holds our stdin: at its end-of-file (it ended, however) this process ends too."""
     sys.stdin.read()
     os._exit(0)
-
-
-async def serve() -> None:
-    server = await asyncio.get_running_loop().create_server(ZeroWork, "127.0.0.1", 0, backlog=4096)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
 
 
 # %% The benchmark side
@@ -290,7 +309,7 @@ def report(loads: list, args: argparse.Namespace, argv: list, wall_s: float) -> 
         "",
         *rx.md_table(HEADER, [table_row(load) for load in loads]),
         "",
-        f"{args.output_tokens} tokens per answer from a zero-work server (its own TTFT: request read -> "
+        f"{args.output_tokens} tokens per answer from a zero-work server (its own TTFT: request arrived -> "
         "first chunk written). Client-added TTFT = the client's TTFT minus the server's, per request; "
         "open loop, the client times TTFT from the planned arrival, so it includes the send delay, and "
         "'after sending' leaves that out. Max in flight: requests between their actual send and their end "
@@ -353,7 +372,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve:
         threading.Thread(target=exit_with_parent, daemon=True).start()
-        asyncio.run(serve())
+        ZeroWork().serve()
         return 0
     started = time.perf_counter()
     try:

@@ -2278,16 +2278,25 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
     return (models - 1) * stagger(cfg, peak) + len(ramp_seconds(peak, cfg.ramp_step))
 
 
+def windows_plan(
+    cfg: Config, sizing: str, windows: list[list[float]], arrivals: str, rates: list
+) -> WorkloadPlan:
+    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds), a request
+    drawn for each arrival; its burst_size is the busiest window's."""
+    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
+    planned = []
+    for window, offsets in enumerate(windows):
+        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+    busiest = max(map(len, windows), default=0)
+    return make.plan(planned, len(windows), busiest, sizing, arrivals=arrivals, rates=tuple(rates))
+
+
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     """The model at `position` (A = 0): one window per peak of --peak-rates, its ramp starting
     position x the stagger into the window."""
-    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
-    peaks, planned, busiest = parse_peaks(cfg), [], 0
-    for window, peak in enumerate(peaks):
-        offsets = ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak))
-        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
-        busiest = max(busiest, len(offsets))
-    return make.plan(planned, len(peaks), busiest, sizing, arrivals="ramp", rates=tuple(peaks))
+    peaks = parse_peaks(cfg)
+    ramps = [ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak)) for peak in peaks]
+    return windows_plan(cfg, sizing, ramps, "ramp", peaks)
 
 
 def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> WorkloadPlan:
@@ -2295,17 +2304,12 @@ def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> 
     arrivals: shape = burstiness). With a `position` (A = 0): that model's --rates-per-model rate in each
     of --bursts windows, from arrivals of its own."""
     arrivals_rng = random.Random(f"{cfg.seed}-arrivals" + (f"-{position}" if position else ""))
-    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
     shape = cfg.burstiness if cfg.arrivals == "gamma" else 1.0
     rates = (
         parse_rates(cfg) if position is None else [parse_rates_per_model(cfg)[position]] * max(cfg.bursts, 1)
     )
-    planned, busiest = [], 0
-    for window, rate in enumerate(rates):
-        offsets = list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s))
-        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
-        busiest = max(busiest, len(offsets))
-    return make.plan(planned, len(rates), busiest, sizing, arrivals=cfg.arrivals, rates=tuple(rates))
+    windows = [list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s)) for rate in rates]
+    return windows_plan(cfg, sizing, windows, cfg.arrivals, rates)
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:

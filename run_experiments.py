@@ -1360,12 +1360,22 @@ def put_to_sleep(server: "RunningServer", cfg: "Config") -> Optional[float]:
     return took
 
 
+def wake_up(server: "RunningServer", cfg: "Config") -> float:
+    """Wake a sleeping server; seconds it took."""
+    took = sleep_call(server, "/wake_up", cfg.api_key)
+    if cfg.sleep_level == 2:  # level 2 dropped the weights: vLLM wakes without them
+        took += sleep_call(server, "/collective_rpc", cfg.api_key, body={"method": "reload_weights"})
+        took += sleep_call(server, "/reset_prefix_cache", cfg.api_key)
+    server.asleep = False
+    return took
+
+
 class WakeGate:
     """What a router does for a sleeping server: the first request of a burst wakes it, the others
     wait for that; all of them count the wake-up in their latency."""
 
-    def __init__(self, server: "RunningServer", api_key: str, level: int = 1):
-        self.server, self.api_key, self.level = server, api_key, level
+    def __init__(self, server: "RunningServer", cfg: "Config"):
+        self.server, self.cfg = server, cfg
         self.lock = threading.Lock()
         self.done = False
         self.wake_s: Optional[float] = None
@@ -1375,13 +1385,7 @@ class WakeGate:
         with self.lock:
             if not self.done:
                 try:
-                    self.wake_s = sleep_call(self.server, "/wake_up", self.api_key)
-                    if self.level == 2:  # level 2 dropped the weights: vLLM wakes without them
-                        self.wake_s += sleep_call(
-                            self.server, "/collective_rpc", self.api_key, body={"method": "reload_weights"}
-                        )
-                        self.wake_s += sleep_call(self.server, "/reset_prefix_cache", self.api_key)
-                    self.server.asleep = False
+                    self.wake_s = wake_up(self.server, self.cfg)
                 except ServerError as exc:
                     self.error = str(exc)
                 self.done = True
@@ -1394,7 +1398,7 @@ class WakeGate:
 
 def wake_gate(server: "RunningServer", cfg: "Config") -> Optional[WakeGate]:
     """The gate a sleep-mode server's burst passes through; None for any other server."""
-    return WakeGate(server, cfg.api_key, cfg.sleep_level) if server.spec.sleep_mode else None
+    return WakeGate(server, cfg) if server.spec.sleep_mode else None
 
 
 # %% The sleep router: sleep-mode servers under every model's traffic at once
@@ -1464,12 +1468,7 @@ class SleepRouter:
     def move(self, slot: str, asleep: bool) -> None:
         server, took = self.servers[slot], None
         try:
-            if asleep:
-                took = put_to_sleep(server, self.cfg)
-            else:
-                gate = WakeGate(server, self.cfg.api_key, self.cfg.sleep_level)
-                gate()
-                took = gate.wake_s
+            took = put_to_sleep(server, self.cfg) if asleep else wake_up(server, self.cfg)
         except ServerError as exc:
             self.error = str(exc)
         with self.cond:

@@ -62,7 +62,7 @@ def test_waking_from_level_2_reloads_the_weights(monkeypatch):
         rx, "sleep_call", lambda server, path, key, body=None: calls.append((path, body)) or 0.1
     )
     server = type("S", (), {"asleep": True})()
-    rx.WakeGate(server, "", level=2)()
+    assert rx.wake_up(server, rx.Config(sleep_level=2)) == pytest.approx(0.3)
     assert calls == [
         ("/wake_up", None),
         ("/collective_rpc", {"method": "reload_weights"}),
@@ -157,16 +157,13 @@ def stub_router(monkeypatch, awake_at_most: int, **cfg) -> tuple["rx.SleepRouter
         server.asleep = True
         return 0.01
 
-    class Wake:
-        def __init__(self, server, api_key, level):
-            self.server, self.wake_s = server, 0.02
-
-        def __call__(self):
-            calls.append(("wake", self.server.name))
-            self.server.asleep = False
+    def wake(server, cfg):
+        calls.append(("wake", server.name))
+        server.asleep = False
+        return 0.02
 
     monkeypatch.setattr(rx, "put_to_sleep", to_sleep)
-    monkeypatch.setattr(rx, "WakeGate", Wake)
+    monkeypatch.setattr(rx, "wake_up", wake)
     servers = {slot: StubServer(calls, slot) for slot in "AB"}
     router = rx.SleepRouter(servers, rx.Config(sleep_after_idle_s=60, **cfg), awake_at_most)
     return router, calls

@@ -3924,7 +3924,9 @@ def segment_path(ipc_name: str) -> Path:
 @contextlib.contextmanager
 def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
     """The segment's fd, opened without following links, checked to be our own regular file of the
-    expected size: /dev/shm is writable by every user of the machine."""
+    expected size (/dev/shm is writable by every user of the machine), and locked: shared to read
+    (kvcached's writers take LOCK_EX), exclusive to write. The lock is tried a few times, not waited
+    for: a stranger holding it costs one sample, not 40 s."""
     fd = os.open(segment_path(ipc_name), (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
@@ -3933,21 +3935,19 @@ def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
                 f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
                 f"{info.st_size} bytes)"
             )
+        tries = 50 if write else 5
+        for attempt in range(tries):
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == tries - 1:
+                    raise SegmentError("kvcached segment is locked by another process") from None
+                time.sleep(0.01)
         yield fd
+        fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def locked(fd: int, mode: int, tries: int = 5, pause_s: float = 0.01) -> None:
-    """flock without blocking the caller for long: a stranger holding the lock costs one sample, not 40 s."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if attempt == tries - 1:
-                raise SegmentError("kvcached segment is locked by another process") from None
-            time.sleep(pause_s)
 
 
 def read_segment(ipc_name: str) -> Optional[dict]:
@@ -3955,9 +3955,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
     gone). Raises SegmentError for a segment that is not ours or stays locked."""
     try:
         with open_segment(ipc_name) as fd:
-            locked(fd, fcntl.LOCK_SH)  # kvcached's writers take LOCK_EX
             data = os.pread(fd, SEGMENT.size, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
     except FileNotFoundError:
         return None
     if len(data) < SEGMENT.size:
@@ -3969,9 +3967,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
 def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
     """What `kvctl limit NAME SIZE` does: rewrite the instance's total under an exclusive lock."""
     with open_segment(ipc_name, write=True) as fd:
-        locked(fd, fcntl.LOCK_EX, tries=50)
         os.pwrite(fd, struct.pack("<q", limit_bytes), 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def remove_segment(ipc_name: str) -> bool:

@@ -4773,8 +4773,7 @@ def still_open(record: RequestRecord, started: float, deadline: float) -> Reques
 # %% Files: raw rows appended as they come, JSON replaced whole
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -4432,15 +4432,12 @@ class MemoryWatch:
     def __init__(self, sampler: "Sampler"):
         self.sampler = sampler
 
-    def recent(self, seconds: float) -> list[tuple[float, float]]:
-        cutoff = time.time() - seconds
-        return [s for s in list(self.sampler.device) if s[0] >= cutoff]
-
     def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float, timeout_s: float) -> str:
         """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
         start = time.time()
         while time.time() - start < timeout_s:
-            window = [s for s in self.recent(settle_s) if s[0] > start]
+            cutoff = time.time() - settle_s  # the last settle_s of samples taken since the wait began
+            window = [s for s in list(self.sampler.device) if s[0] >= cutoff and s[0] > start]
             if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
                 return "released"
             if time.time() - start >= settle_s and window:

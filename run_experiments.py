@@ -3927,7 +3927,9 @@ def segment_path(ipc_name: str) -> Path:
 @contextlib.contextmanager
 def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
     """The segment's fd, opened without following links, checked to be our own regular file of the
-    expected size: /dev/shm is writable by every user of the machine."""
+    expected size (/dev/shm is writable by every user of the machine), and locked: shared to read
+    (kvcached's writers take LOCK_EX), exclusive to write. The lock is tried a few times, not waited
+    for: a stranger holding it costs one sample, not 40 s."""
     fd = os.open(segment_path(ipc_name), (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
@@ -3936,21 +3938,19 @@ def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
                 f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
                 f"{info.st_size} bytes)"
             )
+        tries = 50 if write else 5
+        for attempt in range(tries):
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == tries - 1:
+                    raise SegmentError("kvcached segment is locked by another process") from None
+                time.sleep(0.01)
         yield fd
+        fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def locked(fd: int, mode: int, tries: int = 5, pause_s: float = 0.01) -> None:
-    """flock without blocking the caller for long: a stranger holding the lock costs one sample, not 40 s."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if attempt == tries - 1:
-                raise SegmentError("kvcached segment is locked by another process") from None
-            time.sleep(pause_s)
 
 
 def read_segment(ipc_name: str) -> Optional[dict]:
@@ -3958,9 +3958,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
     gone). Raises SegmentError for a segment that is not ours or stays locked."""
     try:
         with open_segment(ipc_name) as fd:
-            locked(fd, fcntl.LOCK_SH)  # kvcached's writers take LOCK_EX
             data = os.pread(fd, SEGMENT.size, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
     except FileNotFoundError:
         return None
     if len(data) < SEGMENT.size:
@@ -3972,9 +3970,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
 def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
     """What `kvctl limit NAME SIZE` does: rewrite the instance's total under an exclusive lock."""
     with open_segment(ipc_name, write=True) as fd:
-        locked(fd, fcntl.LOCK_EX, tries=50)
         os.pwrite(fd, struct.pack("<q", limit_bytes), 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def remove_segment(ipc_name: str) -> bool:
@@ -4030,16 +4026,14 @@ def load_nvml(module: Any = None) -> Any:
 def gpu_facts(nvml: Any, index: int) -> dict:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-    name = nvml.nvmlDeviceGetName(handle)
-    driver = nvml.nvmlSystemGetDriverVersion()
 
     def decode(value: Any) -> Any:
         return value.decode() if isinstance(value, bytes) else value
 
     facts = {
         "index": index,
-        "name": decode(name),
-        "driver": decode(driver),
+        "name": decode(nvml.nvmlDeviceGetName(handle)),
+        "driver": decode(nvml.nvmlSystemGetDriverVersion()),
         "uuid": decode(nvml.nvmlDeviceGetUUID(handle)),
         "total_mib": mem.total / MIB,
         "used_mib_at_start": mem.used / MIB,
@@ -4055,12 +4049,6 @@ FOREIGN_PIDS = (
     "NVML reports process ids from another PID namespace (a container): per-server memory is "
     "unavailable here; the device totals are unaffected"
 )
-
-
-def pids_from_elsewhere(by_pid: dict[int, int]) -> bool:
-    """NVML lists processes on the card, yet none of them exists in our /proc: we run in a container
-    whose PID namespace hides the host pids NVML reports."""
-    return bool(by_pid) and not any(Path(f"/proc/{pid}").exists() for pid in by_pid)
 
 
 def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
@@ -4094,13 +4082,8 @@ SERVER_LATENCY = {
 }
 
 
-WANTED_SAMPLES = {
-    **GAUGES,
-    **{
-        f"{name}_{part}": f"{short}_{part}"
-        for short, name in SERVER_LATENCY.items()
-        for part in ("sum", "count")
-    },
+WANTED_SAMPLES = GAUGES | {
+    f"{name}_{part}": f"{short}_{part}" for short, name in SERVER_LATENCY.items() for part in ("sum", "count")
 }
 
 
@@ -4123,6 +4106,10 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+class MetricsError(RuntimeError):
+    pass
+
+
 def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[Connections] = None) -> dict[str, float]:
     """vLLM's /metrics: its queue gauges, preemption counter and latency histograms' sums and counts.
     `kept`: sockets kept open across calls (the sampler reads twice a second)."""
@@ -4131,10 +4118,6 @@ def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[Connections]
     if status != 200:
         raise MetricsError(f"{url}/metrics: HTTP {status}")
     return parse_metrics(body.decode("utf-8", "replace"))
-
-
-class MetricsError(RuntimeError):
-    pass
 
 
 def server_latency_snapshot(
@@ -4210,85 +4193,12 @@ def device_loop(
     flush()
 
 
-class DeviceSeries:
-    """The device process (device_sampler) and what its lines say: (t, used MiB) samples, read live by
-    MemoryWatch, and how many ticks it skipped."""
-
-    def __init__(self, nvml: Any, gpu_index: int, hz: float):
-        self.nvml, self.gpu_index, self.hz = nvml, gpu_index, hz
-        self.samples: list[tuple[float, float]] = []
-        self.missed_ticks = 0
-        self.proc: Optional[subprocess.Popen] = None
-        self.stderr: Optional[Any] = None  # a file, as a full pipe would block the process
-
-    def start(self) -> None:
-        module = getattr(self.nvml, "__file__", None)
-        call = "import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
-        where = os.path.dirname(module) if module else ""
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)]
-            + [where, self.nvml.__name__, str(self.gpu_index), str(self.hz)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-            bufsize=1,
-        )
-
-    def wait_first(self, timeout_s: float) -> Optional[str]:
-        """None once the first sample is in; otherwise the process is ended and this says why not."""
-        deadline = time.time() + timeout_s
-        while not self.samples and time.time() < deadline and self.proc.poll() is None:
-            time.sleep(0.01)
-        if self.samples:
-            return None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.stderr.seek(0)
-        last = ([line for line in self.stderr.read().splitlines() if line.strip()] or [""])[-1].strip()
-        return f" (it exited: {last[:300]})" if last else ""
-
-    def row(self, line: str, error_row: Callable) -> Optional[dict]:
-        """The memory.jsonl row of one line ("d t used total", "e t error", "m missed")."""
-        kind, _, rest = line.rstrip("\n").partition(" ")
-        if kind == "d":
-            t, used, total = rest.split()
-            self.samples.append((float(t), int(used) / MIB))
-            return {
-                "kind": "device",
-                "t": float(t),
-                "used_mib": int(used) / MIB,
-                "total_mib": int(total) / MIB,
-            }
-        if kind == "e":
-            t, _, error = rest.partition(" ")
-            return error_row("nvml", float(t), error)
-        if kind == "m":
-            self.missed_ticks = int(rest)
-        return None
-
-    def stop(self) -> None:
-        """Ends the process: it stops at EOF on its stdin, or is killed after 5 s."""
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def close(self) -> None:
-        if self.stderr is not None:
-            self.stderr.close()
-
-
 def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float) -> list[dict]:
     """One "process" row per server: the GPU memory of the processes in its tree, as NVML lists them."""
     by_pid = gpu_processes(nvml, handle)
-    foreign = pids_from_elsewhere(by_pid)
+    # NVML lists processes on the card, yet none of them exists in our /proc: we run in a container whose
+    # PID namespace hides the host pids NVML reports
+    foreign = bool(by_pid) and not any(Path(f"/proc/{pid}").exists() for pid in by_pid)
     owners = {pid: owner_of(pid, roots) for pid in by_pid}
     rows = []
     for server in servers:
@@ -4309,17 +4219,6 @@ def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float)
     return rows
 
 
-def segment_row(server: RunningServer, now: float) -> Optional[dict]:
-    """A "kvcached" row from the server's segment (None before kvcached has made it)."""
-    seg = read_segment(server.spec.ipc_name)
-    return None if seg is None else {"kind": "kvcached", "t": now, "server": server.spec.name, **seg}
-
-
-def metrics_row(server: RunningServer, now: float, kept: Connections) -> dict:
-    """A "metrics" row from the server's /metrics (kept: its open connection, see scrape_metrics)."""
-    return {"kind": "metrics", "t": now, "server": server.spec.name, **scrape_metrics(server.url, kept=kept)}
-
-
 class RowFile:
     """memory.jsonl, opened at the first write; an OSError (a full disk, too many open files) calls
     `failed`, and the next write opens it again."""
@@ -4328,34 +4227,23 @@ class RowFile:
         self.path, self.failed = path, failed
         self.file: Optional[Any] = None
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict], flush: bool = False) -> None:
         try:
-            if self.file is None:
+            if rows and self.file is None:
                 self.file = open(self.path, "a")
-            self.file.write("".join(json.dumps(row) + "\n" for row in rows))
-        except OSError:
-            self._lost()
-
-    def flush(self) -> None:
-        try:
-            if self.file is not None:
+            if rows:
+                self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+            if flush and self.file is not None:
                 self.file.flush()
         except OSError:
-            self._lost()
+            self.close()
+            self.failed()
 
     def close(self) -> None:
-        self.flush()
         with contextlib.suppress(OSError):
             if self.file is not None:
                 self.file.close()
         self.file = None
-
-    def _lost(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-        self.file = None
-        self.failed()
 
 
 class Sampler(threading.Thread):
@@ -4367,7 +4255,7 @@ class Sampler(threading.Thread):
     does not drift with the work per tick; a tick that is already past when the sampler gets to it
     is skipped and counted, never made up for with a burst of samples.
 
-    Device memory comes from a small process of its own (DeviceSeries), stamped there; this thread
+    Device memory comes from a small process of its own (device_sampler), stamped there; this thread
     reads its lines and owns the file. Per-process, segment and /metrics reads run in a second thread
     that hands its rows over through a deque, without a lock the file's writer waits on.
     """
@@ -4382,10 +4270,13 @@ class Sampler(threading.Thread):
         process_sample_hz: float,
     ):
         super().__init__(daemon=True, name="memory-sampler")
-        self.nvml, self.servers, self.path = nvml, servers, path
+        self.nvml, self.gpu_index, self.servers, self.sample_hz = nvml, gpu_index, servers, sample_hz
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        self.series = DeviceSeries(nvml, gpu_index, sample_hz)
         self.slow_interval = 1.0 / process_sample_hz
+        self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by MemoryWatch
+        self.missed_ticks = 0  # as the device process counts them
+        self.child: Optional[subprocess.Popen] = None  # the device process
+        self.child_stderr: Optional[Any] = None  # a file, as a full pipe would block the child
         self.halt = threading.Event()  # not '_stop': that shadows Thread._stop and breaks join()
         self.counted: collections.Counter = collections.Counter()  # kind of error -> errors
         self.lock = threading.Lock()  # over `counted`: both threads count
@@ -4393,19 +4284,6 @@ class Sampler(threading.Thread):
         self.handed_over: collections.deque = collections.deque()  # slow thread -> file writer
         self.file = RowFile(path, lambda: self.count_error("write"))
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
-
-    @property
-    def device(self) -> list[tuple[float, float]]:
-        """(t, used MiB), read live by MemoryWatch."""
-        return self.series.samples
-
-    @property
-    def missed_ticks(self) -> int:
-        return self.series.missed_ticks
-
-    @property
-    def child(self) -> Optional[subprocess.Popen]:
-        return self.series.proc
 
     @property
     def error_kinds(self) -> dict[str, int]:
@@ -4428,48 +4306,87 @@ class Sampler(threading.Thread):
 
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
-        self.series.start()
+        module = getattr(self.nvml, "__file__", None)
+        call = "import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
+        where = os.path.dirname(module) if module else ""
+        self.child_stderr = tempfile.TemporaryFile(mode="w+")
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)]
+            + [where, self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.child_stderr,
+            text=True,
+            bufsize=1,
+        )
         super().start()
-        why_not = self.series.wait_first(first_sample_timeout_s)
-        if why_not is not None:
-            self.stop()
-            raise RuntimeError(
-                f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s{why_not}"
-            )
+        deadline = time.time() + first_sample_timeout_s
+        while not self.device and time.time() < deadline and self.child.poll() is None:
+            time.sleep(0.01)
+        if self.device:
+            return
+        self.child.kill()  # a no-op if it exited
+        self.child.wait()
+        self.child_stderr.seek(0)
+        said = [line.strip() for line in self.child_stderr.read().splitlines() if line.strip()]
+        self.stop()
+        raise RuntimeError(
+            f"the device-memory sampler did not start within {first_sample_timeout_s:.0f} s"
+            + (f" (it exited: {said[-1][:300]})" if said else "")
+        )
+
+    def device_rows(self, line: str) -> list[dict]:
+        """The memory.jsonl row of one line of the device process ("d t used total", "e t error", or
+        none for "m missed")."""
+        kind, _, rest = line.rstrip("\n").partition(" ")
+        try:
+            if kind == "d":
+                t, used, total = rest.split()
+                at, used_mib = float(t), int(used) / MIB
+                self.device.append((at, used_mib))
+                return [{"kind": "device", "t": at, "used_mib": used_mib, "total_mib": int(total) / MIB}]
+            if kind == "e":
+                t, _, error = rest.partition(" ")
+                return [self.error_row("nvml", float(t), error)]
+            if kind == "m":
+                self.missed_ticks = int(rest)
+        except ValueError:
+            self.count_error("sampler")
+        return []
 
     def run(self) -> None:
         self.slow_thread.start()
         last_flush = time.time()
-        for line in self.series.proc.stdout:  # until the device process ends
-            rows = []
-            try:
-                row = self.series.row(line, self.error_row)
-                rows = [row] if row else []
-            except ValueError:
-                self.count_error("sampler")
+        for line in self.child.stdout:  # until the device process ends
+            rows = self.device_rows(line)
             while self.handed_over:
                 rows += self.handed_over.popleft()
-            if rows:
-                self.file.write(rows)
-            if time.time() - last_flush >= 1.0:
-                self.file.flush()
+            flush = time.time() - last_flush >= 1.0
+            self.file.write(rows, flush)
+            if flush:
                 last_flush = time.time()
         if not self.halt.is_set():  # it died on its own: the series ends here, and the summary says so
             self.count_error("device sampler exited")
         self.halt.set()
         self.slow_thread.join(timeout=5)
-        rows = [row for batch in list(self.handed_over) for row in batch]
-        self.handed_over.clear()
-        if rows:
-            self.file.write(rows)
+        self.file.write([row for batch in list(self.handed_over) for row in batch], flush=True)
         self.file.close()
 
     def stop(self) -> None:
+        """Ends the device process (at EOF on its stdin, or killed after 5 s), then this thread."""
         self.halt.set()
-        self.series.stop()
+        if self.child is not None:
+            with contextlib.suppress(OSError):
+                self.child.stdin.close()
+            try:
+                self.child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
         if self.is_alive():
             self.join(timeout=10)
-        self.series.close()
+        if self.child_stderr is not None:
+            self.child_stderr.close()
 
     def slow_rows(self, now: float) -> list[dict]:
         """Per-server memory and kvcached segments; a failed read is an error row."""
@@ -4477,21 +4394,23 @@ class Sampler(threading.Thread):
             rows = process_rows(self.nvml, self.handle, self.servers, self.roots, now)
         except Exception as exc:
             rows = [self.error_row("nvml-processes", now, repr(exc))]
-        for server in self.servers:
-            if server.spec.kvcached:
-                try:
-                    rows += [row for row in [segment_row(server, now)] if row]
-                except OSError as exc:
-                    where = f"kvcached {server.spec.name}"
-                    rows.append(self.error_row("kvcached segment", now, repr(exc)[:300], where))
+        for server in [server for server in self.servers if server.spec.kvcached]:
+            try:
+                seg = read_segment(server.spec.ipc_name)  # None before kvcached has made it
+                rows += [{"kind": "kvcached", "t": now, "server": server.spec.name, **seg}] if seg else []
+            except OSError as exc:
+                where = f"kvcached {server.spec.name}"
+                rows.append(self.error_row("kvcached segment", now, repr(exc)[:300], where))
         return rows
 
     def metrics_rows(self, kept: Connections) -> list[dict]:
+        """Each server's /metrics (kept: its open connections, see scrape_metrics)."""
         rows = []
         for server in self.servers:
             now = time.time()
             try:
-                rows.append(metrics_row(server, now, kept))
+                found = scrape_metrics(server.url, kept=kept)
+                rows.append({"kind": "metrics", "t": now, "server": server.spec.name, **found})
             except Exception as exc:
                 rows.append(self.error_row("metrics", now, repr(exc)[:300], f"metrics {server.spec.name}"))
         return rows
@@ -4516,15 +4435,12 @@ class MemoryWatch:
     def __init__(self, sampler: "Sampler"):
         self.sampler = sampler
 
-    def recent(self, seconds: float) -> list[tuple[float, float]]:
-        cutoff = time.time() - seconds
-        return [s for s in list(self.sampler.device) if s[0] >= cutoff]
-
     def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float, timeout_s: float) -> str:
         """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
         start = time.time()
         while time.time() - start < timeout_s:
-            window = [s for s in self.recent(settle_s) if s[0] > start]
+            cutoff = time.time() - settle_s  # the last settle_s of samples taken since the wait began
+            window = [s for s in list(self.sampler.device) if s[0] >= cutoff and s[0] > start]
             if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
                 return "released"
             if time.time() - start >= settle_s and window:
@@ -4857,8 +4773,7 @@ def still_open(record: RequestRecord, started: float, deadline: float) -> Reques
 # %% Files: raw rows appended as they come, JSON replaced whole
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

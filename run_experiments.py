@@ -2809,11 +2809,9 @@ def process_tree(root_pid: int) -> list[int]:
             stat_ = proc_stat(int(entry))
             if stat_ is not None:
                 children.setdefault(stat_[1], []).append(int(entry))
-    tree, stack = [], [root_pid]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
+    tree = [root_pid]
+    for pid in tree:  # the list grows as it is walked: each pid's children join it
+        tree.extend(children.get(pid, []))
     return tree
 
 
@@ -2831,15 +2829,12 @@ def port_sockets(port: int, states: tuple[str, ...]) -> set[int]:
     """Inodes of TCP sockets on this local port (any address, IPv4 or IPv6) in the given states."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
-                        inodes.add(int(fields[9]))
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
+        with contextlib.suppress(OSError, StopIteration, IndexError, ValueError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
+                    inodes.add(int(fields[9]))
     return inodes
 
 
@@ -2946,16 +2941,12 @@ def read_order(control: int, timeout_s: float) -> Optional[str]:
 def reap_children(codes: dict[int, int]) -> None:
     """Collect every child that ended (the server's orphans are the keeper's children too), noting each
     exit code by pid."""
+    import contextlib
     import os
 
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        codes.setdefault(pid, os.waitstatus_to_exitcode(status))
+    with contextlib.suppress(ChildProcessError):  # raised once no child is left
+        while (ended := os.waitpid(-1, os.WNOHANG))[0]:  # pid 0: none has ended yet
+            codes.setdefault(ended[0], os.waitstatus_to_exitcode(ended[1]))
 
 
 def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, int]) -> list[int]:
@@ -3107,17 +3098,11 @@ def settle(server: RunningServer) -> None:
     if server.stopped and server.control is not None:
         os.close(server.control)
         server.control = None
-    scrub_file(server.log_path)
-
-
-def scrub_file(path: Path) -> None:
-    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
-    if not STATE.secrets:
-        return
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace")
-        if scrub(text) != text:
-            write_text_atomic(path, scrub(text))
+    if STATE.secrets:  # a server may have printed them into its own log (vLLM echoes its arguments)
+        with contextlib.suppress(OSError):
+            text = server.log_path.read_text(errors="replace")
+            if scrub(text) != text:
+                write_text_atomic(server.log_path, scrub(text))
 
 
 # %% The wire: HTTP/1.1 on plain sockets, each read timed as it arrives
@@ -3608,13 +3593,11 @@ class ServerPool:
         self.ahead = ahead or Ahead()
 
     def forget_stopped(self) -> None:
-        for key in [k for k, s in self.running.items() if s.stopped]:
-            del self.running[key]
+        self.running = {key: s for key, s in self.running.items() if not s.stopped}
 
     def shut(self) -> list[RunningServer]:
         """The servers running or held ahead, handed over to be stopped."""
-        self.forget_stopped()
-        servers = [*self.running.values(), *self.ahead.give_back()]
+        servers = [s for s in self.running.values() if not s.stopped] + self.ahead.give_back()
         self.running.clear()
         return servers
 
@@ -3734,9 +3717,8 @@ def import_first_servers(run: Run, pool: "ServerPool") -> None:
         return
     (lane,) = run.lanes
     first = lane.experiments[0]
-    pool.prepare(
-        resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
-    )
+    servers = resolve_experiment(first, lane.cfg, run.plans, run.budget).servers
+    pool.prepare(servers, experiment_dir(run, first))
     try:
         confirm_imports(run, "the servers importing vLLM ahead were stopped before they started")
     except ConfigError:
@@ -3793,8 +3775,7 @@ def run_staged(module: str, args: list[str]) -> None:
 
 
 def module_launch(cmd: list[str]) -> Optional[tuple[list[str], str, list[str]]]:
-    """`python [-FLAGS] -m MODULE ARGS...` as (python and its flags, MODULE, ARGS); None for any other
-    command."""
+    """`python [-FLAGS] -m MODULE ARGS...` as (python and its flags, MODULE, ARGS), else None."""
     flags = list(itertools.takewhile(lambda a: re.fullmatch(r"-[bBdEiIOqsSuv]+", a), cmd[1:]))
     rest = cmd[1 + len(flags) :]
     if len(rest) < 2 or rest[0] != "-m":

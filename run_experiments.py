@@ -3387,12 +3387,11 @@ class RunningServer:
         }
 
     def evidence(self) -> str:
-        return (
-            f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
-            f"--- last 40 lines of the log ---\n{tail(self.log_path)}"
-        )
+        log = f"log: {self.log_path}\n--- last 40 lines of the log ---\n{tail(self.log_path)}"
+        return f"command: {shlex.join(self.cmd)}\n{log}"
 
     def failure(self, problem: str) -> ServerError:
+        """The error for what went wrong, with the evidence: command, log and the log's tail."""
         return ServerError(f"{problem}\n{self.evidence()}")
 
 

@@ -2669,9 +2669,8 @@ class ServerSpec:
             return f"{self.name} kvcached"
         if self.kv_cache_memory_bytes:
             return f"{self.name} static {self.kv_cache_memory_bytes / GIB:g} GiB KV"
-        return (
-            f"{self.name} static {self.gpu_memory_utilization:g}{' + sleep mode' if self.sleep_mode else ''}"
-        )
+        sleep = " + sleep mode" if self.sleep_mode else ""
+        return f"{self.name} static {self.gpu_memory_utilization:g}{sleep}"
 
     @property
     def ipc_name(self) -> str:
@@ -2706,38 +2705,33 @@ def port_of(cfg: Config, slot: str) -> int:
 
 
 def server_prefix(cfg: Config) -> list[str]:
-    return (
-        shlex.split(cfg.server_cmd)
-        if cfg.server_cmd
-        else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    )
+    if cfg.server_cmd:
+        return shlex.split(cfg.server_cmd)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def server_command(cfg: Config, spec: ServerSpec) -> list[str]:
-    cmd = server_prefix(cfg) + [
-        "--model",
-        spec.model,
-        "--host",
-        cfg.host,
-        "--port",
-        str(spec.port),
-        "--max-model-len",
-        str(cfg.max_model_len),
-        "--enable-prefix-caching"
-        if cfg.prefix_caching  # off by default: repeated prompt parts
-        else "--no-enable-prefix-caching",  # must not skip their KV demand
-        "--enforce-eager",
-    ]  # no CUDA graphs: faster start, less memory
-    if cfg.load_format:
-        cmd += ["--load-format", cfg.load_format]
-    if cfg.tokenizer:
-        cmd += ["--tokenizer", cfg.tokenizer]
-    if spec.gpu_memory_utilization is not None:
-        cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
-    if spec.kv_cache_memory_bytes is not None:
-        cmd += ["--kv-cache-memory-bytes", str(spec.kv_cache_memory_bytes)]
-    if spec.sleep_mode:
-        cmd += ["--enable-sleep-mode"]
+    """The server's argv, flags in this order: a value of True is a bare switch, None leaves it out."""
+    flags = {
+        "--model": spec.model,
+        "--host": cfg.host,
+        "--port": spec.port,
+        "--max-model-len": cfg.max_model_len,
+        # off by default: repeated prompt parts must not skip their KV demand
+        "--enable-prefix-caching" if cfg.prefix_caching else "--no-enable-prefix-caching": True,
+        "--enforce-eager": True,  # no CUDA graphs: faster start, less memory
+        "--load-format": cfg.load_format or None,
+        "--tokenizer": cfg.tokenizer or None,
+        "--gpu-memory-utilization": spec.gpu_memory_utilization,
+        "--kv-cache-memory-bytes": spec.kv_cache_memory_bytes,
+        "--enable-sleep-mode": spec.sleep_mode or None,
+    }
+    cmd = server_prefix(cfg)
+    for flag, value in flags.items():
+        if value is True:
+            cmd.append(flag)
+        elif value is not None:
+            cmd += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return cmd + shlex.split(cfg.extra_server_args)
 
 
@@ -2748,8 +2742,7 @@ def server_env(
     `run_env` is what every server of the run shares: the card NVML measures (CUDA_VISIBLE_DEVICES by
     UUID) and the model runner (model_runner_env). The API key
     travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
-    env = dict(os.environ if base is None else base)
-    env.update(run_env or {})
+    env = dict(os.environ if base is None else base) | (run_env or {})
     if spec.kvcached:
         env.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=spec.ipc_name)
         env.update(parse_env_pairs(cfg.kvcached_env))
@@ -2819,31 +2812,19 @@ def process_tree(root_pid: int) -> list[int]:
             stat_ = proc_stat(int(entry))
             if stat_ is not None:
                 children.setdefault(stat_[1], []).append(int(entry))
-    tree, stack = [], [root_pid]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
+    tree = [root_pid]
+    for pid in tree:  # the list grows as it is walked: each pid's children join it
+        tree.extend(children.get(pid, []))
     return tree
 
 
-def pid_alive(pid: int, start_ticks: Optional[int] = None) -> bool:
-    """Alive, not a zombie, and (when start_ticks is given) still the very process we saw: a pid that
-    was freed and handed to a stranger has another start time."""
-    stat_ = proc_stat(pid)
-    if stat_ is None or stat_[0] in ("Z", "X"):
-        return False
-    return start_ticks is None or stat_[3] == start_ticks
-
-
 def live_below(root_pid: int) -> list[int]:
-    """The live processes below root_pid (an ended one, not yet reaped, is not counted)."""
-    return [pid for pid in process_tree(root_pid)[1:] if pid_alive(pid)]
+    """The live processes below root_pid (an ended one, not yet reaped, a zombie, is not counted)."""
+    stats = {pid: proc_stat(pid) for pid in process_tree(root_pid)[1:]}
+    return [pid for pid, stat_ in stats.items() if stat_ is not None and stat_[0] not in ("Z", "X")]
 
 
 TCP_LISTEN = "0A"  # /proc/net/tcp state of a listening socket
-
-
 TCP_CLOSING = ("01", "04", "05", "06", "08", "09", "0B")  # established and closing connections
 
 
@@ -2851,15 +2832,12 @@ def port_sockets(port: int, states: tuple[str, ...]) -> set[int]:
     """Inodes of TCP sockets on this local port (any address, IPv4 or IPv6) in the given states."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
-                        inodes.add(int(fields[9]))
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
+        with contextlib.suppress(OSError, StopIteration, IndexError, ValueError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
+                    inodes.add(int(fields[9]))
     return inodes
 
 
@@ -2916,15 +2894,14 @@ def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill
     on "stop GRACE_S" or "now" from the harness on `control`, on the pipe's end (the harness is gone),
     or when the server ends by itself, since what it leaves behind must go too. It exits once nothing of
     the server is left, with the server's exit code: that exit is the harness's "stopped"."""
+    import contextlib
     import ctypes
     import os
     import signal
     import subprocess
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
     # A handler, not SIG_IGN: the server must not inherit an ignored SIGINT (exec resets handlers).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
@@ -2938,10 +2915,9 @@ def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill
     left = end_tree(
         -1 if order == "gone" else control, 0.0 if order == "now" else grace_s, kill_wait_s, codes
     )
-    if segment:
-        problem = unlink_segment(segment)
-        if problem:
-            print(f"[keeper] {problem}", flush=True)
+    problem = segment and unlink_segment(segment)
+    if problem:
+        print(f"[keeper] {problem}", flush=True)
     if left:
         print(f"[keeper] still alive after SIGKILL: pids {left}", flush=True)
     code = codes.get(server.pid, 0)
@@ -2968,21 +2944,18 @@ def read_order(control: int, timeout_s: float) -> Optional[str]:
 def reap_children(codes: dict[int, int]) -> None:
     """Collect every child that ended (the server's orphans are the keeper's children too), noting each
     exit code by pid."""
+    import contextlib
     import os
 
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        codes.setdefault(pid, os.waitstatus_to_exitcode(status))
+    with contextlib.suppress(ChildProcessError):  # raised once no child is left
+        while (ended := os.waitpid(-1, os.WNOHANG))[0]:  # pid 0: none has ended yet
+            codes.setdefault(ended[0], os.waitstatus_to_exitcode(ended[1]))
 
 
 def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, int]) -> list[int]:
     """SIGINT to every process below this one, grace_s for them to end ("now" on `control` cuts it
     short), then SIGKILL to whatever is left; returns the pids alive even after that."""
+    import contextlib
     import os
     import signal
     import time
@@ -2996,10 +2969,8 @@ def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, 
                 flush=True,
             )
         for pid in stuck:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, sig)
-            except OSError:
-                pass
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             reap_children(codes)
@@ -3032,7 +3003,6 @@ def keeper_source() -> str:
     return program_source(
         proc_stat,
         process_tree,
-        pid_alive,
         live_below,
         unlink_segment,
         read_order,
@@ -3054,8 +3024,9 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
     if not servers:
         return 0.0
     grace_s = STOP_GRACE_S if grace_s is None else grace_s
-    started, interrupted = time.time(), False
-    main = in_main_thread()  # signals, and so STOPPING and the re-raised interrupt, concern it alone
+    started = time.time()
+    # signals, and so STOPPING and the re-raised interrupt, concern the main thread alone
+    main = threading.current_thread() is threading.main_thread()
     if main:
         STATE.stopping.set()  # from here on a signal cannot cut the stop short
     try:
@@ -3097,30 +3068,25 @@ def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
             STATE.hurry.set()
             say("  interrupted again: killing the servers now")
     for server in servers:  # what held a stop up, as its keeper saw it when it sent SIGKILL
-        for line in keeper_lines(server.log_path, logged[id(server)], "still running"):
-            say(f"    {line}")
+        for line in keeper_lines(server.log_path, logged[id(server)]):
+            if "still running" in line:
+                say(f"    {line}")
     return interrupted
 
 
 def log_size(path: Path) -> int:
-    try:
+    with contextlib.suppress(OSError):
         return path.stat().st_size
-    except OSError:
-        return 0
+    return 0
 
 
-def keeper_lines(path: Path, start: int, containing: str) -> list[str]:
+def keeper_lines(path: Path, start: int) -> list[str]:
     """The keeper's lines in a server's log from byte `start` on, without their prefix."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    prefix = "[keeper] "
-    return [
-        line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix) and containing in line
-    ]
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+        return [line.removeprefix("[keeper] ") for line in lines if line.startswith("[keeper] ")]
+    return []
 
 
 def settle(server: RunningServer) -> None:
@@ -3135,17 +3101,11 @@ def settle(server: RunningServer) -> None:
     if server.stopped and server.control is not None:
         os.close(server.control)
         server.control = None
-    scrub_file(server.log_path)
-
-
-def scrub_file(path: Path) -> None:
-    """Remove secrets a server may have printed into its own log (vLLM echoes its arguments)."""
-    if not STATE.secrets:
-        return
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace")
-        if scrub(text) != text:
-            write_text_atomic(path, scrub(text))
+    if STATE.secrets:  # a server may have printed them into its own log (vLLM echoes its arguments)
+        with contextlib.suppress(OSError):
+            text = server.log_path.read_text(errors="replace")
+            if scrub(text) != text:
+                write_text_atomic(server.log_path, scrub(text))
 
 
 # %% The wire: HTTP/1.1 on plain sockets, each read timed as it arrives
@@ -3430,10 +3390,12 @@ class RunningServer:
         }
 
     def evidence(self) -> str:
-        return (
-            f"command: {shlex.join(self.cmd)}\nlog: {self.log_path}\n"
-            f"--- last 40 lines of the log ---\n{tail(self.log_path)}"
-        )
+        log = f"log: {self.log_path}\n--- last 40 lines of the log ---\n{tail(self.log_path)}"
+        return f"command: {shlex.join(self.cmd)}\n{log}"
+
+    def failure(self, problem: str) -> ServerError:
+        """The error for what went wrong, with the evidence: command, log and the log's tail."""
+        return ServerError(f"{problem}\n{self.evidence()}")
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -3456,36 +3418,28 @@ def start_checks(cfg: Config, spec: ServerSpec) -> None:
 
 
 def start_server(
-    cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None
+    cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None, staged: bool = False
 ) -> RunningServer:
-    """Launch a server now."""
-    start_checks(cfg, spec)
-    return launch_server(cfg, spec, log_path, run_env)
-
-
-def launch_server(
-    cfg: Config,
-    spec: ServerSpec,
-    log_path: Path,
-    run_env: Optional[dict] = None,
-    wrap: Callable[[list[str]], list[str]] = lambda cmd: cmd,
-    note: str = "",
-    piped: bool = False,
-) -> RunningServer:
-    """The server's command, through `wrap`, under its keeper, with no checks. `note`: a line for its
-    log's header; `piped`: a pipe to its stdin, to be told more there (see Preimporter)."""
+    """Launch a server now, under its keeper. `staged`: it only imports vLLM, and starts when
+    release_staged() says go on its stdin; it binds no port before that, so none is checked now."""
     cmd = server_command(cfg, spec)
-    launch = wrap(cmd)
+    launch = staged_command(cmd) if staged else cmd
+    if launch is None:
+        raise ServerError(
+            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
+        )
+    if not staged:
+        start_checks(cfg, spec)
     env = server_env(cfg, spec, run_env=run_env)
     shown = redact_env(
         {k: v for k, v in env.items() if k.startswith(("KVCACHED_", "ENABLE_KVCACHED", "VLLM_", "CUDA_"))}
     )
     cmd_shown = redact_argv(cmd)
+    note = "(imported ahead: the server starts when the harness says go)\n" if staged else ""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        header = f"$ {' '.join(f'{k}={v}' for k, v in sorted(shown.items()))} {shlex.join(cmd_shown)}\n"
-        header += note
-        log.write(scrub(header).encode())
+        env_line = " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+        log.write(scrub(f"$ {env_line} {shlex.join(cmd_shown)}\n{note}").encode())
         log.flush()
         # Own session: Ctrl-C in a terminal does not hit the servers before we stop them. Only this
         # process holds the pipe's write end (close-on-exec), so it ends when this process does.
@@ -3498,7 +3452,7 @@ def launch_server(
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
                 start_new_session=True,
                 pass_fds=(theirs,),
             )
@@ -3507,15 +3461,17 @@ def launch_server(
             raise
         finally:
             os.close(theirs)
+    started_at = time.time()
     return RunningServer(
         spec=spec,
         proc=proc,
         cmd=cmd_shown,
         env_shown=shown,
         log_path=log_path,
-        started_at=time.time(),
+        started_at=started_at,
         host=cfg.host,
         control=ours,
+        facts={"imported_ahead_from": started_at} if staged else {},  # started_at moves to the release
     )
 
 
@@ -3535,31 +3491,27 @@ def health_ok(server: RunningServer, timeout_s: float = 2.0) -> bool:
 
 
 def wait_ready(
-    server: RunningServer,
-    timeout_s: float,
-    poll_s: float = 0.25,
-    progress_every_s: float = 10.0,
+    server: RunningServer, timeout_s: float, poll_s: float = 0.25, progress_every_s: float = 10.0
 ) -> float:
     """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first.
     The first polls come quickly (a server imported ahead, or reused, answers within a second) and back
     off to poll_s, so start-up times are read to within a poll."""
-    deadline = server.started_at + timeout_s
-    interval = min(poll_s, 0.02)
-    next_progress = time.time() + progress_every_s
+    label, deadline = server.spec.label, server.started_at + timeout_s
+    interval, next_progress = min(poll_s, 0.02), time.time() + progress_every_s
     while True:
         code = server.exit_code()
         if code is not None:
-            raise ServerError(
-                f"server {server.spec.label} exited with code {code} before it was ready."
-                f"{fork_hint(server)}{runner_hint(server)}\n{server.evidence()}"
+            raise server.failure(
+                f"server {label} exited with code {code} before it was ready."
+                f"{fork_hint(server)}{runner_hint(server)}"
             )
         ours = listener_is_ours(server) if health_ok(server) else None
         if ours is False:
-            raise ServerError(
+            raise server.failure(
                 f"port {server.spec.port} answers /health, but the socket listening there does not "
-                f"belong to our server {server.spec.label} (pids {sorted(server.tree())}): another "
-                f"server is using the port. Measuring it would record someone else's numbers; pick "
-                f"free ports with --port-a/--port-b.\n{server.evidence()}"
+                f"belong to our server {label} (pids {sorted(server.tree())}): another server is using "
+                f"the port. Measuring it would record someone else's numbers; pick free ports with "
+                f"--port-a/--port-b."
             )
         if ours:
             server.ready_at = time.time()
@@ -3567,17 +3519,13 @@ def wait_ready(
             return server.startup_s
         now = time.time()
         if now > deadline:
-            raise ServerError(
-                f"server {server.spec.label} not ready after {timeout_s:.0f} s "
-                f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}\n"
-                f"{server.evidence()}"
+            raise server.failure(
+                f"server {label} not ready after {timeout_s:.0f} s "
+                f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}"
             )
         if now >= next_progress:
-            last = tail(server.log_path, 1).strip()[:120]
-            say(
-                f"    ... waiting for {server.spec.label} on :{server.spec.port}: "
-                f"{now - server.started_at:.0f} s  | {last}"
-            )
+            waited, last = now - server.started_at, tail(server.log_path, 1).strip()[:120]
+            say(f"    ... waiting for {label} on :{server.spec.port}: {waited:.0f} s  | {last}")
             next_progress = now + progress_every_s
         pause(interval)
         interval = min(poll_s, interval * 2)
@@ -3621,10 +3569,6 @@ def pause(seconds: float) -> None:
     time.sleep(max(0.0, seconds))
 
 
-def in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 class Ahead:
     """The pool's two hooks for servers made ready ahead of their start; this one makes none (the
     Preimporter, in its own cell, imports vLLM ahead). Whatever it holds goes back on give_back()."""
@@ -3651,13 +3595,11 @@ class ServerPool:
         self.ahead = ahead or Ahead()
 
     def forget_stopped(self) -> None:
-        for key in [k for k, s in self.running.items() if s.stopped]:
-            del self.running[key]
+        self.running = {key: s for key, s in self.running.items() if not s.stopped}
 
     def shut(self) -> list[RunningServer]:
         """The servers running or held ahead, handed over to be stopped."""
-        self.forget_stopped()
-        servers = [*self.running.values(), *self.ahead.give_back()]
+        servers = [s for s in self.running.values() if not s.stopped] + self.ahead.give_back()
         self.running.clear()
         return servers
 
@@ -3696,25 +3638,18 @@ class ServerPool:
         started: list[RunningServer] = []
         try:
             for spec in specs:
-                server = self.ahead.take(spec) or start_server(
-                    self.cfg, spec, server_log(log_dir, spec), self.run_env
-                )
+                log_path = server_log(log_dir, spec)
+                server = self.ahead.take(spec) or start_server(self.cfg, spec, log_path, self.run_env)
                 self.running[spec.key] = server
                 started.append(server)
                 server.together = tuple(s.label for s in specs if s is not spec)
                 say(f"  starting {spec.label}: {spec.model} on :{spec.port}  (log: {server.log_path})")
             for server in started:
-                wait_ready(
-                    server,
-                    self.cfg.start_timeout_s,
-                )
-                say(
-                    f"  {server.spec.label} ready after {server.startup_s:.1f} s"
-                    f"{' (started together with the others)' if len(started) > 1 else ''}"
-                )
-                if (
-                    server.spec.sleep_mode
-                ):  # it sleeps until a burst needs it: the next server may take the card
+                wait_ready(server, self.cfg.start_timeout_s)
+                together = " (started together with the others)" if len(started) > 1 else ""
+                say(f"  {server.spec.label} ready after {server.startup_s:.1f} s{together}")
+                # it sleeps until a burst needs it: the next server may take the card
+                if server.spec.sleep_mode:
                     try:
                         took = put_to_sleep(server, self.cfg)
                     except ServerError:  # awake, it would hold the card the next server needs
@@ -3747,11 +3682,12 @@ class Preimporter(Ahead):
             if spec.key in self.staged:
                 continue
             try:
-                self.staged[spec.key] = start_staged(self.cfg, spec, server_log(log_dir, spec), self.run_env)
+                log_path = server_log(log_dir, spec)
+                self.staged[spec.key] = start_server(self.cfg, spec, log_path, self.run_env, staged=True)
             except (OSError, ServerError) as exc:  # a saving, not a need: it starts the usual way later
                 say(f"  could not import vLLM ahead for {spec.label} ({exc}); it will start as usual")
-                continue
-            say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
+            else:
+                say(f"  importing vLLM for {spec.label} ahead of its start (--preimport)")
 
     def take(self, spec: ServerSpec) -> Optional[RunningServer]:
         server = self.staged.pop(spec.key, None)
@@ -3776,20 +3712,6 @@ def ahead_for(cfg: Config, run_env: Optional[dict] = None) -> Ahead:
     return Preimporter(cfg, run_env) if preimport_on(cfg) else Ahead()
 
 
-def start_staged(
-    cfg: Config, spec: ServerSpec, log_path: Path, run_env: Optional[dict] = None
-) -> RunningServer:
-    """Only import the server now; it starts on release_staged(). No port check yet: it binds none."""
-    if staged_command(cmd := server_command(cfg, spec)) is None:
-        raise ServerError(
-            f"only a `python -m MODULE` server command can be imported ahead, not {shlex.join(cmd)}"
-        )
-    note = "(imported ahead: the server starts when the harness says go)\n"
-    server = launch_server(cfg, spec, log_path, run_env, wrap=staged_command, note=note, piped=True)
-    server.facts["imported_ahead_from"] = server.started_at  # started_at moves to the release
-    return server
-
-
 def import_first_servers(run: Run, pool: "ServerPool") -> None:
     """With --preimport, the first servers import vLLM while vLLM's import check runs (see
     import_checks_beside); the experiments begin once it has passed."""
@@ -3797,9 +3719,8 @@ def import_first_servers(run: Run, pool: "ServerPool") -> None:
         return
     (lane,) = run.lanes
     first = lane.experiments[0]
-    pool.prepare(
-        resolve_experiment(first, lane.cfg, run.plans, run.budget).servers, experiment_dir(run, first)
-    )
+    servers = resolve_experiment(first, lane.cfg, run.plans, run.budget).servers
+    pool.prepare(servers, experiment_dir(run, first))
     try:
         confirm_imports(run, "the servers importing vLLM ahead were stopped before they started")
     except ConfigError:
@@ -3856,8 +3777,7 @@ def run_staged(module: str, args: list[str]) -> None:
 
 
 def module_launch(cmd: list[str]) -> Optional[tuple[list[str], str, list[str]]]:
-    """`python [-FLAGS] -m MODULE ARGS...` as (python and its flags, MODULE, ARGS); None for any other
-    command."""
+    """`python [-FLAGS] -m MODULE ARGS...` as (python and its flags, MODULE, ARGS), else None."""
     flags = list(itertools.takewhile(lambda a: re.fullmatch(r"-[bBdEiIOqsSuv]+", a), cmd[1:]))
     rest = cmd[1 + len(flags) :]
     if len(rest) < 2 or rest[0] != "-m":
@@ -3894,18 +3814,16 @@ def release_staged(cfg: Config, server: RunningServer) -> None:
     """Tell a staged server to start; its start-up is timed from here."""
     code = server.exit_code()
     if code is not None:
-        raise ServerError(
+        raise server.failure(
             f"server {server.spec.label} exited with code {code} while vLLM was being imported "
-            f"ahead of its start.\n{server.evidence()}"
+            f"ahead of its start."
         )
     start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
     try:
         server.proc.stdin.write(b"go\n")
         server.proc.stdin.close()
     except OSError as exc:  # it died between the check and the write
-        raise ServerError(
-            f"server {server.spec.label} could not be told to start ({exc}).\n{server.evidence()}"
-        ) from exc
+        raise server.failure(f"server {server.spec.label} could not be told to start ({exc}).") from exc
     server.started_at = time.time()
 
 

@@ -576,7 +576,7 @@ def test_a_staged_server_imports_first_and_starts_only_when_released(fake_gpu, t
     monkeypatch.setenv("FAKE_IMPORT_S", "1.5")
     cfg = module_cfg()
     spec = rx.ServerSpec("A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=True)
-    server = rx.start_staged(cfg, spec, tmp_path / "server_A.log")
+    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
     try:
         assert wait_for(lambda: log_says_imported(server), timeout=20)
         time.sleep(0.3)
@@ -599,7 +599,7 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     cfg = module_cfg(preimport="on")
     spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
-    orphan = rx.start_staged(cfg, spec, tmp_path / "orphan.log")
+    orphan = rx.start_server(cfg, spec, tmp_path / "orphan.log", staged=True)
     orphan.proc.stdin.close()  # what the harness's end looks like to it when the harness is gone
     assert orphan.proc.wait(timeout=20) == 0 and not orphan.live_pids()
     pool = rx.ServerPool(cfg, ahead=rx.ahead_for(cfg))
@@ -725,7 +725,7 @@ def test_a_staged_server_whose_import_fails_is_reported_with_its_log_on_release(
     spec = rx.ServerSpec(
         "A", "Qwen/Qwen2.5-0.5B-Instruct", cfg.port_a, kvcached=False, gpu_memory_utilization=0.5
     )
-    server = rx.start_staged(cfg, spec, tmp_path / "server_A.log")
+    server = rx.start_server(cfg, spec, tmp_path / "server_A.log", staged=True)
     assert server.proc.wait(timeout=20) != 0
     with pytest.raises(rx.ServerError, match="while vLLM was being imported ahead") as failure:
         rx.release_staged(cfg, server)

@@ -3244,14 +3244,24 @@ STAMP_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
 def arrival_time(ancillary: list[tuple[int, int, bytes]], sent: float) -> float:
     """When the bytes just read reached this machine, on perf_counter's clock: the kernel's stamp of
     their last packet (wall clock), so that a client too busy to read at once does not add its own wait
-    to the server's latencies; the read's own time where there is no stamp."""
-    now, wall = time.perf_counter(), time.time()
+    to the server's latencies; the read's own time where there is no stamp. Never before `sent`."""
+    now = time.perf_counter()
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
             seconds, nanoseconds = struct.unpack("qq", data[:16])
-            waited = wall - seconds - nanoseconds * 1e-9
-            return max(now - waited, sent) if waited >= 0 else now  # a clock step reads as no stamp
+            arrived = seconds + nanoseconds * 1e-9 - wall_minus_perf()
+            return max(arrived, sent) if arrived <= now else now  # a clock step reads as no stamp
     return now
+
+
+def wall_minus_perf() -> float:
+    """time.time() - time.perf_counter(), the wall clock read between two perf_counter reads close
+    together: a thread switched out between the two clocks' reads would shift the stamps it converts."""
+    for _ in range(5):
+        before, wall, after = time.perf_counter(), time.time(), time.perf_counter()
+        if after - before < 50e-6:
+            break
+    return wall - (before + after) / 2
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:

@@ -175,6 +175,21 @@ def test_a_read_the_client_takes_late_is_timed_at_its_arrival(monkeypatch):
     assert not sock.reads
 
 
+def test_an_arrival_stamp_counts_only_between_the_send_and_the_read(monkeypatch):
+    clock = ScriptedClock()
+    clock.now = 10.0
+    monkeypatch.setattr(rx, "time", ScriptedTime(clock, wall_offset=1000.0))
+
+    def stamped(wall):
+        nanoseconds = round(wall * 1e9)
+        return [(socket.SOL_SOCKET, rx.SO_TIMESTAMPNS, struct.pack("qq", *divmod(nanoseconds, 10**9)))]
+
+    assert rx.arrival_time(stamped(1009.5), sent=9.0) == pytest.approx(9.5)
+    assert rx.arrival_time(stamped(1008.0), sent=9.0) == 9.0, "not before the request was sent"
+    assert rx.arrival_time(stamped(1011.0), sent=9.0) == 10.0, "a clock step: the read's own time"
+    assert rx.arrival_time([], sent=9.0) == 10.0, "no stamp: the read's own time"
+
+
 def test_a_closed_burst_request_is_timed_from_its_send_with_the_wake_up_counted(monkeypatch):
     # The client takes 0.5 s to get its socket (its own work: not counted); the gate waits 1 s for a
     # wake-up (the request's latency: counted); then the first token comes 0.25 s after the send

@@ -1643,11 +1643,7 @@ FIELD_CHECKS = (
         lambda v: v > 0,
         "must be > 0",
     ),
-    (
-        "model_a model_b tokenizer",
-        folder_exists_if_named,
-        MISSING_FOLDER,
-    ),
+    ("model_a model_b tokenizer", folder_exists_if_named, MISSING_FOLDER),
     ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
     ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
     (
@@ -7210,6 +7206,7 @@ def warn(name: str, detail: str, fix: str = "") -> Check:
 
 PYTHONS = ((3, 10), (3, 13))  # what vLLM 0.24 and kvcached 0.1.6 declare
 IMPORT_TIMEOUT_S = 240.0  # importing vLLM takes 15-25 s on a warm machine
+TORCH_CUDA_LINE = re.compile(r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]", re.M)  # in torch/version.py
 
 
 def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
@@ -7242,11 +7239,7 @@ def torch_cuda_version() -> Optional[str]:
     spec = importlib.util.find_spec("torch")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         with contextlib.suppress(OSError):
-            found = re.search(
-                r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]",
-                (Path(folder) / "version.py").read_text(),
-                re.M,
-            )
+            found = TORCH_CUDA_LINE.search((Path(folder) / "version.py").read_text())
             if found:
                 return found.group(1)
     return None
@@ -7405,15 +7398,13 @@ def check_serving_imports(
     vllm, out = import_check("vllm", probe, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)")
     if not (kvcached_needed and vllm.ok):
         return [vllm]
-    patched = "autopatch True" in out
+    if "autopatch True" in out:
+        return [vllm, Check("kvcached", True, "autopatch hooks into vLLM")]
     return [
         vllm,
-        Check(
+        fail(
             "kvcached",
-            patched,
-            "autopatch hooks into vLLM"
-            if patched
-            else "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
+            "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
             "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)",
         ),
     ]
@@ -7547,11 +7538,6 @@ def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
     return f"{shown_release(span[0])}–{shown_release(span[1])}"
 
 
-def install_vllm(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
-    """The pip command for the newest release of a range."""
-    return f"pip install vllm=={shown_release(span[1])}.0"
-
-
 def run_python(
     python: str, code: str, timeout_s: float, env: Optional[dict] = None
 ) -> "subprocess.CompletedProcess[str]":
@@ -7588,7 +7574,7 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
         return fail(
             "versions",
             f"kvcached {kvcached} supports vLLM {shown_range(supported)}; found vllm {vllm}",
-            f"{install_vllm(supported)} (or leave out the kvcached experiments)",
+            f"pip install vllm=={shown_release(supported[1])}.0 (or leave out the kvcached experiments)",
         )
     if kvcached_needed and not supported:
         return warn(
@@ -7602,7 +7588,7 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
             "versions",
             f"{shown}: this harness knows vLLM {shown_range(HARNESS_KNOWS_VLLM)}; flags, endpoints or log "
             f"lines may differ",
-            f"{install_vllm(HARNESS_KNOWS_VLLM)} for a release it knows",
+            f"pip install vllm=={shown_release(HARNESS_KNOWS_VLLM[1])}.0 for a release it knows",
         )
     return Check("versions", True, shown + (" (kvcached supports it)" if kvcached_needed else ""))
 

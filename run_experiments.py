@@ -7410,10 +7410,6 @@ def check_serving_imports(
     ]
 
 
-def check_models(cfg: Config, slots: Iterable[str]) -> list[Check]:
-    return [check_model(cfg, slot) for slot in slots]
-
-
 def check_model(cfg: Config, slot: str) -> Check:
     name, model = f"model {slot}", model_of(cfg, slot)
     if (Path(model).expanduser() / "config.json").is_file():
@@ -7496,7 +7492,7 @@ def preflight(
         checks += check_serving_imports(cfg, kvcached_needed)
     versions = server_versions(cfg) if versions is None else versions
     checks += [check_versions(versions, kvcached_needed), check_model_runner(versions, kvcached_needed)]
-    checks += check_models(cfg, slots)
+    checks += [check_model(cfg, slot) for slot in slots]
     for lane, index in enumerate(gpu_indices(cfg)):
         checks += check_ports(lane_config(cfg, lane, index), slots)
     return checks, nvml

@@ -1602,7 +1602,9 @@ PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: 
 
 
 def folder_exists_if_named(model: str) -> bool:
-    return not looks_like_path(model) or Path(model).expanduser().is_dir()
+    """'/data/m', './m', '~/m' name folders, which must exist; 'org/name' is a Hugging Face id."""
+    names_folder = model.startswith(("/", ".", "~")) or os.sep + os.sep in model
+    return not names_folder or Path(model).expanduser().is_dir()
 
 
 MISSING_FOLDER = (
@@ -1895,11 +1897,6 @@ def fill_preset(cfg: Config) -> Config:
     )
     need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
-
-
-def looks_like_path(model: str) -> bool:
-    """'/data/m', './m', '~/m' name folders; 'org/name' is a Hugging Face id."""
-    return model.startswith(("/", ".", "~")) or os.sep + os.sep in model
 
 
 def parse_env_pairs(spec: str) -> dict[str, str]:
@@ -7541,18 +7538,15 @@ def run_python(
     return subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
-def servers_python(cfg: Config) -> str:
-    """The interpreter the servers run in: --server-cmd's, when it starts with a Python."""
-    first = server_prefix(cfg)[0]
-    return first if Path(first).name.startswith("python") else sys.executable
-
-
 def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
     """vllm and kvcached as the servers' Python sees them ({} if it cannot say): package metadata only,
-    so this takes a fraction of a second, before anything launches."""
+    so this takes a fraction of a second, before anything launches. The servers' Python is
+    --server-cmd's when that starts with one."""
     call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
-        proc = run_python(servers_python(cfg), program_source(package_versions, call=call), timeout_s)
+        first = server_prefix(cfg)[0]
+        python = first if Path(first).name.startswith("python") else sys.executable
+        proc = run_python(python, program_source(package_versions, call=call), timeout_s)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return {}

@@ -1601,7 +1601,9 @@ PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: 
 
 
 def folder_exists_if_named(model: str) -> bool:
-    return not looks_like_path(model) or Path(model).expanduser().is_dir()
+    """'/data/m', './m', '~/m' name folders, which must exist; 'org/name' is a Hugging Face id."""
+    names_folder = model.startswith(("/", ".", "~")) or os.sep + os.sep in model
+    return not names_folder or Path(model).expanduser().is_dir()
 
 
 MISSING_FOLDER = (
@@ -1642,11 +1644,7 @@ FIELD_CHECKS = (
         lambda v: v > 0,
         "must be > 0",
     ),
-    (
-        "model_a model_b tokenizer",
-        folder_exists_if_named,
-        MISSING_FOLDER,
-    ),
+    ("model_a model_b tokenizer", folder_exists_if_named, MISSING_FOLDER),
     ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
     ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
     (
@@ -1898,11 +1896,6 @@ def fill_preset(cfg: Config) -> Config:
     )
     need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
-
-
-def looks_like_path(model: str) -> bool:
-    """'/data/m', './m', '~/m' name folders; 'org/name' is a Hugging Face id."""
-    return model.startswith(("/", ".", "~")) or os.sep + os.sep in model
 
 
 def parse_env_pairs(spec: str) -> dict[str, str]:
@@ -7046,27 +7039,27 @@ class Check:
         )
 
 
+def fail(name: str, detail: str, fix: str) -> Check:
+    return Check(name, False, detail, fix)
+
+
+def warn(name: str, detail: str, fix: str = "") -> Check:
+    return Check(name, True, detail, fix, warning=True)
+
+
 PYTHONS = ((3, 10), (3, 13))  # what vLLM 0.24 and kvcached 0.1.6 declare
 IMPORT_TIMEOUT_S = 240.0  # importing vLLM takes 15-25 s on a warm machine
+TORCH_CUDA_LINE = re.compile(r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]", re.M)  # in torch/version.py
 
 
 def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
-    shown = f"Python {version[0]}.{version[1]} ({sys.executable})"
+    shown = f"Python {shown_release(version)} ({sys.executable})"
+    oldest, newest = (shown_release(known) for known in PYTHONS)
     if version < PYTHONS[0]:
-        return Check(
-            "python",
-            False,
-            shown,
-            f"use Python {PYTHONS[0][0]}.{PYTHONS[0][1]}-{PYTHONS[1][0]}.{PYTHONS[1][1]}",
-        )
+        return fail("python", shown, f"use Python {oldest}-{newest}")
     if version > PYTHONS[1]:
-        return Check(
-            "python",
-            True,
-            shown + ": newer than vLLM 0.24/kvcached 0.1.6 were tested on",
-            warning=True,
-            fix=f"if an install fails, use Python {PYTHONS[1][0]}.{PYTHONS[1][1]}",
-        )
+        untested = f"{shown}: newer than vLLM 0.24/kvcached 0.1.6 were tested on"
+        return warn("python", untested, f"if an install fails, use Python {newest}")
     return Check("python", True, shown)
 
 
@@ -7076,12 +7069,8 @@ def check_keeper() -> Check:
     try:
         keeper_source()
     except (OSError, TypeError) as exc:
-        return Check(
-            "keeper",
-            False,
-            f"its source cannot be read ({exc})",
-            "run the file as a script, or its cells in Jupyter/IPython, which keep each cell's source",
-        )
+        fix = "run the file as a script, or its cells in Jupyter/IPython, which keep each cell's source"
+        return fail("keeper", f"its source cannot be read ({exc})", fix)
     return Check("keeper", True, "its source can be shipped to each server's keeper")
 
 
@@ -7093,11 +7082,7 @@ def torch_cuda_version() -> Optional[str]:
     spec = importlib.util.find_spec("torch")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         with contextlib.suppress(OSError):
-            found = re.search(
-                r"^cuda\s*(?::\s*[^=]+)?=\s*['\"]([\d.]+)['\"]",
-                (Path(folder) / "version.py").read_text(),
-                re.M,
-            )
+            found = TORCH_CUDA_LINE.search((Path(folder) / "version.py").read_text())
             if found:
                 return found.group(1)
     return None
@@ -7109,33 +7094,23 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
         raw = nvml.nvmlSystemGetCudaDriverVersion()
         driver = nvml.nvmlSystemGetDriverVersion()
     except Exception as exc:
-        return Check(
-            "driver", False, f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver"
-        )
+        return fail("driver", f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver")
     driver = driver.decode() if isinstance(driver, bytes) else driver
     have = (raw // 1000, raw % 1000 // 10)
-    shown = f"driver {driver} supports CUDA {have[0]}.{have[1]}"
+    shown = f"driver {driver} supports CUDA {shown_release(have)}"
     if torch_cuda is None:
-        return Check(
-            "driver", True, shown + "; torch not installed here (servers use --server-cmd?)", warning=True
-        )
-    need_ = tuple(int(x) for x in torch_cuda.split(".")[:2])
-    if have[0] < need_[0]:
-        return Check(
+        return warn("driver", shown + "; torch not installed here (servers use --server-cmd?)")
+    built = tuple(int(x) for x in torch_cuda.split(".")[:2])
+    if have[0] < built[0]:
+        return fail(
             "driver",
-            False,
             f"{shown}, but torch was built for CUDA {torch_cuda}",
-            f"install a driver for CUDA {need_[0]} (R{580 if need_[0] >= 13 else 525}+), or a vLLM/torch "
+            f"install a driver for CUDA {built[0]} (R{580 if built[0] >= 13 else 525}+), or a vLLM/torch "
             f"built for CUDA {have[0]}.x (see the README's compatibility table)",
         )
-    if have < need_:
-        return Check(
-            "driver",
-            True,
-            f"{shown}; torch built for CUDA {torch_cuda} relies on minor-version compatibility",
-            warning=True,
-            fix="update the driver if kernels fail to load",
-        )
+    if have < built:
+        leaning = f"{shown}; torch built for CUDA {torch_cuda} relies on minor-version compatibility"
+        return warn("driver", leaning, "update the driver if kernels fail to load")
     return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
 
 
@@ -7148,15 +7123,12 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
         model_config, _ = load_model_config(model_of(cfg, slot))
         weights = weight_bytes(model_config) if model_config else None
         if weights is None:
-            return Check(
-                "static split", True, f"not checked: no sizes for model {slot}'s weights", warning=True
-            )
+            return warn("static split", f"not checked: no sizes for model {slot}'s weights")
         needs[slot] = weights + kv_bytes_per_token(model_config) * cfg.max_model_len
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
     if sum(needs.values()) > 0.95 * total:
-        return Check(
+        return fail(
             "static split",
-            False,
             f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
             f"request each ({shown} MiB); 0.95 of GPU {index} is {0.95 * total / MIB:,.0f} MiB",
             "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
@@ -7164,9 +7136,8 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
         )
     for (slot, need), share in zip(needs.items(), static_shares(cfg)):
         if share * total < need:
-            return Check(
+            return fail(
                 "static split",
-                False,
                 f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
                 f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
                 "raise its share (--static-shares, or --gpu-memory-utilization/--pair-utilization-b for "
@@ -7182,23 +7153,17 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
     shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
-    holders = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in others.items())
     if static_share and mem.total - mem.used < static_share * mem.total:
-        return Check(
+        holders = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in others.items())
+        return fail(
             "card",
-            False,
             f"{shown}: less than the static pool's {static_share:g} of the card",
             f"free the card ({holders or 'nvidia-smi'}) or lower --gpu-memory-utilization",
         )
     if others:
         listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
-        return Check(
-            "card",
-            True,
-            f"{shown}; other processes on it: {listed}",
-            warning=True,
-            fix="their memory moves the device totals; per-server figures are unaffected",
-        )
+        moved = "their memory moves the device totals; per-server figures are unaffected"
+        return warn("card", f"{shown}; other processes on it: {listed}", moved)
     return Check("card", True, shown)
 
 
@@ -7207,25 +7172,21 @@ def import_check(
 ) -> tuple[Check, str]:
     """Run `code` in a fresh Python (the servers' interpreter): (the check, its stdout)."""
     try:
-        proc = subprocess.run(
-            [python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s
-        )
+        proc = run_python(python, code, timeout_s, env)
     except subprocess.TimeoutExpired:
-        return Check(name, False, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
+        return fail(name, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
     if proc.returncode != 0:
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
         if last and re.match(r"\w+(Error|Exception)\b", last[-1]):  # the exception line says it all
             last = last[-1:]
-        hint = fix
         if "libcudart.so" in proc.stderr or "undefined symbol" in proc.stderr:
-            hint = (
+            fix = (
                 "torch and vLLM were built for different CUDA versions: reinstall the pair together "
                 "(see the README's compatibility table)"
             )
-        return Check(name, False, " | ".join(last)[:300] or f"exit code {proc.returncode}", hint), ""
-    return Check(
-        name, True, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "importable"
-    ), proc.stdout
+        return fail(name, " | ".join(last)[:300] or f"exit code {proc.returncode}", fix), ""
+    printed = proc.stdout.strip().splitlines()
+    return Check(name, True, printed[-1] if printed else "importable"), proc.stdout
 
 
 def probe_vllm() -> None:
@@ -7271,66 +7232,42 @@ def check_serving_imports(
         prefix = server_prefix(cfg)
         launch = module_launch(prefix)
         if launch is None:
-            return [
-                Check("vllm", True, f"not checked: servers run with --server-cmd {prefix[0]}", warning=True)
-            ]
+            return [warn("vllm", f"not checked: servers run with --server-cmd {prefix[0]}")]
         python, module, _ = launch
-        check, _ = import_check(
-            "server",
-            program_source(probe_module, call=f"probe_module({module!r})"),
-            env,
-            timeout_s,
-            f"check --server-cmd: `{shlex.join(python)} -m {module}` must import",
-            python=prefix[0],
-        )
-        return [check]
-    vllm, out = import_check(
-        "vllm",
-        program_source(probe_vllm, call="probe_vllm()"),
-        env,
-        timeout_s,
-        "pip install -r requirements.txt (vllm==0.24.0)",
+        probe = program_source(probe_module, call=f"probe_module({module!r})")
+        fix = f"check --server-cmd: `{shlex.join(python)} -m {module}` must import"
+        return [import_check("server", probe, env, timeout_s, fix, python=prefix[0])[0]]
+    probe = program_source(probe_vllm, call="probe_vllm()")
+    vllm, out = import_check("vllm", probe, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)")
+    if not (kvcached_needed and vllm.ok):
+        return [vllm]
+    if "autopatch True" in out:
+        return [vllm, Check("kvcached", True, "autopatch hooks into vLLM")]
+    return [
+        vllm,
+        fail(
+            "kvcached",
+            "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
+            "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)",
+        ),
+    ]
+
+
+def check_model(cfg: Config, slot: str) -> Check:
+    name, model = f"model {slot}", model_of(cfg, slot)
+    if (Path(model).expanduser() / "config.json").is_file():
+        return Check(name, True, f"{model} (local folder)")
+    if cfg.server_cmd:  # another engine (or a fake) may name models its own way
+        return warn(name, f"{model}: left to --server-cmd")
+    path, why = hub_config(model)
+    if path is not None:
+        return Check(name, True, f"{model} (hub or its cache)")
+    return fail(
+        name,
+        f"{model}: {why}",
+        "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
+        "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache",
     )
-    checks = [vllm]
-    if kvcached_needed and vllm.ok:
-        patched = "autopatch True" in out
-        checks.append(
-            Check(
-                "kvcached",
-                patched,
-                "autopatch hooks into vLLM"
-                if patched
-                else "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
-                "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)",
-            )
-        )
-    return checks
-
-
-def check_models(cfg: Config, slots: Iterable[str]) -> list[Check]:
-    checks = []
-    for slot in slots:
-        model = model_of(cfg, slot)
-        if (Path(model).expanduser() / "config.json").is_file():
-            checks.append(Check(f"model {slot}", True, f"{model} (local folder)"))
-            continue
-        if cfg.server_cmd:  # another engine (or a fake) may name models its own way
-            checks.append(Check(f"model {slot}", True, f"{model}: left to --server-cmd", warning=True))
-            continue
-        path, why = hub_config(model)
-        if path is not None:
-            checks.append(Check(f"model {slot}", True, f"{model} (hub or its cache)"))
-        else:
-            checks.append(
-                Check(
-                    f"model {slot}",
-                    False,
-                    f"{model}: {why}",
-                    "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
-                    "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache",
-                )
-            )
-    return checks
 
 
 def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
@@ -7360,7 +7297,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
             "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
             "--report RUN_DIR needs neither"
         )
-        return [Check("nvml", False, str(exc).split(". ")[0], fix)], None
+        return [fail("nvml", str(exc).split(". ")[0], fix)], None
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
     shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
@@ -7389,16 +7326,16 @@ def preflight(
         check_results_dir(Path(cfg.results_dir))
         checks.append(Check("results", True, f"{cfg.results_dir}/ writable"))
     except ConfigError as exc:
-        checks.append(Check("results", False, str(exc), "choose a writable folder with --results-dir"))
+        checks.append(fail("results", str(exc), "choose a writable folder with --results-dir"))
     gpu_checks, nvml = card_checks(cfg, experiments, nvml_module)
-    checks += gpu_checks
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
+    checks += gpu_checks
+    kvcached_needed = needs_kvcached(experiments)
     if not imports_later:
-        checks += check_serving_imports(cfg, needs_kvcached(experiments))
+        checks += check_serving_imports(cfg, kvcached_needed)
     versions = server_versions(cfg) if versions is None else versions
-    checks.append(check_versions(versions, needs_kvcached(experiments)))
-    checks.append(check_model_runner(versions, needs_kvcached(experiments)))
-    checks += check_models(cfg, slots)
+    checks += [check_versions(versions, kvcached_needed), check_model_runner(versions, kvcached_needed)]
+    checks += [check_model(cfg, slot) for slot in slots]
     for lane, index in enumerate(gpu_indices(cfg)):
         checks += check_ports(lane_config(cfg, lane, index), slots)
     return checks, nvml
@@ -7432,34 +7369,30 @@ def release(version: Optional[str]) -> Optional[tuple[int, int]]:
     return (int(match[1]), int(match[2])) if match else None
 
 
+def shown_release(major_minor: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in major_minor)
+
+
 def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
-    (lo_major, lo_minor), (hi_major, hi_minor) = span
-    return f"{lo_major}.{lo_minor}–{hi_major}.{hi_minor}"
+    return f"{shown_release(span[0])}–{shown_release(span[1])}"
 
 
-def servers_python(cfg: Config) -> str:
-    """The interpreter the servers run in: --server-cmd's, when it starts with a Python."""
-    first = server_prefix(cfg)[0]
-    return first if Path(first).name.startswith("python") else sys.executable
+def run_python(
+    python: str, code: str, timeout_s: float, env: Optional[dict] = None
+) -> "subprocess.CompletedProcess[str]":
+    """`python -c code`, its output captured as text."""
+    return subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
     """vllm and kvcached as the servers' Python sees them ({} if it cannot say): package metadata only,
-    so this takes a fraction of a second, before anything launches."""
+    so this takes a fraction of a second, before anything launches. The servers' Python is
+    --server-cmd's when that starts with one."""
+    call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
-        proc = subprocess.run(
-            [
-                servers_python(cfg),
-                "-c",
-                program_source(
-                    package_versions,
-                    call="import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))",
-                ),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
+        first = server_prefix(cfg)[0]
+        python = first if Path(first).name.startswith("python") else sys.executable
+        proc = run_python(python, program_source(package_versions, call=call), timeout_s)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return {}
@@ -7470,37 +7403,28 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
     and against the releases this harness knows (a warning)."""
     vllm, kvcached = found.get("vllm"), found.get("kvcached")
     if release(vllm) is None:
-        return Check(
-            "versions", True, "vLLM's version unknown: the servers' Python has no vllm package", warning=True
-        )
+        return warn("versions", "vLLM's version unknown: the servers' Python has no vllm package")
     shown = f"vllm {vllm}" + (f", kvcached {kvcached}" if kvcached_needed and kvcached else "")
-    if kvcached_needed and kvcached in KVCACHED_SUPPORTS_VLLM:
-        low, high = KVCACHED_SUPPORTS_VLLM[kvcached]
-        if not low <= release(vllm) <= high:
-            return Check(
-                "versions",
-                False,
-                f"kvcached {kvcached} supports vLLM {shown_range((low, high))}; found vllm {vllm}",
-                f"pip install vllm=={high[0]}.{high[1]}.0 (or leave out the kvcached experiments)",
-            )
-    elif kvcached_needed:
-        return Check(
+    supported = KVCACHED_SUPPORTS_VLLM.get(kvcached)
+    if kvcached_needed and supported and not supported[0] <= release(vllm) <= supported[1]:
+        return fail(
             "versions",
-            True,
+            f"kvcached {kvcached} supports vLLM {shown_range(supported)}; found vllm {vllm}",
+            f"pip install vllm=={shown_release(supported[1])}.0 (or leave out the kvcached experiments)",
+        )
+    if kvcached_needed and not supported:
+        return warn(
+            "versions",
             f"{shown}: which vLLM releases kvcached {kvcached or '(version unknown)'} supports is not known "
             f"here (known: kvcached {', '.join(KVCACHED_SUPPORTS_VLLM)})",
             "see kvcached's README for the vLLM releases it supports",
-            warning=True,
         )
-    low, high = HARNESS_KNOWS_VLLM
-    if not low <= release(vllm) <= high:
-        return Check(
+    if not HARNESS_KNOWS_VLLM[0] <= release(vllm) <= HARNESS_KNOWS_VLLM[1]:
+        return warn(
             "versions",
-            True,
             f"{shown}: this harness knows vLLM {shown_range(HARNESS_KNOWS_VLLM)}; flags, endpoints or log "
             f"lines may differ",
-            f"pip install vllm=={high[0]}.{high[1]}.0 for a release it knows",
-            warning=True,
+            f"pip install vllm=={shown_release(HARNESS_KNOWS_VLLM[1])}.0 for a release it knows",
         )
     return Check("versions", True, shown + (" (kvcached supports it)" if kvcached_needed else ""))
 
@@ -7533,19 +7457,17 @@ def check_model_runner(
     why = "from the shell" if RUNNER_VARIABLE in shell else f"kvcached {kvcached} needs V1 on vllm {vllm}"
     shown = f"{RUNNER_VARIABLE}={setting} for every server ({why})"
     found_release, v2 = release(vllm), setting.strip().lower() in ("1", "true")
-    refused = ""
-    if kvcached_needed and found_release and v2 and found_release < KVCACHED_V2_RUNNER_FROM:
-        refused = f"kvcached {kvcached} runs on Model Runner V2 only from vLLM 0.28"
-    if kvcached_needed and found_release and not v2 and found_release > KVCACHED_V1_RUNNER_UNTIL:
-        refused = f"kvcached {kvcached} requires Model Runner V2 from vLLM 0.29"
-    if refused:
-        return Check(
-            "model runner",
-            False,
-            f"{shown}; {refused}, found vllm {vllm}",
-            f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs",
-        )
-    return Check("model runner", True, shown)
+    refused = (kvcached_needed and found_release) and (
+        found_release < KVCACHED_V2_RUNNER_FROM if v2 else found_release > KVCACHED_V1_RUNNER_UNTIL
+    )
+    if not refused:
+        return Check("model runner", True, shown)
+    needs = "runs on Model Runner V2 only from vLLM 0.28" if v2 else "requires Model Runner V2 from vLLM 0.29"
+    return fail(
+        "model runner",
+        f"{shown}; kvcached {kvcached} {needs}, found vllm {vllm}",
+        f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs",
+    )
 
 
 def runner_from_log(log_path: Path) -> Optional[str]:

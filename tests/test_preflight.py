@@ -105,7 +105,7 @@ def test_models_local_folder_or_hub(tmp_path, monkeypatch):
     cfg = rx.resolve_config(
         rx.Config(preset="smoke", model_a=str(tmp_path), model_b="meta-llama/Llama-3.1-8B")
     )
-    local, gated = rx.check_models(cfg, "AB")
+    local, gated = (rx.check_model(cfg, slot) for slot in "AB")
     assert local.ok and not gated.ok
     assert "GatedRepoError" in gated.detail and "HF_TOKEN" in gated.fix
 

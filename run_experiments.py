@@ -1633,7 +1633,7 @@ FIELD_CHECKS = (
     ),
     ("bursts burst_size max_tokens max_burst_size", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("overload_budget_gib", lambda v: v >= 0, "must be > 0 (0 = preset's value)"),
+    ("overload_budget_gib", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     (
         "overload_demand",
         lambda v: 1 < v < 2,

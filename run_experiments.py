@@ -6186,8 +6186,8 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
     for (held, arrivals), (name, exp) in zip(axes.T, shown.items()):
         t0, slots_ = exp.t0, [server["spec"]["name"] for server in exp.record.servers]
         grid = np.arange(0.0, max((t - t0 for t, _ in exp.device), default=0.0), 0.25)
-        held_by = [series(exp.memory, "process", server=s) or [(t0, 0.0)] for s in slots_]
-        stacked = [np.interp(grid, [t - t0 for t, _ in ps], [v for _, v in ps]) for ps in held_by]
+        process_mib = [series(exp.memory, "process", server=s) or [(t0, 0.0)] for s in slots_]
+        stacked = [np.interp(grid, [t - t0 for t, _ in ps], [v for _, v in ps]) for ps in process_mib]
         held.stackplot(grid, stacked, labels=slots_, colors=[color_of(s) for s in slots_], alpha=0.8)
         sent, seconds = grouped(exp.records, "server"), range(int(grid[-1]) + 1 if len(grid) else 0)
         for slot in slots_:

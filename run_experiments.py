@@ -5900,71 +5900,88 @@ def plot_series(ax: Any, points: list[tuple[float, float]], t0: float, **style: 
     ax.plot([t - t0 for t, _ in points], [v for _, v in points], **style)
 
 
-def shade_bursts(ax: Any, marks: Marks, t0: float) -> None:
-    for burst in marks.bursts:
-        if burst.end is None:  # killed mid-burst
-            continue
-        ax.axvspan(burst.start - t0, burst.end - t0, color=color_of(burst.server), alpha=0.08, lw=0)
+def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
+    for ax in axes:
+        for burst in marks.bursts:
+            if burst.end is not None:  # None: killed mid-burst
+                ax.axvspan(burst.start - t0, burst.end - t0, color=color_of(burst.server), alpha=0.08, lw=0)
+
+
+def finish_axes(axes: Iterable[Any], fontsize: int = 7, loc: Optional[str] = None) -> None:
+    """A light grid on each axis, and a legend where anything is labelled."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=fontsize, loc=loc)
+
+
+def make_plots(
+    run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
+) -> list[str]:
+    """One memory plot per group of the table present (arms in comparison order), the latency plot right
+    after the single model's (where it has always been), then the plots of the whole run."""
+    plots, arms_of, paths, order = run_dir / "plots", group_arms(loaded), [], COMPARED_ARMS + OTHER_ARMS
+    for name, group in GROUPS.items():
+        present = arms_of.get(name, {})
+        ranked = sorted(present, key=lambda arm: order.index(arm) if arm in order else len(order))
+        arms, plot = {arm: loaded[present[arm]] for arm in ranked}, plots / group.plot
+        paths.append(plot_pair(plot, arms) if group.pair else plot_single(plot, arms, summaries))
+    latency_at = list(GROUPS).index("single") + 1 if "single" in GROUPS else len(paths)
+    paths.insert(latency_at, plot_latency(plots / "latency.png", loaded))
+    paths += [
+        plot_rate_sweep(plots / "rate_sweep.png", summaries),
+        plot_attainment(plots / "attainment.png", summaries),
+        plot_memory_per_model(plots / "memory_per_model.png", loaded),
+        plot_footprint(plots / "footprint.png", summaries),
+    ]
+    return [p.name for p in paths if p is not None]
 
 
 def plot_single(
     path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
 ) -> Optional[Path]:
-    """Device memory of one model's arms on one axis (and kvcached zoomed below)."""
+    """Device memory of one model's arms on one axis (and kvcached zoomed below), the first arm's bursts
+    shaded."""
     if not arms:
         return None
     zoom = "kvcached" in arms and len(arms) > 1  # a static pool's scale flattens the kvcached line
     fig, axes = new_figure(2 if zoom else 1, size=(11, 3.6))
-    ax = axes[0][0]
     for i, (arm, loaded) in enumerate(arms.items()):
-        marks = loaded.record.marks
+        marks, color = loaded.record.marks, color_of(arm)
         t0 = marks.workload[0] if marks.workload else loaded.t0
-        data = loaded.device
         idle = summaries[loaded.record.name].device.idle_before_workload_mib
-        for target in [ax, axes[1][0]] if zoom and arm == "kvcached" else [ax]:
-            plot_series(target, data, t0, color=COLORS.get(arm, "grey"), lw=1.6, label=f"{arm} (device used)")
+        targets = axes[:, 0] if zoom and arm == "kvcached" else axes[:1, 0]
+        for ax in targets:
+            plot_series(ax, loaded.device, t0, color=color, lw=1.6, label=f"{arm} (device used)")
             if idle is not None:
-                target.axhline(
-                    idle,
-                    color=COLORS.get(arm, "grey"),
-                    ls=":",
-                    alpha=0.6,
-                    label=f"{arm} idle {idle:,.0f} MiB",
-                )
-            if i == 0:
-                shade_bursts(target, marks, t0)
-    ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
-    ax.set_ylabel("GPU memory used (MiB)")
-    ax.set_title("VRAM under a bursty workload: kvcached vs static pool, one model")
-    for row in axes:
-        row[0].grid(alpha=0.3)
-        row[0].legend(fontsize=8)
-    if zoom:
-        axes[1][0].set_title("kvcached alone, zoomed")
-        axes[1][0].set_ylabel("GPU memory used (MiB)")
-        axes[1][0].set_xlabel(ax.get_xlabel())
+                ax.axhline(idle, color=color, ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
+        if i == 0:
+            shade_bursts(targets, marks, t0)
+    finish_axes(axes[:, 0], fontsize=8)
+    titles = ("VRAM under a bursty workload: kvcached vs static pool, one model", "kvcached alone, zoomed")
+    for (ax,), title in zip(axes, titles):
+        ax.set(title=title, ylabel="GPU memory used (MiB)")
+        ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
     return save_figure(fig, path)
 
 
 def plot_latency(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
-    groups, labels = {"ttft_s": [], "e2e_s": []}, []
+    """TTFT and end-to-end latency of the successful requests, a box per experiment and model."""
+    boxes = {}
     for name, exp in loaded.items():
-        records = [r for r in exp.requests if r.get("ok")]
-        for server in sorted({r["server"] for r in records}):
-            mine = [r for r in records if r["server"] == server]
-            labels.append(f"{name}\n{server}")
-            for key in groups:
-                groups[key].append([r[key] for r in mine if r.get(key) is not None] or [float("nan")])
-    if not labels:
+        ok = [r for r in exp.requests if r.get("ok")]
+        for server in sorted({r["server"] for r in ok}):
+            boxes[f"{name}\n{server}"] = [r for r in ok if r["server"] == server]
+    if not boxes:
         return None
-    fig, axes = new_figure(2, size=(max(8, 1.4 * len(labels)), 3.4))
-    for ax, (key, title) in zip(
-        (axes[0][0], axes[1][0]), (("ttft_s", "time to first token (s)"), ("e2e_s", "end-to-end latency (s)"))
-    ):
-        ax.boxplot(groups[key], tick_labels=labels, showfliers=True)
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
+    fig, axes = new_figure(2, size=(max(8, 1.4 * len(boxes)), 3.4))
+    for ax, key in zip(axes[:, 0], ("ttft_s", "e2e_s")):
+        values = [[r[key] for r in box if r.get(key) is not None] or [float("nan")] for box in boxes.values()]
+        ax.boxplot(values, tick_labels=list(boxes), showfliers=True)
+    finish_axes(axes[:, 0])
     axes[0][0].set_title("Latency per experiment and model (successful requests)")
+    axes[0][0].set_ylabel("time to first token (s)")
+    axes[1][0].set_ylabel("end-to-end latency (s)")
     return save_figure(fig, path)
 
 
@@ -5973,60 +5990,29 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
     if not arms:
         return None
     fig, axes = new_figure(3, len(arms), size=(6.5 * len(arms), 2.8))
-    for col, loaded in enumerate(arms.values()):
-        rows, t0, marks = loaded.memory, loaded.t0, loaded.record.marks
-        mem, kv, met = axes[0][col], axes[1][col], axes[2][col]
-        data = loaded.device
-        plot_series(mem, data, t0, color="black", lw=1.4, label="device total")
+    for (mem, kv, met), loaded in zip(axes.T, arms.values()):
+        rows, t0 = loaded.memory, loaded.t0
+        plot_series(mem, loaded.device, t0, color="black", lw=1.4, label="device total")
         for server in loaded.record.servers:
-            slot = server["spec"]["name"]
-            model = server["spec"]["model"].split("/")[-1]
+            slot, model = server["spec"]["name"], server["spec"]["model"].split("/")[-1]
+            color = color_of(slot)
             proc = series(rows, "process", server=slot)
-            plot_series(mem, proc, t0, color=color_of(slot), lw=1.2, label=f"{slot}: {model}")
+            plot_series(mem, proc, t0, color=color, lw=1.2, label=f"{slot}: {model}")
             used = series(rows, "kvcached", "used_bytes", server=slot, scale=1 / MIB)
             if used:
-                plot_series(kv, used, t0, color=color_of(slot), lw=1.2, label=f"{slot} kvcached used")
+                plot_series(kv, used, t0, color=color, lw=1.2, label=f"{slot} kvcached used")
             for field, style in (("running", "-"), ("waiting", "--")):
                 points = series(rows, "metrics", field, server=slot)
-                plot_series(met, points, t0, color=color_of(slot), ls=style, lw=1.1, label=f"{slot} {field}")
-        for ax in (mem, kv, met):
-            shade_bursts(ax, marks, t0)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        mem.set_title(f"{loaded.record.name}: GPU memory (NVML: device and per server)")
-        mem.set_ylabel("MiB")
-        kv.set_title("kvcached's own view: KV bytes in use (shared-memory segment)")
-        kv.set_ylabel("MiB")
+                plot_series(met, points, t0, color=color, ls=style, lw=1.1, label=f"{slot} {field}")
         if not any(r.get("kind") == "kvcached" for r in rows):
             kv.text(0.5, 0.5, "static pool: no kvcached segment", ha="center", transform=kv.transAxes)
+        shade_bursts((mem, kv, met), loaded.record.marks, t0)
+        finish_axes((mem, kv, met))
+        mem.set(title=f"{loaded.record.name}: GPU memory (NVML: device and per server)", ylabel="MiB")
+        kv.set(title="kvcached's own view: KV bytes in use (shared-memory segment)", ylabel="MiB")
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
         met.set_xlabel("seconds since the experiment began (shaded: bursts)")
     return save_figure(fig, path)
-
-
-def make_plots(
-    run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
-) -> list[str]:
-    """One memory plot per group of the table present (arms in comparison order), and the latency plot."""
-    arms_of = group_arms(loaded)
-    paths = []
-    for name, group in GROUPS.items():
-        present = arms_of.get(name, {})
-        arms = {arm: loaded[present[arm]] for arm in sorted(present, key=arm_rank)}
-        if group.pair:
-            paths.append(plot_pair(run_dir / "plots" / group.plot, arms))
-        else:
-            paths.append(plot_single(run_dir / "plots" / group.plot, arms, summaries))
-        if name == "single":  # the latency plot has always come second
-            paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
-    if "single" not in GROUPS:
-        paths.append(plot_latency(run_dir / "plots" / "latency.png", loaded))
-    paths.append(plot_rate_sweep(run_dir / "plots" / "rate_sweep.png", summaries))
-    paths.append(plot_attainment(run_dir / "plots" / "attainment.png", summaries))
-    paths.append(plot_memory_per_model(run_dir / "plots" / "memory_per_model.png", loaded))
-    paths.append(plot_footprint(run_dir / "plots" / "footprint.png", summaries))
-    return [p.name for p in paths if p is not None]
 
 
 def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
@@ -6036,31 +6022,20 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
     if not shown:
         return None
     fig, axes = new_figure(2, len(shown), size=(6.5 * len(shown), 2.8))
-    for col, (name, exp) in enumerate(shown.items()):
-        held, arrivals, t0 = axes[0][col], axes[1][col], exp.t0
-        slots_ = [server["spec"]["name"] for server in exp.record.servers]
+    for (held, arrivals), (name, exp) in zip(axes.T, shown.items()):
+        t0, slots_ = exp.t0, [server["spec"]["name"] for server in exp.record.servers]
         grid = np.arange(0.0, max((t - t0 for t, _ in exp.device), default=0.0), 0.25)
-        stacked = [
-            np.interp(
-                grid, *zip(*[(t - t0, v) for t, v in series(exp.memory, "process", server=s)] or [(0, 0)])
-            )
-            for s in slots_
-        ]
+        process_mib = [series(exp.memory, "process", server=s) or [(t0, 0.0)] for s in slots_]
+        stacked = [np.interp(grid, [t - t0 for t, _ in ps], [v for _, v in ps]) for ps in process_mib]
         held.stackplot(grid, stacked, labels=slots_, colors=[color_of(s) for s in slots_], alpha=0.8)
-        sent = grouped(exp.records, "server")
+        sent, seconds = grouped(exp.records, "server"), range(int(grid[-1]) + 1 if len(grid) else 0)
         for slot in slots_:
-            seconds = np.floor([r.t_send - t0 for r in sent.get((slot,), [])])
-            counts = collections.Counter(seconds.astype(int).tolist())
-            xs = range(int(grid[-1]) + 1 if len(grid) else 0)
-            arrivals.step(
-                list(xs), [counts.get(x, 0) for x in xs], where="post", color=color_of(slot), label=slot
-            )
-        for ax in (held, arrivals):
-            shade_bursts(ax, exp.record.marks, t0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
-        held.set_title(f"{name}: GPU memory per model, stacked (NVML by process tree)")
-        held.set_ylabel("MiB")
+            counts = collections.Counter(math.floor(r.t_send - t0) for r in sent.get((slot,), []))
+            per_second = [counts.get(x, 0) for x in seconds]
+            arrivals.step(list(seconds), per_second, where="post", color=color_of(slot), label=slot)
+        shade_bursts((held, arrivals), exp.record.marks, t0)
+        finish_axes((held, arrivals), loc="upper left")
+        held.set(title=f"{name}: GPU memory per model, stacked (NVML by process tree)", ylabel="MiB")
         arrivals.set_title("each model's requests per second (planned arrivals)")
         arrivals.set_xlabel("seconds since the experiment began (shaded: windows)")
     return save_figure(fig, path)
@@ -6099,38 +6074,10 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
     return save_figure(fig, path)
 
 
-def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
-    """SLO attainment and TTFT p99 against the arrival rate, one line per experiment, the attainment
-    target and the TTFT objective drawn in."""
-    swept = {n: s for n, s in summaries.items() if s.capacity}
-    if not swept:
-        return None
-    fig, axes = new_figure(1, 2, size=(11, 3.8))
-    attained, late = axes[0][0], axes[0][1]
-    for i, (name, s) in enumerate(swept.items()):
-        shares = [(float(r), v) for r, v in s.capacity.attainment.items() if v is not None]
-        attained.plot(*zip(*shares), marker="o", color=f"C{i}", lw=1.3, label=name)
-        p99 = sorted((p.rate, p.ttft_p99_s) for p in s.rate_sweep if p.ttft_p99_s is not None)
-        if p99:
-            late.plot(*zip(*p99), marker="o", color=f"C{i}", lw=1.3, label=f"{name} p99")
-    first = next(iter(swept.values()))
-    attained.axhline(
-        first.capacity.target, color="k", ls=":", lw=1, label=f"target {percent(first.capacity.target)}"
-    )
-    attained.set_ylim(0, 1.02)
-    slo_ttft = first.latency.goodput and first.latency.goodput.slo_ttft_ms
-    if slo_ttft:
-        late.axhline(slo_ttft / 1000, color="k", ls=":", lw=1, label=f"SLO {slo_ttft:g} ms")
-    for ax, ylabel, title in (
-        (attained, "share of requests within the SLOs", "SLO attainment vs arrival rate"),
-        (late, "seconds", "TTFT p99 vs arrival rate"),
-    ):
-        ax.set_xlabel(rate_axis(p for s in swept.values() for p in s.rate_sweep))
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
+def line_by_rate(ax: Any, pairs: list[tuple[float, Optional[float]]], style: str = "-", **kw: Any) -> None:
+    """(rate, value) pairs in rate order, those without a value left out, as a line with markers."""
+    xy = sorted((x, y) for x, y in pairs if y is not None)
+    ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", lw=1.3, **kw)
 
 
 def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
@@ -6139,36 +6086,43 @@ def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
     if not sweeps:
         return None
     fig, axes = new_figure(1, 2, size=(11, 3.8))
-    for col, (metric, title) in enumerate((("ttft", "time to first token"), ("e2e", "end-to-end latency"))):
-        ax = axes[0][col]
+    xlabel = rate_axis(p for points in sweeps.values() for p in points)
+    for ax, metric, title in zip(axes[0], ("ttft", "e2e"), ("time to first token", "end-to-end latency")):
         for i, (name, points) in enumerate(sweeps.items()):
-            color = f"C{i}"
             for q, style in (("p50", "-"), ("p99", "--")):
-                xy = sorted(
-                    (p.rate, getattr(p, f"{metric}_{q}_s"))
-                    for p in points
-                    if getattr(p, f"{metric}_{q}_s") is not None
-                )
-                ax.plot(
-                    [x for x, _ in xy],
-                    [y for _, y in xy],
-                    style,
-                    marker="o",
-                    color=color,
-                    lw=1.3,
-                    label=f"{name} {q}",
-                )
-        ax.set_xlabel(rate_axis(p for points in sweeps.values() for p in points))
-        ax.set_ylabel("seconds")
-        ax.set_title(f"{title} vs arrival rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+                values = [(p.rate, getattr(p, f"{metric}_{q}_s")) for p in points]
+                line_by_rate(ax, values, style, color=f"C{i}", label=f"{name} {q}")
+        ax.set(title=f"{title} vs arrival rate", xlabel=xlabel, ylabel="seconds")
+    finish_axes(axes[0])
     return save_figure(fig, path)
 
 
-def arm_rank(arm: str) -> int:
-    arms = COMPARED_ARMS + OTHER_ARMS
-    return arms.index(arm) if arm in arms else len(arms)
+def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
+    """SLO attainment and TTFT p99 against the arrival rate, one line per experiment, the attainment
+    target and the TTFT objective drawn in."""
+    swept = {n: s for n, s in summaries.items() if s.capacity}
+    if not swept:
+        return None
+    fig, axes = new_figure(1, 2, size=(11, 3.8))
+    attained, late = axes[0]
+    for i, (name, s) in enumerate(swept.items()):
+        shares = [(float(r), v) for r, v in s.capacity.attainment.items() if v is not None]
+        p99 = [(p.rate, p.ttft_p99_s) for p in s.rate_sweep if p.ttft_p99_s is not None]
+        if shares:
+            line_by_rate(attained, shares, color=f"C{i}", label=name)
+        if p99:
+            line_by_rate(late, p99, color=f"C{i}", label=f"{name} p99")
+    first = next(iter(swept.values()))
+    target, slo_ttft = first.capacity.target, first.latency.goodput and first.latency.goodput.slo_ttft_ms
+    attained.axhline(target, color="k", ls=":", lw=1, label=f"target {percent(target)}")
+    if slo_ttft:
+        late.axhline(slo_ttft / 1000, color="k", ls=":", lw=1, label=f"SLO {slo_ttft:g} ms")
+    xlabel = rate_axis(p for s in swept.values() for p in s.rate_sweep)
+    attained.set(title="SLO attainment vs arrival rate", xlabel=xlabel, ylim=(0, 1.02))
+    attained.set_ylabel("share of requests within the SLOs")
+    late.set(title="TTFT p99 vs arrival rate", xlabel=xlabel, ylabel="seconds")
+    finish_axes(axes[0])
+    return save_figure(fig, path)
 
 
 # %% summary.md, part 1: formatting, the run's header and its tables (one function per section)

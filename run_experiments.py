@@ -242,7 +242,7 @@ PRESET_WORKLOADS = {
 @dataclasses.dataclass(frozen=True)
 class Step:
     phase: str  # label in summaries and plots
-    server: str  # server slot: 'A' or 'B'
+    server: str  # server slot: 'A', 'B', ... (ALL_SLOTS: every model at once)
     plan: str  # key into the plans dict
     burst: int
 
@@ -2644,7 +2644,7 @@ def scrub(text: str) -> str:
 # %% Servers: what each one runs, and with which environment
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
-    name: str  # 'A' or 'B'
+    name: str  # slot: 'A', 'B', ...
     model: str
     port: int
     kvcached: bool
@@ -3411,7 +3411,7 @@ def start_checks(cfg: Config, spec: ServerSpec) -> None:
     if taken:
         raise ServerError(
             f"port {spec.port} is already {taken}. Stop what holds it "
-            f"(`ss -ltnp | grep {spec.port}`) or pick another with --port-a/--port-b"
+            f"(`ss -ltnp | grep {spec.port}`) or pick others with --port (or --port-a/--port-b)"
         )
     if spec.kvcached and not remove_segment(spec.ipc_name):
         raise ServerError(
@@ -3514,7 +3514,7 @@ def wait_ready(
                 f"port {server.spec.port} answers /health, but the socket listening there does not "
                 f"belong to our server {label} (pids {sorted(server.tree())}): another server is using "
                 f"the port. Measuring it would record someone else's numbers; pick free ports with "
-                f"--port-a/--port-b."
+                f"--port (or --port-a/--port-b)."
             )
         if ours:
             server.ready_at = time.time()
@@ -3573,7 +3573,7 @@ def pause(seconds: float) -> None:
 
 
 class Ahead:
-    """The pool's two hooks for servers made ready ahead of their start; this one makes none (the
+    """The pool's hooks for servers made ready ahead of their start; this one makes none (the
     Preimporter, in its own cell, imports vLLM ahead). Whatever it holds goes back on give_back()."""
 
     def prepare(self, specs: list[ServerSpec], log_dir: Path) -> None:
@@ -3669,7 +3669,7 @@ def server_log(log_dir: Path, spec: ServerSpec) -> Path:
     return log_dir / f"server_{spec.name}_{'kvcached' if spec.kvcached else 'static'}.log"
 
 
-# %% Importing vLLM ahead (--preimport): the Preimporter, behind the pool's two hooks (Ahead)
+# %% Importing vLLM ahead (--preimport): the Preimporter, behind the pool's hooks (Ahead)
 # Its API server's imports take 15-20 s of one core and touch no GPU, so the next experiment's servers
 # can do them while the current one runs, and start ~15 s sooner when asked. A server imported ahead
 # runs under its keeper like any other, so the one stop path (stop_servers) stops it too.
@@ -4386,7 +4386,7 @@ class RequestRecord:
     record_row and read back by from_row; every latency figure is read from here."""
 
     experiment: str
-    server: str  # 'A' or 'B'
+    server: str  # slot: 'A', 'B', ...
     phase: str  # which step of the schedule (e.g. 'A burst 2')
     repeat: int
     burst: int

@@ -6341,13 +6341,10 @@ def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
-def slashed(values: Iterable[Any], digits: int = 0) -> str:
-    """Figures side by side: "p50 / p99"."""
-    return " / ".join(fmt(v, digits) for v in values)
-
-
-def ms(seconds: Optional[float]) -> str:
-    return fmt(seconds and seconds * 1000, 1)
+def side_by_side(record: Any, *fields: str, digits: int = 0, scale: int = 1) -> str:
+    """Fields of one record as "a / b" (n/a where the record is missing); scale=1000 shows seconds as ms."""
+    values = (None if record is None else getattr(record, field) for field in fields)
+    return " / ".join(fmt(v if v is None else v * scale, digits) for v in values)
 
 
 def dig(d: Any, *path: str) -> Any:
@@ -6508,18 +6505,18 @@ def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> 
             "idle after load (MiB)",
             lambda name, s: fmt(s.device.idle_after_load_mib) + (" *" if name in not_fresh else ""),
         ),
-        ("idle before workload (MiB)", lambda name, s: fmt(s.device.idle_before_workload_mib)),
-        ("peak (MiB)", lambda name, s: fmt(s.device.peak_mib)),
-        ("flex (MiB)", lambda name, s: fmt(s.device.flex_mib)),
-        ("release (s)", lambda name, s: fmt(s.device.release_s, 2)),
+        ("idle before workload (MiB)", lambda _, s: fmt(s.device.idle_before_workload_mib)),
+        ("peak (MiB)", lambda _, s: fmt(s.device.peak_mib)),
+        ("flex (MiB)", lambda _, s: fmt(s.device.flex_mib)),
+        ("release (s)", lambda _, s: fmt(s.device.release_s, 2)),
         (
             "TTFT p50/p90/p99 (s)",
-            lambda name, s: slashed((s.latency.ttft_s.p50, s.latency.ttft_s.p90, s.latency.ttft_s.p99), 3),
+            lambda _, s: side_by_side(s.latency.ttft_s, "p50", "p90", "p99", digits=3),
         ),
-        ("TPOT p50 (ms)", lambda name, s: ms(s.latency.tpot_s.p50)),
-        ("E2E p50/p99 (s)", lambda name, s: slashed((s.latency.e2e_s.p50, s.latency.e2e_s.p99), 2)),
-        ("tok/s", lambda name, s: fmt(s.latency.output_tokens_per_s)),
-        ("failed", lambda name, s: f"{s.latency.failed}/{s.latency.requests}"),
+        ("TPOT p50 (ms)", lambda _, s: side_by_side(s.latency.tpot_s, "p50", digits=1, scale=1000)),
+        ("E2E p50/p99 (s)", lambda _, s: side_by_side(s.latency.e2e_s, "p50", "p99", digits=2)),
+        ("tok/s", lambda _, s: fmt(s.latency.output_tokens_per_s)),
+        ("failed", lambda _, s: f"{s.latency.failed}/{s.latency.requests}"),
         ("start-up (s)", startups),
     ]
     return section(*md_table(columns, summaries.items()))
@@ -6530,7 +6527,7 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
 
     def ms3(dist: Optional[Distribution]) -> str:
-        return " / ".join(ms(v) for v in (dist.p50, dist.p90, dist.p99)) if dist else "n/a"
+        return side_by_side(dist, "p50", "p90", "p99", digits=1, scale=1000) if dist else "n/a"
 
     def goodput(name: str, lat: LatencySummary) -> str:
         good = lat.goodput
@@ -6538,8 +6535,8 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
     columns: list[Column] = [
         EXPERIMENT,
-        ("TPOT p50 / p90 / p99", lambda name, lat: ms3(lat.tpot_s)),
-        ("ITL p50 / p90 / p99", lambda name, lat: ms3(lat.itl_s)),
+        ("TPOT p50 / p90 / p99", lambda _, lat: ms3(lat.tpot_s)),
+        ("ITL p50 / p90 / p99", lambda _, lat: ms3(lat.itl_s)),
         *([("goodput", goodput)] if slos else []),
     ]
     title = f"; goodput = requests completed with {slo_words(slos, ' and ', '<=')}" if slos else ""
@@ -6560,23 +6557,18 @@ def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
 def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     columns: list[Column] = [
         EXPERIMENT,
-        ("model", lambda name, key, v: f"{key}: {v.model.split('/')[-1]}"),
-        ("idle (MiB)", lambda name, key, v: fmt(v.memory.idle_before_workload_mib)),
-        ("peak (MiB)", lambda name, key, v: fmt(v.memory.peak_mib)),
+        ("model", lambda _, key, v: f"{key}: {v.model.split('/')[-1]}"),
+        ("idle (MiB)", lambda _, key, v: fmt(v.memory.idle_before_workload_mib)),
+        ("peak (MiB)", lambda _, key, v: fmt(v.memory.peak_mib)),
         (
             "kvcached peak used / limit (MiB)",
-            lambda name, key, v: slashed(
-                (v.kvcached and v.kvcached.peak_used_mib, v.kvcached and v.kvcached.limit_mib)
-            ),
+            lambda _, key, v: side_by_side(v.kvcached, "peak_used_mib", "limit_mib"),
         ),
-        (
-            "max running / waiting",
-            lambda name, key, v: slashed((v.vllm and v.vllm.max_running, v.vllm and v.vllm.max_waiting)),
-        ),
-        ("preemptions", lambda name, key, v: fmt(v.vllm and v.vllm.preemptions)),
-        ("TTFT p50/p99 (s)", lambda name, key, v: slashed((v.latency.ttft_s.p50, v.latency.ttft_s.p99), 3)),
-        ("E2E p50 (s)", lambda name, key, v: fmt(v.latency.e2e_s.p50, 2)),
-        ("failed", lambda name, key, v: f"{v.latency.failed}/{v.latency.requests}"),
+        ("max running / waiting", lambda _, key, v: side_by_side(v.vllm, "max_running", "max_waiting")),
+        ("preemptions", lambda _, key, v: fmt(v.vllm and v.vllm.preemptions)),
+        ("TTFT p50/p99 (s)", lambda _, key, v: side_by_side(v.latency.ttft_s, "p50", "p99", digits=3)),
+        ("E2E p50 (s)", lambda _, key, v: fmt(v.latency.e2e_s.p50, 2)),
+        ("failed", lambda _, key, v: f"{v.latency.failed}/{v.latency.requests}"),
     ]
     return table_section(
         "Per model (memory from NVML per process tree; kvcached and vLLM's own views):",
@@ -6596,11 +6588,11 @@ def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
     columns: list[Column] = [
         EXPERIMENT,
-        ("workload (s)", lambda name, c, s: fmt(c.workload_s, 1)),
-        ("mean (MiB)", lambda name, c, s: fmt(c.mean_mib)),
-        ("p95 (MiB)", lambda name, c, s: fmt(c.p95_mib)),
-        ("peak (MiB)", lambda name, c, s: fmt(c.peak_mib)),
-        ("GiB·h", lambda name, c, s: fmt(c.gib_hours, 4)),
+        ("workload (s)", lambda _, c, s: fmt(c.workload_s, 1)),
+        ("mean (MiB)", lambda _, c, s: fmt(c.mean_mib)),
+        ("p95 (MiB)", lambda _, c, s: fmt(c.p95_mib)),
+        ("peak (MiB)", lambda _, c, s: fmt(c.peak_mib)),
+        ("GiB·h", lambda _, c, s: fmt(c.gib_hours, 4)),
         ("mean per model (MiB)", per_model),
     ]
     return table_section(
@@ -6615,11 +6607,11 @@ def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     columns: list[Column] = [
         EXPERIMENT,
-        ("server", lambda name, v, f: v.label),
-        ("total", lambda name, v, f: fmt(f.total_mib)),
-        ("weights", lambda name, v, f: fmt(f.weights_mib)),
-        ("KV cache", lambda name, v, f: fmt(f.kv_mib)),
-        ("the rest", lambda name, v, f: fmt(f.rest_mib)),
+        ("server", lambda _, v, f: v.label),
+        ("total", lambda _, v, f: fmt(f.total_mib)),
+        ("weights", lambda _, v, f: fmt(f.weights_mib)),
+        ("KV cache", lambda _, v, f: fmt(f.kv_mib)),
+        ("the rest", lambda _, v, f: fmt(f.rest_mib)),
     ]
     return table_section(
         "What each server holds before its workload (MiB; the total from NVML by process tree, weights and "
@@ -6681,7 +6673,7 @@ def comparison_lines(name: str, block: Comparison, summaries: dict[str, Experime
             *(
                 (
                     f"{m.removesuffix('_s').upper()} {q}",
-                    lambda label, c, key=f"{m}_{q}": with_repeats(*c.ratio("kvcached/static", key)),
+                    lambda _, c, key=f"{m}_{q}": with_repeats(*c.ratio("kvcached/static", key)),
                 )
                 for m, q in LATENCY_KEYS
             ),
@@ -6740,15 +6732,15 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         return []
     columns: list[Column] = [
         EXPERIMENT,
-        ("window", lambda name, p: f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}"),
-        ("rate (req/s)", lambda name, p: rate_words(p.rate, p.unit).removesuffix(" req/s")),
-        ("requests", lambda name, p: p.requests),
-        ("failed", lambda name, p: p.failed),
-        ("TTFT p50 / p99 (s)", lambda name, p: slashed((p.ttft_p50_s, p.ttft_p99_s), 3)),
-        ("E2E p50 / p99 (s)", lambda name, p: slashed((p.e2e_p50_s, p.e2e_p99_s), 2)),
+        ("window", lambda _, p: f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}"),
+        ("rate (req/s)", lambda _, p: rate_words(p.rate, p.unit).removesuffix(" req/s")),
+        ("requests", lambda _, p: p.requests),
+        ("failed", lambda _, p: p.failed),
+        ("TTFT p50 / p99 (s)", lambda _, p: side_by_side(p, "ttft_p50_s", "ttft_p99_s", digits=3)),
+        ("E2E p50 / p99 (s)", lambda _, p: side_by_side(p, "e2e_p50_s", "e2e_p99_s", digits=2)),
         (
             "goodput",
-            lambda name, p: fmt(p.goodput and 100 * p.goodput, 1) + "%" if p.goodput is not None else "n/a",
+            lambda _, p: fmt(p.goodput and 100 * p.goodput, 1) + "%" if p.goodput is not None else "n/a",
         ),
     ]
     delays = "; ".join(
@@ -6787,12 +6779,12 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     columns: list[Column] = [
         EXPERIMENT,
         *(
-            (rate_words(r, first.capacity.unit), lambda name, s, r=r: percent(s.capacity.attainment.get(r)))
+            (rate_words(r, first.capacity.unit), lambda _, s, r=r: percent(s.capacity.attainment.get(r)))
             for r in rates
         ),
-        ("capacity", lambda name, s: capacity_words(s.capacity)),
-        ("memory held there (mean MiB)", lambda name, s: fmt(s.capacity.mean_mib)),
-        ("GiB·h", lambda name, s: fmt(s.memory_cost and s.memory_cost.gib_hours, 4)),
+        ("capacity", lambda _, s: capacity_words(s.capacity)),
+        ("memory held there (mean MiB)", lambda _, s: fmt(s.capacity.mean_mib)),
+        ("GiB·h", lambda _, s: fmt(s.memory_cost and s.memory_cost.gib_hours, 4)),
     ]
     per_model = [  # where models share the card: each one's share within the SLOs over all windows
         f"- {name}, per model over all windows: "
@@ -6888,15 +6880,23 @@ def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         EXPERIMENT,
         (
             "TTFT client / server (ms)",
-            lambda name, c: f"{ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)}",
+            lambda _, c: side_by_side(c, "client_ttft_mean_s", "server_ttft_mean_s", digits=1, scale=1000),
         ),
-        ("gap (ms)", lambda name, c: fmt(c.ttft_gap_ms, 1)),
-        ("E2E client / server (s)", lambda name, c: slashed((c.client_e2e_mean_s, c.server_e2e_mean_s), 3)),
-        ("gap (ms)", lambda name, c: fmt(c.e2e_gap_ms, 1)),
+        ("gap (ms)", lambda _, c: fmt(c.ttft_gap_ms, 1)),
+        (
+            "E2E client / server (s)",
+            lambda _, c: side_by_side(c, "client_e2e_mean_s", "server_e2e_mean_s", digits=3),
+        ),
+        ("gap (ms)", lambda _, c: fmt(c.e2e_gap_ms, 1)),
         (
             "server queue / prefill / decode (ms)",
-            lambda name, c: " / ".join(
-                map(ms, (c.server_queue_mean_s, c.server_prefill_mean_s, c.server_decode_mean_s))
+            lambda _, c: side_by_side(
+                c,
+                "server_queue_mean_s",
+                "server_prefill_mean_s",
+                "server_decode_mean_s",
+                digits=1,
+                scale=1000,
             ),
         ),
     ]

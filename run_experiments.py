@@ -6358,11 +6358,9 @@ def dig(d: Any, *path: str) -> Any:
 
 def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
     """A ratio, and its spread over repeats where there were several."""
-    return fmt(value, 2) + (
-        f" (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
-        if spread is not None
-        else ""
-    )
+    if spread is None:
+        return fmt(value, 2)
+    return f"{fmt(value, 2)} (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
 
 
 def model_runner_lines(config: dict) -> list[str]:
@@ -6738,10 +6736,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         ("failed", lambda _, p: p.failed),
         ("TTFT p50 / p99 (s)", lambda _, p: side_by_side(p, "ttft_p50_s", "ttft_p99_s", digits=3)),
         ("E2E p50 / p99 (s)", lambda _, p: side_by_side(p, "e2e_p50_s", "e2e_p99_s", digits=2)),
-        (
-            "goodput",
-            lambda _, p: fmt(p.goodput and 100 * p.goodput, 1) + "%" if p.goodput is not None else "n/a",
-        ),
+        ("goodput", lambda _, p: fmt(p.goodput and 100 * p.goodput, 1, "%")),
     ]
     delays = "; ".join(
         f"{name} p99 {fmt(s.latency.send_delay_s.p99 * 1000, 1)} ms"
@@ -7007,9 +7002,8 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
                 startups[lane].append((server["started_at"], server["ready_at"]))
         if exp.record.marks.workload:
             workloads[lane].append(exp.record.marks.workload)
-    every_startup, every_workload = (
-        list(itertools.chain(*spans.values())) for spans in (startups, workloads)
-    )
+    every_startup = [span for spans in startups.values() for span in spans]
+    every_workload = [span for spans in workloads.values() for span in spans]
     table_s = end - start
     overhead = table_s - covered_s(every_startup + every_workload)
     lanes = {

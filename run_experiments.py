@@ -6651,38 +6651,42 @@ def awake_peak_over_static(name: str, block: Comparison) -> Optional[float]:
 
 
 def comparison_lines(name: str, block: Comparison, summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """One group of the table: kvcached against static (one sentence for one model, a table of latency
-    ratios per model or phase for several), then sleep mode against both."""
     lines = []
-    if {"kvcached", "static"} <= set(block.figures) and not GROUPS[name].pair:
-        kvcached, static = block.figures["kvcached"], block.figures["static"]
-        idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
-        ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
-        lines += paragraphs(
-            f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle and "
-            f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; "
-            f"TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
-        )
-    elif {"kvcached", "static"} <= set(block.figures):
-        by_phase = GROUPS[name].ratios_by == "phase"
-        parts = block.per_phase if by_phase else {f"model {k}": c for k, c in (block.per_model or {}).items()}
-        columns: list[Column] = [
-            ("", lambda label, c: label),
-            *(
-                (
-                    f"{m.removesuffix('_s').upper()} {q}",
-                    lambda _, c, key=f"{m}_{q}": with_repeats(*c.ratio("kvcached/static", key)),
-                )
-                for m, q in LATENCY_KEYS
-            ),
-        ]
-        rows = [(label, c) for label, c in (parts or {}).items() if "kvcached" in c.figures]
-        lines += titled(
-            f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", md_table(columns, rows)
-        )
+    if {"kvcached", "static"} <= set(block.figures):
+        lines += single_lines(block) if not GROUPS[name].pair else pair_lines(name, block)
     if "sleep" in block.figures:
         lines += paragraphs(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
     return lines
+
+
+def single_lines(block: Comparison) -> list[str]:
+    kvcached, static = block.figures["kvcached"], block.figures["static"]
+    idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
+    ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
+    return paragraphs(
+        f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle and "
+        f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; TTFT p50 "
+        f"ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
+    )
+
+
+def pair_lines(name: str, block: Comparison) -> list[str]:
+    by_phase = GROUPS[name].ratios_by == "phase"
+    parts = block.per_phase if by_phase else {f"model {k}": c for k, c in (block.per_model or {}).items()}
+    columns: list[Column] = [
+        ("", lambda label, c: label),
+        *(
+            (
+                f"{m.removesuffix('_s').upper()} {q}",
+                lambda _, c, key=f"{m}_{q}": with_repeats(*c.ratio("kvcached/static", key)),
+            )
+            for m, q in LATENCY_KEYS
+        ),
+    ]
+    rows = [(label, c) for label, c in (parts or {}).items() if "kvcached" in c.figures]
+    return titled(
+        f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", md_table(columns, rows)
+    )
 
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:

@@ -6422,6 +6422,8 @@ def markdown_summary(
     comparison: dict[str, Any],
     plots: Optional[list[str]],  # None: not drawn (--no-plots)
     timing: Optional[Timing] = None,
+    failed: Optional[dict[str, str]] = None,  # experiment folder -> its error.json's error
+    config_problem: Optional[str] = None,  # why config.json could not be read
 ) -> str:
     """summary.md: one function per section, in the order a reader wants them."""
     not_fresh = {  # experiments whose idle level after load includes a reused (not freshly loaded) server
@@ -6430,6 +6432,11 @@ def markdown_summary(
         if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
     }
     lines = [
+        *(
+            [f"> **Note:** {config_problem}; run details are missing from this summary.", ""]
+            if config_problem
+            else []
+        ),
         *summary_header(config, summaries),
         *main_table(summaries, not_fresh),
         *model_runner_lines(config),
@@ -6454,6 +6461,7 @@ def markdown_summary(
             else section("Plots: none drawn (--no-plots; `--report` without it draws them).")
         ),
         *definitions(config, not_fresh),
+        *titled("Failed experiments:", [f"- {k}: {v}" for k, v in (failed or {}).items()]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -6862,11 +6870,9 @@ def capacity_sentence(name: str, s: ExperimentSummary) -> str:
     if c.largest_held_rps is None:
         lowest = min(c.attainment, key=float)
         return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
-    held = rate_words(c.largest_held_rps, c.unit, long=True) + (
-        " (above the sweep)" if c.verdict == "above the sweep" else ""
-    )
+    above = " (above the sweep)" if c.verdict == "above the sweep" else ""
     memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
-    return f"{name} held {held}{memory}"
+    return f"{name} held {rate_words(c.largest_held_rps, c.unit, long=True)}{above}{memory}"
 
 
 def capacity_headline(c: Capacity) -> dict:
@@ -6909,11 +6915,8 @@ def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
     starts = server_starts(summaries)
-    started_by = (
-        f" vLLM's engine process started by {config['engine_start']} (--engine-start)."
-        if config.get("engine_start")
-        else ""
-    )
+    engine = config.get("engine_start")
+    started_by = f" vLLM's engine process started by {engine} (--engine-start)." if engine else ""
     lanes = config.get("lanes") or []
     return paragraphs(
         f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
@@ -7125,11 +7128,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         **({"problems": [config_problem]} if config_problem else {}),
     }
     write_json(run_dir / "summary.json", top)
-    md = markdown_summary(config, summaries, comparison, plots, timing)
-    if config_problem:
-        md = f"> **Note:** {config_problem}; run details are missing from this summary.\n\n" + md
-    if failed:
-        md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
+    md = markdown_summary(config, summaries, comparison, plots, timing, failed, config_problem)
     write_text_atomic(run_dir / "summary.md", md)
     return to_json(
         {

@@ -6134,6 +6134,12 @@ def fmt(value: Any, digits: int = 0, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def side_by_side(record: Any, *fields: str, digits: int = 0, scale: int = 1) -> str:
+    """Fields of one record as "a / b" (n/a where the record is missing); scale=1000 shows seconds as ms."""
+    values = (None if record is None else getattr(record, field) for field in fields)
+    return " / ".join(fmt(v if v is None else v * scale, digits) for v in values)
+
+
 def dig(d: Any, *path: str) -> Any:
     """A value deep inside config.json, which an old or torn run may lack (None then)."""
     for key in path:
@@ -6145,11 +6151,9 @@ def dig(d: Any, *path: str) -> Any:
 
 def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
     """A ratio, and its spread over repeats where there were several."""
-    return fmt(value, 2) + (
-        f" (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
-        if spread is not None
-        else ""
-    )
+    if spread is None:
+        return fmt(value, 2)
+    return f"{fmt(value, 2)} (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
 
 
 def model_runner_lines(config: dict) -> list[str]:
@@ -6160,30 +6164,49 @@ def model_runner_lines(config: dict) -> list[str]:
             used[server["model_runner"]].append(label)
     setting = config.get("model_runner_env") or {}
     why = f" ({RUNNER_VARIABLE}={setting[RUNNER_VARIABLE]} in every server's environment)" if setting else ""
-    if len(used) == 1:
-        return ["", f"vLLM's model runner: {next(iter(used))} for every server{why}."]
     if len(used) > 1:
         listed = "; ".join(f"{runner} for {', '.join(labels)}" for runner, labels in sorted(used.items()))
-        return [
-            "",
+        return paragraphs(
             f"**The servers ran on different vLLM model runners** ({listed}): the comparison measures two "
             f"model runners as well as two KV allocators. Set {RUNNER_VARIABLE}=0 in the shell to put every "
-            f"server on V1.",
-        ]
-    return []
+            f"server on V1."
+        )
+    return paragraphs(f"vLLM's model runner: {next(iter(used))} for every server{why}." if used else None)
 
 
-def md_table(header: str, rows: Iterable[Iterable[Any]]) -> list[str]:
-    """A Markdown table: the header ("a | b | c"; an empty heading cell shows as `| |`), its rule, one
-    line per row."""
-    headings = header.split(" | ")
-    heading = "|" + "|".join(f" {cell} " if cell else " " for cell in headings) + "|"
-    return [heading, "|" + "---|" * len(headings), *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+Column = tuple[str, Callable[..., Any]]  # a heading, and what makes its cell from one row's values
+
+
+def md_table(columns: list[Column], rows: Iterable[tuple]) -> list[str]:
+    """A Markdown table: the headings (an empty one shows as `| |`), their rule, then one line per row,
+    each cell made by its column's function from the row's values."""
+    heading = "|" + "|".join(f" {title} " if title else " " for title, _ in columns) + "|"
+    body = ("| " + " | ".join(str(cell(*row)) for _, cell in columns) + " |" for row in rows)
+    return [heading, "|" + "---|" * len(columns), *body]
+
+
+EXPERIMENT: Column = ("experiment", lambda name, *_: name)
 
 
 def section(*lines: str) -> list[str]:
     """A block of the summary: a blank line, then its lines."""
     return ["", *lines]
+
+
+def titled(title: str, lines: list[str]) -> list[str]:
+    """A block under its title, or nothing where there is nothing to show."""
+    return section(title, "", *lines) if lines else []
+
+
+def table_section(title: str, columns: list[Column], rows: Iterable[tuple]) -> list[str]:
+    """A titled table, or nothing without rows."""
+    rows = list(rows)
+    return titled(title, md_table(columns, rows) if rows else [])
+
+
+def paragraphs(*texts: Optional[str]) -> list[str]:
+    """Paragraphs of one line each, a blank line before each; the empty ones (None, "") left out."""
+    return [line for text in texts if text for line in section(text)]
 
 
 def markdown_summary(
@@ -6192,10 +6215,21 @@ def markdown_summary(
     comparison: dict[str, Any],
     plots: Optional[list[str]],  # None: not drawn (--no-plots)
     timing: Optional[Timing] = None,
+    failed: Optional[dict[str, str]] = None,  # experiment folder -> its error.json's error
+    config_problem: Optional[str] = None,  # why config.json could not be read
 ) -> str:
     """summary.md: one function per section, in the order a reader wants them."""
-    not_fresh = reused_idle_levels(summaries)
+    not_fresh = {  # experiments whose idle level after load includes a reused (not freshly loaded) server
+        name
+        for name, s in summaries.items()
+        if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
+    }
     lines = [
+        *(
+            [f"> **Note:** {config_problem}; run details are missing from this summary.", ""]
+            if config_problem
+            else []
+        ),
         *summary_header(config, summaries),
         *main_table(summaries, not_fresh),
         *model_runner_lines(config),
@@ -6220,30 +6254,27 @@ def markdown_summary(
             else section("Plots: none drawn (--no-plots; `--report` without it draws them).")
         ),
         *definitions(config, not_fresh),
+        *titled("Failed experiments:", [f"- {k}: {v}" for k, v in (failed or {}).items()]),
     ]
     return "\n".join(lines) + "\n"
 
 
 def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
     gpu = config.get("gpu", {})
-    banner = []
-    if config and "finished_utc" not in config:
-        banner = [
-            "> **This run did not finish** (it was killed, or is still running): the summary shows "
-            "what was recorded until then.",
-            "",
-        ]
-    if config.get("interrupted"):
-        banner = [
-            "> **This run was interrupted** before it finished: experiments after the one in flight "
-            "did not run, and the one in flight is partial (marked incomplete below).",
-            "",
-        ]
+    unfinished = (
+        "> **This run was interrupted** before it finished: experiments after the one in flight "
+        "did not run, and the one in flight is partial (marked incomplete below)."
+        if config.get("interrupted")
+        else "> **This run did not finish** (it was killed, or is still running): the summary shows "
+        "what was recorded until then."
+        if config and "finished_utc" not in config
+        else None
+    )
     used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
     return [
         f"# kvcached vs static KV cache: {config.get('run_name', '')}",
         "",
-        *banner,
+        *([unfinished, ""] if unfinished else []),
         f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
         f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
         f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}",
@@ -6258,67 +6289,57 @@ def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
     ]
 
 
-def reused_idle_levels(summaries: dict[str, ExperimentSummary]) -> set[str]:
-    """Experiments whose idle level after load includes a reused (not freshly loaded) server."""
-    return {
-        name
-        for name, s in summaries.items()
-        if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
-    }
-
-
 def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> list[str]:
-    header = (
-        "experiment | idle after load (MiB) | idle before workload (MiB) | peak (MiB) | flex (MiB) | "
-        "release (s) | TTFT p50/p90/p99 (s) | TPOT p50 (ms) | E2E p50/p99 (s) | tok/s | failed | "
-        "start-up (s)"
-    )
-    rows = []
-    for name, s in summaries.items():
-        d, lat = s.device, s.latency
-        startups = ", ".join(
+    def startups(name: str, s: ExperimentSummary) -> str:
+        return ", ".join(
             f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}" for k, v in s.servers.items()
         )
-        rows.append(
-            [
-                name if s.memory_valid else f"{name} (memory figures void, see below)",
-                fmt(d.idle_after_load_mib) + (" *" if name in not_fresh else ""),
-                fmt(d.idle_before_workload_mib),
-                fmt(d.peak_mib),
-                fmt(d.flex_mib),
-                fmt(d.release_s, 2),
-                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p90, 3)} / {fmt(lat.ttft_s.p99, 3)}",
-                fmt(lat.tpot_s.p50 and lat.tpot_s.p50 * 1000, 1),
-                f"{fmt(lat.e2e_s.p50, 2)} / {fmt(lat.e2e_s.p99, 2)}",
-                fmt(lat.output_tokens_per_s),
-                f"{lat.failed}/{lat.requests}",
-                startups,
-            ]
-        )
-    return ["", *md_table(header, rows)]
+
+    columns: list[Column] = [
+        (
+            "experiment",
+            lambda name, s: name if s.memory_valid else f"{name} (memory figures void, see below)",
+        ),
+        (
+            "idle after load (MiB)",
+            lambda name, s: fmt(s.device.idle_after_load_mib) + (" *" if name in not_fresh else ""),
+        ),
+        ("idle before workload (MiB)", lambda _, s: fmt(s.device.idle_before_workload_mib)),
+        ("peak (MiB)", lambda _, s: fmt(s.device.peak_mib)),
+        ("flex (MiB)", lambda _, s: fmt(s.device.flex_mib)),
+        ("release (s)", lambda _, s: fmt(s.device.release_s, 2)),
+        (
+            "TTFT p50/p90/p99 (s)",
+            lambda _, s: side_by_side(s.latency.ttft_s, "p50", "p90", "p99", digits=3),
+        ),
+        ("TPOT p50 (ms)", lambda _, s: side_by_side(s.latency.tpot_s, "p50", digits=1, scale=1000)),
+        ("E2E p50/p99 (s)", lambda _, s: side_by_side(s.latency.e2e_s, "p50", "p99", digits=2)),
+        ("tok/s", lambda _, s: fmt(s.latency.output_tokens_per_s)),
+        ("failed", lambda _, s: f"{s.latency.failed}/{s.latency.requests}"),
+        ("start-up (s)", startups),
+    ]
+    return section(*md_table(columns, summaries.items()))
 
 
 def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     per_token = {n: s.latency for n, s in summaries.items() if s.latency.itl_s or s.latency.goodput}
-    if not per_token:
-        return []
     slos = next((lat.goodput for lat in per_token.values() if lat.goodput), None)
-    slo_text = slos and slo_words(slos, " and ", "<=")
 
     def ms3(dist: Optional[Distribution]) -> str:
-        return " / ".join(fmt(v and v * 1000, 1) for v in (dist.p50, dist.p90, dist.p99)) if dist else "n/a"
+        return side_by_side(dist, "p50", "p90", "p99", digits=1, scale=1000) if dist else "n/a"
 
-    def goodput(good: Optional[Goodput]) -> list[str]:
-        if not slos:
-            return []
-        return [f"{fmt(good.share and 100 * good.share, 1)}% ({good.met}/{good.of})" if good else "n/a"]
+    def goodput(name: str, lat: LatencySummary) -> str:
+        good = lat.goodput
+        return f"{fmt(good.share and 100 * good.share, 1)}% ({good.met}/{good.of})" if good else "n/a"
 
-    header = "experiment | TPOT p50 / p90 / p99 | ITL p50 / p90 / p99" + (" | goodput" if slos else "")
-    rows = [[name, ms3(lat.tpot_s), ms3(lat.itl_s), *goodput(lat.goodput)] for name, lat in per_token.items()]
-    title = (
-        "Per output token (ms)" + (f"; goodput = requests completed with {slo_text}" if slos else "") + ":"
-    )
-    return section(title, "", *md_table(header, rows))
+    columns: list[Column] = [
+        EXPERIMENT,
+        ("TPOT p50 / p90 / p99", lambda _, lat: ms3(lat.tpot_s)),
+        ("ITL p50 / p90 / p99", lambda _, lat: ms3(lat.itl_s)),
+        *([("goodput", goodput)] if slos else []),
+    ]
+    title = f"; goodput = requests completed with {slo_words(slos, ' and ', '<=')}" if slos else ""
+    return table_section(f"Per output token (ms){title}:", columns, per_token.items())
 
 
 def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
@@ -6329,107 +6350,99 @@ def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
         for name, s in summaries.items()
         if s.sampler_errors
     ]
-    return section("**Problems** (figures affected are n/a or flagged):", "", *notes) if notes else []
+    return titled("**Problems** (figures affected are n/a or flagged):", notes)
 
 
 def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    per_server = [(n, k, v) for n, s in summaries.items() for k, v in s.servers.items() if len(s.servers) > 1]
-    if not per_server:
-        return []
-    header = (
-        "experiment | model | idle (MiB) | peak (MiB) | kvcached peak used / limit (MiB) | "
-        "max running / waiting | preemptions | TTFT p50/p99 (s) | E2E p50 (s) | failed"
+    columns: list[Column] = [
+        EXPERIMENT,
+        ("model", lambda _, key, v: f"{key}: {v.model.split('/')[-1]}"),
+        ("idle (MiB)", lambda _, key, v: fmt(v.memory.idle_before_workload_mib)),
+        ("peak (MiB)", lambda _, key, v: fmt(v.memory.peak_mib)),
+        (
+            "kvcached peak used / limit (MiB)",
+            lambda _, key, v: side_by_side(v.kvcached, "peak_used_mib", "limit_mib"),
+        ),
+        ("max running / waiting", lambda _, key, v: side_by_side(v.vllm, "max_running", "max_waiting")),
+        ("preemptions", lambda _, key, v: fmt(v.vllm and v.vllm.preemptions)),
+        ("TTFT p50/p99 (s)", lambda _, key, v: side_by_side(v.latency.ttft_s, "p50", "p99", digits=3)),
+        ("E2E p50 (s)", lambda _, key, v: fmt(v.latency.e2e_s.p50, 2)),
+        ("failed", lambda _, key, v: f"{v.latency.failed}/{v.latency.requests}"),
+    ]
+    return table_section(
+        "Per model (memory from NVML per process tree; kvcached and vLLM's own views):",
+        columns,
+        ((n, k, v) for n, s in summaries.items() for k, v in s.servers.items() if len(s.servers) > 1),
     )
-    rows = []
-    for name, key, v in per_server:
-        kv, vl, lat = v.kvcached, v.vllm, v.latency
-        rows.append(
-            [
-                name,
-                f"{key}: {v.model.split('/')[-1]}",
-                fmt(v.memory.idle_before_workload_mib),
-                fmt(v.memory.peak_mib),
-                f"{fmt(kv and kv.peak_used_mib)} / {fmt(kv and kv.limit_mib)}",
-                f"{fmt(vl and vl.max_running)} / {fmt(vl and vl.max_waiting)}",
-                fmt(vl and vl.preemptions),
-                f"{fmt(lat.ttft_s.p50, 3)} / {fmt(lat.ttft_s.p99, 3)}",
-                fmt(lat.e2e_s.p50, 2),
-                f"{lat.failed}/{lat.requests}",
-            ]
-        )
-    title = "Per model (memory from NVML per process tree; kvcached and vLLM's own views):"
-    return section(title, "", *md_table(header, rows))
 
 
 def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     """What each strategy held while it served: the card's mean, p95 and peak, GiB-hours, and each
     model's mean."""
-    costed = {name: s for name, s in summaries.items() if s.memory_cost}
-    if not costed:
-        return []
-    rows = [
-        [
-            name,
-            fmt(c.workload_s, 1),
-            fmt(c.mean_mib),
-            fmt(c.p95_mib),
-            fmt(c.peak_mib),
-            fmt(c.gib_hours, 4),
-            ", ".join(
-                f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
-            ),
-        ]
-        for name, s in costed.items()
-        for c in [s.memory_cost]
+
+    def per_model(name: str, c: MemoryCost, s: ExperimentSummary) -> str:
+        return ", ".join(
+            f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
+        )
+
+    columns: list[Column] = [
+        EXPERIMENT,
+        ("workload (s)", lambda _, c, s: fmt(c.workload_s, 1)),
+        ("mean (MiB)", lambda _, c, s: fmt(c.mean_mib)),
+        ("p95 (MiB)", lambda _, c, s: fmt(c.p95_mib)),
+        ("peak (MiB)", lambda _, c, s: fmt(c.peak_mib)),
+        ("GiB·h", lambda _, c, s: fmt(c.gib_hours, 4)),
+        ("mean per model (MiB)", per_model),
     ]
-    header = "experiment | workload (s) | mean (MiB) | p95 (MiB) | peak (MiB) | GiB·h | mean per model (MiB)"
-    title = (
+    return table_section(
         "Memory held while serving (NVML over the workload, from its first request to its last one's end; "
-        "mean weighted by time; GiB·h = mean × the workload's length):"
+        "mean weighted by time; GiB·h = mean × the workload's length):",
+        columns,
+        ((name, s.memory_cost, s) for name, s in summaries.items() if s.memory_cost),
     )
-    return section(title, "", *md_table(header, rows))
 
 
 # %% summary.md, part 2: the strategies compared, and what memory did after the bursts
 def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    rows = [
-        [name, v.label, fmt(f.total_mib), fmt(f.weights_mib), fmt(f.kv_mib), fmt(f.rest_mib)]
-        for name, s in summaries.items()
-        for v in s.servers.values()
-        if (f := v.footprint) and (f.weights_mib is not None or f.kv_mib is not None)
+    columns: list[Column] = [
+        EXPERIMENT,
+        ("server", lambda _, v, f: v.label),
+        ("total", lambda _, v, f: fmt(f.total_mib)),
+        ("weights", lambda _, v, f: fmt(f.weights_mib)),
+        ("KV cache", lambda _, v, f: fmt(f.kv_mib)),
+        ("the rest", lambda _, v, f: fmt(f.rest_mib)),
     ]
-    if not rows:
-        return []
-    title = (
+    return table_section(
         "What each server holds before its workload (MiB; the total from NVML by process tree, weights and "
         "a static pool from vLLM's log, kvcached's KV pages from its segment; the rest is the CUDA context, "
-        "activation workspace and allocator caches; n/a where a log line is missing):"
+        "activation workspace and allocator caches; n/a where a log line is missing):",
+        columns,
+        (
+            (name, v, f)
+            for name, s in summaries.items()
+            for v in s.servers.values()
+            if (f := v.footprint) and (f.weights_mib is not None or f.kv_mib is not None)
+        ),
     )
-    header = "experiment | server | total | weights | KV cache | the rest"
-    return section(title, "", *md_table(header, rows))
 
 
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
-    lines = []
-    for name, s in summaries.items():
-        for v in s.servers.values():
-            split = v.sleeps
-            if split is None:
-                continue
-            beyond = split.beyond_pool_mib
-            lines.append(
-                f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log, each freed vLLM's cumem "
-                f"pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and {fmt(beyond.mean)} MiB more on "
-                f"average (at most {fmt(beyond.max)} MiB): memory outside the pool, torch's caching "
-                f"allocator, regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
-            )
+    lines = [
+        f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log, each freed vLLM's cumem "
+        f"pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and {fmt(split.beyond_pool_mib.mean)} MiB "
+        f"more on average (at most {fmt(split.beyond_pool_mib.max)} MiB): memory outside the pool, torch's "
+        f"caching allocator, regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
+        for name, s in summaries.items()
+        for v in s.servers.values()
+        if (split := v.sleeps) is not None
+    ]
     lines += [
         f"- {name}_sleep: the awake peak exceeds the same static pool without sleep mode by "
         f"{fmt(awake_over)} MiB: memory outside vLLM's cumem pool, freed at each sleep."
         for name, block in comparison.items()
         if (awake_over := awake_peak_over_static(name, block)) is not None
     ]
-    return section("What sleep mode frees (vLLM's own lines at each sleep):", "", *lines) if lines else []
+    return titled("What sleep mode frees (vLLM's own lines at each sleep):", lines)
 
 
 def awake_peak_over_static(name: str, block: Comparison) -> Optional[float]:
@@ -6443,7 +6456,7 @@ def comparison_lines(name: str, block: Comparison, summaries: dict[str, Experime
     if {"kvcached", "static"} <= set(block.figures):
         lines += single_lines(block) if not GROUPS[name].pair else pair_lines(name, block)
     if "sleep" in block.figures:
-        lines += section(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
+        lines += paragraphs(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
     return lines
 
 
@@ -6451,7 +6464,7 @@ def single_lines(block: Comparison) -> list[str]:
     kvcached, static = block.figures["kvcached"], block.figures["static"]
     idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
     ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
-    return section(
+    return paragraphs(
         f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle and "
         f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; TTFT p50 "
         f"ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
@@ -6460,21 +6473,25 @@ def single_lines(block: Comparison) -> list[str]:
 
 def pair_lines(name: str, block: Comparison) -> list[str]:
     by_phase = GROUPS[name].ratios_by == "phase"
-    parts = (
-        block.per_phase if by_phase else {f"model {slot}": c for slot, c in (block.per_model or {}).items()}
-    )
-    rows = [
-        [label, *(with_repeats(*c.ratio("kvcached/static", f"{m}_{q}")) for m, q in LATENCY_KEYS)]
-        for label, c in (parts or {}).items()
-        if "kvcached" in c.figures
+    parts = block.per_phase if by_phase else {f"model {k}": c for k, c in (block.per_model or {}).items()}
+    columns: list[Column] = [
+        ("", lambda label, c: label),
+        *(
+            (
+                f"{m.removesuffix('_s').upper()} {q}",
+                lambda _, c, key=f"{m}_{q}": with_repeats(*c.ratio("kvcached/static", key)),
+            )
+            for m, q in LATENCY_KEYS
+        ),
     ]
-    table = md_table(" | TTFT p50 | TTFT p99 | E2E p50 | E2E p99", rows)
-    return section(f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", "", *table)
+    rows = [(label, c) for label, c in (parts or {}).items() if "kvcached" in c.figures]
+    return titled(
+        f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", md_table(columns, rows)
+    )
 
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
-    figures = {arm: block.figures.get(arm) for arm in STRATEGIES}
-    idle = {arm: f.idle_before_workload_mib if f else None for arm, f in figures.items()}
+    idle = {arm: (f := block.figures.get(arm)) and f.idle_before_workload_mib for arm in STRATEGIES}
     models = "one model" if not GROUPS[name].pair else f"{len(sleep.servers)} models"
     models = models.replace("2 models", "two models")
     wake = sleep.sleep.wake_s if sleep.sleep else None
@@ -6496,71 +6513,58 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
 
 
 def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    residuals = {n: s.residual_after_burst_mib for n, s in summaries.items() if s.residual_after_burst_mib}
-    if not residuals:
-        return []
-    return section(
-        "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
+    residuals = [
+        f"{name} " + ", ".join(fmt(v) for v in s.residual_after_burst_mib)
+        for name, s in summaries.items()
+        if s.residual_after_burst_mib
+    ]
+    return paragraphs(
+        residuals
+        and "Device memory above its level after load once each burst is over (MiB; kvcached's pages "
         "that stay mapped show here): "
-        + "; ".join(f"{name} " + ", ".join(fmt(v) for v in values) for name, values in residuals.items())
+        + "; ".join(residuals)
     )
 
 
 # %% summary.md, part 3: sweeps, capacity, the router, vLLM's clock, time and the notes under them
 def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    sweeps = {n: s.rate_sweep for n, s in summaries.items() if s.rate_sweep}
-    if not sweeps:
+    """Each open-loop window's latency, how late the requests went out, and a trace's prompt lengths as
+    planned and as vLLM counted them (the prompts are made-up words)."""
+    points = [(name, p) for name, s in summaries.items() for p in s.rate_sweep or ()]
+    if not points:
         return []
-    header = (
-        "experiment | window | rate (req/s) | requests | failed | TTFT p50 / p99 (s) | "
-        "E2E p50 / p99 (s) | goodput"
-    )
-    rows = [
-        [
-            name,
-            f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}",
-            rate_words(p.rate, p.unit).removesuffix(" req/s"),
-            p.requests,
-            p.failed,
-            f"{fmt(p.ttft_p50_s, 3)} / {fmt(p.ttft_p99_s, 3)}",
-            f"{fmt(p.e2e_p50_s, 2)} / {fmt(p.e2e_p99_s, 2)}",
-            fmt(p.goodput and 100 * p.goodput, 1) + "%" if p.goodput is not None else "n/a",
-        ]
-        for name, points in sweeps.items()
-        for p in points
+    columns: list[Column] = [
+        EXPERIMENT,
+        ("window", lambda _, p: f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}"),
+        ("rate (req/s)", lambda _, p: rate_words(p.rate, p.unit).removesuffix(" req/s")),
+        ("requests", lambda _, p: p.requests),
+        ("failed", lambda _, p: p.failed),
+        ("TTFT p50 / p99 (s)", lambda _, p: side_by_side(p, "ttft_p50_s", "ttft_p99_s", digits=3)),
+        ("E2E p50 / p99 (s)", lambda _, p: side_by_side(p, "e2e_p50_s", "e2e_p99_s", digits=2)),
+        ("goodput", lambda _, p: fmt(p.goodput and 100 * p.goodput, 1, "%")),
     ]
     delays = "; ".join(
         f"{name} p99 {fmt(s.latency.send_delay_s.p99 * 1000, 1)} ms"
         for name, s in summaries.items()
         if s.latency.send_delay_s and s.latency.send_delay_s.p99 is not None
     )
-    return section(
-        "Open-loop arrivals (latency timed from each planned arrival):",
-        "",
-        *md_table(header, rows),
-        *(
-            [
-                "",
-                f"Send delay, how late requests went out after their planned arrival: {delays} (above "
-                f"{FAITHFUL_SEND_DELAY_S * 1000:.0f} ms a run is flagged as not faithful to its plan).",
-            ]
-            if delays
-            else []
-        ),
-        *prompt_check_lines(summaries),
-    )
-
-
-def prompt_check_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """A trace's prompt lengths as planned and as vLLM counted them (the prompts are made-up words)."""
-    checks = [
+    checks = "; ".join(
         f"{name} {c.counted:,} of {c.planned:,} planned ({fmt(100 * (c.counted / c.planned - 1), 1)}%, "
         f"{c.requests} requests)"
-        for name, c in ((n, s.prompt_tokens) for n, s in summaries.items())
-        if c
-    ]
-    return (
-        ["", "Prompt tokens vLLM counted against the trace's: " + "; ".join(checks) + "."] if checks else []
+        for name, s in summaries.items()
+        if (c := s.prompt_tokens)
+    )
+    return titled(
+        "Open-loop arrivals (latency timed from each planned arrival):",
+        [
+            *md_table(columns, points),
+            *paragraphs(
+                delays
+                and f"Send delay, how late requests went out after their planned arrival: {delays} (above "
+                f"{FAITHFUL_SEND_DELAY_S * 1000:.0f} ms a run is flagged as not faithful to its plan).",
+                checks and f"Prompt tokens vLLM counted against the trace's: {checks}.",
+            ),
+        ],
     )
 
 
@@ -6571,52 +6575,38 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     if not swept:
         return []
     first = next(iter(swept.values()))
-    rates = list(dict.fromkeys(r for s in swept.values() for r in s.capacity.attainment))
-    header = " | ".join(
-        [
-            "experiment",
-            *(rate_words(r, first.capacity.unit) for r in rates),
-            "capacity",
-            "memory held there (mean MiB)",
-            "GiB·h",
-        ]
-    )
-    rows = [
-        [
-            name,
-            *(percent(s.capacity.attainment.get(r)) for r in rates),
-            capacity_words(s.capacity),
-            fmt(s.capacity.mean_mib),
-            fmt(s.memory_cost and s.memory_cost.gib_hours, 4),
-        ]
-        for name, s in swept.items()
+    rates = dict.fromkeys(r for s in swept.values() for r in s.capacity.attainment)
+    columns: list[Column] = [
+        EXPERIMENT,
+        *(
+            (rate_words(r, first.capacity.unit), lambda _, s, r=r: percent(s.capacity.attainment.get(r)))
+            for r in rates
+        ),
+        ("capacity", lambda _, s: capacity_words(s.capacity)),
+        ("memory held there (mean MiB)", lambda _, s: fmt(s.capacity.mean_mib)),
+        ("GiB·h", lambda _, s: fmt(s.memory_cost and s.memory_cost.gib_hours, 4)),
     ]
-    return section(
-        f"What one card takes within the SLOs ({slo_words(first.latency.goodput)}): capacity is the "
-        f"largest swept rate at which at least {percent(first.capacity.target)} of the requests met them, "
-        "and every lower rate too (repeats pooled):",
-        "",
-        *md_table(header, rows),
-        *per_model_attainment(swept),
-        "",
-        f"At {percent(first.capacity.target)} attainment, "
-        + "; ".join(capacity_sentence(name, s) for name, s in swept.items())
-        + ".",
-    )
-
-
-def per_model_attainment(swept: dict[str, ExperimentSummary]) -> list[str]:
-    """Each model's share of requests within the SLOs over all windows, where models share the card."""
-    lines = [
+    per_model = [  # where models share the card: each one's share within the SLOs over all windows
         f"- {name}, per model over all windows: "
         + ", ".join(
-            f"{slot} {percent(v.latency.goodput and v.latency.goodput.share)}"
-            for slot, v in s.servers.items()
+            f"{k} {percent(v.latency.goodput and v.latency.goodput.share)}" for k, v in s.servers.items()
         )
         for name, s in swept.items()
         if len(s.servers) > 1
     ]
-    return ["", *lines] if lines else []
+    return titled(
+        f"What one card takes within the SLOs ({slo_words(first.latency.goodput)}): capacity is the "
+        f"largest swept rate at which at least {percent(first.capacity.target)} of the requests met them, "
+        "and every lower rate too (repeats pooled):",
+        [
+            *md_table(columns, swept.items()),
+            *(section(*per_model) if per_model else []),
+            "",
+            f"At {percent(first.capacity.target)} attainment, "
+            + "; ".join(capacity_sentence(name, s) for name, s in swept.items())
+            + ".",
+        ],
+    )
 
 
 def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
@@ -6629,13 +6619,10 @@ def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
         if s.sleep and s.sleep.router
         for slot, r in s.sleep.router.items()
     ]
-    if not lines:
-        return []
-    return section(
+    return titled(
         "Sleep router (a request for a sleeping model wakes it; a model idle for --sleep-after-idle-s "
         "sleeps; no more awake than fit at the static share; waits count in each request's latency):",
-        "",
-        *lines,
+        lines,
     )
 
 
@@ -6645,15 +6632,8 @@ def percent(share: Optional[float]) -> str:
 
 def slo_words(goodput: Optional[Goodput], joiner: str = ", ", at_most: str = "≤") -> str:
     """The objectives that applied, e.g. "TTFT ≤ 1000 ms, TPOT ≤ 100 ms"."""
-    objectives = [
-        f"{name} {at_most} {value:g} ms"
-        for name, value in (
-            ("TTFT", goodput and goodput.slo_ttft_ms),
-            ("TPOT", goodput and goodput.slo_tpot_ms),
-        )
-        if value
-    ]
-    return joiner.join(objectives) or "no SLOs"
+    slos = (("TTFT", goodput and goodput.slo_ttft_ms), ("TPOT", goodput and goodput.slo_tpot_ms))
+    return joiner.join(f"{name} {at_most} {value:g} ms" for name, value in slos if value) or "no SLOs"
 
 
 def capacity_words(c: Capacity) -> str:
@@ -6683,11 +6663,9 @@ def capacity_sentence(name: str, s: ExperimentSummary) -> str:
     if c.largest_held_rps is None:
         lowest = min(c.attainment, key=float)
         return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
-    held = rate_words(c.largest_held_rps, c.unit, long=True) + (
-        " (above the sweep)" if c.verdict == "above the sweep" else ""
-    )
+    above = " (above the sweep)" if c.verdict == "above the sweep" else ""
     memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
-    return f"{name} held {held}{memory}"
+    return f"{name} held {rate_words(c.largest_held_rps, c.unit, long=True)}{above}{memory}"
 
 
 def capacity_headline(c: Capacity) -> dict:
@@ -6696,62 +6674,58 @@ def capacity_headline(c: Capacity) -> dict:
 
 
 def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    clocks = {n: s.server_clock for n, s in summaries.items() if s.server_clock}
-    if not clocks:
-        return []
-
-    def ms(value: Optional[float]) -> str:
-        return fmt(value and value * 1000, 1)
-
-    header = (
-        "experiment | TTFT client / server (ms) | gap (ms) | E2E client / server (s) | gap (ms) | "
-        "server queue / prefill / decode (ms)"
-    )
-    rows = [
-        [
-            name,
-            f"{ms(c.client_ttft_mean_s)} / {ms(c.server_ttft_mean_s)}",
-            fmt(c.ttft_gap_ms, 1),
-            f"{fmt(c.client_e2e_mean_s, 3)} / {fmt(c.server_e2e_mean_s, 3)}",
-            fmt(c.e2e_gap_ms, 1),
-            f"{ms(c.server_queue_mean_s)} / {ms(c.server_prefill_mean_s)} / {ms(c.server_decode_mean_s)}",
-        ]
-        for name, c in clocks.items()
+    columns: list[Column] = [
+        EXPERIMENT,
+        (
+            "TTFT client / server (ms)",
+            lambda _, c: side_by_side(c, "client_ttft_mean_s", "server_ttft_mean_s", digits=1, scale=1000),
+        ),
+        ("gap (ms)", lambda _, c: fmt(c.ttft_gap_ms, 1)),
+        (
+            "E2E client / server (s)",
+            lambda _, c: side_by_side(c, "client_e2e_mean_s", "server_e2e_mean_s", digits=3),
+        ),
+        ("gap (ms)", lambda _, c: fmt(c.e2e_gap_ms, 1)),
+        (
+            "server queue / prefill / decode (ms)",
+            lambda _, c: side_by_side(
+                c,
+                "server_queue_mean_s",
+                "server_prefill_mean_s",
+                "server_decode_mean_s",
+                digits=1,
+                scale=1000,
+            ),
+        ),
     ]
-    title = (
+    return table_section(
         "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "
-        "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):"
+        "is vLLM's front end, HTTP and tokenization, plus the client, and for the sleep arm the wake-up):",
+        columns,
+        ((name, s.server_clock) for name, s in summaries.items() if s.server_clock),
     )
-    return section(title, "", *md_table(header, rows))
 
 
 def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
     starts = server_starts(summaries)
-    started_by = (
-        f" vLLM's engine process started by {config['engine_start']} (--engine-start)."
-        if config.get("engine_start")
-        else ""
-    )
-    lines = section(
+    engine = config.get("engine_start")
+    started_by = f" vLLM's engine process started by {engine} (--engine-start)." if engine else ""
+    lanes = config.get("lanes") or []
+    return paragraphs(
         f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
         f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."
-        f"{started_by}"
+        f"{started_by}",
+        len(lanes) > 1
+        and "Cards (--gpus, experiments in parallel): "
+        + "; ".join(f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes)
+        + ".",
     )
-    lanes = config.get("lanes") or []
-    if len(lanes) > 1:
-        lines += section(
-            "Cards (--gpus, experiments in parallel): "
-            + "; ".join(f"GPU {lane['gpu_index']} ran {', '.join(lane['experiments'])}" for lane in lanes)
-            + "."
-        )
-    return lines
 
 
 def time_line(timing: Optional[Timing]) -> list[str]:
-    if not timing:
-        return []
-    return section(
-        f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
+    return paragraphs(
+        timing
+        and f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
         f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
         f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
         f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%)."
@@ -6759,35 +6733,32 @@ def time_line(timing: Optional[Timing]) -> list[str]:
 
 
 def repeats_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    repeated = {n: s.repeats for n, s in summaries.items() if s.repeats}
-    if not repeated:
-        return []
-    return section(
+    return titled(
         "Spread over repeats (median [min, max]):",
-        "",
-        *[
+        [
             f"- {name}: "
-            + "; ".join(f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in rep.items())
-            for name, rep in repeated.items()
+            + "; ".join(
+                f"{k} {fmt(v.median, 3)} [{fmt(v.min, 3)}, {fmt(v.max, 3)}]" for k, v in s.repeats.items()
+            )
+            for name, s in summaries.items()
+            if s.repeats
         ],
     )
 
 
 def definitions(config: dict, not_fresh: set[str]) -> list[str]:
     tolerance, window = dig(config, "config", "release_tolerance"), dig(config, "config", "idle_window_s")
-    lines = section(
+    return paragraphs(
         f"Definitions: *idle* = median device memory over {window or 1.5:g} s "
         "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
         f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
-        "of that idle level (n/a: it stayed above; see residual in summary.json)."
+        "of that idle level (n/a: it stayed above; see residual in summary.json).",
+        "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
+        "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
+        "depends on what ran before. *Idle before workload* (after the warm-up) compares across runs."
+        if not_fresh
+        else None,
     )
-    if not_fresh:
-        lines += section(
-            "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
-            "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
-            "depends on what ran before. *Idle before workload* (after the warm-up) compares across runs."
-        )
-    return lines
 
 
 # %% Report: where the time went, the headline, and summary.json, summary.md and plots from a run folder
@@ -6821,37 +6792,34 @@ def run_timing(config: dict, loaded: dict[str, "LoadedExperiment"]) -> Optional[
     times = config.get("timing") or {}
     if not {"started", "table_start", "table_end"} <= set(times):
         return None
-    table = (times["table_start"], times["table_end"])
-    startups: dict[str, list] = {}
-    workloads: dict[str, list] = {}
+    start, end = times["table_start"], times["table_end"]
+    startups: dict[str, list] = collections.defaultdict(list)  # per card: each server's (started, ready)
+    workloads: dict[str, list] = collections.defaultdict(list)  # per card: each experiment's workload
     for exp in loaded.values():
         lane = str(exp.record.gpu_index)
         for server in exp.record.servers:
             if server.get("started_at") is not None and server.get("ready_at") is not None:
-                startups.setdefault(lane, []).append((server["started_at"], server["ready_at"]))
+                startups[lane].append((server["started_at"], server["ready_at"]))
         if exp.record.marks.workload:
-            workloads.setdefault(lane, []).append(exp.record.marks.workload)
-
-    def every(spans: dict[str, list]) -> list:
-        return [span for lane in spans.values() for span in lane]
-
-    table_s = table[1] - table[0]
-    busy = covered_s(every(startups) + every(workloads))
-    overhead = table_s - busy
+            workloads[lane].append(exp.record.marks.workload)
+    every_startup = [span for spans in startups.values() for span in spans]
+    every_workload = [span for spans in workloads.values() for span in spans]
+    table_s = end - start
+    overhead = table_s - covered_s(every_startup + every_workload)
     lanes = {
         f"GPU {lane}": {
-            "startups_s": covered_s(startups.get(lane, [])),
-            "workload_s": covered_s(workloads.get(lane, [])),
-            "last_workload_end_s": max((e for _, e in workloads.get(lane, [])), default=table[0]) - table[0],
+            "startups_s": covered_s(startups[lane]),
+            "workload_s": covered_s(workloads[lane]),
+            "last_workload_end_s": max((e for _, e in workloads[lane]), default=start) - start,
         }
         for lane in sorted(set(startups) | set(workloads))
     }
     return Timing(
-        times["table_end"] - times["started"],
-        table[0] - times["started"],
+        end - times["started"],
+        start - times["started"],
         table_s,
-        covered_s(every(startups)),
-        covered_s(every(workloads)),
+        covered_s(every_startup),
+        covered_s(every_workload),
         overhead,
         overhead / table_s if table_s > 0 else 0.0,
         lanes if len(lanes) > 1 else None,
@@ -6900,12 +6868,7 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
 
 
 EXPERIMENT_FILES = (
-    "experiment.json",
-    "error.json",
-    "memory.jsonl",
-    "memory.jsonl.gz",
-    "requests.jsonl",
-    "requests.jsonl.gz",
+    "experiment.json error.json memory.jsonl memory.jsonl.gz requests.jsonl requests.jsonl.gz".split()
 )
 
 
@@ -6955,28 +6918,23 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         "plots": plots or [],
         "server_starts": server_starts(summaries),
         **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {}),
+        **({"problems": [config_problem]} if config_problem else {}),
     }
-    if config_problem:
-        top["problems"] = [config_problem]
     write_json(run_dir / "summary.json", top)
-    md = markdown_summary(config, summaries, comparison, plots, timing)
-    if config_problem:
-        md = f"> **Note:** {config_problem}; run details are missing from this summary.\n\n" + md
-    if failed:
-        md += "\nFailed experiments:\n\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items()) + "\n"
+    md = markdown_summary(config, summaries, comparison, plots, timing, failed, config_problem)
     write_text_atomic(run_dir / "summary.md", md)
-    invalid = sorted(n for n, s in summaries.items() if not s.memory_valid)
     return to_json(
         {
             **headline(run_dir, summaries, comparison),
             "failed": sorted(failed),
-            "invalid": invalid,
+            "invalid": sorted(n for n, s in summaries.items() if not s.memory_valid),
             "problems": {n: s.problems for n, s in summaries.items() if s.problems},
             "interrupted": bool(config.get("interrupted")),
         }
     )
 
 
+# %% Preflight: what must hold before a server starts (--check prints it and stops)
 # %% Preflight: what must hold before a server starts (--check prints it and stops)
 @dataclasses.dataclass
 class Check:

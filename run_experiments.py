@@ -6330,7 +6330,8 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
     def goodput(name: str, lat: LatencySummary) -> str:
         good = lat.goodput
-        return f"{fmt(good.share and 100 * good.share, 1)}% ({good.met}/{good.of})" if good else "n/a"
+        share = None if good is None or good.share is None else 100 * good.share
+        return f"{fmt(share, 1, '%')} ({good.met}/{good.of})" if good else "n/a"
 
     columns: list[Column] = [
         EXPERIMENT,

@@ -76,6 +76,16 @@ def test_goodput_counts_failures_and_each_objective():
     assert rx.goodput(rows, 0, 0) is None
 
 
+def test_the_goodput_column_shows_a_share_or_says_there_is_none():
+    def summary(share, met, of):
+        good = rx.Goodput(1000, 100, met, of, share)
+        return types.SimpleNamespace(latency=types.SimpleNamespace(itl_s=None, tpot_s=None, goodput=good))
+
+    table = "\n".join(rx.per_token_table({"kvcached": summary(0.5, 1, 2), "static": summary(None, 0, 0)}))
+    assert "| kvcached | n/a | n/a | 50.0% (1/2) |" in table
+    assert "| static | n/a | n/a | n/a (0/0) |" in table
+
+
 def test_token_gaps_are_pooled_over_requests():
     rows = [
         {

@@ -5272,13 +5272,8 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
             re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)"
         )
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
-    loaded = LoadedExperiment(
-        exp_dir,
-        record,
-        read_jsonl(exp_dir / "memory.jsonl"),
-        read_jsonl(exp_dir / "requests.jsonl"),
-        problems,
-    )
+    memory, requests = (read_jsonl(exp_dir / f"{name}.jsonl") for name in ("memory", "requests"))
+    loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
     fill_missing_marks(loaded)
     return loaded
 
@@ -5336,9 +5331,7 @@ class VllmView:
     max_running: Optional[float]
     max_waiting: Optional[float]
     preemptions: Optional[float]
-    prefix_hit_rate: Optional[float] = (
-        omitted_if_none()
-    )  # with --prefix-caching: cached share of prompt tokens
+    prefix_hit_rate: Optional[float] = omitted_if_none()  # with --prefix-caching: cached share of prompts
 
 
 @dataclasses.dataclass
@@ -5408,6 +5401,7 @@ def mean(values: Iterable[Optional[float]]) -> Optional[float]:
 
 
 SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as /metrics reads them
+CLIENT_CLOCKS = ("ttft", "e2e")  # the client's own latencies of the same names
 
 
 def from_send(record: RequestRecord, key: str) -> Optional[float]:
@@ -5420,46 +5414,37 @@ def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[flo
     return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
 
 
+def clock_fields(**sides: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
+    """The <side>_<name>_mean_s fields of a BurstClock or a ServerClock, from each side's means by name."""
+    return {f"{side}_{k}_mean_s": v for side, means in sides.items() for k, v in means.items()}
+
+
 def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optional[ServerClock]:
-    bursts, pooled = [], {name: [0.0, 0] for name in SERVER_HISTOGRAMS}
-    client_ttft, client_e2e = [], []
+    """Each burst's clocks, then all bursts': the client's pooled, the server's weighted by their counts."""
     by_burst = grouped((r for r in as_records(records) if r.ok), "phase", "repeat")
+    bursts, client, server = [], {k: [] for k in CLIENT_CLOCKS}, {k: [] for k in SERVER_HISTOGRAMS}
     for mark in marks.bursts:
         if not mark.server_before or not mark.server_after:
             continue
         ok = by_burst.get((mark.phase, mark.repeat), [])
-        means = {}
-        for name in SERVER_HISTOGRAMS:
-            means[name], count = histogram_mean(mark.server_before, mark.server_after, name)
-            if means[name] is not None:
-                pooled[name][0] += means[name] * count
-                pooled[name][1] += count
-        counted = histogram_mean(mark.server_before, mark.server_after, "ttft")[1]
-        ttfts, e2es = [from_send(r, "ttft_s") for r in ok], [from_send(r, "e2e_s") for r in ok]
-        client_ttft += [v for v in ttfts if v is not None]
-        client_e2e += [v for v in e2es if v is not None]
-        server = [means[name] for name in SERVER_HISTOGRAMS]
-        bursts.append(
-            BurstClock(
-                mark.phase, mark.repeat, len(ok), counted, mean(ttfts), server[0], mean(e2es), *server[1:]
-            )
+        mine = {k: [from_send(r, f"{k}_s") for r in ok] for k in CLIENT_CLOCKS}
+        theirs = {k: histogram_mean(mark.server_before, mark.server_after, k) for k in SERVER_HISTOGRAMS}
+        for k in CLIENT_CLOCKS:
+            client[k] += mine[k]
+        for k in SERVER_HISTOGRAMS:
+            server[k].append(theirs[k])
+        fields = clock_fields(
+            client={k: mean(v) for k, v in mine.items()}, server={k: m for k, (m, _) in theirs.items()}
         )
+        bursts.append(BurstClock(mark.phase, mark.repeat, len(ok), theirs["ttft"][1], **fields))
     if not bursts:
         return None
-    server = {name: (total / n if n else None) for name, (total, n) in pooled.items()}
-    c_ttft, c_e2e = mean(client_ttft), mean(client_e2e)
-    return ServerClock(
-        c_ttft,
-        server["ttft"],
-        gap_ms(c_ttft, server["ttft"]),
-        c_e2e,
-        server["e2e"],
-        gap_ms(c_e2e, server["e2e"]),
-        server["queue"],
-        server["prefill"],
-        server["decode"],
-        bursts,
-    )
+    means = {k: mean(v) for k, v in client.items()}
+    pooled = {
+        k: ratio(sum(m * n for m, n in p if m is not None), sum(n for _, n in p)) for k, p in server.items()
+    }
+    gaps = {f"{k}_gap_ms": gap_ms(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    return ServerClock(**clock_fields(client=means, server=pooled), **gaps, bursts=bursts)
 
 
 @dataclasses.dataclass
@@ -5531,59 +5516,56 @@ def select(rows: Iterable[dict], **equal: Any) -> list[dict]:
 def summarize_experiment(
     loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0), target: float = 0.99
 ) -> ExperimentSummary:
-    record, records = loaded.record, loaded.records
+    record, records, marks = loaded.record, loaded.records, loaded.record.marks
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
-    problems = experiment_problems(loaded, latency)
 
-    def checked(memory: MemorySummary) -> MemorySummary:
+    def memory(samples: list[tuple[float, float]]) -> tuple[MemorySummary, Optional[MemoryCost]]:
+        """The summary and cost of (t, MiB) samples: void if invalid, cut where an unfinished run stopped."""
         if invalid:
-            return MemorySummary.void()
+            return MemorySummary.void(), None
+        summary = memory_summary(samples, marks, tolerance)
         if not record.finished:  # memory was still coming back (or not) when the run stopped
-            return dataclasses.replace(memory, release_s=None, residual_mib=None, residual_vs_load_mib=None)
-        return memory
+            cut = dict.fromkeys(("release_s", "residual_mib", "residual_vs_load_mib"))
+            return dataclasses.replace(summary, **cut), None
+        return summary, memory_cost(samples, marks.workload)
 
-    def cost(samples: list[tuple[float, float]]) -> Optional[MemoryCost]:
-        return None if invalid or not record.finished else memory_cost(samples, record.marks.workload)
-
-    marks = record.marks
-    summary = ExperimentSummary(
-        name=record.name,
-        question=record.question,
-        device=checked(memory_summary(loaded.device, marks, tolerance)),
+    device, device_cost = memory(loaded.device)
+    sweep = rate_sweep(records, marks, slo, [] if invalid else loaded.device)
+    repeats, by_phase = sorted({r.repeat for r in records}), grouped(records, "phase")
+    per = per_repeat(records, repeats)
+    per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
+    return ExperimentSummary(
+        **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
+        device=device,
         latency=latency,
-        servers={},
-        phases={},
-        repeats={},
-        sampler_errors=record.sampler_errors,
-        sampler_error_kinds=record.sampler_error_kinds,
+        servers={s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers},
+        phases={phase: latency_summary(mine, slo) for (phase,), mine in by_phase.items()},
+        repeats={f"{m}_{q}": Spread.of(p.quantile(m, q) for p in per) for m, q in LATENCY_KEYS if per},
         kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid,
-        problems=invalid + problems,
+        problems=invalid + experiment_problems(loaded, latency),
         server_clock=server_clock(marks, records),
-        gpu_index=record.gpu_index,
+        phase_repeats=per_phase if per else None,
+        latency_repeats=per,
+        sleep=sleep_summary(record),
+        rate_sweep=sweep,
+        capacity=capacity(sweep, target),
+        residual_after_burst_mib=residuals_after_bursts(loaded.device, marks, device.idle_after_load_mib)
+        if record.finished
+        else None,
+        memory_cost=device_cost,
+        prompt_tokens=PromptCheck.of(records),
     )
-    if (
-        summary.memory_valid
-        and record.finished
-        and marks.bursts
-        and summary.device.idle_after_load_mib is not None
-    ):
-        summary.residual_after_burst_mib = residuals_after_bursts(
-            loaded.device, marks, summary.device.idle_after_load_mib
-        )
-    summary.rate_sweep = rate_sweep(records, marks, slo, loaded.device if summary.memory_valid else [])
-    summary.capacity = capacity(summary.rate_sweep, target)
-    summary.sleep = sleep_summary(record)
-    summary.memory_cost = cost(loaded.device)
-    summary.prompt_tokens = PromptCheck.of(records)
-    for server in record.servers:
-        held = series(loaded.memory, "process", server=server["spec"]["name"])
-        view = server_view(server, loaded, checked(memory_summary(held, marks, tolerance)), slo)
-        view.memory_cost = cost(held)
-        summary.servers[server["spec"]["name"]] = view
-    add_phases_and_repeats(summary, records, slo)
-    return summary
+
+
+def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:
+    """Latency in each of `repeats` (the whole run's, so a repeat without requests is there too), None
+    without two or more."""
+    if len(repeats) < 2:
+        return None
+    by_repeat = grouped(records, "repeat")
+    return [latency_summary(by_repeat.get((k,), [])) for k in repeats]
 
 
 def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
@@ -5613,11 +5595,15 @@ def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> li
     return problems
 
 
-def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: float) -> list[Optional[float]]:
-    """Device memory above the idle level once each burst is over. Between bursts: n/a where the quiet
-    stretch is shorter than the window (a short --gap-s); after the last one, sampling went on until
-    memory was back or settled, however short that was. The sleep arm's stretch starts once the server
-    is asleep again, not while it is falling asleep."""
+def residuals_after_bursts(
+    device: list, marks: "Marks", idle_after_load_mib: Optional[float]
+) -> Optional[list[Optional[float]]]:
+    """Device memory above the idle level once each burst is over (None without bursts or that level).
+    Between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after the
+    last one, sampling went on until memory was back or settled, however short that was. The sleep arm's
+    stretch starts once the server is asleep again, not while it is falling asleep."""
+    if not marks.bursts or idle_after_load_mib is None:
+        return None
     ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
     last = len(marks.bursts) - 1
     quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
@@ -5630,34 +5616,33 @@ def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: fl
 
 
 def server_view(
-    server: dict, loaded: LoadedExperiment, memory: MemorySummary, slo: tuple[float, float]
+    server: dict,
+    loaded: LoadedExperiment,
+    memory: Callable[[list[tuple[float, float]]], tuple[MemorySummary, Optional[MemoryCost]]],
+    slo: tuple[float, float],
 ) -> ServerSummary:
-    """One server of the experiment: its memory (NVML by process tree), latency, and kvcached's and
-    vLLM's views."""
+    """One server of the experiment: its memory (NVML by process tree, summed up by `memory`), latency,
+    and kvcached's and vLLM's views."""
     slot = server["spec"]["name"]
     mine = [r for r in loaded.records if r.server == slot]
-    entry = ServerSummary(
+    held, cost = memory(series(loaded.memory, "process", server=slot))
+    kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
+    figures = log_figures(server_log_text(loaded.path, server) or "")
+    asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
+    return ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
         startup_s=server["startup_s"],
         reused=server["label"] in loaded.record.reused,
-        memory=memory,
+        memory=held,
         latency=latency_summary(mine, slo),
+        kvcached=kvcached_view(kvcached_rows),
+        vllm=vllm_view(select(loaded.memory, kind="metrics", server=slot)),
+        latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
+        footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
+        sleeps=sleep_split(figures, held.idle_before_workload_mib) if asleep else None,
+        memory_cost=cost,
     )
-    repeats = sorted({r.repeat for r in loaded.records})
-    if len(repeats) > 1:
-        by_repeat = grouped(mine, "repeat")
-        entry.latency_repeats = [latency_summary(by_repeat.get((k,), [])) for k in repeats]
-    kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
-    entry.kvcached = kvcached_view(kvcached_rows)
-    entry.vllm = vllm_view(select(loaded.memory, kind="metrics", server=slot))
-    text = server_log_text(loaded.path, server)
-    figures = log_figures(text or "")
-    if server["spec"].get("sleep_mode"):  # idle means asleep: its weights and pool are not on the card
-        entry.sleeps = sleep_split(figures, memory.idle_before_workload_mib)
-    else:
-        entry.footprint = footprint(server, memory, figures, kvcached_rows, loaded.record.marks)
-    return entry
 
 
 def kvcached_view(rows: list[dict]) -> Optional[KvcachedView]:
@@ -5688,26 +5673,6 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
     return view
 
 
-def add_phases_and_repeats(
-    summary: ExperimentSummary, records: list[RequestRecord], slo: tuple[float, float]
-) -> None:
-    """Latency per phase, and with --repeats, per repeat and the spread over repeats."""
-    for (phase,), mine in grouped(records, "phase").items():
-        summary.phases[phase] = latency_summary(mine, slo)
-    by_repeat = grouped(records, "repeat")
-    repeats = sorted(k for (k,) in by_repeat)
-    if len(repeats) < 2:
-        return
-    by_phase_repeat = grouped(records, "phase", "repeat")
-    summary.phase_repeats = {
-        phase: [latency_summary(by_phase_repeat.get((phase, k), [])) for k in repeats]
-        for phase in summary.phases
-    }
-    per = summary.latency_repeats = [latency_summary(by_repeat[(k,)]) for k in repeats]
-    for metric, q in LATENCY_KEYS:
-        summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
-
-
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
 # One point per window at its planned rate; capacity is the largest rate held at the attainment target.
 @dataclasses.dataclass
@@ -5724,9 +5689,8 @@ class RatePoint:
     e2e_p50_s: Optional[float]
     e2e_p99_s: Optional[float]
     goodput: Optional[float] = omitted_if_none()
-    max_send_delay_s: Optional[float] = (
-        omitted_if_none()
-    )  # the client's lateness: large means it could not keep up
+    # the client's lateness: large means it could not keep up
+    max_send_delay_s: Optional[float] = omitted_if_none()
     mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
     unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE
 
@@ -5751,29 +5715,15 @@ def rate_sweep(
     """One point per open-loop window (None for closed bursts), with the device memory held over it
     when `device` samples are given."""
     points, by_window = [], grouped(records, "phase", "repeat")
-    for mark in marks.bursts:
-        if mark.rate is None:
-            continue
-        mine = by_window.get((mark.phase, mark.repeat), [])
-        lat = latency_summary(mine, slo)
-        delays = [r.send_delay_s for r in mine if r.send_delay_s is not None]
-        points.append(
-            RatePoint(
-                mark.phase,
-                mark.repeat,
-                mark.rate,
-                lat.requests,
-                lat.failed,
-                lat.ttft_s.p50,
-                lat.ttft_s.p99,
-                lat.e2e_s.p50,
-                lat.e2e_s.p99,
-                lat.goodput and lat.goodput.share,
-                max(delays, default=None),
-                held_mib(device, mark),
-                mark.rate_unit,
-            )
+    for mark in (m for m in marks.bursts if m.rate is not None):
+        lat = latency_summary(by_window.get((mark.phase, mark.repeat), []), slo)
+        point = RatePoint(
+            mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, *latency_quantiles(lat)
         )
+        point.goodput = lat.goodput and lat.goodput.share
+        point.max_send_delay_s = lat.send_delay_s and lat.send_delay_s.max
+        point.mean_mib, point.unit = held_mib(device, mark), mark.rate_unit
+        points.append(point)
     return points or None
 
 
@@ -5786,26 +5736,19 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
     """Capacity over a rate sweep (None without one, or without SLOs)."""
     if not points or any(p.goodput is None and p.requests for p in points):
         return None
-    by_rate: dict[float, list[RatePoint]] = {}
-    for p in sorted(points, key=lambda p: p.rate):
-        by_rate.setdefault(p.rate, []).append(p)
-    met = {r: sum((p.goodput or 0) * p.requests for p in ps) for r, ps in by_rate.items()}
-    asked = {r: sum(p.requests for p in ps) for r, ps in by_rate.items()}
-    shares = {r: met[r] / asked[r] if asked[r] else None for r in by_rate}
+    shares = {
+        rate: ratio(sum((p.goodput or 0) * p.requests for p in ps), sum(p.requests for p in ps))
+        for (rate,), ps in grouped(sorted(points, key=lambda p: p.rate), "rate").items()
+    }
     held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
-    verdict = (
-        "below the sweep"
-        if not held
-        else "above the sweep"
-        if len(held) == len(shares)
-        else "within the sweep"
-    )
-    memory = [p.mean_mib for p in by_rate[held[-1]] if p.mean_mib is not None] if held else []
+    verdict = "below" if not held else "above" if len(held) == len(shares) else "within"
+    largest = held[-1] if held else None
+    memory = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
     return Capacity(
         target,
         {f"{r:g}": share for r, share in shares.items()},
-        verdict,
-        held[-1] if held else None,
+        f"{verdict} the sweep",
+        largest,
         sum(memory) / len(memory) if memory else None,
         points[0].unit,
     )
@@ -5856,24 +5799,19 @@ class Footprint:
 
 
 def footprint(
-    server: dict,
-    memory: MemorySummary,
-    figures: dict[str, list[float]],
-    kvcached_rows: list[dict],
-    marks: Marks,
+    server: dict, memory: MemorySummary, figures: dict[str, list[float]], segment: list[dict], marks: Marks
 ) -> Footprint:
+    """A server's idle memory, split by vLLM's logged `figures` and, for kvcached, its `segment` rows."""
     total = memory.idle_before_workload_mib
     weights = figures["weights_gib"][-1] * 1024 if figures["weights_gib"] else None
     if server["spec"].get("kvcached"):
-        held = [(r["t"], (r["used_bytes"] + r["prealloc_bytes"]) / MIB) for r in kvcached_rows if "t" in r]
+        held = [(r["t"], (r["used_bytes"] + r["prealloc_bytes"]) / MIB) for r in segment if "t" in r]
         kv = window_median(held, *(marks.idle_before or marks.idle_after_load or (math.inf, math.inf)))
         source = "kvcached's segment: used + prealloc"
     else:
         kv = figures["kv_pool_gib"][-1] * 1024 if figures["kv_pool_gib"] else None
         source = "vLLM's KV cache pool"
-    parts = (total, weights, kv)
-    rest = total - weights - kv if all(p is not None for p in parts) else None
-    return Footprint(total, weights, kv, rest, source)
+    return Footprint(total, weights, kv, diff(diff(total, weights), kv), source)
 
 
 @dataclasses.dataclass
@@ -5935,8 +5873,13 @@ class Comparison:
         return (self.ratios.get(pair) or {}).get(key), ((self.over_repeats or {}).get(pair) or {}).get(key)
 
 
+def latency_quantiles(latency: Optional[LatencySummary]) -> list[Optional[float]]:
+    """The LATENCY_KEYS figures of a latency summary, in that order (None without one)."""
+    return [latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS]
+
+
 def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
-    return Figures(*[latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS], **more)
+    return Figures(*latency_quantiles(latency), **more)
 
 
 def ratio_spreads(
@@ -5965,25 +5908,20 @@ def compared(figures: dict[str, Figures], repeats: dict[str, Optional[list[Laten
     return Comparison(figures, ratios, {k: v for k, v in spreads.items() if v} or None)
 
 
+def fields_of(record: Any, *names: str) -> dict[str, Any]:
+    """The named fields of a record (None for each where there is no record), to pass on by name."""
+    return {name: getattr(record, name) if record else None for name in names}
+
+
 def group_figures(summary: ExperimentSummary) -> Figures:
-    device = summary.device
-    return latency_figures(
-        summary.latency,
-        failed=summary.latency.failed,
-        peak_mib=device.peak_mib,
-        idle_after_load_mib=device.idle_after_load_mib,
-        idle_before_workload_mib=device.idle_before_workload_mib,
-    )
+    memory = fields_of(summary.device, "peak_mib", "idle_after_load_mib", "idle_before_workload_mib")
+    return latency_figures(summary.latency, failed=summary.latency.failed, **memory)
 
 
 def model_figures(server: ServerSummary) -> Figures:
-    vllm = server.vllm
+    vllm = fields_of(server.vllm, "max_waiting", "preemptions")
     return latency_figures(
-        server.latency,
-        failed=server.latency.failed,
-        peak_mib=server.memory.peak_mib,
-        max_waiting=vllm.max_waiting if vllm else None,
-        preemptions=vllm.preemptions if vllm else None,
+        server.latency, failed=server.latency.failed, peak_mib=server.memory.peak_mib, **vllm
     )
 
 

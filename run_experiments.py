@@ -4933,6 +4933,9 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 
 
 # %% Metrics: pure functions of saved records
+Samples = list[tuple[float, float]]  # (time, value) pairs in time order: a memory series
+
+
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
     if not isinstance(values, np.ndarray):  # an array has no None to drop (iterating one is slow)
@@ -5036,8 +5039,7 @@ def goodput(
         return r.ok and not late_first and not slow_rest
 
     met = sum(meets(r) for r in records)
-    share = met / len(records) if records else None
-    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), share)
+    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), ratio(met, len(records)))
 
 
 def latency_summary(
@@ -5093,28 +5095,16 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
     return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
-def window(samples: list[tuple[float, float]], span: Optional[tuple[float, float]]) -> list[float]:
+def window(samples: Samples, span: Optional[tuple[float, float]]) -> list[float]:
     return [v for _, v in window_samples(samples, span)]
 
 
-def window_samples(
-    samples: list[tuple[float, float]], span: Optional[tuple[float, float]]
-) -> list[tuple[float, float]]:
+def window_samples(samples: Samples, span: Optional[tuple[float, float]]) -> Samples:
     return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
-def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
+def window_median(samples: Samples, start: float, end: float) -> Optional[float]:
     return percentile(window(samples, (start, end)), 50)
-
-
-def release_time(
-    samples: list[tuple[float, float]], workload_end: float, idle: Optional[float], tolerance: float
-) -> Optional[float]:
-    """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
-    if idle is None:
-        return None
-    limit = idle * (1 + tolerance)
-    return next((t - workload_end for t, value in samples if t >= workload_end and value <= limit), None)
 
 
 @dataclasses.dataclass
@@ -5134,7 +5124,7 @@ class MemorySummary:
         return cls(*[None] * len(dataclasses.fields(cls)))
 
 
-def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: float) -> MemorySummary:
+def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySummary:
     """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
     idle_load = percentile(window(samples, marks.idle_after_load), 50)
     idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
@@ -5143,12 +5133,14 @@ def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: 
     start, end = marks.workload
     peak = max(window(samples, (start, marks.sampling_end or end)), default=None)
     last = next((v for t, v in reversed(samples) if t >= end), None)
+    limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
+    back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,
         peak_mib=peak,
         flex_mib=diff(peak, idle),
-        release_s=release_time(samples, end, idle, tolerance),
+        release_s=diff(back, end),
         residual_mib=diff(last, idle),
         residual_vs_load_mib=diff(last, idle_load),
     )
@@ -5166,9 +5158,7 @@ class MemoryCost:
     gib_hours: float
 
 
-def memory_cost(
-    samples: list[tuple[float, float]], workload: Optional[tuple[float, float]]
-) -> Optional[MemoryCost]:
+def memory_cost(samples: Samples, workload: Optional[tuple[float, float]]) -> Optional[MemoryCost]:
     """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
     inside = np.asarray(window_samples(samples, workload), dtype=float)
     if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
@@ -5179,7 +5169,7 @@ def memory_cost(
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
 
 
-def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
+def largest_gap(samples: Samples, start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
     times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
@@ -5210,13 +5200,11 @@ class Spread:
 # %% Summaries, part 1: a run's raw files loaded (only they count, so --report can rebuild offline)
 def series(
     rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None, scale: float = 1.0
-) -> list[tuple[float, float]]:
+) -> Samples:
     return [
         (r["t"], r[field] * scale)
         for r in rows
-        if r.get("kind") == kind
-        and r.get(field) is not None
-        and (server is None or r.get("server") == server)
+        if r.get("kind") == kind and r.get(field) is not None and server in (None, r.get("server"))
     ]
 
 
@@ -5249,7 +5237,7 @@ class LoadedExperiment:
         return as_records(self.requests)
 
     @functools.cached_property  # read by the marks, the summary and the plots alike
-    def device(self) -> list[tuple[float, float]]:
+    def device(self) -> Samples:
         return series(self.memory, "device")
 
     @property
@@ -5281,14 +5269,11 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
 def fill_missing_marks(loaded: LoadedExperiment) -> None:
     """Where a killed run left no workload mark, the workload spans its bursts (or its samples)."""
     marks, times = loaded.record.marks, [t for t, _ in loaded.device]
-    if marks.workload is None:
-        if marks.bursts:
-            marks.workload = (
-                marks.bursts[0].start,
-                marks.bursts[-1].end or max(times, default=marks.bursts[0].start),
-            )
-        elif times and not loaded.record.finished:
-            marks.workload = (min(times), max(times))
+    if marks.workload is None and marks.bursts:
+        first = marks.bursts[0].start
+        marks.workload = (first, marks.bursts[-1].end or max(times, default=first))
+    elif marks.workload is None and times and not loaded.record.finished:
+        marks.workload = (min(times), max(times))
     if marks.sampling_end is None and times:
         marks.sampling_end = max(times)
 
@@ -5296,9 +5281,7 @@ def fill_missing_marks(loaded: LoadedExperiment) -> None:
 MAX_SAMPLE_GAP = 10  # sample intervals without a device sample before memory figures are void
 
 
-def memory_problems(
-    record: ExperimentRecord, device: list[tuple[float, float]], latency: LatencySummary
-) -> list[str]:
+def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencySummary) -> list[str]:
     """Why this experiment's memory figures must not be reported, if they must not."""
     problems = []
     if latency.requests and not latency.ok:
@@ -5423,9 +5406,7 @@ def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optio
     """Each burst's clocks, then all bursts': the client's pooled, the server's weighted by their counts."""
     by_burst = grouped((r for r in as_records(records) if r.ok), "phase", "repeat")
     bursts, client, server = [], {k: [] for k in CLIENT_CLOCKS}, {k: [] for k in SERVER_HISTOGRAMS}
-    for mark in marks.bursts:
-        if not mark.server_before or not mark.server_after:
-            continue
+    for mark in (m for m in marks.bursts if m.server_before and m.server_after):
         ok = by_burst.get((mark.phase, mark.repeat), [])
         mine = {k: [from_send(r, f"{k}_s") for r in ok] for k in CLIENT_CLOCKS}
         theirs = {k: histogram_mean(mark.server_before, mark.server_after, k) for k in SERVER_HISTOGRAMS}
@@ -5485,14 +5466,10 @@ class PromptCheck:
 
     @classmethod
     def of(cls, records: list[RequestRecord]) -> Optional[PromptCheck]:
-        pairs = [
-            (r.planned_prompt_tokens, r.prompt_tokens)
-            for r in records
-            if r.ok and r.planned_prompt_tokens and r.prompt_tokens is not None
-        ]
-        if not pairs:
+        mine = [r for r in records if r.ok and r.planned_prompt_tokens and r.prompt_tokens is not None]
+        if not mine:
             return None
-        return cls(len(pairs), sum(p for p, _ in pairs), sum(c for _, c in pairs))
+        return cls(len(mine), sum(r.planned_prompt_tokens for r in mine), sum(r.prompt_tokens for r in mine))
 
 
 @dataclasses.dataclass
@@ -5520,7 +5497,7 @@ def summarize_experiment(
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
 
-    def memory(samples: list[tuple[float, float]]) -> tuple[MemorySummary, Optional[MemoryCost]]:
+    def memory(samples: Samples) -> tuple[MemorySummary, Optional[MemoryCost]]:
         """The summary and cost of (t, MiB) samples: void if invalid, cut where an unfinished run stopped."""
         if invalid:
             return MemorySummary.void(), None
@@ -5618,7 +5595,7 @@ def residuals_after_bursts(
 def server_view(
     server: dict,
     loaded: LoadedExperiment,
-    memory: Callable[[list[tuple[float, float]]], tuple[MemorySummary, Optional[MemoryCost]]],
+    memory: Callable[[Samples], tuple[MemorySummary, Optional[MemoryCost]]],
     slo: tuple[float, float],
 ) -> ServerSummary:
     """One server of the experiment: its memory (NVML by process tree, summed up by `memory`), latency,
@@ -5648,11 +5625,8 @@ def server_view(
 def kvcached_view(rows: list[dict]) -> Optional[KvcachedView]:
     if not rows:
         return None
-    return KvcachedView(
-        rows[-1]["total_bytes"] / MIB,
-        max(r["used_bytes"] for r in rows) / MIB,
-        max(r["prealloc_bytes"] for r in rows) / MIB,
-    )
+    peak = {key: max(r[key] for r in rows) / MIB for key in ("used_bytes", "prealloc_bytes")}
+    return KvcachedView(rows[-1]["total_bytes"] / MIB, peak["used_bytes"], peak["prealloc_bytes"])
 
 
 def vllm_view(rows: list[dict]) -> Optional[VllmView]:
@@ -5662,15 +5636,17 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
     def peak(key: str) -> Optional[float]:
         return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
 
-    counts = [r["preemptions"] for r in rows if "preemptions" in r]
-    view = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+    def growth(key: str, among: list[dict]) -> Optional[float]:
+        """How far a counter rose over the rows that have it."""
+        return among[-1][key] - among[0][key] if among else None
+
     prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
-    if len(prefix) > 1:
-        view.prefix_hit_rate = ratio(
-            prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
-            prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"],
-        )
-    return view
+    return VllmView(
+        peak("running"),
+        peak("waiting"),
+        growth("preemptions", [r for r in rows if "preemptions" in r]),
+        ratio(growth("prefix_hits", prefix), growth("prefix_queries", prefix)) if len(prefix) > 1 else None,
+    )
 
 
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
@@ -5722,14 +5698,10 @@ def rate_sweep(
         )
         point.goodput = lat.goodput and lat.goodput.share
         point.max_send_delay_s = lat.send_delay_s and lat.send_delay_s.max
-        point.mean_mib, point.unit = held_mib(device, mark), mark.rate_unit
+        cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
+        point.mean_mib, point.unit = cost and cost.mean_mib, mark.rate_unit
         points.append(point)
     return points or None
-
-
-def held_mib(device: list, mark: BurstMark) -> Optional[float]:
-    cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
-    return cost and cost.mean_mib
 
 
 def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capacity]:
@@ -5743,15 +5715,10 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
     held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
     verdict = "below" if not held else "above" if len(held) == len(shares) else "within"
     largest = held[-1] if held else None
-    memory = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
-    return Capacity(
-        target,
-        {f"{r:g}": share for r, share in shares.items()},
-        f"{verdict} the sweep",
-        largest,
-        sum(memory) / len(memory) if memory else None,
-        points[0].unit,
-    )
+    held_mib = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
+    attainment = {f"{r:g}": share for r, share in shares.items()}
+    mean_mib = ratio(sum(held_mib), len(held_mib))
+    return Capacity(target, attainment, f"{verdict} the sweep", largest, mean_mib, points[0].unit)
 
 
 # %% Footprint: what an idle server's memory is made of (read from its log), and what sleep mode frees
@@ -5897,9 +5864,7 @@ def ratio_spreads(
 
 def compared(figures: dict[str, Figures], repeats: dict[str, Optional[list[LatencySummary]]]) -> Comparison:
     """Figures per strategy (in STRATEGIES' order) with every pair's ratios."""
-    pairs = [
-        (x, y) for i, x in enumerate(STRATEGIES) for y in STRATEGIES[:i] if x in figures and y in figures
-    ]
+    pairs = [(x, y) for y, x in itertools.combinations([a for a in STRATEGIES if a in figures], 2)]
     keys = [f"{m}_{q}" for m, q in LATENCY_KEYS]
     ratios = {
         f"{x}/{y}": {k: ratio(getattr(figures[x], k), getattr(figures[y], k)) for k in keys} for x, y in pairs

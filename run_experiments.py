@@ -5884,10 +5884,8 @@ def group_figures(summary: ExperimentSummary) -> Figures:
 
 
 def model_figures(server: ServerSummary) -> Figures:
-    vllm = fields_of(server.vllm, "max_waiting", "preemptions")
-    return latency_figures(
-        server.latency, failed=server.latency.failed, peak_mib=server.memory.peak_mib, **vllm
-    )
+    figures = fields_of(server.memory, "peak_mib") | fields_of(server.vllm, "max_waiting", "preemptions")
+    return latency_figures(server.latency, failed=server.latency.failed, **figures)
 
 
 def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:

@@ -5573,7 +5573,7 @@ def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> li
 
 
 def residuals_after_bursts(
-    device: list, marks: "Marks", idle_after_load_mib: Optional[float]
+    device: Samples, marks: Marks, idle_after_load_mib: Optional[float]
 ) -> Optional[list[Optional[float]]]:
     """Device memory above the idle level once each burst is over (None without bursts or that level).
     Between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after the

@@ -4772,6 +4772,9 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 
 
 # %% Metrics: pure functions of saved records
+Samples = list[tuple[float, float]]  # (time, value) pairs in time order: a memory series
+
+
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
     """Linear-interpolated percentiles (q in 0..100) of the finite values, in one pass; None for no data."""
     if not isinstance(values, np.ndarray):  # an array has no None to drop (iterating one is slow)
@@ -4875,8 +4878,7 @@ def goodput(
         return r.ok and not late_first and not slow_rest
 
     met = sum(meets(r) for r in records)
-    share = met / len(records) if records else None
-    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), share)
+    return Goodput(slo_ttft_ms or None, slo_tpot_ms or None, met, len(records), ratio(met, len(records)))
 
 
 def latency_summary(
@@ -4932,28 +4934,16 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
     return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
-def window(samples: list[tuple[float, float]], span: Optional[tuple[float, float]]) -> list[float]:
+def window(samples: Samples, span: Optional[tuple[float, float]]) -> list[float]:
     return [v for _, v in window_samples(samples, span)]
 
 
-def window_samples(
-    samples: list[tuple[float, float]], span: Optional[tuple[float, float]]
-) -> list[tuple[float, float]]:
+def window_samples(samples: Samples, span: Optional[tuple[float, float]]) -> Samples:
     return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
-def window_median(samples: list[tuple[float, float]], start: float, end: float) -> Optional[float]:
+def window_median(samples: Samples, start: float, end: float) -> Optional[float]:
     return percentile(window(samples, (start, end)), 50)
-
-
-def release_time(
-    samples: list[tuple[float, float]], workload_end: float, idle: Optional[float], tolerance: float
-) -> Optional[float]:
-    """Seconds after the workload until memory is back within `tolerance` of idle (None if never)."""
-    if idle is None:
-        return None
-    limit = idle * (1 + tolerance)
-    return next((t - workload_end for t, value in samples if t >= workload_end and value <= limit), None)
 
 
 @dataclasses.dataclass
@@ -4973,7 +4963,7 @@ class MemorySummary:
         return cls(*[None] * len(dataclasses.fields(cls)))
 
 
-def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: float) -> MemorySummary:
+def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySummary:
     """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
     idle_load = percentile(window(samples, marks.idle_after_load), 50)
     idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
@@ -4982,12 +4972,14 @@ def memory_summary(samples: list[tuple[float, float]], marks: Marks, tolerance: 
     start, end = marks.workload
     peak = max(window(samples, (start, marks.sampling_end or end)), default=None)
     last = next((v for t, v in reversed(samples) if t >= end), None)
+    limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
+    back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,
         peak_mib=peak,
         flex_mib=diff(peak, idle),
-        release_s=release_time(samples, end, idle, tolerance),
+        release_s=diff(back, end),
         residual_mib=diff(last, idle),
         residual_vs_load_mib=diff(last, idle_load),
     )
@@ -5005,9 +4997,7 @@ class MemoryCost:
     gib_hours: float
 
 
-def memory_cost(
-    samples: list[tuple[float, float]], workload: Optional[tuple[float, float]]
-) -> Optional[MemoryCost]:
+def memory_cost(samples: Samples, workload: Optional[tuple[float, float]]) -> Optional[MemoryCost]:
     """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
     inside = np.asarray(window_samples(samples, workload), dtype=float)
     if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
@@ -5018,7 +5008,7 @@ def memory_cost(
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
 
 
-def largest_gap(samples: list[tuple[float, float]], start: float, end: float) -> float:
+def largest_gap(samples: Samples, start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
     times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
@@ -5049,13 +5039,11 @@ class Spread:
 # %% Summaries, part 1: a run's raw files loaded (only they count, so --report can rebuild offline)
 def series(
     rows: list[dict], kind: str, field: str = "used_mib", server: Optional[str] = None, scale: float = 1.0
-) -> list[tuple[float, float]]:
+) -> Samples:
     return [
         (r["t"], r[field] * scale)
         for r in rows
-        if r.get("kind") == kind
-        and r.get(field) is not None
-        and (server is None or r.get("server") == server)
+        if r.get("kind") == kind and r.get(field) is not None and server in (None, r.get("server"))
     ]
 
 
@@ -5088,7 +5076,7 @@ class LoadedExperiment:
         return as_records(self.requests)
 
     @functools.cached_property  # read by the marks, the summary and the plots alike
-    def device(self) -> list[tuple[float, float]]:
+    def device(self) -> Samples:
         return series(self.memory, "device")
 
     @property
@@ -5111,13 +5099,8 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
             re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)"
         )
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
-    loaded = LoadedExperiment(
-        exp_dir,
-        record,
-        read_jsonl(exp_dir / "memory.jsonl"),
-        read_jsonl(exp_dir / "requests.jsonl"),
-        problems,
-    )
+    memory, requests = (read_jsonl(exp_dir / f"{name}.jsonl") for name in ("memory", "requests"))
+    loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
     fill_missing_marks(loaded)
     return loaded
 
@@ -5125,14 +5108,11 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
 def fill_missing_marks(loaded: LoadedExperiment) -> None:
     """Where a killed run left no workload mark, the workload spans its bursts (or its samples)."""
     marks, times = loaded.record.marks, [t for t, _ in loaded.device]
-    if marks.workload is None:
-        if marks.bursts:
-            marks.workload = (
-                marks.bursts[0].start,
-                marks.bursts[-1].end or max(times, default=marks.bursts[0].start),
-            )
-        elif times and not loaded.record.finished:
-            marks.workload = (min(times), max(times))
+    if marks.workload is None and marks.bursts:
+        first = marks.bursts[0].start
+        marks.workload = (first, marks.bursts[-1].end or max(times, default=first))
+    elif marks.workload is None and times and not loaded.record.finished:
+        marks.workload = (min(times), max(times))
     if marks.sampling_end is None and times:
         marks.sampling_end = max(times)
 
@@ -5140,9 +5120,7 @@ def fill_missing_marks(loaded: LoadedExperiment) -> None:
 MAX_SAMPLE_GAP = 10  # sample intervals without a device sample before memory figures are void
 
 
-def memory_problems(
-    record: ExperimentRecord, device: list[tuple[float, float]], latency: LatencySummary
-) -> list[str]:
+def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencySummary) -> list[str]:
     """Why this experiment's memory figures must not be reported, if they must not."""
     problems = []
     if latency.requests and not latency.ok:
@@ -5175,9 +5153,7 @@ class VllmView:
     max_running: Optional[float]
     max_waiting: Optional[float]
     preemptions: Optional[float]
-    prefix_hit_rate: Optional[float] = (
-        omitted_if_none()
-    )  # with --prefix-caching: cached share of prompt tokens
+    prefix_hit_rate: Optional[float] = omitted_if_none()  # with --prefix-caching: cached share of prompts
 
 
 @dataclasses.dataclass
@@ -5247,6 +5223,7 @@ def mean(values: Iterable[Optional[float]]) -> Optional[float]:
 
 
 SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as /metrics reads them
+CLIENT_CLOCKS = ("ttft", "e2e")  # the client's own latencies of the same names
 
 
 def from_send(record: RequestRecord, key: str) -> Optional[float]:
@@ -5259,46 +5236,35 @@ def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[flo
     return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
 
 
+def clock_fields(**sides: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
+    """The <side>_<name>_mean_s fields of a BurstClock or a ServerClock, from each side's means by name."""
+    return {f"{side}_{k}_mean_s": v for side, means in sides.items() for k, v in means.items()}
+
+
 def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optional[ServerClock]:
-    bursts, pooled = [], {name: [0.0, 0] for name in SERVER_HISTOGRAMS}
-    client_ttft, client_e2e = [], []
+    """Each burst's clocks, then all bursts': the client's pooled, the server's weighted by their counts."""
     by_burst = grouped((r for r in as_records(records) if r.ok), "phase", "repeat")
-    for mark in marks.bursts:
-        if not mark.server_before or not mark.server_after:
-            continue
+    bursts, client, server = [], {k: [] for k in CLIENT_CLOCKS}, {k: [] for k in SERVER_HISTOGRAMS}
+    for mark in (m for m in marks.bursts if m.server_before and m.server_after):
         ok = by_burst.get((mark.phase, mark.repeat), [])
-        means = {}
-        for name in SERVER_HISTOGRAMS:
-            means[name], count = histogram_mean(mark.server_before, mark.server_after, name)
-            if means[name] is not None:
-                pooled[name][0] += means[name] * count
-                pooled[name][1] += count
-        counted = histogram_mean(mark.server_before, mark.server_after, "ttft")[1]
-        ttfts, e2es = [from_send(r, "ttft_s") for r in ok], [from_send(r, "e2e_s") for r in ok]
-        client_ttft += [v for v in ttfts if v is not None]
-        client_e2e += [v for v in e2es if v is not None]
-        server = [means[name] for name in SERVER_HISTOGRAMS]
-        bursts.append(
-            BurstClock(
-                mark.phase, mark.repeat, len(ok), counted, mean(ttfts), server[0], mean(e2es), *server[1:]
-            )
+        mine = {k: [from_send(r, f"{k}_s") for r in ok] for k in CLIENT_CLOCKS}
+        theirs = {k: histogram_mean(mark.server_before, mark.server_after, k) for k in SERVER_HISTOGRAMS}
+        for k in CLIENT_CLOCKS:
+            client[k] += mine[k]
+        for k in SERVER_HISTOGRAMS:
+            server[k].append(theirs[k])
+        fields = clock_fields(
+            client={k: mean(v) for k, v in mine.items()}, server={k: m for k, (m, _) in theirs.items()}
         )
+        bursts.append(BurstClock(mark.phase, mark.repeat, len(ok), theirs["ttft"][1], **fields))
     if not bursts:
         return None
-    server = {name: (total / n if n else None) for name, (total, n) in pooled.items()}
-    c_ttft, c_e2e = mean(client_ttft), mean(client_e2e)
-    return ServerClock(
-        c_ttft,
-        server["ttft"],
-        gap_ms(c_ttft, server["ttft"]),
-        c_e2e,
-        server["e2e"],
-        gap_ms(c_e2e, server["e2e"]),
-        server["queue"],
-        server["prefill"],
-        server["decode"],
-        bursts,
-    )
+    means = {k: mean(v) for k, v in client.items()}
+    pooled = {
+        k: ratio(sum(m * n for m, n in p if m is not None), sum(n for _, n in p)) for k, p in server.items()
+    }
+    gaps = {f"{k}_gap_ms": gap_ms(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    return ServerClock(**clock_fields(client=means, server=pooled), **gaps, bursts=bursts)
 
 
 @dataclasses.dataclass
@@ -5339,14 +5305,10 @@ class PromptCheck:
 
     @classmethod
     def of(cls, records: list[RequestRecord]) -> Optional[PromptCheck]:
-        pairs = [
-            (r.planned_prompt_tokens, r.prompt_tokens)
-            for r in records
-            if r.ok and r.planned_prompt_tokens and r.prompt_tokens is not None
-        ]
-        if not pairs:
+        mine = [r for r in records if r.ok and r.planned_prompt_tokens and r.prompt_tokens is not None]
+        if not mine:
             return None
-        return cls(len(pairs), sum(p for p, _ in pairs), sum(c for _, c in pairs))
+        return cls(len(mine), sum(r.planned_prompt_tokens for r in mine), sum(r.prompt_tokens for r in mine))
 
 
 @dataclasses.dataclass
@@ -5370,59 +5332,56 @@ def select(rows: Iterable[dict], **equal: Any) -> list[dict]:
 def summarize_experiment(
     loaded: LoadedExperiment, tolerance: float, slo: tuple[float, float] = (0.0, 0.0), target: float = 0.99
 ) -> ExperimentSummary:
-    record, records = loaded.record, loaded.records
+    record, records, marks = loaded.record, loaded.records, loaded.record.marks
     latency = latency_summary(records, slo)
     invalid = memory_problems(record, loaded.device, latency)
-    problems = experiment_problems(loaded, latency)
 
-    def checked(memory: MemorySummary) -> MemorySummary:
+    def memory(samples: Samples) -> tuple[MemorySummary, Optional[MemoryCost]]:
+        """The summary and cost of (t, MiB) samples: void if invalid, cut where an unfinished run stopped."""
         if invalid:
-            return MemorySummary.void()
+            return MemorySummary.void(), None
+        summary = memory_summary(samples, marks, tolerance)
         if not record.finished:  # memory was still coming back (or not) when the run stopped
-            return dataclasses.replace(memory, release_s=None, residual_mib=None, residual_vs_load_mib=None)
-        return memory
+            cut = dict.fromkeys(("release_s", "residual_mib", "residual_vs_load_mib"))
+            return dataclasses.replace(summary, **cut), None
+        return summary, memory_cost(samples, marks.workload)
 
-    def cost(samples: list[tuple[float, float]]) -> Optional[MemoryCost]:
-        return None if invalid or not record.finished else memory_cost(samples, record.marks.workload)
-
-    marks = record.marks
-    summary = ExperimentSummary(
-        name=record.name,
-        question=record.question,
-        device=checked(memory_summary(loaded.device, marks, tolerance)),
+    device, device_cost = memory(loaded.device)
+    sweep = rate_sweep(records, marks, slo, [] if invalid else loaded.device)
+    repeats, by_phase = sorted({r.repeat for r in records}), grouped(records, "phase")
+    per = per_repeat(records, repeats)
+    per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
+    return ExperimentSummary(
+        **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
+        device=device,
         latency=latency,
-        servers={},
-        phases={},
-        repeats={},
-        sampler_errors=record.sampler_errors,
-        sampler_error_kinds=record.sampler_error_kinds,
+        servers={s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers},
+        phases={phase: latency_summary(mine, slo) for (phase,), mine in by_phase.items()},
+        repeats={f"{m}_{q}": Spread.of(p.quantile(m, q) for p in per) for m, q in LATENCY_KEYS if per},
         kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid,
-        problems=invalid + problems,
+        problems=invalid + experiment_problems(loaded, latency),
         server_clock=server_clock(marks, records),
-        gpu_index=record.gpu_index,
+        phase_repeats=per_phase if per else None,
+        latency_repeats=per,
+        sleep=sleep_summary(record),
+        rate_sweep=sweep,
+        capacity=capacity(sweep, target),
+        residual_after_burst_mib=residuals_after_bursts(loaded.device, marks, device.idle_after_load_mib)
+        if record.finished
+        else None,
+        memory_cost=device_cost,
+        prompt_tokens=PromptCheck.of(records),
     )
-    if (
-        summary.memory_valid
-        and record.finished
-        and marks.bursts
-        and summary.device.idle_after_load_mib is not None
-    ):
-        summary.residual_after_burst_mib = residuals_after_bursts(
-            loaded.device, marks, summary.device.idle_after_load_mib
-        )
-    summary.rate_sweep = rate_sweep(records, marks, slo, loaded.device if summary.memory_valid else [])
-    summary.capacity = capacity(summary.rate_sweep, target)
-    summary.sleep = sleep_summary(record)
-    summary.memory_cost = cost(loaded.device)
-    summary.prompt_tokens = PromptCheck.of(records)
-    for server in record.servers:
-        held = series(loaded.memory, "process", server=server["spec"]["name"])
-        view = server_view(server, loaded, checked(memory_summary(held, marks, tolerance)), slo)
-        view.memory_cost = cost(held)
-        summary.servers[server["spec"]["name"]] = view
-    add_phases_and_repeats(summary, records, slo)
-    return summary
+
+
+def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:
+    """Latency in each of `repeats` (the whole run's, so a repeat without requests is there too), None
+    without two or more."""
+    if len(repeats) < 2:
+        return None
+    by_repeat = grouped(records, "repeat")
+    return [latency_summary(by_repeat.get((k,), [])) for k in repeats]
 
 
 def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
@@ -5452,11 +5411,15 @@ def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> li
     return problems
 
 
-def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: float) -> list[Optional[float]]:
-    """Device memory above the idle level once each burst is over. Between bursts: n/a where the quiet
-    stretch is shorter than the window (a short --gap-s); after the last one, sampling went on until
-    memory was back or settled, however short that was. The sleep arm's stretch starts once the server
-    is asleep again, not while it is falling asleep."""
+def residuals_after_bursts(
+    device: Samples, marks: Marks, idle_after_load_mib: Optional[float]
+) -> Optional[list[Optional[float]]]:
+    """Device memory above the idle level once each burst is over (None without bursts or that level).
+    Between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after the
+    last one, sampling went on until memory was back or settled, however short that was. The sleep arm's
+    stretch starts once the server is asleep again, not while it is falling asleep."""
+    if not marks.bursts or idle_after_load_mib is None:
+        return None
     ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
     last = len(marks.bursts) - 1
     quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
@@ -5469,44 +5432,40 @@ def residuals_after_bursts(device: list, marks: "Marks", idle_after_load_mib: fl
 
 
 def server_view(
-    server: dict, loaded: LoadedExperiment, memory: MemorySummary, slo: tuple[float, float]
+    server: dict,
+    loaded: LoadedExperiment,
+    memory: Callable[[Samples], tuple[MemorySummary, Optional[MemoryCost]]],
+    slo: tuple[float, float],
 ) -> ServerSummary:
-    """One server of the experiment: its memory (NVML by process tree), latency, and kvcached's and
-    vLLM's views."""
+    """One server of the experiment: its memory (NVML by process tree, summed up by `memory`), latency,
+    and kvcached's and vLLM's views."""
     slot = server["spec"]["name"]
     mine = [r for r in loaded.records if r.server == slot]
-    entry = ServerSummary(
+    held, cost = memory(series(loaded.memory, "process", server=slot))
+    kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
+    figures = log_figures(server_log_text(loaded.path, server) or "")
+    asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
+    return ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
         startup_s=server["startup_s"],
         reused=server["label"] in loaded.record.reused,
-        memory=memory,
+        memory=held,
         latency=latency_summary(mine, slo),
+        kvcached=kvcached_view(kvcached_rows),
+        vllm=vllm_view(select(loaded.memory, kind="metrics", server=slot)),
+        latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
+        footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
+        sleeps=sleep_split(figures, held.idle_before_workload_mib) if asleep else None,
+        memory_cost=cost,
     )
-    repeats = sorted({r.repeat for r in loaded.records})
-    if len(repeats) > 1:
-        by_repeat = grouped(mine, "repeat")
-        entry.latency_repeats = [latency_summary(by_repeat.get((k,), [])) for k in repeats]
-    kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
-    entry.kvcached = kvcached_view(kvcached_rows)
-    entry.vllm = vllm_view(select(loaded.memory, kind="metrics", server=slot))
-    text = server_log_text(loaded.path, server)
-    figures = log_figures(text or "")
-    if server["spec"].get("sleep_mode"):  # idle means asleep: its weights and pool are not on the card
-        entry.sleeps = sleep_split(figures, memory.idle_before_workload_mib)
-    else:
-        entry.footprint = footprint(server, memory, figures, kvcached_rows, loaded.record.marks)
-    return entry
 
 
 def kvcached_view(rows: list[dict]) -> Optional[KvcachedView]:
     if not rows:
         return None
-    return KvcachedView(
-        rows[-1]["total_bytes"] / MIB,
-        max(r["used_bytes"] for r in rows) / MIB,
-        max(r["prealloc_bytes"] for r in rows) / MIB,
-    )
+    peak = {key: max(r[key] for r in rows) / MIB for key in ("used_bytes", "prealloc_bytes")}
+    return KvcachedView(rows[-1]["total_bytes"] / MIB, peak["used_bytes"], peak["prealloc_bytes"])
 
 
 def vllm_view(rows: list[dict]) -> Optional[VllmView]:
@@ -5516,35 +5475,17 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
     def peak(key: str) -> Optional[float]:
         return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
 
-    counts = [r["preemptions"] for r in rows if "preemptions" in r]
-    view = VllmView(peak("running"), peak("waiting"), (counts[-1] - counts[0]) if counts else None)
+    def growth(key: str, among: list[dict]) -> Optional[float]:
+        """How far a counter rose over the rows that have it."""
+        return among[-1][key] - among[0][key] if among else None
+
     prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
-    if len(prefix) > 1:
-        view.prefix_hit_rate = ratio(
-            prefix[-1]["prefix_hits"] - prefix[0]["prefix_hits"],
-            prefix[-1]["prefix_queries"] - prefix[0]["prefix_queries"],
-        )
-    return view
-
-
-def add_phases_and_repeats(
-    summary: ExperimentSummary, records: list[RequestRecord], slo: tuple[float, float]
-) -> None:
-    """Latency per phase, and with --repeats, per repeat and the spread over repeats."""
-    for (phase,), mine in grouped(records, "phase").items():
-        summary.phases[phase] = latency_summary(mine, slo)
-    by_repeat = grouped(records, "repeat")
-    repeats = sorted(k for (k,) in by_repeat)
-    if len(repeats) < 2:
-        return
-    by_phase_repeat = grouped(records, "phase", "repeat")
-    summary.phase_repeats = {
-        phase: [latency_summary(by_phase_repeat.get((phase, k), [])) for k in repeats]
-        for phase in summary.phases
-    }
-    per = summary.latency_repeats = [latency_summary(by_repeat[(k,)]) for k in repeats]
-    for metric, q in LATENCY_KEYS:
-        summary.repeats[f"{metric}_{q}"] = Spread.of(p.quantile(metric, q) for p in per)
+    return VllmView(
+        peak("running"),
+        peak("waiting"),
+        growth("preemptions", [r for r in rows if "preemptions" in r]),
+        ratio(growth("prefix_hits", prefix), growth("prefix_queries", prefix)) if len(prefix) > 1 else None,
+    )
 
 
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
@@ -5563,9 +5504,8 @@ class RatePoint:
     e2e_p50_s: Optional[float]
     e2e_p99_s: Optional[float]
     goodput: Optional[float] = omitted_if_none()
-    max_send_delay_s: Optional[float] = (
-        omitted_if_none()
-    )  # the client's lateness: large means it could not keep up
+    # the client's lateness: large means it could not keep up
+    max_send_delay_s: Optional[float] = omitted_if_none()
     mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
     unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE
 
@@ -5590,64 +5530,34 @@ def rate_sweep(
     """One point per open-loop window (None for closed bursts), with the device memory held over it
     when `device` samples are given."""
     points, by_window = [], grouped(records, "phase", "repeat")
-    for mark in marks.bursts:
-        if mark.rate is None:
-            continue
-        mine = by_window.get((mark.phase, mark.repeat), [])
-        lat = latency_summary(mine, slo)
-        delays = [r.send_delay_s for r in mine if r.send_delay_s is not None]
-        points.append(
-            RatePoint(
-                mark.phase,
-                mark.repeat,
-                mark.rate,
-                lat.requests,
-                lat.failed,
-                lat.ttft_s.p50,
-                lat.ttft_s.p99,
-                lat.e2e_s.p50,
-                lat.e2e_s.p99,
-                lat.goodput and lat.goodput.share,
-                max(delays, default=None),
-                held_mib(device, mark),
-                mark.rate_unit,
-            )
+    for mark in (m for m in marks.bursts if m.rate is not None):
+        lat = latency_summary(by_window.get((mark.phase, mark.repeat), []), slo)
+        point = RatePoint(
+            mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, *latency_quantiles(lat)
         )
+        point.goodput = lat.goodput and lat.goodput.share
+        point.max_send_delay_s = lat.send_delay_s and lat.send_delay_s.max
+        cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
+        point.mean_mib, point.unit = cost and cost.mean_mib, mark.rate_unit
+        points.append(point)
     return points or None
-
-
-def held_mib(device: list, mark: BurstMark) -> Optional[float]:
-    cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
-    return cost and cost.mean_mib
 
 
 def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capacity]:
     """Capacity over a rate sweep (None without one, or without SLOs)."""
     if not points or any(p.goodput is None and p.requests for p in points):
         return None
-    by_rate: dict[float, list[RatePoint]] = {}
-    for p in sorted(points, key=lambda p: p.rate):
-        by_rate.setdefault(p.rate, []).append(p)
-    met = {r: sum((p.goodput or 0) * p.requests for p in ps) for r, ps in by_rate.items()}
-    asked = {r: sum(p.requests for p in ps) for r, ps in by_rate.items()}
-    shares = {r: met[r] / asked[r] if asked[r] else None for r in by_rate}
+    shares = {
+        rate: ratio(sum((p.goodput or 0) * p.requests for p in ps), sum(p.requests for p in ps))
+        for (rate,), ps in grouped(sorted(points, key=lambda p: p.rate), "rate").items()
+    }
     held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
-    verdict = (
-        "below the sweep"
-        if not held
-        else "above the sweep"
-        if len(held) == len(shares)
-        else "within the sweep"
-    )
-    memory = [p.mean_mib for p in by_rate[held[-1]] if p.mean_mib is not None] if held else []
-    return Capacity(
-        target,
-        {f"{r:g}": share for r, share in shares.items()},
-        verdict,
-        held[-1] if held else None,
-        sum(memory) / len(memory) if memory else None,
-        points[0].unit,
-    )
+    verdict = "below" if not held else "above" if len(held) == len(shares) else "within"
+    largest = held[-1] if held else None
+    held_mib = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
+    attainment = {f"{r:g}": share for r, share in shares.items()}
+    mean_mib = ratio(sum(held_mib), len(held_mib))
+    return Capacity(target, attainment, f"{verdict} the sweep", largest, mean_mib, points[0].unit)
 
 
 # %% Footprint: what an idle server's memory is made of (read from its log), and what sleep mode frees
@@ -5695,24 +5605,19 @@ class Footprint:
 
 
 def footprint(
-    server: dict,
-    memory: MemorySummary,
-    figures: dict[str, list[float]],
-    kvcached_rows: list[dict],
-    marks: Marks,
+    server: dict, memory: MemorySummary, figures: dict[str, list[float]], segment: list[dict], marks: Marks
 ) -> Footprint:
+    """A server's idle memory, split by vLLM's logged `figures` and, for kvcached, its `segment` rows."""
     total = memory.idle_before_workload_mib
     weights = figures["weights_gib"][-1] * 1024 if figures["weights_gib"] else None
     if server["spec"].get("kvcached"):
-        held = [(r["t"], (r["used_bytes"] + r["prealloc_bytes"]) / MIB) for r in kvcached_rows if "t" in r]
+        held = [(r["t"], (r["used_bytes"] + r["prealloc_bytes"]) / MIB) for r in segment if "t" in r]
         kv = window_median(held, *(marks.idle_before or marks.idle_after_load or (math.inf, math.inf)))
         source = "kvcached's segment: used + prealloc"
     else:
         kv = figures["kv_pool_gib"][-1] * 1024 if figures["kv_pool_gib"] else None
         source = "vLLM's KV cache pool"
-    parts = (total, weights, kv)
-    rest = total - weights - kv if all(p is not None for p in parts) else None
-    return Footprint(total, weights, kv, rest, source)
+    return Footprint(total, weights, kv, diff(diff(total, weights), kv), source)
 
 
 @dataclasses.dataclass
@@ -5774,8 +5679,13 @@ class Comparison:
         return (self.ratios.get(pair) or {}).get(key), ((self.over_repeats or {}).get(pair) or {}).get(key)
 
 
+def latency_quantiles(latency: Optional[LatencySummary]) -> list[Optional[float]]:
+    """The LATENCY_KEYS figures of a latency summary, in that order (None without one)."""
+    return [latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS]
+
+
 def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
-    return Figures(*[latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS], **more)
+    return Figures(*latency_quantiles(latency), **more)
 
 
 def ratio_spreads(
@@ -5793,9 +5703,7 @@ def ratio_spreads(
 
 def compared(figures: dict[str, Figures], repeats: dict[str, Optional[list[LatencySummary]]]) -> Comparison:
     """Figures per strategy (in STRATEGIES' order) with every pair's ratios."""
-    pairs = [
-        (x, y) for i, x in enumerate(STRATEGIES) for y in STRATEGIES[:i] if x in figures and y in figures
-    ]
+    pairs = [(x, y) for y, x in itertools.combinations([a for a in STRATEGIES if a in figures], 2)]
     keys = [f"{m}_{q}" for m, q in LATENCY_KEYS]
     ratios = {
         f"{x}/{y}": {k: ratio(getattr(figures[x], k), getattr(figures[y], k)) for k in keys} for x, y in pairs
@@ -5804,26 +5712,19 @@ def compared(figures: dict[str, Figures], repeats: dict[str, Optional[list[Laten
     return Comparison(figures, ratios, {k: v for k, v in spreads.items() if v} or None)
 
 
+def fields_of(record: Any, *names: str) -> dict[str, Any]:
+    """The named fields of a record (None for each where there is no record), to pass on by name."""
+    return {name: getattr(record, name) if record else None for name in names}
+
+
 def group_figures(summary: ExperimentSummary) -> Figures:
-    device = summary.device
-    return latency_figures(
-        summary.latency,
-        failed=summary.latency.failed,
-        peak_mib=device.peak_mib,
-        idle_after_load_mib=device.idle_after_load_mib,
-        idle_before_workload_mib=device.idle_before_workload_mib,
-    )
+    memory = fields_of(summary.device, "peak_mib", "idle_after_load_mib", "idle_before_workload_mib")
+    return latency_figures(summary.latency, failed=summary.latency.failed, **memory)
 
 
 def model_figures(server: ServerSummary) -> Figures:
-    vllm = server.vllm
-    return latency_figures(
-        server.latency,
-        failed=server.latency.failed,
-        peak_mib=server.memory.peak_mib,
-        max_waiting=vllm.max_waiting if vllm else None,
-        preemptions=vllm.preemptions if vllm else None,
-    )
+    figures = fields_of(server.memory, "peak_mib") | fields_of(server.vllm, "max_waiting", "preemptions")
+    return latency_figures(server.latency, failed=server.latency.failed, **figures)
 
 
 def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:

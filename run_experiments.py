@@ -1108,6 +1108,11 @@ class Trial:
     def save(self) -> None:
         save_record(self.folder, self.record)
 
+    def run(self, step: Step, repeat: int, sink: "RecordSink", gate=None) -> list["RequestRecord"]:
+        """One burst of `step`, from its plan, against its server."""
+        plan, server = self.plans[step.plan], self.servers[step.server]
+        return run_step(self.cfg, self.exp, step, plan, server, repeat, sink, gate)
+
     def close(self) -> None:
         """Give kvcached its limits back, stop sampling, and write the record down."""
         for ipc, total in self.limits_before.items():
@@ -1171,13 +1176,13 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
     """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
     if step.server == ALL_SLOTS:
         return run_concurrent_window(trial, step, repeat, sink)
-    plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
+    server, cfg = trial.servers[step.server], trial.cfg
     burst = BurstMark(step.phase, step.server, repeat, time.time())
-    mark_rate(burst, [plan], step.burst)
+    mark_rate(burst, [trial.plans[step.plan]], step.burst)
     trial.record.marks.bursts.append(burst)
     before = server_latency_snapshot(server)
     gate = wake_gate(server, cfg)
-    records = run_step(cfg, trial.exp, step, plan, server, repeat, sink, gate)
+    records = trial.run(step, repeat, sink, gate)
     burst.end = time.time()
     burst.server_before = before
     burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
@@ -1190,30 +1195,29 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
 def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
     """One window of per-model traffic: every model's requests at once, each model's from its own
     plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
+    steps = {slot: slot_step(step, slot) for slot in trial.servers}
     burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
-    mark_rate(burst, [trial.plans[f"{step.plan}_{slot}"] for slot in trial.servers], step.burst)
+    mark_rate(burst, [trial.plans[s.plan] for s in steps.values()], step.burst)
     trial.record.marks.bursts.append(burst)
     pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
     try:
+        router = trial.router
         futures = [
-            pool.submit(
-                run_step,
-                trial.cfg,
-                trial.exp,
-                dataclasses.replace(step, server=slot),
-                trial.plans[f"{step.plan}_{slot}"],
-                server,
-                repeat,
-                sink,
-                trial.router and trial.router.gate(slot),
-            )
-            for slot, server in trial.servers.items()
+            pool.submit(trial.run, s, repeat, sink, router and RouterGate(router, slot))
+            for slot, s in steps.items()
         ]
         for future in futures:
             future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C the servers' stop ends the rest
         burst.end = time.time()
+
+
+def slot_step(step: Step, slot: str) -> Step:
+    """`step` as `slot` runs it: under every model's traffic at once, from that model's own plan."""
+    if step.server != ALL_SLOTS:
+        return step
+    return dataclasses.replace(step, server=slot, plan=f"{step.plan}_{slot}")
 
 
 def warm_up(trial: Trial) -> bool:
@@ -1224,11 +1228,9 @@ def warm_up(trial: Trial) -> bool:
         step = next((s for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
         if step is None or server.warmed:  # cold-start costs are paid once per process
             continue
-        if step.server == ALL_SLOTS:
-            step = dataclasses.replace(step, server=slot, plan=f"{step.plan}_{slot}")
+        step = slot_step(step, slot)
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        gate = wake_gate(server, cfg)
-        plan = trial.plans[step.plan]
+        gate, plan = wake_gate(server, cfg), trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
             plan = dataclasses.replace(
@@ -1269,16 +1271,8 @@ def run_step(
         return []
 
     def make(r: "PlannedRequest") -> "RequestRecord":
-        return RequestRecord(
-            exp.name,
-            server.spec.name,
-            step.phase,
-            repeat,
-            r.burst,
-            r.index,
-            0.0,
-            planned_prompt_tokens=r.prompt_tokens,
-        )
+        where = (exp.name, server.spec.name, step.phase, repeat)
+        return RequestRecord(*where, r.burst, r.index, 0.0, planned_prompt_tokens=r.prompt_tokens)
 
     started = time.time()
     records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
@@ -1314,8 +1308,8 @@ def apply_pair_budget(
                 f"is kvcached active in server {slot}? (see {server.log_path})"
             )
     limits = pair_limits(budget, segments)
+    held = {k: seg["used_bytes"] + seg["prealloc_bytes"] for k, seg in segments.items()}
     for slot, limit in limits.items():
-        held = {k: seg["used_bytes"] + seg["prealloc_bytes"] for k, seg in segments.items()}
         if limit <= held[slot]:
             raise RuntimeError(
                 f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {slot} no room to grow: "
@@ -1503,9 +1497,6 @@ class SleepRouter:
         self.idler.join()
         for slot in self.awake():
             self.move(slot, asleep=True)
-
-    def gate(self, slot: str) -> "RouterGate":
-        return RouterGate(self, slot)
 
 
 @dataclasses.dataclass

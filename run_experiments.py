@@ -2039,6 +2039,22 @@ class WorkloadPlan:
     def burst(self, b: int) -> list[PlannedRequest]:
         return [r for r in self.requests if r.burst == b]
 
+    @classmethod
+    def of(
+        cls, cfg: Config, requests_: list, bursts: int, burst_size: int, sizing: str, **fields
+    ) -> WorkloadPlan:
+        """A plan of `requests_` at cfg's gap, temperature and seed; `fields`: its lengths, open-loop ones."""
+        return cls(
+            bursts=bursts,
+            burst_size=burst_size,
+            gap_s=cfg.gap_s,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            sizing=sizing,
+            requests=tuple(requests_),
+            **fields,
+        )
+
 
 CHAT_TEMPLATE_TOKENS = 30  # role markers and system prompt the server's chat template adds
 
@@ -2154,21 +2170,9 @@ class RequestMaker:
         length = self.lengths.draw(self.lengths_rng, self.max_tokens)
         return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
 
-    def plan(
-        self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop
-    ) -> WorkloadPlan:
-        return WorkloadPlan(
-            bursts=bursts,
-            burst_size=burst_size,
-            gap_s=self.cfg.gap_s,
-            max_tokens=self.max_tokens,
-            prompt_tokens=self.prompt_tokens,
-            temperature=self.cfg.temperature,
-            seed=self.cfg.seed,
-            sizing=sizing,
-            requests=tuple(requests_),
-            **open_loop,
-        )
+    def plan(self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop):
+        lengths = {"max_tokens": self.max_tokens, "prompt_tokens": self.prompt_tokens}
+        return WorkloadPlan.of(self.cfg, requests_, bursts, burst_size, sizing, **lengths, **open_loop)
 
 
 def plan_workload(
@@ -2457,13 +2461,6 @@ def scaled(rows: list[TraceRow], scale: float, seed: str) -> list[TraceRow]:
     return [row for row in rows for _ in range(math.floor(scale) + (rng.random() < scale % 1))]
 
 
-def clip_to_fit(prompt_tokens: int, output_tokens: int, max_model_len: int) -> tuple[int, int]:
-    """The lengths cut to fit the context (the output first down to what leaves a short prompt room)."""
-    room = max_model_len - PROMPT_MARGIN_TOKENS
-    output = min(output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
-    return min(prompt_tokens, room - output), output
-
-
 def trace_prompt(rng: random.Random, row: TraceRow, prompt_tokens: int, seed: int) -> str:
     """A prompt of about prompt_tokens; with hash_ids, built block by block so that requests sharing a
     block share that stretch of their prompt (prefix caching can reuse it)."""
@@ -2483,39 +2480,34 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     files = trace_files(cfg)
     start, chosen = window_rows(cfg, files[position % len(files)])
     rng, scales = random.Random(f"{cfg.seed}-trace-prompts-{position}"), parse_rate_scales(cfg)
-    planned, busiest = [], 0
-    for window, scale in enumerate(scales):
-        kept = scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")
-        for i, row in enumerate(kept):
-            prompt_tokens, output_tokens = clip_to_fit(
-                row.prompt_tokens, row.output_tokens, cfg.max_model_len
-            )
-            planned.append(
-                PlannedRequest(
-                    window,
-                    i,
-                    trace_prompt(rng, row, prompt_tokens, cfg.seed),
-                    output_tokens,
-                    cfg.temperature,
-                    round((row.at_s - start) / cfg.trace_speedup, 6),
-                    row.row,
-                    prompt_tokens,
-                    (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens),
-                )
-            )
-        busiest = max(busiest, len(kept))
-    return WorkloadPlan(
-        bursts=len(scales),
-        burst_size=busiest,
-        gap_s=cfg.gap_s,
-        max_tokens=max((r.max_tokens for r in planned), default=0),
-        prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        sizing=sizing,
-        requests=tuple(planned),
-        arrivals="trace",
-        rates=tuple(scales),
+    windows = [scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}") for scale in scales]
+    planned = [
+        trace_request(cfg, rng, row, window, i, round((row.at_s - start) / cfg.trace_speedup, 6))
+        for window, kept in enumerate(windows)
+        for i, row in enumerate(kept)
+    ]
+    longest = {
+        "max_tokens": max((r.max_tokens for r in planned), default=0),
+        "prompt_tokens": max((r.prompt_tokens or 0 for r in planned), default=0),
+    }
+    busiest = max(map(len, windows), default=0)
+    return WorkloadPlan.of(
+        cfg, planned, len(scales), busiest, sizing, **longest, arrivals="trace", rates=tuple(scales)
+    )
+
+
+def trace_request(
+    cfg: Config, rng: random.Random, row: TraceRow, window: int, index: int, offset_s: float
+) -> PlannedRequest:
+    """A row replayed, its lengths cut to fit the context (the output first down to what leaves a
+    short prompt room)."""
+    room = cfg.max_model_len - PROMPT_MARGIN_TOKENS
+    output_tokens = min(row.output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
+    prompt_tokens = min(row.prompt_tokens, room - output_tokens)
+    prompt = trace_prompt(rng, row, prompt_tokens, cfg.seed)
+    clipped = (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens)
+    return PlannedRequest(
+        window, index, prompt, output_tokens, cfg.temperature, offset_s, row.row, prompt_tokens, clipped
     )
 
 

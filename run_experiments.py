@@ -2514,11 +2514,7 @@ def trace_request(
 def check_trace(cfg: Config) -> None:
     """Every file readable, in a known format, with requests in the window (before anything launches)."""
     need(bool(trace_files(cfg)), "trace", "--arrivals trace needs --trace FILE[,FILE...], one file per model")
-    need(
-        not cfg.rates and not cfg.rate and not cfg.peak_rates,
-        "arrivals",
-        "trace: leave out --rate(s)/--peak-rates",
-    )
+    need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(
@@ -2549,11 +2545,10 @@ def trace_model_len(cfg: Config) -> int:
         default=0,
     )
     wanted = longest + PROMPT_MARGIN_TOKENS
-    limits = {
-        key: (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings")
-        for key in slots(cfg)
-    }
-    known = [v for v in limits.values() if isinstance(v, int) and v > 0]
+    limits = [
+        (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings") for key in slots(cfg)
+    ]
+    known = [v for v in limits if isinstance(v, int) and v > 0]
     chosen = min([wanted, *known])
     say(
         f"note: --max-model-len auto: {chosen} tokens (the longest request in the traces' windows, "

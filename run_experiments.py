@@ -2040,19 +2040,10 @@ class WorkloadPlan:
         return [r for r in self.requests if r.burst == b]
 
     @classmethod
-    def of(
-        cls, cfg: Config, requests_: list, bursts: int, burst_size: int, sizing: str, **fields
-    ) -> WorkloadPlan:
-        """A plan of `requests_` at cfg's gap, temperature and seed; `fields`: its lengths, open-loop ones."""
+    def of(cls, cfg: Config, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
+        """A plan of `requests_` at cfg's gap, temperature and seed."""
         return cls(
-            bursts=bursts,
-            burst_size=burst_size,
-            gap_s=cfg.gap_s,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            sizing=sizing,
-            requests=tuple(requests_),
-            **fields,
+            gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, requests=tuple(requests_), **fields
         )
 
 
@@ -2170,9 +2161,9 @@ class RequestMaker:
         length = self.lengths.draw(self.lengths_rng, self.max_tokens)
         return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
 
-    def plan(self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop):
+    def plan(self, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
         lengths = {"max_tokens": self.max_tokens, "prompt_tokens": self.prompt_tokens}
-        return WorkloadPlan.of(self.cfg, requests_, bursts, burst_size, sizing, **lengths, **open_loop)
+        return WorkloadPlan.of(self.cfg, requests_, **lengths, **fields)
 
 
 def plan_workload(
@@ -2188,7 +2179,7 @@ def plan_workload(
         cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
     )
     requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
-    return make.plan(requests_, bursts, burst_size, sizing)
+    return make.plan(requests_, bursts=bursts, burst_size=burst_size, sizing=sizing)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
@@ -2275,7 +2266,9 @@ def windows_plan(
     for window, offsets in enumerate(windows):
         planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
     busiest = max(map(len, windows), default=0)
-    return make.plan(planned, len(windows), busiest, sizing, arrivals=arrivals, rates=tuple(rates))
+    return make.plan(
+        planned, bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
+    )
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
@@ -2486,13 +2479,16 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
         for window, kept in enumerate(windows)
         for i, row in enumerate(kept)
     ]
-    longest = {
-        "max_tokens": max((r.max_tokens for r in planned), default=0),
-        "prompt_tokens": max((r.prompt_tokens or 0 for r in planned), default=0),
-    }
-    busiest = max(map(len, windows), default=0)
     return WorkloadPlan.of(
-        cfg, planned, len(scales), busiest, sizing, **longest, arrivals="trace", rates=tuple(scales)
+        cfg,
+        planned,
+        bursts=len(scales),
+        burst_size=max(map(len, windows), default=0),
+        max_tokens=max((r.max_tokens for r in planned), default=0),
+        prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
+        sizing=sizing,
+        arrivals="trace",
+        rates=tuple(scales),
     )
 
 

@@ -1108,6 +1108,11 @@ class Trial:
     def save(self) -> None:
         save_record(self.folder, self.record)
 
+    def run(self, step: Step, repeat: int, sink: "RecordSink", gate=None) -> list["RequestRecord"]:
+        """One burst of `step`, from its plan, against its server."""
+        plan, server = self.plans[step.plan], self.servers[step.server]
+        return run_step(self.cfg, self.exp, step, plan, server, repeat, sink, gate)
+
     def close(self) -> None:
         """Give kvcached its limits back, stop sampling, and write the record down."""
         for ipc, total in self.limits_before.items():
@@ -1171,13 +1176,13 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
     """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
     if step.server == ALL_SLOTS:
         return run_concurrent_window(trial, step, repeat, sink)
-    plan, server, cfg = trial.plans[step.plan], trial.servers[step.server], trial.cfg
+    server, cfg = trial.servers[step.server], trial.cfg
     burst = BurstMark(step.phase, step.server, repeat, time.time())
-    mark_rate(burst, [plan], step.burst)
+    mark_rate(burst, [trial.plans[step.plan]], step.burst)
     trial.record.marks.bursts.append(burst)
     before = server_latency_snapshot(server)
     gate = wake_gate(server, cfg)
-    records = run_step(cfg, trial.exp, step, plan, server, repeat, sink, gate)
+    records = trial.run(step, repeat, sink, gate)
     burst.end = time.time()
     burst.server_before = before
     burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
@@ -1190,30 +1195,29 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
 def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
     """One window of per-model traffic: every model's requests at once, each model's from its own
     plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
+    steps = {slot: slot_step(step, slot) for slot in trial.servers}
     burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
-    mark_rate(burst, [trial.plans[f"{step.plan}_{slot}"] for slot in trial.servers], step.burst)
+    mark_rate(burst, [trial.plans[s.plan] for s in steps.values()], step.burst)
     trial.record.marks.bursts.append(burst)
     pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
     try:
+        router = trial.router
         futures = [
-            pool.submit(
-                run_step,
-                trial.cfg,
-                trial.exp,
-                dataclasses.replace(step, server=slot),
-                trial.plans[f"{step.plan}_{slot}"],
-                server,
-                repeat,
-                sink,
-                trial.router and trial.router.gate(slot),
-            )
-            for slot, server in trial.servers.items()
+            pool.submit(trial.run, s, repeat, sink, router and RouterGate(router, slot))
+            for slot, s in steps.items()
         ]
         for future in futures:
             future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C the servers' stop ends the rest
         burst.end = time.time()
+
+
+def slot_step(step: Step, slot: str) -> Step:
+    """`step` as `slot` runs it: under every model's traffic at once, from that model's own plan."""
+    if step.server != ALL_SLOTS:
+        return step
+    return dataclasses.replace(step, server=slot, plan=f"{step.plan}_{slot}")
 
 
 def warm_up(trial: Trial) -> bool:
@@ -1224,11 +1228,9 @@ def warm_up(trial: Trial) -> bool:
         step = next((s for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
         if step is None or server.warmed:  # cold-start costs are paid once per process
             continue
-        if step.server == ALL_SLOTS:
-            step = dataclasses.replace(step, server=slot, plan=f"{step.plan}_{slot}")
+        step = slot_step(step, slot)
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        gate = wake_gate(server, cfg)
-        plan = trial.plans[step.plan]
+        gate, plan = wake_gate(server, cfg), trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
             plan = dataclasses.replace(
@@ -1269,16 +1271,8 @@ def run_step(
         return []
 
     def make(r: "PlannedRequest") -> "RequestRecord":
-        return RequestRecord(
-            exp.name,
-            server.spec.name,
-            step.phase,
-            repeat,
-            r.burst,
-            r.index,
-            0.0,
-            planned_prompt_tokens=r.prompt_tokens,
-        )
+        where = (exp.name, server.spec.name, step.phase, repeat)
+        return RequestRecord(*where, r.burst, r.index, 0.0, planned_prompt_tokens=r.prompt_tokens)
 
     started = time.time()
     records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
@@ -1314,8 +1308,8 @@ def apply_pair_budget(
                 f"is kvcached active in server {slot}? (see {server.log_path})"
             )
     limits = pair_limits(budget, segments)
+    held = {k: seg["used_bytes"] + seg["prealloc_bytes"] for k, seg in segments.items()}
     for slot, limit in limits.items():
-        held = {k: seg["used_bytes"] + seg["prealloc_bytes"] for k, seg in segments.items()}
         if limit <= held[slot]:
             raise RuntimeError(
                 f"--overload-budget-gib {budget / GIB:g} leaves kvcached instance {slot} no room to grow: "
@@ -1503,9 +1497,6 @@ class SleepRouter:
         self.idler.join()
         for slot in self.awake():
             self.move(slot, asleep=True)
-
-    def gate(self, slot: str) -> "RouterGate":
-        return RouterGate(self, slot)
 
 
 @dataclasses.dataclass
@@ -2048,6 +2039,13 @@ class WorkloadPlan:
     def burst(self, b: int) -> list[PlannedRequest]:
         return [r for r in self.requests if r.burst == b]
 
+    @classmethod
+    def of(cls, cfg: Config, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
+        """A plan of `requests_` at cfg's gap, temperature and seed."""
+        return cls(
+            gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, requests=tuple(requests_), **fields
+        )
+
 
 CHAT_TEMPLATE_TOKENS = 30  # role markers and system prompt the server's chat template adds
 
@@ -2163,21 +2161,9 @@ class RequestMaker:
         length = self.lengths.draw(self.lengths_rng, self.max_tokens)
         return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
 
-    def plan(
-        self, requests_: list[PlannedRequest], bursts: int, burst_size: int, sizing: str, **open_loop
-    ) -> WorkloadPlan:
-        return WorkloadPlan(
-            bursts=bursts,
-            burst_size=burst_size,
-            gap_s=self.cfg.gap_s,
-            max_tokens=self.max_tokens,
-            prompt_tokens=self.prompt_tokens,
-            temperature=self.cfg.temperature,
-            seed=self.cfg.seed,
-            sizing=sizing,
-            requests=tuple(requests_),
-            **open_loop,
-        )
+    def plan(self, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
+        lengths = {"max_tokens": self.max_tokens, "prompt_tokens": self.prompt_tokens}
+        return WorkloadPlan.of(self.cfg, requests_, **lengths, **fields)
 
 
 def plan_workload(
@@ -2193,7 +2179,7 @@ def plan_workload(
         cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
     )
     requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
-    return make.plan(requests_, bursts, burst_size, sizing)
+    return make.plan(requests_, bursts=bursts, burst_size=burst_size, sizing=sizing)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
@@ -2280,7 +2266,9 @@ def windows_plan(
     for window, offsets in enumerate(windows):
         planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
     busiest = max(map(len, windows), default=0)
-    return make.plan(planned, len(windows), busiest, sizing, arrivals=arrivals, rates=tuple(rates))
+    return make.plan(
+        planned, bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
+    )
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
@@ -2466,13 +2454,6 @@ def scaled(rows: list[TraceRow], scale: float, seed: str) -> list[TraceRow]:
     return [row for row in rows for _ in range(math.floor(scale) + (rng.random() < scale % 1))]
 
 
-def clip_to_fit(prompt_tokens: int, output_tokens: int, max_model_len: int) -> tuple[int, int]:
-    """The lengths cut to fit the context (the output first down to what leaves a short prompt room)."""
-    room = max_model_len - PROMPT_MARGIN_TOKENS
-    output = min(output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
-    return min(prompt_tokens, room - output), output
-
-
 def trace_prompt(rng: random.Random, row: TraceRow, prompt_tokens: int, seed: int) -> str:
     """A prompt of about prompt_tokens; with hash_ids, built block by block so that requests sharing a
     block share that stretch of their prompt (prefix caching can reuse it)."""
@@ -2492,50 +2473,44 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     files = trace_files(cfg)
     start, chosen = window_rows(cfg, files[position % len(files)])
     rng, scales = random.Random(f"{cfg.seed}-trace-prompts-{position}"), parse_rate_scales(cfg)
-    planned, busiest = [], 0
-    for window, scale in enumerate(scales):
-        kept = scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")
-        for i, row in enumerate(kept):
-            prompt_tokens, output_tokens = clip_to_fit(
-                row.prompt_tokens, row.output_tokens, cfg.max_model_len
-            )
-            planned.append(
-                PlannedRequest(
-                    window,
-                    i,
-                    trace_prompt(rng, row, prompt_tokens, cfg.seed),
-                    output_tokens,
-                    cfg.temperature,
-                    round((row.at_s - start) / cfg.trace_speedup, 6),
-                    row.row,
-                    prompt_tokens,
-                    (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens),
-                )
-            )
-        busiest = max(busiest, len(kept))
-    return WorkloadPlan(
+    windows = [scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}") for scale in scales]
+    planned = [
+        trace_request(cfg, rng, row, window, i, round((row.at_s - start) / cfg.trace_speedup, 6))
+        for window, kept in enumerate(windows)
+        for i, row in enumerate(kept)
+    ]
+    return WorkloadPlan.of(
+        cfg,
+        planned,
         bursts=len(scales),
-        burst_size=busiest,
-        gap_s=cfg.gap_s,
+        burst_size=max(map(len, windows), default=0),
         max_tokens=max((r.max_tokens for r in planned), default=0),
         prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
-        temperature=cfg.temperature,
-        seed=cfg.seed,
         sizing=sizing,
-        requests=tuple(planned),
         arrivals="trace",
         rates=tuple(scales),
+    )
+
+
+def trace_request(
+    cfg: Config, rng: random.Random, row: TraceRow, window: int, index: int, offset_s: float
+) -> PlannedRequest:
+    """A row replayed, its lengths cut to fit the context (the output first down to what leaves a
+    short prompt room)."""
+    room = cfg.max_model_len - PROMPT_MARGIN_TOKENS
+    output_tokens = min(row.output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
+    prompt_tokens = min(row.prompt_tokens, room - output_tokens)
+    prompt = trace_prompt(rng, row, prompt_tokens, cfg.seed)
+    clipped = (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens)
+    return PlannedRequest(
+        window, index, prompt, output_tokens, cfg.temperature, offset_s, row.row, prompt_tokens, clipped
     )
 
 
 def check_trace(cfg: Config) -> None:
     """Every file readable, in a known format, with requests in the window (before anything launches)."""
     need(bool(trace_files(cfg)), "trace", "--arrivals trace needs --trace FILE[,FILE...], one file per model")
-    need(
-        not cfg.rates and not cfg.rate and not cfg.peak_rates,
-        "arrivals",
-        "trace: leave out --rate(s)/--peak-rates",
-    )
+    need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(
@@ -2566,11 +2541,10 @@ def trace_model_len(cfg: Config) -> int:
         default=0,
     )
     wanted = longest + PROMPT_MARGIN_TOKENS
-    limits = {
-        key: (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings")
-        for key in slots(cfg)
-    }
-    known = [v for v in limits.values() if isinstance(v, int) and v > 0]
+    limits = [
+        (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings") for key in slots(cfg)
+    ]
+    known = [v for v in limits if isinstance(v, int) and v > 0]
     chosen = min([wanted, *known])
     say(
         f"note: --max-model-len auto: {chosen} tokens (the longest request in the traces' windows, "

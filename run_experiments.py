@@ -1233,16 +1233,14 @@ def warm_up(trial: Trial) -> bool:
         gate, plan = wake_gate(server, cfg), trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
-            plan = dataclasses.replace(
-                plan, requests=tuple(dataclasses.replace(r, offset_s=0.0) for r in first)
-            )
+            at_once = (dataclasses.replace(r, burst=step.burst, offset_s=0.0) for r in first)
+            plan = dataclasses.replace(plan, requests=tuple(at_once))
         warm = dataclasses.replace(step, phase=f"warm-up {slot}")
         sink = RecordSink(trial.folder / "warmup.jsonl", keep_itl=False)
-        run_step(cfg, trial.exp, warm, plan, server, -1, sink, gate)
+        sent = bool(run_step(cfg, trial.exp, warm, plan, server, -1, sink, gate)) or sent
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
-        sent = True
     return sent
 
 

@@ -86,6 +86,30 @@ def test_the_goodput_column_shows_a_share_or_says_there_is_none():
     assert "| static | n/a | n/a | n/a (0/0) |" in table
 
 
+def test_an_open_loop_warm_up_sends_the_first_window_with_arrivals_at_once(monkeypatch, tmp_path):
+    # window 1 planned nothing (a low rate), window 2 three arrivals: the warm-up sends those three
+    requests = tuple(rx.PlannedRequest(1, i, "p", 4, 0.0, offset_s=0.5 + i) for i in range(3))
+    plan = rx.WorkloadPlan(2, 3, 0.0, 4, 0, 0.0, 0, "", requests, arrivals="poisson", rates=(0.01, 2.0))
+    sent = []
+
+    def run_step(cfg, exp, step, plan, server, repeat, sink, gate):
+        sent.append(plan.burst(step.burst))
+        return sent[-1]
+
+    monkeypatch.setattr(rx, "run_step", run_step)
+    server = types.SimpleNamespace(warmed=set(), spec=types.SimpleNamespace(label="A", sleep_mode=False))
+    steps = (rx.Step("window 1", "A", "main", 0),)
+    trial = types.SimpleNamespace(
+        cfg=rx.Config(), servers={"A": server}, exp=types.SimpleNamespace(steps=steps), plans={"main": plan}
+    )
+    trial.folder = tmp_path
+    assert rx.warm_up(trial)
+    assert [(r.index, r.offset_s) for r in sent[0]] == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    server.warmed.clear()
+    trial.plans = {"main": dataclasses.replace(plan, requests=())}
+    assert not rx.warm_up(trial), "nothing planned at all: nothing sent"
+
+
 def test_token_gaps_are_pooled_over_requests():
     rows = [
         {

@@ -590,7 +590,6 @@ class Run:
     cfg: "Config"
     experiments: list[Experiment]  # run order: it numbers the experiment folders
     nvml: Any
-    gpu: dict  # the first card's facts
     plans: dict[str, "WorkloadPlan"]
     budget: int  # bytes of KV memory each overload pair shares
     run_dir: Path
@@ -966,7 +965,6 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         lane_cfg,
         experiments,
         open_gpu(nvml_module, [cfg.gpu_index], "--gpu-index"),
-        gpu,
         plans,
         config["overload_budget_bytes"],
         run_dir,
@@ -1002,22 +1000,13 @@ class Marks:
     sampling_end: Optional[float] = None
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
 
-    def to_json(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "bursts"}
-        return {**out, "bursts": [dataclasses.asdict(b) for b in self.bursts]}
+    def to_json(self) -> dict:  # a phase that did not happen is left out
+        return {k: v for k, v in to_json(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> "Marks":
-        spans = {
-            k: tuple(data[k])
-            for k in ("idle_after_load", "warmup", "idle_before", "workload")
-            if data.get(k) is not None
-        }
-        return cls(
-            **spans,
-            sampling_end=data.get("sampling_end"),
-            bursts=[BurstMark(**b) for b in data.get("bursts") or []],
-        )
+        times = {k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, data).items()}
+        return cls(**{**times, "bursts": [BurstMark(**b) for b in data.get("bursts") or []]})
 
 
 @dataclasses.dataclass
@@ -1059,7 +1048,6 @@ class ExperimentRecord:
     reused: list[str] = dataclasses.field(default_factory=list)  # labels of servers kept from before
     steps: list[dict] = dataclasses.field(default_factory=list)
     repeats: int = 1
-    marks: Marks = dataclasses.field(default_factory=Marks)
     sample_interval_s: Optional[float] = None
     finished: bool = False
     sampler_errors: int = 0
@@ -1070,20 +1058,22 @@ class ExperimentRecord:
     sampler_missed_ticks: int = 0  # device samples skipped because the sampler was late
     # sleep arm under every model's traffic: per model, seconds of each wake-up, each sleep, each wait
     router: Optional[dict[str, dict[str, list[float]]]] = None
+    marks: Marks = dataclasses.field(default_factory=Marks)  # last in experiment.json
 
     def to_json(self) -> dict:
-        return {
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
-            "marks": self.marks.to_json(),
-        }
+        return {**to_json(self), "marks": self.marks.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
-        known = {f.name for f in dataclasses.fields(cls)} - {"marks"}
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        record.marks = Marks.from_json(data.get("marks") or {})
-        record.finished = data.get("finished", True)  # runs from before this field finished
-        return record
+        marks = Marks.from_json(data.get("marks") or {})
+        # `finished` is missing only from runs older than the field, and those finished
+        return cls(**{**known_fields(cls, data), "marks": marks, "finished": data.get("finished", True)})
+
+
+def known_fields(cls: type, data: dict) -> dict:
+    """The entries of a record's JSON that are fields of `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 # %% Experiment steps: the trial, the measurement, warm-up, one burst, a shared KV budget
@@ -7523,27 +7513,22 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     mixed = mixed_cards(cards, cfg.allow_mixed_gpus)
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu)
+    per_card = plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))
     lanes = [
         Lane(lane_config(cfg, k, card["index"]), card, exps)
-        for k, (card, exps) in enumerate(
-            zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards)))
-        )
+        for k, (card, exps) in enumerate(zip(cards, per_card))
     ]
     lanes = [lane for lane in lanes if lane.experiments]
     ensure_open_files(most_sockets(plans, cfg))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     announce_run(cards, lanes, preimport, run_dir)
     save_plans(run_dir, plans, experiments)
-    config = run_config(cfg, argv, run_dir, experiments, gpu, cards, lanes, plans, budget, model_facts)
     runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
-    config.update(
-        mixed_gpus=mixed, preimport_on=preimport, server_versions=versions, model_runner_env=runner_env
-    )
-    write_json(run_dir / "config.json", config)
-    import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    return Run(
-        cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, runner_env, import_checks
-    )
+    run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
+    run.config = run_config(run, argv, gpu, cards, model_facts, mixed, preimport, versions)
+    run.save_config()
+    run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    return run
 
 
 def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:
@@ -7566,21 +7551,20 @@ def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir:
 
 
 def run_config(
-    cfg: Config,
+    run: Run,
     argv: Optional[list[str]],
-    run_dir: Path,
-    experiments: list[Experiment],
     gpu: dict,
     cards: list[dict],
-    lanes: list[Lane],
-    plans: dict[str, WorkloadPlan],
-    budget: int,
     model_facts: dict,
+    mixed: bool,
+    preimport: bool,
+    versions: dict,
 ) -> dict:
     """What config.json holds at the start (secrets redacted); servers and timing are added as they come."""
+    cfg = run.cfg
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
     return {
-        "run_name": run_dir.name,
+        "run_name": run.run_dir.name,
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "command": shlex.join(redact_argv(command)),
         "notebook": running_in_notebook(),
@@ -7588,15 +7572,15 @@ def run_config(
         "gpu": gpu,
         "versions": {"python": sys.version.split()[0], **package_versions()},
         "host": socket.gethostname(),
-        "experiments": [e.name for e in experiments],
+        "experiments": [e.name for e in run.experiments],
         "models": model_facts,
-        "plans": {k: plan_summary(p) for k, p in plans.items()},
-        "overload_budget_bytes": budget,
+        "plans": {k: plan_summary(p) for k, p in run.plans.items()},
+        "overload_budget_bytes": run.budget,
         "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
         "servers": {},
         "gpus": cards,
-        "mixed_gpus": False,
-        "preimport_on": False,
+        "mixed_gpus": mixed,
+        "preimport_on": preimport,
         "engine_start": engine_start_method(cfg),
         "cpu_cores": usable_cores(),
         "lanes": [
@@ -7606,8 +7590,10 @@ def run_config(
                 "ports": [port_of(lane.cfg, s) for s in slots(lane.cfg)],
                 "experiments": [e.name for e in lane.experiments],
             }
-            for lane in lanes
+            for lane in run.lanes
         ],
+        "server_versions": versions,
+        "model_runner_env": run.runner_env,
     }
 
 

@@ -623,7 +623,8 @@ def main(
             say(checklist(checks))
             return 0 if all(c.ok for c in checks) else 1
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
-            return lane_exit_code(*run_table(join_run(cfg, nvml_module)))
+            interrupted, failures = run_table(join_run(cfg, nvml_module))
+            return 130 if interrupted else (1 if failures else 0)
         run = prepare_run(cfg, argv, nvml_module)
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -825,8 +826,7 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
     if run.import_checks is not None:
         confirm_imports(run)
     run.config["timing"]["table_start"] = time.time()
-    indices = [lane.cfg.gpu_index for lane in run.lanes]
-    lanes: dict[int, subprocess.Popen] = {}
+    lanes: dict[int, subprocess.Popen] = {}  # by card
     signals: list[int] = []
 
     def pass_on(signum, frame):
@@ -839,16 +839,16 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
 
     restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        for index in indices:  # one that cannot start leaves none of the others running
+        for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
                 lanes[index] = start_lane(run, argv, index)
         relay_output(lanes)
-        codes = {index: lanes[index].wait() if index in lanes else 130 for index in indices}
+        codes = {index: process.wait() for index, process in lanes.items()}
     finally:
         end_lanes(lanes)
         for sig, handler in restore.items():
             signal.signal(sig, handler)
-    failures = sum(gather_lane(run, lane, codes[lane.cfg.gpu_index]) for lane in run.lanes)
+    failures = sum(gather_lane(run, lane, codes.get(lane.cfg.gpu_index, 130)) for lane in run.lanes)
     run.save_config()
     return bool(signals) or 130 in codes.values(), failures
 
@@ -860,15 +860,9 @@ def script_file() -> Optional[str]:
 
 
 def start_lane(run: Run, argv: Optional[list[str]], gpu_index: int) -> subprocess.Popen:
-    args = [
-        *(sys.argv[1:] if argv is None else argv),
-        "--lane-of",
-        str(run.run_dir),
-        "--gpu-index",
-        str(gpu_index),
-    ]
+    args = sys.argv[1:] if argv is None else argv
     return subprocess.Popen(
-        [sys.executable, script_file(), *args],
+        [sys.executable, script_file(), *args, "--lane-of", str(run.run_dir), "--gpu-index", str(gpu_index)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -883,7 +877,10 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
     selector = selectors.DefaultSelector()
     pending: dict[int, bytes] = {}
     for index, process in lanes.items():
-        for stream, to in ((process.stdout, say), (process.stderr, print_error)):
+        for stream, to in (
+            (process.stdout, say),
+            (process.stderr, lambda x: print(scrub(x), file=sys.stderr)),
+        ):
             selector.register(stream, selectors.EVENT_READ, (f"[GPU {index}] ", to))
             pending[stream.fileno()] = b""
     while selector.get_map():
@@ -897,10 +894,6 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
                 to(prefix + text if text.strip() else text)
             if not chunk:
                 selector.unregister(key.fileobj)
-
-
-def print_error(line: str) -> None:
-    print(scrub(line), file=sys.stderr)
 
 
 def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
@@ -925,23 +918,22 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
     """A card's process has ended: its servers go into config.json; returns its failed experiments (an
     unfinished experiment of a process that died counts as one)."""
     index = lane.cfg.gpu_index
-    facts, _ = read_json(run.run_dir / lane_file(index))
+    facts_file = run.run_dir / lane_file(index)
+    facts, _ = read_json(facts_file)
     for label, server in ((facts or {}).get("servers") or {}).items():
         run.config["servers"][f"{label} on GPU {index}"] = server
-    with contextlib.suppress(FileNotFoundError):
-        (run.run_dir / lane_file(index)).unlink()
-    failed = [e for e in lane.experiments if (experiment_dir(run, e) / "error.json").exists()]
-    if code in (0, 1, 130):
-        return len(failed)
+    facts_file.unlink(missing_ok=True)
+    failed = 0
     for entry in lane.experiments:
         exp_dir = experiment_dir(run, entry)
-        record, _ = read_json(exp_dir / "experiment.json")
-        if entry not in failed and not (isinstance(record, dict) and record.get("finished")):
-            write_failure(
-                exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
-            )
-            failed.append(entry)
-    return len(failed)
+        if code not in (0, 1, 130) and not (exp_dir / "error.json").exists():  # the process died
+            record, _ = read_json(exp_dir / "experiment.json")
+            if not (isinstance(record, dict) and record.get("finished")):
+                write_failure(
+                    exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
+                )
+        failed += (exp_dir / "error.json").exists()
+    return failed
 
 
 def join_run(cfg: "Config", nvml_module: Any) -> Run:
@@ -973,10 +965,6 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         config["model_runner_env"],
         config_file=lane_file(cfg.gpu_index),
     )
-
-
-def lane_exit_code(interrupted: bool, failures: int) -> int:
-    return 130 if interrupted else (1 if failures else 0)
 
 
 def stop_with_first_process() -> None:

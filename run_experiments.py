@@ -940,7 +940,12 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
     """A card's process of a --gpus run: the run the first process prepared (config.json, plans), for
     the lane of this card."""
     register_secrets(cfg)
-    stop_with_first_process()
+    # Told to stop (SIGTERM, as from Ctrl-C) when the process that started it dies, even by SIGKILL
+    # (Linux; elsewhere its servers' keepers still stop them when it ends)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     run_dir = Path(cfg.lane_of)
     config, problem = read_json(run_dir / "config.json")
     lane = next((x for x in (config or {}).get("lanes", []) if x["gpu_index"] == cfg.gpu_index), None)
@@ -965,15 +970,6 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         config["model_runner_env"],
         config_file=lane_file(cfg.gpu_index),
     )
-
-
-def stop_with_first_process() -> None:
-    """A card's process is told to stop (SIGTERM, as from Ctrl-C) when the process that started it
-    dies, even by SIGKILL (Linux; elsewhere its servers' keepers still stop them when it ends)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # %% Records of an experiment: experiment.json's phase marks and facts
@@ -1899,29 +1895,26 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 
 
 # %% Model facts: KV bytes per token, read without torch or the network when possible
+QWEN2_5_COMMON = dict(
+    torch_dtype="bfloat16", vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768
+)
 KNOWN_MODEL_CONFIGS = {
     # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
     "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        QWEN2_5_COMMON,
         num_hidden_layers=24,
         num_key_value_heads=2,
         hidden_size=896,
         num_attention_heads=14,
-        torch_dtype="bfloat16",
-        vocab_size=151936,
         intermediate_size=4864,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
     ),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        QWEN2_5_COMMON,
         num_hidden_layers=28,
         num_key_value_heads=2,
         hidden_size=1536,
         num_attention_heads=12,
-        torch_dtype="bfloat16",
-        vocab_size=151936,
         intermediate_size=8960,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
     ),
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
@@ -7417,11 +7410,9 @@ def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> P
     parent.mkdir(parents=True, exist_ok=True)
     for n in range(1000):
         path = parent / (f"{stamp}_{tag}" + (f"_{n}" if n else ""))
-        try:
+        with contextlib.suppress(FileExistsError):
             path.mkdir()
             return path
-        except FileExistsError:
-            continue
     raise RuntimeError(f"could not create a fresh run folder under {parent}")
 
 
@@ -7642,14 +7633,8 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
     if cfg.burst_size:
         return cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
     longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
-    return size_burst(
-        kv_a,
-        int(gpu["free_mib_at_start"] * MIB),
-        cfg.prompt_tokens,
-        longest,
-        cfg.burst_kv_fraction,
-        cfg.max_burst_size,
-    )
+    free = int(gpu["free_mib_at_start"] * MIB)
+    return size_burst(kv_a, free, cfg.prompt_tokens, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
 
 
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:

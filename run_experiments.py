@@ -684,15 +684,14 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
     def resolved(entry: Experiment) -> ExperimentSpec:
         return resolve_experiment(entry, lane.cfg, run.plans, run.budget)
 
-    def preparer(upcoming: Optional[Experiment]) -> Callable[[], None]:
-        if upcoming is None:
-            return lambda: None
-        return lambda: pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
+    def prepare(upcoming: Optional[Experiment]) -> None:  # the next experiment's servers, ahead
+        if upcoming is not None:
+            pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
 
     failures = 0
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
-        prepare_next = preparer(upcoming)
+        prepare_next = functools.partial(prepare, upcoming)
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
         except Exception as exc:  # this experiment failed; the others still run
@@ -7468,16 +7467,6 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
     )
 
 
-def gpu_count_check(nvml: Any, indices: list[int], flag: str = "--gpu-index") -> None:
-    count = nvml.nvmlDeviceGetCount()
-    for index in indices:
-        if index >= count:
-            raise ConfigError(
-                f"{flag}: GPU index {index} out of range: this machine has {count} "
-                f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
-            )
-
-
 def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run:
     """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
     register_secrets(cfg)
@@ -7590,6 +7579,7 @@ def mixed_cards(cards: list[dict], allow_mixed: bool) -> bool:
 
 
 def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
+    """NVML, started, once each of `indices` (from `flag`) is known to name a card of this machine."""
     try:
         nvml = load_nvml(nvml_module)
     except Exception as exc:
@@ -7597,7 +7587,13 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
             f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
             f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one."
         ) from exc
-    gpu_count_check(nvml, indices, flag)
+    count = nvml.nvmlDeviceGetCount()
+    for index in indices:
+        if index >= count:
+            raise ConfigError(
+                f"{flag}: GPU index {index} out of range: this machine has {count} "
+                f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
+            )
     return nvml
 
 

@@ -590,7 +590,6 @@ class Run:
     cfg: "Config"
     experiments: list[Experiment]  # run order: it numbers the experiment folders
     nvml: Any
-    gpu: dict  # the first card's facts
     plans: dict[str, "WorkloadPlan"]
     budget: int  # bytes of KV memory each overload pair shares
     run_dir: Path
@@ -624,7 +623,8 @@ def main(
             say(checklist(checks))
             return 0 if all(c.ok for c in checks) else 1
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
-            return lane_exit_code(*run_table(join_run(cfg, nvml_module)))
+            interrupted, failures = run_table(join_run(cfg, nvml_module))
+            return 130 if interrupted else (1 if failures else 0)
         run = prepare_run(cfg, argv, nvml_module)
     except (ConfigError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -684,15 +684,14 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
     def resolved(entry: Experiment) -> ExperimentSpec:
         return resolve_experiment(entry, lane.cfg, run.plans, run.budget)
 
-    def preparer(upcoming: Optional[Experiment]) -> Callable[[], None]:
-        if upcoming is None:
-            return lambda: None
-        return lambda: pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
+    def prepare(upcoming: Optional[Experiment]) -> None:  # the next experiment's servers, ahead
+        if upcoming is not None:
+            pool.prepare(resolved(upcoming).servers, experiment_dir(run, upcoming))
 
     failures = 0
     for entry, upcoming in zip(lane.experiments, lane.experiments[1:] + [None]):
         exp_dir = experiment_dir(run, entry)
-        prepare_next = preparer(upcoming)
+        prepare_next = functools.partial(prepare, upcoming)
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
         except Exception as exc:  # this experiment failed; the others still run
@@ -826,8 +825,7 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
     if run.import_checks is not None:
         confirm_imports(run)
     run.config["timing"]["table_start"] = time.time()
-    indices = [lane.cfg.gpu_index for lane in run.lanes]
-    lanes: dict[int, subprocess.Popen] = {}
+    lanes: dict[int, subprocess.Popen] = {}  # by card
     signals: list[int] = []
 
     def pass_on(signum, frame):
@@ -840,16 +838,16 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
 
     restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        for index in indices:  # one that cannot start leaves none of the others running
+        for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
                 lanes[index] = start_lane(run, argv, index)
         relay_output(lanes)
-        codes = {index: lanes[index].wait() if index in lanes else 130 for index in indices}
+        codes = {index: process.wait() for index, process in lanes.items()}
     finally:
         end_lanes(lanes)
         for sig, handler in restore.items():
             signal.signal(sig, handler)
-    failures = sum(gather_lane(run, lane, codes[lane.cfg.gpu_index]) for lane in run.lanes)
+    failures = sum(gather_lane(run, lane, codes.get(lane.cfg.gpu_index, 130)) for lane in run.lanes)
     run.save_config()
     return bool(signals) or 130 in codes.values(), failures
 
@@ -861,15 +859,9 @@ def script_file() -> Optional[str]:
 
 
 def start_lane(run: Run, argv: Optional[list[str]], gpu_index: int) -> subprocess.Popen:
-    args = [
-        *(sys.argv[1:] if argv is None else argv),
-        "--lane-of",
-        str(run.run_dir),
-        "--gpu-index",
-        str(gpu_index),
-    ]
+    args = sys.argv[1:] if argv is None else argv
     return subprocess.Popen(
-        [sys.executable, script_file(), *args],
+        [sys.executable, script_file(), *args, "--lane-of", str(run.run_dir), "--gpu-index", str(gpu_index)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -884,7 +876,10 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
     selector = selectors.DefaultSelector()
     pending: dict[int, bytes] = {}
     for index, process in lanes.items():
-        for stream, to in ((process.stdout, say), (process.stderr, print_error)):
+        for stream, to in (
+            (process.stdout, say),
+            (process.stderr, lambda x: print(scrub(x), file=sys.stderr)),
+        ):
             selector.register(stream, selectors.EVENT_READ, (f"[GPU {index}] ", to))
             pending[stream.fileno()] = b""
     while selector.get_map():
@@ -898,10 +893,6 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
                 to(prefix + text if text.strip() else text)
             if not chunk:
                 selector.unregister(key.fileobj)
-
-
-def print_error(line: str) -> None:
-    print(scrub(line), file=sys.stderr)
 
 
 def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
@@ -926,30 +917,34 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
     """A card's process has ended: its servers go into config.json; returns its failed experiments (an
     unfinished experiment of a process that died counts as one)."""
     index = lane.cfg.gpu_index
-    facts, _ = read_json(run.run_dir / lane_file(index))
+    facts_file = run.run_dir / lane_file(index)
+    facts, _ = read_json(facts_file)
     for label, server in ((facts or {}).get("servers") or {}).items():
         run.config["servers"][f"{label} on GPU {index}"] = server
-    with contextlib.suppress(FileNotFoundError):
-        (run.run_dir / lane_file(index)).unlink()
-    failed = [e for e in lane.experiments if (experiment_dir(run, e) / "error.json").exists()]
-    if code in (0, 1, 130):
-        return len(failed)
+    facts_file.unlink(missing_ok=True)
+    failed = 0
     for entry in lane.experiments:
         exp_dir = experiment_dir(run, entry)
-        record, _ = read_json(exp_dir / "experiment.json")
-        if entry not in failed and not (isinstance(record, dict) and record.get("finished")):
-            write_failure(
-                exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
-            )
-            failed.append(entry)
-    return len(failed)
+        if code not in (0, 1, 130) and not (exp_dir / "error.json").exists():  # the process died
+            record, _ = read_json(exp_dir / "experiment.json")
+            if not (isinstance(record, dict) and record.get("finished")):
+                write_failure(
+                    exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
+                )
+        failed += (exp_dir / "error.json").exists()
+    return failed
 
 
 def join_run(cfg: "Config", nvml_module: Any) -> Run:
     """A card's process of a --gpus run: the run the first process prepared (config.json, plans), for
     the lane of this card."""
     register_secrets(cfg)
-    stop_with_first_process()
+    # Told to stop (SIGTERM, as from Ctrl-C) when the process that started it dies, even by SIGKILL
+    # (Linux; elsewhere its servers' keepers still stop them when it ends)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     run_dir = Path(cfg.lane_of)
     config, problem = read_json(run_dir / "config.json")
     lane = next((x for x in (config or {}).get("lanes", []) if x["gpu_index"] == cfg.gpu_index), None)
@@ -966,7 +961,6 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         lane_cfg,
         experiments,
         open_gpu(nvml_module, [cfg.gpu_index], "--gpu-index"),
-        gpu,
         plans,
         config["overload_budget_bytes"],
         run_dir,
@@ -975,19 +969,6 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         config["model_runner_env"],
         config_file=lane_file(cfg.gpu_index),
     )
-
-
-def lane_exit_code(interrupted: bool, failures: int) -> int:
-    return 130 if interrupted else (1 if failures else 0)
-
-
-def stop_with_first_process() -> None:
-    """A card's process is told to stop (SIGTERM, as from Ctrl-C) when the process that started it
-    dies, even by SIGKILL (Linux; elsewhere its servers' keepers still stop them when it ends)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # %% Records of an experiment: experiment.json's phase marks and facts
@@ -1002,22 +983,13 @@ class Marks:
     sampling_end: Optional[float] = None
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
 
-    def to_json(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "bursts"}
-        return {**out, "bursts": [dataclasses.asdict(b) for b in self.bursts]}
+    def to_json(self) -> dict:  # a phase that did not happen is left out
+        return {k: v for k, v in to_json(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> "Marks":
-        spans = {
-            k: tuple(data[k])
-            for k in ("idle_after_load", "warmup", "idle_before", "workload")
-            if data.get(k) is not None
-        }
-        return cls(
-            **spans,
-            sampling_end=data.get("sampling_end"),
-            bursts=[BurstMark(**b) for b in data.get("bursts") or []],
-        )
+        times = {k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, data).items()}
+        return cls(**{**times, "bursts": [BurstMark(**b) for b in data.get("bursts") or []]})
 
 
 @dataclasses.dataclass
@@ -1059,7 +1031,6 @@ class ExperimentRecord:
     reused: list[str] = dataclasses.field(default_factory=list)  # labels of servers kept from before
     steps: list[dict] = dataclasses.field(default_factory=list)
     repeats: int = 1
-    marks: Marks = dataclasses.field(default_factory=Marks)
     sample_interval_s: Optional[float] = None
     finished: bool = False
     sampler_errors: int = 0
@@ -1070,20 +1041,22 @@ class ExperimentRecord:
     sampler_missed_ticks: int = 0  # device samples skipped because the sampler was late
     # sleep arm under every model's traffic: per model, seconds of each wake-up, each sleep, each wait
     router: Optional[dict[str, dict[str, list[float]]]] = None
+    marks: Marks = dataclasses.field(default_factory=Marks)  # last in experiment.json
 
     def to_json(self) -> dict:
-        return {
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "marks"},
-            "marks": self.marks.to_json(),
-        }
+        return {**to_json(self), "marks": self.marks.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
-        known = {f.name for f in dataclasses.fields(cls)} - {"marks"}
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        record.marks = Marks.from_json(data.get("marks") or {})
-        record.finished = data.get("finished", True)  # runs from before this field finished
-        return record
+        marks = Marks.from_json(data.get("marks") or {})
+        # `finished` is missing only from runs older than the field, and those finished
+        return cls(**{**known_fields(cls, data), "marks": marks, "finished": data.get("finished", True)})
+
+
+def known_fields(cls: type, data: dict) -> dict:
+    """The entries of a record's JSON that are fields of `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 # %% Experiment steps: the trial, the measurement, warm-up, one burst, a shared KV budget
@@ -1910,29 +1883,26 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 
 
 # %% Model facts: KV bytes per token, read without torch or the network when possible
+QWEN2_5_COMMON = dict(
+    torch_dtype="bfloat16", vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768
+)
 KNOWN_MODEL_CONFIGS = {
     # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
     "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        QWEN2_5_COMMON,
         num_hidden_layers=24,
         num_key_value_heads=2,
         hidden_size=896,
         num_attention_heads=14,
-        torch_dtype="bfloat16",
-        vocab_size=151936,
         intermediate_size=4864,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
     ),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        QWEN2_5_COMMON,
         num_hidden_layers=28,
         num_key_value_heads=2,
         hidden_size=1536,
         num_attention_heads=12,
-        torch_dtype="bfloat16",
-        vocab_size=151936,
         intermediate_size=8960,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
     ),
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
@@ -7271,11 +7241,9 @@ def new_run_dir(parent: Path, tag: str, now: Optional[_dt.datetime] = None) -> P
     parent.mkdir(parents=True, exist_ok=True)
     for n in range(1000):
         path = parent / (f"{stamp}_{tag}" + (f"_{n}" if n else ""))
-        try:
+        with contextlib.suppress(FileExistsError):
             path.mkdir()
             return path
-        except FileExistsError:
-            continue
     raise RuntimeError(f"could not create a fresh run folder under {parent}")
 
 
@@ -7331,16 +7299,6 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
     )
 
 
-def gpu_count_check(nvml: Any, indices: list[int], flag: str = "--gpu-index") -> None:
-    count = nvml.nvmlDeviceGetCount()
-    for index in indices:
-        if index >= count:
-            raise ConfigError(
-                f"{flag}: GPU index {index} out of range: this machine has {count} "
-                f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
-            )
-
-
 def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run:
     """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
     register_secrets(cfg)
@@ -7355,27 +7313,22 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     mixed = mixed_cards(cards, cfg.allow_mixed_gpus)
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu)
+    per_card = plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))
     lanes = [
         Lane(lane_config(cfg, k, card["index"]), card, exps)
-        for k, (card, exps) in enumerate(
-            zip(cards, plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards)))
-        )
+        for k, (card, exps) in enumerate(zip(cards, per_card))
     ]
     lanes = [lane for lane in lanes if lane.experiments]
     ensure_open_files(most_sockets(plans, cfg))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     announce_run(cards, lanes, preimport, run_dir)
     save_plans(run_dir, plans, experiments)
-    config = run_config(cfg, argv, run_dir, experiments, gpu, cards, lanes, plans, budget, model_facts)
     runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
-    config.update(
-        mixed_gpus=mixed, preimport_on=preimport, server_versions=versions, model_runner_env=runner_env
-    )
-    write_json(run_dir / "config.json", config)
-    import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    return Run(
-        cfg, experiments, nvml, cards[0], plans, budget, run_dir, config, lanes, runner_env, import_checks
-    )
+    run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
+    run.config = run_config(run, argv, gpu, cards, model_facts, mixed, preimport, versions)
+    run.save_config()
+    run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    return run
 
 
 def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:
@@ -7398,21 +7351,20 @@ def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir:
 
 
 def run_config(
-    cfg: Config,
+    run: Run,
     argv: Optional[list[str]],
-    run_dir: Path,
-    experiments: list[Experiment],
     gpu: dict,
     cards: list[dict],
-    lanes: list[Lane],
-    plans: dict[str, WorkloadPlan],
-    budget: int,
     model_facts: dict,
+    mixed: bool,
+    preimport: bool,
+    versions: dict,
 ) -> dict:
     """What config.json holds at the start (secrets redacted); servers and timing are added as they come."""
+    cfg = run.cfg
     command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
     return {
-        "run_name": run_dir.name,
+        "run_name": run.run_dir.name,
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "command": shlex.join(redact_argv(command)),
         "notebook": running_in_notebook(),
@@ -7420,15 +7372,15 @@ def run_config(
         "gpu": gpu,
         "versions": {"python": sys.version.split()[0], **package_versions()},
         "host": socket.gethostname(),
-        "experiments": [e.name for e in experiments],
+        "experiments": [e.name for e in run.experiments],
         "models": model_facts,
-        "plans": {k: plan_summary(p) for k, p in plans.items()},
-        "overload_budget_bytes": budget,
+        "plans": {k: plan_summary(p) for k, p in run.plans.items()},
+        "overload_budget_bytes": run.budget,
         "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
         "servers": {},
         "gpus": cards,
-        "mixed_gpus": False,
-        "preimport_on": False,
+        "mixed_gpus": mixed,
+        "preimport_on": preimport,
         "engine_start": engine_start_method(cfg),
         "cpu_cores": usable_cores(),
         "lanes": [
@@ -7438,8 +7390,10 @@ def run_config(
                 "ports": [port_of(lane.cfg, s) for s in slots(lane.cfg)],
                 "experiments": [e.name for e in lane.experiments],
             }
-            for lane in lanes
+            for lane in run.lanes
         ],
+        "server_versions": versions,
+        "model_runner_env": run.runner_env,
     }
 
 
@@ -7457,6 +7411,7 @@ def mixed_cards(cards: list[dict], allow_mixed: bool) -> bool:
 
 
 def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
+    """NVML, started, once each of `indices` (from `flag`) is known to name a card of this machine."""
     try:
         nvml = load_nvml(nvml_module)
     except Exception as exc:
@@ -7464,7 +7419,13 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
             f"cannot read the GPU through NVML ({exc!r}). This script measures GPU memory and "
             f"needs an NVIDIA GPU with its driver; `--report RUN_DIR` works without one."
         ) from exc
-    gpu_count_check(nvml, indices, flag)
+    count = nvml.nvmlDeviceGetCount()
+    for index in indices:
+        if index >= count:
+            raise ConfigError(
+                f"{flag}: GPU index {index} out of range: this machine has {count} "
+                f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
+            )
     return nvml
 
 
@@ -7500,14 +7461,8 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
     if cfg.burst_size:
         return cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
     longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
-    return size_burst(
-        kv_a,
-        int(gpu["free_mib_at_start"] * MIB),
-        cfg.prompt_tokens,
-        longest,
-        cfg.burst_kv_fraction,
-        cfg.max_burst_size,
-    )
+    free = int(gpu["free_mib_at_start"] * MIB)
+    return size_burst(kv_a, free, cfg.prompt_tokens, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
 
 
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:

@@ -105,9 +105,8 @@ def test_mixed_cards_are_refused_unless_allowed():
 
 
 def test_a_card_that_is_not_there_is_named(fake_gpu):
-    nvml = rx.load_nvml(fake_gpu)
     with pytest.raises(rx.ConfigError, match="GPU index 3 out of range: this machine has 1 GPU"):
-        rx.gpu_count_check(nvml, [0, 3], "--gpus")
+        rx.open_gpu(fake_gpu, [0, 3], "--gpus")
 
 
 # --- the time accounting and the server's clock: pure ----------------------------------------------

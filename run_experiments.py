@@ -6779,7 +6779,6 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
 
 
 # %% Preflight: what must hold before a server starts (--check prints it and stops)
-# %% Preflight: what must hold before a server starts (--check prints it and stops)
 @dataclasses.dataclass
 class Check:
     name: str

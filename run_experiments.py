@@ -1105,7 +1105,7 @@ class Trial:
 def measure(trial: Trial) -> None:
     """Idle after load, warm-up, idle before the workload, the workload, and the release after it."""
     cfg, record, sampler = trial.cfg, trial.record, trial.sampler
-    marks, watch = record.marks, MemoryWatch(sampler)
+    marks = record.marks
     marks.idle_after_load = sleep_idle_window(cfg.idle_window_s)
     trial.save()
     if trial.exp.kv_budget:
@@ -1115,7 +1115,7 @@ def measure(trial: Trial) -> None:
     if warmed:
         marks.warmup = (start, time.time())
         after_load = window_median(list(sampler.device), *marks.idle_after_load)
-        outcome = watch.wait_settled(after_load, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+        outcome = wait_settled(sampler, after_load, cfg)
         say(f"  after warm-up memory {outcome}")
     woke = False
     for server in [s for s in trial.servers.values() if s.spec.sleep_mode]:  # the sleep arm idles asleep
@@ -1141,7 +1141,7 @@ def measure(trial: Trial) -> None:
             record.router = trial.router.log
     # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
-    outcome = watch.wait_settled(idle, cfg.release_tolerance, cfg.settle_s, cfg.release_timeout_s)
+    outcome = wait_settled(sampler, idle, cfg)
     say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
 
 
@@ -4136,7 +4136,7 @@ class Sampler(threading.Thread):
         self.nvml, self.gpu_index, self.servers, self.sample_hz = nvml, gpu_index, servers, sample_hz
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
         self.slow_interval = 1.0 / process_sample_hz
-        self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by MemoryWatch
+        self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by wait_settled
         self.missed_ticks = 0  # as the device process counts them
         self.child: Optional[subprocess.Popen] = None  # the device process
         self.child_stderr: Optional[Any] = None  # a file, as a full pipe would block the child
@@ -4292,26 +4292,21 @@ class Sampler(threading.Thread):
             kept.close()
 
 
-class MemoryWatch:
-    """Reads the sampler's live device samples to wait for the event itself instead of a fixed sleep."""
-
-    def __init__(self, sampler: "Sampler"):
-        self.sampler = sampler
-
-    def wait_settled(self, idle: Optional[float], tolerance: float, settle_s: float, timeout_s: float) -> str:
-        """Until memory is back within tolerance of idle, or flat for settle_s, or timeout_s."""
-        start = time.time()
-        while time.time() - start < timeout_s:
-            cutoff = time.time() - settle_s  # the last settle_s of samples taken since the wait began
-            window = [s for s in list(self.sampler.device) if s[0] >= cutoff and s[0] > start]
-            if window and idle is not None and window[-1][1] <= idle * (1 + tolerance):
-                return "released"
-            if time.time() - start >= settle_s and window:
-                values = [v for _, v in window]
-                if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
-                    return "settled"
-            pause(0.1)
-        return "timeout"
+def wait_settled(sampler: "Sampler", idle: Optional[float], cfg: "Config") -> str:
+    """Until the sampler's live device samples are back within --release-tolerance of idle, or flat
+    for --settle-s, or --release-timeout-s: waiting for the event itself instead of a fixed sleep."""
+    start, settle_s = time.time(), cfg.settle_s
+    while time.time() - start < cfg.release_timeout_s:
+        cutoff = time.time() - settle_s  # the last settle_s of samples taken since the wait began
+        window = [s for s in list(sampler.device) if s[0] >= cutoff and s[0] > start]
+        if window and idle is not None and window[-1][1] <= idle * (1 + cfg.release_tolerance):
+            return "released"
+        if time.time() - start >= settle_s and window:
+            values = [v for _, v in window]
+            if max(values) - min(values) <= max(16.0, 0.005 * max(values)):
+                return "settled"
+        pause(0.1)
+    return "timeout"
 
 
 def sleep_idle_window(seconds: float) -> tuple[float, float]:

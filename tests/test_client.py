@@ -43,6 +43,19 @@ def blank_record():
     return rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0)
 
 
+def scripted_chat(connections, tokens, **options):
+    """One streamed request of `tokens` tokens (ignore_eos) through scripted connections."""
+    return rx.send_chat(
+        "http://f",
+        "m",
+        one_request(tokens),
+        blank_record(),
+        ignore_eos=True,
+        connections=connections,
+        **options,
+    )
+
+
 class ScriptedClock:
     """time.perf_counter for the harness: the scripted response moves it to each chunk's arrival."""
 
@@ -66,7 +79,14 @@ class ScriptedTime:
         return getattr(time, name)
 
 
-class ScriptedSocket:
+class UnstampedReads:
+    """A fake socket's reads as recvmsg gives them, with no arrival stamp from the kernel."""
+
+    def recvmsg(self, size, ancillary_size):
+        return self.recv(size), [], 0, None
+
+
+class ScriptedSocket(UnstampedReads):
     """A socket whose reads arrive at scripted perf_counter times: a streamed HTTP 200, one HTTP chunk
     per read, then the terminating chunk."""
 
@@ -89,9 +109,6 @@ class ScriptedSocket:
         t, data = self.reads.pop(0)
         self.clock.now = t
         return data
-
-    def recvmsg(self, size, ancillary_size):
-        return self.recv(size), [], 0, None
 
     def close(self):
         self.closed = True
@@ -160,14 +177,7 @@ def test_a_read_the_client_takes_late_is_timed_at_its_arrival(monkeypatch):
     monkeypatch.setattr(rx, "time", ScriptedTime(clock, wall_offset))
     first, gap, tokens = 0.25, 1 / 32, 8
     sock = LateReader(clock, scripted_stream(tokens, first, gap), 0.125, wall_offset)
-    record = rx.send_chat(
-        "http://f",
-        "m",
-        one_request(tokens),
-        blank_record(),
-        ignore_eos=True,
-        connections=ScriptedConnections(sock),
-    )
+    record = scripted_chat(ScriptedConnections(sock), tokens)
     assert record.ok, record.error
     assert record.ttft_s == pytest.approx(first, abs=1e-6)
     assert record.itl_s == pytest.approx([gap] * (tokens - 1), abs=1e-6)
@@ -212,15 +222,7 @@ def test_a_closed_burst_request_is_timed_from_its_send_with_the_wake_up_counted(
     chunks = [(1.5 + t, data) for t, data in scripted_stream(tokens, first, gap)]
     sock = ScriptedSocket(clock, chunks)
     sock.reads[0] = (1.5, sock.reads[0][1])  # the head comes at the send
-    record = rx.send_chat(
-        "http://f",
-        "m",
-        one_request(tokens),
-        blank_record(),
-        ignore_eos=True,
-        connections=SlowConnections(sock),
-        gate=WakeUp(),
-    )
+    record = scripted_chat(SlowConnections(sock), tokens, gate=WakeUp())
     assert record.ok, record.error
     assert record.ttft_s == 1.0 + first
     assert record.e2e_s == 1.0 + first + (tokens - 1) * gap + 1 / 64
@@ -253,9 +255,7 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
     ]
     sock = ScriptedSocket(clock, chunks)
     connections = ScriptedConnections(sock)
-    record = rx.send_chat(
-        "http://fake", "m", one_request(tokens), blank_record(), ignore_eos=True, connections=connections
-    )
+    record = scripted_chat(connections, tokens)
     assert record.ok, record.error
     assert record.ttft_s == first, "the first content chunk, not the role chunk nor the end of the stream"
     assert record.itl_s == [gap] * (tokens - 1)
@@ -271,7 +271,7 @@ def test_ttft_is_taken_when_the_first_token_arrives(monkeypatch):
     assert not sock.reads and connections.returned == [sock] and not sock.closed
 
 
-class PiecesSocket:
+class PiecesSocket(UnstampedReads):
     """A socket that hands out a response's bytes in the pieces given, then end-of-file."""
 
     def __init__(self, pieces):
@@ -285,9 +285,6 @@ class PiecesSocket:
 
     def recv(self, size, flags=0):
         return self.pieces.pop(0) if self.pieces else b""
-
-    def recvmsg(self, size, ancillary_size):
-        return self.recv(size), [], 0, None
 
     def close(self):
         self.closed = True
@@ -313,15 +310,7 @@ def test_a_stream_cut_into_any_pieces_reads_the_same(monkeypatch):
         pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)])]
         sock = PiecesSocket(pieces)
         connections = ScriptedConnections(sock)
-        record = rx.send_chat(
-            "http://f",
-            "m",
-            one_request(tokens),
-            blank_record(),
-            timeout_s=30,
-            ignore_eos=True,
-            connections=connections,
-        )
+        record = scripted_chat(connections, tokens, timeout_s=30)
         assert record.ok, (trial, record.error)
         assert (
             record.completion_tokens == tokens
@@ -339,14 +328,7 @@ def test_bodies_framed_by_length_or_by_the_close_are_read_too():
         b"HTTP/1.0 200 OK\r\n\r\n",
     ):
         sock = PiecesSocket([head + sse_bytes[:50], sse_bytes[50:]])
-        record = rx.send_chat(
-            "http://f",
-            "m",
-            one_request(4),
-            blank_record(),
-            ignore_eos=True,
-            connections=ScriptedConnections(sock),
-        )
+        record = scripted_chat(ScriptedConnections(sock), 4)
         assert record.ok and record.completion_tokens == 4, (head, record.error)
     error = b'{"error": "model not found"}'
     sock = PiecesSocket([b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(error), error)])
@@ -372,9 +354,7 @@ def test_a_kept_socket_the_server_closed_meanwhile_costs_a_retry_not_a_failure()
             return (stale, True) if not stale.closed else (fresh, False)
 
     connections = TwoSockets(None)
-    record = rx.send_chat(
-        "http://f", "m", one_request(3), blank_record(), ignore_eos=True, connections=connections
-    )
+    record = scripted_chat(connections, 3)
     assert record.ok and stale.closed and connections.returned == [fresh]
     assert fresh.sent.startswith(b"POST /v1/chat/completions ") and fresh.sent == stale.sent
 
@@ -383,15 +363,7 @@ def test_a_socket_is_kept_only_when_the_server_keeps_it():
     wire = streamed_answer(3, close=True)
     sock = PiecesSocket([wire])
     connections = ScriptedConnections(sock)
-    assert rx.send_chat(
-        "http://f",
-        "m",
-        one_request(3),
-        blank_record(),
-        timeout_s=30,
-        ignore_eos=True,
-        connections=connections,
-    ).ok
+    assert scripted_chat(connections, 3, timeout_s=30).ok
     assert connections.returned == [] and sock.closed, "Connection: close"
     ours, theirs = socket.socketpair()
     assert rx.still_connected(ours), "open, nothing unread"

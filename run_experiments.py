@@ -4460,7 +4460,8 @@ def stream_chat(
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
     with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
         if ready is not None:
-            start, record.t_send = start + (wire.sent - ready), record.t_send + (wire.sent - ready)
+            own_work = wire.sent - ready
+            start, record.t_send = start + own_work, record.t_send + own_work
         record.status, reads = status, wire.body(headers)
         if record.status != 200:
             text = b"".join(data for _, data in reads).decode("utf-8", "replace")

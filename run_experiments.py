@@ -132,11 +132,7 @@ def program_source(*functions: Callable, call: str) -> str:
 NOTEBOOK_ARGS = "--preset auto"
 
 MIB = 1024**2
-
-
 GIB = 1024**3
-
-
 PRESETS = ("auto", "seed", "smoke")
 
 
@@ -275,8 +271,9 @@ def kvcached_server(cfg: "Config", slot: str) -> "ServerSpec":
 
 
 def static_server(
-    cfg: "Config", slot: str, utilization: float, kv_bytes: Optional[int] = None
+    cfg: "Config", slot: str, utilization: float, kv_bytes: Optional[int] = None, sleep_mode: bool = False
 ) -> "ServerSpec":
+    """vLLM's static pool; with `sleep_mode`, asleep between bursts and woken when the next one arrives."""
     return ServerSpec(
         slot,
         model_of(cfg, slot),
@@ -284,19 +281,11 @@ def static_server(
         kvcached=False,
         gpu_memory_utilization=utilization,
         kv_cache_memory_bytes=kv_bytes,
+        sleep_mode=sleep_mode,
     )
 
 
-def sleeping_server(cfg: "Config", slot: str, utilization: float) -> "ServerSpec":
-    """A static pool that sleeps between bursts and is woken when the next one arrives."""
-    return ServerSpec(
-        slot,
-        model_of(cfg, slot),
-        port_of(cfg, slot),
-        kvcached=False,
-        gpu_memory_utilization=utilization,
-        sleep_mode=True,
-    )
+sleeping_server = functools.partial(static_server, sleep_mode=True)
 
 
 # vLLM checks at start-up that U x total memory is free even when --kv-cache-memory-bytes fixes the

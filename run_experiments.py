@@ -4135,12 +4135,11 @@ class Sampler(threading.Thread):
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
         module = getattr(self.nvml, "__file__", None)
-        call = "import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
         where = os.path.dirname(module) if module else ""
+        call = f"device_sampler({where!r}, {self.nvml.__name__!r}, {self.gpu_index}, {self.sample_hz!r})"
         self.child_stderr = tempfile.TemporaryFile(mode="w+")
         self.child = subprocess.Popen(
-            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)]
-            + [where, self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
+            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.child_stderr,

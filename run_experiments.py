@@ -3763,8 +3763,6 @@ def release_staged(cfg: Config, server: RunningServer) -> None:
 
 # %% kvcached's own view: its per-instance shared-memory segment (three int64: total, used, prealloc)
 SHM_DIR = Path("/dev/shm")  # where kvcached 0.1.6 puts KVCACHED_IPC_NAME
-
-
 SEGMENT = struct.Struct("<qqq")
 
 
@@ -3790,15 +3788,13 @@ def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
                 f"{segment_path(ipc_name)}: not our kvcached segment (uid {info.st_uid}, "
                 f"{info.st_size} bytes)"
             )
-        tries = 50 if write else 5
-        for attempt in range(tries):
-            try:
+        for _ in range(50 if write else 5):
+            with contextlib.suppress(BlockingIOError):
                 fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
-                if attempt == tries - 1:
-                    raise SegmentError("kvcached segment is locked by another process") from None
-                time.sleep(0.01)
+            time.sleep(0.01)
+        else:
+            raise SegmentError("kvcached segment is locked by another process")
         yield fd
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -3836,6 +3832,7 @@ def remove_segment(ipc_name: str) -> bool:
 def unlink_segment(path: str) -> Optional[str]:
     """Remove a segment if it is our own regular file; None once none is left, else why it stays. The
     keeper runs it too, as kvcached cannot unlink its segment when its engine was killed."""
+    import contextlib
     import os
     import stat
 
@@ -3849,10 +3846,8 @@ def unlink_segment(path: str) -> Optional[str]:
         return f"not removing {path}: not a regular file, not ours"
     if info.st_uid != os.getuid():
         return f"not removing {path}: owned by uid {info.st_uid}, not ours"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     return None
 
 
@@ -4020,8 +4015,9 @@ def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> 
 def device_loop(
     read: Callable, write: Callable, flush: Callable, halt: Any, hz: float, clock: Callable
 ) -> None:
-    """Tick k is due at clock() + k/hz from the start; writes "d t used total" or "e t error" per tick
-    and "m missed" when past ticks were skipped; ends when halt.wait(seconds) returns True."""
+    """Tick k is due at clock() + k/hz from the start, so the rate does not drift with the work per tick;
+    writes "d t used total" or "e t error" per tick and "m missed" when past ticks were skipped (never
+    made up for with a burst of samples); ends when halt.wait(seconds) returns True."""
     import math
 
     interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
@@ -4049,7 +4045,7 @@ def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float)
     """One "process" row per server: the GPU memory of the processes in its tree, as NVML lists them."""
     by_pid = gpu_processes(nvml, handle)
     # NVML lists processes on the card, yet none of them exists in our /proc: we run in a container whose
-    # PID namespace hides the host pids NVML reports
+    # PID namespace hides the host pids NVML reports, and the per-server figures are not known
     foreign = bool(by_pid) and not any(Path(f"/proc/{pid}").exists() for pid in by_pid)
     owners = {pid: owner_of(pid, roots) for pid in by_pid}
     rows = []
@@ -4065,37 +4061,10 @@ def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float)
             "leader_pid": server.proc.pid,
             "gpu_pids": len(by_pid),
         }
-        if foreign and not holders:  # a container: NVML speaks of host pids we cannot see
+        if foreign and not holders:
             row.update(used_mib=None, unattributed=FOREIGN_PIDS)
         rows.append(row)
     return rows
-
-
-class RowFile:
-    """memory.jsonl, opened at the first write; an OSError (a full disk, too many open files) calls
-    `failed`, and the next write opens it again."""
-
-    def __init__(self, path: Path, failed: Callable[[], None]):
-        self.path, self.failed = path, failed
-        self.file: Optional[Any] = None
-
-    def write(self, rows: list[dict], flush: bool = False) -> None:
-        try:
-            if rows and self.file is None:
-                self.file = open(self.path, "a")
-            if rows:
-                self.file.write("".join(json.dumps(row) + "\n" for row in rows))
-            if flush and self.file is not None:
-                self.file.flush()
-        except OSError:
-            self.close()
-            self.failed()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.file is not None:
-                self.file.close()
-        self.file = None
 
 
 class Sampler(threading.Thread):
@@ -4103,13 +4072,10 @@ class Sampler(threading.Thread):
 
     Rows go to a JSONL file, buffered and flushed about once a second: {"kind": "device"|"process"|
     "kvcached"|"metrics"|"error"}. Every error (NVML, HTTP, a full disk, a locked segment) is counted
-    and becomes a row where it can; sampling goes on. Tick k is due at t0 + k/sample_hz, so the rate
-    does not drift with the work per tick; a tick that is already past when the sampler gets to it
-    is skipped and counted, never made up for with a burst of samples.
-
-    Device memory comes from a small process of its own (device_sampler), stamped there; this thread
-    reads its lines and owns the file. Per-process, segment and /metrics reads run in a second thread
-    that hands its rows over through a deque, without a lock the file's writer waits on.
+    and becomes a row where it can; sampling goes on. Device memory comes from a small process of its
+    own (device_sampler, on device_loop's ticks), stamped there; this thread reads its lines and owns
+    the file. Per-process, segment and /metrics reads run in a second thread that hands its rows over
+    through a deque, without a lock the file's writer waits on.
     """
 
     def __init__(
@@ -4134,12 +4100,11 @@ class Sampler(threading.Thread):
         self.lock = threading.Lock()  # over `counted`: both threads count
         self.roots = {server.proc.pid: server for server in servers}  # every server's tree hangs below one
         self.handed_over: collections.deque = collections.deque()  # slow thread -> file writer
-        self.file = RowFile(path, lambda: self.count_error("write"))
+        self.path, self.file = path, None  # memory.jsonl, opened at the first write
         self.slow_thread = threading.Thread(target=self._slow_loop, daemon=True, name="memory-sampler-slow")
 
     @property
     def error_kinds(self) -> dict[str, int]:
-        """kind of error -> errors counted, for the summary."""
         with self.lock:
             return dict(self.counted)
 
@@ -4159,12 +4124,11 @@ class Sampler(threading.Thread):
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
         module = getattr(self.nvml, "__file__", None)
-        call = "import sys\ndevice_sampler(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
         where = os.path.dirname(module) if module else ""
+        call = f"device_sampler({where!r}, {self.nvml.__name__!r}, {self.gpu_index}, {self.sample_hz!r})"
         self.child_stderr = tempfile.TemporaryFile(mode="w+")
         self.child = subprocess.Popen(
-            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)]
-            + [where, self.nvml.__name__, str(self.gpu_index), str(self.sample_hz)],
+            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.child_stderr,
@@ -4214,15 +4178,35 @@ class Sampler(threading.Thread):
             while self.handed_over:
                 rows += self.handed_over.popleft()
             flush = time.time() - last_flush >= 1.0
-            self.file.write(rows, flush)
+            self.write(rows, flush)
             if flush:
                 last_flush = time.time()
         if not self.halt.is_set():  # it died on its own: the series ends here, and the summary says so
             self.count_error("device sampler exited")
         self.halt.set()
         self.slow_thread.join(timeout=5)
-        self.file.write([row for batch in list(self.handed_over) for row in batch], flush=True)
-        self.file.close()
+        self.write([row for batch in list(self.handed_over) for row in batch], flush=True)
+        self.close_file()
+
+    def write(self, rows: list[dict], flush: bool = False) -> None:
+        """An OSError (a full disk, too many open files) is counted, and the next write opens the file
+        again."""
+        try:
+            if rows and self.file is None:
+                self.file = open(self.path, "a")
+            if rows:
+                self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+            if flush and self.file is not None:
+                self.file.flush()
+        except OSError:
+            self.close_file()
+            self.count_error("write")
+
+    def close_file(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.file is not None:
+                self.file.close()
+        self.file = None
 
     def stop(self) -> None:
         """Ends the device process (at EOF on its stdin, or killed after 5 s), then this thread."""
@@ -4485,7 +4469,6 @@ def send_chat(
 
     url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
     start, record.t_send = arrival or (time.perf_counter(), time.time())
-    deadline = start + timeout_s
     entered = False
     try:
         if arrival is not None:  # before the gate: a wake-up is the router's wait, not the client's lateness
@@ -4500,7 +4483,7 @@ def send_chat(
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
         record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        if time.perf_counter() >= deadline:
+        if time.perf_counter() >= start + timeout_s:
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
         if not record.ok:  # a completed stream ends at its [DONE]

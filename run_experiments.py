@@ -4562,7 +4562,8 @@ def run_burst(
     def send(i: int, arrival: Optional[tuple[float, float]]) -> concurrent.futures.Future:
         args = (server.url, server.spec.model, requests_[i], records[i], cfg.api_key, cfg.request_timeout_s)
         future = pool.submit(send_chat, *args, cfg.ignore_eos, connections, gate, arrival)
-        future.add_done_callback(lambda f: deliver(i, f.result()))
+        # send_chat fills records[i]; a request cancelled by a stop is not delivered (closed by then)
+        future.add_done_callback(lambda f: deliver(i, records[i]))
         return future
 
     if not any(r.offset_s for r in requests_):  # a closed burst: its TTFTs do not count the connects

@@ -568,6 +568,35 @@ def test_burst_has_an_overall_deadline(monkeypatch):
     assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
 
 
+def test_an_interrupted_burst_drops_its_queued_requests_quietly(monkeypatch, caplog):
+    def stuck(url, model, req, record, *args, **kwargs):
+        time.sleep(0.3)
+        return record
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rx, "send_chat", stuck)
+    monkeypatch.setattr(rx, "burst_threads", lambda requests_: 1)  # the second and third wait in the queue
+    monkeypatch.setattr(rx, "await_burst", interrupted)
+    cfg = rx.resolve_config(rx.Config(preset="smoke"))
+    server = rx.RunningServer(
+        rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={}, log_path=Path("x"), started_at=0.0
+    )
+    rows = []
+    with pytest.raises(KeyboardInterrupt):
+        rx.run_burst(
+            server,
+            [request()] * 3,
+            lambda r: rx.RequestRecord("t", "A", "p", 0, 0, 0, 0.0),
+            cfg,
+            sink=rows.append,
+        )
+    time.sleep(0.5)  # the one that was sending ends after the stop: it is not recorded either
+    assert rows == []
+    assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
+
+
 def test_a_server_that_does_not_stream_gets_no_ttft(fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_STREAM_FAULT", "no_stream")
     cfg = make_cfg()

@@ -1054,7 +1054,6 @@ class ExperimentRecord:
 
 
 def known_fields(cls: type, data: dict) -> dict:
-    """The entries of a record's JSON that are fields of `cls`."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in data.items() if k in names}
 

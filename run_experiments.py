@@ -1043,7 +1043,6 @@ class ExperimentRecord:
 
 
 def known_fields(cls: type, data: dict) -> dict:
-    """The entries of a record's JSON that are fields of `cls`."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in data.items() if k in names}
 
@@ -1069,11 +1068,6 @@ class Trial:
 
     def save(self) -> None:
         save_record(self.folder, self.record)
-
-    def run(self, step: Step, repeat: int, sink: "RecordSink", gate=None) -> list["RequestRecord"]:
-        """One burst of `step`, from its plan, against its server."""
-        plan, server = self.plans[step.plan], self.servers[step.server]
-        return run_step(self.cfg, self.exp, step, plan, server, repeat, sink, gate)
 
     def close(self) -> None:
         """Give kvcached its limits back, stop sampling, and write the record down."""
@@ -1115,15 +1109,14 @@ def measure(trial: Trial) -> None:
     idle = window_median(list(sampler.device), *marks.idle_before)
     workload_start = time.time()
     sink = RecordSink(trial.folder / "requests.jsonl")
-    steps = [(repeat, step) for repeat in range(cfg.repeats) for step in trial.exp.steps]
     if record.sleep_level is not None and any(step.server == ALL_SLOTS for step in trial.exp.steps):
         trial.router = SleepRouter(trial.servers, cfg, awake_at_most(cfg))
     try:
-        for n, (repeat, step) in enumerate(steps):
+        for n, (repeat, step) in enumerate(itertools.product(range(cfg.repeats), trial.exp.steps)):
+            if n:
+                pause(cfg.gap_s)
             run_measured_step(trial, step, repeat, sink)
             trial.save()
-            if n < len(steps) - 1:
-                pause(trial.cfg.gap_s)
     finally:
         if trial.router:
             trial.router.stop()
@@ -1136,15 +1129,16 @@ def measure(trial: Trial) -> None:
 
 def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
     """One burst (or open-loop window), marked with vLLM's own counters before and after it."""
-    if step.server == ALL_SLOTS:
-        return run_concurrent_window(trial, step, repeat, sink)
-    server, cfg = trial.servers[step.server], trial.cfg
+    each = [slot_step(step, slot) for slot in trial.servers] if step.server == ALL_SLOTS else [step]
     burst = BurstMark(step.phase, step.server, repeat, time.time())
-    mark_rate(burst, [trial.plans[step.plan]], step.burst)
+    mark_rate(burst, [trial.plans[s.plan] for s in each], step.burst)
     trial.record.marks.bursts.append(burst)
+    if step.server == ALL_SLOTS:
+        return run_concurrent_window(trial, each, burst, sink)
+    server, cfg = trial.servers[step.server], trial.cfg
     before = server_latency_snapshot(server)
     gate = wake_gate(server, cfg)
-    records = trial.run(step, repeat, sink, gate)
+    records = run_step(trial, step, repeat, sink, gate)
     burst.end = time.time()
     burst.server_before = before
     burst.server_after = server_latency_snapshot(server, expect=before, finished=sum(r.ok for r in records))
@@ -1154,19 +1148,15 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
         say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
 
 
-def run_concurrent_window(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
-    """One window of per-model traffic: every model's requests at once, each model's from its own
-    plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
-    steps = {slot: slot_step(step, slot) for slot in trial.servers}
-    burst = BurstMark(step.phase, ALL_SLOTS, repeat, time.time())
-    mark_rate(burst, [trial.plans[s.plan] for s in steps.values()], step.burst)
-    trial.record.marks.bursts.append(burst)
-    pool = concurrent.futures.ThreadPoolExecutor(len(trial.servers), thread_name_prefix="model")
+def run_concurrent_window(trial: Trial, steps: list[Step], burst: BurstMark, sink: "RecordSink") -> None:
+    """The window `burst` marks of per-model traffic: every model's requests at once, each model's from its
+    own plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
+    pool = concurrent.futures.ThreadPoolExecutor(len(steps), thread_name_prefix="model")
     try:
         router = trial.router
         futures = [
-            pool.submit(trial.run, s, repeat, sink, router and RouterGate(router, slot))
-            for slot, s in steps.items()
+            pool.submit(run_step, trial, s, burst.repeat, sink, router and RouterGate(router, s.server))
+            for s in steps
         ]
         for future in futures:
             future.result()
@@ -1199,7 +1189,7 @@ def warm_up(trial: Trial) -> bool:
             plan = dataclasses.replace(plan, requests=tuple(at_once))
         warm = dataclasses.replace(step, phase=f"warm-up {slot}")
         sink = RecordSink(trial.folder / "warmup.jsonl", keep_itl=False)
-        sent = bool(run_step(cfg, trial.exp, warm, plan, server, -1, sink, gate)) or sent
+        sent = bool(run_step(trial, warm, -1, sink, gate, plan)) or sent
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
@@ -1210,16 +1200,16 @@ OPEN_LOOP_WARMUP = 64  # open loop: requests of the warm-up burst
 
 
 def run_step(
-    cfg: "Config",
-    exp: ExperimentSpec,
+    trial: Trial,
     step: Step,
-    plan: "WorkloadPlan",
-    server: "RunningServer",
     repeat: int,
     sink: Callable[["RequestRecord"], None],
     gate: Optional["WakeGate | RouterGate"] = None,
+    plan: Optional["WorkloadPlan"] = None,
 ) -> list["RequestRecord"]:
-    """One burst against a server that must still be alive before and after it."""
+    """One burst of `step` (from its plan, unless `plan` replaces it) against its server, which must still
+    be alive before and after it."""
+    cfg, server, plan = trial.cfg, trial.servers[step.server], plan or trial.plans[step.plan]
     code = server.exit_code()
     if code is not None:
         raise ServerError(
@@ -1231,7 +1221,7 @@ def run_step(
         return []
 
     def make(r: "PlannedRequest") -> "RequestRecord":
-        where = (exp.name, server.spec.name, step.phase, repeat)
+        where = (trial.exp.name, server.spec.name, step.phase, repeat)
         return RequestRecord(*where, r.burst, r.index, 0.0, planned_prompt_tokens=r.prompt_tokens)
 
     started = time.time()
@@ -1286,14 +1276,13 @@ def apply_pair_budget(
     return limits
 
 
-def sleep_call(
-    server: "RunningServer", path: str, api_key: str, timeout_s: float = 120.0, body: Optional[dict] = None
-) -> float:
-    """POST /sleep?level=N, /wake_up, ...; seconds it took (raises ServerError if the server refused)."""
+def sleep_call(server: "RunningServer", path: str, api_key: str, body: Optional[dict] = None) -> float:
+    """POST /sleep?level=N, /wake_up, ... (within 120 s); seconds it took (raises ServerError if the
+    server refused)."""
     start = time.perf_counter()
     try:
         with Connections() as connections:
-            status, text = http_call(connections, "POST", server.url + path, timeout_s, body, api_key)
+            status, text = http_call(connections, "POST", server.url + path, 120.0, body, api_key)
     except (OSError, ValueError) as exc:
         raise ServerError(f"{path} on {server.spec.label} failed: {exc!r}") from exc
     if status != 200:
@@ -1324,25 +1313,24 @@ def wake_up(server: "RunningServer", cfg: "Config") -> float:
     return took
 
 
+@dataclasses.dataclass
 class WakeGate:
     """What a router does for a sleeping server: the first request of a burst wakes it, the others
     wait for that; all of them count the wake-up in their latency."""
 
-    def __init__(self, server: "RunningServer", cfg: "Config"):
-        self.server, self.cfg = server, cfg
-        self.lock = threading.Lock()
-        self.done = False
-        self.wake_s: Optional[float] = None
-        self.error: Optional[str] = None
+    server: "RunningServer"
+    cfg: "Config"
+    wake_s: Optional[float] = None
+    error: Optional[str] = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __call__(self) -> None:
         with self.lock:
-            if not self.done:
+            if self.wake_s is None and self.error is None:
                 try:
                     self.wake_s = wake_up(self.server, self.cfg)
                 except ServerError as exc:
                     self.error = str(exc)
-                self.done = True
         if self.error:
             raise ServerError(self.error)
 
@@ -1377,6 +1365,10 @@ class SleepRouter:
     def awake(self) -> list[str]:
         return [s for s, server in self.servers.items() if not server.asleep or s in self.moving]
 
+    def idle(self) -> list[str]:
+        """The awake models free to be put to sleep: nothing in flight, not on the move."""
+        return [s for s in self.awake() if not self.in_flight[s] and s not in self.moving]
+
     def enter(self, slot: str) -> None:
         """Before a request for `slot` goes out: returns once its server is awake, counting it busy."""
         started = time.perf_counter()
@@ -1408,16 +1400,12 @@ class SleepRouter:
                 return None
             if slot not in self.moving:
                 room = len(self.awake()) < self.awake_at_most
-                victim = "" if room else self.evictable()
+                # else the model idle longest makes room (None while each one is busy)
+                victim = "" if room else min(self.idle(), key=self.idle_since.get, default=None)
                 if victim is not None:
                     self.moving.update({slot, victim} - {""})
                     return victim
             self.cond.wait(0.05)
-
-    def evictable(self) -> Optional[str]:
-        """The awake model idle longest with nothing in flight (None while each one is busy)."""
-        idle = [s for s in self.awake() if not self.in_flight[s] and s not in self.moving]
-        return min(idle, key=self.idle_since.get, default=None)
 
     def move(self, slot: str, asleep: bool) -> None:
         server, took = self.servers[slot], None
@@ -1440,13 +1428,8 @@ class SleepRouter:
     def sleep_idle_ones(self) -> None:
         while not self.stopped.wait(0.05):
             with self.cond:
-                due = [
-                    s
-                    for s in self.awake()
-                    if s not in self.moving
-                    and not self.in_flight[s]
-                    and time.monotonic() - self.idle_since[s] >= self.cfg.sleep_after_idle_s
-                ]
+                now = time.monotonic()
+                due = [s for s in self.idle() if now - self.idle_since[s] >= self.cfg.sleep_after_idle_s]
                 self.moving.update(due)
             for slot in due:
                 self.move(slot, asleep=True)

@@ -92,7 +92,7 @@ def test_an_open_loop_warm_up_sends_the_first_window_with_arrivals_at_once(monke
     plan = rx.WorkloadPlan(2, 3, 0.0, 4, 0, 0.0, 0, "", requests, arrivals="poisson", rates=(0.01, 2.0))
     sent = []
 
-    def run_step(cfg, exp, step, plan, server, repeat, sink, gate):
+    def run_step(trial, step, repeat, sink, gate, plan):
         sent.append(plan.burst(step.burst))
         return sent[-1]
 
@@ -489,7 +489,8 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path, said):
     server = type("S", (), {"exit_code": lambda self: None})()
     step = rx.Step("burst 1", "A", "main", 0)
     exp = rx.ExperimentSpec("kvcached", "q", (), (step,))
-    assert rx.run_step(cfg, exp, step, plan, server, 0, lambda r: None) == []
+    trial = rx.Trial(cfg, exp, {"main": plan}, {"A": server}, None, None, tmp_path)
+    assert rx.run_step(trial, step, 0, lambda r: None) == []
     assert said == ["    burst 1: no request planned in this window"]
 
 

@@ -631,10 +631,9 @@ def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers):
     os.kill(server.tree()[1], signal.SIGKILL)  # the API server dies after it was found ready
     assert wait_for(lambda: server.exit_code() is not None, timeout=10)
     exp = rx.ExperimentSpec("kvcached", "q", (server.spec,), (rx.Step("burst 1", "A", "main", 0),))
+    trial = rx.Trial(cfg, exp, {"main": rx.plan_workload(cfg, 2, "x")}, {"A": server}, None, None, None)
     with pytest.raises(rx.ServerError, match="died"):
-        rx.run_step(
-            cfg, exp, exp.steps[0], rx.plan_workload(cfg, 2, "x"), server, 0, lambda _: None, lambda _: None
-        )
+        rx.run_step(trial, exp.steps[0], 0, lambda _: None, lambda _: None)
 
 
 # 7. The sampler cannot die silently ---------------------------------------------------------------

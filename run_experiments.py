@@ -2992,10 +2992,12 @@ def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
             interrupted = True
             STATE.hurry.set()
             say("  interrupted again: killing the servers now")
-    for server in servers:  # what held a stop up, as its keeper saw it when it sent SIGKILL
-        for line in keeper_lines(server.log_path, logged[id(server)]):
-            if "still running" in line:
-                say(f"    {line}")
+    for server in servers:  # what held a stop up, as its keeper wrote it in the log when it sent SIGKILL
+        with contextlib.suppress(OSError), open(server.log_path, "rb") as f:
+            f.seek(logged[id(server)])
+            for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("[keeper] ") and "still running" in line:
+                    say(f"    {line.removeprefix('[keeper] ')}")
     return interrupted
 
 
@@ -3003,15 +3005,6 @@ def log_size(path: Path) -> int:
     with contextlib.suppress(OSError):
         return path.stat().st_size
     return 0
-
-
-def keeper_lines(path: Path, start: int) -> list[str]:
-    """The keeper's lines in a server's log from byte `start` on, without their prefix."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        f.seek(start)
-        lines = f.read().decode(errors="replace").splitlines()
-        return [line.removeprefix("[keeper] ") for line in lines if line.startswith("[keeper] ")]
-    return []
 
 
 def settle(server: RunningServer) -> None:
@@ -3042,7 +3035,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux"
 STAMP_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
 
 
-class Connections:
+class Connections(contextlib.AbstractContextManager):
     """Keep-alive sockets to the servers, shared by one burst's threads. The client speaks HTTP/1.1 on
     plain sockets: `requests` cost 2 ms of CPU per streamed answer (a thread for its deadline, a layer
     per chunk), and at 500 requests/s on two cores the client fell seconds behind its plan."""
@@ -3078,9 +3071,6 @@ class Connections:
             idle, self.idle = self.idle, {}
         for sock, _ in itertools.chain.from_iterable(idle.values()):
             sock.close()
-
-    def __enter__(self) -> "Connections":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

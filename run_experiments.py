@@ -2907,19 +2907,9 @@ def comm_names(pids: list[int]) -> str:
 
 def keeper_source() -> str:
     """The keeper's program for `python -c`; its arguments: control fd, segment path, grace, command."""
-    return program_source(
-        proc_stat,
-        process_tree,
-        live_below,
-        unlink_segment,
-        read_order,
-        reap_children,
-        comm_names,
-        end_tree,
-        keeper,
-        call="import sys\n"
-        f"keeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})",
-    )
+    helpers = (proc_stat, process_tree, live_below, unlink_segment, read_order, reap_children, comm_names)
+    call = f"keeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})"
+    return program_source(*helpers, end_tree, keeper, call="import sys\n" + call)
 
 
 # --- stopping: the one way a server stops. The keeper does it; the harness gives the order and waits
@@ -2974,10 +2964,12 @@ def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
             interrupted = True
             STATE.hurry.set()
             say("  interrupted again: killing the servers now")
-    for server in servers:  # what held a stop up, as its keeper saw it when it sent SIGKILL
-        for line in keeper_lines(server.log_path, logged[id(server)]):
-            if "still running" in line:
-                say(f"    {line}")
+    for server in servers:  # what held a stop up, as its keeper wrote it in the log when it sent SIGKILL
+        with contextlib.suppress(OSError), open(server.log_path, "rb") as f:
+            f.seek(logged[id(server)])
+            for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("[keeper] ") and "still running" in line:
+                    say(f"    {line.removeprefix('[keeper] ')}")
     return interrupted
 
 
@@ -2985,15 +2977,6 @@ def log_size(path: Path) -> int:
     with contextlib.suppress(OSError):
         return path.stat().st_size
     return 0
-
-
-def keeper_lines(path: Path, start: int) -> list[str]:
-    """The keeper's lines in a server's log from byte `start` on, without their prefix."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        f.seek(start)
-        lines = f.read().decode(errors="replace").splitlines()
-        return [line.removeprefix("[keeper] ") for line in lines if line.startswith("[keeper] ")]
-    return []
 
 
 def settle(server: RunningServer) -> None:
@@ -3021,9 +3004,10 @@ CONNECT_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 2.0  # a socket idle longer is not reused: vLLM's front end closes idle ones after 5 s
 # Linux stamps each packet as it arrives; Python names the option only from 3.13 on
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+STAMP_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
 
 
-class Connections:
+class Connections(contextlib.AbstractContextManager):
     """Keep-alive sockets to the servers, shared by one burst's threads. The client speaks HTTP/1.1 on
     plain sockets: `requests` cost 2 ms of CPU per streamed answer (a thread for its deadline, a layer
     per chunk), and at 500 requests/s on two cores the client fell seconds behind its plan."""
@@ -3060,9 +3044,6 @@ class Connections:
         for sock, _ in itertools.chain.from_iterable(idle.values()):
             sock.close()
 
-    def __enter__(self) -> "Connections":
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -3086,10 +3067,8 @@ def still_connected(sock: socket.socket) -> bool:
     sock.settimeout(0)
     try:
         sock.recv(1, socket.MSG_PEEK)  # end-of-file, or bytes nobody asked for
-    except BlockingIOError:
-        return True
-    except OSError:
-        pass
+    except OSError as exc:
+        return isinstance(exc, BlockingIOError)  # nothing to read: still open
     return False
 
 
@@ -3145,9 +3124,6 @@ class Wire:
             now = self.arrived
 
 
-STAMP_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
-
-
 def arrival_time(ancillary: list[tuple[int, int, bytes]], sent: float) -> float:
     """When the bytes just read reached this machine, on perf_counter's clock: the kernel's stamp of
     their last packet (wall clock), so that a client too busy to read at once does not add its own wait
@@ -3193,7 +3169,7 @@ def http_request(method: str, url: str, payload: bytes = b"", api_key: str = "")
     """An HTTP/1.1 request's bytes, with a JSON body if there is one."""
     parts = urllib.parse.urlsplit(url)
     head = [f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1"]
-    head += [f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in auth_headers(api_key).items())]
+    head += [f"Host: {parts.netloc}", *([f"Authorization: Bearer {api_key}"] if api_key else [])]
     head += ["Content-Type: application/json"] if payload else []
     head += [f"Content-Length: {len(payload)}"] if payload or method == "POST" else []
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
@@ -3213,9 +3189,21 @@ def exchange(
     connections: Connections, url: str, request: bytes, deadline: float
 ) -> Iterator[tuple[Wire, int, dict[str, str]]]:
     """Send `request` and yield the wire, the response's status and its headers; the socket goes back to
-    `connections` if the body was read to its end and the server keeps it open."""
+    `connections` if the body was read to its end and the server keeps it open. A kept socket that the
+    server closed meanwhile fails before any byte of a response: the request goes again, on another one."""
     address = url_address(url)
-    sock, wire, status, headers = send_request(connections, address, request, deadline)
+    while True:
+        sock, kept = connections.get(address, deadline - time.perf_counter())
+        wire = Wire(sock, deadline)
+        try:
+            sock.settimeout(max(deadline - time.perf_counter(), 0.001))
+            sock.sendall(request)
+            status, headers = wire.head()
+            break
+        except BaseException as exc:
+            sock.close()
+            if not (isinstance(exc, ConnectionError) and kept and not wire.buffer):
+                raise
     try:
         yield wire, status, headers
     finally:
@@ -3223,27 +3211,6 @@ def exchange(
             connections.put(address, sock)
         else:
             sock.close()
-
-
-def send_request(
-    connections: Connections, address: tuple[str, int], request: bytes, deadline: float
-) -> tuple[socket.socket, Wire, int, dict[str, str]]:
-    """Send and read the response's head: (socket, wire, status, headers). A kept socket that the server
-    closed meanwhile fails before any byte of a response: the request goes again, on another socket."""
-    while True:
-        sock, kept = connections.get(address, deadline - time.perf_counter())
-        wire = Wire(sock, deadline)
-        try:
-            sock.settimeout(max(deadline - time.perf_counter(), 0.001))
-            sock.sendall(request)
-            return (sock, wire, *wire.head())
-        except ConnectionError:
-            sock.close()
-            if not kept or wire.buffer:
-                raise
-        except BaseException:
-            sock.close()
-            raise
 
 
 # %% Running servers: start, readiness on /health, the pool that keeps them across experiments
@@ -3313,10 +3280,6 @@ class RunningServer:
     def failure(self, problem: str) -> ServerError:
         """The error for what went wrong, with the evidence: command, log and the log's tail."""
         return ServerError(f"{problem}\n{self.evidence()}")
-
-
-def auth_headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def start_checks(cfg: Config, spec: ServerSpec) -> None:
@@ -3537,9 +3500,8 @@ class ServerPool:
                 say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{log_tail}")
                 stop_servers([server], "dead or not ours")
                 self.forget_stopped()
-        for spec in specs:
-            if spec.key in self.running:
-                say(f"  reusing {spec.label} (saves a {self.running[spec.key].startup_s:.1f} s start-up)")
+            elif server:
+                say(f"  reusing {spec.label} (saves a {server.startup_s:.1f} s start-up)")
         new = [spec for spec in specs if spec.key not in self.running]
         # kvcached servers take KV memory only when it is used, so they can start together; a static
         # server sizes its pool from the free memory it sees while starting, so those go one at a time

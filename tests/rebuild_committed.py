@@ -1,7 +1,7 @@
 """Rebuild the golden committed run's summaries with --report, in a fresh copy, and say whether they
 came out exactly as committed; check that every other committed run folder still parses:
 python tests/rebuild_committed.py OUT_DIR (run by the tests in a process of its own, so it goes on while
-the others run).
+the others run; exit 1 when the golden run's summary.json or summary.md differ by a byte).
 
 One golden run is compared byte for byte: the newest complete reference (all eight experiments). The
 other folders hold raw formats of their own (older runs, killed runs, open-loop arrivals): each must
@@ -50,9 +50,8 @@ def rebuild(reference: Path, into: Path) -> dict:
     return {
         "rc": rc,
         "copy": str(copy),
-        "json_same": json.loads((copy / "summary.json").read_text())
-        == json.loads((reference / "summary.json").read_text()),
-        "md_same": (copy / "summary.md").read_text() == (reference / "summary.md").read_text(),
+        "json_same": (copy / "summary.json").read_bytes() == (reference / "summary.json").read_bytes(),
+        "md_same": (copy / "summary.md").read_bytes() == (reference / "summary.md").read_bytes(),
     }
 
 
@@ -114,7 +113,7 @@ def raw_format(reference: Path) -> tuple:
     return tuple(sorted(shapes, key=str))
 
 
-def main(out: Path) -> None:
+def main(out: Path) -> dict:
     # Summaries are compared, not images: the plots are laid out as in a real report but not rendered
     # to PNG (the slow part; the end-to-end runs check that plots are written).
     rx.save_figure = lambda fig, path: path
@@ -131,7 +130,13 @@ def main(out: Path) -> None:
             results[name] = parse(reference, out / str(number))
         seen[form] = name
     (out / "rebuilds.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    golden = main(Path(sys.argv[1]))[str(GOLDEN.relative_to(ROOT / "results"))]
+    if not (golden["json_same"] and golden["md_same"]):
+        sys.exit(
+            f"the golden run's summaries differ from the committed ones: "
+            f"compare {golden['copy']} with {GOLDEN}"
+        )

@@ -1524,12 +1524,8 @@ def config_help() -> dict[str, str]:
         source = inspect.getsource(Config)
     except (OSError, TypeError):
         return {}
-    helps = {}
-    for line in source.splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
-    return helps
+    fields = re.findall(r"^[ \t]*(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)  # name: type = default  # help
+    return {name: text.strip() for name, text in fields}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1634,10 +1630,9 @@ FIELD_CHECKS = (
 
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
-    for field in dataclasses.fields(Config):  # inf/nan would crash, hang or fail every experiment
-        value = getattr(cfg, field.name)
+    for name, value in vars(cfg).items():  # inf/nan would crash, hang or fail every experiment
         if isinstance(value, float):
-            need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
+            need(math.isfinite(value), name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
     for names, passes, why in FIELD_CHECKS:
         for name in names.split():
@@ -1674,8 +1669,9 @@ def check_lanes(cfg: Config) -> None:
         "runs one process per card from this script's file, and there is none here (a notebook cell): "
         "give one card (--gpu-index), or save the cell as run_experiments.py and run it from a terminal",
     )
-    last = "port" if cfg.port else "port_b"  # the flag that sets the highest port
-    for name in ("port",) if cfg.port else ("port_a", "port_b"):
+    names = ("port",) if cfg.port else ("port_a", "port_b")
+    last = names[-1]  # the flag that sets the highest port
+    for name in names:
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
             name,
@@ -1700,7 +1696,6 @@ def check_lanes(cfg: Config) -> None:
 
 
 def check_model_list(cfg: Config) -> None:
-    """--models and --static-shares: before anything launches."""
     models, shares = slot_models(cfg), cfg.static_shares
     need(0 < len(models) <= 26 and all(models), "models", f"must name 1 to 26 models, got {cfg.models!r}")
     for model in models:
@@ -1846,16 +1841,13 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def fill_preset(cfg: Config) -> Config:
-    """The preset's workload values wherever a flag was left at 0 / negative."""
-    preset = PRESET_WORKLOADS[cfg.preset]
-    filled = dict(
-        bursts=cfg.bursts or preset["bursts"],
-        burst_size=cfg.burst_size or preset["burst_size"],
-        gap_s=cfg.gap_s if cfg.gap_s >= 0 else preset["gap_s"],
-        max_tokens=cfg.max_tokens or preset["max_tokens"],
-        prompt_tokens=cfg.prompt_tokens if cfg.prompt_tokens >= 0 else preset["prompt_tokens"],
-        overload_budget_gib=cfg.overload_budget_gib or preset["overload_budget_gib"],
-    )
+    """The preset's workload values wherever a flag was left open: at 0, or negative for gap_s and
+    prompt_tokens (where 0 is a value of its own)."""
+    filled = {}
+    for name, preset_value in PRESET_WORKLOADS[cfg.preset].items():
+        value = getattr(cfg, name)
+        left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
+        filled[name] = preset_value if left_open else value
     need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
 
@@ -1886,24 +1878,16 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 QWEN2_5_COMMON = dict(
     torch_dtype="bfloat16", vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768
 )
-KNOWN_MODEL_CONFIGS = {
-    # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+KNOWN_MODEL_CONFIGS = {  # offline fallbacks for the defaults, from the models' config.json
+    f"Qwen/Qwen2.5-{size}-Instruct": dict(
         QWEN2_5_COMMON,
-        num_hidden_layers=24,
+        num_hidden_layers=layers,
         num_key_value_heads=2,
-        hidden_size=896,
-        num_attention_heads=14,
-        intermediate_size=4864,
-    ),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        QWEN2_5_COMMON,
-        num_hidden_layers=28,
-        num_key_value_heads=2,
-        hidden_size=1536,
-        num_attention_heads=12,
-        intermediate_size=8960,
-    ),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+    )
+    for size, layers, hidden, heads, mlp in (("0.5B", 24, 896, 14, 4864), ("1.5B", 28, 1536, 12, 8960))
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
@@ -2395,11 +2379,8 @@ def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float,
     if not (length_s > 0 and math.isfinite(length_s)):
         raise ValueError(length_s)
     times = [r.at_s for r in rows]
-    most, start = 0, 0.0
-    for i, t in enumerate(times):
-        count = bisect.bisect_left(times, t + length_s) - i
-        if count > most:
-            most, start = count, t
+    counts = [bisect.bisect_left(times, t + length_s) - i for i, t in enumerate(times)]
+    start = times[counts.index(max(counts))]  # the earliest of the busiest
     return start, start + length_s
 
 

@@ -2359,16 +2359,12 @@ def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
     """Seconds into the trace replayed: START:END (either may be left out), busiest:SECONDS (the
     stretch of that length with the most requests), or '' for all of it."""
     head, _, tail = spec.partition(":")
-    try:
+    with contextlib.suppress(ValueError):  # not a number, or a length out of range: the error below
         if head == "busiest":
             return busiest_stretch(rows, float(tail))
         start, end = float(head or 0), float(tail) if tail else math.inf
-        if spec and 0 <= start < end and not math.isnan(end):
+        if 0 <= start < end:  # false for NaN too
             return start, end
-        if not spec:
-            return 0.0, math.inf
-    except ValueError:
-        pass
     raise ConfigError(
         f"--trace-window: {spec!r} is not START:END seconds into the trace (0 <= START < END, either "
         "may be left out) or busiest:SECONDS"

@@ -2092,30 +2092,25 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     )
 
 
-class RequestMaker:
-    """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
-    mix or a shared prefix leaves the prompts of the same seed as they were."""
-
-    def __init__(self, cfg: Config, max_tokens: int, prompt_tokens: int):
-        self.cfg = cfg
-        self.lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-        self.max_tokens = max(max_tokens, int(self.lengths.hi))  # the longest output a request may ask for
-        room = cfg.max_model_len - self.max_tokens - PROMPT_MARGIN_TOKENS
-        self.prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
-        self.prefix = shared_prefix(cfg)
-        self.prompt_rng = random.Random(cfg.seed)
-        self.lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
-
-    def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
-        prompt = make_prompt(
-            self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens
-        )
-        length = self.lengths.draw(self.lengths_rng, self.max_tokens)
-        return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
-
-    def plan(self, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
-        lengths = {"max_tokens": self.max_tokens, "prompt_tokens": self.prompt_tokens}
-        return WorkloadPlan.of(self.cfg, requests_, **lengths, **fields)
+def requests_plan(
+    cfg: Config, windows: list[list[float]], max_tokens: int, prompt_tokens: int, **fields
+) -> WorkloadPlan:
+    """A request for each arrival of each window (its offsets, in seconds). Prompts and output lengths
+    are drawn from seeded generators of their own, so that a length mix or a shared prefix leaves the
+    prompts of the same seed as they were."""
+    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    max_tokens = max(max_tokens, int(lengths.hi))  # the longest output a request may ask for
+    room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
+    prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
+    prefix = shared_prefix(cfg)
+    prompt_rng, lengths_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-output-lengths")
+    planned = []
+    for window, offsets in enumerate(windows):
+        for i, offset_s in enumerate(offsets):
+            prompt = prefix + make_prompt(prompt_rng, len(planned), prompt_tokens - cfg.shared_prefix_tokens)
+            length = lengths.draw(lengths_rng, max_tokens)
+            planned.append(PlannedRequest(window, i, prompt, length, cfg.temperature, round(offset_s, 6)))
+    return WorkloadPlan.of(cfg, planned, max_tokens=max_tokens, prompt_tokens=prompt_tokens, **fields)
 
 
 def plan_workload(
@@ -2127,11 +2122,10 @@ def plan_workload(
     prompt_tokens: Optional[int] = None,
 ) -> WorkloadPlan:
     bursts = bursts or cfg.bursts
-    make = RequestMaker(
-        cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
-    )
-    requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
-    return make.plan(requests_, bursts=bursts, burst_size=burst_size, sizing=sizing)
+    windows = [[0.0] * burst_size] * bursts  # a burst's requests are sent at once
+    prompt_tokens = cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
+    fields = dict(bursts=bursts, burst_size=burst_size, sizing=sizing)
+    return requests_plan(cfg, windows, max_tokens or cfg.max_tokens, prompt_tokens, **fields)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
@@ -2211,16 +2205,13 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
 def windows_plan(
     cfg: Config, sizing: str, windows: list[list[float]], arrivals: str, rates: list
 ) -> WorkloadPlan:
-    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds), a request
-    drawn for each arrival; its burst_size is the busiest window's."""
-    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
-    planned = []
-    for window, offsets in enumerate(windows):
-        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds); its
+    burst_size is the busiest window's."""
     busiest = max(map(len, windows), default=0)
-    return make.plan(
-        planned, bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
+    fields = dict(
+        bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
     )
+    return requests_plan(cfg, windows, cfg.max_tokens, cfg.prompt_tokens, **fields)
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:

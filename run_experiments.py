@@ -2052,7 +2052,7 @@ def size_burst(
 @dataclasses.dataclass(frozen=True)
 class OutputLengths:
     """How many tokens each request asks for: 'fixed' (all max_tokens), 'uniform' between lo and hi,
-    or 'lognormal' with the given mean and sigma (of the log), cut to [1, hi]. Requests that end at
+    or 'lognormal' with the given mean and sigma (of the log), cut to [1, max_tokens]. Requests that end at
     different times are where kvcached's freed pages can leave fragments behind."""
 
     kind: str
@@ -2073,7 +2073,7 @@ class OutputLengths:
 def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     """'fixed', 'uniform:LO-HI' or 'lognormal:MEAN,SIGMA' (raises ConfigError naming the flag)."""
     kind, _, args = spec.partition(":")
-    try:
+    with contextlib.suppress(ValueError):  # not numbers: the error below
         if kind == "fixed" and not args:
             return OutputLengths("fixed")
         if kind == "uniform":
@@ -2084,8 +2084,6 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
             mean, sigma = (float(v) for v in args.split(","))
             if mean >= 1 and 0 < sigma <= 3 and math.isfinite(mean) and math.isfinite(sigma):
                 return OutputLengths("lognormal", mean=mean, sigma=sigma)
-    except ValueError:
-        pass
     raise ConfigError(
         f"--output-tokens-dist: {spec!r} is not one of fixed, uniform:LO-HI (1 <= LO <= HI) "
         f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)"

@@ -1649,10 +1649,8 @@ def validate_config(cfg: Config) -> Config:
         "gpu_memory_utilization",
         "leaves no room for model B in shared_static; set --pair-utilization-b",
     )
-    check_lanes(cfg)
-    check_model_list(cfg)
-    check_server_command(cfg)
-    check_workload(cfg)
+    for check in (check_lanes, check_model_list, check_server_command, check_workload):
+        check(cfg)
     return cfg
 
 

@@ -1496,12 +1496,8 @@ def config_help() -> dict[str, str]:
         source = inspect.getsource(Config)
     except (OSError, TypeError):
         return {}
-    helps = {}
-    for line in source.splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
-    return helps
+    fields = re.findall(r"^[ \t]*(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)  # name: type = default  # help
+    return {name: text.strip() for name, text in fields}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1606,10 +1602,9 @@ FIELD_CHECKS = (
 
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
-    for field in dataclasses.fields(Config):  # inf/nan would crash, hang or fail every experiment
-        value = getattr(cfg, field.name)
+    for name, value in vars(cfg).items():  # inf/nan would crash, hang or fail every experiment
         if isinstance(value, float):
-            need(math.isfinite(value), field.name, f"must be a finite number, got {value}")
+            need(math.isfinite(value), name, f"must be a finite number, got {value}")
     parse_experiments(cfg.experiments)
     for names, passes, why in FIELD_CHECKS:
         for name in names.split():
@@ -1626,10 +1621,8 @@ def validate_config(cfg: Config) -> Config:
         "gpu_memory_utilization",
         "leaves no room for model B in shared_static; set --pair-utilization-b",
     )
-    check_lanes(cfg)
-    check_model_list(cfg)
-    check_server_command(cfg)
-    check_workload(cfg)
+    for check in (check_lanes, check_model_list, check_server_command, check_workload):
+        check(cfg)
     return cfg
 
 
@@ -1646,8 +1639,9 @@ def check_lanes(cfg: Config) -> None:
         "runs one process per card from this script's file, and there is none here (a notebook cell): "
         "give one card (--gpu-index), or save the cell as run_experiments.py and run it from a terminal",
     )
-    last = "port" if cfg.port else "port_b"  # the flag that sets the highest port
-    for name in ("port",) if cfg.port else ("port_a", "port_b"):
+    names = ("port",) if cfg.port else ("port_a", "port_b")
+    last = names[-1]  # the flag that sets the highest port
+    for name in names:
         need(
             0 < getattr(cfg, name) < 65536 - LANE_PORT_STEP * (lanes - 1),
             name,
@@ -1672,7 +1666,6 @@ def check_lanes(cfg: Config) -> None:
 
 
 def check_model_list(cfg: Config) -> None:
-    """--models and --static-shares: before anything launches."""
     models, shares = slot_models(cfg), cfg.static_shares
     need(0 < len(models) <= 26 and all(models), "models", f"must name 1 to 26 models, got {cfg.models!r}")
     for model in models:
@@ -1818,16 +1811,13 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def fill_preset(cfg: Config) -> Config:
-    """The preset's workload values wherever a flag was left at 0 / negative."""
-    preset = PRESET_WORKLOADS[cfg.preset]
-    filled = dict(
-        bursts=cfg.bursts or preset["bursts"],
-        burst_size=cfg.burst_size or preset["burst_size"],
-        gap_s=cfg.gap_s if cfg.gap_s >= 0 else preset["gap_s"],
-        max_tokens=cfg.max_tokens or preset["max_tokens"],
-        prompt_tokens=cfg.prompt_tokens if cfg.prompt_tokens >= 0 else preset["prompt_tokens"],
-        overload_budget_gib=cfg.overload_budget_gib or preset["overload_budget_gib"],
-    )
+    """The preset's workload values wherever a flag was left open: at 0, or negative for gap_s and
+    prompt_tokens (where 0 is a value of its own)."""
+    filled = {}
+    for name, preset_value in PRESET_WORKLOADS[cfg.preset].items():
+        value = getattr(cfg, name)
+        left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
+        filled[name] = preset_value if left_open else value
     need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
     return dataclasses.replace(cfg, **filled)
 
@@ -1858,24 +1848,16 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 QWEN2_5_COMMON = dict(
     torch_dtype="bfloat16", vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768
 )
-KNOWN_MODEL_CONFIGS = {
-    # Offline fallbacks for the defaults (from the models' config.json): layers, KV heads, head dim
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+KNOWN_MODEL_CONFIGS = {  # offline fallbacks for the defaults, from the models' config.json
+    f"Qwen/Qwen2.5-{size}-Instruct": dict(
         QWEN2_5_COMMON,
-        num_hidden_layers=24,
+        num_hidden_layers=layers,
         num_key_value_heads=2,
-        hidden_size=896,
-        num_attention_heads=14,
-        intermediate_size=4864,
-    ),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        QWEN2_5_COMMON,
-        num_hidden_layers=28,
-        num_key_value_heads=2,
-        hidden_size=1536,
-        num_attention_heads=12,
-        intermediate_size=8960,
-    ),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+    )
+    for size, layers, hidden, heads, mlp in (("0.5B", 24, 896, 14, 4864), ("1.5B", 28, 1536, 12, 8960))
 }
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
@@ -2040,7 +2022,7 @@ def size_burst(
 @dataclasses.dataclass(frozen=True)
 class OutputLengths:
     """How many tokens each request asks for: 'fixed' (all max_tokens), 'uniform' between lo and hi,
-    or 'lognormal' with the given mean and sigma (of the log), cut to [1, hi]. Requests that end at
+    or 'lognormal' with the given mean and sigma (of the log), cut to [1, max_tokens]. Requests that end at
     different times are where kvcached's freed pages can leave fragments behind."""
 
     kind: str
@@ -2061,7 +2043,7 @@ class OutputLengths:
 def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     """'fixed', 'uniform:LO-HI' or 'lognormal:MEAN,SIGMA' (raises ConfigError naming the flag)."""
     kind, _, args = spec.partition(":")
-    try:
+    with contextlib.suppress(ValueError):  # not numbers: the error below
         if kind == "fixed" and not args:
             return OutputLengths("fixed")
         if kind == "uniform":
@@ -2072,38 +2054,31 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
             mean, sigma = (float(v) for v in args.split(","))
             if mean >= 1 and 0 < sigma <= 3 and math.isfinite(mean) and math.isfinite(sigma):
                 return OutputLengths("lognormal", mean=mean, sigma=sigma)
-    except ValueError:
-        pass
     raise ConfigError(
         f"--output-tokens-dist: {spec!r} is not one of fixed, uniform:LO-HI (1 <= LO <= HI) "
         f"or lognormal:MEAN,SIGMA (MEAN >= 1 tokens, 0 < SIGMA <= 3)"
     )
 
 
-class RequestMaker:
-    """Prompts and output lengths of a plan, drawn from seeded generators of their own, so that a length
-    mix or a shared prefix leaves the prompts of the same seed as they were."""
-
-    def __init__(self, cfg: Config, max_tokens: int, prompt_tokens: int):
-        self.cfg = cfg
-        self.lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-        self.max_tokens = max(max_tokens, int(self.lengths.hi))  # the longest output a request may ask for
-        room = cfg.max_model_len - self.max_tokens - PROMPT_MARGIN_TOKENS
-        self.prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
-        self.prefix = shared_prefix(cfg)
-        self.prompt_rng = random.Random(cfg.seed)
-        self.lengths_rng = random.Random(f"{cfg.seed}-output-lengths")
-
-    def __call__(self, burst: int, index: int, prompt_number: int, offset_s: float = 0.0) -> PlannedRequest:
-        prompt = make_prompt(
-            self.prompt_rng, prompt_number, self.prompt_tokens - self.cfg.shared_prefix_tokens
-        )
-        length = self.lengths.draw(self.lengths_rng, self.max_tokens)
-        return PlannedRequest(burst, index, self.prefix + prompt, length, self.cfg.temperature, offset_s)
-
-    def plan(self, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
-        lengths = {"max_tokens": self.max_tokens, "prompt_tokens": self.prompt_tokens}
-        return WorkloadPlan.of(self.cfg, requests_, **lengths, **fields)
+def requests_plan(
+    cfg: Config, windows: list[list[float]], max_tokens: int, prompt_tokens: int, **fields
+) -> WorkloadPlan:
+    """A request for each arrival of each window (its offsets, in seconds). Prompts and output lengths
+    are drawn from seeded generators of their own, so that a length mix or a shared prefix leaves the
+    prompts of the same seed as they were."""
+    lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    max_tokens = max(max_tokens, int(lengths.hi))  # the longest output a request may ask for
+    room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
+    prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
+    prefix = shared_prefix(cfg)
+    prompt_rng, lengths_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-output-lengths")
+    planned = []
+    for window, offsets in enumerate(windows):
+        for i, offset_s in enumerate(offsets):
+            prompt = prefix + make_prompt(prompt_rng, len(planned), prompt_tokens - cfg.shared_prefix_tokens)
+            length = lengths.draw(lengths_rng, max_tokens)
+            planned.append(PlannedRequest(window, i, prompt, length, cfg.temperature, round(offset_s, 6)))
+    return WorkloadPlan.of(cfg, planned, max_tokens=max_tokens, prompt_tokens=prompt_tokens, **fields)
 
 
 def plan_workload(
@@ -2115,11 +2090,10 @@ def plan_workload(
     prompt_tokens: Optional[int] = None,
 ) -> WorkloadPlan:
     bursts = bursts or cfg.bursts
-    make = RequestMaker(
-        cfg, max_tokens or cfg.max_tokens, cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
-    )
-    requests_ = [make(b, i, b * burst_size + i) for b in range(bursts) for i in range(burst_size)]
-    return make.plan(requests_, bursts=bursts, burst_size=burst_size, sizing=sizing)
+    windows = [[0.0] * burst_size] * bursts  # a burst's requests are sent at once
+    prompt_tokens = cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
+    fields = dict(bursts=bursts, burst_size=burst_size, sizing=sizing)
+    return requests_plan(cfg, windows, max_tokens or cfg.max_tokens, prompt_tokens, **fields)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
@@ -2199,16 +2173,13 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
 def windows_plan(
     cfg: Config, sizing: str, windows: list[list[float]], arrivals: str, rates: list
 ) -> WorkloadPlan:
-    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds), a request
-    drawn for each arrival; its burst_size is the busiest window's."""
-    make = RequestMaker(cfg, cfg.max_tokens, cfg.prompt_tokens)
-    planned = []
-    for window, offsets in enumerate(windows):
-        planned += [make(window, i, len(planned) + i, round(t, 6)) for i, t in enumerate(offsets)]
+    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds); its
+    burst_size is the busiest window's."""
     busiest = max(map(len, windows), default=0)
-    return make.plan(
-        planned, bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
+    fields = dict(
+        bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
     )
+    return requests_plan(cfg, windows, cfg.max_tokens, cfg.prompt_tokens, **fields)
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
@@ -2347,16 +2318,12 @@ def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
     """Seconds into the trace replayed: START:END (either may be left out), busiest:SECONDS (the
     stretch of that length with the most requests), or '' for all of it."""
     head, _, tail = spec.partition(":")
-    try:
+    with contextlib.suppress(ValueError):  # not a number, or a length out of range: the error below
         if head == "busiest":
             return busiest_stretch(rows, float(tail))
         start, end = float(head or 0), float(tail) if tail else math.inf
-        if spec and 0 <= start < end and not math.isnan(end):
+        if 0 <= start < end:  # false for NaN too
             return start, end
-        if not spec:
-            return 0.0, math.inf
-    except ValueError:
-        pass
     raise ConfigError(
         f"--trace-window: {spec!r} is not START:END seconds into the trace (0 <= START < END, either "
         "may be left out) or busiest:SECONDS"
@@ -2367,11 +2334,8 @@ def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float,
     if not (length_s > 0 and math.isfinite(length_s)):
         raise ValueError(length_s)
     times = [r.at_s for r in rows]
-    most, start = 0, 0.0
-    for i, t in enumerate(times):
-        count = bisect.bisect_left(times, t + length_s) - i
-        if count > most:
-            most, start = count, t
+    counts = [bisect.bisect_left(times, t + length_s) - i for i, t in enumerate(times)]
+    start = times[counts.index(max(counts))]  # the earliest of the busiest
     return start, start + length_s
 
 

@@ -1515,9 +1515,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             how = dict(type={"int": int, "float": float, "str": str}[field.type])
             if field.name == "max_model_len":
-                how = dict(type=lambda v: AUTO_LENGTH if v == "auto" else int(v))
+                how = dict(type=tokens_or_auto)
         parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
+
+
+def tokens_or_auto(value: str) -> int:
+    """--max-model-len's value: a number of tokens, or 'auto' (AUTO_LENGTH)."""
+    if value == "auto":
+        return AUTO_LENGTH
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of tokens or 'auto', not {value!r}") from None
 
 
 def need(ok: bool, flag: str, why: str) -> None:

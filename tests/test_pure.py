@@ -62,6 +62,12 @@ def test_bad_flags_fail_before_launch_naming_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_a_malformed_max_model_len_says_what_it_takes(capsys):
+    assert rx.main(["--max-model-len", "x"]) == 2
+    assert "argument --max-model-len: a whole number of tokens or 'auto', not 'x'" in capsys.readouterr().err
+    assert rx.build_parser().parse_args(["--max-model-len", "auto"]).max_model_len == rx.AUTO_LENGTH
+
+
 def test_help_describes_every_flag(capsys):
     assert rx.main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -7129,9 +7129,8 @@ def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
 
 
 def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
-    """vllm and kvcached as the servers' Python sees them ({} if it cannot say): package metadata only,
-    so this takes a fraction of a second, before anything launches. The servers' Python is
-    --server-cmd's when that starts with one."""
+    """vllm and kvcached as the servers' Python (--server-cmd's, when it starts with one) sees them; {} if
+    it cannot say. Package metadata only: a fraction of a second, before anything launches."""
     call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
         code = program_source(package_versions, call=call)
@@ -7435,11 +7434,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     facts = {}
     for key in slots(cfg):
         model_config, source = load_model_config(model_of(cfg, key))
-        facts[key] = {
-            "model": model_of(cfg, key),
-            "config_source": source,
-            "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None,
-        }
+        kv = kv_bytes_per_token(model_config) if model_config else None
+        facts[key] = {"model": model_of(cfg, key), "config_source": source, "kv_bytes_per_token": kv}
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     size, sizing = workload_sizing(cfg, kv_a, gpu)
@@ -7467,10 +7463,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     for key in slots(cfg)[1:]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv:
-            say(
-                f"  model {key} needs {kv / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
-                f"in the shared experiments"
-            )
+            ratio = kv / kv_a if kv_a else float("nan")
+            say(f"  model {key} needs {ratio:.1f}x model A's KV per token in the shared experiments")
     return plans, budget, facts
 
 

@@ -6945,8 +6945,7 @@ def probe_vllm() -> None:
     """Helper program: import vLLM's compiled extensions (vllm/_C*.so, which ones depends on the
     version: they are what a CUDA mismatch breaks, importing vllm alone would not load them) and say
     whether kvcached's autopatch came along."""
-    import importlib
-    import importlib.metadata
+    import importlib.metadata  # binds importlib too, for import_module
     import pathlib
     import sys
 
@@ -7207,11 +7206,8 @@ def check_model_runner(
     if not refused:
         return Check("model runner", True, shown)
     needs = "runs on Model Runner V2 only from vLLM 0.28" if v2 else "requires Model Runner V2 from vLLM 0.29"
-    return fail(
-        "model runner",
-        f"{shown}; kvcached {kvcached} {needs}, found vllm {vllm}",
-        f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs",
-    )
+    fix = f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs"
+    return fail("model runner", f"{shown}; kvcached {kvcached} {needs}, found vllm {vllm}", fix)
 
 
 def runner_from_log(log_path: Path) -> Optional[str]:

@@ -6796,15 +6796,14 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
     shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
+    listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
     if static_share and mem.total - mem.used < static_share * mem.total:
-        holders = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in others.items())
         return fail(
             "card",
             f"{shown}: less than the static pool's {static_share:g} of the card",
-            f"free the card ({holders or 'nvidia-smi'}) or lower --gpu-memory-utilization",
+            f"free the card ({listed or 'nvidia-smi'}) or lower --gpu-memory-utilization",
         )
     if others:
-        listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
         moved = "their memory moves the device totals; per-server figures are unaffected"
         return warn("card", f"{shown}; other processes on it: {listed}", moved)
     return Check("card", True, shown)
@@ -6815,7 +6814,9 @@ def import_check(
 ) -> tuple[Check, str]:
     """Run `code` in a fresh Python (the servers' interpreter): (the check, its stdout)."""
     try:
-        proc = run_python(python, code, timeout_s, env)
+        proc = subprocess.run(
+            [python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return fail(name, f"importing took over {timeout_s:.0f} s", "check the installation"), ""
     if proc.returncode != 0:
@@ -6836,8 +6837,7 @@ def probe_vllm() -> None:
     """Helper program: import vLLM's compiled extensions (vllm/_C*.so, which ones depends on the
     version: they are what a CUDA mismatch breaks, importing vllm alone would not load them) and say
     whether kvcached's autopatch came along."""
-    import importlib
-    import importlib.metadata
+    import importlib.metadata  # binds importlib too, for import_module
     import pathlib
     import sys
 
@@ -6886,14 +6886,25 @@ def check_serving_imports(
         return [vllm]
     if "autopatch True" in out:
         return [vllm, Check("kvcached", True, "autopatch hooks into vLLM")]
-    return [
-        vllm,
-        fail(
-            "kvcached",
-            "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM",
-            "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)",
-        ),
-    ]
+    unpatched = "vLLM imported without kvcached's autopatch: the kvcached arm would run plain vLLM"
+    fix = "pip install kvcached==0.1.6 --no-build-isolation (its .pth hook must land in site-packages)"
+    return [vllm, fail("kvcached", unpatched, fix)]
+
+
+def check_results(results_dir: str) -> Check:
+    """The results folder can hold a new run folder."""
+    parent, fix = Path(results_dir), "choose a writable folder with --results-dir"
+    if parent.exists() and not parent.is_dir():
+        return fail("results", f"--results-dir: {parent} is a file, not a folder", fix)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        detail = f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); choose a writable folder"
+        return fail("results", detail, fix)
+    return Check("results", True, f"{results_dir}/ writable")
 
 
 def check_model(cfg: Config, slot: str) -> Check:
@@ -6918,14 +6929,9 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
     for slot in slots:
         port = port_of(cfg, slot)
         taken = port_taken(cfg.host, port)
-        checks.append(
-            Check(
-                f"port {slot}",
-                not taken,
-                f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free"),
-                f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}",
-            )
-        )
+        shown = f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free")
+        fix = f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}"
+        checks.append(Check(f"port {slot}", not taken, shown, fix))
     return checks
 
 
@@ -6944,11 +6950,9 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
     shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
-    budget = int(cfg.overload_budget_gib * GIB)
-    static = [
-        s.gpu_memory_utilization or 0 for e in experiments for s in e.servers(cfg, budget) if not s.kvcached
-    ]
-    checks += [check_card(nvml, i, max(static, default=0)) for i in indices]
+    servers = [s for e in experiments for s in e.servers(cfg, int(cfg.overload_budget_gib * GIB))]
+    static = max((s.gpu_memory_utilization or 0 for s in servers if not s.kvcached), default=0)
+    checks += [check_card(nvml, i, static) for i in indices]
     if any(e.name == "shared_static" for e in experiments):
         checks.append(check_static_split(cfg, nvml, indices[0]))
     return checks, nvml
@@ -6964,12 +6968,7 @@ def preflight(
     """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
     `imports_later`: leave out the 20 s import check, for import_checks_beside() to run. `versions`:
     the servers' vllm and kvcached, when the caller has read them already (server_versions)."""
-    checks = [check_python(), check_keeper()]
-    try:
-        check_results_dir(Path(cfg.results_dir))
-        checks.append(Check("results", True, f"{cfg.results_dir}/ writable"))
-    except ConfigError as exc:
-        checks.append(fail("results", str(exc), "choose a writable folder with --results-dir"))
+    checks = [check_python(), check_keeper(), check_results(cfg.results_dir)]
     gpu_checks, nvml = card_checks(cfg, experiments, nvml_module)
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
     checks += gpu_checks
@@ -7020,22 +7019,15 @@ def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
     return f"{shown_release(span[0])}–{shown_release(span[1])}"
 
 
-def run_python(
-    python: str, code: str, timeout_s: float, env: Optional[dict] = None
-) -> "subprocess.CompletedProcess[str]":
-    """`python -c code`, its output captured as text."""
-    return subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
-
-
 def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
-    """vllm and kvcached as the servers' Python sees them ({} if it cannot say): package metadata only,
-    so this takes a fraction of a second, before anything launches. The servers' Python is
-    --server-cmd's when that starts with one."""
+    """vllm and kvcached as the servers' Python (--server-cmd's, when it starts with one) sees them; {} if
+    it cannot say. Package metadata only: a fraction of a second, before anything launches."""
     call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
+        code = program_source(package_versions, call=call)
         first = server_prefix(cfg)[0]
         python = first if Path(first).name.startswith("python") else sys.executable
-        proc = run_python(python, program_source(package_versions, call=call), timeout_s)
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout_s)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return {}
@@ -7106,11 +7098,8 @@ def check_model_runner(
     if not refused:
         return Check("model runner", True, shown)
     needs = "runs on Model Runner V2 only from vLLM 0.28" if v2 else "requires Model Runner V2 from vLLM 0.29"
-    return fail(
-        "model runner",
-        f"{shown}; kvcached {kvcached} {needs}, found vllm {vllm}",
-        f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs",
-    )
+    fix = f"unset {RUNNER_VARIABLE}: the harness then gives every server the runner kvcached needs"
+    return fail("model runner", f"{shown}; kvcached {kvcached} {needs}, found vllm {vllm}", fix)
 
 
 def runner_from_log(log_path: Path) -> Optional[str]:
@@ -7138,30 +7127,14 @@ def package_versions(
     names: Iterable[str] = ("vllm", "kvcached", "torch", "nvidia-ml-py", "matplotlib", "numpy"),
 ) -> dict:
     """Installed versions from package metadata: nothing is imported (no torch in this process)."""
+    import contextlib
     from importlib import metadata
 
-    out = {}
-    for name in names:
-        try:
+    out = dict.fromkeys(names)
+    for name in out:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
     return out
-
-
-def check_results_dir(parent: Path) -> None:
-    """The results folder can hold a new run folder: checked before anything launches."""
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"--results-dir: {parent} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); choose a writable folder"
-        ) from exc
 
 
 def most_sockets(plans: dict[str, WorkloadPlan], cfg: Config) -> int:
@@ -7197,7 +7170,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
     cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
-    mixed = mixed_cards(cards, cfg.allow_mixed_gpus)
+    mixed_cards(cards, cfg.allow_mixed_gpus)  # refused unless --allow-mixed-gpus
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
     plans, budget, model_facts = make_plans(cfg, gpu)
     per_card = plan_lanes(experiments, cfg, budget, plans["main"].bursts, len(cards))
@@ -7212,9 +7185,9 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     save_plans(run_dir, plans, experiments)
     runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
     run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
-    run.config = run_config(run, argv, gpu, cards, model_facts, mixed, preimport, versions)
-    run.save_config()
     run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    run.config = run_config(run, argv, gpu, cards, model_facts, versions)
+    run.save_config()
     return run
 
 
@@ -7238,14 +7211,7 @@ def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir:
 
 
 def run_config(
-    run: Run,
-    argv: Optional[list[str]],
-    gpu: dict,
-    cards: list[dict],
-    model_facts: dict,
-    mixed: bool,
-    preimport: bool,
-    versions: dict,
+    run: Run, argv: Optional[list[str]], gpu: dict, cards: list[dict], model_facts: dict, versions: dict
 ) -> dict:
     """What config.json holds at the start (secrets redacted); servers and timing are added as they come."""
     cfg = run.cfg
@@ -7266,8 +7232,8 @@ def run_config(
         "kvcached_env_seen": redact_env({k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}),
         "servers": {},
         "gpus": cards,
-        "mixed_gpus": mixed,
-        "preimport_on": preimport,
+        "mixed_gpus": mixed_cards(cards, cfg.allow_mixed_gpus),
+        "preimport_on": run.import_checks is not None,
         "engine_start": engine_start_method(cfg),
         "cpu_cores": usable_cores(),
         "lanes": [
@@ -7356,11 +7322,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     facts = {}
     for key in slots(cfg):
         model_config, source = load_model_config(model_of(cfg, key))
-        facts[key] = {
-            "model": model_of(cfg, key),
-            "config_source": source,
-            "kv_bytes_per_token": kv_bytes_per_token(model_config) if model_config else None,
-        }
+        kv = kv_bytes_per_token(model_config) if model_config else None
+        facts[key] = {"model": model_of(cfg, key), "config_source": source, "kv_bytes_per_token": kv}
     kv_a = facts["A"]["kv_bytes_per_token"]
     open_loop = cfg.arrivals != "bursts"
     size, sizing = workload_sizing(cfg, kv_a, gpu)
@@ -7388,10 +7351,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     for key in slots(cfg)[1:]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv:
-            say(
-                f"  model {key} needs {kv / kv_a if kv_a else float('nan'):.1f}x model A's KV per token "
-                f"in the shared experiments"
-            )
+            ratio = kv / kv_a if kv_a else float("nan")
+            say(f"  model {key} needs {ratio:.1f}x model A's KV per token in the shared experiments")
     return plans, budget, facts
 
 

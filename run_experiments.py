@@ -6014,8 +6014,7 @@ Column = tuple[str, Callable[..., Any]]  # a heading, and what makes its cell fr
 
 
 def md_table(columns: list[Column], rows: Iterable[tuple]) -> list[str]:
-    """A Markdown table: the headings (an empty one shows as `| |`), their rule, then one line per row,
-    each cell made by its column's function from the row's values."""
+    """A Markdown table, each cell made by its column's function from the row's values (no heading: `| |`)."""
     heading = "|" + "|".join(f" {title} " if title else " " for title, _ in columns) + "|"
     body = ("| " + " | ".join(str(cell(*row)) for _, cell in columns) + " |" for row in rows)
     return [heading, "|" + "---|" * len(columns), *body]
@@ -6025,17 +6024,14 @@ EXPERIMENT: Column = ("experiment", lambda name, *_: name)
 
 
 def section(*lines: str) -> list[str]:
-    """A block of the summary: a blank line, then its lines."""
     return ["", *lines]
 
 
 def titled(title: str, lines: list[str]) -> list[str]:
-    """A block under its title, or nothing where there is nothing to show."""
     return section(title, "", *lines) if lines else []
 
 
 def table_section(title: str, columns: list[Column], rows: Iterable[tuple]) -> list[str]:
-    """A titled table, or nothing without rows."""
     rows = list(rows)
     return titled(title, md_table(columns, rows) if rows else [])
 
@@ -6394,8 +6390,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """Each strategy's attainment at every swept rate, its capacity and the memory it held there, then
-    the answer in one sentence."""
+    """Attainment at every swept rate, capacity and the memory held there, then the answer in one sentence."""
     swept = {n: s for n, s in summaries.items() if s.capacity}
     if not swept:
         return []

@@ -6014,7 +6014,7 @@ Column = tuple[str, Callable[..., Any]]  # a heading, and what makes its cell fr
 
 
 def md_table(columns: list[Column], rows: Iterable[tuple]) -> list[str]:
-    """A Markdown table, each cell made by its column's function from the row's values (no heading: `| |`)."""
+    """A Markdown table, each cell made by its column's function from the row (an empty heading: `| |`)."""
     heading = "|" + "|".join(f" {title} " if title else " " for title, _ in columns) + "|"
     body = ("| " + " | ".join(str(cell(*row)) for _, cell in columns) + " |" for row in rows)
     return [heading, "|" + "---|" * len(columns), *body]

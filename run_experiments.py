@@ -5639,7 +5639,6 @@ def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
 
 
 def finish_axes(axes: Iterable[Any], fontsize: int = 7, loc: Optional[str] = None) -> None:
-    """A light grid on each axis, and a legend where anything is labelled."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -5671,8 +5670,7 @@ def make_plots(
 def plot_single(
     path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
 ) -> Optional[Path]:
-    """Device memory of one model's arms on one axis (and kvcached zoomed below), the first arm's bursts
-    shaded."""
+    """One model's arms' device memory on one axis (kvcached zoomed below), the first arm's bursts shaded."""
     if not arms:
         return None
     zoom = "kvcached" in arms and len(arms) > 1  # a static pool's scale flattens the kvcached line
@@ -5829,8 +5827,7 @@ def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
 
 
 def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
-    """SLO attainment and TTFT p99 against the arrival rate, one line per experiment, the attainment
-    target and the TTFT objective drawn in."""
+    """SLO attainment and TTFT p99 against the arrival rate, one line per experiment, with their targets."""
     swept = {n: s for n, s in summaries.items() if s.capacity}
     if not swept:
         return None
@@ -5909,8 +5906,7 @@ Column = tuple[str, Callable[..., Any]]  # a heading, and what makes its cell fr
 
 
 def md_table(columns: list[Column], rows: Iterable[tuple]) -> list[str]:
-    """A Markdown table: the headings (an empty one shows as `| |`), their rule, then one line per row,
-    each cell made by its column's function from the row's values."""
+    """A Markdown table, each cell made by its column's function from the row (an empty heading: `| |`)."""
     heading = "|" + "|".join(f" {title} " if title else " " for title, _ in columns) + "|"
     body = ("| " + " | ".join(str(cell(*row)) for _, cell in columns) + " |" for row in rows)
     return [heading, "|" + "---|" * len(columns), *body]
@@ -5920,17 +5916,14 @@ EXPERIMENT: Column = ("experiment", lambda name, *_: name)
 
 
 def section(*lines: str) -> list[str]:
-    """A block of the summary: a blank line, then its lines."""
     return ["", *lines]
 
 
 def titled(title: str, lines: list[str]) -> list[str]:
-    """A block under its title, or nothing where there is nothing to show."""
     return section(title, "", *lines) if lines else []
 
 
 def table_section(title: str, columns: list[Column], rows: Iterable[tuple]) -> list[str]:
-    """A titled table, or nothing without rows."""
     rows = list(rows)
     return titled(title, md_table(columns, rows) if rows else [])
 
@@ -5956,12 +5949,7 @@ def markdown_summary(
         if s.device.idle_after_load_mib is not None and any(v.reused for v in s.servers.values())
     }
     lines = [
-        *(
-            [f"> **Note:** {config_problem}; run details are missing from this summary.", ""]
-            if config_problem
-            else []
-        ),
-        *summary_header(config, summaries),
+        *summary_header(config, summaries, config_problem),
         *main_table(summaries, not_fresh),
         *model_runner_lines(config),
         *per_token_table(summaries),
@@ -5990,8 +5978,11 @@ def markdown_summary(
     return "\n".join(lines) + "\n"
 
 
-def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
+def summary_header(
+    config: dict, summaries: dict[str, ExperimentSummary], config_problem: Optional[str]
+) -> list[str]:
     gpu = config.get("gpu", {})
+    note = config_problem and f"> **Note:** {config_problem}; run details are missing from this summary."
     unfinished = (
         "> **This run was interrupted** before it finished: experiments after the one in flight "
         "did not run, and the one in flight is partial (marked incomplete below)."
@@ -6001,23 +5992,22 @@ def summary_header(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
         if config and "finished_utc" not in config
         else None
     )
-    used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
-    return [
+    top = paragraphs(
+        note,
         f"# kvcached vs static KV cache: {config.get('run_name', '')}",
-        "",
-        *([unfinished, ""] if unfinished else []),
+        unfinished,
         f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
         f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
         f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}",
-        "",
         f"Command: `{config.get('command', '')}`",
-        "",
-        *[
-            f"Workload `{key}`: {plan.get('sizing')}"
-            for key, plan in config.get("plans", {}).items()
-            if key in used_plans or plan_family(key) in used_plans
-        ],
+    )
+    used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}
+    workloads = [
+        f"Workload `{key}`: {plan.get('sizing')}"
+        for key, plan in config.get("plans", {}).items()
+        if key in used_plans or plan_family(key) in used_plans
     ]
+    return [*top[1:], "", *workloads]  # the paragraphs less the blank line before the first
 
 
 def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> list[str]:
@@ -6039,10 +6029,7 @@ def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> 
         ("peak (MiB)", lambda _, s: fmt(s.device.peak_mib)),
         ("flex (MiB)", lambda _, s: fmt(s.device.flex_mib)),
         ("release (s)", lambda _, s: fmt(s.device.release_s, 2)),
-        (
-            "TTFT p50/p90/p99 (s)",
-            lambda _, s: side_by_side(s.latency.ttft_s, "p50", "p90", "p99", digits=3),
-        ),
+        ("TTFT p50/p90/p99 (s)", lambda _, s: side_by_side(s.latency.ttft_s, "p50", "p90", "p99", digits=3)),
         ("TPOT p50 (ms)", lambda _, s: side_by_side(s.latency.tpot_s, "p50", digits=1, scale=1000)),
         ("E2E p50/p99 (s)", lambda _, s: side_by_side(s.latency.e2e_s, "p50", "p99", digits=2)),
         ("tok/s", lambda _, s: fmt(s.latency.output_tokens_per_s)),
@@ -6061,8 +6048,7 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
     def goodput(name: str, lat: LatencySummary) -> str:
         good = lat.goodput
-        share = None if good is None or good.share is None else 100 * good.share
-        return f"{fmt(share, 1, '%')} ({good.met}/{good.of})" if good else "n/a"
+        return f"{fmt(good.share and 100 * good.share, 1, '%')} ({good.met}/{good.of})" if good else "n/a"
 
     columns: list[Column] = [
         EXPERIMENT,
@@ -6109,9 +6095,6 @@ def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """What each strategy held while it served: the card's mean, p95 and peak, GiB-hours, and each
-    model's mean."""
-
     def per_model(name: str, c: MemoryCost, s: ExperimentSummary) -> str:
         return ", ".join(
             f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
@@ -6140,9 +6123,7 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         EXPERIMENT,
         ("server", lambda _, v, f: v.label),
         ("total", lambda _, v, f: fmt(f.total_mib)),
-        ("weights", lambda _, v, f: fmt(f.weights_mib)),
-        ("KV cache", lambda _, v, f: fmt(f.kv_mib)),
-        ("the rest", lambda _, v, f: fmt(f.rest_mib)),
+        *((label, lambda _, v, f, key=key: fmt(getattr(f, key))) for label, key, _ in FOOTPRINT_PARTS),
     ]
     return table_section(
         "What each server holds before its workload (MiB; the total from NVML by process tree, weights and "
@@ -6301,8 +6282,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """Each strategy's attainment at every swept rate, its capacity and the memory it held there, then
-    the answer in one sentence."""
+    """Attainment at every swept rate, capacity and the memory held there, then the answer in one sentence."""
     swept = {n: s for n, s in summaries.items() if s.capacity}
     if not swept:
         return []
@@ -6406,29 +6386,16 @@ def capacity_headline(c: Capacity) -> dict:
 
 
 def server_clock_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
+    def means(*clocks: str, digits: int = 1, scale: int = 1000) -> Callable[..., str]:
+        return lambda _, c: side_by_side(c, *(f"{k}_mean_s" for k in clocks), digits=digits, scale=scale)
+
     columns: list[Column] = [
         EXPERIMENT,
-        (
-            "TTFT client / server (ms)",
-            lambda _, c: side_by_side(c, "client_ttft_mean_s", "server_ttft_mean_s", digits=1, scale=1000),
-        ),
+        ("TTFT client / server (ms)", means("client_ttft", "server_ttft")),
         ("gap (ms)", lambda _, c: fmt(c.ttft_gap_ms, 1)),
-        (
-            "E2E client / server (s)",
-            lambda _, c: side_by_side(c, "client_e2e_mean_s", "server_e2e_mean_s", digits=3),
-        ),
+        ("E2E client / server (s)", means("client_e2e", "server_e2e", digits=3, scale=1)),
         ("gap (ms)", lambda _, c: fmt(c.e2e_gap_ms, 1)),
-        (
-            "server queue / prefill / decode (ms)",
-            lambda _, c: side_by_side(
-                c,
-                "server_queue_mean_s",
-                "server_prefill_mean_s",
-                "server_decode_mean_s",
-                digits=1,
-                scale=1000,
-            ),
-        ),
+        ("server queue / prefill / decode (ms)", means("server_queue", "server_prefill", "server_decode")),
     ]
     return table_section(
         "Client vs server latency (means; server = vLLM's own histograms around each burst; the gap "

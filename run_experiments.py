@@ -6205,8 +6205,8 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
     idle = {arm: (f := block.figures.get(arm)) and f.idle_before_workload_mib for arm in STRATEGIES}
-    models = "one model" if not GROUPS[name].pair else f"{len(sleep.servers)} models"
-    models = models.replace("2 models", "two models")
+    count = len(sleep.servers) if GROUPS[name].pair else 1
+    models = {1: "one model", 2: "two models"}.get(count, f"{count} models")
     wake = sleep.sleep.wake_s if sleep.sleep else None
     wakes = (
         f"every burst first waits for a wake-up of {fmt(wake.mean, 2)} s on average (at most "

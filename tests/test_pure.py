@@ -430,3 +430,14 @@ def test_memory_cost_is_the_time_weighted_mean_over_the_workload_and_its_integra
     assert cost.workload_s == 7200 and cost.p95_mib == 3072
     assert rx.memory_cost([(1.0, 5.0)], (0.0, 2.0)) is None, "one sample is no integral"
     assert rx.memory_cost(samples, None) is None, "no workload, no cost"
+
+
+def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
+    def said(group: str, models: int) -> str:
+        sleep = types.SimpleNamespace(servers=dict.fromkeys(range(models)), sleep=None)
+        return rx.sleep_paragraph(group, rx.Comparison(figures={}, ratios={}), sleep)
+
+    assert said("single", 1).startswith("**vLLM sleep mode, one model (level 0):**")
+    assert said("shared", 2).startswith("**vLLM sleep mode, two models ")
+    assert said("shared", 3).startswith("**vLLM sleep mode, 3 models ")
+    assert said("shared", 12).startswith("**vLLM sleep mode, 12 models "), "not '1two models'"

@@ -2786,7 +2786,14 @@ def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill
     # A handler, not SIG_IGN: the server must not inherit an ignored SIGINT (exec resets handlers).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
-    server = subprocess.Popen(cmd)
+    keeper_pid, libc = os.getpid(), ctypes.CDLL(None)
+
+    def end_with_the_keeper() -> None:  # in the server, before exec
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a keeper killed by SIGKILL still stops it
+        if os.getppid() != keeper_pid:  # the keeper died before that took hold
+            os._exit(1)
+
+    server = subprocess.Popen(cmd, preexec_fn=end_with_the_keeper)
     codes: dict[int, int] = {}
     order = None
     while order is None and server.pid not in codes:

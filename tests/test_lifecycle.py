@@ -115,6 +115,17 @@ def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
     assert not any(alive(p) for p in engine)
 
 
+def test_a_server_whose_keeper_is_killed_stops_all_the_same(fake_gpu, started):
+    cfg = make_cfg()
+    server = started(cfg, KVC_A(cfg))
+    ready(server)
+    tree = server.tree()
+    keeper = server.proc.pid
+    assert len(tree) >= 3, "keeper, API server and engine"
+    os.kill(keeper, signal.SIGKILL)  # nothing of the keeper's own can run now
+    assert wait_for(lambda: not any(alive(p) for p in tree if p != keeper), 20), "the server outlived it"
+
+
 def test_port_in_use_is_an_error_before_launch(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4872,16 +4872,12 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
     return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
-def window(samples: Samples, span: Optional[tuple[float, float]]) -> list[float]:
-    return [v for _, v in window_samples(samples, span)]
-
-
 def window_samples(samples: Samples, span: Optional[tuple[float, float]]) -> Samples:
     return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
 def window_median(samples: Samples, start: float, end: float) -> Optional[float]:
-    return percentile(window(samples, (start, end)), 50)
+    return percentile((v for t, v in samples if start <= t <= end), 50)
 
 
 @dataclasses.dataclass
@@ -4902,13 +4898,12 @@ class MemorySummary:
 
 
 def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySummary:
-    """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
-    idle_load = percentile(window(samples, marks.idle_after_load), 50)
-    idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
+    idle_load = window_median(samples, *marks.idle_after_load) if marks.idle_after_load else None
+    idle = window_median(samples, *marks.idle_before) if marks.idle_before else idle_load
     if marks.workload is None:
         return MemorySummary(idle_load, idle, None, None, None, None, None)
     start, end = marks.workload
-    peak = max(window(samples, (start, marks.sampling_end or end)), default=None)
+    peak = max((v for _, v in window_samples(samples, (start, marks.sampling_end or end))), default=None)
     last = next((v for t, v in reversed(samples) if t >= end), None)
     limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
     back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
@@ -5170,10 +5165,6 @@ def from_send(record: RequestRecord, key: str) -> Optional[float]:
     return None if value is None else value - (record.send_delay_s or 0.0)
 
 
-def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[float]:
-    return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
-
-
 def clock_fields(**sides: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
     """The <side>_<name>_mean_s fields of a BurstClock or a ServerClock, from each side's means by name."""
     return {f"{side}_{k}_mean_s": v for side, means in sides.items() for k, v in means.items()}
@@ -5201,7 +5192,8 @@ def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optio
     pooled = {
         k: ratio(sum(m * n for m, n in p if m is not None), sum(n for _, n in p)) for k, p in server.items()
     }
-    gaps = {f"{k}_gap_ms": gap_ms(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    gaps = {k: diff(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    gaps = {f"{k}_gap_ms": None if gap is None else gap * 1000 for k, gap in gaps.items()}
     return ServerClock(**clock_fields(client=means, server=pooled), **gaps, bursts=bursts)
 
 

@@ -4822,8 +4822,7 @@ def goodput(
 def latency_summary(
     records: Iterable[RequestRecord | dict], slo: tuple[float, float] = (0.0, 0.0)
 ) -> LatencySummary:
-    """TTFT / TPOT / ITL / E2E percentiles, throughput, errors and goodput (slo = TTFT ms, TPOT ms)
-    of request records (requests.jsonl rows are read as records)."""
+    """TTFT, TPOT, ITL and E2E percentiles, throughput, errors and goodput (slo: TTFT ms, TPOT ms)."""
     records = as_records(records)
     ok = [r for r in records if r.ok]
     streamed = not not_streamed(ok)  # if the whole answer came in one read, a "TTFT" would be the E2E time
@@ -5306,8 +5305,7 @@ def summarize_experiment(
 
 
 def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:
-    """Latency in each of `repeats` (the whole run's, so a repeat without requests is there too), None
-    without two or more."""
+    """Latency in each of the whole run's `repeats` (one without requests too); None for fewer than two."""
     if len(repeats) < 2:
         return None
     by_repeat = grouped(records, "repeat")
@@ -5328,8 +5326,6 @@ def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
 
 
 def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> list[str]:
-    """What the summary must say about an experiment beyond its memory: what was found while loading its
-    files, a client behind its plan, someone else's processes on the card, an unfinished run."""
     problems = list(loaded.problems) + unfaithful(latency)
     if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
         problems.append(FOREIGN_PIDS)
@@ -5367,8 +5363,7 @@ def server_view(
     memory: Callable[[Samples], tuple[MemorySummary, Optional[MemoryCost]]],
     slo: tuple[float, float],
 ) -> ServerSummary:
-    """One server of the experiment: its memory (NVML by process tree, summed up by `memory`), latency,
-    and kvcached's and vLLM's views."""
+    """One server's memory (NVML, its process tree, via `memory`), latency, kvcached's and vLLM's views."""
     slot = server["spec"]["name"]
     mine = [r for r in loaded.records if r.server == slot]
     held, cost = memory(series(loaded.memory, "process", server=slot))
@@ -5457,8 +5452,7 @@ class Capacity:
 def rate_sweep(
     records: list[RequestRecord], marks: "Marks", slo: tuple[float, float], device: list = ()
 ) -> Optional[list[RatePoint]]:
-    """One point per open-loop window (None for closed bursts), with the device memory held over it
-    when `device` samples are given."""
+    """One point per open-loop window (None for closed bursts), with the `device` memory held over it."""
     points, by_window = [], grouped(records, "phase", "repeat")
     for mark in (m for m in marks.bursts if m.rate is not None):
         lat = latency_summary(by_window.get((mark.phase, mark.repeat), []), slo)
@@ -5621,8 +5615,7 @@ def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
 def ratio_spreads(
     mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]
 ) -> Optional[dict[str, Spread]]:
-    """Each latency ratio per repeat (mine / theirs, repeat k against repeat k), as a spread; None
-    without repeats on both sides."""
+    """The spread of each latency ratio over repeats (mine / theirs, k against k); None unless both repeat."""
     if not mine or not theirs or len(mine) < 2 or len(mine) != len(theirs):
         return None
     return {
@@ -5686,8 +5679,7 @@ def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
 
 
 def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Comparison]:
-    """Per group of the table: its strategies side by side, where two or more ran (or sleep mode, whose
-    paragraph reads without the others too)."""
+    """Per group: its strategies side by side where two or more ran, or sleep (its paragraph stands alone)."""
     out: dict[str, Comparison] = {}
     arms_of = group_arms(summaries)
     for name in GROUPS:

@@ -5401,7 +5401,6 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
         return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
 
     def growth(key: str, among: list[dict]) -> Optional[float]:
-        """How far a counter rose over the rows that have it."""
         return among[-1][key] - among[0][key] if among else None
 
     prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
@@ -5414,7 +5413,6 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
 
 
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
-# One point per window at its planned rate; capacity is the largest rate held at the attainment target.
 @dataclasses.dataclass
 class RatePoint:
     """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""

@@ -4721,8 +4721,7 @@ def goodput(
 def latency_summary(
     records: Iterable[RequestRecord | dict], slo: tuple[float, float] = (0.0, 0.0)
 ) -> LatencySummary:
-    """TTFT / TPOT / ITL / E2E percentiles, throughput, errors and goodput (slo = TTFT ms, TPOT ms)
-    of request records (requests.jsonl rows are read as records)."""
+    """TTFT, TPOT, ITL and E2E percentiles, throughput, errors and goodput (slo: TTFT ms, TPOT ms)."""
     records = as_records(records)
     ok = [r for r in records if r.ok]
     streamed = not not_streamed(ok)  # if the whole answer came in one read, a "TTFT" would be the E2E time
@@ -4771,16 +4770,12 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
     return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
-def window(samples: Samples, span: Optional[tuple[float, float]]) -> list[float]:
-    return [v for _, v in window_samples(samples, span)]
-
-
 def window_samples(samples: Samples, span: Optional[tuple[float, float]]) -> Samples:
     return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
 def window_median(samples: Samples, start: float, end: float) -> Optional[float]:
-    return percentile(window(samples, (start, end)), 50)
+    return percentile((v for t, v in samples if start <= t <= end), 50)
 
 
 @dataclasses.dataclass
@@ -4801,13 +4796,12 @@ class MemorySummary:
 
 
 def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySummary:
-    """Idle after load, idle before the workload, peak, flex, release, from (t, MiB) samples."""
-    idle_load = percentile(window(samples, marks.idle_after_load), 50)
-    idle = percentile(window(samples, marks.idle_before), 50) if marks.idle_before else idle_load
+    idle_load = window_median(samples, *marks.idle_after_load) if marks.idle_after_load else None
+    idle = window_median(samples, *marks.idle_before) if marks.idle_before else idle_load
     if marks.workload is None:
         return MemorySummary(idle_load, idle, None, None, None, None, None)
     start, end = marks.workload
-    peak = max(window(samples, (start, marks.sampling_end or end)), default=None)
+    peak = max((v for _, v in window_samples(samples, (start, marks.sampling_end or end))), default=None)
     last = next((v for t, v in reversed(samples) if t >= end), None)
     limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
     back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
@@ -5069,10 +5063,6 @@ def from_send(record: RequestRecord, key: str) -> Optional[float]:
     return None if value is None else value - (record.send_delay_s or 0.0)
 
 
-def gap_ms(client_s: Optional[float], server_s: Optional[float]) -> Optional[float]:
-    return (client_s - server_s) * 1000 if client_s is not None and server_s is not None else None
-
-
 def clock_fields(**sides: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
     """The <side>_<name>_mean_s fields of a BurstClock or a ServerClock, from each side's means by name."""
     return {f"{side}_{k}_mean_s": v for side, means in sides.items() for k, v in means.items()}
@@ -5100,7 +5090,8 @@ def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optio
     pooled = {
         k: ratio(sum(m * n for m, n in p if m is not None), sum(n for _, n in p)) for k, p in server.items()
     }
-    gaps = {f"{k}_gap_ms": gap_ms(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    gaps = {k: diff(means[k], pooled[k]) for k in CLIENT_CLOCKS}
+    gaps = {f"{k}_gap_ms": None if gap is None else gap * 1000 for k, gap in gaps.items()}
     return ServerClock(**clock_fields(client=means, server=pooled), **gaps, bursts=bursts)
 
 
@@ -5213,8 +5204,7 @@ def summarize_experiment(
 
 
 def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:
-    """Latency in each of `repeats` (the whole run's, so a repeat without requests is there too), None
-    without two or more."""
+    """Latency in each of the whole run's `repeats` (one without requests too); None for fewer than two."""
     if len(repeats) < 2:
         return None
     by_repeat = grouped(records, "repeat")
@@ -5235,8 +5225,6 @@ def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
 
 
 def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> list[str]:
-    """What the summary must say about an experiment beyond its memory: what was found while loading its
-    files, a client behind its plan, someone else's processes on the card, an unfinished run."""
     problems = list(loaded.problems) + unfaithful(latency)
     if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
         problems.append(FOREIGN_PIDS)
@@ -5274,8 +5262,7 @@ def server_view(
     memory: Callable[[Samples], tuple[MemorySummary, Optional[MemoryCost]]],
     slo: tuple[float, float],
 ) -> ServerSummary:
-    """One server of the experiment: its memory (NVML by process tree, summed up by `memory`), latency,
-    and kvcached's and vLLM's views."""
+    """One server's memory (NVML, its process tree, via `memory`), latency, kvcached's and vLLM's views."""
     slot = server["spec"]["name"]
     mine = [r for r in loaded.records if r.server == slot]
     held, cost = memory(series(loaded.memory, "process", server=slot))
@@ -5313,7 +5300,6 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
         return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
 
     def growth(key: str, among: list[dict]) -> Optional[float]:
-        """How far a counter rose over the rows that have it."""
         return among[-1][key] - among[0][key] if among else None
 
     prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
@@ -5326,7 +5312,6 @@ def vllm_view(rows: list[dict]) -> Optional[VllmView]:
 
 
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
-# One point per window at its planned rate; capacity is the largest rate held at the attainment target.
 @dataclasses.dataclass
 class RatePoint:
     """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""
@@ -5364,8 +5349,7 @@ class Capacity:
 def rate_sweep(
     records: list[RequestRecord], marks: "Marks", slo: tuple[float, float], device: list = ()
 ) -> Optional[list[RatePoint]]:
-    """One point per open-loop window (None for closed bursts), with the device memory held over it
-    when `device` samples are given."""
+    """One point per open-loop window (None for closed bursts), with the `device` memory held over it."""
     points, by_window = [], grouped(records, "phase", "repeat")
     for mark in (m for m in marks.bursts if m.rate is not None):
         lat = latency_summary(by_window.get((mark.phase, mark.repeat), []), slo)
@@ -5528,8 +5512,7 @@ def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
 def ratio_spreads(
     mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]
 ) -> Optional[dict[str, Spread]]:
-    """Each latency ratio per repeat (mine / theirs, repeat k against repeat k), as a spread; None
-    without repeats on both sides."""
+    """The spread of each latency ratio over repeats (mine / theirs, k against k); None unless both repeat."""
     if not mine or not theirs or len(mine) < 2 or len(mine) != len(theirs):
         return None
     return {
@@ -5593,8 +5576,7 @@ def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
 
 
 def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Comparison]:
-    """Per group of the table: its strategies side by side, where two or more ran (or sleep mode, whose
-    paragraph reads without the others too)."""
+    """Per group: its strategies side by side where two or more ran, or sleep (its paragraph stands alone)."""
     out: dict[str, Comparison] = {}
     arms_of = group_arms(summaries)
     for name in GROUPS:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Real-GPU check of the harness's fault handling (vLLM + kvcached installed, models as below):
 #  1. kill -9 of the harness mid-burst: the card is back to its idle level within 10 s, nothing of ours left;
+#  1b. kill -9 of a server's keeper mid-burst: the server still stops (parent-death signal) and frees the
+#     card, and the harness records the experiment as failed and goes on;
 #  2. two runs on the same ports: the second is refused before it launches anything, whether the first
 #     is still starting (port bound, not listening) or already serving; the first run's numbers are intact.
 # Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check;
-# ONLY_KILL=1 runs the first check alone)
+# ONLY_KILL=1 runs the kill checks alone)
 set -u
 A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
 B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
@@ -42,6 +44,32 @@ if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tee -a "$LOG"
 else
   say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_harness.log" | tee -a "$LOG"; kill -9 "$H"
+fi
+
+say "=== 1b. kill -9 of the server's keeper during a burst (static arm, 0.55 of the card)"
+BASE=$(used); say "idle card: ${BASE} MiB used"
+python3 run_experiments.py "${COMMON[@]}" --experiments 2 --bursts 40 --burst-size 64 --max-tokens 256 \
+  --prompt-tokens 512 --gap-s 0.2 --no-warmup --results-dir "$WORK/keeper" > "$OUTDIR/kill_keeper.log" 2>&1 &
+H=$!
+if wait_file "$WORK/keeper/*/01_static/requests.jsonl" 400; then
+  sleep 1
+  K=$(pgrep -P "$H" -f PR_SET_CHILD_SUBREAPER | head -1)
+  say "mid-burst: card ${BASE} -> $(used) MiB; keeper pid ${K:-none}; our processes:"; ours | tee -a "$LOG"
+  kill -9 "$K"; T0=$(date +%s.%N); say "keeper (pid $K) killed with SIGKILL"
+  BACK=""
+  for _ in $(seq 1 240); do
+    NOW=$(used)
+    if [ "$NOW" -le $((BASE + 64)) ]; then BACK=$(python3 -c "import time; print(f'{time.time() - $T0:.2f}')"); break; fi
+    sleep 0.25
+  done
+  if [ -n "$BACK" ]; then say "card back to ${NOW} MiB after ${BACK} s"; else say "card at ${NOW} MiB: NOT back within 60 s"; fi
+  for _ in $(seq 1 240); do kill -0 "$H" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$H" 2>/dev/null; then say "harness still running 2 min after: SIGTERM"; kill -TERM "$H"; fi
+  wait "$H"; say "harness exit code $? (1 expected: the experiment failed); its last lines:"
+  grep -E "FAILED|died|exit code" "$OUTDIR/kill_keeper.log" | head -5 | cut -c1-400 | tee -a "$LOG"
+  say "left of ours after it:"; ours | tee -a "$LOG" || say "(none)"
+else
+  say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_keeper.log" | tee -a "$LOG"; kill -9 "$H"
 fi
 
 if [ -n "${ONLY_KILL:-}" ]; then tar czf "$OUTDIR/fault_check_runs.tgz" -C "$WORK" . 2>/dev/null; exit 0; fi

@@ -961,19 +961,42 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
 
 
 # %% Records of an experiment: experiment.json's phase marks and facts
+def omitted_if_none() -> Any:
+    """A record field left out of the JSON when it is None (a section that does not apply)."""
+    return dataclasses.field(default=None, metadata={"omit_if_none": True})
+
+
+def to_json(obj: Any) -> Any:
+    """Records as JSON-ready dicts (optional sections left out when absent), no Infinity/NaN."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: to_json(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
+        }
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+Span = tuple[float, float]  # (start, end), wall clock
+
+
 @dataclasses.dataclass
 class Marks:
     """When each phase of an experiment happened (wall clock), for summaries and plots."""
 
-    idle_after_load: Optional[tuple[float, float]] = None  # quiet window right after the servers are up
-    warmup: Optional[tuple[float, float]] = None
-    idle_before: Optional[tuple[float, float]] = None  # quiet window after the warm-up: the idle level
-    workload: Optional[tuple[float, float]] = None  # first burst start to last burst end
-    sampling_end: Optional[float] = None
+    # a phase that did not happen is left out of the JSON
+    idle_after_load: Optional[Span] = omitted_if_none()  # quiet window right after the servers are up
+    warmup: Optional[Span] = omitted_if_none()
+    idle_before: Optional[Span] = omitted_if_none()  # quiet window after the warm-up: the idle level
+    workload: Optional[Span] = omitted_if_none()  # first burst start to last burst end
+    sampling_end: Optional[float] = omitted_if_none()
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
-
-    def to_json(self) -> dict:  # a phase that did not happen is left out
-        return {k: v for k, v in to_json(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> "Marks":
@@ -1032,9 +1055,6 @@ class ExperimentRecord:
     router: Optional[dict[str, dict[str, list[float]]]] = None
     marks: Marks = dataclasses.field(default_factory=Marks)  # last in experiment.json
 
-    def to_json(self) -> dict:
-        return {**to_json(self), "marks": self.marks.to_json()}
-
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
         marks = Marks.from_json(data.get("marks") or {})
@@ -1049,7 +1069,7 @@ def known_fields(cls: type, data: dict) -> dict:
 
 # %% Experiment steps: the trial, the measurement, warm-up, one burst, a shared KV budget
 def save_record(exp_dir: Path, record: "ExperimentRecord") -> None:
-    write_json(exp_dir / "experiment.json", record.to_json())
+    write_json(exp_dir / "experiment.json", to_json(record))
 
 
 @dataclasses.dataclass
@@ -4208,7 +4228,7 @@ def wait_settled(sampler: "Sampler", idle: Optional[float], cfg: "Config") -> st
     return "timeout"
 
 
-def sleep_idle_window(seconds: float) -> tuple[float, float]:
+def sleep_idle_window(seconds: float) -> Span:
     """Sleep with no requests in flight; the (start, end) over which an idle level is taken."""
     start = time.time()
     pause(seconds)
@@ -4624,28 +4644,6 @@ def percentile(values: Iterable[Optional[float]], q: float) -> Optional[float]:
     return percentiles(values, [q])[0]
 
 
-def omitted_if_none() -> Any:
-    """A record field left out of the JSON when it is None (a section that does not apply)."""
-    return dataclasses.field(default=None, metadata={"omit_if_none": True})
-
-
-def to_json(obj: Any) -> Any:
-    """Records as JSON-ready dicts (optional sections left out when absent), no Infinity/NaN."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: to_json(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
-        }
-    if isinstance(obj, dict):
-        return {k: to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 @dataclasses.dataclass
 class Distribution:
     n: int
@@ -4770,7 +4768,7 @@ def not_streamed(ok: list[RequestRecord]) -> bool:
     return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
-def window_samples(samples: Samples, span: Optional[tuple[float, float]]) -> Samples:
+def window_samples(samples: Samples, span: Optional[Span]) -> Samples:
     return [] if span is None else [(t, v) for t, v in samples if span[0] <= t <= span[1]]
 
 
@@ -4828,7 +4826,7 @@ class MemoryCost:
     gib_hours: float
 
 
-def memory_cost(samples: Samples, workload: Optional[tuple[float, float]]) -> Optional[MemoryCost]:
+def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCost]:
     """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
     inside = np.asarray(window_samples(samples, workload), dtype=float)
     if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
@@ -6450,7 +6448,7 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
 
 
 # %% Report: where the time went, the headline, and summary.json, summary.md and plots from a run folder
-def covered_s(spans: Iterable[tuple[float, float]]) -> float:
+def covered_s(spans: Iterable[Span]) -> float:
     """Seconds covered by at least one of the spans."""
     total, reach = 0.0, -math.inf
     for start, end in sorted(spans):

@@ -309,7 +309,7 @@ def test_records_serialise_without_absent_sections_and_typos_fail():
     with pytest.raises(AttributeError):
         _ = summary.ttft_p50  # a typo is an error, not "n/a"
     marks = rx.Marks(idle_after_load=(1.0, 2.0), bursts=[rx.BurstMark("burst 1", "A", 0, 3.0, 4.0)])
-    assert rx.Marks.from_json(json.loads(json.dumps(marks.to_json()))) == marks
+    assert rx.Marks.from_json(json.loads(json.dumps(rx.to_json(marks)))) == marks
 
 
 def test_run_folders_are_never_reused(tmp_path):

@@ -1992,11 +1992,12 @@ class WorkloadPlan:
         return [r for r in self.requests if r.burst == b]
 
     @classmethod
-    def of(cls, cfg: Config, requests_: list[PlannedRequest], **fields) -> WorkloadPlan:
-        """A plan of `requests_` at cfg's gap, temperature and seed."""
-        return cls(
-            gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, requests=tuple(requests_), **fields
-        )
+    def of(cls, cfg: Config, requests_: list[PlannedRequest], windows: int, **fields) -> WorkloadPlan:
+        """A plan of `requests_` in `windows` windows at cfg's gap, temperature and seed; its burst_size
+        is the busiest window's."""
+        busiest = max(collections.Counter(r.burst for r in requests_).values(), default=0)
+        fields.update(bursts=windows, burst_size=busiest, requests=tuple(requests_))
+        return cls(gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, **fields)
 
 
 CHAT_TEMPLATE_TOKENS = 30  # role markers and system prompt the server's chat template adds
@@ -2091,15 +2092,21 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
 
 
 def requests_plan(
-    cfg: Config, windows: list[list[float]], max_tokens: int, prompt_tokens: int, **fields
+    cfg: Config,
+    windows: list[list[float]],
+    sizing: str,
+    max_tokens: Optional[int] = None,
+    prompt_tokens: Optional[int] = None,
+    **fields,
 ) -> WorkloadPlan:
-    """A request for each arrival of each window (its offsets, in seconds). Prompts and output lengths
-    are drawn from seeded generators of their own, so that a length mix or a shared prefix leaves the
-    prompts of the same seed as they were."""
+    """A request for each arrival of each window (its offsets, in seconds); lengths by default cfg's.
+    Prompts and output lengths are drawn from seeded generators of their own, so that a length mix or a
+    shared prefix leaves the prompts of the same seed as they were."""
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-    max_tokens = max(max_tokens, int(lengths.hi))  # the longest output a request may ask for
+    # the longest output a request may ask for, and the whole prompt, shared prefix included
+    max_tokens = max(max_tokens or cfg.max_tokens, int(lengths.hi))
     room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
-    prompt_tokens = min(prompt_tokens, room)  # whole prompt, shared prefix included
+    prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens, room)
     prefix = shared_prefix(cfg)
     prompt_rng, lengths_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-output-lengths")
     planned = []
@@ -2108,7 +2115,8 @@ def requests_plan(
             prompt = prefix + make_prompt(prompt_rng, len(planned), prompt_tokens - cfg.shared_prefix_tokens)
             length = lengths.draw(lengths_rng, max_tokens)
             planned.append(PlannedRequest(window, i, prompt, length, cfg.temperature, round(offset_s, 6)))
-    return WorkloadPlan.of(cfg, planned, max_tokens=max_tokens, prompt_tokens=prompt_tokens, **fields)
+    fields.update(max_tokens=max_tokens, prompt_tokens=prompt_tokens, sizing=sizing)
+    return WorkloadPlan.of(cfg, planned, len(windows), **fields)
 
 
 def plan_workload(
@@ -2119,11 +2127,8 @@ def plan_workload(
     max_tokens: Optional[int] = None,
     prompt_tokens: Optional[int] = None,
 ) -> WorkloadPlan:
-    bursts = bursts or cfg.bursts
-    windows = [[0.0] * burst_size] * bursts  # a burst's requests are sent at once
-    prompt_tokens = cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
-    fields = dict(bursts=bursts, burst_size=burst_size, sizing=sizing)
-    return requests_plan(cfg, windows, max_tokens or cfg.max_tokens, prompt_tokens, **fields)
+    windows = [[0.0] * burst_size] * (bursts or cfg.bursts)  # a burst's requests are sent at once
+    return requests_plan(cfg, windows, sizing, max_tokens, prompt_tokens)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
@@ -2200,24 +2205,12 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
     return (models - 1) * stagger(cfg, peak) + len(ramp_seconds(peak, cfg.ramp_step))
 
 
-def windows_plan(
-    cfg: Config, sizing: str, windows: list[list[float]], arrivals: str, rates: list
-) -> WorkloadPlan:
-    """A plan of one window per entry of `windows` (each its arrivals' offsets, in seconds); its
-    burst_size is the busiest window's."""
-    busiest = max(map(len, windows), default=0)
-    fields = dict(
-        bursts=len(windows), burst_size=busiest, sizing=sizing, arrivals=arrivals, rates=tuple(rates)
-    )
-    return requests_plan(cfg, windows, cfg.max_tokens, cfg.prompt_tokens, **fields)
-
-
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     """The model at `position` (A = 0): one window per peak of --peak-rates, its ramp starting
     position x the stagger into the window."""
     peaks = parse_peaks(cfg)
     ramps = [ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak)) for peak in peaks]
-    return windows_plan(cfg, sizing, ramps, "ramp", peaks)
+    return requests_plan(cfg, ramps, sizing, arrivals="ramp", rates=tuple(peaks))
 
 
 def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> WorkloadPlan:
@@ -2230,7 +2223,7 @@ def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> 
         parse_rates(cfg) if position is None else [parse_rates_per_model(cfg)[position]] * max(cfg.bursts, 1)
     )
     windows = [list(arrival_offsets(arrivals_rng, rate, shape, cfg.duration_s)) for rate in rates]
-    return windows_plan(cfg, sizing, windows, cfg.arrivals, rates)
+    return requests_plan(cfg, windows, sizing, arrivals=cfg.arrivals, rates=tuple(rates))
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
@@ -2416,8 +2409,7 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     return WorkloadPlan.of(
         cfg,
         planned,
-        bursts=len(scales),
-        burst_size=max(map(len, windows), default=0),
+        len(scales),
         max_tokens=max((r.max_tokens for r in planned), default=0),
         prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
         sizing=sizing,

@@ -544,7 +544,7 @@ def run_experiment(
         sample_interval_s=1 / cfg.sample_hz,
         gpu_index=cfg.gpu_index,
     )
-    save_record(exp_dir, record)  # a run killed from here on can still be reported
+    write_json(exp_dir / "experiment.json", record)  # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
     record.servers = [s.describe() for s in servers]
@@ -599,7 +599,7 @@ def main(
     (nothing launched); 130 interrupted. Messages go to `out`, scrubbed of secrets."""
     global STATE
     STATE = RunState(out)
-    started = time.time()
+    started, run = time.time(), None
     try:
         cfg = config_from_args(argv)
         if cfg is None:  # --help
@@ -615,14 +615,11 @@ def main(
             interrupted, failures = run_table(join_run(cfg, nvml_module))
             return 130 if interrupted else (1 if failures else 0)
         run = prepare_run(cfg, argv, nvml_module)
-    except (ConfigError, ReportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run.config["timing"] = {"started": started}
-    try:
+        run.config["timing"] = {"started": started}
         interrupted, failures = run_lanes(run, argv) if len(run.lanes) > 1 else run_table(run)
-    except ConfigError as exc:  # vLLM's import check, run beside the first imports, failed: no run
-        shutil.rmtree(run.run_dir, ignore_errors=True)
+    except (ConfigError, ReportError) as exc:
+        if run is not None:  # vLLM's import check, run beside the first imports, failed: no run
+            shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run.config["timing"]["table_end"] = time.time()
@@ -784,8 +781,6 @@ def plan_lanes(
     experiments: list[Experiment], cfg: "Config", budget: int, bursts: int, lanes: int
 ) -> list[list[Experiment]]:
     """Experiments per lane, each lane in run order; the same single list when there is one lane."""
-    if lanes == 1:
-        return [list(experiments)]
 
     def cost(group: list[Experiment]) -> float:
         return lane_estimate_s(sorted(group, key=experiments.index), cfg, budget, bursts)
@@ -1068,10 +1063,6 @@ def known_fields(cls: type, data: dict) -> dict:
 
 
 # %% Experiment steps: the trial, the measurement, warm-up, one burst, a shared KV budget
-def save_record(exp_dir: Path, record: "ExperimentRecord") -> None:
-    write_json(exp_dir / "experiment.json", to_json(record))
-
-
 @dataclasses.dataclass
 class Trial:
     """What the steps of one experiment share: its config, servers (by slot), sampler and record."""
@@ -1087,7 +1078,7 @@ class Trial:
     router: Optional["SleepRouter"] = None  # sleep-mode servers under every model's traffic at once
 
     def save(self) -> None:
-        save_record(self.folder, self.record)
+        write_json(self.folder / "experiment.json", self.record)
 
     def close(self) -> None:
         """Give kvcached its limits back, stop sampling, and write the record down."""
@@ -1232,9 +1223,7 @@ def run_step(
     cfg, server, plan = trial.cfg, trial.servers[step.server], plan or trial.plans[step.plan]
     code = server.exit_code()
     if code is not None:
-        raise ServerError(
-            f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.\n{server.evidence()}"
-        )
+        raise server.failure(f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.")
     reqs = plan.burst(step.burst)
     if not reqs:  # an open-loop window can plan no arrival at a low rate
         say(f"    {step.phase}: no request planned in this window")
@@ -1257,9 +1246,9 @@ def run_step(
         first = next((r.error for r in records if r.error), "unknown")
         problem = server_problem(server)
         if problem:  # a dead server makes every later number meaningless: stop this experiment
-            raise ServerError(
+            raise server.failure(
                 f"every request of {step.phase!r} failed and server {server.spec.label} "
-                f"{problem} (first error: {first}).\n{server.evidence()}"
+                f"{problem} (first error: {first})."
             )
         say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
     return records

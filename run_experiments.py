@@ -4955,6 +4955,13 @@ class KvcachedView:
     peak_used_mib: float
     peak_prealloc_mib: float
 
+    @classmethod
+    def of(cls, rows: list[dict]) -> Optional[KvcachedView]:
+        if not rows:
+            return None
+        peak = {key: max(r[key] for r in rows) / MIB for key in ("used_bytes", "prealloc_bytes")}
+        return cls(rows[-1]["total_bytes"] / MIB, peak["used_bytes"], peak["prealloc_bytes"])
+
 
 @dataclasses.dataclass
 class VllmView:
@@ -4964,6 +4971,22 @@ class VllmView:
     max_waiting: Optional[float]
     preemptions: Optional[float]
     prefix_hit_rate: Optional[float] = omitted_if_none()  # with --prefix-caching: cached share of prompts
+
+    @classmethod
+    def of(cls, rows: list[dict]) -> Optional[VllmView]:
+        if not rows:
+            return None
+
+        def peak(key: str) -> Optional[float]:
+            return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
+
+        def growth(key: str, among: list[dict]) -> Optional[float]:
+            return among[-1][key] - among[0][key] if among else None
+
+        prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
+        hit_rate = ratio(growth("prefix_hits", prefix), growth("prefix_queries", prefix))
+        preemptions = growth("preemptions", [r for r in rows if "preemptions" in r])
+        return cls(peak("running"), peak("waiting"), preemptions, hit_rate if len(prefix) > 1 else None)
 
 
 @dataclasses.dataclass
@@ -5127,6 +5150,19 @@ class SleepSummary:
     sleep_s: Distribution  # per burst: putting it back to sleep
     router: Optional[dict[str, dict]] = omitted_if_none()  # every model's traffic at once: router_summary
 
+    @classmethod
+    def of(cls, record: ExperimentRecord) -> Optional[SleepSummary]:
+        """Its wake-ups and sleeps around the bursts, and its router's log under steady traffic."""
+        if record.sleep_level is None:
+            return None
+        bursts = record.marks.bursts
+        return cls(
+            record.sleep_level,
+            Distribution.of(b.wake_s for b in bursts),
+            Distribution.of(b.sleep_s for b in bursts),
+            router_summary(record.router) if record.router else None,
+        )
+
 
 RESIDUAL_WINDOW_S = 0.5  # the quiet stretch before the next burst over which a residual is read
 
@@ -5171,7 +5207,7 @@ def summarize_experiment(
         server_clock=server_clock(marks, records),
         phase_repeats=per_phase if per else None,
         latency_repeats=per,
-        sleep=sleep_summary(record),
+        sleep=SleepSummary.of(record),
         rate_sweep=sweep,
         capacity=capacity(sweep, target),
         residual_after_burst_mib=residuals_after_bursts(loaded.device, marks, device.idle_after_load_mib)
@@ -5188,19 +5224,6 @@ def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[lis
         return None
     by_repeat = grouped(records, "repeat")
     return [latency_summary(by_repeat.get((k,), [])) for k in repeats]
-
-
-def sleep_summary(record: ExperimentRecord) -> Optional[SleepSummary]:
-    """The sleep arm's wake-ups and sleeps around its bursts, and its router's log under steady traffic."""
-    if record.sleep_level is None:
-        return None
-    bursts = record.marks.bursts
-    return SleepSummary(
-        record.sleep_level,
-        Distribution.of(b.wake_s for b in bursts),
-        Distribution.of(b.sleep_s for b in bursts),
-        router_summary(record.router) if record.router else None,
-    )
 
 
 def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> list[str]:
@@ -5255,38 +5278,12 @@ def server_view(
         reused=server["label"] in loaded.record.reused,
         memory=held,
         latency=latency_summary(mine, slo),
-        kvcached=kvcached_view(kvcached_rows),
-        vllm=vllm_view(select(loaded.memory, kind="metrics", server=slot)),
+        kvcached=KvcachedView.of(kvcached_rows),
+        vllm=VllmView.of(select(loaded.memory, kind="metrics", server=slot)),
         latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
         footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
         sleeps=sleep_split(figures, held.idle_before_workload_mib) if asleep else None,
         memory_cost=cost,
-    )
-
-
-def kvcached_view(rows: list[dict]) -> Optional[KvcachedView]:
-    if not rows:
-        return None
-    peak = {key: max(r[key] for r in rows) / MIB for key in ("used_bytes", "prealloc_bytes")}
-    return KvcachedView(rows[-1]["total_bytes"] / MIB, peak["used_bytes"], peak["prealloc_bytes"])
-
-
-def vllm_view(rows: list[dict]) -> Optional[VllmView]:
-    if not rows:
-        return None
-
-    def peak(key: str) -> Optional[float]:
-        return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
-
-    def growth(key: str, among: list[dict]) -> Optional[float]:
-        return among[-1][key] - among[0][key] if among else None
-
-    prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
-    return VllmView(
-        peak("running"),
-        peak("waiting"),
-        growth("preemptions", [r for r in rows if "preemptions" in r]),
-        ratio(growth("prefix_hits", prefix), growth("prefix_queries", prefix)) if len(prefix) > 1 else None,
     )
 
 

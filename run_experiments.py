@@ -2436,16 +2436,6 @@ def check_trace(cfg: Config) -> None:
         )
 
 
-def say_clipped(cfg: Config, plans: dict[str, WorkloadPlan]) -> None:
-    for key, plan in plans.items():
-        clipped = sum(r.clipped for r in plan.requests)
-        if clipped and key != "main":
-            say(
-                f"  {key}: {clipped} of {len(plan.requests)} requests clipped to fit --max-model-len "
-                f"{cfg.max_model_len}"
-            )
-
-
 AUTO_LENGTH = -1  # --max-model-len auto
 
 
@@ -2469,14 +2459,6 @@ def trace_model_len(cfg: Config) -> int:
         + ")"
     )
     return chosen
-
-
-def trace_words(cfg: Config) -> str:
-    window = f"seconds {cfg.trace_window}" if cfg.trace_window else "all of it"
-    return (
-        f"trace replay: {', '.join(Path(f).name for f in trace_files(cfg))} (one per model, cycled), "
-        f"{window}, {cfg.trace_speedup:g}x faster, at {cfg.trace_rate_scale} x its rate, one window per scale"
-    )
 
 
 # %% Secrets: never written to the run folder, the logs' headers or stdout
@@ -7229,7 +7211,12 @@ def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
 def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, str]:
     """A closed burst's size and, in words, how it (or the open-loop traffic) was chosen."""
     if cfg.arrivals == "trace":
-        return 0, trace_words(cfg)
+        window = f"seconds {cfg.trace_window}" if cfg.trace_window else "all of it"
+        return 0, (
+            f"trace replay: {', '.join(Path(f).name for f in trace_files(cfg))} (one per model, cycled), "
+            f"{window}, {cfg.trace_speedup:g}x faster, at {cfg.trace_rate_scale} x its rate, one window per "
+            "scale"
+        )
     if cfg.arrivals == "ramp":
         return 0, (
             f"ramp: each model rises to {cfg.peak_rates} requests/s and back in steps of "
@@ -7263,8 +7250,11 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     if family:  # the shared experiments send every model's plan; one model alone, A's
         build = {"ramp": ramp_plan, "trace": trace_plan, "open": lambda c, i, why: open_loop_plan(c, why, i)}
         plans = {f"{family}_{key}": build[family](cfg, i, sizing) for i, key in enumerate(slots(cfg))}
+        for key, plan in plans.items():
+            if clipped := sum(r.clipped for r in plan.requests):
+                fit = f"clipped to fit --max-model-len {cfg.max_model_len}"
+                say(f"  {key}: {clipped} of {len(plan.requests)} requests {fit}")
         plans["main"] = plans[f"{family}_A"]
-        say_clipped(cfg, plans)
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)

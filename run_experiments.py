@@ -492,19 +492,13 @@ class ExperimentSpec:
     kv_budget: int = 0  # bytes of KV memory the kvcached pair may hold together
 
 
-def model_words(n: int) -> dict[str, str]:
-    """The words of the table's questions for n models (two: as the tutorial says them)."""
-    words = ("Two", "both", "pair", "the other idles", "other was", "half the KV budget")
-    if n == 2:
-        return {word: word for word in words}
-    many = (str(n), "all", f"set of {n} models", "the others idle", "others were", f"1/{n} of the KV budget")
-    return dict(zip(words, many))
-
-
 def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
-    schedule, question = entry.schedule, entry.question.format(**model_words(len(slots(cfg))))
+    n = len(slots(cfg))  # the questions' words for n models; for two, as the tutorial says them
+    two = ("Two", "both", "pair", "the other idles", "other was", "half the KV budget")
+    many = (str(n), "all", f"set of {n} models", "the others idle", "others were", f"1/{n} of the KV budget")
+    schedule, question = entry.schedule, entry.question.format(**dict(zip(two, two if n == 2 else many)))
     family = per_model_family(cfg)
     if family and schedule is alternating_bursts:  # the models' traffic overlaps in time
         words = {"ramp": "staggered ramps", "trace": "replayed traces", "open": "rates of their own"}[family]
@@ -4685,7 +4679,10 @@ def latency_summary(
     """TTFT, TPOT, ITL and E2E percentiles, throughput, errors and goodput (slo: TTFT ms, TPOT ms)."""
     records = as_records(records)
     ok = [r for r in records if r.ok]
-    streamed = not not_streamed(ok)  # if the whole answer came in one read, a "TTFT" would be the E2E time
+    # streamed unless most multi-token responses came in one read, where a "TTFT" would be the E2E time
+    # (rows from before content_reads: streamed)
+    multi = [r for r in ok if (r.completion_tokens or 0) >= 2 and r.content_reads is not None]
+    streamed = not multi or sum(r.content_reads < 2 for r in multi) <= len(multi) / 2
     span = None
     if records:
         span = max(r.t_send + (r.e2e_s or 0) for r in records) - min(r.t_send for r in records)
@@ -4723,12 +4720,6 @@ def unfaithful(latency: LatencySummary) -> list[str]:
         f"arrival (above {FAITHFUL_SEND_DELAY_S * 1000:.0f} ms): the client fell behind, and the latencies "
         "include its lateness"
     ]
-
-
-def not_streamed(ok: list[RequestRecord]) -> bool:
-    """Most multi-token responses arrived in a single read (rows from before content_reads: streamed)."""
-    multi = [r for r in ok if (r.completion_tokens or 0) >= 2 and r.content_reads is not None]
-    return bool(multi) and sum(r.content_reads < 2 for r in multi) > len(multi) / 2
 
 
 def window_samples(samples: Samples, span: Optional[Span]) -> Samples:

@@ -2562,6 +2562,11 @@ def port_of(cfg: Config, slot: str) -> int:
     return cfg.port_a if i == 0 else cfg.port_b + i - 1
 
 
+def port_flag(cfg: Config, slot: str) -> str:
+    """The flag that moves `slot`'s port: --port-a or --port-b, or --port (the only one for C, D, ...)."""
+    return "--port" if cfg.port or slots(cfg).index(slot) > 1 else f"--port-{slot.lower()}"
+
+
 def server_prefix(cfg: Config) -> list[str]:
     if cfg.server_cmd:
         return shlex.split(cfg.server_cmd)
@@ -6835,7 +6840,7 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
         port = port_of(cfg, slot)
         taken = port_taken(cfg.host, port)
         shown = f"{cfg.host}:{port} " + (f"is already {taken}" if taken else "free")
-        fix = f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with --port-{slot.lower()}"
+        fix = f"stop what holds it (`ss -ltnp | grep {port}`) or pick another with {port_flag(cfg, slot)}"
         checks.append(Check(f"port {slot}", not taken, shown, fix))
     return checks
 

@@ -119,6 +119,20 @@ def test_a_port_in_use_is_a_failed_check():
     assert not taken.ok and "--port-a" in taken.fix and free.ok
 
 
+def test_a_third_models_port_in_use_names_the_flag_that_moves_it():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        cfg = make_cfg(models="m1,m2,m3", port_a=port - 5, port_b=port - 1)
+        (taken,) = rx.check_ports(cfg, "C")
+        assert rx.port_of(cfg, "C") == port and not taken.ok
+        assert taken.fix.endswith("pick another with --port"), taken.fix
+        moved = make_cfg(port=port)
+        (first,) = rx.check_ports(moved, "A")
+        assert not first.ok and first.fix.endswith("with --port"), "--port-a does not apply with --port"
+
+
 def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeypatch, capsys):
     args = in_process_args(tmp_path / "r", "--check")
     assert rx.main(args, nvml_module=fake_gpu) == 0

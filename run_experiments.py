@@ -306,7 +306,7 @@ def static_shares(cfg: "Config") -> list[float]:
             cfg.gpu_memory_utilization,
             cfg.pair_utilization_b or round(STATIC_SPLIT_TOTAL - cfg.gpu_memory_utilization, 2),
         ]
-    return [math.floor(90 / len(slots(cfg))) / 100] * len(slots(cfg))
+    return [round(STATIC_SPLIT_TOTAL * 100) // len(slots(cfg)) / 100] * len(slots(cfg))
 
 
 def each_slot(

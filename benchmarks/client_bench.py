@@ -290,11 +290,18 @@ def table_row(load: Load) -> list:
     ]
 
 
-HEADER = (
-    "load | requests | sent (req/s) | failed | send delay p50 / p99 / max (ms) | "
-    "client-added TTFT p50 / p99 (ms) | of it after sending p50 / p99 (ms) | server TTFT p99 (ms) | "
-    "max in flight"
+HEADINGS = (
+    "load",
+    "requests",
+    "sent (req/s)",
+    "failed",
+    "send delay p50 / p99 / max (ms)",
+    "client-added TTFT p50 / p99 (ms)",
+    "of it after sending p50 / p99 (ms)",
+    "server TTFT p99 (ms)",
+    "max in flight",
 )
+COLUMNS = [(heading, lambda *cells, i=i: cells[i]) for i, heading in enumerate(HEADINGS)]
 
 
 def report(loads: list, args: argparse.Namespace, argv: list, wall_s: float) -> list:
@@ -307,7 +314,7 @@ def report(loads: list, args: argparse.Namespace, argv: list, wall_s: float) -> 
     return [
         f"Machine: {machine}; command: `{command}`",
         "",
-        *rx.md_table(HEADER, [table_row(load) for load in loads]),
+        *rx.md_table(COLUMNS, [table_row(load) for load in loads]),
         "",
         f"{args.output_tokens} tokens per answer from a zero-work server (its own TTFT: request arrived -> "
         "first chunk written). Client-added TTFT = the client's TTFT minus the server's, per request; "

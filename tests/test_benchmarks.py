@@ -1,0 +1,25 @@
+"""The benchmark scripts call this file's functions: each still runs, briefly, and prints its figures."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def bench(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_client_bench_prints_its_table():
+    out = bench("benchmarks/client_bench.py", "--rates", "20", "--duration-s", "1", "--streams", "8")
+    assert "| load | requests | sent (req/s) |" in out
+    assert "| open loop 20 req/s | " in out and "| closed loop 8 streams x " in out
+
+
+def test_sampler_bench_runs_against_the_fakes():
+    out = bench("benchmarks/sampler_bench.py", "--fake", "--seconds", "1")
+    assert "device samples:" in out and "Hz achieved at a 20 Hz setting" in out

@@ -1217,7 +1217,7 @@ def run_step(
     cfg, server, plan = trial.cfg, trial.servers[step.server], plan or trial.plans[step.plan]
     code = server.exit_code()
     if code is not None:
-        raise server.failure(f"server {server.spec.label} died (exit code {code}) before {step.phase!r}.")
+        raise server.failure(f"server {server.spec.label} {exit_words(code)} before {step.phase!r}.")
     reqs = plan.burst(step.burst)
     if not reqs:  # an open-loop window can plan no arrival at a low rate
         say(f"    {step.phase}: no request planned in this window")
@@ -3345,7 +3345,7 @@ def wait_ready(
         code = server.exit_code()
         if code is not None:
             raise server.failure(
-                f"server {label} exited with code {code} before it was ready."
+                f"server {label} {exit_words(code)} before it was ready."
                 f"{fork_hint(server)}{runner_hint(server)}"
             )
         ours = listener_is_ours(server) if health_ok(server) else None
@@ -3395,11 +3395,19 @@ def fork_hint(server: RunningServer) -> str:
     )
 
 
+def exit_words(code: int) -> str:
+    """A server's end as its keeper tells it: the server's exit code, or the keeper itself killed (the
+    server then got SIGTERM, its parent-death signal)."""
+    if code < 0:
+        return f"ended when its keeper was killed ({signal.Signals(-code).name})"
+    return f"exited with code {code}"
+
+
 def server_problem(server: RunningServer) -> Optional[str]:
     """Why this server cannot serve now (it died, or /health fails), or None if it is fine."""
     code = server.exit_code()
     if code is not None:
-        return f"exited with code {code}"
+        return exit_words(code)
     if not health_ok(server, timeout_s=5.0):
         return "does not answer /health"
     if not listener_is_ours(server):  # someone else's, or nobody's
@@ -3657,8 +3665,7 @@ def release_staged(cfg: Config, server: RunningServer) -> None:
     code = server.exit_code()
     if code is not None:
         raise server.failure(
-            f"server {server.spec.label} exited with code {code} while vLLM was being imported "
-            f"ahead of its start."
+            f"server {server.spec.label} {exit_words(code)} while vLLM was being imported ahead of its start."
         )
     start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
     try:

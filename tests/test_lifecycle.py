@@ -124,6 +124,7 @@ def test_a_server_whose_keeper_is_killed_stops_all_the_same(fake_gpu, started):
     assert len(tree) >= 3, "keeper, API server and engine"
     os.kill(keeper, signal.SIGKILL)  # nothing of the keeper's own can run now
     assert wait_for(lambda: not any(alive(p) for p in tree if p != keeper), 20), "the server outlived it"
+    assert rx.server_problem(server) == "ended when its keeper was killed (SIGKILL)"
 
 
 def test_port_in_use_is_an_error_before_launch(tmp_path):

@@ -2977,6 +2977,8 @@ class Connections(contextlib.AbstractContextManager):
 
     def __init__(self):
         self.idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
+        self.busy: set[socket.socket] = set()  # in a request's hands: close() shuts them down
+        self.closed = False
         self.lock = threading.Lock()
 
     def get(self, address: tuple[str, int], timeout_s: float) -> tuple[socket.socket, bool]:
@@ -2987,9 +2989,27 @@ class Connections(contextlib.AbstractContextManager):
                     break
                 sock, since = self.idle[address].pop()
             if time.monotonic() - since < KEEP_ALIVE_S and still_connected(sock):
-                return sock, True
+                return self.lend(sock), True
             sock.close()
-        return connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001))), False
+        return self.lend(connect(address, min(CONNECT_TIMEOUT_S, max(timeout_s, 0.001)))), False
+
+    def lend(self, sock: socket.socket) -> socket.socket:
+        with self.lock:
+            if self.closed:
+                sock.close()
+                raise ConnectionAbortedError("the burst is over")
+            self.busy.add(sock)
+        return sock
+
+    def done(self, address: tuple[str, int], sock: socket.socket, keep: bool) -> None:
+        """A request's socket back: kept for the next request, or closed."""
+        with self.lock:
+            self.busy.discard(sock)
+            keep = keep and not self.closed
+            if keep:
+                self.idle.setdefault(address, []).append((sock, time.monotonic()))
+        if not keep:
+            sock.close()
 
     def open_ahead(self, url: str, count: int) -> None:
         """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
@@ -3002,8 +3022,15 @@ class Connections(contextlib.AbstractContextManager):
             self.idle.setdefault(address, []).append((sock, time.monotonic()))
 
     def close(self) -> None:
+        """Close them all. A socket still in a request's hands is shut down, so that a thread blocked
+        reading it ends now: a server stopping gracefully waits for its open requests, which a server
+        whose engine is gone never answers."""
         with self.lock:
-            idle, self.idle = self.idle, {}
+            self.closed = True
+            idle, self.idle, busy = self.idle, {}, list(self.busy)
+        for sock in busy:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for sock, _ in itertools.chain.from_iterable(idle.values()):
             sock.close()
 
@@ -3164,16 +3191,14 @@ def exchange(
             status, headers = wire.head()
             break
         except BaseException as exc:
-            sock.close()
+            connections.done(address, sock, keep=False)
             if not (isinstance(exc, ConnectionError) and kept and not wire.buffer):
                 raise
     try:
         yield wire, status, headers
     finally:
-        if wire.complete and headers.get("connection", "").lower() != "close":
-            connections.put(address, sock)
-        else:
-            sock.close()
+        keep = wire.complete and headers.get("connection", "").lower() != "close"
+        connections.done(address, sock, keep)
 
 
 # %% Running servers: start, readiness on /health, the pool that keeps them across experiments

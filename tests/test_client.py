@@ -5,6 +5,7 @@ import random
 import re
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -136,8 +137,11 @@ class ScriptedConnections:
     def get(self, address, timeout_s):
         return self.sock, False
 
-    def put(self, address, sock):
-        self.returned.append(sock)
+    def done(self, address, sock, keep):
+        if keep:
+            self.returned.append(sock)
+        else:
+            sock.close()
 
 
 def sse(obj) -> bytes:
@@ -482,3 +486,26 @@ def test_requests_to_the_servers_never_go_through_a_proxy_from_the_shell(live_se
         server, plan.burst(0), lambda r: rx.RequestRecord("t", "A", "b", 0, 0, r.index, 0.0), cfg
     )
     assert all(r.ok for r in records)
+
+
+def test_closing_the_connections_ends_a_request_a_silent_server_never_answers():
+    # a server stopping gracefully with its engine gone waits for its open requests and answers none:
+    # closing a burst's connections must end the threads reading them, or the harness cannot exit
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        connections, done = rx.Connections(), []
+
+        def request():
+            done.append(
+                rx.send_chat(url, "m", one_request(), blank_record(), timeout_s=60, connections=connections)
+            )
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        accepted, _ = listener.accept()  # the request is in; no answer ever comes
+        with accepted:
+            accepted.recv(65536)
+            connections.close()
+            thread.join(timeout=10)
+    assert not thread.is_alive(), "still blocked on the silent server"
+    assert done and not done[0].ok

@@ -48,8 +48,11 @@ fi
 
 say "=== 1b. kill -9 of the server's keeper during a burst (static arm, 0.55 of the card)"
 BASE=$(used); say "idle card: ${BASE} MiB used"
+# vLLM stops gracefully on the keeper's death and waits for the burst's open requests, which its dead engine
+# never answers: they fail at --request-timeout-s, and the harness's closing of them lets vLLM's API server end
 python3 run_experiments.py "${COMMON[@]}" --experiments 2 --bursts 40 --burst-size 64 --max-tokens 256 \
-  --prompt-tokens 512 --gap-s 0.2 --no-warmup --results-dir "$WORK/keeper" > "$OUTDIR/kill_keeper.log" 2>&1 &
+  --prompt-tokens 512 --gap-s 0.2 --no-warmup --request-timeout-s 20 --results-dir "$WORK/keeper" \
+  > "$OUTDIR/kill_keeper.log" 2>&1 &
 H=$!
 if wait_file "$WORK/keeper/*/01_static/requests.jsonl" 400; then
   sleep 1
@@ -67,7 +70,7 @@ if wait_file "$WORK/keeper/*/01_static/requests.jsonl" 400; then
   if kill -0 "$H" 2>/dev/null; then say "harness still running 2 min after: SIGTERM"; kill -TERM "$H"; fi
   wait "$H"; say "harness exit code $? (1 expected: the experiment failed); its last lines:"
   grep -E "FAILED|died|exit code" "$OUTDIR/kill_keeper.log" | head -5 | cut -c1-400 | tee -a "$LOG"
-  say "left of ours after it:"; ours | tee -a "$LOG" || say "(none)"
+  sleep 3; say "left of ours after it:"; ours | tee -a "$LOG" || say "(none)"
 else
   say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_keeper.log" | tee -a "$LOG"; kill -9 "$H"
 fi

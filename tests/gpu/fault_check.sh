@@ -6,7 +6,7 @@
 #  2. two runs on the same ports: the second is refused before it launches anything, whether the first
 #     is still starting (port bound, not listening) or already serving; the first run's numbers are intact.
 # Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check;
-# ONLY_KILL=1 runs the kill checks alone)
+# ONLY_KILL=1 runs the kill checks alone, ONLY_KEEPER=1 with it the keeper's alone)
 set -u
 A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
 B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
@@ -25,6 +25,7 @@ say "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 say "python $(python3 -V 2>&1); vllm $(python3 -c 'import importlib.metadata as m; print(m.version("vllm"))'); kvcached $(python3 -c 'import importlib.metadata as m; print(m.version("kvcached"))')"
 BASE=$(used); say "idle card: ${BASE} MiB used"
 
+if [ -z "${ONLY_KEEPER:-}" ]; then
 say "=== 1. kill -9 of the harness during a burst (static arm, 0.55 of the card)"
 python3 run_experiments.py "${COMMON[@]}" --experiments 2 --bursts 40 --burst-size 64 --max-tokens 256 \
   --prompt-tokens 512 --gap-s 0.2 --no-warmup --results-dir "$WORK/kill" > "$OUTDIR/kill_harness.log" 2>&1 &
@@ -44,6 +45,8 @@ if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tee -a "$LOG"
 else
   say "FAILED: no burst started"; tail -30 "$OUTDIR/kill_harness.log" | tee -a "$LOG"; kill -9 "$H"
+fi
+
 fi
 
 say "=== 1b. kill -9 of the server's keeper during a burst (static arm, 0.55 of the card)"

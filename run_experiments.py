@@ -3005,10 +3005,9 @@ class Connections(contextlib.AbstractContextManager):
         """A request's socket back: kept for the next request, or closed."""
         with self.lock:
             self.busy.discard(sock)
-            keep = keep and not self.closed
-            if keep:
-                self.idle.setdefault(address, []).append((sock, time.monotonic()))
-        if not keep:
+        if keep:
+            self.put(address, sock)
+        else:
             sock.close()
 
     def open_ahead(self, url: str, count: int) -> None:
@@ -3018,8 +3017,12 @@ class Connections(contextlib.AbstractContextManager):
             self.put(address, connect(address, CONNECT_TIMEOUT_S))
 
     def put(self, address: tuple[str, int], sock: socket.socket) -> None:
+        """An open socket kept for a next request (closed instead once these connections are closed)."""
         with self.lock:
-            self.idle.setdefault(address, []).append((sock, time.monotonic()))
+            if not self.closed:
+                self.idle.setdefault(address, []).append((sock, time.monotonic()))
+                return
+        sock.close()
 
     def close(self) -> None:
         """Close them all. A socket still in a request's hands is shut down, so that a thread blocked

@@ -19,6 +19,15 @@ used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0; 
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 wait_file() { for _ in $(seq 1 "$2"); do compgen -G "$1" > /dev/null && return 0; sleep 0.5; done; return 1; }
 ours() { ps -eo pid,ppid,pgid,etimes,args | grep -E "vllm.entrypoints|VLLM::|SUBREAPER|multiprocessing" | grep -v grep | cut -c1-160; }
+# card_back SECONDS: how long after T0 the card came back to BASE (+64 MiB), polled every 0.25 s
+card_back() { local now
+  for _ in $(seq 1 $(($1 * 4))); do
+    now=$(used)
+    if [ "$now" -le $((BASE + 64)) ]; then
+      say "card back to ${now} MiB after $(python3 -c "import time; print(f'{time.time() - $T0:.2f}')") s"; return 0; fi
+    sleep 0.25
+  done
+  say "card at ${now} MiB: NOT back within $1 s"; }
 wait_log() { for _ in $(seq 1 "$3"); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.5; done; return 1; }
 
 say "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i 0)"
@@ -34,13 +43,7 @@ if wait_file "$WORK/kill/*/01_static/requests.jsonl" 400; then
   sleep 1
   say "mid-burst: card ${BASE} -> $(used) MiB; our processes:"; ours | tee -a "$LOG"
   kill -9 "$H"; T0=$(date +%s.%N); say "harness (pid $H) killed with SIGKILL"
-  BACK=""
-  for _ in $(seq 1 120); do
-    NOW=$(used)
-    if [ "$NOW" -le $((BASE + 64)) ]; then BACK=$(python3 -c "import time; print(f'{time.time() - $T0:.2f}')"); break; fi
-    sleep 0.25
-  done
-  if [ -n "$BACK" ]; then say "card back to ${NOW} MiB after ${BACK} s"; else say "card at ${NOW} MiB: NOT back within 30 s"; fi
+  card_back 30
   say "left of ours 10 s after the kill:"; sleep 2; ours | tee -a "$LOG" || say "(none)"
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tee -a "$LOG"
 else
@@ -62,13 +65,7 @@ if wait_file "$WORK/keeper/*/01_static/requests.jsonl" 400; then
   K=$(pgrep -P "$H" -f PR_SET_CHILD_SUBREAPER | head -1)
   say "mid-burst: card ${BASE} -> $(used) MiB; keeper pid ${K:-none}; our processes:"; ours | tee -a "$LOG"
   kill -9 "$K"; T0=$(date +%s.%N); say "keeper (pid $K) killed with SIGKILL"
-  BACK=""
-  for _ in $(seq 1 240); do
-    NOW=$(used)
-    if [ "$NOW" -le $((BASE + 64)) ]; then BACK=$(python3 -c "import time; print(f'{time.time() - $T0:.2f}')"); break; fi
-    sleep 0.25
-  done
-  if [ -n "$BACK" ]; then say "card back to ${NOW} MiB after ${BACK} s"; else say "card at ${NOW} MiB: NOT back within 60 s"; fi
+  card_back 60
   for _ in $(seq 1 240); do kill -0 "$H" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "$H" 2>/dev/null; then say "harness still running 2 min after: SIGTERM"; kill -TERM "$H"; fi
   wait "$H"; say "harness exit code $? (1 expected: the experiment failed); its last lines:"

@@ -4467,15 +4467,25 @@ def await_arrival(request: PlannedRequest, started: tuple[float, float]) -> Opti
     return started[0] + request.offset_s, started[1] + request.offset_s
 
 
-def await_burst(futures: list, started: float, deadline: float, progress_every_s: float) -> None:
-    """Until every request has finished or the burst's deadline has passed, with progress lines."""
+def await_burst(
+    futures: list, started: float, deadline: float, progress_every_s: float, server: RunningServer
+) -> Optional[str]:
+    """Until every request has finished, the burst's deadline has passed or the server's keeper has ended,
+    with progress lines. Returns the error of the requests still open: a server whose keeper has ended may
+    hold them open until they time out, so they are not waited for."""
+    next_progress = started + progress_every_s
     while True:
-        done, pending = concurrent.futures.wait(
-            futures, timeout=min(progress_every_s, max(0.0, deadline - time.time()))
-        )
-        if not pending or time.time() >= deadline:
-            return
-        say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
+        done, pending = concurrent.futures.wait(futures, timeout=min(1.0, max(0.0, deadline - time.time())))
+        code = server.exit_code()
+        if not pending:
+            return None
+        if code is not None:
+            return f"still open: server {server.spec.label} {exit_words(code)} during the burst"
+        if time.time() >= deadline:
+            return f"still open at the burst's deadline ({deadline - started:.0f} s)"
+        if time.time() >= next_progress:
+            say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
+            next_progress += progress_every_s
 
 
 def run_burst(
@@ -4517,10 +4527,9 @@ def run_burst(
     deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
         futures = [send(i, await_arrival(r, started)) for i, r in enumerate(requests_)]
-        await_burst(futures, started[1], deadline, progress_every_s)
+        error = await_burst(futures, started[1], deadline, progress_every_s, server)
         out = [
-            f.result() if f.done() else still_open(rec, started[1], deadline)
-            for f, rec in zip(futures, records)
+            f.result() if f.done() else still_open(rec, started[1], error) for f, rec in zip(futures, records)
         ]
         for i, record in enumerate(out):  # wait() can return before the done-callbacks ran
             deliver(i, record)
@@ -4534,14 +4543,10 @@ def run_burst(
         connections.close()
 
 
-def still_open(record: RequestRecord, started: float, deadline: float) -> RequestRecord:
-    """A copy of an unfinished request's record, failed at the burst's deadline."""
+def still_open(record: RequestRecord, started: float, error: Optional[str]) -> RequestRecord:
+    """A copy of an unfinished request's record, failed with `error` as its burst ended."""
     return dataclasses.replace(
-        record,
-        ok=False,
-        itl_s=list(record.itl_s),
-        e2e_s=time.time() - started,
-        error=f"still open at the burst's deadline ({deadline - started:.0f} s)",
+        record, ok=False, itl_s=list(record.itl_s), e2e_s=time.time() - started, error=error
     )
 
 

@@ -236,7 +236,8 @@ class Load:
 
 def run_load(label: str, server: ServerProcess, requests_: list, cfg: rx.Config) -> Load:
     """One run_burst of the harness, with a record per request as run_step makes them."""
-    target = types.SimpleNamespace(url=server.url, spec=types.SimpleNamespace(model=MODEL, name="A"))
+    spec = types.SimpleNamespace(model=MODEL, name="A", label="A")
+    target = types.SimpleNamespace(url=server.url, spec=spec, exit_code=server.proc.poll)
     requests_ = tagged(requests_)
 
     def make(r: rx.PlannedRequest) -> rx.RequestRecord:

@@ -1,6 +1,7 @@
 """Faults a user meets on a shared GPU box: each one handled, nothing leaked, no wrong number with rc 0.
 Numbered as the failure-handling table in the README."""
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -543,6 +544,27 @@ def test_request_deadline_is_absolute(fault, fake_gpu, servers, monkeypatch):
     assert not record.ok and "--request-timeout-s" in record.error
 
 
+class KeeperAt:
+    """A keeper that is running until `ends` is set, then has ended with `code`."""
+
+    def __init__(self, code: int):
+        self.code, self.ends = code, threading.Event()
+
+    def poll(self):
+        return self.code if self.ends.is_set() else None
+
+
+def server_kept_by(keeper) -> "rx.RunningServer":
+    return rx.RunningServer(
+        rx.ServerSpec("A", "m", 1, True),
+        proc=keeper,
+        cmd=[],
+        env_shown={},
+        log_path=Path("x"),
+        started_at=0.0,
+    )
+
+
 def test_burst_has_an_overall_deadline(monkeypatch):
     def stuck(url, model, req, record, *args, **kwargs):
         time.sleep(3)
@@ -551,9 +573,7 @@ def test_burst_has_an_overall_deadline(monkeypatch):
     monkeypatch.setattr(rx, "send_chat", stuck)
     monkeypatch.setattr(rx, "BURST_DEADLINE_SLACK_S", 0.3)
     cfg = rx.resolve_config(rx.Config(preset="smoke", request_timeout_s=0.2))
-    server = rx.RunningServer(
-        rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={}, log_path=Path("x"), started_at=0.0
-    )
+    server = server_kept_by(KeeperAt(0))
     rows = []
     begin = time.time()
     records = rx.run_burst(
@@ -568,6 +588,34 @@ def test_burst_has_an_overall_deadline(monkeypatch):
     assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
 
 
+def test_a_burst_ends_when_its_servers_keeper_has_ended(monkeypatch):
+    # vLLM told to stop by its keeper's death keeps its open requests open until they time out: the burst
+    # ends once the keeper has gone, with those requests failed for that reason, not at the deadline
+    answered = threading.Event()
+    keeper = KeeperAt(-signal.SIGKILL)
+
+    def silent(url, model, req, record, *args, **kwargs):
+        if req.index == 0:
+            answered.set()
+            return dataclasses.replace(record, ok=True)
+        time.sleep(30)
+        return record
+
+    monkeypatch.setattr(rx, "send_chat", silent)
+    cfg = rx.resolve_config(rx.Config(preset="smoke", request_timeout_s=60))
+    requests_ = [dataclasses.replace(request(), index=i) for i in range(3)]
+    threading.Thread(target=lambda: answered.wait(5) and keeper.ends.set()).start()
+    begin = time.time()
+    records = rx.run_burst(
+        server_kept_by(keeper), requests_, lambda r: rx.RequestRecord("t", "A", "p", 0, 0, r.index, 0.0), cfg
+    )
+    assert time.time() - begin < 10, "ended with the keeper, long before the 90 s deadline"
+    assert records[0].ok
+    assert [r.error for r in records[1:]] == [
+        "still open: server A kvcached ended when its keeper was killed (SIGKILL) during the burst"
+    ] * 2
+
+
 def test_an_interrupted_burst_drops_its_queued_requests_quietly(monkeypatch, caplog):
     def stuck(url, model, req, record, *args, **kwargs):
         time.sleep(0.3)
@@ -580,9 +628,7 @@ def test_an_interrupted_burst_drops_its_queued_requests_quietly(monkeypatch, cap
     monkeypatch.setattr(rx, "burst_threads", lambda requests_: 1)  # the second and third wait in the queue
     monkeypatch.setattr(rx, "await_burst", interrupted)
     cfg = rx.resolve_config(rx.Config(preset="smoke"))
-    server = rx.RunningServer(
-        rx.ServerSpec("A", "m", 1, True), proc=None, cmd=[], env_shown={}, log_path=Path("x"), started_at=0.0
-    )
+    server = server_kept_by(KeeperAt(0))
     rows = []
     with pytest.raises(KeyboardInterrupt):
         rx.run_burst(

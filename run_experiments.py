@@ -212,8 +212,9 @@ class Config:
     process_sample_hz: float = 2.0  # per-process, kvcached shm and /metrics samples per second
     release_tolerance: float = 0.05  # 'released' = back within this fraction of the idle level
     release_timeout_s: float = 20.0  # stop waiting for memory to come back after this
-    # in 150 real idle windows of 1.5 s, the median of the first or last 0.5 s was the whole one's to the MiB
-    idle_window_s: float = 0.5  # quiet time over which an idle level is taken (>= 5 device samples)
+    # in 150 real idle windows of 1.5 s, the median of the first or last 0.5 s was the whole one's to the MiB;
+    # 1 s also holds two per-process samples (at 0.5 s, often none: each server's idle level was n/a)
+    idle_window_s: float = 1.0  # quiet time for an idle level (>= 5 device and 2 per-process samples)
     settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
     report: str = ""  # rebuild summaries and plots of this run folder, run nothing
     check: bool = False  # only print the preflight checklist (also run before every run); exit 0/1
@@ -1539,7 +1540,9 @@ def need(ok: bool, flag: str, why: str) -> None:
         raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
 
-MIN_IDLE_SAMPLES = 5  # device samples in an idle window, for a median that ignores a blip
+# samples of each series in an idle window: the device's, for a median that ignores a blip; the per-process
+# ones (each server's own idle level and footprint), so that one late sample still leaves one in the window
+MIN_IDLE_SAMPLES = {"sample_hz": 5, "process_sample_hz": 2}
 PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
 
 
@@ -1623,12 +1626,13 @@ def validate_config(cfg: Config) -> Config:
         for name in names.split():
             value = getattr(cfg, name)
             need(bool(passes(value)), name, why.format(v=value))
-    need(
-        cfg.idle_window_s * cfg.sample_hz >= MIN_IDLE_SAMPLES - 1e-9,
-        "idle_window_s",
-        f"must hold at least {MIN_IDLE_SAMPLES} device samples at --sample-hz {cfg.sample_hz:g} "
-        f"(>= {MIN_IDLE_SAMPLES / cfg.sample_hz:g} s)",
-    )
+    for rate, least in MIN_IDLE_SAMPLES.items():
+        hz = getattr(cfg, rate)
+        need(
+            cfg.idle_window_s * hz >= least - 1e-9,
+            "idle_window_s",
+            f"must hold at least {least} samples at --{rate.replace('_', '-')} {hz:g} (>= {least / hz:g} s)",
+        )
     need(
         cfg.pair_utilization_b > 0 or cfg.gpu_memory_utilization < 0.85,
         "gpu_memory_utilization",
@@ -6133,12 +6137,26 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
         if (split := v.sleeps) is not None
     ]
     lines += [
-        f"- {name}_sleep: the awake peak exceeds the same static pool without sleep mode by "
-        f"{fmt(awake_over)} MiB: memory outside vLLM's cumem pool, freed at each sleep."
+        awake_peak_line(name, over)
         for name, block in comparison.items()
-        if (awake_over := awake_peak_over_static(name, block)) is not None
+        if (over := awake_peak_over_static(name, block)) is not None
     ]
     return titled("What sleep mode frees (vLLM's own lines at each sleep):", lines)
+
+
+def awake_peak_line(name: str, over: float) -> str:
+    """The sleep arm's awake peak against the same static pool: above it by the memory outside vLLM's cumem
+    pool that its bursts regrew; below it where they regrew less of it than start-up had taken."""
+    if over >= 0:
+        return (
+            f"- {name}_sleep: the awake peak exceeds the same static pool without sleep mode by {fmt(over)} "
+            "MiB: memory outside vLLM's cumem pool, freed at each sleep."
+        )
+    return (
+        f"- {name}_sleep: the awake peak stayed {fmt(-over)} MiB below the same static pool without sleep "
+        "mode: the memory outside vLLM's cumem pool, freed at each sleep, regrew less in its bursts than "
+        "at start-up."
+    )
 
 
 def awake_peak_over_static(name: str, block: Comparison) -> Optional[float]:

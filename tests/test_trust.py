@@ -1008,6 +1008,7 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
         (["--extra-server-args", "--x 'y"], "--extra-server-args"),
         (["--settle-s", "0"], "--settle-s"),
         (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),  # 2 samples: no median to trust
+        (["--idle-window-s", "0.5"], "--idle-window-s"),  # at 2 per-process samples a second: often none
         (["--model-a", "/no/such/dir"], "--model-a"),
         (["--tag", "a/b"], "--tag"),
     ],

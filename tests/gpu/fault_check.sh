@@ -6,7 +6,7 @@
 #  2. two runs on the same ports: the second is refused before it launches anything, whether the first
 #     is still starting (port bound, not listening) or already serving; the first run's numbers are intact.
 # Usage: bash tests/gpu/fault_check.sh [model folder A] [model folder B]   (writes to $OUT or /tmp/fault_check;
-# ONLY_KILL=1 runs the kill checks alone, ONLY_KEEPER=1 with it the keeper's alone)
+# ONLY_KILL=1 runs the kill checks alone; ONLY_KILL=1 ONLY_KEEPER=1 the keeper's alone)
 set -u
 A=${1:-/tmp/kitmodels/Qwen2.5-0.5B-Instruct}
 B=${2:-/tmp/kitmodels/Qwen2.5-1.5B-Instruct}
@@ -55,7 +55,8 @@ fi
 say "=== 1b. kill -9 of the server's keeper during a burst (static arm, 0.55 of the card)"
 BASE=$(used); say "idle card: ${BASE} MiB used"
 # vLLM stops gracefully on the keeper's death and waits for the burst's open requests, which its dead engine
-# never answers: they fail at --request-timeout-s, and the harness's closing of them lets vLLM's API server end
+# never answers: the harness ends the burst once the keeper has gone, failing them at once, and closing them
+# lets vLLM's API server end (--request-timeout-s 20 bounds the burst all the same)
 python3 run_experiments.py "${COMMON[@]}" --experiments 2 --bursts 40 --burst-size 64 --max-tokens 256 \
   --prompt-tokens 512 --gap-s 0.2 --no-warmup --request-timeout-s 20 --results-dir "$WORK/keeper" \
   > "$OUTDIR/kill_keeper.log" 2>&1 &

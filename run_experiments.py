@@ -3959,14 +3959,21 @@ def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> 
     )
 
 
+def next_tick(start: float, interval: float, tick: int, now: float) -> tuple[int, float]:
+    """The tick after `tick` of a series whose tick k is due at start + k x interval, so that its rate does
+    not drift with the work per tick; ticks already past are skipped, never made up for with a burst of
+    samples. Returns (that tick, seconds until it is due)."""
+    import math
+
+    due = max(tick + 1, math.ceil((now - start) / interval))
+    return due, max(0.0, start + due * interval - now)
+
+
 def device_loop(
     read: Callable, write: Callable, flush: Callable, halt: Any, hz: float, clock: Callable
 ) -> None:
-    """Tick k is due at clock() + k/hz from the start, so the rate does not drift with the work per tick;
-    writes "d t used total" or "e t error" per tick and "m missed" when past ticks were skipped (never
-    made up for with a burst of samples); ends when halt.wait(seconds) returns True."""
-    import math
-
+    """A device sample on each tick of next_tick: writes "d t used total" or "e t error" per tick and
+    "m missed" when past ticks were skipped; ends when halt.wait(seconds) returns True."""
     interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
     while True:
         now = clock()
@@ -3978,12 +3985,11 @@ def device_loop(
         if now - flushed >= 0.2:  # a few lines at a time: the samples carry their own times
             flush()
             flushed = now
-        due = tick + 1
-        tick = max(due, math.ceil((clock() - start) / interval))  # past ticks are skipped, not made up
+        due, (tick, wait_s) = tick + 1, next_tick(start, interval, tick, clock())
         if tick > due:
             missed += tick - due
             write(f"m {missed}\n")
-        if halt.wait(max(0.0, start + tick * interval - clock())):
+        if halt.wait(wait_s):
             break
     flush()
 
@@ -4038,6 +4044,7 @@ class Sampler(threading.Thread):
         self.nvml, self.gpu_index, self.servers, self.sample_hz = nvml, gpu_index, servers, sample_hz
         self.handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
         self.slow_interval = 1.0 / process_sample_hz
+        self.clock = time.monotonic  # the slower series' ticks (next_tick)
         self.device: list[tuple[float, float]] = []  # (t, used MiB), read live by wait_settled
         self.missed_ticks = 0  # as the device process counts them
         self.child: Optional[subprocess.Popen] = None  # the device process
@@ -4075,7 +4082,7 @@ class Sampler(threading.Thread):
         call = f"device_sampler({where!r}, {self.nvml.__name__!r}, {self.gpu_index}, {self.sample_hz!r})"
         self.child_stderr = tempfile.TemporaryFile(mode="w+")
         self.child = subprocess.Popen(
-            [sys.executable, "-c", program_source(device_loop, device_sampler, call=call)],
+            [sys.executable, "-c", program_source(next_tick, device_loop, device_sampler, call=call)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.child_stderr,
@@ -4200,13 +4207,15 @@ class Sampler(threading.Thread):
 
     def _slow_loop(self) -> None:
         kept = Connections()  # one kept-alive connection per server, not one per scrape
+        start, tick = self.clock(), 0
         try:
             while True:
                 try:
                     self.handed_over.append(self.slow_rows(time.time()) + self.metrics_rows(kept))
                 except Exception:
                     self.count_error("sampler")
-                if self.halt.wait(self.slow_interval):
+                tick, wait_s = next_tick(start, self.slow_interval, tick, self.clock())
+                if self.halt.wait(wait_s):
                     break
         finally:
             kept.close()

@@ -287,6 +287,24 @@ def test_slow_reads_keep_the_tick_grid_instead_of_drifting():
     assert samples == [tick(k) for k in range(20)] and missed == []
 
 
+def test_the_slower_series_keeps_its_rate_however_long_its_reads_take(fake_gpu, tmp_path):
+    # per-process, segment and /metrics reads that take 3/8 of the interval: each read still starts on
+    # the 2 Hz grid, so a 1 s idle window holds two of them (waiting a whole interval after each read
+    # would make it one every 0.875 s)
+    sampler = rx.Sampler(rx.load_nvml(fake_gpu), 0, [], tmp_path / "memory.jsonl", 20, process_sample_hz=2)
+    clock, reads = ScriptedClock(), []
+
+    def slow_rows(now):
+        reads.append(clock.now)
+        clock.now += 3 / 8
+        return []
+
+    sampler.clock, sampler.halt, sampler.slow_rows = clock, ScriptedHalt(clock, 1003.0), slow_rows
+    sampler.metrics_rows = lambda kept: []
+    sampler._slow_loop()
+    assert reads == [1000.0 + k / 2 for k in range(6)]
+
+
 def test_a_stalled_device_read_is_counted_by_the_sampler(fake_gpu, tmp_path, monkeypatch):
     """The device process's count of skipped ticks reaches the sampler (the ticks on a scripted clock
     are above)."""

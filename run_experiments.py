@@ -1478,7 +1478,7 @@ def router_summary(log: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     }
 
 
-# %% Configuration machinery: flags from the Config fields, checks before anything launches
+# %% Configuration machinery: flags from the Config fields, and the values a run uses
 class ConfigError(ValueError):
     """A bad flag value, reported before anything is launched."""
 
@@ -1488,6 +1488,18 @@ class StrictParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise ConfigError(message)
+
+
+def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
+    """argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) -> the validated, resolved Config;
+    None once --help has been printed."""
+    if argv is None:
+        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    try:
+        namespace = build_parser().parse_args(argv)
+    except SystemExit:  # --help printed (bad flags raise ConfigError instead)
+        return None
+    return resolve_config(validate_config(Config(**vars(namespace))))
 
 
 @functools.lru_cache(maxsize=1)
@@ -1534,6 +1546,69 @@ def tokens_or_auto(value: str) -> int:
         raise argparse.ArgumentTypeError(f"a whole number of tokens or 'auto', not {value!r}") from None
 
 
+def resolve_config(cfg: Config) -> Config:
+    """The values a run uses: the preset's workload where flags were left open, and the rules that
+    follow from other flags."""
+    if cfg.max_model_len == AUTO_LENGTH:
+        cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
+    cfg = fill_preset(cfg)
+    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
+    need(
+        cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
+        "shared_prefix_tokens",
+        f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)",
+    )
+    lengths_planned = "--arrivals trace" if cfg.arrivals == "trace" else None
+    if cfg.output_tokens_dist != "fixed":
+        lengths_planned = f"--output-tokens-dist {cfg.output_tokens_dist}"
+    if lengths_planned and not cfg.ignore_eos:
+        say(
+            f"note: {lengths_planned}: turning on --ignore-eos so that every response is exactly as long "
+            "as planned"
+        )
+        cfg = dataclasses.replace(cfg, ignore_eos=True)
+    if (
+        cfg.sleep_level == 2
+        and cfg.load_format == "dummy"
+        and any(e.arm == "sleep" for e in parse_experiments(cfg.experiments))
+    ):
+        raise ConfigError(
+            "--sleep-level 2 drops the weights while asleep and reloads them from their files on "
+            "waking, which --load-format dummy has none of (vLLM answers HTTP 500): use level 1, "
+            "or real weights"
+        )
+    if cfg.load_format == "dummy" and not cfg.ignore_eos:
+        say(
+            "note: --load-format dummy gives random weights whose output can end at any token; "
+            "turning on --ignore-eos so every response has exactly max_tokens tokens"
+        )
+        cfg = dataclasses.replace(cfg, ignore_eos=True)
+    return cfg
+
+
+def fill_preset(cfg: Config) -> Config:
+    """The preset's workload values wherever a flag was left open: at 0, or negative for gap_s and
+    prompt_tokens (where 0 is a value of its own)."""
+    filled = {}
+    for name, preset_value in PRESET_WORKLOADS[cfg.preset].items():
+        value = getattr(cfg, name)
+        left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
+        filled[name] = preset_value if left_open else value
+    need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
+    return dataclasses.replace(cfg, **filled)
+
+
+def parse_env_pairs(spec: str) -> dict[str, str]:
+    pairs = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--kvcached-env: expected KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+# %% Configuration checks: every flag checked before anything launches, naming the flag
 def need(ok: bool, flag: str, why: str) -> None:
     """A ConfigError naming the flag (Config field name) when ok is False."""
     if not ok:
@@ -1785,80 +1860,6 @@ def check_ramp(cfg: Config) -> None:
         f"requests/s in steps of {cfg.ramp_step:g} lasts {longest:g} s: raise --duration-s to "
         f"{math.ceil(longest)}, or lower --peak-rates, raise --ramp-step, or shorten --stagger-s",
     )
-
-
-def resolve_config(cfg: Config) -> Config:
-    """The values a run uses: the preset's workload where flags were left open, and the rules that
-    follow from other flags."""
-    if cfg.max_model_len == AUTO_LENGTH:
-        cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
-    cfg = fill_preset(cfg)
-    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
-    need(
-        cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
-        "shared_prefix_tokens",
-        f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)",
-    )
-    lengths_planned = "--arrivals trace" if cfg.arrivals == "trace" else None
-    if cfg.output_tokens_dist != "fixed":
-        lengths_planned = f"--output-tokens-dist {cfg.output_tokens_dist}"
-    if lengths_planned and not cfg.ignore_eos:
-        say(
-            f"note: {lengths_planned}: turning on --ignore-eos so that every response is exactly as long "
-            "as planned"
-        )
-        cfg = dataclasses.replace(cfg, ignore_eos=True)
-    if (
-        cfg.sleep_level == 2
-        and cfg.load_format == "dummy"
-        and any(e.arm == "sleep" for e in parse_experiments(cfg.experiments))
-    ):
-        raise ConfigError(
-            "--sleep-level 2 drops the weights while asleep and reloads them from their files on "
-            "waking, which --load-format dummy has none of (vLLM answers HTTP 500): use level 1, "
-            "or real weights"
-        )
-    if cfg.load_format == "dummy" and not cfg.ignore_eos:
-        say(
-            "note: --load-format dummy gives random weights whose output can end at any token; "
-            "turning on --ignore-eos so every response has exactly max_tokens tokens"
-        )
-        cfg = dataclasses.replace(cfg, ignore_eos=True)
-    return cfg
-
-
-def fill_preset(cfg: Config) -> Config:
-    """The preset's workload values wherever a flag was left open: at 0, or negative for gap_s and
-    prompt_tokens (where 0 is a value of its own)."""
-    filled = {}
-    for name, preset_value in PRESET_WORKLOADS[cfg.preset].items():
-        value = getattr(cfg, name)
-        left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
-        filled[name] = preset_value if left_open else value
-    need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
-    return dataclasses.replace(cfg, **filled)
-
-
-def parse_env_pairs(spec: str) -> dict[str, str]:
-    pairs = {}
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--kvcached-env: expected KEY=VALUE, got {item!r}")
-        pairs[key] = value
-    return pairs
-
-
-def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
-    """argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) -> the validated, resolved Config;
-    None once --help has been printed."""
-    if argv is None:
-        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
-    try:
-        namespace = build_parser().parse_args(argv)
-    except SystemExit:  # --help printed (bad flags raise ConfigError instead)
-        return None
-    return resolve_config(validate_config(Config(**vars(namespace))))
 
 
 # %% Model facts: KV bytes per token, read without torch or the network when possible

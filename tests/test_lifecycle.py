@@ -101,12 +101,16 @@ def test_server_ignoring_sigint_and_sigterm_is_killed(fake_gpu, started, monkeyp
     assert f"{tree[1]} (python" in held, said
 
 
-def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
+def ready_under_its_keeper(started) -> tuple:
+    """A ready kvcached server, its process tree now, and its keeper's pid."""
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
     ready(server)
-    tree = server.tree()
-    keeper = server.proc.pid
+    return server, server.tree(), server.proc.pid
+
+
+def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
+    server, tree, keeper = ready_under_its_keeper(started)
     (api_server,) = [p for p in tree if rx.proc_stat(p)[1] == keeper]
     engine = [p for p in tree if p not in (keeper, api_server)]
     assert engine
@@ -116,11 +120,7 @@ def test_leader_dead_but_engine_alive_is_still_stopped(fake_gpu, started):
 
 
 def test_a_server_whose_keeper_is_killed_stops_all_the_same(fake_gpu, started):
-    cfg = make_cfg()
-    server = started(cfg, KVC_A(cfg))
-    ready(server)
-    tree = server.tree()
-    keeper = server.proc.pid
+    server, tree, keeper = ready_under_its_keeper(started)
     assert len(tree) >= 3, "keeper, API server and engine"
     os.kill(keeper, signal.SIGKILL)  # nothing of the keeper's own can run now
     assert wait_for(lambda: not any(alive(p) for p in tree if p != keeper), 20), "the server outlived it"

@@ -4850,6 +4850,19 @@ def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCo
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
 
 
+PER_MODEL_MEANS_TOLERANCE = 0.05  # of the card's mean: how far the per-model means may miss adding up
+
+
+def per_model_means_gap(
+    card_mean: float, card_idle: float, means: list[float], idles: list[float]
+) -> tuple[float, float]:
+    """What the per-model means over the workload should add up to (the card's mean less what the card
+    held beside the servers at idle) and the share of the card's mean by which they miss it: a
+    per-process series slower than the memory's changes (a sleep arm waking for a short burst) misses."""
+    expected = card_mean - (card_idle - sum(idles))
+    return expected, abs(expected - sum(means)) / card_mean
+
+
 def largest_gap(samples: Samples, start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
@@ -5226,16 +5239,18 @@ def summarize_experiment(
     repeats, by_phase = sorted({r.repeat for r in records}), grouped(records, "phase")
     per = per_repeat(records, repeats)
     per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
+    views = {s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers}
+    servers, means_problems = per_model_means_checked(views, device, device_cost)
     return ExperimentSummary(
         **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
         device=device,
         latency=latency,
-        servers={s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers},
+        servers=servers,
         phases={phase: latency_summary(mine, slo) for (phase,), mine in by_phase.items()},
         repeats={f"{m}_{q}": Spread.of(p.quantile(m, q) for p in per) for m, q in LATENCY_KEYS if per},
         kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid,
-        problems=invalid + experiment_problems(loaded, latency),
+        problems=invalid + experiment_problems(loaded, latency) + means_problems,
         server_clock=server_clock(marks, records),
         phase_repeats=per_phase if per else None,
         latency_repeats=per,
@@ -5248,6 +5263,27 @@ def summarize_experiment(
         memory_cost=device_cost,
         prompt_tokens=PromptCheck.of(records),
     )
+
+
+def per_model_means_checked(
+    servers: dict[str, ServerSummary], device: MemorySummary, cost: Optional[MemoryCost]
+) -> tuple[dict[str, ServerSummary], list[str]]:
+    """The servers, their means over the workload voided (with a problem that says why) where they do
+    not add up to the card's."""
+    means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
+    idles = [v.memory.idle_before_workload_mib for v in servers.values()]
+    if not servers or cost is None or device.idle_before_workload_mib is None or None in means + idles:
+        return servers, []
+    expected, gap = per_model_means_gap(cost.mean_mib, device.idle_before_workload_mib, means, idles)
+    if gap <= PER_MODEL_MEANS_TOLERANCE:
+        return servers, []
+    problem = (
+        f"per-model memory means n/a: they add up to {fmt(sum(means))} MiB, but the card held "
+        f"{fmt(expected)} MiB for the servers (its mean less what it held beside them at idle), "
+        f"{fmt(100 * gap, 1)}% of its mean apart: memory changed faster than the per-process series "
+        "samples (raise --process-sample-hz)"
+    )
+    return {k: dataclasses.replace(v, memory_cost=None) for k, v in servers.items()}, [problem]
 
 
 def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:
@@ -6093,8 +6129,11 @@ def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     def per_model(name: str, c: MemoryCost, s: ExperimentSummary) -> str:
-        return ", ".join(
-            f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
+        return (
+            ", ".join(
+                f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
+            )
+            or "n/a"
         )
 
     columns: list[Column] = [
@@ -6146,8 +6185,9 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
         for v in s.servers.values()
         if (split := v.sleeps) is not None
     ]
+    sleep_arm = {group: arms.get("sleep") for group, arms in group_arms(summaries).items()}
     lines += [
-        awake_peak_line(name, over)
+        awake_peak_line(sleep_arm[name], over)
         for name, block in comparison.items()
         if (over := awake_peak_over_static(name, block)) is not None
     ]
@@ -6155,15 +6195,15 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
 
 
 def awake_peak_line(name: str, over: float) -> str:
-    """The sleep arm's awake peak against the same static pool: above it by the memory outside vLLM's cumem
-    pool that its bursts regrew; below it where they regrew less of it than start-up had taken."""
+    """The sleep arm's (experiment `name`) awake peak against the same static pool: above it by the memory
+    outside vLLM's cumem pool that its bursts regrew; below it where they regrew less than start-up took."""
     if over >= 0:
         return (
-            f"- {name}_sleep: the awake peak exceeds the same static pool without sleep mode by {fmt(over)} "
+            f"- {name}: the awake peak exceeds the same static pool without sleep mode by {fmt(over)} "
             "MiB: memory outside vLLM's cumem pool, freed at each sleep."
         )
     return (
-        f"- {name}_sleep: the awake peak stayed {fmt(-over)} MiB below the same static pool without sleep "
+        f"- {name}: the awake peak stayed {fmt(-over)} MiB below the same static pool without sleep "
         "mode: the memory outside vLLM's cumem pool, freed at each sleep, regrew less in its bursts than "
         "at start-up."
     )

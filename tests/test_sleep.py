@@ -139,17 +139,17 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     assert figures["sleep"]["peak_mib"] - figures["static"]["peak_mib"] == pytest.approx(256, abs=1)
     md = (sleep_run / "summary.md").read_text()
     assert "| static | A static 0.55 | " in md and "What sleep mode frees" in md
-    assert "the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md
+    assert "- sleep: the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md
     assert (sleep_run / "plots" / "footprint.png").stat().st_size > 0 and "plots/footprint.png" in md
 
 
 def test_an_awake_peak_below_the_static_pool_is_said_as_below():
     # a smoke run on an H100: bursts of 4 regrew less outside the pool than start-up had taken (-2,074 MiB)
-    assert rx.awake_peak_line("single", -2074.0) == (
-        "- single_sleep: the awake peak stayed 2,074 MiB below the same static pool without sleep mode: the "
+    assert rx.awake_peak_line("sleep", -2074.0) == (
+        "- sleep: the awake peak stayed 2,074 MiB below the same static pool without sleep mode: the "
         "memory outside vLLM's cumem pool, freed at each sleep, regrew less in its bursts than at start-up."
     )
-    assert "exceeds the same static pool without sleep mode by 256 MiB" in rx.awake_peak_line("single", 256.0)
+    assert "exceeds the same static pool without sleep mode by 256 MiB" in rx.awake_peak_line("sleep", 256.0)
 
 
 # --- the sleep router under every model's traffic at once -------------------------------------------
@@ -210,3 +210,49 @@ def test_two_models_fit_awake_when_the_static_share_allows():
     assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.45)) == 2
     assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.55)) == 1
     assert rx.awake_at_most(rx.Config(gpu_memory_utilization=0.3)) == 3
+
+
+# --- per-model means that must add up to the card's ---------------------------------------------------
+def sleep_arm_sampled(folder, process_hz: float) -> "rx.LoadedExperiment":
+    """A sleep arm as an H100 smoke run recorded it: asleep 1,441 MiB on the card (948 its own), awake
+    43,677 for 0.4 s bursts 1.5 s apart; the card read every 50 ms, the server's process tree at
+    process_hz."""
+    t0, workload, bursts = 1000.0, (5.0, 6.8), ((5.0, 5.4), (6.45, 6.8))
+
+    def own(t):
+        return 948 + (42729 if any(a <= t < b for a, b in bursts) else 0)
+
+    exp = folder / "04_sleep"
+    exp.mkdir()
+    device = [{"kind": "device", "t": t0 + i * 0.05, "used_mib": 493 + own(i * 0.05)} for i in range(160)]
+    process = [
+        {"kind": "process", "t": t0 + k / process_hz, "server": "A", "used_mib": own(k / process_hz)}
+        for k in range(int(8 * process_hz))
+    ]
+    rx.write_jsonl(exp / "memory.jsonl", sorted(device + process, key=lambda r: r["t"]))
+    spec = {"name": "A", "model": "m", "sleep_mode": True}
+    server = {"spec": spec, "label": "A static 0.55 + sleep mode", "startup_s": 10.0}
+    marks = {"idle_after_load": [t0 + 2, t0 + 3], "idle_before": [t0 + 3.5, t0 + 4.5]}
+    marks.update(workload=[t0 + workload[0], t0 + workload[1]], sampling_end=t0 + 7.5)
+    record = {"name": "sleep", "question": "q", "servers": [server], "sample_interval_s": 0.05}
+    rx.write_json(exp / "experiment.json", {**record, "finished": True, "marks": marks})
+    return rx.load_experiment(exp)
+
+
+def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
+    slow = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2), 0.05)
+    assert slow.memory_cost.mean_mib > 10_000 and slow.servers["A"].memory_cost is None
+    (problem,) = [p for p in slow.problems if p.startswith("per-model memory means n/a")]
+    assert "raise --process-sample-hz" in problem
+    md = rx.markdown_summary({}, {"sleep": slow}, {}, None)
+    assert "| sleep | 1.8 |" in md and md.split("| sleep | 1.8 |")[1].split("\n")[0].endswith("| n/a |")
+
+    (tmp_path / "fast").mkdir()
+    fast = rx.summarize_experiment(sleep_arm_sampled(tmp_path / "fast", process_hz=20), 0.05)
+    expected, gap = rx.per_model_means_gap(
+        fast.memory_cost.mean_mib,
+        fast.device.idle_before_workload_mib,
+        [fast.servers["A"].memory_cost.mean_mib],
+        [fast.servers["A"].memory.idle_before_workload_mib],
+    )
+    assert gap < rx.PER_MODEL_MEANS_TOLERANCE and not fast.problems

@@ -1505,14 +1505,20 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 @functools.lru_cache(maxsize=1)
 def config_help() -> dict[str, str]:
     """Each field's trailing comment in Config, as its --help text (empty where the source is not
-    available, e.g. pasted into a notebook cell). Read once: finding a class's source parses the file."""
+    available, e.g. pasted into a notebook cell). Read from the file's lines: inspect.getsource would
+    parse the whole file to find the class, a fifth of a second at every start."""
     import inspect
+    import linecache
 
     try:
-        source = inspect.getsource(Config)
-    except (OSError, TypeError):
+        lines = linecache.getlines(inspect.getsourcefile(Config) or "")
+    except (OSError, TypeError):  # no file: a notebook
         return {}
-    fields = re.findall(r"^[ \t]*(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)  # name: type = default  # help
+    start = next((i for i, line in enumerate(lines) if line.startswith("class Config")), len(lines))
+    body = itertools.takewhile(lambda line: not line.strip() or line[0].isspace(), lines[start + 1 :])
+    fields = re.findall(
+        r"^[ \t]*(\w+):[^#\n]*#(.*)$", "".join(body), re.MULTILINE
+    )  # name: type = default  # help
     return {name: text.strip() for name, text in fields}
 
 

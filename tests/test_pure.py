@@ -280,6 +280,20 @@ def test_a_request_row_reads_back_as_the_record_it_was_written_from():
     assert rx.RequestRecord.from_row(old).content_reads is None, "a row from before content_reads: unknown"
 
 
+def test_the_runs_first_start_ups_are_named_as_no_measure_of_their_arm():
+    # an H100, fresh host: one static server was ready after 48 s first, 26 s in the next run
+    servers = {
+        "A kvcached": {"started_at": 100.0, "ready_at": 148.0},
+        "B kvcached": {"started_at": 101.0, "ready_at": 141.0},  # begun before A was ready
+        "A static 0.55": {"started_at": 160.0, "ready_at": 186.0},
+        "B static 0.35": {"started_at": 190.0},  # never ready
+    }
+    line = rx.first_startups_line(servers)
+    assert line.startswith("The run's first start-ups (A kvcached, B kvcached: 40-48 s) also pay")
+    assert line.endswith("Compare start-ups across arms beyond these.")
+    assert rx.first_startups_line({"A kvcached": servers["A kvcached"]}) is None, "nothing to compare"
+
+
 def test_memory_summary_idle_peak_release():
     samples = [(t / 10, 1000.0) for t in range(0, 20)]  # idle 1000
     samples += [(2 + t / 10, 3000.0) for t in range(0, 10)]  # burst to 3000

@@ -4859,16 +4859,6 @@ def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCo
 PER_MODEL_MEANS_TOLERANCE = 0.05  # of the card's mean: how far the per-model means may miss adding up
 
 
-def per_model_means_gap(
-    card_mean: float, card_idle: float, means: list[float], idles: list[float]
-) -> tuple[float, float]:
-    """What the per-model means over the workload should add up to (the card's mean less what the card
-    held beside the servers at idle) and the share of the card's mean by which they miss it: a
-    per-process series slower than the memory's changes (a sleep arm waking for a short burst) misses."""
-    expected = card_mean - (card_idle - sum(idles))
-    return expected, abs(expected - sum(means)) / card_mean
-
-
 def largest_gap(samples: Samples, start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
@@ -5275,12 +5265,14 @@ def per_model_means_checked(
     servers: dict[str, ServerSummary], device: MemorySummary, cost: Optional[MemoryCost]
 ) -> tuple[dict[str, ServerSummary], list[str]]:
     """The servers, their means over the workload voided (with a problem that says why) where they do
-    not add up to the card's."""
+    not add up to the card's mean less what the card held beside them at idle: a per-process series
+    slower than the memory's changes (a sleep arm waking for short bursts) misses them."""
     means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
     if not servers or cost is None or device.idle_before_workload_mib is None or None in means + idles:
         return servers, []
-    expected, gap = per_model_means_gap(cost.mean_mib, device.idle_before_workload_mib, means, idles)
+    expected = cost.mean_mib - (device.idle_before_workload_mib - sum(idles))
+    gap = abs(expected - sum(means)) / cost.mean_mib
     if gap <= PER_MODEL_MEANS_TOLERANCE:
         return servers, []
     problem = (

@@ -4856,7 +4856,7 @@ def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCo
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
 
 
-PER_MODEL_MEANS_TOLERANCE = 0.05  # of the card's mean: how far the per-model means may miss adding up
+PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
 
 
 def largest_gap(samples: Samples, start: float, end: float) -> float:
@@ -5264,24 +5264,42 @@ def summarize_experiment(
 def per_model_means_checked(
     servers: dict[str, ServerSummary], device: MemorySummary, cost: Optional[MemoryCost]
 ) -> tuple[dict[str, ServerSummary], list[str]]:
-    """The servers, their means over the workload voided (with a problem that says why) where they do
-    not add up to the card's mean less what the card held beside them at idle: a per-process series
-    slower than the memory's changes (a sleep arm waking for short bursts) misses them."""
-    means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
+    """The servers, their means over the workload and peaks voided (with a problem that says why) where a
+    per-process series slower than the memory's changes (a sleep arm waking for short bursts) missed
+    them: the means must add up to the card's, and the peaks to at least the card's, less what the card
+    held beside the servers at idle."""
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
-    if not servers or cost is None or device.idle_before_workload_mib is None or None in means + idles:
+    if not servers or device.idle_before_workload_mib is None or None in idles:
         return servers, []
-    expected = cost.mean_mib - (device.idle_before_workload_mib - sum(idles))
-    gap = abs(expected - sum(means)) / cost.mean_mib
-    if gap <= PER_MODEL_MEANS_TOLERANCE:
-        return servers, []
-    problem = (
-        f"per-model memory means n/a: they add up to {fmt(sum(means))} MiB, but the card held "
-        f"{fmt(expected)} MiB for the servers (its mean less what it held beside them at idle), "
-        f"{fmt(100 * gap, 1)}% of its mean apart: memory changed faster than the per-process series "
-        "samples (raise --process-sample-hz)"
+    outside = device.idle_before_workload_mib - sum(idles)
+    means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
+    peaks = [v.memory.peak_mib for v in servers.values()]
+    missed = []
+    if cost is not None and None not in means:
+        gap = abs(cost.mean_mib - outside - sum(means)) / cost.mean_mib
+        missed += [("means", sum(means), cost.mean_mib - outside, gap)] if gap > PER_MODEL_TOLERANCE else []
+    if device.peak_mib is not None and None not in peaks:
+        gap = (device.peak_mib - outside - sum(peaks)) / device.peak_mib
+        missed += [("peaks", sum(peaks), device.peak_mib - outside, gap)] if gap > PER_MODEL_TOLERANCE else []
+    problems = [
+        f"per-model memory {what} n/a: they add up to {fmt(total)} MiB, but the card held {fmt(card)} MiB "
+        f"for the servers (its {what[:-1]} less what it held beside them at idle), {fmt(100 * gap, 1)}% of "
+        f"its {what[:-1]} apart: memory changed faster than the per-process series samples (raise "
+        "--process-sample-hz)"
+        for what, total, card, gap in missed
+    ]
+    void = {what for what, *_ in missed}
+    return {k: voided(v, void) for k, v in servers.items()}, problems
+
+
+def voided(server: ServerSummary, figures: set[str]) -> ServerSummary:
+    """The server's per-process means over the workload and peaks, dropped as `figures` says."""
+    held = server.memory
+    if "peaks" in figures:
+        held = dataclasses.replace(held, peak_mib=None, flex_mib=None)
+    return dataclasses.replace(
+        server, memory=held, memory_cost=None if "means" in figures else server.memory_cost
     )
-    return {k: dataclasses.replace(v, memory_cost=None) for k, v in servers.items()}, [problem]
 
 
 def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[list[LatencySummary]]:

@@ -213,10 +213,10 @@ def test_two_models_fit_awake_when_the_static_share_allows():
 
 
 # --- per-model means that must add up to the card's ---------------------------------------------------
-def sleep_arm_sampled(folder, process_hz: float) -> "rx.LoadedExperiment":
+def sleep_arm_sampled(folder, process_hz: float, offset_s: float = 0.0) -> "rx.LoadedExperiment":
     """A sleep arm as an H100 smoke run recorded it: asleep 1,441 MiB on the card (948 its own), awake
     43,677 for 0.4 s bursts 1.5 s apart; the card read every 50 ms, the server's process tree at
-    process_hz."""
+    process_hz from offset_s."""
     t0, workload, bursts = 1000.0, (5.0, 6.8), ((5.0, 5.4), (6.45, 6.8))
 
     def own(t):
@@ -226,8 +226,8 @@ def sleep_arm_sampled(folder, process_hz: float) -> "rx.LoadedExperiment":
     exp.mkdir()
     device = [{"kind": "device", "t": t0 + i * 0.05, "used_mib": 493 + own(i * 0.05)} for i in range(160)]
     process = [
-        {"kind": "process", "t": t0 + k / process_hz, "server": "A", "used_mib": own(k / process_hz)}
-        for k in range(int(8 * process_hz))
+        {"kind": "process", "t": t0 + t, "server": "A", "used_mib": own(t)}
+        for t in (offset_s + k / process_hz for k in range(int(8 * process_hz)))
     ]
     rx.write_jsonl(exp / "memory.jsonl", sorted(device + process, key=lambda r: r["t"]))
     spec = {"name": "A", "model": "m", "sleep_mode": True}
@@ -251,3 +251,13 @@ def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
     fast = rx.summarize_experiment(sleep_arm_sampled(tmp_path / "fast", process_hz=20), 0.05)
     assert fast.servers["A"].memory_cost.mean_mib == pytest.approx(fast.memory_cost.mean_mib - 493, rel=0.05)
     assert not fast.problems
+
+
+def test_per_model_peaks_below_the_cards_are_void_and_say_why(tmp_path):
+    # read at 2 Hz between the bursts, the server's own series never sees it awake
+    missed = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2, offset_s=0.42), 0.05)
+    assert missed.device.peak_mib == 493 + 948 + 42729 and missed.servers["A"].memory.peak_mib is None
+    assert missed.servers["A"].memory.idle_before_workload_mib == 948, "the idle level stays"
+    (problem,) = [p for p in missed.problems if p.startswith("per-model memory peaks n/a")]
+    assert "they add up to 948 MiB, but the card held 43,677 MiB for the servers" in problem
+    assert any(p.startswith("per-model memory means n/a") for p in missed.problems)

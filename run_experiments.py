@@ -1516,9 +1516,8 @@ def config_help() -> dict[str, str]:
         return {}
     start = next((i for i, line in enumerate(lines) if line.startswith("class Config")), len(lines))
     body = itertools.takewhile(lambda line: not line.strip() or line[0].isspace(), lines[start + 1 :])
-    fields = re.findall(
-        r"^[ \t]*(\w+):[^#\n]*#(.*)$", "".join(body), re.MULTILINE
-    )  # name: type = default  # help
+    # name: type = default  # help
+    fields = re.findall(r"^[ \t]*(\w+):[^#\n]*#(.*)$", "".join(body), re.MULTILINE)
     return {name: text.strip() for name, text in fields}
 
 
@@ -4856,9 +4855,6 @@ def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCo
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
 
 
-PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
-
-
 def largest_gap(samples: Samples, start: float, end: float) -> float:
     """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
     release time read across it would be wrong."""
@@ -5236,7 +5232,7 @@ def summarize_experiment(
     per = per_repeat(records, repeats)
     per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
     views = {s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers}
-    servers, means_problems = per_model_means_checked(views, device, device_cost)
+    servers, per_model_problems = per_model_memory_checked(views, device, device_cost)
     return ExperimentSummary(
         **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
         device=device,
@@ -5246,7 +5242,7 @@ def summarize_experiment(
         repeats={f"{m}_{q}": Spread.of(p.quantile(m, q) for p in per) for m, q in LATENCY_KEYS if per},
         kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid,
-        problems=invalid + experiment_problems(loaded, latency) + means_problems,
+        problems=invalid + experiment_problems(loaded, latency) + per_model_problems,
         server_clock=server_clock(marks, records),
         phase_repeats=per_phase if per else None,
         latency_repeats=per,
@@ -5261,7 +5257,10 @@ def summarize_experiment(
     )
 
 
-def per_model_means_checked(
+PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
+
+
+def per_model_memory_checked(
     servers: dict[str, ServerSummary], device: MemorySummary, cost: Optional[MemoryCost]
 ) -> tuple[dict[str, ServerSummary], list[str]]:
     """The servers, their means over the workload and peaks voided (with a problem that says why) where a
@@ -5275,10 +5274,10 @@ def per_model_means_checked(
     means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
     peaks = [v.memory.peak_mib for v in servers.values()]
     missed = []
-    if cost is not None and None not in means:
+    if cost is not None and cost.mean_mib > 0 and None not in means:
         gap = abs(cost.mean_mib - outside - sum(means)) / cost.mean_mib
         missed += [("means", sum(means), cost.mean_mib - outside, gap)] if gap > PER_MODEL_TOLERANCE else []
-    if device.peak_mib is not None and None not in peaks:
+    if device.peak_mib and None not in peaks:
         gap = (device.peak_mib - outside - sum(peaks)) / device.peak_mib
         missed += [("peaks", sum(peaks), device.peak_mib - outside, gap)] if gap > PER_MODEL_TOLERANCE else []
     problems = [

@@ -5352,7 +5352,7 @@ def server_view(
     """One server's memory (NVML, its process tree, via `memory`), latency, kvcached's and vLLM's views."""
     slot = server["spec"]["name"]
     mine = [r for r in loaded.records if r.server == slot]
-    held, cost = memory(series(loaded.memory, "process", server=slot))
+    held, cost = memory(server_series(loaded, slot))
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
     figures = log_figures(server_log_text(loaded.path, server) or "")
     asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
@@ -5370,6 +5370,18 @@ def server_view(
         sleeps=sleep_split(figures, held.idle_before_workload_mib) if asleep else None,
         memory_cost=cost,
     )
+
+
+def server_series(loaded: LoadedExperiment, slot: str) -> Samples:
+    """A server's memory: NVML's for its process tree. A lone server's is the card's less what the card
+    held beside it at idle, the same figure at the device series' rate: a sleep arm's bursts can fall
+    between two per-process samples."""
+    own = series(loaded.memory, "process", server=slot)
+    idle_span = loaded.record.marks.idle_before or loaded.record.marks.idle_after_load
+    if len(loaded.record.servers) != 1 or idle_span is None:
+        return own
+    outside = diff(window_median(loaded.device, *idle_span), window_median(own, *idle_span))
+    return own if outside is None else [(t, used - outside) for t, used in loaded.device]
 
 
 # %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs

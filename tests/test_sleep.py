@@ -213,34 +213,52 @@ def test_two_models_fit_awake_when_the_static_share_allows():
 
 
 # --- per-model means that must add up to the card's ---------------------------------------------------
-def sleep_arm_sampled(folder, process_hz: float, offset_s: float = 0.0) -> "rx.LoadedExperiment":
+def sleep_arm_sampled(
+    folder, process_hz: float, offset_s: float = 0.0, asleep_beside: bool = False
+) -> "rx.LoadedExperiment":
     """A sleep arm as an H100 smoke run recorded it: asleep 1,441 MiB on the card (948 its own), awake
     43,677 for 0.4 s bursts 1.5 s apart; the card read every 50 ms, the server's process tree at
-    process_hz from offset_s."""
+    process_hz from offset_s. asleep_beside: a second one, B, asleep throughout (948 MiB, read as A's
+    is), as in shared_sleep."""
     t0, workload, bursts = 1000.0, (5.0, 6.8), ((5.0, 5.4), (6.45, 6.8))
+    names = ("A", "B") if asleep_beside else ("A",)
 
-    def own(t):
-        return 948 + (42729 if any(a <= t < b for a, b in bursts) else 0)
+    def own(name, t):
+        return 948 + (42729 if name == "A" and any(a <= t < b for a, b in bursts) else 0)
 
     exp = folder / "04_sleep"
     exp.mkdir()
-    device = [{"kind": "device", "t": t0 + i * 0.05, "used_mib": 493 + own(i * 0.05)} for i in range(160)]
+    card = [(i * 0.05, 493 + sum(own(name, i * 0.05) for name in names)) for i in range(160)]
+    device = [{"kind": "device", "t": t0 + t, "used_mib": used} for t, used in card]
     process = [
-        {"kind": "process", "t": t0 + t, "server": "A", "used_mib": own(t)}
+        {"kind": "process", "t": t0 + t, "server": name, "used_mib": own(name, t)}
         for t in (offset_s + k / process_hz for k in range(int(8 * process_hz)))
+        for name in names
     ]
     rx.write_jsonl(exp / "memory.jsonl", sorted(device + process, key=lambda r: r["t"]))
-    spec = {"name": "A", "model": "m", "sleep_mode": True}
-    server = {"spec": spec, "label": "A static 0.55 + sleep mode", "startup_s": 10.0}
+    servers = [
+        {"spec": {"name": name, "model": "m", "sleep_mode": True}, "label": f"{name} static + sleep mode"}
+        for name in names
+    ]
+    servers = [{**server, "startup_s": 10.0} for server in servers]
     marks = {"idle_after_load": [t0 + 2, t0 + 3], "idle_before": [t0 + 3.5, t0 + 4.5]}
     marks.update(workload=[t0 + workload[0], t0 + workload[1]], sampling_end=t0 + 7.5)
-    record = {"name": "sleep", "question": "q", "servers": [server], "sample_interval_s": 0.05}
+    record = {"name": "sleep", "question": "q", "servers": servers, "sample_interval_s": 0.05}
     rx.write_json(exp / "experiment.json", {**record, "finished": True, "marks": marks})
     return rx.load_experiment(exp)
 
 
+def test_a_lone_servers_memory_is_the_cards_less_what_the_card_held_beside_it(tmp_path):
+    # at 2 Hz its own series misses its 0.4 s bursts; the card's, read every 50 ms, does not
+    lone = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2, offset_s=0.42), 0.05)
+    own = lone.servers["A"]
+    assert own.memory_cost.mean_mib == pytest.approx(lone.memory_cost.mean_mib - 493)
+    assert own.memory.peak_mib == lone.device.peak_mib - 493 == 948 + 42729
+    assert own.memory.idle_before_workload_mib == 948 and not lone.problems
+
+
 def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
-    slow = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2), 0.05)
+    slow = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2, asleep_beside=True), 0.05)
     assert slow.memory_cost.mean_mib > 10_000 and slow.servers["A"].memory_cost is None
     (problem,) = [p for p in slow.problems if p.startswith("per-model memory means n/a")]
     assert "raise --process-sample-hz" in problem
@@ -248,16 +266,18 @@ def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
     assert "| sleep | 1.8 |" in md and md.split("| sleep | 1.8 |")[1].split("\n")[0].endswith("| n/a |")
 
     (tmp_path / "fast").mkdir()
-    fast = rx.summarize_experiment(sleep_arm_sampled(tmp_path / "fast", process_hz=20), 0.05)
-    assert fast.servers["A"].memory_cost.mean_mib == pytest.approx(fast.memory_cost.mean_mib - 493, rel=0.05)
+    fast = rx.summarize_experiment(sleep_arm_sampled(tmp_path / "fast", 20, asleep_beside=True), 0.05)
+    means = [fast.servers[name].memory_cost.mean_mib for name in "AB"]
+    assert sum(means) == pytest.approx(fast.memory_cost.mean_mib - 493, rel=0.05)
     assert not fast.problems
 
 
 def test_per_model_peaks_below_the_cards_are_void_and_say_why(tmp_path):
     # read at 2 Hz between the bursts, the server's own series never sees it awake
-    missed = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2, offset_s=0.42), 0.05)
-    assert missed.device.peak_mib == 493 + 948 + 42729 and missed.servers["A"].memory.peak_mib is None
+    loaded = sleep_arm_sampled(tmp_path, process_hz=2, offset_s=0.42, asleep_beside=True)
+    missed = rx.summarize_experiment(loaded, 0.05)
+    assert missed.device.peak_mib == 493 + 948 + 42729 + 948 and missed.servers["A"].memory.peak_mib is None
     assert missed.servers["A"].memory.idle_before_workload_mib == 948, "the idle level stays"
     (problem,) = [p for p in missed.problems if p.startswith("per-model memory peaks n/a")]
-    assert "they add up to 948 MiB, but the card held 43,677 MiB for the servers" in problem
+    assert "they add up to 1,896 MiB, but the card held 44,625 MiB for the servers" in problem
     assert any(p.startswith("per-model memory means n/a") for p in missed.problems)

@@ -5233,7 +5233,7 @@ def summarize_experiment(
     per = per_repeat(records, repeats)
     per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
     views = {s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers}
-    servers, per_model_problems = per_model_memory_checked(views, device, device_cost)
+    servers, per_model_problems = per_model_memory_checked(views, device, device_cost, loaded)
     return ExperimentSummary(
         **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
         device=device,
@@ -5259,15 +5259,38 @@ def summarize_experiment(
 
 
 PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
+# per-process samples in the shortest burst for per-model means within PER_MODEL_TOLERANCE: a sleep
+# server waking for two bursts, sampled at random phases, missed by more in 51% of trials at 4 samples
+# a burst, in none at 8
+SAMPLES_PER_BURST = 8
+
+
+def sampling_advice(loaded: LoadedExperiment) -> str:
+    """What makes per-model figures add up: SAMPLES_PER_BURST per-process samples in the shortest burst."""
+    bursts = [b.end - b.start for b in loaded.record.marks.bursts if b.end is not None and b.end > b.start]
+    ticks = sorted({row["t"] for row in select(loaded.memory, kind="process")})  # one per read of all
+    if not bursts or len(ticks) < 2:
+        return "raise --process-sample-hz"
+    every_s, needed_hz = float(np.median(np.diff(ticks))), math.ceil(SAMPLES_PER_BURST / min(bursts))
+    if needed_hz * every_s <= 1:  # already that fast: the bursts are not what it missed
+        return "raise --process-sample-hz"
+    return (
+        f"its shortest burst lasted {min(bursts):.2f} s and each server was read every {every_s:.2f} s: "
+        f"raise --process-sample-hz to {needed_hz} or more (about {SAMPLES_PER_BURST} samples a burst) or "
+        "lengthen the bursts (--max-tokens)"
+    )
 
 
 def per_model_memory_checked(
-    servers: dict[str, ServerSummary], device: MemorySummary, cost: Optional[MemoryCost]
+    servers: dict[str, ServerSummary],
+    device: MemorySummary,
+    cost: Optional[MemoryCost],
+    loaded: LoadedExperiment,
 ) -> tuple[dict[str, ServerSummary], list[str]]:
     """The servers, their means over the workload and peaks voided (with a problem that says why) where a
     per-process series slower than the memory's changes (a sleep arm waking for short bursts) missed
     them: the means must add up to the card's, and the peaks to at least the card's, less what the card
-    held beside the servers at idle."""
+    held beside the servers at idle. The problem says which rate would do (sampling_advice)."""
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
     if not servers or device.idle_before_workload_mib is None or None in idles:
         return servers, []
@@ -5282,11 +5305,11 @@ def per_model_memory_checked(
         card = device.peak_mib - outside
         checks.append(("peaks", sum(peaks), card, (card - sum(peaks)) / device.peak_mib))
     missed = [check for check in checks if check[3] > PER_MODEL_TOLERANCE]
+    advice = sampling_advice(loaded) if missed else ""
     problems = [
         f"per-model memory {what} n/a: they add up to {fmt(total)} MiB, but the card held {fmt(card)} MiB "
         f"for the servers (its {what[:-1]} less what it held beside them at idle), {fmt(100 * gap, 1)}% of "
-        f"its {what[:-1]} apart: memory changed faster than the per-process series samples (raise "
-        "--process-sample-hz)"
+        f"its {what[:-1]} apart: memory changed faster than the per-process series samples ({advice})"
         for what, total, card, gap in missed
     ]
     void = {what for what, *_ in missed}

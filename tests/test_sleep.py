@@ -243,6 +243,10 @@ def sleep_arm_sampled(
     servers = [{**server, "startup_s": 10.0} for server in servers]
     marks = {"idle_after_load": [t0 + 2, t0 + 3], "idle_before": [t0 + 3.5, t0 + 4.5]}
     marks.update(workload=[t0 + workload[0], t0 + workload[1]], sampling_end=t0 + 7.5)
+    marks["bursts"] = [
+        {"phase": "main", "server": "A", "repeat": 0, "start": t0 + start, "end": t0 + end}
+        for start, end in bursts
+    ]
     record = {"name": "sleep", "question": "q", "servers": servers, "sample_interval_s": 0.05}
     rx.write_json(exp / "experiment.json", {**record, "finished": True, "marks": marks})
     return rx.load_experiment(exp)
@@ -261,7 +265,9 @@ def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
     slow = rx.summarize_experiment(sleep_arm_sampled(tmp_path, process_hz=2, asleep_beside=True), 0.05)
     assert slow.memory_cost.mean_mib > 10_000 and slow.servers["A"].memory_cost is None
     (problem,) = [p for p in slow.problems if p.startswith("per-model memory means n/a")]
-    assert "raise --process-sample-hz" in problem
+    assert "shortest burst lasted 0.35 s and each server was read every 0.50 s" in problem
+    advice = "raise --process-sample-hz to 23 or more (about 8 samples a burst) or lengthen the bursts"
+    assert problem.endswith(f"{advice} (--max-tokens))")
     md = rx.markdown_summary({}, {"sleep": slow}, {}, None)
     assert "| sleep | 1.8 |" in md and md.split("| sleep | 1.8 |")[1].split("\n")[0].endswith("| n/a |")
 

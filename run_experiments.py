@@ -5259,9 +5259,9 @@ def summarize_experiment(
 
 
 PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
-# per-process samples in the shortest burst for per-model means within PER_MODEL_TOLERANCE: a sleep
-# server waking for two bursts, sampled at random phases, missed by more in 51% of trials at 4 samples
-# a burst, in none at 8
+# per-process samples in the shortest burst for per-model means within PER_MODEL_TOLERANCE: with a sleep
+# server waking for two bursts of 0.4-2 s beside another, read from random phases, 4 samples a burst
+# missed in 8-53% of 300 trials, 6 in up to 30%, 8 in none (benchmarks/per_model_sampling_bench.py)
 SAMPLES_PER_BURST = 8
 
 

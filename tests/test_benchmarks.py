@@ -23,3 +23,10 @@ def test_client_bench_prints_its_table():
 def test_sampler_bench_runs_against_the_fakes():
     out = bench("benchmarks/sampler_bench.py", "--fake", "--seconds", "1")
     assert "device samples:" in out and "Hz achieved at a 20 Hz setting" in out
+
+
+def test_per_model_sampling_bench_prints_its_table():
+    out = bench("benchmarks/per_model_sampling_bench.py", "--trials", "4", "--burst-s", "0.4")
+    assert "| burst (s) | 2 samples a burst | 4 samples a burst |" in out
+    assert out.splitlines()[3].startswith("| 0.4 | 100% | "), "two samples a burst always miss"
+    assert "the problem asks for 8 samples a burst" in out

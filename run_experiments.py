@@ -5271,11 +5271,12 @@ def sampling_advice(loaded: LoadedExperiment) -> str:
     ticks = sorted({row["t"] for row in select(loaded.memory, kind="process")})  # one per read of all
     if not bursts or len(ticks) < 2:
         return "raise --process-sample-hz"
-    every_s, needed_hz = float(np.median(np.diff(ticks))), math.ceil(SAMPLES_PER_BURST / min(bursts))
+    shortest, every_s = min(bursts), float(np.median(np.diff(ticks)))
+    needed_hz = math.ceil(SAMPLES_PER_BURST / shortest)
     if needed_hz * every_s <= 1:  # already that fast: the bursts are not what it missed
         return "raise --process-sample-hz"
     return (
-        f"its shortest burst lasted {min(bursts):.2f} s and each server was read every {every_s:.2f} s: "
+        f"its shortest burst lasted {shortest:.2f} s and each server was read every {every_s:.2f} s: "
         f"raise --process-sample-hz to {needed_hz} or more (about {SAMPLES_PER_BURST} samples a burst) or "
         "lengthen the bursts (--max-tokens)"
     )

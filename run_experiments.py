@@ -5289,9 +5289,10 @@ def per_model_memory_checked(
     loaded: LoadedExperiment,
 ) -> tuple[dict[str, ServerSummary], list[str]]:
     """The servers, their means over the workload and peaks voided (with a problem that says why) where a
-    per-process series slower than the memory's changes (a sleep arm waking for short bursts) missed
-    them: the means must add up to the card's, and the peaks to at least the card's, less what the card
-    held beside the servers at idle. The problem says which rate would do (sampling_advice)."""
+    per-process series slower than the memory's changes (sleep servers sharing the card, each waking for
+    short bursts) missed them: the means must add up to the card's, and the peaks to at least the card's,
+    less what the card held beside the servers at idle. The problem says which rate would do
+    (sampling_advice). A lone server's figures are the card's (server_series): they always add up."""
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
     if not servers or device.idle_before_workload_mib is None or None in idles:
         return servers, []

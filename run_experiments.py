@@ -4990,8 +4990,8 @@ class KvcachedView:
     """kvcached's own accounting, from its shared-memory segment."""
 
     limit_mib: float
-    peak_used_mib: float
-    peak_prealloc_mib: float
+    peak_used_mib: Optional[float]  # None: a burst fell between two reads (sampled_peaks_checked)
+    peak_prealloc_mib: Optional[float]
 
     @classmethod
     def of(cls, rows: list[dict]) -> Optional[KvcachedView]:
@@ -5234,6 +5234,7 @@ def summarize_experiment(
     per_phase = {phase: per_repeat(mine, repeats) for (phase,), mine in by_phase.items()}
     views = {s["spec"]["name"]: server_view(s, loaded, memory, slo) for s in record.servers}
     servers, per_model_problems = per_model_memory_checked(views, device, device_cost, loaded)
+    servers, peak_problems = sampled_peaks_checked(servers, loaded)
     return ExperimentSummary(
         **fields_of(record, "name", "question", "sampler_errors", "sampler_error_kinds", "gpu_index"),
         device=device,
@@ -5243,7 +5244,7 @@ def summarize_experiment(
         repeats={f"{m}_{q}": Spread.of(p.quantile(m, q) for p in per) for m, q in LATENCY_KEYS if per},
         kv_limits_bytes=record.kv_limits,
         memory_valid=not invalid,
-        problems=invalid + experiment_problems(loaded, latency) + per_model_problems,
+        problems=invalid + experiment_problems(loaded, latency) + per_model_problems + peak_problems,
         server_clock=server_clock(marks, records),
         phase_repeats=per_phase if per else None,
         latency_repeats=per,
@@ -5255,76 +5256,6 @@ def summarize_experiment(
         else None,
         memory_cost=device_cost,
         prompt_tokens=PromptCheck.of(records),
-    )
-
-
-PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
-# per-process samples in the shortest burst for per-model means within PER_MODEL_TOLERANCE: with a sleep
-# server waking for two bursts of 0.4-2 s beside another, read from random phases, 4 samples a burst
-# missed in 8-53% of 300 trials, 6 in up to 30%, 8 in none (benchmarks/per_model_sampling_bench.py)
-SAMPLES_PER_BURST = 8
-
-
-def sampling_advice(loaded: LoadedExperiment) -> str:
-    """What makes per-model figures add up: SAMPLES_PER_BURST per-process samples in the shortest burst."""
-    bursts = [b.end - b.start for b in loaded.record.marks.bursts if b.end is not None and b.end > b.start]
-    ticks = sorted({row["t"] for row in select(loaded.memory, kind="process")})  # one per read of all
-    if not bursts or len(ticks) < 2:
-        return "raise --process-sample-hz"
-    shortest, every_s = min(bursts), float(np.median(np.diff(ticks)))
-    needed_hz = math.ceil(SAMPLES_PER_BURST / shortest)
-    if needed_hz * every_s <= 1:  # already that fast: the bursts are not what it missed
-        return "raise --process-sample-hz"
-    return (
-        f"its shortest burst lasted {shortest:.2f} s and each server was read every {every_s:.2f} s: "
-        f"raise --process-sample-hz to {needed_hz} or more (about {SAMPLES_PER_BURST} samples a burst) or "
-        "lengthen the bursts (--max-tokens)"
-    )
-
-
-def per_model_memory_checked(
-    servers: dict[str, ServerSummary],
-    device: MemorySummary,
-    cost: Optional[MemoryCost],
-    loaded: LoadedExperiment,
-) -> tuple[dict[str, ServerSummary], list[str]]:
-    """The servers, their means over the workload and peaks voided (with a problem that says why) where a
-    per-process series slower than the memory's changes (sleep servers sharing the card, each waking for
-    short bursts) missed them: the means must add up to the card's, and the peaks to at least the card's,
-    less what the card held beside the servers at idle. The problem says which rate would do
-    (sampling_advice). A lone server's figures are the card's (server_series): they always add up."""
-    idles = [v.memory.idle_before_workload_mib for v in servers.values()]
-    if not servers or device.idle_before_workload_mib is None or None in idles:
-        return servers, []
-    outside = device.idle_before_workload_mib - sum(idles)
-    means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
-    peaks = [v.memory.peak_mib for v in servers.values()]
-    checks = []  # (what, the servers' sum, the card's less outside, the miss as a share of the card's)
-    if cost is not None and cost.mean_mib > 0 and None not in means:
-        card = cost.mean_mib - outside
-        checks.append(("means", sum(means), card, abs(card - sum(means)) / cost.mean_mib))
-    if device.peak_mib and None not in peaks:  # peaks at different times may add up to more, never less
-        card = device.peak_mib - outside
-        checks.append(("peaks", sum(peaks), card, (card - sum(peaks)) / device.peak_mib))
-    missed = [check for check in checks if check[3] > PER_MODEL_TOLERANCE]
-    advice = sampling_advice(loaded) if missed else ""
-    problems = [
-        f"per-model memory {what} n/a: they add up to {fmt(total)} MiB, but the card held {fmt(card)} MiB "
-        f"for the servers (its {what[:-1]} less what it held beside them at idle), {fmt(100 * gap, 1)}% of "
-        f"its {what[:-1]} apart: memory changed faster than the per-process series samples ({advice})"
-        for what, total, card, gap in missed
-    ]
-    void = {what for what, *_ in missed}
-    return {k: voided(v, void) for k, v in servers.items()}, problems
-
-
-def voided(server: ServerSummary, figures: set[str]) -> ServerSummary:
-    """The server's per-process means over the workload and peaks, dropped as `figures` says."""
-    held = server.memory
-    if "peaks" in figures:
-        held = dataclasses.replace(held, peak_mib=None, flex_mib=None)
-    return dataclasses.replace(
-        server, memory=held, memory_cost=None if "means" in figures else server.memory_cost
     )
 
 
@@ -5409,7 +5340,116 @@ def server_series(loaded: LoadedExperiment, slot: str) -> Samples:
     return own if outside is None else [(t, used - outside) for t, used in loaded.device]
 
 
-# %% Summaries, part 3: open-loop windows, and each strategy's capacity within the SLOs
+# %% Summaries, part 3: per-model figures checked, against the card's and the bursts their reads missed
+PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model ones may miss adding up
+# per-process samples in the shortest burst for per-model means within PER_MODEL_TOLERANCE: with a sleep
+# server waking for two bursts of 0.4-2 s beside another, read from random phases, 4 samples a burst
+# missed in 8-53% of 300 trials, 6 in up to 30%, 8 in none (benchmarks/per_model_sampling_bench.py)
+SAMPLES_PER_BURST = 8
+
+
+def sampling_advice(loaded: LoadedExperiment) -> str:
+    """What makes per-model figures add up: SAMPLES_PER_BURST per-process samples in the shortest burst."""
+    bursts = [b.end - b.start for b in loaded.record.marks.bursts if b.end is not None and b.end > b.start]
+    ticks = sorted({row["t"] for row in select(loaded.memory, kind="process")})  # one per read of all
+    if not bursts or len(ticks) < 2:
+        return "raise --process-sample-hz"
+    shortest, every_s = min(bursts), float(np.median(np.diff(ticks)))
+    needed_hz = math.ceil(SAMPLES_PER_BURST / shortest)
+    if needed_hz * every_s <= 1:  # already that fast: the bursts are not what it missed
+        return "raise --process-sample-hz"
+    return (
+        f"its shortest burst lasted {shortest:.2f} s and each server was read every {every_s:.2f} s: "
+        f"raise --process-sample-hz to {needed_hz} or more (about {SAMPLES_PER_BURST} samples a burst) or "
+        "lengthen the bursts (--max-tokens)"
+    )
+
+
+def per_model_memory_checked(
+    servers: dict[str, ServerSummary],
+    device: MemorySummary,
+    cost: Optional[MemoryCost],
+    loaded: LoadedExperiment,
+) -> tuple[dict[str, ServerSummary], list[str]]:
+    """The servers, their means over the workload and peaks voided (with a problem that says why) where a
+    per-process series slower than the memory's changes (sleep servers sharing the card, each waking for
+    short bursts) missed them: the means must add up to the card's, and the peaks to at least the card's,
+    less what the card held beside the servers at idle. The problem says which rate would do
+    (sampling_advice). A lone server's figures are the card's (server_series): they always add up."""
+    idles = [v.memory.idle_before_workload_mib for v in servers.values()]
+    if not servers or device.idle_before_workload_mib is None or None in idles:
+        return servers, []
+    outside = device.idle_before_workload_mib - sum(idles)
+    means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
+    peaks = [v.memory.peak_mib for v in servers.values()]
+    checks = []  # (what, the servers' sum, the card's less outside, the miss as a share of the card's)
+    if cost is not None and cost.mean_mib > 0 and None not in means:
+        card = cost.mean_mib - outside
+        checks.append(("means", sum(means), card, abs(card - sum(means)) / cost.mean_mib))
+    if device.peak_mib and None not in peaks:  # peaks at different times may add up to more, never less
+        card = device.peak_mib - outside
+        checks.append(("peaks", sum(peaks), card, (card - sum(peaks)) / device.peak_mib))
+    missed = [check for check in checks if check[3] > PER_MODEL_TOLERANCE]
+    advice = sampling_advice(loaded) if missed else ""
+    problems = [
+        f"per-model memory {what} n/a: they add up to {fmt(total)} MiB, but the card held {fmt(card)} MiB "
+        f"for the servers (its {what[:-1]} less what it held beside them at idle), {fmt(100 * gap, 1)}% of "
+        f"its {what[:-1]} apart: memory changed faster than the per-process series samples ({advice})"
+        for what, total, card, gap in missed
+    ]
+    void = {what for what, *_ in missed}
+    return {k: voided(v, void) for k, v in servers.items()}, problems
+
+
+def sampled_peaks_checked(
+    servers: dict[str, ServerSummary], loaded: LoadedExperiment
+) -> tuple[dict[str, ServerSummary], list[str]]:
+    """The servers, kvcached's peak use and vLLM's most running and waiting requests voided (with a problem
+    that says why) where a burst of the server fell between two reads of its segment or /metrics: the
+    largest read missed that burst (a short one, as --preset smoke's, read at --process-sample-hz)."""
+    checked, problems = {}, []
+    for slot, view in servers.items():
+        bursts = [b for b in loaded.record.marks.bursts if b.server in (slot, ALL_SLOTS) and b.end]
+        unread = {kind: bursts_unread(loaded, slot, kind, bursts) for kind in PEAK_SOURCES}
+        if unread["kvcached"]:
+            peaks = dict(peak_used_mib=None, peak_prealloc_mib=None)
+            view = dataclasses.replace(view, kvcached=dataclasses.replace(view.kvcached, **peaks))
+        if unread["metrics"]:
+            view = dataclasses.replace(
+                view, vllm=dataclasses.replace(view.vllm, max_running=None, max_waiting=None)
+            )
+        checked[slot] = view
+        if any(unread.values()):
+            sources = " and ".join(PEAK_SOURCES[kind] for kind, count in unread.items() if count)
+            problems.append(
+                f"{slot}'s peaks from {sources} n/a: {max(unread.values())} of its {len(bursts)} bursts fell "
+                f"between two reads ({sampling_advice(loaded)})"
+            )
+    return checked, problems
+
+
+PEAK_SOURCES = {"kvcached": "kvcached's segment", "metrics": "vLLM's /metrics"}  # memory.jsonl kind -> words
+
+
+def bursts_unread(loaded: LoadedExperiment, slot: str, kind: str, bursts: list[BurstMark]) -> int:
+    """How many of `bursts` no `kind` row of `slot` was read within (none without such rows)."""
+    times = sorted(row["t"] for row in select(loaded.memory, kind=kind, server=slot))
+    if not times:  # no such series: no peak from it to void
+        return 0
+    return sum(bisect.bisect_left(times, b.start) == bisect.bisect_right(times, b.end) for b in bursts)
+
+
+def voided(server: ServerSummary, figures: set[str]) -> ServerSummary:
+    """The server's per-process means over the workload and peaks, dropped as `figures` says."""
+    held = server.memory
+    if "peaks" in figures:
+        held = dataclasses.replace(held, peak_mib=None, flex_mib=None)
+    return dataclasses.replace(
+        server, memory=held, memory_cost=None if "means" in figures else server.memory_cost
+    )
+
+
+# %% Summaries, part 4: open-loop windows, and each strategy's capacity within the SLOs
 @dataclasses.dataclass
 class RatePoint:
     """One open-loop window: latency at a planned arrival rate (timed from each planned arrival)."""

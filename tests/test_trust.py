@@ -792,6 +792,53 @@ def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tm
     assert vllm.max_running == 3.0 and vllm.max_waiting is None
 
 
+def test_peaks_of_a_server_whose_bursts_fell_between_two_reads_are_void_and_say_why(tmp_path):
+    """A burst shorter than the reads' interval can fall between two reads of kvcached's segment and
+    vLLM's /metrics: the largest read then says 0 requests ran (seen on an H100 under --preset smoke)."""
+    exp = tmp_path / "01_shared_kvcached"
+    exp.mkdir()
+    rows = []
+    for tick in range(10):  # each server read at 2 Hz; only B's burst holds a read (at 102.5)
+        t = 100 + tick / 2
+        for slot in "AB":
+            busy = slot == "B" and t == 102.5
+            rows += [
+                {"kind": "process", "t": t, "server": slot, "used_mib": 1000.0},
+                {"kind": "kvcached", "t": t, "server": slot, "total_bytes": 8 * rx.MIB}
+                | {"used_bytes": (5 if busy else 0) * rx.MIB, "prealloc_bytes": rx.MIB},
+                {"kind": "metrics", "t": t, "server": slot, "running": 3.0 * busy, "waiting": 0.0}
+                | {"preemptions": 0.0},
+            ]
+    rx.write_jsonl(exp / "memory.jsonl", rows)
+    bursts = [("A", 101.1, 101.3), ("B", 102.0, 102.6), ("A", 103.1, 103.3)]
+    rx.write_json(
+        exp / "experiment.json",
+        {
+            "name": "shared_kvcached",
+            "question": "q",
+            "servers": [
+                {"label": f"{slot} kvcached", "spec": {"name": slot, "model": "m"}, "startup_s": 1.0}
+                for slot in "AB"
+            ],
+            "marks": {
+                "bursts": [dict(phase="burst", server=s, repeat=0, start=b, end=e) for s, b, e in bursts]
+            },
+        },
+    )
+    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
+    a, b = summary.servers["A"], summary.servers["B"]
+    assert (a.vllm.max_running, a.vllm.max_waiting, a.vllm.preemptions) == (None, None, 0.0)
+    assert (a.kvcached.peak_used_mib, a.kvcached.limit_mib) == (None, 8.0)
+    assert (b.vllm.max_running, b.kvcached.peak_used_mib) == (3.0, 5.0), "a burst read once keeps its peaks"
+    assert summary.problems == [
+        "A's peaks from kvcached's segment and vLLM's /metrics n/a: 2 of its 2 bursts fell between two reads "
+        "(its shortest burst lasted 0.20 s and each server was read every 0.50 s: raise --process-sample-hz "
+        "to 40 or more (about 8 samples a burst) or lengthen the bursts (--max-tokens))"
+    ]
+    table = "\n".join(rx.per_model_table({"shared_kvcached": summary}))
+    assert "| shared_kvcached | A: m | n/a | 1,000 | n/a / 8 | n/a / n/a | 0 |" in table
+
+
 # 8. Files are written atomically and read forgivingly ---------------------------------------------
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     target = tmp_path / "experiment.json"

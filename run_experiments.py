@@ -5404,13 +5404,18 @@ def per_model_memory_checked(
 def sampled_peaks_checked(
     servers: dict[str, ServerSummary], loaded: LoadedExperiment
 ) -> tuple[dict[str, ServerSummary], list[str]]:
-    """The servers, kvcached's peak use and vLLM's most running and waiting requests voided (with a problem
-    that says why) where a burst of the server fell between two reads of its segment or /metrics: the
-    largest read missed that burst (a short one, as --preset smoke's, read at --process-sample-hz)."""
+    """The servers, their peaks (memory by process tree, kvcached's use, vLLM's most running and waiting
+    requests) voided with a problem that says why where no read of that series fell while a burst's requests
+    ran: the largest read missed that burst (a short one, as --preset smoke's, read at --process-sample-hz).
+    A lone server's memory is the card's, read more often (server_series)."""
     checked, problems = {}, []
+    kinds = [kind for kind in PEAK_SOURCES if kind != "process" or len(servers) > 1]
     for slot, view in servers.items():
         bursts = [b for b in loaded.record.marks.bursts if b.server in (slot, ALL_SLOTS) and b.end]
-        unread = {kind: bursts_unread(loaded, slot, kind, bursts) for kind in PEAK_SOURCES}
+        spans = busy_spans(loaded, slot, bursts)
+        unread = dict.fromkeys(PEAK_SOURCES, 0) | {k: spans_unread(loaded, slot, k, spans) for k in kinds}
+        if unread["process"]:
+            view = voided(view, {"peaks"})
         if unread["kvcached"]:
             peaks = dict(peak_used_mib=None, peak_prealloc_mib=None)
             view = dataclasses.replace(view, kvcached=dataclasses.replace(view.kvcached, **peaks))
@@ -5420,23 +5425,40 @@ def sampled_peaks_checked(
             )
         checked[slot] = view
         if any(unread.values()):
-            sources = " and ".join(PEAK_SOURCES[kind] for kind, count in unread.items() if count)
+            sources = ", ".join(PEAK_SOURCES[kind] for kind, count in unread.items() if count)
             problems.append(
-                f"{slot}'s peaks from {sources} n/a: {max(unread.values())} of its {len(bursts)} bursts fell "
-                f"between two reads ({sampling_advice(loaded)})"
+                f"{slot}'s peaks from {sources} n/a: no read fell while its requests ran in "
+                f"{max(unread.values())} of its {len(spans)} bursts ({sampling_advice(loaded)})"
             )
     return checked, problems
 
 
-PEAK_SOURCES = {"kvcached": "kvcached's segment", "metrics": "vLLM's /metrics"}  # memory.jsonl kind -> words
+PEAK_SOURCES = {  # memory.jsonl kind -> its words
+    "process": "its process tree (NVML)",
+    "kvcached": "kvcached's segment",
+    "metrics": "vLLM's /metrics",
+}
 
 
-def bursts_unread(loaded: LoadedExperiment, slot: str, kind: str, bursts: list[BurstMark]) -> int:
-    """How many of `bursts` no `kind` row of `slot` was read within (none without such rows)."""
+def busy_spans(loaded: LoadedExperiment, slot: str, bursts: list[BurstMark]) -> list[Span]:
+    """Each burst's stretch with requests of `slot` running: its first token to its last request's end (a
+    sleeping server's burst begins with a wake-up, which no request runs in)."""
+    ran = [r for r in loaded.records if r.ok and r.server == slot and r.ttft_s is not None]
+    by_burst, spans = grouped(ran, "phase", "repeat"), []
+    for burst in bursts:
+        mine = by_burst.get((burst.phase, burst.repeat))
+        if mine:
+            first = min(r.t_send + from_send(r, "ttft_s") for r in mine)
+            spans.append((first, max(r.t_send + from_send(r, "e2e_s") for r in mine)))
+    return spans
+
+
+def spans_unread(loaded: LoadedExperiment, slot: str, kind: str, spans: list[Span]) -> int:
+    """How many of `spans` no `kind` row of `slot` was read within (none without such rows)."""
     times = sorted(row["t"] for row in select(loaded.memory, kind=kind, server=slot))
     if not times:  # no such series: no peak from it to void
         return 0
-    return sum(bisect.bisect_left(times, b.start) == bisect.bisect_right(times, b.end) for b in bursts)
+    return sum(bisect.bisect_left(times, start) == bisect.bisect_right(times, end) for start, end in spans)
 
 
 def voided(server: ServerSummary, figures: set[str]) -> ServerSummary:

@@ -792,13 +792,14 @@ def test_metrics_errors_are_counted_and_missing_gauges_are_not_zero(fake_gpu, tm
     assert vllm.max_running == 3.0 and vllm.max_waiting is None
 
 
-def test_peaks_of_a_server_whose_bursts_fell_between_two_reads_are_void_and_say_why(tmp_path):
-    """A burst shorter than the reads' interval can fall between two reads of kvcached's segment and
-    vLLM's /metrics: the largest read then says 0 requests ran (seen on an H100 under --preset smoke)."""
+def test_peaks_of_a_server_whose_requests_ran_between_two_reads_are_void_and_say_why(tmp_path):
+    """A burst shorter than the reads' interval can run between two reads of kvcached's segment and
+    vLLM's /metrics: the largest read then says 0 requests ran (seen on an H100 under --preset smoke).
+    A read during a sleeping server's wake-up, before its requests ran, reads nothing either."""
     exp = tmp_path / "01_shared_kvcached"
     exp.mkdir()
     rows = []
-    for tick in range(10):  # each server read at 2 Hz; only B's burst holds a read (at 102.5)
+    for tick in range(10):  # each server read at 2 Hz; only B's requests run through a read (at 102.5)
         t = 100 + tick / 2
         for slot in "AB":
             busy = slot == "B" and t == 102.5
@@ -810,7 +811,15 @@ def test_peaks_of_a_server_whose_bursts_fell_between_two_reads_are_void_and_say_
                 | {"preemptions": 0.0},
             ]
     rx.write_jsonl(exp / "memory.jsonl", rows)
-    bursts = [("A", 101.1, 101.3), ("B", 102.0, 102.6), ("A", 103.1, 103.3)]
+    # (phase, slot, mark start, mark end, first token after, request ends after): A's second burst's mark
+    # holds the read at 103.0, during its wake-up; its request's first token came at 103.1
+    bursts = [("A 1", "A", 101.1, 101.3, 0.05, 0.2), ("B 1", "B", 102.0, 102.6, 0.1, 0.6)]
+    bursts += [("A 2", "A", 102.9, 103.3, 0.2, 0.4)]
+    requests = [
+        dict(server=s, phase=p, repeat=0, burst=0, index=0, ok=True, t_send=b, ttft_s=ttft, e2e_s=e2e)
+        for p, s, b, _, ttft, e2e in bursts
+    ]
+    rx.write_jsonl(exp / "requests.jsonl", requests)
     rx.write_json(
         exp / "experiment.json",
         {
@@ -821,7 +830,7 @@ def test_peaks_of_a_server_whose_bursts_fell_between_two_reads_are_void_and_say_
                 for slot in "AB"
             ],
             "marks": {
-                "bursts": [dict(phase="burst", server=s, repeat=0, start=b, end=e) for s, b, e in bursts]
+                "bursts": [dict(phase=p, server=s, repeat=0, start=b, end=e) for p, s, b, e, *_ in bursts]
             },
         },
     )
@@ -829,14 +838,17 @@ def test_peaks_of_a_server_whose_bursts_fell_between_two_reads_are_void_and_say_
     a, b = summary.servers["A"], summary.servers["B"]
     assert (a.vllm.max_running, a.vllm.max_waiting, a.vllm.preemptions) == (None, None, 0.0)
     assert (a.kvcached.peak_used_mib, a.kvcached.limit_mib) == (None, 8.0)
+    assert (a.memory.peak_mib, b.memory.peak_mib) == (None, 1000.0)
     assert (b.vllm.max_running, b.kvcached.peak_used_mib) == (3.0, 5.0), "a burst read once keeps its peaks"
     assert summary.problems == [
-        "A's peaks from kvcached's segment and vLLM's /metrics n/a: 2 of its 2 bursts fell between two reads "
-        "(its shortest burst lasted 0.20 s and each server was read every 0.50 s: raise --process-sample-hz "
-        "to 40 or more (about 8 samples a burst) or lengthen the bursts (--max-tokens))"
+        "A's peaks from its process tree (NVML), kvcached's segment, vLLM's /metrics n/a: no read fell while "
+        "its requests ran in 2 of its 2 bursts (its shortest burst lasted 0.20 s and each server was read "
+        "every 0.50 s: raise --process-sample-hz to 40 or more (about 8 samples a burst) or lengthen the "
+        "bursts (--max-tokens))"
     ]
     table = "\n".join(rx.per_model_table({"shared_kvcached": summary}))
-    assert "| shared_kvcached | A: m | n/a | 1,000 | n/a / 8 | n/a / n/a | 0 |" in table
+    assert "| shared_kvcached | A: m | n/a | n/a | n/a / 8 | n/a / n/a | 0 |" in table
+    assert "| shared_kvcached | B: m | n/a | 1,000 | 5 / 8 | 3 / 0 | 0 |" in table
 
 
 # 8. Files are written atomically and read forgivingly ---------------------------------------------

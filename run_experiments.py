@@ -4990,7 +4990,7 @@ class KvcachedView:
     """kvcached's own accounting, from its shared-memory segment."""
 
     limit_mib: float
-    peak_used_mib: Optional[float]  # None: a burst fell between two reads (sampled_peaks_checked)
+    peak_used_mib: Optional[float]  # None: no read while a burst's requests ran (sampled_peaks_checked)
     peak_prealloc_mib: Optional[float]
 
     @classmethod

@@ -5333,11 +5333,18 @@ def server_series(loaded: LoadedExperiment, slot: str) -> Samples:
     held beside it at idle, the same figure at the device series' rate: a sleep arm's bursts can fall
     between two per-process samples."""
     own = series(loaded.memory, "process", server=slot)
-    idle_span = loaded.record.marks.idle_before or loaded.record.marks.idle_after_load
-    if len(loaded.record.servers) != 1 or idle_span is None:
+    idle_span = lone_server_idle_span(loaded)
+    if idle_span is None:
         return own
     outside = diff(window_median(loaded.device, *idle_span), window_median(own, *idle_span))
     return own if outside is None else [(t, used - outside) for t, used in loaded.device]
+
+
+def lone_server_idle_span(loaded: LoadedExperiment) -> Optional[Span]:
+    """The idle window a lone server's memory is read against the card's (server_series); None where the
+    experiment has several servers, or no idle window: then its memory is its process tree's."""
+    marks = loaded.record.marks
+    return (marks.idle_before or marks.idle_after_load) if len(loaded.record.servers) == 1 else None
 
 
 # %% Summaries, part 3: per-model figures checked, against the card's and the bursts their reads missed
@@ -5409,7 +5416,7 @@ def sampled_peaks_checked(
     ran: the largest read missed that burst (a short one, as --preset smoke's, read at --process-sample-hz).
     A lone server's memory is the card's, read more often (server_series)."""
     checked, problems = {}, []
-    kinds = [kind for kind in PEAK_SOURCES if kind != "process" or len(servers) > 1]
+    kinds = [kind for kind in PEAK_SOURCES if kind != "process" or lone_server_idle_span(loaded) is None]
     for slot, view in servers.items():
         bursts = [b for b in loaded.record.marks.bursts if b.server in (slot, ALL_SLOTS) and b.end]
         spans = busy_spans(loaded, slot, bursts)

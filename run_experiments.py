@@ -5788,7 +5788,11 @@ def plot_series(ax: Any, points: list[tuple[float, float]], t0: float, **style: 
 
 
 def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
+    """Each burst in its server's colour, and the discarded warm-up in grey: otherwise the warm-up's peak
+    reads as an unexplained burst."""
     for ax in axes:
+        if marks.warmup:
+            ax.axvspan(marks.warmup[0] - t0, marks.warmup[1] - t0, color="grey", alpha=0.12, lw=0)
         for burst in marks.bursts:
             if burst.end is not None:  # None: killed mid-burst
                 ax.axvspan(burst.start - t0, burst.end - t0, color=color_of(burst.server), alpha=0.08, lw=0)
@@ -5846,7 +5850,9 @@ def plot_single(
     titles = ("VRAM under a bursty workload: kvcached vs static pool, one model", "kvcached alone, zoomed")
     for (ax,), title in zip(axes, titles):
         ax.set(title=title, ylabel="GPU memory used (MiB)")
-        ax.set_xlabel("seconds since the measured workload began (shaded: bursts)")
+        ax.set_xlabel(
+            "seconds since the measured workload began (shaded: bursts; grey: the warm-up, discarded)"
+        )
     return save_figure(fig, path)
 
 
@@ -5896,7 +5902,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         mem.set(title=f"{loaded.record.name}: GPU memory (NVML: device and per server)", ylabel="MiB")
         kv.set(title="kvcached's own view: KV bytes in use (shared-memory segment)", ylabel="MiB")
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
-        met.set_xlabel("seconds since the experiment began (shaded: bursts)")
+        met.set_xlabel("seconds since the experiment began (shaded: bursts; grey: the warm-up, discarded)")
     return save_figure(fig, path)
 
 
@@ -5922,7 +5928,9 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
         finish_axes((held, arrivals), loc="upper left")
         held.set(title=f"{name}: GPU memory per model, stacked (NVML by process tree)", ylabel="MiB")
         arrivals.set_title("each model's requests per second (planned arrivals)")
-        arrivals.set_xlabel("seconds since the experiment began (shaded: windows)")
+        arrivals.set_xlabel(
+            "seconds since the experiment began (shaded: windows; grey: the warm-up, discarded)"
+        )
     return save_figure(fig, path)
 
 

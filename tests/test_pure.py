@@ -455,3 +455,15 @@ def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
     assert said("shared", 2).startswith("**vLLM sleep mode, two models ")
     assert said("shared", 3).startswith("**vLLM sleep mode, 3 models ")
     assert said("shared", 12).startswith("**vLLM sleep mode, 12 models "), "not '1two models'"
+
+
+def test_plots_shade_the_discarded_warm_up_apart_from_the_bursts():
+    fig, axes = rx.new_figure(1)
+    marks = rx.Marks(warmup=(100.0, 102.0), bursts=[rx.BurstMark("main", "A", 1, 104.0, 106.0)])
+    rx.shade_bursts(axes[:, 0], marks, t0=100.0)
+    spans = sorted((p.get_x(), p.get_width(), p.get_facecolor()[:3]) for p in axes[0][0].patches)
+    assert [(x, width) for x, width, _ in spans] == [(0.0, 2.0), (4.0, 2.0)]
+    warm_up, burst = (color for _, _, color in spans)
+    assert warm_up[0] == warm_up[1] == warm_up[2] and burst != warm_up, (
+        "the warm-up in grey, the burst in A's colour"
+    )

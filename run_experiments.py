@@ -6032,6 +6032,12 @@ def side_by_side(record: Any, *fields: str, digits: int = 0, scale: int = 1) -> 
     return " / ".join(fmt(v if v is None else v * scale, digits) for v in values)
 
 
+def shown_versions(config: dict) -> str:
+    """'vLLM 0.24.0, kvcached 0.1.6, torch 2.11.0', with n/a for a package the run did not find."""
+    names = {"vllm": "vLLM", "kvcached": "kvcached", "torch": "torch"}
+    return ", ".join(f"{shown} {dig(config, 'versions', name) or 'n/a'}" for name, shown in names.items())
+
+
 def dig(d: Any, *path: str) -> Any:
     """A value deep inside config.json, which an old or torn run may lack (None then)."""
     for key in path:
@@ -6161,8 +6167,7 @@ def summary_header(
         f"# kvcached vs static KV cache: {config.get('run_name', '')}",
         unfinished,
         f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
-        f"vLLM {dig(config, 'versions', 'vllm')}, kvcached {dig(config, 'versions', 'kvcached')}, "
-        f"torch {dig(config, 'versions', 'torch')}; {config.get('started_utc', '')}",
+        f"{shown_versions(config)}; {config.get('started_utc', '')}",
         f"Command: `{config.get('command', '')}`",
     )
     used_plans = {plan for name in summaries for plan in (experiment(name).plans if experiment(name) else ())}

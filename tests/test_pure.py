@@ -467,3 +467,9 @@ def test_plots_shade_the_discarded_warm_up_apart_from_the_bursts():
     assert warm_up[0] == warm_up[1] == warm_up[2] and burst != warm_up, (
         "the warm-up in grey, the burst in A's colour"
     )
+
+
+def test_a_package_the_run_did_not_find_reads_n_a_in_the_summary_header():
+    config = {"versions": {"vllm": "0.24.0", "kvcached": "0.1.6", "torch": None}}
+    assert rx.shown_versions(config) == "vLLM 0.24.0, kvcached 0.1.6, torch n/a"
+    assert rx.shown_versions({}) == "vLLM n/a, kvcached n/a, torch n/a"

@@ -6391,6 +6391,7 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
 
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
+    """Sleep mode against the group's kvcached and static arms, those of them that ran."""
     idle = {arm: (f := block.figures.get(arm)) and f.idle_before_workload_mib for arm in STRATEGIES}
     count = len(sleep.servers) if GROUPS[name].pair else 1
     models = {1: "one model", 2: "two models"}.get(count, f"{count} models")
@@ -6401,14 +6402,20 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
         if wake is not None and wake.mean is not None
         else "the router below woke each model for its requests"
     )
+    beside = {"kvcached": "kvcached idle", "static": "static pool"}
+    ran = [arm for arm in beside if arm in block.figures]
+    held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
+    ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)
+    e2e = " and ".join(with_repeats(*block.ratio(f"sleep/{arm}", "e2e_s_p50")) for arm in ran)
     return (
         f"**vLLM sleep mode, {models} (level {sleep.sleep.level if sleep.sleep else 0}):** asleep between "
-        f"bursts the card holds {fmt(idle['sleep'])} MiB (kvcached idle {fmt(idle['kvcached'])} MiB, static "
-        f"pool {fmt(idle['static'])} MiB); {wakes}; kvcached needs nobody. TTFT p50 sleep/kvcached "
-        f"{with_repeats(*block.ratio('sleep/kvcached', 'ttft_s_p50'))}, sleep/static "
-        f"{with_repeats(*block.ratio('sleep/static', 'ttft_s_p50'))}; E2E p50 "
-        f"{with_repeats(*block.ratio('sleep/kvcached', 'e2e_s_p50'))} and "
-        f"{with_repeats(*block.ratio('sleep/static', 'e2e_s_p50'))}."
+        f"bursts the card holds {fmt(idle['sleep'])} MiB{f' ({held})' if ran else ''}; {wakes}; kvcached "
+        "needs nobody. "
+        + (
+            f"TTFT p50 {ttft}; E2E p50 {e2e}."
+            if ran
+            else "No kvcached or static arm ran beside it to compare."
+        )
     )
 
 

@@ -457,6 +457,22 @@ def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
     assert said("shared", 12).startswith("**vLLM sleep mode, 12 models "), "not '1two models'"
 
 
+def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():
+    def figures(idle: float) -> "rx.Figures":
+        return rx.Figures(0.1, 0.2, 1.0, 2.0, idle_before_workload_mib=idle)
+
+    sleep = types.SimpleNamespace(servers={"A": None, "B": None}, sleep=None)
+    alone = rx.Comparison(figures={"sleep": figures(2398.0)}, ratios={})
+    said = rx.sleep_paragraph("shared", alone, sleep)
+    assert "holds 2,398 MiB;" in said and "n/a" not in said, said
+    assert said.endswith("No kvcached or static arm ran beside it to compare."), said
+    ratios = {"sleep/kvcached": {"ttft_s_p50": 2.71, "e2e_s_p50": 1.45}}
+    with_kvcached = rx.Comparison(figures={"sleep": figures(2398.0), "kvcached": figures(12144.0)}, ratios=ratios)
+    said = rx.sleep_paragraph("shared", with_kvcached, sleep)
+    assert "holds 2,398 MiB (kvcached idle 12,144 MiB);" in said and "static" not in said, said
+    assert said.endswith("TTFT p50 sleep/kvcached 2.71; E2E p50 1.45."), said
+
+
 def test_plots_shade_the_discarded_warm_up_apart_from_the_bursts():
     fig, axes = rx.new_figure(1)
     marks = rx.Marks(warmup=(100.0, 102.0), bursts=[rx.BurstMark("main", "A", 1, 104.0, 106.0)])

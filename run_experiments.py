@@ -6311,12 +6311,16 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
+REUSED_LOG = " (started for an earlier experiment: these include that one's sleeps)"
+
+
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
     lines = [
-        f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log, each freed vLLM's cumem "
-        f"pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and {fmt(split.beyond_pool_mib.mean)} MiB "
-        f"more on average (at most {fmt(split.beyond_pool_mib.max)} MiB): memory outside the pool, torch's "
-        f"caching allocator, regrown in each burst. Asleep its processes held {fmt(split.asleep_mib)} MiB."
+        f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log{REUSED_LOG if v.reused else ''}, "
+        f"each freed vLLM's cumem pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and "
+        f"{fmt(split.beyond_pool_mib.mean)} MiB more on average (at most {fmt(split.beyond_pool_mib.max)} "
+        "MiB): memory outside the pool, torch's caching allocator, regrown in each burst. Asleep its "
+        f"processes held {fmt(split.asleep_mib)} MiB."
         for name, s in summaries.items()
         for v in s.servers.values()
         if (split := v.sleeps) is not None

@@ -467,10 +467,30 @@ def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():
     assert "holds 2,398 MiB;" in said and "n/a" not in said, said
     assert said.endswith("No kvcached or static arm ran beside it to compare."), said
     ratios = {"sleep/kvcached": {"ttft_s_p50": 2.71, "e2e_s_p50": 1.45}}
-    with_kvcached = rx.Comparison(figures={"sleep": figures(2398.0), "kvcached": figures(12144.0)}, ratios=ratios)
+    with_kvcached = rx.Comparison(
+        figures={"sleep": figures(2398.0), "kvcached": figures(12144.0)}, ratios=ratios
+    )
     said = rx.sleep_paragraph("shared", with_kvcached, sleep)
     assert "holds 2,398 MiB (kvcached idle 12,144 MiB);" in said and "static" not in said, said
     assert said.endswith("TTFT p50 sleep/kvcached 2.71; E2E p50 1.45."), said
+
+
+def test_a_reused_sleep_servers_split_says_its_log_holds_an_earlier_experiments_sleeps():
+    split = rx.SleepSplit(20, 76360.0, rx.Distribution.of([17724.0]), 952.0)
+
+    def server(reused: bool):
+        return types.SimpleNamespace(label="A static 0.55 + sleep mode", reused=reused, sleeps=split)
+
+    summaries = {
+        "sleep": types.SimpleNamespace(servers={"A": server(False)}),
+        "shared_sleep": types.SimpleNamespace(servers={"A": server(True)}),
+    }
+    first, again = [line for line in rx.sleep_split_lines(summaries, {}) if line.startswith("- ")]
+    assert first.startswith("- sleep, A static 0.55 + sleep mode: over the 20 sleeps in its log, each freed")
+    assert again.startswith(
+        "- shared_sleep, A static 0.55 + sleep mode: over the 20 sleeps in its log (started for an earlier "
+        "experiment: these include that one's sleeps), each freed"
+    )
 
 
 def test_plots_shade_the_discarded_warm_up_apart_from_the_bursts():

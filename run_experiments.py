@@ -5787,6 +5787,9 @@ def plot_series(ax: Any, points: list[tuple[float, float]], t0: float, **style: 
     ax.plot([t - t0 for t, _ in points], [v for _, v in points], **style)
 
 
+SHADED = "shaded: {}; grey: the warm-up, discarded"  # what shade_bursts draws, for an axis label
+
+
 def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
     """Each burst in its server's colour, and the discarded warm-up in grey: otherwise the warm-up's peak
     reads as an unexplained burst."""
@@ -5850,9 +5853,7 @@ def plot_single(
     titles = ("VRAM under a bursty workload: kvcached vs static pool, one model", "kvcached alone, zoomed")
     for (ax,), title in zip(axes, titles):
         ax.set(title=title, ylabel="GPU memory used (MiB)")
-        ax.set_xlabel(
-            "seconds since the measured workload began (shaded: bursts; grey: the warm-up, discarded)"
-        )
+        ax.set_xlabel(f"seconds since the measured workload began ({SHADED.format('bursts')})")
     return save_figure(fig, path)
 
 
@@ -5902,7 +5903,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         mem.set(title=f"{loaded.record.name}: GPU memory (NVML: device and per server)", ylabel="MiB")
         kv.set(title="kvcached's own view: KV bytes in use (shared-memory segment)", ylabel="MiB")
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
-        met.set_xlabel("seconds since the experiment began (shaded: bursts; grey: the warm-up, discarded)")
+        met.set_xlabel(f"seconds since the experiment began ({SHADED.format('bursts')})")
     return save_figure(fig, path)
 
 
@@ -5928,9 +5929,7 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
         finish_axes((held, arrivals), loc="upper left")
         held.set(title=f"{name}: GPU memory per model, stacked (NVML by process tree)", ylabel="MiB")
         arrivals.set_title("each model's requests per second (planned arrivals)")
-        arrivals.set_xlabel(
-            "seconds since the experiment began (shaded: windows; grey: the warm-up, discarded)"
-        )
+        arrivals.set_xlabel(f"seconds since the experiment began ({SHADED.format('windows')})")
     return save_figure(fig, path)
 
 

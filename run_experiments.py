@@ -542,7 +542,11 @@ def run_experiment(
     write_json(exp_dir / "experiment.json", record)  # a run killed from here on can still be reported
     before = set(pool.running)
     servers = pool.ensure(list(exp.servers), exp_dir)
-    record.servers = [s.describe() for s in servers]
+    # where each server's log stands: its lines from here on are this experiment's (a reused server's
+    # log holds the earlier experiments' too)
+    record.servers = [
+        {**s.describe(), "log_span": [log_size(s.log_path) if s.spec.key in before else 0]} for s in servers
+    ]
     record.reused = [s.spec.label for s in servers if s.spec.key in before]
     when_ready()  # e.g. the pool prepares the next experiment's servers while this one measures
     sampler = Sampler(
@@ -1088,6 +1092,8 @@ class Trial:
         self.record.sampler_errors = self.sampler.errors
         self.record.sampler_error_kinds = dict(self.sampler.error_kinds)
         self.record.sampler_missed_ticks = self.sampler.missed_ticks
+        for described, server in zip(self.record.servers, self.servers.values()):
+            described["log_span"].append(log_size(server.log_path))
         self.save()
 
 
@@ -5310,7 +5316,11 @@ def server_view(
     mine = [r for r in loaded.records if r.server == slot]
     held, cost = memory(server_series(loaded, slot))
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
-    figures = log_figures(server_log_text(loaded.path, server) or "")
+    log, span = saved_log(loaded.path, server), server.get("log_span")
+    figures = log_figures(
+        log.decode(errors="replace")
+    )  # a reused server's start-up lines are before its span
+    own = log_figures(log[slice(*span)].decode(errors="replace")) if span else figures
     asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
     return ServerSummary(
         label=server["label"],
@@ -5323,7 +5333,7 @@ def server_view(
         vllm=VllmView.of(select(loaded.memory, kind="metrics", server=slot)),
         latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
         footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
-        sleeps=sleep_split(figures, held.idle_before_workload_mib) if asleep else None,
+        sleeps=sleep_split(own, held.idle_before_workload_mib, True if span else None) if asleep else None,
         memory_cost=cost,
     )
 
@@ -5569,16 +5579,16 @@ def log_figures(text: str) -> dict[str, list[float]]:
     }
 
 
-def server_log_text(exp_path: Path, server: dict) -> Optional[str]:
+def saved_log(exp_path: Path, server: dict) -> bytes:
     """A server's log, found in this run folder wherever the run was made (a reused server's log is in
-    the folder of the experiment that started it)."""
+    the folder of the experiment that started it); empty where it is gone."""
     logged = Path(server.get("log") or "")
     for path in (exp_path.parent / logged.parent.name / logged.name, exp_path / logged.name):
         with contextlib.suppress(OSError):
-            return path.read_text(errors="replace")
+            return path.read_bytes()
         with contextlib.suppress(OSError):  # committed runs keep their logs gzipped
-            return gzip.decompress(path.with_name(path.name + ".gz").read_bytes()).decode(errors="replace")
-    return None
+            return gzip.decompress(path.with_name(path.name + ".gz").read_bytes())
+    return b""
 
 
 @dataclasses.dataclass
@@ -5617,14 +5627,18 @@ class SleepSplit:
     pool_freed_mib: Optional[float]  # the last sleep's
     beyond_pool_mib: Distribution  # process freed - pool freed, per sleep
     asleep_mib: Optional[float]  # NVML, its process tree, asleep
+    # True: the sleeps of this experiment only; None (runs older than the log spans): the whole log's
+    this_experiment: Optional[bool] = omitted_if_none()
 
 
-def sleep_split(figures: dict[str, list[float]], asleep_mib: Optional[float]) -> Optional[SleepSplit]:
+def sleep_split(
+    figures: dict[str, list[float]], asleep_mib: Optional[float], this_experiment: Optional[bool] = None
+) -> Optional[SleepSplit]:
     pools, freed = figures["sleep_pool_freed_gib"], figures["sleep_freed_gib"]
     if not pools:
         return None
     beyond = [(f - p) * 1024 for p, f in zip(pools, freed)]
-    return SleepSplit(len(pools), pools[-1] * 1024, Distribution.of(beyond), asleep_mib)
+    return SleepSplit(len(pools), pools[-1] * 1024, Distribution.of(beyond), asleep_mib, this_experiment)
 
 
 # %% Comparisons: kvcached vs static (and sleep mode) within each group of the table
@@ -6310,12 +6324,16 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
-REUSED_LOG = " (started for an earlier experiment: these include that one's sleeps)"
+def sleeps_counted(split: SleepSplit, reused: bool) -> str:
+    if split.this_experiment:
+        return f"over the {split.sleeps} sleeps of this experiment"
+    earlier = " (started for an earlier experiment: these include that one's sleeps)" if reused else ""
+    return f"over the {split.sleeps} sleeps in its log{earlier}"
 
 
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
     lines = [
-        f"- {name}, {v.label}: over the {split.sleeps} sleeps in its log{REUSED_LOG if v.reused else ''}, "
+        f"- {name}, {v.label}: {sleeps_counted(split, v.reused)}, "
         f"each freed vLLM's cumem pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and "
         f"{fmt(split.beyond_pool_mib.mean)} MiB more on average (at most {fmt(split.beyond_pool_mib.max)} "
         "MiB): memory outside the pool, torch's caching allocator, regrown in each burst. Asleep its "

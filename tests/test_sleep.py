@@ -2,6 +2,7 @@
 
 import json
 import sys
+import types
 
 import pytest
 from conftest import (
@@ -250,6 +251,40 @@ def sleep_arm_sampled(
     record = {"name": "sleep", "question": "q", "servers": servers, "sample_interval_s": 0.05}
     rx.write_json(exp / "experiment.json", {**record, "finished": True, "marks": marks})
     return rx.load_experiment(exp)
+
+
+def sleep_lines(pool_gib: float, freed_gib: float, times: int) -> str:
+    pool = f"CuMemAllocator: sleep freed {pool_gib} GiB memory in total\n"
+    return (pool + f"Sleep mode freed {freed_gib} GiB memory, 1.50 GiB memory is still in use.\n") * times
+
+
+def test_a_reused_servers_sleeps_are_counted_from_where_this_experiment_took_it(tmp_path):
+    # the same server log holds an earlier experiment's 5 sleeps (12 GiB beyond the pool each), this one's
+    # 3 (2 GiB beyond) and a later one's 4 (9 GiB beyond): only the 3 in this experiment's span count
+    earlier, own = sleep_lines(41.0, 53.0, 5), sleep_lines(41.0, 43.0, 3)
+    loaded = sleep_arm_sampled(tmp_path, process_hz=20)
+    (loaded.path / "server_A.log").write_text(earlier + own + sleep_lines(41.0, 50.0, 4))
+    record = json.loads((loaded.path / "experiment.json").read_text())
+    span = [len(earlier), len(earlier) + len(own)]
+    record["servers"][0].update(log=str(loaded.path / "server_A.log"), log_span=span)
+    record["reused"] = ["A static + sleep mode"]
+    rx.write_json(loaded.path / "experiment.json", record)
+
+    split = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05).servers["A"].sleeps
+    assert (split.sleeps, split.beyond_pool_mib.max, split.this_experiment) == (3, 2 * 1024, True)
+    summaries = {"sleep": types.SimpleNamespace(servers={"A": server_with(split)})}
+    (line,) = [line for line in rx.sleep_split_lines(summaries, {}) if line.startswith("- ")]
+    assert line.startswith("- sleep, A static + sleep mode: over the 3 sleeps of this experiment, each freed")
+
+    del record["servers"][0]["log_span"]  # a run from before the spans: the whole log, said as such
+    rx.write_json(loaded.path / "experiment.json", record)
+    split = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05).servers["A"].sleeps
+    assert (split.sleeps, split.this_experiment) == (12, None)
+    assert "this_experiment" not in rx.to_json(split), "summary.json of older runs keeps its shape"
+
+
+def server_with(split: "rx.SleepSplit"):
+    return types.SimpleNamespace(label="A static + sleep mode", reused=True, sleeps=split)
 
 
 def test_a_lone_servers_memory_is_the_cards_less_what_the_card_held_beside_it(tmp_path):

@@ -1234,12 +1234,14 @@ def run_step(
         where = (trial.exp.name, server.spec.name, step.phase, repeat)
         return RequestRecord(*where, r.burst, r.index, 0.0, planned_prompt_tokens=r.prompt_tokens)
 
-    started = time.time()
+    started = time.time() + min(r.offset_s for r in reqs)  # a staggered model's first request waits
     records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
+    named = len(trial.servers) == 1 or step.server in step.phase.split()  # "ramp 1" is every model's
+    who = "" if named else f"{step.server} "
     say(
-        f"    {step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
+        f"    {who}{step.phase}{f' (repeat {repeat + 1})' if cfg.repeats > 1 else ''}: {len(reqs)} requests "
         f"in {time.time() - started:.1f} s, {failed} failed, TTFT p50 "
         f"{'n/a' if ttft is None else f'{ttft:.3f} s'}"
     )

@@ -494,6 +494,26 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path, said):
     assert said == ["    burst 1: no request planned in this window"]
 
 
+def test_a_staggered_models_ramp_names_the_model_and_counts_from_its_first_planned_request(
+    tmp_path, said, monkeypatch
+):
+    # "ramp 1" is every model's step: each model's line names it, and B's ramp, planned to start 8 s
+    # into the window, is timed from there (it ends at 111 s, 11 s after the window started at 100 s)
+    cfg = rx.Config(prompt_tokens=64, max_tokens=16)
+    reqs = [rx.PlannedRequest(0, i, "p", 16, 0.0, offset_s=8.0 + i) for i in range(3)]
+    clock = iter([100.0, 111.0])
+    monkeypatch.setattr(rx.time, "time", lambda: next(clock))
+    done = types.SimpleNamespace(ok=True, ttft_s=0.05, error=None)
+    monkeypatch.setattr(rx, "run_burst", lambda server, planned, *a, **k: [done] * len(planned))
+    server = type("S", (), {"exit_code": lambda self: None})()
+    step = rx.Step("ramp 1", "B", "ramp_B", 0)
+    exp = rx.ExperimentSpec("shared_kvcached", "q", (), (step,))
+    plan = rx.WorkloadPlan.of(cfg, reqs, 1, max_tokens=16, prompt_tokens=64, sizing="ramp")
+    trial = rx.Trial(cfg, exp, {"ramp_B": plan}, {"A": server, "B": server}, None, None, tmp_path)
+    assert len(rx.run_step(trial, step, 0, lambda r: None)) == 3
+    assert said == ["    B ramp 1: 3 requests in 3.0 s, 0 failed, TTFT p50 0.050 s"]
+
+
 def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tmp_path):
     """Seen on an H200: sampling ended 0.27 s after the last burst, 0.15 s of which the server took to
     fall asleep (105 GB -> 1.6 GB); read over that fall, the residual came out at 23 GB instead of ~0."""

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def bench(*args: str) -> str:
@@ -21,7 +21,8 @@ def test_client_bench_prints_its_table():
 
 
 def test_sampler_bench_runs_against_the_fakes():
-    out = bench("benchmarks/sampler_bench.py", "--fake", "--seconds", "1")
+    # on a port of its own: a server of the user's (or another test's) may hold the default 8001
+    out = bench("benchmarks/sampler_bench.py", "--fake", "--seconds", "1", "--", "--port-a", str(free_port()))
     assert "device samples:" in out and "Hz achieved at a 20 Hz setting" in out
 
 

@@ -1011,7 +1011,8 @@ class BurstMark:
     wake_s: Optional[float] = None  # sleep arm: the wake-up its first request paid for
     rate: Optional[float] = None  # open loop: the planned arrival rate of this window (requests/s)
     sleep_s: Optional[float] = None  # sleep arm: putting the server back to sleep after it
-    rate_unit: Optional[str] = None  # what `rate` counts when not requests/s: 'x trace' (a trace's scale)
+    # what `rate` counts when not requests/s: TRACE_SCALE (a trace's scale) or RAMP_PEAK (each model's peak)
+    rate_unit: Optional[str] = None
 
 
 def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> None:
@@ -1021,10 +1022,11 @@ def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> Non
     if first.rates:
         each = first.arrivals in PER_MODEL_ARRIVALS
         burst.rate = first.rates[window] if each else math.fsum(p.rates[window] for p in plans)
-        burst.rate_unit = TRACE_SCALE if first.arrivals == "trace" else None
+        burst.rate_unit = {"trace": TRACE_SCALE, "ramp": RAMP_PEAK}.get(first.arrivals)
 
 
 TRACE_SCALE = "x trace"
+RAMP_PEAK = "req/s peak per model"  # a ramp's rate is each model's peak, not what the card takes
 
 
 @dataclasses.dataclass
@@ -5508,7 +5510,7 @@ class RatePoint:
     # the client's lateness: large means it could not keep up
     max_send_delay_s: Optional[float] = omitted_if_none()
     mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
-    unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE
+    unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE or RAMP_PEAK
 
 
 @dataclasses.dataclass
@@ -5522,7 +5524,7 @@ class Capacity:
     verdict: str  # "within the sweep", "above the sweep" or "below the sweep"
     largest_held_rps: Optional[float] = None  # None below the sweep
     mean_mib: Optional[float] = None  # device memory held at that rate, mean over its windows
-    unit: Optional[str] = omitted_if_none()  # of the rates when not requests/s: TRACE_SCALE
+    unit: Optional[str] = omitted_if_none()  # of the rates when not requests/s: TRACE_SCALE or RAMP_PEAK
 
 
 def rate_sweep(
@@ -6574,17 +6576,25 @@ def capacity_words(c: Capacity) -> str:
 
 
 def rate_words(rate: float | str, unit: Optional[str], long: bool = False) -> str:
-    """A swept rate in words: '16 req/s' ('16 requests/s' long), or a trace's scale: '2x the trace'."""
+    """A swept rate in words: '16 req/s' ('16 requests/s' long), a ramp's 'peak 16 req/s' ('16 requests/s
+    per model at peak' long), or a trace's scale: '2x the trace'."""
     number = f"{rate:g}" if isinstance(rate, float) else str(rate)
     if unit == TRACE_SCALE:
         return f"{number}x the trace"
+    if unit == RAMP_PEAK:
+        return f"{number} requests/s per model at peak" if long else f"peak {number} req/s"
     return f"{number} {'requests/s' if long else 'req/s'}"
 
 
 def rate_axis(points: Iterable[RatePoint]) -> str:
-    if any(p.unit == TRACE_SCALE for p in points):
+    units = {p.unit for p in points}
+    if TRACE_SCALE in units:
         return "the trace's arrival rate, scaled (x trace)"
-    return "planned arrival rate (requests/s)"
+    return (
+        "each model's peak arrival rate (requests/s)"
+        if RAMP_PEAK in units
+        else "planned arrival rate (requests/s)"
+    )
 
 
 def capacity_sentence(name: str, s: ExperimentSummary) -> str:

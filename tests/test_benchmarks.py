@@ -15,7 +15,8 @@ def bench(*args: str) -> str:
 
 
 def test_client_bench_prints_its_table():
-    out = bench("benchmarks/client_bench.py", "--rates", "20", "--duration-s", "1", "--streams", "8")
+    args = ("--rates", "20", "--duration-s", "1", "--streams", "8", "--closed-bursts", "1")
+    out = bench("benchmarks/client_bench.py", *args)
     assert "| load | requests | sent (req/s) |" in out
     assert "| open loop 20 req/s | " in out and "| closed loop 8 streams x " in out
 

@@ -7109,6 +7109,7 @@ def check_results(results_dir: str) -> Check:
     parent, fix = Path(results_dir), "choose a writable folder with --results-dir"
     if parent.exists() and not parent.is_dir():
         return fail("results", f"--results-dir: {parent} is a file, not a folder", fix)
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # gone again after the check
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".write_test_{os.getpid()}"
@@ -7117,6 +7118,10 @@ def check_results(results_dir: str) -> Check:
     except OSError as exc:
         detail = f"--results-dir: cannot write in {parent} ({exc.strerror or exc}); choose a writable folder"
         return fail("results", detail, fix)
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return Check("results", True, f"{results_dir}/ writable")
 
 

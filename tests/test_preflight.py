@@ -141,7 +141,7 @@ def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeyp
     monkeypatch.setenv("FAKE_NVML_FAIL", "1")
     assert rx.main(args, nvml_module=fake_gpu) == 1
     assert "✗ nvml: cannot read the GPU through NVML" in capsys.readouterr().out
-    assert not list((tmp_path / "r").iterdir()), "--check starts nothing and writes no run"
+    assert not (tmp_path / "r").exists(), "--check starts nothing and writes no run"
 
 
 def test_a_failed_preflight_starts_nothing(fake_gpu, tmp_path, monkeypatch, capsys):
@@ -163,4 +163,4 @@ def test_a_failed_preflight_starts_nothing(fake_gpu, tmp_path, monkeypatch, caps
     )
     err = capsys.readouterr().err
     assert rc == 2 and "preflight failed, nothing was started" in err and "✗ card" in err
-    assert not list((tmp_path / "r").iterdir())
+    assert not (tmp_path / "r").exists()

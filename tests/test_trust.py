@@ -1093,7 +1093,14 @@ def test_gpu_index_out_of_range_says_how_many_there_are(tmp_path, capsys, fake_g
     )
     assert rc == 2
     assert "GPU index 7 out of range: this machine has 1 GPU" in capsys.readouterr().err
-    assert not list((tmp_path / "r").iterdir())
+    assert not (tmp_path / "r").exists(), "no run folder, and not the results folder the check made"
+
+
+def test_the_results_check_leaves_no_folder_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    check = rx.check_results(str(tmp_path / "kept" / "new" / "results"))
+    assert check.ok and check.detail.endswith("/new/results/ writable")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "kept"], "a folder that was there stays"
 
 
 def test_open_files_limit_is_raised_or_named(monkeypatch):

@@ -261,11 +261,14 @@ def sleep_lines(pool_gib: float, freed_gib: float, times: int) -> str:
 def test_a_reused_servers_sleeps_are_counted_from_where_this_experiment_took_it(tmp_path):
     # the same server log holds an earlier experiment's 5 sleeps (12 GiB beyond the pool each), this one's
     # 3 (2 GiB beyond) and a later one's 4 (9 GiB beyond): only the 3 in this experiment's span count
-    earlier, own = sleep_lines(41.0, 53.0, 5), sleep_lines(41.0, 43.0, 3)
+    # as the run marked it: vLLM echoes its arguments, a progress bar redraws its line with \r
+    start_up = "args: --api-key sk-a-long-secret-key\nLoading 50%\rLoading 100%\n"
+    earlier, own = start_up + sleep_lines(41.0, 53.0, 5), sleep_lines(41.0, 43.0, 3)
+    span = [earlier.count("\n"), (earlier + own).count("\n")]
     loaded = sleep_arm_sampled(tmp_path, process_hz=20)
-    (loaded.path / "server_A.log").write_text(earlier + own + sleep_lines(41.0, 50.0, 4))
+    log = (earlier + own + sleep_lines(41.0, 50.0, 4)).replace("sk-a-long-secret-key", "***")  # scrubbed
+    (loaded.path / "server_A.log").write_text(log)
     record = json.loads((loaded.path / "experiment.json").read_text())
-    span = [len(earlier), len(earlier) + len(own)]
     record["servers"][0].update(log=str(loaded.path / "server_A.log"), log_span=span)
     record["reused"] = ["A static + sleep mode"]
     rx.write_json(loaded.path / "experiment.json", record)
@@ -279,7 +282,7 @@ def test_a_reused_servers_sleeps_are_counted_from_where_this_experiment_took_it(
     del record["servers"][0]["log_span"]  # a run from before the spans: the whole log, said as such
     rx.write_json(loaded.path / "experiment.json", record)
     split = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05).servers["A"].sleeps
-    assert (split.sleeps, split.this_experiment) == (12, None)
+    assert (split.sleeps, split.this_experiment) == (12, None)  # 5 + 3 + 4
     assert "this_experiment" not in rx.to_json(split), "summary.json of older runs keeps its shape"
 
 

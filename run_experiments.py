@@ -6598,11 +6598,9 @@ def rate_axis(points: Iterable[RatePoint]) -> str:
     units = {p.unit for p in points}
     if TRACE_SCALE in units:
         return "the trace's arrival rate, scaled (x trace)"
-    return (
-        "each model's peak arrival rate (requests/s)"
-        if RAMP_PEAK in units
-        else "planned arrival rate (requests/s)"
-    )
+    if RAMP_PEAK in units:
+        return "each model's peak arrival rate (requests/s)"
+    return "planned arrival rate (requests/s)"
 
 
 def capacity_sentence(name: str, s: ExperimentSummary) -> str:

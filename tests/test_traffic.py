@@ -375,6 +375,10 @@ def test_capacity_needs_slos_and_says_below_and_above_in_words():
     assert rx.capacity_sentence("kvcached", types.SimpleNamespace(capacity=within)) == (
         "kvcached held 3 requests/s in 2.0 GiB on average"
     )
+    ramps = [dataclasses.replace(p, unit=rx.RAMP_PEAK) for p in (point(3, 1.0), point(6, 0.5))]
+    assert rx.capacity_words(rx.capacity(ramps, 0.99)) == "peak 3 req/s"
+    assert rx.rate_axis(ramps) == "each model's peak arrival rate (requests/s)"
+    assert rx.rate_axis([point(3, 1.0)]) == "planned arrival rate (requests/s)"
 
 
 def test_default_slos_apply_and_the_attainment_target_is_a_percentage():

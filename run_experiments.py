@@ -6476,7 +6476,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     columns: list[Column] = [
         EXPERIMENT,
         ("window", lambda _, p: f"{p.phase}{f' (repeat {p.repeat + 1})' if p.repeat else ''}"),
-        ("rate (req/s)", lambda _, p: rate_words(p.rate, p.unit).removesuffix(" req/s")),
+        ("rate", lambda _, p: rate_words(p.rate, p.unit)),  # req/s, a ramp's peak or a trace's scale
         ("requests", lambda _, p: p.requests),
         ("failed", lambda _, p: p.failed),
         ("TTFT p50 / p99 (s)", lambda _, p: side_by_side(p, "ttft_p50_s", "ttft_p99_s", digits=3)),

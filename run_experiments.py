@@ -545,7 +545,7 @@ def run_experiment(
     # where each server's log stands: its lines from here on are this experiment's (a reused server's
     # log holds the earlier experiments' too)
     record.servers = [
-        {**s.describe(), "log_span": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
+        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
     ]
     record.reused = [s.spec.label for s in servers if s.spec.key in before]
     when_ready()  # e.g. the pool prepares the next experiment's servers while this one measures
@@ -1095,7 +1095,7 @@ class Trial:
         self.record.sampler_error_kinds = dict(self.sampler.error_kinds)
         self.record.sampler_missed_ticks = self.sampler.missed_ticks
         for described, server in zip(self.record.servers, self.servers.values()):
-            described["log_span"].append(log_lines(server.log_path))
+            described["log_lines"].append(log_lines(server.log_path))
         self.save()
 
 
@@ -5330,7 +5330,7 @@ def server_view(
     mine = [r for r in loaded.records if r.server == slot]
     held, cost = memory(server_series(loaded, slot))
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
-    text, span = saved_log(loaded.path, server).decode(errors="replace"), server.get("log_span")
+    text, span = saved_log(loaded.path, server).decode(errors="replace"), server.get("log_lines")
     figures = log_figures(text)  # the whole log: a reused server's start-up lines are before its span
     own = log_figures("\n".join(text.split("\n")[slice(*span)])) if span else figures  # as log_lines counts
     asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card

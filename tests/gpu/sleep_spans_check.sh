@@ -14,7 +14,7 @@ say "$(python3 -c "
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob('results/*/*/experiment.json')):
     for s in json.loads(f.read_text())['servers']:
-        print(f.parent.name, s['label'], s['log'].split('/')[-2], s.get('log_span'))
+        print(f.parent.name, s['label'], s['log'].split('/')[-2], s.get('log_lines'))
 " "$OUTDIR")"
 say "$(grep -E '^    . ramp [0-9]' "$OUTDIR/ramps.log")"
 say "$(grep -E 'peak [0-9]|At 99|sleeps of this' "$OUTDIR"/results/*_ramps/summary.md)"

@@ -163,7 +163,7 @@ class Config:
     static_shares: str = ""  # shared_static: each model's fraction, comma list ('' = 0.90/N; two: see above)
     kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
     sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
-    sleep_after_idle_s: float = 2.0  # sleep arm under ramps or traces: a model idle this long goes to sleep
+    sleep_after_idle_s: float = 2.0  # shared_sleep, models' traffic at once: idle this long, a model sleeps
     gpu_index: int = 0  # NVML index of the card the servers use
     gpus: str = ""  # e.g. '0,1': run experiments in parallel, one process per card ('' = --gpu-index)
     lane_of: str = ""  # set by --gpus for each card's process: the run folder whose lane it runs
@@ -174,11 +174,11 @@ class Config:
     # --- workload
     bursts: int = 0  # 0 = preset's value
     arrivals: str = "bursts"  # bursts (closed: all at once) | poisson | gamma | ramp | trace (open loop)
-    rate: float = 0.0  # open loop: requests per second in each window (--bursts windows)
-    rates: str = ""  # open loop: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
-    rates_per_model: str = ""  # open loop: each model's own requests/s, e.g. 2,8,4 (--bursts windows)
+    rate: float = 0.0  # poisson/gamma: requests per second in each window (--bursts windows)
+    rates: str = ""  # poisson/gamma: a sweep, one window per rate, e.g. 2,4,8,16 (overrides --rate)
+    rates_per_model: str = ""  # poisson/gamma: each model's own requests/s, e.g. 2,8,4 (--bursts windows)
     burstiness: float = 1.0  # gamma arrivals: shape of the gaps (1 = Poisson, below 1 = burstier)
-    duration_s: float = 30.0  # open loop: seconds of arrivals per window
+    duration_s: float = 30.0  # poisson/gamma: seconds of arrivals per window; ramp: the longest one may last
     peak_rates: str = ""  # ramp: each model's peak requests/s, one window per peak (a sweep), e.g. 12,16,20
     ramp_step: float = 1.0  # ramp: requests/s added each second on the way up, taken off on the way down
     stagger_s: float = 0.0  # ramp: model i starts this long after model i-1 (0 = once i-1 has peaked)
@@ -188,24 +188,24 @@ class Config:
     trace_rate_scale: str = "1"  # trace: arrivals thinned or repeated (seeded), one window per scale: 0.5,1,2
     burst_size: int = 0  # concurrent requests per burst; 0 = preset (auto: sized to the card)
     gap_s: float = -1.0  # idle seconds between bursts; <0 = preset
-    max_tokens: int = 0  # output tokens per request; 0 = preset
+    max_tokens: int = 0  # output tokens per request (lognormal mix: at most); 0 = preset
     prompt_tokens: int = -1  # approx. prompt length in tokens; 0 = seed prompts, <0 = preset
     temperature: float = 0.7  # sampling temperature of every request (the seed's value)
     prefix_caching: bool = False  # vLLM's prefix caching (off: repeated prompt parts still need their KV)
-    shared_prefix_tokens: int = 0  # tokens of one prompt prefix every request shares (with --prefix-caching)
-    ignore_eos: bool = False  # vLLM's ignore_eos: every response is exactly max_tokens long
+    shared_prefix_tokens: int = 0  # tokens of a prefix every planned prompt shares (not a trace's prompts)
+    ignore_eos: bool = False  # every response as long as planned (on anyway: dummy weights, trace, a mix)
     output_tokens_dist: str = "fixed"  # output lengths: fixed, uniform:LO-HI or lognormal:MEAN,SIGMA
     slo_ttft_ms: float = 1000.0  # SLO attainment: share of requests with TTFT at most this (0 = none)
     slo_tpot_ms: float = 100.0  # ... and time per output token at most this (0 = no TPOT objective)
     slo_attainment: float = 99.0  # capacity: the % of a rate's requests that must meet the SLOs
     burst_kv_fraction: float = 0.05  # auto preset: one burst's KV demand as a fraction of free VRAM
-    max_burst_size: int = 256  # auto preset: cap on concurrent requests
+    max_burst_size: int = 256  # cap on concurrent requests: the auto preset's bursts and the overload's
     seed: int = 0  # RNG seed of the workload plan
     warmup: bool = True  # discarded burst of the same shape before measuring
     plots: bool = True  # draw plots/*.png at the end, or with --report (--no-plots: a second or so less)
     request_timeout_s: float = 300.0  # a ready server can still stall (kvcached without pages)
     # --- overload experiment
-    overload_budget_gib: float = 0.0  # KV of each pair (static: half per model; kvcached: limit); 0 = preset
+    overload_budget_gib: float = 0.0  # KV the models share (static: even split; kvcached: limit); 0 = preset
     overload_demand: float = 1.4  # bursting model's KV demand as a multiple of its static share
     # --- sampling
     sample_hz: float = 20.0  # NVML device-memory samples per second
@@ -216,7 +216,7 @@ class Config:
     # 1 s also holds two per-process samples (at 0.5 s, often none: each server's idle level was n/a)
     idle_window_s: float = 1.0  # quiet time for an idle level (>= 5 device and 2 per-process samples)
     settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
-    report: str = ""  # rebuild summaries and plots of this run folder, run nothing
+    report: str = ""  # rebuild summaries and plots of this run folder (with its own SLOs), run nothing
     check: bool = False  # only print the preflight checklist (also run before every run); exit 0/1
 
 
@@ -1667,7 +1667,8 @@ FIELD_CHECKS = (
         lambda v: not v or re.fullmatch(r"(\d+)(,\d+)*", v),
         "must be NVML indices separated by commas, e.g. 0,1; got {v!r}",
     ),
-    ("bursts burst_size max_tokens max_burst_size", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
+    ("bursts burst_size max_tokens", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
+    ("max_burst_size", lambda v: v >= 1, "must be >= 1"),
     ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("overload_budget_gib", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     (
@@ -1711,7 +1712,7 @@ def validate_config(cfg: Config) -> Config:
     for name, value in vars(cfg).items():  # inf/nan would crash, hang or fail every experiment
         if isinstance(value, float):
             need(math.isfinite(value), name, f"must be a finite number, got {value}")
-    parse_experiments(cfg.experiments)
+    chosen = {e.name for e in parse_experiments(cfg.experiments)}
     for names, passes, why in FIELD_CHECKS:
         for name in names.split():
             value = getattr(cfg, name)
@@ -1723,8 +1724,9 @@ def validate_config(cfg: Config) -> Config:
             "idle_window_s",
             f"must hold at least {least} samples at --{rate.replace('_', '-')} {hz:g} (>= {least / hz:g} s)",
         )
+    b_share_derived = not (cfg.pair_utilization_b or cfg.static_shares) and len(slots(cfg)) == 2
     need(
-        cfg.pair_utilization_b > 0 or cfg.gpu_memory_utilization < 0.85,
+        cfg.gpu_memory_utilization < 0.85 or not b_share_derived or "shared_static" not in chosen,
         "gpu_memory_utilization",
         "leaves no room for model B in shared_static; set --pair-utilization-b",
     )

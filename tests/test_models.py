@@ -88,6 +88,18 @@ def test_bad_model_lists_shares_and_ports_are_refused_before_launch(flags, said,
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
 
 
+def test_a_large_static_share_is_refused_only_where_it_leaves_model_b_nothing():
+    def check(**flags):
+        return rx.validate_config(rx.Config(gpu_memory_utilization=0.9, **flags))
+
+    with pytest.raises(rx.ConfigError, match="--gpu-memory-utilization: leaves no room for model B"):
+        check(experiments="4")
+    assert check(experiments="1,2,6"), "no static split in the run: the share is the lone server's"
+    assert check(experiments="4", pair_utilization_b=0.05) and check(
+        experiments="4", static_shares="0.45,0.45"
+    )
+
+
 def test_one_model_cannot_share_the_card(tmp_path, capsys):
     args = in_process_args(tmp_path / "r", "--models", "Qwen/Qwen2.5-0.5B-Instruct", "--experiments", "3")
     assert rx.main(args) == 2

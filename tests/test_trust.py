@@ -1066,6 +1066,7 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
         (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
         (["--extra-server-args", "--x 'y"], "--extra-server-args"),
         (["--settle-s", "0"], "--settle-s"),
+        (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),  # 2 samples: no median to trust
         (["--idle-window-s", "0.5"], "--idle-window-s"),  # at 2 per-process samples a second: often none
         (["--model-a", "/no/such/dir"], "--model-a"),

@@ -2442,6 +2442,7 @@ def check_trace(cfg: Config) -> None:
     """Every file readable, in a known format, with requests in the window (before anything launches)."""
     need(bool(trace_files(cfg)), "trace", "--arrivals trace needs --trace FILE[,FILE...], one file per model")
     need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
+    need(not cfg.shared_prefix_tokens, "shared_prefix_tokens", "does not apply to a trace's prompts")
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(

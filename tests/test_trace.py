@@ -136,6 +136,10 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
         (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be > 0"),
         (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
         (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
+        (
+            ["--trace", "{azure}", "--prefix-caching", "--shared-prefix-tokens", "64"],
+            "--shared-prefix-tokens: does not",
+        ),
     ],
 )
 def test_bad_traces_are_refused_naming_the_flag(flags, message, traces, capsys):

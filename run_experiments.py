@@ -1713,6 +1713,7 @@ def validate_config(cfg: Config) -> Config:
         if isinstance(value, float):
             need(math.isfinite(value), name, f"must be a finite number, got {value}")
     chosen = {e.name for e in parse_experiments(cfg.experiments)}
+    check_report_alone(cfg)
     for names, passes, why in FIELD_CHECKS:
         for name in names.split():
             value = getattr(cfg, name)
@@ -1733,6 +1734,15 @@ def validate_config(cfg: Config) -> Config:
     for check in (check_lanes, check_model_list, check_server_command, check_workload):
         check(cfg)
     return cfg
+
+
+def check_report_alone(cfg: Config) -> None:
+    """--report rebuilds a run with the settings it ran with (its config.json): another flag would change
+    nothing, so it is refused rather than silently ignored."""
+    given = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default]
+    given = [name for name in given if name not in ("report", "plots")]
+    why = "--report uses the run's own settings (its config.json): leave this flag out"
+    need(not (cfg.report and given), given[0] if given else "report", why)
 
 
 def check_lanes(cfg: Config) -> None:

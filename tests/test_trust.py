@@ -1080,6 +1080,13 @@ def test_bad_values_name_the_flag_before_anything_launches(argv, flag, tmp_path,
     assert not (tmp_path / "results").exists()
 
 
+def test_report_refuses_a_flag_it_would_ignore(tmp_path, capsys):
+    # summaries are rebuilt with the SLOs the run had: a new --slo-ttft-ms would change nothing
+    assert rx.main(["--report", str(tmp_path), "--slo-ttft-ms", "500"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: --slo-ttft-ms: --report uses the run's own settings"), said
+
+
 def test_results_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys, fake_gpu):
     afile = tmp_path / "file"
     afile.write_text("")

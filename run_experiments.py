@@ -5354,13 +5354,24 @@ def server_view(
         reused=server["label"] in loaded.record.reused,
         memory=held,
         latency=latency_summary(mine, slo),
-        kvcached=KvcachedView.of(kvcached_rows),
-        vllm=VllmView.of(select(loaded.memory, kind="metrics", server=slot)),
+        kvcached=KvcachedView.of(during(kvcached_rows, loaded.record.marks.workload)),
+        vllm=VllmView.of(
+            during(select(loaded.memory, kind="metrics", server=slot), loaded.record.marks.workload)
+        ),
         latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
         footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
         sleeps=sleep_split(own, held.idle_before_workload_mib, True if span else None) if asleep else None,
         memory_cost=cost,
     )
+
+
+def during(rows: list[dict], span: Optional[Span]) -> list[dict]:
+    """The rows read over the workload, and the last one before it (the counters' start): not the
+    discarded warm-up, which a reused server skips and a fresh one pays."""
+    if span is None:
+        return rows
+    timed = [r for r in rows if "t" in r]
+    return [r for r in timed if r["t"] < span[0]][-1:] + [r for r in timed if span[0] <= r["t"] <= span[1]]
 
 
 def server_series(loaded: LoadedExperiment, slot: str) -> Samples:

@@ -509,3 +509,18 @@ def test_a_package_the_run_did_not_find_reads_n_a_in_the_summary_header():
     config = {"versions": {"vllm": "0.24.0", "kvcached": "0.1.6", "torch": None}}
     assert rx.shown_versions(config) == "vLLM 0.24.0, kvcached 0.1.6, torch n/a"
     assert rx.shown_versions({}) == "vLLM n/a, kvcached n/a, torch n/a"
+
+
+def test_vllms_per_model_figures_cover_the_workload_not_the_discarded_warm_up():
+    # a fresh server's warm-up queued 165 requests and was preempted 16 times; a reused one skips it
+    rows = [
+        {"t": 1.0, "running": 200, "waiting": 165, "preemptions": 0},  # the warm-up
+        {"t": 2.0, "running": 0, "waiting": 0, "preemptions": 16},  # idle before the workload
+        {"t": 3.0, "running": 100, "waiting": 8, "preemptions": 16},
+        {"t": 4.0, "running": 0, "waiting": 0, "preemptions": 20},
+        {"t": 9.0, "running": 50, "waiting": 60, "preemptions": 20},  # after it
+        {"error": "read failed"},
+    ]
+    view = rx.VllmView.of(rx.during(rows, (2.5, 4.5)))
+    assert (view.max_running, view.max_waiting, view.preemptions) == (100, 8, 4)
+    assert rx.during(rows, None) == rows, "no workload mark (killed before it): every row"

@@ -6422,7 +6422,7 @@ def single_lines(block: Comparison) -> list[str]:
     idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
     ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
     return paragraphs(
-        f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle and "
+        f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle after loading and "
         f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; TTFT p50 "
         f"ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
     )
@@ -6459,7 +6459,7 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
         if wake is not None and wake.mean is not None
         else "the router below woke each model for its requests"
     )
-    beside = {"kvcached": "kvcached idle", "static": "static pool"}
+    beside = {"kvcached": "kvcached idle between bursts", "static": "static pool"}
     ran = [arm for arm in beside if arm in block.figures]
     held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
     ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)

@@ -6730,7 +6730,8 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
         "of that idle level (n/a: it stayed above; see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
         "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
-        "depends on what ran before. *Idle before workload* (after the warm-up) compares across runs."
+        "depends on what ran before. *Idle before workload* (after a warm-up where one ran; a server "
+        "that was warm already skips it) compares across runs of the same experiments in the same order."
         if not_fresh
         else None,
     )

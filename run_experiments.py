@@ -6477,8 +6477,9 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
 
 
 def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    residuals = [
-        f"{name} " + ", ".join(fmt(v) for v in s.residual_after_burst_mib)
+    residuals = [  # * as in the first table: a reused server's level after load is the last one's leftover
+        f"{name}{' *' if any(v.reused for v in s.servers.values()) else ''} "
+        + ", ".join(fmt(v) for v in s.residual_after_burst_mib)
         for name, s in summaries.items()
         if s.residual_after_burst_mib
     ]

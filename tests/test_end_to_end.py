@@ -233,6 +233,10 @@ def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
     assert (
         kept_mib - 1 <= kvc["residual_vs_load_mib"] <= kept_mib + tolerance * kvc["idle_before_workload_mib"]
     )
+    md = (full_run["run_dir"] / "summary.md").read_text()
+    after_bursts = next(line for line in md.splitlines() if line.startswith("Device memory above its level"))
+    # the kvcached arm started fresh; shared_kvcached reused its A, whose level after load held its pages
+    assert "): kvcached " in after_bursts and "; shared_kvcached * " in after_bursts, after_bursts
     single = full_run["summary"]["comparison"]["single"]["figures"]
     assert single["static"]["idle_after_load_mib"] == static["idle_after_load_mib"]
     assert single["kvcached"]["idle_after_load_mib"] == kvc["idle_after_load_mib"]

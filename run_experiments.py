@@ -6360,16 +6360,20 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
-def sleeps_counted(split: SleepSplit, reused: bool) -> str:
+def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
+    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, which a server
+    `reused` from an earlier experiment or `kept` for a later one shares with that one."""
     if split.this_experiment:
         return f"over the {split.sleeps} sleeps of this experiment"
-    earlier = " (started for an earlier experiment: these include that one's sleeps)" if reused else ""
-    return f"over the {split.sleeps} sleeps in its log{earlier}"
+    shared = "started for an earlier experiment: these include that one's sleeps" if reused else ""
+    shared = shared or ("kept for a later experiment: these include its sleeps" if kept else "")
+    return f"over the {split.sleeps} sleeps in its log{f' ({shared})' if shared else ''}"
 
 
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
+    kept = {v.label for s in summaries.values() for v in s.servers.values() if v.reused}
     lines = [
-        f"- {name}, {v.label}: {sleeps_counted(split, v.reused)}, "
+        f"- {name}, {v.label}: {sleeps_counted(split, v.reused, v.label in kept)}, "
         f"each freed vLLM's cumem pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and "
         f"{fmt(split.beyond_pool_mib.mean)} MiB more on average (at most {fmt(split.beyond_pool_mib.max)} "
         "MiB): memory outside the pool, torch's caching allocator, regrown in each burst. Asleep its "

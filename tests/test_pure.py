@@ -486,7 +486,10 @@ def test_a_reused_sleep_servers_split_says_its_log_holds_an_earlier_experiments_
         "shared_sleep": types.SimpleNamespace(servers={"A": server(True)}),
     }
     first, again = [line for line in rx.sleep_split_lines(summaries, {}) if line.startswith("- ")]
-    assert first.startswith("- sleep, A static 0.55 + sleep mode: over the 20 sleeps in its log, each freed")
+    assert first.startswith(
+        "- sleep, A static 0.55 + sleep mode: over the 20 sleeps in its log (kept for a later experiment: "
+        "these include its sleeps), each freed"
+    )
     assert again.startswith(
         "- shared_sleep, A static 0.55 + sleep mode: over the 20 sleeps in its log (started for an earlier "
         "experiment: these include that one's sleeps), each freed"

@@ -1729,7 +1729,8 @@ def validate_config(cfg: Config) -> Config:
     need(
         cfg.gpu_memory_utilization < 0.85 or not b_share_derived or "shared_static" not in chosen,
         "gpu_memory_utilization",
-        "leaves no room for model B in shared_static; set --pair-utilization-b",
+        "leaves no room for model B in shared_static: lower it below 0.85, or give both shares with "
+        "--static-shares A,B (at most 0.95 together)",
     )
     for check in (check_lanes, check_model_list, check_server_command, check_workload):
         check(cfg)
@@ -1834,7 +1835,7 @@ def check_workload(cfg: Config) -> None:
         f"for the prompt",
     )
     need(
-        cfg.shared_prefix_tokens == 0 or cfg.prefix_caching,
+        cfg.shared_prefix_tokens == 0 or cfg.prefix_caching or cfg.arrivals == "trace",  # check_trace says
         "shared_prefix_tokens",
         "shares a prefix for vLLM to cache: add --prefix-caching",
     )
@@ -1877,7 +1878,7 @@ def check_workload(cfg: Config) -> None:
 
 
 def check_ramp(cfg: Config) -> None:
-    need(not cfg.rates and not cfg.rate, "arrivals", "--rate/--rates are for poisson or gamma arrivals")
+    need(not cfg.rates and not cfg.rate, "arrivals", "ramp takes --peak-rates; leave out --rate/--rates")
     peaks = parse_peaks(cfg)
     longest = max(ramp_length(cfg, peak, len(slots(cfg))) for peak in peaks)
     need(
@@ -2450,9 +2451,13 @@ def trace_request(
 
 def check_trace(cfg: Config) -> None:
     """Every file readable, in a known format, with requests in the window (before anything launches)."""
-    need(bool(trace_files(cfg)), "trace", "--arrivals trace needs --trace FILE[,FILE...], one file per model")
+    need(
+        bool(trace_files(cfg)),
+        "trace",
+        "--arrivals trace needs --trace FILE[,FILE...] (one per model, cycled)",
+    )
     need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
-    need(not cfg.shared_prefix_tokens, "shared_prefix_tokens", "does not apply to a trace's prompts")
+    need(not cfg.shared_prefix_tokens, "shared_prefix_tokens", "a trace's prompts take none: leave it out")
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(
@@ -6864,7 +6869,9 @@ def experiment_dirs(run_dir: Path) -> list[Path]:
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is not a folder")
+        raise ReportError(
+            f"--report: {run_dir} is not a folder; give a run folder, e.g. results/<timestamp>_<tag>"
+        )
     config, config_problem = read_json(run_dir / "config.json")
     dirs = experiment_dirs(run_dir)
     if config is None and not dirs:
@@ -7173,8 +7180,9 @@ def check_model(cfg: Config, slot: str) -> Check:
     return fail(
         name,
         f"{model}: {why}",
-        "a local folder with config.json, or the hub: set HF_TOKEN for gated models, "
-        "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model in the cache",
+        f"{'--models' if cfg.models else f'--model-{slot.lower()}'}: a local folder with config.json, or the "
+        "hub: set HF_TOKEN for gated models, HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model "
+        "in the cache",
     )
 
 
@@ -7196,9 +7204,12 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
         indices = gpu_indices(cfg)
         nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
     except ConfigError as exc:
+        no_card = "out of range" not in str(exc)  # else NVML works and the index names no card
         fix = (
             "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
             "--report RUN_DIR needs neither"
+            if no_card
+            else "name a card this machine has (nvidia-smi -L lists them)"
         )
         return [fail("nvml", str(exc).split(". ")[0], fix)], None
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]

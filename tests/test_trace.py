@@ -137,8 +137,8 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
         (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
         (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
         (
-            ["--trace", "{azure}", "--prefix-caching", "--shared-prefix-tokens", "64"],
-            "--shared-prefix-tokens: does not",
+            ["--trace", "{azure}", "--shared-prefix-tokens", "64"],  # not "add --prefix-caching" first
+            "--shared-prefix-tokens: a trace's prompts take none: leave it out",
         ),
     ],
 )

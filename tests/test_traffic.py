@@ -572,7 +572,10 @@ def test_each_model_ramps_in_turn_one_window_per_peak():
             ["--arrivals", "ramp", "--peak-rates", "20", "--duration-s", "30"],
             "--duration-s: is 30 s, but the ramp of 2 model(s) to 20 requests/s in steps of 1 lasts 59 s",
         ),
-        (["--arrivals", "ramp", "--peak-rates", "4", "--rate", "2"], "--arrivals: --rate/--rates are for"),
+        (
+            ["--arrivals", "ramp", "--peak-rates", "4", "--rate", "2"],
+            "--arrivals: ramp takes --peak-rates; leave out --rate/--rates",
+        ),
     ],
 )
 def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):

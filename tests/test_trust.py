@@ -1100,7 +1100,9 @@ def test_gpu_index_out_of_range_says_how_many_there_are(tmp_path, capsys, fake_g
         ["--gpu-index", "7", "--server-cmd", "x", "--results-dir", str(tmp_path / "r")], nvml_module=fake_gpu
     )
     assert rc == 2
-    assert "GPU index 7 out of range: this machine has 1 GPU" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "GPU index 7 out of range: this machine has 1 GPU" in said
+    assert "nvidia-smi -L" in said and "pip install nvidia-ml-py" not in said, "NVML works: pick a card"
     assert not (tmp_path / "r").exists(), "no run folder, and not the results folder the check made"
 
 

@@ -1255,7 +1255,10 @@ def run_step(
                 f"every request of {step.phase!r} failed and server {server.spec.label} "
                 f"{problem} (first error: {first})."
             )
-        say(f"    WARNING: every request of {step.phase!r} failed; first error: {first}")
+        say(
+            f"    WARNING: every request of {step.phase!r} failed; first error: {first} "
+            f"(server log: {server.log_path})"
+        )
     return records
 
 
@@ -1406,7 +1409,8 @@ class SleepRouter:
             if time.perf_counter() - started > self.cfg.request_timeout_s:
                 raise ServerError(
                     f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
-                    "(--request-timeout-s): the models awake had requests in flight all along"
+                    "(--request-timeout-s): the models awake had requests in flight all along; lower "
+                    "--gpu-memory-utilization so that more fit awake, or lower the rates"
                 )
             if not self.servers[slot].asleep and slot not in self.moving:
                 self.in_flight[slot] += 1
@@ -1609,7 +1613,12 @@ def fill_preset(cfg: Config) -> Config:
         value = getattr(cfg, name)
         left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
         filled[name] = preset_value if left_open else value
-    need(filled["max_tokens"] < cfg.max_model_len // 2, "max_tokens", "must be below half of --max-model-len")
+    need(
+        filled["max_tokens"] < cfg.max_model_len // 2,
+        "max_tokens",
+        f"is {filled['max_tokens']} (the preset's unless given), but --max-model-len {cfg.max_model_len} "
+        f"takes below {cfg.max_model_len // 2}: lower --max-tokens or raise --max-model-len",
+    )
     return dataclasses.replace(cfg, **filled)
 
 
@@ -3455,10 +3464,15 @@ def runner_hint(server: RunningServer) -> str:
     refused = any("KVCachedConfigError" in line for line in tail(server.log_path, 80).splitlines())
     if not (refused and server.spec.kvcached):
         return ""
+    given = server.env_shown.get(RUNNER_VARIABLE)
+    if given is None:  # vLLM's version was not known (e.g. --server-cmd), so vLLM chose
+        return (
+            f" kvcached refused the model runner vLLM chose ({RUNNER_VARIABLE} unset): set it in the shell "
+            f"to the runner kvcached's error above names ({RUNNER_VARIABLE}=0 for V1)."
+        )
     return (
-        f" kvcached refused vLLM's model runner ({RUNNER_VARIABLE}="
-        f"{server.env_shown.get(RUNNER_VARIABLE, 'unset')}): unset {RUNNER_VARIABLE} in the shell, and "
-        f"the harness gives every server the runner kvcached needs (--check says which)."
+        f" kvcached refused vLLM's model runner ({RUNNER_VARIABLE}={given}): unset {RUNNER_VARIABLE} in "
+        f"the shell, and the harness gives every server the runner kvcached needs (--check says which)."
     )
 
 
@@ -7057,7 +7071,8 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
         return fail(
             "card",
             f"{shown}: less than the static pool's {static_share:g} of the card",
-            f"free the card ({listed or 'nvidia-smi'}) or lower --gpu-memory-utilization",
+            f"free the card ({listed or 'nvidia-smi'}) or lower the largest static share "
+            "(--gpu-memory-utilization, --static-shares or --pair-utilization-b)",
         )
     if others:
         moved = "their memory moves the device totals; per-server figures are unaffected"

@@ -157,6 +157,9 @@ def test_a_server_that_kvcached_stopped_on_v2_says_what_to_do(tmp_path):
     hint = rx.runner_hint(server)
     assert "kvcached refused vLLM's model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in hint
     assert "unset VLLM_USE_V2_MODEL_RUNNER" in hint
+    # vLLM's version unknown (--server-cmd): the harness set nothing, so there is nothing to unset
+    vllm_chose = rx.RunningServer(spec, None, [], {}, log, 0.0)
+    assert "(VLLM_USE_V2_MODEL_RUNNER unset): set it in the shell" in rx.runner_hint(vllm_chose)
     log.write_text("INFO Using V2 Model Runner\nINFO Starting vLLM API server\n")
     assert rx.runner_hint(server) == "", "a V2 server that did not die of it gets no hint"
 

@@ -1796,6 +1796,10 @@ def check_lanes(cfg: Config) -> None:
 
 def check_model_list(cfg: Config) -> None:
     models, shares = slot_models(cfg), cfg.static_shares
+    for name in () if cfg.models else ("model_a", "model_b"):
+        need(
+            bool(getattr(cfg, name).strip()), name, "must name a model (a Hugging Face id or a local folder)"
+        )
     need(0 < len(models) <= 26 and all(models), "models", f"must name 1 to 26 models, got {cfg.models!r}")
     for model in models:
         need(folder_exists_if_named(model), "models", MISSING_FOLDER.format(v=model))
@@ -7433,9 +7437,10 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         return
     raise ConfigError(
-        f"--burst-size/--max-burst-size: {concurrent_requests} concurrent requests need about "
-        f"{needed} open files, but this shell allows at most {hard} (`ulimit -Hn`). Raise it "
-        f"(`ulimit -n {needed}` as allowed, or in /etc/security/limits.conf) or send fewer at once."
+        f"{concurrent_requests} requests in flight at once need about {needed} open files, but this shell "
+        f"allows at most {hard} (`ulimit -Hn`). Raise it (`ulimit -n {needed}` as allowed, or in "
+        "/etc/security/limits.conf) or send fewer at once: --burst-size/--max-burst-size, or with open-loop "
+        "arrivals lower --rate(s), --peak-rates or --trace-rate-scale, or name fewer --models."
     )
 
 

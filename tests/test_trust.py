@@ -1067,6 +1067,7 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
         (["--extra-server-args", "--x 'y"], "--extra-server-args"),
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
+        (["--model-a", ""], "--model-a"),
         (["--idle-window-s", "0.5", "--sample-hz", "4"], "--idle-window-s"),  # 2 samples: no median to trust
         (["--idle-window-s", "0.5"], "--idle-window-s"),  # at 2 per-process samples a second: often none
         (["--model-a", "/no/such/dir"], "--model-a"),
@@ -1120,7 +1121,7 @@ def test_open_files_limit_is_raised_or_named(monkeypatch):
     rx.ensure_open_files(1000)
     assert calls == [(1128, 4096)]
     monkeypatch.setattr(rx.resource, "getrlimit", lambda _: (256, 512))
-    with pytest.raises(rx.ConfigError, match=r"--burst-size.*ulimit -n 1128"):
+    with pytest.raises(rx.ConfigError, match=r"ulimit -n 1128.*--burst-size.*--peak-rates"):
         rx.ensure_open_files(1000)
 
 

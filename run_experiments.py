@@ -1187,12 +1187,15 @@ def slot_step(step: Step, slot: str) -> Step:
 
 
 def warm_up(trial: Trial) -> bool:
-    """One discarded burst of the experiment's shape per server not yet warm: a fresh GPU's first
-    heavy burst is several times slower, whichever arm it hits. Returns whether it sent anything."""
+    """One discarded burst of the experiment's shape per server not yet warm for it: a fresh GPU's first
+    heavy burst is several times slower, whichever arm it hits, and a shape a server has not served yet
+    can build kernels mid-burst (seen on an H100: a reused kvcached server's first overload burst waited
+    11 s for Triton to compile a sampling kernel, while the fresh static pair had paid it in its warm-up).
+    Returns whether it sent anything."""
     cfg, sent = trial.cfg, False
     for slot, server in trial.servers.items():
         step = next((s for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
-        if step is None or server.warmed:  # cold-start costs are paid once per process
+        if step is None or slot_step(step, slot).plan in server.warmed:  # paid once per process and shape
             continue
         step = slot_step(step, slot)
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")

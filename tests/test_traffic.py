@@ -105,7 +105,12 @@ def test_an_open_loop_warm_up_sends_the_first_window_with_arrivals_at_once(monke
     trial.folder = tmp_path
     assert rx.warm_up(trial)
     assert [(r.index, r.offset_s) for r in sent[0]] == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    assert not rx.warm_up(trial) and len(sent) == 1, "warm for this shape already: not again"
+    trial.exp = types.SimpleNamespace(steps=(rx.Step("A bursts", "A", "overload_A", 0),))
+    trial.plans["overload_A"] = plan
+    assert rx.warm_up(trial) and len(sent) == 2, "a shape it has not served yet is warmed up too"
     server.warmed.clear()
+    trial.exp = types.SimpleNamespace(steps=steps)
     trial.plans = {"main": dataclasses.replace(plan, requests=())}
     assert not rx.warm_up(trial), "nothing planned at all: nothing sent"
 

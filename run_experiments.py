@@ -1194,10 +1194,9 @@ def warm_up(trial: Trial) -> bool:
     Returns whether it sent anything."""
     cfg, sent = trial.cfg, False
     for slot, server in trial.servers.items():
-        step = next((s for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
-        if step is None or slot_step(step, slot).plan in server.warmed:  # paid once per process and shape
+        step = next((slot_step(s, slot) for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
+        if step is None or step.plan in server.warmed:  # paid once per process and shape
             continue
-        step = slot_step(step, slot)
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
         gate, plan = wake_gate(server, cfg), trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
@@ -1850,11 +1849,13 @@ def check_workload(cfg: Config) -> None:
         f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room "
         f"for the prompt",
     )
-    need(
-        cfg.shared_prefix_tokens == 0 or cfg.prefix_caching or cfg.arrivals == "trace",  # check_trace says
-        "shared_prefix_tokens",
-        "shares a prefix for vLLM to cache: add --prefix-caching",
-    )
+    if cfg.shared_prefix_tokens:
+        need(cfg.arrivals != "trace", "shared_prefix_tokens", "a trace's prompts take none: leave it out")
+        need(
+            cfg.prefix_caching,
+            "shared_prefix_tokens",
+            "shares a prefix for vLLM to cache: add --prefix-caching",
+        )
     need(cfg.arrivals == "ramp" or not cfg.peak_rates, "peak_rates", "apply to --arrivals ramp")
     need(cfg.arrivals == "trace" or not cfg.trace, "trace", "applies to --arrivals trace")
     need(
@@ -2473,7 +2474,6 @@ def check_trace(cfg: Config) -> None:
         "--arrivals trace needs --trace FILE[,FILE...] (one per model, cycled)",
     )
     need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
-    need(not cfg.shared_prefix_tokens, "shared_prefix_tokens", "a trace's prompts take none: leave it out")
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(
@@ -5371,8 +5371,9 @@ def server_view(
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
     text, span = saved_log(loaded.path, server).decode(errors="replace"), server.get("log_lines")
     figures = log_figures(text)  # the whole log: a reused server's start-up lines are before its span
-    own = log_figures("\n".join(text.split("\n")[slice(*span)])) if span else figures  # as log_lines counts
     asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
+    # a sleep server's own stretch of its log, in lines as log_lines counts them
+    own = log_figures("\n".join(text.split("\n")[slice(*span)])) if span and asleep else figures
     return ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
@@ -7225,13 +7226,12 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     try:
         indices = gpu_indices(cfg)
         nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
+    except NoSuchCard as exc:  # NVML works; the index names no card
+        return [fail("nvml", str(exc), "name a card this machine has (nvidia-smi -L lists them)")], None
     except ConfigError as exc:
-        no_card = "out of range" not in str(exc)  # else NVML works and the index names no card
         fix = (
             "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
             "--report RUN_DIR needs neither"
-            if no_card
-            else "name a card this machine has (nvidia-smi -L lists them)"
         )
         return [fail("nvml", str(exc).split(". ")[0], fix)], None
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
@@ -7551,6 +7551,10 @@ def mixed_cards(cards: list[dict], allow_mixed: bool) -> bool:
     return len(kinds) > 1
 
 
+class NoSuchCard(ConfigError):
+    """A --gpu-index or --gpus entry this machine has no card for."""
+
+
 def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
     """NVML, started, once each of `indices` (from `flag`) is known to name a card of this machine."""
     try:
@@ -7563,7 +7567,7 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
     count = nvml.nvmlDeviceGetCount()
     for index in indices:
         if index >= count:
-            raise ConfigError(
+            raise NoSuchCard(
                 f"{flag}: GPU index {index} out of range: this machine has {count} "
                 f"GPU{'s' if count != 1 else ''} (0-{count - 1})"
             )

@@ -761,8 +761,7 @@ def server_units(experiments: list[Experiment], cfg: "Config", budget: int) -> l
 
 
 def lane_estimate_s(lane: list[Experiment], cfg: "Config", budget: int, bursts: int) -> float:
-    """A rough duration of a lane's experiments run in order: start-ups (kvcached ones together, static
-    ones in turn) and bursts with their gaps. For the scheduler only."""
+    """A lane's rough duration, for the scheduler: start-ups (kvcached ones together) and bursts with gaps."""
     running: set = set()
     total = 0.0
     burst_s = BURST_ESTIMATE_S if cfg.arrivals == "bursts" else BURST_ESTIMATE_S + cfg.duration_s
@@ -802,9 +801,8 @@ def plan_lanes(
 
 
 def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
-    """One process per card, each running its lane's experiments into the run folder. Their lines come
-    out here, prefixed with the card; a signal here is passed on to each, once. Returns (interrupted,
-    failed experiments), a lane that died counting its unfinished experiments as failed."""
+    """One process per card; their lines come out here, prefixed with the card, and a signal here is passed
+    on to each, once. Returns (interrupted, failed experiments; a dead lane's unfinished ones count)."""
     if run.import_checks is not None:
         confirm_imports(run)
     run.config["timing"]["table_start"] = time.time()
@@ -820,10 +818,17 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
                 process.send_signal(signum)
 
     restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    command = [sys.executable, script_file(), *(sys.argv[1:] if argv is None else argv)]
     try:
         for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
-                lanes[index] = start_lane(run, argv, index)
+                lanes[index] = subprocess.Popen(
+                    [*command, "--lane-of", str(run.run_dir), "--gpu-index", str(index)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
+                )
         relay_output(lanes)
         codes = {index: process.wait() for index, process in lanes.items()}
     finally:
@@ -839,17 +844,6 @@ def script_file() -> Optional[str]:
     """This script's file, which each card's process runs (none when pasted into a notebook cell)."""
     path = globals().get("__file__")
     return path if path and Path(path).is_file() else None
-
-
-def start_lane(run: Run, argv: Optional[list[str]], gpu_index: int) -> subprocess.Popen:
-    args = sys.argv[1:] if argv is None else argv
-    return subprocess.Popen(
-        [sys.executable, script_file(), *args, "--lane-of", str(run.run_dir), "--gpu-index", str(gpu_index)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
-    )
 
 
 def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
@@ -879,8 +873,8 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
 
 
 def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
-    """Only after an error here: each card's process still running is told to stop, then killed (its
-    servers' keepers then stop them)."""
+    """After an error here: each card's process still running is told to stop, then killed (keepers stop its
+    servers)."""
     for process in lanes.values():
         if process.poll() is None:
             process.terminate()
@@ -897,8 +891,7 @@ def lane_file(gpu_index: int) -> str:
 
 
 def gather_lane(run: Run, lane: Lane, code: int) -> int:
-    """A card's process has ended: its servers go into config.json; returns its failed experiments (an
-    unfinished experiment of a process that died counts as one)."""
+    """A card's process has ended: its servers go into config.json; returns its failed experiments."""
     index = lane.cfg.gpu_index
     facts_file = run.run_dir / lane_file(index)
     facts, _ = read_json(facts_file)
@@ -919,8 +912,7 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
 
 
 def join_run(cfg: "Config", nvml_module: Any) -> Run:
-    """A card's process of a --gpus run: the run the first process prepared (config.json, plans), for
-    the lane of this card."""
+    """A card's process of a --gpus run: the run the first process prepared, for this card's lane."""
     register_secrets(cfg)
     # Told to stop (SIGTERM, as from Ctrl-C) when the process that started it dies, even by SIGKILL
     # (Linux; elsewhere its servers' keepers still stop them when it ends)
@@ -984,7 +976,6 @@ Span = tuple[float, float]  # (start, end), wall clock
 class Marks:
     """When each phase of an experiment happened (wall clock), for summaries and plots."""
 
-    # a phase that did not happen is left out of the JSON
     idle_after_load: Optional[Span] = omitted_if_none()  # quiet window right after the servers are up
     warmup: Optional[Span] = omitted_if_none()
     idle_before: Optional[Span] = omitted_if_none()  # quiet window after the warm-up: the idle level
@@ -1016,8 +1007,7 @@ class BurstMark:
 
 
 def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> None:
-    """An open-loop window's planned rate on its mark: the models' own rates (--rates-per-model) add up;
-    a ramp's peak and a trace's rate scale are each model's."""
+    """An open-loop window's planned rate: models' rates add up; a ramp's peak or trace's scale is each's."""
     first = plans[0]
     if first.rates:
         each = first.arrivals in PER_MODEL_ARRIVALS
@@ -1163,8 +1153,7 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
 
 
 def run_concurrent_window(trial: Trial, steps: list[Step], burst: BurstMark, sink: "RecordSink") -> None:
-    """The window `burst` marks of per-model traffic: every model's requests at once, each model's from its
-    own plan, on a thread of its own (its requests are timed from their planned arrivals all the same)."""
+    """Every model's requests at once, each from its own plan on its own thread, in the window `burst`."""
     pool = concurrent.futures.ThreadPoolExecutor(len(steps), thread_name_prefix="model")
     try:
         router = trial.router
@@ -1223,8 +1212,7 @@ def run_step(
     gate: Optional["WakeGate | RouterGate"] = None,
     plan: Optional["WorkloadPlan"] = None,
 ) -> list["RequestRecord"]:
-    """One burst of `step` (from its plan, unless `plan` replaces it) against its server, which must still
-    be alive before and after it."""
+    """One burst of `step` (from its plan unless `plan` replaces it) against its server, which must be up."""
     cfg, server, plan = trial.cfg, trial.servers[step.server], plan or trial.plans[step.plan]
     code = server.exit_code()
     if code is not None:
@@ -1296,8 +1284,7 @@ def apply_pair_budget(
 
 
 def sleep_call(server: "RunningServer", path: str, api_key: str, body: Optional[dict] = None) -> float:
-    """POST /sleep?level=N, /wake_up, ... (within 120 s); seconds it took (raises ServerError if the
-    server refused)."""
+    """POST /sleep?level=N, /wake_up, ... (within 120 s); seconds it took (ServerError if refused)."""
     start = time.perf_counter()
     try:
         with Connections() as connections:
@@ -1334,8 +1321,7 @@ def wake_up(server: "RunningServer", cfg: "Config") -> float:
 
 @dataclasses.dataclass
 class WakeGate:
-    """What a router does for a sleeping server: the first request of a burst wakes it, the others
-    wait for that; all of them count the wake-up in their latency."""
+    """A burst's first request wakes a sleeping server, the others wait for that; all count it in latency."""
 
     server: "RunningServer"
     cfg: "Config"
@@ -1507,8 +1493,7 @@ class StrictParser(argparse.ArgumentParser):
 
 
 def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
-    """argv (None = sys.argv, or NOTEBOOK_ARGS inside a notebook) -> the validated, resolved Config;
-    None once --help has been printed."""
+    """argv (None: sys.argv, or NOTEBOOK_ARGS in a notebook) -> the resolved Config; None after --help."""
     if argv is None:
         argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
     try:
@@ -1520,9 +1505,8 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 
 @functools.lru_cache(maxsize=1)
 def config_help() -> dict[str, str]:
-    """Each field's trailing comment in Config, as its --help text (empty where the source is not
-    available, e.g. pasted into a notebook cell). Read from the file's lines: inspect.getsource would
-    parse the whole file to find the class, a fifth of a second at every start."""
+    """Each Config field's trailing comment, as its --help (none in a notebook cell), from the file's lines:
+    inspect.getsource would parse the whole file to find the class, a fifth of a second at every start."""
     import inspect
     import linecache
 
@@ -1568,8 +1552,7 @@ def tokens_or_auto(value: str) -> int:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """The values a run uses: the preset's workload where flags were left open, and the rules that
-    follow from other flags."""
+    """The values a run uses: the preset's where flags were left open, and what follows from other flags."""
     if cfg.max_model_len == AUTO_LENGTH:
         cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
     cfg = fill_preset(cfg)
@@ -1608,8 +1591,7 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def fill_preset(cfg: Config) -> Config:
-    """The preset's workload values wherever a flag was left open: at 0, or negative for gap_s and
-    prompt_tokens (where 0 is a value of its own)."""
+    """The preset's workload where a flag was left open: at 0, or below 0 for gap_s and prompt_tokens."""
     filled = {}
     for name, preset_value in PRESET_WORKLOADS[cfg.preset].items():
         value = getattr(cfg, name)
@@ -1749,8 +1731,7 @@ def validate_config(cfg: Config) -> Config:
 
 
 def check_report_alone(cfg: Config) -> None:
-    """--report rebuilds a run with the settings it ran with (its config.json): another flag would change
-    nothing, so it is refused rather than silently ignored."""
+    """--report rebuilds a run with its own settings: another flag would change nothing, so it is refused."""
     given = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default]
     given = [name for name in given if name not in ("report", "plots")]
     why = "--report uses the run's own settings (its config.json): leave this flag out"
@@ -1963,8 +1944,7 @@ def kv_bytes_per_token(model_config: dict) -> int:
 
 
 def weight_bytes(model_config: dict) -> Optional[int]:
-    """About the bytes of a dense model's weights (embeddings, attention, MLP) from its config.json;
-    None where it lacks the sizes or has experts."""
+    """About the bytes of a dense model's weights, from config.json; None if it lacks sizes or has experts."""
     text = model_config.get("text_config", model_config)
     sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
     if any(k not in text for k in sizes) or any("expert" in k for k in text):

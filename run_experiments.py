@@ -873,8 +873,7 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
 
 
 def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
-    """After an error here: each card's process still running is told to stop, then killed (keepers stop its
-    servers)."""
+    """After an error: each card's process still running is terminated, then killed (keepers end servers)."""
     for process in lanes.values():
         if process.poll() is None:
             process.terminate()
@@ -1141,7 +1140,7 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
         return run_concurrent_window(trial, each, burst, sink)
     server, cfg = trial.servers[step.server], trial.cfg
     before = server_latency_snapshot(server)
-    gate = wake_gate(server, cfg)
+    gate = WakeGate(server, cfg) if server.spec.sleep_mode else None
     records = run_step(trial, step, repeat, sink, gate)
     burst.end = time.time()
     burst.server_before = before
@@ -1176,18 +1175,18 @@ def slot_step(step: Step, slot: str) -> Step:
 
 
 def warm_up(trial: Trial) -> bool:
-    """One discarded burst of the experiment's shape per server not yet warm for it: a fresh GPU's first
-    heavy burst is several times slower, whichever arm it hits, and a shape a server has not served yet
-    can build kernels mid-burst (seen on an H100: a reused kvcached server's first overload burst waited
-    11 s for Triton to compile a sampling kernel, while the fresh static pair had paid it in its warm-up).
-    Returns whether it sent anything."""
+    """One discarded burst of the experiment's shape per server not yet warm for it; whether it sent any. A
+    fresh GPU's first heavy burst is several times slower, whichever arm it hits, and a new shape can build
+    kernels mid-burst (on an H100 a reused kvcached server's first overload burst waited 11 s for Triton to
+    compile a sampling kernel, while the fresh static pair had paid it in its warm-up)."""
     cfg, sent = trial.cfg, False
     for slot, server in trial.servers.items():
         step = next((slot_step(s, slot) for s in trial.exp.steps if s.server in (slot, ALL_SLOTS)), None)
         if step is None or step.plan in server.warmed:  # paid once per process and shape
             continue
         say(f"  warm-up of {server.spec.label} ({step.plan} shape, discarded)")
-        gate, plan = wake_gate(server, cfg), trial.plans[step.plan]
+        gate = WakeGate(server, cfg) if server.spec.sleep_mode else None
+        plan = trial.plans[step.plan]
         if plan.arrivals != "bursts":  # open loop: the first requests of a window at once, not a whole window
             first = next((plan.burst(b) for b in range(plan.bursts) if plan.burst(b)), [])[:OPEN_LOOP_WARMUP]
             at_once = (dataclasses.replace(r, burst=step.burst, offset_s=0.0) for r in first)
@@ -1341,11 +1340,6 @@ class WakeGate:
 
     def release(self) -> None:
         """A request done: the server stays awake until its burst is over."""
-
-
-def wake_gate(server: "RunningServer", cfg: "Config") -> Optional[WakeGate]:
-    """The gate a sleep-mode server's burst passes through; None for any other server."""
-    return WakeGate(server, cfg) if server.spec.sleep_mode else None
 
 
 # %% The sleep router: sleep-mode servers under every model's traffic at once

@@ -1521,16 +1521,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure kvcached's elastic KV cache against vLLM's static pool.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    helps = config_help()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
-        text = helps.get(field.name, "").replace("%", "%%")
-        if field.type == "bool":  # a string: annotations are not evaluated
-            how = dict(action=argparse.BooleanOptionalAction)  # --warmup / --no-warmup
-        else:
+        text = config_help().get(field.name, "").replace("%", "%%")
+        how = dict(action=argparse.BooleanOptionalAction)  # --warmup / --no-warmup
+        if field.type != "bool":  # a string: annotations are not evaluated
             how = dict(type={"int": int, "float": float, "str": str}[field.type])
-            if field.name == "max_model_len":
-                how = dict(type=tokens_or_auto)
+        if field.name == "max_model_len":
+            how = dict(type=tokens_or_auto)
         parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
 

@@ -1998,8 +1998,7 @@ class WorkloadPlan:
 
     @classmethod
     def of(cls, cfg: Config, requests_: list[PlannedRequest], windows: int, **fields) -> WorkloadPlan:
-        """A plan of `requests_` in `windows` windows at cfg's gap, temperature and seed; its burst_size
-        is the busiest window's."""
+        """A plan at cfg's gap, temperature and seed; its burst_size is the busiest window's."""
         busiest = max(collections.Counter(r.burst for r in requests_).values(), default=0)
         fields.update(bursts=windows, burst_size=busiest, requests=tuple(requests_))
         return cls(gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, **fields)
@@ -2057,9 +2056,8 @@ def size_burst(
 
 @dataclasses.dataclass(frozen=True)
 class OutputLengths:
-    """How many tokens each request asks for: 'fixed' (all max_tokens), 'uniform' between lo and hi,
-    or 'lognormal' with the given mean and sigma (of the log), cut to [1, max_tokens]. Requests that end at
-    different times are where kvcached's freed pages can leave fragments behind."""
+    """Tokens each request asks for: 'fixed', 'uniform' (lo-hi) or 'lognormal' (mean, sigma of the log), in
+    [1, max_tokens]. Requests that end at different times are where kvcached's freed pages leave fragments."""
 
     kind: str
     lo: float = 0
@@ -2096,22 +2094,16 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     )
 
 
-def requests_plan(
-    cfg: Config,
-    windows: list[list[float]],
-    sizing: str,
-    max_tokens: Optional[int] = None,
-    prompt_tokens: Optional[int] = None,
-    **fields,
-) -> WorkloadPlan:
-    """A request for each arrival of each window (its offsets, in seconds); lengths by default cfg's.
-    Prompts and output lengths are drawn from seeded generators of their own, so that a length mix or a
-    shared prefix leaves the prompts of the same seed as they were."""
+def requests_plan(cfg: Config, windows: list[list[float]], sizing: str, **fields) -> WorkloadPlan:
+    """A request for each arrival of each window (its offsets, in seconds); max_tokens and prompt_tokens by
+    default cfg's. Prompts and output lengths come from seeded generators of their own, so that a length
+    mix or a shared prefix leaves the prompts of the same seed as they were."""
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
     # the longest output a request may ask for, and the whole prompt, shared prefix included
-    max_tokens = max(max_tokens or cfg.max_tokens, int(lengths.hi))
+    max_tokens = max(fields.get("max_tokens") or cfg.max_tokens, int(lengths.hi))
+    asked = fields.get("prompt_tokens")
     room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
-    prompt_tokens = min(cfg.prompt_tokens if prompt_tokens is None else prompt_tokens, room)
+    prompt_tokens = min(cfg.prompt_tokens if asked is None else asked, room)
     prefix = shared_prefix(cfg)
     prompt_rng, lengths_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-output-lengths")
     planned = []
@@ -2133,12 +2125,11 @@ def plan_workload(
     prompt_tokens: Optional[int] = None,
 ) -> WorkloadPlan:
     windows = [[0.0] * burst_size] * (bursts or cfg.bursts)  # a burst's requests are sent at once
-    return requests_plan(cfg, windows, sizing, max_tokens, prompt_tokens)
+    return requests_plan(cfg, windows, sizing, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
 def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -> list[float]:
-    """A flag's numbers, separated by commas (an empty entry, as after a trailing comma, is skipped), each
-    passing `ok` (else a ConfigError naming the flag)."""
+    """A flag's comma-separated numbers (empty entries skipped), each passing `ok`, else a ConfigError."""
     text = getattr(cfg, flag)
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -2164,8 +2155,7 @@ def parse_rates_per_model(cfg: Config) -> list[float]:
 
 
 def per_model_family(cfg: Config) -> Optional[str]:
-    """The plan family when every model has traffic of its own, sent all at once: 'ramp', 'trace' or
-    'open' (--rates-per-model); None when the models take turns on one plan."""
+    """'ramp', 'trace' or 'open' (--rates-per-model) when each model sends its own plan at once, else None."""
     if cfg.arrivals in PER_MODEL_ARRIVALS:
         return cfg.arrivals
     return "open" if cfg.rates_per_model and cfg.arrivals in ("poisson", "gamma") else None
@@ -2232,8 +2222,7 @@ def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> 
 
 
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
-    """One heavy burst (long prompts, long outputs) needing overload_demand x a model's static share
-    (an even split of the budget among the models)."""
+    """One heavy burst (long prompts and outputs) needing overload_demand x a model's share of the budget."""
     share = budget_bytes / len(slots(cfg))
     whose = "the pair's" if len(slots(cfg)) == 2 else "the models'"
     max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
@@ -2347,8 +2336,11 @@ def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
     stretch of that length with the most requests), or '' for all of it."""
     head, _, tail = spec.partition(":")
     with contextlib.suppress(ValueError):  # not a number, or a length out of range: the error below
-        if head == "busiest":
-            return busiest_stretch(rows, float(tail))
+        if head == "busiest" and 0 < float(tail) < math.inf:
+            times = [r.at_s for r in rows]
+            counts = [bisect.bisect_left(times, t + float(tail)) - i for i, t in enumerate(times)]
+            start = times[counts.index(max(counts))]  # the earliest of the busiest
+            return start, start + float(tail)
         start, end = float(head or 0), float(tail) if tail else math.inf
         if 0 <= start < end:  # false for NaN too
             return start, end
@@ -2356,15 +2348,6 @@ def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
         f"--trace-window: {spec!r} is not START:END seconds into the trace (0 <= START < END, either "
         "may be left out) or busiest:SECONDS"
     )
-
-
-def busiest_stretch(rows: tuple[TraceRow, ...], length_s: float) -> tuple[float, float]:
-    if not (length_s > 0 and math.isfinite(length_s)):
-        raise ValueError(length_s)
-    times = [r.at_s for r in rows]
-    counts = [bisect.bisect_left(times, t + length_s) - i for i, t in enumerate(times)]
-    start = times[counts.index(max(counts))]  # the earliest of the busiest
-    return start, start + length_s
 
 
 def window_rows(cfg: Config, path: str) -> tuple[float, list[TraceRow]]:
@@ -2405,36 +2388,26 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     files = trace_files(cfg)
     start, chosen = window_rows(cfg, files[position % len(files)])
     rng, scales = random.Random(f"{cfg.seed}-trace-prompts-{position}"), parse_rate_scales(cfg)
-    windows = [scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}") for scale in scales]
-    planned = [
-        trace_request(cfg, rng, row, window, i, round((row.at_s - start) / cfg.trace_speedup, 6))
-        for window, kept in enumerate(windows)
-        for i, row in enumerate(kept)
-    ]
-    return WorkloadPlan.of(
-        cfg,
-        planned,
-        len(scales),
-        max_tokens=max((r.max_tokens for r in planned), default=0),
-        prompt_tokens=max((r.prompt_tokens or 0 for r in planned), default=0),
-        sizing=sizing,
-        arrivals="trace",
-        rates=tuple(scales),
-    )
-
-
-def trace_request(
-    cfg: Config, rng: random.Random, row: TraceRow, window: int, index: int, offset_s: float
-) -> PlannedRequest:
-    """A row replayed, its lengths cut to fit the context (the output first down to what leaves a
-    short prompt room)."""
     room = cfg.max_model_len - PROMPT_MARGIN_TOKENS
-    output_tokens = min(row.output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
-    prompt_tokens = min(row.prompt_tokens, room - output_tokens)
-    prompt = trace_prompt(rng, row, prompt_tokens, cfg.seed)
-    clipped = (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens)
-    return PlannedRequest(
-        window, index, prompt, output_tokens, cfg.temperature, offset_s, row.row, prompt_tokens, clipped
+    planned = []
+    for window, scale in enumerate(scales):
+        for i, row in enumerate(scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")):
+            # lengths cut to fit the context: the output first, down to what leaves a short prompt room
+            output_tokens = min(row.output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
+            prompt_tokens = min(row.prompt_tokens, room - output_tokens)
+            prompt = trace_prompt(rng, row, prompt_tokens, cfg.seed)
+            clipped = (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens)
+            offset_s = round((row.at_s - start) / cfg.trace_speedup, 6)
+            trace = {"trace_row": row.row, "prompt_tokens": prompt_tokens, "clipped": clipped}
+            planned.append(
+                PlannedRequest(window, i, prompt, output_tokens, cfg.temperature, offset_s, **trace)
+            )
+    lengths = {
+        "max_tokens": max((r.max_tokens for r in planned), default=0),
+        "prompt_tokens": max((r.prompt_tokens or 0 for r in planned), default=0),
+    }
+    return WorkloadPlan.of(
+        cfg, planned, len(scales), sizing=sizing, arrivals="trace", rates=tuple(scales), **lengths
     )
 
 
@@ -2461,10 +2434,8 @@ AUTO_LENGTH = -1  # --max-model-len auto
 
 def trace_model_len(cfg: Config) -> int:
     """--max-model-len auto: the longest request in any model's window, within every model's own limit."""
-    longest = max(
-        (r.prompt_tokens + r.output_tokens for path in trace_files(cfg) for r in window_rows(cfg, path)[1]),
-        default=0,
-    )
+    rows = [r for path in trace_files(cfg) for r in window_rows(cfg, path)[1]]
+    longest = max((r.prompt_tokens + r.output_tokens for r in rows), default=0)
     wanted = longest + PROMPT_MARGIN_TOKENS
     limits = [
         (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings") for key in slots(cfg)
@@ -2487,8 +2458,7 @@ SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
 def is_secret_name(name: str) -> bool:
-    """Secret: VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key.
-    Not: TOKENIZERS_PARALLELISM, --max-tokens."""
+    """VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, --api-key; not TOKENIZERS_PARALLELISM, --max-tokens."""
     parts = name.upper().replace("-", "_").strip("_").split("_")
     return parts[-1] in ("KEY", "APIKEY") or any(p in SECRET_WORDS for p in parts)
 
@@ -2628,9 +2598,8 @@ def server_env(
     cfg: Config, spec: ServerSpec, base: Optional[dict] = None, run_env: Optional[dict] = None
 ) -> dict[str, str]:
     """Both arms set explicitly: a user's shell exporting ENABLE_KVCACHED must not flip the baseline.
-    `run_env` is what every server of the run shares: the card NVML measures (CUDA_VISIBLE_DEVICES by
-    UUID) and the model runner (model_runner_env). The API key
-    travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
+    `run_env` is what every server of the run shares: the card NVML measures and the model runner. The API
+    key travels in VLLM_API_KEY, not on the command line, where vLLM would log it among its arguments."""
     env = dict(os.environ if base is None else base) | (run_env or {})
     if spec.kvcached:
         env.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=spec.ipc_name)
@@ -2679,8 +2648,7 @@ def proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
 
 
 def owner_of(pid: int, roots: dict[int, Any], max_depth: int = 32) -> Any:
-    """The root (of `roots`) that pid descends from, by walking up its parents; None if none. A few
-    reads per GPU process, instead of a pass over every process of the host."""
+    """The root (of `roots`) pid descends from, walking up its parents: not a pass over every process."""
     for _ in range(max_depth):
         if pid in roots:
             return roots[pid]

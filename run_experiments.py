@@ -2806,8 +2806,7 @@ def read_order(control: int, timeout_s: float) -> Optional[str]:
 
 
 def reap_children(codes: dict[int, int]) -> None:
-    """Collect every child that ended (the server's orphans are the keeper's children too), noting each
-    exit code by pid."""
+    """Note the exit code of every child that ended, by pid (the server's orphans are children too)."""
     import contextlib
     import os
 
@@ -2871,10 +2870,9 @@ def keeper_source() -> str:
 
 # --- stopping: the one way a server stops. The keeper does it; the harness gives the order and waits
 def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float] = None) -> float:
-    """Stop them all at once: each keeper sends SIGINT to its server's whole tree, waits grace_s, sends
-    SIGKILL, removes the kvcached segment and exits. Returns the time taken, once every keeper has
-    exited. A Ctrl-C or SIGTERM meanwhile makes it "stop now" (SIGKILL) but never abandons a server;
-    the interrupt is re-raised after."""
+    """Stop them all at once (each keeper: SIGINT to the tree, grace_s, SIGKILL, the kvcached segment
+    removed); the time taken, once every keeper has exited. A Ctrl-C or SIGTERM meanwhile makes it "stop
+    now" (SIGKILL) but never abandons a server; the interrupt is re-raised after."""
     if not servers:
         return 0.0
     grace_s = STOP_GRACE_S if grace_s is None else grace_s
@@ -2905,8 +2903,10 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
 def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
     """Order each keeper to stop and wait for them to exit; "now" once STATE.hurry is set. True if a
     notebook's interrupt came meanwhile (in a script, the signal handler sets hurry instead)."""
-    logged = {id(s): log_size(s.log_path) for s in servers}
+    logged = {}  # where each log stood before the order
     for server in servers:
+        with contextlib.suppress(OSError):
+            logged[id(server)] = server.log_path.stat().st_size
         server.order(f"stop {grace_s:g}")
     interrupted, hurried = False, False
     give_up_at = time.time() + grace_s + KILL_WAIT_S + 5.0
@@ -2923,7 +2923,7 @@ def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
             say("  interrupted again: killing the servers now")
     for server in servers:  # what held a stop up, as its keeper wrote it in the log when it sent SIGKILL
         with contextlib.suppress(OSError), open(server.log_path, "rb") as f:
-            f.seek(logged[id(server)])
+            f.seek(logged.get(id(server), 0))
             for line in f.read().decode(errors="replace").splitlines():
                 if line.startswith("[keeper] ") and "still running" in line:
                     say(f"    {line.removeprefix('[keeper] ')}")
@@ -2938,12 +2938,6 @@ def log_lines(path: Path) -> int:
         for chunk in iter(lambda: log.read(1 << 20), b""):
             lines += chunk.count(b"\n")
     return lines
-
-
-def log_size(path: Path) -> int:
-    with contextlib.suppress(OSError):
-        return path.stat().st_size
-    return 0
 
 
 def settle(server: RunningServer) -> None:
@@ -3006,27 +3000,19 @@ class Connections(contextlib.AbstractContextManager):
         return sock
 
     def done(self, address: tuple[str, int], sock: socket.socket, keep: bool) -> None:
-        """A request's socket back: kept for the next request, or closed."""
+        """A socket back from a request (or new, from open_ahead): kept for a next, unless all are closed."""
         with self.lock:
             self.busy.discard(sock)
-        if keep:
-            self.put(address, sock)
-        else:
-            sock.close()
+            if keep and not self.closed:
+                self.idle.setdefault(address, []).append((sock, time.monotonic()))
+                return
+        sock.close()
 
     def open_ahead(self, url: str, count: int) -> None:
         """Connect `count` sockets before a closed burst, so that its TTFTs do not count the connects."""
         address = url_address(url)
         for _ in range(count - len(self.idle.get(address, ()))):
-            self.put(address, connect(address, CONNECT_TIMEOUT_S))
-
-    def put(self, address: tuple[str, int], sock: socket.socket) -> None:
-        """An open socket kept for a next request (closed instead once these connections are closed)."""
-        with self.lock:
-            if not self.closed:
-                self.idle.setdefault(address, []).append((sock, time.monotonic()))
-                return
-        sock.close()
+            self.done(address, connect(address, CONNECT_TIMEOUT_S), keep=True)
 
     def close(self) -> None:
         """Close them all. A socket still in a request's hands is shut down, so that a thread blocked

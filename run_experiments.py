@@ -2018,14 +2018,6 @@ def make_prompt(rng: random.Random, index: int, prompt_tokens: int) -> str:
     return f"Context: {filler}\n\nTask: {base}"
 
 
-def shared_prefix(cfg: Config) -> str:
-    """The prompt prefix every request shares (--shared-prefix-tokens words), '' without one."""
-    if not cfg.shared_prefix_tokens:
-        return ""
-    rng = random.Random(f"{cfg.seed}-shared-prefix")
-    return "Shared: " + " ".join(rng.choices(FILLER_WORDS, k=cfg.shared_prefix_tokens)) + "\n\n"
-
-
 def size_burst(
     kv_per_token: Optional[int],
     free_bytes: Optional[int],
@@ -2095,16 +2087,17 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
 
 
 def requests_plan(cfg: Config, windows: list[list[float]], sizing: str, **fields) -> WorkloadPlan:
-    """A request for each arrival of each window (its offsets, in seconds); max_tokens and prompt_tokens by
-    default cfg's. Prompts and output lengths come from seeded generators of their own, so that a length
-    mix or a shared prefix leaves the prompts of the same seed as they were."""
+    """A request per arrival (offsets in seconds) of each window. Prompts and output lengths come from
+    seeded generators of their own: a length mix or a shared prefix leaves a seed's prompts as they were."""
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
     # the longest output a request may ask for, and the whole prompt, shared prefix included
     max_tokens = max(fields.get("max_tokens") or cfg.max_tokens, int(lengths.hi))
     asked = fields.get("prompt_tokens")
     room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
     prompt_tokens = min(cfg.prompt_tokens if asked is None else asked, room)
-    prefix = shared_prefix(cfg)
+    # the prefix every request shares: --shared-prefix-tokens words
+    shared = random.Random(f"{cfg.seed}-shared-prefix").choices(FILLER_WORDS, k=cfg.shared_prefix_tokens)
+    prefix = "Shared: " + " ".join(shared) + "\n\n" if cfg.shared_prefix_tokens else ""
     prompt_rng, lengths_rng = random.Random(cfg.seed), random.Random(f"{cfg.seed}-output-lengths")
     planned = []
     for window, offsets in enumerate(windows):
@@ -2201,8 +2194,7 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
-    """The model at `position` (A = 0): one window per peak of --peak-rates, its ramp starting
-    position x the stagger into the window."""
+    """The model at `position` (A = 0): a window per peak of --peak-rates, its ramp `position` staggers in."""
     peaks = parse_peaks(cfg)
     ramps = [ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak)) for peak in peaks]
     return requests_plan(cfg, ramps, sizing, arrivals="ramp", rates=tuple(peaks))
@@ -2332,8 +2324,7 @@ def trace_files(cfg: Config) -> list[str]:
 
 
 def trace_window(rows: tuple[TraceRow, ...], spec: str) -> tuple[float, float]:
-    """Seconds into the trace replayed: START:END (either may be left out), busiest:SECONDS (the
-    stretch of that length with the most requests), or '' for all of it."""
+    """Seconds replayed: START:END (either may be left out), busiest:SECONDS (most requests), '' for all."""
     head, _, tail = spec.partition(":")
     with contextlib.suppress(ValueError):  # not a number, or a length out of range: the error below
         if head == "busiest" and 0 < float(tail) < math.inf:
@@ -3131,8 +3122,7 @@ def wall_minus_perf() -> float:
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
-    """The complete chunks at the front of a chunked body: (their data, what is left, whether the
-    terminating chunk was among them)."""
+    """The complete chunks at the front of a chunked body: (their data, the rest, whether the body ended)."""
     data, position = [], 0
     while (end_of_size := raw.find(b"\r\n", position)) >= 0:
         size = int(raw[position:end_of_size].split(b";", 1)[0], 16)

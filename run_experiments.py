@@ -2194,7 +2194,7 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
-    """The model at `position` (A = 0): a window per peak of --peak-rates, its ramp `position` staggers in."""
+    """The model at `position` (A = 0): a window per --peak-rates peak, its ramp position x stagger in."""
     peaks = parse_peaks(cfg)
     ramps = [ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak)) for peak in peaks]
     return requests_plan(cfg, ramps, sizing, arrivals="ramp", rates=tuple(peaks))

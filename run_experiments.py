@@ -3244,13 +3244,10 @@ class RunningServer:
             **self.facts,
         }
 
-    def evidence(self) -> str:
-        log = f"log: {self.log_path}\n--- last 40 lines of the log ---\n{tail(self.log_path)}"
-        return f"command: {shlex.join(self.cmd)}\n{log}"
-
     def failure(self, problem: str) -> ServerError:
         """The error for what went wrong, with the evidence: command, log and the log's tail."""
-        return ServerError(f"{problem}\n{self.evidence()}")
+        log = f"log: {self.log_path}\n--- last 40 lines of the log ---\n{tail(self.log_path)}"
+        return ServerError(f"{problem}\ncommand: {shlex.join(self.cmd)}\n{log}")
 
 
 def start_checks(cfg: Config, spec: ServerSpec) -> None:
@@ -3327,8 +3324,7 @@ def start_server(
 
 
 def listener_is_ours(server: RunningServer) -> Optional[bool]:
-    """Whether the socket listening on the server's port belongs to a process of its tree; None when
-    nothing listens there now (a server that answered and then died, say)."""
+    """Whether the socket listening on its port is of its process tree; None if nothing listens there now."""
     inodes = port_sockets(server.spec.port, (TCP_LISTEN,))
     return bool(socket_owners(inodes, server.tree())) if inodes else None
 
@@ -3344,9 +3340,8 @@ def health_ok(server: RunningServer, timeout_s: float = 2.0) -> bool:
 def wait_ready(
     server: RunningServer, timeout_s: float, poll_s: float = 0.25, progress_every_s: float = 10.0
 ) -> float:
-    """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first.
-    The first polls come quickly (a server imported ahead, or reused, answers within a second) and back
-    off to poll_s, so start-up times are read to within a poll."""
+    """Poll /health until 200 from *our* process; fail fast with the log's tail if it exits first. The
+    first polls come quickly (one imported ahead answers within a second), so start-up is read to a poll."""
     label, deadline = server.spec.label, server.started_at + timeout_s
     interval, next_progress = min(poll_s, 0.02), time.time() + progress_every_s
     while True:
@@ -3384,8 +3379,7 @@ def wait_ready(
 
 def runner_hint(server: RunningServer) -> str:
     """kvcached's refusal of the model runner it was given, with what to do about it."""
-    refused = any("KVCachedConfigError" in line for line in tail(server.log_path, 80).splitlines())
-    if not (refused and server.spec.kvcached):
+    if not server.spec.kvcached or "KVCachedConfigError" not in tail(server.log_path, 80):
         return ""
     given = server.env_shown.get(RUNNER_VARIABLE)
     if given is None:  # vLLM's version was not known (e.g. --server-cmd), so vLLM chose
@@ -3409,8 +3403,7 @@ def fork_hint(server: RunningServer) -> str:
 
 
 def exit_words(code: int) -> str:
-    """A server's end as its keeper tells it: the server's exit code, or the keeper itself killed (the
-    server then got SIGTERM, its parent-death signal)."""
+    """A server's end as its keeper tells it: its exit code, or the keeper killed (the server got SIGTERM)."""
     if code < 0:
         return f"ended when its keeper was killed ({signal.Signals(-code).name})"
     return f"exited with code {code}"
@@ -3482,6 +3475,7 @@ class ServerPool:
             if problem:
                 log_tail = tail(server.log_path, 5)
                 say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{log_tail}")
+
                 stop_servers([server], "dead or not ours")
                 self.forget_stopped()
             elif server:
@@ -3576,8 +3570,7 @@ def ahead_for(cfg: Config, run_env: Optional[dict] = None) -> Ahead:
 
 
 def import_first_servers(run: Run, pool: "ServerPool") -> None:
-    """With --preimport, the first servers import vLLM while vLLM's import check runs (see
-    import_checks_beside); the experiments begin once it has passed."""
+    """With --preimport, the first servers import vLLM while its import check runs (import_checks_beside)."""
     if run.import_checks is None:
         return
     (lane,) = run.lanes
@@ -3739,8 +3732,7 @@ def read_segment(ipc_name: str) -> Optional[dict]:
         return None
     if len(data) < SEGMENT.size:
         return None
-    total, used, prealloc = SEGMENT.unpack(data)
-    return {"total_bytes": total, "used_bytes": used, "prealloc_bytes": prealloc}
+    return dict(zip(("total_bytes", "used_bytes", "prealloc_bytes"), SEGMENT.unpack(data)))
 
 
 def write_segment_limit(ipc_name: str, limit_bytes: int) -> None:
@@ -3780,8 +3772,9 @@ def unlink_segment(path: str) -> Optional[str]:
 
 
 def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
-    """kvcached limits per instance so the pair never holds more than `budget` of KV memory:
-    each may grow into whatever the other does not hold now (used + preallocated pages)."""
+    """kvcached limits per instance so the pair never holds more than `budget` of KV memory: each may
+    grow into whatever the other does not hold now (used + preallocated pages)."""
+
     held = {name: seg["used_bytes"] + seg["prealloc_bytes"] for name, seg in segments.items()}
     return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
 
@@ -3899,8 +3892,7 @@ def server_latency_snapshot(
     server: "RunningServer", expect: Optional[dict] = None, finished: int = 0, wait_s: float = 2.0
 ) -> Optional[dict]:
     """The server's latency histograms' sums and counts now (None if /metrics cannot be read). After a
-    burst (`expect` = the snapshot before it), wait briefly until the server has counted the
-    `finished` requests: it records them a moment after their last byte leaves."""
+    burst (`expect`: the snapshot before it), wait until it counted the `finished` requests: it lags a bit."""
     deadline = time.time() + wait_s
     while True:
         try:
@@ -3919,8 +3911,7 @@ def server_latency_snapshot(
 # take turns on the interpreter lock, and a sampler thread waiting for its turn lost 0.3-1.6 s of
 # samples on an H200 (two lanes in one process). Its lines: "d t used total", "e t error", "m missed".
 def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> None:
-    """The device process (shipped with program_source): NVML from `module_name`, card `index`, lines on
-    stdout at `hz` until its stdin ends."""
+    """The device process (shipped with program_source): card `index`'s lines on stdout at `hz` until EOF."""
     import importlib
     import signal
     import sys
@@ -3941,9 +3932,8 @@ def device_sampler(module_dir: str, module_name: str, index: int, hz: float) -> 
 
 
 def next_tick(start: float, interval: float, tick: int, now: float) -> tuple[int, float]:
-    """The tick after `tick` of a series whose tick k is due at start + k x interval, so that its rate does
-    not drift with the work per tick; ticks already past are skipped, never made up for with a burst of
-    samples. Returns (that tick, seconds until it is due)."""
+    """(The tick after `tick`, seconds until it is due), tick k being due at start + k x interval so the rate
+    does not drift with the work per tick; ticks already past are skipped, not made up with a burst."""
     import math
 
     due = max(tick + 1, math.ceil((now - start) / interval))
@@ -3953,8 +3943,7 @@ def next_tick(start: float, interval: float, tick: int, now: float) -> tuple[int
 def device_loop(
     read: Callable, write: Callable, flush: Callable, halt: Any, hz: float, clock: Callable
 ) -> None:
-    """A device sample on each tick of next_tick: writes "d t used total" or "e t error" per tick and
-    "m missed" when past ticks were skipped; ends when halt.wait(seconds) returns True."""
+    """A "d t used total" or "e t error" line per tick of next_tick, "m missed" after skipped ticks."""
     interval, start, tick, missed, flushed = 1.0 / hz, clock(), 0, 0, 0.0
     while True:
         now = clock()
@@ -4003,15 +3992,10 @@ def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float)
 
 
 class Sampler(threading.Thread):
-    """Samples device memory at sample_hz; per-server memory, kvcached segments and /metrics slower.
-
-    Rows go to a JSONL file, buffered and flushed about once a second: {"kind": "device"|"process"|
-    "kvcached"|"metrics"|"error"}. Every error (NVML, HTTP, a full disk, a locked segment) is counted
-    and becomes a row where it can; sampling goes on. Device memory comes from a small process of its
-    own (device_sampler, on device_loop's ticks), stamped there; this thread reads its lines and owns
-    the file. Per-process, segment and /metrics reads run in a second thread that hands its rows over
-    through a deque, without a lock the file's writer waits on.
-    """
+    """Device memory at sample_hz (from device_sampler's process); per-server memory, kvcached segments and
+    /metrics slower, in a second thread that hands its rows over through a deque, so the writer waits on no
+    lock. This thread owns the JSONL file of {"kind": "device"|"process"|"kvcached"|"metrics"|"error"} rows,
+    flushed about once a second. Every error is counted, and a row where it can be; sampling goes on."""
 
     def __init__(
         self,
@@ -4088,8 +4072,8 @@ class Sampler(threading.Thread):
         )
 
     def device_rows(self, line: str) -> list[dict]:
-        """The memory.jsonl row of one line of the device process ("d t used total", "e t error", or
-        none for "m missed")."""
+        """The memory.jsonl rows of a device process line: "d t used total", "e t error" or "m missed"."""
+
         kind, _, rest = line.rstrip("\n").partition(" ")
         try:
             if kind == "d":
@@ -4125,8 +4109,7 @@ class Sampler(threading.Thread):
         self.close_file()
 
     def write(self, rows: list[dict], flush: bool = False) -> None:
-        """An OSError (a full disk, too many open files) is counted, and the next write opens the file
-        again."""
+        """An OSError (a full disk, too many open files) is counted; the next write opens the file again."""
         try:
             if rows and self.file is None:
                 self.file = open(self.path, "a")
@@ -4285,8 +4268,7 @@ def grouped(records: Iterable[RequestRecord], *fields: str) -> dict[tuple, list[
 
 
 def note_event(record: RequestRecord, event: dict) -> int:
-    """Copy one stream event's error, usage and finish reason into `record`; returns how many of its
-    choices carried content."""
+    """Copy one stream event's error, usage and finish reason into `record`; how many choices had content."""
     error = event.get("error")
     if error:  # vLLM reports a failure inside an HTTP 200 stream
         message = error.get("message", error) if isinstance(error, dict) else error
@@ -4340,18 +4322,6 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
     return None
 
 
-def chat_body(model: str, request: PlannedRequest, ignore_eos: bool) -> dict:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": request.prompt}],
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    return {**body, "ignore_eos": True} if ignore_eos else body
-
-
 DRAIN_S = 0.05  # after [DONE], how long the end of the body may take to come, so that its socket is reused
 
 
@@ -4365,9 +4335,8 @@ def stream_chat(
     timeout_s: float,
     ready: Optional[float] = None,
 ) -> bool:
-    """POST and read the stream into `record`; True once [DONE] arrived. Nothing is read past
-    start + timeout_s, whatever the server trickles. A closed burst's request was `ready` to go at that
-    time: the client's own work from there to its send is taken off its clock, as it is not the server's."""
+    """POST and read the stream into `record` until start + timeout_s; True once [DONE] arrived. A closed
+    burst's request was `ready` to go then: the client's own work until its send is not the server's."""
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
     with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
         if ready is not None:
@@ -4398,14 +4367,21 @@ def send_chat(
     gate: Optional["WakeGate | RouterGate"] = None,
     arrival: Optional[tuple[float, float]] = None,
 ) -> RequestRecord:
-    """Stream one chat completion; every outcome, failures included, ends up in `record`.
-    timeout_s is absolute: the connection is cut at send + timeout_s.
-    `gate` runs after the clock starts and before sending (a router waking a sleeping server).
-    `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts there, so a
-    request the client could not send on time counts its wait too. A closed burst's request starts its
-    clock at its send, with the gate's wait (a wake-up) added."""
+    """Stream one chat completion; every outcome, failures included, ends up in `record`. timeout_s is
+    absolute: cut at send + timeout_s. `gate` runs after the clock starts, before sending (a router waking a
+    sleeping server). `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts
+    there, so a request sent late counts its wait; a closed burst's at its send, plus the gate's wait."""
 
-    url, body = f"{base_url}/v1/chat/completions", chat_body(model, request, ignore_eos)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **({"ignore_eos": True} if ignore_eos else {}),
+    }
+    url = f"{base_url}/v1/chat/completions"
     start, record.t_send = arrival or (time.perf_counter(), time.time())
     entered = False
     try:
@@ -4417,6 +4393,7 @@ def send_chat(
         ready = None if arrival else time.perf_counter()
         with contextlib.nullcontext(connections) if connections else Connections() as wires:
             done = stream_chat(wires, url, body, api_key, record, start, timeout_s, ready)
+
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
@@ -4448,14 +4425,13 @@ OPEN_LOOP_THREADS = 1024
 
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
-    """Requests in flight at once (one thread and one socket each): a whole closed burst; open loop,
-    at most OPEN_LOOP_THREADS."""
+    """Requests in flight at once: a whole closed burst; open loop, at most OPEN_LOOP_THREADS."""
+
     return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
 
 
 def await_arrival(request: PlannedRequest, started: tuple[float, float]) -> Optional[tuple[float, float]]:
-    """Open loop: sleep until the request's planned arrival and return it as (perf_counter, wall clock)
-    from the burst's start `started` (same form); a closed burst's requests (offset 0) go at once."""
+    """Open loop: sleep until its planned arrival, returned as (perf_counter, wall clock); closed: None."""
     if not request.offset_s:
         return None
     pause(started[0] + request.offset_s - time.perf_counter())
@@ -4465,9 +4441,8 @@ def await_arrival(request: PlannedRequest, started: tuple[float, float]) -> Opti
 def await_burst(
     futures: list, started: float, deadline: float, progress_every_s: float, server: RunningServer
 ) -> Optional[str]:
-    """Until every request has finished, the burst's deadline has passed or the server's keeper has ended,
-    with progress lines. Returns the error of the requests still open: a server whose keeper has ended may
-    hold them open until they time out, so they are not waited for."""
+    """Until all requests are done, the deadline passes or the server's keeper ends (it may hold them open
+    until they time out, so they are not waited for); the error of the requests still open, if any."""
     next_progress = started + progress_every_s
     while True:
         done, pending = concurrent.futures.wait(futures, timeout=min(1.0, max(0.0, deadline - time.time())))
@@ -4492,8 +4467,8 @@ def run_burst(
     sink: Optional[Callable[[RequestRecord], None]] = None,
     gate: Optional["WakeGate | RouterGate"] = None,
 ) -> list[RequestRecord]:
-    """All requests of one burst at once (or, open loop, each at its planned offset); returns when the
-    last one has finished, or at the burst's deadline, with whatever is still open recorded as failed."""
+    """A burst's requests at once (open loop: each at its offset); the deadline fails what is still open."""
+
     threads = burst_threads(requests_)
     connections = Connections()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
@@ -4590,8 +4565,8 @@ def write_requests_csv(path: Path, rows: list[dict]) -> None:
 
 
 def open_jsonl(path: Path) -> Optional[Any]:
-    """A JSONL file, or its gzipped copy (committed reference runs are compressed), open for reading
-    text; None if neither is there."""
+    """A JSONL file, or its gzipped copy (committed runs are compressed), open to read; None if neither is."""
+
     packed = path.with_name(path.name + ".gz")
     if path.exists():
         return open(path)

@@ -3613,8 +3613,7 @@ def import_checks_beside(
 
 
 def run_staged(module: str, args: list[str]) -> None:
-    """A server imported ahead, in a Python of its own: imports `module`, waits for "go" on its stdin
-    (EOF: the harness is gone, so it exits), then runs the module as `python -m` would."""
+    """Imports `module` ahead, waits for "go" on stdin (EOF: exit), then runs it as `python -m` would."""
     import importlib
     import runpy
     import sys
@@ -3697,10 +3696,9 @@ def segment_path(ipc_name: str) -> Path:
 
 @contextlib.contextmanager
 def open_segment(ipc_name: str, write: bool = False) -> Iterator[int]:
-    """The segment's fd, opened without following links, checked to be our own regular file of the
-    expected size (/dev/shm is writable by every user of the machine), and locked: shared to read
-    (kvcached's writers take LOCK_EX), exclusive to write. The lock is tried a few times, not waited
-    for: a stranger holding it costs one sample, not 40 s."""
+    """The segment's fd, opened without following links, checked to be our own regular file of the expected
+    size (/dev/shm is writable by every user), and locked: shared to read (kvcached's writers take LOCK_EX),
+    exclusive to write. The lock is tried a few times, not waited for: a stranger costs a sample, not 40 s."""
     fd = os.open(segment_path(ipc_name), (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
@@ -3879,8 +3877,7 @@ class MetricsError(RuntimeError):
 
 
 def scrape_metrics(url: str, timeout_s: float = 2.5, kept: Optional[Connections] = None) -> dict[str, float]:
-    """vLLM's /metrics: its queue gauges, preemption counter and latency histograms' sums and counts.
-    `kept`: sockets kept open across calls (the sampler reads twice a second)."""
+    """vLLM's /metrics, its wanted samples; `kept`: sockets kept open across calls (read twice a second)."""
     with contextlib.nullcontext(kept) if kept else Connections() as connections:
         status, body = http_call(connections, "GET", url.rstrip("/") + "/metrics", timeout_s)
     if status != 200:

@@ -3427,8 +3427,7 @@ def pause(seconds: float) -> None:
 
 
 class Ahead:
-    """The pool's hooks for servers made ready ahead of their start; this one makes none (the
-    Preimporter, in its own cell, imports vLLM ahead). Whatever it holds goes back on give_back()."""
+    """The pool's hooks for servers made ready ahead of their start; this one makes none (see Preimporter)."""
 
     def prepare(self, specs: list[ServerSpec], log_dir: Path) -> None:
         """These servers start later: get them ready now, where that saves time."""
@@ -4333,7 +4332,8 @@ def stream_chat(
     ready: Optional[float] = None,
 ) -> bool:
     """POST and read the stream into `record` until start + timeout_s; True once [DONE] arrived. A closed
-    burst's request was `ready` to go then: the client's own work until its send is not the server's."""
+    burst's request was ready to go at `ready`: the client's own work from there to its send is not timed."""
+
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
     with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
         if ready is not None:

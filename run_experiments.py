@@ -4332,8 +4332,7 @@ def stream_chat(
     ready: Optional[float] = None,
 ) -> bool:
     """POST and read the stream into `record` until start + timeout_s; True once [DONE] arrived. A closed
-    burst's request was ready to go at `ready`: the client's own work from there to its send is not timed."""
-
+    burst's request was ready to go at `ready`: its own work from there to its send is not the server's."""
     request = http_request("POST", url, json.dumps(body).encode(), api_key)
     with exchange(connections, url, request, start + timeout_s) as (wire, status, headers):
         if ready is not None:

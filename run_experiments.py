@@ -3474,7 +3474,6 @@ class ServerPool:
             if problem:
                 log_tail = tail(server.log_path, 5)
                 say(f"  {spec.label} {problem}: not reusing it, starting a new one\n{log_tail}")
-
                 stop_servers([server], "dead or not ours")
                 self.forget_stopped()
             elif server:
@@ -3771,7 +3770,6 @@ def unlink_segment(path: str) -> Optional[str]:
 def pair_limits(budget: int, segments: dict[str, dict]) -> dict[str, int]:
     """kvcached limits per instance so the pair never holds more than `budget` of KV memory: each may
     grow into whatever the other does not hold now (used + preallocated pages)."""
-
     held = {name: seg["used_bytes"] + seg["prealloc_bytes"] for name, seg in segments.items()}
     return {name: max(0, budget - sum(v for other, v in held.items() if other != name)) for name in segments}
 
@@ -4069,7 +4067,6 @@ class Sampler(threading.Thread):
 
     def device_rows(self, line: str) -> list[dict]:
         """The memory.jsonl rows of a device process line: "d t used total", "e t error" or "m missed"."""
-
         kind, _, rest = line.rstrip("\n").partition(" ")
         try:
             if kind == "d":
@@ -4367,7 +4364,6 @@ def send_chat(
     absolute: cut at send + timeout_s. `gate` runs after the clock starts, before sending (a router waking a
     sleeping server). `arrival` = (perf_counter, wall clock) of a planned open-loop arrival: the clock starts
     there, so a request sent late counts its wait; a closed burst's at its send, plus the gate's wait."""
-
     body = {
         "model": model,
         "messages": [{"role": "user", "content": request.prompt}],
@@ -4389,7 +4385,6 @@ def send_chat(
         ready = None if arrival else time.perf_counter()
         with contextlib.nullcontext(connections) if connections else Connections() as wires:
             done = stream_chat(wires, url, body, api_key, record, start, timeout_s, ready)
-
         record.error = completion_problem(record, done, request.max_tokens, ignore_eos)
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
@@ -4422,7 +4417,6 @@ OPEN_LOOP_THREADS = 1024
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
     """Requests in flight at once: a whole closed burst; open loop, at most OPEN_LOOP_THREADS."""
-
     return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
 
 
@@ -4464,7 +4458,6 @@ def run_burst(
     gate: Optional["WakeGate | RouterGate"] = None,
 ) -> list[RequestRecord]:
     """A burst's requests at once (open loop: each at its offset); the deadline fails what is still open."""
-
     threads = burst_threads(requests_)
     connections = Connections()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
@@ -4562,7 +4555,6 @@ def write_requests_csv(path: Path, rows: list[dict]) -> None:
 
 def open_jsonl(path: Path) -> Optional[Any]:
     """A JSONL file, or its gzipped copy (committed runs are compressed), open to read; None if neither is."""
-
     packed = path.with_name(path.name + ".gz")
     if path.exists():
         return open(path)

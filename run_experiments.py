@@ -4590,6 +4590,11 @@ def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
 
 # %% Metrics: pure functions of saved records
 Samples = list[tuple[float, float]]  # (time, value) pairs in time order: a memory series
+NOT_STREAMED = (
+    "the server did not stream (each response arrived in one piece): "
+    "time to first token and per-token time cannot be measured"
+)
+FAITHFUL_SEND_DELAY_S = 0.05  # open loop: a send-delay p99 above this means the client fell behind
 
 
 def percentiles(values: Iterable[Optional[float]], qs: list[float]) -> list[Optional[float]]:
@@ -4620,12 +4625,6 @@ class Distribution:
         if not data.size:
             return cls(0, None, None, None, None, None)
         return cls(data.size, *percentiles(data, [50, 90, 99]), float(data.mean()), float(data.max()))
-
-
-NOT_STREAMED = (
-    "the server did not stream (each response arrived in one piece): "
-    "time to first token and per-token time cannot be measured"
-)
 
 
 @dataclasses.dataclass
@@ -4710,9 +4709,6 @@ def latency_summary(
     )
 
 
-FAITHFUL_SEND_DELAY_S = 0.05  # open loop: a send-delay p99 above this means the client fell behind
-
-
 def unfaithful(latency: LatencySummary) -> list[str]:
     """The problem to report when requests went out well after their planned arrivals."""
     late = latency.send_delay_s
@@ -4773,8 +4769,7 @@ def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySu
 
 @dataclasses.dataclass
 class MemoryCost:
-    """GPU memory held while serving, from the workload's first request to its last one's end: a peak
-    alone hides how long memory was held. gib_hours = mean x the workload's length."""
+    """Memory held over the workload (a peak alone hides how long it was held); gib_hours: mean x length."""
 
     workload_s: float
     mean_mib: float  # weighted by time between samples
@@ -4792,13 +4787,6 @@ def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCo
     mean = float(((mib[1:] + mib[:-1]) / 2 * np.diff(times)).sum() / (times[-1] - times[0]))
     length = workload[1] - workload[0]
     return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
-
-
-def largest_gap(samples: Samples, start: float, end: float) -> float:
-    """Longest stretch of [start, end] without a sample: a stalled sampler leaves one, and a peak or a
-    release time read across it would be wrong."""
-    times = [start] + [t for t, _ in samples if start <= t <= end] + [end]
-    return max(b - a for a, b in zip(times, times[1:]))
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -4887,20 +4875,16 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
     memory, requests = (read_jsonl(exp_dir / f"{name}.jsonl") for name in ("memory", "requests"))
     loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
-    fill_missing_marks(loaded)
-    return loaded
-
-
-def fill_missing_marks(loaded: LoadedExperiment) -> None:
-    """Where a killed run left no workload mark, the workload spans its bursts (or its samples)."""
-    marks, times = loaded.record.marks, [t for t, _ in loaded.device]
+    # where a killed run left no workload mark, the workload spans its bursts (or its samples)
+    marks, times = record.marks, [t for t, _ in loaded.device]
     if marks.workload is None and marks.bursts:
         first = marks.bursts[0].start
         marks.workload = (first, marks.bursts[-1].end or max(times, default=first))
-    elif marks.workload is None and times and not loaded.record.finished:
+    elif marks.workload is None and times and not record.finished:
         marks.workload = (min(times), max(times))
     if marks.sampling_end is None and times:
         marks.sampling_end = max(times)
+    return loaded
 
 
 MAX_SAMPLE_GAP = 10  # sample intervals without a device sample before memory figures are void
@@ -4912,9 +4896,12 @@ def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencyS
     if latency.requests and not latency.ok:
         problems.append(f"no request succeeded ({latency.failed} failed): memory under load was not measured")
     marks = record.marks
-    start = (marks.idle_after_load or marks.workload or (None,))[0]
-    if start is not None and marks.sampling_end is not None and record.sample_interval_s:
-        gap = largest_gap(device, start, marks.sampling_end)
+    start, end = (marks.idle_after_load or marks.workload or (None,))[0], marks.sampling_end
+    if start is not None and end is not None and record.sample_interval_s:
+        # the longest stretch without a sample: a stalled sampler leaves one, and a peak or a release time
+        # read across it would be wrong
+        times = [start] + [t for t, _ in device if start <= t <= end] + [end]
+        gap = max(b - a for a, b in zip(times, times[1:]))
         if gap > MAX_SAMPLE_GAP * record.sample_interval_s:
             problems.append(
                 f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
@@ -5128,7 +5115,6 @@ class SleepSummary:
 
     @classmethod
     def of(cls, record: ExperimentRecord) -> Optional[SleepSummary]:
-        """Its wake-ups and sleeps around the bursts, and its router's log under steady traffic."""
         if record.sleep_level is None:
             return None
         bursts = record.marks.bursts
@@ -5305,6 +5291,11 @@ PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model 
 # server waking for two bursts of 0.4-2 s beside another, read from random phases, 4 samples a burst
 # missed in 8-53% of 300 trials, 6 in up to 30%, 8 in none (benchmarks/per_model_sampling_bench.py)
 SAMPLES_PER_BURST = 8
+PEAK_SOURCES = {  # memory.jsonl kind -> its words, the ServerSummary field that holds its peaks, and those
+    "process": ("its process tree (NVML)", "memory", ("peak_mib", "flex_mib")),
+    "kvcached": ("kvcached's segment", "kvcached", ("peak_used_mib", "peak_prealloc_mib")),
+    "metrics": ("vLLM's /metrics", "vllm", ("max_running", "max_waiting")),
+}
 
 
 def sampling_advice(loaded: LoadedExperiment) -> str:
@@ -5330,11 +5321,10 @@ def per_model_memory_checked(
     cost: Optional[MemoryCost],
     loaded: LoadedExperiment,
 ) -> tuple[dict[str, ServerSummary], list[str]]:
-    """The servers, their means over the workload and peaks voided (with a problem that says why) where a
-    per-process series slower than the memory's changes (sleep servers sharing the card, each waking for
-    short bursts) missed them: the means must add up to the card's, and the peaks to at least the card's,
-    less what the card held beside the servers at idle. The problem says which rate would do
-    (sampling_advice). A lone server's figures are the card's (server_series): they always add up."""
+    """The servers, their workload means and peaks voided (with a problem saying why and which rate would
+    do) where a per-process series slower than memory's changes (sleep servers sharing the card, waking for
+    short bursts) missed them: less what the card held beside the servers at idle, the means must add up to
+    the card's, the peaks to at least the card's. A lone server's are the card's: they always add up."""
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
     if not servers or device.idle_before_workload_mib is None or None in idles:
         return servers, []
@@ -5357,7 +5347,12 @@ def per_model_memory_checked(
         for what, total, card, gap in missed
     ]
     void = {what for what, *_ in missed}
-    return {k: voided(v, void) for k, v in servers.items()}, problems
+    peaks = dict.fromkeys(PEAK_SOURCES["process"][2] if "peaks" in void else ())
+    means = {"memory_cost": None} if "means" in void else {}
+    return {
+        k: dataclasses.replace(v, memory=dataclasses.replace(v.memory, **peaks), **means)
+        for k, v in servers.items()
+    }, problems
 
 
 def sampled_peaks_checked(
@@ -5373,30 +5368,18 @@ def sampled_peaks_checked(
         bursts = [b for b in loaded.record.marks.bursts if b.server in (slot, ALL_SLOTS) and b.end]
         spans = busy_spans(loaded, slot, bursts)
         unread = dict.fromkeys(PEAK_SOURCES, 0) | {k: spans_unread(loaded, slot, k, spans) for k in kinds}
-        if unread["process"]:
-            view = voided(view, {"peaks"})
-        if unread["kvcached"]:
-            peaks = dict(peak_used_mib=None, peak_prealloc_mib=None)
-            view = dataclasses.replace(view, kvcached=dataclasses.replace(view.kvcached, **peaks))
-        if unread["metrics"]:
-            view = dataclasses.replace(
-                view, vllm=dataclasses.replace(view.vllm, max_running=None, max_waiting=None)
-            )
+        for kind, (_, part, peaks) in PEAK_SOURCES.items():
+            if unread[kind]:
+                cut = dataclasses.replace(getattr(view, part), **dict.fromkeys(peaks))
+                view = dataclasses.replace(view, **{part: cut})
         checked[slot] = view
         if any(unread.values()):
-            sources = ", ".join(PEAK_SOURCES[kind] for kind, count in unread.items() if count)
+            sources = ", ".join(PEAK_SOURCES[kind][0] for kind, count in unread.items() if count)
             problems.append(
                 f"{slot}'s peaks from {sources} n/a: no read fell while its requests ran in "
                 f"{max(unread.values())} of its {len(spans)} bursts ({sampling_advice(loaded)})"
             )
     return checked, problems
-
-
-PEAK_SOURCES = {  # memory.jsonl kind -> its words
-    "process": "its process tree (NVML)",
-    "kvcached": "kvcached's segment",
-    "metrics": "vLLM's /metrics",
-}
 
 
 def busy_spans(loaded: LoadedExperiment, slot: str, bursts: list[BurstMark]) -> list[Span]:
@@ -5418,16 +5401,6 @@ def spans_unread(loaded: LoadedExperiment, slot: str, kind: str, spans: list[Spa
     if not times:  # no such series: no peak from it to void
         return 0
     return sum(bisect.bisect_left(times, start) == bisect.bisect_right(times, end) for start, end in spans)
-
-
-def voided(server: ServerSummary, figures: set[str]) -> ServerSummary:
-    """The server's per-process means over the workload and peaks, dropped as `figures` says."""
-    held = server.memory
-    if "peaks" in figures:
-        held = dataclasses.replace(held, peak_mib=None, flex_mib=None)
-    return dataclasses.replace(
-        server, memory=held, memory_cost=None if "means" in figures else server.memory_cost
-    )
 
 
 # %% Summaries, part 4: open-loop windows, and each strategy's capacity within the SLOs

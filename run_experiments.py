@@ -4862,8 +4862,7 @@ class LoadedExperiment:
 
 
 def load_experiment(exp_dir: Path) -> LoadedExperiment:
-    """experiment.json, or a stand-in built from the folder when it is missing or torn (a killed run):
-    the raw memory and request files are reported either way."""
+    """experiment.json, or a stand-in where it is missing or torn (a killed run), with the raw files."""
     data, problem = read_json(exp_dir / "experiment.json")
     problems = []
     if isinstance(data, dict) and "name" in data:
@@ -5279,8 +5278,7 @@ def server_series(loaded: LoadedExperiment, slot: str) -> Samples:
 
 
 def lone_server_idle_span(loaded: LoadedExperiment) -> Optional[Span]:
-    """The idle window a lone server's memory is read against the card's (server_series); None where the
-    experiment has several servers, or no idle window: then its memory is its process tree's."""
+    """The idle window a lone server's memory is read against the card's in; None for several servers."""
     marks = loaded.record.marks
     return (marks.idle_before or marks.idle_after_load) if len(loaded.record.servers) == 1 else None
 
@@ -5383,8 +5381,7 @@ def sampled_peaks_checked(
 
 
 def busy_spans(loaded: LoadedExperiment, slot: str, bursts: list[BurstMark]) -> list[Span]:
-    """Each burst's stretch with requests of `slot` running: its first token to its last request's end (a
-    sleeping server's burst begins with a wake-up, which no request runs in)."""
+    """Each burst's first token to its last request's end, of `slot` (a sleeper's opens with a wake-up)."""
     ran = [r for r in loaded.records if r.ok and r.server == slot and r.ttft_s is not None]
     by_burst, spans = grouped(ran, "phase", "repeat"), []
     for burst in bursts:
@@ -5418,17 +5415,15 @@ class RatePoint:
     e2e_p50_s: Optional[float]
     e2e_p99_s: Optional[float]
     goodput: Optional[float] = omitted_if_none()
-    # the client's lateness: large means it could not keep up
-    max_send_delay_s: Optional[float] = omitted_if_none()
+    max_send_delay_s: Optional[float] = omitted_if_none()  # the client's lateness: large, it fell behind
     mean_mib: Optional[float] = omitted_if_none()  # device memory held over the window (time-weighted)
     unit: Optional[str] = omitted_if_none()  # of `rate` when not requests/s: TRACE_SCALE or RAMP_PEAK
 
 
 @dataclasses.dataclass
 class Capacity:
-    """The most load a strategy took within the SLOs: the largest swept rate at which at least `target`
-    of the requests met them, and every lower rate too (repeats pooled). Below or above the sweep is
-    said as such: the sweep does not say how far beyond it the capacity lies."""
+    """The largest swept rate at which at least `target` of the requests met the SLOs, and at every lower
+    rate (repeats pooled); below or above the sweep is said as such: it does not say how far beyond."""
 
     target: float  # share of requests, e.g. 0.99
     attainment: dict[str, Optional[float]]  # rate (requests/s) -> share of its requests within the SLOs
@@ -5495,8 +5490,7 @@ def log_figures(text: str) -> dict[str, list[float]]:
 
 
 def saved_log(exp_path: Path, server: dict) -> bytes:
-    """A server's log, found in this run folder wherever the run was made (a reused server's log is in
-    the folder of the experiment that started it); empty where it is gone."""
+    """A server's log in this run folder wherever made (a reused one's is its starter's); empty if gone."""
     logged = Path(server.get("log") or "")
     for path in (exp_path.parent / logged.parent.name / logged.name, exp_path / logged.name):
         with contextlib.suppress(OSError):
@@ -5563,8 +5557,7 @@ STRATEGIES = ("static", "kvcached", "sleep")  # each compared with every one bef
 
 @dataclasses.dataclass
 class Figures:
-    """One strategy's figures where the strategies meet: a group of the table, one of its models or one
-    of its phases (memory where it applies)."""
+    """One strategy's figures in a group of the table, one of its models or one of its phases."""
 
     ttft_s_p50: Optional[float]
     ttft_s_p99: Optional[float]
@@ -5580,10 +5573,8 @@ class Figures:
 
 @dataclasses.dataclass
 class Comparison:
-    """Strategy X against strategy Y: each strategy's figures, and the latency ratios of each against
-    every one before it in STRATEGIES ('kvcached/static', 'sleep/static', 'sleep/kvcached': mine / theirs,
-    below 1 faster), per repeat too where both have repeats; per model and per phase for two or more
-    models."""
+    """Each strategy's figures, and its latency ratios to every one before it in STRATEGIES ('sleep/static':
+    mine / theirs, below 1 faster), per repeat too where both repeat; per model and phase for two models+."""
 
     figures: dict[str, Figures]
     ratios: dict[str, dict[str, Optional[float]]]
@@ -5685,6 +5676,12 @@ def compare(summaries: dict[str, ExperimentSummary]) -> dict[str, Comparison]:
 # %% Plots (matplotlib's object API: no pyplot state, no backend switch inside a notebook)
 COLORS = {"A": "#1f77b4", "B": "#d62728", "kvcached": "#1f77b4", "static": "#d62728", "sleep": "#2ca02c"}
 MORE_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+FOOTPRINT_PARTS = (
+    ("weights", "weights_mib", "#7f7f7f"),
+    ("KV cache", "kv_mib", "#1f77b4"),
+    ("the rest", "rest_mib", "#ff7f0e"),
+)
+SHADED = "shaded: {}; grey: the warm-up, discarded"  # what shade_bursts draws, for an axis label
 
 
 def color_of(name: str) -> str:
@@ -5716,12 +5713,8 @@ def plot_series(ax: Any, points: list[tuple[float, float]], t0: float, **style: 
     ax.plot([t - t0 for t, _ in points], [v for _, v in points], **style)
 
 
-SHADED = "shaded: {}; grey: the warm-up, discarded"  # what shade_bursts draws, for an axis label
-
-
 def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
-    """Each burst in its server's colour, and the discarded warm-up in grey: otherwise the warm-up's peak
-    reads as an unexplained burst."""
+    """Each burst in its server's colour, and the warm-up in grey: else its peak reads as a stray burst."""
     for ax in axes:
         if marks.warmup:
             ax.axvspan(marks.warmup[0] - t0, marks.warmup[1] - t0, color="grey", alpha=0.12, lw=0)
@@ -5740,8 +5733,7 @@ def finish_axes(axes: Iterable[Any], fontsize: int = 7, loc: Optional[str] = Non
 def make_plots(
     run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
 ) -> list[str]:
-    """One memory plot per group of the table present (arms in comparison order), the latency plot right
-    after the single model's (where it has always been), then the plots of the whole run."""
+    """A memory plot per group present (arms in comparison order), latency after single's, then the rest."""
     plots, arms_of, paths, order = run_dir / "plots", group_arms(loaded), [], COMPARED_ARMS + OTHER_ARMS
     for name, group in GROUPS.items():
         present = arms_of.get(name, {})
@@ -5837,8 +5829,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
 
 
 def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
-    """Every model's traffic at once (ramps, traces): per strategy (columns), each model's memory stacked
-    over time (NVML by process tree), and beneath it each model's planned arrivals per second."""
+    """Every model's traffic at once (ramps, traces), per column: memory per model stacked, arrivals below."""
     shown = {n: e for n, e in loaded.items() if any(b.server == ALL_SLOTS for b in e.record.marks.bursts)}
     if not shown:
         return None
@@ -5860,13 +5851,6 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
         arrivals.set_title("each model's requests per second (planned arrivals)")
         arrivals.set_xlabel(f"seconds since the experiment began ({SHADED.format('windows')})")
     return save_figure(fig, path)
-
-
-FOOTPRINT_PARTS = (
-    ("weights", "weights_mib", "#7f7f7f"),
-    ("KV cache", "kv_mib", "#1f77b4"),
-    ("the rest", "rest_mib", "#ff7f0e"),
-)
 
 
 def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:

@@ -4685,9 +4685,8 @@ def latency_summary(
     # (rows from before content_reads: streamed)
     multi = [r for r in ok if (r.completion_tokens or 0) >= 2 and r.content_reads is not None]
     streamed = not multi or sum(r.content_reads < 2 for r in multi) <= len(multi) / 2
-    span = None
-    if records:
-        span = max(r.t_send + (r.e2e_s or 0) for r in records) - min(r.t_send for r in records)
+    ends = [r.t_send + (r.e2e_s or 0) for r in records]
+    span = max(ends, default=0) - min((r.t_send for r in records), default=0)  # no records: 0, no throughput
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
     gaps = list(itertools.chain.from_iterable(r.itl_s for r in ok)) if streamed else []
     delays = [r.send_delay_s for r in records if r.send_delay_s is not None]  # open loop only
@@ -5697,8 +5696,7 @@ def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) 
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(size[0], size[1] * rows), dpi=110)
-    axes = fig.subplots(rows, cols, squeeze=False, sharex="col")
-    return fig, axes
+    return fig, fig.subplots(rows, cols, squeeze=False, sharex="col")
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -5788,13 +5786,12 @@ def plot_latency(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Pa
     if not boxes:
         return None
     fig, axes = new_figure(2, size=(max(8, 1.4 * len(boxes)), 3.4))
-    for ax, key in zip(axes[:, 0], ("ttft_s", "e2e_s")):
+    for ax, key, what in zip(axes[:, 0], ("ttft_s", "e2e_s"), ("time to first token", "end-to-end latency")):
         values = [[r[key] for r in box if r.get(key) is not None] or [float("nan")] for box in boxes.values()]
         ax.boxplot(values, tick_labels=list(boxes), showfliers=True)
+        ax.set_ylabel(f"{what} (s)")
     finish_axes(axes[:, 0])
     axes[0][0].set_title("Latency per experiment and model (successful requests)")
-    axes[0][0].set_ylabel("time to first token (s)")
-    axes[1][0].set_ylabel("end-to-end latency (s)")
     return save_figure(fig, path)
 
 

@@ -5228,7 +5228,7 @@ def server_view(
     slo: tuple[float, float],
 ) -> ServerSummary:
     """One server's memory (NVML, its process tree, via `memory`), latency, kvcached's and vLLM's views."""
-    slot = server["spec"]["name"]
+    slot, marks = server["spec"]["name"], loaded.record.marks
     mine = [r for r in loaded.records if r.server == slot]
     held, cost = memory(server_series(loaded, slot))
     kvcached_rows = select(loaded.memory, kind="kvcached", server=slot)
@@ -5244,12 +5244,10 @@ def server_view(
         reused=server["label"] in loaded.record.reused,
         memory=held,
         latency=latency_summary(mine, slo),
-        kvcached=KvcachedView.of(during(kvcached_rows, loaded.record.marks.workload)),
-        vllm=VllmView.of(
-            during(select(loaded.memory, kind="metrics", server=slot), loaded.record.marks.workload)
-        ),
+        kvcached=KvcachedView.of(during(kvcached_rows, marks.workload)),
+        vllm=VllmView.of(during(select(loaded.memory, kind="metrics", server=slot), marks.workload)),
         latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
-        footprint=None if asleep else footprint(server, held, figures, kvcached_rows, loaded.record.marks),
+        footprint=None if asleep else footprint(server, held, figures, kvcached_rows, marks),
         sleeps=sleep_split(own, held.idle_before_workload_mib, True if span else None) if asleep else None,
         memory_cost=cost,
     )
@@ -5355,10 +5353,9 @@ def per_model_memory_checked(
 def sampled_peaks_checked(
     servers: dict[str, ServerSummary], loaded: LoadedExperiment
 ) -> tuple[dict[str, ServerSummary], list[str]]:
-    """The servers, their peaks (memory by process tree, kvcached's use, vLLM's most running and waiting
-    requests) voided with a problem that says why where no read of that series fell while a burst's requests
-    ran: the largest read missed that burst (a short one, as --preset smoke's, read at --process-sample-hz).
-    A lone server's memory is the card's, read more often (server_series)."""
+    """The servers, their peaks (process tree memory, kvcached's use, vLLM's most running and waiting
+    requests) voided, with a problem saying why, where no read of that series fell while a burst's requests
+    ran (a short one, as --preset smoke's). A lone server's memory is the card's, read more often."""
     checked, problems = {}, []
     kinds = [kind for kind in PEAK_SOURCES if kind != "process" or lone_server_idle_span(loaded) is None]
     for slot, view in servers.items():

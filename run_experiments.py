@@ -5275,7 +5275,7 @@ def server_series(loaded: LoadedExperiment, slot: str) -> Samples:
 
 
 def lone_server_idle_span(loaded: LoadedExperiment) -> Optional[Span]:
-    """The idle window a lone server's memory is read against the card's in; None for several servers."""
+    """The idle window over which a lone server is read from the card; None: several servers, or no window."""
     marks = loaded.record.marks
     return (marks.idle_before or marks.idle_after_load) if len(loaded.record.servers) == 1 else None
 

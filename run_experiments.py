@@ -5954,7 +5954,6 @@ def dig(d: Any, *path: str) -> Any:
 
 
 def with_repeats(value: Optional[float], spread: Optional[Spread]) -> str:
-    """A ratio, and its spread over repeats where there were several."""
     if spread is None:
         return fmt(value, 2)
     return f"{fmt(value, 2)} (repeats: {fmt(spread.median, 2)} [{fmt(spread.min, 2)}-{fmt(spread.max, 2)}])"
@@ -6218,8 +6217,7 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
-    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, which a server
-    `reused` from an earlier experiment or `kept` for a later one shares with that one."""
+    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared by both."""
     if split.this_experiment:
         return f"over the {split.sleeps} sleeps of this experiment"
     shared = "started for an earlier experiment: these include that one's sleeps" if reused else ""
@@ -6240,17 +6238,16 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
         if (split := v.sleeps) is not None
     ]
     sleep_arm = {group: arms.get("sleep") for group, arms in group_arms(summaries).items()}
-    lines += [
-        awake_peak_line(sleep_arm[name], over)
-        for name, block in comparison.items()
-        if (over := awake_peak_over_static(name, block)) is not None
-    ]
+    for name, block in comparison.items():  # one model: the awake peak against the same pool without sleep
+        sleep, static = block.figures.get("sleep"), block.figures.get("static")
+        over = diff(sleep.peak_mib, static.peak_mib) if sleep and static and not GROUPS[name].pair else None
+        if over is not None:
+            lines.append(awake_peak_line(sleep_arm[name], over))
     return titled("What sleep mode frees (vLLM's own lines at each sleep):", lines)
 
 
 def awake_peak_line(name: str, over: float) -> str:
-    """The sleep arm's (experiment `name`) awake peak against the same static pool: above it by the memory
-    outside vLLM's cumem pool that its bursts regrew; below it where they regrew less than start-up took."""
+    """The sleep arm's (experiment `name`) awake peak against the same static pool without sleep mode."""
     if over >= 0:
         return (
             f"- {name}: the awake peak exceeds the same static pool without sleep mode by {fmt(over)} "
@@ -6261,12 +6258,6 @@ def awake_peak_line(name: str, over: float) -> str:
         "mode: the memory outside vLLM's cumem pool, freed at each sleep, regrew less in its bursts than "
         "at start-up."
     )
-
-
-def awake_peak_over_static(name: str, block: Comparison) -> Optional[float]:
-    """One model: how far the sleep arm's awake peak passed the same pool without sleep mode."""
-    sleep, static = block.figures.get("sleep"), block.figures.get("static")
-    return diff(sleep.peak_mib, static.peak_mib) if sleep and static and not GROUPS[name].pair else None
 
 
 def comparison_lines(name: str, block: Comparison, summaries: dict[str, ExperimentSummary]) -> list[str]:
@@ -6309,7 +6300,6 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
 
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
-    """Sleep mode against the group's kvcached and static arms, those of them that ran."""
     idle = {arm: (f := block.figures.get(arm)) and f.idle_before_workload_mib for arm in STRATEGIES}
     count = len(sleep.servers) if GROUPS[name].pair else 1
     models = {1: "one model", 2: "two models"}.get(count, f"{count} models")
@@ -6354,8 +6344,7 @@ def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 # %% summary.md, part 3: sweeps, capacity, the router, vLLM's clock, time and the notes under them
 def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """Each open-loop window's latency, how late the requests went out, and a trace's prompt lengths as
-    planned and as vLLM counted them (the prompts are made-up words)."""
+    """Each open-loop window's latency, send delays, and a trace's prompt tokens planned vs counted."""
     points = [(name, p) for name, s in summaries.items() for p in s.rate_sweep or ()]
     if not points:
         return []
@@ -6470,8 +6459,7 @@ def capacity_words(c: Capacity) -> str:
 
 
 def rate_words(rate: float | str, unit: Optional[str], long: bool = False) -> str:
-    """A swept rate in words: '16 req/s' ('16 requests/s' long), a ramp's 'peak 16 req/s' ('16 requests/s
-    per model at peak' long), or a trace's scale: '2x the trace'."""
+    """A swept rate in words: '16 req/s' ('16 requests/s' long), a ramp's peak, or '2x the trace'."""
     number = f"{rate:g}" if isinstance(rate, float) else str(rate)
     if unit == TRACE_SCALE:
         return f"{number}x the trace"
@@ -6542,8 +6530,7 @@ def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
 
 
 def first_startups_line(servers: dict[str, dict]) -> Optional[str]:
-    """The run's first start-ups (the earliest and those begun before it was ready), which also pay for
-    what a fresh host has not cached yet: they are no measure of their arm."""
+    """The run's first start-ups (begun before the earliest was ready) pay for a fresh host's caches."""
     started = {name: s for name, s in servers.items() if s.get("started_at") and s.get("ready_at")}
     if len(started) < 2:
         return None
@@ -6612,9 +6599,7 @@ def covered_s(spans: Iterable[Span]) -> float:
 
 @dataclasses.dataclass
 class Timing:
-    """Where a run's time went. The harness's own time is what the table took beyond vLLM's start-ups
-    and the planned workload (bursts and their gaps): idle windows, warm-ups, waits for memory to come
-    back, stops. The preflight (mostly importing vLLM once) is counted apart."""
+    """Where a run's time went; the harness's own: idle windows, warm-ups, waits for memory, stops."""
 
     wall_s: float
     preflight_s: float
@@ -6815,8 +6800,7 @@ def check_python(version: tuple[int, int] = sys.version_info[:2]) -> Check:
 
 
 def check_keeper() -> Check:
-    """Each server's keeper runs this file's own functions, shipped as their source: in a notebook,
-    the source IPython keeps for each cell."""
+    """Each server's keeper runs this file's functions shipped as source (in a notebook, IPython's)."""
     try:
         keeper_source()
     except (OSError, TypeError) as exc:
@@ -6826,8 +6810,7 @@ def check_keeper() -> Check:
 
 
 def torch_cuda_version() -> Optional[str]:
-    """The CUDA version the installed torch was built for, read from torch/version.py without
-    importing torch (a CUDA context in this process would skew what it measures)."""
+    """torch's CUDA from torch/version.py, not imported: a CUDA context here would skew the readings."""
     import importlib.util
 
     spec = importlib.util.find_spec("torch")
@@ -6866,8 +6849,7 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
 
 
 def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
-    """shared_static's shares hold each model's weights and one request of --max-model-len, and the
-    models fit the card together (vLLM would refuse to start otherwise, minutes into the run)."""
+    """Each share holds its weights and one longest request, all fit (else vLLM refuses minutes in)."""
     total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
     needs = {}
     for slot in slots(cfg):
@@ -6898,8 +6880,7 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
 
 
 def check_card(nvml: Any, index: int, static_share: float) -> Check:
-    """Free memory and other processes on the measured card: others skew every reading, and vLLM's
-    static pool refuses to start without its share free."""
+    """Free memory (a static pool needs its share) and other processes (they skew readings) on a card."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
@@ -6943,9 +6924,8 @@ def import_check(
 
 
 def probe_vllm() -> None:
-    """Helper program: import vLLM's compiled extensions (vllm/_C*.so, which ones depends on the
-    version: they are what a CUDA mismatch breaks, importing vllm alone would not load them) and say
-    whether kvcached's autopatch came along."""
+    """Helper program: import vLLM's compiled extensions (vllm/_C*.so: a CUDA mismatch breaks them, and
+    importing vllm alone would not load them) and say whether kvcached's autopatch came along."""
     import importlib.metadata  # binds importlib too, for import_module
     import pathlib
     import sys
@@ -6972,8 +6952,7 @@ def probe_module(module: str) -> None:
 def check_serving_imports(
     cfg: Config, kvcached_needed: bool, timeout_s: float = IMPORT_TIMEOUT_S
 ) -> list[Check]:
-    """vLLM's compiled part imports in the servers' Python, and kvcached's autopatch hooks into it: in
-    a subprocess, so this process never holds a CUDA context."""
+    """vLLM's compiled part and kvcached's autopatch import, in a subprocess: no CUDA context here."""
     env = dict(
         os.environ,
         ENABLE_KVCACHED="true" if kvcached_needed else "false",
@@ -7001,7 +6980,6 @@ def check_serving_imports(
 
 
 def check_results(results_dir: str) -> Check:
-    """The results folder can hold a new run folder."""
     parent, fix = Path(results_dir), "choose a writable folder with --results-dir"
     if parent.exists() and not parent.is_dir():
         return fail("results", f"--results-dir: {parent} is a file, not a folder", fix)
@@ -7051,8 +7029,7 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
 
 
 def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
-    """NVML, the driver, each card's free memory for the largest static share, and the static split;
-    (checks, NVML if it loaded)."""
+    """NVML, the driver, each card's room for the largest static share, the split; (checks, NVML)."""
     try:
         indices = gpu_indices(cfg)
         nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
@@ -7083,8 +7060,7 @@ def preflight(
     versions: Optional[dict] = None,
 ) -> tuple[list[Check], Any]:
     """Every check, in the order a new user meets the problems; (checks, NVML if it loaded).
-    `imports_later`: leave out the 20 s import check, for import_checks_beside() to run. `versions`:
-    the servers' vllm and kvcached, when the caller has read them already (server_versions)."""
+    `imports_later`: import_checks_beside() runs the 20 s import check. `versions`: server_versions()."""
     checks = [check_python(), check_keeper(), check_results(cfg.results_dir)]
     gpu_checks, nvml = card_checks(cfg, experiments, nvml_module)
     slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
@@ -7137,8 +7113,7 @@ def shown_range(span: tuple[tuple[int, int], tuple[int, int]]) -> str:
 
 
 def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[str]]:
-    """vllm and kvcached as the servers' Python (--server-cmd's, when it starts with one) sees them; {} if
-    it cannot say. Package metadata only: a fraction of a second, before anything launches."""
+    """vllm and kvcached as the servers' Python sees them, from package metadata; {} if it cannot say."""
     call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
         code = program_source(package_versions, call=call)
@@ -7151,8 +7126,7 @@ def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[
 
 
 def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Check:
-    """The installed vLLM against the range the installed kvcached supports (a failure stops the run)
-    and against the releases this harness knows (a warning)."""
+    """vLLM against the range kvcached supports (a failure) and the releases known here (a warning)."""
     vllm, kvcached = found.get("vllm"), found.get("kvcached")
     if release(vllm) is None:
         return warn("versions", "vLLM's version unknown: the servers' Python has no vllm package")
@@ -7184,8 +7158,7 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
 def model_runner_env(
     vllm_version: Optional[str], kvcached_needed: bool, shell: Optional[dict] = None
 ) -> dict[str, str]:
-    """The model-runner setting every server gets, whatever its arm: a comparison of KV allocators must
-    not also compare two model runners. A value set in the shell is kept, for every arm alike."""
+    """One model runner for every arm (or the shell's): compare KV allocators, not model runners."""
     shell = os.environ if shell is None else shell
     if RUNNER_VARIABLE in shell:
         return {RUNNER_VARIABLE: shell[RUNNER_VARIABLE]}
@@ -7198,8 +7171,7 @@ def model_runner_env(
 def check_model_runner(
     found: dict[str, Optional[str]], kvcached_needed: bool, shell: Optional[dict] = None
 ) -> Check:
-    """The model runner every server will get, and whether kvcached can run on it (a runner chosen in
-    the shell that kvcached refuses would only show after a minute-long start)."""
+    """The runner every server gets, and whether kvcached runs on it (else it fails a minute in)."""
     shell = os.environ if shell is None else shell
     vllm, kvcached = found.get("vllm"), found.get("kvcached") or "(version unknown)"
     chosen = model_runner_env(vllm, kvcached_needed, shell)
@@ -7295,8 +7267,8 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     lanes = [
         Lane(lane_config(cfg, k, card["index"]), card, exps)
         for k, (card, exps) in enumerate(zip(cards, per_card))
+        if exps
     ]
-    lanes = [lane for lane in lanes if lane.experiments]
     ensure_open_files(most_sockets(plans, cfg))
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
     announce_run(cards, lanes, preimport, run_dir)
@@ -7369,8 +7341,7 @@ def run_config(
 
 
 def mixed_cards(cards: list[dict], allow_mixed: bool) -> bool:
-    """Whether the cards differ (allowed only with --allow-mixed-gpus): figures from different card
-    models or sizes are not comparable side by side."""
+    """Whether the cards differ (only with --allow-mixed-gpus: unlike cards' figures don't compare)."""
     kinds = {(card["name"], round(card["total_mib"])) for card in cards}
     if len(kinds) > 1 and not allow_mixed:
         listed = "; ".join(f"GPU {c['index']}: {c['name']}, {c['total_mib']:,.0f} MiB" for c in cards)
@@ -7405,8 +7376,7 @@ def open_gpu(nvml_module: Any, indices: list[int], flag: str) -> Any:
 
 
 def pin_to_card(gpu: dict, index: int) -> dict[str, str]:
-    """The servers' CUDA_VISIBLE_DEVICES: CUDA numbers devices its own way, a UUID names the very card
-    NVML measures."""
+    """The servers' CUDA_VISIBLE_DEVICES: a UUID names the card NVML measures (CUDA numbers its own)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", gpu["uuid"]):
         say(
             f"note: servers run on GPU {index} ({gpu['uuid']}), the card measured; "
@@ -7500,7 +7470,6 @@ def plan_family(key: str) -> str:
 
 
 def load_plans(run_dir: Path) -> dict[str, WorkloadPlan]:
-    """The plans save_plans wrote, as they were sent."""
     plans = {}
     for path in sorted(run_dir.glob("plan_*.json.gz")):
         data = json.loads(gzip.decompress(path.read_bytes()))
@@ -7528,9 +7497,8 @@ def show_in_notebook(run_dir: Path) -> None:
 
 
 def install_stop_signals() -> dict:
-    """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers (script
-    mode). While servers are being stopped a signal does not interrupt the stop: the first one ends
-    the run once the stop is done, any further one kills the servers at once."""
+    """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers. During a
+    stop the first signal ends the run once the stop is done, any further one kills the servers at once."""
 
     def handler(signum, frame):
         STATE.signals_seen += 1

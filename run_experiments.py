@@ -6344,7 +6344,6 @@ def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 # %% summary.md, part 3: sweeps, capacity, the router, vLLM's clock, time and the notes under them
 def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """Each open-loop window's latency, send delays, and a trace's prompt tokens planned vs counted."""
     points = [(name, p) for name, s in summaries.items() for p in s.rate_sweep or ()]
     if not points:
         return []
@@ -6384,7 +6383,6 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """Attainment at every swept rate, capacity and the memory held there, then the answer in one sentence."""
     swept = {n: s for n, s in summaries.items() if s.capacity}
     if not swept:
         return []
@@ -6424,7 +6422,6 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
-    """The sleep arm under every model's traffic: each model's wake-ups and its requests' wait for them."""
     lines = [
         f"- {name}, {slot}: woke {r['wakes']} times ({fmt(r['wake_s'].mean, 2)} s on average), slept "
         f"{r['sleeps']} times; its requests waited {fmt(r['wait_s'].mean, 3)} s on average for it "
@@ -7479,11 +7476,9 @@ def load_plans(run_dir: Path) -> dict[str, WorkloadPlan]:
 
 
 def plan_summary(plan: WorkloadPlan) -> dict:
-    out = dataclasses.asdict(plan)
-    out["requests"] = len(plan.requests)
-    if any(r.clipped for r in plan.requests):
-        out["clipped"] = sum(r.clipped for r in plan.requests)
-    return out
+    out = {**dataclasses.asdict(plan), "requests": len(plan.requests)}
+    clipped = sum(r.clipped for r in plan.requests)
+    return {**out, "clipped": clipped} if clipped else out
 
 
 def show_in_notebook(run_dir: Path) -> None:

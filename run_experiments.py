@@ -6217,7 +6217,7 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
-    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared by both."""
+    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared with others."""
     if split.this_experiment:
         return f"over the {split.sleeps} sleeps of this experiment"
     shared = "started for an earlier experiment: these include that one's sleeps" if reused else ""
@@ -6846,7 +6846,7 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
 
 
 def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
-    """Each share holds its weights and one longest request, all fit (else vLLM refuses minutes in)."""
+    """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
     total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
     needs = {}
     for slot in slots(cfg):

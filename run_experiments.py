@@ -680,6 +680,8 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
         try:
             run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
         except Exception as exc:  # this experiment failed; the others still run
+            if caused_by_a_signal(exc):  # the run was told to stop: no other experiment starts
+                raise KeyboardInterrupt(f"{type(exc).__name__} while interrupted") from exc
             failures += 1
             write_failure(exp_dir, entry, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:
@@ -687,6 +689,17 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
                 run.config["servers"][server.spec.label] = server.describe()
             run.save_config()
     return failures
+
+
+def caused_by_a_signal(exc: Optional[BaseException]) -> bool:
+    """Whether a KeyboardInterrupt (see install_stop_signals) is in exc's chain. One raised inside
+    threading's own lock handling can come out as another error: a Condition it left released, say,
+    raises RuntimeError("release unlocked lock") on the way out."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
@@ -1006,7 +1019,8 @@ class BurstMark:
 
 
 def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> None:
-    """An open-loop window's planned rate: models' rates add up; a ramp's peak or trace's scale is each's."""
+    """An open-loop window's planned rate on its mark: the models' own rates (--rates-per-model) add up;
+    a ramp's peak and a trace's rate scale are each model's."""
     first = plans[0]
     if first.rates:
         each = first.arrivals in PER_MODEL_ARRIVALS
@@ -2194,7 +2208,8 @@ def ramp_length(cfg: Config, peak: float, models: int) -> float:
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
-    """The model at `position` (A = 0): a window per --peak-rates peak, its ramp position x stagger in."""
+    """The model at `position` (A = 0): one window per peak of --peak-rates, its ramp starting
+    position x the stagger into the window."""
     peaks = parse_peaks(cfg)
     ramps = [ramp_offsets(ramp_seconds(peak, cfg.ramp_step), position * stagger(cfg, peak)) for peak in peaks]
     return requests_plan(cfg, ramps, sizing, arrivals="ramp", rates=tuple(peaks))

@@ -26,6 +26,7 @@ from conftest import (
     background,
     fake_env,
     free_port,
+    in_process_args,
     make_cfg,
     ready,
     rx,
@@ -641,6 +642,24 @@ def test_an_interrupted_burst_drops_its_queued_requests_quietly(monkeypatch, cap
     time.sleep(0.5)  # the one that was sending ends after the stop: it is not recorded either
     assert rows == []
     assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
+
+
+def test_an_interrupt_that_surfaces_as_another_error_ends_the_run(fake_gpu, tmp_path, monkeypatch):
+    started = []
+
+    def interrupted_inside_a_lock(cfg, exp, *args):
+        started.append(exp.name)
+        try:
+            raise KeyboardInterrupt("signal 15")
+        except KeyboardInterrupt:  # as threading's Condition.wait can leave it: RuntimeError, and the signal
+            threading.Lock().release()
+
+    monkeypatch.setattr(rx, "run_experiment", interrupted_inside_a_lock)
+    args = in_process_args(tmp_path / "r", "--experiments", "1,2", "--no-plots")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    assert started == ["kvcached"], "the next experiment never started"
+    (run,) = (tmp_path / "r").iterdir()
+    assert not list(run.glob("*/error.json")), "an interrupted run, not a failed experiment"
 
 
 def test_a_server_that_does_not_stream_gets_no_ttft(fake_gpu, servers, monkeypatch):

@@ -473,7 +473,7 @@ SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
 def secrets_and_length_mix_cmd(base):
     (base / "gpu").mkdir()
     env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
-    length_mix = ["--output-tokens-dist", "uniform:4-40", "--slo-ttft-ms", "10000", "--slo-tpot-ms", "0.001"]
+    length_mix = ["--output-tokens-dist", "uniform:4-40", "--slo-ttft-ms", "0.001", "--slo-tpot-ms", "10000"]
     args = script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY, *length_mix)
     return dict(args=args, env=env, timeout=120)
 

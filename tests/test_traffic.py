@@ -143,10 +143,12 @@ def test_a_length_mix_with_slos_end_to_end(secrets_and_length_mix_run):
     assert len({r["completion_tokens"] for r in rows}) > 3, "the responses end at different times"
     summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
     good = summary["latency"]["goodput"]
-    assert good["of"] == len(rows) and good["met"] == 0, "no request meets a 1 microsecond TPOT"
+    # a TTFT is a round trip, never a microsecond, while a TPOT can be near 0 if a busy client reads
+    # every token at once: only the TTFT objective is sure to be missed, however loaded the machine
+    assert good["of"] == len(rows) and good["met"] == 0, "no request meets a 1 microsecond TTFT"
     assert summary["latency"]["itl_s"]["n"] > len(rows)
     md = (run / "summary.md").read_text()
-    assert "goodput = requests completed with TTFT <= 10000 ms and TPOT <= 0.001 ms" in md
+    assert "goodput = requests completed with TTFT <= 0.001 ms and TPOT <= 10000 ms" in md
     assert "| kvcached | " in md and f"0.0% (0/{len(rows)}) |" in md
     with open(exp / "requests.csv") as f:
         table = list(csv.DictReader(f))

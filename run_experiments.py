@@ -5384,9 +5384,12 @@ def sampled_peaks_checked(
         checked[slot] = view
         if any(unread.values()):
             sources = ", ".join(PEAK_SOURCES[kind][0] for kind, count in unread.items() if count)
+            which = (
+                f"{max(unread.values())} of its {len(spans)} bursts" if len(spans) > 1 else "its one burst"
+            )
             problems.append(
                 f"{slot}'s peaks from {sources} n/a: no read fell while its requests ran in "
-                f"{max(unread.values())} of its {len(spans)} bursts ({sampling_advice(loaded)})"
+                f"{which} ({sampling_advice(loaded)})"
             )
     return checked, problems
 

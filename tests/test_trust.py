@@ -868,6 +868,13 @@ def test_peaks_of_a_server_whose_requests_ran_between_two_reads_are_void_and_say
     table = "\n".join(rx.per_model_table({"shared_kvcached": summary}))
     assert "| shared_kvcached | A: m | n/a | n/a | n/a / 8 | n/a / n/a | 0 |" in table
     assert "| shared_kvcached | B: m | n/a | 1,000 | 5 / 8 | 3 / 0 | 0 |" in table
+    # without A's second burst, its first is its one burst
+    record = json.loads((exp / "experiment.json").read_text())
+    record["marks"]["bursts"] = record["marks"]["bursts"][:2]
+    rx.write_json(exp / "experiment.json", record)
+    rx.write_jsonl(exp / "requests.jsonl", requests[:2])
+    (problem,) = rx.summarize_experiment(rx.load_experiment(exp), 0.05).problems
+    assert "no read fell while its requests ran in its one burst (its shortest burst" in problem
 
 
 # 8. Files are written atomically and read forgivingly ---------------------------------------------

@@ -5746,7 +5746,8 @@ def finish_axes(axes: Iterable[Any], fontsize: int = 7, loc: Optional[str] = Non
 def make_plots(
     run_dir: Path, loaded: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
 ) -> list[str]:
-    """A memory plot per group present (arms in comparison order), latency after single's, then the rest."""
+    """One memory plot per group of the table present (arms in comparison order), the latency plot right
+    after the single model's, then the plots of the whole run."""
     plots, arms_of, paths, order = run_dir / "plots", group_arms(loaded), [], COMPARED_ARMS + OTHER_ARMS
     for name, group in GROUPS.items():
         present = arms_of.get(name, {})
@@ -6265,7 +6266,8 @@ def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[
 
 
 def awake_peak_line(name: str, over: float) -> str:
-    """The sleep arm's (experiment `name`) awake peak against the same static pool without sleep mode."""
+    """The sleep arm's (experiment `name`) awake peak against the same static pool: above it by the memory
+    outside vLLM's cumem pool that its bursts regrew; below it where they regrew less than start-up took."""
     if over >= 0:
         return (
             f"- {name}: the awake peak exceeds the same static pool without sleep mode by {fmt(over)} "
@@ -6545,7 +6547,8 @@ def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
 
 
 def first_startups_line(servers: dict[str, dict]) -> Optional[str]:
-    """The run's first start-ups (begun before the earliest was ready) pay for a fresh host's caches."""
+    """The run's first start-ups (the earliest and those begun before it was ready), which also pay for
+    what a fresh host has not cached yet: they are no measure of their arm."""
     started = {name: s for name, s in servers.items() if s.get("started_at") and s.get("ready_at")}
     if len(started) < 2:
         return None

@@ -691,17 +691,6 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
     return failures
 
 
-def caused_by_a_signal(exc: Optional[BaseException]) -> bool:
-    """Whether a KeyboardInterrupt (see install_stop_signals) is in exc's chain. One raised inside
-    threading's own lock handling can come out as another error: a Condition it left released, say,
-    raises RuntimeError("release unlocked lock") on the way out."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__context__
-    return False
-
-
 def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
     """error.json in the experiment's folder, and the line that says so."""
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -7530,6 +7519,17 @@ def install_stop_signals() -> dict:
         with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, handler)
     return previous
+
+
+def caused_by_a_signal(exc: Optional[BaseException]) -> bool:
+    """Whether a KeyboardInterrupt (see install_stop_signals) is in exc's chain. One raised inside
+    threading's own lock handling can come out as another error: a Condition it left released, say,
+    raises RuntimeError("release unlocked lock") on the way out."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 # %% Entry point: the only cell that starts processes or writes files

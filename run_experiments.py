@@ -101,7 +101,9 @@ class RunState:
         self.secrets: set[str] = set()  # values scrubbed from anything written or printed
 
     def say(self, message: Any) -> None:
-        self.out(scrub(str(message)))
+        # a closed terminal or pipe (SIGHUP, `| tee` gone) must not keep a run from stopping its servers
+        with contextlib.suppress(OSError):
+            self.out(scrub(str(message)))
 
 
 STATE = RunState()
@@ -641,15 +643,21 @@ def run_table(run: Run) -> tuple[bool, int]:
         import_first_servers(run, pool)
         run.config["timing"]["table_start"] = time.time()
         failures = run_lane_experiments(run, lane, pool)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
+        if not caused_by_a_signal(exc):
+            raise
         interrupted = True
         STATE.signals_seen = max(STATE.signals_seen, 1)  # a notebook's stop button reaches us only this way
         say("\ninterrupted: stopping every server before leaving")
     finally:
+        servers = pool.shut()
         try:
-            stop_servers(pool.shut(), "end of run")
-        except KeyboardInterrupt:  # signalled again while stopping: the servers are gone all the same
+            stop_servers(servers, "end of run")
+        except KeyboardInterrupt:  # signalled again (in a notebook, even before the stop was under way)
             interrupted = True
+            STATE.hurry.set()
+            with contextlib.suppress(KeyboardInterrupt):
+                stop_servers([s for s in servers if not s.stopped], "interrupted again")
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         sys.setswitchinterval(switch_interval)
@@ -831,6 +839,8 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                     start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
                 )
+                if signals:  # came while it was starting, before pass_on could see it
+                    lanes[index].send_signal(signals[0])
         relay_output(lanes)
         codes = {index: process.wait() for index, process in lanes.items()}
     finally:
@@ -3554,11 +3564,11 @@ class Preimporter(Ahead):
             return None
         try:
             release_staged(self.cfg, server)
-        except BaseException:
+            waited = server.started_at - server.facts["imported_ahead_from"]
+            say(f"  {spec.label}: vLLM was imported ahead {waited:.0f} s ago")
+        except BaseException:  # an interrupt too: nothing else holds this server yet
             stop_servers([server], "it could not be started")
             raise
-        waited = server.started_at - server.facts["imported_ahead_from"]
-        say(f"  {spec.label}: vLLM was imported ahead {waited:.0f} s ago")
         return server
 
     def give_back(self, keep: Iterable[tuple] = ()) -> list[RunningServer]:

@@ -627,6 +627,26 @@ def test_a_staged_server_left_without_a_start_exits_and_a_pool_stops_it(fake_gpu
     assert not staged.live_pids() and not pool.ahead.staged and not rx.port_taken(cfg.host, cfg.port_b)
 
 
+def test_an_interrupt_as_a_server_imported_ahead_is_taken_stops_it(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(FAKES))
+    cfg = module_cfg(preimport="on")
+    spec = rx.ServerSpec("B", "Qwen/Qwen2.5-1.5B-Instruct", cfg.port_b, kvcached=True)
+    pool = rx.ServerPool(cfg, ahead=rx.ahead_for(cfg))
+    pool.prepare([spec], tmp_path)
+    staged = pool.ahead.staged[spec.key]
+    assert wait_for(lambda: log_says_imported(staged), timeout=20)
+
+    def interrupted(message):  # the signal lands once the server has been told to start
+        if "imported ahead" in message:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rx, "say", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pool.ahead.take(spec)
+    assert staged.stopped and not staged.live_pids(), "no list holds it any more: take stopped it"
+    assert not pool.shut()
+
+
 def test_the_pool_meets_a_server_made_ready_ahead_only_through_its_hooks(fake_gpu, tmp_path):
     cfg = make_cfg()
     calls = []

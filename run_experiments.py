@@ -633,36 +633,27 @@ def run_table(run: Run) -> tuple[bool, int]:
     (lane,) = run.lanes
     env = {**pin_to_card(lane.gpu, lane.cfg.gpu_index), **run.runner_env}
     pool = ServerPool(lane.cfg, env, ahead_for(lane.cfg, env))
-    restore = install_stop_signals() if not running_in_notebook() else {}
     # A burst runs hundreds of request threads; each waits its turn for the interpreter. A shorter
     # switch interval keeps that wait short for each stream's timestamps and the sampler's reader.
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, 0.001))
     interrupted, failures = False, 0
-    try:
-        import_first_servers(run, pool)
-        run.config["timing"]["table_start"] = time.time()
-        failures = run_lane_experiments(run, lane, pool)
-    except (KeyboardInterrupt, Exception) as exc:
-        if not caused_by_a_signal(exc):
-            raise
-        interrupted = True
-        STATE.signals_seen = max(STATE.signals_seen, 1)  # a notebook's stop button reaches us only this way
-        say("\ninterrupted: stopping every server before leaving")
-    finally:
-        servers = pool.shut()
+    with stop_signals():
         try:
-            stop_servers(servers, "end of run")
-        except KeyboardInterrupt:  # signalled again (in a notebook, even before the stop was under way)
+            import_first_servers(run, pool)
+            run.config["timing"]["table_start"] = time.time()
+            failures = run_lane_experiments(run, lane, pool)
+        except (KeyboardInterrupt, Exception) as exc:
+            if not caused_by_a_signal(exc):
+                raise
             interrupted = True
-            STATE.hurry.set()
-            with contextlib.suppress(KeyboardInterrupt):
-                stop_servers([s for s in servers if not s.stopped], "interrupted again")
-        for sig, handler in restore.items():
-            signal.signal(sig, handler)
-        sys.setswitchinterval(switch_interval)
-        with contextlib.suppress(Exception):
-            run.nvml.nvmlShutdown()
+            STATE.signals_seen = max(STATE.signals_seen, 1)  # a notebook's stop button shows only here
+            say("\ninterrupted: stopping every server before leaving")
+        finally:
+            interrupted = stop_every_server(pool) or interrupted
+            sys.setswitchinterval(switch_interval)
+            with contextlib.suppress(Exception):
+                run.nvml.nvmlShutdown()
     return interrupted, failures
 
 
@@ -711,14 +702,17 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
     run.config["interrupted"] = interrupted
     run.save_config()
     try:
-        result = build_report(run.run_dir, draw_plots=run.cfg.plots)
-    except Exception as exc:  # the raw files are safe; the report can be rebuilt with --report
+        with stop_signals():
+            result = build_report(run.run_dir, draw_plots=run.cfg.plots)
+    except (KeyboardInterrupt, Exception) as exc:  # the raw files are safe; --report rebuilds the report
+        stopped = caused_by_a_signal(exc)
+        why = "was interrupted" if stopped else f"failed ({type(exc).__name__}: {exc})"
         print(
-            f"error: building the report failed ({type(exc).__name__}: {exc}); raw results are in "
-            f"{run.run_dir}; retry with --report {run.run_dir}",
+            f"error: building the report {why}; raw results are in {run.run_dir}; retry with --report "
+            f"{run.run_dir}",
             file=sys.stderr,
         )
-        return 1
+        return 130 if stopped else 1
     say(f"\nsummary: {run.run_dir / 'summary.md'}")
     for name in result["invalid"]:
         say(f"WARNING: {name}: memory figures void ({'; '.join(result['problems'].get(name, []))})")
@@ -2903,6 +2897,20 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
         STATE.interrupt_pending.clear()
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
+
+
+def stop_every_server(pool: "ServerPool") -> bool:
+    """The end of a run: every server of the pool stopped; True if a signal came meanwhile. One that comes
+    before the stop is under way (in a notebook, a second press of stop) makes it kill them at once."""
+    servers = pool.shut()
+    try:
+        stop_servers(servers, "end of run")
+    except KeyboardInterrupt:
+        STATE.hurry.set()
+        with contextlib.suppress(KeyboardInterrupt):
+            stop_servers([s for s in servers if not s.stopped], "interrupted again")
+        return True
+    return False
 
 
 def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
@@ -7529,6 +7537,17 @@ def install_stop_signals() -> dict:
         with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, handler)
     return previous
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """install_stop_signals for a stretch of the run, outside a notebook (its kernel owns the signals)."""
+    previous = {} if running_in_notebook() else install_stop_signals()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def caused_by_a_signal(exc: Optional[BaseException]) -> bool:

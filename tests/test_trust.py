@@ -698,6 +698,20 @@ def test_a_second_interrupt_before_the_stop_is_under_way_still_stops_every_serve
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "both servers stopped"
 
 
+def test_an_interrupt_while_the_report_is_built_ends_the_run_with_130_and_says_how_to_rebuild(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    def interrupted(run_dir, draw_plots):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rx, "build_report", interrupted)
+    args = in_process_args(tmp_path / "r", "--experiments", "1", *FAST, "--bursts", "1", "--no-warmup")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    (run,) = (tmp_path / "r").iterdir()
+    assert f"building the report was interrupted; raw results are in {run}" in capsys.readouterr().err
+    assert (run / "01_kvcached" / "requests.jsonl").exists()
+
+
 def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(tmp_path):
     (tmp_path / "gpu").mkdir()
     args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")

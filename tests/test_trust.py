@@ -646,99 +646,6 @@ def test_an_interrupted_burst_drops_its_queued_requests_quietly(monkeypatch, cap
     assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
 
 
-def test_an_interrupt_that_surfaces_as_another_error_ends_the_run(fake_gpu, tmp_path, monkeypatch):
-    started = []
-
-    def interrupted_inside_a_lock(cfg, exp, *args):
-        started.append(exp.name)
-        try:
-            raise KeyboardInterrupt("signal 15")
-        except KeyboardInterrupt:  # as threading's Condition.wait can leave it: RuntimeError, and the signal
-            threading.Lock().release()
-
-    monkeypatch.setattr(rx, "run_experiment", interrupted_inside_a_lock)
-    args = in_process_args(tmp_path / "r", "--experiments", "1,2", "--no-plots")
-    assert rx.main(args, nvml_module=fake_gpu) == 130
-    assert started == ["kvcached"], "the next experiment never started"
-    (run,) = (tmp_path / "r").iterdir()
-    assert not list(run.glob("*/error.json")), "an interrupted run, not a failed experiment"
-
-
-def test_an_interrupt_that_surfaces_as_another_error_before_the_experiments_ends_the_run(
-    fake_gpu, tmp_path, monkeypatch
-):
-    def interrupted_inside_a_lock(run, pool):  # as while waiting for vLLM's import check
-        try:
-            raise KeyboardInterrupt("signal 2")
-        except KeyboardInterrupt:
-            threading.Lock().release()
-
-    monkeypatch.setattr(rx, "import_first_servers", interrupted_inside_a_lock)
-    args = in_process_args(tmp_path / "r", "--experiments", "1", "--no-plots")
-    assert rx.main(args, nvml_module=fake_gpu) == 130
-    (run,) = (tmp_path / "r").iterdir()
-    assert json.loads((run / "config.json").read_text())["interrupted"] and (run / "summary.md").exists()
-
-
-def test_a_second_interrupt_before_the_stop_is_under_way_still_stops_every_server(
-    fake_gpu, tmp_path, monkeypatch
-):
-    real_stop, stops = rx.stop_servers, []
-
-    def interrupted_first(servers, why, grace_s=None):  # as a notebook's second press, before any order
-        stops.append((why, len(servers), rx.STATE.hurry.is_set()))
-        if why == "end of run":
-            raise KeyboardInterrupt
-        return real_stop(servers, why, grace_s)
-
-    monkeypatch.setattr(rx, "stop_servers", interrupted_first)
-    args = in_process_args(tmp_path / "r", "--experiments", "3", *FAST, "--bursts", "1", "--no-warmup")
-    assert rx.main(args, nvml_module=fake_gpu) == 130
-    assert [s for s in stops if s[1]] == [("end of run", 2, False), ("interrupted again", 2, True)]
-    assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "both servers stopped"
-
-
-def test_an_interrupt_while_the_report_is_built_ends_the_run_with_130_and_says_how_to_rebuild(
-    fake_gpu, tmp_path, monkeypatch, capsys
-):
-    def interrupted(run_dir, draw_plots):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rx, "build_report", interrupted)
-    args = in_process_args(tmp_path / "r", "--experiments", "1", *FAST, "--bursts", "1", "--no-warmup")
-    assert rx.main(args, nvml_module=fake_gpu) == 130
-    (run,) = (tmp_path / "r").iterdir()
-    assert f"building the report was interrupted; raw results are in {run}" in capsys.readouterr().err
-    assert (run / "01_kvcached" / "requests.jsonl").exists()
-
-
-def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(tmp_path):
-    (tmp_path / "gpu").mkdir()
-    args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
-    read_end, write_end = os.pipe()
-    with open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen(args, env=fake_env(tmp_path / "gpu"), stdout=write_end, stderr=err)
-    os.close(write_end)
-    try:
-        os.set_blocking(read_end, False)
-
-        def bursting():
-            with contextlib.suppress(BlockingIOError):
-                os.read(read_end, 1 << 16)
-            return list((tmp_path / "results").glob("*/01_*/requests.jsonl"))
-
-        assert wait_for(bursting, timeout=60)
-        os.close(read_end)  # the terminal (or `| tee`) is gone: every later line fails to be written
-        proc.send_signal(signal.SIGHUP)
-        assert proc.wait(timeout=60) == 130, (tmp_path / "err.txt").read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    (run,) = (tmp_path / "results").iterdir()
-    assert json.loads((run / "config.json").read_text())["interrupted"] and (run / "summary.md").exists()
-    assert not list((tmp_path / "gpu").glob("*.json")), "no server left"
-
-
 def test_a_server_that_does_not_stream_gets_no_ttft(fake_gpu, servers, monkeypatch):
     monkeypatch.setenv("FAKE_STREAM_FAULT", "no_stream")
     cfg = make_cfg()
@@ -1237,3 +1144,97 @@ def test_open_files_are_counted_as_the_client_opens_them():
     cfg = rx.resolve_config(rx.Config(preset="smoke", models="m1,m2,m3"))
     plans = {"main": rx.plan_workload(cfg, 40, "t", bursts=2), "warm": rx.plan_workload(cfg, 7, "t")}
     assert rx.most_sockets(plans, cfg) == 3 * 40, "every model's largest burst at once"
+
+
+# 13. A signal at an unlucky moment -----------------------------------------------------------------
+def test_an_interrupt_that_surfaces_as_another_error_ends_the_run(fake_gpu, tmp_path, monkeypatch):
+    started = []
+
+    def interrupted_inside_a_lock(cfg, exp, *args):
+        started.append(exp.name)
+        try:
+            raise KeyboardInterrupt("signal 15")
+        except KeyboardInterrupt:  # as threading's Condition.wait can leave it: RuntimeError, and the signal
+            threading.Lock().release()
+
+    monkeypatch.setattr(rx, "run_experiment", interrupted_inside_a_lock)
+    args = in_process_args(tmp_path / "r", "--experiments", "1,2", "--no-plots")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    assert started == ["kvcached"], "the next experiment never started"
+    (run,) = (tmp_path / "r").iterdir()
+    assert not list(run.glob("*/error.json")), "an interrupted run, not a failed experiment"
+
+
+def test_an_interrupt_that_surfaces_as_another_error_before_the_experiments_ends_the_run(
+    fake_gpu, tmp_path, monkeypatch
+):
+    def interrupted_inside_a_lock(run, pool):  # as while waiting for vLLM's import check
+        try:
+            raise KeyboardInterrupt("signal 2")
+        except KeyboardInterrupt:
+            threading.Lock().release()
+
+    monkeypatch.setattr(rx, "import_first_servers", interrupted_inside_a_lock)
+    args = in_process_args(tmp_path / "r", "--experiments", "1", "--no-plots")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    (run,) = (tmp_path / "r").iterdir()
+    assert json.loads((run / "config.json").read_text())["interrupted"] and (run / "summary.md").exists()
+
+
+def test_a_second_interrupt_before_the_stop_is_under_way_still_stops_every_server(
+    fake_gpu, tmp_path, monkeypatch
+):
+    real_stop, stops = rx.stop_servers, []
+
+    def interrupted_first(servers, why, grace_s=None):  # as a notebook's second press, before any order
+        stops.append((why, len(servers), rx.STATE.hurry.is_set()))
+        if why == "end of run":
+            raise KeyboardInterrupt
+        return real_stop(servers, why, grace_s)
+
+    monkeypatch.setattr(rx, "stop_servers", interrupted_first)
+    args = in_process_args(tmp_path / "r", "--experiments", "3", *FAST, "--bursts", "1", "--no-warmup")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    assert [s for s in stops if s[1]] == [("end of run", 2, False), ("interrupted again", 2, True)]
+    assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "both servers stopped"
+
+
+def test_an_interrupt_while_the_report_is_built_ends_the_run_with_130_and_says_how_to_rebuild(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    def interrupted(run_dir, draw_plots):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rx, "build_report", interrupted)
+    args = in_process_args(tmp_path / "r", "--experiments", "1", *FAST, "--bursts", "1", "--no-warmup")
+    assert rx.main(args, nvml_module=fake_gpu) == 130
+    (run,) = (tmp_path / "r").iterdir()
+    assert f"building the report was interrupted; raw results are in {run}" in capsys.readouterr().err
+    assert (run / "01_kvcached" / "requests.jsonl").exists()
+
+
+def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
+    read_end, write_end = os.pipe()
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(args, env=fake_env(tmp_path / "gpu"), stdout=write_end, stderr=err)
+    os.close(write_end)
+    try:
+        os.set_blocking(read_end, False)
+
+        def bursting():
+            with contextlib.suppress(BlockingIOError):
+                os.read(read_end, 1 << 16)
+            return list((tmp_path / "results").glob("*/01_*/requests.jsonl"))
+
+        assert wait_for(bursting, timeout=60)
+        os.close(read_end)  # the terminal (or `| tee`) is gone: every later line fails to be written
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 130, (tmp_path / "err.txt").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run,) = (tmp_path / "results").iterdir()
+    assert json.loads((run / "config.json").read_text())["interrupted"] and (run / "summary.md").exists()
+    assert not list((tmp_path / "gpu").glob("*.json")), "no server left"

@@ -836,7 +836,8 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
                 if signals:  # came while it was starting, before pass_on could see it
                     lanes[index].send_signal(signals[0])
         relay_output(lanes)
-        codes = {index: process.wait() for index, process in lanes.items()}
+        # a card's process that a passed-on signal ended before it could catch one was interrupted too
+        codes = {i: 130 if -p.wait() in signals else p.returncode for i, p in lanes.items()}
     finally:
         end_lanes(lanes)
         for sig, handler in restore.items():

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     FAKES,
+    ROOT,
     background,
     fake_env,
     free_port,
@@ -470,6 +472,38 @@ def test_an_interrupt_stops_every_lane_and_every_server(two_card_interrupt):
     assert run["rc"] == 130, run["out"][-3000:]
     assert not run["alive_after"] and not run["ports_taken"]
     assert "FAILED" not in run["out"], "an interrupted lane is not a failed experiment"
+
+
+SIGNAL_AS_A_CARD_STARTS = f"""
+import signal, subprocess, sys
+sys.path.insert(0, {str(ROOT)!r})
+import run_experiments as rx
+
+started = subprocess.Popen
+
+
+def starting(*args, **kwargs):  # a SIGTERM lands just after a card's process exists, before it is kept
+    process = started(*args, **kwargs)
+    if "--lane-of" in args[0]:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    return process
+
+
+subprocess.Popen = starting
+sys.exit(rx.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_as_a_card_starts_reaches_that_card_and_no_other_starts(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    args, _ = two_card_args(tmp_path, "--experiments", "1,2", "--bursts", "50", "--gap-s", "1")
+    env = fake_env(tmp_path / "gpu", FAKE_GPU_COUNT="2")
+    driver = [sys.executable, "-c", SIGNAL_AS_A_CARD_STARTS, *args[2:]]
+    proc = subprocess.run(driver, env=env, capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 130, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (run,) = (tmp_path / "results").iterdir()
+    assert not list(run.glob("*/error.json")), "interrupted, not failed"
+    assert not (run / "02_static").exists(), "the second card never started"
 
 
 def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_path, monkeypatch):

@@ -623,6 +623,9 @@ def main(
             shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any experiment: the preflight, a --check, a --report
+        print("interrupted before anything was measured", file=sys.stderr)
+        return 130
     run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures)
 

@@ -1213,6 +1213,18 @@ def test_an_interrupt_while_the_report_is_built_ends_the_run_with_130_and_says_h
     assert (run / "01_kvcached" / "requests.jsonl").exists()
 
 
+def test_ctrl_c_during_the_preflight_exits_with_130_and_leaves_no_run(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rx, "preflight", interrupted)
+    assert rx.main(in_process_args(tmp_path / "r", "--experiments", "1"), nvml_module=fake_gpu) == 130
+    assert "interrupted before anything was measured" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+
+
 def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(tmp_path):
     (tmp_path / "gpu").mkdir()
     args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")

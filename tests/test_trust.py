@@ -882,7 +882,7 @@ def test_report_of_a_killed_run_names_what_it_cannot_read(tmp_path):
         [{"kind": "device", "t": 1 + i / 20, "used_mib": 900.0 + i} for i in range(40)],
     )
     proc = subprocess.run(
-        [sys.executable, str(rx.Path(rx.__file__)), "--report", str(run)],
+        [sys.executable, str(rx.Path(rx.__file__)), "--report", str(run), "--no-plots"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1728,6 +1728,14 @@ def validate_config(cfg: Config) -> Config:
         "leaves no room for model B in shared_static: lower it below 0.85, or give both shares with "
         "--static-shares A,B (at most 0.95 together)",
     )
+    pair_given = cfg.pair_utilization_b and not cfg.static_shares and len(slots(cfg)) == 2
+    pair = round(cfg.gpu_memory_utilization + cfg.pair_utilization_b, 6)
+    need(
+        not pair_given or pair <= 0.95 or "shared_static" not in chosen,
+        "pair_utilization_b",
+        f"with --gpu-memory-utilization {cfg.gpu_memory_utilization:g} the pair takes {pair:g} of the card: "
+        "at most 0.95 together",
+    )
     for check in (check_lanes, check_model_list, check_server_command, check_workload):
         check(cfg)
     return cfg
@@ -3375,7 +3383,7 @@ def wait_ready(
         if code is not None:
             raise server.failure(
                 f"server {label} {exit_words(code)} before it was ready."
-                f"{fork_hint(server)}{runner_hint(server)}"
+                f"{start_hint(server)}{runner_hint(server)}"
             )
         ours = listener_is_ours(server) if health_ok(server) else None
         if ours is False:
@@ -3393,7 +3401,7 @@ def wait_ready(
         if now > deadline:
             raise server.failure(
                 f"server {label} not ready after {timeout_s:.0f} s "
-                f"(raise --start-timeout-s if it is still loading).{fork_hint(server)}"
+                f"(raise --start-timeout-s if it is still loading).{start_hint(server)}"
             )
         if now >= next_progress:
             waited, last = now - server.started_at, tail(server.log_path, 1).strip()[:120]
@@ -3419,7 +3427,13 @@ def runner_hint(server: RunningServer) -> str:
     )
 
 
-def fork_hint(server: RunningServer) -> str:
+def start_hint(server: RunningServer) -> str:
+    """What to try for a server that ended before it was ready, where its log or start says."""
+    if "Free memory on device" in tail(server.log_path, 80):
+        return (
+            " vLLM found too little free memory: something else holds the card (nvidia-smi), or the static "
+            "shares are too large (--gpu-memory-utilization, --pair-utilization-b, --static-shares)."
+        )
     if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork":
         return ""
     return (
@@ -6902,14 +6916,22 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
                 "static split",
                 f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
                 f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
-                "raise its share (--static-shares, or --gpu-memory-utilization/--pair-utilization-b for "
-                "two models)",
+                "give it a larger share: --static-shares, or for two models --pair-utilization-b or a lower "
+                "--gpu-memory-utilization",
             )
     return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
 
 
+def static_held_at_once(servers: Iterable[ServerSpec]) -> float:
+    """The card's fraction an experiment's static pools hold at once: shared_static's add up, while only
+    one sleep-mode server of shared_sleep is awake at a time."""
+    awake = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and not s.sleep_mode]
+    sleepers = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and s.sleep_mode]
+    return sum(awake) + max(sleepers, default=0)
+
+
 def check_card(nvml: Any, index: int, static_share: float) -> Check:
-    """Free memory (a static pool needs its share) and other processes (they skew readings) on a card."""
+    """Free memory (static pools need their shares) and other processes (they skew readings) on a card."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
@@ -6918,8 +6940,8 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     if static_share and mem.total - mem.used < static_share * mem.total:
         return fail(
             "card",
-            f"{shown}: less than the static pool's {static_share:g} of the card",
-            f"free the card ({listed or 'nvidia-smi'}) or lower the largest static share "
+            f"{shown}: less than the {static_share:g} of the card the static pools of one experiment hold",
+            f"free the card ({listed or 'nvidia-smi'}) or lower the static shares "
             "(--gpu-memory-utilization, --static-shares or --pair-utilization-b)",
         )
     if others:
@@ -7073,8 +7095,8 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
     shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
-    servers = [s for e in experiments for s in e.servers(cfg, int(cfg.overload_budget_gib * GIB))]
-    static = max((s.gpu_memory_utilization or 0 for s in servers if not s.kvcached), default=0)
+    budget = int(cfg.overload_budget_gib * GIB)
+    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
     checks += [check_card(nvml, i, static) for i in indices]
     if any(e.name == "shared_static" for e in experiments):
         checks.append(check_static_split(cfg, nvml, indices[0]))

@@ -6,7 +6,7 @@ import socket
 import sys
 
 import pytest
-from conftest import FAKE_SERVER, free_port, in_process_args, make_cfg, rx
+from conftest import FAKE_SERVER, STATIC_A, free_port, in_process_args, make_cfg, ready, rx
 
 
 def test_python_versions():
@@ -47,7 +47,10 @@ def test_a_busy_card_fails_the_static_share_and_names_the_holders(fake_gpu, monk
     monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "9000")  # of 16384
     nvml = rx.load_nvml(fake_gpu)
     busy = rx.check_card(nvml, 0, 0.55)
-    assert not busy.ok and "less than the static pool's 0.55" in busy.detail
+    assert (
+        not busy.ok
+        and "less than the 0.55 of the card the static pools of one experiment hold" in busy.detail
+    )
     assert rx.check_card(nvml, 0, 0.3).ok
 
 
@@ -164,3 +167,34 @@ def test_a_failed_preflight_starts_nothing(fake_gpu, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert rc == 2 and "preflight failed, nothing was started" in err and "✗ card" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_busy_card_fails_only_where_the_static_pools_held_at_once_do_not_fit(fake_gpu, monkeypatch):
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "4000")  # of 16384: room for 0.55, not for 0.55 + 0.35
+
+    def card(experiments: str) -> rx.Check:
+        cfg = rx.resolve_config(rx.validate_config(rx.Config(experiments=experiments)))
+        checks, _ = rx.card_checks(cfg, rx.parse_experiments(experiments), fake_gpu)
+        return next(c for c in checks if c.name == "card")
+
+    assert card("static,shared_sleep").ok, "one sleep-mode server is awake at a time"
+    shared = card("shared_static")
+    assert not shared.ok and "less than the 0.9 of the card the static pools" in shared.detail
+
+
+def test_a_static_pair_given_by_its_two_flags_must_fit_the_card_too():
+    flags = dict(gpu_memory_utilization=0.7, pair_utilization_b=0.35)
+    with pytest.raises(rx.ConfigError, match="--pair-utilization-b: .* the pair takes 1.05 of the card"):
+        rx.validate_config(rx.Config(experiments="4", **flags))
+    assert rx.validate_config(rx.Config(experiments="1,2", **flags)), "no static pair in the run"
+
+
+def test_a_server_short_of_free_memory_at_its_start_is_told_so(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "12000")  # of 16384: less than half the card is free
+    cfg = make_cfg()
+    server = rx.start_server(cfg, STATIC_A(cfg), tmp_path / "server.log")
+    try:
+        with pytest.raises(rx.ServerError, match="vLLM found too little free memory: something else holds"):
+            ready(server)
+    finally:
+        rx.stop_servers([server], "end of test")

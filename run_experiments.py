@@ -460,9 +460,13 @@ def parse_experiments(spec: str) -> list[Experiment]:
         else:
             found = [e for e in EXPERIMENTS if token in (e.name, str(e.number))]
         if not found:
+            numbered = {e.number: [] for e in EXPERIMENTS}
+            for e in EXPERIMENTS:
+                numbered[e.number].append(e.name)
+            listed = ", ".join(f"{n} {' and '.join(names)}" for n, names in numbered.items())
             raise ConfigError(
-                f"--experiments: unknown experiment {token!r}; choose from "
-                f"{', '.join(e.name for e in EXPERIMENTS)}, their numbers, 'seed' or 'all'"
+                f"--experiments: unknown experiment {token!r}; choose names or numbers from {listed}, "
+                "or 'seed' or 'all'"
             )
         chosen += [e for e in found if e not in chosen]
     if not chosen:
@@ -7463,7 +7467,10 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
         return cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
     longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
     free = int(gpu["free_mib_at_start"] * MIB)
-    return size_burst(kv_a, free, cfg.prompt_tokens, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
+    prompt = min(
+        cfg.prompt_tokens, cfg.max_model_len - longest - PROMPT_MARGIN_TOKENS
+    )  # as requests_plan cuts
+    return size_burst(kv_a, free, prompt, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
 
 
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:

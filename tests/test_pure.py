@@ -527,3 +527,21 @@ def test_vllms_per_model_figures_cover_the_workload_not_the_discarded_warm_up():
     view = rx.VllmView.of(rx.during(rows, (2.5, 4.5)))
     assert (view.max_running, view.max_waiting, view.preemptions) == (100, 8, 4)
     assert rx.during(rows, None) == rows, "no workload mark (killed before it): every row"
+
+
+def test_an_unknown_experiment_is_answered_with_every_number_and_name():
+    with pytest.raises(rx.ConfigError) as refused:
+        rx.parse_experiments("8")
+    listed = (
+        "1 kvcached, 2 static, 3 shared_kvcached, 4 shared_static, 5 overload_kvcached and overload_static"
+    )
+    assert f"unknown experiment '8'; choose names or numbers from {listed}, 6 sleep" in str(refused.value)
+
+
+def test_a_burst_is_sized_with_the_prompts_cut_to_fit_the_context():
+    gpu = {"free_mib_at_start": 15_000.0}
+    cfg = rx.resolve_config(rx.validate_config(rx.Config(max_model_len=512)))  # 768-token prompts do not fit
+    size, why = rx.workload_sizing(cfg, 12288, gpu)
+    plan = rx.plan_workload(cfg, size, why)
+    assert plan.prompt_tokens < 768 and f"({plan.prompt_tokens} prompt + 128 output tokens)" in why
+    assert size == rx.size_burst(12288, 15_000 * rx.MIB, plan.prompt_tokens, 128, 0.05, 256)[0]

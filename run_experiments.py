@@ -610,7 +610,8 @@ def main(
         if cfg is None:  # --help
             return 0
         if cfg.report:
-            say(json.dumps(build_report(Path(cfg.report), draw_plots=cfg.plots)))
+            result = build_report(Path(cfg.report), draw_plots=cfg.plots)
+            say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(result)}")
             return 0
         if cfg.check:
             checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)

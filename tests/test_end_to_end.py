@@ -107,6 +107,7 @@ def test_report_command_rebuilds_a_committed_run(report_cli_run):
     assert proc.returncode == 0, proc.stderr
     assert_rebuilt_as_committed(copy, REPORT_CLI_RUN)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(copy)
+    assert f"summary: {copy / 'summary.md'}" in proc.stdout.splitlines()
 
 
 def test_reference_figures_are_the_h200_ones():

@@ -101,9 +101,12 @@ class RunState:
         self.secrets: set[str] = set()  # values scrubbed from anything written or printed
 
     def say(self, message: Any) -> None:
-        # a closed terminal or pipe (SIGHUP, `| tee` gone) must not keep a run from stopping its servers
-        with contextlib.suppress(OSError):
+        try:
             self.out(scrub(str(message)))
+            if self.out is print:  # through a pipe (`| tee`) each line shows at once, not in 8 KB blocks
+                sys.stdout.flush()
+        except OSError:  # a closed terminal or pipe (SIGHUP, `| tee` gone): the run still stops its servers
+            quiet_stdout()
 
 
 STATE = RunState()
@@ -7582,6 +7585,13 @@ def stop_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def quiet_stdout() -> None:
+    """stdout, and what its buffer still holds, to /dev/null: after a closed terminal or pipe every later
+    line would fail, and so would the last flush at exit, which turns exit code 130 into 120."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def caused_by_a_signal(exc: Optional[BaseException]) -> bool:

@@ -1230,17 +1230,22 @@ def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(t
     args = script_args(tmp_path / "results", "--experiments", "1", "--bursts", "50", "--no-warmup")
     read_end, write_end = os.pipe()
     with open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen(args, env=fake_env(tmp_path / "gpu"), stdout=write_end, stderr=err)
+        # buffered, as a user's run is: what the buffer holds at exit must not fail the exit code either
+        env = {k: v for k, v in fake_env(tmp_path / "gpu").items() if k != "PYTHONUNBUFFERED"}
+        proc = subprocess.Popen(args, env=env, stdout=write_end, stderr=err)
     os.close(write_end)
     try:
         os.set_blocking(read_end, False)
 
+        seen = bytearray()
+
         def bursting():
             with contextlib.suppress(BlockingIOError):
-                os.read(read_end, 1 << 16)
+                seen.extend(os.read(read_end, 1 << 16))
             return list((tmp_path / "results").glob("*/01_*/requests.jsonl"))
 
         assert wait_for(bursting, timeout=60)
+        assert wait_for(lambda: bursting() and b"burst 1:" in seen, timeout=20), "each line shows at once"
         os.close(read_end)  # the terminal (or `| tee`) is gone: every later line fails to be written
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(timeout=60) == 130, (tmp_path / "err.txt").read_text()[-2000:]

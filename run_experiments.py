@@ -302,6 +302,14 @@ KV_BYTES_START_GATE = 0.2
 STATIC_SPLIT_TOTAL = 0.90  # of the card, split among the models by the static arm
 
 
+MAX_STATIC_TOTAL = 0.95  # the most of a card static shares take together (the rest: CUDA contexts, baseline)
+
+
+def shares_total(shares: Iterable[float]) -> float:
+    """Fractions of the card added up, to 6 places: 0.9 + 0.05 is 0.95, not 0.9500000000000001."""
+    return round(math.fsum(shares), 6)
+
+
 def static_shares(cfg: "Config") -> list[float]:
     """Each model's --gpu-memory-utilization in shared_static: --static-shares, else 0.90 split evenly
     (two models: --gpu-memory-utilization, the seed's 0.55, and the rest up to 0.90)."""
@@ -1734,15 +1742,15 @@ def validate_config(cfg: Config) -> Config:
         cfg.gpu_memory_utilization < 0.85 or not b_share_derived or "shared_static" not in chosen,
         "gpu_memory_utilization",
         "leaves no room for model B in shared_static: lower it below 0.85, or give both shares with "
-        "--static-shares A,B (at most 0.95 together)",
+        f"--static-shares A,B (at most {MAX_STATIC_TOTAL:g} together)",
     )
     pair_given = cfg.pair_utilization_b and not cfg.static_shares and len(slots(cfg)) == 2
-    pair = round(cfg.gpu_memory_utilization + cfg.pair_utilization_b, 6)
+    pair = shares_total([cfg.gpu_memory_utilization, cfg.pair_utilization_b])
     need(
-        not pair_given or pair <= 0.95 or "shared_static" not in chosen,
+        not pair_given or pair <= MAX_STATIC_TOTAL or "shared_static" not in chosen,
         "pair_utilization_b",
         f"with --gpu-memory-utilization {cfg.gpu_memory_utilization:g} the pair takes {pair:g} of the card: "
-        "at most 0.95 together",
+        f"at most {MAX_STATIC_TOTAL:g} together",
     )
     for check in (check_lanes, check_model_list, check_server_command, check_workload):
         check(cfg)
@@ -1818,7 +1826,12 @@ def check_model_list(cfg: Config) -> None:
             f"gives {len(values)} shares for {len(models)} models",
         )
         need(all(0 < v < 1 for v in values), "static_shares", "each share must be in (0, 1)")
-        need(sum(values) <= 0.95, "static_shares", f"sum to {sum(values):g}: at most 0.95 of the card")
+        total = shares_total(values)
+        need(
+            total <= MAX_STATIC_TOTAL,
+            "static_shares",
+            f"sum to {total:g}: at most {MAX_STATIC_TOTAL:g} of the card",
+        )
     shared = [e.name for e in parse_experiments(cfg.experiments) if GROUPS[e.group].pair]
     need(
         len(models) > 1 or not shared,
@@ -6910,11 +6923,12 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
             return warn("static split", f"not checked: no sizes for model {slot}'s weights")
         needs[slot] = weights + kv_bytes_per_token(model_config) * cfg.max_model_len
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
-    if sum(needs.values()) > 0.95 * total:
+    room = MAX_STATIC_TOTAL * total
+    if sum(needs.values()) > room:
         return fail(
             "static split",
             f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
-            f"request each ({shown} MiB); 0.95 of GPU {index} is {0.95 * total / MIB:,.0f} MiB",
+            f"request each ({shown} MiB); {MAX_STATIC_TOTAL:g} of GPU {index} is {room / MIB:,.0f} MiB",
             "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
             "--experiments",
         )

@@ -100,6 +100,13 @@ def test_a_large_static_share_is_refused_only_where_it_leaves_model_b_nothing():
     )
 
 
+def test_shares_that_sum_to_exactly_the_limit_pass_whatever_the_floating_point_says():
+    assert rx.validate_config(rx.Config(experiments="4", static_shares="0.9,0.05")), "0.9 + 0.05 is 0.95"
+    assert rx.validate_config(rx.Config(experiments="4", gpu_memory_utilization=0.9, pair_utilization_b=0.05))
+    with pytest.raises(rx.ConfigError, match="--static-shares: sum to 0.96: at most 0.95 of the card"):
+        rx.validate_config(rx.Config(experiments="4", static_shares="0.9,0.06"))
+
+
 def test_one_model_cannot_share_the_card(tmp_path, capsys):
     args = in_process_args(tmp_path / "r", "--models", "Qwen/Qwen2.5-0.5B-Instruct", "--experiments", "3")
     assert rx.main(args) == 2

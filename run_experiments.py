@@ -2126,15 +2126,22 @@ def parse_output_lengths(spec: str, max_tokens: int) -> OutputLengths:
     )
 
 
+def request_lengths(
+    cfg: Config, max_tokens: Optional[int] = None, prompt_tokens: Optional[int] = None
+) -> tuple[int, int]:
+    """The longest output a request may ask for, and its whole prompt (shared prefix included), cut to
+    leave that output room in --max-model-len; by default cfg's lengths."""
+    mix = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    longest = max(max_tokens or cfg.max_tokens, int(mix.hi))
+    asked = cfg.prompt_tokens if prompt_tokens is None else prompt_tokens
+    return longest, min(asked, cfg.max_model_len - longest - PROMPT_MARGIN_TOKENS)
+
+
 def requests_plan(cfg: Config, windows: list[list[float]], sizing: str, **fields) -> WorkloadPlan:
     """A request per arrival (offsets in seconds) of each window. Prompts and output lengths come from
     seeded generators of their own: a length mix or a shared prefix leaves a seed's prompts as they were."""
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
-    # the longest output a request may ask for, and the whole prompt, shared prefix included
-    max_tokens = max(fields.get("max_tokens") or cfg.max_tokens, int(lengths.hi))
-    asked = fields.get("prompt_tokens")
-    room = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS
-    prompt_tokens = min(cfg.prompt_tokens if asked is None else asked, room)
+    max_tokens, prompt_tokens = request_lengths(cfg, fields.get("max_tokens"), fields.get("prompt_tokens"))
     # the prefix every request shares: --shared-prefix-tokens words
     shared = random.Random(f"{cfg.seed}-shared-prefix").choices(FILLER_WORDS, k=cfg.shared_prefix_tokens)
     prefix = "Shared: " + " ".join(shared) + "\n\n" if cfg.shared_prefix_tokens else ""
@@ -5347,10 +5354,19 @@ PER_MODEL_TOLERANCE = 0.05  # of the card's mean or peak: how far the per-model 
 # server waking for two bursts of 0.4-2 s beside another, read from random phases, 4 samples a burst
 # missed in 8-53% of 300 trials, 6 in up to 30%, 8 in none (benchmarks/per_model_sampling_bench.py)
 SAMPLES_PER_BURST = 8
-PEAK_SOURCES = {  # memory.jsonl kind -> its words, the ServerSummary field that holds its peaks, and those
-    "process": ("its process tree (NVML)", "memory", ("peak_mib", "flex_mib")),
-    "kvcached": ("kvcached's segment", "kvcached", ("peak_used_mib", "peak_prealloc_mib")),
-    "metrics": ("vLLM's /metrics", "vllm", ("max_running", "max_waiting")),
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakSource:
+    words: str  # as a problem names it
+    part: str  # the ServerSummary field that holds its peaks
+    peaks: tuple[str, ...]  # those peaks
+
+
+PEAK_SOURCES = {  # memory.jsonl kind -> where its peaks live
+    "process": PeakSource("its process tree (NVML)", "memory", ("peak_mib", "flex_mib")),
+    "kvcached": PeakSource("kvcached's segment", "kvcached", ("peak_used_mib", "peak_prealloc_mib")),
+    "metrics": PeakSource("vLLM's /metrics", "vllm", ("max_running", "max_waiting")),
 }
 
 
@@ -5403,7 +5419,7 @@ def per_model_memory_checked(
         for what, total, card, gap in missed
     ]
     void = {what for what, *_ in missed}
-    peaks = dict.fromkeys(PEAK_SOURCES["process"][2] if "peaks" in void else ())
+    peaks = dict.fromkeys(PEAK_SOURCES["process"].peaks if "peaks" in void else ())
     means = {"memory_cost": None} if "means" in void else {}
     return {
         k: dataclasses.replace(v, memory=dataclasses.replace(v.memory, **peaks), **means)
@@ -5423,13 +5439,13 @@ def sampled_peaks_checked(
         bursts = [b for b in loaded.record.marks.bursts if b.server in (slot, ALL_SLOTS) and b.end]
         spans = busy_spans(loaded, slot, bursts)
         unread = dict.fromkeys(PEAK_SOURCES, 0) | {k: spans_unread(loaded, slot, k, spans) for k in kinds}
-        for kind, (_, part, peaks) in PEAK_SOURCES.items():
+        for kind, source in PEAK_SOURCES.items():
             if unread[kind]:
-                cut = dataclasses.replace(getattr(view, part), **dict.fromkeys(peaks))
-                view = dataclasses.replace(view, **{part: cut})
+                cut = dataclasses.replace(getattr(view, source.part), **dict.fromkeys(source.peaks))
+                view = dataclasses.replace(view, **{source.part: cut})
         checked[slot] = view
         if any(unread.values()):
-            sources = ", ".join(PEAK_SOURCES[kind][0] for kind, count in unread.items() if count)
+            sources = ", ".join(PEAK_SOURCES[kind].words for kind, count in unread.items() if count)
             which = (
                 f"{max(unread.values())} of its {len(spans)} bursts" if len(spans) > 1 else "its one burst"
             )
@@ -6285,9 +6301,13 @@ def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
     """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared with others."""
     if split.this_experiment:
         return f"over the {split.sleeps} sleeps of this experiment"
-    shared = "started for an earlier experiment: these include that one's sleeps" if reused else ""
-    shared = shared or ("kept for a later experiment: these include its sleeps" if kept else "")
-    return f"over the {split.sleeps} sleeps in its log{f' ({shared})' if shared else ''}"
+    if reused:
+        shared = " (started for an earlier experiment: these include that one's sleeps)"
+    elif kept:
+        shared = " (kept for a later experiment: these include its sleeps)"
+    else:
+        shared = ""
+    return f"over the {split.sleeps} sleeps in its log{shared}"
 
 
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
@@ -7483,11 +7503,8 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
         )
     if cfg.burst_size:
         return cfg.burst_size, f"{cfg.burst_size} concurrent requests ({cfg.preset} preset or --burst-size)"
-    longest = max(cfg.max_tokens, int(parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens).hi))
+    longest, prompt = request_lengths(cfg)  # as the plan will send them
     free = int(gpu["free_mib_at_start"] * MIB)
-    prompt = min(
-        cfg.prompt_tokens, cfg.max_model_len - longest - PROMPT_MARGIN_TOKENS
-    )  # as requests_plan cuts
     return size_burst(kv_a, free, prompt, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
 
 

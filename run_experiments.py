@@ -1741,8 +1741,9 @@ def validate_config(cfg: Config) -> Config:
     need(
         cfg.gpu_memory_utilization < 0.85 or not b_share_derived or "shared_static" not in chosen,
         "gpu_memory_utilization",
-        "leaves no room for model B in shared_static: lower it below 0.85, or give both shares with "
-        f"--static-shares A,B (at most {MAX_STATIC_TOTAL:g} together)",
+        "leaves no room for model B in shared_static: lower it below 0.85 (--check says how far, from "
+        "model B's size), or give both shares with --static-shares A,B "
+        f"(at most {MAX_STATIC_TOTAL:g} together)",
     )
     pair_given = cfg.pair_utilization_b and not cfg.static_shares and len(slots(cfg)) == 2
     pair = shares_total([cfg.gpu_memory_utilization, cfg.pair_utilization_b])
@@ -6958,10 +6959,26 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
                 "static split",
                 f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
                 f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
-                "give it a larger share: --static-shares, or for two models --pair-utilization-b or a lower "
-                "--gpu-memory-utilization",
+                larger_share_fix(cfg, slot, math.ceil(100 * need / total) / 100),
             )
     return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
+
+
+def larger_share_fix(cfg: Config, slot: str, least: float) -> str:
+    """How to give a model at least `least` of the card, in the flags that set its share."""
+    if cfg.static_shares or len(slots(cfg)) != 2:
+        return f"give model {slot} at least {least:g} of the card in --static-shares"
+    if slot == "A":
+        return f"give model A at least {least:g} of the card: --gpu-memory-utilization {least:g}"
+    if cfg.pair_utilization_b:
+        return f"give model B at least {least:g} of the card: --pair-utilization-b {least:g}"
+    lower = (
+        f"model B gets {STATIC_SPLIT_TOTAL:g} minus --gpu-memory-utilization: lower that to "
+        f"{round(STATIC_SPLIT_TOTAL - least, 2):g} at most"
+    )
+    if shares_total([cfg.gpu_memory_utilization, least]) > MAX_STATIC_TOTAL:
+        return lower
+    return f"{lower}, or give B its own share with --pair-utilization-b {least:g}"
 
 
 def static_held_at_once(servers: Iterable[ServerSpec]) -> float:

@@ -4,6 +4,7 @@ budget split N ways); bad lists, shares and ports are refused before anything st
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,20 @@ def test_sleeping_models_take_turns_each_at_the_full_share(three_models_run):
     )
     assert all(b["wake_s"] is not None and b["sleep_s"] is not None for b in record["marks"]["bursts"])
     assert "sleep" in summary["comparison"]["shared"]["figures"]
+
+
+@pytest.mark.parametrize("flags", [["--gpu-memory-utilization", "0.8"], ["--gpu-memory-utilization", "0.74"]])
+def test_a_share_too_small_for_model_b_names_a_value_that_passes(flags, fake_gpu, tmp_path, capsys):
+    """Two models, B's share derived as 0.90 minus A's: the fix names the value to use, and it passes."""
+    args = in_process_args(tmp_path / "r", "--check", "--experiments", "4")
+    assert rx.main([*args, *flags], nvml_module=fake_gpu) == 1
+    fix = next(line for line in capsys.readouterr().out.splitlines() if "fix: model B gets 0.9 minus" in line)
+    most_a = re.search(r"lower that to ([0-9.]+) at most", fix).group(1)
+    pair_b = re.search(r"--pair-utilization-b ([0-9.]+)", fix)
+    assert bool(pair_b) == (flags[1] == "0.74"), "B's own share is offered only where the pair fits in 0.95"
+    fixes = [["--gpu-memory-utilization", most_a]]
+    if pair_b:
+        fixes.append([*flags, "--pair-utilization-b", pair_b.group(1)])
+    for fixed in fixes:
+        rx.main([*args, *fixed], nvml_module=fake_gpu)
+        assert "✓ static split" in capsys.readouterr().out, fixed

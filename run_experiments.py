@@ -214,7 +214,7 @@ class Config:
     overload_demand: float = 1.4  # bursting model's KV demand as a multiple of its static share
     # --- sampling
     sample_hz: float = 20.0  # NVML device-memory samples per second
-    process_sample_hz: float = 2.0  # per-process, kvcached shm and /metrics samples per second
+    process_sample_hz: float = 0.0  # per-process, kvcached shm and /metrics reads a second (0 = preset's)
     release_tolerance: float = 0.05  # 'released' = back within this fraction of the idle level
     release_timeout_s: float = 20.0  # stop waiting for memory to come back after this
     # in 150 real idle windows of 1.5 s, the median of the first or last 0.5 s was the whole one's to the MiB;
@@ -225,15 +225,13 @@ class Config:
     check: bool = False  # only print the preflight checklist (also run before every run); exit 0/1
 
 
+# The workload each --preset gives the flags left open. Smoke's bursts last a fraction of a second: each
+# server is read as often as the card, or no read falls in them.
+PRESET_KNOBS = "bursts burst_size gap_s max_tokens prompt_tokens overload_budget_gib process_sample_hz"
 PRESET_WORKLOADS = {
-    # bursts, burst_size, gap_s, max_tokens, prompt_tokens, overload_budget_gib
-    "seed": dict(bursts=3, burst_size=6, gap_s=6.0, max_tokens=180, prompt_tokens=0, overload_budget_gib=4.0),
-    "smoke": dict(
-        bursts=2, burst_size=4, gap_s=1.0, max_tokens=16, prompt_tokens=64, overload_budget_gib=2.0
-    ),
-    "auto": dict(
-        bursts=3, burst_size=0, gap_s=5.0, max_tokens=128, prompt_tokens=768, overload_budget_gib=4.0
-    ),
+    "seed": dict(zip(PRESET_KNOBS.split(), (3, 6, 6.0, 180, 0, 4.0, 2.0))),
+    "smoke": dict(zip(PRESET_KNOBS.split(), (2, 4, 1.0, 16, 64, 2.0, 20.0))),
+    "auto": dict(zip(PRESET_KNOBS.split(), (3, 0, 5.0, 128, 768, 4.0, 2.0))),
 }
 
 
@@ -1682,14 +1680,14 @@ FIELD_CHECKS = (
     ("bursts burst_size max_tokens", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     ("max_burst_size", lambda v: v >= 1, "must be >= 1"),
     ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("overload_budget_gib", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
+    ("overload_budget_gib process_sample_hz", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     (
         "overload_demand",
         lambda v: 1 < v < 2,
         "must be in (1, 2): above the static share, below the pair's whole budget",
     ),
     (
-        "sample_hz process_sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
+        "sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
         lambda v: v > 0,
         "must be > 0",
     ),
@@ -1731,7 +1729,7 @@ def validate_config(cfg: Config) -> Config:
             value = getattr(cfg, name)
             need(bool(passes(value)), name, why.format(v=value))
     for rate, least in MIN_IDLE_SAMPLES.items():
-        hz = getattr(cfg, rate)
+        hz = getattr(cfg, rate) or PRESET_WORKLOADS[cfg.preset][rate]
         need(
             cfg.idle_window_s * hz >= least - 1e-9,
             "idle_window_s",

@@ -821,3 +821,21 @@ def test_a_pool_whose_staged_server_cannot_start_stops_it_and_says_why(fake_gpu,
         assert not staged.live_pids() and not pool.running and not pool.ahead.staged
     finally:
         rx.stop_servers(pool.shut(), "end of test")
+
+
+def test_smoke_reads_each_server_as_often_as_the_card_and_a_given_rate_wins():
+    """Smoke's bursts last a fraction of a second: at other presets' 2 reads a second none falls in one."""
+    assert rx.fill_preset(rx.Config(preset="smoke")).process_sample_hz == 20
+    assert (
+        rx.fill_preset(rx.Config()).process_sample_hz
+        == rx.fill_preset(rx.Config(preset="seed")).process_sample_hz
+        == 2
+    )
+    assert rx.fill_preset(rx.Config(preset="smoke", process_sample_hz=5)).process_sample_hz == 5
+    assert rx.validate_config(rx.Config(preset="smoke", idle_window_s=0.5)), "10 reads in the idle window"
+    with pytest.raises(
+        rx.ConfigError, match="--idle-window-s: must hold at least 2 samples at --process-sample-hz 2 "
+    ):
+        rx.validate_config(rx.Config(idle_window_s=0.5))
+    with pytest.raises(rx.ConfigError, match="--process-sample-hz: must be >= 0"):
+        rx.validate_config(rx.Config(process_sample_hz=-1))

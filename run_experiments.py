@@ -556,13 +556,14 @@ def run_experiment(
     )
     write_json(exp_dir / "experiment.json", record)  # a run killed from here on can still be reported
     before = set(pool.running)
-    servers = pool.ensure(list(exp.servers), exp_dir)
-    # where each server's log stands: its lines from here on are this experiment's (a reused server's
-    # log holds the earlier experiments' too)
-    record.servers = [
-        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
-    ]
-    record.reused = [s.spec.label for s in servers if s.spec.key in before]
+    try:
+        servers = pool.ensure(list(exp.servers), exp_dir)
+    except BaseException:  # the servers that did come up were paid for (or reused) all the same
+        wanted = {spec.key for spec in exp.servers}
+        record_servers(record, [s for key, s in pool.running.items() if key in wanted], before)
+        write_json(exp_dir / "experiment.json", record)
+        raise
+    record_servers(record, servers, before)
     when_ready()  # e.g. the pool prepares the next experiment's servers while this one measures
     sampler = Sampler(
         nvml, cfg.gpu_index, servers, exp_dir / "memory.jsonl", cfg.sample_hz, cfg.process_sample_hz
@@ -574,6 +575,15 @@ def run_experiment(
         record.finished = True
     finally:
         trial.close()
+
+
+def record_servers(record: "ExperimentRecord", servers: list["RunningServer"], before: set) -> None:
+    """The experiment's servers, and where each one's log stands: its lines from here on are this
+    experiment's (a reused server's log holds the earlier experiments' too)."""
+    record.servers = [
+        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
+    ]
+    record.reused = [s.spec.label for s in servers if s.spec.key in before]
 
 
 # %% main(): resolve the config, open the run folder, run the table, report

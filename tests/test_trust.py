@@ -1066,6 +1066,29 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
     assert "memory figures void" in md and "no request succeeded" in md
 
 
+def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_up(
+    fake_gpu, tmp_path, monkeypatch
+):
+    """shared_static starts A, then B cannot start: A's start-up was paid all the same, and is counted."""
+    real = rx.start_checks
+
+    def b_refused(cfg, spec):
+        if spec.name == "B":
+            raise rx.ServerError("port taken (by the test)")
+        return real(cfg, spec)
+
+    monkeypatch.setattr(rx, "start_checks", b_refused)
+    args = in_process_args(tmp_path / "r", "--preset", "smoke", "--no-plots", "--experiments", "4")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    (run,) = (tmp_path / "r").iterdir()
+    record = json.loads((run / "01_shared_static" / "experiment.json").read_text())
+    assert [s["spec"]["name"] for s in record["servers"]] == ["A"] and record["servers"][0]["ready_at"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failed"] == {"01_shared_static": "ServerError: port taken (by the test)"}
+    assert summary["server_starts"]["started"] == 1 and summary["timing"]["startups_s"] > 0
+    assert "vLLM start-ups: 1 paid" in (run / "summary.md").read_text()
+
+
 # 12. Bad values are rejected up front, naming the flag --------------------------------------------
 @pytest.mark.parametrize(
     "argv, flag",

@@ -6941,16 +6941,58 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
     return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
 
 
+def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
+    """A model's weights and the KV of one --max-model-len request: the least a server of it holds
+    (None where its sizes are unknown)."""
+    model_config, _ = load_model_config(model_of(cfg, slot))
+    weights = weight_bytes(model_config) if model_config else None
+    return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
+
+
+def check_models_fit(cfg: Config, nvml: Any, index: int, experiments: list[Experiment]) -> Optional[Check]:
+    """A static or sleep-mode server alone at --gpu-memory-utilization, and the models a kvcached experiment
+    loads together, hold their weights and one --max-model-len request each (else vLLM fails minutes in).
+    shared_static's shares: check_static_split."""
+    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    free, needs = memory.total - memory.used, {}
+    for e in experiments:
+        servers = [s for s in e.servers(cfg, 0) if e.name != "shared_static" and not s.kv_cache_memory_bytes]
+        for spec in servers:
+            needs[spec.name] = needs.get(spec.name) or one_request_bytes(cfg, spec.name)
+            if needs[spec.name] is None:
+                return warn("models fit", f"not checked: no sizes for model {spec.name}'s weights")
+        smaller = f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments"
+        kvcached = {s.name: needs[s.name] for s in servers if s.kvcached}
+        if sum(kvcached.values()) > free:
+            return fail(
+                "models fit",
+                f"{e.name}: the weights and one request of model {' and '.join(kvcached)} take "
+                f"{sum(kvcached.values()) / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
+                smaller,
+            )
+        for spec in (s for s in servers if not s.kvcached):
+            share, need = spec.gpu_memory_utilization or 0, needs[spec.name]
+            if share * memory.total < need:
+                least = math.ceil(100 * need / memory.total) / 100
+                return fail(
+                    "models fit",
+                    f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
+                    f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
+                    f"--max-model-len ({need / MIB:,.0f} MiB)",
+                    f"--gpu-memory-utilization {least:g}" if least <= MAX_STATIC_TOTAL else smaller,
+                )
+    return (
+        Check("models fit", True, "each server holds its model's weights and one request") if needs else None
+    )
+
+
 def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
     """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
     total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
-    needs = {}
-    for slot in slots(cfg):
-        model_config, _ = load_model_config(model_of(cfg, slot))
-        weights = weight_bytes(model_config) if model_config else None
-        if weights is None:
+    needs = {slot: one_request_bytes(cfg, slot) for slot in slots(cfg)}
+    for slot, need in needs.items():
+        if need is None:
             return warn("static split", f"not checked: no sizes for model {slot}'s weights")
-        needs[slot] = weights + kv_bytes_per_token(model_config) * cfg.max_model_len
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
     room = MAX_STATIC_TOTAL * total
     if sum(needs.values()) > room:
@@ -7165,6 +7207,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     budget = int(cfg.overload_budget_gib * GIB)
     static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
     checks += [check_card(nvml, i, static) for i in indices]
+    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments)] if check]
     if any(e.name == "shared_static" for e in experiments):
         checks.append(check_static_split(cfg, nvml, indices[0]))
     return checks, nvml

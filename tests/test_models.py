@@ -194,3 +194,26 @@ def test_a_share_too_small_for_model_b_names_a_value_that_passes(flags, fake_gpu
     for fixed in fixes:
         rx.main([*args, *fixed], nvml_module=fake_gpu)
         assert "✓ static split" in capsys.readouterr().out, fixed
+
+
+def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_preflight(
+    fake_gpu, tmp_path, capsys
+):
+    """14 GiB of weights: the static arm's 0.55 of a 16 GiB card cannot hold them (the fix names the share
+    that does, and it passes); two such models under kvcached cannot share the card."""
+    seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
+    args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b[0], "--model-b", seven_b[1])
+    assert rx.main([*args, "--experiments", "2"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "✗ models fit: static: model A at --gpu-memory-utilization 0.55 (9,011 MiB) cannot hold" in out
+    share = re.search(r"fix: --gpu-memory-utilization ([0-9.]+)", out).group(1)
+    assert (
+        rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
+    )
+    assert "✓ models fit" in capsys.readouterr().out
+    assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
+    assert (
+        "✗ models fit: shared_kvcached: the weights and one request of model A and B take"
+        in capsys.readouterr().out
+    )
+    assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"

@@ -6949,14 +6949,26 @@ def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
     return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
 
 
-def check_models_fit(cfg: Config, nvml: Any, index: int, experiments: list[Experiment]) -> Optional[Check]:
-    """A static or sleep-mode server alone at --gpu-memory-utilization, and the models a kvcached experiment
+def check_models_fit(
+    cfg: Config, nvml: Any, index: int, experiments: list[Experiment], budget: int
+) -> Optional[Check]:
+    """A static or sleep-mode server at --gpu-memory-utilization, and the models a kvcached experiment
     loads together, hold their weights and one --max-model-len request each (else vLLM fails minutes in).
-    shared_static's shares: check_static_split."""
+    shared_static's shares are check_static_split's; a pool of --kv-cache-memory-bytes is sized to fit."""
     memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
     free, needs = memory.total - memory.used, {}
+    split = {
+        (s.name, s.gpu_memory_utilization)
+        for e in experiments
+        if e.name == "shared_static"
+        for s in e.servers(cfg, budget)
+    }
     for e in experiments:
-        servers = [s for s in e.servers(cfg, 0) if e.name != "shared_static" and not s.kv_cache_memory_bytes]
+        servers = [
+            s
+            for s in e.servers(cfg, budget)
+            if not s.kv_cache_memory_bytes and (s.kvcached or (s.name, s.gpu_memory_utilization) not in split)
+        ]
         for spec in servers:
             needs[spec.name] = needs.get(spec.name) or one_request_bytes(cfg, spec.name)
             if needs[spec.name] is None:
@@ -7207,7 +7219,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     budget = int(cfg.overload_budget_gib * GIB)
     static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
     checks += [check_card(nvml, i, static) for i in indices]
-    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments)] if check]
+    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments, budget)] if check]
     if any(e.name == "shared_static" for e in experiments):
         checks.append(check_static_split(cfg, nvml, indices[0]))
     return checks, nvml

@@ -211,6 +211,8 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
     )
     assert "✓ models fit" in capsys.readouterr().out
+    assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 0, "its KV pools fit"
+    assert "models fit" not in capsys.readouterr().out
     assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
     assert (
         "✗ models fit: shared_kvcached: the weights and one request of model A and B take"

@@ -6941,136 +6941,6 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
     return Check("driver", True, f"{shown}; torch built for CUDA {torch_cuda}")
 
 
-def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
-    """A model's weights and the KV of one --max-model-len request: the least a server of it holds
-    (None where its sizes are unknown)."""
-    model_config, _ = load_model_config(model_of(cfg, slot))
-    weights = weight_bytes(model_config) if model_config else None
-    return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
-
-
-def check_models_fit(
-    cfg: Config, nvml: Any, index: int, experiments: list[Experiment], budget: int
-) -> Optional[Check]:
-    """A static or sleep-mode server at --gpu-memory-utilization, and the models a kvcached experiment
-    loads together, hold their weights and one --max-model-len request each (else vLLM fails minutes in).
-    shared_static's shares are check_static_split's; a pool of --kv-cache-memory-bytes is sized to fit."""
-    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-    free, needs = memory.total - memory.used, {}
-    split = {
-        (s.name, s.gpu_memory_utilization)
-        for e in experiments
-        if e.name == "shared_static"
-        for s in e.servers(cfg, budget)
-    }
-    for e in experiments:
-        servers = [
-            s
-            for s in e.servers(cfg, budget)
-            if not s.kv_cache_memory_bytes and (s.kvcached or (s.name, s.gpu_memory_utilization) not in split)
-        ]
-        for spec in servers:
-            needs[spec.name] = needs.get(spec.name) or one_request_bytes(cfg, spec.name)
-            if needs[spec.name] is None:
-                return warn("models fit", f"not checked: no sizes for model {spec.name}'s weights")
-        smaller = f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments"
-        kvcached = {s.name: needs[s.name] for s in servers if s.kvcached}
-        if sum(kvcached.values()) > free:
-            return fail(
-                "models fit",
-                f"{e.name}: the weights and one request of model {' and '.join(kvcached)} take "
-                f"{sum(kvcached.values()) / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
-                smaller,
-            )
-        for spec in (s for s in servers if not s.kvcached):
-            share, need = spec.gpu_memory_utilization or 0, needs[spec.name]
-            if share * memory.total < need:
-                least = math.ceil(100 * need / memory.total) / 100
-                return fail(
-                    "models fit",
-                    f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
-                    f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
-                    f"--max-model-len ({need / MIB:,.0f} MiB)",
-                    f"--gpu-memory-utilization {least:g}" if least <= MAX_STATIC_TOTAL else smaller,
-                )
-    return (
-        Check("models fit", True, "each server holds its model's weights and one request") if needs else None
-    )
-
-
-def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
-    """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
-    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
-    needs = {slot: one_request_bytes(cfg, slot) for slot in slots(cfg)}
-    for slot, need in needs.items():
-        if need is None:
-            return warn("static split", f"not checked: no sizes for model {slot}'s weights")
-    shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
-    room = MAX_STATIC_TOTAL * total
-    if sum(needs.values()) > room:
-        return fail(
-            "static split",
-            f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
-            f"request each ({shown} MiB); {MAX_STATIC_TOTAL:g} of GPU {index} is {room / MIB:,.0f} MiB",
-            "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
-            "--experiments",
-        )
-    for (slot, need), share in zip(needs.items(), static_shares(cfg)):
-        if share * total < need:
-            return fail(
-                "static split",
-                f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
-                f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
-                larger_share_fix(cfg, slot, math.ceil(100 * need / total) / 100),
-            )
-    return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
-
-
-def larger_share_fix(cfg: Config, slot: str, least: float) -> str:
-    """How to give a model at least `least` of the card, in the flags that set its share."""
-    if cfg.static_shares or len(slots(cfg)) != 2:
-        return f"give model {slot} at least {least:g} of the card in --static-shares"
-    if slot == "A":
-        return f"give model A at least {least:g} of the card: --gpu-memory-utilization {least:g}"
-    if cfg.pair_utilization_b:
-        return f"give model B at least {least:g} of the card: --pair-utilization-b {least:g}"
-    lower = (
-        f"model B gets {STATIC_SPLIT_TOTAL:g} minus --gpu-memory-utilization: lower that to "
-        f"{round(STATIC_SPLIT_TOTAL - least, 2):g} at most"
-    )
-    if shares_total([cfg.gpu_memory_utilization, least]) > MAX_STATIC_TOTAL:
-        return lower
-    return f"{lower}, or give B its own share with --pair-utilization-b {least:g}"
-
-
-def static_held_at_once(servers: Iterable[ServerSpec]) -> float:
-    """The card's fraction an experiment's static pools hold at once: shared_static's add up, while only
-    one sleep-mode server of shared_sleep is awake at a time."""
-    awake = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and not s.sleep_mode]
-    sleepers = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and s.sleep_mode]
-    return sum(awake) + max(sleepers, default=0)
-
-
-def check_card(nvml: Any, index: int, static_share: float) -> Check:
-    """Free memory (static pools need their shares) and other processes (they skew readings) on a card."""
-    handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-    others = gpu_processes(nvml, handle)
-    shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
-    listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
-    if static_share and mem.total - mem.used < static_share * mem.total:
-        return fail(
-            "card",
-            f"{shown}: less than the {static_share:g} of the card the static pools of one experiment hold",
-            f"free the card ({listed or 'nvidia-smi'}) or lower the static shares "
-            "(--gpu-memory-utilization, --static-shares or --pair-utilization-b)",
-        )
-    if others:
-        moved = "their memory moves the device totals; per-server figures are unaffected"
-        return warn("card", f"{shown}; other processes on it: {listed}", moved)
-    return Check("card", True, shown)
-
-
 def import_check(
     name: str, code: str, env: dict[str, str], timeout_s: float, fix: str, python: str = sys.executable
 ) -> tuple[Check, str]:
@@ -7200,31 +7070,6 @@ def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
     return checks
 
 
-def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
-    """NVML, the driver, each card's room for the largest static share, the split; (checks, NVML)."""
-    try:
-        indices = gpu_indices(cfg)
-        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
-    except NoSuchCard as exc:  # NVML works; the index names no card
-        return [fail("nvml", str(exc), "name a card this machine has (nvidia-smi -L lists them)")], None
-    except ConfigError as exc:
-        fix = (
-            "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
-            "--report RUN_DIR needs neither"
-        )
-        return [fail("nvml", str(exc).split(". ")[0], fix)], None
-    names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-    shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
-    checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
-    budget = int(cfg.overload_budget_gib * GIB)
-    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
-    checks += [check_card(nvml, i, static) for i in indices]
-    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments, budget)] if check]
-    if any(e.name == "shared_static" for e in experiments):
-        checks.append(check_static_split(cfg, nvml, indices[0]))
-    return checks, nvml
-
-
 def preflight(
     cfg: Config,
     experiments: list[Experiment],
@@ -7255,6 +7100,162 @@ def checklist(checks: list[Check], title: str = "preflight:") -> str:
 
 def needs_kvcached(experiments: list[Experiment]) -> bool:
     return any(e.arm == "kvcached" for e in experiments)
+
+
+# %% Preflight, part 2: room on the card for the static pools and the models
+def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
+    """NVML, the driver, each card's room for the largest static share, the split; (checks, NVML)."""
+    try:
+        indices = gpu_indices(cfg)
+        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
+    except NoSuchCard as exc:  # NVML works; the index names no card
+        return [fail("nvml", str(exc), "name a card this machine has (nvidia-smi -L lists them)")], None
+    except ConfigError as exc:
+        fix = (
+            "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
+            "--report RUN_DIR needs neither"
+        )
+        return [fail("nvml", str(exc).split(". ")[0], fix)], None
+    names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+    shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
+    checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
+    budget = int(cfg.overload_budget_gib * GIB)
+    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
+    checks += [check_card(nvml, i, static) for i in indices]
+    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments, budget)] if check]
+    if any(e.name == "shared_static" for e in experiments):
+        checks.append(check_static_split(cfg, nvml, indices[0]))
+    return checks, nvml
+
+
+def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
+    """A model's weights and the KV of one --max-model-len request: the least a server of it holds
+    (None where its sizes are unknown)."""
+    model_config, _ = load_model_config(model_of(cfg, slot))
+    weights = weight_bytes(model_config) if model_config else None
+    return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
+
+
+def check_models_fit(
+    cfg: Config, nvml: Any, index: int, experiments: list[Experiment], budget: int
+) -> Optional[Check]:
+    """A static or sleep-mode server at --gpu-memory-utilization, and the models a kvcached experiment
+    loads together, hold their weights and one --max-model-len request each (else vLLM fails minutes in).
+    shared_static's shares are check_static_split's; a pool of --kv-cache-memory-bytes is sized to fit."""
+    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    free, needs = memory.total - memory.used, {}
+    split = {
+        (s.name, s.gpu_memory_utilization)
+        for e in experiments
+        if e.name == "shared_static"
+        for s in e.servers(cfg, budget)
+    }
+    for e in experiments:
+        servers = [
+            s
+            for s in e.servers(cfg, budget)
+            if not s.kv_cache_memory_bytes and (s.kvcached or (s.name, s.gpu_memory_utilization) not in split)
+        ]
+        for spec in servers:
+            needs[spec.name] = needs.get(spec.name) or one_request_bytes(cfg, spec.name)
+            if needs[spec.name] is None:
+                return warn("models fit", f"not checked: no sizes for model {spec.name}'s weights")
+        smaller = f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments"
+        kvcached = {s.name: needs[s.name] for s in servers if s.kvcached}
+        if sum(kvcached.values()) > free:
+            return fail(
+                "models fit",
+                f"{e.name}: the weights and one request of model {' and '.join(kvcached)} take "
+                f"{sum(kvcached.values()) / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
+                smaller,
+            )
+        for spec in (s for s in servers if not s.kvcached):
+            share, need = spec.gpu_memory_utilization or 0, needs[spec.name]
+            if share * memory.total < need:
+                least = math.ceil(100 * need / memory.total) / 100
+                return fail(
+                    "models fit",
+                    f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
+                    f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
+                    f"--max-model-len ({need / MIB:,.0f} MiB)",
+                    f"--gpu-memory-utilization {least:g}" if least <= MAX_STATIC_TOTAL else smaller,
+                )
+    return (
+        Check("models fit", True, "each server holds its model's weights and one request") if needs else None
+    )
+
+
+def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
+    """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
+    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
+    needs = {slot: one_request_bytes(cfg, slot) for slot in slots(cfg)}
+    for slot, need in needs.items():
+        if need is None:
+            return warn("static split", f"not checked: no sizes for model {slot}'s weights")
+    shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
+    room = MAX_STATIC_TOTAL * total
+    if sum(needs.values()) > room:
+        return fail(
+            "static split",
+            f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
+            f"request each ({shown} MiB); {MAX_STATIC_TOTAL:g} of GPU {index} is {room / MIB:,.0f} MiB",
+            "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
+            "--experiments",
+        )
+    for (slot, need), share in zip(needs.items(), static_shares(cfg)):
+        if share * total < need:
+            return fail(
+                "static split",
+                f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
+                f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
+                larger_share_fix(cfg, slot, math.ceil(100 * need / total) / 100),
+            )
+    return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
+
+
+def larger_share_fix(cfg: Config, slot: str, least: float) -> str:
+    """How to give a model at least `least` of the card, in the flags that set its share."""
+    if cfg.static_shares or len(slots(cfg)) != 2:
+        return f"give model {slot} at least {least:g} of the card in --static-shares"
+    if slot == "A":
+        return f"give model A at least {least:g} of the card: --gpu-memory-utilization {least:g}"
+    if cfg.pair_utilization_b:
+        return f"give model B at least {least:g} of the card: --pair-utilization-b {least:g}"
+    lower = (
+        f"model B gets {STATIC_SPLIT_TOTAL:g} minus --gpu-memory-utilization: lower that to "
+        f"{round(STATIC_SPLIT_TOTAL - least, 2):g} at most"
+    )
+    if shares_total([cfg.gpu_memory_utilization, least]) > MAX_STATIC_TOTAL:
+        return lower
+    return f"{lower}, or give B its own share with --pair-utilization-b {least:g}"
+
+
+def static_held_at_once(servers: Iterable[ServerSpec]) -> float:
+    """The card's fraction an experiment's static pools hold at once: shared_static's add up, while only
+    one sleep-mode server of shared_sleep is awake at a time."""
+    awake = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and not s.sleep_mode]
+    sleepers = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and s.sleep_mode]
+    return sum(awake) + max(sleepers, default=0)
+
+
+def check_card(nvml: Any, index: int, static_share: float) -> Check:
+    """Free memory (static pools need their shares) and other processes (they skew readings) on a card."""
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    others = gpu_processes(nvml, handle)
+    shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
+    listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
+    if static_share and mem.total - mem.used < static_share * mem.total:
+        return fail(
+            "card",
+            f"{shown}: less than the {static_share:g} of the card the static pools of one experiment hold",
+            f"free the card ({listed or 'nvidia-smi'}) or lower the static shares "
+            "(--gpu-memory-utilization, --static-shares or --pair-utilization-b)",
+        )
+    if others:
+        moved = "their memory moves the device totals; per-server figures are unaffected"
+        return warn("card", f"{shown}; other processes on it: {listed}", moved)
+    return Check("card", True, shown)
 
 
 # %% Versions: the vLLM the installed kvcached supports, and one model runner for every arm

@@ -7104,7 +7104,7 @@ def needs_kvcached(experiments: list[Experiment]) -> bool:
 
 # %% Preflight, part 2: room on the card for the static pools and the models
 def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
-    """NVML, the driver, each card's room for the largest static share, the split; (checks, NVML)."""
+    """NVML, the driver, each card's room for the static shares and the models, the split; (checks, NVML)."""
     try:
         indices = gpu_indices(cfg)
         nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
@@ -7134,6 +7134,11 @@ def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
     model_config, _ = load_model_config(model_of(cfg, slot))
     weights = weight_bytes(model_config) if model_config else None
     return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
+
+
+def least_share(need: int, total: int) -> float:
+    """The smallest --gpu-memory-utilization, to 2 places, that gives `need` bytes of a `total`-byte card."""
+    return math.ceil(100 * need / total) / 100
 
 
 def check_models_fit(
@@ -7172,7 +7177,7 @@ def check_models_fit(
         for spec in (s for s in servers if not s.kvcached):
             share, need = spec.gpu_memory_utilization or 0, needs[spec.name]
             if share * memory.total < need:
-                least = math.ceil(100 * need / memory.total) / 100
+                least = least_share(need, memory.total)
                 return fail(
                     "models fit",
                     f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
@@ -7208,7 +7213,7 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
                 "static split",
                 f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
                 f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
-                larger_share_fix(cfg, slot, math.ceil(100 * need / total) / 100),
+                larger_share_fix(cfg, slot, least_share(need, total)),
             )
     return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
 

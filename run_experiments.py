@@ -298,6 +298,7 @@ KV_BYTES_START_GATE = 0.2
 
 
 STATIC_SPLIT_TOTAL = 0.90  # of the card, split among the models by the static arm
+A_BELOW_FOR_DERIVED_B = 0.85  # two models, B's share left open (0.90 minus A's): A's below this
 
 
 MAX_STATIC_TOTAL = 0.95  # the most of a card static shares take together (the rest: CUDA contexts, baseline)
@@ -1747,7 +1748,9 @@ def validate_config(cfg: Config) -> Config:
         )
     b_share_derived = not (cfg.pair_utilization_b or cfg.static_shares) and len(slots(cfg)) == 2
     need(
-        cfg.gpu_memory_utilization < 0.85 or not b_share_derived or "shared_static" not in chosen,
+        cfg.gpu_memory_utilization < A_BELOW_FOR_DERIVED_B
+        or not b_share_derived
+        or "shared_static" not in chosen,
         "gpu_memory_utilization",
         "leaves no room for model B in shared_static: lower it below 0.85 (--check says how far, from "
         "model B's size), or give both shares with --static-shares A,B "
@@ -7122,18 +7125,40 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     budget = int(cfg.overload_budget_gib * GIB)
     static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
     checks += [check_card(nvml, i, static) for i in indices]
-    checks += [check for check in [check_models_fit(cfg, nvml, indices[0], experiments, budget)] if check]
-    if any(e.name == "shared_static" for e in experiments):
-        checks.append(check_static_split(cfg, nvml, indices[0]))
-    return checks, nvml
+    return checks + room_checks(cfg, nvml, indices, experiments, budget), nvml
 
 
-def one_request_bytes(cfg: Config, slot: str) -> Optional[int]:
-    """A model's weights and the KV of one --max-model-len request: the least a server of it holds
-    (None where its sizes are unknown)."""
+# Flags after which vLLM's memory is no longer config.json's sizes at 16 bits: the room checks skip.
+RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload-gb --max-model-len".split()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRoom:
+    """The least a server of one model holds: its weights and the KV of one --max-model-len request."""
+
+    weights: int
+    request_kv: int
+
+    @property
+    def least(self) -> int:
+        return self.weights + self.request_kv
+
+
+def model_room(cfg: Config, slot: str) -> tuple[Optional[ModelRoom], str]:
+    """A model's room from its config.json, or (None, why it cannot be told from there)."""
     model_config, _ = load_model_config(model_of(cfg, slot))
     weights = weight_bytes(model_config) if model_config else None
-    return None if weights is None else weights + kv_bytes_per_token(model_config) * cfg.max_model_len
+    if weights is None:
+        return None, f"no sizes for model {slot}'s weights"
+    text = model_config.get("text_config", model_config)
+    if "quantization_config" in model_config or "quantization_config" in text:
+        return None, f"model {slot} is quantized (quantization_config in its config.json)"
+    if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16"):
+        return None, f"model {slot}'s weights are {text['torch_dtype']}: vLLM may load them at 16 bits"
+    resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]
+    if resizing:
+        return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"
+    return ModelRoom(weights, kv_bytes_per_token(model_config) * cfg.max_model_len), ""
 
 
 def least_share(need: int, total: int) -> float:
@@ -7141,62 +7166,110 @@ def least_share(need: int, total: int) -> float:
     return math.ceil(100 * need / total) / 100
 
 
-def check_models_fit(
-    cfg: Config, nvml: Any, index: int, experiments: list[Experiment], budget: int
-) -> Optional[Check]:
-    """A static or sleep-mode server at --gpu-memory-utilization, and the models a kvcached experiment
-    loads together, hold their weights and one --max-model-len request each (else vLLM fails minutes in).
-    shared_static's shares are check_static_split's; a pool of --kv-cache-memory-bytes is sized to fit."""
+def room_checks(
+    cfg: Config, nvml: Any, indices: list[int], experiments: list[Experiment], budget: int
+) -> list[Check]:
+    """Room for each model's weights and one request: its static share (models fit, static split) and beside
+    the models a kvcached experiment loads with it (models fit), on the card with the least free memory."""
+    index = min(indices, key=lambda i: free_bytes(nvml, i))
     memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-    free, needs = memory.total - memory.used, {}
-    split = {
-        (s.name, s.gpu_memory_utilization)
+    split_in_run = any(e.name == "shared_static" for e in experiments)
+    sizes = {}
+    for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
+        sizes[slot], why = model_room(cfg, slot)
+        if sizes[slot] is None:
+            return [warn("models fit", f"not checked: {why}")]
+    lone = lone_static_servers(cfg, experiments, budget)
+    floor = max((least_share(sizes[s.name].least, memory.total) for _, s in lone), default=0.0)
+    minimal = [least_share(sizes[slot].least, memory.total) for slot in slots(cfg)] if split_in_run else []
+    fix = share_flags(cfg, floor, minimal)  # None: no split holds the models; a lone server may still fit
+    lone_fix = fix if fix is not None else f"--gpu-memory-utilization {floor:g}" * (floor <= MAX_STATIC_TOTAL)
+    checks = [check_models_fit(cfg, sizes, memory, index, experiments, lone_fix)]
+    if split_in_run:
+        checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))
+    return [check for check in checks if check]
+
+
+def free_bytes(nvml: Any, index: int) -> int:
+    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    return memory.total - memory.used
+
+
+def lone_static_servers(
+    cfg: Config, experiments: list[Experiment], budget: int
+) -> list[tuple[Experiment, ServerSpec]]:
+    """Static and sleep-mode servers at --gpu-memory-utilization outside shared_static's split (a pool of
+    --kv-cache-memory-bytes is sized to fit)."""
+    return [
+        (e, s)
         for e in experiments
-        if e.name == "shared_static"
+        if e.name != "shared_static"
         for s in e.servers(cfg, budget)
-    }
+        if not s.kvcached and not s.kv_cache_memory_bytes
+    ]
+
+
+def share_flags(cfg: Config, floor: float, minimal: list[float]) -> Optional[str]:
+    """Flags that give every static pool its model's room: --gpu-memory-utilization of at least `floor` (the
+    least a lone static or sleep-mode server needs) and, where shared_static runs, shares of at least
+    `minimal`; None where no share can (more than MAX_STATIC_TOTAL)."""
+    gmu = max(cfg.gpu_memory_utilization, floor)
+    if gmu > MAX_STATIC_TOTAL or shares_total(minimal) > MAX_STATIC_TOTAL:
+        return None
+    raised = [f"--gpu-memory-utilization {gmu:g}"] if gmu > cfg.gpu_memory_utilization else []
+    pair = len(minimal) == 2 and not cfg.static_shares
+    b_derived = pair and not cfg.pair_utilization_b
+    shares = static_shares(dataclasses.replace(cfg, gpu_memory_utilization=gmu)) if minimal else []
+    fits = all(share >= least for share, least in zip(shares, minimal))
+    if fits and shares_total(shares) <= MAX_STATIC_TOTAL and not (b_derived and gmu >= A_BELOW_FOR_DERIVED_B):
+        return " ".join(raised)
+    if pair:
+        a, b = max(gmu, minimal[0]), minimal[1]
+        lowered = round(STATIC_SPLIT_TOTAL - b, 2)
+        if b_derived and max(floor, minimal[0]) <= lowered < A_BELOW_FOR_DERIVED_B:
+            return (
+                f"--gpu-memory-utilization {lowered:g} (model B's share is {STATIC_SPLIT_TOTAL:g} minus it)"
+            )
+        if shares_total([a, b]) <= MAX_STATIC_TOTAL:
+            return f"--gpu-memory-utilization {a:g} --pair-utilization-b {b:g}"
+    return " ".join([*raised, f"--static-shares {','.join(f'{v:g}' for v in minimal)}"])
+
+
+def check_models_fit(
+    cfg: Config, sizes: dict[str, ModelRoom], memory: Any, index: int, experiments: list[Experiment], fix: str
+) -> Optional[Check]:
+    """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights and one
+    --max-model-len request, and the card's free memory the weights of the models a kvcached experiment
+    loads together and one such request; else vLLM fails minutes in. shared_static: check_static_split."""
+    free, budget = memory.total - memory.used, int(cfg.overload_budget_gib * GIB)
     for e in experiments:
-        servers = [
-            s
-            for s in e.servers(cfg, budget)
-            if not s.kv_cache_memory_bytes and (s.kvcached or (s.name, s.gpu_memory_utilization) not in split)
-        ]
-        for spec in servers:
-            needs[spec.name] = needs.get(spec.name) or one_request_bytes(cfg, spec.name)
-            if needs[spec.name] is None:
-                return warn("models fit", f"not checked: no sizes for model {spec.name}'s weights")
-        smaller = f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments"
-        kvcached = {s.name: needs[s.name] for s in servers if s.kvcached}
-        if sum(kvcached.values()) > free:
+        together = {s.name: sizes[s.name] for s in e.servers(cfg, budget) if s.kvcached}
+        need = sum(r.weights for r in together.values()) + max(
+            (r.request_kv for r in together.values()), default=0
+        )
+        if need > free:
             return fail(
                 "models fit",
-                f"{e.name}: the weights and one request of model {' and '.join(kvcached)} take "
-                f"{sum(kvcached.values()) / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
-                smaller,
+                f"{e.name}: the weights of model {' and '.join(together)} and one request take "
+                f"{need / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
+                f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments",
             )
-        for spec in (s for s in servers if not s.kvcached):
-            share, need = spec.gpu_memory_utilization or 0, needs[spec.name]
-            if share * memory.total < need:
-                least = least_share(need, memory.total)
-                return fail(
-                    "models fit",
-                    f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
-                    f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
-                    f"--max-model-len ({need / MIB:,.0f} MiB)",
-                    f"--gpu-memory-utilization {least:g}" if least <= MAX_STATIC_TOTAL else smaller,
-                )
-    return (
-        Check("models fit", True, "each server holds its model's weights and one request") if needs else None
-    )
+    for e, spec in lone_static_servers(cfg, experiments, budget):
+        share, need = spec.gpu_memory_utilization or 0, sizes[spec.name].least
+        if share * memory.total < need:
+            return fail(
+                "models fit",
+                f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
+                f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
+                f"--max-model-len ({need / MIB:,.0f} MiB)",
+                fix or f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments",
+            )
+    return Check("models fit", True, "each server holds its model's weights and one request")
 
 
-def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
+def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], total: int, index: int, fix: str) -> Check:
     """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
-    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total
-    needs = {slot: one_request_bytes(cfg, slot) for slot in slots(cfg)}
-    for slot, need in needs.items():
-        if need is None:
-            return warn("static split", f"not checked: no sizes for model {slot}'s weights")
+    needs = {slot: sizes[slot].least for slot in slots(cfg)}
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
     room = MAX_STATIC_TOTAL * total
     if sum(needs.values()) > room:
@@ -7213,26 +7286,9 @@ def check_static_split(cfg: Config, nvml: Any, index: int) -> Check:
                 "static split",
                 f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
                 f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
-                larger_share_fix(cfg, slot, least_share(need, total)),
+                fix or "name fewer or smaller --models, or a shorter --max-model-len",
             )
     return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
-
-
-def larger_share_fix(cfg: Config, slot: str, least: float) -> str:
-    """How to give a model at least `least` of the card, in the flags that set its share."""
-    if cfg.static_shares or len(slots(cfg)) != 2:
-        return f"give model {slot} at least {least:g} of the card in --static-shares"
-    if slot == "A":
-        return f"give model A at least {least:g} of the card: --gpu-memory-utilization {least:g}"
-    if cfg.pair_utilization_b:
-        return f"give model B at least {least:g} of the card: --pair-utilization-b {least:g}"
-    lower = (
-        f"model B gets {STATIC_SPLIT_TOTAL:g} minus --gpu-memory-utilization: lower that to "
-        f"{round(STATIC_SPLIT_TOTAL - least, 2):g} at most"
-    )
-    if shares_total([cfg.gpu_memory_utilization, least]) > MAX_STATIC_TOTAL:
-        return lower
-    return f"{lower}, or give B its own share with --pair-utilization-b {least:g}"
 
 
 def static_held_at_once(servers: Iterable[ServerSpec]) -> float:

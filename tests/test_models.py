@@ -179,21 +179,88 @@ def test_sleeping_models_take_turns_each_at_the_full_share(three_models_run):
     assert "sleep" in summary["comparison"]["shared"]["figures"]
 
 
-@pytest.mark.parametrize("flags", [["--gpu-memory-utilization", "0.8"], ["--gpu-memory-utilization", "0.74"]])
-def test_a_share_too_small_for_model_b_names_a_value_that_passes(flags, fake_gpu, tmp_path, capsys):
-    """Two models, B's share derived as 0.90 minus A's: the fix names the value to use, and it passes."""
-    args = in_process_args(tmp_path / "r", "--check", "--experiments", "4")
-    assert rx.main([*args, *flags], nvml_module=fake_gpu) == 1
-    fix = next(line for line in capsys.readouterr().out.splitlines() if "fix: model B gets 0.9 minus" in line)
-    most_a = re.search(r"lower that to ([0-9.]+) at most", fix).group(1)
-    pair_b = re.search(r"--pair-utilization-b ([0-9.]+)", fix)
-    assert bool(pair_b) == (flags[1] == "0.74"), "B's own share is offered only where the pair fits in 0.95"
-    fixes = [["--gpu-memory-utilization", most_a]]
-    if pair_b:
-        fixes.append([*flags, "--pair-utilization-b", pair_b.group(1)])
-    for fixed in fixes:
-        rx.main([*args, *fixed], nvml_module=fake_gpu)
-        assert "✓ static split" in capsys.readouterr().out, fixed
+ROOM_FAILURE = re.compile(r"✗ (?:models fit|static split): .*\n +fix: (.*)")
+
+
+def room_fix(out: str) -> list[str]:
+    """The flags the first failed room check names as its fix ([] where it names none)."""
+    failed = ROOM_FAILURE.search(out)
+    assert failed, out
+    return [part for flag in re.findall(r"--[a-z-]+ [0-9.,]+", failed.group(1)) for part in flag.split()]
+
+
+@pytest.mark.parametrize(
+    "card_mib, flags",
+    [
+        (16384, ["--experiments", "4", "--gpu-memory-utilization", "0.8"]),  # B's 0.90 - A's too small
+        (16384, ["--experiments", "4", "--pair-utilization-b", "0.1"]),
+        (24576, ["--model-b", "7b"]),  # shared_sleep's B at A's share, shared_static's B at 0.90 - A's
+        (24576, ["--model-b", "7b", "--experiments", "4", "--pair-utilization-b", "0.3"]),
+        (
+            24576,
+            [
+                "--model-a",
+                "7b",
+                "--experiments",
+                "4",
+                "--gpu-memory-utilization",
+                "0.3",
+                "--pair-utilization-b",
+                "0.6",
+            ],
+        ),
+        (24576, ["--models", "Qwen/Qwen2.5-0.5B-Instruct,7b,Qwen/Qwen2.5-1.5B-Instruct"]),
+    ],
+)
+def test_the_room_checks_fix_names_flags_that_pass_them(
+    card_mib, flags, fake_gpu, tmp_path, monkeypatch, capsys
+):
+    """A static share too small for its model: the fix names flags, and with them every check passes
+    (before, the static-arm and split checks could each undo the other's advice)."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", str(card_mib))
+    seven_b = model_folder(tmp_path / "7b", SEVEN_B)
+    flags = [re.sub(r"(?<![\w.])7b(?![\w.])", seven_b, flag) for flag in flags]
+    args = in_process_args(tmp_path / "r", "--check", *flags)
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    fix = room_fix(capsys.readouterr().out)
+    assert fix, "the fix names flags"
+    assert rx.main([*args, *fix], nvml_module=fake_gpu) == 0, (fix, capsys.readouterr())
+
+
+def test_a_lone_static_server_is_told_its_share_where_no_split_holds_both_models(fake_gpu, tmp_path, capsys):
+    """A 14 GiB model A on a 16 GiB card: the static arm runs at 0.9, shared_static cannot run at all."""
+    seven_b = model_folder(tmp_path / "7b", SEVEN_B)
+    args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b, "--experiments", "2,4")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "leave shared_static out of --experiments" in out and room_fix(out) == [
+        "--gpu-memory-utilization",
+        "0.9",
+    ]
+    assert (
+        rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", "0.9"], nvml_module=fake_gpu) == 0
+    )
+
+
+def test_a_quantized_model_or_resizing_server_flags_are_not_sized_from_config_json(
+    fake_gpu, tmp_path, capsys
+):
+    """config.json's sizes at 16 bits would refuse a 4-bit 7B model at the static arm's 0.55 of 16 GiB."""
+    awq = model_folder(
+        tmp_path / "awq", {**SEVEN_B, "quantization_config": {"bits": 4, "quant_method": "awq"}}
+    )
+    args = in_process_args(tmp_path / "r", "--check", "--model-a", awq, "--experiments", "2")
+    assert rx.main(args, nvml_module=fake_gpu) == 0
+    assert "! models fit: not checked: model A is quantized" in capsys.readouterr().out
+    seven_b = model_folder(tmp_path / "7b", SEVEN_B)
+    args = in_process_args(tmp_path / "s", "--check", "--model-a", seven_b, "--experiments", "2")
+    assert (
+        rx.main(
+            [*args, "--extra-server-args", "--kv-cache-dtype fp8 --quantization fp8"], nvml_module=fake_gpu
+        )
+        == 0
+    )
+    assert "! models fit: not checked: --extra-server-args sets --kv-cache-dtype" in capsys.readouterr().out
 
 
 def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_preflight(
@@ -212,10 +279,10 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     )
     assert "✓ models fit" in capsys.readouterr().out
     assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 0, "its KV pools fit"
-    assert "models fit" not in capsys.readouterr().out
+    assert "✗ models fit" not in capsys.readouterr().out
     assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
     assert (
-        "✗ models fit: shared_kvcached: the weights and one request of model A and B take"
+        "✗ models fit: shared_kvcached: the weights of model A and B and one request take"
         in capsys.readouterr().out
     )
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"

@@ -7182,9 +7182,11 @@ def room_checks(
     lone = lone_static_servers(cfg, experiments, budget)
     floor = max((least_share(sizes[s.name].least, memory.total) for _, s in lone), default=0.0)
     minimal = [least_share(sizes[slot].least, memory.total) for slot in slots(cfg)] if split_in_run else []
-    fix = share_flags(cfg, floor, minimal)  # None: no split holds the models; a lone server may still fit
-    lone_fix = fix if fix is not None else f"--gpu-memory-utilization {floor:g}" * (floor <= MAX_STATIC_TOTAL)
-    checks = [check_models_fit(cfg, sizes, memory, index, experiments, lone_fix)]
+    fix = share_flags(cfg, floor, minimal)
+    lone_fix = fix  # where no split holds the models, a lone server may still get its share
+    if fix is None and floor <= MAX_STATIC_TOTAL:
+        lone_fix = f"--gpu-memory-utilization {floor:g}"
+    checks = [check_models_fit(cfg, sizes, memory, index, experiments, lone_fix or "")]
     if split_in_run:
         checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))
     return [check for check in checks if check]

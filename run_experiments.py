@@ -7183,9 +7183,10 @@ def room_checks(
     floor = max((least_share(sizes[s.name].least, memory.total) for _, s in lone), default=0.0)
     minimal = [least_share(sizes[slot].least, memory.total) for slot in slots(cfg)] if split_in_run else []
     fix = share_flags(cfg, floor, minimal)
-    lone_fix = fix  # where no split holds the models, a lone server may still get its share
+    lone_fix = fix  # where no split holds the models, a lone server may still get its share without it
     if fix is None and floor <= MAX_STATIC_TOTAL:
-        lone_fix = f"--gpu-memory-utilization {floor:g}"
+        without_split = ", with shared_static left out of --experiments (no split holds every model)"
+        lone_fix = f"--gpu-memory-utilization {floor:g}{without_split if split_in_run else ''}"
     checks = [check_models_fit(cfg, sizes, memory, index, experiments, lone_fix or "")]
     if split_in_run:
         checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))

@@ -186,7 +186,7 @@ def room_fix(out: str) -> list[str]:
     """The flags the first failed room check names as its fix ([] where it names none)."""
     failed = ROOM_FAILURE.search(out)
     assert failed, out
-    return [part for flag in re.findall(r"--[a-z-]+ [0-9.,]+", failed.group(1)) for part in flag.split()]
+    return [part for flag in re.findall(r"--[a-z-]+ [0-9.]+(?:,[0-9.]+)*", failed.group(1)) for part in flag.split()]
 
 
 @pytest.mark.parametrize(
@@ -286,3 +286,16 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
         in capsys.readouterr().out
     )
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
+
+
+def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_static_out(
+    fake_gpu, tmp_path, capsys
+):
+    """A 14 GiB model B on 16 GiB: its sleep-mode server runs at 0.9, which shared_static's split (B's share
+    0.90 minus A's) would refuse; the fix says to leave shared_static out, and then it holds."""
+    args = in_process_args(tmp_path / "r", "--check", "--model-b", model_folder(tmp_path / "7b", SEVEN_B))
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "fix: --gpu-memory-utilization 0.9, with shared_static left out of --experiments" in out
+    without_split = ["--experiments", "1,2,3,5,6,7", *room_fix(out)]
+    assert rx.main([*args, *without_split], nvml_module=fake_gpu) == 0, capsys.readouterr()

@@ -578,15 +578,6 @@ def run_experiment(
         trial.close()
 
 
-def record_servers(record: "ExperimentRecord", servers: list["RunningServer"], before: set) -> None:
-    """The experiment's servers, and where each one's log stands: its lines from here on are this
-    experiment's (a reused server's log holds the earlier experiments' too)."""
-    record.servers = [
-        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
-    ]
-    record.reused = [s.spec.label for s in servers if s.spec.key in before]
-
-
 # %% main(): resolve the config, open the run folder, run the table, report
 @dataclasses.dataclass
 class Lane:
@@ -984,6 +975,15 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
 def omitted_if_none() -> Any:
     """A record field left out of the JSON when it is None (a section that does not apply)."""
     return dataclasses.field(default=None, metadata={"omit_if_none": True})
+
+
+def record_servers(record: "ExperimentRecord", servers: list["RunningServer"], before: set) -> None:
+    """The experiment's servers, and where each one's log stands: its lines from here on are this
+    experiment's (a reused server's log holds the earlier experiments' too)."""
+    record.servers = [
+        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
+    ]
+    record.reused = [s.spec.label for s in servers if s.spec.key in before]
 
 
 def to_json(obj: Any) -> Any:

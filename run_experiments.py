@@ -7196,10 +7196,10 @@ def room_checks(
     if fix is None and floor <= MAX_STATIC_TOTAL:
         without_split = ", with shared_static left out of --experiments (no split holds every model)"
         lone_fix = f"--gpu-memory-utilization {floor:g}{without_split if split_in_run else ''}"
-    checks = [check_models_fit(cfg, sizes, memory, index, experiments, lone_fix or "")]
+    checks = [check_models_fit(cfg, sizes, memory, index, experiments, budget, lone_fix or "")]
     if split_in_run:
         checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))
-    return [check for check in checks if check]
+    return checks
 
 
 def free_bytes(nvml: Any, index: int) -> int:
@@ -7248,12 +7248,18 @@ def share_flags(cfg: Config, floor: float, minimal: list[float]) -> Optional[str
 
 
 def check_models_fit(
-    cfg: Config, sizes: dict[str, ModelRoom], memory: Any, index: int, experiments: list[Experiment], fix: str
-) -> Optional[Check]:
+    cfg: Config,
+    sizes: dict[str, ModelRoom],
+    memory: Any,
+    index: int,
+    experiments: list[Experiment],
+    budget: int,
+    fix: str,
+) -> Check:
     """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights and one
     --max-model-len request, and the card's free memory the weights of the models a kvcached experiment
     loads together and one such request; else vLLM fails minutes in. shared_static: check_static_split."""
-    free, budget = memory.total - memory.used, int(cfg.overload_budget_gib * GIB)
+    free = memory.total - memory.used
     for e in experiments:
         together = {s.name: sizes[s.name] for s in e.servers(cfg, budget) if s.kvcached}
         need = sum(r.weights for r in together.values()) + max(

@@ -7178,8 +7178,8 @@ def room_checks(
 ) -> list[Check]:
     """Room for each model's weights and one request: its static share (models fit, static split) and beside
     the models a kvcached experiment loads with it (models fit), on the card with the least free memory."""
-    index = min(indices, key=lambda i: free_bytes(nvml, i))
-    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
+    index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
     for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
@@ -7200,11 +7200,6 @@ def room_checks(
     if split_in_run:
         checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))
     return checks
-
-
-def free_bytes(nvml: Any, index: int) -> int:
-    memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-    return memory.total - memory.used
 
 
 def lone_static_servers(
@@ -7270,7 +7265,7 @@ def check_models_fit(
                 "models fit",
                 f"{e.name}: the weights of model {' and '.join(together)} and one request take "
                 f"{need / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
-                f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments",
+                smaller_fix(e.name),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):
         share, need = spec.gpu_memory_utilization or 0, sizes[spec.name].least
@@ -7280,9 +7275,13 @@ def check_models_fit(
                 f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
                 f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
                 f"--max-model-len ({need / MIB:,.0f} MiB)",
-                fix or f"a smaller model, a shorter --max-model-len, or leave {e.name} out of --experiments",
+                fix or smaller_fix(e.name),
             )
     return Check("models fit", True, "each server holds its model's weights and one request")
+
+
+def smaller_fix(experiment: str) -> str:
+    return f"a smaller model, a shorter --max-model-len, or leave {experiment} out of --experiments"
 
 
 def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], total: int, index: int, fix: str) -> Check:

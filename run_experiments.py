@@ -7161,11 +7161,57 @@ def model_room(cfg: Config, slot: str) -> tuple[Optional[ModelRoom], str]:
     return ModelRoom(weights, kv_bytes_per_token(model_config) * cfg.max_model_len), ""
 
 
-# What vLLM 0.24 holds within its --gpu-memory-utilization besides the weights and the KV pool (its memory
-# profiling's activations at 8,192 batched tokens, non-torch memory): 2.39, 2.41 and 2.52 GiB for
-# Qwen2.5-0.5B, 1.5B and 7B on an H100, where each failed at a share without it. The room checks refuse
-# only what cannot hold the weights and one request; a share they advise leaves this much beside those.
-VLLM_WORKSPACE_BYTES = int(2.5 * GIB)
+@dataclasses.dataclass(frozen=True)
+class VllmOverhead:
+    """What vLLM 0.24 (--enforce-eager) holds beyond a model's weights and KV at one batch size: measured on
+    an H100 for Qwen2.5-0.5B, 1.5B and 7B, the smaller batch by passing vLLM's small-card defaults
+    (results/REFERENCE.md, "vLLM's own memory at each batch size"). The least refuses; the most is what an
+    advised share leaves. Another card's CUDA context may differ by some hundred MiB."""
+
+    batched_tokens: int  # vLLM's --max-num-batched-tokens, which sizes its memory profiling's activations
+    workspace_least: int  # within --gpu-memory-utilization: those activations and non-torch memory
+    workspace_most: int
+    kvcached_rest: int  # the least a kvcached server holds beside weights and KV pages (its CUDA context too)
+
+
+VLLM_OVERHEADS = (
+    VllmOverhead(2048, int(0.85 * GIB), int(0.97 * GIB), 1586 * MIB),
+    VllmOverhead(8192, int(2.39 * GIB), int(2.55 * GIB), 3174 * MIB),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CardRoom:
+    """The card the room checks size against (the one with the least free memory) and what vLLM holds on it
+    beyond weights and KV."""
+
+    index: int
+    total: int
+    free: int
+    overhead: VllmOverhead
+
+    def static_need(self, room: ModelRoom) -> int:
+        """The least share, in bytes, in which vLLM starts: weights, one request and its workspace."""
+        return room.least + self.overhead.workspace_least
+
+
+def vllm_overhead(cfg: Config, total: int, card_name: str) -> VllmOverhead:
+    """vLLM's API server batches 8,192 tokens on a card of 70 GiB or more (an A100 excepted) and 2,048 on a
+    smaller one, unless --extra-server-args sets --max-num-batched-tokens; more than 8,192 holds more."""
+    given = extra_server_value(cfg, "--max-num-batched-tokens")
+    large_card = total >= 70 * GIB and "a100" not in card_name.lower()
+    tokens = int(given) if given and given.isdigit() else 8192 if large_card else 2048
+    return next((o for o in VLLM_OVERHEADS if tokens <= o.batched_tokens), VLLM_OVERHEADS[-1])
+
+
+def extra_server_value(cfg: Config, flag: str) -> Optional[str]:
+    """The value --extra-server-args gives `flag` last (`--flag V` or `--flag=V`); None where it is unset."""
+    args, value = shlex.split(cfg.extra_server_args), None
+    for arg, following in zip(args, [*args[1:], ""]):
+        name, equals, inline = arg.partition("=")
+        if name == flag:
+            value = inline if equals else following
+    return value
 
 
 def least_share(need: int, total: int) -> float:
@@ -7178,8 +7224,7 @@ def room_checks(
 ) -> list[Check]:
     """Room for each model's weights and one request: its static share (models fit, static split) and beside
     the models a kvcached experiment loads with it (models fit), on the card with the least free memory."""
-    cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
-    index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
+    card = least_free_card(cfg, nvml, indices)
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
     for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
@@ -7187,7 +7232,8 @@ def room_checks(
         if sizes[slot] is None:
             return [warn("models fit", f"not checked: {why}")]
     advised = {
-        slot: least_share(room.least + VLLM_WORKSPACE_BYTES, memory.total) for slot, room in sizes.items()
+        slot: least_share(room.least + card.overhead.workspace_most, card.total)
+        for slot, room in sizes.items()
     }
     floor = max((advised[s.name] for _, s in lone_static_servers(cfg, experiments, budget)), default=0.0)
     minimal = [advised[slot] for slot in slots(cfg)] if split_in_run else []
@@ -7196,10 +7242,18 @@ def room_checks(
     if fix is None and floor <= MAX_STATIC_TOTAL:
         without_split = ", with shared_static left out of --experiments (no split holds every model)"
         lone_fix = f"--gpu-memory-utilization {floor:g}{without_split if split_in_run else ''}"
-    checks = [check_models_fit(cfg, sizes, memory, index, experiments, budget, lone_fix or "")]
+    checks = [check_models_fit(cfg, sizes, card, experiments, budget, lone_fix or "")]
     if split_in_run:
-        checks.append(check_static_split(cfg, sizes, memory.total, index, fix or ""))
+        checks.append(check_static_split(cfg, sizes, card, fix or ""))
     return checks
+
+
+def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
+    cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
+    index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
+    name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
+    overhead = vllm_overhead(cfg, memory.total, name.decode() if isinstance(name, bytes) else name)
+    return CardRoom(index, memory.total, memory.total - memory.used, overhead)
 
 
 def lone_static_servers(
@@ -7245,67 +7299,71 @@ def share_flags(cfg: Config, floor: float, minimal: list[float]) -> Optional[str
 def check_models_fit(
     cfg: Config,
     sizes: dict[str, ModelRoom],
-    memory: Any,
-    index: int,
+    card: CardRoom,
     experiments: list[Experiment],
     budget: int,
     fix: str,
 ) -> Check:
-    """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights and one
-    --max-model-len request, and the card's free memory the weights of the models a kvcached experiment
-    loads together and one such request; else vLLM fails minutes in. shared_static: check_static_split."""
-    free = memory.total - memory.used
+    """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights, one
+    --max-model-len request and vLLM's workspace; the card's free memory holds the models a kvcached
+    experiment loads together, each server's own rest and one request; else vLLM fails minutes in.
+    shared_static: check_static_split."""
+    rest = card.overhead.kvcached_rest
     for e in experiments:
         together = {s.name: sizes[s.name] for s in e.servers(cfg, budget) if s.kvcached}
-        need = sum(r.weights for r in together.values()) + max(
-            (r.request_kv for r in together.values()), default=0
-        )
-        if need > free:
+        need = sum(r.weights + rest for r in together.values())
+        need += max((r.request_kv for r in together.values()), default=0)
+        if need > card.free:
             return fail(
                 "models fit",
-                f"{e.name}: the weights of model {' and '.join(together)} and one request take "
-                f"{need / MIB:,.0f} MiB; GPU {index} has {free / MIB:,.0f} MiB free",
+                f"{e.name}: the weights of model {', '.join(together)}, {rest / MIB:,.0f} MiB beside each "
+                f"(vLLM's CUDA context and workspace) and one request take {need / MIB:,.0f} MiB; GPU "
+                f"{card.index} has {card.free / MIB:,.0f} MiB free",
                 smaller_fix(e.name),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):
-        share, need = spec.gpu_memory_utilization or 0, sizes[spec.name].least
-        if share * memory.total < need:
+        share, need = spec.gpu_memory_utilization or 0, card.static_need(sizes[spec.name])
+        if share * card.total < need:
             return fail(
                 "models fit",
                 f"{e.name}: model {spec.name} at --gpu-memory-utilization {share:g} "
-                f"({share * memory.total / MIB:,.0f} MiB) cannot hold its weights and one request of "
-                f"--max-model-len ({need / MIB:,.0f} MiB)",
+                f"({share * card.total / MIB:,.0f} MiB) cannot hold its weights, one request of "
+                f"--max-model-len and vLLM's workspace ({need / MIB:,.0f} MiB)",
                 fix or smaller_fix(e.name),
             )
-    return Check("models fit", True, "each server holds its model's weights and one request")
+    return Check("models fit", True, "each server holds its model's weights, one request and vLLM's own")
 
 
 def smaller_fix(experiment: str) -> str:
     return f"a smaller model, a shorter --max-model-len, or leave {experiment} out of --experiments"
 
 
-def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], total: int, index: int, fix: str) -> Check:
-    """Each share holds its weights and a --max-model-len request; all fit (else vLLM refuses minutes in)."""
-    needs = {slot: sizes[slot].least for slot in slots(cfg)}
+def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom, fix: str) -> Check:
+    """Each share holds its weights, a --max-model-len request and vLLM's workspace; all fit (else vLLM
+    refuses minutes in)."""
+    needs = {slot: card.static_need(sizes[slot]) for slot in slots(cfg)}
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
-    room = MAX_STATIC_TOTAL * total
+    room = MAX_STATIC_TOTAL * card.total
     if sum(needs.values()) > room:
         return fail(
             "static split",
-            f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights and one "
-            f"request each ({shown} MiB); {MAX_STATIC_TOTAL:g} of GPU {index} is {room / MIB:,.0f} MiB",
+            f"{len(needs)} models need {sum(needs.values()) / MIB:,.0f} MiB for their weights, one request "
+            f"and vLLM's workspace each ({shown} MiB); {MAX_STATIC_TOTAL:g} of GPU {card.index} is "
+            f"{room / MIB:,.0f} MiB",
             "name fewer or smaller --models, a shorter --max-model-len, or leave shared_static out of "
             "--experiments",
         )
     for (slot, need), share in zip(needs.items(), static_shares(cfg)):
-        if share * total < need:
+        if share * card.total < need:
             return fail(
                 "static split",
-                f"model {slot}'s share {share:g} ({share * total / MIB:,.0f} MiB) cannot hold its weights "
-                f"and one request of --max-model-len ({need / MIB:,.0f} MiB)",
+                f"model {slot}'s share {share:g} ({share * card.total / MIB:,.0f} MiB) cannot hold its "
+                f"weights, one request of --max-model-len and vLLM's workspace ({need / MIB:,.0f} MiB)",
                 fix or "name fewer or smaller --models, or a shorter --max-model-len",
             )
-    return Check("static split", True, f"each share holds its model's weights and one request ({shown} MiB)")
+    return Check(
+        "static split", True, f"each share holds its model, one request and vLLM's own ({shown} MiB)"
+    )
 
 
 def static_held_at_once(servers: Iterable[ServerSpec]) -> float:

@@ -182,9 +182,9 @@ def test_sleeping_models_take_turns_each_at_the_full_share(three_models_run):
 ROOM_FAILURE = re.compile(r"✗ (?:models fit|static split): .*\n +fix: (.*)")
 
 
-def room_fix(out: str) -> list[str]:
+def room_fix(out: str, experiments: str = "1,2,3,4,5,6,7") -> list[str]:
     """The flags the first failed room check names as its fix ([] where it names none), with shared_static
-    left out of the experiments where the fix says so."""
+    (4) left out of `experiments` where the fix says so."""
     failed = ROOM_FAILURE.search(out)
     assert failed, out
     flags = [
@@ -192,7 +192,8 @@ def room_fix(out: str) -> list[str]:
         for flag in re.findall(r"--[a-z-]+ [0-9.]+(?:,[0-9.]+)*", failed.group(1))
         for part in flag.split()
     ]
-    without_split = ["--experiments", "1,2,3,5,6,7"] if "shared_static left out" in failed.group(1) else []
+    others = ",".join(e for e in experiments.split(",") if e != "4")
+    without_split = ["--experiments", others] if "shared_static left out" in failed.group(1) else []
     return flags + without_split
 
 
@@ -216,7 +217,15 @@ def room_fix(out: str) -> list[str]:
                 "0.6",
             ],
         ),
-        (24576, ["--models", "Qwen/Qwen2.5-0.5B-Instruct,7b,Qwen/Qwen2.5-1.5B-Instruct"]),
+        (  # under kvcached the three with each server's own rest do not fit 24 GiB
+            24576,
+            [
+                "--models",
+                "Qwen/Qwen2.5-0.5B-Instruct,7b,Qwen/Qwen2.5-1.5B-Instruct",
+                "--experiments",
+                "2,4,6,7",
+            ],
+        ),
     ],
 )
 def test_the_room_checks_fix_names_flags_that_pass_them(
@@ -229,7 +238,8 @@ def test_the_room_checks_fix_names_flags_that_pass_them(
     flags = [re.sub(r"(?<![\w.])7b(?![\w.])", seven_b, flag) for flag in flags]
     args = in_process_args(tmp_path / "r", "--check", *flags)
     assert rx.main(args, nvml_module=fake_gpu) == 1
-    fix = room_fix(capsys.readouterr().out)
+    given = flags[flags.index("--experiments") + 1] if "--experiments" in flags else "1,2,3,4,5,6,7"
+    fix = room_fix(capsys.readouterr().out, given)
     assert fix, "the fix names flags"
     assert rx.main([*args, *fix], nvml_module=fake_gpu) == 0, (fix, capsys.readouterr())
 
@@ -280,7 +290,8 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     out = capsys.readouterr().out
     assert "✗ models fit: static: model A at --gpu-memory-utilization 0.5 (12,288 MiB) cannot hold" in out
     share = re.search(r"fix: --gpu-memory-utilization ([0-9.]+)", out).group(1)
-    assert float(share) * 24576 >= 14637 + 2.5 * 1024, "weights, one request and vLLM's workspace"
+    workspace = rx.VLLM_OVERHEADS[0].workspace_most / rx.MIB  # a 24 GiB card batches 2,048 tokens
+    assert float(share) * 24576 >= 14637 + workspace, "weights, one request and vLLM's workspace"
     assert (
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
     )
@@ -288,10 +299,7 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 0, "its KV pools fit"
     assert "✗ models fit" not in capsys.readouterr().out
     assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
-    assert (
-        "✗ models fit: shared_kvcached: the weights of model A and B and one request take"
-        in capsys.readouterr().out
-    )
+    assert "✗ models fit: shared_kvcached: the weights of model A, B, " in capsys.readouterr().out
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
 
 
@@ -306,5 +314,59 @@ def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_stat
     args = in_process_args(tmp_path / "r", *args)
     assert rx.main(args, nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
-    assert "fix: --gpu-memory-utilization 0.7, with shared_static left out of --experiments" in out
+    share = rx.least_share(14637 * rx.MIB + rx.VLLM_OVERHEADS[0].workspace_most, 24 * rx.GIB)
+    assert f"fix: --gpu-memory-utilization {share:g}, with shared_static left out of --experiments" in out
     assert rx.main([*args, *room_fix(out)[:2], "--experiments", "2,6"], nvml_module=fake_gpu) == 0
+
+
+@pytest.mark.parametrize(
+    "total_gib, name, extra, tokens",
+    [
+        (16, "Tesla T4", "", 2048),
+        (80, "NVIDIA H100 80GB HBM3", "", 8192),
+        (80, "NVIDIA A100-SXM4-80GB", "", 2048),  # vLLM keeps an A100 at the smaller batch
+        (141, "NVIDIA H200", "--max-num-batched-tokens 1024", 2048),
+        (16, "Tesla T4", "--enforce-eager --max-num-batched-tokens=8192", 8192),
+    ],
+)
+def test_vllms_own_memory_follows_the_batch_it_picks_for_the_card(total_gib, name, extra, tokens):
+    cfg = rx.Config(extra_server_args=extra)
+    assert rx.vllm_overhead(cfg, total_gib * rx.GIB, name).batched_tokens == tokens
+
+
+def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_is_refused(
+    fake_gpu, tmp_path, capsys
+):
+    """vLLM fails such a share minutes in ("Available KV cache memory: -0.93 GiB" for the 0.5B model at
+    0.03 of an H100); the preflight now refuses it, and the share it advises passes."""
+    half_b = model_folder(tmp_path / "m", {**SEVEN_B, "num_hidden_layers": 4, "hidden_size": 896})
+    args = in_process_args(tmp_path / "r", "--check", "--model-a", half_b, "--experiments", "2")
+    room, _ = rx.model_room(rx.Config(model_a=half_b), "A")
+    card, overhead = 16 * rx.GIB, rx.VLLM_OVERHEADS[0]
+    between = rx.least_share(room.least, card)
+    assert between * card < room.least + overhead.workspace_least, "the share holds no workspace"
+    assert rx.main([*args, "--gpu-memory-utilization", str(between)], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "one request of --max-model-len and vLLM's workspace" in out
+    advised = room_fix(out, "2")
+    assert float(advised[1]) * card >= room.least + overhead.workspace_most
+    assert rx.main([*args, *advised], nvml_module=fake_gpu) == 0
+
+
+def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fake_gpu, tmp_path, capsys):
+    """Each kvcached server holds its CUDA context and workspace beside its weights (1.5 GiB at 2,048 tokens):
+    three models whose weights and one request fit the card but not with that are refused before launch."""
+    rest, free = rx.VLLM_OVERHEADS[0].kvcached_rest, (16384 - 400) * rx.MIB  # the fake card's baseline
+    for layers in range(1, 200):  # the deepest model whose three copies' weights and one request fit
+        shape = {**SEVEN_B, "num_hidden_layers": layers, "hidden_size": 896, "intermediate_size": 4864}
+        room, _ = rx.model_room(rx.Config(model_a=model_folder(tmp_path / str(layers), shape)), "A")
+        if 3 * room.weights + room.request_kv > free:
+            break
+        model, fits = str(tmp_path / str(layers)), room
+    assert 3 * (fits.weights + rest) > free, "but not with each server's own memory"
+    models = ",".join([model] * 3)
+    args = in_process_args(tmp_path / "r", "--check", "--models", models, "--experiments", "3")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert (
+        f"{rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)" in capsys.readouterr().out
+    )

@@ -207,6 +207,8 @@ def make_parser():
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--tokenizer")
     p.add_argument("--api-key")

@@ -3866,18 +3866,19 @@ def load_nvml(module: Any = None) -> Any:
     return module
 
 
+def nvml_text(value: Any) -> Any:
+    """NVML's strings: bytes from older bindings, str from newer ones."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def gpu_facts(nvml: Any, index: int) -> dict:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-
-    def decode(value: Any) -> Any:
-        return value.decode() if isinstance(value, bytes) else value
-
     facts = {
         "index": index,
-        "name": decode(nvml.nvmlDeviceGetName(handle)),
-        "driver": decode(nvml.nvmlSystemGetDriverVersion()),
-        "uuid": decode(nvml.nvmlDeviceGetUUID(handle)),
+        "name": nvml_text(nvml.nvmlDeviceGetName(handle)),
+        "driver": nvml_text(nvml.nvmlSystemGetDriverVersion()),
+        "uuid": nvml_text(nvml.nvmlDeviceGetUUID(handle)),
         "total_mib": mem.total / MIB,
         "used_mib_at_start": mem.used / MIB,
         "free_mib_at_start": (mem.total - mem.used) / MIB,
@@ -6925,7 +6926,7 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
         driver = nvml.nvmlSystemGetDriverVersion()
     except Exception as exc:
         return fail("driver", f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver")
-    driver = driver.decode() if isinstance(driver, bytes) else driver
+    driver = nvml_text(driver)
     have = (raw // 1000, raw % 1000 // 10)
     shown = f"driver {driver} supports CUDA {shown_release(have)}"
     if torch_cuda is None:
@@ -7120,7 +7121,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
         )
         return [fail("nvml", str(exc).split(". ")[0], fix)], None
     names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-    shown = "; ".join(f"GPU {i}: {n.decode() if isinstance(n, bytes) else n}" for i, n in zip(indices, names))
+    shown = "; ".join(f"GPU {i}: {nvml_text(n)}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
     budget = int(cfg.overload_budget_gib * GIB)
     static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
@@ -7222,8 +7223,9 @@ def least_share(need: int, total: int) -> float:
 def room_checks(
     cfg: Config, nvml: Any, indices: list[int], experiments: list[Experiment], budget: int
 ) -> list[Check]:
-    """Room for each model's weights and one request: its static share (models fit, static split) and beside
-    the models a kvcached experiment loads with it (models fit), on the card with the least free memory."""
+    """Room for each model's weights, one request and vLLM's own memory: in its static share (models fit,
+    static split) and beside the models a kvcached experiment loads with it (models fit), on the card with
+    the least free memory."""
     card = least_free_card(cfg, nvml, indices)
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
@@ -7252,7 +7254,7 @@ def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
     cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
     index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
-    overhead = vllm_overhead(cfg, memory.total, name.decode() if isinstance(name, bytes) else name)
+    overhead = vllm_overhead(cfg, memory.total, nvml_text(name))
     return CardRoom(index, memory.total, memory.total - memory.used, overhead)
 
 

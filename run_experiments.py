@@ -7190,6 +7190,7 @@ class CardRoom:
     total: int
     free: int
     overhead: VllmOverhead
+    kvcached_headroom: int  # what kvcached leaves unmapped: it maps KV pages only while more is free
 
     def static_need(self, room: ModelRoom) -> int:
         """The least share, in bytes, in which vLLM starts: weights, one request and its workspace."""
@@ -7255,7 +7256,18 @@ def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
     index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
     overhead = vllm_overhead(cfg, memory.total, nvml_text(name))
-    return CardRoom(index, memory.total, memory.total - memory.used, overhead)
+    headroom = int(memory.total * (1 - kvcached_gpu_utilization(cfg)))
+    return CardRoom(index, memory.total, memory.total - memory.used, overhead, headroom)
+
+
+def kvcached_gpu_utilization(cfg: Config) -> float:
+    """kvcached 0.1.6 maps a KV page only while (1 - KVCACHED_GPU_UTILIZATION) of the card stays free
+    (0.95 by default); a server that cannot map one waits, and its requests with it."""
+    value = (os.environ | parse_env_pairs(cfg.kvcached_env)).get("KVCACHED_GPU_UTILIZATION", "0.95")
+    try:
+        return min(max(float(value), 0.0), 1.0)
+    except ValueError:
+        return 0.95
 
 
 def lone_static_servers(
@@ -7307,20 +7319,22 @@ def check_models_fit(
     fix: str,
 ) -> Check:
     """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights, one
-    --max-model-len request and vLLM's workspace; the card's free memory holds the models a kvcached
-    experiment loads together, each server's own rest and one request; else vLLM fails minutes in.
+    --max-model-len request and vLLM's workspace, else vLLM fails minutes in. The card's free memory, less
+    what kvcached keeps unused, holds the models a kvcached experiment loads together, each server's own
+    rest and one request, else a server's requests wait for KV memory that never comes.
     shared_static: check_static_split."""
     rest = card.overhead.kvcached_rest
     for e in experiments:
         together = {s.name: sizes[s.name] for s in e.servers(cfg, budget) if s.kvcached}
         need = sum(r.weights + rest for r in together.values())
         need += max((r.request_kv for r in together.values()), default=0)
-        if need > card.free:
+        if need > card.free - card.kvcached_headroom:
             return fail(
                 "models fit",
                 f"{e.name}: the weights of model {', '.join(together)}, {rest / MIB:,.0f} MiB beside each "
                 f"(vLLM's CUDA context and workspace) and one request take {need / MIB:,.0f} MiB; GPU "
-                f"{card.index} has {card.free / MIB:,.0f} MiB free",
+                f"{card.index} has {card.free / MIB:,.0f} MiB free, of which kvcached keeps "
+                f"{card.kvcached_headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)",
                 smaller_fix(e.name),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):

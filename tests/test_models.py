@@ -353,20 +353,43 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
     assert rx.main([*args, *advised], nvml_module=fake_gpu) == 0
 
 
+def deepest_model(tmp_path: Path, free: int, rest: int) -> tuple[str, "rx.ModelRoom"]:
+    """The deepest small model whose three copies' weights, `rest` beside each and one request fit `free`."""
+    deepest = None
+    for layers in range(1, 200):
+        shape = {**SEVEN_B, "num_hidden_layers": layers, "hidden_size": 896, "intermediate_size": 4864}
+        folder = model_folder(tmp_path / str(layers), shape)
+        room, _ = rx.model_room(rx.Config(model_a=folder), "A")
+        if 3 * (room.weights + rest) + room.request_kv > free:
+            assert deepest, "even one layer is too deep"
+            return deepest
+        deepest = folder, room
+    raise AssertionError("no model is too deep")
+
+
 def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fake_gpu, tmp_path, capsys):
     """Each kvcached server holds its CUDA context and workspace beside its weights (1.5 GiB at 2,048 tokens):
     three models whose weights and one request fit the card but not with that are refused before launch."""
-    rest, free = rx.VLLM_OVERHEADS[0].kvcached_rest, (16384 - 400) * rx.MIB  # the fake card's baseline
-    for layers in range(1, 200):  # the deepest model whose three copies' weights and one request fit
-        shape = {**SEVEN_B, "num_hidden_layers": layers, "hidden_size": 896, "intermediate_size": 4864}
-        room, _ = rx.model_room(rx.Config(model_a=model_folder(tmp_path / str(layers), shape)), "A")
-        if 3 * room.weights + room.request_kv > free:
-            break
-        model, fits = str(tmp_path / str(layers)), room
-    assert 3 * (fits.weights + rest) > free, "but not with each server's own memory"
-    models = ",".join([model] * 3)
-    args = in_process_args(tmp_path / "r", "--check", "--models", models, "--experiments", "3")
+    rest, headroom = rx.VLLM_OVERHEADS[0].kvcached_rest, int(0.05 * 16 * rx.GIB)
+    model, room = deepest_model(tmp_path, (16384 - 400) * rx.MIB - headroom, 0)  # the fake card's baseline
+    assert 3 * (room.weights + rest) + room.request_kv > (16384 - 400) * rx.MIB - headroom
+    args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
     assert rx.main(args, nvml_module=fake_gpu) == 1
     assert (
         f"{rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)" in capsys.readouterr().out
     )
+
+
+def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu, tmp_path, capsys):
+    """kvcached maps no KV page while less than (1 - KVCACHED_GPU_UTILIZATION) of the card is free: on an
+    H100 with 31,742 MiB free, three models that fit beside each other but not beside those 4,078 MiB
+    started, and the last one's requests waited 300 s without an answer. Refused now; at 0.99 they fit."""
+    rest, free = rx.VLLM_OVERHEADS[0].kvcached_rest, (16384 - 400) * rx.MIB
+    model, room = deepest_model(tmp_path, free - int(0.01 * 16 * rx.GIB), rest)
+    assert 3 * (room.weights + rest) + room.request_kv > free - int(0.05 * 16 * rx.GIB), (
+        "not beside the headroom"
+    )
+    args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert "of which kvcached keeps 819 MiB unused (KVCACHED_GPU_UTILIZATION)" in capsys.readouterr().out
+    assert rx.main([*args, "--kvcached-env", "KVCACHED_GPU_UTILIZATION=0.99"], nvml_module=fake_gpu) == 0

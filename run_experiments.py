@@ -1282,7 +1282,7 @@ def run_step(
             )
         say(
             f"    WARNING: every request of {step.phase!r} failed; first error: {first} "
-            f"(server log: {server.log_path})"
+            f"(server log: {server.log_path}){kv_wait_hint(server)}"
         )
     return records
 
@@ -3467,6 +3467,20 @@ def runner_hint(server: RunningServer) -> str:
     )
 
 
+KVCACHED_WAIT = "Waiting for physical KV capacity"  # kvcached 0.1.6's log line while it cannot map a page
+
+
+def kv_wait_hint(server: RunningServer) -> str:
+    """A kvcached server whose requests wait because it cannot map a KV page: what holds the memory."""
+    if not server.spec.kvcached or KVCACHED_WAIT not in tail(server.log_path, 20):
+        return ""
+    return (
+        f"; kvcached waits for memory to map KV pages (its log: {KVCACHED_WAIT!r}): it maps one only while "
+        "1 - KVCACHED_GPU_UTILIZATION of the card (5% unless --kvcached-env sets it) stays free, so the "
+        "other servers or processes on the card hold too much (--check counts it)"
+    )
+
+
 def start_hint(server: RunningServer) -> str:
     """What to try for a server that ended before it was ready, where its log or start says."""
     if "Free memory on device" in tail(server.log_path, 80):
@@ -4525,7 +4539,8 @@ def await_burst(
         if time.time() >= deadline:
             return f"still open at the burst's deadline ({deadline - started:.0f} s)"
         if time.time() >= next_progress:
-            say(f"      ... {len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s")
+            waited = f"{len(done)}/{len(futures)} requests done after {time.time() - started:.0f} s"
+            say(f"      ... {waited}{kv_wait_hint(server)}")
             next_progress += progress_every_s
 
 

@@ -2,6 +2,7 @@
 them all (kvcached together, static shares one at a time, sleep mode one awake at a time, one overload
 budget split N ways); bad lists, shares and ports are refused before anything starts."""
 
+import dataclasses
 import json
 import os
 import re
@@ -393,3 +394,27 @@ def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu,
     assert rx.main(args, nvml_module=fake_gpu) == 1
     assert "of which kvcached keeps 819 MiB unused (KVCACHED_GPU_UTILIZATION)" in capsys.readouterr().out
     assert rx.main([*args, "--kvcached-env", "KVCACHED_GPU_UTILIZATION=0.99"], nvml_module=fake_gpu) == 0
+
+
+def test_a_kvcached_server_waiting_for_memory_says_so_while_its_requests_wait(tmp_path, capsys):
+    """kvcached logs "Waiting for physical KV capacity" while it cannot map a page, and its requests get no
+    answer until the request timeout (300 s on the H100): each progress line says why."""
+    import concurrent.futures
+    import time
+
+    log = tmp_path / "server_C_kvcached.log"
+    log.write_text("INFO Starting vLLM API server\n")
+    spec = next(s for s in rx.parse_experiments("1")[0].servers(rx.Config(), 0))
+    server = rx.RunningServer(spec, None, [], {}, log, 0.0)
+    server.exit_code = lambda: None  # the keeper stays up
+    assert rx.kv_wait_hint(server) == ""
+    log.write_text(
+        "(EngineCore pid=2597) [kvcached][WARNING] Waiting for physical KV capacity to reserve null block: "
+        "reason=no_effective_capacity, physical_free_pages=0\n"
+    )
+    never = concurrent.futures.Future()
+    assert rx.await_burst([never], time.time(), time.time() + 2.0, 0.1, server).startswith("still open")
+    out = capsys.readouterr().out
+    assert "0/1 requests done after" in out and "kvcached waits for memory to map KV pages" in out
+    static = rx.RunningServer(dataclasses.replace(spec, kvcached=False), None, [], {}, log, 0.0)
+    assert rx.kv_wait_hint(static) == "", "only kvcached maps pages"

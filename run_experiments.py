@@ -7213,8 +7213,9 @@ class CardRoom:
 
 
 def vllm_overhead(cfg: Config, total: int, card_name: str) -> VllmOverhead:
-    """vLLM's API server batches 8,192 tokens on a card of 70 GiB or more (an A100 excepted) and 2,048 on a
-    smaller one, unless --extra-server-args sets --max-num-batched-tokens; more than 8,192 holds more."""
+    """vLLM's API server batches 8,192 tokens and 1,024 sequences on a card of 70 GiB or more (an A100
+    excepted), 2,048 and 256 on a smaller one, unless --extra-server-args sets --max-num-batched-tokens;
+    more tokens than 8,192, or more sequences than that batch's, hold more than measured."""
     given = extra_server_value(cfg, "--max-num-batched-tokens")
     large_card = total >= 70 * GIB and "a100" not in card_name.lower()
     tokens = int(given) if given and given.isdigit() else 8192 if large_card else 2048

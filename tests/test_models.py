@@ -247,7 +247,8 @@ def test_the_room_checks_fix_names_flags_that_pass_them(
 
 def test_a_model_no_share_leaves_room_beside_is_told_to_shrink_not_given_a_share(fake_gpu, tmp_path, capsys):
     """A 14 GiB model on a 16 GiB card: 0.9 holds its weights and one request, but not vLLM's own workspace
-    beside them (2.5 GiB on an H100), so the fix names no share that would fail minutes in."""
+    beside them (0.97 GiB at the 2,048 batched tokens of a card below 70 GiB), so the fix names no share that
+    would fail minutes in."""
     seven_b = model_folder(tmp_path / "7b", SEVEN_B)
     args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b, "--experiments", "2")
     assert rx.main(args, nvml_module=fake_gpu) == 1

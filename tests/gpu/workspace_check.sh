@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What vLLM holds besides weights and KV, on a card of each size class. vLLM 0.24 gives an API server
-# 8,192 batched tokens and 256... 1,024 sequences on a card of 70 GiB or more (an A100 excepted), and
+# 8,192 batched tokens and 1,024 sequences on a card of 70 GiB or more (an A100 excepted), and
 # 2,048 tokens and 256 sequences below; TIER=small emulates the smaller card on a large one by passing
 # those two flags. For each model: experiments kvcached and static at a share that holds it. The static
 # server's workspace is share x card - weights - "Available KV cache memory" (vLLM's log); the kvcached

@@ -7187,12 +7187,12 @@ class VllmOverhead:
     batched_tokens: int  # vLLM's --max-num-batched-tokens, which sizes its memory profiling's activations
     workspace_least: int  # within --gpu-memory-utilization: those activations and non-torch memory
     workspace_most: int
-    kvcached_rest: int  # the least a kvcached server holds beside weights and KV pages (its CUDA context too)
+    server_rest: int  # the least a server holds beside weights and KV (its CUDA context too), either arm
 
 
 VLLM_OVERHEADS = (
-    VllmOverhead(2048, int(0.85 * GIB), int(0.97 * GIB), 1586 * MIB),
-    VllmOverhead(8192, int(2.39 * GIB), int(2.55 * GIB), 3174 * MIB),
+    VllmOverhead(2048, int(0.85 * GIB), int(0.97 * GIB), 1485 * MIB),
+    VllmOverhead(8192, int(2.39 * GIB), int(2.55 * GIB), 3095 * MIB),
 )
 
 
@@ -7335,22 +7335,24 @@ def check_models_fit(
     fix: str,
 ) -> Check:
     """A static or sleep-mode server at --gpu-memory-utilization holds its model's weights, one
-    --max-model-len request and vLLM's workspace, else vLLM fails minutes in. The card's free memory, less
-    what kvcached keeps unused, holds the models a kvcached experiment loads together, each server's own
-    rest and one request, else a server's requests wait for KV memory that never comes.
-    shared_static: check_static_split."""
-    rest = card.overhead.kvcached_rest
+    --max-model-len request and vLLM's workspace, else vLLM fails minutes in. The card's free memory holds
+    the models an experiment's kvcached servers or fixed KV pools (--kv-cache-memory-bytes) load together,
+    each server's own rest, the pools and one request; under kvcached, less what it keeps unused, else a
+    server's requests wait for KV memory that never comes. shared_static: check_static_split."""
+    rest = card.overhead.server_rest
     for e in experiments:
-        together = {s.name: sizes[s.name] for s in e.servers(cfg, budget) if s.kvcached}
-        need = sum(r.weights + rest for r in together.values())
-        need += max((r.request_kv for r in together.values()), default=0)
-        if need > card.free - card.kvcached_headroom:
+        held = [s for s in e.servers(cfg, budget) if s.kvcached or s.kv_cache_memory_bytes]
+        need = sum(sizes[s.name].weights + rest + (s.kv_cache_memory_bytes or 0) for s in held)
+        need += max((sizes[s.name].request_kv for s in held if s.kvcached), default=0)
+        headroom = card.kvcached_headroom if any(s.kvcached for s in held) else 0
+        if need > card.free - headroom:
+            kv = " and one request" if headroom else " and their KV pools"
+            kept = f", of which kvcached keeps {headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
             return fail(
                 "models fit",
-                f"{e.name}: the weights of model {', '.join(together)}, {rest / MIB:,.0f} MiB beside each "
-                f"(vLLM's CUDA context and workspace) and one request take {need / MIB:,.0f} MiB; GPU "
-                f"{card.index} has {card.free / MIB:,.0f} MiB free, of which kvcached keeps "
-                f"{card.kvcached_headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)",
+                f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {rest / MIB:,.0f} MiB "
+                f"beside each (vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
+                f"{card.index} has {card.free / MIB:,.0f} MiB free{kept if headroom else ''}",
                 smaller_fix(e.name),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):

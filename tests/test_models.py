@@ -282,7 +282,8 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     fake_gpu, tmp_path, monkeypatch, capsys
 ):
     """14 GiB of weights: half of a 24 GiB card cannot hold them (the fix names the share that does, with
-    room for vLLM's workspace, and it passes); two such models under kvcached cannot share the card."""
+    room for vLLM's workspace, and it passes); two such models cannot share the card, under kvcached or
+    with fixed KV pools, while one beside a small model can."""
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "24576")
     seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
     args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b[0], "--model-b", seven_b[1])
@@ -298,8 +299,12 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
     )
     assert "✓ models fit" in capsys.readouterr().out
-    assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 0, "its KV pools fit"
-    assert "✗ models fit" not in capsys.readouterr().out
+    assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 1
+    assert "✗ models fit: overload_static: the weights of model A, B, " in capsys.readouterr().out
+    small = model_folder(tmp_path / "small", {**SEVEN_B, "num_hidden_layers": 4, "hidden_size": 896})
+    overload = ["--experiments", "overload_static", "--model-b", small]
+    assert rx.main([*args, *overload], nvml_module=fake_gpu) == 0, "a KV pool of fixed size needs no share"
+    assert "✓ models fit" in capsys.readouterr().out
     assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
     assert "✗ models fit: shared_kvcached: the weights of model A, B, " in capsys.readouterr().out
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
@@ -372,7 +377,7 @@ def deepest_model(tmp_path: Path, free: int, rest: int) -> tuple[str, "rx.ModelR
 def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fake_gpu, tmp_path, capsys):
     """Each kvcached server holds its CUDA context and workspace beside its weights (1.5 GiB at 2,048 tokens):
     three models whose weights and one request fit the card but not with that are refused before launch."""
-    rest, headroom = rx.VLLM_OVERHEADS[0].kvcached_rest, int(0.05 * 16 * rx.GIB)
+    rest, headroom = rx.VLLM_OVERHEADS[0].server_rest, int(0.05 * 16 * rx.GIB)
     model, room = deepest_model(tmp_path, (16384 - 400) * rx.MIB - headroom, 0)  # the fake card's baseline
     assert 3 * (room.weights + rest) + room.request_kv > (16384 - 400) * rx.MIB - headroom
     args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
@@ -386,7 +391,7 @@ def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu,
     """kvcached maps no KV page while less than (1 - KVCACHED_GPU_UTILIZATION) of the card is free: on an
     H100 with 31,742 MiB free, three models that fit beside each other but not beside those 4,078 MiB
     started, and the last one's requests waited 300 s without an answer. Refused now; at 0.99 they fit."""
-    rest, free = rx.VLLM_OVERHEADS[0].kvcached_rest, (16384 - 400) * rx.MIB
+    rest, free = rx.VLLM_OVERHEADS[0].server_rest, (16384 - 400) * rx.MIB
     model, room = deepest_model(tmp_path, free - int(0.01 * 16 * rx.GIB), rest)
     assert 3 * (room.weights + rest) + room.request_kv > free - int(0.05 * 16 * rx.GIB), (
         "not beside the headroom"

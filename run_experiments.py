@@ -7353,7 +7353,7 @@ def check_models_fit(
                 f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {rest / MIB:,.0f} MiB "
                 f"beside each (vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
                 f"{card.index} has {card.free / MIB:,.0f} MiB free{kept if headroom else ''}",
-                smaller_fix(e.name),
+                smaller_fix(e.name) if headroom else pools_fix(e, budget - (need - card.free), held, sizes),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):
         share, need = spec.gpu_memory_utilization or 0, card.static_need(sizes[spec.name])
@@ -7370,6 +7370,15 @@ def check_models_fit(
 
 def smaller_fix(experiment: str) -> str:
     return f"a smaller model, a shorter --max-model-len, or leave {experiment} out of --experiments"
+
+
+def pools_fix(e: Experiment, fitting: int, held: list[ServerSpec], sizes: dict[str, ModelRoom]) -> str:
+    """Fixed KV pools too large for the card: the --overload-budget-gib that fits, where its share still
+    holds one request per model (vLLM refuses a pool that cannot)."""
+    budget = math.floor(10 * fitting / GIB) / 10
+    if budget * GIB / len(held) < max(sizes[s.name].request_kv for s in held):
+        return smaller_fix(e.name)
+    return f"--overload-budget-gib {budget:g}, or {smaller_fix(e.name)}"
 
 
 def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom, fix: str) -> Check:

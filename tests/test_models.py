@@ -424,3 +424,21 @@ def test_a_kvcached_server_waiting_for_memory_says_so_while_its_requests_wait(tm
     assert "0/1 requests done after" in out and "kvcached waits for memory to map KV pages" in out
     static = rx.RunningServer(dataclasses.replace(spec, kvcached=False), None, [], {}, log, 0.0)
     assert rx.kv_wait_hint(static) == "", "only kvcached maps pages"
+
+
+def test_fixed_kv_pools_too_large_for_the_card_are_told_the_budget_that_fits(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    """overload_static holds both models' weights and its whole KV budget at once: a 7B and a 1.5B model
+    with 4 GiB of KV do not fit 24 GiB beside what each server holds; the budget the fix names does."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "24576")
+    one_half_b = {**SEVEN_B, "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2}
+    models = [model_folder(tmp_path / "7b", SEVEN_B), model_folder(tmp_path / "1.5b", one_half_b)]
+    args = ["--check", "--model-a", models[0], "--model-b", models[1], "--experiments", "overload_static"]
+    args = in_process_args(tmp_path / "r", *args, "--overload-budget-gib", "4")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "and their KV pools take" in out
+    fix = re.search(r"fix: (--overload-budget-gib ([0-9.]+)), or a smaller model", out)
+    assert fix and 0 < float(fix.group(2)) < 4, out
+    assert rx.main([*args, *fix.group(1).split()], nvml_module=fake_gpu) == 0

@@ -1,9 +1,10 @@
 """The benchmark scripts call this file's functions: each still runs, briefly, and prints its figures."""
 
+import re
 import subprocess
 import sys
 
-from conftest import ROOT, free_port
+from conftest import ROOT, consecutive_ports, free_port
 
 
 def bench(*args: str) -> str:
@@ -32,3 +33,15 @@ def test_per_model_sampling_bench_prints_its_table():
     assert "| burst (s) | 2 samples a burst | 4 samples a burst |" in out
     assert out.splitlines()[3].startswith("| 0.4 | 100% | "), "two samples a burst always miss"
     assert "the problem asks for 8 samples a burst" in out
+
+
+def test_preflight_fix_fuzz_applies_each_fix_and_counts():
+    port = str(consecutive_ports(3))
+    out = bench("benchmarks/preflight_fix_fuzz.py", "--cases", "20", "--seed", "2", "--port", port)
+    counts = re.match(
+        r"20 cases: (\d+) pass --check, (\d+) refused by a room check, (\d+) .* (\d+) of which", out
+    )
+    passed, refused, named, fixed = map(int, counts.groups())
+    assert passed + refused <= 20 and fixed <= named <= refused
+    assert named >= 1, "seed 2 draws a case whose fix names flags: the fix is applied and checked"
+    assert "every fix that names flags passes" in out, out

@@ -1752,8 +1752,8 @@ def validate_config(cfg: Config) -> Config:
         or not b_share_derived
         or "shared_static" not in chosen,
         "gpu_memory_utilization",
-        "leaves no room for model B in shared_static: lower it below 0.85 (--check says how far, from "
-        "model B's size), or give both shares with --static-shares A,B "
+        f"leaves no room for model B in shared_static: lower it below {A_BELOW_FOR_DERIVED_B:g} "
+        "(--check says how far, from model B's size), or give both shares with --static-shares A,B "
         f"(at most {MAX_STATIC_TOTAL:g} together)",
     )
     pair_given = cfg.pair_utilization_b and not cfg.static_shares and len(slots(cfg)) == 2
@@ -7347,12 +7347,13 @@ def check_models_fit(
         headroom = card.kvcached_headroom if any(s.kvcached for s in held) else 0
         if need > card.free - headroom:
             kv = " and one request" if headroom else " and their KV pools"
-            kept = f", of which kvcached keeps {headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
+            unused = f"{headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
+            kept = f", of which kvcached keeps {unused}" if headroom else ""
             return fail(
                 "models fit",
                 f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {rest / MIB:,.0f} MiB "
                 f"beside each (vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
-                f"{card.index} has {card.free / MIB:,.0f} MiB free{kept if headroom else ''}",
+                f"{card.index} has {card.free / MIB:,.0f} MiB free{kept}",
                 smaller_fix(e.name) if headroom else pools_fix(e, budget - (need - card.free), held, sizes),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):

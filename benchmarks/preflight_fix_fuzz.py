@@ -97,8 +97,9 @@ def fix_flags(out: str, flags: list[str]) -> list[str]:
     """The flags every failed room check names, shared_static left out where one says so."""
     named = []
     for _, _, fix in ROOM_FAILURE.findall(out):
-        named += [part for flag in FIX_FLAG.findall(fix) for part in flag.split()]
-        if named and "shared_static left out" in fix:
+        these = [part for flag in FIX_FLAG.findall(fix) for part in flag.split()]
+        named += these
+        if these and "shared_static left out" in fix:
             chosen = rx.parse_experiments(flags[flags.index("--experiments") + 1])
             named += ["--experiments", ",".join(e.name for e in chosen if e.name != "shared_static")]
     return named

@@ -7149,19 +7149,55 @@ RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryFit:
+    """Bytes vLLM 0.24 (--enforce-eager) holds beyond a model's weights and KV: base + per_vocab_row x its
+    vocabulary x the rows its sampler profiles + weight_share x its weights. A least-squares fit over
+    Qwen2.5-0.5B to 32B shapes, Llama-3.1-8B's and vocabularies of 152k to 262k tokens on an H100, at both
+    of vLLM's default batches; every measured point lies within `below` and `above` of it
+    (results/REFERENCE.md, "vLLM's own memory for larger models and vocabularies"). Another card's CUDA
+    context may differ by some hundred MiB."""
+
+    base: int
+    per_vocab_row: float  # the sampler's logits and their sorted copies at memory profiling, per entry
+    weight_share: float
+    below: int
+    above: int
+
+    def fitted(self, vocabulary: int, rows: int, weights: int) -> int:
+        return int(self.base + self.per_vocab_row * vocabulary * rows + self.weight_share * weights)
+
+
+# Within --gpu-memory-utilization: activations and the sampler at memory profiling, non-torch memory.
+VLLM_WORKSPACE = MemoryFit(int(0.35 * GIB), 14.3, 0.007, int(0.10 * GIB), int(0.10 * GIB))
+# All a server holds beside weights and KV (its CUDA context too), the lesser of either arm's.
+VLLM_SERVER_REST = MemoryFit(930 * MIB, 14.9, 0.0027, 100 * MIB, 100 * MIB)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelRoom:
-    """The least a server of one model holds: its weights and the KV of one --max-model-len request."""
+    """What a server of one model holds at the least: its weights, the KV of one --max-model-len request and
+    vLLM's own memory beside them (VLLM_WORKSPACE within its share, VLLM_SERVER_REST in all)."""
 
     weights: int
     request_kv: int
+    workspace_least: int
+    workspace_most: int
+    rest: int  # the least a server holds beside weights and KV, either arm
 
     @property
-    def least(self) -> int:
-        return self.weights + self.request_kv
+    def static_need(self) -> int:
+        """The least share, in bytes, in which vLLM starts: weights, one request and its workspace."""
+        return self.weights + self.request_kv + self.workspace_least
+
+    @property
+    def advised(self) -> int:
+        """What a share the checks advise holds: weights, one request and the most workspace."""
+        return self.weights + self.request_kv + self.workspace_most
 
 
-def model_room(cfg: Config, slot: str) -> tuple[Optional[ModelRoom], str]:
-    """A model's room from its config.json, or (None, why it cannot be told from there)."""
+def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], str]:
+    """A model's room from its config.json at `rows` sampled sequences (sampled_at_profiling), or (None, why
+    it cannot be told from there)."""
     model_config, _ = load_model_config(model_of(cfg, slot))
     weights = weight_bytes(model_config) if model_config else None
     if weights is None:
@@ -7174,52 +7210,34 @@ def model_room(cfg: Config, slot: str) -> tuple[Optional[ModelRoom], str]:
     resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]
     if resizing:
         return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"
-    return ModelRoom(weights, kv_bytes_per_token(model_config) * cfg.max_model_len), ""
-
-
-@dataclasses.dataclass(frozen=True)
-class VllmOverhead:
-    """What vLLM 0.24 (--enforce-eager) holds beyond a model's weights and KV at one batch size: measured on
-    an H100 for Qwen2.5-0.5B, 1.5B and 7B, the smaller batch by passing vLLM's small-card defaults
-    (results/REFERENCE.md, "vLLM's own memory at each batch size"). The least refuses; the most is what an
-    advised share leaves. Another card's CUDA context may differ by some hundred MiB."""
-
-    batched_tokens: int  # vLLM's --max-num-batched-tokens, which sizes its memory profiling's activations
-    workspace_least: int  # within --gpu-memory-utilization: those activations and non-torch memory
-    workspace_most: int
-    server_rest: int  # the least a server holds beside weights and KV (its CUDA context too), either arm
-
-
-VLLM_OVERHEADS = (
-    VllmOverhead(2048, int(0.85 * GIB), int(0.97 * GIB), 1485 * MIB),
-    VllmOverhead(8192, int(2.39 * GIB), int(2.55 * GIB), 3095 * MIB),
-)
+    workspace = VLLM_WORKSPACE.fitted(text["vocab_size"], rows, weights)
+    rest = VLLM_SERVER_REST.fitted(text["vocab_size"], rows, weights) - VLLM_SERVER_REST.below
+    request_kv = kv_bytes_per_token(model_config) * cfg.max_model_len
+    workspace_range = (workspace - VLLM_WORKSPACE.below, workspace + VLLM_WORKSPACE.above)
+    return ModelRoom(weights, request_kv, *workspace_range, rest), ""
 
 
 @dataclasses.dataclass(frozen=True)
 class CardRoom:
-    """The card the room checks size against (the one with the least free memory) and what vLLM holds on it
-    beyond weights and KV."""
+    """The card the room checks size against (the one with the least free memory)."""
 
     index: int
     total: int
     free: int
-    overhead: VllmOverhead
+    rows: int  # the sequences vLLM's sampler profiles on it (sampled_at_profiling)
     kvcached_headroom: int  # what kvcached leaves unmapped: it maps KV pages only while more is free
 
-    def static_need(self, room: ModelRoom) -> int:
-        """The least share, in bytes, in which vLLM starts: weights, one request and its workspace."""
-        return room.least + self.overhead.workspace_least
 
-
-def vllm_overhead(cfg: Config, total: int, card_name: str) -> VllmOverhead:
-    """vLLM's API server batches 8,192 tokens and 1,024 sequences on a card of 70 GiB or more (an A100
-    excepted), 2,048 and 256 on a smaller one, unless --extra-server-args sets --max-num-batched-tokens;
-    more tokens than 8,192, or more sequences than that batch's, hold more than measured."""
-    given = extra_server_value(cfg, "--max-num-batched-tokens")
+def sampled_at_profiling(cfg: Config, total: int, card_name: str) -> int:
+    """The sequences vLLM samples at its memory profiling: --max-num-batched-tokens or --max-num-seqs,
+    whichever is less. Its API server sets 8,192 and 1,024 on a card of 70 GiB or more (an A100
+    excepted), 2,048 and 256 on a smaller one, unless --extra-server-args sets them; past 8,192 batched
+    tokens its activations hold more than measured."""
     large_card = total >= 70 * GIB and "a100" not in card_name.lower()
-    tokens = int(given) if given and given.isdigit() else 8192 if large_card else 2048
-    return next((o for o in VLLM_OVERHEADS if tokens <= o.batched_tokens), VLLM_OVERHEADS[-1])
+    tokens, seqs = (extra_server_value(cfg, f"--max-num-{what}") for what in ("batched-tokens", "seqs"))
+    tokens_now = int(tokens) if tokens and tokens.isdigit() else 8192 if large_card else 2048
+    seqs_now = int(seqs) if seqs and seqs.isdigit() else 1024 if large_card else 256
+    return min(tokens_now, seqs_now)
 
 
 def extra_server_value(cfg: Config, flag: str) -> Optional[str]:
@@ -7247,13 +7265,10 @@ def room_checks(
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
     for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
-        sizes[slot], why = model_room(cfg, slot)
+        sizes[slot], why = model_room(cfg, slot, card.rows)
         if sizes[slot] is None:
             return [warn("models fit", f"not checked: {why}")]
-    advised = {
-        slot: least_share(room.least + card.overhead.workspace_most, card.total)
-        for slot, room in sizes.items()
-    }
+    advised = {slot: least_share(room.advised, card.total) for slot, room in sizes.items()}
     floor = max((advised[s.name] for _, s in lone_static_servers(cfg, experiments, budget)), default=0.0)
     minimal = [advised[slot] for slot in slots(cfg)] if split_in_run else []
     fix = share_flags(cfg, floor, minimal)
@@ -7271,9 +7286,9 @@ def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
     cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
     index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
-    overhead = vllm_overhead(cfg, memory.total, nvml_text(name))
+    rows = sampled_at_profiling(cfg, memory.total, nvml_text(name))
     headroom = int(memory.total * (1 - kvcached_gpu_utilization(cfg)))
-    return CardRoom(index, memory.total, memory.total - memory.used, overhead, headroom)
+    return CardRoom(index, memory.total, memory.total - memory.used, rows, headroom)
 
 
 def kvcached_gpu_utilization(cfg: Config) -> float:
@@ -7339,25 +7354,31 @@ def check_models_fit(
     the models an experiment's kvcached servers or fixed KV pools (--kv-cache-memory-bytes) load together,
     each server's own rest, the pools and one request; under kvcached, less what it keeps unused, else a
     server's requests wait for KV memory that never comes. shared_static: check_static_split."""
-    rest = card.overhead.server_rest
     for e in experiments:
         held = [s for s in e.servers(cfg, budget) if s.kvcached or s.kv_cache_memory_bytes]
-        need = sum(sizes[s.name].weights + rest + (s.kv_cache_memory_bytes or 0) for s in held)
+        rests = [sizes[s.name].rest for s in held]
+        need = sum(sizes[s.name].weights + (s.kv_cache_memory_bytes or 0) for s in held) + sum(rests)
         need += max((sizes[s.name].request_kv for s in held if s.kvcached), default=0)
         headroom = card.kvcached_headroom if any(s.kvcached for s in held) else 0
         if need > card.free - headroom:
             kv = " and one request" if headroom else " and their KV pools"
             unused = f"{headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
             kept = f", of which kvcached keeps {unused}" if headroom else ""
+            shown = [f"{r / MIB:,.0f}" for r in rests]
+            beside = (
+                f"{shown[0]} MiB beside each"
+                if len(set(shown)) == 1
+                else f"{', '.join(shown)} MiB beside them"
+            )
             return fail(
                 "models fit",
-                f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {rest / MIB:,.0f} MiB "
-                f"beside each (vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
+                f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {beside} "
+                f"(vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
                 f"{card.index} has {card.free / MIB:,.0f} MiB free{kept}",
                 smaller_fix(e.name) if headroom else pools_fix(e, budget - (need - card.free), held, sizes),
             )
     for e, spec in lone_static_servers(cfg, experiments, budget):
-        share, need = spec.gpu_memory_utilization or 0, card.static_need(sizes[spec.name])
+        share, need = spec.gpu_memory_utilization or 0, sizes[spec.name].static_need
         if share * card.total < need:
             return fail(
                 "models fit",
@@ -7385,7 +7406,7 @@ def pools_fix(e: Experiment, fitting: int, held: list[ServerSpec], sizes: dict[s
 def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom, fix: str) -> Check:
     """Each share holds its weights, a --max-model-len request and vLLM's workspace; all fit (else vLLM
     refuses minutes in)."""
-    needs = {slot: card.static_need(sizes[slot]) for slot in slots(cfg)}
+    needs = {slot: sizes[slot].static_need for slot in slots(cfg)}
     shown = ", ".join(f"{slot} {need / MIB:,.0f}" for slot, need in needs.items())
     room = MAX_STATIC_TOTAL * card.total
     if sum(needs.values()) > room:

@@ -45,3 +45,9 @@ def test_preflight_fix_fuzz_applies_each_fix_and_counts():
     assert passed + refused <= 20 and fixed <= named <= refused
     assert named >= 1, "seed 2 draws a case whose fix names flags: the fix is applied and checked"
     assert "every fix that names flags passes" in out, out
+
+
+def test_workspace_fit_holds_every_committed_gpu_run_within_the_room_checks_bounds():
+    out = bench("benchmarks/workspace_fit.py")
+    assert "15 runs; every point within the code's bounds" in out, out
+    assert "ws_large_Qwen2.5-0.5B-vocab262k" in out and "ws_small_Qwen2.5-32B-shape" in out

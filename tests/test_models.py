@@ -293,8 +293,8 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     out = capsys.readouterr().out
     assert "✗ models fit: static: model A at --gpu-memory-utilization 0.5 (12,288 MiB) cannot hold" in out
     share = re.search(r"fix: --gpu-memory-utilization ([0-9.]+)", out).group(1)
-    workspace = rx.VLLM_OVERHEADS[0].workspace_most / rx.MIB  # a 24 GiB card batches 2,048 tokens
-    assert float(share) * 24576 >= 14637 + workspace, "weights, one request and vLLM's workspace"
+    room, _ = rx.model_room(rx.Config(model_a=seven_b[0]), "A", 256)  # a 24 GiB card samples 256 rows
+    assert float(share) * 24576 * rx.MIB >= room.advised > room.weights + room.request_kv + rx.GIB // 2
     assert (
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
     )
@@ -321,24 +321,25 @@ def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_stat
     args = in_process_args(tmp_path / "r", *args)
     assert rx.main(args, nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
-    share = rx.least_share(14637 * rx.MIB + rx.VLLM_OVERHEADS[0].workspace_most, 24 * rx.GIB)
+    share = rx.least_share(rx.model_room(rx.Config(model_a=seven_b[0]), "A", 256)[0].advised, 24 * rx.GIB)
     assert f"fix: --gpu-memory-utilization {share:g}, with shared_static left out of --experiments" in out
     assert rx.main([*args, *room_fix(out)[:2], "--experiments", "2,6"], nvml_module=fake_gpu) == 0
 
 
 @pytest.mark.parametrize(
-    "total_gib, name, extra, tokens",
+    "total_gib, name, extra, rows",
     [
-        (16, "Tesla T4", "", 2048),
-        (80, "NVIDIA H100 80GB HBM3", "", 8192),
-        (80, "NVIDIA A100-SXM4-80GB", "", 2048),  # vLLM keeps an A100 at the smaller batch
-        (141, "NVIDIA H200", "--max-num-batched-tokens 1024", 2048),
-        (16, "Tesla T4", "--enforce-eager --max-num-batched-tokens=8192", 8192),
+        (16, "Tesla T4", "", 256),
+        (80, "NVIDIA H100 80GB HBM3", "", 1024),
+        (80, "NVIDIA A100-SXM4-80GB", "", 256),  # vLLM keeps an A100 at the smaller batch
+        (141, "NVIDIA H200", "--max-num-batched-tokens 512", 512),
+        (141, "NVIDIA H200", "--max-num-seqs=64 --max-num-batched-tokens 16384", 64),
+        (16, "Tesla T4", "--enforce-eager --max-num-seqs 1024", 1024),
     ],
 )
-def test_vllms_own_memory_follows_the_batch_it_picks_for_the_card(total_gib, name, extra, tokens):
+def test_vllms_own_memory_follows_the_batch_it_picks_for_the_card(total_gib, name, extra, rows):
     cfg = rx.Config(extra_server_args=extra)
-    assert rx.vllm_overhead(cfg, total_gib * rx.GIB, name).batched_tokens == tokens
+    assert rx.sampled_at_profiling(cfg, total_gib * rx.GIB, name) == rows
 
 
 def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_is_refused(
@@ -348,26 +349,71 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
     0.03 of an H100); the preflight now refuses it, and the share it advises passes."""
     half_b = model_folder(tmp_path / "m", {**SEVEN_B, "num_hidden_layers": 4, "hidden_size": 896})
     args = in_process_args(tmp_path / "r", "--check", "--model-a", half_b, "--experiments", "2")
-    room, _ = rx.model_room(rx.Config(model_a=half_b), "A")
-    card, overhead = 16 * rx.GIB, rx.VLLM_OVERHEADS[0]
-    between = rx.least_share(room.least, card)
-    assert between * card < room.least + overhead.workspace_least, "the share holds no workspace"
+    room, _ = rx.model_room(rx.Config(model_a=half_b), "A", 256)
+    card = 16 * rx.GIB
+    between = rx.least_share(room.weights + room.request_kv, card)
+    assert between * card < room.static_need, "the share holds no workspace"
     assert rx.main([*args, "--gpu-memory-utilization", str(between)], nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
     assert "one request of --max-model-len and vLLM's workspace" in out
     advised = room_fix(out, "2")
-    assert float(advised[1]) * card >= room.least + overhead.workspace_most
+    assert float(advised[1]) * card >= room.advised
     assert rx.main([*args, *advised], nvml_module=fake_gpu) == 0
 
 
-def deepest_model(tmp_path: Path, free: int, rest: int) -> tuple[str, "rx.ModelRoom"]:
-    """The deepest small model whose three copies' weights, `rest` beside each and one request fit `free`."""
+# vLLM 0.24's workspace on an H100 (results/REFERENCE.md, "vLLM's own memory for larger models and
+# vocabularies"): (shape, rows its sampler profiled, GiB).
+MEASURED_WORKSPACE = [
+    (dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+          intermediate_size=4864, vocab_size=262144, tie_word_embeddings=True), 1024, 3.93),
+    (dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+          intermediate_size=4864, vocab_size=262144, tie_word_embeddings=True), 256, 1.29),
+    (dict(SEVEN_B, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+          intermediate_size=27648), 1024, 2.86),
+    (dict(SEVEN_B, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+          intermediate_size=27648), 256, 1.26),
+    (SEVEN_B, 1024, 2.55),
+    (SEVEN_B, 256, 0.97),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape, rows, measured_gib", MEASURED_WORKSPACE)
+def test_vllms_workspace_grows_with_the_vocabulary_and_the_model_as_measured(
+    tmp_path, shape, rows, measured_gib
+):
+    """The room checks refuse below the least and advise the most; both bound what vLLM held."""
+    room, _ = rx.model_room(rx.Config(model_a=model_folder(tmp_path / "m", shape)), "A", rows)
+    assert room.workspace_least <= measured_gib * rx.GIB <= room.workspace_most
+    assert room.workspace_most - room.workspace_least <= 0.2 * rx.GIB, "a bound, not a guess"
+
+
+def test_a_large_vocabulary_share_that_passed_and_failed_in_vllm_is_refused(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    """A 0.5B model with a 262,144-token vocabulary at 0.06 of an H100: the check before passed it, and vLLM
+    found "Available KV cache memory: -0.26 GiB" (its sampler profiles 1,024 rows of 262,144 logits)."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
+    monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
+    large_vocabulary = MEASURED_WORKSPACE[0][0]
+    args = ["--check", "--model-a", model_folder(tmp_path / "m", large_vocabulary), "--experiments", "2"]
+    args = in_process_args(tmp_path / "r", *args)
+    assert rx.main([*args, "--gpu-memory-utilization", "0.06"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "✗ models fit: static: model A at --gpu-memory-utilization 0.06 (4,894 MiB) cannot hold" in out
+    small_batch = ["--extra-server-args", "--max-num-seqs 256 --max-num-batched-tokens 2048"]
+    assert rx.main([*args, "--gpu-memory-utilization", "0.06", *small_batch], nvml_module=fake_gpu) == 0
+    assert rx.main([*args, *room_fix(out, "2")], nvml_module=fake_gpu) == 0
+
+
+def deepest_model(tmp_path: Path, free: int, with_rest: bool) -> tuple[str, "rx.ModelRoom"]:
+    """The deepest small model whose three copies' weights (`with_rest`: and vLLM's rest beside each) and one
+    request fit `free`, on a 16 GB card (256 rows sampled)."""
     deepest = None
     for layers in range(1, 200):
         shape = {**SEVEN_B, "num_hidden_layers": layers, "hidden_size": 896, "intermediate_size": 4864}
         folder = model_folder(tmp_path / str(layers), shape)
-        room, _ = rx.model_room(rx.Config(model_a=folder), "A")
-        if 3 * (room.weights + rest) + room.request_kv > free:
+        room, _ = rx.model_room(rx.Config(model_a=folder), "A", 256)
+        if 3 * (room.weights + with_rest * room.rest) + room.request_kv > free:
             assert deepest, "even one layer is too deep"
             return deepest
         deepest = folder, room
@@ -377,13 +423,14 @@ def deepest_model(tmp_path: Path, free: int, rest: int) -> tuple[str, "rx.ModelR
 def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fake_gpu, tmp_path, capsys):
     """Each kvcached server holds its CUDA context and workspace beside its weights (1.5 GiB at 2,048 tokens):
     three models whose weights and one request fit the card but not with that are refused before launch."""
-    rest, headroom = rx.VLLM_OVERHEADS[0].server_rest, int(0.05 * 16 * rx.GIB)
-    model, room = deepest_model(tmp_path, (16384 - 400) * rx.MIB - headroom, 0)  # the fake card's baseline
-    assert 3 * (room.weights + rest) + room.request_kv > (16384 - 400) * rx.MIB - headroom
+    headroom = int(0.05 * 16 * rx.GIB)
+    model, room = deepest_model(tmp_path, (16384 - 400) * rx.MIB - headroom, False)  # the fake's baseline
+    assert 3 * (room.weights + room.rest) + room.request_kv > (16384 - 400) * rx.MIB - headroom
     args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
     assert rx.main(args, nvml_module=fake_gpu) == 1
     assert (
-        f"{rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)" in capsys.readouterr().out
+        f"{room.rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)"
+        in capsys.readouterr().out
     )
 
 
@@ -391,9 +438,9 @@ def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu,
     """kvcached maps no KV page while less than (1 - KVCACHED_GPU_UTILIZATION) of the card is free: on an
     H100 with 31,742 MiB free, three models that fit beside each other but not beside those 4,078 MiB
     started, and the last one's requests waited 300 s without an answer. Refused now; at 0.99 they fit."""
-    rest, free = rx.VLLM_OVERHEADS[0].server_rest, (16384 - 400) * rx.MIB
-    model, room = deepest_model(tmp_path, free - int(0.01 * 16 * rx.GIB), rest)
-    assert 3 * (room.weights + rest) + room.request_kv > free - int(0.05 * 16 * rx.GIB), (
+    free = (16384 - 400) * rx.MIB
+    model, room = deepest_model(tmp_path, free - int(0.01 * 16 * rx.GIB), True)
+    assert 3 * (room.weights + room.rest) + room.request_kv > free - int(0.05 * 16 * rx.GIB), (
         "not beside the headroom"
     )
     args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")

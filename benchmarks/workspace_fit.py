@@ -1,0 +1,93 @@
+"""What vLLM holds beyond weights and KV, fitted over the committed GPU runs, against the room checks' bounds.
+
+    python benchmarks/workspace_fit.py [workspace_runs.log ...]
+
+Reads the logs of tests/gpu/workspace_check.sh (by default both committed folders): per run, the static
+server's workspace (share x card - weights - vLLM's "Available KV cache memory") and each server's rest
+(summary.md's "What each server holds": NVML total - weights - KV). Fits base + b x vocabulary x rows + s x
+weights by least squares, prints it beside run_experiments' VLLM_WORKSPACE and VLLM_SERVER_REST, then each
+point and whether the code's least and most hold it. No GPU is needed.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import run_experiments as rx  # noqa: E402
+
+LOGS = [
+    ROOT / "results/20261207T142453Z_workspace_check/workspace_runs.log",
+    ROOT / "results/20261207T155541Z_large_workspace_check/workspace_runs.log",
+]
+# The folders' config.json vocab_size; rows: what vLLM's sampler profiles at each tier (sampled_at_profiling)
+VOCABULARY = {"vocab262k": 262144, "vocab202k": 202048, "7B": 152064, "14B": 152064, "32B": 152064}
+ROWS = {"small": 256, "large": 1024}
+RUN = re.compile(
+    r"(ws_(small|large)_\S+): card .* weights ([\d.]+) GiB, KV -?[\d.]+ GiB: workspace ([\d.]+) GiB"
+)
+REST = re.compile(r"^\| (kvcached|static) \| .* \| ([\d,]+) \|$")
+
+
+def points(paths: list[Path]) -> list[dict]:
+    """A point per run: name, vocabulary, rows, weights, workspace (bytes) and its servers' least rest."""
+    runs: dict[str, dict] = {}
+    current = None
+    for line in (line for path in paths for line in path.read_text().splitlines()):
+        line = re.sub(r"^\[[\d:]+\] ", "", line)
+        if found := RUN.search(line):
+            name, tier, weights, workspace = found.groups()
+            vocabulary = next((v for key, v in VOCABULARY.items() if key in name), 151936)
+            current = runs.setdefault(name, dict(name=name, vocabulary=vocabulary, rows=ROWS[tier], rests=[]))
+            current.update(weights=float(weights) * rx.GIB, workspace=float(workspace) * rx.GIB)
+        elif (found := REST.match(line)) and current is not None:
+            current["rests"].append(int(found.group(2).replace(",", "")) * rx.MIB)
+    return [dict(run, rest=min(run["rests"])) for run in runs.values() if run["rests"]]
+
+
+def report(name: str, fit: "rx.MemoryFit", runs: list[dict], key: str, unit: int, label: str) -> list[str]:
+    terms = np.array([[1.0, r["vocabulary"] * r["rows"], r["weights"]] for r in runs])
+    measured = np.array([r[key] for r in runs], dtype=float)
+    base, per_row, share = np.linalg.lstsq(terms, measured, rcond=None)[0]
+    terms_shown = "B x vocabulary x rows +"
+    print(f"\n{name}: least squares {base / unit:.3f} {label} + {per_row:.2f} {terms_shown} {share:.2%}")
+    code = f"{fit.base / unit:.3f} {label} + {fit.per_vocab_row:.2f} {terms_shown} {fit.weight_share:.2%}"
+    print(f"  the code: {code},")
+    print(f"  least {fit.below / unit:.3f} {label} below it, most {fit.above / unit:.3f} above")
+    outside = []
+    for run, value in zip(runs, measured):
+        fitted = fit.fitted(run["vocabulary"], run["rows"], int(run["weights"]))
+        held = fitted - fit.below <= value <= fitted + fit.above
+        print(
+            f"  {run['name']:40} {value / unit:8.3f} fitted {fitted / unit:8.3f} {'' if held else 'OUTSIDE'}"
+        )
+        outside += [] if held else [run["name"]]
+    return outside
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("logs", nargs="*", type=Path, default=LOGS)
+    runs = points(parser.parse_args().logs)
+    outside = report(
+        "workspace", rx.VLLM_WORKSPACE, [r for r in runs if "weights" in r], "workspace", rx.GIB, "GiB"
+    )
+    outside += report("server rest", rx.VLLM_SERVER_REST, runs, "rest", rx.MIB, "MiB")
+    print(
+        f"\n{len(runs)} runs; "
+        + (
+            f"outside the code's bounds: {', '.join(outside)}"
+            if outside
+            else "every point within the code's bounds"
+        )
+    )
+    return 1 if outside else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,8 @@
 # a 0.5B model with Gemma's 262,144-token vocabulary (the kit's tokenizer, the real layer shapes, dummy
 # weights) beside the kit's Llama-3.1-8B-shape, then runs workspace_check.sh on them at the tier given.
 # Usage: TIER=small|large bash tests/gpu/large_workspace_check.sh   (on a card of 140 GiB: the shares
-# below hold each model's weights with room for KV; SHARES and MODELS override them)
+# below hold each model's weights with room for KV; SHARES and MODELS override them; WRITE_ONLY=1 writes
+# the folders and stops)
 set -u
 here=$(dirname "$0")
 kit=${KITMODELS:-/tmp/kitmodels}
@@ -27,6 +28,7 @@ for name, shape in shapes.items():
     (folder / "config.json").write_text(json.dumps({**base, **shape}, indent=2))
     print("wrote", folder / "config.json")
 PY
+[ "${WRITE_ONLY:-0}" = 1 ] && exit 0
 tier=${TIER:-large}
 if [ "$tier" = small ]; then default_models="Llama-3.1-8B-shape Qwen2.5-14B-shape Qwen2.5-0.5B-vocab262k"
   default_shares="0.15 0.25 0.05"

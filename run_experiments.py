@@ -4132,12 +4132,13 @@ class Sampler(threading.Thread):
 
     def start(self, first_sample_timeout_s: float = 20.0) -> None:
         """Start sampling; returns once the first device sample is in (or raises, saying why not)."""
-        module = getattr(self.nvml, "__file__", None)
-        where = os.path.dirname(module) if module else ""
+        module = getattr(self.nvml, "__file__", None) or ""
+        where = os.path.dirname(os.path.dirname(module) if module.endswith("__init__.py") else module)
         call = f"device_sampler({where!r}, {self.nvml.__name__!r}, {self.gpu_index}, {self.sample_hz!r})"
         self.child_stderr = tempfile.TemporaryFile(mode="w+")
+        # -S: it needs the standard library and the NVML module's folder only; site's .pth files cost a start
         self.child = subprocess.Popen(
-            [sys.executable, "-c", program_source(next_tick, device_loop, device_sampler, call=call)],
+            [sys.executable, "-S", "-c", program_source(next_tick, device_loop, device_sampler, call=call)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.child_stderr,

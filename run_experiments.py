@@ -7197,8 +7197,8 @@ class ModelRoom:
 
 
 def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], str]:
-    """A model's room from its config.json at `rows` sampled sequences (sampled_at_profiling), or (None, why
-    it cannot be told from there)."""
+    """A model's room from its config.json with `rows` sequences sampled at vLLM's memory profiling
+    (VllmBatch.rows), or (None, why it cannot be told from there)."""
     model_config, _ = load_model_config(model_of(cfg, slot))
     weights = weight_bytes(model_config) if model_config else None
     if weights is None:
@@ -7225,20 +7225,32 @@ class CardRoom:
     index: int
     total: int
     free: int
-    rows: int  # the sequences vLLM's sampler profiles on it (sampled_at_profiling)
+    batch: "VllmBatch"
     kvcached_headroom: int  # what kvcached leaves unmapped: it maps KV pages only while more is free
 
 
-def sampled_at_profiling(cfg: Config, total: int, card_name: str) -> int:
-    """The sequences vLLM samples at its memory profiling: --max-num-batched-tokens or --max-num-seqs,
-    whichever is less. Its API server sets 8,192 and 1,024 on a card of 70 GiB or more (an A100
-    excepted), 2,048 and 256 on a smaller one, unless --extra-server-args sets them; past 8,192 batched
-    tokens its activations hold more than measured."""
+MEASURED_BATCHED_TOKENS = 8192  # the most the fits saw; more holds larger activations than they count
+
+
+@dataclasses.dataclass(frozen=True)
+class VllmBatch:
+    """What vLLM's API server batches on a card: 8,192 tokens and 1,024 sequences on one of 70 GiB or more
+    (an A100 excepted), 2,048 and 256 on a smaller one, unless --extra-server-args sets them."""
+
+    tokens: int  # --max-num-batched-tokens
+    seqs: int  # --max-num-seqs
+
+    @property
+    def rows(self) -> int:
+        """The sequences its sampler runs at memory profiling: as many as a batch holds."""
+        return min(self.tokens, self.seqs)
+
+
+def vllm_batch(cfg: Config, total: int, card_name: str) -> VllmBatch:
     large_card = total >= 70 * GIB and "a100" not in card_name.lower()
-    tokens, seqs = (extra_server_value(cfg, f"--max-num-{what}") for what in ("batched-tokens", "seqs"))
-    tokens_now = int(tokens) if tokens and tokens.isdigit() else 8192 if large_card else 2048
-    seqs_now = int(seqs) if seqs and seqs.isdigit() else 1024 if large_card else 256
-    return min(tokens_now, seqs_now)
+    given = [extra_server_value(cfg, f"--max-num-{what}") for what in ("batched-tokens", "seqs")]
+    defaults = (8192, 1024) if large_card else (2048, 256)
+    return VllmBatch(*(int(v) if v and v.isdigit() else d for v, d in zip(given, defaults)))
 
 
 def extra_server_value(cfg: Config, flag: str) -> Optional[str]:
@@ -7266,7 +7278,7 @@ def room_checks(
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
     for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
-        sizes[slot], why = model_room(cfg, slot, card.rows)
+        sizes[slot], why = model_room(cfg, slot, card.batch.rows)
         if sizes[slot] is None:
             return [warn("models fit", f"not checked: {why}")]
     advised = {slot: least_share(room.advised, card.total) for slot, room in sizes.items()}
@@ -7280,6 +7292,12 @@ def room_checks(
     checks = [check_models_fit(cfg, sizes, card, experiments, budget, lone_fix or "")]
     if split_in_run:
         checks.append(check_static_split(cfg, sizes, card, fix or ""))
+    if card.batch.tokens > MEASURED_BATCHED_TOKENS:
+        past = (
+            f"--max-num-batched-tokens {card.batch.tokens:,} is past the {MEASURED_BATCHED_TOKENS:,} measured"
+        )
+        detail = f"{past}: vLLM's activations hold more than the room checks count"
+        checks.append(warn("batch", detail, "leave room beyond the shares they advise"))
     return checks
 
 
@@ -7287,9 +7305,9 @@ def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
     cards = {i: nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices}
     index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
-    rows = sampled_at_profiling(cfg, memory.total, nvml_text(name))
+    batch = vllm_batch(cfg, memory.total, nvml_text(name))
     headroom = int(memory.total * (1 - kvcached_gpu_utilization(cfg)))
-    return CardRoom(index, memory.total, memory.total - memory.used, rows, headroom)
+    return CardRoom(index, memory.total, memory.total - memory.used, batch, headroom)
 
 
 def kvcached_gpu_utilization(cfg: Config) -> float:

@@ -339,7 +339,22 @@ def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_stat
 )
 def test_vllms_own_memory_follows_the_batch_it_picks_for_the_card(total_gib, name, extra, rows):
     cfg = rx.Config(extra_server_args=extra)
-    assert rx.sampled_at_profiling(cfg, total_gib * rx.GIB, name) == rows
+    assert rx.vllm_batch(cfg, total_gib * rx.GIB, name).rows == rows
+
+
+def test_a_batch_past_the_measured_one_is_a_warning_that_names_the_flag(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
+    monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
+    args = in_process_args(tmp_path / "r", "--check", "--experiments", "2")
+    assert rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 8192"], nvml_module=fake_gpu) == 0
+    assert "batch:" not in capsys.readouterr().out
+    assert (
+        rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 16384"], nvml_module=fake_gpu) == 0
+    )
+    out = capsys.readouterr().out
+    assert "--max-num-batched-tokens 16,384 is past the 8,192 measured" in out and "✓ models fit" in out
 
 
 def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_is_refused(

@@ -7151,12 +7151,12 @@ RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload
 
 @dataclasses.dataclass(frozen=True)
 class MemoryFit:
-    """Bytes vLLM 0.24 (--enforce-eager) holds beyond a model's weights and KV: base + per_vocab_row x its
-    vocabulary x the rows its sampler profiles + weight_share x its weights. A least-squares fit over
-    Qwen2.5-0.5B to 32B shapes, Llama-3.1-8B's and vocabularies of 152k to 262k tokens on an H100, at both
-    of vLLM's default batches; every measured point lies within `below` and `above` of it
-    (results/REFERENCE.md, "vLLM's own memory for larger models and vocabularies"). Another card's CUDA
-    context may differ by some hundred MiB."""
+    """Bytes vLLM 0.24 (--enforce-eager) holds beyond a model's weights (as weight_bytes estimates them) and
+    KV: base + per_vocab_row x its vocabulary x the rows its sampler profiles + weight_share x its weights.
+    A least-squares fit (benchmarks/workspace_fit.py) over Qwen2.5-0.5B to 32B shapes, Llama-3.1-8B's and
+    vocabularies of 152k to 262k tokens on an H100, at both of vLLM's default batches; every measured point
+    lies within `below` and `above` of it (results/REFERENCE.md, "vLLM's own memory for larger models and
+    vocabularies"). Another card's CUDA context may differ by some hundred MiB."""
 
     base: int
     per_vocab_row: float  # the sampler's logits and their sorted copies at memory profiling, per entry
@@ -7169,9 +7169,9 @@ class MemoryFit:
 
 
 # Within --gpu-memory-utilization: activations and the sampler at memory profiling, non-torch memory.
-VLLM_WORKSPACE = MemoryFit(int(0.35 * GIB), 14.3, 0.007, int(0.10 * GIB), int(0.10 * GIB))
+VLLM_WORKSPACE = MemoryFit(int(0.42 * GIB), 14.2, 0.0066, int(0.10 * GIB), int(0.10 * GIB))
 # All a server holds beside weights and KV (its CUDA context too), the lesser of either arm's.
-VLLM_SERVER_REST = MemoryFit(930 * MIB, 14.9, 0.0027, 100 * MIB, 100 * MIB)
+VLLM_SERVER_REST = MemoryFit(1000 * MIB, 14.7, 0.0024, 120 * MIB, 160 * MIB)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,10 @@
 
 Reads the logs of tests/gpu/workspace_check.sh (by default both committed folders): per run, the static
 server's workspace (share x card - weights - vLLM's "Available KV cache memory") and each server's rest
-(summary.md's "What each server holds": NVML total - weights - KV). Fits base + b x vocabulary x rows + s x
-weights by least squares, prints it beside run_experiments' VLLM_WORKSPACE and VLLM_SERVER_REST, then each
-point and whether the code's least and most hold it. No GPU is needed.
+(summary.md's "What each server holds": NVML total - weights - KV), both beyond the weights the room checks
+estimate from config.json. Fits base + b x vocabulary x rows + s x weights by least squares, prints it
+beside run_experiments' VLLM_WORKSPACE and VLLM_SERVER_REST, then each point and whether the code's least
+and most hold it. No GPU is needed.
 """
 
 import argparse
@@ -25,9 +26,45 @@ LOGS = [
     ROOT / "results/20261207T142453Z_workspace_check/workspace_runs.log",
     ROOT / "results/20261207T155541Z_large_workspace_check/workspace_runs.log",
 ]
-# The folders' config.json vocab_size; rows: what vLLM's sampler profiles at each tier (sampled_at_profiling)
-VOCABULARY = {"vocab262k": 262144, "vocab202k": 202048, "7B": 152064, "14B": 152064, "32B": 152064}
-ROWS = {"small": 256, "large": 1024}
+# The model folders' config.json sizes (the kit's, and those tests/gpu/large_workspace_check.sh writes)
+QWEN_7B = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    intermediate_size=18944,
+)
+QWEN_HALF_B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    intermediate_size=4864,
+    tie_word_embeddings=True,
+)
+QWEN_LARGE = dict(QWEN_7B, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8)
+CONFIGS = {
+    "Qwen2.5-0.5B-Instruct": QWEN_HALF_B,
+    "Qwen2.5-1.5B-Instruct": dict(
+        QWEN_HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
+    ),
+    "Qwen2.5-7B-Instruct": QWEN_7B,
+    "Llama-3.1-8B-shape": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=151936,
+        intermediate_size=14336,
+    ),
+    "Qwen2.5-14B-shape": dict(QWEN_LARGE, num_hidden_layers=48, intermediate_size=13824),
+    "Qwen2.5-32B-shape": dict(QWEN_LARGE, num_hidden_layers=64, intermediate_size=27648),
+    "Qwen2.5-0.5B-vocab262k": dict(QWEN_HALF_B, vocab_size=262144),
+    "Qwen2.5-0.5B-vocab202k": dict(QWEN_HALF_B, vocab_size=202048),
+}
+ROWS = {"small": 256, "large": 1024}  # what vLLM's sampler profiles at each tier (VllmBatch.rows)
 RUN = re.compile(
     r"(ws_(small|large)_\S+): card .* weights ([\d.]+) GiB, KV -?[\d.]+ GiB: workspace ([\d.]+) GiB"
 )
@@ -35,18 +72,25 @@ REST = re.compile(r"^\| (kvcached|static) \| .* \| ([\d,]+) \|$")
 
 
 def points(paths: list[Path]) -> list[dict]:
-    """A point per run: name, vocabulary, rows, weights, workspace (bytes) and its servers' least rest."""
+    """A point per run: name, vocabulary, rows, weights by config.json (rx.weight_bytes, what the room checks
+    count), and the workspace and its servers' least rest (bytes) as the checks must add to those weights:
+    vLLM's own weight figure holds some buffers beside them (up to 0.11 GiB here)."""
     runs: dict[str, dict] = {}
     current = None
     for line in (line for path in paths for line in path.read_text().splitlines()):
         line = re.sub(r"^\[[\d:]+\] ", "", line)
         if found := RUN.search(line):
-            name, tier, weights, workspace = found.groups()
-            vocabulary = next((v for key, v in VOCABULARY.items() if key in name), 151936)
-            current = runs.setdefault(name, dict(name=name, vocabulary=vocabulary, rows=ROWS[tier], rests=[]))
-            current.update(weights=float(weights) * rx.GIB, workspace=float(workspace) * rx.GIB)
+            name, tier, vllm_weights, workspace = found.groups()
+            config = CONFIGS[name.split("_", 2)[2]]
+            estimated = rx.weight_bytes(config)
+            beyond = (
+                float(vllm_weights) * rx.GIB - estimated
+            )  # what vLLM counts as weights beyond the estimate
+            current = runs.setdefault(name, dict(name=name, rows=ROWS[tier], rests=[]))
+            current.update(vocabulary=config["vocab_size"], weights=estimated, beyond=beyond)
+            current["workspace"] = float(workspace) * rx.GIB + beyond
         elif (found := REST.match(line)) and current is not None:
-            current["rests"].append(int(found.group(2).replace(",", "")) * rx.MIB)
+            current["rests"].append(int(found.group(2).replace(",", "")) * rx.MIB + current["beyond"])
     return [dict(run, rest=min(run["rests"])) for run in runs.values() if run["rests"]]
 
 

@@ -451,6 +451,33 @@ def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fa
     )
 
 
+HALF_B = dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+              vocab_size=151936, intermediate_size=4864, tie_word_embeddings=True)  # fmt: skip
+ONE_AND_HALF_B = dict(
+    HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
+)
+
+
+@pytest.mark.parametrize("free_mib, refused", [(24574, True), (31742, True), (36000, False)])
+def test_the_three_models_that_failed_or_hung_under_kvcached_on_an_h100_are_refused(
+    fake_gpu, tmp_path, monkeypatch, capsys, free_mib, refused
+):
+    """Qwen2.5-0.5B, 1.5B and 7B under shared_kvcached on an H100 another process held: at 24,574 MiB free
+    the 7B server ran out of memory at start-up, at 31,742 its requests waited 300 s for KV pages; both
+    are refused before launch, and a card with 36,000 MiB free passes."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
+    monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", str(81559 - free_mib))
+    shapes = {"half": HALF_B, "one_and_half": ONE_AND_HALF_B, "seven": SEVEN_B}
+    models = ",".join(model_folder(tmp_path / name, shape) for name, shape in shapes.items())
+    args = in_process_args(
+        tmp_path / "r", "--check", "--models", models, "--experiments", "3", "--preset", "smoke"
+    )
+    assert rx.main(args, nvml_module=fake_gpu) == (1 if refused else 0)
+    out = capsys.readouterr().out
+    assert ("✗ models fit: shared_kvcached: the weights of model A, B, C" in out) == refused, out
+
+
 def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu, tmp_path, capsys):
     """kvcached maps no KV page while less than (1 - KVCACHED_GPU_UTILIZATION) of the card is free: on an
     H100 with 31,742 MiB free, three models that fit beside each other but not beside those 4,078 MiB

@@ -7218,17 +7218,6 @@ def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], 
     return ModelRoom(weights, request_kv, *workspace_range, rest), ""
 
 
-@dataclasses.dataclass(frozen=True)
-class CardRoom:
-    """The card the room checks size against (the one with the least free memory)."""
-
-    index: int
-    total: int
-    free: int
-    batch: "VllmBatch"
-    kvcached_headroom: int  # what kvcached leaves unmapped: it maps KV pages only while more is free
-
-
 MEASURED_BATCHED_TOKENS = 8192  # the most the fits saw; more holds larger activations than they count
 
 
@@ -7244,6 +7233,17 @@ class VllmBatch:
     def rows(self) -> int:
         """The sequences its sampler runs at memory profiling: as many as a batch holds."""
         return min(self.tokens, self.seqs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CardRoom:
+    """The card the room checks size against (the one with the least free memory)."""
+
+    index: int
+    total: int
+    free: int
+    batch: VllmBatch
+    kvcached_headroom: int  # what kvcached leaves unmapped: it maps KV pages only while more is free
 
 
 def vllm_batch(cfg: Config, total: int, card_name: str) -> VllmBatch:

@@ -7406,7 +7406,9 @@ def check_models_fit(
                 f"--max-model-len and vLLM's workspace ({need / MIB:,.0f} MiB)",
                 fix or smaller_fix(e.name),
             )
-    return Check("models fit", True, "each server holds its model's weights, one request and vLLM's own")
+    workspace = ", ".join(f"{slot} {room.workspace_most / GIB:.2f}" for slot, room in sizes.items())
+    counted = f"vLLM's workspace up to {workspace} GiB at {card.batch.rows:,} sampled rows"
+    return Check("models fit", True, f"each server holds its model's weights, one request and {counted}")
 
 
 def smaller_fix(experiment: str) -> str:

@@ -3470,14 +3470,24 @@ def runner_hint(server: RunningServer) -> str:
 KVCACHED_WAIT = "Waiting for physical KV capacity"  # kvcached 0.1.6's log line while it cannot map a page
 
 
+def kvcached_utilization(env: dict[str, str]) -> float:
+    """KVCACHED_GPU_UTILIZATION in `env` (0.95 where unset or unreadable): kvcached 0.1.6 maps a KV page only
+    while 1 minus that of the card stays free; a server that cannot map one waits, and its requests too."""
+    try:
+        return min(max(float(env.get("KVCACHED_GPU_UTILIZATION", "0.95")), 0.0), 1.0)
+    except ValueError:
+        return 0.95
+
+
 def kv_wait_hint(server: RunningServer) -> str:
     """A kvcached server whose requests wait because it cannot map a KV page: what holds the memory."""
     if not server.spec.kvcached or KVCACHED_WAIT not in tail(server.log_path, 20):
         return ""
+    kept = f"{1 - kvcached_utilization(server.env_shown):.0%}"
     return (
         f"; kvcached waits for memory to map KV pages (its log: {KVCACHED_WAIT!r}): it maps one only while "
-        "1 - KVCACHED_GPU_UTILIZATION of the card (5% unless --kvcached-env sets it) stays free, so the "
-        "other servers or processes on the card hold too much (--check counts it)"
+        f"{kept} of the card (1 - KVCACHED_GPU_UTILIZATION) stays free, so the other servers or processes "
+        "on the card hold too much (--check counts it)"
     )
 
 
@@ -7306,18 +7316,8 @@ def least_free_card(cfg: Config, nvml: Any, indices: list[int]) -> CardRoom:
     index, memory = min(cards.items(), key=lambda card: card[1].total - card[1].used)
     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
     batch = vllm_batch(cfg, memory.total, nvml_text(name))
-    headroom = int(memory.total * (1 - kvcached_gpu_utilization(cfg)))
+    headroom = int(memory.total * (1 - kvcached_utilization(os.environ | parse_env_pairs(cfg.kvcached_env))))
     return CardRoom(index, memory.total, memory.total - memory.used, batch, headroom)
-
-
-def kvcached_gpu_utilization(cfg: Config) -> float:
-    """kvcached 0.1.6 maps a KV page only while (1 - KVCACHED_GPU_UTILIZATION) of the card stays free
-    (0.95 by default); a server that cannot map one waits, and its requests with it."""
-    value = (os.environ | parse_env_pairs(cfg.kvcached_env)).get("KVCACHED_GPU_UTILIZATION", "0.95")
-    try:
-        return min(max(float(value), 0.0), 1.0)
-    except ValueError:
-        return 0.95
 
 
 def lone_static_servers(

@@ -513,6 +513,9 @@ def test_a_kvcached_server_waiting_for_memory_says_so_while_its_requests_wait(tm
     assert rx.await_burst([never], time.time(), time.time() + 2.0, 0.1, server).startswith("still open")
     out = capsys.readouterr().out
     assert "0/1 requests done after" in out and "kvcached waits for memory to map KV pages" in out
+    assert "only while 5% of the card (1 - KVCACHED_GPU_UTILIZATION) stays free" in out
+    moved = rx.RunningServer(spec, None, [], {"KVCACHED_GPU_UTILIZATION": "0.9"}, log, 0.0)
+    assert "only while 10% of the card" in rx.kv_wait_hint(moved), "the server's own setting"
     static = rx.RunningServer(dataclasses.replace(spec, kvcached=False), None, [], {}, log, 0.0)
     assert rx.kv_wait_hint(static) == "", "only kvcached maps pages"
 

@@ -25,45 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fakes")]
 
 import pynvml  # noqa: E402  (the fake)
+from model_shapes import LLAMA_8B, QWEN_7B, QWEN_HALF_B, QWEN_ONE_AND_HALF_B  # noqa: E402  (benchmarks/)
 
 import run_experiments as rx  # noqa: E402
 
-SHAPES = {
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        intermediate_size=4864,
-        tie_word_embeddings=True,
-    ),
-    "1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        intermediate_size=8960,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        intermediate_size=18944,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        intermediate_size=14336,
-    ),
-}
+SHAPES = {"0.5b": QWEN_HALF_B, "1.5b": QWEN_ONE_AND_HALF_B, "7b": QWEN_7B, "8b": LLAMA_8B}
 CARDS_MIB = (15360, 16384, 24576, 40960, 81559, 143771)
 EXPERIMENTS = ("all", "2", "4", "2,4", "4,7", "6,7", "3", "5", "1,2", "seed")
 ROOM_FAILURE = re.compile(r"✗ (models fit|static split): (.*)\n +fix: (.*)")

@@ -20,50 +20,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from model_shapes import KIT_FOLDERS  # noqa: E402  (benchmarks/)
+
 import run_experiments as rx  # noqa: E402
 
 LOGS = [
     ROOT / "results/20261207T142453Z_workspace_check/workspace_runs.log",
     ROOT / "results/20261207T155541Z_large_workspace_check/workspace_runs.log",
 ]
-# The model folders' config.json sizes (the kit's, and those tests/gpu/large_workspace_check.sh writes)
-QWEN_7B = dict(
-    hidden_size=3584,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    intermediate_size=18944,
-)
-QWEN_HALF_B = dict(
-    hidden_size=896,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    intermediate_size=4864,
-    tie_word_embeddings=True,
-)
-QWEN_LARGE = dict(QWEN_7B, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8)
-CONFIGS = {
-    "Qwen2.5-0.5B-Instruct": QWEN_HALF_B,
-    "Qwen2.5-1.5B-Instruct": dict(
-        QWEN_HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
-    ),
-    "Qwen2.5-7B-Instruct": QWEN_7B,
-    "Llama-3.1-8B-shape": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=151936,
-        intermediate_size=14336,
-    ),
-    "Qwen2.5-14B-shape": dict(QWEN_LARGE, num_hidden_layers=48, intermediate_size=13824),
-    "Qwen2.5-32B-shape": dict(QWEN_LARGE, num_hidden_layers=64, intermediate_size=27648),
-    "Qwen2.5-0.5B-vocab262k": dict(QWEN_HALF_B, vocab_size=262144),
-    "Qwen2.5-0.5B-vocab202k": dict(QWEN_HALF_B, vocab_size=202048),
-}
 ROWS = {"small": 256, "large": 1024}  # what vLLM's sampler profiles at each tier (VllmBatch.rows)
 RUN = re.compile(
     r"(ws_(small|large)_\S+): card .* weights ([\d.]+) GiB, KV -?[\d.]+ GiB: workspace ([\d.]+) GiB"
@@ -81,7 +45,7 @@ def points(paths: list[Path]) -> list[dict]:
         line = re.sub(r"^\[[\d:]+\] ", "", line)
         if found := RUN.search(line):
             name, tier, vllm_weights, workspace = found.groups()
-            config = CONFIGS[name.split("_", 2)[2]]
+            config = KIT_FOLDERS[name.split("_", 2)[2]]
             estimated = rx.weight_bytes(config)
             beyond = (
                 float(vllm_weights) * rx.GIB - estimated

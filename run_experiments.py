@@ -7216,6 +7216,9 @@ def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], 
     text = model_config.get("text_config", model_config)
     if "quantization_config" in model_config or "quantization_config" in text:
         return None, f"model {slot} is quantized (quantization_config in its config.json)"
+    encoders = [key for key in ("vision_config", "audio_config") if key in model_config]
+    if encoders:  # vLLM profiles its encoder too, and weight_bytes counts the text model only
+        return None, f"model {slot} has an encoder beside its text model ({encoders[0]} in its config.json)"
     if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16"):
         return None, f"model {slot}'s weights are {text['torch_dtype']}: vLLM may load them at 16 bits"
     resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]

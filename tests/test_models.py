@@ -404,6 +404,15 @@ def test_vllms_workspace_grows_with_the_vocabulary_and_the_model_as_measured(
     assert room.workspace_most - room.workspace_least <= 0.2 * rx.GIB, "a bound, not a guess"
 
 
+def test_a_model_with_a_vision_encoder_is_not_sized_from_its_text_model_alone(fake_gpu, tmp_path, capsys):
+    """Its encoder's weights and vLLM's profiling of it are not in the text sizes: not checked, and said."""
+    vision = {"text_config": SEVEN_B, "vision_config": {"hidden_size": 1280, "depth": 32}}
+    args = ["--check", "--model-a", model_folder(tmp_path / "vl", vision), "--experiments", "2"]
+    assert rx.main(in_process_args(tmp_path / "r", *args), nvml_module=fake_gpu) == 0
+    out = capsys.readouterr().out
+    assert "! models fit: not checked: model A has an encoder beside its text model (vision_config" in out
+
+
 def test_a_large_vocabulary_share_that_passed_and_failed_in_vllm_is_refused(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):

@@ -124,6 +124,28 @@ SEVEN_B = {  # Qwen2.5-7B's shapes: about 14 GiB of weights
     "intermediate_size": 18944,
     "torch_dtype": "bfloat16",
 }
+HALF_B = dict(
+    SEVEN_B,
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    intermediate_size=4864,
+    tie_word_embeddings=True,
+)  # fmt: skip  (Qwen2.5-0.5B)
+ONE_AND_HALF_B = dict(
+    HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
+)
+THIRTY_TWO_B = dict(
+    SEVEN_B,
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=27648,
+)  # fmt: skip  (Qwen2.5-32B)
+LARGE_VOCABULARY = dict(HALF_B, vocab_size=262144)  # Gemma's vocabulary on the 0.5B model
 
 
 def model_folder(base: Path, config: dict) -> str:
@@ -379,17 +401,13 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
 # vLLM 0.24's workspace on an H100 (results/REFERENCE.md, "vLLM's own memory for larger models and
 # vocabularies"): (shape, rows its sampler profiled, vLLM's "Model loading took" GiB, workspace GiB).
 MEASURED_WORKSPACE = [
-    (dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-          intermediate_size=4864, vocab_size=262144, tie_word_embeddings=True), 1024, 1.11, 3.93),
-    (dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-          intermediate_size=4864, vocab_size=262144, tie_word_embeddings=True), 256, 1.11, 1.29),
-    (dict(SEVEN_B, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-          intermediate_size=27648), 1024, 61.04, 2.86),
-    (dict(SEVEN_B, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-          intermediate_size=27648), 256, 61.04, 1.26),
+    (LARGE_VOCABULARY, 1024, 1.11, 3.93),
+    (LARGE_VOCABULARY, 256, 1.11, 1.29),
+    (THIRTY_TWO_B, 1024, 61.04, 2.86),
+    (THIRTY_TWO_B, 256, 61.04, 1.26),
     (SEVEN_B, 1024, 14.29, 2.55),
     (SEVEN_B, 256, 14.29, 0.97),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("shape, rows, weights_gib, workspace_gib", MEASURED_WORKSPACE)
@@ -420,8 +438,7 @@ def test_a_large_vocabulary_share_that_passed_and_failed_in_vllm_is_refused(
     found "Available KV cache memory: -0.26 GiB" (its sampler profiles 1,024 rows of 262,144 logits)."""
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
     monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
-    large_vocabulary = MEASURED_WORKSPACE[0][0]
-    args = ["--check", "--model-a", model_folder(tmp_path / "m", large_vocabulary), "--experiments", "2"]
+    args = ["--check", "--model-a", model_folder(tmp_path / "m", LARGE_VOCABULARY), "--experiments", "2"]
     args = in_process_args(tmp_path / "r", *args)
     assert rx.main([*args, "--gpu-memory-utilization", "0.06"], nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
@@ -458,13 +475,6 @@ def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fa
         f"{room.rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)"
         in capsys.readouterr().out
     )
-
-
-HALF_B = dict(SEVEN_B, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-              vocab_size=151936, intermediate_size=4864, tie_word_embeddings=True)  # fmt: skip
-ONE_AND_HALF_B = dict(
-    HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
-)
 
 
 @pytest.mark.parametrize("free_mib, refused", [(24574, True), (31742, True), (36000, False)])

@@ -133,7 +133,7 @@ HALF_B = dict(
     vocab_size=151936,
     intermediate_size=4864,
     tie_word_embeddings=True,
-)  # fmt: skip  (Qwen2.5-0.5B)
+)  # Qwen2.5-0.5B
 ONE_AND_HALF_B = dict(
     HALF_B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960
 )
@@ -144,7 +144,7 @@ THIRTY_TWO_B = dict(
     num_attention_heads=40,
     num_key_value_heads=8,
     intermediate_size=27648,
-)  # fmt: skip  (Qwen2.5-32B)
+)  # Qwen2.5-32B
 LARGE_VOCABULARY = dict(HALF_B, vocab_size=262144)  # Gemma's vocabulary on the 0.5B model
 
 

@@ -37,13 +37,13 @@ def test_per_model_sampling_bench_prints_its_table():
 
 def test_preflight_fix_fuzz_applies_each_fix_and_counts():
     port = str(consecutive_ports(3))
-    out = bench("benchmarks/preflight_fix_fuzz.py", "--cases", "20", "--seed", "2", "--port", port)
+    out = bench("benchmarks/preflight_fix_fuzz.py", "--cases", "6", "--seed", "5", "--port", port)
     counts = re.match(
-        r"20 cases: (\d+) pass --check, (\d+) refused by a room check, (\d+) .* (\d+) of which", out
+        r"6 cases: (\d+) pass --check, (\d+) refused by a room check, (\d+) .* (\d+) of which", out
     )
     passed, refused, named, fixed = map(int, counts.groups())
-    assert passed + refused <= 20 and fixed <= named <= refused
-    assert named >= 1, "seed 2 draws a case whose fix names flags: the fix is applied and checked"
+    assert passed + refused <= 6 and fixed <= named <= refused
+    assert named >= 1, "seed 5 draws a case whose fix names flags: the fix is applied and checked"
     assert "every fix that names flags passes" in out, out
 
 

@@ -5,7 +5,9 @@
 # those two flags. For each model: experiments kvcached and static at a share that holds it. The static
 # server's workspace is share x card - weights - "Available KV cache memory" (vLLM's log); the kvcached
 # server's rest is its idle level beyond weights and KV pages (summary.md's footprint table).
-# Usage: TIER=small|large bash tests/gpu/workspace_check.sh [model folder ...]   (writes to $OUT or
+# TIER=tN (t16384, t32768) passes --max-num-batched-tokens N at vLLM's 1,024 sequences: activations past
+# the large card's default batch.
+# Usage: TIER=small|large|tN bash tests/gpu/workspace_check.sh [model folder ...]   (writes to $OUT or
 # /tmp/workspace_check; SHARES="0.08 0.10 0.25" gives each model's share, in order)
 set -u
 source "$(dirname "$0")/lib.sh" workspace_check
@@ -15,6 +17,7 @@ read -r -a shares <<< "${SHARES:-0.08 0.10 0.25}"
 tier=${TIER:-small}
 tier_args=""
 [ "$tier" = small ] && tier_args="--max-num-batched-tokens 2048 --max-num-seqs 256"
+[[ "$tier" =~ ^t[0-9]+$ ]] && tier_args="--max-num-batched-tokens ${tier#t}"
 i=0
 for model in "$@"; do
   share=${shares[$i]}; i=$((i + 1)); name="ws_${tier}_$(basename "$model")"

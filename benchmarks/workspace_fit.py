@@ -28,11 +28,16 @@ LOGS = [
     ROOT / "results/20261207T142453Z_workspace_check/workspace_runs.log",
     ROOT / "results/20261207T155541Z_large_workspace_check/workspace_runs.log",
 ]
-ROWS = {"small": 256, "large": 1024}  # what vLLM's sampler profiles at each tier (VllmBatch.rows)
+# Each tier's batch: (tokens, sequences); tN is N tokens at vLLM's 1,024 sequences (workspace_check.sh)
+TIERS = {"small": rx.VllmBatch(2048, 256), "large": rx.VllmBatch(8192, 1024)}
 RUN = re.compile(
-    r"(ws_(small|large)_\S+): card .* weights ([\d.]+) GiB, KV -?[\d.]+ GiB: workspace ([\d.]+) GiB"
+    r"(ws_(small|large|t\d+)_\S+): card .* weights ([\d.]+) GiB, KV -?[\d.]+ GiB: workspace ([\d.]+) GiB"
 )
 REST = re.compile(r"^\| (kvcached|static) \| .* \| ([\d,]+) \|$")
+
+
+def tier_batch(tier: str) -> "rx.VllmBatch":
+    return TIERS.get(tier) or rx.VllmBatch(int(tier[1:]), 1024)
 
 
 def points(paths: list[Path]) -> list[dict]:
@@ -50,7 +55,8 @@ def points(paths: list[Path]) -> list[dict]:
             beyond = (
                 float(vllm_weights) * rx.GIB - estimated
             )  # what vLLM counts as weights beyond the estimate
-            current = runs.setdefault(name, dict(name=name, rows=ROWS[tier], rests=[]))
+            batch = tier_batch(tier)
+            current = runs.setdefault(name, dict(name=name, rows=batch.rows, tokens=batch.tokens, rests=[]))
             current.update(vocabulary=config["vocab_size"], weights=estimated, beyond=beyond)
             current["workspace"] = float(workspace) * rx.GIB + beyond
         elif (found := REST.match(line)) and current is not None:

@@ -1947,7 +1947,10 @@ KNOWN_MODEL_CONFIGS = {  # offline fallbacks for the defaults, from the models' 
     )
     for size, layers, hidden, heads, mlp in (("0.5B", 24, 896, 14, 4864), ("1.5B", 28, 1536, 12, 8960))
 }
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
+# vLLM serves a float32 checkpoint at 16 bits (--dtype auto): its weights and KV take 2 bytes per value too
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 2, "float8": 1}
+# Architectures whose MLP is two matrices (up, down), not three (gate, up, down)
+UNGATED_MLP_TYPES = {"phi", "gpt_neox", "starcoder2", "persimmon", "nemotron"}
 
 
 def load_model_config(model: str) -> tuple[Optional[dict], str]:
@@ -1977,27 +1980,39 @@ def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]
         return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
+def text_config(model_config: dict) -> dict:
+    """The language model's part of a config.json: multimodal configs nest it under text_config."""
+    return model_config.get("text_config", model_config)
+
+
 def kv_bytes_per_token(model_config: dict) -> int:
-    """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes."""
-    text = model_config.get("text_config", model_config)  # multimodal configs nest it
+    """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes; with multi-head latent attention
+    (DeepSeek's kv_lora_rank) one compressed latent and its rotary part per layer."""
+    text = text_config(model_config)
+    dtype_bytes = DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
+    if text.get("kv_lora_rank"):
+        return (
+            text["num_hidden_layers"] * (text["kv_lora_rank"] + text.get("qk_rope_head_dim", 0)) * dtype_bytes
+        )
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     kv_heads = text.get("num_key_value_heads", heads)
-    dtype_bytes = DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
 def weight_bytes(model_config: dict) -> Optional[int]:
     """About the bytes of a dense model's weights, from config.json; None if it lacks sizes or has experts."""
-    text = model_config.get("text_config", model_config)
+    text = text_config(model_config)
     sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
     if any(k not in text for k in sizes) or any("expert" in k for k in text):
         return None
     hidden, layers, vocab, mlp_width, heads = (text[k] for k in sizes)
     head_dim = text.get("head_dim") or hidden // heads
     attention = hidden * head_dim * 2 * (heads + text.get("num_key_value_heads", heads))  # q, o; k, v
-    tied = text.get("tie_word_embeddings", model_config.get("tie_word_embeddings", False))
-    params = layers * (attention + 3 * hidden * mlp_width) + vocab * hidden * (1 if tied else 2)
+    # a config.json leaves the key out when it holds transformers' default: tied
+    tied = text.get("tie_word_embeddings", model_config.get("tie_word_embeddings", True))
+    mlp_matrices = 2 if text.get("model_type", model_config.get("model_type")) in UNGATED_MLP_TYPES else 3
+    params = layers * (attention + mlp_matrices * hidden * mlp_width) + vocab * hidden * (1 if tied else 2)
     return params * DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
 
 
@@ -2489,7 +2504,8 @@ def trace_model_len(cfg: Config) -> int:
     longest = max((r.prompt_tokens + r.output_tokens for r in rows), default=0)
     wanted = longest + PROMPT_MARGIN_TOKENS
     limits = [
-        (load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings") for key in slots(cfg)
+        text_config(load_model_config(model_of(cfg, key))[0] or {}).get("max_position_embeddings")
+        for key in slots(cfg)
     ]
     known = [v for v in limits if isinstance(v, int) and v > 0]
     chosen = min([wanted, *known])
@@ -7213,14 +7229,14 @@ def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], 
     weights = weight_bytes(model_config) if model_config else None
     if weights is None:
         return None, f"no sizes for model {slot}'s weights"
-    text = model_config.get("text_config", model_config)
+    text = text_config(model_config)
     if "quantization_config" in model_config or "quantization_config" in text:
         return None, f"model {slot} is quantized (quantization_config in its config.json)"
     encoders = [key for key in ("vision_config", "audio_config") if key in model_config]
     if encoders:  # vLLM profiles its encoder too, and weight_bytes counts the text model only
         return None, f"model {slot} has an encoder beside its text model ({encoders[0]} in its config.json)"
-    if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16"):
-        return None, f"model {slot}'s weights are {text['torch_dtype']}: vLLM may load them at 16 bits"
+    if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16", "float32"):
+        return None, f"model {slot}'s weights are {text['torch_dtype']}: not sized here"
     resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]
     if resizing:
         return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"

@@ -20,6 +20,7 @@ QWEN_7B = dict(  # Qwen2.5-7B-Instruct
     num_key_value_heads=4,
     vocab_size=152064,
     intermediate_size=18944,
+    tie_word_embeddings=False,
 )
 LLAMA_8B = dict(  # Llama-3.1-8B
     hidden_size=4096,
@@ -28,6 +29,7 @@ LLAMA_8B = dict(  # Llama-3.1-8B
     num_key_value_heads=8,
     vocab_size=128256,
     intermediate_size=14336,
+    tie_word_embeddings=False,
 )
 QWEN_LARGE = dict(QWEN_7B, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8)
 

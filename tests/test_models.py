@@ -122,6 +122,7 @@ SEVEN_B = {  # Qwen2.5-7B's shapes: about 14 GiB of weights
     "num_key_value_heads": 4,
     "vocab_size": 152064,
     "intermediate_size": 18944,
+    "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
 HALF_B = dict(

@@ -149,7 +149,41 @@ def test_local_model_folder_config_is_read_without_network(tmp_path):
     )
     config, source = rx.load_model_config(str(tmp_path))
     assert source.endswith("config.json")
-    assert rx.kv_bytes_per_token(config) == 2 * 2 * 1 * 16 * 4
+    assert rx.kv_bytes_per_token(config) == 2 * 2 * 1 * 16 * 2, "vLLM serves a float32 checkpoint at 16 bits"
+
+
+# Published config.json sizes (bfloat16 or float16) and each model's parameters
+GEMMA_7B = dict(  # no tie_word_embeddings key: transformers leaves out its default, tied
+    model_type="gemma",
+    hidden_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=256,
+    vocab_size=256000,
+    intermediate_size=24576,
+)
+PHI_2 = dict(  # an MLP of two matrices
+    model_type="phi",
+    hidden_size=2560,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    vocab_size=51200,
+    intermediate_size=10240,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize("config, billions", [(GEMMA_7B, 8.54), (PHI_2, 2.78)])
+def test_weights_follow_the_architectures_embeddings_and_mlp(config, billions):
+    assert rx.weight_bytes(config) / 2 == pytest.approx(billions * 1e9, rel=0.01)
+
+
+def test_latent_attention_keeps_one_compressed_entry_per_layer_and_token():
+    deepseek_v2_lite = dict(
+        hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64
+    )
+    assert rx.kv_bytes_per_token(deepseek_v2_lite) == 27 * (512 + 64) * 2
 
 
 def test_burst_is_sized_to_a_fraction_of_free_memory():

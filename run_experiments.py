@@ -4398,11 +4398,20 @@ def note_event(record: RequestRecord, event: dict) -> int:
     return contents
 
 
+def ending_every_line(reads: Iterator[tuple[float, bytes]]) -> Iterator[tuple[float, bytes]]:
+    """The reads, then a newline at the last one's time: a stream's last line may come without its own."""
+    now = None
+    for now, data in reads:
+        yield now, data
+    if now is not None:
+        yield now, b"\n"
+
+
 def read_sse(reads: Iterator[tuple[float, bytes]], record: RequestRecord, start: float) -> bool:
     """Consume an SSE stream into `record`, each content chunk timed on the arrival of its network read
     (one JSON parse per read); True once `data: [DONE]` arrived."""
     last_token, partial = None, b""
-    for now, data in reads:
+    for now, data in ending_every_line(reads):
         *lines, partial = (partial + data).split(b"\n")
         payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
         done = b"[DONE]" in payloads
@@ -4539,12 +4548,19 @@ OPEN_LOOP_THREADS = 1024
 
 def burst_threads(requests_: list[PlannedRequest]) -> int:
     """Requests in flight at once: a whole closed burst; open loop, at most OPEN_LOOP_THREADS."""
-    return min(len(requests_), OPEN_LOOP_THREADS) if any(r.offset_s for r in requests_) else len(requests_)
+    return min(len(requests_), OPEN_LOOP_THREADS) if is_open_loop(requests_) else len(requests_)
 
 
-def await_arrival(request: PlannedRequest, started: tuple[float, float]) -> Optional[tuple[float, float]]:
+def is_open_loop(requests_: list[PlannedRequest]) -> bool:
+    """Requests at planned offsets (the first may arrive at 0.0), not a closed burst sent at once."""
+    return any(r.offset_s for r in requests_)
+
+
+def await_arrival(
+    request: PlannedRequest, started: tuple[float, float], open_loop: bool
+) -> Optional[tuple[float, float]]:
     """Open loop: sleep until its planned arrival, returned as (perf_counter, wall clock); closed: None."""
-    if not request.offset_s:
+    if not open_loop:
         return None
     pause(started[0] + request.offset_s - time.perf_counter())
     return started[0] + request.offset_s, started[1] + request.offset_s
@@ -4601,17 +4617,19 @@ def run_burst(
         future.add_done_callback(lambda f: deliver(i, records[i]))
         return future
 
-    if not any(r.offset_s for r in requests_):  # a closed burst: its TTFTs do not count the connects
+    open_loop = is_open_loop(requests_)
+    if not open_loop:  # a closed burst: its TTFTs do not count the connects
         with contextlib.suppress(OSError):  # a server that refuses is each request's failure, below
             connections.open_ahead(server.url, threads)
     started = (time.perf_counter(), time.time())
     last_arrival = max((r.offset_s for r in requests_), default=0.0)
     deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     try:
-        futures = [send(i, await_arrival(r, started)) for i, r in enumerate(requests_)]
+        futures = [send(i, await_arrival(r, started, open_loop)) for i, r in enumerate(requests_)]
         error = await_burst(futures, started[1], deadline, progress_every_s, server)
         out = [
-            f.result() if f.done() else still_open(rec, started[1], error) for f, rec in zip(futures, records)
+            f.result() if f.done() else still_open(rec, started[1] + r.offset_s, error)
+            for f, rec, r in zip(futures, records, requests_)
         ]
         for i, record in enumerate(out):  # wait() can return before the done-callbacks ran
             deliver(i, record)
@@ -4625,10 +4643,12 @@ def run_burst(
         connections.close()
 
 
-def still_open(record: RequestRecord, started: float, error: Optional[str]) -> RequestRecord:
-    """A copy of an unfinished request's record, failed with `error` as its burst ended."""
+def still_open(record: RequestRecord, planned_send: float, error: Optional[str]) -> RequestRecord:
+    """A copy of an unfinished request's record, failed with `error` as its burst ended, timed from its send
+    (from its planned arrival if it never went out)."""
+    t_send = record.t_send or planned_send
     return dataclasses.replace(
-        record, ok=False, itl_s=list(record.itl_s), e2e_s=time.time() - started, error=error
+        record, ok=False, itl_s=list(record.itl_s), t_send=t_send, e2e_s=time.time() - t_send, error=error
     )
 
 
@@ -4783,9 +4803,10 @@ class Goodput:
 
 
 def goodput(
-    records: Iterable[RequestRecord | dict], slo_ttft_ms: float, slo_tpot_ms: float
+    records: Iterable[RequestRecord | dict], slo_ttft_ms: float, slo_tpot_ms: float, streamed: bool = True
 ) -> Optional[Goodput]:
-    if not (slo_ttft_ms or slo_tpot_ms):
+    """Requests within the SLOs; None without SLOs, or where responses did not stream (no TTFT, no TPOT)."""
+    if not (slo_ttft_ms or slo_tpot_ms) or not streamed:
         return None
     records = as_records(records)
 
@@ -4826,7 +4847,7 @@ def latency_summary(
         output_tokens_per_s=(out_tokens / span) if span else None,
         ttft_note=None if streamed else NOT_STREAMED,
         itl_s=Distribution.of(gaps) if gaps else None,
-        goodput=goodput(records, *slo),
+        goodput=goodput(records, *slo, streamed=streamed),
         send_delay_s=Distribution.of(delays) if delays else None,
     )
 
@@ -5518,8 +5539,8 @@ def busy_spans(loaded: LoadedExperiment, slot: str, bursts: list[BurstMark]) -> 
     for burst in bursts:
         mine = by_burst.get((burst.phase, burst.repeat))
         if mine:
-            first = min(r.t_send + from_send(r, "ttft_s") for r in mine)
-            spans.append((first, max(r.t_send + from_send(r, "e2e_s") for r in mine)))
+            # t_send is an open-loop request's planned arrival, and its clocks start there too
+            spans.append((min(r.t_send + r.ttft_s for r in mine), max(r.t_send + r.e2e_s for r in mine)))
     return spans
 
 

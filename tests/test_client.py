@@ -509,3 +509,32 @@ def test_closing_the_connections_ends_a_request_a_silent_server_never_answers():
             thread.join(timeout=10)
     assert not thread.is_alive(), "still blocked on the silent server"
     assert done and not done[0].ok
+
+
+def record(**fields) -> "rx.RequestRecord":
+    """A request's row of experiment x, server A; sent at 0.0 unless given."""
+    return rx.RequestRecord(
+        **dict(experiment="x", server="A", phase="p", repeat=0, burst=0, index=0, t_send=0.0) | fields
+    )
+
+
+def test_a_last_sse_line_without_its_newline_still_ends_the_stream():
+    event = json.dumps({"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}).encode()
+    reads = iter([(1.0, b"data: " + event + b"\n\ndata: [DONE]")])
+    row = record()
+    assert rx.read_sse(reads, row, start=0.5) and row.e2e_s == 0.5 and row.ttft_s == 0.5
+
+
+def test_an_open_loop_request_at_offset_zero_keeps_its_planned_arrival():
+    first = rx.PlannedRequest(0, 0, "p", 4, 0.0, offset_s=0.0)
+    started = (time.perf_counter() - 0.5, time.time() - 0.5)
+    assert rx.await_arrival(first, started, open_loop=True) == started, "its lateness counts from there"
+    assert rx.await_arrival(first, started, open_loop=False) is None
+    assert rx.is_open_loop([first, rx.PlannedRequest(0, 1, "p", 4, 0.0, offset_s=0.2)])
+
+
+def test_a_request_still_open_at_the_end_of_its_burst_is_timed_from_its_own_send():
+    never_sent = rx.still_open(record(), planned_send=time.time() - 2.0, error="still open")
+    assert never_sent.t_send > 0 and 1.9 < never_sent.e2e_s < 3.0
+    sent = rx.still_open(record(t_send=time.time() - 1.0), planned_send=time.time() - 5.0, error="still open")
+    assert 0.9 < sent.e2e_s < 2.0 and not sent.ok

@@ -715,3 +715,18 @@ def test_a_windows_rate_adds_the_models_own_rates_and_keeps_a_ramps_peak_or_a_tr
     assert marked("poisson", 2.0, 8.0, 4.0) == (14.0, None), "--rates-per-model: the card takes them all"
     assert marked("ramp", 12.0, 12.0, 12.0) == (12.0, rx.RAMP_PEAK), "each model's peak"
     assert marked("trace", 0.5, 0.5) == (0.5, rx.TRACE_SCALE)
+
+
+def test_goodput_is_not_judged_where_responses_did_not_stream():
+    # each answer in one read: its "TTFT" is the whole response, so the SLOs cannot be told
+    rows = [dict(ok=True, t_send=0.0, ttft_s=0.4, e2e_s=0.4, completion_tokens=100, content_reads=1)] * 3
+    latency = rx.latency_summary(rows, slo=(500, 50))
+    assert latency.ttft_note == rx.NOT_STREAMED and latency.goodput is None
+
+
+def test_an_open_loop_burst_is_busy_from_its_first_token_to_its_last_end_on_the_wall_clock():
+    # sent 2 s after its planned arrival at 100: its clocks (TTFT 2.5 s, E2E 4 s) run from the arrival
+    late = dict(ok=True, server="A", phase="A burst 1", repeat=0, t_send=100.0, send_delay_s=2.0)
+    rows = [rx.RequestRecord(experiment="x", burst=0, index=0, ttft_s=2.5, e2e_s=4.0, **late)]
+    bursts = [rx.BurstMark("A burst 1", "A", 0, 100.0, 104.5)]
+    assert rx.busy_spans(types.SimpleNamespace(records=rows), "A", bursts) == [(102.5, 104.0)]

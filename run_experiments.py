@@ -4843,7 +4843,7 @@ def latency_summary(
         tpot_s=Distribution.of(r.tpot_s for r in ok if streamed),
         e2e_s=Distribution.of(r.e2e_s for r in ok),
         output_tokens=out_tokens,
-        prompt_tokens_mean=(sum(r.prompt_tokens or 0 for r in ok) / len(ok)) if ok else None,
+        prompt_tokens_mean=mean(r.prompt_tokens for r in ok),  # None where no response said
         output_tokens_per_s=(out_tokens / span) if span else None,
         ttft_note=None if streamed else NOT_STREAMED,
         itl_s=Distribution.of(gaps) if gaps else None,

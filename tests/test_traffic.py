@@ -730,3 +730,9 @@ def test_an_open_loop_burst_is_busy_from_its_first_token_to_its_last_end_on_the_
     rows = [rx.RequestRecord(experiment="x", burst=0, index=0, ttft_s=2.5, e2e_s=4.0, **late)]
     bursts = [rx.BurstMark("A burst 1", "A", 0, 100.0, 104.5)]
     assert rx.busy_spans(types.SimpleNamespace(records=rows), "A", bursts) == [(102.5, 104.0)]
+
+
+def test_a_prompt_length_no_response_reported_is_unknown_not_zero():
+    rows = [dict(ok=True, t_send=0.0, ttft_s=0.1, e2e_s=0.2, completion_tokens=8, content_reads=8)] * 2
+    assert rx.latency_summary(rows).prompt_tokens_mean is None
+    assert rx.latency_summary([dict(rows[0], prompt_tokens=30), rows[1]]).prompt_tokens_mean == 30

@@ -1985,11 +1985,16 @@ def text_config(model_config: dict) -> dict:
     return model_config.get("text_config", model_config)
 
 
+def served_bytes_per_value(text: dict) -> int:
+    """Bytes per weight or KV value as vLLM serves the model (16 bits unless config.json says less)."""
+    return DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
+
+
 def kv_bytes_per_token(model_config: dict) -> int:
     """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes; with multi-head latent attention
     (DeepSeek's kv_lora_rank) one compressed latent and its rotary part per layer."""
     text = text_config(model_config)
-    dtype_bytes = DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
+    dtype_bytes = served_bytes_per_value(text)
     if text.get("kv_lora_rank"):
         return (
             text["num_hidden_layers"] * (text["kv_lora_rank"] + text.get("qk_rope_head_dim", 0)) * dtype_bytes
@@ -2013,7 +2018,7 @@ def weight_bytes(model_config: dict) -> Optional[int]:
     tied = text.get("tie_word_embeddings", model_config.get("tie_word_embeddings", True))
     mlp_matrices = 2 if text.get("model_type", model_config.get("model_type")) in UNGATED_MLP_TYPES else 3
     params = layers * (attention + mlp_matrices * hidden * mlp_width) + vocab * hidden * (1 if tied else 2)
-    return params * DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
+    return params * served_bytes_per_value(text)
 
 
 # %% Workload plan: built from a seed before sending, saved, identical for every arm

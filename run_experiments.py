@@ -622,7 +622,7 @@ def main(
             return 0
         if cfg.report:
             result = build_report(Path(cfg.report), draw_plots=cfg.plots)
-            say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(result)}")
+            say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(readable(result))}")
             return 0
         if cfg.check:
             checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
@@ -737,7 +737,7 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
         say(f"WARNING: {name}: memory figures void ({'; '.join(result['problems'].get(name, []))})")
     if running_in_notebook():
         show_in_notebook(run.run_dir)
-    say(json.dumps(result))
+    say(json.dumps(readable(result)))
     return 130 if interrupted else (1 if failures or result["invalid"] else 0)
 
 
@@ -6853,6 +6853,15 @@ def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison:
         "peak_saving_mib": diff(static.peak_mib, kvcached.peak_mib) if single else None,
         "server_starts": server_starts(summaries),
     }
+
+
+def readable(obj: Any) -> Any:
+    """The headline as printed: floats to 6 significant digits (summary.json keeps every digit)."""
+    if isinstance(obj, dict):
+        return {key: readable(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [readable(value) for value in obj]
+    return float(f"{obj:.6g}") if isinstance(obj, float) else obj
 
 
 EXPERIMENT_FILES = (

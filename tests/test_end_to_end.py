@@ -5,6 +5,7 @@ while this module's first tests run in the foreground."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -212,6 +213,8 @@ def test_last_stdout_line_is_the_headline_json(full_run):
         "overload_static",
     }
     assert "Infinity" not in last and "NaN" not in last
+    digits = [len(m.replace(".", "").lstrip("0")) for m in re.findall(r"(?<![\w.])\d+\.\d+(?![\d.e])", last)]
+    assert digits and max(digits) <= 6, "floats are printed to 6 significant digits, not 17"
 
 
 def test_static_arm_reserves_its_pool_and_kvcached_does_not(full_run):
@@ -318,7 +321,9 @@ def test_memory_held_while_serving_is_reported_per_strategy_and_per_model(full_r
     assert kvcached < static, "the elastic pool holds less while serving these bursts"
     assert "Memory held while serving" in md and "| kvcached |" in md
     headline = json.loads(full_run["proc"].stdout.strip().splitlines()[-1])["experiments"]["kvcached"]
-    assert headline["gib_hours"] == summary["experiments"]["kvcached"]["memory_cost"]["gib_hours"]
+    assert headline["gib_hours"] == pytest.approx(
+        summary["experiments"]["kvcached"]["memory_cost"]["gib_hours"], rel=1e-5
+    )
 
 
 def test_results_layout_and_plots(full_run):

@@ -2368,13 +2368,23 @@ def azure_rows(text: str) -> list[tuple]:
     return rows
 
 
+# 2023's traces: '2023-11-16 18:17:03.9799600'; 2024's: '2024-05-10 00:00:00.009930+00:00', and no fraction
+# where it is zero
+AZURE_STAMP = re.compile(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?")
+
+
 def azure_seconds(stamp: str) -> float:
-    """'2023-11-16 18:17:03.9799600' (the Azure traces' form) or plain seconds, as seconds."""
+    """An Azure trace's timestamp (UTC where it names no offset) or plain seconds, as seconds."""
     with contextlib.suppress(ValueError):
         return float(stamp)
-    whole, _, fraction = stamp.strip().partition(".")
-    moment = _dt.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_dt.timezone.utc)
-    return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+    found = AZURE_STAMP.fullmatch(stamp.strip())
+    if not found:
+        raise ValueError(f"timestamp {stamp!r} is neither seconds nor YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM]")
+    whole, fraction, offset = found.groups()
+    moment = _dt.datetime.fromisoformat(
+        f"{whole.replace(' ', 'T')}{'+00:00' if offset in (None, 'Z') else offset}"
+    )
+    return moment.timestamp() + float(fraction or 0.0)
 
 
 def mooncake_rows(text: str) -> list[tuple]:
@@ -4418,7 +4428,7 @@ def read_sse(reads: Iterator[tuple[float, bytes]], record: RequestRecord, start:
     last_token, partial = None, b""
     for now, data in ending_every_line(reads):
         *lines, partial = (partial + data).split(b"\n")
-        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:") and line[5:].strip()]
         done = b"[DONE]" in payloads
         payloads = payloads[: payloads.index(b"[DONE]")] if done else payloads
         had_content = False
@@ -4446,6 +4456,8 @@ def completion_problem(record: RequestRecord, done: bool, max_tokens: int, ignor
         return "stream ended without any content"
     if not record.finish_reason:
         return "stream ended without a finish_reason"
+    if record.finish_reason in ("abort", "error"):  # vLLM's engine ended it, e.g. a request it had to drop
+        return f"finish_reason {record.finish_reason}"
     if ignore_eos and record.completion_tokens != max_tokens:
         return f"{record.completion_tokens} of {max_tokens} tokens despite ignore_eos"
     return None
@@ -4511,7 +4523,7 @@ def send_chat(
     }
     url = f"{base_url}/v1/chat/completions"
     start, record.t_send = arrival or (time.perf_counter(), time.time())
-    entered = False
+    sent_at, entered = record.t_send, False
     try:
         if arrival is not None:  # before the gate: a wake-up is the router's wait, not the client's lateness
             record.send_delay_s = time.perf_counter() - start
@@ -4528,8 +4540,8 @@ def send_chat(
         if time.perf_counter() >= start + timeout_s:
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
-        if not record.ok:  # a completed stream ends at its [DONE]
-            record.e2e_s = time.perf_counter() - start
+        if not record.ok:  # from the send stream_chat moved t_send to; a completed stream ends at [DONE]
+            record.e2e_s = time.perf_counter() - start - (record.t_send - sent_at)
         if entered:
             gate.release()
     return record

@@ -1,5 +1,6 @@
 """The load generator: TTFT taken on arrival of the first token, failures as rows, auth."""
 
+import contextlib
 import json
 import random
 import re
@@ -7,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+import types
 
 import pytest
 import requests
@@ -538,3 +540,33 @@ def test_a_request_still_open_at_the_end_of_its_burst_is_timed_from_its_own_send
     assert never_sent.t_send > 0 and 1.9 < never_sent.e2e_s < 3.0
     sent = rx.still_open(record(t_send=time.time() - 1.0), planned_send=time.time() - 5.0, error="still open")
     assert 0.9 < sent.e2e_s < 2.0 and not sent.ok
+
+
+def test_an_empty_data_line_is_skipped_and_an_aborted_stream_is_a_failure():
+    def event(content, finish=None):
+        return json.dumps({"choices": [{"delta": {"content": content}, "finish_reason": finish}]}).encode()
+
+    reads = [(1.0, b"data:\n\ndata: " + event("hi") + b"\n\n"), (1.5, b"data: " + event("", "abort"))]
+    row = record()
+    done = rx.read_sse(iter([*reads, (2.0, b"\n\ndata: [DONE]\n\n")]), row, start=0.5)
+    assert done and row.ttft_s == 0.5 and row.finish_reason == "abort"
+    assert rx.completion_problem(row, done, max_tokens=1, ignore_eos=False) == "finish_reason abort"
+
+
+def test_a_failed_closed_burst_request_is_timed_from_its_own_send(monkeypatch):
+    def cut_body(headers):
+        time.sleep(0.1)
+        raise ConnectionError("cut")
+        yield
+
+    @contextlib.contextmanager
+    def slow_exchange(connections, url, request, deadline):
+        time.sleep(1.0)  # the client's own work before the send: not the server's time
+        yield types.SimpleNamespace(sent=time.perf_counter(), complete=False, body=cut_body), 200, {}
+
+    monkeypatch.setattr(rx, "exchange", slow_exchange)
+    planned = rx.PlannedRequest(0, 0, "p", 4, 0.0)
+    row = rx.send_chat("http://127.0.0.1:9", "m", planned, record(), timeout_s=30)
+    assert not row.ok and "cut" in row.error
+    assert row.e2e_s < 0.9, "timed from its send, after the client's own second"
+    assert abs(row.t_send + row.e2e_s - time.time()) < 0.5

@@ -18,6 +18,15 @@ AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
 """
 
 
+def test_azure_timestamps_of_2023_and_2024_read_as_utc_seconds():
+    assert rx.azure_seconds("2023-11-16 18:17:03.9799600") == pytest.approx(1700158623.97996)
+    assert rx.azure_seconds("2024-05-10 00:00:00.009930+00:00") == pytest.approx(1715299200.00993)
+    assert rx.azure_seconds("2024-05-10 00:00:01+00:00") == 1715299201.0
+    assert rx.azure_seconds("2024-05-10 02:00:01+02:00") == 1715299201.0
+    with pytest.raises(ValueError, match="YYYY-MM-DD HH:MM:SS"):
+        rx.azure_seconds("10/05/2024 00:00")
+
+
 def mooncake(rows: int = 8) -> str:
     lines = [
         {

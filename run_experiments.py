@@ -4409,8 +4409,14 @@ def note_event(record: RequestRecord, event: dict) -> int:
     contents = 0
     for choice in event.get("choices") or ():
         record.finish_reason = choice.get("finish_reason") or record.finish_reason
-        contents += bool((choice.get("delta") or {}).get("content"))
+        delta = choice.get("delta") or {}
+        contents += any(delta.get(key) for key in STREAMED_TEXT)
     return contents
+
+
+# A token is text in any of these: with --reasoning-parser, vLLM streams a model's thinking as `reasoning`
+# (`reasoning_content` before 0.12), and its first tokens are the first ones a user waits for
+STREAMED_TEXT = ("content", "reasoning", "reasoning_content")
 
 
 def ending_every_line(reads: Iterator[tuple[float, bytes]]) -> Iterator[tuple[float, bytes]]:

@@ -570,3 +570,20 @@ def test_a_failed_closed_burst_request_is_timed_from_its_own_send(monkeypatch):
     assert not row.ok and "cut" in row.error
     assert row.e2e_s < 0.9, "timed from its send, after the client's own second"
     assert abs(row.t_send + row.e2e_s - time.time()) < 0.5
+
+
+def test_a_reasoning_models_thinking_counts_as_its_first_tokens():
+    def event(delta):
+        return (
+            b"data: " + json.dumps({"choices": [{"delta": delta, "finish_reason": None}]}).encode() + b"\n\n"
+        )
+
+    reads = [(1.0, event({"role": "assistant"})), (1.2, event({"reasoning": "hm"}))]
+    reads += [
+        (1.3, event({"reasoning_content": "so"})),
+        (1.5, event({"content": "A"})),
+        (1.6, b"data: [DONE]\n\n"),
+    ]
+    row = record()
+    assert rx.read_sse(iter(reads), row, start=1.0)
+    assert row.ttft_s == pytest.approx(0.2) and row.itl_s == pytest.approx([0.1, 0.2])

@@ -5108,8 +5108,8 @@ class VllmView:
         def peak(key: str) -> Optional[float]:
             return max((r[key] for r in rows if key in r), default=None)  # absent gauge: n/a, not 0
 
-        def growth(key: str, among: list[dict]) -> Optional[float]:
-            return among[-1][key] - among[0][key] if among else None
+        def growth(key: str, among: list[dict]) -> Optional[float]:  # one reading: a count, not its growth
+            return among[-1][key] - among[0][key] if len(among) > 1 else None
 
         prefix = [r for r in rows if "prefix_queries" in r and "prefix_hits" in r]
         hit_rate = ratio(growth("prefix_hits", prefix), growth("prefix_queries", prefix))
@@ -5630,12 +5630,15 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
     """Capacity over a rate sweep (None without one, or without SLOs)."""
     if not points or any(p.goodput is None and p.requests for p in points):
         return None
-    shares = {
-        rate: ratio(sum((p.goodput or 0) * p.requests for p in ps), sum(p.requests for p in ps))
+    shares = {  # a rate whose windows planned no arrival is n/a: neither held nor missed
+        rate: ratio(sum(round((p.goodput or 0) * p.requests) for p in ps), sum(p.requests for p in ps))
         for (rate,), ps in grouped(sorted(points, key=lambda p: p.rate), "rate").items()
     }
-    held = list(itertools.takewhile(lambda r: shares[r] is not None and shares[r] >= target, shares))
-    verdict = "below" if not held else "above" if len(held) == len(shares) else "within"
+    measured = [rate for rate, share in shares.items() if share is not None]
+    if not measured:
+        return None
+    held = list(itertools.takewhile(lambda r: shares[r] >= target, measured))
+    verdict = "below" if not held else "above" if len(held) == len(measured) else "within"
     largest = held[-1] if held else None
     held_mib = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
     attainment = {f"{r:g}": share for r, share in shares.items()}
@@ -6623,7 +6626,8 @@ def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 
 def percent(share: Optional[float]) -> str:
-    return "n/a" if share is None else f"{100 * share:.1f}%".replace(".0%", "%")
+    """Rounded down to 0.1%: 98.99% reads 98.9%, never as a 99% target met."""
+    return "n/a" if share is None else f"{math.floor(1000 * share + 1e-9) / 10:.1f}%".replace(".0%", "%")
 
 
 def slo_words(goodput: Optional[Goodput], joiner: str = ", ", at_most: str = "≤") -> str:
@@ -6662,7 +6666,7 @@ def rate_axis(points: Iterable[RatePoint]) -> str:
 def capacity_sentence(name: str, s: ExperimentSummary) -> str:
     c = s.capacity
     if c.largest_held_rps is None:
-        lowest = min(c.attainment, key=float)
+        lowest = min((rate for rate, share in c.attainment.items() if share is not None), key=float)
         return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
     above = " (above the sweep)" if c.verdict == "above the sweep" else ""
     memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
@@ -6756,9 +6760,9 @@ def repeats_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
 def definitions(config: dict, not_fresh: set[str]) -> list[str]:
     tolerance, window = dig(config, "config", "release_tolerance"), dig(config, "config", "idle_window_s")
     return paragraphs(
-        f"Definitions: *idle* = median device memory over {window or 1.5:g} s "
+        f"Definitions: *idle* = median device memory over {window or Config.idle_window_s:g} s "
         "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
-        f"burst until memory is within {fmt(tolerance and 100 * tolerance)}% "
+        f"burst until memory is within {fmt(100 * (tolerance or Config.release_tolerance))}% "
         "of that idle level (n/a: it stayed above; see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
         "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
@@ -6906,9 +6910,9 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     if config is None and not dirs:
         raise ReportError(f"{run_dir} is not a run folder: no config.json and no experiment folders in it")
     config = config if isinstance(config, dict) else {}
-    tolerance = dig(config, "config", "release_tolerance") or 0.05
+    tolerance = dig(config, "config", "release_tolerance") or Config.release_tolerance
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
-    target = (dig(config, "config", "slo_attainment") or 99.0) / 100
+    target = (dig(config, "config", "slo_attainment") or Config.slo_attainment) / 100
     loaded: dict[str, LoadedExperiment] = {}
     summaries: dict[str, ExperimentSummary] = {}
     failed: dict[str, str] = {}

@@ -561,6 +561,12 @@ def test_vllms_per_model_figures_cover_the_workload_not_the_discarded_warm_up():
     view = rx.VllmView.of(rx.during(rows, (2.5, 4.5)))
     assert (view.max_running, view.max_waiting, view.preemptions) == (100, 8, 4)
     assert rx.during(rows, None) == rows, "no workload mark (killed before it): every row"
+    assert rx.VllmView.of(rows[2:3]).preemptions is None, "one reading is a count, not its growth"
+
+
+def test_the_definitions_state_the_defaults_the_report_computed_with_when_config_json_is_missing():
+    text = "\n".join(rx.definitions({}, set()))
+    assert "median device memory over 1 s" in text and "within 5% of that idle level" in text
 
 
 def test_an_unknown_experiment_is_answered_with_every_number_and_name():

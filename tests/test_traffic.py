@@ -369,6 +369,26 @@ def test_capacity_is_the_largest_rate_held_with_every_lower_one(points, verdict,
     assert (capacity.verdict, capacity.largest_held_rps, capacity.mean_mib) == (verdict, held, mib)
 
 
+def test_a_rate_with_no_requests_is_neither_held_nor_missed_and_pooled_shares_are_exact():
+    empty_first = rx.capacity([point(0.5, None, requests=0), point(1, 1.0), point(2, 1.0)], 0.99)
+    assert (empty_first.verdict, empty_first.largest_held_rps) == ("above the sweep", 2)
+    assert empty_first.attainment["0.5"] is None
+    empty_between = rx.capacity([point(1, 1.0), point(2, None, requests=0), point(4, 1.0)], 0.99)
+    assert (empty_between.verdict, empty_between.largest_held_rps) == ("above the sweep", 4)
+    missed = rx.capacity([point(0.5, None, requests=0), point(1, 0.5), point(2, 1.0)], 0.99)
+    assert rx.capacity_sentence("static", types.SimpleNamespace(capacity=missed)) == (
+        "static missed it already at the lowest swept rate, 1 requests/s"
+    )
+    assert rx.capacity([point(0.5, None, requests=0)], 0.99) is None
+    # 0 of 1 and 24 of 47 pool to 24 of 48: exactly the 50% target, not a float step below it
+    halves = rx.capacity([point(3, 0.0, requests=1), point(3, 24 / 47, requests=47, repeat=1)], 0.5)
+    assert halves.attainment == {"3": 0.5} and halves.verdict == "above the sweep"
+
+
+def test_a_share_is_shown_rounded_down_so_a_missed_target_never_reads_as_met():
+    assert [rx.percent(v) for v in (0.9899, 0.99, 0.29, 1.0, None)] == ["98.9%", "99%", "29%", "100%", "n/a"]
+
+
 def test_capacity_needs_slos_and_says_below_and_above_in_words():
     assert rx.capacity([point(3, None)], 0.99) is None and rx.capacity(None, 0.99) is None
     below = rx.capacity([point(3, 0.5), point(6, 0.2)], 0.99)

@@ -162,7 +162,7 @@ class Config:
     port: int = 0  # first port: slot i listens on port + i (0 = --port-a/--port-b, then --port-b + 1, ...)
     api_key: str = ""  # passed to vLLM and sent by the client when set
     server_cmd: str = ""  # replaces 'python -m vllm.entrypoints.openai.api_server'
-    extra_server_args: str = ""  # appended to every server command
+    extra_server_args: str = ""  # appended to every server command; not the flags the harness sets itself
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
     pair_utilization_b: float = 0.0  # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
     static_shares: str = ""  # shared_static: each model's fraction, comma list ('' = 0.90/N; two: see above)
@@ -1852,12 +1852,37 @@ def check_model_list(cfg: Config) -> None:
     )
 
 
+# vLLM flags each server gets from the harness (the last of a repeated flag wins): the harness's own flag
+SET_PER_SERVER = {
+    "--model": "--models",
+    "--host": "--host",
+    "--port": "--port or --port-a/--port-b",
+    "--max-model-len": "--max-model-len",
+    "--gpu-memory-utilization": "--gpu-memory-utilization, --static-shares or --pair-utilization-b",
+    "--kv-cache-memory-bytes": "--overload-budget-gib",
+    "--enable-sleep-mode": "--experiments with sleep or shared_sleep",
+    "--enable-prefix-caching": "--prefix-caching",
+    "--no-enable-prefix-caching": "--prefix-caching",
+    "--load-format": "--load-format",
+    "--tokenizer": "--tokenizer",
+}
+
+
 def check_server_command(cfg: Config) -> None:
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
+    ours = [
+        arg.split("=")[0] for arg in shlex.split(cfg.extra_server_args) if arg.split("=")[0] in SET_PER_SERVER
+    ]
+    need(
+        not ours,
+        "extra_server_args",
+        f"sets {ours[0] if ours else ''}, which the harness sets for each server (and each arm) itself: "
+        f"use {SET_PER_SERVER[ours[0]] if ours else ''}",
+    )
     need(
         cfg.preimport != "on" or staged_command(server_prefix(cfg)) is not None,
         "preimport",
@@ -7229,7 +7254,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
 
 
 # Flags after which vLLM's memory is no longer config.json's sizes at 16 bits: the room checks skip.
-RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload-gb --max-model-len".split()
+RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload-gb".split()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1098,6 +1098,9 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         (["--sample-hz", "nan"], "--sample-hz"),
         (["--server-cmd", "python 'unbalanced"], "--server-cmd"),
         (["--extra-server-args", "--x 'y"], "--extra-server-args"),
+        # the harness sets these per server and per arm; vLLM would take the last one given
+        (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
+        (["--extra-server-args=--port=9000"], "--extra-server-args"),
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--model-a", ""], "--model-a"),

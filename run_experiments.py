@@ -7476,6 +7476,8 @@ def check_models_fit(
     server's requests wait for KV memory that never comes. shared_static: check_static_split."""
     for e in experiments:
         held = [s for s in e.servers(cfg, budget) if s.kvcached or s.kv_cache_memory_bytes]
+        if short := pool_short_of_a_request(e, held, sizes, card.free):
+            return short
         rests = [sizes[s.name].rest for s in held]
         need = sum(sizes[s.name].weights + (s.kv_cache_memory_bytes or 0) for s in held) + sum(rests)
         need += max((sizes[s.name].request_kv for s in held if s.kvcached), default=0)
@@ -7514,6 +7516,27 @@ def check_models_fit(
 
 def smaller_fix(experiment: str) -> str:
     return f"a smaller model, a shorter --max-model-len, or leave {experiment} out of --experiments"
+
+
+def pool_short_of_a_request(
+    e: Experiment, held: list[ServerSpec], sizes: dict[str, ModelRoom], free: int
+) -> Optional[Check]:
+    """A fixed KV pool (--overload-budget-gib split evenly) must hold one --max-model-len request: vLLM
+    refuses to start with less. The fix names the budget that holds one where the card has room for it."""
+    pools = [s for s in held if s.kv_cache_memory_bytes]
+    short = [s for s in pools if s.kv_cache_memory_bytes < sizes[s.name].request_kv]
+    if not short:
+        return None
+    least = math.ceil(10 * len(pools) * max(sizes[s.name].request_kv for s in pools) / GIB) / 10
+    beside = sum(sizes[s.name].weights + sizes[s.name].rest for s in held)
+    budget = f"--overload-budget-gib {least:g}, or " if beside + least * GIB <= free else ""
+    return fail(
+        "models fit",
+        f"{e.name}: model {short[0].name}'s KV pool of {short[0].kv_cache_memory_bytes / MIB:,.0f} MiB (the "
+        f"--overload-budget-gib split {len(pools)} ways) cannot hold one --max-model-len request "
+        f"({sizes[short[0].name].request_kv / MIB:,.0f} MiB): vLLM refuses to start",
+        budget + smaller_fix(e.name),
+    )
 
 
 def pools_fix(e: Experiment, fitting: int, held: list[ServerSpec], sizes: dict[str, ModelRoom]) -> str:

@@ -60,10 +60,13 @@ def check(card_mib: int, flags: list[str], port: int) -> tuple[int, str]:
 
 
 def fix_flags(out: str, flags: list[str]) -> list[str]:
-    """The flags every failed room check names, shared_static left out where one says so."""
+    """The flags every failed room check names, shared_static left out where one says so; none where one of
+    them names no flag (its fix is a smaller model or fewer experiments)."""
     named = []
     for _, _, fix in ROOM_FAILURE.findall(out):
         these = [part for flag in FIX_FLAG.findall(fix) for part in flag.split()]
+        if not these:
+            return []
         named += these
         if these and "shared_static left out" in fix:
             chosen = rx.parse_experiments(flags[flags.index("--experiments") + 1])

@@ -333,6 +333,27 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
 
 
+def test_a_fixed_kv_pool_too_small_for_one_request_fails_and_its_fix_passes(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    """32k tokens of Qwen2.5-7B's KV is 1.75 GiB: a 2 GiB budget split two ways gives each pool 1 GiB, and
+    vLLM would refuse to start; the budget the fix names holds a request in each pool."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
+    seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
+    args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b[0], "--model-b", seven_b[1])
+    args += ["--experiments", "overload_static", "--max-model-len", "32768"]
+    assert rx.main([*args, "--overload-budget-gib", "2"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert (
+        "✗ models fit: overload_static: model A's KV pool of 1,024 MiB (the --overload-budget-gib split 2"
+        in out
+    )
+    budget = re.search(r"fix: --overload-budget-gib ([0-9.]+)", out).group(1)
+    assert budget == "3.5"
+    assert rx.main([*args, "--overload-budget-gib", budget], nvml_module=fake_gpu) == 0
+    assert "✓ models fit" in capsys.readouterr().out
+
+
 def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_static_out(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):

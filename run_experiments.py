@@ -7260,26 +7260,35 @@ RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload
 @dataclasses.dataclass(frozen=True)
 class MemoryFit:
     """Bytes vLLM 0.24 (--enforce-eager) holds beyond a model's weights (as weight_bytes estimates them) and
-    KV: base + per_vocab_row x its vocabulary x the rows its sampler profiles + weight_share x its weights.
-    A least-squares fit (benchmarks/workspace_fit.py) over Qwen2.5-0.5B to 32B shapes, Llama-3.1-8B's and
-    vocabularies of 152k to 262k tokens on an H100, at both of vLLM's default batches; every measured point
-    lies within `below` and `above` of it (results/REFERENCE.md, "vLLM's own memory for larger models and
-    vocabularies"). Another card's CUDA context may differ by some hundred MiB."""
+    KV at memory profiling: base + the larger of the sampler's logits (per_vocab_row x its vocabulary x the
+    rows it samples) and the forward pass's activations (per token of the batch: per_intermediate x the MLP's
+    width + per_hidden x the model's), + weight_share x its weights. A fit (benchmarks/workspace_fit.py)
+    over Qwen2.5-0.5B to 32B shapes, Llama-3.1-8B's and vocabularies of 152k to 262k tokens on an H100, at
+    2,048 to 32,768 batched tokens; every measured point lies within `below` and `above` of it
+    (results/REFERENCE.md, "vLLM's own memory for larger models and vocabularies" and "... larger batches").
+    Another card's CUDA context may differ by some hundred MiB."""
 
     base: int
-    per_vocab_row: float  # the sampler's logits and their sorted copies at memory profiling, per entry
+    per_vocab_row: float  # the sampler's logits and their sorted copies, per entry
+    per_intermediate: float  # the MLP's activations per token: 6 B x its width is its bf16 buffers
+    per_hidden: float
     weight_share: float
     below: int
     above: int
 
-    def fitted(self, vocabulary: int, rows: int, weights: int) -> int:
-        return int(self.base + self.per_vocab_row * vocabulary * rows + self.weight_share * weights)
+    def fitted(self, text: dict, batch: "VllmBatch", weights: int) -> int:
+        sampler = self.per_vocab_row * text["vocab_size"] * batch.rows
+        widths = (
+            self.per_intermediate * (text.get("intermediate_size") or 0)
+            + self.per_hidden * text["hidden_size"]
+        )
+        return int(self.base + max(sampler, batch.tokens * widths) + self.weight_share * weights)
 
 
 # Within --gpu-memory-utilization: activations and the sampler at memory profiling, non-torch memory.
-VLLM_WORKSPACE = MemoryFit(int(0.42 * GIB), 14.2, 0.0066, int(0.10 * GIB), int(0.10 * GIB))
+VLLM_WORKSPACE = MemoryFit(int(0.415 * GIB), 14.4, 6.0, 6.5, 0.0072, int(0.16 * GIB), int(0.16 * GIB))
 # All a server holds beside weights and KV (its CUDA context too), the lesser of either arm's.
-VLLM_SERVER_REST = MemoryFit(1000 * MIB, 14.7, 0.0024, 120 * MIB, 160 * MIB)
+VLLM_SERVER_REST = MemoryFit(1002 * MIB, 14.8, 3.0, 7.5, 0.0026, 140 * MIB, 140 * MIB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7304,9 +7313,9 @@ class ModelRoom:
         return self.weights + self.request_kv + self.workspace_most
 
 
-def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], str]:
-    """A model's room from its config.json with `rows` sequences sampled at vLLM's memory profiling
-    (VllmBatch.rows), or (None, why it cannot be told from there)."""
+def model_room(cfg: Config, slot: str, batch: "VllmBatch") -> tuple[Optional[ModelRoom], str]:
+    """A model's room from its config.json at the batch vLLM profiles its memory with, or (None, why it
+    cannot be told from there)."""
     model_config, _ = load_model_config(model_of(cfg, slot))
     weights = weight_bytes(model_config) if model_config else None
     if weights is None:
@@ -7322,14 +7331,14 @@ def model_room(cfg: Config, slot: str, rows: int) -> tuple[Optional[ModelRoom], 
     resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]
     if resizing:
         return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"
-    workspace = VLLM_WORKSPACE.fitted(text["vocab_size"], rows, weights)
-    rest = VLLM_SERVER_REST.fitted(text["vocab_size"], rows, weights) - VLLM_SERVER_REST.below
+    workspace = VLLM_WORKSPACE.fitted(text, batch, weights)
+    rest = VLLM_SERVER_REST.fitted(text, batch, weights) - VLLM_SERVER_REST.below
     request_kv = kv_bytes_per_token(model_config) * cfg.max_model_len
     workspace_range = (workspace - VLLM_WORKSPACE.below, workspace + VLLM_WORKSPACE.above)
     return ModelRoom(weights, request_kv, *workspace_range, rest), ""
 
 
-MEASURED_BATCHED_TOKENS = 8192  # the most the fits saw; more holds larger activations than they count
+MEASURED_BATCHED_TOKENS = 32768  # the most the fits saw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7389,7 +7398,7 @@ def room_checks(
     split_in_run = any(e.name == "shared_static" for e in experiments)
     sizes = {}
     for slot in sorted({s.name for e in experiments for s in e.servers(cfg, budget)}):
-        sizes[slot], why = model_room(cfg, slot, card.batch.rows)
+        sizes[slot], why = model_room(cfg, slot, card.batch)
         if sizes[slot] is None:
             return [warn("models fit", f"not checked: {why}")]
     advised = {slot: least_share(room.advised, card.total) for slot, room in sizes.items()}
@@ -7407,7 +7416,7 @@ def room_checks(
         past = (
             f"--max-num-batched-tokens {card.batch.tokens:,} is past the {MEASURED_BATCHED_TOKENS:,} measured"
         )
-        detail = f"{past}: vLLM's activations hold more than the room checks count"
+        detail = f"{past}: vLLM's activations may hold more than the room checks count"
         checks.append(warn("batch", detail, "leave room beyond the shares they advise"))
     return checks
 
@@ -7510,7 +7519,8 @@ def check_models_fit(
                 fix or smaller_fix(e.name),
             )
     workspace = ", ".join(f"{slot} {room.workspace_most / GIB:.2f}" for slot, room in sizes.items())
-    counted = f"vLLM's workspace up to {workspace} GiB at {card.batch.rows:,} sampled rows"
+    batch = f"{card.batch.tokens:,} batched tokens and {card.batch.rows:,} sampled rows"
+    counted = f"vLLM's workspace up to {workspace} GiB at {batch}"
     return Check("models fit", True, f"each server holds its model's weights, one request and {counted}")
 
 

@@ -49,5 +49,6 @@ def test_preflight_fix_fuzz_applies_each_fix_and_counts():
 
 def test_workspace_fit_holds_every_committed_gpu_run_within_the_room_checks_bounds():
     out = bench("benchmarks/workspace_fit.py")
-    assert "15 runs; every point within the code's bounds" in out, out
+    assert "22 runs; every point within the code's bounds" in out, out
     assert "ws_large_Qwen2.5-0.5B-vocab262k" in out and "ws_small_Qwen2.5-32B-shape" in out
+    assert "ws_t32768_Qwen2.5-7B-Instruct" in out, "the batches past the large card's default count too"

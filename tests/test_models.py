@@ -316,7 +316,7 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     out = capsys.readouterr().out
     assert "✗ models fit: static: model A at --gpu-memory-utilization 0.5 (12,288 MiB) cannot hold" in out
     share = re.search(r"fix: --gpu-memory-utilization ([0-9.]+)", out).group(1)
-    room, _ = rx.model_room(rx.Config(model_a=seven_b[0]), "A", 256)  # a 24 GiB card samples 256 rows
+    room, _ = rx.model_room(rx.Config(model_a=seven_b[0]), "A", SMALL_BATCH)  # a 24 GiB card samples 256 rows
     assert float(share) * 24576 * rx.MIB >= room.advised > room.weights + room.request_kv + rx.GIB // 2
     assert (
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
@@ -365,7 +365,9 @@ def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_stat
     args = in_process_args(tmp_path / "r", *args)
     assert rx.main(args, nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
-    share = rx.least_share(rx.model_room(rx.Config(model_a=seven_b[0]), "A", 256)[0].advised, 24 * rx.GIB)
+    share = rx.least_share(
+        rx.model_room(rx.Config(model_a=seven_b[0]), "A", SMALL_BATCH)[0].advised, 24 * rx.GIB
+    )
     assert f"fix: --gpu-memory-utilization {share:g}, with shared_static left out of --experiments" in out
     assert rx.main([*args, *room_fix(out)[:2], "--experiments", "2,6"], nvml_module=fake_gpu) == 0
 
@@ -392,13 +394,15 @@ def test_a_batch_past_the_measured_one_is_a_warning_that_names_the_flag(
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
     monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
     args = in_process_args(tmp_path / "r", "--check", "--experiments", "2")
-    assert rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 8192"], nvml_module=fake_gpu) == 0
+    assert (
+        rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 32768"], nvml_module=fake_gpu) == 0
+    )
     assert "batch:" not in capsys.readouterr().out
     assert (
-        rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 16384"], nvml_module=fake_gpu) == 0
+        rx.main([*args, "--extra-server-args", "--max-num-batched-tokens 65536"], nvml_module=fake_gpu) == 0
     )
     out = capsys.readouterr().out
-    assert "--max-num-batched-tokens 16,384 is past the 8,192 measured" in out and "✓ models fit" in out
+    assert "--max-num-batched-tokens 65,536 is past the 32,768 measured" in out and "✓ models fit" in out
 
 
 def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_is_refused(
@@ -408,7 +412,7 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
     0.03 of an H100); the preflight now refuses it, and the share it advises passes."""
     half_b = model_folder(tmp_path / "m", {**SEVEN_B, "num_hidden_layers": 4, "hidden_size": 896})
     args = in_process_args(tmp_path / "r", "--check", "--model-a", half_b, "--experiments", "2")
-    room, _ = rx.model_room(rx.Config(model_a=half_b), "A", 256)
+    room, _ = rx.model_room(rx.Config(model_a=half_b), "A", SMALL_BATCH)
     card = 16 * rx.GIB
     between = rx.least_share(room.weights + room.request_kv, card)
     assert between * card < room.static_need, "the share holds no workspace"
@@ -422,26 +426,32 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
 
 # vLLM 0.24's workspace on an H100 (results/REFERENCE.md, "vLLM's own memory for larger models and
 # vocabularies"): (shape, rows its sampler profiled, vLLM's "Model loading took" GiB, workspace GiB).
-MEASURED_WORKSPACE = [
-    (LARGE_VOCABULARY, 1024, 1.11, 3.93),
-    (LARGE_VOCABULARY, 256, 1.11, 1.29),
-    (THIRTY_TWO_B, 1024, 61.04, 2.86),
-    (THIRTY_TWO_B, 256, 61.04, 1.26),
-    (SEVEN_B, 1024, 14.29, 2.55),
-    (SEVEN_B, 256, 14.29, 0.97),
+# vLLM's batches: a small card's, a large card's, and 16k and 32k tokens at the large card's 1,024 sequences
+SMALL_BATCH, LARGE_BATCH = rx.VllmBatch(2048, 256), rx.VllmBatch(8192, 1024)
+BATCH_16K, BATCH_32K = rx.VllmBatch(16384, 1024), rx.VllmBatch(32768, 1024)
+MEASURED_WORKSPACE = [  # on an H100 (results/REFERENCE.md)
+    (LARGE_VOCABULARY, LARGE_BATCH, 1.11, 3.93),
+    (LARGE_VOCABULARY, SMALL_BATCH, 1.11, 1.29),
+    (THIRTY_TWO_B, LARGE_BATCH, 61.04, 2.86),
+    (THIRTY_TWO_B, SMALL_BATCH, 61.04, 1.26),
+    (SEVEN_B, LARGE_BATCH, 14.29, 2.55),
+    (SEVEN_B, SMALL_BATCH, 14.29, 0.97),
+    # past 8,192 tokens the forward pass's MLP activations outgrow the sampler's logits
+    (SEVEN_B, BATCH_16K, 14.29, 2.62),
+    (SEVEN_B, BATCH_32K, 14.29, 4.74),
 ]
 
 
-@pytest.mark.parametrize("shape, rows, weights_gib, workspace_gib", MEASURED_WORKSPACE)
-def test_vllms_workspace_grows_with_the_vocabulary_and_the_model_as_measured(
-    tmp_path, shape, rows, weights_gib, workspace_gib
+@pytest.mark.parametrize("shape, batch, weights_gib, workspace_gib", MEASURED_WORKSPACE)
+def test_vllms_workspace_grows_with_the_vocabulary_the_model_and_the_batch_as_measured(
+    tmp_path, shape, batch, weights_gib, workspace_gib
 ):
     """The room checks refuse below the least and advise the most: with the weights they estimate, both
     bound what vLLM held for weights and workspace."""
-    room, _ = rx.model_room(rx.Config(model_a=model_folder(tmp_path / "m", shape)), "A", rows)
+    room, _ = rx.model_room(rx.Config(model_a=model_folder(tmp_path / "m", shape)), "A", batch)
     held = (weights_gib + workspace_gib) * rx.GIB
     assert room.weights + room.workspace_least <= held <= room.weights + room.workspace_most
-    assert room.workspace_most - room.workspace_least <= 0.2 * rx.GIB, "a bound, not a guess"
+    assert room.workspace_most - room.workspace_least <= 0.32 * rx.GIB, "a bound, not a guess"
 
 
 def test_a_model_with_a_vision_encoder_is_not_sized_from_its_text_model_alone(fake_gpu, tmp_path, capsys):
@@ -477,7 +487,7 @@ def deepest_model(tmp_path: Path, free: int, with_rest: bool) -> tuple[str, "rx.
     for layers in range(1, 200):
         shape = {**SEVEN_B, "num_hidden_layers": layers, "hidden_size": 896, "intermediate_size": 4864}
         folder = model_folder(tmp_path / str(layers), shape)
-        room, _ = rx.model_room(rx.Config(model_a=folder), "A", 256)
+        room, _ = rx.model_room(rx.Config(model_a=folder), "A", SMALL_BATCH)
         if 3 * (room.weights + with_rest * room.rest) + room.request_kv > free:
             assert deepest, "even one layer is too deep"
             return deepest

@@ -3975,12 +3975,15 @@ FOREIGN_PIDS = (
 )
 
 
-def gpu_processes(nvml: Any, handle: Any) -> dict[int, int]:
-    """pid -> used bytes for compute processes on the card."""
+UNREPORTED = "NVML lists a server's process without its memory (not available): per-server memory is unknown"
+
+
+def gpu_processes(nvml: Any, handle: Any) -> dict[int, Optional[int]]:
+    """pid -> used bytes for compute processes on the card; None where NVML does not report them."""
     for name in ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses"):
         fn = getattr(nvml, name, None)
         if fn is not None:
-            return {p.pid: int(p.usedGpuMemory or 0) for p in fn(handle)}
+            return {p.pid: None if p.usedGpuMemory is None else int(p.usedGpuMemory) for p in fn(handle)}
     return {}
 
 
@@ -4130,18 +4133,21 @@ def process_rows(nvml: Any, handle: Any, servers: list, roots: dict, now: float)
     rows = []
     for server in servers:
         pids = [pid for pid, owner in owners.items() if owner is server]
-        holders = {str(p): by_pid[p] / MIB for p in pids}
+        unreported = [p for p in pids if by_pid[p] is None]
+        holders = {str(p): None if p in unreported else by_pid[p] / MIB for p in pids}
         row = {
             "kind": "process",
             "t": now,
             "server": server.spec.name,
-            "used_mib": sum(by_pid[p] for p in pids) / MIB,
+            "used_mib": None if unreported else sum(by_pid[p] for p in pids) / MIB,
             "holders_mib": holders,
             "leader_pid": server.proc.pid,
             "gpu_pids": len(by_pid),
         }
         if foreign and not holders:
             row.update(used_mib=None, unattributed=FOREIGN_PIDS)
+        elif unreported:
+            row.update(unattributed=UNREPORTED)
         rows.append(row)
     return rows
 
@@ -5065,13 +5071,15 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
     memory, requests = (read_jsonl(exp_dir / f"{name}.jsonl") for name in ("memory", "requests"))
     loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
-    # where a killed run left no workload mark, the workload spans its bursts (or its samples)
+    # where a killed run left no workload mark, the workload spans its bursts, else from its first request
+    # sent (a record saved before its first burst); no request and a record that reads: no workload ran
     marks, times = record.marks, [t for t, _ in loaded.device]
+    sent = [r["t_send"] for r in requests if isinstance(r.get("t_send"), (int, float))]
     if marks.workload is None and marks.bursts:
         first = marks.bursts[0].start
         marks.workload = (first, marks.bursts[-1].end or max(times, default=first))
-    elif marks.workload is None and times and not record.finished:
-        marks.workload = (min(times), max(times))
+    elif marks.workload is None and times and not record.finished and (sent or problems):
+        marks.workload = (min(sent or times), max(times))
     if marks.sampling_end is None and times:
         marks.sampling_end = max(times)
     return loaded
@@ -5383,8 +5391,9 @@ def per_repeat(records: list[RequestRecord], repeats: list[int]) -> Optional[lis
 
 def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> list[str]:
     problems = list(loaded.problems) + unfaithful(latency)
-    if any(r.get("unattributed") for r in select(loaded.memory, kind="process")):
-        problems.append(FOREIGN_PIDS)
+    problems += sorted(
+        {r["unattributed"] for r in select(loaded.memory, kind="process") if r.get("unattributed")}
+    )
     if not loaded.record.finished:
         problems.append(
             "incomplete: the experiment was interrupted or failed before its end; "
@@ -7600,7 +7609,7 @@ def check_card(nvml: Any, index: int, static_share: float) -> Check:
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
     shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
-    listed = ", ".join(f"pid {p} {b / MIB:,.0f} MiB" for p, b in sorted(others.items()))
+    listed = ", ".join(f"pid {p} {fmt(b and b / MIB)} MiB" for p, b in sorted(others.items()))
     if static_share and mem.total - mem.used < static_share * mem.total:
         return fail(
             "card",

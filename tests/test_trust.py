@@ -894,6 +894,22 @@ def test_report_of_a_killed_run_names_what_it_cannot_read(tmp_path):
     assert summary["device"]["peak_mib"] == 939.0, "the raw samples are still reported"
 
 
+def test_an_experiment_stopped_before_its_first_request_reports_no_workload_peak(tmp_path):
+    """experiment.json was saved after the idle window (no burst yet), then the run died in its warm-up:
+    the warm-up's 30 GB are not the workload's peak. A request already sent starts the workload."""
+    exp = tmp_path / "01_kvcached"
+    exp.mkdir()
+    record = rx.ExperimentRecord("kvcached", "q")
+    record.marks.idle_after_load = (1.0, 2.0)
+    rx.write_json(exp / "experiment.json", record)
+    levels = [(1 + i / 10, 30000.0 if 2.5 <= 1 + i / 10 < 4 else 1000.0) for i in range(50)]
+    rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t, "used_mib": mib} for t, mib in levels])
+    summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
+    assert summary.device.peak_mib is None and summary.memory_cost is None
+    rx.write_jsonl(exp / "requests.jsonl", [{"t_send": 4.5}])
+    assert rx.load_experiment(exp).record.marks.workload == (4.5, 5.9)
+
+
 @pytest.mark.parametrize("target", ["not_a_run", "missing"])
 def test_report_of_something_else_is_one_clear_line(tmp_path, target):
     folder = tmp_path / target

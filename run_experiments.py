@@ -2015,18 +2015,26 @@ def served_bytes_per_value(text: dict) -> int:
     return DTYPE_BYTES.get(str(text.get("torch_dtype", "bfloat16")), 2)
 
 
-def kv_bytes_per_token(model_config: dict) -> int:
+def kv_bytes_per_token(model_config: dict) -> Optional[int]:
     """K and V, every layer: 2 x layers x KV heads x head dim x dtype bytes; with multi-head latent attention
-    (DeepSeek's kv_lora_rank) one compressed latent and its rotary part per layer."""
+    (DeepSeek's kv_lora_rank) one compressed latent and its rotary part per layer. None where config.json
+    names its sizes otherwise (GPT-2's n_layer, n_head)."""
     text = text_config(model_config)
     dtype_bytes = served_bytes_per_value(text)
+    if any(key not in text for key in ("num_hidden_layers", "num_attention_heads", "hidden_size")):
+        return None
     if text.get("kv_lora_rank"):
         return (
             text["num_hidden_layers"] * (text["kv_lora_rank"] + text.get("qk_rope_head_dim", 0)) * dtype_bytes
         )
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    kv_heads = text.get("num_key_value_heads", heads)
+    # Falcon names its KV heads num_kv_heads, or has one (multi_query) where it names none
+    kv_heads = (
+        text.get("num_key_value_heads")
+        or text.get("num_kv_heads")
+        or (1 if text.get("multi_query") else heads)
+    )
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
@@ -7342,7 +7350,10 @@ def model_room(cfg: Config, slot: str, batch: "VllmBatch") -> tuple[Optional[Mod
         return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"
     workspace = VLLM_WORKSPACE.fitted(text, batch, weights)
     rest = VLLM_SERVER_REST.fitted(text, batch, weights) - VLLM_SERVER_REST.below
-    request_kv = kv_bytes_per_token(model_config) * cfg.max_model_len
+    kv_per_token = kv_bytes_per_token(model_config)
+    if kv_per_token is None:
+        return None, f"no sizes for model {slot}'s KV in its config.json"
+    request_kv = kv_per_token * cfg.max_model_len
     workspace_range = (workspace - VLLM_WORKSPACE.below, workspace + VLLM_WORKSPACE.above)
     return ModelRoom(weights, request_kv, *workspace_range, rest), ""
 

@@ -186,6 +186,15 @@ def test_latent_attention_keeps_one_compressed_entry_per_layer_and_token():
     assert rx.kv_bytes_per_token(deepseek_v2_lite) == 27 * (512 + 64) * 2
 
 
+def test_falcons_kv_heads_are_read_and_a_config_without_the_usual_names_has_no_kv_size():
+    falcon_7b = dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True)
+    assert rx.kv_bytes_per_token(falcon_7b) == 2 * 32 * 1 * 64 * 2, "one KV head, not 71"
+    falcon_40b = dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8)
+    assert rx.kv_bytes_per_token(falcon_40b) == 2 * 60 * 8 * 64 * 2
+    gpt2 = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
+    assert rx.kv_bytes_per_token(gpt2) is None and rx.weight_bytes(gpt2) is None
+
+
 def test_burst_is_sized_to_a_fraction_of_free_memory():
     size, why = rx.size_burst(12288, 16 * rx.GIB, 768, 128, 0.05, 256)
     per_request = (768 + 128) * 12288

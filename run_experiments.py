@@ -1584,7 +1584,8 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.max_model_len == AUTO_LENGTH:
         cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
     cfg = fill_preset(cfg)
-    room = min(cfg.prompt_tokens, cfg.max_model_len - cfg.max_tokens - PROMPT_MARGIN_TOKENS)  # plans' prompts
+    check_overload_room(cfg)
+    _, room = request_lengths(cfg)  # the plans' prompts, beside an output mix's longest request too
     need(
         cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
         "shared_prefix_tokens",
@@ -1889,6 +1890,19 @@ def check_server_command(cfg: Config) -> None:
         "on needs a server command of the form `python -m MODULE` (see --server-cmd)",
     )
     parse_env_pairs(cfg.kvcached_env)
+
+
+def check_overload_room(cfg: Config) -> None:
+    """The overload experiments send long requests: --max-model-len must leave them a prompt."""
+    if not any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments)):
+        return
+    least = next(n for n in itertools.count(1) if overload_lengths(cfg, n)[1] >= OVERLOAD_LEAST_PROMPT)
+    need(
+        cfg.max_model_len >= least,
+        "max_model_len",
+        f"{cfg.max_model_len} leaves the overload experiments' long requests no prompt: give {least} or "
+        "more, or leave overload_kvcached and overload_static out of --experiments",
+    )
 
 
 def check_workload(cfg: Config) -> None:
@@ -2326,13 +2340,21 @@ def open_loop_plan(cfg: Config, sizing: str, position: Optional[int] = None) -> 
     return requests_plan(cfg, windows, sizing, arrivals=cfg.arrivals, rates=tuple(rates))
 
 
+OVERLOAD_LEAST_PROMPT = 64  # tokens: below it the overload bursts are no longer long requests
+
+
+def overload_lengths(cfg: Config, max_model_len: int) -> tuple[int, int]:
+    """(output, prompt) tokens of each overload request: long ones, with 256 tokens more of room for
+    tokenizer drift."""
+    max_tokens = min(2 * cfg.max_tokens, max_model_len // 4)
+    return max_tokens, max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
+
+
 def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
     """One heavy burst (long prompts and outputs) needing overload_demand x a model's share of the budget."""
     share = budget_bytes / len(slots(cfg))
     whose = "the pair's" if len(slots(cfg)) == 2 else "the models'"
-    max_tokens = min(2 * cfg.max_tokens, cfg.max_model_len // 4)
-    # and 256 tokens more of room for tokenizer drift
-    prompt_tokens = cfg.max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
+    max_tokens, prompt_tokens = overload_lengths(cfg, cfg.max_model_len)
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))
@@ -7986,7 +8008,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
     budget = int(cfg.overload_budget_gib * GIB)
-    for key in slots(cfg):
+    for key in slots(cfg) if overload_lengths(cfg, cfg.max_model_len)[1] >= OVERLOAD_LEAST_PROMPT else ():
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
     output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist

@@ -195,6 +195,13 @@ def test_falcons_kv_heads_are_read_and_a_config_without_the_usual_names_has_no_k
     assert rx.kv_bytes_per_token(gpt2) is None and rx.weight_bytes(gpt2) is None
 
 
+def test_a_short_max_model_len_plans_no_overload_burst_where_no_overload_experiment_runs():
+    cfg = rx.resolve_config(rx.validate_config(rx.Config(preset="smoke", max_model_len=320, experiments="1")))
+    plans, _, _ = rx.make_plans(cfg, {"free_mib_at_start": 8000})
+    assert "main" in plans and not [key for key in plans if key.startswith("overload")]
+    assert rx.overload_lengths(cfg, 416)[1] == rx.OVERLOAD_LEAST_PROMPT
+
+
 def test_burst_is_sized_to_a_fraction_of_free_memory():
     size, why = rx.size_burst(12288, 16 * rx.GIB, 768, 128, 0.05, 256)
     per_request = (768 + 128) * 12288

@@ -1117,6 +1117,13 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the harness sets these per server and per arm; vLLM would take the last one given
         (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
         (["--extra-server-args=--port=9000"], "--extra-server-args"),
+        # the overload bursts' long requests need a prompt: 400 leaves 32 tokens beside the preset's output
+        (["--preset", "smoke", "--max-model-len", "400", "--experiments", "5"], "--max-model-len"),
+        # the prompt is cut to leave the length mix's longest output room: 84 tokens, below the prefix
+        (
+            ["--output-tokens-dist", "uniform:1-1900", "--shared-prefix-tokens", "700", "--prefix-caching"],
+            "--shared-prefix-tokens",
+        ),
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--model-a", ""], "--model-a"),

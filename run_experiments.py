@@ -7211,18 +7211,36 @@ def check_results(results_dir: str) -> Check:
 def check_model(cfg: Config, slot: str) -> Check:
     name, model = f"model {slot}", model_of(cfg, slot)
     if (Path(model).expanduser() / "config.json").is_file():
-        return Check(name, True, f"{model} (local folder)")
+        return too_long_for(cfg, slot) or Check(name, True, f"{model} (local folder)")
     if cfg.server_cmd:  # another engine (or a fake) may name models its own way
         return warn(name, f"{model}: left to --server-cmd")
     path, why = hub_config(model)
     if path is not None:
-        return Check(name, True, f"{model} (hub or its cache)")
+        return too_long_for(cfg, slot) or Check(name, True, f"{model} (hub or its cache)")
     return fail(
         name,
         f"{model}: {why}",
         f"{'--models' if cfg.models else f'--model-{slot.lower()}'}: a local folder with config.json, or the "
         "hub: set HF_TOKEN for gated models, HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model "
         "in the cache",
+    )
+
+
+def too_long_for(cfg: Config, slot: str) -> Optional[Check]:
+    """vLLM refuses a --max-model-len past the model's max_position_embeddings (unless told to allow it);
+    left to vLLM where RoPE scaling stretches that limit."""
+    text = text_config(load_model_config(model_of(cfg, slot))[0] or {})
+    limit = text.get("max_position_embeddings")
+    stretched = text.get("rope_scaling") or text.get("rope_parameters")
+    if not isinstance(limit, int) or stretched or cfg.max_model_len <= limit:
+        return None
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
+        return None
+    return fail(
+        f"model {slot}",
+        f"{model_of(cfg, slot)} takes at most {limit:,} tokens (max_position_embeddings): vLLM refuses "
+        f"--max-model-len {cfg.max_model_len:,}",
+        f"--max-model-len {limit}",
     )
 
 

@@ -333,6 +333,22 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
 
 
+def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    short = model_folder(tmp_path / "short", {**HALF_B, "max_position_embeddings": 4096})
+    args = in_process_args(
+        tmp_path / "r", "--check", "--model-a", short, "--model-b", short, "--experiments", "1"
+    )
+    assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "✗ model A: " in out and "takes at most 4,096 tokens (max_position_embeddings)" in out
+    assert "fix: --max-model-len 4096" in out
+    assert rx.main([*args, "--max-model-len", "4096"], nvml_module=fake_gpu) == 0
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way to allow it
+    assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0
+
+
 def test_a_fixed_kv_pool_too_small_for_one_request_fails_and_its_fix_passes(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):

@@ -1719,7 +1719,8 @@ FIELD_CHECKS = (
     ("sleep_after_idle_s", lambda v: v > 0, "must be > 0 seconds, got {v:g}"),
     ("trace_speedup", lambda v: v > 0, "must be > 0 (2 = twice as fast as the trace), got {v:g}"),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
-    ("burstiness", lambda v: v > 0, "must be > 0 (1 = Poisson), got {v:g}"),
+    # below 0.01 the gamma's gaps underflow to 0 and a window would never end
+    ("burstiness", lambda v: v >= 0.01, "must be >= 0.01 (1 = Poisson, below 1 burstier), got {v:g}"),
     ("ramp_step", lambda v: v > 0, "must be > 0 requests/s per second, got {v:g}"),
     (
         "stagger_s",
@@ -1948,13 +1949,20 @@ def check_workload(cfg: Config) -> None:
             "rates_per_model",
             "give either each model's rate or --rate/--rates",
         )
-        parse_rates_per_model(cfg)
-        return
-    parse_rates(cfg)
+        planned = parse_rates_per_model(cfg)
+    else:
+        planned = parse_rates(cfg)
+        need(
+            bool(cfg.rates) or cfg.rate > 0,
+            "rate",
+            f"--arrivals {cfg.arrivals} needs --rate R, --rates R1,R2,... or --rates-per-model",
+        )
+    most = max(planned) * cfg.duration_s
     need(
-        bool(cfg.rates) or cfg.rate > 0,
-        "rate",
-        f"--arrivals {cfg.arrivals} needs --rate R, --rates R1,R2,... or --rates-per-model",
+        most <= MAX_WINDOW_REQUESTS,
+        "duration_s",
+        f"with a rate of {max(planned):g} requests/s plans about {most:,.0f} requests a window: at most "
+        f"{MAX_WINDOW_REQUESTS:,} (a lower rate or a shorter --duration-s)",
     )
 
 
@@ -2256,6 +2264,9 @@ def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -
         values = []
     need(bool(values) and all(math.isfinite(v) and ok(v) for v in values), flag, f"{why}; got {text!r}")
     return values
+
+
+MAX_WINDOW_REQUESTS = 100_000  # planned in one open-loop window: each is a thread's work and a row
 
 
 def parse_rates(cfg: Config) -> list[float]:

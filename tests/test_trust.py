@@ -1117,6 +1117,11 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the harness sets these per server and per arm; vLLM would take the last one given
         (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
         (["--extra-server-args=--port=9000"], "--extra-server-args"),
+        (
+            ["--arrivals", "gamma", "--rate", "2", "--burstiness", "1e-300"],
+            "--burstiness",
+        ),  # gaps of 0: no end
+        (["--arrivals", "poisson", "--rate", "1e9"], "--duration-s"),  # billions of planned requests
         # the overload bursts' long requests need a prompt: 400 leaves 32 tokens beside the preset's output
         (["--preset", "smoke", "--max-model-len", "400", "--experiments", "5"], "--max-model-len"),
         # the prompt is cut to leave the length mix's longest output room: 84 tokens, below the prefix

@@ -7556,7 +7556,9 @@ def check_models_fit(
     server's requests wait for KV memory that never comes. shared_static: check_static_split."""
     for e in experiments:
         held = [s for s in e.servers(cfg, budget) if s.kvcached or s.kv_cache_memory_bytes]
-        if short := pool_short_of_a_request(e, held, sizes, card.free):
+        if short := pool_short_of_a_request(e, held, sizes, card.free) or start_gate_shut(
+            e, held, sizes, card
+        ):
             return short
         rests = [sizes[s.name].rest for s in held]
         need = sum(sizes[s.name].weights + (s.kv_cache_memory_bytes or 0) for s in held) + sum(rests)
@@ -7620,6 +7622,24 @@ def pool_short_of_a_request(
     )
 
 
+def start_gate_shut(
+    e: Experiment, held: list[ServerSpec], sizes: dict[str, ModelRoom], card: CardRoom
+) -> Optional[Check]:
+    """vLLM starts a server with a fixed KV pool only where KV_BYTES_START_GATE of the card is free: the last
+    one to start needs it beside what the others hold by then."""
+    gated = [s for s in held if s.kv_cache_memory_bytes]
+    before = sum(sizes[s.name].weights + sizes[s.name].rest + s.kv_cache_memory_bytes for s in gated[:-1])
+    if not gated or before + KV_BYTES_START_GATE * card.total <= card.free:
+        return None
+    return fail(
+        "models fit",
+        f"{e.name}: vLLM starts a server only where {KV_BYTES_START_GATE:g} of the card "
+        f"({KV_BYTES_START_GATE * card.total / MIB:,.0f} MiB) is free; the {len(gated) - 1} started before "
+        f"the last hold {before / MIB:,.0f} MiB of GPU {card.index}'s {card.free / MIB:,.0f} MiB free",
+        f"fewer or smaller models, or leave {e.name} out of --experiments",
+    )
+
+
 def pools_fix(e: Experiment, fitting: int, held: list[ServerSpec], sizes: dict[str, ModelRoom]) -> str:
     """Fixed KV pools too large for the card: the --overload-budget-gib that fits, where its share still
     holds one request per model (vLLM refuses a pool that cannot)."""
@@ -7660,8 +7680,9 @@ def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom,
 def static_held_at_once(servers: Iterable[ServerSpec]) -> float:
     """The card's fraction an experiment's static pools hold at once: shared_static's add up, while only
     one sleep-mode server of shared_sleep is awake at a time."""
-    awake = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and not s.sleep_mode]
-    sleepers = [s.gpu_memory_utilization or 0 for s in servers if not s.kvcached and s.sleep_mode]
+    pools = [s for s in servers if not s.kvcached and not s.kv_cache_memory_bytes]  # fixed pools: start gate
+    awake = [s.gpu_memory_utilization or 0 for s in pools if not s.sleep_mode]
+    sleepers = [s.gpu_memory_utilization or 0 for s in pools if s.sleep_mode]
     return sum(awake) + max(sleepers, default=0)
 
 

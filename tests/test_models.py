@@ -349,6 +349,25 @@ def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
     assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0
 
 
+def test_fixed_kv_pools_need_the_start_gate_free_for_each_server_not_a_share_each(
+    fake_gpu, tmp_path, monkeypatch, capsys
+):
+    """overload_static's servers pass --gpu-memory-utilization 0.2 only as vLLM's start-up gate: five small
+    models fit an 80 GB card; two 7B ones and a small one fit 40 GB, but leave the last too little free to
+    start."""
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "81559")
+    small = ",".join(model_folder(tmp_path / f"s{i}", HALF_B) for i in range(5))
+    args = in_process_args(tmp_path / "r", "--check", "--models", small, "--experiments", "overload_static")
+    assert rx.main(args, nvml_module=fake_gpu) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "40960")
+    large = ",".join([*(model_folder(tmp_path / f"l{i}", SEVEN_B) for i in range(2)), small.split(",")[0]])
+    args = in_process_args(tmp_path / "r", "--check", "--models", large, "--experiments", "overload_static")
+    assert rx.main([*args, "--overload-budget-gib", "1"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "✗ models fit: overload_static: vLLM starts a server only where 0.2 of the card (8,192 MiB)" in out
+
+
 def test_a_fixed_kv_pool_too_small_for_one_request_fails_and_its_fix_passes(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):

@@ -2379,7 +2379,8 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
             f"; WARNING: capped at --max-burst-size {cfg.max_burst_size}, {wanted} needed: "
             f"raise it or lower --overload-budget-gib"
         )
-    return plan_workload(cfg, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+    fixed = dataclasses.replace(cfg, output_tokens_dist="fixed")  # a length mix would send less than sized
+    return plan_workload(fixed, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
 # %% Trace replay: a production trace's arrivals and lengths, one file per model, as a plan

@@ -202,6 +202,16 @@ def test_a_short_max_model_len_plans_no_overload_burst_where_no_overload_experim
     assert rx.overload_lengths(cfg, 416)[1] == rx.OVERLOAD_LEAST_PROMPT
 
 
+def test_the_overload_burst_keeps_its_sized_lengths_under_an_output_length_mix():
+    cfg = rx.Config(
+        experiments="5", max_model_len=8192, max_tokens=1024, output_tokens_dist="lognormal:100,1"
+    )
+    plan = rx.overload_plan(rx.resolve_config(rx.validate_config(cfg)), 12288, 4 * rx.GIB)
+    assert {r.max_tokens for r in plan.requests} == {2048} and plan.sizing.startswith(
+        "32 requests x (5824 + 2048)"
+    )
+
+
 def test_burst_is_sized_to_a_fraction_of_free_memory():
     size, why = rx.size_burst(12288, 16 * rx.GIB, 768, 128, 0.05, 256)
     per_request = (768 + 128) * 12288

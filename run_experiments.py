@@ -164,7 +164,7 @@ class Config:
     server_cmd: str = ""  # replaces 'python -m vllm.entrypoints.openai.api_server'
     extra_server_args: str = ""  # appended to every server command; not the flags the harness sets itself
     gpu_memory_utilization: float = 0.55  # static arm: fraction of the card vLLM may take (seed's value)
-    pair_utilization_b: float = 0.0  # shared_static: model B's fraction; 0 = 0.90 - gpu_memory_utilization
+    pair_utilization_b: float = 0.0  # shared_static: B's fraction (0 = 0.90 - A's); --static-shares wins
     static_shares: str = ""  # shared_static: each model's fraction, comma list ('' = 0.90/N; two: see above)
     kvcached_env: str = ""  # extra KEY=VALUE pairs for the kvcached arm, comma separated
     sleep_level: int = 1  # sleep arm: 1 keeps the weights in host memory, 2 drops them (reloaded on waking)
@@ -1758,7 +1758,12 @@ def validate_config(cfg: Config) -> Config:
         "(--check says how far, from model B's size), or give both shares with --static-shares A,B "
         f"(at most {MAX_STATIC_TOTAL:g} together)",
     )
-    pair_given = cfg.pair_utilization_b and not cfg.static_shares and len(slots(cfg)) == 2
+    need(
+        not cfg.pair_utilization_b or cfg.static_shares or len(slots(cfg)) == 2,
+        "pair_utilization_b",
+        f"is model B's share of a pair: for {len(slots(cfg))} models give every share in --static-shares",
+    )
+    pair_given = cfg.pair_utilization_b and not cfg.static_shares
     pair = shares_total([cfg.gpu_memory_utilization, cfg.pair_utilization_b])
     need(
         not pair_given or pair <= MAX_STATIC_TOTAL or "shared_static" not in chosen,

@@ -1117,6 +1117,7 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the harness sets these per server and per arm; vLLM would take the last one given
         (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
         (["--extra-server-args=--port=9000"], "--extra-server-args"),
+        (["--models", "a,b,c", "--pair-utilization-b", "0.3"], "--pair-utilization-b"),  # no pair: no B share
         (
             ["--arrivals", "gamma", "--rate", "2", "--burstiness", "1e-300"],
             "--burstiness",

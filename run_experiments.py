@@ -1074,6 +1074,7 @@ class ExperimentRecord:
     sampler_missed_ticks: int = 0  # device samples skipped because the sampler was late
     # sleep arm under every model's traffic: per model, seconds of each wake-up, each sleep, each wait
     router: Optional[dict[str, dict[str, list[float]]]] = None
+    after_warmup: Optional[str] = omitted_if_none()  # "timeout": memory had not settled when idle was taken
     marks: Marks = dataclasses.field(default_factory=Marks)  # last in experiment.json
 
     @classmethod
@@ -1138,6 +1139,7 @@ def measure(trial: Trial) -> None:
         marks.warmup = (start, time.time())
         after_load = window_median(list(sampler.device), *marks.idle_after_load)
         outcome = wait_settled(sampler, after_load, cfg)
+        record.after_warmup = outcome if outcome == "timeout" else None
         say(f"  after warm-up memory {outcome}")
     woke = False
     for server in [s for s in trial.servers.values() if s.spec.sleep_mode]:  # the sleep arm idles asleep
@@ -5441,6 +5443,11 @@ def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> li
     problems += sorted(
         {r["unattributed"] for r in select(loaded.memory, kind="process") if r.get("unattributed")}
     )
+    if loaded.record.after_warmup == "timeout":
+        problems.append(
+            "memory had not settled --release-timeout-s after the warm-up: the idle level before the "
+            "workload may be high and its flex low (raise --release-timeout-s)"
+        )
     if not loaded.record.finished:
         problems.append(
             "incomplete: the experiment was interrupted or failed before its end; "

@@ -910,6 +910,21 @@ def test_an_experiment_stopped_before_its_first_request_reports_no_workload_peak
     assert rx.load_experiment(exp).record.marks.workload == (4.5, 5.9)
 
 
+def test_memory_still_falling_after_the_warm_up_is_named_as_a_problem(tmp_path):
+    exp = tmp_path / "01_kvcached"
+    exp.mkdir()
+    record = rx.ExperimentRecord("kvcached", "q", finished=True, after_warmup="timeout")
+    rx.write_json(exp / "experiment.json", record)
+    rx.write_jsonl(
+        exp / "memory.jsonl", [{"kind": "device", "t": 1 + i / 10, "used_mib": 900.0} for i in range(30)]
+    )
+    (problem,) = rx.summarize_experiment(rx.load_experiment(exp), 0.05).problems
+    assert problem.startswith("memory had not settled --release-timeout-s after the warm-up")
+    assert "after_warmup" not in json.dumps(rx.to_json(rx.ExperimentRecord("kvcached", "q"))), (
+        "omitted when None"
+    )
+
+
 @pytest.mark.parametrize("target", ["not_a_run", "missing"])
 def test_report_of_something_else_is_one_clear_line(tmp_path, target):
     folder = tmp_path / target

@@ -7311,29 +7311,7 @@ def needs_kvcached(experiments: list[Experiment]) -> bool:
     return any(e.arm == "kvcached" for e in experiments)
 
 
-# %% Preflight, part 2: room on the card for the static pools and the models
-def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
-    """NVML, the driver, each card's room for the static shares and the models, the split; (checks, NVML)."""
-    try:
-        indices = gpu_indices(cfg)
-        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
-    except NoSuchCard as exc:  # NVML works; the index names no card
-        return [fail("nvml", str(exc), "name a card this machine has (nvidia-smi -L lists them)")], None
-    except ConfigError as exc:
-        fix = (
-            "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
-            "--report RUN_DIR needs neither"
-        )
-        return [fail("nvml", str(exc).split(". ")[0], fix)], None
-    names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-    shown = "; ".join(f"GPU {i}: {nvml_text(n)}" for i, n in zip(indices, names))
-    checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
-    budget = int(cfg.overload_budget_gib * GIB)
-    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
-    checks += [check_card(nvml, i, static) for i in indices]
-    return checks + room_checks(cfg, nvml, indices, experiments, budget), nvml
-
-
+# %% Preflight, part 2: what vLLM holds beside a model's weights and KV, at the batch it profiles
 # Flags after which vLLM's memory is no longer config.json's sizes at 16 bits: the room checks skip.
 RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload-gb".split()
 
@@ -7465,6 +7443,29 @@ def extra_server_value(cfg: Config, flag: str) -> Optional[str]:
         if name == flag:
             value = inline if equals else following
     return value
+
+
+# %% Preflight, part 3: room on the card for the static pools and the models
+def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) -> tuple[list[Check], Any]:
+    """NVML, the driver, each card's room for the static shares and the models, the split; (checks, NVML)."""
+    try:
+        indices = gpu_indices(cfg)
+        nvml = open_gpu(nvml_module, indices, "--gpus" if cfg.gpus else "--gpu-index")
+    except NoSuchCard as exc:  # NVML works; the index names no card
+        return [fail("nvml", str(exc), "name a card this machine has (nvidia-smi -L lists them)")], None
+    except ConfigError as exc:
+        fix = (
+            "run on a machine with an NVIDIA GPU and driver (pip install nvidia-ml-py); "
+            "--report RUN_DIR needs neither"
+        )
+        return [fail("nvml", str(exc).split(". ")[0], fix)], None
+    names = [nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+    shown = "; ".join(f"GPU {i}: {nvml_text(n)}" for i, n in zip(indices, names))
+    checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
+    budget = int(cfg.overload_budget_gib * GIB)
+    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
+    checks += [check_card(nvml, i, static) for i in indices]
+    return checks + room_checks(cfg, nvml, indices, experiments, budget), nvml
 
 
 def least_share(need: int, total: int) -> float:

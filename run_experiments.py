@@ -7255,7 +7255,10 @@ def too_long_for(cfg: Config, slot: str) -> Optional[Check]:
     left to vLLM where RoPE scaling stretches that limit."""
     text = text_config(load_model_config(model_of(cfg, slot))[0] or {})
     limit = text.get("max_position_embeddings")
-    stretched = text.get("rope_scaling") or text.get("rope_parameters")
+    ropes = [text.get("rope_scaling"), text.get("rope_parameters")]  # newer configs name "default" there
+    stretched = any(
+        isinstance(r, dict) and r.get("rope_type", r.get("type")) not in (None, "default") for r in ropes
+    )
     if not isinstance(limit, int) or stretched or cfg.max_model_len <= limit:
         return None
     if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":

@@ -336,7 +336,14 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
 def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
     fake_gpu, tmp_path, monkeypatch, capsys
 ):
-    short = model_folder(tmp_path / "short", {**HALF_B, "max_position_embeddings": 4096})
+    default_rope = {"rope_type": "default", "rope_theta": 1e6}  # no stretch: newer configs always name one
+    short = model_folder(
+        tmp_path / "short", {**HALF_B, "max_position_embeddings": 4096, "rope_parameters": default_rope}
+    )
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    stretched = model_folder(
+        tmp_path / "yarn", {**HALF_B, "max_position_embeddings": 4096, "rope_scaling": yarn}
+    )
     args = in_process_args(
         tmp_path / "r", "--check", "--model-a", short, "--model-b", short, "--experiments", "1"
     )
@@ -345,6 +352,10 @@ def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
     assert "✗ model A: " in out and "takes at most 4,096 tokens (max_position_embeddings)" in out
     assert "fix: --max-model-len 4096" in out
     assert rx.main([*args, "--max-model-len", "4096"], nvml_module=fake_gpu) == 0
+    yarn_args = in_process_args(
+        tmp_path / "r", "--check", "--models", f"{stretched},{stretched}", "--experiments", "1"
+    )
+    assert rx.main([*yarn_args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0, "left to vLLM"
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way to allow it
     assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0
 

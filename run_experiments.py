@@ -5726,7 +5726,8 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
     if not measured:
         return None
     held = list(itertools.takewhile(lambda r: shares[r] >= target, measured))
-    verdict = "below" if not held else "above" if len(held) == len(measured) else "within"
+    # above only where the highest rate swept was measured and held: one with no request tells nothing
+    verdict = "below" if not held else "above" if held[-1] == max(shares) else "within"
     largest = held[-1] if held else None
     held_mib = [p.mean_mib for p in points if p.rate == largest and p.mean_mib is not None]
     attainment = {f"{r:g}": share for r, share in shares.items()}
@@ -6441,12 +6442,9 @@ def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     def per_model(name: str, c: MemoryCost, s: ExperimentSummary) -> str:
-        return (
-            ", ".join(
-                f"{slot} {fmt(v.memory_cost.mean_mib)}" for slot, v in s.servers.items() if v.memory_cost
-            )
-            or "n/a"
-        )
+        means = {slot: v.memory_cost and v.memory_cost.mean_mib for slot, v in s.servers.items()}
+        known = any(mean is not None for mean in means.values())
+        return ", ".join(f"{slot} {fmt(mean)}" for slot, mean in means.items()) if known else "n/a"
 
     columns: list[Column] = [
         EXPERIMENT,
@@ -6500,14 +6498,28 @@ def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
     return f"over the {split.sleeps} sleeps in its log{shared}"
 
 
+def sleep_split_line(name: str, server: ServerSummary, split: SleepSplit, kept: bool) -> str:
+    """What one sleep-mode server's sleeps freed, by vLLM's own lines; a clause whose figure is n/a is left
+    out."""
+    counted = sleeps_counted(split, server.reused, kept)
+    line = f"- {name}, {server.label}: {counted}, each freed vLLM's cumem pool (weights and KV, "
+    line += f"{fmt(split.pool_freed_mib)} MiB)"
+    beyond = split.beyond_pool_mib
+    if beyond is not None and beyond.mean is not None:
+        line += (
+            f" and {fmt(beyond.mean)} MiB more on average (at most {fmt(beyond.max)} MiB): memory outside "
+            "the pool, torch's caching allocator, regrown in each burst"
+        )
+    asleep = (
+        f" Asleep its processes held {fmt(split.asleep_mib)} MiB." if split.asleep_mib is not None else ""
+    )
+    return f"{line}.{asleep}"
+
+
 def sleep_split_lines(summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> list[str]:
     kept = {v.label for s in summaries.values() for v in s.servers.values() if v.reused}
     lines = [
-        f"- {name}, {v.label}: {sleeps_counted(split, v.reused, v.label in kept)}, "
-        f"each freed vLLM's cumem pool (weights and KV, {fmt(split.pool_freed_mib)} MiB) and "
-        f"{fmt(split.beyond_pool_mib.mean)} MiB more on average (at most {fmt(split.beyond_pool_mib.max)} "
-        "MiB): memory outside the pool, torch's caching allocator, regrown in each burst. Asleep its "
-        f"processes held {fmt(split.asleep_mib)} MiB."
+        sleep_split_line(name, v, split, v.label in kept)
         for name, s in summaries.items()
         for v in s.servers.values()
         if (split := v.sleeps) is not None
@@ -6547,13 +6559,23 @@ def comparison_lines(name: str, block: Comparison, summaries: dict[str, Experime
 
 def single_lines(block: Comparison) -> list[str]:
     kvcached, static = block.figures["kvcached"], block.figures["static"]
-    idle_saving = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib)
+    savings = [
+        saving_words(
+            diff(static.idle_after_load_mib, kvcached.idle_after_load_mib), "when idle after loading"
+        ),
+        saving_words(diff(static.peak_mib, kvcached.peak_mib), "at peak"),
+    ]
+    held = " and ".join(words for words in savings if words)
+    memory = f"kvcached keeps {held} than the static pool" if held else "memory n/a for one of the arms"
     ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
-    return paragraphs(
-        f"**One model:** kvcached keeps {fmt(idle_saving)} MiB less when idle after loading and "
-        f"{fmt(diff(static.peak_mib, kvcached.peak_mib))} MiB less at peak than the static pool; TTFT p50 "
-        f"ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
-    )
+    return paragraphs(f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}.")
+
+
+def saving_words(saving: Optional[float], when: str) -> str:
+    """'7,655 MiB less when idle', '845 MiB more at peak'; '' where a figure is n/a."""
+    if saving is None:
+        return ""
+    return f"{fmt(abs(saving))} MiB {'less' if saving >= 0 else 'more'} {when}"
 
 
 def pair_lines(name: str, block: Comparison) -> list[str]:
@@ -6585,14 +6607,17 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
         f"{fmt(wake.max, 2)} s), which someone (a router) must trigger"
         if wake is not None and wake.mean is not None
         else "the router below woke each model for its requests"
+        if sleep.sleep and sleep.sleep.router
+        else "its wake-ups were not recorded"
     )
+    level = f" (level {sleep.sleep.level})" if sleep.sleep and sleep.sleep.level is not None else ""
     beside = {"kvcached": "kvcached idle between bursts", "static": "static pool"}
     ran = [arm for arm in beside if arm in block.figures]
     held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
     ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)
     e2e = " and ".join(with_repeats(*block.ratio(f"sleep/{arm}", "e2e_s_p50")) for arm in ran)
     return (
-        f"**vLLM sleep mode, {models} (level {sleep.sleep.level if sleep.sleep else 0}):** asleep between "
+        f"**vLLM sleep mode, {models}{level}:** asleep between "
         f"bursts the card holds {fmt(idle['sleep'])} MiB{f' ({held})' if ran else ''}; {wakes}; kvcached "
         "needs nobody. "
         + (
@@ -6631,7 +6656,7 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         ("failed", lambda _, p: p.failed),
         ("TTFT p50 / p99 (s)", lambda _, p: side_by_side(p, "ttft_p50_s", "ttft_p99_s", digits=3)),
         ("E2E p50 / p99 (s)", lambda _, p: side_by_side(p, "e2e_p50_s", "e2e_p99_s", digits=2)),
-        ("goodput", lambda _, p: fmt(p.goodput and 100 * p.goodput, 1, "%")),
+        ("goodput", lambda _, p: percent(p.goodput)),  # as the capacity table shows it
     ]
     delays = "; ".join(
         f"{name} p99 {fmt(s.latency.send_delay_s.p99 * 1000, 1)} ms"
@@ -6822,12 +6847,15 @@ def first_startups_line(servers: dict[str, dict]) -> Optional[str]:
 
 
 def time_line(timing: Optional[Timing]) -> list[str]:
+    cards = len(timing.lanes) if timing and timing.lanes else 1
+    overlap = f" (on {cards} cards at once: a second counts in each part under way on any card)"
     return paragraphs(
         timing
         and f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
         f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
         f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
-        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%)."
+        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%)"
+        f"{overlap if cards > 1 else ''}."
     )
 
 

@@ -511,10 +511,10 @@ def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
         sleep = types.SimpleNamespace(servers=dict.fromkeys(range(models)), sleep=None)
         return rx.sleep_paragraph(group, rx.Comparison(figures={}, ratios={}), sleep)
 
-    assert said("single", 1).startswith("**vLLM sleep mode, one model (level 0):**")
-    assert said("shared", 2).startswith("**vLLM sleep mode, two models ")
-    assert said("shared", 3).startswith("**vLLM sleep mode, 3 models ")
-    assert said("shared", 12).startswith("**vLLM sleep mode, 12 models "), "not '1two models'"
+    assert said("single", 1).startswith("**vLLM sleep mode, one model:**"), "no level recorded: none named"
+    assert said("shared", 2).startswith("**vLLM sleep mode, two models:**")
+    assert said("shared", 3).startswith("**vLLM sleep mode, 3 models:**")
+    assert said("shared", 12).startswith("**vLLM sleep mode, 12 models:**"), "not '1two models'"
 
 
 def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():
@@ -611,3 +611,24 @@ def test_a_burst_is_sized_with_the_prompts_cut_to_fit_the_context():
     plan = rx.plan_workload(cfg, size, why)
     assert plan.prompt_tokens < 768 and f"({plan.prompt_tokens} prompt + 128 output tokens)" in why
     assert size == rx.size_burst(12288, 15_000 * rx.MIB, plan.prompt_tokens, 128, 0.05, 256)[0]
+
+
+def test_report_sentences_leave_out_what_is_n_a_and_say_more_where_kvcached_holds_more():
+    def block(static_idle, static_peak):
+        figures = {
+            "kvcached": rx.Figures(0.1, 0.2, 1.0, 2.0, peak_mib=2124.0, idle_after_load_mib=2056.0),
+            "static": rx.Figures(0.1, 0.2, 1.0, 2.0, peak_mib=static_peak, idle_after_load_mib=static_idle),
+        }
+        return "\n".join(rx.single_lines(rx.Comparison(figures=figures, ratios={})))
+
+    assert "kvcached keeps 845 MiB more when idle after loading and 913 MiB more at peak" in block(
+        1211.0, 1211.0
+    )
+    assert "kvcached keeps 7,655 MiB less when idle" in block(9711.0, 9711.0)
+    assert "n/a MiB" not in block(None, None) and "memory n/a for one of the arms" in block(None, None)
+    server = types.SimpleNamespace(label="A static 0.55 + sleep mode", reused=False)
+    no_lines = rx.SleepSplit(2, 8714.0, rx.Distribution.of([]), None)
+    said = rx.sleep_split_line("sleep", server, no_lines, kept=False)
+    assert "n/a" not in said and said.endswith("(weights and KV, 8,714 MiB).")
+    lanes = rx.Timing(765, 19, 745, 273, 605, 19, 0.025, lanes={"0": {}, "1": {}})
+    assert "(on 2 cards at once" in rx.time_line(lanes)[-1]

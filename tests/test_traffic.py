@@ -380,6 +380,8 @@ def test_a_rate_with_no_requests_is_neither_held_nor_missed_and_pooled_shares_ar
         "static missed it already at the lowest swept rate, 1 requests/s"
     )
     assert rx.capacity([point(0.5, None, requests=0)], 0.99) is None
+    empty_top = rx.capacity([point(4, 1.0), point(8, 1.0), point(16, None, requests=0)], 0.99)
+    assert (empty_top.verdict, empty_top.largest_held_rps) == ("within the sweep", 8), "16 was never tried"
     # 0 of 1 and 24 of 47 pool to 24 of 48: exactly the 50% target, not a float step below it
     halves = rx.capacity([point(3, 0.0, requests=1), point(3, 24 / 47, requests=47, repeat=1)], 0.5)
     assert halves.attainment == {"3": 0.5} and halves.verdict == "above the sweep"

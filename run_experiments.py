@@ -849,7 +849,7 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
                     [*command, "--lane-of", str(run.run_dir), "--gpu-index", str(index)],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", LANE_PARENT: str(os.getpid())},
                     start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
                 )
                 if signals:  # came while it was starting, before pass_on could see it
@@ -936,6 +936,19 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
     return failed
 
 
+LANE_PARENT = "RUN_EXPERIMENTS_LANE_PARENT"  # the pid of the process that started a card's process
+
+
+def check_lane_starter() -> None:
+    """The process that started this card's is still its parent: one killed before PR_SET_PDEATHSIG took
+    hold sends no signal, and the card's process would run its whole table alone."""
+    parent = os.environ.get(LANE_PARENT)
+    if parent and os.getppid() != int(parent):
+        raise ConfigError(
+            f"--lane-of: the run's first process (pid {parent}) ended before this card's started"
+        )
+
+
 def join_run(cfg: "Config", nvml_module: Any) -> Run:
     """A card's process of a --gpus run: the run the first process prepared, for this card's lane."""
     register_secrets(cfg)
@@ -945,6 +958,7 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    check_lane_starter()
     run_dir = Path(cfg.lane_of)
     config, problem = read_json(run_dir / "config.json")
     lane = next((x for x in (config or {}).get("lanes", []) if x["gpu_index"] == cfg.gpu_index), None)
@@ -2982,19 +2996,22 @@ def end_tree(control: int, grace_s: float, kill_wait_s: float, codes: dict[int, 
     me, hurried = os.getpid(), False
     for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, kill_wait_s)):
         stuck = live_below(me)
-        if sig == signal.SIGKILL and stuck and grace_s > 0 and not hurried:  # the harness says it on
-            print(
-                f"[keeper] still running {grace_s:g} s after SIGINT: {comm_names(stuck)}; SIGKILL now",
-                flush=True,
-            )
         for pid in stuck:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
+        if sig == signal.SIGKILL and stuck and grace_s > 0 and not hurried:  # the harness says it on
+            with contextlib.suppress(OSError):  # a full disk under the log must not stop the kill
+                line = f"[keeper] still running {grace_s:g} s after SIGINT: {comm_names(stuck)}; SIGKILL now"
+                print(line, flush=True)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             reap_children(codes)
-            if not live_below(me):
+            left = live_below(me)
+            if not left:
                 return []
+            for pid in left if sig == signal.SIGKILL else ():  # one forked since the last scan
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
             order = read_order(control, 0.05)
             if order == "gone":
                 control = -1

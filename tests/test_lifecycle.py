@@ -1,12 +1,17 @@
 """Server lifecycle against the fake vLLM server: ready, crash, hang, grandchildren, stubborn servers."""
 
+import contextlib
+import inspect
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import KVC_A, STATIC_A, alive, make_cfg, ready, rx, wait_for
+from conftest import FAKES, KVC_A, STATIC_A, alive, free_port, make_cfg, ready, rx, wait_for
 
 
 @pytest.fixture
@@ -179,3 +184,44 @@ def test_sampler_survives_nvml_errors(fake_gpu, monkeypatch, tmp_path):
     rows = rx.read_jsonl(tmp_path / "memory.jsonl")
     assert any(r["kind"] == "error" for r in rows) and sum(r["kind"] == "device" for r in rows) > 5
     assert sampler.errors > 0 and not sampler.is_alive()
+
+
+def test_a_keeper_whose_log_cannot_be_written_still_kills_a_server_that_ignores_sigint(fake_gpu, monkeypatch):
+    """The keeper's "still running ... SIGKILL now" line goes to the server's log: on a full disk the
+    write fails, and the kill must have gone out all the same."""
+    monkeypatch.setenv("FAKE_MODE", "ignore_sigterm")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKES), str(FAKES / "site")]))
+    fake = f"{sys.executable} -S {FAKES / 'fake_vllm_server.py'} --model m --port {free_port()}"
+    server = f"exec {fake} >/dev/null 2>&1"  # the server's own output is not the keeper's
+    theirs, ours = os.pipe()
+    command = [sys.executable, "-S", "-c", rx.keeper_source(), str(theirs), "", "0.3", "sh", "-c", server]
+    with open("/dev/full", "w") as full:
+        keeper = subprocess.Popen(
+            command, stdout=full, stderr=full, pass_fds=(theirs,), start_new_session=True
+        )
+    os.close(theirs)
+    gpu_dir = Path(os.environ["FAKE_GPU_DIR"])
+    assert wait_for(lambda: list(gpu_dir.glob("*.json")), timeout=20), "the fake server never came up"
+    engines = [int(p.stem) for p in gpu_dir.glob("*.json")]
+    try:
+        os.write(ours, b"stop 0.3\n")
+        keeper.wait(timeout=30)
+        assert wait_for(lambda: not any(alive(pid) for pid in engines), timeout=5), (
+            "a server outlived its keeper"
+        )
+    finally:
+        os.close(ours)
+        for pid in engines:  # a failed run of this test leaves nothing behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_cards_process_whose_starter_died_before_it_could_hear_of_it_ends_at_once(monkeypatch):
+    """PR_SET_PDEATHSIG takes hold only once the card's process runs: a starter killed before that sends
+    no signal, so the card's process checks that its parent is still the one that started it."""
+    monkeypatch.setenv(rx.LANE_PARENT, str(os.getppid() + 1))  # not this process's parent
+    with pytest.raises(rx.ConfigError, match="ended before this card's started"):
+        rx.check_lane_starter()
+    monkeypatch.setenv(rx.LANE_PARENT, str(os.getppid()))
+    rx.check_lane_starter()
+    assert "check_lane_starter()" in inspect.getsource(rx.join_run), "the card's process checks it"

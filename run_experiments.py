@@ -3112,7 +3112,7 @@ def await_keepers(servers: list[RunningServer], grace_s: float) -> bool:
         with contextlib.suppress(OSError), open(server.log_path, "rb") as f:
             f.seek(logged.get(id(server), 0))
             for line in f.read().decode(errors="replace").splitlines():
-                if line.startswith("[keeper] ") and "still running" in line:
+                if line.startswith("[keeper] ") and ("still running" in line or "still alive" in line):
                     say(f"    {line.removeprefix('[keeper] ')}")
     return interrupted
 

@@ -1061,11 +1061,19 @@ def mark_rate(burst: BurstMark, plans: list["WorkloadPlan"], window: int) -> Non
     if first.rates:
         each = first.arrivals in PER_MODEL_ARRIVALS
         burst.rate = first.rates[window] if each else math.fsum(p.rates[window] for p in plans)
-        burst.rate_unit = {"trace": TRACE_SCALE, "ramp": RAMP_PEAK}.get(first.arrivals)
+        burst.rate_unit = RATE_UNITS.get(first.arrivals)
 
 
 TRACE_SCALE = "x trace"
 RAMP_PEAK = "req/s peak per model"  # a ramp's rate is each model's peak, not what the card takes
+RATE_UNITS = {"trace": TRACE_SCALE, "ramp": RAMP_PEAK}  # by --arrivals; requests/s for the others
+
+
+def fill_rate_units(marks: "Marks", arrivals: Optional[str]) -> None:
+    """Runs from before marks kept their unit: the run's --arrivals tells it."""
+    for burst in marks.bursts:
+        if burst.rate is not None and burst.rate_unit is None:
+            burst.rate_unit = RATE_UNITS.get(arrivals or "")
 
 
 @dataclasses.dataclass
@@ -7056,6 +7064,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         if not any((exp_dir / f).exists() for f in EXPERIMENT_FILES if f != "error.json"):
             continue
         exp = load_experiment(exp_dir)
+        fill_rate_units(exp.record.marks, dig(config, "config", "arrivals"))
         loaded[exp.record.name] = exp
         summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo, target)
         if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none

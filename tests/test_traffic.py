@@ -391,6 +391,15 @@ def test_a_share_is_shown_rounded_down_so_a_missed_target_never_reads_as_met():
     assert [rx.percent(v) for v in (0.9899, 0.99, 0.29, 1.0, None)] == ["98.9%", "99%", "29%", "100%", "n/a"]
 
 
+def test_a_run_from_before_marks_kept_their_unit_takes_it_from_its_arrivals():
+    marks = rx.Marks(bursts=[rx.BurstMark("ramp 2", "*", 0, 1.0, rate=14.0), rx.BurstMark("b", "A", 0, 2.0)])
+    rx.fill_rate_units(marks, "ramp")
+    assert [b.rate_unit for b in marks.bursts] == [rx.RAMP_PEAK, None], "a closed burst has no rate"
+    poisson = rx.Marks(bursts=[rx.BurstMark("4 req/s", "A", 0, 1.0, rate=4.0)])
+    rx.fill_rate_units(poisson, "poisson")
+    assert poisson.bursts[0].rate_unit is None, "requests/s"
+
+
 def test_capacity_needs_slos_and_says_below_and_above_in_words():
     assert rx.capacity([point(3, None)], 0.99) is None and rx.capacity(None, 0.99) is None
     below = rx.capacity([point(3, 0.5), point(6, 0.2)], 0.99)

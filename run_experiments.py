@@ -6636,14 +6636,16 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
         else "its wake-ups were not recorded"
     )
     level = f" (level {sleep.sleep.level})" if sleep.sleep and sleep.sleep.level is not None else ""
+    # under a router the models sleep after --sleep-after-idle-s, which a short gap never reaches
+    when = "before the workload" if sleep.sleep and sleep.sleep.router else "between bursts"
     beside = {"kvcached": "kvcached idle between bursts", "static": "static pool"}
     ran = [arm for arm in beside if arm in block.figures]
     held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
     ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)
     e2e = " and ".join(with_repeats(*block.ratio(f"sleep/{arm}", "e2e_s_p50")) for arm in ran)
     return (
-        f"**vLLM sleep mode, {models}{level}:** asleep between "
-        f"bursts the card holds {fmt(idle['sleep'])} MiB{f' ({held})' if ran else ''}; {wakes}; kvcached "
+        f"**vLLM sleep mode, {models}{level}:** asleep {when} the card holds {fmt(idle['sleep'])} MiB"
+        f"{f' ({held})' if ran else ''}; {wakes}; kvcached "
         "needs nobody. "
         + (
             f"TTFT p50 {ttft}; E2E p50 {e2e}."

@@ -515,6 +515,11 @@ def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
     assert said("shared", 2).startswith("**vLLM sleep mode, two models:**")
     assert said("shared", 3).startswith("**vLLM sleep mode, 3 models:**")
     assert said("shared", 12).startswith("**vLLM sleep mode, 12 models:**"), "not '1two models'"
+    routed = rx.SleepSummary(1, rx.Distribution.of([]), rx.Distribution.of([]), router={"A": {}})
+    sleep = types.SimpleNamespace(servers=dict.fromkeys(range(2)), sleep=routed)
+    paragraph = rx.sleep_paragraph("shared", rx.Comparison(figures={}, ratios={}), sleep)
+    assert paragraph.startswith("**vLLM sleep mode, two models (level 1):** asleep before the workload")
+    assert "the router below woke each model" in paragraph
 
 
 def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():

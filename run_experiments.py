@@ -6419,7 +6419,7 @@ def per_token_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
     def goodput(name: str, lat: LatencySummary) -> str:
         good = lat.goodput
-        return f"{fmt(good.share and 100 * good.share, 1, '%')} ({good.met}/{good.of})" if good else "n/a"
+        return f"{share_to_tenths(good.share)} ({good.met}/{good.of})" if good else "n/a"
 
     columns: list[Column] = [
         EXPERIMENT,
@@ -6691,8 +6691,8 @@ def rate_sweep_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         if s.latency.send_delay_s and s.latency.send_delay_s.p99 is not None
     )
     checks = "; ".join(
-        f"{name} {c.counted:,} of {c.planned:,} planned ({fmt(100 * (c.counted / c.planned - 1), 1)}%, "
-        f"{c.requests} requests)"
+        f"{name} {c.counted:,} of {c.planned:,} planned "
+        f"({signed_tenths(100 * (c.counted / c.planned - 1))}%, {c.requests} requests)"
         for name, s in summaries.items()
         if (c := s.prompt_tokens)
     )
@@ -6767,7 +6767,17 @@ def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
 
 def percent(share: Optional[float]) -> str:
     """Rounded down to 0.1%: 98.99% reads 98.9%, never as a 99% target met."""
-    return "n/a" if share is None else f"{math.floor(1000 * share + 1e-9) / 10:.1f}%".replace(".0%", "%")
+    return share_to_tenths(share).replace(".0%", "%")
+
+
+def signed_tenths(value: float) -> str:
+    """To 0.1, never '-0.0'."""
+    return fmt(round(value, 1) + 0.0, 1)
+
+
+def share_to_tenths(share: Optional[float]) -> str:
+    """A share as a percentage rounded down to 0.1% ('100.0%' only where every request counted)."""
+    return "n/a" if share is None else f"{math.floor(1000 * share + 1e-9) / 10:.1f}%"
 
 
 def slo_words(goodput: Optional[Goodput], joiner: str = ", ", at_most: str = "≤") -> str:

@@ -637,3 +637,8 @@ def test_report_sentences_leave_out_what_is_n_a_and_say_more_where_kvcached_hold
     assert "n/a" not in said and said.endswith("(weights and KV, 8,714 MiB).")
     lanes = rx.Timing(765, 19, 745, 273, 605, 19, 0.025, lanes={"0": {}, "1": {}})
     assert "(on 2 cards at once" in rx.time_line(lanes)[-1]
+
+
+def test_shares_are_rounded_down_to_tenths_and_a_tiny_negative_is_no_minus_zero():
+    assert rx.share_to_tenths(0.9995) == "99.9%" and rx.share_to_tenths(1.0) == "100.0%"
+    assert rx.signed_tenths(-0.04) == "0.0" and rx.signed_tenths(-0.06) == "-0.1"

@@ -6724,7 +6724,7 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         ),
         ("capacity", lambda _, s: capacity_words(s.capacity)),
         ("memory held there (mean MiB)", lambda _, s: fmt(s.capacity.mean_mib)),
-        ("GiB·h", lambda _, s: fmt(s.memory_cost and s.memory_cost.gib_hours, 4)),
+        ("GiB·h, whole sweep", lambda _, s: fmt(s.memory_cost and s.memory_cost.gib_hours, 4)),
     ]
     per_model = [  # where models share the card: each one's share within the SLOs over all windows
         f"- {name}, per model over all windows: "

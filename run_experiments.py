@@ -1899,15 +1899,18 @@ SET_PER_SERVER = {
 }
 
 
+def extra_server_flags(cfg: Config) -> list[str]:
+    """Each argument of --extra-server-args without a `=value` of its own (values given apart stay too)."""
+    return [arg.partition("=")[0] for arg in shlex.split(cfg.extra_server_args)]
+
+
 def check_server_command(cfg: Config) -> None:
     for name in ("server_cmd", "extra_server_args"):
         try:
             shlex.split(getattr(cfg, name))
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
-    ours = [
-        arg.split("=")[0] for arg in shlex.split(cfg.extra_server_args) if arg.split("=")[0] in SET_PER_SERVER
-    ]
+    ours = [flag for flag in extra_server_flags(cfg) if flag in SET_PER_SERVER]
     need(
         not ours,
         "extra_server_args",
@@ -7456,9 +7459,9 @@ def model_room(cfg: Config, slot: str, batch: "VllmBatch") -> tuple[Optional[Mod
         return None, f"model {slot} has an encoder beside its text model ({encoders[0]} in its config.json)"
     if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16", "float32"):
         return None, f"model {slot}'s weights are {text['torch_dtype']}: not sized here"
-    resizing = [a for a in shlex.split(cfg.extra_server_args) if a.split("=")[0] in RESIZING_SERVER_ARGS]
+    resizing = [flag for flag in extra_server_flags(cfg) if flag in RESIZING_SERVER_ARGS]
     if resizing:
-        return None, f"--extra-server-args sets {resizing[0].split('=')[0]}"
+        return None, f"--extra-server-args sets {resizing[0]}"
     workspace = VLLM_WORKSPACE.fitted(text, batch, weights)
     rest = VLLM_SERVER_REST.fitted(text, batch, weights) - VLLM_SERVER_REST.below
     kv_per_token = kv_bytes_per_token(model_config)

@@ -54,6 +54,7 @@ import errno
 import fcntl
 import functools
 import gzip
+import importlib.util
 import io
 import itertools
 import json
@@ -77,7 +78,7 @@ import time
 import traceback
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -857,8 +858,16 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
         relay_output(lanes)
         # a card's process that a passed-on signal ended before it could catch one was interrupted too
         codes = {i: 130 if -p.wait() in signals else p.returncode for i, p in lanes.items()}
-    finally:
-        end_lanes(lanes)
+    finally:  # after an error: each card's process still running is terminated, then killed
+        for process in lanes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in lanes.values():
+            try:
+                process.wait(timeout=60.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         for sig, handler in restore.items():
             signal.signal(sig, handler)
     failures = sum(gather_lane(run, lane, codes.get(lane.cfg.gpu_index, 130)) for lane in run.lanes)
@@ -896,19 +905,6 @@ def relay_output(lanes: dict[int, subprocess.Popen]) -> None:
                 to(prefix + text if text.strip() else text)
             if not chunk:
                 selector.unregister(key.fileobj)
-
-
-def end_lanes(lanes: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
-    """After an error: each card's process still running is terminated, then killed (keepers end servers)."""
-    for process in lanes.values():
-        if process.poll() is None:
-            process.terminate()
-    for process in lanes.values():
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def lane_file(gpu_index: int) -> str:
@@ -1722,11 +1718,7 @@ FIELD_CHECKS = (
         lambda v: 1 < v < 2,
         "must be in (1, 2): above the static share, below the pair's whole budget",
     ),
-    (
-        "sample_hz start_timeout_s request_timeout_s settle_s idle_window_s",
-        lambda v: v > 0,
-        "must be > 0",
-    ),
+    ("sample_hz start_timeout_s request_timeout_s settle_s idle_window_s", lambda v: v > 0, "must be > 0"),
     ("model_a model_b tokenizer", folder_exists_if_named, MISSING_FOLDER),
     ("slo_ttft_ms slo_tpot_ms", lambda v: v >= 0, "must be >= 0 (0 = no such objective)"),
     ("slo_attainment", lambda v: 0 < v <= 100, "must be a percentage above 0 and at most 100"),
@@ -2157,8 +2149,11 @@ class WorkloadPlan:
 
     @classmethod
     def of(cls, cfg: Config, requests_: list[PlannedRequest], windows: int, **fields) -> WorkloadPlan:
-        """A plan at cfg's gap, temperature and seed; its burst_size is the busiest window's."""
+        """A plan at cfg's gap, temperature and seed; its burst_size is the busiest window's, its lengths
+        (unless given) the longest planned."""
         busiest = max(collections.Counter(r.burst for r in requests_).values(), default=0)
+        fields.setdefault("max_tokens", max((r.max_tokens for r in requests_), default=0))
+        fields.setdefault("prompt_tokens", max((r.prompt_tokens or 0 for r in requests_), default=0))
         fields.update(bursts=windows, burst_size=busiest, requests=tuple(requests_))
         return cls(gap_s=cfg.gap_s, temperature=cfg.temperature, seed=cfg.seed, **fields)
 
@@ -2184,14 +2179,10 @@ def size_burst(
     max_tokens: int,
     fraction: float,
     cap: int,
-    fallback: int = 32,
 ) -> tuple[int, str]:
     """Concurrent requests so that one burst's KV demand is `fraction` of the card's free memory."""
     if not kv_per_token or not free_bytes:
-        return fallback, (
-            f"model config or free memory unknown: fell back to {fallback} "
-            f"concurrent requests (set --burst-size to choose)"
-        )
+        return 32, "model config or free memory unknown: fell back to 32 requests a burst (set --burst-size)"
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = fraction * free_bytes / per_request
     size = max(1, min(cap, int(wanted)))
@@ -2582,13 +2573,7 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
             planned.append(
                 PlannedRequest(window, i, prompt, output_tokens, cfg.temperature, offset_s, **trace)
             )
-    lengths = {
-        "max_tokens": max((r.max_tokens for r in planned), default=0),
-        "prompt_tokens": max((r.prompt_tokens or 0 for r in planned), default=0),
-    }
-    return WorkloadPlan.of(
-        cfg, planned, len(scales), sizing=sizing, arrivals="trace", rates=tuple(scales), **lengths
-    )
+    return WorkloadPlan.of(cfg, planned, len(scales), sizing=sizing, arrivals="trace", rates=tuple(scales))
 
 
 def check_trace(cfg: Config) -> None:
@@ -2664,10 +2649,9 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def register_secrets(cfg: "Config", environ: Optional[dict] = None) -> None:
+def register_secrets(cfg: "Config") -> None:
     """Remember every secret value we might see, so that scrub() can remove it from any text."""
-    environ = os.environ if environ is None else environ
-    values = [cfg.api_key] + [v for k, v in environ.items() if is_secret_name(k)]
+    values = [cfg.api_key] + [v for k, v in os.environ.items() if is_secret_name(k)]
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
         for arg, shown in zip(argv, redact_argv(argv)):
@@ -4349,9 +4333,8 @@ class Sampler(threading.Thread):
     def write(self, rows: list[dict], flush: bool = False) -> None:
         """An OSError (a full disk, too many open files) is counted; the next write opens the file again."""
         try:
-            if rows and self.file is None:
-                self.file = open(self.path, "a")
             if rows:
+                self.file = self.file or open(self.path, "a")
                 self.file.write("".join(json.dumps(row) + "\n" for row in rows))
             if flush and self.file is not None:
                 self.file.flush()
@@ -4815,9 +4798,6 @@ CSV_COLUMNS = (
 
 def write_requests_csv(path: Path, rows: list[dict]) -> None:
     """requests.jsonl as one spreadsheet row per request (the token gaps summarised)."""
-    import csv
-    import io
-
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -4920,6 +4900,10 @@ class LatencySummary:
 
     def quantile(self, metric: str, q: str) -> Optional[float]:
         return getattr(getattr(self, metric), q)
+
+    def quantiles(self) -> list[Optional[float]]:
+        """Its LATENCY_KEYS figures, in that order."""
+        return [self.quantile(m, q) for m, q in LATENCY_KEYS]
 
 
 @dataclasses.dataclass
@@ -5297,12 +5281,6 @@ SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as 
 CLIENT_CLOCKS = ("ttft", "e2e")  # the client's own latencies of the same names
 
 
-def from_send(record: RequestRecord, key: str) -> Optional[float]:
-    """A latency from the actual send: an open-loop request's clock starts at its planned arrival."""
-    value = getattr(record, key)
-    return None if value is None else value - (record.send_delay_s or 0.0)
-
-
 def clock_fields(**sides: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
     """The <side>_<name>_mean_s fields of a BurstClock or a ServerClock, from each side's means by name."""
     return {f"{side}_{k}_mean_s": v for side, means in sides.items() for k, v in means.items()}
@@ -5314,7 +5292,8 @@ def server_clock(marks: Marks, records: Iterable[RequestRecord | dict]) -> Optio
     bursts, client, server = [], {k: [] for k in CLIENT_CLOCKS}, {k: [] for k in SERVER_HISTOGRAMS}
     for mark in (m for m in marks.bursts if m.server_before and m.server_after):
         ok = by_burst.get((mark.phase, mark.repeat), [])
-        mine = {k: [from_send(r, f"{k}_s") for r in ok] for k in CLIENT_CLOCKS}
+        # from the actual send: an open-loop request's clocks start at its planned arrival
+        mine = {k: [diff(getattr(r, f"{k}_s"), r.send_delay_s or 0.0) for r in ok] for k in CLIENT_CLOCKS}
         theirs = {k: histogram_mean(mark.server_before, mark.server_after, k) for k in SERVER_HISTOGRAMS}
         for k in CLIENT_CLOCKS:
             client[k] += mine[k]
@@ -5731,9 +5710,7 @@ def rate_sweep(
     points, by_window = [], grouped(records, "phase", "repeat")
     for mark in (m for m in marks.bursts if m.rate is not None):
         lat = latency_summary(by_window.get((mark.phase, mark.repeat), []), slo)
-        point = RatePoint(
-            mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, *latency_quantiles(lat)
-        )
+        point = RatePoint(mark.phase, mark.repeat, mark.rate, lat.requests, lat.failed, *lat.quantiles())
         point.goodput = lat.goodput and lat.goodput.share
         point.max_send_delay_s = lat.send_delay_s and lat.send_delay_s.max
         cost = memory_cost(device, (mark.start, mark.end)) if mark.end is not None else None
@@ -5882,15 +5859,6 @@ class Comparison:
         return (self.ratios.get(pair) or {}).get(key), ((self.over_repeats or {}).get(pair) or {}).get(key)
 
 
-def latency_quantiles(latency: Optional[LatencySummary]) -> list[Optional[float]]:
-    """The LATENCY_KEYS figures of a latency summary, in that order (None without one)."""
-    return [latency.quantile(m, q) if latency else None for m, q in LATENCY_KEYS]
-
-
-def latency_figures(latency: Optional[LatencySummary], **more: Any) -> Figures:
-    return Figures(*latency_quantiles(latency), **more)
-
-
 def ratio_spreads(
     mine: Optional[list[LatencySummary]], theirs: Optional[list[LatencySummary]]
 ) -> Optional[dict[str, Spread]]:
@@ -5921,12 +5889,12 @@ def fields_of(record: Any, *names: str) -> dict[str, Any]:
 
 def group_figures(summary: ExperimentSummary) -> Figures:
     memory = fields_of(summary.device, "peak_mib", "idle_after_load_mib", "idle_before_workload_mib")
-    return latency_figures(summary.latency, failed=summary.latency.failed, **memory)
+    return Figures(*summary.latency.quantiles(), failed=summary.latency.failed, **memory)
 
 
 def model_figures(server: ServerSummary) -> Figures:
     figures = fields_of(server.memory, "peak_mib") | fields_of(server.vllm, "max_waiting", "preemptions")
-    return latency_figures(server.latency, failed=server.latency.failed, **figures)
+    return Figures(*server.latency.quantiles(), failed=server.latency.failed, **figures)
 
 
 def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
@@ -5949,7 +5917,7 @@ def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
     phases = dict.fromkeys(phase for s in kvcached_first for phase in s.phases)
     block.per_phase = {
         phase: compared(
-            {arm: latency_figures(s.phases[phase]) for arm, s in arms.items() if phase in s.phases},
+            {arm: Figures(*s.phases[phase].quantiles()) for arm, s in arms.items() if phase in s.phases},
             {arm: (s.phase_repeats or {}).get(phase) for arm, s in arms.items()},
         )
         for phase in phases
@@ -6513,23 +6481,17 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     )
 
 
-def sleeps_counted(split: SleepSplit, reused: bool, kept: bool) -> str:
-    """Whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared with others."""
-    if split.this_experiment:
-        return f"over the {split.sleeps} sleeps of this experiment"
-    if reused:
-        shared = " (started for an earlier experiment: these include that one's sleeps)"
-    elif kept:
-        shared = " (kept for a later experiment: these include its sleeps)"
-    else:
-        shared = ""
-    return f"over the {split.sleeps} sleeps in its log{shared}"
-
-
 def sleep_split_line(name: str, server: ServerSummary, split: SleepSplit, kept: bool) -> str:
     """What one sleep-mode server's sleeps freed, by vLLM's own lines; a clause whose figure is n/a is left
     out."""
-    counted = sleeps_counted(split, server.reused, kept)
+    # whose sleeps: this experiment's, or (runs before the log marks) the whole log's, shared with others
+    counted = f"over the {split.sleeps} sleeps in its log"
+    if split.this_experiment:
+        counted = f"over the {split.sleeps} sleeps of this experiment"
+    elif server.reused:
+        counted += " (started for an earlier experiment: these include that one's sleeps)"
+    elif kept:
+        counted += " (kept for a later experiment: these include its sleeps)"
     line = f"- {name}, {server.label}: {counted}, each freed vLLM's cumem pool (weights and KV, "
     line += f"{fmt(split.pool_freed_mib)} MiB)"
     beyond = split.beyond_pool_mib
@@ -7164,8 +7126,6 @@ def check_keeper() -> Check:
 
 def torch_cuda_version() -> Optional[str]:
     """torch's CUDA from torch/version.py, not imported: a CUDA context here would skew the readings."""
-    import importlib.util
-
     spec = importlib.util.find_spec("torch")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         with contextlib.suppress(OSError):
@@ -7179,10 +7139,9 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
     """The driver's CUDA version must reach the one torch (and so vLLM) was built for."""
     try:
         raw = nvml.nvmlSystemGetCudaDriverVersion()
-        driver = nvml.nvmlSystemGetDriverVersion()
+        driver = nvml_text(nvml.nvmlSystemGetDriverVersion())
     except Exception as exc:
         return fail("driver", f"cannot read the driver's CUDA version ({exc!r})", "update the NVIDIA driver")
-    driver = nvml_text(driver)
     have = (raw // 1000, raw % 1000 // 10)
     shown = f"driver {driver} supports CUDA {shown_release(have)}"
     if torch_cuda is None:
@@ -7864,10 +7823,9 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
 
 
 def model_runner_env(
-    vllm_version: Optional[str], kvcached_needed: bool, shell: Optional[dict] = None
+    vllm_version: Optional[str], kvcached_needed: bool, shell: Mapping[str, str] = os.environ
 ) -> dict[str, str]:
     """One model runner for every arm (or the shell's): compare KV allocators, not model runners."""
-    shell = os.environ if shell is None else shell
     if RUNNER_VARIABLE in shell:
         return {RUNNER_VARIABLE: shell[RUNNER_VARIABLE]}
     found = release(vllm_version)
@@ -7877,10 +7835,9 @@ def model_runner_env(
 
 
 def check_model_runner(
-    found: dict[str, Optional[str]], kvcached_needed: bool, shell: Optional[dict] = None
+    found: dict[str, Optional[str]], kvcached_needed: bool, shell: Mapping[str, str] = os.environ
 ) -> Check:
     """The runner every server gets, and whether kvcached runs on it (else it fails a minute in)."""
-    shell = os.environ if shell is None else shell
     vllm, kvcached = found.get("vllm"), found.get("kvcached") or "(version unknown)"
     chosen = model_runner_env(vllm, kvcached_needed, shell)
     if not chosen:

@@ -1025,6 +1025,9 @@ class Marks:
     idle_before: Optional[Span] = omitted_if_none()  # quiet window after the warm-up: the idle level
     workload: Optional[Span] = omitted_if_none()  # first burst start to last burst end
     sampling_end: Optional[float] = omitted_if_none()
+    asleep: Optional[float] = (
+        omitted_if_none()
+    )  # sleep router: every model asleep again after the last window
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -1179,7 +1182,7 @@ def measure(trial: Trial) -> None:
     finally:
         if trial.router:
             trial.router.stop()
-            record.router = trial.router.log
+            record.router, marks.asleep = trial.router.log, time.time()
     # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
     outcome = wait_settled(sampler, idle, cfg)
@@ -5429,7 +5432,9 @@ def summarize_experiment(
         sleep=SleepSummary.of(record),
         rate_sweep=sweep,
         capacity=capacity(sweep, target),
-        residual_after_burst_mib=residuals_after_bursts(loaded.device, marks, device.idle_after_load_mib)
+        residual_after_burst_mib=residuals_after_bursts(
+            loaded.device, marks, device.idle_after_load_mib, routed=record.router is not None
+        )
         if record.finished
         else None,
         memory_cost=device_cost,
@@ -5464,17 +5469,20 @@ def experiment_problems(loaded: LoadedExperiment, latency: LatencySummary) -> li
 
 
 def residuals_after_bursts(
-    device: Samples, marks: Marks, idle_after_load_mib: Optional[float]
+    device: Samples, marks: Marks, idle_after_load_mib: Optional[float], routed: bool = False
 ) -> Optional[list[Optional[float]]]:
     """Device memory above the idle level once each burst is over (None without bursts or that level).
     Between bursts: n/a where the quiet stretch is shorter than the window (a short --gap-s); after the
     last one, sampling went on until memory was back or settled, however short that was. The sleep arm's
-    stretch starts once the server is asleep again, not while it is falling asleep."""
+    stretch starts once the server is asleep again, not while it is falling asleep; under the sleep router
+    (`routed`), once every model is (n/a after the last window of a run from before that was marked)."""
     if not marks.bursts or idle_after_load_mib is None:
         return None
     ends = [b.start for b in marks.bursts[1:]] + [marks.sampling_end or marks.bursts[-1].end]
     last = len(marks.bursts) - 1
     quiet = [None if b.end is None else b.end + (b.sleep_s or 0.0) for b in marks.bursts]
+    if routed:
+        quiet[last] = marks.asleep and quiet[last] and max(quiet[last], marks.asleep)
     return [
         diff(window_median(device, max(end - RESIDUAL_WINDOW_S, begin), end), idle_after_load_mib)
         if begin is not None and (end - begin >= RESIDUAL_WINDOW_S or (i == last and end > begin))

@@ -570,6 +570,21 @@ def test_the_sleep_arms_last_residual_is_read_once_the_server_is_asleep_again(tm
     assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [0]
 
 
+def test_under_the_sleep_router_the_last_residual_is_read_once_every_model_is_asleep(tmp_path):
+    """Seen on an H100: the router put three models to sleep after the last window (0.4 s, 30 GB -> 3.5
+    GB) and sampling ended just after; read over that fall, the residual came out at 16,302 MiB, not 6."""
+
+    def level(t):  # the models awake in the window and while the router puts them to sleep
+        return 3500 + (26000 if 3 <= t < 4.4 else 0)
+
+    bursts = [{"start": 3, "end": 4, "rate": 2.0}]
+    loaded = recorded_experiment(tmp_path, "shared_sleep", level, 4.6, (3, 4), 4.55, bursts)
+    loaded.record.router = {"A": {"wakes": [0.1], "sleeps": [0.2], "waits": [0.1]}}
+    assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [None], "not marked: n/a"
+    loaded.record.marks.asleep = 1000 + 4.45
+    assert rx.summarize_experiment(loaded, 0.05).residual_after_burst_mib == [0]
+
+
 # --- per-model traffic: staggered ramps --------------------------------------------------------------
 def test_a_ramp_rises_step_by_step_to_its_peak_and_falls_back_to_one():
     assert rx.ramp_seconds(4, 1) == [1, 2, 3, 4, 3, 2, 1]

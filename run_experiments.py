@@ -1049,7 +1049,8 @@ class BurstMark:
     wake_s: Optional[float] = None  # sleep arm: the wake-up its first request paid for
     rate: Optional[float] = None  # open loop: the planned arrival rate of this window (requests/s)
     sleep_s: Optional[float] = None  # sleep arm: putting the server back to sleep after it
-    # what `rate` counts when not requests/s: TRACE_SCALE (a trace's scale) or RAMP_PEAK (each model's peak)
+    # what `rate` counts when not requests/s: TRACE_SCALE (a trace's rate scale; the report shows it times
+    # --trace-speedup) or RAMP_PEAK (each model's peak)
     rate_unit: Optional[str] = None
 
 
@@ -1068,11 +1069,15 @@ RAMP_PEAK = "req/s peak per model"  # a ramp's rate is each model's peak, not wh
 RATE_UNITS = {"trace": TRACE_SCALE, "ramp": RAMP_PEAK}  # by --arrivals; requests/s for the others
 
 
-def fill_rate_units(marks: "Marks", arrivals: Optional[str]) -> None:
-    """Runs from before marks kept their unit: the run's --arrivals tells it."""
+def rates_as_reported(marks: "Marks", arrivals: Optional[str], trace_speedup: Optional[float]) -> None:
+    """A trace's window is marked with its --trace-rate-scale; replayed --trace-speedup times faster, it
+    arrived at their product times the trace's own rate, which the report shows. Runs from before marks
+    kept their unit: the run's --arrivals tells it."""
     for burst in marks.bursts:
         if burst.rate is not None and burst.rate_unit is None:
             burst.rate_unit = RATE_UNITS.get(arrivals or "")
+        if burst.rate is not None and burst.rate_unit == TRACE_SCALE:
+            burst.rate = round(burst.rate * (trace_speedup or 1.0), 6)
 
 
 @dataclasses.dataclass
@@ -7049,7 +7054,8 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         if not any((exp_dir / f).exists() for f in EXPERIMENT_FILES if f != "error.json"):
             continue
         exp = load_experiment(exp_dir)
-        fill_rate_units(exp.record.marks, dig(config, "config", "arrivals"))
+        arrivals, speedup = (dig(config, "config", key) for key in ("arrivals", "trace_speedup"))
+        rates_as_reported(exp.record.marks, arrivals, speedup)
         loaded[exp.record.name] = exp
         summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo, target)
         if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none

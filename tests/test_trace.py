@@ -219,10 +219,12 @@ def test_a_two_model_trace_replay_sends_each_file_to_its_model_and_reports_capac
             )
     summary = json.loads((run / "summary.json").read_text())["experiments"]["shared_kvcached"]
     assert (
-        summary["capacity"]["attainment"] == {"1": 1.0, "2": 1.0} and summary["capacity"]["unit"] == "x trace"
+        summary["capacity"]["attainment"] == {"2": 1.0, "4": 1.0} and summary["capacity"]["unit"] == "x trace"
     )
     assert summary["prompt_tokens"]["requests"] == len(rows) and summary["prompt_tokens"]["planned"] > 0
     md = (run / "summary.md").read_text()
-    assert "| experiment | 1x the trace | 2x the trace | capacity |" in md
-    assert "held 2x the trace (above the sweep)" in md
+    # the windows are marked with their rate scale, 1 and 2; replayed twice as fast, they arrived at 2 and
+    # 4 times the trace's own rate, which the report shows
+    assert "| experiment | 2x the trace | 4x the trace | capacity |" in md
+    assert "held 4x the trace (above the sweep)" in md
     assert "Prompt tokens vLLM counted against the trace's: shared_kvcached " in md

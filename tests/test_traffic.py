@@ -393,11 +393,22 @@ def test_a_share_is_shown_rounded_down_so_a_missed_target_never_reads_as_met():
 
 def test_a_run_from_before_marks_kept_their_unit_takes_it_from_its_arrivals():
     marks = rx.Marks(bursts=[rx.BurstMark("ramp 2", "*", 0, 1.0, rate=14.0), rx.BurstMark("b", "A", 0, 2.0)])
-    rx.fill_rate_units(marks, "ramp")
+    rx.rates_as_reported(marks, "ramp", None)
     assert [b.rate_unit for b in marks.bursts] == [rx.RAMP_PEAK, None], "a closed burst has no rate"
     poisson = rx.Marks(bursts=[rx.BurstMark("4 req/s", "A", 0, 1.0, rate=4.0)])
-    rx.fill_rate_units(poisson, "poisson")
+    rx.rates_as_reported(poisson, "poisson", None)
     assert poisson.bursts[0].rate_unit is None, "requests/s"
+
+
+def test_a_traces_window_is_reported_at_its_rate_scale_times_the_speedup():
+    """Seen on an H100: 300 s of trace replayed in 30 s at scale 0.1 arrived at 0.92x the trace's own
+    rate, and the report said 0.1x."""
+    marks = rx.Marks(
+        bursts=[rx.BurstMark(f"trace {i}", "*", 0, 1.0, rate=r) for i, r in ((1, 0.025), (2, 0.1))]
+    )
+    rx.rates_as_reported(marks, "trace", 10.0)
+    assert [(b.rate, b.rate_unit) for b in marks.bursts] == [(0.25, rx.TRACE_SCALE), (1.0, rx.TRACE_SCALE)]
+    assert rx.rate_words(marks.bursts[0].rate, rx.TRACE_SCALE) == "0.25x the trace"
 
 
 def test_capacity_needs_slos_and_says_below_and_above_in_words():

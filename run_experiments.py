@@ -1926,7 +1926,8 @@ def check_server_command(cfg: Config) -> None:
 
 
 def check_overload_room(cfg: Config) -> None:
-    """The overload experiments send long requests: --max-model-len must leave them a prompt."""
+    """The overload experiments send long requests: --max-model-len must leave them a prompt, and the
+    shared prefix must fit in it."""
     if not any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments)):
         return
     least = next(n for n in itertools.count(1) if overload_lengths(cfg, n)[1] >= OVERLOAD_LEAST_PROMPT)
@@ -1935,6 +1936,15 @@ def check_overload_room(cfg: Config) -> None:
         "max_model_len",
         f"{cfg.max_model_len} leaves the overload experiments' long requests no prompt: give {least} or "
         "more, or leave overload_kvcached and overload_static out of --experiments",
+    )
+    fixed = dataclasses.replace(cfg, output_tokens_dist="fixed")  # as overload_plan sends them
+    _, room = request_lengths(fixed, *overload_lengths(cfg, cfg.max_model_len))
+    need(
+        cfg.shared_prefix_tokens < room,
+        "shared_prefix_tokens",
+        f"must be below the overload experiments' prompt length ({room} tokens within --max-model-len "
+        f"{cfg.max_model_len}): lower it, or leave overload_kvcached and overload_static out of "
+        "--experiments",
     )
 
 
@@ -8136,8 +8146,9 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
 
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:
-    """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes)."""
-    used = {plan for e in experiments for plan in e.plans} | {*PER_MODEL_ARRIVALS, "open"}  # each model's own
+    """The plans the chosen experiments send, prompts included (gzipped: they are most of the bytes), and
+    the main one, whose windows every schedule is resolved with (a card's process of --gpus reads them)."""
+    used = {"main", *(plan for e in experiments for plan in e.plans), *PER_MODEL_ARRIVALS, "open"}
     for key in sorted(k for k in plans if plan_family(k) in used):
         payload = json.dumps(dataclasses.asdict(plans[key])).encode()
         (run_dir / f"plan_{key}.json.gz").write_bytes(gzip.compress(payload))

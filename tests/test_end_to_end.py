@@ -416,7 +416,8 @@ def test_repeats_report_the_spread_of_elastic_static_ratios(repeats_run):
     assert phase["over_repeats"]["kvcached/static"]["ttft_s_p99"]["n"] == 2
     assert summary["experiments"]["overload_static"]["repeats"]["ttft_s_p50"]["n"] == 2
     assert "repeats:" in (run_dir / "summary.md").read_text()
-    assert sorted(p.name for p in run_dir.glob("plan_*")) == [
+    assert sorted(p.name for p in run_dir.glob("plan_*")) == [  # main: every schedule is resolved with it
+        "plan_main.json.gz",
         "plan_overload_A.json.gz",
         "plan_overload_B.json.gz",
     ]

@@ -58,6 +58,18 @@ def trace_cfg(traces, **flags) -> "rx.Config":
     return rx.Config(models="m1,m2,m3", arrivals="trace", trace=files, max_model_len=4096, **flags)
 
 
+def test_a_card_of_a_gpus_run_with_only_the_overload_experiments_resolves_them_from_the_saved_plans(tmp_path):
+    """The main plan went unsaved when no chosen experiment sent it, and each card's process, resolving
+    its experiments' schedules with it, failed every one with KeyError: 'main'."""
+    cfg = rx.Config(prompt_tokens=64, max_tokens=16, overload_budget_gib=1.0)
+    plans = {"main": rx.plan_workload(cfg, 4, "x"), "overload_A": rx.plan_workload(cfg, 2, "y")}
+    overload = [e for e in rx.EXPERIMENTS if e.group == "overload"]
+    rx.save_plans(tmp_path, plans, overload)
+    saved = rx.load_plans(tmp_path)
+    spec = rx.resolve_experiment(overload[0], cfg, saved, rx.GIB)
+    assert [s.plan for s in spec.steps] == ["overload_A", "overload_B"]
+
+
 def test_a_saved_trace_plan_replays_each_file_to_the_millisecond_and_its_lengths_exactly(traces, tmp_path):
     cfg = trace_cfg(traces, trace_window="0.05:4.5", trace_speedup=2.0)
     plans = {f"trace_{key}": rx.trace_plan(cfg, i, "x") for i, key in enumerate("ABC")}

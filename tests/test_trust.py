@@ -1145,6 +1145,19 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
             ["--output-tokens-dist", "uniform:1-1900", "--shared-prefix-tokens", "700", "--prefix-caching"],
             "--shared-prefix-tokens",
         ),
+        # the overload bursts' prompts (448 tokens within 1,024) are shorter than the main plan's (768)
+        (
+            [
+                "--max-model-len",
+                "1024",
+                "--shared-prefix-tokens",
+                "760",
+                "--prefix-caching",
+                "--experiments",
+                "5",
+            ],
+            "--shared-prefix-tokens",
+        ),
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--model-a", ""], "--model-a"),

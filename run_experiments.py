@@ -2581,8 +2581,9 @@ def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
     planned = []
     for window, scale in enumerate(scales):
         for i, row in enumerate(scaled(chosen, scale, f"{cfg.seed}-trace-scale-{position}")):
-            # lengths cut to fit the context: the output first, down to what leaves a short prompt room
-            output_tokens = min(row.output_tokens, max(1, room - MIN_CLIPPED_PROMPT_TOKENS))
+            # a request too long for the context is cut: the output first, down to what leaves a short prompt
+            short_prompt = min(row.prompt_tokens, MIN_CLIPPED_PROMPT_TOKENS)
+            output_tokens = min(row.output_tokens, max(1, room - short_prompt))
             prompt_tokens = min(row.prompt_tokens, room - output_tokens)
             prompt = trace_prompt(rng, row, prompt_tokens, cfg.seed)
             clipped = (prompt_tokens, output_tokens) != (row.prompt_tokens, row.output_tokens)
@@ -2616,8 +2617,11 @@ AUTO_LENGTH = -1  # --max-model-len auto
 
 
 def trace_model_len(cfg: Config) -> int:
-    """--max-model-len auto: the longest request in any model's window, within every model's own limit."""
-    rows = [r for path in trace_files(cfg) for r in window_rows(cfg, path)[1]]
+    """--max-model-len auto: the longest request in any model's window, within every model's own limit
+    (a file beyond the models' count is replayed by none)."""
+    files = trace_files(cfg)
+    replayed = dict.fromkeys(files[i % len(files)] for i in range(len(slots(cfg))))
+    rows = [r for path in replayed for r in window_rows(cfg, path)[1]]
     longest = max((r.prompt_tokens + r.output_tokens for r in rows), default=0)
     wanted = longest + PROMPT_MARGIN_TOKENS
     limits = [

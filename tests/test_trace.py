@@ -118,6 +118,21 @@ def test_a_rate_scale_repeats_or_thins_the_trace_one_window_each(traces):
     assert [r.trace_row for r in again.requests] == rows[0]
 
 
+def test_a_request_that_fits_is_never_clipped_and_auto_reads_only_the_files_some_model_replays(tmp_path):
+    """A 10 + 1,000-token request was planned as 10 + 946 and counted clipped at the very --max-model-len
+    auto had sized for it; and a third file, which no model of two replays, sized that length."""
+    (tmp_path / "long_answers.csv").write_text(AZURE.replace(",480,10", ",10,1000"))
+    (tmp_path / "unused.csv").write_text(AZURE.replace(",480,10", ",20000,500"))
+    files = f"{tmp_path / 'long_answers.csv'},{tmp_path / 'long_answers.csv'},{tmp_path / 'unused.csv'}"
+    cfg = rx.config_from_args(["--arrivals", "trace", "--trace", files, "--max-model-len", "auto"])
+    assert cfg.max_model_len == 7433 + 14 + rx.PROMPT_MARGIN_TOKENS, "the longest of the files replayed"
+    tight = dataclasses.replace(cfg, max_model_len=10 + 1000 + rx.PROMPT_MARGIN_TOKENS)
+    first = rx.trace_plan(tight, 0, "x").requests[0]
+    assert (first.prompt_tokens, first.max_tokens, first.clipped) == (10, 1000, False)
+    shorter = rx.trace_plan(dataclasses.replace(tight, max_model_len=tight.max_model_len - 1), 0, "x")
+    assert (shorter.requests[0].prompt_tokens, shorter.requests[0].max_tokens) == (10, 999)
+
+
 def test_max_model_len_auto_takes_the_longest_request_within_the_models_own_limit(traces, tmp_path, capsys):
     flags = ["--arrivals", "trace", "--trace", str(traces / "azure.csv"), "--max-model-len", "auto"]
     assert rx.config_from_args(flags).max_model_len == 7433 + 14 + rx.PROMPT_MARGIN_TOKENS

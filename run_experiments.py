@@ -1613,7 +1613,15 @@ def resolve_config(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, max_model_len=trace_model_len(cfg))
     cfg = fill_preset(cfg)
     check_overload_room(cfg)
-    _, room = request_lengths(cfg)  # the plans' prompts, beside an output mix's longest request too
+    longest, room = request_lengths(cfg)  # the plans' prompts, beside an output mix's longest request too
+    left = cfg.max_model_len - longest - PROMPT_MARGIN_TOKENS  # for the prompt, whatever it asks
+    need(
+        left >= MIN_CLIPPED_PROMPT_TOKENS or cfg.arrivals == "trace",
+        "max_model_len",
+        f"{cfg.max_model_len} leaves the prompt {left} tokens beside {longest} output tokens and "
+        f"{PROMPT_MARGIN_TOKENS} of margin ({MIN_CLIPPED_PROMPT_TOKENS} at least): raise it, or lower "
+        "--max-tokens",
+    )
     need(
         cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
         "shared_prefix_tokens",

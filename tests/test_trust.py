@@ -1158,6 +1158,8 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
             ],
             "--shared-prefix-tokens",
         ),
+        # 59 output tokens and the margin leave -3 tokens of prompt: the bare seed prompts went out instead
+        (["--max-model-len", "120", "--max-tokens", "59", "--experiments", "1,2"], "--max-model-len"),
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--model-a", ""], "--model-a"),

@@ -5023,7 +5023,8 @@ class MemorySummary:
     idle_before_workload_mib: Optional[float]  # after the warm-up: the level the bursts start from
     peak_mib: Optional[float]
     flex_mib: Optional[float]  # peak - idle before the workload
-    release_s: Optional[float]  # after the last burst, until back within tolerance of idle
+    # after the last burst, until a device sample is back within tolerance of idle (0: it never rose above)
+    release_s: Optional[float]
     residual_mib: Optional[float]  # where it ended, above idle before the workload
     # kvcached keeps pre-allocated pages after its first burst: the level it settles at can sit above
     # the level right after loading
@@ -5044,6 +5045,8 @@ def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySu
     last = next((v for t, v in reversed(samples) if t >= end), None)
     limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
     back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
+    if peak is not None and limit is not None and peak <= limit:  # never above the band: none to give back
+        back = end
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,
@@ -6915,8 +6918,9 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
     return paragraphs(
         f"Definitions: *idle* = median device memory over {window or Config.idle_window_s:g} s "
         "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
-        f"burst until memory is within {fmt(100 * (tolerance or Config.release_tolerance))}% "
-        "of that idle level (n/a: it stayed above; see residual in summary.json).",
+        f"burst until a device sample is within {fmt(100 * (tolerance or Config.release_tolerance))}% "
+        "of that idle level (so up to one sample interval late; 0: memory never rose above that; n/a: it "
+        "stayed above, see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
         "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "
         "depends on what ran before. *Idle before workload* (after a warm-up where one ran; a server "

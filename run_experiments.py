@@ -6822,7 +6822,7 @@ def capacity_sentence(name: str, s: ExperimentSummary) -> str:
         lowest = min((rate for rate, share in c.attainment.items() if share is not None), key=float)
         return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
     above = " (above the sweep)" if c.verdict == "above the sweep" else ""
-    memory = f" in {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
+    memory = f", the card holding {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
     return f"{name} held {rate_words(c.largest_held_rps, c.unit, long=True)}{above}{memory}"
 
 
@@ -6857,8 +6857,10 @@ def startups_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> lis
     started_by = f" vLLM's engine process started by {engine} (--engine-start)." if engine else ""
     lanes = config.get("lanes") or []
     return paragraphs(
-        f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s), "
-        f"{starts['reused']} avoided by reusing a running server (~{fmt(starts['startup_s_saved'])} s saved)."
+        f"vLLM start-ups: {starts['started']} paid ({fmt(starts['startup_s_total'])} s added up, servers "
+        f"started together each counted), {starts['reused']} avoided by reusing a running server "
+        f"(~{fmt(starts['startup_s_saved'])} s saved: the start-up each took the first time, a cold one for "
+        "the run's first servers)."
         f"{started_by}",
         first_startups_line(config.get("servers") or {}),
         len(lanes) > 1
@@ -6917,7 +6919,9 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
     tolerance, window = dig(config, "config", "release_tolerance"), dig(config, "config", "idle_window_s")
     return paragraphs(
         f"Definitions: *idle* = median device memory over {window or Config.idle_window_s:g} s "
-        "with no requests; *flex* = peak - idle before the workload; *release* = seconds after the last "
+        "with no requests; *flex* = peak - idle before the workload; *tok/s* = output tokens over the time "
+        "from the first request sent to the last response (gaps between bursts included); *release* = "
+        "seconds after the last "
         f"burst until a device sample is within {fmt(100 * (tolerance or Config.release_tolerance))}% "
         "of that idle level (so up to one sample interval late; 0: memory never rose above that; n/a: it "
         "stayed above, see residual in summary.json).",

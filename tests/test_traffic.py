@@ -315,7 +315,7 @@ def test_an_open_loop_sweep_reports_capacity_within_the_slos_and_the_memory_held
     md = (open_loop_run / "summary.md").read_text()
     assert "What one card takes within the SLOs (TTFT ≤ 5000 ms, TPOT ≤ 1000 ms)" in md
     assert "| kvcached | 100% | 100% | above the sweep (held every rate, up to 6 req/s) |" in md
-    assert "At 99% attainment, kvcached held 6 requests/s (above the sweep) in" in md
+    assert "At 99% attainment, kvcached held 6 requests/s (above the sweep), the card holding" in md
     assert "| kvcached | burst 2 | 6 req/s | " in md, "each window's rate, with its unit"
     assert (open_loop_run / "plots" / "attainment.png").stat().st_size > 10_000
     result = open_loop_run.parent.parent / "stdout.txt"
@@ -423,7 +423,7 @@ def test_capacity_needs_slos_and_says_below_and_above_in_words():
     within = rx.capacity([point(3, 1.0, mean_mib=2048), point(6, 0.5)], 0.99)
     assert rx.capacity_words(within) == "3 req/s"
     assert rx.capacity_sentence("kvcached", types.SimpleNamespace(capacity=within)) == (
-        "kvcached held 3 requests/s in 2.0 GiB on average"
+        "kvcached held 3 requests/s, the card holding 2.0 GiB on average"
     )
     ramps = [dataclasses.replace(p, unit=rx.RAMP_PEAK) for p in (point(3, 1.0), point(6, 0.5))]
     assert rx.capacity_words(rx.capacity(ramps, 0.99)) == "peak 3 req/s"
@@ -715,7 +715,10 @@ def test_a_two_model_ramp_sweep_sends_both_models_at_once_and_reports_capacity(r
     # the rate a ramp sweeps is each model's peak, not what the card takes: said so wherever it is named
     assert "| experiment | peak 2 req/s | peak 3 req/s | capacity |" in md
     assert "| shared_kvcached | ramp 2 | peak 3 req/s | " in md, "the latency-by-window table too"
-    assert "At 99% attainment, shared_kvcached held 3 requests/s per model at peak (above the sweep) in" in md
+    assert (
+        "At 99% attainment, shared_kvcached held 3 requests/s per model at peak (above the sweep), "
+        "the card holding" in md
+    )
     record = json.loads((run / "01_shared_kvcached" / "experiment.json").read_text())
     assert record["question"] == "Two models on one GPU, both elastic, staggered ramps."
     plots = ("attainment.png", "shared_memory.png", "memory_per_model.png")

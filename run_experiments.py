@@ -8124,6 +8124,19 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
     return size_burst(kv_a, free, prompt, longest, cfg.burst_kv_fraction, cfg.max_burst_size)
 
 
+def capped_mix_note(cfg: Config, plan: WorkloadPlan) -> Optional[str]:
+    """A lognormal mix is cut at --max-tokens: how far that moved its mean (lognormal:128,0.6 with the
+    default 128 puts 40% of the requests at the cap and averages 99 tokens, not 128)."""
+    lengths = [r.max_tokens for r in plan.requests]
+    capped = sum(n >= cfg.max_tokens for n in lengths)
+    if not cfg.output_tokens_dist.startswith("lognormal") or not capped:
+        return None
+    return (
+        f"  output lengths: {capped} of {len(lengths)} requests cut to --max-tokens {cfg.max_tokens}, a mean "
+        f"of {math.fsum(lengths) / len(lengths):.1f} tokens (raise --max-tokens for the mix's own mean)"
+    )
+
+
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key in slots(cfg):
@@ -8157,6 +8170,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         f"{'requests (busiest)' if open_loop else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
     )
     say(f"  why: {sizing}")
+    if note := capped_mix_note(cfg, main):
+        say(note)
     for key in slots(cfg)[1:]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv:

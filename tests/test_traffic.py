@@ -796,3 +796,16 @@ def test_a_prompt_length_no_response_reported_is_unknown_not_zero():
     rows = [dict(ok=True, t_send=0.0, ttft_s=0.1, e2e_s=0.2, completion_tokens=8, content_reads=8)] * 2
     assert rx.latency_summary(rows).prompt_tokens_mean is None
     assert rx.latency_summary([dict(rows[0], prompt_tokens=30), rows[1]]).prompt_tokens_mean == 30
+
+
+def test_a_lognormal_mix_cut_at_max_tokens_says_how_far_its_mean_moved():
+    cfg = rx.Config(output_tokens_dist="lognormal:128,0.6", max_tokens=128, prompt_tokens=64)
+    plan = rx.plan_workload(cfg, 500, "x", bursts=1)
+    note = rx.capped_mix_note(cfg, plan)
+    lengths = [r.max_tokens for r in plan.requests]
+    assert 0.3 < sum(n == 128 for n in lengths) / 500 < 0.5 and 90 < sum(lengths) / 500 < 105
+    assert note.startswith(
+        f"  output lengths: {sum(n == 128 for n in lengths)} of 500 requests cut to --max-tokens 128"
+    )
+    roomy = dataclasses.replace(cfg, output_tokens_dist="lognormal:16,0.1")
+    assert rx.capped_mix_note(roomy, rx.plan_workload(roomy, 50, "x", bursts=1)) is None

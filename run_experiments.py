@@ -1025,9 +1025,8 @@ class Marks:
     idle_before: Optional[Span] = omitted_if_none()  # quiet window after the warm-up: the idle level
     workload: Optional[Span] = omitted_if_none()  # first burst start to last burst end
     sampling_end: Optional[float] = omitted_if_none()
-    asleep: Optional[float] = (
-        omitted_if_none()
-    )  # sleep router: every model asleep again after the last window
+    # under the sleep router: when every model was asleep again after the last window
+    asleep: Optional[float] = omitted_if_none()
     bursts: list["BurstMark"] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -2611,6 +2610,9 @@ def check_trace(cfg: Config) -> None:
         "--arrivals trace needs --trace FILE[,FILE...] (one per model, cycled)",
     )
     need(not (cfg.rates or cfg.rate or cfg.peak_rates), "arrivals", "trace: leave out --rate(s)/--peak-rates")
+    need(
+        cfg.output_tokens_dist == "fixed", "output_tokens_dist", "a trace's lengths are its own: leave it out"
+    )
     parse_rate_scales(cfg)
     for path in trace_files(cfg):
         need(
@@ -6921,8 +6923,8 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
         f"Definitions: *idle* = median device memory over {window or Config.idle_window_s:g} s "
         "with no requests; *flex* = peak - idle before the workload; *tok/s* = output tokens over the time "
         "from the first request sent to the last response (gaps between bursts included); *release* = "
-        "seconds after the last "
-        f"burst until a device sample is within {fmt(100 * (tolerance or Config.release_tolerance))}% "
+        "seconds after the last burst until a device sample is within "
+        f"{fmt(100 * (tolerance or Config.release_tolerance))}% "
         "of that idle level (so up to one sample interval late; 0: memory never rose above that; n/a: it "
         "stayed above, see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "

@@ -172,6 +172,11 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
         (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be > 0"),
         (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
         (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
+        # the mix was accepted and then ignored: a trace's output lengths come from the trace
+        (
+            ["--trace", "{azure}", "--output-tokens-dist", "uniform:1-9"],
+            "--output-tokens-dist: a trace's lengths",
+        ),
         (
             ["--trace", "{azure}", "--shared-prefix-tokens", "64"],  # not "add --prefix-caching" first
             "--shared-prefix-tokens: a trace's prompts take none: leave it out",

@@ -5985,6 +5985,7 @@ FOOTPRINT_PARTS = (
     ("the rest", "rest_mib", "#ff7f0e"),
 )
 SHADED = "shaded: {}; grey: the warm-up, discarded"  # what shade_bursts draws, for an axis label
+WINDOW_COLOR = "#e6a100"  # every model's traffic at once (ALL_SLOTS): not the warm-up's grey
 
 
 def color_of(name: str) -> str:
@@ -6022,14 +6023,18 @@ def shade_bursts(axes: Iterable[Any], marks: Marks, t0: float) -> None:
             ax.axvspan(marks.warmup[0] - t0, marks.warmup[1] - t0, color="grey", alpha=0.12, lw=0)
         for burst in marks.bursts:
             if burst.end is not None:  # None: killed mid-burst
-                ax.axvspan(burst.start - t0, burst.end - t0, color=color_of(burst.server), alpha=0.08, lw=0)
+                color = WINDOW_COLOR if burst.server == ALL_SLOTS else color_of(burst.server)
+                ax.axvspan(burst.start - t0, burst.end - t0, color=color, alpha=0.08, lw=0)
 
 
 def finish_axes(axes: Iterable[Any], fontsize: int = 7, loc: Optional[str] = None) -> None:
+    """A grid, whole MiB on the y axis (not an offset: "+2.029e4" above ticks of 0.5-5 reads as 5 MiB), and
+    a see-through legend, which may sit on a peak."""
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=fontsize, loc=loc)
+            ax.legend(fontsize=fontsize, loc=loc, framealpha=0.5)
 
 
 def make_plots(
@@ -6057,7 +6062,8 @@ def make_plots(
 def plot_single(
     path: Path, arms: dict[str, LoadedExperiment], summaries: dict[str, ExperimentSummary]
 ) -> Optional[Path]:
-    """One model's arms' device memory on one axis (kvcached zoomed below), the first arm's bursts shaded."""
+    """One model's arms' device memory on one axis (kvcached zoomed below), the first arm's bursts shaded
+    (the arms' bursts line up, their warm-ups need not: each arm is drawn from its idle level on)."""
     if not arms:
         return None
     zoom = "kvcached" in arms and len(arms) > 1  # a static pool's scale flattens the kvcached line
@@ -6067,17 +6073,19 @@ def plot_single(
         t0 = marks.workload[0] if marks.workload else loaded.t0
         idle = summaries[loaded.record.name].device.idle_before_workload_mib
         targets = axes[:, 0] if zoom and arm == "kvcached" else axes[:1, 0]
+        since = (marks.idle_before or marks.workload or (loaded.t0,))[0]
         for ax in targets:
-            plot_series(ax, loaded.device, t0, color=color, lw=1.6, label=f"{arm} (device used)")
+            drawn = [(t, v) for t, v in loaded.device if t >= since]
+            plot_series(ax, drawn, t0, color=color, lw=1.6, label=f"{arm} (device used)")
             if idle is not None:
                 ax.axhline(idle, color=color, ls=":", alpha=0.6, label=f"{arm} idle {idle:,.0f} MiB")
-        if i == 0:
-            shade_bursts(targets, marks, t0)
+        if i == 0:  # its warm-up is not drawn
+            shade_bursts(targets, dataclasses.replace(marks, warmup=None), t0)
     finish_axes(axes[:, 0], fontsize=8)
     titles = ("VRAM under a bursty workload: kvcached vs static pool, one model", "kvcached alone, zoomed")
     for (ax,), title in zip(axes, titles):
         ax.set(title=title, ylabel="GPU memory used (MiB)")
-        ax.set_xlabel(f"seconds since the measured workload began ({SHADED.format('bursts')})")
+        ax.set_xlabel("seconds since the measured workload began (shaded: the first arm's bursts)")
     return save_figure(fig, path)
 
 
@@ -6139,9 +6147,13 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
     for (held, arrivals), (name, exp) in zip(axes.T, shown.items()):
         t0, slots_ = exp.t0, [server["spec"]["name"] for server in exp.record.servers]
         grid = np.arange(0.0, max((t - t0 for t, _ in exp.device), default=0.0), 0.25)
-        process_mib = [series(exp.memory, "process", server=s) or [(t0, 0.0)] for s in slots_]
-        stacked = [np.interp(grid, [t - t0 for t, _ in ps], [v for _, v in ps]) for ps in process_mib]
-        held.stackplot(grid, stacked, labels=slots_, colors=[color_of(s) for s in slots_], alpha=0.8)
+        process_mib = {s: series(exp.memory, "process", server=s) for s in slots_}
+        read = [s for s in slots_ if process_mib[s]]  # a model without reads is unknown, not 0
+        stacked = [
+            np.interp(grid, [t - t0 for t, _ in process_mib[s]], [v for _, v in process_mib[s]]) for s in read
+        ]
+        if read:
+            held.stackplot(grid, stacked, labels=read, colors=[color_of(s) for s in read], alpha=0.8)
         sent, seconds = grouped(exp.records, "server"), range(int(grid[-1]) + 1 if len(grid) else 0)
         for slot in slots_:
             counts = collections.Counter(math.floor(r.t_send - t0) for r in sent.get((slot,), []))
@@ -6149,7 +6161,9 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
             arrivals.step(list(seconds), per_second, where="post", color=color_of(slot), label=slot)
         shade_bursts((held, arrivals), exp.record.marks, t0)
         finish_axes((held, arrivals), loc="upper left")
-        held.set(title=f"{name}: GPU memory per model, stacked (NVML by process tree)", ylabel="MiB")
+        unread = ", ".join(s for s in slots_ if s not in read)
+        unread = f"; no reads of {unread}" if unread else ""
+        held.set(title=f"{name}: GPU memory per model, stacked (NVML by process tree{unread})", ylabel="MiB")
         arrivals.set_title("each model's requests per second (planned arrivals)")
         arrivals.set_xlabel(f"seconds since the experiment began ({SHADED.format('windows')})")
     return save_figure(fig, path)
@@ -6165,7 +6179,7 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
     }
     if not bars:
         return None
-    fig, axes = new_figure(1, size=(max(6.0, 1.6 * len(bars)), 4.2))
+    fig, axes = new_figure(1, size=(max(7.5, 1.6 * len(bars)), 4.2))
     ax = axes[0][0]
     bottom = [0.0] * len(bars)
     for label, key, color in FOOTPRINT_PARTS:
@@ -6175,16 +6189,24 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
     for x, total in enumerate(bottom):
         ax.annotate(f"{total:,.0f}", (x, total), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("MiB before the workload (NVML, process tree)")
-    ax.set_title("What each server holds: weights, KV cache and the rest (CUDA context, workspace, caches)")
+    ax.set_title(
+        "What each server holds before the workload:\n"
+        "weights, KV cache and the rest (CUDA context, workspace, caches)"
+    )
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
 def line_by_rate(ax: Any, pairs: list[tuple[float, Optional[float]]], style: str = "-", **kw: Any) -> None:
-    """(rate, value) pairs in rate order, those without a value left out, as a line with markers."""
-    xy = sorted((x, y) for x, y in pairs if y is not None)
-    ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", lw=1.3, **kw)
+    """(rate, value) pairs in rate order, those without a value left out, as a line with markers; the
+    repeats at one rate as their median (drawn each, the line would zigzag at every rate)."""
+    at_rate: dict[float, list[float]] = collections.defaultdict(list)
+    for x, y in pairs:
+        if y is not None:
+            at_rate[x].append(y)
+    rates = sorted(at_rate)
+    ax.plot(rates, [float(np.median(at_rate[x])) for x in rates], style, marker="o", lw=1.3, **kw)
 
 
 def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:

@@ -88,6 +88,15 @@ def running_in_notebook() -> bool:
     return "ipykernel" in sys.modules or "google.colab" in sys.modules
 
 
+def notebook_argv() -> list[str]:
+    """In a notebook: `%run run_experiments.py FLAGS` runs with its FLAGS, a pasted cell with NOTEBOOK_ARGS
+    (the kernel's own argv is not ours)."""
+    if Path(sys.argv[0]).name == Path(globals().get("__file__") or "<cell>").name:
+        return sys.argv[1:]
+    print(f"notebook: NOTEBOOK_ARGS = {NOTEBOOK_ARGS!r}")
+    return shlex.split(NOTEBOOK_ARGS)
+
+
 # %% Run state: one owner for the stop flags, the secrets and where messages go
 class RunState:
     """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, and
@@ -939,7 +948,9 @@ def check_lane_starter() -> None:
     """The process that started this card's is still its parent: one killed before PR_SET_PDEATHSIG took
     hold sends no signal, and the card's process would run its whole table alone."""
     parent = os.environ.get(LANE_PARENT)
-    if parent and os.getppid() != int(parent):
+    if not parent:  # by hand, it would run experiments again into a finished run's folder
+        raise ConfigError("--lane-of: set by --gpus for each card's process, not by hand; use --gpus")
+    if os.getppid() != int(parent):
         raise ConfigError(
             f"--lane-of: the run's first process (pid {parent}) ended before this card's started"
         )
@@ -1543,16 +1554,22 @@ class ConfigError(ValueError):
 
 
 class StrictParser(argparse.ArgumentParser):
-    """Unknown or malformed flags raise ConfigError instead of exiting (main() reports it)."""
+    """Unknown or malformed flags raise ConfigError instead of exiting (main() reports it), with the value
+    after a secret-looking flag hidden: `--hf-token hf_...` is unknown, and must not be echoed."""
 
     def error(self, message: str):
-        raise ConfigError(message)
+        raise ConfigError(" ".join(redact_argv(message.split(" "))))
 
 
 def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
     """argv (None: sys.argv, or NOTEBOOK_ARGS in a notebook) -> the resolved Config; None after --help."""
     if argv is None:
         argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    for flag in ("--report", "--results-dir"):  # `--report "$RUN"` with RUN unset would start a whole run
+        if f"{flag}=" in argv or any(a == flag and b == "" for a, b in zip(argv, argv[1:])):
+            raise ConfigError(
+                f"{flag}: empty (an unset shell variable?): give a value, or leave the flag out"
+            )
     try:
         namespace = build_parser().parse_args(argv)
     except SystemExit:  # --help printed (bad flags raise ConfigError instead)
@@ -1580,6 +1597,7 @@ def config_help() -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(
+        allow_abbrev=False,  # `--api-k X` is no --api-key: its value would be written down unredacted
         prog="run_experiments.py",
         description="Measure kvcached's elastic KV cache against vLLM's static pool.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1592,6 +1610,8 @@ def build_parser() -> argparse.ArgumentParser:
             how = dict(type={"int": int, "float": float, "str": str}[field.type])
         if field.name == "max_model_len":
             how = dict(type=tokens_or_auto)
+        if field.name == "lane_of":  # set by --gpus for each card's process
+            text = argparse.SUPPRESS
         parser.add_argument(flag, dest=field.name, default=field.default, help=text, **how)
     return parser
 
@@ -2666,7 +2686,8 @@ def redact_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """`--api-key X` and `--api-key=X` become `--api-key ***`."""
+    """`--api-key X` and `--api-key=X` become `--api-key ***`, and `HF_TOKEN=X` (`env`, `docker -e`)
+    `HF_TOKEN=***`."""
     out, hide_next = [], False
     for arg in argv:
         flag, eq, _ = arg.partition("=")
@@ -2676,6 +2697,8 @@ def redact_argv(argv: list[str]) -> list[str]:
         elif flag.startswith("--") and is_secret_name(flag[2:]):
             out.append(f"{flag}={REDACTED}" if eq else arg)
             hide_next = not eq
+        elif eq and re.fullmatch(r"[A-Za-z_]\w*", flag) and is_secret_name(flag):
+            out.append(f"{flag}={REDACTED}")
         else:
             out.append(arg)
     return out
@@ -2687,9 +2710,9 @@ def register_secrets(cfg: "Config") -> None:
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
         for arg, shown in zip(argv, redact_argv(argv)):
-            flag, eq, value = arg.partition("=")
+            _, eq, value = arg.partition("=")
             values += [arg] if arg != shown else []
-            values += [value] if eq and flag.startswith("--") and is_secret_name(flag[2:]) else []
+            values += [value] if eq and arg != shown else []
     STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 
@@ -7092,8 +7115,9 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         )
     config, config_problem = read_json(run_dir / "config.json")
     dirs = experiment_dirs(run_dir)
-    if config is None and not dirs:
-        raise ReportError(f"{run_dir} is not a run folder: no config.json and no experiment folders in it")
+    if not dirs and not (isinstance(config, dict) and isinstance(config.get("config"), dict)):
+        # a model's folder has a config.json too: its own summary.md must not be replaced
+        raise ReportError(f"{run_dir} is not a run folder: no experiment folders, and no run's config.json")
     config = config if isinstance(config, dict) else {}
     tolerance = dig(config, "config", "release_tolerance") or Config.release_tolerance
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
@@ -8294,7 +8318,6 @@ def caused_by_a_signal(exc: Optional[BaseException]) -> bool:
 
 # %% Entry point: the only cell that starts processes or writes files
 if __name__ == "__main__":
-    if running_in_notebook():
-        main(shlex.split(NOTEBOOK_ARGS))
-    else:
+    if not running_in_notebook():
         sys.exit(main())
+    main(notebook_argv())

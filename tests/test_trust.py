@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -1340,3 +1341,57 @@ def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(t
     (run,) = (tmp_path / "results").iterdir()
     assert json.loads((run / "config.json").read_text())["interrupted"] and (run / "summary.md").exists()
     assert not list((tmp_path / "gpu").glob("*.json")), "no server left"
+
+
+def test_a_secret_in_an_inline_env_of_the_server_command_is_never_written(tmp_path):
+    cmd = "env HF_TOKEN=hf_INLINE_secret77 docker run -e AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI vllm"
+    assert rx.redact_argv(shlex.split(cmd)) == [
+        "env",
+        "HF_TOKEN=***",
+        "docker",
+        "run",
+        "-e",
+        "AWS_SECRET_ACCESS_KEY=***",
+        "vllm",
+    ]
+    rx.register_secrets(rx.Config(server_cmd=cmd))
+    assert "hf_INLINE_secret77" not in rx.scrub("token hf_INLINE_secret77 and wJalrXUtnFEMI")
+    assert "wJalrXUtnFEMI" not in rx.scrub("wJalrXUtnFEMI")
+
+
+def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbreviations_are_refused(capsys):
+    assert rx.main(["--hf-token", "hf_LEAKED_value123"]) == 2
+    err = capsys.readouterr().err
+    assert "--hf-token" in err and "hf_LEAKED_value123" not in err
+    assert rx.main(["--api-k", "k3y9abcdef"]) == 2, "an abbreviation of --api-key is not taken as it"
+
+
+@pytest.mark.parametrize("argv", [["--report", ""], ["--report="], ["--results-dir", ""]])
+def test_an_empty_report_or_results_folder_is_refused_before_anything_starts(argv, capsys):
+    """`--report "$RUN"` with RUN unset started the whole default run."""
+    assert rx.main(argv) == 2
+    assert "empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_report_refuses_a_model_folder_and_leaves_its_files_alone(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    (tmp_path / "summary.md").write_text("my notes")
+    assert rx.main(["--report", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert (tmp_path / "summary.md").read_text() == "my notes" and not (tmp_path / "summary.json").exists()
+
+
+def test_lane_of_by_hand_is_refused_and_hidden_from_help(monkeypatch, capsys):
+    """By hand it ran experiments again into a finished run's folder, mixing two runs' requests."""
+    monkeypatch.delenv(rx.LANE_PARENT, raising=False)
+    with pytest.raises(rx.ConfigError, match="--lane-of: set by --gpus"):
+        rx.check_lane_starter()
+    assert rx.main(["--help"]) == 0
+    assert "--lane-of" not in capsys.readouterr().out
+
+
+def test_run_in_jupyter_takes_its_own_flags_and_a_pasted_cell_notebook_args(monkeypatch):
+    monkeypatch.setattr(rx.sys, "argv", [rx.__file__, "--preset", "smoke"])
+    assert rx.notebook_argv() == ["--preset", "smoke"], "%run run_experiments.py --preset smoke"
+    monkeypatch.setattr(rx.sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
+    assert rx.notebook_argv() == shlex.split(rx.NOTEBOOK_ARGS)

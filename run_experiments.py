@@ -1729,8 +1729,8 @@ FIELD_CHECKS = (
     ("preset", lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}, got {{v!r}}"),
     (
         "tag",
-        lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v),
-        "must be letters, digits, '.', '_' or '-' (it names a folder), got {v!r}",
+        lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v),
+        "must be up to 100 letters, digits, '.', '_' or '-' (it names a folder), got {v!r}",
     ),
     ("gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("pair_utilization_b", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = derived)"),
@@ -1923,6 +1923,8 @@ SET_PER_SERVER = {
     "--no-enable-prefix-caching": "--prefix-caching",
     "--load-format": "--load-format",
     "--tokenizer": "--tokenizer",
+    "--served-model-name": "--models (the client asks each server for its model by that name)",
+    "--api-key": "--api-key (the client sends it too)",
 }
 
 
@@ -1937,6 +1939,12 @@ def check_server_command(cfg: Config) -> None:
             shlex.split(getattr(cfg, name))
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
+    program = (shlex.split(cfg.server_cmd) or [""])[0]
+    need(
+        not cfg.server_cmd or shutil.which(program) is not None,
+        "server_cmd",
+        f"{program} is not found (no executable file, nor a command on PATH)",
+    )
     ours = [flag for flag in extra_server_flags(cfg) if flag in SET_PER_SERVER]
     need(
         not ours,
@@ -2073,7 +2081,11 @@ def load_model_config(model: str) -> tuple[Optional[dict], str]:
     """(config.json as a dict, where it came from). Local folder, then known table, then the hub."""
     local = Path(model).expanduser() / "config.json"
     if local.is_file():
-        return json.loads(local.read_text()), str(local)
+        config, problem = read_json(local)
+        if not isinstance(config, dict):
+            what = problem or "config.json holds no JSON object"
+            raise ConfigError(f"model {model}: {what}, in {local}: fix or replace it")
+        return config, str(local)
     if model in KNOWN_MODEL_CONFIGS:
         return dict(KNOWN_MODEL_CONFIGS[model]), "built-in table"
     path, _ = hub_config(model)

@@ -1161,6 +1161,10 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         ),
         # 59 output tokens and the margin leave -3 tokens of prompt: the bare seed prompts went out instead
         (["--max-model-len", "120", "--max-tokens", "59", "--experiments", "1,2"], "--max-model-len"),
+        (["--tag", "x" * 260], "--tag"),  # File name too long, after the preflight
+        (["--server-cmd", "/nonexistent/python -m vllm"], "--server-cmd"),  # each experiment failed instead
+        (["--extra-server-args", "--served-model-name mine"], "--extra-server-args"),  # every request a 404
+        (["--extra-server-args", "--api-key abcdef123"], "--extra-server-args"),  # every request a 401
         (["--settle-s", "0"], "--settle-s"),
         (["--max-burst-size", "0"], "--max-burst-size"),  # no burst could be sized
         (["--model-a", ""], "--model-a"),
@@ -1188,13 +1192,14 @@ def test_results_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys, f
     afile = tmp_path / "file"
     afile.write_text("")
     for target in (afile, afile / "below"):
-        assert rx.main(["--results-dir", str(target), "--server-cmd", "x"], nvml_module=fake_gpu) == 2
+        assert rx.main(["--results-dir", str(target), "--server-cmd", "true"], nvml_module=fake_gpu) == 2
         assert "--results-dir" in capsys.readouterr().err
 
 
 def test_gpu_index_out_of_range_says_how_many_there_are(tmp_path, capsys, fake_gpu):
     rc = rx.main(
-        ["--gpu-index", "7", "--server-cmd", "x", "--results-dir", str(tmp_path / "r")], nvml_module=fake_gpu
+        ["--gpu-index", "7", "--server-cmd", "true", "--results-dir", str(tmp_path / "r")],
+        nvml_module=fake_gpu,
     )
     assert rc == 2
     said = capsys.readouterr().err
@@ -1395,3 +1400,12 @@ def test_run_in_jupyter_takes_its_own_flags_and_a_pasted_cell_notebook_args(monk
     assert rx.notebook_argv() == ["--preset", "smoke"], "%run run_experiments.py --preset smoke"
     monkeypatch.setattr(rx.sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
     assert rx.notebook_argv() == shlex.split(rx.NOTEBOOK_ARGS)
+
+
+def test_a_models_malformed_config_json_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 2,')
+    assert rx.main(["--check", "--experiments", "1", "--model-a", str(tmp_path)]) == 2
+    assert "config.json unreadable (JSONDecodeError" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(rx.ConfigError, match="holds no JSON object"):
+        rx.load_model_config(str(tmp_path))

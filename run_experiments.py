@@ -1781,6 +1781,38 @@ FIELD_CHECKS = (
 )
 
 
+# Flags that only some settings read: given elsewhere (a script's common flags, say), a note says so
+APPLIES_ONLY = (
+    (
+        "trace_window trace_speedup trace_rate_scale",
+        lambda c: c.arrivals == "trace",
+        "applies to --arrivals trace",
+    ),
+    ("ramp_step stagger_s", lambda c: c.arrivals == "ramp", "applies to --arrivals ramp"),
+    ("burstiness", lambda c: c.arrivals == "gamma", "applies to --arrivals gamma"),
+    (
+        "duration_s",
+        lambda c: c.arrivals in ("poisson", "gamma", "ramp"),
+        "applies to --arrivals poisson, gamma or ramp",
+    ),
+    (
+        "burst_size",
+        lambda c: c.arrivals == "bursts",
+        "applies to closed bursts (a window sends what arrives in it)",
+    ),
+    ("port_a port_b", lambda c: not c.port, "has no effect with --port (slot i listens on --port + i)"),
+    ("model_a model_b", lambda c: not c.models, "has no effect with --models (name every model there)"),
+)
+
+
+def note_ignored(cfg: Config) -> None:
+    defaults = Config()
+    for names, applies, why in APPLIES_ONLY:
+        for name in names.split():
+            if getattr(cfg, name) != getattr(defaults, name) and not applies(cfg):
+                say(f"note: --{name.replace('_', '-')} {why}: it is ignored")
+
+
 def validate_config(cfg: Config) -> Config:
     """Check every flag before anything launches (raises ConfigError naming the flag); returns cfg."""
     for name, value in vars(cfg).items():  # inf/nan would crash, hang or fail every experiment
@@ -1822,7 +1854,7 @@ def validate_config(cfg: Config) -> Config:
         f"with --gpu-memory-utilization {cfg.gpu_memory_utilization:g} the pair takes {pair:g} of the card: "
         f"at most {MAX_STATIC_TOTAL:g} together",
     )
-    for check in (check_lanes, check_model_list, check_server_command, check_workload):
+    for check in (check_lanes, check_model_list, check_server_command, check_workload, note_ignored):
         check(cfg)
     return cfg
 

@@ -1409,3 +1409,11 @@ def test_a_models_malformed_config_json_is_a_clear_error_not_a_traceback(tmp_pat
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(rx.ConfigError, match="holds no JSON object"):
         rx.load_model_config(str(tmp_path))
+
+
+def test_a_flag_the_chosen_arrivals_do_not_read_is_named_as_ignored(said):
+    rx.config_from_args(["--arrivals", "poisson", "--rate", "2", "--burst-size", "8", "--trace-speedup", "4"])
+    assert said == [
+        "note: --trace-speedup applies to --arrivals trace: it is ignored",
+        "note: --burst-size applies to closed bursts (a window sends what arrives in it): it is ignored",
+    ]

@@ -1558,7 +1558,20 @@ class StrictParser(argparse.ArgumentParser):
     after a secret-looking flag hidden: `--hf-token hf_...` is unknown, and must not be echoed."""
 
     def error(self, message: str):
-        raise ConfigError(" ".join(redact_argv(message.split(" "))))
+        message = " ".join(redact_argv(message.split(" ")))
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if "expected one argument" in message:
+            message += (
+                "; a value that starts with '-' goes after '=', e.g. --extra-server-args='--enforce-eager'"
+            )
+        elif unknown and unknown.group(1).lower() in ("true", "false", "yes", "no", "1", "0"):
+            message += "; a switch takes no value: e.g. --warmup or --no-warmup"
+        elif unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], self._option_string_actions, 1)
+            message += f"; did you mean {close[0]}?" if close else "; see --help"
+        raise ConfigError(message)
 
 
 def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
@@ -8254,7 +8267,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
     output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
-    lengths = f"~{main.prompt_tokens} prompt + {output} output tokens"
+    prompt = f"~{main.prompt_tokens}" if main.prompt_tokens else "the tutorial's"
+    lengths = f"{prompt} prompt + {output} output tokens"
     if cfg.arrivals == "trace":
         lengths = f"the trace's lengths, up to {main.prompt_tokens} prompt + {main.max_tokens} output tokens"
     say(
@@ -8266,9 +8280,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         say(note)
     for key in slots(cfg)[1:]:
         kv = facts[key]["kv_bytes_per_token"]
-        if kv:
-            ratio = kv / kv_a if kv_a else float("nan")
-            say(f"  model {key} needs {ratio:.1f}x model A's KV per token in the shared experiments")
+        if kv and kv_a:
+            say(f"  model {key} needs {kv / kv_a:.1f}x model A's KV per token in the shared experiments")
     return plans, budget, facts
 
 

@@ -1417,3 +1417,16 @@ def test_a_flag_the_chosen_arrivals_do_not_read_is_named_as_ignored(said):
         "note: --trace-speedup applies to --arrivals trace: it is ignored",
         "note: --burst-size applies to closed bursts (a window sends what arrives in it): it is ignored",
     ]
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--experimnts", "1"], "did you mean --experiments?"),
+        (["--warmup", "false"], "a switch takes no value: e.g. --warmup or --no-warmup"),
+        (["--extra-server-args", "--enforce-eager"], "a value that starts with '-' goes after '='"),
+    ],
+)
+def test_a_mistyped_flag_says_what_was_meant(argv, hint, capsys):
+    assert rx.main(argv) == 2
+    assert hint in capsys.readouterr().err

@@ -2905,9 +2905,14 @@ def engine_start_method(cfg: Config, env: Optional[dict] = None) -> str:
     return (os.environ if env is None else env).get("VLLM_WORKER_MULTIPROC_METHOD") or "fork"
 
 
+# vLLM's access log lines of the harness's own polling: in a dead server's tail they would hide the cause
+POLLING_LINE = re.compile(r'"GET /(metrics|health|is_sleeping)[ ?]')
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
-        return scrub("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        text = path.read_text(errors="replace").splitlines()
+        return scrub("\n".join([line for line in text if not POLLING_LINE.search(line)][-lines:]))
     except OSError as exc:
         return f"(log unreadable: {exc})"
 
@@ -3549,7 +3554,8 @@ class RunningServer:
 
     def failure(self, problem: str) -> ServerError:
         """The error for what went wrong, with the evidence: command, log and the log's tail."""
-        log = f"log: {self.log_path}\n--- last 40 lines of the log ---\n{tail(self.log_path)}"
+        log = f"log: {self.log_path}\n--- last 40 lines of the log (not the harness's polling) ---\n"
+        log += tail(self.log_path)
         return ServerError(f"{problem}\ncommand: {shlex.join(self.cmd)}\n{log}")
 
 
@@ -3739,6 +3745,9 @@ def exit_words(code: int) -> str:
     """A server's end as its keeper tells it: its exit code, or the keeper killed (the server got SIGTERM)."""
     if code < 0:
         return f"ended when its keeper was killed ({signal.Signals(-code).name})"
+    if code - 128 in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGTERM, signal.SIGBUS):
+        oom = ", the kernel's out-of-memory killer?" if code - 128 == signal.SIGKILL else ""
+        return f"exited with code {code} (killed by {signal.Signals(code - 128).name}{oom})"
     return f"exited with code {code}"
 
 

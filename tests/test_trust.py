@@ -670,7 +670,11 @@ def test_dead_server_is_restarted_not_reused(fake_gpu, tmp_path):
         assert wait_for(lambda: first.exit_code() is not None, timeout=10)
         (again,) = pool.ensure([KVC_A(cfg)], tmp_path)
         assert again is not first and again.exit_code() is None
-        assert any("exited with code 137: not reusing it" in s for s in said), said
+        assert any(
+            "exited with code 137 (killed by SIGKILL, the kernel's out-of-memory killer?): not reusing it"
+            in s
+            for s in said
+        ), said
     finally:
         rx.stop_servers(pool.shut(), "end of test")
 
@@ -682,7 +686,9 @@ def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers):
     assert wait_for(lambda: server.exit_code() is not None, timeout=10)
     exp = rx.ExperimentSpec("kvcached", "q", (server.spec,), (rx.Step("burst 1", "A", "main", 0),))
     trial = rx.Trial(cfg, exp, {"main": rx.plan_workload(cfg, 2, "x")}, {"A": server}, None, None, None)
-    with pytest.raises(rx.ServerError, match="exited with code 137 before 'burst 1'"):
+    with pytest.raises(
+        rx.ServerError, match=r"exited with code 137 \(killed by SIGKILL, .*\) before 'burst 1'"
+    ):
         rx.run_step(trial, exp.steps[0], 0, lambda _: None, lambda _: None)
 
 
@@ -1430,3 +1436,16 @@ def test_a_flag_the_chosen_arrivals_do_not_read_is_named_as_ignored(said):
 def test_a_mistyped_flag_says_what_was_meant(argv, hint, capsys):
     assert rx.main(argv) == 2
     assert hint in capsys.readouterr().err
+
+
+def test_a_dead_servers_tail_leaves_out_the_harness_polling_and_names_a_kill(tmp_path):
+    log = tmp_path / "server.log"
+    lines = ["ERROR the real cause: CUDA out of memory"]
+    lines += ['INFO:     127.0.0.1:5 - "GET /metrics HTTP/1.1" 200 OK'] * 50
+    lines += ['INFO:     127.0.0.1:5 - "GET /health HTTP/1.1" 200 OK', "INFO: shutting down"]
+    log.write_text("\n".join(lines))
+    assert rx.tail(log) == "ERROR the real cause: CUDA out of memory\nINFO: shutting down"
+    assert (
+        rx.exit_words(137) == "exited with code 137 (killed by SIGKILL, the kernel's out-of-memory killer?)"
+    )
+    assert rx.exit_words(3) == "exited with code 3"

@@ -625,7 +625,7 @@ def main(
     (nothing launched); 130 interrupted. Messages go to `out`, scrubbed of secrets."""
     global STATE
     STATE = RunState(out)
-    started, run = time.time(), None
+    started, run, cfg = time.time(), None, None
     try:
         cfg = config_from_args(argv)
         if cfg is None:  # --help
@@ -650,7 +650,8 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before any experiment: the preflight, a --check, a --report
-        print("interrupted before anything was measured", file=sys.stderr)
+        again = f"; run --report {cfg.report} again" if cfg and cfg.report else ""
+        print(f"interrupted before anything was measured{again}", file=sys.stderr)
         return 130
     run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures)
@@ -1613,6 +1614,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # `--api-k X` is no --api-key: its value would be written down unredacted
         prog="run_experiments.py",
         description="Measure kvcached's elastic KV cache against vLLM's static pool.",
+        epilog="experiments (--experiments takes names or numbers): "
+        + ", ".join(f"{e.number} {e.name}" for e in EXPERIMENTS),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in dataclasses.fields(Config):
@@ -7183,7 +7186,11 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     dirs = experiment_dirs(run_dir)
     if not dirs and not (isinstance(config, dict) and isinstance(config.get("config"), dict)):
         # a model's folder has a config.json too: its own summary.md must not be replaced
-        raise ReportError(f"{run_dir} is not a run folder: no experiment folders, and no run's config.json")
+        runs = sorted(d.name for d in run_dir.iterdir() if (d / "config.json").is_file())[-3:]
+        inside = f"; the newest runs in it: {', '.join(runs)}" if runs else ""
+        raise ReportError(
+            f"--report: {run_dir} is not a run folder (no experiment folders, no run's config.json){inside}"
+        )
     config = config if isinstance(config, dict) else {}
     tolerance = dig(config, "config", "release_tolerance") or Config.release_tolerance
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
@@ -7388,6 +7395,7 @@ def check_serving_imports(
         fix = f"check --server-cmd: `{shlex.join(python)} -m {module}` must import"
         return [import_check("server", probe, env, timeout_s, fix, python=prefix[0])[0]]
     probe = program_source(probe_vllm, call="probe_vllm()")
+    say("  checking that vLLM imports in a fresh Python (20-60 s)...")
     vllm, out = import_check("vllm", probe, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)")
     if not (kvcached_needed and vllm.ok):
         return [vllm]

@@ -1449,3 +1449,16 @@ def test_a_dead_servers_tail_leaves_out_the_harness_polling_and_names_a_kill(tmp
         rx.exit_words(137) == "exited with code 137 (killed by SIGKILL, the kernel's out-of-memory killer?)"
     )
     assert rx.exit_words(3) == "exited with code 3"
+
+
+def test_report_on_the_results_folder_names_the_runs_in_it(tmp_path, capsys):
+    for run in ("20261201T000000Z_a", "20261202T000000Z_b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.json").write_text('{"config": {}}')
+    assert rx.main(["--report", str(tmp_path)]) == 2
+    assert "the newest runs in it: 20261201T000000Z_a, 20261202T000000Z_b" in capsys.readouterr().err
+
+
+def test_help_lists_the_experiments(capsys):
+    assert rx.main(["--help"]) == 0
+    assert "1 kvcached, 2 static, 3 shared_kvcached" in " ".join(capsys.readouterr().out.split())

@@ -635,8 +635,10 @@ def main(
             say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(readable(result))}")
             return 0
         if cfg.check:
-            checks, _ = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
+            checks, nvml = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
             say(checklist(checks))
+            if all(c.ok for c in checks):  # what the run refuses after its checklist, --check refuses too
+                plan_run(cfg, parse_experiments(cfg.experiments), nvml)
             return 0 if all(c.ok for c in checks) else 1
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
             interrupted, failures = run_table(join_run(cfg, nvml_module))
@@ -8090,6 +8092,22 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
     if not all(c.ok for c in checks):
         raise ConfigError("preflight failed, nothing was started (--check repeats it):\n" + checklist(checks))
     say(checklist(checks))
+    cards, gpu, plans, budget, model_facts, lanes = plan_run(cfg, experiments, nvml)
+    run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
+    announce_run(cards, lanes, preimport, run_dir)
+    save_plans(run_dir, plans, experiments)
+    runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
+    run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
+    run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
+    run.config = run_config(run, argv, gpu, cards, model_facts, versions)
+    run.save_config()
+    return run
+
+
+def plan_run(cfg: Config, experiments: list[Experiment], nvml: Any) -> tuple:
+    """What a run settles after its checklist, each of which may still refuse it (--check too): the cards
+    alike, the plans, the lanes, enough open files. Returns (cards, the fullest card, plans, the overload
+    budget, model facts, lanes)."""
     cards = [gpu_facts(nvml, index) for index in gpu_indices(cfg)]
     mixed_cards(cards, cfg.allow_mixed_gpus)  # refused unless --allow-mixed-gpus
     gpu = min(cards, key=lambda card: card["free_mib_at_start"])  # plans fit the fullest card
@@ -8101,15 +8119,7 @@ def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run
         if exps
     ]
     ensure_open_files(most_sockets(plans, cfg))
-    run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
-    announce_run(cards, lanes, preimport, run_dir)
-    save_plans(run_dir, plans, experiments)
-    runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
-    run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
-    run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    run.config = run_config(run, argv, gpu, cards, model_facts, versions)
-    run.save_config()
-    return run
+    return cards, gpu, plans, budget, model_facts, lanes
 
 
 def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir: Path) -> None:

@@ -1462,3 +1462,12 @@ def test_report_on_the_results_folder_names_the_runs_in_it(tmp_path, capsys):
 def test_help_lists_the_experiments(capsys):
     assert rx.main(["--help"]) == 0
     assert "1 kvcached, 2 static, 3 shared_kvcached" in " ".join(capsys.readouterr().out.split())
+
+
+def test_check_refuses_what_the_run_refuses_after_its_checklist(fake_gpu, monkeypatch, capsys):
+    """--check said every line was fine and exited 0 for two different cards, which the run refused."""
+    monkeypatch.setenv("FAKE_GPU_COUNT", "2")
+    monkeypatch.setenv("FAKE_GPU_NAMES", "Tesla T4 (fake),NVIDIA A10 (fake)")
+    argv = ["--check", "--preset", "smoke", "--experiments", "1,2", "--gpus", "0,1", "--server-cmd", "true"]
+    assert rx.main(argv, nvml_module=fake_gpu) == 2
+    assert "--allow-mixed-gpus" in capsys.readouterr().err

@@ -88,15 +88,6 @@ def running_in_notebook() -> bool:
     return "ipykernel" in sys.modules or "google.colab" in sys.modules
 
 
-def notebook_argv() -> list[str]:
-    """In a notebook: `%run run_experiments.py FLAGS` runs with its FLAGS, a pasted cell with NOTEBOOK_ARGS
-    (the kernel's own argv is not ours)."""
-    if Path(sys.argv[0]).name == Path(globals().get("__file__") or "<cell>").name:
-        return sys.argv[1:]
-    print(f"notebook: NOTEBOOK_ARGS = {NOTEBOOK_ARGS!r}")
-    return shlex.split(NOTEBOOK_ARGS)
-
-
 # %% Run state: one owner for the stop flags, the secrets and where messages go
 class RunState:
     """What a run holds beyond its config: how far a stop has gone, the secret values to scrub, and
@@ -1591,6 +1582,15 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
     except SystemExit:  # --help printed (bad flags raise ConfigError instead)
         return None
     return resolve_config(validate_config(Config(**vars(namespace))))
+
+
+def notebook_argv() -> list[str]:
+    """In a notebook: `%run run_experiments.py FLAGS` runs with its FLAGS, a pasted cell with NOTEBOOK_ARGS
+    (the kernel's own argv is not ours)."""
+    if Path(sys.argv[0]).name == Path(globals().get("__file__") or "<cell>").name:
+        return sys.argv[1:]
+    print(f"notebook: NOTEBOOK_ARGS = {NOTEBOOK_ARGS!r}")
+    return shlex.split(NOTEBOOK_ARGS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -7178,6 +7178,14 @@ def experiment_dirs(run_dir: Path) -> list[Path]:
     ]
 
 
+def not_a_run_folder(folder: Path) -> str:
+    """Why --report refuses a folder (a model's has a config.json too, and its own summary.md), and the
+    runs inside it, where it is a results folder."""
+    runs = sorted(d.name for d in folder.iterdir() if (d / "config.json").is_file())[-3:]
+    inside = f"; the newest runs in it: {', '.join(runs)}" if runs else ""
+    return f"--report: {folder} is not a run folder (no experiment folders, no run's config.json){inside}"
+
+
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
@@ -7187,12 +7195,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     config, config_problem = read_json(run_dir / "config.json")
     dirs = experiment_dirs(run_dir)
     if not dirs and not (isinstance(config, dict) and isinstance(config.get("config"), dict)):
-        # a model's folder has a config.json too: its own summary.md must not be replaced
-        runs = sorted(d.name for d in run_dir.iterdir() if (d / "config.json").is_file())[-3:]
-        inside = f"; the newest runs in it: {', '.join(runs)}" if runs else ""
-        raise ReportError(
-            f"--report: {run_dir} is not a run folder (no experiment folders, no run's config.json){inside}"
-        )
+        raise ReportError(not_a_run_folder(run_dir))
     config = config if isinstance(config, dict) else {}
     tolerance = dig(config, "config", "release_tolerance") or Config.release_tolerance
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)

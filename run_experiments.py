@@ -6292,6 +6292,15 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
     return save_figure(fig, path)
 
 
+def arm_colors(names: list[str]) -> dict[str, str]:
+    """Each experiment in its arm's colour, as in the other plots (static red, not orange), where no two
+    share an arm; else matplotlib's cycle."""
+    arms = [getattr(experiment(name), "arm", None) for name in names]
+    if all(arm in COLORS for arm in arms) and len(set(arms)) == len(arms):
+        return {name: COLORS[arm] for name, arm in zip(names, arms)}
+    return {name: f"C{i}" for i, name in enumerate(names)}
+
+
 def line_by_rate(ax: Any, pairs: list[tuple[float, Optional[float]]], style: str = "-", **kw: Any) -> None:
     """(rate, value) pairs in rate order, those without a value left out, as a line with markers; the
     repeats at one rate as their median (drawn each, the line would zigzag at every rate)."""
@@ -6311,10 +6320,11 @@ def plot_rate_sweep(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
     fig, axes = new_figure(1, 2, size=(11, 3.8))
     xlabel = rate_axis(p for points in sweeps.values() for p in points)
     for ax, metric, title in zip(axes[0], ("ttft", "e2e"), ("time to first token", "end-to-end latency")):
-        for i, (name, points) in enumerate(sweeps.items()):
+        colors = arm_colors(list(sweeps))
+        for name, points in sweeps.items():
             for q, style in (("p50", "-"), ("p99", "--")):
                 values = [(p.rate, getattr(p, f"{metric}_{q}_s")) for p in points]
-                line_by_rate(ax, values, style, color=f"C{i}", label=f"{name} {q}")
+                line_by_rate(ax, values, style, color=colors[name], label=f"{name} {q}")
         ax.set(title=f"{title} vs arrival rate", xlabel=xlabel, ylabel="seconds")
     finish_axes(axes[0])
     return save_figure(fig, path)
@@ -6326,14 +6336,14 @@ def plot_attainment(path: Path, summaries: dict[str, ExperimentSummary]) -> Opti
     if not swept:
         return None
     fig, axes = new_figure(1, 2, size=(11, 3.8))
-    attained, late = axes[0]
-    for i, (name, s) in enumerate(swept.items()):
+    attained, late, colors = *axes[0], arm_colors(list(swept))
+    for name, s in swept.items():
         shares = [(float(r), v) for r, v in s.capacity.attainment.items() if v is not None]
         p99 = [(p.rate, p.ttft_p99_s) for p in s.rate_sweep if p.ttft_p99_s is not None]
         if shares:
-            line_by_rate(attained, shares, color=f"C{i}", label=name)
+            line_by_rate(attained, shares, color=colors[name], label=name)
         if p99:
-            line_by_rate(late, p99, color=f"C{i}", label=f"{name} p99")
+            line_by_rate(late, p99, color=colors[name], label=f"{name} p99")
     first = next(iter(swept.values()))
     target, slo_ttft = first.capacity.target, first.latency.goodput and first.latency.goodput.slo_ttft_ms
     attained.axhline(target, color="k", ls=":", lw=1, label=f"target {percent(target)}")

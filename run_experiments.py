@@ -7443,8 +7443,13 @@ def check_results(results_dir: str) -> Check:
 
 def check_model(cfg: Config, slot: str) -> Check:
     name, model = f"model {slot}", model_of(cfg, slot)
+    flag = "--models" if cfg.models else f"--model-{slot.lower()}"
     if (Path(model).expanduser() / "config.json").is_file():
         return too_long_for(cfg, slot) or Check(name, True, f"{model} (local folder)")
+    if Path(model).expanduser().is_dir():  # not a hub id: asking the hub would only confuse
+        return fail(
+            name, f"{model}: a folder without config.json", f"{flag}: the folder that holds the model's files"
+        )
     if cfg.server_cmd:  # another engine (or a fake) may name models its own way
         return warn(name, f"{model}: left to --server-cmd")
     path, why = hub_config(model)
@@ -7453,7 +7458,7 @@ def check_model(cfg: Config, slot: str) -> Check:
     return fail(
         name,
         f"{model}: {why}",
-        f"{'--models' if cfg.models else f'--model-{slot.lower()}'}: a local folder with config.json, or the "
+        f"{flag}: a local folder with config.json, or the "
         "hub: set HF_TOKEN for gated models, HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model "
         "in the cache",
     )

@@ -198,3 +198,9 @@ def test_a_server_short_of_free_memory_at_its_start_is_told_so(fake_gpu, tmp_pat
             ready(server)
     finally:
         rx.stop_servers([server], "end of test")
+
+
+def test_a_model_folder_without_config_json_says_so_not_that_the_hub_is_missing(tmp_path):
+    check = rx.check_model(rx.Config(model_a=str(tmp_path)), "A")
+    assert not check.ok and check.detail == f"{tmp_path}: a folder without config.json"
+    assert check.fix.startswith("--model-a: the folder")

@@ -223,7 +223,7 @@ class Config:
     idle_window_s: float = 1.0  # quiet time for an idle level (>= 5 device and 2 per-process samples)
     settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
     report: str = ""  # rebuild summaries and plots of this run folder (with its own SLOs), run nothing
-    check: bool = False  # only print the preflight checklist (also run before every run); exit 0/1
+    check: bool = False  # only print the preflight checklist (also run before every run); exit 0, 1 or 2
 
 
 # The workload each --preset gives the flags left open. Smoke's bursts last a fraction of a second: each
@@ -1552,18 +1552,26 @@ class StrictParser(argparse.ArgumentParser):
     after a secret-looking flag hidden: `--hf-token hf_...` is unknown, and must not be echoed."""
 
     def error(self, message: str):
-        message = " ".join(redact_argv(message.split(" ")))
-        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        import difflib
+
+        words = message.split(" ")
+        unknown = words[2] if message.startswith("unrecognized arguments: ") else ""
+        shown = [flag for flag in self._option_string_actions if flag != "--lane-of"]
+        close = (
+            difflib.get_close_matches(unknown.split("=")[0], shown, 1, 0.75)
+            if unknown.startswith("-")
+            else []
+        )
+        if close and is_secret_name(close[0][2:]):  # `--api-k VALUE`: the value is a secret all the same
+            words[2:] = [unknown.split("=")[0] + (f"={REDACTED}" if "=" in unknown else ""), REDACTED]
+        message = " ".join(redact_argv(words))
         if "expected one argument" in message:
             message += (
                 "; a value that starts with '-' goes after '=', e.g. --extra-server-args='--enforce-eager'"
             )
-        elif unknown and unknown.group(1).lower() in ("true", "false", "yes", "no", "1", "0"):
+        elif unknown.lower() in ("true", "false", "yes", "no"):
             message += "; a switch takes no value: e.g. --warmup or --no-warmup"
         elif unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], self._option_string_actions, 1)
             message += f"; did you mean {close[0]}?" if close else "; see --help"
         raise ConfigError(message)
 
@@ -1652,12 +1660,12 @@ def resolve_config(cfg: Config) -> Config:
     check_overload_room(cfg)
     longest, room = request_lengths(cfg)  # the plans' prompts, beside an output mix's longest request too
     left = cfg.max_model_len - longest - PROMPT_MARGIN_TOKENS  # for the prompt, whatever it asks
+    least = min(max(cfg.prompt_tokens, 1), MIN_CLIPPED_PROMPT_TOKENS)  # 0: the tutorial's short prompts
     need(
-        left >= MIN_CLIPPED_PROMPT_TOKENS or cfg.arrivals == "trace",
+        left >= least or cfg.arrivals == "trace",
         "max_model_len",
         f"{cfg.max_model_len} leaves the prompt {left} tokens beside {longest} output tokens and "
-        f"{PROMPT_MARGIN_TOKENS} of margin ({MIN_CLIPPED_PROMPT_TOKENS} at least): raise it, or lower "
-        "--max-tokens",
+        f"{PROMPT_MARGIN_TOKENS} of margin ({least} at least): raise it, or lower --max-tokens",
     )
     need(
         cfg.shared_prefix_tokens == 0 or cfg.shared_prefix_tokens < room,
@@ -2759,8 +2767,8 @@ def redact_argv(argv: list[str]) -> list[str]:
         elif flag.startswith("--") and is_secret_name(flag[2:]):
             out.append(f"{flag}={REDACTED}" if eq else arg)
             hide_next = not eq
-        elif eq and re.fullmatch(r"[A-Za-z_]\w*", flag) and is_secret_name(flag):
-            out.append(f"{flag}={REDACTED}")
+        elif (named := re.fullmatch(r"(--env=|-e)?([A-Za-z_]\w*)=.*", arg)) and is_secret_name(named[2]):
+            out.append(f"{named[1] or ''}{named[2]}={REDACTED}")
         else:
             out.append(arg)
     return out
@@ -2775,6 +2783,8 @@ def register_secrets(cfg: "Config") -> None:
             _, eq, value = arg.partition("=")
             values += [arg] if arg != shown else []
             values += [value] if eq and arg != shown else []
+            # `bash -c 'HF_TOKEN=x vllm ...'`: a secret inside one argument
+            values += [v for k, v in re.findall(r"([A-Za-z_]\w*)=(\S+)", arg) if is_secret_name(k)]
     STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
 
 
@@ -5141,8 +5151,8 @@ def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySu
     last = next((v for t, v in reversed(samples) if t >= end), None)
     limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
     back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
-    if peak is not None and limit is not None and peak <= limit:  # never above the band: none to give back
-        back = end
+    if last is not None and peak is not None and limit is not None and peak <= limit:
+        back = end  # never above the band: nothing to give back
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,

@@ -370,11 +370,20 @@ def test_memory_summary_idle_peak_release():
     assert never.release_s is None and never.residual_mib == 4000
 
 
+def test_a_short_prompt_that_fits_beside_a_long_output_is_taken():
+    # 200 - 99 - 64 leaves 37 tokens: the tutorial's prompts (0) and 20 tokens fit, 40 does not
+    for prompt in (0, 20):
+        flags = ["--max-model-len", "200", "--max-tokens", "99", "--prompt-tokens", str(prompt)]
+        assert rx.config_from_args([*flags, "--experiments", "seed"])
+
+
 def test_static_pool_releases_at_once():
     # not the 0.05 s to the next sample: a pool that never rose above the band has nothing to give back
     flat = [(t / 10 + 0.05, 9000.0) for t in range(50)]
     marks = rx.Marks(idle_after_load=(0, 1), idle_before=(1, 2), workload=(2, 3), sampling_end=5)
     assert rx.memory_summary(flat, marks, 0.05).release_s == pytest.approx(0.0)
+    unseen = [(t, v) for t, v in flat if t < 3]  # no sample after the workload: no release to speak of
+    assert rx.memory_summary(unseen, marks, 0.05).release_s is None
 
 
 def test_records_serialise_without_absent_sections_and_typos_fail():

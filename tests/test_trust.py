@@ -1167,6 +1167,19 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         ),
         # 59 output tokens and the margin leave -3 tokens of prompt: the bare seed prompts went out instead
         (["--max-model-len", "120", "--max-tokens", "59", "--experiments", "1,2"], "--max-model-len"),
+        (
+            [
+                "--max-model-len",
+                "200",
+                "--max-tokens",
+                "99",
+                "--prompt-tokens",
+                "40",
+                "--experiments",
+                "seed",
+            ],
+            "--max-model-len",
+        ),
         (["--tag", "x" * 260], "--tag"),  # File name too long, after the preflight
         (["--server-cmd", "/nonexistent/python -m vllm"], "--server-cmd"),  # each experiment failed instead
         (["--extra-server-args", "--served-model-name mine"], "--extra-server-args"),  # every request a 404
@@ -1355,6 +1368,9 @@ def test_a_sighup_after_the_terminal_is_gone_still_ends_the_run_as_interrupted(t
 
 
 def test_a_secret_in_an_inline_env_of_the_server_command_is_never_written(tmp_path):
+    rx.register_secrets(rx.Config(server_cmd="bash -c 'HF_TOKEN=hf_inside_one_arg9 vllm serve'"))
+    assert rx.scrub("hf_inside_one_arg9") == rx.REDACTED, "a secret inside one argument"
+    assert rx.redact_argv(["--env=HF_TOKEN=x1", "-eHF_TOKEN=x2"]) == ["--env=HF_TOKEN=***", "-eHF_TOKEN=***"]
     cmd = "env HF_TOKEN=hf_INLINE_secret77 docker run -e AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI vllm"
     assert rx.redact_argv(shlex.split(cmd)) == [
         "env",
@@ -1375,6 +1391,7 @@ def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbrevi
     err = capsys.readouterr().err
     assert "--hf-token" in err and "hf_LEAKED_value123" not in err
     assert rx.main(["--api-k", "k3y9abcdef"]) == 2, "an abbreviation of --api-key is not taken as it"
+    assert "k3y9abcdef" not in capsys.readouterr().err, "nor is its value echoed"
 
 
 @pytest.mark.parametrize("argv", [["--report", ""], ["--report="], ["--results-dir", ""]])
@@ -1429,6 +1446,7 @@ def test_a_flag_the_chosen_arrivals_do_not_read_is_named_as_ignored(said):
     "argv, hint",
     [
         (["--experimnts", "1"], "did you mean --experiments?"),
+        (["--experiments", "2", "1"], "unrecognized arguments: 1; see --help"),
         (["--warmup", "false"], "a switch takes no value: e.g. --warmup or --no-warmup"),
         (["--extra-server-args", "--enforce-eager"], "a value that starts with '-' goes after '='"),
     ],

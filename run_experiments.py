@@ -1832,10 +1832,10 @@ APPLIES_ONLY = (
 
 
 def note_ignored(cfg: Config) -> None:
-    defaults = Config()
+    given = given_flags(cfg)
     for names, applies, why in APPLIES_ONLY:
         for name in names.split():
-            if getattr(cfg, name) != getattr(defaults, name) and not applies(cfg):
+            if name in given and not applies(cfg):
                 say(f"note: --{name.replace('_', '-')} {why}: it is ignored")
 
 
@@ -1885,10 +1885,14 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
+def given_flags(cfg: Config) -> list[str]:
+    """The Config fields whose value is not the default: the flags given (or set in NOTEBOOK_ARGS)."""
+    return [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default]
+
+
 def check_report_alone(cfg: Config) -> None:
     """--report rebuilds a run with its own settings: another flag would change nothing, so it is refused."""
-    given = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default]
-    given = [name for name in given if name not in ("report", "plots")]
+    given = [name for name in given_flags(cfg) if name not in ("report", "plots")]
     why = "--report uses the run's own settings (its config.json): leave this flag out"
     need(not (cfg.report and given), given[0] if given else "report", why)
 
@@ -2668,11 +2672,16 @@ def trace_prompt(rng: random.Random, row: TraceRow, prompt_tokens: int, seed: in
     return " ".join(text + rng.choices(FILLER_WORDS, k=words - len(text)))
 
 
-def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
-    """The model at `position` (A = 0) replays its file (cycled) within --trace-window, time compressed
-    by --trace-speedup: one window per --trace-rate-scale."""
+def replayed_file(cfg: Config, position: int) -> str:
+    """The --trace file the model at `position` (A = 0) replays: the files are cycled over the models."""
     files = trace_files(cfg)
-    start, chosen = window_rows(cfg, files[position % len(files)])
+    return files[position % len(files)]
+
+
+def trace_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
+    """The model at `position` replays its file within --trace-window, time compressed by --trace-speedup:
+    one window per --trace-rate-scale."""
+    start, chosen = window_rows(cfg, replayed_file(cfg, position))
     rng, scales = random.Random(f"{cfg.seed}-trace-prompts-{position}"), parse_rate_scales(cfg)
     room = cfg.max_model_len - PROMPT_MARGIN_TOKENS
     planned = []
@@ -2719,8 +2728,7 @@ AUTO_LENGTH = -1  # --max-model-len auto
 def trace_model_len(cfg: Config) -> int:
     """--max-model-len auto: the longest request in any model's window, within every model's own limit
     (a file beyond the models' count is replayed by none)."""
-    files = trace_files(cfg)
-    replayed = dict.fromkeys(files[i % len(files)] for i in range(len(slots(cfg))))
+    replayed = dict.fromkeys(replayed_file(cfg, i) for i in range(len(slots(cfg))))
     rows = [r for path in replayed for r in window_rows(cfg, path)[1]]
     longest = max((r.prompt_tokens + r.output_tokens for r in rows), default=0)
     wanted = longest + PROMPT_MARGIN_TOKENS
@@ -8287,9 +8295,11 @@ def workload_sizing(cfg: Config, kv_a: Optional[int], gpu: dict) -> tuple[int, s
 def capped_mix_note(cfg: Config, plan: WorkloadPlan) -> Optional[str]:
     """A lognormal mix is cut at --max-tokens: how far that moved its mean (lognormal:128,0.6 with the
     default 128 puts 40% of the requests at the cap and averages 99 tokens, not 128)."""
+    if not cfg.output_tokens_dist.startswith("lognormal"):
+        return None
     lengths = [r.max_tokens for r in plan.requests]
     capped = sum(n >= cfg.max_tokens for n in lengths)
-    if not cfg.output_tokens_dist.startswith("lognormal") or not capped:
+    if not capped:
         return None
     return (
         f"  output lengths: {capped} of {len(lengths)} requests cut to --max-tokens {cfg.max_tokens}, a mean "

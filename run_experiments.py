@@ -2511,15 +2511,21 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))
+    demand = size * per_request  # what is sent: two requests at least, which may ask for more than wanted
     sizing = (
         f"{size} requests x ({prompt_tokens} + {max_tokens}) tokens x {kv_per_token} B = "
-        f"{size * per_request / GIB:.2f} GiB: {cfg.overload_demand:g}x the static share "
-        f"({share / GIB:.2f} GiB), below {whose} budget ({budget_bytes / GIB:.2f} GiB)"
+        f"{demand / GIB:.2f} GiB: {demand / share:.1f}x the static share ({share / GIB:.2f} GiB), "
+        f"{'below' if demand < budget_bytes else 'above'} {whose} budget ({budget_bytes / GIB:.2f} GiB)"
     )
     if size < wanted:
         sizing += (
             f"; WARNING: capped at --max-burst-size {cfg.max_burst_size}, {wanted} needed: "
             f"raise it or lower --overload-budget-gib"
+        )
+    elif demand >= budget_bytes:
+        sizing += (
+            "; WARNING: two requests of these lengths already fill the budget, so neither arm can hold the "
+            "burst: raise --overload-budget-gib or lower --max-model-len"
         )
     fixed = dataclasses.replace(cfg, output_tokens_dist="fixed")  # a length mix would send less than sized
     return plan_workload(fixed, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
@@ -5649,8 +5655,10 @@ def server_view(
     text, span = saved_log(loaded.path, server).decode(errors="replace"), server.get("log_lines")
     figures = log_figures(text)  # the whole log: a reused server's start-up lines are before its span
     asleep = server["spec"].get("sleep_mode")  # idle means asleep: its weights and pool are not on the card
-    # a sleep server's own stretch of its log, in lines as log_lines counts them
-    own = log_figures("\n".join(text.split("\n")[slice(*span)])) if span and asleep else figures
+    # a sleep server's own stretch of its log, in lines as log_lines counts them; a killed run left the
+    # stretch open (its start only): it runs to the log's end
+    start, end = (*span, None)[:2] if span else (0, None)
+    own = log_figures("\n".join(text.split("\n")[start:end])) if span and asleep else figures
     return ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
@@ -5882,7 +5890,8 @@ def capacity(points: Optional[list[RatePoint]], target: float) -> Optional[Capac
     measured = [rate for rate, share in shares.items() if share is not None]
     if not measured:
         return None
-    held = list(itertools.takewhile(lambda r: shares[r] >= target, measured))
+    # 999 of 1,000 meets a 99.9% target, although 99.9 / 100 is a hair above 0.999 in floating point
+    held = list(itertools.takewhile(lambda r: shares[r] >= target - 1e-9, measured))
     # above only where the highest rate swept was measured and held: one with no request tells nothing
     verdict = "below" if not held else "above" if held[-1] == max(shares) else "within"
     largest = held[-1] if held else None
@@ -7068,7 +7077,7 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
         "with no requests; *flex* = peak - idle before the workload; *tok/s* = output tokens over the time "
         "from the first request sent to the last response (gaps between bursts included); *release* = "
         "seconds after the last burst until a device sample is within "
-        f"{fmt(100 * (tolerance or Config.release_tolerance))}% "
+        f"{100 * (tolerance or Config.release_tolerance):g}% "
         "of that idle level (so up to one sample interval late; 0: memory never rose above that; n/a: it "
         "stayed above, see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "

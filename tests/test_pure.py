@@ -249,6 +249,15 @@ def test_overload_burst_needs_more_than_the_static_share_and_less_than_the_budge
     assert budget / 2 < demand < budget
     assert plan.prompt_tokens + plan.max_tokens <= cfg.max_model_len - 64
     assert plan.max_tokens > cfg.max_tokens  # long outputs
+    assert f"{demand / (budget / 2):.1f}x the static share (1.00 GiB), below the pair's budget" in plan.sizing
+
+
+def test_an_overload_burst_of_two_requests_past_the_budget_says_so():
+    # one request of 7,840 + 32 tokens is 3.4 shares of a 0.25 GiB budget: the two sent fill it twice over
+    cfg = rx.resolve_config(rx.validate_config(rx.Config(experiments="5", max_model_len=8192, max_tokens=16)))
+    plan = rx.overload_plan(cfg, 28672, rx.GIB // 4)
+    assert len(plan.requests) == 2 and "0.42 GiB: 3.4x the static share (0.12 GiB), above" in plan.sizing
+    assert "WARNING: two requests" in plan.sizing and "--overload-budget-gib" in plan.sizing
 
 
 def test_pair_limits_keep_the_pair_within_its_budget():
@@ -608,6 +617,9 @@ def test_vllms_per_model_figures_cover_the_workload_not_the_discarded_warm_up():
 def test_the_definitions_state_the_defaults_the_report_computed_with_when_config_json_is_missing():
     text = "\n".join(rx.definitions({}, set()))
     assert "median device memory over 1 s" in text and "within 5% of that idle level" in text
+    for tolerance, shown in ((0.005, "0.5%"), (0.025, "2.5%"), (0.07, "7%")):  # as given, not rounded
+        text = "\n".join(rx.definitions({"config": {"release_tolerance": tolerance}}, set()))
+        assert f"within {shown} of that idle level" in text
 
 
 def test_an_unknown_experiment_is_answered_with_every_number_and_name():

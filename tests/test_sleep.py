@@ -279,7 +279,15 @@ def test_a_reused_servers_sleeps_are_counted_from_where_this_experiment_took_it(
     (line,) = [line for line in rx.sleep_split_lines(summaries, {}) if line.startswith("- ")]
     assert line.startswith("- sleep, A static + sleep mode: over the 3 sleeps of this experiment, each freed")
 
+    # a killed run never closed the span: this experiment's stretch runs to the log's end (3 + 4 sleeps),
+    # not the earlier experiment's stretch before its start
+    record["servers"][0]["log_lines"] = span[:1]
+    rx.write_json(loaded.path / "experiment.json", record)
+    split = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05).servers["A"].sleeps
+    assert (split.sleeps, split.beyond_pool_mib.max, split.this_experiment) == (7, 9 * 1024, True)
+
     # a run from before the marks, or with the byte offsets of one commit: the whole log, said as such
+    record["servers"][0]["log_lines"] = span
     record["servers"][0]["log_span"] = record["servers"][0].pop("log_lines")
     rx.write_json(loaded.path / "experiment.json", record)
     split = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05).servers["A"].sleeps

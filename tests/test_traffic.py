@@ -385,6 +385,9 @@ def test_a_rate_with_no_requests_is_neither_held_nor_missed_and_pooled_shares_ar
     # 0 of 1 and 24 of 47 pool to 24 of 48: exactly the 50% target, not a float step below it
     halves = rx.capacity([point(3, 0.0, requests=1), point(3, 24 / 47, requests=47, repeat=1)], 0.5)
     assert halves.attainment == {"3": 0.5} and halves.verdict == "above the sweep"
+    # 999 of 1,000 meets --slo-attainment 99.9, which the report divides by 100 (a hair above 0.999)
+    exact = rx.capacity([point(2, 0.999, requests=1000), point(4, 0.998, requests=1000)], 99.9 / 100)
+    assert (exact.verdict, exact.largest_held_rps) == ("within the sweep", 2)
 
 
 def test_a_share_is_shown_rounded_down_so_a_missed_target_never_reads_as_met():

@@ -3882,8 +3882,9 @@ class ServerPool:
                         stop_servers([server], "it could not be put to sleep")
                         raise
                     say(f"  {server.spec.label} put to sleep (level {self.cfg.sleep_level}) in {took:.2f} s")
-        except BaseException:  # never keep (or later reuse) a server that did not come up
-            stop_servers([s for s in started if s.ready_at is None], "it did not come up")
+        except BaseException as e:  # never keep (or later reuse) a server that did not come up
+            why = "interrupted while it started" if isinstance(e, KeyboardInterrupt) else "it did not come up"
+            stop_servers([s for s in started if s.ready_at is None], why)
             self.forget_stopped()
             raise
 

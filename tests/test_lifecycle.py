@@ -157,6 +157,24 @@ def test_pool_reuses_a_server_and_stops_the_rest(fake_gpu, tmp_path):
     assert not pool.running and not alive(static.proc.pid)
 
 
+def test_a_ctrl_c_while_a_server_starts_stops_it_saying_so(fake_gpu, tmp_path, monkeypatch, said):
+    cfg = make_cfg()
+    pool = rx.ServerPool(cfg)
+
+    def interrupted(server, timeout_s):
+        raise KeyboardInterrupt("signal 2")
+
+    monkeypatch.setattr(rx, "wait_ready", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.ensure([KVC_A(cfg)], tmp_path)
+        assert not pool.running
+    finally:
+        rx.stop_servers(pool.shut(), "end of test")
+    assert any("(interrupted while it started)" in line for line in said), said
+    assert not any("did not come up" in line for line in said), "it was never given the time to"
+
+
 def test_sampler_attributes_memory_to_the_server_tree(fake_gpu, started, tmp_path):
     cfg = make_cfg()
     server = started(cfg, STATIC_A(cfg))

@@ -6230,6 +6230,11 @@ def plot_latency(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Pa
     return save_figure(fig, path)
 
 
+def shaded_words(marks: Marks) -> str:
+    """What shade_bursts shades, for an axis label: an open-loop experiment's rate windows, or its bursts."""
+    return SHADED.format("windows" if any(b.rate is not None for b in marks.bursts) else "bursts")
+
+
 def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
     """Per arm (columns): memory per model, kvcached's own view, vLLM's running/waiting requests."""
     if not arms:
@@ -6256,7 +6261,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         mem.set(title=f"{loaded.record.name}: GPU memory (NVML: device and per server)", ylabel="MiB")
         kv.set(title="kvcached's own view: KV bytes in use (shared-memory segment)", ylabel="MiB")
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
-        met.set_xlabel(f"seconds since the experiment began ({SHADED.format('bursts')})")
+        met.set_xlabel(f"seconds since the experiment began ({shaded_words(loaded.record.marks)})")
     return save_figure(fig, path)
 
 
@@ -6293,12 +6298,7 @@ def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Op
 
 def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optional[Path]:
     """One stacked bar per server and experiment: weights, KV cache and the rest, before the workload."""
-    bars = {
-        f"{name}\n{v.label}": v.footprint
-        for name, s in summaries.items()
-        for v in s.servers.values()
-        if v.footprint and all(getattr(v.footprint, key) is not None for _, key, _ in FOOTPRINT_PARTS)
-    }
+    bars, unread = footprint_bars(summaries)
     if not bars:
         return None
     fig, axes = new_figure(1, size=(max(7.5, 1.6 * len(bars)), 4.2))
@@ -6316,8 +6316,24 @@ def plot_footprint(path: Path, summaries: dict[str, ExperimentSummary]) -> Optio
         "weights, KV cache and the rest (CUDA context, workspace, caches)"
     )
     ax.tick_params(axis="x", labelsize=7)
+    if unread:
+        ax.set_xlabel(f"not drawn, a part n/a (see summary.md): {', '.join(unread)}", fontsize=7)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def footprint_bars(summaries: dict[str, ExperimentSummary]) -> tuple[dict[str, Any], list[str]]:
+    """The footprints to draw, by "experiment\nserver"; and the servers left out, a part of theirs n/a."""
+    read = {
+        f"{name}\n{v.label}": v.footprint
+        for name, s in summaries.items()
+        for v in s.servers.values()
+        if v.footprint
+    }
+    whole = {
+        k: f for k, f in read.items() if all(getattr(f, key) is not None for _, key, _ in FOOTPRINT_PARTS)
+    }
+    return whole, [k.replace("\n", " ") for k in read if k not in whole]
 
 
 def arm_colors(names: list[str]) -> dict[str, str]:

@@ -592,6 +592,22 @@ def test_plots_shade_the_discarded_warm_up_apart_from_the_bursts():
     )
 
 
+def test_a_plot_names_what_it_shades_open_loop_windows_or_bursts():
+    window = rx.BurstMark("ramp 1", "*", 0, 104.0, 106.0, rate=2.0)
+    assert rx.shaded_words(rx.Marks(bursts=[window])).startswith("shaded: windows;")
+    assert rx.shaded_words(rx.Marks(bursts=[rx.BurstMark("main", "A", 0, 1.0)])).startswith("shaded: bursts;")
+
+
+def test_the_footprint_plot_names_the_servers_it_cannot_draw():
+    def server(label, weights_mib, footprint=True):
+        parts = rx.Footprint(2000.0, weights_mib, 500.0, 300.0, "vLLM's log") if footprint else None
+        return types.SimpleNamespace(label=label, footprint=parts)
+
+    servers = {"A": server("A static", 1200.0), "B": server("B static", None), "C": server("C", 1, False)}
+    bars, unread = rx.footprint_bars({"static": types.SimpleNamespace(servers=servers)})
+    assert list(bars) == ["static\nA static"] and unread == ["static B static"], "asleep (None): not a miss"
+
+
 def test_a_package_the_run_did_not_find_reads_n_a_in_the_summary_header():
     config = {"versions": {"vllm": "0.24.0", "kvcached": "0.1.6", "torch": None}}
     assert rx.shown_versions(config) == "vLLM 0.24.0, kvcached 0.1.6, torch n/a"

@@ -3032,18 +3032,27 @@ def port_taken(host: str, port: int) -> Optional[str]:
         owners = socket_owners(listening)
         holders = "pid " + ", ".join(map(str, sorted(owners))) if owners else "another process"
         return f"in use: listened on by {holders}"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                return f"not bindable ({exc.strerror})"
+    error = bind_error(host, port)
+    if error is None:
+        return None
+    if error.errno != errno.EADDRINUSE:
+        return f"not bindable ({error.strerror})"
     if port_sockets(port, TCP_CLOSING):
         # connections of a server that just stopped also block a plain bind; vLLM binds with
         # SO_REUSEADDR, and wait_ready still checks that the listener is ours
         return None
     return "in use: bound by a process that does not listen yet (a server starting up?)"
+
+
+def bind_error(host: str, port: int) -> Optional[OSError]:
+    """What binding (host, port) raises, in the address family the host resolves to; None if it binds."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:  # socket.gaierror too: a name that does not resolve
+        return exc
+    return None
 
 
 # --- the keeper: a small supervisor between us and each server, and the only process that stops it
@@ -7530,6 +7539,11 @@ def too_long_for(cfg: Config, slot: str) -> Optional[Check]:
 
 
 def check_ports(cfg: Config, slots: Iterable[str]) -> list[Check]:
+    unusable = bind_error(cfg.host, 0)  # any port: else every port check would blame its port
+    if unusable:
+        shown = f"--host {cfg.host}: not an address of this machine ({unusable.strerror or unusable})"
+        fix = "pass --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (every interface)"
+        return [Check("host", False, shown, fix)]
     checks = []
     for slot in slots:
         port = port_of(cfg, slot)

@@ -122,6 +122,13 @@ def test_a_port_in_use_is_a_failed_check():
     assert not taken.ok and "--port-a" in taken.fix and free.ok
 
 
+def test_a_host_that_is_not_this_machines_is_one_failed_check_naming_host_not_each_port():
+    (host,) = rx.check_ports(make_cfg(host="192.0.2.1"), "AB")  # TEST-NET-1: no interface has it
+    assert (host.name, host.ok) == ("host", False) and "--host 192.0.2.1: not an address" in host.detail
+    assert "--host 127.0.0.1" in host.fix and "--port" not in host.fix
+    assert [c.ok for c in rx.check_ports(make_cfg(host="0.0.0.0"), "A")] == [True]
+
+
 def test_a_third_models_port_in_use_names_the_flag_that_moves_it():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -971,7 +971,7 @@ def join_run(cfg: "Config", nvml_module: Any) -> Run:
     experiments = parse_experiments(cfg.experiments)
     gpu = next(card for card in config["gpus"] if card["index"] == cfg.gpu_index)
     plans = load_plans(run_dir)
-    ensure_open_files(most_sockets(plans, lane_cfg))
+    ensure_open_files(most_sockets(plans, lane_cfg, experiments))
     return Run(
         lane_cfg,
         experiments,
@@ -8135,10 +8135,11 @@ def package_versions(
     return out
 
 
-def most_sockets(plans: dict[str, WorkloadPlan], cfg: Config) -> int:
-    """Sockets the client may hold at once: the largest burst of any plan, to every model at once."""
+def most_sockets(plans: dict[str, WorkloadPlan], cfg: Config, experiments: list[Experiment]) -> int:
+    """Sockets the client may hold at once: the largest burst of any plan, to every model the experiments
+    serve at once."""
     largest = max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
-    return largest * len(slots(cfg))
+    return largest * len({server.name for e in experiments for server in e.servers(cfg, 0)})
 
 
 def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
@@ -8194,7 +8195,7 @@ def plan_run(cfg: Config, experiments: list[Experiment], nvml: Any) -> tuple:
         for k, (card, exps) in enumerate(zip(cards, per_card))
         if exps
     ]
-    ensure_open_files(most_sockets(plans, cfg))
+    ensure_open_files(most_sockets(plans, cfg, experiments))
     return cards, gpu, plans, budget, model_facts, lanes
 
 

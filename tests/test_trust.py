@@ -1253,7 +1253,9 @@ def test_open_files_are_counted_as_the_client_opens_them():
     assert rx.burst_threads(open_loop) == rx.OPEN_LOOP_THREADS
     cfg = rx.resolve_config(rx.Config(preset="smoke", models="m1,m2,m3"))
     plans = {"main": rx.plan_workload(cfg, 40, "t", bursts=2), "warm": rx.plan_workload(cfg, 7, "t")}
-    assert rx.most_sockets(plans, cfg) == 3 * 40, "every model's largest burst at once"
+    shared = rx.parse_experiments("3")
+    assert rx.most_sockets(plans, cfg, shared) == 3 * 40, "every model's largest burst at once"
+    assert rx.most_sockets(plans, cfg, rx.parse_experiments("1,2")) == 40, "one model: its sockets only"
 
 
 # 13. A signal at an unlucky moment -----------------------------------------------------------------

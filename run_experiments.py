@@ -1991,8 +1991,21 @@ SET_PER_SERVER = {
 
 
 def extra_server_flags(cfg: Config) -> list[str]:
-    """Each argument of --extra-server-args without a `=value` of its own (values given apart stay too)."""
-    return [arg.partition("=")[0] for arg in shlex.split(cfg.extra_server_args)]
+    """Each argument of --extra-server-args without a `=value` of its own (values given apart stay too),
+    spelled as vLLM reads it: `--max_model_len` is its `--max-model-len`."""
+    named = (arg.partition("=")[0] for arg in shlex.split(cfg.extra_server_args))
+    return ["--" + arg[2:].replace("_", "-") if arg.startswith("--") else arg for arg in named]
+
+
+# what the harness sets in each server's environment itself (server_env), not --kvcached-env's to change
+SET_IN_SERVER_ENV = {
+    "ENABLE_KVCACHED": "--experiments (each arm sets it)",
+    "KVCACHED_AUTOPATCH": "--experiments (each arm sets it)",
+    "KVCACHED_IPC_NAME": "nothing: each server gets a segment name of its own",
+    "VLLM_API_KEY": "--api-key",
+    "CUDA_VISIBLE_DEVICES": "--gpu-index or --gpus",
+    "VLLM_USE_V2_MODEL_RUNNER": "nothing: both arms run the same model runner (see the checklist)",
+}
 
 
 def check_server_command(cfg: Config) -> None:
@@ -2019,7 +2032,13 @@ def check_server_command(cfg: Config) -> None:
         "preimport",
         "on needs a server command of the form `python -m MODULE` (see --server-cmd)",
     )
-    parse_env_pairs(cfg.kvcached_env)
+    theirs = [name for name in parse_env_pairs(cfg.kvcached_env) if name in SET_IN_SERVER_ENV]
+    need(
+        not theirs,
+        "kvcached_env",
+        f"sets {theirs[0] if theirs else ''}, which the harness sets for each server itself: "
+        f"use {SET_IN_SERVER_ENV[theirs[0]] if theirs else ''}",
+    )
 
 
 def check_overload_room(cfg: Config) -> None:
@@ -2791,6 +2810,7 @@ def redact_argv(argv: list[str]) -> list[str]:
 def register_secrets(cfg: "Config") -> None:
     """Remember every secret value we might see, so that scrub() can remove it from any text."""
     values = [cfg.api_key] + [v for k, v in os.environ.items() if is_secret_name(k)]
+    values += [v for k, v in parse_env_pairs(cfg.kvcached_env).items() if is_secret_name(k)]
     for spec in (cfg.server_cmd, cfg.extra_server_args):
         argv = shlex.split(spec)
         for arg, shown in zip(argv, redact_argv(argv)):

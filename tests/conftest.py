@@ -467,6 +467,7 @@ def consecutive_ports(n: int) -> int:
 # One run serves two sets of tests: no secret reaches the run folder (test_trust.py) and a mix of output
 # lengths with SLOs (test_traffic.py); neither's checks depend on the other's flags.
 SECRET_KEY, SECRET_TOKEN = "sk-unique-3f9a7c1e", "hf_unique_token_8d2b"
+KVCACHED_ENV_SECRET = "kvc-env-secret-5e1d"
 
 
 @background("secrets_and_length_mix_run", weight=4.5)
@@ -474,7 +475,13 @@ def secrets_and_length_mix_cmd(base):
     (base / "gpu").mkdir()
     env = fake_env(base / "gpu", HF_TOKEN=SECRET_TOKEN, KVCACHED_SECRET_THING="s3cr3t-value")
     length_mix = ["--output-tokens-dist", "uniform:4-40", "--slo-ttft-ms", "0.001", "--slo-tpot-ms", "10000"]
-    args = script_args(base / "results", "--experiments", "1", "--api-key", SECRET_KEY, *length_mix)
+    secrets = [
+        "--api-key",
+        SECRET_KEY,
+        "--kvcached-env",
+        f"KVCACHED_LOG_LEVEL=INFO,KVCACHED_API_KEY={KVCACHED_ENV_SECRET}",
+    ]
+    args = script_args(base / "results", "--experiments", "1", *secrets, *length_mix)
     return dict(args=args, env=env, timeout=120)
 
 

@@ -22,6 +22,7 @@ from conftest import (
     FAKE_SERVER,
     FAST,
     KVC_A,
+    KVCACHED_ENV_SECRET,
     SECRET_KEY,
     SECRET_TOKEN,
     STATIC_A,
@@ -957,7 +958,9 @@ def test_no_secret_reaches_the_run_folder_or_stdout(secrets_and_length_mix_run):
     summary = json.loads((run / "summary.json").read_text())["experiments"]["kvcached"]
     assert summary["latency"]["ok"] == summary["latency"]["requests"] > 0, "the key reached the server"
     found = subprocess.run(
-        ["grep", "-rlaE", f"{key}|{token}|s3cr3t-value", str(tmp_path)], capture_output=True, text=True
+        ["grep", "-rlaE", f"{key}|{token}|s3cr3t-value|{KVCACHED_ENV_SECRET}", str(tmp_path)],
+        capture_output=True,
+        text=True,
     ).stdout
     assert found == ""
     assert key not in proc.stdout + proc.stderr and token not in proc.stdout + proc.stderr
@@ -1139,6 +1142,11 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the harness sets these per server and per arm; vLLM would take the last one given
         (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
         (["--extra-server-args=--port=9000"], "--extra-server-args"),
+        (["--extra-server-args", "--gpu_memory_utilization 0.9"], "--extra-server-args"),  # vLLM reads _ as -
+        (["--extra-server-args=--api_key=sk-x"], "--extra-server-args"),
+        # the arm's own switch, and the segment name that keeps each server's (and strangers') apart
+        (["--kvcached-env", "ENABLE_KVCACHED=false"], "--kvcached-env"),
+        (["--kvcached-env", "KVCACHED_LOG_LEVEL=INFO,KVCACHED_IPC_NAME=mine"], "--kvcached-env"),
         (["--models", "a,b,c", "--pair-utilization-b", "0.3"], "--pair-utilization-b"),  # no pair: no B share
         (
             ["--arrivals", "gamma", "--rate", "2", "--burstiness", "1e-300"],

@@ -1195,6 +1195,10 @@ def measure(trial: Trial) -> None:
     # the workload ends with the last burst: putting a sleeping server back to sleep is part of its release
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
     outcome = wait_settled(sampler, idle, cfg)
+    for server in trial.servers.values():  # a server that died gives its memory back: that is no release
+        code = server.exit_code()
+        if code is not None:
+            raise server.failure(f"server {server.spec.label} {exit_words(code)} after the workload.")
     say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
 
 

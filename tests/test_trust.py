@@ -680,6 +680,25 @@ def test_dead_server_is_restarted_not_reused(fake_gpu, tmp_path):
         rx.stop_servers(pool.shut(), "end of test")
 
 
+def test_a_server_that_dies_after_the_last_burst_fails_the_experiment(fake_gpu, tmp_path, monkeypatch):
+    real = rx.run_measured_step
+
+    def then_die(trial, step, repeat, sink):
+        real(trial, step, repeat, sink)
+        if step is trial.exp.steps[-1]:  # the API server dies as the last burst ends
+            server = trial.servers["A"]
+            os.kill(server.tree()[1], signal.SIGKILL)
+            assert wait_for(lambda: server.exit_code() is not None, timeout=10)
+
+    monkeypatch.setattr(rx, "run_measured_step", then_die)
+    args = in_process_args(tmp_path / "r", "--preset", "smoke", "--no-plots", "--experiments", "1")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    (run,) = (tmp_path / "r").iterdir()
+    failed = json.loads((run / "summary.json").read_text())["failed"]["01_kvcached"]
+    assert "server A kvcached exited with code 137" in failed and "after the workload" in failed, failed
+    assert json.loads((run / "01_kvcached" / "requests.jsonl").read_text().splitlines()[0])["ok"], "kept"
+
+
 def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers):
     cfg = make_cfg()
     server = servers(cfg, KVC_A(cfg))

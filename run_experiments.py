@@ -1133,6 +1133,8 @@ class Trial:
     folder: Path
     limits_before: dict[str, int] = dataclasses.field(default_factory=dict)  # kvcached segment -> bytes
     router: Optional["SleepRouter"] = None  # sleep-mode servers under every model's traffic at once
+    # set when a model of a window under every model's traffic failed: the others send no more
+    halt: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def save(self) -> None:
         write_json(self.folder / "experiment.json", self.record)
@@ -1232,6 +1234,11 @@ def run_concurrent_window(trial: Trial, steps: list[Step], burst: BurstMark, sin
             pool.submit(run_step, trial, s, burst.repeat, sink, router and RouterGate(router, s.server))
             for s in steps
         ]
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:  # the window fails: what the others sent ends within it
+                trial.halt.set()
+                concurrent.futures.wait(futures)
+                break
         for future in futures:
             future.result()
     finally:
@@ -1298,7 +1305,10 @@ def run_step(
         return RequestRecord(*where, r.burst, r.index, 0.0, planned_prompt_tokens=r.prompt_tokens)
 
     started = time.time() + min(r.offset_s for r in reqs)  # a staggered model's first request waits
-    records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate)
+    records = run_burst(server, reqs, make, cfg, sink=sink, gate=gate, halt=trial.halt)
+    if trial.halt.is_set():
+        say(f"    {step.server} {step.phase}: {len(records)} of {len(reqs)} sent, then another model failed")
+        return records
     failed = sum(not r.ok for r in records)
     ttft = percentile([r.ttft_s for r in records if r.ok], 50)
     named = len(trial.servers) == 1 or step.server in step.phase.split()  # "ramp 1" is every model's
@@ -4855,12 +4865,13 @@ def is_open_loop(requests_: list[PlannedRequest]) -> bool:
 
 
 def await_arrival(
-    request: PlannedRequest, started: tuple[float, float], open_loop: bool
+    request: PlannedRequest, started: tuple[float, float], open_loop: bool, halt: threading.Event
 ) -> Optional[tuple[float, float]]:
-    """Open loop: sleep until its planned arrival, returned as (perf_counter, wall clock); closed: None."""
+    """Open loop: wait until its planned arrival (or a halt), returned as (perf_counter, wall clock); closed:
+    None."""
     if not open_loop:
         return None
-    pause(started[0] + request.offset_s - time.perf_counter())
+    halt.wait(max(0.0, started[0] + request.offset_s - time.perf_counter()))
     return started[0] + request.offset_s, started[1] + request.offset_s
 
 
@@ -4893,8 +4904,10 @@ def run_burst(
     progress_every_s: float = 10.0,
     sink: Optional[Callable[[RequestRecord], None]] = None,
     gate: Optional["WakeGate | RouterGate"] = None,
+    halt: Optional[threading.Event] = None,
 ) -> list[RequestRecord]:
-    """A burst's requests at once (open loop: each at its offset); the deadline fails what is still open."""
+    """A burst's requests at once (open loop: each at its offset); the deadline fails what is still open. A
+    halt sends no more: the requests not sent by then are left out."""
     threads = burst_threads(requests_)
     connections = Connections()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="request")
@@ -4922,8 +4935,14 @@ def run_burst(
     started = (time.perf_counter(), time.time())
     last_arrival = max((r.offset_s for r in requests_), default=0.0)
     deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
+    halt = halt or threading.Event()
     try:
-        futures = [send(i, await_arrival(r, started, open_loop)) for i, r in enumerate(requests_)]
+        futures = []
+        for i, r in enumerate(requests_):
+            arrival = await_arrival(r, started, open_loop, halt)
+            if halt.is_set():
+                break
+            futures.append(send(i, arrival))
         error = await_burst(futures, started[1], deadline, progress_every_s, server)
         out = [
             f.result() if f.done() else still_open(rec, started[1] + r.offset_s, error)

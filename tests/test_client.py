@@ -1,6 +1,7 @@
 """The load generator: TTFT taken on arrival of the first token, failures as rows, auth."""
 
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -454,6 +455,38 @@ def test_a_burst_returns_every_request(live_server):
     assert all(r.prompt_tokens and r.completion_tokens for r in records)
 
 
+def test_a_halt_sends_no_more_of_an_open_loop_window(live_server):
+    cfg, server = live_server()
+    spread = [dataclasses.replace(r, offset_s=0.5 * r.index) for r in rx.plan_workload(cfg, 20, "t").burst(0)]
+    stop = threading.Event()
+    halt = threading.Timer(0.7, stop.set)  # a model beside it fails 0.7 s in
+    halt.start()
+    began = time.time()
+    records = rx.run_burst(
+        server, spread, lambda r: rx.RequestRecord("t", "A", "b", 0, 0, r.index, 0.0), cfg, halt=stop
+    )
+    assert [r.index for r in records] == [0, 1] and all(r.ok for r in records), "sent before it: recorded"
+    assert time.time() - began < 3, "not the window's 9.5 s"
+
+
+def test_a_window_where_one_model_fails_ends_once_the_others_stopped_sending(monkeypatch):
+    trial = types.SimpleNamespace(router=None, halt=threading.Event())
+    stopped = []
+
+    def run_step(trial, step, repeat, sink, gate):
+        if step.server == "A":
+            time.sleep(0.1)
+            raise rx.ServerError("A died")
+        stopped.append(trial.halt.wait(10))  # B sends until told to stop
+
+    monkeypatch.setattr(rx, "run_step", run_step)
+    burst = rx.BurstMark("trace 1", "*", 0, time.time())
+    steps = [rx.Step("trace 1", slot, "trace", 0) for slot in "AB"]
+    with pytest.raises(rx.ServerError, match="A died"):
+        rx.run_concurrent_window(trial, steps, burst, sink=None)
+    assert stopped == [True], "B was halted, and had stopped before the window ended"
+
+
 def test_a_closed_burst_connects_every_socket_before_its_clock_starts(live_server, monkeypatch):
     cfg, server = live_server()
     connects, real_connect = [], rx.connect
@@ -530,8 +563,9 @@ def test_a_last_sse_line_without_its_newline_still_ends_the_stream():
 def test_an_open_loop_request_at_offset_zero_keeps_its_planned_arrival():
     first = rx.PlannedRequest(0, 0, "p", 4, 0.0, offset_s=0.0)
     started = (time.perf_counter() - 0.5, time.time() - 0.5)
-    assert rx.await_arrival(first, started, open_loop=True) == started, "its lateness counts from there"
-    assert rx.await_arrival(first, started, open_loop=False) is None
+    halt = threading.Event()
+    assert rx.await_arrival(first, started, True, halt) == started, "its lateness counts from there"
+    assert rx.await_arrival(first, started, False, halt) is None
     assert rx.is_open_loop([first, rx.PlannedRequest(0, 1, "p", 4, 0.0, offset_s=0.2)])
 
 

@@ -1721,8 +1721,10 @@ def fill_preset(cfg: Config) -> Config:
         value = getattr(cfg, name)
         left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
         filled[name] = preset_value if left_open else value
+    # a trace sends its own lengths: --max-tokens is read only by the overload experiments' plans
+    overload = any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments))
     need(
-        filled["max_tokens"] < cfg.max_model_len // 2,
+        filled["max_tokens"] < cfg.max_model_len // 2 or (cfg.arrivals == "trace" and not overload),
         "max_tokens",
         f"is {filled['max_tokens']} (the preset's unless given), but --max-model-len {cfg.max_model_len} "
         f"takes below {cfg.max_model_len // 2}: lower --max-tokens or raise --max-model-len",
@@ -2080,8 +2082,14 @@ def check_overload_room(cfg: Config) -> None:
 
 def check_workload(cfg: Config) -> None:
     lengths = parse_output_lengths(cfg.output_tokens_dist, cfg.max_tokens)
+    fits = lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len or cfg.max_model_len == AUTO_LENGTH
+    mixed = cfg.output_tokens_dist != "fixed"  # else the output is --max-tokens, checked with the preset
+    too_short = (
+        f"{cfg.max_model_len} tokens hold no request beside the {PROMPT_MARGIN_TOKENS} kept free: raise it"
+    )
+    need(fits or mixed, "max_model_len", too_short)
     need(
-        lengths.hi + PROMPT_MARGIN_TOKENS < cfg.max_model_len or cfg.max_model_len == AUTO_LENGTH,
+        fits,
         "output_tokens_dist",
         f"asks for up to {lengths.hi:g} output tokens; --max-model-len {cfg.max_model_len} leaves no room "
         f"for the prompt",
@@ -2623,11 +2631,14 @@ AZURE_STAMP = re.compile(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\
 
 def azure_seconds(stamp: str) -> float:
     """An Azure trace's timestamp (UTC where it names no offset) or plain seconds, as seconds."""
-    with contextlib.suppress(ValueError):
-        return float(stamp)
     found = AZURE_STAMP.fullmatch(stamp.strip())
     if not found:
-        raise ValueError(f"timestamp {stamp!r} is neither seconds nor YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM]")
+        try:
+            return finite_seconds(float(stamp), stamp)
+        except ValueError:
+            raise ValueError(
+                f"timestamp {stamp!r} is neither seconds nor YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM]"
+            ) from None
     whole, fraction, offset = found.groups()
     moment = _dt.datetime.fromisoformat(
         f"{whole.replace(' ', 'T')}{'+00:00' if offset in (None, 'Z') else offset}"
@@ -2644,10 +2655,19 @@ def mooncake_rows(text: str) -> list[tuple]:
             item = json.loads(line)
             hashes = tuple(int(h) for h in item.get("hash_ids") or ())
             lengths = trace_lengths(item["input_length"], item["output_length"])
-            rows.append((float(item["timestamp"]) / 1000, *lengths, hashes))
+            rows.append(
+                (finite_seconds(float(item["timestamp"]) / 1000, item["timestamp"]), *lengths, hashes)
+            )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None
     return rows
+
+
+def finite_seconds(seconds: float, stamp: Any) -> float:
+    """A row's time; nan or inf is refused: such a row would fall out of every window unseen."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"timestamp {stamp!r} is not a finite number")
+    return seconds
 
 
 def trace_lengths(prompt: Any, output: Any) -> tuple[int, int]:

@@ -25,6 +25,15 @@ def test_azure_timestamps_of_2023_and_2024_read_as_utc_seconds():
     assert rx.azure_seconds("2024-05-10 02:00:01+02:00") == 1715299201.0
     with pytest.raises(ValueError, match="YYYY-MM-DD HH:MM:SS"):
         rx.azure_seconds("10/05/2024 00:00")
+    assert rx.azure_seconds(" 12.5") == 12.5
+    for endless in ("nan", "inf", "1e400"):  # such a row would fall out of every window, never counted
+        with pytest.raises(ValueError, match="neither seconds"):
+            rx.azure_seconds(endless)
+    with pytest.raises(ValueError, match="line 2: .*not a finite number"):
+        rx.mooncake_rows(
+            '{"timestamp": 0, "input_length": 5, "output_length": 3}\n'
+            '{"timestamp": NaN, "input_length": 5, "output_length": 3}'
+        )
 
 
 def mooncake(rows: int = 8) -> str:
@@ -147,6 +156,14 @@ def test_max_model_len_auto_takes_the_longest_request_within_the_models_own_limi
     assert [r.clipped for r in rx.trace_plan(cfg, 0, "x").requests] == [False] * 4 + [True]
     assert rx.main(["--max-model-len", "auto"], out=lambda _: None) == 2
     assert "--max-model-len: auto needs --arrivals trace" in capsys.readouterr().err
+    # a trace of short requests: 134 tokens, below twice the preset's --max-tokens, which no trace reads
+    short = tmp_path / "short.csv"
+    short.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,50,20\n1,40,30\n2,60,10\n")
+    short_flags = ["--arrivals", "trace", "--trace", str(short), "--max-model-len", "auto"]
+    cfg = rx.config_from_args([*short_flags, "--experiments", "1,2,3,4"])
+    assert cfg.max_model_len == 60 + 10 + rx.PROMPT_MARGIN_TOKENS
+    with pytest.raises(rx.ConfigError, match="--max-tokens"):  # all: the overload plans do read it
+        rx.config_from_args(short_flags)
 
 
 def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):

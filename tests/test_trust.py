@@ -1161,6 +1161,10 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the harness sets these per server and per arm; vLLM would take the last one given
         (["--extra-server-args", "--max-num-seqs 64 --gpu-memory-utilization 0.9"], "--extra-server-args"),
         (["--extra-server-args=--port=9000"], "--extra-server-args"),
+        (
+            ["--max-model-len", "64", "--experiments", "1"],
+            "--max-model-len",
+        ),  # not the length mix never given
         (["--extra-server-args", "--gpu_memory_utilization 0.9"], "--extra-server-args"),  # vLLM reads _ as -
         (["--extra-server-args=--api_key=sk-x"], "--extra-server-args"),
         # the arm's own switch, and the segment name that keeps each server's (and strangers') apart

@@ -1753,6 +1753,7 @@ def need(ok: bool, flag: str, why: str) -> None:
 # ones (each server's own idle level and footprint), so that one late sample still leaves one in the window
 MIN_IDLE_SAMPLES = {"sample_hz": 5, "process_sample_hz": 2}
 PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
+MAX_WINDOW_REQUESTS = 100_000  # planned in one window or burst: each is a thread's work and a row
 
 
 def folder_exists_if_named(model: str) -> bool:
@@ -1788,6 +1789,12 @@ FIELD_CHECKS = (
     ),
     ("bursts burst_size max_tokens", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     ("max_burst_size", lambda v: v >= 1, "must be >= 1"),
+    # every request of a burst is planned (a prompt each) and sent on a thread of its own
+    (
+        "burst_size max_burst_size",
+        lambda v: v <= MAX_WINDOW_REQUESTS,
+        f"must be at most {MAX_WINDOW_REQUESTS:,}",
+    ),
     ("burst_kv_fraction release_tolerance", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("overload_budget_gib process_sample_hz", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     (
@@ -2151,6 +2158,12 @@ def check_ramp(cfg: Config) -> None:
     peaks = parse_peaks(cfg)
     longest = max(ramp_length(cfg, peak, len(slots(cfg))) for peak in peaks)
     need(
+        max(peaks) * ramp_length(cfg, max(peaks), 1) / 2 <= MAX_WINDOW_REQUESTS,  # about a ramp's requests
+        "peak_rates",
+        f"ramps to {max(peaks):g} requests/s in steps of {cfg.ramp_step:g}: more than "
+        f"{MAX_WINDOW_REQUESTS:,} requests in one model's window; lower --peak-rates",
+    )
+    need(
         longest <= cfg.duration_s,
         "duration_s",
         f"is {cfg.duration_s:g} s, but the ramp of {len(slots(cfg))} model(s) to {max(peaks):g} "
@@ -2449,9 +2462,6 @@ def number_list(cfg: Config, flag: str, ok: Callable[[float], bool], why: str) -
     return values
 
 
-MAX_WINDOW_REQUESTS = 100_000  # planned in one open-loop window: each is a thread's work and a row
-
-
 def parse_rates(cfg: Config) -> list[float]:
     """The open-loop rate of each window: --rates, else --rate for each of --bursts windows."""
     if cfg.rates:
@@ -2510,7 +2520,10 @@ def stagger(cfg: Config, peak: float) -> float:
 
 
 def ramp_length(cfg: Config, peak: float, models: int) -> float:
-    return (models - 1) * stagger(cfg, peak) + len(ramp_seconds(peak, cfg.ramp_step))
+    """Seconds from the first model's ramp start to the last one's end (counted, not listed: a ramp may be
+    too long to list before it is refused)."""
+    up, down = math.ceil(peak / cfg.ramp_step), math.ceil((peak - 1) / cfg.ramp_step)
+    return (models - 1) * stagger(cfg, peak) + up + max(down, 0)
 
 
 def ramp_plan(cfg: Config, position: int, sizing: str) -> WorkloadPlan:
@@ -2771,13 +2784,20 @@ def check_trace(cfg: Config) -> None:
     need(
         cfg.output_tokens_dist == "fixed", "output_tokens_dist", "a trace's lengths are its own: leave it out"
     )
-    parse_rate_scales(cfg)
+    most = max(parse_rate_scales(cfg))
     for path in trace_files(cfg):
+        rows = window_rows(cfg, path)[1]
         need(
-            bool(window_rows(cfg, path)[1]),
+            bool(rows),
             "trace_window",
             f"{cfg.trace_window} selects no request of {path}, whose requests span "
             f"0-{read_trace(path)[-1].at_s:.0f} s",
+        )
+        need(
+            len(rows) * most <= MAX_WINDOW_REQUESTS,
+            "trace_rate_scale",
+            f"{most:g} x the {len(rows):,} requests of {path} in the window are more than "
+            f"{MAX_WINDOW_REQUESTS:,} in one window: lower it, or choose a shorter --trace-window",
         )
 
 

@@ -188,6 +188,11 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
         (["--trace", "{azure}", "--trace-window", "5:2"], "--trace-window: '5:2' is not START:END"),
         (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be > 0"),
         (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
+        # 20,000 x its 6 requests would be planned, a prompt each, before anything else is checked
+        (
+            ["--trace", "{azure}", "--trace-rate-scale", "1,20000"],
+            "--trace-rate-scale: 20000 x the 6 requests",
+        ),
         (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
         # the mix was accepted and then ignored: a trace's output lengths come from the trace
         (

@@ -1165,6 +1165,9 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
             ["--max-model-len", "64", "--experiments", "1"],
             "--max-model-len",
         ),  # not the length mix never given
+        # millions of requests, a prompt each, were planned (a MemoryError) before any check refused them
+        (["--burst-size", "3000000"], "--burst-size"),
+        (["--arrivals", "ramp", "--peak-rates", "2000000", "--ramp-step", "2000000"], "--peak-rates"),
         (["--extra-server-args", "--gpu_memory_utilization 0.9"], "--extra-server-args"),  # vLLM reads _ as -
         (["--extra-server-args=--api_key=sk-x"], "--extra-server-args"),
         # the arm's own switch, and the segment name that keeps each server's (and strangers') apart

@@ -831,7 +831,12 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
     """One process per card; their lines come out here, prefixed with the card, and a signal here is passed
     on to each, once. Returns (interrupted, failed experiments; a dead lane's unfinished ones count)."""
     if run.import_checks is not None:
-        confirm_imports(run)
+        try:
+            with stop_signals():  # a SIGTERM meanwhile ends the run as interrupted, not this process at once
+                confirm_imports(run)
+        except KeyboardInterrupt:
+            say("\ninterrupted during vLLM's import check: no card's process has started")
+            return True, 0
     run.config["timing"]["table_start"] = time.time()
     lanes: dict[int, subprocess.Popen] = {}  # by card
     signals: list[int] = []

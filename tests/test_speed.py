@@ -506,6 +506,18 @@ def test_a_signal_as_a_card_starts_reaches_that_card_and_no_other_starts(tmp_pat
     assert not (run / "02_static").exists(), "the second card never started"
 
 
+def test_a_signal_during_the_import_check_of_a_two_card_run_ends_it_as_interrupted(monkeypatch, said):
+    def check_then_signal(run):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), (
+            "a SIGTERM would end it at once"
+        )
+        raise KeyboardInterrupt("signal 15")  # what the installed handler raises
+
+    monkeypatch.setattr(rx, "confirm_imports", check_then_signal)
+    assert rx.run_lanes(types.SimpleNamespace(import_checks=object()), []) == (True, 0)
+    assert any("no card's process has started" in line for line in said)
+
+
 def test_a_stalled_slow_thread_does_not_stall_the_device_series(fake_gpu, tmp_path, monkeypatch):
     """Per-process, segment and /metrics reads can take long (a busy host, a slow server): the device
     series goes on at its rate meanwhile, and the slow rows still reach the file."""

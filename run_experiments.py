@@ -1185,6 +1185,7 @@ def measure(trial: Trial) -> None:
     # with nothing sent since the idle window after load, that window is the idle level too
     marks.idle_before = sleep_idle_window(cfg.idle_window_s) if warmed or woke else marks.idle_after_load
     idle = window_median(list(sampler.device), *marks.idle_before)
+    forget_served_prompts(trial)
     workload_start = time.time()
     sink = RecordSink(trial.folder / "requests.jsonl")
     if record.sleep_level is not None and any(step.server == ALL_SLOTS for step in trial.exp.steps):
@@ -1193,6 +1194,8 @@ def measure(trial: Trial) -> None:
         for n, (repeat, step) in enumerate(itertools.product(range(cfg.repeats), trial.exp.steps)):
             if n:
                 pause(cfg.gap_s)
+            if n and step is trial.exp.steps[0]:  # a repeat: the same prompts again
+                forget_served_prompts(trial)
             run_measured_step(trial, step, repeat, sink)
             trial.save()
     finally:
@@ -1207,6 +1210,20 @@ def measure(trial: Trial) -> None:
         if code is not None:
             raise server.failure(f"server {server.spec.label} {exit_words(code)} after the workload.")
     say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
+
+
+def forget_served_prompts(trial: Trial) -> None:
+    """--prefix-caching: empty each awake server's prefix cache, so that only what the workload's own
+    requests share is a hit. The warm-up sent the first burst's prompts, and a repeat or a reused server
+    serves prompts it has served (a sleeping server's cache was emptied as it fell asleep)."""
+    for server in trial.servers.values() if trial.cfg.prefix_caching else ():
+        if not server.asleep:
+            try:
+                sleep_call(server, "/reset_prefix_cache", trial.cfg.api_key)
+            except ServerError as exc:
+                raise ServerError(
+                    f"--prefix-caching: the cache was not emptied before measuring: {exc}"
+                ) from exc
 
 
 def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink") -> None:
@@ -1380,8 +1397,8 @@ def sleep_call(server: "RunningServer", path: str, api_key: str, body: Optional[
     if status != 200:
         raise ServerError(
             f"{path} on {server.spec.label} answered HTTP {status}: "
-            f"{text.decode('utf-8', 'replace')[:200]} (vLLM serves it with --enable-sleep-mode and "
-            f"VLLM_SERVER_DEV_MODE=1)"
+            f"{text.decode('utf-8', 'replace')[:200]} (vLLM serves it only with VLLM_SERVER_DEV_MODE=1, and "
+            f"/sleep and /wake_up only with --enable-sleep-mode)"
         )
     return time.perf_counter() - start
 
@@ -2992,7 +3009,7 @@ def server_env(
     else:
         env.update(ENABLE_KVCACHED="false", KVCACHED_AUTOPATCH="0")
         env.pop("KVCACHED_IPC_NAME", None)
-    if spec.sleep_mode:  # vLLM 0.24 serves /sleep and /wake_up only in its development mode
+    if spec.sleep_mode or cfg.prefix_caching:  # vLLM serves /sleep, /wake_up, /reset_prefix_cache only so
         env["VLLM_SERVER_DEV_MODE"] = "1"
     env["VLLM_WORKER_MULTIPROC_METHOD"] = engine_start_method(cfg, env)
     if cfg.api_key:

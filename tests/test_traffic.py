@@ -9,7 +9,7 @@ import shutil
 import types
 
 import pytest
-from conftest import background, fake_env, rx, script_args, succeeded_run
+from conftest import background, fake_env, in_process_args, rx, script_args, succeeded_run
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
@@ -461,6 +461,28 @@ def test_a_shared_prefix_goes_with_prefix_caching():
     ), "the preset's prompt length counts"
     with pytest.raises(rx.ConfigError, match="--shared-prefix-tokens.*below the prompt length"):
         rx.resolve_config(rx.Config(prefix_caching=True, shared_prefix_tokens=900, prompt_tokens=768))
+
+
+def test_with_prefix_caching_each_measured_repeat_starts_from_an_empty_cache(fake_gpu, tmp_path, monkeypatch):
+    # the warm-up sends the first burst's prompts and a repeat sends them again: only the shared prefix may
+    # be a hit, so each server's cache is emptied before the workload and before each repeat
+    flags = ["--preset", "smoke", "--no-plots", "--experiments", "1", "--repeats", "2", "--prefix-caching"]
+    flags += ["--shared-prefix-tokens", "32"]
+    assert rx.main(in_process_args(tmp_path / "r", *flags), nvml_module=fake_gpu) == 0
+    (run,) = (tmp_path / "r").iterdir()
+    log = (run / "01_kvcached" / "server_A_kvcached.log").read_text()
+    assert log.count("Resetting prefix cache") == 2, "before the workload, and before its second repeat"
+    assert log.index("Resetting prefix cache") > log.index("POST /v1/chat/completions"), "after the warm-up"
+
+    def refused(server, path, api_key):
+        raise rx.ServerError(f"{path} on A answered HTTP 404")
+
+    monkeypatch.setattr(rx, "sleep_call", refused)
+    awake = types.SimpleNamespace(asleep=False)
+    trial = types.SimpleNamespace(cfg=rx.Config(prefix_caching=True), servers={"A": awake})
+    with pytest.raises(rx.ServerError, match="--prefix-caching: the cache was not emptied .* HTTP 404"):
+        rx.forget_served_prompts(trial)  # the experiment fails: its numbers would count whole-prompt hits
+    rx.forget_served_prompts(types.SimpleNamespace(cfg=rx.Config(), servers={"A": awake}))  # off: no call
 
 
 def test_prefix_cache_counters_are_read():

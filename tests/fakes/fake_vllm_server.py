@@ -589,6 +589,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif (
+            path == "/reset_prefix_cache"
+            and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+            and self.authorized()
+        ):
+            log("INFO Resetting prefix cache...")  # as vLLM's development mode serves it
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif path != "/v1/chat/completions":
             self.send_json(404, {"detail": "Not Found"})
         elif self.engine.asleep and self.authorized():  # nothing on the card to compute with

@@ -1764,7 +1764,7 @@ def parse_env_pairs(spec: str) -> dict[str, str]:
     return pairs
 
 
-# %% Configuration checks: every flag checked before anything launches, naming the flag
+# %% Configuration checks, part 1: every flag checked before anything launches, naming the flag
 def need(ok: bool, flag: str, why: str) -> None:
     """A ConfigError naming the flag (Config field name) when ok is False."""
     if not ok:
@@ -2017,6 +2017,7 @@ def check_model_list(cfg: Config) -> None:
     )
 
 
+# %% Configuration checks, part 2: the server command, and the workload's lengths and size
 # vLLM flags each server gets from the harness (the last of a repeated flag wins): the harness's own flag
 SET_PER_SERVER = {
     "--model": "--models",
@@ -2151,6 +2152,11 @@ def check_workload(cfg: Config) -> None:
         return
     if cfg.arrivals in PER_MODEL_ARRIVALS:
         return check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
+    check_open_loop(cfg)
+
+
+def check_open_loop(cfg: Config) -> None:
+    """Poisson or gamma arrivals: a rate for each window (or each model), and windows small enough to plan."""
     need(cfg.duration_s > 0, "duration_s", "must be > 0 seconds of arrivals per window")
     if cfg.rates_per_model:
         need(
@@ -4999,12 +5005,10 @@ def run_burst(
     deadline = started[1] + last_arrival + cfg.request_timeout_s + BURST_DEADLINE_SLACK_S
     halt = halt or threading.Event()
     try:
-        futures = []
-        for i, r in enumerate(requests_):
-            arrival = await_arrival(r, started, open_loop, halt)
-            if halt.is_set():
-                break
-            futures.append(send(i, arrival))
+        arrivals = (await_arrival(r, started, open_loop, halt) for r in requests_)  # each waits its time
+        futures = [
+            send(i, at) for i, at in enumerate(itertools.takewhile(lambda _: not halt.is_set(), arrivals))
+        ]
         error = await_burst(futures, started[1], deadline, progress_every_s, server)
         out = [
             f.result() if f.done() else still_open(rec, started[1] + r.offset_s, error)

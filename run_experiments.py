@@ -557,7 +557,7 @@ def run_experiment(
         gpu_index=cfg.gpu_index,
     )
     write_json(exp_dir / "experiment.json", record)  # a run killed from here on can still be reported
-    before = set(pool.running)
+    before = list(pool.running.values())  # the very servers: one restarted since has their key, not their log
     try:
         servers = pool.ensure(list(exp.servers), exp_dir)
     except BaseException:  # the servers that did come up were paid for (or reused) all the same
@@ -997,13 +997,14 @@ def omitted_if_none() -> Any:
     return dataclasses.field(default=None, metadata={"omit_if_none": True})
 
 
-def record_servers(record: "ExperimentRecord", servers: list["RunningServer"], before: set) -> None:
+def record_servers(record: "ExperimentRecord", servers: list["RunningServer"], before: list) -> None:
     """The experiment's servers, and where each one's log stands: its lines from here on are this
     experiment's (a reused server's log holds the earlier experiments' too)."""
+    kept = {id(s) for s in servers if any(s is earlier for earlier in before)}
     record.servers = [
-        {**s.describe(), "log_lines": [log_lines(s.log_path) if s.spec.key in before else 0]} for s in servers
+        {**s.describe(), "log_lines": [log_lines(s.log_path) if id(s) in kept else 0]} for s in servers
     ]
-    record.reused = [s.spec.label for s in servers if s.spec.key in before]
+    record.reused = [s.spec.label for s in servers if id(s) in kept]
 
 
 def to_json(obj: Any) -> Any:
@@ -1415,10 +1416,10 @@ def put_to_sleep(server: "RunningServer", cfg: "Config") -> Optional[float]:
 def wake_up(server: "RunningServer", cfg: "Config") -> float:
     """Wake a sleeping server; seconds it took."""
     took = sleep_call(server, "/wake_up", cfg.api_key)
+    server.asleep = False  # it holds its pool from here on, whatever fails next
     if cfg.sleep_level == 2:  # level 2 dropped the weights: vLLM wakes without them
         took += sleep_call(server, "/collective_rpc", cfg.api_key, body={"method": "reload_weights"})
         took += sleep_call(server, "/reset_prefix_cache", cfg.api_key)
-    server.asleep = False
     return took
 
 
@@ -3960,6 +3961,8 @@ class ServerPool:
                 self.forget_stopped()
             elif server:
                 say(f"  reusing {spec.label} (saves a {server.startup_s:.1f} s start-up)")
+                if spec.sleep_mode:  # left awake by a failed experiment, it would hold the card's memory
+                    put_to_sleep(server, self.cfg)
         new = [spec for spec in specs if spec.key not in self.running]
         # kvcached servers take KV memory only when it is used, so they can start together; a static
         # server sizes its pool from the free memory it sees while starting, so those go one at a time

@@ -117,6 +117,32 @@ def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fa
     assert "/sleep?level=1" in error and "HTTP 404" in error and "VLLM_SERVER_DEV_MODE=1" in error
 
 
+def test_a_wake_up_that_fails_halfway_leaves_the_server_known_awake_and_a_reuse_puts_it_to_sleep(
+    monkeypatch,
+):
+    calls = []
+
+    def post(server, path, api_key, body=None):
+        calls.append(path)
+        if path == "/collective_rpc":  # level 2: awake, but its weights could not be reloaded
+            raise rx.ServerError("/collective_rpc on A answered HTTP 500")
+        return 0.1
+
+    monkeypatch.setattr(rx, "sleep_call", post)
+    cfg = rx.Config(sleep_level=2)
+    spec = rx.ServerSpec("A", "m", 8001, kvcached=False, gpu_memory_utilization=0.5, sleep_mode=True)
+    server = types.SimpleNamespace(spec=spec, asleep=True, startup_s=1.0, stopped=False)
+    with pytest.raises(rx.ServerError):
+        rx.wake_up(server, cfg)
+    assert server.asleep is False, "it holds its pool: the next sleep must not be skipped"
+
+    monkeypatch.setattr(rx, "server_problem", lambda s: None)
+    pool = rx.ServerPool(cfg)
+    pool.running[spec.key] = server  # kept from the experiment that failed
+    assert pool.ensure([spec], None) == [server] and server.asleep, "asleep before any other server starts"
+    assert calls[-1] == "/sleep?level=2"
+
+
 def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(sleep_run):
     """Weights and KV from the fake's log lines, the rest what the fake holds besides (its 300 MiB of
     overhead and 300 MiB of CUDA context; kvcached also its 64 MiB of pages kept after a burst); the

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -697,6 +698,18 @@ def test_a_server_that_dies_after_the_last_burst_fails_the_experiment(fake_gpu, 
     failed = json.loads((run / "summary.json").read_text())["failed"]["01_kvcached"]
     assert "server A kvcached exited with code 137" in failed and "after the workload" in failed, failed
     assert json.loads((run / "01_kvcached" / "requests.jsonl").read_text().splitlines()[0])["ok"], "kept"
+
+
+def test_a_server_restarted_in_place_of_a_dead_one_is_a_fresh_start_not_a_reuse(tmp_path):
+    def server(slot, log, lines):
+        (tmp_path / log).write_text("log line\n" * lines)
+        spec = types.SimpleNamespace(key=(slot, "kvcached"), label=f"{slot} kvcached")
+        return types.SimpleNamespace(spec=spec, log_path=tmp_path / log, describe=lambda: {"label": log})
+
+    dead, restarted, kept = server("A", "dead.log", 40), server("A", "new.log", 7), server("B", "b.log", 9)
+    record = rx.ExperimentRecord("shared_kvcached", "q")
+    rx.record_servers(record, [restarted, kept], before=[dead, kept])  # A's key, not A's server
+    assert record.reused == ["B kvcached"] and [s["log_lines"] for s in record.servers] == [[0], [9]]
 
 
 def test_a_burst_on_a_dead_server_fails_the_experiment(fake_gpu, servers):

@@ -9,7 +9,7 @@ import shutil
 import types
 
 import pytest
-from conftest import background, fake_env, in_process_args, rx, script_args, succeeded_run
+from conftest import FAST, background, fake_env, in_process_args, rx, script_args, succeeded_run
 
 
 def test_output_lengths_follow_the_distribution_and_keep_the_prompts():
@@ -466,8 +466,16 @@ def test_a_shared_prefix_goes_with_prefix_caching():
 def test_with_prefix_caching_each_measured_repeat_starts_from_an_empty_cache(fake_gpu, tmp_path, monkeypatch):
     # the warm-up sends the first burst's prompts and a repeat sends them again: only the shared prefix may
     # be a hit, so each server's cache is emptied before the workload and before each repeat
-    flags = ["--preset", "smoke", "--no-plots", "--experiments", "1", "--repeats", "2", "--prefix-caching"]
-    flags += ["--shared-prefix-tokens", "32"]
+    flags = [
+        *FAST,
+        "--experiments",
+        "1",
+        "--repeats",
+        "2",
+        "--prefix-caching",
+        "--shared-prefix-tokens",
+        "32",
+    ]
     assert rx.main(in_process_args(tmp_path / "r", *flags), nvml_module=fake_gpu) == 0
     (run,) = (tmp_path / "r").iterdir()
     log = (run / "01_kvcached" / "server_A_kvcached.log").read_text()

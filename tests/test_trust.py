@@ -692,7 +692,7 @@ def test_a_server_that_dies_after_the_last_burst_fails_the_experiment(fake_gpu, 
             assert wait_for(lambda: server.exit_code() is not None, timeout=10)
 
     monkeypatch.setattr(rx, "run_measured_step", then_die)
-    args = in_process_args(tmp_path / "r", "--preset", "smoke", "--no-plots", "--experiments", "1")
+    args = in_process_args(tmp_path / "r", *FAST, "--experiments", "1")
     assert rx.main(args, nvml_module=fake_gpu) == 1
     (run,) = (tmp_path / "r").iterdir()
     failed = json.loads((run / "summary.json").read_text())["failed"]["01_kvcached"]

@@ -2290,11 +2290,12 @@ def weight_bytes(model_config: dict) -> Optional[int]:
     """About the bytes of a dense model's weights, from config.json; None if it lacks sizes or has experts."""
     text = text_config(model_config)
     sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
-    if any(k not in text for k in sizes) or any("expert" in k for k in text):
+    # a size given as null (Phi's num_key_value_heads) is transformers' default; a null width is unknown
+    if any(not isinstance(text.get(k), int) for k in sizes) or any("expert" in k for k in text):
         return None
     hidden, layers, vocab, mlp_width, heads = (text[k] for k in sizes)
     head_dim = text.get("head_dim") or hidden // heads
-    attention = hidden * head_dim * 2 * (heads + text.get("num_key_value_heads", heads))  # q, o; k, v
+    attention = hidden * head_dim * 2 * (heads + (text.get("num_key_value_heads") or heads))  # q, o; k, v
     # a config.json leaves the key out when it holds transformers' default: tied
     tied = text.get("tie_word_embeddings", model_config.get("tie_word_embeddings", True))
     mlp_matrices = 2 if text.get("model_type", model_config.get("model_type")) in UNGATED_MLP_TYPES else 3
@@ -7701,6 +7702,7 @@ def needs_kvcached(experiments: list[Experiment]) -> bool:
 # %% Preflight, part 2: what vLLM holds beside a model's weights and KV, at the batch it profiles
 # Flags after which vLLM's memory is no longer config.json's sizes at 16 bits: the room checks skip.
 RESIZING_SERVER_ARGS = "--quantization -q --dtype --kv-cache-dtype --cpu-offload-gb".split()
+SIXTEEN_BIT_DTYPES = ("auto", "half", "float16", "bfloat16")  # --dtype values served at 2 bytes, as sized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7774,7 +7776,12 @@ def model_room(cfg: Config, slot: str, batch: "VllmBatch") -> tuple[Optional[Mod
         return None, f"model {slot} has an encoder beside its text model ({encoders[0]} in its config.json)"
     if str(text.get("torch_dtype", "bfloat16")) not in ("float16", "bfloat16", "float32"):
         return None, f"model {slot}'s weights are {text['torch_dtype']}: not sized here"
-    resizing = [flag for flag in extra_server_flags(cfg) if flag in RESIZING_SERVER_ARGS]
+    sixteen_bit = extra_server_value(cfg, "--dtype") in SIXTEEN_BIT_DTYPES  # a T4's --dtype half, say
+    resizing = [
+        f
+        for f in extra_server_flags(cfg)
+        if f in RESIZING_SERVER_ARGS and not (f == "--dtype" and sixteen_bit)
+    ]
     if resizing:
         return None, f"--extra-server-args sets {resizing[0]}"
     workspace = VLLM_WORKSPACE.fitted(text, batch, weights)
@@ -7963,25 +7970,26 @@ def check_models_fit(
             return short
         rests = [sizes[s.name].rest for s in held]
         need = sum(sizes[s.name].weights + (s.kv_cache_memory_bytes or 0) for s in held) + sum(rests)
-        need += max((sizes[s.name].request_kv for s in held if s.kvcached), default=0)
+        # the most KV one kvcached server maps at once: a request, or the overload burst past its share
+        request = max((sizes[s.name].request_kv for s in held if s.kvcached), default=0)
+        burst = cfg.overload_demand * budget / len(held) if e.shares_budget else 0
+        need += max(request, burst)
         headroom = card.kvcached_headroom if any(s.kvcached for s in held) else 0
-        if need > card.free - headroom:
-            kv = " and one request" if headroom else " and their KV pools"
-            unused = f"{headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
-            kept = f", of which kvcached keeps {unused}" if headroom else ""
-            shown = [f"{r / MIB:,.0f}" for r in rests]
-            beside = (
-                f"{shown[0]} MiB beside each"
-                if len(set(shown)) == 1
-                else f"{', '.join(shown)} MiB beside them"
+        if need <= card.free - headroom:
+            continue
+        if burst > request:  # the budget is what does not fit: the largest that does, if any
+            room = card.free - headroom - (need - burst)
+            fits = math.floor(10 * room * len(held) / cfg.overload_demand / GIB) / 10
+            smaller = smaller_fix(e.name)
+            kv, fix = (
+                " and the overload burst",
+                f"--overload-budget-gib {fits:g}, or {smaller}" if fits > 0 else smaller,
             )
-            return fail(
-                "models fit",
-                f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {beside} "
-                f"(vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
-                f"{card.index} has {card.free / MIB:,.0f} MiB free{kept}",
-                smaller_fix(e.name) if headroom else pools_fix(e, budget - (need - card.free), held, sizes),
-            )
+        elif headroom:
+            kv, fix = " and one request", smaller_fix(e.name)
+        else:
+            kv, fix = " and their KV pools", pools_fix(e, budget - (need - card.free), held, sizes)
+        return models_short(e, held, rests, need, card, headroom, kv, fix)
     for e, spec in lone_static_servers(cfg, experiments, budget):
         share, need = spec.gpu_memory_utilization or 0, sizes[spec.name].static_need
         if share * card.total < need:
@@ -7996,6 +8004,33 @@ def check_models_fit(
     batch = f"{card.batch.tokens:,} batched tokens and {card.batch.rows:,} sampled rows"
     counted = f"vLLM's workspace up to {workspace} GiB at {batch}"
     return Check("models fit", True, f"each server holds its model's weights, one request and {counted}")
+
+
+def models_short(
+    e: Experiment,
+    held: list[ServerSpec],
+    rests: list[int],
+    need: float,
+    card: CardRoom,
+    headroom: int,
+    kv: str,
+    fix: str,
+) -> Check:
+    """The failed check: what the experiment's servers hold together, against the card's free memory."""
+    kept = (
+        f", of which kvcached keeps {headroom / MIB:,.0f} MiB unused (KVCACHED_GPU_UTILIZATION)"
+        if headroom
+        else ""
+    )
+    shown = [f"{r / MIB:,.0f}" for r in rests]
+    beside = f"{shown[0]} MiB beside each" if len(set(shown)) == 1 else f"{', '.join(shown)} MiB beside them"
+    return fail(
+        "models fit",
+        f"{e.name}: the weights of model {', '.join(s.name for s in held)}, {beside} "
+        f"(vLLM's CUDA context and workspace){kv} take {need / MIB:,.0f} MiB; GPU "
+        f"{card.index} has {card.free / MIB:,.0f} MiB free{kept}",
+        fix,
+    )
 
 
 def smaller_fix(experiment: str) -> str:

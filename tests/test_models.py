@@ -280,6 +280,22 @@ def test_a_model_no_share_leaves_room_beside_is_told_to_shrink_not_given_a_share
     assert room_fix(out) == []
 
 
+def test_an_overload_budget_the_kvcached_pair_cannot_map_is_refused_naming_the_budget_that_fits(
+    fake_gpu, tmp_path, capsys
+):
+    # 12 GiB: model B's burst (1.4 x 6 GiB) beside both models' weights and rests is past a 16 GiB card, and
+    # its requests would wait for KV pages until they time out
+    args = in_process_args(tmp_path / "r", "--check", "--experiments", "overload_kvcached")
+    assert rx.main([*args, "--overload-budget-gib", "12"], nvml_module=fake_gpu) == 1
+    out = capsys.readouterr().out
+    assert "overload_kvcached: the weights of model A, B" in out and "and the overload burst take" in out
+    (fits,) = re.findall(r"fix: --overload-budget-gib ([\d.]+), or a smaller model", out)
+    assert 4 < float(fits) < 12
+    assert rx.main([*args, "--overload-budget-gib", fits], nvml_module=fake_gpu) == 0, (
+        "the fix it names holds"
+    )
+
+
 def test_a_quantized_model_or_resizing_server_flags_are_not_sized_from_config_json(
     fake_gpu, tmp_path, capsys
 ):
@@ -299,6 +315,10 @@ def test_a_quantized_model_or_resizing_server_flags_are_not_sized_from_config_js
         == 0
     )
     assert "! models fit: not checked: --extra-server-args sets --kv-cache-dtype" in capsys.readouterr().out
+    # a T4's --dtype half serves the 16 bits the checks size: the 7B is still refused at 0.55 of 16 GiB
+    assert rx.main([*args, "--extra-server-args=--dtype half"], nvml_module=fake_gpu) == 1
+    assert "✗ models fit" in capsys.readouterr().out
+    assert rx.main([*args, "--extra-server-args=--dtype=float32"], nvml_module=fake_gpu) == 0  # 4 bytes
 
 
 def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_preflight(

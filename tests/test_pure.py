@@ -174,9 +174,13 @@ PHI_2 = dict(  # an MLP of two matrices
 )
 
 
-@pytest.mark.parametrize("config, billions", [(GEMMA_7B, 8.54), (PHI_2, 2.78)])
+# Phi-2's own config.json says "num_key_value_heads": null (transformers' default: one per head)
+@pytest.mark.parametrize(
+    "config, billions", [(GEMMA_7B, 8.54), (PHI_2, 2.78), ({**PHI_2, "num_key_value_heads": None}, 2.78)]
+)
 def test_weights_follow_the_architectures_embeddings_and_mlp(config, billions):
     assert rx.weight_bytes(config) / 2 == pytest.approx(billions * 1e9, rel=0.01)
+    assert rx.weight_bytes({**config, "intermediate_size": None}) is None, "a width it cannot read"
 
 
 def test_latent_attention_keeps_one_compressed_entry_per_layer_and_token():

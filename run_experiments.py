@@ -8067,12 +8067,20 @@ def start_gate_shut(
     before = sum(sizes[s.name].weights + sizes[s.name].rest + s.kv_cache_memory_bytes for s in gated[:-1])
     if not gated or before + KV_BYTES_START_GATE * card.total <= card.free:
         return None
+    # the pools are the budget's shares: the largest budget whose earlier pools leave the gate open, and
+    # whose pools all fit beside every model
+    models = [sizes[s.name].weights + sizes[s.name].rest for s in gated]
+    gate_room = (
+        (card.free - KV_BYTES_START_GATE * card.total - sum(models[:-1]))
+        * len(gated)
+        / max(len(gated) - 1, 1)
+    )
     return fail(
         "models fit",
         f"{e.name}: vLLM starts a server only where {KV_BYTES_START_GATE:g} of the card "
         f"({KV_BYTES_START_GATE * card.total / MIB:,.0f} MiB) is free; the {len(gated) - 1} started before "
         f"the last hold {before / MIB:,.0f} MiB of GPU {card.index}'s {card.free / MIB:,.0f} MiB free",
-        f"fewer or smaller models, or leave {e.name} out of --experiments",
+        pools_fix(e, min(gate_room, card.free - sum(models)), gated, sizes),
     )
 
 

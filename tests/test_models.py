@@ -397,6 +397,19 @@ def test_fixed_kv_pools_need_the_start_gate_free_for_each_server_not_a_share_eac
     assert rx.main([*args, "--overload-budget-gib", "1"], nvml_module=fake_gpu) == 1
     out = capsys.readouterr().out
     assert "✗ models fit: overload_static: vLLM starts a server only where 0.2 of the card (8,192 MiB)" in out
+    # the fix names the budget whose earlier pools leave the gate open, and that budget passes; so it does
+    # for the default models on a 16 GiB card, where the budget alone shut it (not "smaller models")
+    (fits,) = re.findall(r"fix: --overload-budget-gib ([\d.]+), or a smaller model", out)
+    assert rx.main([*args, "--overload-budget-gib", fits], nvml_module=fake_gpu) == 0, (
+        "the fix it names holds"
+    )
+    monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "16384")
+    args = in_process_args(tmp_path / "s", "--check", "--experiments", "overload_static")
+    assert rx.main([*args, "--overload-budget-gib", "20"], nvml_module=fake_gpu) == 1
+    (fits,) = re.findall(r"fix: --overload-budget-gib ([\d.]+), or a smaller model", capsys.readouterr().out)
+    assert rx.main([*args, "--overload-budget-gib", fits], nvml_module=fake_gpu) == 0, (
+        "the fix it names holds"
+    )
 
 
 def test_a_fixed_kv_pool_too_small_for_one_request_fails_and_its_fix_passes(

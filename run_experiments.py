@@ -617,6 +617,8 @@ def main(
     global STATE
     STATE = RunState(out)
     started, run, cfg = time.time(), None, None
+    if argv is None:  # once, for the config, each card's process and config.json alike
+        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
     try:
         cfg = config_from_args(argv)
         if cfg is None:  # --help
@@ -849,7 +851,12 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
 
-    restore = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    restore = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(
+            ValueError
+        ):  # not the main thread (a notebook's worker): signals stay theirs
+            restore[sig] = signal.signal(sig, pass_on)
     command = [sys.executable, script_file(), *(sys.argv[1:] if argv is None else argv)]
     try:
         for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
@@ -930,12 +937,12 @@ def gather_lane(run: Run, lane: Lane, code: int) -> int:
     failed = 0
     for entry in lane.experiments:
         exp_dir = experiment_dir(run, entry)
-        if code not in (0, 1, 130) and not (exp_dir / "error.json").exists():  # the process died
+        # unfinished and not failed: the process died (any exit code, 0 and 1 too), unless interrupted
+        if code != 130 and not (exp_dir / "error.json").exists():
             record, _ = read_json(exp_dir / "experiment.json")
             if not (isinstance(record, dict) and record.get("finished")):
-                write_failure(
-                    exp_dir, entry, f"the process running GPU {index}'s lane ended with exit code {code}"
-                )
+                why = f"the process running GPU {index}'s lane ended (exit code {code}) before it finished"
+                write_failure(exp_dir, entry, why)
         failed += (exp_dir / "error.json").exists()
     return failed
 

@@ -190,6 +190,36 @@ def two_card_sigkill_scenario(background_runs):
     return background_runs.result("two_card_sigkill_scenario")
 
 
+def test_main_without_arguments_in_a_notebook_hands_notebook_args_on_not_the_kernels(monkeypatch):
+    handed = []
+
+    def prepare_run(cfg, argv, nvml_module):
+        handed.append(argv)  # what each card's process and config.json would be given
+        raise rx.ConfigError("stop here")
+
+    monkeypatch.setattr(rx, "prepare_run", prepare_run)
+    monkeypatch.setattr(rx, "running_in_notebook", lambda: True)
+    monkeypatch.setattr(rx, "NOTEBOOK_ARGS", "--preset smoke --experiments 1,2")
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/kernel-x.json"])
+    assert rx.main(out=lambda _: None) == 2
+    assert handed == [["--preset", "smoke", "--experiments", "1,2"]]
+
+
+@pytest.mark.parametrize("code, failed", [(0, 1), (1, 1), (130, 0)])
+def test_a_cards_process_that_ends_before_its_experiments_did_fails_them_whatever_its_exit_code(
+    tmp_path, code, failed
+):
+    # exit 1 is also any uncaught exception's: an experiment with neither a finished record nor an error was
+    # left out of the summary, and the run said all was well; 130 is an interrupt, which the report says
+    done, lost = rx.parse_experiments("1,2")
+    run = types.SimpleNamespace(run_dir=tmp_path, config={"servers": {}}, experiments=[done, lost])
+    rx.experiment_dir(run, done).mkdir()
+    rx.write_json(rx.experiment_dir(run, done) / "experiment.json", {"finished": True})
+    lane = types.SimpleNamespace(cfg=types.SimpleNamespace(gpu_index=1), experiments=[done, lost])
+    assert rx.gather_lane(run, lane, code) == failed
+    assert not (rx.experiment_dir(run, done) / "error.json").exists()
+
+
 def test_a_cards_process_that_dies_fails_its_experiment_and_the_run_still_reports(lane_killed_scenario):
     run = lane_killed_scenario
     assert run["bursting"] and run["rc"] == 1, run["out"][-3000:]
@@ -198,7 +228,7 @@ def test_a_cards_process_that_dies_fails_its_experiment_and_the_run_still_report
     (other,) = [lane["experiments"] for lane in config["lanes"] if lane["gpu_index"] == 0]
     for name in killed:
         error = json.loads(next(run["run_dir"].glob(f"0*_{name}/error.json")).read_text())["error"]
-        assert error == "the process running GPU 1's lane ended with exit code -9"
+        assert error == "the process running GPU 1's lane ended (exit code -9) before it finished"
     summary = json.loads((run["run_dir"] / "summary.json").read_text())
     assert sorted(folder.split("_", 1)[1] for folder in summary["failed"]) == sorted(killed)
     assert all(summary["experiments"][name]["latency"]["failed"] == 0 for name in other)

@@ -891,9 +891,11 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
 
 
 def script_file() -> Optional[str]:
-    """This script's file, which each card's process runs (none when pasted into a notebook cell)."""
-    path = globals().get("__file__")
-    return path if path and Path(path).is_file() else None
+    """This script's file, which each card's process runs: none when pasted into a notebook cell, where a
+    __file__ that an earlier `%run -i other.py` left is not the file this code came from."""
+    path, ours = globals().get("__file__"), Path(script_file.__code__.co_filename)
+    same = path and Path(path).is_file() and ours.is_file() and Path(path).resolve() == ours.resolve()
+    return path if same else None
 
 
 def relay_output(lanes: dict[int, subprocess.Popen]) -> None:

@@ -205,6 +205,14 @@ def test_main_without_arguments_in_a_notebook_hands_notebook_args_on_not_the_ker
     assert handed == [["--preset", "smoke", "--experiments", "1,2"]]
 
 
+def test_a_file_left_by_another_percent_run_is_not_taken_for_this_script(monkeypatch, tmp_path):
+    assert rx.script_file() == rx.__file__
+    other = tmp_path / "other.py"
+    other.write_text("print('not the harness')\n")
+    monkeypatch.setitem(rx.__dict__, "__file__", str(other))  # `%run -i other.py`, then the pasted cell
+    assert rx.script_file() is None, "each card's process would have run other.py"
+
+
 @pytest.mark.parametrize("code, failed", [(0, 1), (1, 1), (130, 0)])
 def test_a_cards_process_that_ends_before_its_experiments_did_fails_them_whatever_its_exit_code(
     tmp_path, code, failed

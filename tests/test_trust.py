@@ -610,8 +610,10 @@ def server_kept_by(keeper) -> "rx.RunningServer":
 
 
 def test_burst_has_an_overall_deadline(monkeypatch):
+    released = threading.Event()  # at the end: a stuck thread left behind would hold the worker's exit
+
     def stuck(url, model, req, record, *args, **kwargs):
-        time.sleep(3)
+        released.wait(3)
         return record
 
     monkeypatch.setattr(rx, "send_chat", stuck)
@@ -627,6 +629,7 @@ def test_burst_has_an_overall_deadline(monkeypatch):
         cfg,
         sink=rows.append,
     )
+    released.set()
     # the burst's deadline is 0.2 + 0.3 s after its start: it ends then, not when the stuck sends end (3 s)
     assert 0.5 <= time.time() - begin < 2.5
     assert len(records) == len(rows) == 3 and all("burst's deadline" in r.error for r in records)
@@ -635,14 +638,14 @@ def test_burst_has_an_overall_deadline(monkeypatch):
 def test_a_burst_ends_when_its_servers_keeper_has_ended(monkeypatch):
     # vLLM told to stop by its keeper's death keeps its open requests open until they time out: the burst
     # ends once the keeper has gone, with those requests failed for that reason, not at the deadline
-    answered = threading.Event()
+    answered, released = threading.Event(), threading.Event()
     keeper = KeeperAt(-signal.SIGKILL)
 
     def silent(url, model, req, record, *args, **kwargs):
         if req.index == 0:
             answered.set()
             return dataclasses.replace(record, ok=True)
-        time.sleep(30)
+        released.wait(30)  # until the test ends: a thread left asleep would hold the worker's exit
         return record
 
     monkeypatch.setattr(rx, "send_chat", silent)
@@ -653,6 +656,7 @@ def test_a_burst_ends_when_its_servers_keeper_has_ended(monkeypatch):
     records = rx.run_burst(
         server_kept_by(keeper), requests_, lambda r: rx.RequestRecord("t", "A", "p", 0, 0, r.index, 0.0), cfg
     )
+    released.set()
     assert time.time() - begin < 10, "ended with the keeper, long before the 90 s deadline"
     assert records[0].ok
     assert [r.error for r in records[1:]] == [

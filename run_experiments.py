@@ -6642,7 +6642,12 @@ def markdown_summary(
         *memory_cost_table(summaries),
         *footprint_table(summaries),
         *sleep_split_lines(summaries, comparison),
-        *[line for name, block in comparison.items() for line in comparison_lines(name, block, summaries)],
+        *[
+            line
+            for name, block in comparison.items()
+            for line in comparison_lines(name, block, summaries, config)
+        ],
+        *cards_apart_lines(config, summaries),
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
         *capacity_table(summaries),
@@ -6879,16 +6884,48 @@ def awake_peak_line(name: str, over: float) -> str:
     )
 
 
-def comparison_lines(name: str, block: Comparison, summaries: dict[str, ExperimentSummary]) -> list[str]:
+def comparison_lines(
+    name: str, block: Comparison, summaries: dict[str, ExperimentSummary], config: dict
+) -> list[str]:
     lines = []
     if {"kvcached", "static"} <= set(block.figures):
-        lines += single_lines(block) if not GROUPS[name].pair else pair_lines(name, block)
+        apart = cards_apart(config, summaries, name)  # --gpus: memory read on cards of different levels
+        lines += single_lines(block, apart) if not GROUPS[name].pair else pair_lines(name, block)
     if "sleep" in block.figures:
         lines += paragraphs(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
     return lines
 
 
-def single_lines(block: Comparison) -> list[str]:
+CARD_LEVELS_APART_MIB = 64  # cards whose memory in use before the run differs by more: not compared alike
+
+
+def cards_apart(config: dict, summaries: dict[str, ExperimentSummary], group: str) -> Optional[str]:
+    """--gpus: where a group's arms ran on cards that held different memory before the run (another job's,
+    say), which each arm's device figures include; which arm ran where, else None."""
+    held = {card.get("index"): card.get("used_mib_at_start") for card in config.get("gpus") or []}
+    on = {name: summaries[name].gpu_index for name in group_arms(summaries).get(group, {}).values()}
+    levels = [held.get(index) for index in set(on.values())]
+    if len(levels) < 2 or None in levels or max(levels) - min(levels) <= CARD_LEVELS_APART_MIB:
+        return None
+    return ", ".join(
+        f"{name} on GPU {index} ({fmt(held[index])} MiB in use before)" for name, index in on.items()
+    )
+
+
+def cards_apart_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
+    apart = {group: cards_apart(config, summaries, group) for group in group_arms(summaries)}
+    return paragraphs(
+        *(
+            f"**Compared across cards ({group}):** {where}: their device figures differ by what each card "
+            "held beside the run too, so the savings between them are not the strategies' alone (the single "
+            "model's are n/a in summary.json); per-server figures are not affected."
+            for group, where in apart.items()
+            if where
+        )
+    )
+
+
+def single_lines(block: Comparison, apart: Optional[str] = None) -> list[str]:
     kvcached, static = block.figures["kvcached"], block.figures["static"]
     savings = [
         saving_words(
@@ -6898,6 +6935,9 @@ def single_lines(block: Comparison) -> list[str]:
     ]
     held = " and ".join(words for words in savings if words)
     memory = f"kvcached keeps {held} than the static pool" if held else "memory n/a for one of the arms"
+    memory = (
+        "memory not compared: the arms ran on cards that held different memory before" if apart else memory
+    )
     ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
     return paragraphs(f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}.")
 
@@ -7313,10 +7353,15 @@ def server_starts(summaries: dict[str, ExperimentSummary]) -> dict:
     }
 
 
-def headline(run_dir: Path, summaries: dict[str, ExperimentSummary], comparison: dict[str, Any]) -> dict:
+def headline(
+    run_dir: Path,
+    summaries: dict[str, ExperimentSummary],
+    comparison: dict[str, Any],
+    apart: Optional[str] = None,
+) -> dict:
     figures = comparison["single"].figures if "single" in comparison else {}
     kvcached, static = figures.get("kvcached"), figures.get("static")
-    single = kvcached and static
+    single = kvcached and static and not apart  # across cards of different levels: no saving to tell
     return {
         "run_dir": str(run_dir),
         "experiments": {
@@ -7420,7 +7465,7 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     write_text_atomic(run_dir / "summary.md", md)
     return to_json(
         {
-            **headline(run_dir, summaries, comparison),
+            **headline(run_dir, summaries, comparison, cards_apart(config, summaries, "single")),
             "failed": sorted(failed),
             "invalid": sorted(n for n, s in summaries.items() if not s.memory_valid),
             "problems": {n: s.problems for n, s in summaries.items() if s.problems},

@@ -506,6 +506,23 @@ def test_a_signal_as_a_card_starts_reaches_that_card_and_no_other_starts(tmp_pat
     assert not (run / "02_static").exists(), "the second card never started"
 
 
+def test_arms_compared_across_cards_that_held_different_memory_are_said_to_be(tmp_path):
+    # another job's 3,000 MiB on GPU 1, where static ran, read as 3,000 MiB more that kvcached "keeps less"
+    summaries = {"kvcached": types.SimpleNamespace(gpu_index=0), "static": types.SimpleNamespace(gpu_index=1)}
+    config = {"gpus": [{"index": 0, "used_mib_at_start": 400.0}, {"index": 1, "used_mib_at_start": 3400.0}]}
+    apart = rx.cards_apart(config, summaries, "single")
+    assert apart == "kvcached on GPU 0 (400 MiB in use before), static on GPU 1 (3,400 MiB in use before)"
+    (line,) = [line for line in rx.cards_apart_lines(config, summaries) if line]
+    assert line.startswith("**Compared across cards (single):** kvcached on GPU 0")
+    alike = {"gpus": [{"index": 0, "used_mib_at_start": 400.0}, {"index": 1, "used_mib_at_start": 430.0}]}
+    assert rx.cards_apart(alike, summaries, "single") is None, "within 64 MiB: compared alike"
+    figures = {arm: types.SimpleNamespace(idle_after_load_mib=9711.2, peak_mib=9711.2) for arm in summaries}
+    block = rx.Comparison(figures=figures, ratios={})
+    assert "memory not compared: the arms ran on cards" in "\n".join(rx.single_lines(block, apart))
+    one_card = {name: types.SimpleNamespace(gpu_index=0) for name in summaries}
+    assert rx.cards_apart(config, one_card, "single") is None and rx.cards_apart_lines(config, one_card) == []
+
+
 def test_a_signal_during_the_import_check_of_a_two_card_run_ends_it_as_interrupted(monkeypatch, said):
     def check_then_signal(run):
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), (

@@ -617,8 +617,7 @@ def main(
     global STATE
     STATE = RunState(out)
     started, run, cfg = time.time(), None, None
-    if argv is None:  # once, for the config, each card's process and config.json alike
-        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    argv = default_argv() if argv is None else argv  # once: for the config, each card's process, config.json
     try:
         cfg = config_from_args(argv)
         if cfg is None:  # --help
@@ -628,10 +627,11 @@ def main(
             say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(readable(result))}")
             return 0
         if cfg.check:
-            checks, nvml = preflight(cfg, parse_experiments(cfg.experiments), nvml_module)
+            experiments = parse_experiments(cfg.experiments)
+            checks, nvml = preflight(cfg, experiments, nvml_module)
             say(checklist(checks))
             if all(c.ok for c in checks):  # what the run refuses after its checklist, --check refuses too
-                plan_run(cfg, parse_experiments(cfg.experiments), nvml)
+                plan_run(cfg, experiments, nvml)
             return 0 if all(c.ok for c in checks) else 1
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
             interrupted, failures = run_table(join_run(cfg, nvml_module))
@@ -829,7 +829,7 @@ def plan_lanes(
     return best
 
 
-def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
+def run_lanes(run: Run, argv: list[str]) -> tuple[bool, int]:
     """One process per card; their lines come out here, prefixed with the card, and a signal here is passed
     on to each, once. Returns (interrupted, failed experiments; a dead lane's unfinished ones count)."""
     if run.import_checks is not None:
@@ -853,11 +853,10 @@ def run_lanes(run: Run, argv: Optional[list[str]]) -> tuple[bool, int]:
 
     restore = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(
-            ValueError
-        ):  # not the main thread (a notebook's worker): signals stay theirs
+        # off the main thread (a notebook's worker) the signals stay theirs
+        with contextlib.suppress(ValueError):
             restore[sig] = signal.signal(sig, pass_on)
-    command = [sys.executable, script_file(), *(sys.argv[1:] if argv is None else argv)]
+    command = [sys.executable, script_file(), *argv]
     try:
         for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
@@ -1216,9 +1215,7 @@ def measure(trial: Trial) -> None:
     marks.workload = (workload_start, marks.bursts[-1].end if marks.bursts else time.time())
     outcome = wait_settled(sampler, idle, cfg)
     for server in trial.servers.values():  # a server that died gives its memory back: that is no release
-        code = server.exit_code()
-        if code is not None:
-            raise server.failure(f"server {server.spec.label} {exit_words(code)} after the workload.")
+        server.fail_if_dead("after the workload")
     say(f"  after the workload memory {outcome} ({time.time() - marks.workload[1]:.1f} s)")
 
 
@@ -1324,9 +1321,7 @@ def run_step(
 ) -> list["RequestRecord"]:
     """One burst of `step` (from its plan unless `plan` replaces it) against its server, which must be up."""
     cfg, server, plan = trial.cfg, trial.servers[step.server], plan or trial.plans[step.plan]
-    code = server.exit_code()
-    if code is not None:
-        raise server.failure(f"server {server.spec.label} {exit_words(code)} before {step.phase!r}.")
+    server.fail_if_dead(f"before {step.phase!r}")
     reqs = plan.burst(step.burst)
     if not reqs:  # an open-loop window can plan no arrival at a low rate
         say(f"    {step.phase}: no request planned in this window")
@@ -1624,8 +1619,7 @@ class StrictParser(argparse.ArgumentParser):
 
 def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
     """argv (None: sys.argv, or NOTEBOOK_ARGS in a notebook) -> the resolved Config; None after --help."""
-    if argv is None:
-        argv = shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    argv = default_argv() if argv is None else argv
     for flag in ("--report", "--results-dir"):  # `--report "$RUN"` with RUN unset would start a whole run
         if f"{flag}=" in argv or any(a == flag and b == "" for a, b in zip(argv, argv[1:])):
             raise ConfigError(
@@ -1636,6 +1630,12 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
     except SystemExit:  # --help printed (bad flags raise ConfigError instead)
         return None
     return resolve_config(validate_config(Config(**vars(namespace))))
+
+
+def default_argv() -> list[str]:
+    """The flags where none are passed: NOTEBOOK_ARGS in a notebook (the kernel's argv is not ours), else the
+    command line's."""
+    return shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
 
 
 def notebook_argv() -> list[str]:
@@ -1754,9 +1754,8 @@ def fill_preset(cfg: Config) -> Config:
         left_open = value < 0 if name in ("gap_s", "prompt_tokens") else not value
         filled[name] = preset_value if left_open else value
     # a trace sends its own lengths: --max-tokens is read only by the overload experiments' plans
-    overload = any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments))
     need(
-        filled["max_tokens"] < cfg.max_model_len // 2 or (cfg.arrivals == "trace" and not overload),
+        filled["max_tokens"] < cfg.max_model_len // 2 or (cfg.arrivals == "trace" and not runs_overload(cfg)),
         "max_tokens",
         f"is {filled['max_tokens']} (the preset's unless given), but --max-model-len {cfg.max_model_len} "
         f"takes below {cfg.max_model_len // 2}: lower --max-tokens or raise --max-model-len",
@@ -2097,10 +2096,14 @@ def check_server_command(cfg: Config) -> None:
     )
 
 
+def runs_overload(cfg: Config) -> bool:
+    return any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments))
+
+
 def check_overload_room(cfg: Config) -> None:
     """The overload experiments send long requests: --max-model-len must leave them a prompt, and the
     shared prefix must fit in it."""
-    if not any(e.name.startswith("overload") for e in parse_experiments(cfg.experiments)):
+    if not runs_overload(cfg):
         return
     least = next(n for n in itertools.count(1) if overload_lengths(cfg, n)[1] >= OVERLOAD_LEAST_PROMPT)
     need(
@@ -3687,6 +3690,12 @@ class RunningServer:
     def exit_code(self) -> Optional[int]:
         return self.proc.poll()
 
+    def fail_if_dead(self, when: str) -> None:
+        """The ServerError with the evidence where the server has exited (`when`: "before 'burst 1'", ...)."""
+        code = self.exit_code()
+        if code is not None:
+            raise self.failure(f"server {self.spec.label} {exit_words(code)} {when}.")
+
     def describe(self) -> dict:
         return {
             "label": self.spec.label,
@@ -4161,11 +4170,7 @@ PREIMPORT_CORES_PER_CARD = 8
 
 def release_staged(cfg: Config, server: RunningServer) -> None:
     """Tell a staged server to start; its start-up is timed from here."""
-    code = server.exit_code()
-    if code is not None:
-        raise server.failure(
-            f"server {server.spec.label} {exit_words(code)} while vLLM was being imported ahead of its start."
-        )
+    server.fail_if_dead("while vLLM was being imported ahead of its start")
     start_checks(cfg, server.spec)  # the server that held this port may have stopped just now
     try:
         server.proc.stdin.write(b"go\n")
@@ -7732,7 +7737,7 @@ def preflight(
     `imports_later`: import_checks_beside() runs the 20 s import check. `versions`: server_versions()."""
     checks = [check_python(), check_keeper(), check_results(cfg.results_dir)]
     gpu_checks, nvml = card_checks(cfg, experiments, nvml_module)
-    slots = sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
+    slots = served_slots(cfg, experiments)
     checks += gpu_checks
     kvcached_needed = needs_kvcached(experiments)
     if not imports_later:
@@ -7751,6 +7756,11 @@ def checklist(checks: list[Check], title: str = "preflight:") -> str:
 
 def needs_kvcached(experiments: list[Experiment]) -> bool:
     return any(e.arm == "kvcached" for e in experiments)
+
+
+def served_slots(cfg: Config, experiments: list[Experiment]) -> list[str]:
+    """The models (slots) the chosen experiments serve: experiments 1 and 2 alone serve model A only."""
+    return sorted({s.name for e in experiments for s in e.servers(cfg, 0)})
 
 
 # %% Preflight, part 2: what vLLM holds beside a model's weights and KV, at the batch it profiles
@@ -8348,7 +8358,7 @@ def most_sockets(plans: dict[str, WorkloadPlan], cfg: Config, experiments: list[
     """Sockets the client may hold at once: the largest burst of any plan, to every model the experiments
     serve at once."""
     largest = max(burst_threads(plan.burst(b)) for plan in plans.values() for b in range(plan.bursts))
-    return largest * len({server.name for e in experiments for server in e.servers(cfg, 0)})
+    return largest * len(served_slots(cfg, experiments))
 
 
 def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
@@ -8368,7 +8378,7 @@ def ensure_open_files(concurrent_requests: int, spare: int = 128) -> None:
     )
 
 
-def prepare_run(cfg: Config, argv: Optional[list[str]], nvml_module: Any) -> Run:
+def prepare_run(cfg: Config, argv: list[str], nvml_module: Any) -> Run:
     """Everything that can fail before a server starts: checks, the card, plans, the run folder."""
     register_secrets(cfg)
     experiments = parse_experiments(cfg.experiments)
@@ -8428,11 +8438,11 @@ def announce_run(cards: list[dict], lanes: list[Lane], preimport: bool, run_dir:
 
 
 def run_config(
-    run: Run, argv: Optional[list[str]], gpu: dict, cards: list[dict], model_facts: dict, versions: dict
+    run: Run, argv: list[str], gpu: dict, cards: list[dict], model_facts: dict, versions: dict
 ) -> dict:
     """What config.json holds at the start (secrets redacted); servers and timing are added as they come."""
     cfg = run.cfg
-    command = [sys.executable, "run_experiments.py"] + (sys.argv[1:] if argv is None else list(argv))
+    command = [sys.executable, "run_experiments.py", *argv]
     return {
         "run_name": run.run_dir.name,
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),

@@ -573,7 +573,7 @@ def test_an_open_loop_window_without_arrivals_is_an_empty_step(tmp_path, said):
     cfg = rx.Config(arrivals="poisson", rates="0.001,50", duration_s=1, prompt_tokens=64, max_tokens=16)
     plan = rx.open_loop_plan(cfg, "x")
     assert plan.burst(0) == [] and plan.burst(1)
-    server = type("S", (), {"exit_code": lambda self: None})()
+    server = type("S", (), {"fail_if_dead": lambda self, when: None})()  # alive
     step = rx.Step("burst 1", "A", "main", 0)
     exp = rx.ExperimentSpec("kvcached", "q", (), (step,))
     trial = rx.Trial(cfg, exp, {"main": plan}, {"A": server}, None, None, tmp_path)
@@ -592,7 +592,7 @@ def test_a_staggered_models_ramp_names_the_model_and_counts_from_its_first_plann
     monkeypatch.setattr(rx.time, "time", lambda: next(clock))
     done = types.SimpleNamespace(ok=True, ttft_s=0.05, error=None)
     monkeypatch.setattr(rx, "run_burst", lambda server, planned, *a, **k: [done] * len(planned))
-    server = type("S", (), {"exit_code": lambda self: None})()
+    server = type("S", (), {"fail_if_dead": lambda self, when: None})()  # alive
     step = rx.Step("ramp 1", "B", "ramp_B", 0)
     exp = rx.ExperimentSpec("shared_kvcached", "q", (), (step,))
     plan = rx.WorkloadPlan.of(cfg, reqs, 1, max_tokens=16, prompt_tokens=64, sizing="ramp")

@@ -7921,7 +7921,7 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     shown = "; ".join(f"GPU {i}: {nvml_text(n)}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
     budget = int(cfg.overload_budget_gib * GIB)
-    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=0)
+    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=(0, 0))
     checks += [check_card(nvml, i, static) for i in indices]
     return checks + room_checks(cfg, nvml, indices, experiments, budget), nvml
 
@@ -8185,28 +8185,44 @@ def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom,
     )
 
 
-def static_held_at_once(servers: Iterable[ServerSpec]) -> float:
-    """The card's fraction an experiment's static pools hold at once: shared_static's add up, while only
-    one sleep-mode server of shared_sleep is awake at a time."""
+def static_held_at_once(servers: Iterable[ServerSpec]) -> tuple[float, int]:
+    """The card's fraction an experiment's static pools hold at once, and how many pools: shared_static's add
+    up, while only one sleep-mode server of shared_sleep is awake at a time."""
     pools = [s for s in servers if not s.kvcached and not s.kv_cache_memory_bytes]  # fixed pools: start gate
     awake = [s.gpu_memory_utilization or 0 for s in pools if not s.sleep_mode]
     sleepers = [s.gpu_memory_utilization or 0 for s in pools if s.sleep_mode]
-    return sum(awake) + max(sleepers, default=0)
+    return sum(awake) + max(sleepers, default=0), len(awake) + bool(sleepers)
 
 
-def check_card(nvml: Any, index: int, static_share: float) -> Check:
+# What a running vLLM server holds beyond its --gpu-memory-utilization share (CUDA context and the like):
+# 320 MiB on an H200, 540-660 MiB on an H100. A static server starts only if the card's free memory
+# holds its share, so each server started before it must leave this much beside the shares.
+OUTSIDE_SHARE_MOST = 660 * MIB
+SHARES_FIX = "lower the static shares (--gpu-memory-utilization, --static-shares or --pair-utilization-b)"
+
+
+def check_card(nvml: Any, index: int, static: tuple[float, int]) -> Check:
     """Free memory (static pools need their shares) and other processes (they skew readings) on a card."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     others = gpu_processes(nvml, handle)
-    shown = f"GPU {index}: {(mem.total - mem.used) / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
+    free, (static_share, pools) = mem.total - mem.used, static
+    shown = f"GPU {index}: {free / MIB:,.0f} of {mem.total / MIB:,.0f} MiB free"
     listed = ", ".join(f"pid {p} {fmt(b and b / MIB)} MiB" for p, b in sorted(others.items()))
-    if static_share and mem.total - mem.used < static_share * mem.total:
+    if static_share and free < static_share * mem.total:
         return fail(
             "card",
             f"{shown}: less than the {static_share:g} of the card the static pools of one experiment hold",
-            f"free the card ({listed or 'nvidia-smi'}) or lower the static shares "
-            "(--gpu-memory-utilization, --static-shares or --pair-utilization-b)",
+            f"free the card ({listed or 'nvidia-smi'}) or {SHARES_FIX}",
+        )
+    beside = free - static_share * mem.total
+    if pools > 1 and beside < (pools - 1) * OUTSIDE_SHARE_MOST:
+        return warn(
+            "card",
+            f"{shown}: {beside / MIB:,.0f} MiB beside the {static_share:g} of the card that {pools} static "
+            "pools hold at once; each server started before the last holds up to "
+            f"{OUTSIDE_SHARE_MOST / MIB:,.0f} MiB outside its share (CUDA context): the last may not start",
+            SHARES_FIX,
         )
     if others:
         moved = "their memory moves the device totals; per-server figures are unaffected"

@@ -175,13 +175,22 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
 
 
 def alive(pid: int) -> bool:
-    """A live, non-zombie process, read from /proc/<pid>/status (independent of the harness's helpers)."""
+    """A live process: any of its threads not a zombie, read from /proc (independent of the harness's
+    helpers). A killed multi-threaded process's main thread is a zombie while its other threads still
+    exit, and until the last one has, its files (a listening socket) are still open."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            state = next(line for line in f if line.startswith("State:"))
-    except (OSError, StopIteration):
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
-    return state.split()[1] not in ("Z", "X")
+    return any(thread_state(pid, thread) not in ("Z", "X", None) for thread in threads)
+
+
+def thread_state(pid: int, thread: str):
+    try:
+        with open(f"/proc/{pid}/task/{thread}/status") as f:
+            return next(line for line in f if line.startswith("State:")).split()[1]
+    except (OSError, StopIteration):
+        return None
 
 
 # --- the whole script as a subprocess against the fakes

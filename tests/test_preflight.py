@@ -46,12 +46,27 @@ def test_torch_cuda_version_is_read_without_importing_torch(tmp_path, monkeypatc
 def test_a_busy_card_fails_the_static_share_and_names_the_holders(fake_gpu, monkeypatch):
     monkeypatch.setenv("FAKE_GPU_BASELINE_MIB", "9000")  # of 16384
     nvml = rx.load_nvml(fake_gpu)
-    busy = rx.check_card(nvml, 0, 0.55)
+    busy = rx.check_card(nvml, 0, (0.55, 1))
     assert (
         not busy.ok
         and "less than the 0.55 of the card the static pools of one experiment hold" in busy.detail
     )
-    assert rx.check_card(nvml, 0, 0.3).ok
+    assert rx.check_card(nvml, 0, (0.3, 1)).ok
+
+
+def test_static_pools_that_leave_no_room_for_each_servers_context_are_warned_of(fake_gpu):
+    # 16,384 MiB, 400 in use: the shares fit, 419 MiB beside them, but each server started before the last
+    # also holds its CUDA context outside its share, and vLLM refuses a share the free memory cannot give
+    nvml = rx.load_nvml(fake_gpu)
+    tight = rx.check_card(nvml, 0, (0.95, 3))
+    assert (
+        tight.ok
+        and tight.warning
+        and "419 MiB beside the 0.95 of the card that 3 static pools" in tight.detail
+    )
+    assert "--static-shares" in tight.fix
+    assert not rx.check_card(nvml, 0, (0.95, 1)).warning, "one pool: nothing starts before it"
+    assert not rx.check_card(nvml, 0, (0.9, 2)).warning, "819 MiB beside: room for one context"
 
 
 def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():

@@ -1301,7 +1301,9 @@ def warm_up(trial: Trial) -> bool:
             plan = dataclasses.replace(plan, requests=tuple(at_once))
         warm = dataclasses.replace(step, phase=f"warm-up {slot}")
         sink = RecordSink(trial.folder / "warmup.jsonl", keep_itl=False)
-        sent = bool(run_step(trial, warm, -1, sink, gate, plan)) or sent
+        records = run_step(trial, warm, -1, sink, gate, plan)
+        fail_if_refused(server, records)
+        sent = bool(records) or sent
         if gate is not None:
             put_to_sleep(server, cfg)
         server.warmed.add(step.plan)
@@ -1309,6 +1311,16 @@ def warm_up(trial: Trial) -> bool:
 
 
 OPEN_LOOP_WARMUP = 64  # open loop: requests of the warm-up burst
+
+
+def fail_if_refused(server: "RunningServer", records: list["RequestRecord"]) -> None:
+    """Every warm-up request answered 4xx (a base model without a chat template, a wrong key): the bursts'
+    requests, of the same shape, would be refused the same way, so the experiment stops here."""
+    if records and all(r.status is not None and 400 <= r.status < 500 for r in records):
+        raise server.failure(
+            f"server {server.spec.label} refused every warm-up request ({records[0].error}), and would "
+            "refuse every burst's the same way."
+        )
 
 
 def run_step(
@@ -2251,18 +2263,54 @@ def load_model_config(model: str) -> tuple[Optional[dict], str]:
     return None, "unavailable"
 
 
-@functools.lru_cache(maxsize=None)  # the preflight and the workload sizing ask the hub once, not twice
 def hub_config(model: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]:
-    """(local path of the model's config.json, '') or (None, why not). huggingface_hub (installed with
+    """(local path of the model's config.json, '') or (None, why not)."""
+    return hub_file(model, "config.json", timeout_s)
+
+
+@functools.lru_cache(maxsize=None)  # the preflight and the workload sizing ask the hub once, not twice
+def hub_file(model: str, name: str, timeout_s: float = 10.0) -> tuple[Optional[str], str]:
+    """(local path of one of the model's files, '') or (None, why not). huggingface_hub (installed with
     vLLM) honours HF_TOKEN for gated models, HF_ENDPOINT for mirrors, its cache and HF_HUB_OFFLINE=1."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         return None, "huggingface_hub is not installed (it comes with vLLM)"
     try:
-        return hf_hub_download(model, "config.json", etag_timeout=timeout_s), ""
+        return hf_hub_download(model, name, etag_timeout=timeout_s), ""
     except Exception as exc:  # gated, missing, offline, unreachable: the message says which
         return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # beside tokenizer_config.json's key
+ABSENT_ON_HUB = ("EntryNotFoundError", "RemoteEntryNotFoundError")  # not LocalEntryNotFoundError (offline)
+
+
+def model_file(model: str, name: str) -> "Path | bool | None":
+    """One of a model's files, from its folder or the hub: its path, False where it has none, None where
+    that cannot be told here (offline, gated, unreachable)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else False
+    path, why = hub_file(model, name)
+    if path:
+        return Path(path)
+    return False if why.split(":")[0] in ABSENT_ON_HUB else None
+
+
+def has_chat_template(model: str) -> Optional[bool]:
+    """Whether the model's tokenizer brings a chat template, which vLLM needs for the chat completions the
+    harness sends (it answers 400 without one); None where its files cannot be read here."""
+    tokenizer = model_file(model, "tokenizer_config.json")
+    if not tokenizer:  # no tokenizer beside the model (vLLM may be told another), or not known
+        return None
+    config, _ = read_json(tokenizer)
+    if not isinstance(config, dict):
+        return None
+    if config.get("chat_template"):
+        return True
+    beside = [model_file(model, name) for name in CHAT_TEMPLATE_FILES]
+    return True if any(beside) else (False if all(f is False for f in beside) else None)
 
 
 def text_config(model_config: dict) -> dict:
@@ -7670,7 +7718,11 @@ def check_model(cfg: Config, slot: str) -> Check:
     name, model = f"model {slot}", model_of(cfg, slot)
     flag = "--models" if cfg.models else f"--model-{slot.lower()}"
     if (Path(model).expanduser() / "config.json").is_file():
-        return too_long_for(cfg, slot) or Check(name, True, f"{model} (local folder)")
+        return (
+            too_long_for(cfg, slot)
+            or no_chat_template(cfg, slot)
+            or Check(name, True, f"{model} (local folder)")
+        )
     if Path(model).expanduser().is_dir():  # not a hub id: asking the hub would only confuse
         return fail(
             name, f"{model}: a folder without config.json", f"{flag}: the folder that holds the model's files"
@@ -7679,13 +7731,31 @@ def check_model(cfg: Config, slot: str) -> Check:
         return warn(name, f"{model}: left to --server-cmd")
     path, why = hub_config(model)
     if path is not None:
-        return too_long_for(cfg, slot) or Check(name, True, f"{model} (hub or its cache)")
+        return (
+            too_long_for(cfg, slot)
+            or no_chat_template(cfg, slot)
+            or Check(name, True, f"{model} (hub or its cache)")
+        )
     return fail(
         name,
         f"{model}: {why}",
         f"{flag}: a local folder with config.json, or the "
         "hub: set HF_TOKEN for gated models, HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 with the model "
         "in the cache",
+    )
+
+
+def no_chat_template(cfg: Config, slot: str) -> Optional[Check]:
+    """A model whose tokenizer has no chat template (a base model) would answer every request with 400."""
+    model = model_of(cfg, slot)
+    told = {"--chat-template", "--tokenizer"} & set(extra_server_flags(cfg))
+    if told or has_chat_template(model) is not False:
+        return None
+    return fail(
+        f"model {slot}",
+        f"{model}: its tokenizer has no chat template (a base model?), and vLLM refuses the chat completions "
+        "the harness sends without one",
+        "an instruct or chat model, or --extra-server-args '--chat-template FILE' (a Jinja template)",
     )
 
 

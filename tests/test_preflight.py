@@ -1,6 +1,8 @@
 """--check: each line of the preflight checklist, its failure path with fakes, and that a failing
 preflight starts nothing."""
 
+import dataclasses
+import json
 import os
 import socket
 import sys
@@ -126,6 +128,40 @@ def test_models_local_folder_or_hub(tmp_path, monkeypatch):
     local, gated = (rx.check_model(cfg, slot) for slot in "AB")
     assert local.ok and not gated.ok
     assert "GatedRepoError" in gated.detail and "HF_TOKEN" in gated.fix
+
+
+def test_a_base_model_without_a_chat_template_is_refused_before_launch(tmp_path):
+    # vLLM answers every chat completion 400 for a tokenizer with no chat template; the run would learn
+    # that only after start-up, from every request of every burst
+    base, instruct, jinja = (tmp_path / name for name in ("base", "instruct", "jinja"))
+    for folder, tokenizer in ((base, {}), (instruct, {"chat_template": "{{ messages }}"}), (jinja, {})):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    (jinja / "chat_template.jinja").write_text("{{ messages }}")
+    cfg = rx.resolve_config(rx.Config(preset="smoke", models=f"{base},{instruct},{jinja}"))
+    refused, *served = (rx.check_model(cfg, slot) for slot in "ABC")
+    assert not refused.ok and "no chat template" in refused.detail and "--chat-template" in refused.fix
+    assert all(check.ok for check in served)
+    told = rx.resolve_config(dataclasses.replace(cfg, extra_server_args="--chat-template /tmp/chatml.jinja"))
+    assert rx.check_model(told, "A").ok, "a template the server is given"
+    (base / "tokenizer_config.json").unlink()
+    assert rx.check_model(cfg, "A").ok, "no tokenizer beside the model: not known here"
+
+
+@pytest.mark.parametrize(
+    "missing, known", [("RemoteEntryNotFoundError: 404", False), ("LocalEntryNotFoundError: offline", None)]
+)
+def test_a_hub_models_chat_template_is_known_missing_only_where_the_hub_says_so(
+    tmp_path, monkeypatch, missing, known
+):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+
+    def hub_file(model, name, timeout_s=10.0):
+        return (str(tmp_path / name), "") if name == "tokenizer_config.json" else (None, missing)
+
+    monkeypatch.setattr(rx, "hub_file", hub_file)
+    assert rx.has_chat_template("meta-llama/Llama-3.1-8B") is known
 
 
 def test_a_port_in_use_is_a_failed_check():

@@ -94,7 +94,7 @@ def test_an_open_loop_warm_up_sends_the_first_window_with_arrivals_at_once(monke
 
     def run_step(trial, step, repeat, sink, gate, plan):
         sent.append(plan.burst(step.burst))
-        return sent[-1]
+        return [types.SimpleNamespace(status=200, ok=True) for _ in sent[-1]]  # each request's record
 
     monkeypatch.setattr(rx, "run_step", run_step)
     server = types.SimpleNamespace(warmed=set(), spec=types.SimpleNamespace(label="A", sleep_mode=False))

@@ -1580,3 +1580,17 @@ def test_check_refuses_what_the_run_refuses_after_its_checklist(fake_gpu, monkey
     argv = ["--check", "--preset", "smoke", "--experiments", "1,2", "--gpus", "0,1", "--server-cmd", "true"]
     assert rx.main(argv, nvml_module=fake_gpu) == 2
     assert "--allow-mixed-gpus" in capsys.readouterr().err
+
+
+def test_a_server_that_refuses_every_warm_up_request_fails_the_experiment_before_its_bursts(
+    fake_gpu, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FAKE_NO_CHAT_TEMPLATE", "1")  # a base model: every chat completion is answered 400
+    args = in_process_args(tmp_path / "r", *FAST, "--experiments", "2", "--bursts", "3")
+    assert rx.main(args, nvml_module=fake_gpu) == 1
+    (run,) = (tmp_path / "r").iterdir()
+    (folder,) = run.glob("01_*")
+    error = json.loads((folder / "error.json").read_text())["error"]
+    assert "refused every warm-up request (HTTP 400" in error and "chat template" in error
+    assert len((folder / "warmup.jsonl").read_text().splitlines()) == 8, "the warm-up is kept"
+    assert not (folder / "requests.jsonl").exists() or not (folder / "requests.jsonl").read_text().strip()

@@ -130,6 +130,12 @@ def env_float(name, default):
     return float(os.environ.get(name, default))
 
 
+NO_CHAT_TEMPLATE = (
+    "As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat "
+    "template if the tokenizer does not define one."
+)
+
+
 def next_fault():
     """FAKE_STREAM_FAULT for the next chat request, "" if FAKE_FAULT_EVERY skips this one."""
     global _chat_requests
@@ -661,6 +667,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(
                 404, error_body("The model `%s` does not exist." % model, "NotFoundError", 404)
             )
+        if os.environ.get("FAKE_NO_CHAT_TEMPLATE") == "1":  # a base model: vLLM 0.24's answer
+            return self.send_json(400, error_body(NO_CHAT_TEMPLATE, "BadRequestError", 400))
 
         # Crude tokenizer: one token per word, plus 10 for the chat template.
         parts = []

@@ -2209,7 +2209,8 @@ def check_open_loop(cfg: Config) -> None:
 def check_ramp(cfg: Config) -> None:
     need(not cfg.rates and not cfg.rate, "arrivals", "ramp takes --peak-rates; leave out --rate/--rates")
     peaks = parse_peaks(cfg)
-    longest = max(ramp_length(cfg, peak, len(slots(cfg))) for peak in peaks)
+    models = len(served_slots(cfg, parse_experiments(cfg.experiments)))  # experiments 1 and 2: A's ramp alone
+    longest = max(ramp_length(cfg, peak, models) for peak in peaks)
     need(
         max(peaks) * ramp_length(cfg, max(peaks), 1) / 2 <= MAX_WINDOW_REQUESTS,  # about a ramp's requests
         "peak_rates",
@@ -2219,7 +2220,7 @@ def check_ramp(cfg: Config) -> None:
     need(
         longest <= cfg.duration_s,
         "duration_s",
-        f"is {cfg.duration_s:g} s, but the ramp of {len(slots(cfg))} model(s) to {max(peaks):g} "
+        f"is {cfg.duration_s:g} s, but the ramp of {models} model(s) to {max(peaks):g} "
         f"requests/s in steps of {cfg.ramp_step:g} lasts {longest:g} s: raise --duration-s to "
         f"{math.ceil(longest)}, or lower --peak-rates, raise --ramp-step, or shorten --stagger-s",
     )
@@ -5150,10 +5151,13 @@ def open_jsonl(path: Path) -> Optional[Any]:
     return gzip.open(packed, "rt") if packed.exists() else None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file, or of its gzipped copy."""
+def read_jsonl(path: Path, problems: Optional[list[str]] = None, expected: bool = False) -> list[dict]:
+    """Rows of a JSONL file, or of its gzipped copy. Lines that do not read, and the file missing where
+    it was `expected`, are said in `problems`."""
     opened = open_jsonl(path)
     if opened is None:
+        if expected and problems is not None:
+            problems.append(f"{path.name} is missing: none of its rows is reported")
         return []
     with opened:
         text = opened.read()
@@ -5164,6 +5168,10 @@ def read_jsonl(path: Path) -> list[dict]:
     for line in lines:
         with contextlib.suppress(json.JSONDecodeError):  # a run killed mid-write leaves a torn line
             rows.append(json.loads(line))
+    if problems is not None:
+        problems.append(
+            f"{path.name}: {len(lines) - len(rows)} of {len(lines)} lines could not be read (torn)"
+        )
     return rows
 
 
@@ -5468,11 +5476,13 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
             re.sub(r"^\d+_", "", exp_dir.name), "(unknown: experiment.json could not be read)"
         )
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
-    memory, requests = (read_jsonl(exp_dir / f"{name}.jsonl") for name in ("memory", "requests"))
+    marks = record.marks  # memory is written from the idle window after load on, requests from burst 1
+    memory = read_jsonl(exp_dir / "memory.jsonl", problems, expected=marks.idle_after_load is not None)
+    requests = read_jsonl(exp_dir / "requests.jsonl", problems, expected=bool(marks.bursts))
     loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
     # where a killed run left no workload mark, the workload spans its bursts, else from its first request
     # sent (a record saved before its first burst); no request and a record that reads: no workload ran
-    marks, times = record.marks, [t for t, _ in loaded.device]
+    times = [t for t, _ in loaded.device]
     sent = [r["t_send"] for r in requests if isinstance(r.get("t_send"), (int, float))]
     if marks.workload is None and marks.bursts:
         first = marks.bursts[0].start

@@ -500,3 +500,22 @@ def test_notebook_mode_uses_notebook_args_and_ignores_kernel_argv(notebook_run):
     assert "This run was interrupted" in (stopped / "summary.md").read_text()
     engines = [int(p.stem) for p in (base / "gpu").glob("*.json") if p.stem.isdigit()]
     assert not any(alive(pid) for pid in engines), "the stop button leaves no server behind"
+
+
+def test_a_report_names_a_torn_or_missing_raw_file_instead_of_reporting_fewer_requests(tmp_path):
+    exp_dir = tmp_path / "01_kvcached"
+    exp_dir.mkdir()
+    marks = rx.Marks(idle_after_load=(1.0, 2.0), bursts=[rx.BurstMark("burst 1", "A", 0, 3.0, 4.0)])
+    rx.write_json(exp_dir / "experiment.json", rx.ExperimentRecord("kvcached", "?", marks=marks))
+    row = json.dumps({"server": "A", "ok": True})
+    (exp_dir / "requests.jsonl").write_text(f"{row}\n{row}\n{row[:9]}")  # cut mid-line, as a full disk does
+    loaded = rx.load_experiment(exp_dir)
+    assert len(loaded.requests) == 2
+    assert loaded.problems == [
+        "memory.jsonl is missing: none of its rows is reported",
+        "requests.jsonl: 1 of 3 lines could not be read (torn)",
+    ]
+    marks.bursts.clear()  # stopped before its first burst: no request to read
+    rx.write_json(exp_dir / "experiment.json", rx.ExperimentRecord("kvcached", "?", marks=marks))
+    (exp_dir / "requests.jsonl").unlink()
+    assert rx.load_experiment(exp_dir).problems == ["memory.jsonl is missing: none of its rows is reported"]

@@ -680,6 +680,14 @@ def test_bad_ramps_are_refused_naming_the_flag(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_ramp_is_as_long_as_the_models_the_chosen_experiments_serve():
+    # experiment 1 serves model A alone: model B's staggered ramp is not sent, so it cannot be too long
+    cfg = rx.Config(arrivals="ramp", peak_rates="20", duration_s=45, experiments="1")
+    rx.check_ramp(cfg)
+    with pytest.raises(rx.ConfigError, match="the ramp of 2 model"):
+        rx.check_ramp(dataclasses.replace(cfg, experiments="1,3"))
+
+
 def ramp_sweep_args(base):
     ramp = [
         "--arrivals",

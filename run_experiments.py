@@ -6273,7 +6273,11 @@ def compare_group(arms: dict[str, ExperimentSummary], pair: bool) -> Comparison:
     phases = dict.fromkeys(phase for s in kvcached_first for phase in s.phases)
     block.per_phase = {
         phase: compared(
-            {arm: Figures(*s.phases[phase].quantiles()) for arm, s in arms.items() if phase in s.phases},
+            {
+                arm: Figures(*s.phases[phase].quantiles(), failed=s.phases[phase].failed)
+                for arm, s in arms.items()
+                if phase in s.phases
+            },
             {arm: (s.phase_repeats or {}).get(phase) for arm, s in arms.items()},
         )
         for phase in phases
@@ -7028,7 +7032,22 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
     rows = [(label, c) for label, c in (parts or {}).items() if "kvcached" in c.figures]
     return titled(
         f"**{name}: elastic/static latency ratios** (below 1: kvcached faster)", md_table(columns, rows)
-    )
+    ) + paragraphs(survivors_note(rows))
+
+
+def survivors_note(rows: list[tuple[str, Comparison]]) -> str:
+    """Where requests failed, that the ratios are over the ones that completed (a failure has no latency)."""
+    failed = {
+        label: ", ".join(
+            f"{arm} {fmt(c.figures[arm].failed or 0)}" for arm in ("kvcached", "static") if arm in c.figures
+        )
+        for label, c in rows
+        if any(c.figures[arm].failed for arm in ("kvcached", "static") if arm in c.figures)
+    }
+    if not failed:
+        return ""
+    each = "; ".join(f"{label}: {counts}" for label, counts in failed.items())
+    return f"These ratios are over the requests that completed. Failed, with no latency: {each}."
 
 
 def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> str:
@@ -7057,11 +7076,26 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
         f"{f' ({held})' if ran else ''}; {wakes}; kvcached "
         "needs nobody. "
         + (
-            f"TTFT p50 {ttft}; E2E p50 {e2e}."
+            f"TTFT p50 {ttft}; E2E p50 {e2e}.{each_models_sleep_ratios(block, ran)}"
             if ran
             else "No kvcached or static arm ran beside it to compare."
         )
     )
+
+
+def each_models_sleep_ratios(block: Comparison, ran: list[str]) -> str:
+    """Each model's own TTFT p50 ratios: pooled, a model that sent few requests hides in the others'."""
+    models = block.per_model or {}
+    if len(models) < 2:
+        return ""
+    each = "; ".join(
+        f"sleep/{arm} "
+        + ", ".join(
+            f"{slot} {fmt(c.ratio(f'sleep/{arm}', 'ttft_s_p50')[0], 2)}" for slot, c in models.items()
+        )
+        for arm in ran
+    )
+    return f" Per model, TTFT p50 {each}."
 
 
 def residuals_line(summaries: dict[str, ExperimentSummary]) -> list[str]:

@@ -563,6 +563,39 @@ def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():
     assert said.endswith("TTFT p50 sleep/kvcached 2.71; E2E p50 1.45."), said
 
 
+def test_two_sleeping_models_ratios_are_told_per_model_where_one_model_is_starved():
+    # pooled over the pair, A's few requests (each waiting seconds for the router) hide in B's many
+    def model(ttft: float) -> "rx.Comparison":
+        return rx.Comparison(figures={}, ratios={"sleep/kvcached": {"ttft_s_p50": ttft}})
+
+    sleep = types.SimpleNamespace(servers={"A": None, "B": None}, sleep=None)
+    pooled = rx.Comparison(
+        figures={"sleep": rx.Figures(4.0, 5.0, 5.0, 6.0), "kvcached": rx.Figures(0.02, 0.1, 1.0, 2.0)},
+        ratios={"sleep/kvcached": {"ttft_s_p50": 1.03, "e2e_s_p50": 1.2}},
+        per_model={"A": model(167.5), "B": model(1.01)},
+    )
+    said = rx.sleep_paragraph("shared", pooled, sleep)
+    assert said.endswith(
+        "TTFT p50 sleep/kvcached 1.03; E2E p50 1.20. Per model, TTFT p50 sleep/kvcached A 167.50, B 1.01."
+    ), said
+
+
+def test_elastic_static_ratios_say_how_many_requests_failed_and_had_no_latency():
+    def arm(failed: int) -> "rx.Figures":
+        return rx.Figures(0.1, 0.2, 1.0, 2.0, failed=failed)
+
+    both = {"kvcached": arm(89), "static": arm(67)}
+    rows = [
+        ("A bursts, B idle", rx.Comparison(both, {})),
+        ("B bursts", rx.Comparison({"kvcached": arm(0)}, {})),
+    ]
+    assert rx.survivors_note(rows) == (
+        "These ratios are over the requests that completed. Failed, with no latency: A bursts, B idle: "
+        "kvcached 89, static 67."
+    )
+    assert rx.survivors_note(rows[1:]) == "", "none failed: nothing to say"
+
+
 def test_a_reused_sleep_servers_split_says_its_log_holds_an_earlier_experiments_sleeps():
     split = rx.SleepSplit(20, 76360.0, rx.Distribution.of([17724.0]), 952.0)
 

@@ -223,7 +223,7 @@ class Config:
     idle_window_s: float = 1.0  # quiet time for an idle level (>= 5 device and 2 per-process samples)
     settle_s: float = 3.0  # stop waiting for release once memory has not moved for this long
     report: str = ""  # rebuild summaries and plots of this run folder (with its own SLOs), run nothing
-    check: bool = False  # only print the preflight checklist (also run before every run); exit 0, 1 or 2
+    check: bool = False  # only print the preflight checklist (run before every run too); exit 2: one failed
 
 
 # The workload each --preset gives the flags left open. Smoke's bursts last a fraction of a second: each
@@ -632,7 +632,7 @@ def main(
             say(checklist(checks))
             if all(c.ok for c in checks):  # what the run refuses after its checklist, --check refuses too
                 plan_run(cfg, experiments, nvml)
-            return 0 if all(c.ok for c in checks) else 1
+            return 0 if all(c.ok for c in checks) else 2  # as the run's own refusal: nothing launched
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
             interrupted, failures = run_table(join_run(cfg, nvml_module))
             return 130 if interrupted else (1 if failures else 0)
@@ -3937,11 +3937,14 @@ def kv_wait_hint(server: RunningServer) -> str:
 
 def start_hint(server: RunningServer) -> str:
     """What to try for a server that ended before it was ready, where its log or start says."""
-    if "Free memory on device" in tail(server.log_path, 80):
+    log = tail(server.log_path, 80)
+    if "Free memory on device" in log:
         return (
             " vLLM found too little free memory: something else holds the card (nvidia-smi), or the static "
             "shares are too large (--gpu-memory-utilization, --pair-utilization-b, --static-shares)."
         )
+    if re.search(r"error: (unrecognized arguments|argument )", log):  # argparse's usage error, as vLLM's
+        return " vLLM refused its arguments (the log's last lines say which): check --extra-server-args."
     if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork":
         return ""
     return (

@@ -97,8 +97,8 @@ def main() -> None:
             card, flags = random_case(rng, folders)
             code, out = check(card, flags, args.port)
             counts["passed"] += code == 0
-            counts["refused"] += code == 1 and bool(ROOM_FAILURE.search(out))
-            named = fix_flags(out, flags) if code == 1 else []
+            counts["refused"] += code == 2 and bool(ROOM_FAILURE.search(out))
+            named = fix_flags(out, flags) if code == 2 else []
             counts["flags"] += bool(named)
             if named and check(card, flags + named, args.port)[0] == 0:
                 counts["fixed"] += 1

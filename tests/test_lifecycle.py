@@ -59,8 +59,11 @@ def test_crash_at_start_fails_fast_with_the_evidence(fake_gpu, started, monkeypa
 def test_removed_flag_makes_the_server_exit_at_once(fake_gpu, started):
     cfg = make_cfg(extra_server_args="--disable-log-requests")
     server = started(cfg, STATIC_A(cfg))
-    with pytest.raises(rx.ServerError, match="exited with code 2"):
+    with pytest.raises(rx.ServerError, match="exited with code 2") as refused:
         rx.wait_ready(server, timeout_s=30)
+    headline = str(refused.value).splitlines()[0]  # the log's usage error, not the engine's start
+    assert "refused its arguments" in headline and "--extra-server-args" in headline, headline
+    assert "--engine-start" not in headline
 
 
 def test_hanging_server_times_out_and_is_stopped(fake_gpu, started, monkeypatch):

@@ -261,7 +261,7 @@ def test_the_room_checks_fix_names_flags_that_pass_them(
     seven_b = model_folder(tmp_path / "7b", SEVEN_B)
     flags = [re.sub(r"(?<![\w.])7b(?![\w.])", seven_b, flag) for flag in flags]
     args = in_process_args(tmp_path / "r", "--check", *flags)
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     given = flags[flags.index("--experiments") + 1] if "--experiments" in flags else "1,2,3,4,5,6,7"
     fix = room_fix(capsys.readouterr().out, given)
     assert fix, "the fix names flags"
@@ -274,7 +274,7 @@ def test_a_model_no_share_leaves_room_beside_is_told_to_shrink_not_given_a_share
     would fail minutes in."""
     seven_b = model_folder(tmp_path / "7b", SEVEN_B)
     args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b, "--experiments", "2")
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "fix: a smaller model, a shorter --max-model-len, or leave static out of --experiments" in out
     assert room_fix(out) == []
@@ -286,7 +286,7 @@ def test_an_overload_budget_the_kvcached_pair_cannot_map_is_refused_naming_the_b
     # 12 GiB: model B's burst (1.4 x 6 GiB) beside both models' weights and rests is past a 16 GiB card, and
     # its requests would wait for KV pages until they time out
     args = in_process_args(tmp_path / "r", "--check", "--experiments", "overload_kvcached")
-    assert rx.main([*args, "--overload-budget-gib", "12"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--overload-budget-gib", "12"], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "overload_kvcached: the weights of model A, B" in out and "and the overload burst take" in out
     (fits,) = re.findall(r"fix: --overload-budget-gib ([\d.]+), or a smaller model", out)
@@ -316,7 +316,7 @@ def test_a_quantized_model_or_resizing_server_flags_are_not_sized_from_config_js
     )
     assert "! models fit: not checked: --extra-server-args sets --kv-cache-dtype" in capsys.readouterr().out
     # a T4's --dtype half serves the 16 bits the checks size: the 7B is still refused at 0.55 of 16 GiB
-    assert rx.main([*args, "--extra-server-args=--dtype half"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--extra-server-args=--dtype half"], nvml_module=fake_gpu) == 2
     assert "✗ models fit" in capsys.readouterr().out
     assert rx.main([*args, "--extra-server-args=--dtype=float32"], nvml_module=fake_gpu) == 0  # 4 bytes
 
@@ -331,7 +331,7 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
     seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
     args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b[0], "--model-b", seven_b[1])
     assert (
-        rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", "0.5"], nvml_module=fake_gpu) == 1
+        rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", "0.5"], nvml_module=fake_gpu) == 2
     )
     out = capsys.readouterr().out
     assert "✗ models fit: static: model A at --gpu-memory-utilization 0.5 (12,288 MiB) cannot hold" in out
@@ -342,13 +342,13 @@ def test_a_model_too_large_for_its_static_share_or_beside_another_fails_the_pref
         rx.main([*args, "--experiments", "2", "--gpu-memory-utilization", share], nvml_module=fake_gpu) == 0
     )
     assert "✓ models fit" in capsys.readouterr().out
-    assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--experiments", "overload_static"], nvml_module=fake_gpu) == 2
     assert "✗ models fit: overload_static: the weights of model A, B, " in capsys.readouterr().out
     small = model_folder(tmp_path / "small", {**SEVEN_B, "num_hidden_layers": 4, "hidden_size": 896})
     overload = ["--experiments", "overload_static", "--model-b", small]
     assert rx.main([*args, *overload], nvml_module=fake_gpu) == 0, "a KV pool of fixed size needs no share"
     assert "✓ models fit" in capsys.readouterr().out
-    assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--experiments", "3"], nvml_module=fake_gpu) == 2
     assert "✗ models fit: shared_kvcached: the weights of model A, B, " in capsys.readouterr().out
     assert not list(Path(os.environ["FAKE_GPU_DIR"]).glob("*.json")), "no server started"
 
@@ -367,7 +367,7 @@ def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
     args = in_process_args(
         tmp_path / "r", "--check", "--model-a", short, "--model-b", short, "--experiments", "1"
     )
-    assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "✗ model A: " in out and "takes at most 4,096 tokens (max_position_embeddings)" in out
     assert "fix: --max-model-len 4096" in out
@@ -394,7 +394,7 @@ def test_fixed_kv_pools_need_the_start_gate_free_for_each_server_not_a_share_eac
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "40960")
     large = ",".join([*(model_folder(tmp_path / f"l{i}", SEVEN_B) for i in range(2)), small.split(",")[0]])
     args = in_process_args(tmp_path / "r", "--check", "--models", large, "--experiments", "overload_static")
-    assert rx.main([*args, "--overload-budget-gib", "1"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--overload-budget-gib", "1"], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "✗ models fit: overload_static: vLLM starts a server only where 0.2 of the card (8,192 MiB)" in out
     # the fix names the budget whose earlier pools leave the gate open, and that budget passes; so it does
@@ -405,7 +405,7 @@ def test_fixed_kv_pools_need_the_start_gate_free_for_each_server_not_a_share_eac
     )
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "16384")
     args = in_process_args(tmp_path / "s", "--check", "--experiments", "overload_static")
-    assert rx.main([*args, "--overload-budget-gib", "20"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--overload-budget-gib", "20"], nvml_module=fake_gpu) == 2
     (fits,) = re.findall(r"fix: --overload-budget-gib ([\d.]+), or a smaller model", capsys.readouterr().out)
     assert rx.main([*args, "--overload-budget-gib", fits], nvml_module=fake_gpu) == 0, (
         "the fix it names holds"
@@ -421,7 +421,7 @@ def test_a_fixed_kv_pool_too_small_for_one_request_fails_and_its_fix_passes(
     seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
     args = in_process_args(tmp_path / "r", "--check", "--model-a", seven_b[0], "--model-b", seven_b[1])
     args += ["--experiments", "overload_static", "--max-model-len", "32768"]
-    assert rx.main([*args, "--overload-budget-gib", "2"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--overload-budget-gib", "2"], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert (
         "✗ models fit: overload_static: model A's KV pool of 1,024 MiB (the --overload-budget-gib split 2"
@@ -442,7 +442,7 @@ def test_where_no_split_holds_the_models_the_lone_servers_fix_leaves_shared_stat
     seven_b = [model_folder(tmp_path / f"m{i}", SEVEN_B) for i in range(2)]
     args = ["--check", "--model-a", seven_b[0], "--model-b", seven_b[1], "--experiments", "2,4,6"]
     args = in_process_args(tmp_path / "r", *args)
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     share = rx.least_share(
         rx.model_room(rx.Config(model_a=seven_b[0]), "A", SMALL_BATCH)[0].advised, 24 * rx.GIB
@@ -495,7 +495,7 @@ def test_a_share_that_holds_the_weights_and_one_request_but_not_vllms_workspace_
     card = 16 * rx.GIB
     between = rx.least_share(room.weights + room.request_kv, card)
     assert between * card < room.static_need, "the share holds no workspace"
-    assert rx.main([*args, "--gpu-memory-utilization", str(between)], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--gpu-memory-utilization", str(between)], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "one request of --max-model-len and vLLM's workspace" in out
     advised = room_fix(out, "2")
@@ -551,7 +551,7 @@ def test_a_large_vocabulary_share_that_passed_and_failed_in_vllm_is_refused(
     monkeypatch.setenv("FAKE_GPU_NAME", "NVIDIA H100 80GB HBM3")
     args = ["--check", "--model-a", model_folder(tmp_path / "m", LARGE_VOCABULARY), "--experiments", "2"]
     args = in_process_args(tmp_path / "r", *args)
-    assert rx.main([*args, "--gpu-memory-utilization", "0.06"], nvml_module=fake_gpu) == 1
+    assert rx.main([*args, "--gpu-memory-utilization", "0.06"], nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "✗ models fit: static: model A at --gpu-memory-utilization 0.06 (4,894 MiB) cannot hold" in out
     small_batch = ["--extra-server-args", "--max-num-seqs 256 --max-num-batched-tokens 2048"]
@@ -581,7 +581,7 @@ def test_kvcached_models_that_fit_without_each_servers_own_memory_are_refused(fa
     model, room = deepest_model(tmp_path, (16384 - 400) * rx.MIB - headroom, False)  # the fake's baseline
     assert 3 * (room.weights + room.rest) + room.request_kv > (16384 - 400) * rx.MIB - headroom
     args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     assert (
         f"{room.rest / rx.MIB:,.0f} MiB beside each (vLLM's CUDA context and workspace)"
         in capsys.readouterr().out
@@ -603,7 +603,7 @@ def test_the_three_models_that_failed_or_hung_under_kvcached_on_an_h100_are_refu
     args = in_process_args(
         tmp_path / "r", "--check", "--models", models, "--experiments", "3", "--preset", "smoke"
     )
-    assert rx.main(args, nvml_module=fake_gpu) == (1 if refused else 0)
+    assert rx.main(args, nvml_module=fake_gpu) == (2 if refused else 0)
     out = capsys.readouterr().out
     assert ("✗ models fit: shared_kvcached: the weights of model A, B, C" in out) == refused, out
 
@@ -618,7 +618,7 @@ def test_kvcached_models_must_leave_the_headroom_kvcached_keeps_unused(fake_gpu,
         "not beside the headroom"
     )
     args = in_process_args(tmp_path / "r", "--check", "--models", ",".join([model] * 3), "--experiments", "3")
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     assert "of which kvcached keeps 819 MiB unused (KVCACHED_GPU_UTILIZATION)" in capsys.readouterr().out
     assert rx.main([*args, "--kvcached-env", "KVCACHED_GPU_UTILIZATION=0.99"], nvml_module=fake_gpu) == 0
 
@@ -660,7 +660,7 @@ def test_fixed_kv_pools_too_large_for_the_card_are_told_the_budget_that_fits(
     models = [model_folder(tmp_path / "7b", SEVEN_B), model_folder(tmp_path / "1.5b", one_half_b)]
     args = ["--check", "--model-a", models[0], "--model-b", models[1], "--experiments", "overload_static"]
     args = in_process_args(tmp_path / "r", *args, "--overload-budget-gib", "4")
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     out = capsys.readouterr().out
     assert "and their KV pools take" in out
     fix = re.search(r"fix: (--overload-budget-gib ([0-9.]+)), or a smaller model", out)

@@ -200,7 +200,7 @@ def test_check_prints_the_checklist_and_exits_0_or_1(fake_gpu, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "✓ nvml: GPU 0: Tesla T4 (fake)" in out and "✓ port A" in out
     monkeypatch.setenv("FAKE_NVML_FAIL", "1")
-    assert rx.main(args, nvml_module=fake_gpu) == 1
+    assert rx.main(args, nvml_module=fake_gpu) == 2
     assert "✗ nvml: cannot read the GPU through NVML" in capsys.readouterr().out
     assert not (tmp_path / "r").exists(), "--check starts nothing and writes no run"
 

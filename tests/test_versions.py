@@ -201,7 +201,7 @@ def test_an_unsupported_vllm_fails_check_and_the_run_exits_2_before_any_server(
 ):
     monkeypatch.setenv("PYTHONPATH", with_packages(tmp_path, vllm="0.33.0", kvcached="0.1.6"))
     args = in_process_args(tmp_path / "r", "--experiments", "1,2")
-    assert rx.main(["--check", *args], nvml_module=fake_gpu) == 1
+    assert rx.main(["--check", *args], nvml_module=fake_gpu) == 2, "a failed check: bad input, as the run's"
     out = capsys.readouterr().out
     assert "✗ versions: kvcached 0.1.6 supports vLLM 0.17–0.30; found vllm 0.33.0" in out
     assert rx.main(args, nvml_module=fake_gpu) == 2

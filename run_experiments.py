@@ -1797,6 +1797,9 @@ def need(ok: bool, flag: str, why: str) -> None:
 MIN_IDLE_SAMPLES = {"sample_hz": 5, "process_sample_hz": 2}
 PROMPT_MARGIN_TOKENS = 64  # of --max-model-len kept free of prompt and output: chat template, tokenizer drift
 MAX_WINDOW_REQUESTS = 100_000  # planned in one window or burst: each is a thread's work and a row
+MAX_WINDOWS = 10_000  # bursts or open-loop windows of one workload, and its repeats
+MAX_PLANNED_REQUESTS = 1_000_000  # in one plan: each request's prompt is built before the first is sent
+MAX_SECONDS, MAX_SAMPLE_HZ, MAX_BUDGET_GIB = 1e6, 1000.0, 100_000
 
 
 def folder_exists_if_named(model: str) -> bool:
@@ -1820,7 +1823,7 @@ FIELD_CHECKS = (
     ),
     ("gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("pair_utilization_b", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = derived)"),
-    ("repeats", lambda v: v >= 1, "must be >= 1"),
+    ("repeats", lambda v: 1 <= v <= MAX_WINDOWS, f"must be 1 to {MAX_WINDOWS:,}"),
     ("preimport", lambda v: v in ("auto", "on", "off"), "must be auto, on or off, got {v!r}"),
     ("engine_start", lambda v: v in ("auto", "fork", "spawn"), "must be auto, fork or spawn, got {v!r}"),
     ("sleep_level", lambda v: v in (1, 2), "must be 1 or 2 (vLLM's sleep levels), got {v}"),
@@ -1832,6 +1835,20 @@ FIELD_CHECKS = (
     ),
     ("bursts burst_size max_tokens", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     ("max_burst_size", lambda v: v >= 1, "must be >= 1"),
+    ("bursts", lambda v: v <= MAX_WINDOWS, f"must be at most {MAX_WINDOWS:,}"),
+    # a time past this (11 days) overflows the clock arithmetic of a deadline; a rate past 1 kHz, a sampler
+    (
+        "start_timeout_s request_timeout_s settle_s idle_window_s release_timeout_s sleep_after_idle_s "
+        "duration_s gap_s stagger_s",
+        lambda v: v <= MAX_SECONDS,
+        f"must be at most {MAX_SECONDS:g} seconds",
+    ),
+    (
+        "sample_hz process_sample_hz",
+        lambda v: v <= MAX_SAMPLE_HZ,
+        f"must be at most {MAX_SAMPLE_HZ:g} a second",
+    ),
+    ("overload_budget_gib", lambda v: v <= MAX_BUDGET_GIB, f"must be at most {MAX_BUDGET_GIB:,} GiB"),
     # every request of a burst is planned (a prompt each) and sent on a thread of its own
     (
         "burst_size max_burst_size",
@@ -1860,7 +1877,11 @@ FIELD_CHECKS = (
         "must be > 0 tokens, or auto (with --arrivals trace)",
     ),
     ("sleep_after_idle_s", lambda v: v > 0, "must be > 0 seconds, got {v:g}"),
-    ("trace_speedup", lambda v: v > 0, "must be > 0 (2 = twice as fast as the trace), got {v:g}"),
+    (
+        "trace_speedup",
+        lambda v: 1e-6 <= v <= 1e6,
+        "must be 1e-06 to 1e+06 (2: twice as fast as the trace), got {v:g}",
+    ),
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
     # below 0.01 the gamma's gaps underflow to 0 and a window would never end
     ("burstiness", lambda v: v >= 0.01, "must be >= 0.01 (1 = Poisson, below 1 burstier), got {v:g}"),
@@ -2174,6 +2195,12 @@ def check_workload(cfg: Config) -> None:
             "arrivals",
             "--rate/--rates apply to open-loop arrivals: add --arrivals poisson",
         )
+        most = cfg.bursts * (cfg.burst_size or cfg.max_burst_size)  # an auto burst is at most the cap
+        need(
+            most <= MAX_PLANNED_REQUESTS,
+            "bursts",
+            f"x --burst-size plans up to {most:,} requests: at most {MAX_PLANNED_REQUESTS:,}",
+        )
         return
     if cfg.arrivals in PER_MODEL_ARRIVALS:
         return check_ramp(cfg) if cfg.arrivals == "ramp" else check_trace(cfg)
@@ -2203,6 +2230,14 @@ def check_open_loop(cfg: Config) -> None:
         "duration_s",
         f"with a rate of {max(planned):g} requests/s plans about {most:,.0f} requests a window: at most "
         f"{MAX_WINDOW_REQUESTS:,} (a lower rate or a shorter --duration-s)",
+    )
+    need(len(planned) <= MAX_WINDOWS, "rates", f"at most {MAX_WINDOWS:,} windows, got {len(planned):,}")
+    total = math.fsum(planned) * cfg.duration_s
+    need(
+        total <= MAX_PLANNED_REQUESTS,
+        "duration_s",
+        f"plans about {total:,.0f} requests over the windows: at most {MAX_PLANNED_REQUESTS:,} (fewer "
+        "windows, lower rates or a shorter --duration-s)",
     )
 
 
@@ -2700,12 +2735,14 @@ class TraceRow:
 def read_trace(path: str) -> tuple[TraceRow, ...]:
     """A trace file's requests in time order, in either format (raises ConfigError naming --trace)."""
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = Path(path).read_bytes()
+        # gzipped as downloaded, and a spreadsheet's byte-order mark before the header
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8-sig")
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--trace: cannot read {path}: {exc}") from None
     try:
         parsed = mooncake_rows(text) if text.lstrip().startswith("{") else azure_rows(text)
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError, csv.Error) as exc:
         raise ConfigError(f"--trace: {path} is not {TRACE_FORMATS}: {exc}") from None
     need(bool(parsed), "trace", f"{path} holds no request")
     first = min(at for at, *_ in parsed)
@@ -2723,7 +2760,7 @@ def azure_rows(text: str) -> list[tuple]:
         try:
             at = azure_seconds(row["TIMESTAMP"])
             rows.append((at, *trace_lengths(row["ContextTokens"], row["GeneratedTokens"])))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ValueError(f"line {number}: {exc}") from None
     return rows
 
@@ -2762,22 +2799,29 @@ def mooncake_rows(text: str) -> list[tuple]:
             rows.append(
                 (finite_seconds(float(item["timestamp"]) / 1000, item["timestamp"]), *lengths, hashes)
             )
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None
     return rows
 
 
+MAX_TRACE_SECONDS = 1e11  # a trace's times as seconds (epoch seconds are 1.8e9): past it, not a time
+MAX_TRACE_TOKENS = 10_000_000  # a trace request's prompt or output
+
+
 def finite_seconds(seconds: float, stamp: Any) -> float:
     """A row's time; nan or inf is refused: such a row would fall out of every window unseen."""
-    if not math.isfinite(seconds):
-        raise ValueError(f"timestamp {stamp!r} is not a finite number")
+    if not math.isfinite(seconds) or abs(seconds) > MAX_TRACE_SECONDS:
+        raise ValueError(f"timestamp {stamp!r} is not a finite number of seconds below {MAX_TRACE_SECONDS:g}")
     return seconds
 
 
 def trace_lengths(prompt: Any, output: Any) -> tuple[int, int]:
     prompt_tokens, output_tokens = int(prompt), int(output)
-    if prompt_tokens < 0 or output_tokens < 1:
-        raise ValueError(f"lengths {prompt_tokens} + {output_tokens}: a prompt of >= 0 and an output of >= 1")
+    if not (0 <= prompt_tokens <= MAX_TRACE_TOKENS and 1 <= output_tokens <= MAX_TRACE_TOKENS):
+        raise ValueError(
+            f"lengths {prompt_tokens} + {output_tokens}: a prompt of 0 to {MAX_TRACE_TOKENS:,} tokens and an "
+            f"output of 1 to {MAX_TRACE_TOKENS:,}"
+        )
     return prompt_tokens, output_tokens
 
 
@@ -5150,31 +5194,37 @@ def open_jsonl(path: Path) -> Optional[Any]:
     """A JSONL file, or its gzipped copy (committed runs are compressed), open to read; None if neither is."""
     packed = path.with_name(path.name + ".gz")
     if path.exists():
-        return open(path)
-    return gzip.open(packed, "rt") if packed.exists() else None
+        return open(path, errors="replace")  # a damaged byte spoils its line, not the file
+    return gzip.open(packed, "rt", errors="replace") if packed.exists() else None
 
 
 def read_jsonl(path: Path, problems: Optional[list[str]] = None, expected: bool = False) -> list[dict]:
     """Rows of a JSONL file, or of its gzipped copy. Lines that do not read, and the file missing where
     it was `expected`, are said in `problems`."""
-    opened = open_jsonl(path)
-    if opened is None:
-        if expected and problems is not None:
-            problems.append(f"{path.name} is missing: none of its rows is reported")
-        return []
-    with opened:
-        text = opened.read()
-    lines = [line for line in text.splitlines() if line.strip()]
-    with contextlib.suppress(json.JSONDecodeError):  # one parse of the whole file: a fifth faster
-        return json.loads("[" + ",".join(lines) + "]")
-    rows = []
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError):  # a run killed mid-write leaves a torn line
-            rows.append(json.loads(line))
-    if problems is not None:
-        problems.append(
-            f"{path.name}: {len(lines) - len(rows)} of {len(lines)} lines could not be read (torn)"
-        )
+    said: list[str] = problems if problems is not None else []
+    chunks = []
+    try:
+        opened = open_jsonl(path)
+        if opened is None:
+            if expected:
+                said.append(f"{path.name} is missing: none of its rows is reported")
+            return []
+        with opened:
+            while chunk := opened.read(1 << 13):  # small: a gzip cut short keeps what is before the cut
+                chunks.append(chunk)
+    except (OSError, EOFError) as exc:  # a folder in its place, a gzip cut short: what was read counts
+        said.append(f"{path.name} could not be read to its end ({exc}): the rows before are reported")
+    lines = [line for line in "".join(chunks).splitlines() if line.strip()]
+    try:  # one parse of the whole file: a fifth faster
+        rows = json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        rows = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError):  # a run killed mid-write leaves a torn line
+                rows.append(json.loads(line))
+    rows = [row for row in rows if isinstance(row, dict)]
+    if len(rows) < len(lines):
+        said.append(f"{path.name}: {len(lines) - len(rows)} of {len(lines)} lines could not be read (torn)")
     return rows
 
 
@@ -7742,11 +7792,11 @@ def check_serving_imports(
 
 
 def check_results(results_dir: str) -> Check:
-    parent, fix = Path(results_dir), "choose a writable folder with --results-dir"
-    if parent.exists() and not parent.is_dir():
-        return fail("results", f"--results-dir: {parent} is a file, not a folder", fix)
-    made = [p for p in (parent, *parent.parents) if not p.exists()]  # gone again after the check
+    parent, fix, made = Path(results_dir), "choose a writable folder with --results-dir", []
     try:
+        if parent.exists() and not parent.is_dir():
+            return fail("results", f"--results-dir: {parent} is a file, not a folder", fix)
+        made = [p for p in (parent, *parent.parents) if not p.exists()]  # gone again after the check
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".write_test_{os.getpid()}"
         probe.write_text("")

@@ -519,3 +519,24 @@ def test_a_report_names_a_torn_or_missing_raw_file_instead_of_reporting_fewer_re
     rx.write_json(exp_dir / "experiment.json", rx.ExperimentRecord("kvcached", "?", marks=marks))
     (exp_dir / "requests.jsonl").unlink()
     assert rx.load_experiment(exp_dir).problems == ["memory.jsonl is missing: none of its rows is reported"]
+
+
+def test_a_damaged_raw_file_is_read_up_to_the_damage_and_said(tmp_path):
+    rows = [{"kind": "device", "t": float(t), "used_mib": 1.0} for t in range(400)]
+    packed = rx.gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "memory.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # a copy cut short
+    said: list[str] = []
+    read = rx.read_jsonl(tmp_path / "memory.jsonl", said)
+    assert 0 < len(read) < 400 and read == rows[: len(read)]
+    assert said and said[0].startswith("memory.jsonl could not be read to its end"), said
+    line = json.dumps({"server": "A", "ok": True})
+    (tmp_path / "requests.jsonl").write_bytes(f"{line}\n".encode() + b'{"server": "\xff"}\n[1, 2]\n')
+    said.clear()
+    assert rx.read_jsonl(tmp_path / "requests.jsonl", said) == [
+        {"server": "A", "ok": True},
+        {"server": "\ufffd"},
+    ]
+    assert said == ["requests.jsonl: 1 of 3 lines could not be read (torn)"], "a row that is no object"
+    (tmp_path / "other.jsonl").mkdir()
+    said.clear()
+    assert rx.read_jsonl(tmp_path / "other.jsonl", said) == [] and "could not be read" in said[0]

@@ -36,6 +36,27 @@ def test_azure_timestamps_of_2023_and_2024_read_as_utc_seconds():
         )
 
 
+def test_a_trace_saved_by_a_spreadsheet_or_gzipped_reads_and_an_absurd_one_is_refused(tmp_path):
+    plain = rx.read_trace.__wrapped__  # uncached: each file once
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + AZURE.encode())  # Excel's UTF-8 CSV
+    (tmp_path / "trace.csv.gz").write_bytes(gzip.compress(AZURE.encode()))
+    expected = [(r.prompt_tokens, r.output_tokens) for r in plain(str(tmp_path / "bom.csv"))]
+    assert len(expected) == 6
+    assert [(r.prompt_tokens, r.output_tokens) for r in plain(str(tmp_path / "trace.csv.gz"))] == expected
+    for name, text in {
+        "huge.jsonl": '{"timestamp": 0, "input_length": 1e400, "output_length": 10}\n',
+        "long.jsonl": '{"timestamp": 0, "input_length": 100000000000000000000, "output_length": 10}\n',
+        "far.csv": "TIMESTAMP,ContextTokens,GeneratedTokens\n0,5,10\n1e300,5,10\n",
+        "wide.csv": "TIMESTAMP,ContextTokens,GeneratedTokens\n0,5," + "9" * 200_000 + "\n",
+    }.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(rx.ConfigError, match="--trace: .* is not"):
+            plain(str(tmp_path / name))
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(AZURE.encode())[:30])
+    with pytest.raises(rx.ConfigError, match="--trace: cannot read"):
+        plain(str(tmp_path / "cut.csv.gz"))
+
+
 def mooncake(rows: int = 8) -> str:
     lines = [
         {
@@ -186,7 +207,7 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
         (["--trace", "{broken}"], "line 2: "),
         (["--trace", "{azure}", "--trace-window", "100:200"], "--trace-window: 100:200 selects no request"),
         (["--trace", "{azure}", "--trace-window", "5:2"], "--trace-window: '5:2' is not START:END"),
-        (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be > 0"),
+        (["--trace", "{azure}", "--trace-speedup", "0"], "--trace-speedup: must be 1e-06 to 1e+06"),
         (["--trace", "{azure}", "--trace-rate-scale", "1,-2"], "--trace-rate-scale: must be positive"),
         # 20,000 x its 6 requests would be planned, a prompt each, before anything else is checked
         (

@@ -1234,6 +1234,24 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
             "--burstiness",
         ),  # gaps of 0: no end
         (["--arrivals", "poisson", "--rate", "1e9"], "--duration-s"),  # billions of planned requests
+        # each took minutes to plan, or overflowed a deadline only once the servers were up
+        (["--bursts", "99999999999999999999"], "--bursts"),
+        (["--bursts", "10000", "--burst-size", "100000"], "--bursts"),
+        (["--arrivals", "poisson", "--rate", "1", "--bursts", "10000000"], "--bursts"),
+        (["--arrivals", "poisson", "--rates", ",".join(["1"] * 20_000)], "--rates"),
+        (
+            [
+                "--arrivals",
+                "poisson",
+                "--rates",
+                "3000,3000,3000,3000,3000,3000,3000,3000,3000,3000,3000,3000",
+            ],
+            "--duration-s",
+        ),
+        (["--request-timeout-s", "1e300"], "--request-timeout-s"),
+        (["--overload-budget-gib", "1e308"], "--overload-budget-gib"),
+        (["--sample-hz", "1e9"], "--sample-hz"),
+        (["--repeats", "99999999999999999999"], "--repeats"),
         # the overload bursts' long requests need a prompt: 400 leaves 32 tokens beside the preset's output
         (["--preset", "smoke", "--max-model-len", "400", "--experiments", "5"], "--max-model-len"),
         # the prompt is cut to leave the length mix's longest output room: 84 tokens, below the prefix

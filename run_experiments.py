@@ -5411,8 +5411,8 @@ def memory_summary(samples: Samples, marks: Marks, tolerance: float) -> MemorySu
     last = next((v for t, v in reversed(samples) if t >= end), None)
     limit = None if idle is None else idle * (1 + tolerance)  # back within tolerance of idle
     back = next((t for t, v in samples if t >= end and limit is not None and v <= limit), None)
-    if last is not None and peak is not None and limit is not None and peak <= limit:
-        back = end  # never above the band: nothing to give back
+    if peak is not None and limit is not None and peak <= limit:
+        back = end  # never above the band: nothing to give back, whether or not a sample came after it
     return MemorySummary(
         idle_after_load_mib=idle_load,
         idle_before_workload_mib=idle,

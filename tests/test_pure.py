@@ -395,8 +395,10 @@ def test_static_pool_releases_at_once():
     flat = [(t / 10 + 0.05, 9000.0) for t in range(50)]
     marks = rx.Marks(idle_after_load=(0, 1), idle_before=(1, 2), workload=(2, 3), sampling_end=5)
     assert rx.memory_summary(flat, marks, 0.05).release_s == pytest.approx(0.0)
-    unseen = [(t, v) for t, v in flat if t < 3]  # no sample after the workload: no release to speak of
-    assert rx.memory_summary(unseen, marks, 0.05).release_s is None
+    unseen = [(t, v) for t, v in flat if t < 3]  # no sample after the workload: still nothing to give back
+    assert rx.memory_summary(unseen, marks, 0.05).release_s == 0
+    risen = [(t, 9500.0 if 2 <= t else v) for t, v in unseen]  # above the band, never seen to come back
+    assert rx.memory_summary(risen, marks, 0.05).release_s is None
 
 
 def test_records_serialise_without_absent_sections_and_typos_fail():

@@ -1836,7 +1836,7 @@ FIELD_CHECKS = (
     ("bursts burst_size max_tokens", lambda v: v >= 0, "must be >= 0 (0 = preset's value)"),
     ("max_burst_size", lambda v: v >= 1, "must be >= 1"),
     ("bursts", lambda v: v <= MAX_WINDOWS, f"must be at most {MAX_WINDOWS:,}"),
-    # a time past this (11 days) overflows the clock arithmetic of a deadline; a rate past 1 kHz, a sampler
+    # seconds past 1e6 (11 days) overflow a deadline's clock arithmetic; past 1 kHz the sampler falls behind
     (
         "start_timeout_s request_timeout_s settle_s idle_window_s release_timeout_s sleep_after_idle_s "
         "duration_s gap_s stagger_s",
@@ -8388,7 +8388,8 @@ def check_card(nvml: Any, index: int, static: tuple[float, int]) -> Check:
             "card",
             f"{shown}: {beside / MIB:,.0f} MiB beside the {static_share:g} of the card that {pools} static "
             "pools hold at once; each server started before the last holds up to "
-            f"{OUTSIDE_SHARE_MOST / MIB:,.0f} MiB outside its share (CUDA context): the last may not start",
+            f"{OUTSIDE_SHARE_MOST / MIB:,.0f} MiB outside its share (CUDA context): the last may not start"
+            + (f"; other processes on it: {listed}" if listed else ""),
             SHARES_FIX,
         )
     if others:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FAKE_SERVER, STATIC_A, free_port, in_process_args, make_cfg, ready, rx
@@ -69,6 +70,10 @@ def test_static_pools_that_leave_no_room_for_each_servers_context_are_warned_of(
     assert "--static-shares" in tight.fix
     assert not rx.check_card(nvml, 0, (0.95, 1)).warning, "one pool: nothing starts before it"
     assert not rx.check_card(nvml, 0, (0.9, 2)).warning, "819 MiB beside: room for one context"
+    stranger = Path(os.environ["FAKE_GPU_DIR"]) / f"{os.getpid()}.json"  # another job's process on the card
+    stranger.write_text(json.dumps({"used_bytes": 100 * rx.MIB}))
+    crowded = rx.check_card(nvml, 0, (0.95, 3))
+    assert crowded.warning and crowded.detail.endswith(f"; other processes on it: pid {os.getpid()} 100 MiB")
 
 
 def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():

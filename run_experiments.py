@@ -7566,6 +7566,20 @@ def not_a_run_folder(folder: Path) -> str:
     return f"--report: {folder} is not a run folder (no experiment folders, no run's config.json){inside}"
 
 
+def report_experiment(
+    exp_dir: Path, config: dict, tolerance: float, slo: tuple[float, float], target: float
+) -> tuple[LoadedExperiment, ExperimentSummary]:
+    """One experiment folder's figures, written beside its raw files (summary.json, requests.csv)."""
+    exp = load_experiment(exp_dir)
+    arrivals, speedup = (dig(config, "config", key) for key in ("arrivals", "trace_speedup"))
+    rates_as_reported(exp.record.marks, arrivals, speedup)
+    summary = summarize_experiment(exp, tolerance, slo, target)
+    if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
+        write_requests_csv(exp_dir / "requests.csv", exp.requests)
+    write_json(exp_dir / "summary.json", summary)
+    return exp, summary
+
+
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
@@ -7589,14 +7603,14 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
             failed[exp_dir.name] = error.get("error") if isinstance(error, dict) else str(error)
         if not any((exp_dir / f).exists() for f in EXPERIMENT_FILES if f != "error.json"):
             continue
-        exp = load_experiment(exp_dir)
-        arrivals, speedup = (dig(config, "config", key) for key in ("arrivals", "trace_speedup"))
-        rates_as_reported(exp.record.marks, arrivals, speedup)
-        loaded[exp.record.name] = exp
-        summaries[exp.record.name] = summarize_experiment(exp, tolerance, slo, target)
-        if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
-            write_requests_csv(exp_dir / "requests.csv", exp.requests)
-        write_json(exp_dir / "summary.json", summaries[exp.record.name])
+        try:
+            exp, summary = report_experiment(exp_dir, config, tolerance, slo, target)
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError, OSError) as exc:
+            failed.setdefault(
+                exp_dir.name, f"its files could not be read into a summary ({type(exc).__name__}: {exc})"
+            )
+            continue
+        loaded[exp.record.name], summaries[exp.record.name] = exp, summary
     comparison = compare(summaries)
     plots = make_plots(run_dir, loaded, summaries) if draw_plots else None
     timing = run_timing(config, loaded)

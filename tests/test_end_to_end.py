@@ -540,3 +540,15 @@ def test_a_damaged_raw_file_is_read_up_to_the_damage_and_said(tmp_path):
     (tmp_path / "other.jsonl").mkdir()
     said.clear()
     assert rx.read_jsonl(tmp_path / "other.jsonl", said) == [] and "could not be read" in said[0]
+
+
+def test_a_report_leaves_out_an_experiment_whose_record_is_damaged_and_says_why(tmp_path):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    first, *others = sorted(p for p in copy.iterdir() if p.is_dir() and p.name[:2].isdigit())
+    record = json.loads((first / "experiment.json").read_text())
+    record["marks"]["bursts"] = 5  # a hand-edited or damaged record: a number where its bursts were
+    (first / "experiment.json").write_text(json.dumps(record))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["failed"][first.name].startswith("its files could not be read into a summary (TypeError")
+    assert len(summary["experiments"]) == len(others), "the others are reported"

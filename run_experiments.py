@@ -7566,6 +7566,29 @@ def not_a_run_folder(folder: Path) -> str:
     return f"--report: {folder} is not a run folder (no experiment folders, no run's config.json){inside}"
 
 
+# config.json's fields the report reads, and the kind each must be; and its settings that must be numbers
+REPORTED_CONFIG = {"config": dict, "gpu": dict, "plans": dict, "servers": dict, "model_runner_env": dict}
+REPORTED_CONFIG |= {"timing": dict, "gpus": list, "lanes": list}
+REPORTED_SETTINGS = ("release_tolerance", "slo_attainment", "slo_ttft_ms", "slo_tpot_ms", "trace_speedup")
+
+
+def readable_config(config: dict) -> tuple[dict, Optional[str]]:
+    """config.json less its fields of the wrong kind (a damaged or hand-edited file), and which they were."""
+    wrong = [
+        key for key, kind in REPORTED_CONFIG.items() if key in config and not isinstance(config[key], kind)
+    ]
+    config = {key: value for key, value in config.items() if key not in wrong}
+    settings = config.get("config") or {}
+    numbers = [k for k in REPORTED_SETTINGS if k in settings and type(settings[k]) not in (int, float)]
+    if numbers:
+        config["config"] = {key: value for key, value in settings.items() if key not in numbers}
+    left = [*wrong, *(f"config.{key}" for key in numbers)]
+    return (
+        config,
+        left and f"config.json: {', '.join(left)} of the wrong kind, left out (defaults used)" or None,
+    )
+
+
 def report_experiment(
     exp_dir: Path, config: dict, tolerance: float, slo: tuple[float, float], target: float
 ) -> tuple[LoadedExperiment, ExperimentSummary]:
@@ -7590,7 +7613,8 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     dirs = experiment_dirs(run_dir)
     if not dirs and not (isinstance(config, dict) and isinstance(config.get("config"), dict)):
         raise ReportError(not_a_run_folder(run_dir))
-    config = config if isinstance(config, dict) else {}
+    config, shape_problem = readable_config(config if isinstance(config, dict) else {})
+    config_problem = config_problem or shape_problem
     tolerance = dig(config, "config", "release_tolerance") or Config.release_tolerance
     slo = (dig(config, "config", "slo_ttft_ms") or 0.0, dig(config, "config", "slo_tpot_ms") or 0.0)
     target = (dig(config, "config", "slo_attainment") or Config.slo_attainment) / 100
@@ -7605,12 +7629,11 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
             continue
         try:
             exp, summary = report_experiment(exp_dir, config, tolerance, slo, target)
+            loaded[exp.record.name], summaries[exp.record.name] = exp, summary  # a list for a name raises
         except (TypeError, AttributeError, KeyError, ValueError, IndexError, OSError) as exc:
             failed.setdefault(
                 exp_dir.name, f"its files could not be read into a summary ({type(exc).__name__}: {exc})"
             )
-            continue
-        loaded[exp.record.name], summaries[exp.record.name] = exp, summary
     comparison = compare(summaries)
     plots = make_plots(run_dir, loaded, summaries) if draw_plots else None
     timing = run_timing(config, loaded)

@@ -552,3 +552,15 @@ def test_a_report_leaves_out_an_experiment_whose_record_is_damaged_and_says_why(
     summary = json.loads((copy / "summary.json").read_text())
     assert summary["failed"][first.name].startswith("its files could not be read into a summary (TypeError")
     assert len(summary["experiments"]) == len(others), "the others are reported"
+
+
+def test_a_report_reads_a_config_json_without_its_fields_of_the_wrong_kind_and_says_which(tmp_path):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(servers=1, lanes="x")  # a damaged or hand-edited file
+    config["config"]["release_tolerance"] = "5%"
+    (copy / "config.json").write_text(json.dumps(config))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    assert json.loads((copy / "summary.json").read_text())["problems"] == [
+        "config.json: servers, lanes, config.release_tolerance of the wrong kind, left out (defaults used)"
+    ]

@@ -6805,6 +6805,7 @@ def summary_header(
         note,
         f"# kvcached vs static KV cache: {config.get('run_name', '')}",
         unfinished,
+        nothing_served_line(summaries),
         f"GPU: {gpu.get('name', '?')} ({fmt(gpu.get('total_mib'))} MiB, driver {gpu.get('driver', '?')}); "
         f"{shown_versions(config)}; {config.get('started_utc', '')}",
         f"Command: `{config.get('command', '')}`",
@@ -6816,6 +6817,21 @@ def summary_header(
         if key in used_plans or plan_family(key) in used_plans
     ]
     return [*top[1:], "", *workloads]  # the paragraphs less the blank line before the first
+
+
+def nothing_served_line(summaries: dict[str, ExperimentSummary]) -> Optional[str]:
+    """At the top: the experiments where every request failed, whose figures are void."""
+    none = [
+        f"{n} ({s.latency.failed} of {s.latency.requests} failed)"
+        for n, s in summaries.items()
+        if not s.latency.ok and s.latency.requests
+    ]
+    if not none:
+        return None
+    return (
+        f"> **No request succeeded in** {', '.join(none)}: no memory or latency figure is reported for "
+        f"{'them' if len(none) > 1 else 'it'} (see Problems below)."
+    )
 
 
 def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> list[str]:

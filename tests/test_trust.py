@@ -1179,6 +1179,8 @@ def test_experiment_where_every_request_failed_is_void_and_fails_the_run(all_fai
     assert headline["invalid"] == ["kvcached"] and headline["experiments"]["kvcached"]["peak_mib"] is None
     md = (run / "summary.md").read_text()
     assert "memory figures void" in md and "no request succeeded" in md
+    top = md.split("\n\n")[1]  # said at the top, not only in the problems further down
+    assert top.startswith("> **No request succeeded in** kvcached (8 of 8 failed)"), top
 
 
 def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_up(

@@ -8840,7 +8840,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     say(f"  why: {sizing}")
     if note := capped_mix_note(cfg, main):
         say(note)
-    for key in slots(cfg)[1:]:
+    served = served_slots(cfg, parse_experiments(cfg.experiments))  # experiments 1 and 2 alone: A only
+    for key in [slot for slot in slots(cfg)[1:] if slot in served]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv and kv_a:
             say(f"  model {key} needs {kv / kv_a:.1f}x model A's KV per token in the shared experiments")

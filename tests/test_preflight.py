@@ -267,3 +267,12 @@ def test_a_model_folder_without_config_json_says_so_not_that_the_hub_is_missing(
     check = rx.check_model(rx.Config(model_a=str(tmp_path)), "A")
     assert not check.ok and check.detail == f"{tmp_path}: a folder without config.json"
     assert check.fix.startswith("--model-a: the folder")
+
+
+def test_model_bs_kv_per_token_is_told_only_where_an_experiment_serves_model_b(fake_gpu, tmp_path, capsys):
+    for experiments, told in (("1,2", False), ("1,3", True)):
+        args = in_process_args(
+            tmp_path / experiments, "--check", "--preset", "smoke", "--experiments", experiments
+        )
+        assert rx.main(args, nvml_module=fake_gpu) == 0
+        assert ("model B needs" in capsys.readouterr().out) == told, experiments

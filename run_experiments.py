@@ -1476,7 +1476,7 @@ class SleepRouter:
         self.in_flight = dict.fromkeys(servers, 0)
         self.idle_since = dict.fromkeys(servers, time.monotonic())
         self.moving: set[str] = set()  # being woken or put to sleep
-        self.log = {slot: {"wakes": [], "sleeps": [], "waits": []} for slot in servers}
+        self.log = {slot: {"wakes": [], "sleeps": [], "waits": [], "gave_up": []} for slot in servers}
         self.error: Optional[str] = None
         self.stopped = threading.Event()
         self.idler = threading.Thread(target=self.sleep_idle_ones, name="sleep-router", daemon=True)
@@ -1507,11 +1507,14 @@ class SleepRouter:
         while True:
             if self.error:
                 raise ServerError(self.error)
-            if self.stopped.is_set():
-                raise ServerError(f"the workload ended before {slot} had a turn awake")
-            if time.perf_counter() - started > self.cfg.request_timeout_s:
+            waited = time.perf_counter() - started
+            if self.stopped.is_set() or waited > self.cfg.request_timeout_s:
+                self.log[slot]["waits"].append(waited)  # a request that never had a turn waited too
+                self.log[slot]["gave_up"].append(waited)
                 raise ServerError(
-                    f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
+                    f"the workload ended before {slot} had a turn awake"
+                    if self.stopped.is_set()
+                    else f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
                     "(--request-timeout-s): the models awake had requests in flight all along; lower "
                     "--gpu-memory-utilization so that more fit awake, or lower the rates"
                 )
@@ -1590,6 +1593,7 @@ def router_summary(log: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
             "wake_s": Distribution.of(times["wakes"]),
             "sleeps": len(times["sleeps"]),
             "wait_s": Distribution.of(times["waits"]),
+            **({"gave_up": len(times["gave_up"])} if times.get("gave_up") else {}),
         }
         for slot, times in log.items()
     }
@@ -5010,7 +5014,9 @@ def send_chat(
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
         record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        if time.perf_counter() >= start + timeout_s:
+        if (
+            entered or gate is None
+        ) and time.perf_counter() >= start + timeout_s:  # a router's error says why
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
         if not record.ok:  # from the send stream_chat moved t_send to; a completed stream ends at [DONE]
@@ -7266,6 +7272,7 @@ def router_lines(summaries: dict[str, ExperimentSummary]) -> list[str]:
         f"- {name}, {slot}: woke {r['wakes']} times ({fmt(r['wake_s'].mean, 2)} s on average), slept "
         f"{r['sleeps']} times; its requests waited {fmt(r['wait_s'].mean, 3)} s on average for it "
         f"(p99 {fmt(r['wait_s'].p99, 3)} s, at most {fmt(r['wait_s'].max, 3)} s)"
+        + (f"; {r['gave_up']} never had a turn awake and failed" if r.get("gave_up") else "")
         for name, s in summaries.items()
         if s.sleep and s.sleep.router
         for slot, r in s.sleep.router.items()

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 import types
 
 import pytest
@@ -231,6 +232,38 @@ def test_a_request_that_never_gets_a_turn_awake_fails_at_the_request_timeout(mon
         router.leave("A")
         router.stop()
     assert ("wake", "B") not in calls
+    # its wait counts, the longest of all: left out, "at most" read below the timeout its requests hit
+    (waited,) = router.log["B"]["waits"]
+    assert waited > 0.2 and router.log["B"]["gave_up"] == [waited]
+    said = rx.router_lines(
+        {
+            "shared_sleep": types.SimpleNamespace(
+                sleep=types.SimpleNamespace(router=rx.router_summary(router.log))
+            )
+        }
+    )
+    assert said[-1].endswith("; 1 never had a turn awake and failed"), said
+    record = rx.RequestRecord("shared_sleep", "B", "window 1", 0, 0, 0, 0.0)
+    rx.send_chat(
+        "http://127.0.0.1:9",
+        "m",
+        rx.PlannedRequest(0, 0, "p", 4, 0.0),
+        record,
+        timeout_s=0.01,
+        gate=FailingGate(),
+    )
+    assert record.error == "ServerError: no turn awake for B (the router's)", (
+        "not 'timed out', which hides why"
+    )
+
+
+class FailingGate:
+    def __call__(self):
+        time.sleep(0.02)  # past the request's deadline, as a router's wait for a turn is
+        raise rx.ServerError("no turn awake for B (the router's)")
+
+    def release(self):
+        raise AssertionError("never entered: nothing to release")
 
 
 def test_two_models_fit_awake_when_the_static_share_allows():

@@ -610,22 +610,20 @@ class Run:
 
 
 def main(
-    argv: Optional[list[str]] = None, nvml_module: Any = None, out: Callable[[str], None] = print
+    argv: "Optional[list[str] | str]" = None, nvml_module: Any = None, out: Callable[[str], None] = print
 ) -> int:
     """Exit code: 0 all measured; 1 an experiment failed or its memory figures are void; 2 bad input
     (nothing launched); 130 interrupted. Messages go to `out`, scrubbed of secrets."""
     global STATE
     STATE = RunState(out)
     started, run, cfg = time.time(), None, None
-    argv = default_argv() if argv is None else argv  # once: for the config, each card's process, config.json
+    argv = given_argv(argv)  # once: for the config, each card's process, config.json
     try:
         cfg = config_from_args(argv)
         if cfg is None:  # --help
             return 0
         if cfg.report:
-            result = build_report(Path(cfg.report), draw_plots=cfg.plots)
-            say(f"summary: {Path(cfg.report) / 'summary.md'}\n{json.dumps(readable(result))}")
-            return 0
+            return report_command(Path(cfg.report), cfg.plots)
         if cfg.check:
             experiments = parse_experiments(cfg.experiments)
             checks, nvml = preflight(cfg, experiments, nvml_module)
@@ -1652,6 +1650,13 @@ def default_argv() -> list[str]:
     """The flags where none are passed: NOTEBOOK_ARGS in a notebook (the kernel's argv is not ours), else the
     command line's."""
     return shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+
+
+def given_argv(argv: "Optional[list[str] | str]") -> list[str]:
+    """main()'s flags: none given, default_argv(); in a notebook, `main("--preset smoke")` as a list's."""
+    if argv is None:
+        return default_argv()
+    return shlex.split(argv) if isinstance(argv, str) else list(argv)
 
 
 def notebook_argv() -> list[str]:
@@ -8882,6 +8887,15 @@ def plan_summary(plan: WorkloadPlan) -> dict:
     out = {**dataclasses.asdict(plan), "requests": len(plan.requests)}
     clipped = sum(r.clipped for r in plan.requests)
     return {**out, "clipped": clipped} if clipped else out
+
+
+def report_command(run_dir: Path, draw_plots: bool) -> int:
+    """--report: the summaries and plots rebuilt, shown inline in a notebook as a run's are."""
+    result = build_report(run_dir, draw_plots=draw_plots)
+    say(f"summary: {run_dir / 'summary.md'}\n{json.dumps(readable(result))}")
+    if running_in_notebook():
+        show_in_notebook(run_dir)
+    return 0
 
 
 def show_in_notebook(run_dir: Path) -> None:

@@ -564,3 +564,16 @@ def test_a_report_reads_a_config_json_without_its_fields_of_the_wrong_kind_and_s
     assert json.loads((copy / "summary.json").read_text())["problems"] == [
         "config.json: servers, lanes, config.release_tolerance of the wrong kind, left out (defaults used)"
     ]
+
+
+def test_in_a_notebook_main_takes_its_flags_as_one_string_and_a_report_is_shown_inline(
+    tmp_path, monkeypatch, capsys
+):
+    assert rx.main("--bursts abc", out=lambda _: None) == 2, "as a list's, not one flag per character"
+    assert "--bursts" in capsys.readouterr().err
+    shown = []
+    monkeypatch.setattr(rx, "running_in_notebook", lambda: True)
+    monkeypatch.setattr(rx, "show_in_notebook", shown.append)
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    assert rx.main(f"--report {copy} --no-plots", out=lambda _: None) == 0
+    assert shown == [copy], "as a run's summary is, at its end"

@@ -5019,9 +5019,8 @@ def send_chat(
         record.ok = record.error is None
     except Exception as exc:  # a failure is a row, never the end of the experiment
         record.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        if (
-            entered or gate is None
-        ) and time.perf_counter() >= start + timeout_s:  # a router's error says why
+        timed_out = time.perf_counter() >= start + timeout_s
+        if timed_out and (entered or gate is None):  # a gate's own error (the router's) says why
             record.error = f"timed out: no complete response within {timeout_s:g} s (--request-timeout-s)"
     finally:
         if not record.ok:  # from the send stream_chat moved t_send to; a completed stream ends at [DONE]
@@ -7595,8 +7594,10 @@ def not_a_run_folder(folder: Path) -> str:
 
 
 # config.json's fields the report reads, and the kind each must be; and its settings that must be numbers
-REPORTED_CONFIG = {"config": dict, "gpu": dict, "plans": dict, "servers": dict, "model_runner_env": dict}
-REPORTED_CONFIG |= {"timing": dict, "gpus": list, "lanes": list}
+REPORTED_CONFIG = {
+    **dict.fromkeys(("config", "gpu", "plans", "servers", "model_runner_env", "timing"), dict),
+    **dict.fromkeys(("gpus", "lanes"), list),
+}
 REPORTED_SETTINGS = ("release_tolerance", "slo_attainment", "slo_ttft_ms", "slo_tpot_ms", "trace_speedup")
 
 
@@ -7611,10 +7612,8 @@ def readable_config(config: dict) -> tuple[dict, Optional[str]]:
     if numbers:
         config["config"] = {key: value for key, value in settings.items() if key not in numbers}
     left = [*wrong, *(f"config.{key}" for key in numbers)]
-    return (
-        config,
-        left and f"config.json: {', '.join(left)} of the wrong kind, left out (defaults used)" or None,
-    )
+    said = f"config.json: {', '.join(left)} of the wrong kind, left out (defaults used)" if left else None
+    return config, said
 
 
 def report_experiment(

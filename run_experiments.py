@@ -2298,7 +2298,10 @@ def load_model_config(model: str) -> tuple[Optional[dict], str]:
         config, problem = read_json(local)
         if not isinstance(config, dict):
             what = problem or "config.json holds no JSON object"
-            raise ConfigError(f"model {model}: {what}, in {local}: fix or replace it")
+            raise ConfigError(
+                f"model {model}: {what}, in {local}: fix or replace it, or name another model "
+                "(--model-a, --model-b or --models)"
+            )
         return config, str(local)
     if model in KNOWN_MODEL_CONFIGS:
         return dict(KNOWN_MODEL_CONFIGS[model]), "built-in table"

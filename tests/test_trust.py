@@ -1539,7 +1539,8 @@ def test_run_in_jupyter_takes_its_own_flags_and_a_pasted_cell_notebook_args(monk
 def test_a_models_malformed_config_json_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 2,')
     assert rx.main(["--check", "--experiments", "1", "--model-a", str(tmp_path)]) == 2
-    assert "config.json unreadable (JSONDecodeError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config.json unreadable (JSONDecodeError" in err and "--model-a" in err, "what to change: the flag"
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(rx.ConfigError, match="holds no JSON object"):
         rx.load_model_config(str(tmp_path))

@@ -7119,16 +7119,17 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
 
 def survivors_note(rows: list[tuple[str, Comparison]]) -> str:
     """Where requests failed, that the ratios are over the ones that completed (a failure has no latency)."""
-    failed = {
-        label: ", ".join(
-            f"{arm} {fmt(c.figures[arm].failed or 0)}" for arm in ("kvcached", "static") if arm in c.figures
-        )
+    counts = {
+        label: {arm: c.figures[arm].failed or 0 for arm in ("kvcached", "static") if arm in c.figures}
         for label, c in rows
-        if any(c.figures[arm].failed for arm in ("kvcached", "static") if arm in c.figures)
     }
+    failed = {label: arms for label, arms in counts.items() if any(arms.values())}
     if not failed:
         return ""
-    each = "; ".join(f"{label}: {counts}" for label, counts in failed.items())
+    each = "; ".join(
+        f"{label}: {', '.join(f'{arm} {fmt(n)}' for arm, n in arms.items())}"
+        for label, arms in failed.items()
+    )
     return f"These ratios are over the requests that completed. Failed, with no latency: {each}."
 
 

@@ -2241,7 +2241,8 @@ def check_open_loop(cfg: Config) -> None:
         f"{MAX_WINDOW_REQUESTS:,} (a lower rate or a shorter --duration-s)",
     )
     need(len(planned) <= MAX_WINDOWS, "rates", f"at most {MAX_WINDOWS:,} windows, got {len(planned):,}")
-    total = math.fsum(planned) * cfg.duration_s
+    windows_each = max(cfg.bursts, 1) if cfg.rates_per_model else 1  # each model's rate, in every window
+    total = math.fsum(planned) * cfg.duration_s * windows_each
     need(
         total <= MAX_PLANNED_REQUESTS,
         "duration_s",

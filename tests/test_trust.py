@@ -1241,6 +1241,8 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         (["--bursts", "10000", "--burst-size", "100000"], "--bursts"),
         (["--arrivals", "poisson", "--rate", "1", "--bursts", "10000000"], "--bursts"),
         (["--arrivals", "poisson", "--rates", ",".join(["1"] * 20_000)], "--rates"),
+        # each model sends its rate in every one of the --bursts windows: 2 x 1,000/s x 30 s x 20
+        (["--arrivals", "poisson", "--rates-per-model", "1000,1000", "--bursts", "20"], "--duration-s"),
         (
             [
                 "--arrivals",

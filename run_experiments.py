@@ -1122,8 +1122,10 @@ class ExperimentRecord:
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
         marks = Marks.from_json(data.get("marks") or {})
+        card = data.get("gpu_index") if type(data.get("gpu_index")) is int else None  # a damaged file's
         # `finished` is missing only from runs older than the field, and those finished
-        return cls(**{**known_fields(cls, data), "marks": marks, "finished": data.get("finished", True)})
+        fields = {**known_fields(cls, data), "marks": marks, "gpu_index": card}
+        return cls(**{**fields, "finished": data.get("finished", True)})
 
 
 def known_fields(cls: type, data: dict) -> dict:
@@ -6708,8 +6710,8 @@ def model_runner_lines(config: dict) -> list[str]:
     for label, server in config.get("servers", {}).items():
         if server.get("model_runner"):
             used[server["model_runner"]].append(label)
-    setting = config.get("model_runner_env") or {}
-    why = f" ({RUNNER_VARIABLE}={setting[RUNNER_VARIABLE]} in every server's environment)" if setting else ""
+    setting = (config.get("model_runner_env") or {}).get(RUNNER_VARIABLE)
+    why = f" ({RUNNER_VARIABLE}={setting} in every server's environment)" if setting is not None else ""
     if len(used) > 1:
         listed = "; ".join(f"{runner} for {', '.join(labels)}" for runner, labels in sorted(used.items()))
         return paragraphs(
@@ -7606,17 +7608,31 @@ REPORTED_CONFIG = {
 REPORTED_SETTINGS = ("release_tolerance", "slo_attainment", "slo_ttft_ms", "slo_tpot_ms", "trace_speedup")
 
 
+def all_dicts(entries: "list | dict") -> bool:
+    return all(
+        isinstance(entry, dict) for entry in (entries.values() if isinstance(entries, dict) else entries)
+    )
+
+
+def kept_dicts(entries: "list | dict") -> "list | dict":
+    if isinstance(entries, dict):
+        return {key: entry for key, entry in entries.items() if isinstance(entry, dict)}
+    return [entry for entry in entries if isinstance(entry, dict)]
+
+
 def readable_config(config: dict) -> tuple[dict, Optional[str]]:
     """config.json less its fields of the wrong kind (a damaged or hand-edited file), and which they were."""
     wrong = [
         key for key, kind in REPORTED_CONFIG.items() if key in config and not isinstance(config[key], kind)
     ]
     config = {key: value for key, value in config.items() if key not in wrong}
+    entries = [key for key in ("servers", "gpus") if key in config and not all_dicts(config[key])]
+    config.update({key: kept_dicts(config[key]) for key in entries})
     settings = config.get("config") or {}
     numbers = [k for k in REPORTED_SETTINGS if k in settings and type(settings[k]) not in (int, float)]
     if numbers:
         config["config"] = {key: value for key, value in settings.items() if key not in numbers}
-    left = [*wrong, *(f"config.{key}" for key in numbers)]
+    left = [*wrong, *(f"entries of {key}" for key in entries), *(f"config.{key}" for key in numbers)]
     said = f"config.json: {', '.join(left)} of the wrong kind, left out (defaults used)" if left else None
     return config, said
 
@@ -7679,9 +7695,14 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         **({"timing": timing, "harness_overhead_s": timing.harness_overhead_s} if timing else {}),
         **({"problems": [config_problem]} if config_problem else {}),
     }
-    write_json(run_dir / "summary.json", top)
     md = markdown_summary(config, summaries, comparison, plots, timing, failed, config_problem)
-    write_text_atomic(run_dir / "summary.md", md)
+    for name, text in (("summary.json", json.dumps(to_json(top), indent=2)), ("summary.md", md)):
+        try:
+            write_text_atomic(run_dir / name, text)
+        except OSError as exc:
+            raise ReportError(
+                f"cannot write {run_dir / name} ({exc.strerror or exc}); move it aside"
+            ) from exc
     return to_json(
         {
             **headline(run_dir, summaries, comparison, cards_apart(config, summaries, "single")),

@@ -566,6 +566,31 @@ def test_a_report_reads_a_config_json_without_its_fields_of_the_wrong_kind_and_s
     ]
 
 
+def test_a_report_leaves_out_entries_of_the_wrong_kind_inside_config_and_record(tmp_path):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    first_server = next(iter(config["servers"]))
+    config["servers"][first_server] = 1  # a damaged or hand-edited file
+    config.update(gpus=[1], model_runner_env={"x": 1})
+    (copy / "config.json").write_text(json.dumps(config))
+    first = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    record = json.loads((first / "experiment.json").read_text())
+    (first / "experiment.json").write_text(json.dumps(dict(record, gpu_index=[0])))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["problems"] == [
+        "config.json: entries of servers, entries of gpus of the wrong kind, left out (defaults used)"
+    ]
+    assert record["name"] in summary["experiments"] and not summary["failed"]
+
+
+def test_a_report_whose_summary_is_a_folder_says_to_move_it_aside(tmp_path, capsys):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    (copy / "summary.md").mkdir()
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 2
+    assert f"cannot write {copy / 'summary.md'} (Is a directory); move it aside" in capsys.readouterr().err
+
+
 def test_in_a_notebook_main_takes_its_flags_as_one_string_and_a_report_is_shown_inline(
     tmp_path, monkeypatch, capsys
 ):

@@ -8925,12 +8925,15 @@ def report_command(run_dir: Path, draw_plots: bool) -> int:
 
 def show_in_notebook(run_dir: Path) -> None:
     """Inline summary and plots in Jupyter/Colab (the files are written either way)."""
-    with contextlib.suppress(Exception):
-        from IPython.display import Image, Markdown, display
+    try:
+        with contextlib.suppress(Exception):
+            from IPython.display import Image, Markdown, display
 
-        display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
-        for png in sorted((run_dir / "plots").glob("*.png")):
-            display(Image(filename=str(png)))
+            display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
+            for png in sorted((run_dir / "plots").glob("*.png")):
+                display(Image(filename=str(png)))
+    except KeyboardInterrupt:  # the servers are stopped and every file written: only the display stops
+        say(f"display stopped; the summary and plots are in {run_dir}")
 
 
 def install_stop_signals() -> dict:

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -582,6 +583,20 @@ def test_a_report_leaves_out_entries_of_the_wrong_kind_inside_config_and_record(
         "config.json: entries of servers, entries of gpus of the wrong kind, left out (defaults used)"
     ]
     assert record["name"] in summary["experiments"] and not summary["failed"]
+
+
+def test_a_stop_during_the_notebook_display_keeps_the_report_and_its_exit_code(tmp_path, monkeypatch):
+    def display(_):
+        raise KeyboardInterrupt  # the notebook's stop button while the summary is drawn
+
+    shown = types.SimpleNamespace(display=display, Markdown=str, Image=str)
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(display=shown))
+    monkeypatch.setitem(sys.modules, "IPython.display", shown)
+    monkeypatch.setattr(rx, "running_in_notebook", lambda: True)
+    copy, said = rebuildable_copy(REPORT_CLI_RUN, tmp_path), []
+    assert rx.main(["--report", str(copy), "--no-plots"], out=said.append) == 0
+    assert f"display stopped; the summary and plots are in {copy}" in said
+    assert (copy / "summary.md").exists()
 
 
 def test_a_report_whose_summary_is_a_folder_says_to_move_it_aside(tmp_path, capsys):

@@ -7651,6 +7651,13 @@ def report_experiment(
     return exp, summary
 
 
+def write_summary(path: Path, text: str) -> None:
+    try:
+        write_text_atomic(path, text)
+    except OSError as exc:  # a folder, or a read-only file, in its place
+        raise ReportError(f"cannot write {path} ({exc.strerror or exc}); move it aside") from exc
+
+
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     """summary.json, summary.md and plots from a run folder's raw files; returns the headline."""
     if not run_dir.is_dir():
@@ -7696,13 +7703,8 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
         **({"problems": [config_problem]} if config_problem else {}),
     }
     md = markdown_summary(config, summaries, comparison, plots, timing, failed, config_problem)
-    for name, text in (("summary.json", json.dumps(to_json(top), indent=2)), ("summary.md", md)):
-        try:
-            write_text_atomic(run_dir / name, text)
-        except OSError as exc:
-            raise ReportError(
-                f"cannot write {run_dir / name} ({exc.strerror or exc}); move it aside"
-            ) from exc
+    write_summary(run_dir / "summary.json", json.dumps(to_json(top), indent=2))
+    write_summary(run_dir / "summary.md", md)
     return to_json(
         {
             **headline(run_dir, summaries, comparison, cards_apart(config, summaries, "single")),

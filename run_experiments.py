@@ -3775,7 +3775,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.spec.port}"
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.spec.port}"  # ::1 too
 
     @property
     def startup_s(self) -> Optional[float]:

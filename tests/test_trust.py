@@ -1617,3 +1617,27 @@ def test_a_server_that_refuses_every_warm_up_request_fails_the_experiment_before
     assert "refused every warm-up request (HTTP 400" in error and "chat template" in error
     assert len((folder / "warmup.jsonl").read_text().splitlines()) == 8, "the warm-up is kept"
     assert not (folder / "requests.jsonl").exists() or not (folder / "requests.jsonl").read_text().strip()
+
+
+def test_a_server_on_an_ipv6_address_is_reached_at_its_bracketed_url():
+    class HealthOnV6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with HealthOnV6(("::1", 0), Healthy) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        server = dataclasses.replace(server_kept_by(None), host="::1")
+        server.spec = rx.ServerSpec("A", "m", httpd.server_address[1], True)
+        try:
+            assert server.url == f"http://[::1]:{httpd.server_address[1]}"
+            assert rx.health_ok(server), "an unbracketed ::1 read as no host: never ready, start-up timed out"
+        finally:
+            httpd.shutdown()

@@ -1270,6 +1270,10 @@ def run_concurrent_window(trial: Trial, steps: list[Step], burst: BurstMark, sin
                 break
         for future in futures:
             future.result()
+    except KeyboardInterrupt:  # every model's thread sends no more, and what the stop cuts off is not kept
+        trial.halt.set()
+        sink.close()
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C the servers' stop ends the rest
         burst.end = time.time()
@@ -5041,10 +5045,17 @@ class RecordSink:
 
     def __init__(self, path: Path, keep_itl: bool = True):
         self.path, self.keep_itl, self.lock = path, keep_itl, threading.Lock()
+        self.closed = False
 
     def __call__(self, record: RequestRecord) -> None:
         with self.lock:
-            write_jsonl(self.path, [record_row(record, self.keep_itl)])
+            if not self.closed:
+                write_jsonl(self.path, [record_row(record, self.keep_itl)])
+
+    def close(self) -> None:
+        """No row from here on: a stop cuts the requests in flight off, which are not the servers' failures."""
+        with self.lock:
+            self.closed = True
 
 
 BURST_DEADLINE_SLACK_S = 30.0  # past every request's own deadline: connect time, thread start-up

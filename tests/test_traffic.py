@@ -6,6 +6,8 @@ import gzip
 import json
 import re
 import shutil
+import threading
+import time
 import types
 
 import pytest
@@ -850,3 +852,34 @@ def test_a_lognormal_mix_cut_at_max_tokens_says_how_far_its_mean_moved():
     )
     roomy = dataclasses.replace(cfg, output_tokens_dist="lognormal:16,0.1")
     assert rx.capped_mix_note(roomy, rx.plan_workload(roomy, 50, "x", bursts=1)) is None
+
+
+def test_a_stop_during_every_models_window_keeps_no_row_of_what_it_cut_off(tmp_path, monkeypatch):
+    # each model's thread goes on sending until told: rows of requests the servers' stop cuts off are
+    # not the servers' failures, and were counted against goodput and capacity
+    sink, written = rx.RecordSink(tmp_path / "requests.jsonl"), threading.Event()
+
+    def sending(trial, step, repeat, sink, gate):
+        for index in range(300):  # about 3 s, unless halted
+            if trial.halt.is_set():
+                return []
+            sink(rx.RequestRecord("shared_kvcached", step.server, "ramp 1", 0, 0, index, 0.0))
+            written.set()
+            time.sleep(0.01)
+        return []
+
+    def stopped(futures):
+        written.wait(5)
+        raise KeyboardInterrupt  # Ctrl-C while the main thread waits for the models
+
+    monkeypatch.setattr(rx, "run_step", sending)
+    monkeypatch.setattr(rx.concurrent.futures, "as_completed", stopped)
+    steps = [rx.Step("ramp 1", slot, f"ramp_{slot}", 0) for slot in "AB"]
+    exp = rx.ExperimentSpec("shared_kvcached", "q", (), tuple(steps))
+    trial = rx.Trial(rx.Config(), exp, {}, {}, None, None, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        rx.run_concurrent_window(trial, steps, rx.BurstMark("ramp 1", "", 0, 0.0), sink)
+    kept = (tmp_path / "requests.jsonl").read_text().count("\n")
+    time.sleep(0.2)  # what the threads would have written next
+    assert trial.halt.is_set() and kept > 0
+    assert (tmp_path / "requests.jsonl").read_text().count("\n") == kept

@@ -5053,7 +5053,7 @@ class RecordSink:
                 write_jsonl(self.path, [record_row(record, self.keep_itl)])
 
     def close(self) -> None:
-        """No row from here on: a stop cuts the requests in flight off, which are not the servers' failures."""
+        """No row from here on: a stop cuts off the requests in flight, not the servers' failures."""
         with self.lock:
             self.closed = True
 

@@ -4675,8 +4675,13 @@ class Sampler(threading.Thread):
         )
         super().start()
         deadline = time.time() + first_sample_timeout_s
-        while not self.device and time.time() < deadline and self.child.poll() is None:
-            time.sleep(0.01)
+        try:
+            while not self.device and time.time() < deadline and self.child.poll() is None:
+                time.sleep(0.01)
+        except BaseException:  # a stop meanwhile: in a notebook the process and threads would go on for good
+            self.child.kill()
+            self.stop()
+            raise
         if self.device:
             return
         self.child.kill()  # a no-op if it exited

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -352,6 +353,26 @@ def test_a_sampler_that_cannot_read_the_card_says_why(fake_gpu, tmp_path, monkey
     sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
     with pytest.raises(RuntimeError, match="did not start.*Driver Not Loaded"):
         sampler.start(first_sample_timeout_s=5)
+
+
+def test_a_stop_while_the_sampler_starts_leaves_nothing_sampling(fake_gpu, tmp_path, monkeypatch):
+    nvml, real_sleep = rx.load_nvml(fake_gpu), time.sleep
+    sampler = rx.Sampler(nvml, 0, [], tmp_path / "memory.jsonl", sample_hz=50, process_sample_hz=5)
+
+    def stop_button(seconds):  # the notebook's stop, once, while the first device sample is awaited
+        if threading.current_thread() is threading.main_thread() and not pressed:
+            pressed.append(seconds)
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    pressed: list[float] = []
+
+    monkeypatch.setattr(rx.time, "sleep", stop_button)
+    with pytest.raises(KeyboardInterrupt):
+        sampler.start()
+    monkeypatch.undo()
+    assert sampler.child.poll() is not None, "the device process went on sampling"
+    assert not sampler.is_alive() and not sampler.slow_thread.is_alive()
 
 
 def test_buffered_rows_reach_the_file_within_about_a_second(fake_gpu, tmp_path):

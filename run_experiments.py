@@ -7107,7 +7107,8 @@ def single_lines(block: Comparison, apart: Optional[str] = None) -> list[str]:
         "memory not compared: the arms ran on cards that held different memory before" if apart else memory
     )
     ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
-    return paragraphs(f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}.")
+    said = f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
+    return paragraphs(" ".join(filter(None, (said, survivors_note([("", block)])))))
 
 
 def saving_words(saving: Optional[float], when: str) -> str:
@@ -7139,14 +7140,16 @@ def pair_lines(name: str, block: Comparison) -> list[str]:
 def survivors_note(rows: list[tuple[str, Comparison]]) -> str:
     """Where requests failed, that the ratios are over the ones that completed (a failure has no latency)."""
     counts = {
-        label: {arm: c.figures[arm].failed or 0 for arm in ("kvcached", "static") if arm in c.figures}
+        label: {
+            arm: c.figures[arm].failed or 0 for arm in ("kvcached", "static", "sleep") if arm in c.figures
+        }
         for label, c in rows
     }
     failed = {label: arms for label, arms in counts.items() if any(arms.values())}
     if not failed:
         return ""
     each = "; ".join(
-        f"{label}: {', '.join(f'{arm} {fmt(n)}' for arm, n in arms.items())}"
+        f"{f'{label}: ' if label else ''}{', '.join(f'{arm} {fmt(n)}' for arm, n in arms.items())}"
         for label, arms in failed.items()
     )
     return f"These ratios are over the requests that completed. Failed, with no latency: {each}."
@@ -7173,12 +7176,13 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
     held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
     ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)
     e2e = " and ".join(with_repeats(*block.ratio(f"sleep/{arm}", "e2e_s_p50")) for arm in ran)
+    failed = f" {note}" if (note := survivors_note([("", block)])) else ""
     return (
         f"**vLLM sleep mode, {models}{level}:** asleep {when} the card holds {fmt(idle['sleep'])} MiB"
         f"{f' ({held})' if ran else ''}; {wakes}; kvcached "
         "needs nobody. "
         + (
-            f"TTFT p50 {ttft}; E2E p50 {e2e}.{each_models_sleep_ratios(block, ran)}"
+            f"TTFT p50 {ttft}; E2E p50 {e2e}.{each_models_sleep_ratios(block, ran)}{failed}"
             if ran
             else "No kvcached or static arm ran beside it to compare."
         )

@@ -596,6 +596,18 @@ def test_elastic_static_ratios_say_how_many_requests_failed_and_had_no_latency()
         "kvcached 89, static 67."
     )
     assert rx.survivors_note(rows[1:]) == "", "none failed: nothing to say"
+    # the one-model sentence and the sleep paragraph: a static arm that failed most of its requests had
+    # its p50 over its fastest few, and read as faster
+    one = rx.Comparison({"kvcached": arm(108), "static": arm(153)}, {"kvcached/static": {"ttft_s_p50": 1.21}})
+    assert rx.single_lines(one)[-1].endswith(
+        "TTFT p50 ratio kvcached/static 1.21, E2E p50 ratio n/a. These ratios are over the requests that "
+        "completed. Failed, with no latency: kvcached 108, static 153."
+    ), rx.single_lines(one)
+    sleep = types.SimpleNamespace(servers={"A": None}, sleep=None)
+    with_sleep = rx.Comparison({"sleep": arm(5), "kvcached": arm(0)}, {})
+    assert rx.sleep_paragraph("single", with_sleep, sleep).endswith(
+        "Failed, with no latency: kvcached 0, sleep 5."
+    )
 
 
 def test_a_reused_sleep_servers_split_says_its_log_holds_an_earlier_experiments_sleeps():

@@ -617,8 +617,8 @@ def main(
     global STATE
     STATE = RunState(out)
     started, run, cfg = time.time(), None, None
-    argv = given_argv(argv)  # once: for the config, each card's process, config.json
     try:
+        argv = given_argv(argv)  # once: for the config, each card's process, config.json
         cfg = config_from_args(argv)
         if cfg is None:  # --help
             return 0
@@ -1655,23 +1655,30 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
 def default_argv() -> list[str]:
     """The flags where none are passed: NOTEBOOK_ARGS in a notebook (the kernel's argv is not ours), else the
     command line's."""
-    return shlex.split(NOTEBOOK_ARGS) if running_in_notebook() else sys.argv[1:]
+    return split_flags(NOTEBOOK_ARGS, "NOTEBOOK_ARGS") if running_in_notebook() else sys.argv[1:]
+
+
+def split_flags(text: str, where: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # an unclosed quote
+        raise ConfigError(f"{where}: {exc.args[0].lower()} in {text!r}; check its quotes") from None
 
 
 def given_argv(argv: "Optional[list[str] | str]") -> list[str]:
     """main()'s flags: none given, default_argv(); in a notebook, `main("--preset smoke")` as a list's."""
     if argv is None:
         return default_argv()
-    return shlex.split(argv) if isinstance(argv, str) else list(argv)
+    return split_flags(argv, "the flags") if isinstance(argv, str) else list(argv)
 
 
-def notebook_argv() -> list[str]:
+def notebook_argv() -> "list[str] | str":
     """In a notebook: `%run run_experiments.py FLAGS` runs with its FLAGS, a pasted cell with NOTEBOOK_ARGS
     (the kernel's own argv is not ours)."""
     if Path(sys.argv[0]).name == Path(globals().get("__file__") or "<cell>").name:
         return sys.argv[1:]
     print(f"notebook: NOTEBOOK_ARGS = {NOTEBOOK_ARGS!r}")
-    return shlex.split(NOTEBOOK_ARGS)
+    return NOTEBOOK_ARGS  # main() splits it, and says where its quotes do not close
 
 
 @functools.lru_cache(maxsize=1)

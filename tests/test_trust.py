@@ -1535,7 +1535,18 @@ def test_run_in_jupyter_takes_its_own_flags_and_a_pasted_cell_notebook_args(monk
     monkeypatch.setattr(rx.sys, "argv", [rx.__file__, "--preset", "smoke"])
     assert rx.notebook_argv() == ["--preset", "smoke"], "%run run_experiments.py --preset smoke"
     monkeypatch.setattr(rx.sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
-    assert rx.notebook_argv() == shlex.split(rx.NOTEBOOK_ARGS)
+    assert rx.notebook_argv() == rx.NOTEBOOK_ARGS, "split by main(), which says where quotes do not close"
+
+
+def test_flags_whose_quotes_do_not_close_are_refused_before_anything_launches(capsys, monkeypatch):
+    assert rx.main('--preset smoke --tag "x', out=lambda _: None) == 2
+    assert "the flags: no closing quotation in '--preset smoke --tag \"x'; check its quotes" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(rx, "NOTEBOOK_ARGS", "--tag 'x")
+    monkeypatch.setattr(rx, "running_in_notebook", lambda: True)
+    assert rx.main(out=lambda _: None) == 2
+    assert "NOTEBOOK_ARGS: no closing quotation" in capsys.readouterr().err
 
 
 def test_a_models_malformed_config_json_is_a_clear_error_not_a_traceback(tmp_path, capsys):

@@ -77,6 +77,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -616,6 +617,8 @@ def main(
     (nothing launched); 130 interrupted. Messages go to `out`, scrubbed of secrets."""
     global STATE
     STATE = RunState(out)
+    for cached in (read_trace, hub_file):  # a notebook's earlier call: a trace edited, a token set since
+        cached.cache_clear()
     started, run, cfg = time.time(), None, None
     try:
         argv = given_argv(argv)  # once: for the config, each card's process, config.json
@@ -2764,7 +2767,7 @@ def read_trace(path: str) -> tuple[TraceRow, ...]:
         raw = Path(path).read_bytes()
         # gzipped as downloaded, and a spreadsheet's byte-order mark before the header
         text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise ConfigError(f"--trace: cannot read {path}: {exc}") from None
     try:
         parsed = mooncake_rows(text) if text.lstrip().startswith("{") else azure_rows(text)

@@ -53,8 +53,26 @@ def test_a_trace_saved_by_a_spreadsheet_or_gzipped_reads_and_an_absurd_one_is_re
         with pytest.raises(rx.ConfigError, match="--trace: .* is not"):
             plain(str(tmp_path / name))
     (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(AZURE.encode())[:30])
-    with pytest.raises(rx.ConfigError, match="--trace: cannot read"):
-        plain(str(tmp_path / "cut.csv.gz"))
+    damaged = bytearray(gzip.compress(AZURE.encode()))
+    damaged[12:20] = b"\xff" * 8  # a deflate stream that does not decode: zlib.error, not an OSError
+    (tmp_path / "damaged.csv.gz").write_bytes(damaged)
+    for name in ("cut.csv.gz", "damaged.csv.gz"):
+        with pytest.raises(rx.ConfigError, match="--trace: cannot read"):
+            plain(str(tmp_path / name))
+
+
+def test_each_call_of_main_reads_the_trace_and_the_hub_afresh(tmp_path, monkeypatch):
+    # in a notebook, a trace edited between two calls was replayed as it was, and a hub file that failed
+    # before a token was set went on failing
+    (tmp_path / "t.csv").write_text(AZURE)
+    assert len(rx.read_trace(str(tmp_path / "t.csv"))) == 6
+    (tmp_path / "t.csv").write_text("\n".join(AZURE.splitlines()[:3]) + "\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rx.hub_file("org/gated-model", "config.json")  # failed: no token yet, or offline
+    assert rx.hub_file.cache_info().currsize == 1
+    rx.main(["--bad-flag"], out=lambda _: None)
+    assert len(rx.read_trace(str(tmp_path / "t.csv"))) == 2
+    assert rx.hub_file.cache_info().currsize == 0
 
 
 def mooncake(rows: int = 8) -> str:

@@ -2152,6 +2152,21 @@ def check_server_command(cfg: Config) -> None:
         f"sets {theirs[0] if theirs else ''}, which the harness sets for each server itself: "
         f"use {SET_IN_SERVER_ENV[theirs[0]] if theirs else ''}",
     )
+    check_kvcached_utilization(cfg)
+
+
+def check_kvcached_utilization(cfg: Config) -> None:
+    """kvcached reads KVCACHED_GPU_UTILIZATION as the share of the card it may map: a number in (0, 1]."""
+    given = parse_env_pairs(cfg.kvcached_env)
+    value = given.get("KVCACHED_GPU_UTILIZATION", os.environ.get("KVCACHED_GPU_UTILIZATION"))
+    if value is None:
+        return
+    where = "" if "KVCACHED_GPU_UTILIZATION" in given else " in the shell's environment"
+    try:
+        ok = 0 < float(value) <= 1  # nan is neither
+    except ValueError:
+        ok = False
+    need(ok, "kvcached_env", f"KVCACHED_GPU_UTILIZATION{where} must be a number in (0, 1], got {value!r}")
 
 
 def runs_overload(cfg: Config) -> bool:

@@ -1230,6 +1230,10 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
         # the arm's own switch, and the segment name that keeps each server's (and strangers') apart
         (["--kvcached-env", "ENABLE_KVCACHED=false"], "--kvcached-env"),
         (["--kvcached-env", "KVCACHED_LOG_LEVEL=INFO,KVCACHED_IPC_NAME=mine"], "--kvcached-env"),
+        # the share of the card kvcached may map: nan was a traceback in --check, abc read as 0.95
+        (["--kvcached-env", "KVCACHED_GPU_UTILIZATION=nan"], "--kvcached-env"),
+        (["--kvcached-env", "KVCACHED_GPU_UTILIZATION=abc"], "--kvcached-env"),
+        (["--kvcached-env", "KVCACHED_GPU_UTILIZATION=1.5"], "--kvcached-env"),
         (["--models", "a,b,c", "--pair-utilization-b", "0.3"], "--pair-utilization-b"),  # no pair: no B share
         (
             ["--arrivals", "gamma", "--rate", "2", "--burstiness", "1e-300"],

@@ -2965,7 +2965,7 @@ def check_trace(cfg: Config) -> None:
     )
     most = max(parse_rate_scales(cfg))
     for path in trace_files(cfg):
-        rows = window_rows(cfg, path)[1]
+        start, rows = window_rows(cfg, path)
         need(
             bool(rows),
             "trace_window",
@@ -2977,6 +2977,13 @@ def check_trace(cfg: Config) -> None:
             "trace_rate_scale",
             f"{most:g} x the {len(rows):,} requests of {path} in the window are more than "
             f"{MAX_WINDOW_REQUESTS:,} in one window: lower it, or choose a shorter --trace-window",
+        )
+        replay_s = (rows[-1].at_s - start) / cfg.trace_speedup
+        need(
+            replay_s <= MAX_SECONDS,
+            "trace_speedup",
+            f"{path}'s window replays over {replay_s:,.0f} s, more than {MAX_SECONDS:,.0f}: raise it, or "
+            "choose a shorter --trace-window",
         )
 
 
@@ -8888,6 +8895,22 @@ def capped_mix_note(cfg: Config, plan: WorkloadPlan) -> Optional[str]:
     )
 
 
+def refuse_empty_plans(cfg: Config, plans: dict[str, WorkloadPlan]) -> None:
+    """A workload that plans no request at all measures nothing: say which flag thinned it to none."""
+    served = served_slots(cfg, parse_experiments(cfg.experiments))
+    family = per_model_family(cfg)
+    silent = [slot for slot in served if family and not plans[f"{family}_{slot}"].requests]
+    empty = ["the workload"] if not plans["main"].requests else [f"model {slot}'s" for slot in silent]
+    flag = {"trace": "trace_rate_scale", "ramp": "peak_rates"}.get(cfg.arrivals, "rate")
+    flag = "rates_per_model" if cfg.rates_per_model else flag
+    what = "choose another --trace-window" if cfg.arrivals == "trace" else "give a longer --duration-s"
+    need(
+        not empty,
+        flag,
+        f"{empty[0] if empty else ''} plan holds no request in any window: raise it, or {what}",
+    )
+
+
 def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, dict]:
     facts = {}
     for key in slots(cfg):
@@ -8908,6 +8931,7 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         plans["main"] = plans[f"{family}_A"]
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
+    refuse_empty_plans(cfg, plans)
     budget = int(cfg.overload_budget_gib * GIB)
     for key in slots(cfg) if overload_lengths(cfg, cfg.max_model_len)[1] >= OVERLOAD_LEAST_PROMPT else ():
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)

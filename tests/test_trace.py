@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from conftest import background, fake_env, rx, script_args, succeeded_run
+from conftest import background, fake_env, in_process_args, rx, script_args, succeeded_run
 
 AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:17:03.9799600,480,10
@@ -232,6 +232,8 @@ def test_the_busiest_stretch_is_the_one_with_the_most_requests(traces):
             ["--trace", "{azure}", "--trace-rate-scale", "1,20000"],
             "--trace-rate-scale: 20000 x the 6 requests",
         ),
+        # 5.5 s of trace, a million times slower: 64 days of replay, which overflowed a wait once started
+        (["--trace", "{azure}", "--trace-speedup", "1e-6"], "s window replays over 5,539,"),
         (["--trace", "{azure}", "--rate", "2"], "--arrivals: trace: leave out --rate(s)/--peak-rates"),
         # the mix was accepted and then ignored: a trace's output lengths come from the trace
         (
@@ -321,3 +323,31 @@ def test_a_two_model_trace_replay_sends_each_file_to_its_model_and_reports_capac
     assert "| experiment | 2x the trace | 4x the trace | capacity |" in md
     assert "held 4x the trace (above the sweep)" in md
     assert "Prompt tokens vLLM counted against the trace's: shared_kvcached " in md
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--trace", "{azure}", "--trace-rate-scale", "0.0001"],
+            "--trace-rate-scale: the workload plan holds",
+        ),
+        (
+            ["--arrivals", "poisson", "--rate", "0.001", "--duration-s", "2"],
+            "--rate: the workload plan holds",
+        ),
+        (
+            ["--arrivals", "poisson", "--rates-per-model", "5,0.0001", "--duration-s", "2"],
+            "--rates-per-model: model B's plan holds no request in any window",
+        ),
+    ],
+)
+def test_a_workload_that_plans_no_request_is_refused_naming_the_flag(
+    flags, message, traces, fake_gpu, tmp_path, capsys
+):
+    # it ran every server, sent nothing and ended with exit 0
+    flags = [flag.format(azure=traces / "azure.csv") for flag in flags]
+    arrivals = ["--arrivals", "trace"] if "--trace" in flags else []
+    args = in_process_args(tmp_path / "r", "--check", *arrivals, *flags)
+    assert rx.main(args, nvml_module=fake_gpu) == 2
+    assert message in capsys.readouterr().err

@@ -607,7 +607,28 @@ class Run:
     config_file: str = "config.json"  # a card's process of a --gpus run writes its own (lane_file)
 
     def save_config(self) -> None:
-        write_json(self.run_dir / self.config_file, self.config)
+        with stopped_if_unwritable(self.run_dir):
+            write_json(self.run_dir / self.config_file, self.config)
+
+
+class ResultsUnwritable(RuntimeError):
+    """The run folder takes no more writes (a full disk, a quota, a read-only mount): the run stops."""
+
+
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def stopped_if_unwritable(run_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        raise ResultsUnwritable(
+            f"cannot write in {run_dir} ({exc.strerror}): the run stopped, every server with it; what was "
+            f"recorded is there: free some space, then build its report with --report {run_dir}"
+        ) from None
 
 
 def main(
@@ -645,6 +666,9 @@ def main(
             shutil.rmtree(run.run_dir, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ResultsUnwritable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # before any experiment: the preflight, a --check, a --report
         again = f"; run --report {cfg.report} again" if cfg and cfg.report else ""
         print(f"interrupted before anything was measured{again}", file=sys.stderr)
@@ -703,10 +727,13 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
         exp_dir = experiment_dir(run, entry)
         prepare_next = functools.partial(prepare, upcoming)
         try:
-            run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
+            with stopped_if_unwritable(run.run_dir):
+                run_experiment(lane.cfg, resolved(entry), run.plans, pool, run.nvml, exp_dir, prepare_next)
         except Exception as exc:  # this experiment failed; the others still run
             if caused_by_a_signal(exc):  # the run was told to stop: no other experiment starts
                 raise KeyboardInterrupt(f"{type(exc).__name__} while interrupted") from exc
+            if isinstance(exc, ResultsUnwritable):
+                raise
             failures += 1
             write_failure(exp_dir, entry, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:
@@ -718,16 +745,17 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
 
 def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
     """error.json in the experiment's folder, and the line that says so."""
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
+    with stopped_if_unwritable(exp_dir.parent):
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
     say(f"  FAILED {entry.name}: {error}")
 
 
 def report_run(run: Run, interrupted: bool, failures: int) -> int:
     run.config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     run.config["interrupted"] = interrupted
-    run.save_config()
     try:
+        run.save_config()
         with stop_signals():
             result = build_report(run.run_dir, draw_plots=run.cfg.plots)
     except (KeyboardInterrupt, Exception) as exc:  # the raw files are safe; --report rebuilds the report

@@ -1,6 +1,7 @@
 """Shared test helpers: the harness imported as a module, fake servers on free ports, a fake NVML,
 end-to-end runs of the whole script (some of them started in the background, see `background`)."""
 
+import atexit
 import concurrent.futures
 import os
 import pickle
@@ -120,7 +121,7 @@ def fake_gpu(tmp_path, monkeypatch):
     """A fake card: state files of fake servers under FAKE_GPU_DIR, read by tests/fakes/pynvml.py."""
     gpu_dir = tmp_path / "gpu"
     gpu_dir.mkdir()
-    monkeypatch.setenv("FAKE_GPU_DIR", str(gpu_dir))
+    monkeypatch.setenv("FAKE_GPU_DIR", str(in_memory(gpu_dir)))
     monkeypatch.setenv("FAKE_GPU_TOTAL_MIB", "16384")
     monkeypatch.syspath_prepend(str(FAKES))
     sys.modules.pop("pynvml", None)
@@ -227,11 +228,31 @@ FAST = [
 SESSION_ENV = dict(os.environ)
 
 
+def in_memory(gpu_dir: Path) -> Path:
+    """The fake card's state files in /dev/shm behind `gpu_dir`, as a real card's memory is read from no disk.
+    On disk, a fake server's rename waited for the journal behind the runs' fsyncs, holding the folder that
+    the device sampler lists: each fake run on the machine stopped sampling for about 0.9 s at once."""
+    if not gpu_dir.is_dir() or gpu_dir.is_symlink() or any(gpu_dir.iterdir()) or not SHM.is_dir():
+        return gpu_dir
+    gpu_dir.rmdir()
+    gpu_dir.symlink_to(tempfile.mkdtemp(prefix=f"fake-gpu-{os.getpid()}-", dir=SHM))
+    return gpu_dir
+
+
+def remove_fake_cards_in_memory() -> None:
+    for folder in SHM.glob(f"fake-gpu-{os.getpid()}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SHM = Path("/dev/shm")
+atexit.register(remove_fake_cards_in_memory)
+
+
 def fake_env(gpu_dir: Path, **extra: str) -> dict:
     env = dict(
         SESSION_ENV,
         PYTHONPATH=os.pathsep.join([str(FAKES), str(FAKE_PACKAGES)]),
-        FAKE_GPU_DIR=str(gpu_dir),
+        FAKE_GPU_DIR=str(in_memory(gpu_dir)),
         FAKE_GPU_TOTAL_MIB=str(CARD_MIB),
         FAKE_GPU_BASELINE_MIB=str(BASELINE_MIB),
         FAKE_ITL_S="0.008",

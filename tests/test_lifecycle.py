@@ -1,6 +1,8 @@
 """Server lifecycle against the fake vLLM server: ready, crash, hang, grandchildren, stubborn servers."""
 
 import contextlib
+import errno
+import functools
 import inspect
 import os
 import signal
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,37 @@ def test_a_cards_process_whose_starter_died_before_it_could_hear_of_it_ends_at_o
     monkeypatch.setenv(rx.LANE_PARENT, str(os.getppid()))
     rx.check_lane_starter()
     assert "check_lane_starter()" in inspect.getsource(rx.join_run), "the card's process checks it"
+
+
+def test_a_full_disk_stops_the_run_at_once_with_one_line_naming_the_folder(tmp_path, monkeypatch, capsys):
+    # each write after the first failed again while the last was handled: five chained tracebacks, the
+    # next experiments started anyway, and no word of where the results were
+    started = []
+
+    def measured(*args):
+        started.append(args)
+        rx.write_json(tmp_path / "01_kvcached" / "experiment.json", {})
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rx, "run_experiment", measured)
+    monkeypatch.setattr(rx, "resolve_experiment", lambda *args: None)
+    monkeypatch.setattr(rx, "write_text_atomic", full)
+    experiments = rx.parse_experiments("1,2")
+    run = types.SimpleNamespace(
+        run_dir=tmp_path, experiments=experiments, config={"servers": {}}, config_file="config.json"
+    )
+    run.plans, run.budget, run.nvml = {}, 0, None
+    run.save_config = functools.partial(rx.Run.save_config, run)
+    lane = types.SimpleNamespace(experiments=experiments, cfg=None)
+    pool = types.SimpleNamespace(running={}, prepare=lambda *args: None)
+    with pytest.raises(rx.ResultsUnwritable) as stopped:
+        rx.run_lane_experiments(run, lane, pool)
+    assert len(started) == 1, "the next experiment never starts"
+    assert str(stopped.value).startswith(f"cannot write in {tmp_path} (No space left on device): the run")
+    assert stopped.value.__suppress_context__, "one line, not the chain of each write that failed"
+    monkeypatch.setattr(rx, "config_from_args", lambda argv: rx.Config())
+    monkeypatch.setattr(rx, "prepare_run", lambda *args: rx.run_lane_experiments(run, lane, pool))
+    assert rx.main([]) == 1
+    assert capsys.readouterr().err == f"error: {stopped.value}\n"

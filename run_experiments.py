@@ -127,11 +127,16 @@ def say(message: Any) -> None:
 # needs inside, and names only the functions shipped with it.
 def program_source(*functions: Callable, call: str) -> str:
     """`python -c` text that defines `functions` and then runs `call`."""
+    bodies = [function_source(function) for function in functions]
+    return "\n\n".join(["from __future__ import annotations", *bodies, call]) + "\n"
+
+
+@functools.lru_cache(maxsize=None)  # read once: the file edited mid-run must not change a later keeper
+def function_source(function: Callable) -> str:
     import inspect
     import textwrap
 
-    bodies = [textwrap.dedent(inspect.getsource(function)) for function in functions]
-    return "\n\n".join(["from __future__ import annotations", *bodies, call]) + "\n"
+    return textwrap.dedent(inspect.getsource(function))
 
 
 # %% Configuration: every knob, one line each, with its unit and reason
@@ -7840,6 +7845,7 @@ def check_keeper() -> Check:
     """Each server's keeper runs this file's functions shipped as source (in a notebook, IPython's)."""
     try:
         keeper_source()
+        program_source(next_tick, device_loop, device_sampler, call="")  # read now, as the file is
     except (OSError, TypeError) as exc:
         fix = "run the file as a script, or its cells in Jupyter/IPython, which keep each cell's source"
         return fail("keeper", f"its source cannot be read ({exc})", fix)

@@ -283,3 +283,17 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line_naming_the_folder(tmp_p
     monkeypatch.setattr(rx, "prepare_run", lambda *args: rx.run_lane_experiments(run, lane, pool))
     assert rx.main([]) == 1
     assert capsys.readouterr().err == f"error: {stopped.value}\n"
+
+
+def test_the_keepers_source_is_read_once_so_an_edit_mid_run_changes_no_later_keeper(monkeypatch):
+    # read anew at each start, a file saved mid-run (an editor, a git checkout) gave a later keeper
+    # another file's functions: "NameError: name 'keeper' is not defined", and its experiment failed
+    assert rx.check_keeper().ok
+    first = rx.keeper_source()
+
+    def edited(function):
+        raise OSError("the file changed")
+
+    monkeypatch.setattr(inspect, "getsource", edited)
+    assert rx.keeper_source() == first
+    assert "def device_loop" in rx.program_source(rx.next_tick, rx.device_loop, rx.device_sampler, call="")

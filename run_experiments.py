@@ -663,7 +663,8 @@ def main(
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
             interrupted, failures = run_table(join_run(cfg, nvml_module))
             return 130 if interrupted else (1 if failures else 0)
-        run = prepare_run(cfg, argv, nvml_module)
+        with stop_signals():  # SIGTERM and SIGHUP too: the import check's Python is stopped with us
+            run = prepare_run(cfg, argv, nvml_module)
         run.config["timing"] = {"started": started}
         interrupted, failures = run_lanes(run, argv) if len(run.lanes) > 1 else run_table(run)
     except (ConfigError, ReportError) as exc:
@@ -675,6 +676,8 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before any experiment: the preflight, a --check, a --report
+        if run is not None and not experiment_dirs(run.run_dir):
+            shutil.rmtree(run.run_dir, ignore_errors=True)
         again = f"; run --report {cfg.report} again" if cfg and cfg.report else ""
         print(f"interrupted before anything was measured{again}", file=sys.stderr)
         return 130
@@ -7912,6 +7915,17 @@ def import_check(
     return Check(name, True, printed[-1] if printed else "importable"), proc.stdout
 
 
+def die_with_parent() -> None:
+    """Helper program: killed when the thread that started it ends (Linux), as a --preimport import check,
+    started from a thread that a stop never reaches, outlived the run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except Exception:  # elsewhere it ends when its import does
+        pass
+
+
 def probe_vllm() -> None:
     """Helper program: import vLLM's compiled extensions (vllm/_C*.so: a CUDA mismatch breaks them, and
     importing vllm alone would not load them) and say whether kvcached's autopatch came along."""
@@ -7954,10 +7968,12 @@ def check_serving_imports(
         if launch is None:
             return [warn("vllm", f"not checked: servers run with --server-cmd {prefix[0]}")]
         python, module, _ = launch
-        probe = program_source(probe_module, call=f"probe_module({module!r})")
+        probe = program_source(
+            die_with_parent, probe_module, call=f"die_with_parent()\nprobe_module({module!r})"
+        )
         fix = f"check --server-cmd: `{shlex.join(python)} -m {module}` must import"
         return [import_check("server", probe, env, timeout_s, fix, python=prefix[0])[0]]
-    probe = program_source(probe_vllm, call="probe_vllm()")
+    probe = program_source(die_with_parent, probe_vllm, call="die_with_parent()\nprobe_vllm()")
     say("  checking that vLLM imports in a fresh Python (20-60 s)...")
     vllm, out = import_check("vllm", probe, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)")
     if not (kvcached_needed and vllm.ok):
@@ -8752,13 +8768,17 @@ def prepare_run(cfg: Config, argv: list[str], nvml_module: Any) -> Run:
     say(checklist(checks))
     cards, gpu, plans, budget, model_facts, lanes = plan_run(cfg, experiments, nvml)
     run_dir = new_run_dir(Path(cfg.results_dir), cfg.tag)
-    announce_run(cards, lanes, preimport, run_dir)
-    save_plans(run_dir, plans, experiments)
-    runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
-    run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
-    run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
-    run.config = run_config(run, argv, gpu, cards, model_facts, versions)
-    run.save_config()
+    try:
+        announce_run(cards, lanes, preimport, run_dir)
+        save_plans(run_dir, plans, experiments)
+        runner_env = model_runner_env(versions.get("vllm"), needs_kvcached(experiments))
+        run = Run(cfg, experiments, nvml, plans, budget, run_dir, {}, lanes, runner_env)
+        run.import_checks = import_checks_beside(cfg, experiments) if preimport else None
+        run.config = run_config(run, argv, gpu, cards, model_facts, versions)
+        run.save_config()
+    except BaseException:  # a signal meanwhile: nothing was measured, so no folder is left behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run
 
 

@@ -12,9 +12,22 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Optional
 
 import pytest
-from conftest import FAKES, KVC_A, STATIC_A, alive, free_port, make_cfg, ready, rx, wait_for
+from conftest import (
+    FAKES,
+    KVC_A,
+    STATIC_A,
+    alive,
+    fake_env,
+    free_port,
+    make_cfg,
+    ready,
+    rx,
+    script_args,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -297,3 +310,36 @@ def test_the_keepers_source_is_read_once_so_an_edit_mid_run_changes_no_later_kee
     monkeypatch.setattr(inspect, "getsource", edited)
     assert rx.keeper_source() == first
     assert "def device_loop" in rx.program_source(rx.next_tick, rx.device_loop, rx.device_sampler, call="")
+
+
+def import_check_of(harness: int) -> Optional[int]:
+    """The pid of the harness's import-check Python, once it runs."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == harness and b"probe_module" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("preimport", ["off", "on"])
+def test_sigterm_during_the_import_check_stops_it_and_leaves_no_run_folder(preimport, tmp_path):
+    # SIGTERM before any handler: the harness died without a word and its import check's Python went on
+    # importing (vLLM: 20-60 s); with --preimport on it outlived Ctrl-C too
+    (tmp_path / "gpu").mkdir()
+    args = script_args(tmp_path / "results", "--experiments", "1", "--preimport", preimport)
+    args[args.index("--server-cmd") + 1] = f"{sys.executable} -S -m fake_vllm_server"
+    env = fake_env(tmp_path / "gpu", FAKE_IMPORT_S="30")
+    harness = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: import_check_of(harness.pid), timeout=30), "the import check started"
+        check = import_check_of(harness.pid)
+        harness.send_signal(signal.SIGTERM)
+        said = harness.communicate(timeout=60)[0]
+    finally:
+        harness.kill()
+    assert harness.returncode == 130, said
+    assert wait_for(lambda: not alive(check), timeout=5), "the import check's Python was left importing"
+    if preimport == "off":
+        assert "interrupted before anything was measured" in said
+        assert not list((tmp_path / "results").glob("*")), "no run folder of nothing measured"

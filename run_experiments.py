@@ -1088,7 +1088,19 @@ class Marks:
     @classmethod
     def from_json(cls, data: dict) -> "Marks":
         times = {k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, data).items()}
-        return cls(**{**times, "bursts": [BurstMark(**b) for b in data.get("bursts") or []]})
+        bursts = data.get("bursts") or []
+        of_kind(bursts, {"repeat": int, "phase": str, "server": str}, "marks.bursts")
+        return cls(**{**times, "bursts": [BurstMark(**b) for b in bursts]})
+
+
+def of_kind(entries: list[dict], kinds: dict[str, type], where: str) -> None:
+    """A TypeError (the report names the experiment as unreadable) where an entry's field is of another kind;
+    None stands for not known."""
+    for entry in entries:
+        for key, kind in kinds.items():
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise TypeError(f"{where}: a {key} of the wrong kind ({type(value).__name__})")
 
 
 @dataclasses.dataclass
@@ -1161,10 +1173,19 @@ class ExperimentRecord:
     @classmethod
     def from_json(cls, data: dict) -> "ExperimentRecord":
         marks = Marks.from_json(data.get("marks") or {})
+        of_kind(data.get("servers") or [], SERVER_FIELD_KINDS, "servers")
         card = data.get("gpu_index") if type(data.get("gpu_index")) is int else None  # a damaged file's
         # `finished` is missing only from runs older than the field, and those finished
         fields = {**known_fields(cls, data), "marks": marks, "gpu_index": card}
         return cls(**{**fields, "finished": data.get("finished", True)})
+
+
+SERVER_FIELD_KINDS = {
+    "label": str,
+    "startup_s": (int, float),
+    "started_at": (int, float),
+    "ready_at": (int, float),
+}
 
 
 def known_fields(cls: type, data: dict) -> dict:
@@ -5775,7 +5796,10 @@ def histogram_mean(before: dict, after: dict, name: str) -> tuple[Optional[float
 
 def mean(values: Iterable[Optional[float]]) -> Optional[float]:
     data = [v for v in values if v is not None]
-    return math.fsum(data) / len(data) if data else None  # exact sum: the same figure on every Python
+    try:
+        return math.fsum(data) / len(data) if data else None  # exact sum: the same figure on every Python
+    except OverflowError:  # a damaged file's 1e308s
+        return math.fsum(v / len(data) for v in data)
 
 
 SERVER_HISTOGRAMS = ("ttft", "e2e", "queue", "prefill", "decode")  # vLLM's, as /metrics reads them
@@ -6478,9 +6502,14 @@ def new_figure(rows: int, cols: int = 1, size: tuple[float, float] = (11, 3.2)) 
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path)
+    except OSError as exc:  # a file named plots, a folder in a plot's place
+        raise ReportError(
+            f"cannot write {path} ({exc.strerror or exc}); move what is in its way aside"
+        ) from None
     return path
 
 
@@ -7693,7 +7722,15 @@ REPORTED_CONFIG = {
     **dict.fromkeys(("config", "gpu", "plans", "servers", "model_runner_env", "timing"), dict),
     **dict.fromkeys(("gpus", "lanes"), list),
 }
-REPORTED_SETTINGS = ("release_tolerance", "slo_attainment", "slo_ttft_ms", "slo_tpot_ms", "trace_speedup")
+REPORTED_SETTINGS = (
+    "release_tolerance",
+    "slo_attainment",
+    "slo_ttft_ms",
+    "slo_tpot_ms",
+    "trace_speedup",
+    "idle_window_s",
+)
+TIMING_MARKS = ("started", "table_start", "table_end")
 
 
 def all_dicts(entries: "list | dict") -> bool:
@@ -7713,6 +7750,9 @@ def readable_config(config: dict) -> tuple[dict, Optional[str]]:
     wrong = [
         key for key, kind in REPORTED_CONFIG.items() if key in config and not isinstance(config[key], kind)
     ]
+    timing = config.get("timing") if "timing" not in wrong else None
+    if timing and any(type(timing.get(mark, 0.0)) not in (int, float) for mark in TIMING_MARKS):
+        wrong.append("timing")
     config = {key: value for key, value in config.items() if key not in wrong}
     entries = [key for key in ("servers", "gpus") if key in config and not all_dicts(config[key])]
     config.update({key: kept_dicts(config[key]) for key in entries})

@@ -599,6 +599,33 @@ def test_a_stop_during_the_notebook_display_keeps_the_report_and_its_exit_code(t
     assert (copy / "summary.md").exists()
 
 
+def test_a_report_names_damaged_timing_records_and_plot_places_instead_of_a_traceback(tmp_path, capsys):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    config["timing"]["table_start"] = "x"  # each of these ended the report in a traceback
+    config["config"]["idle_window_s"] = "1 s"
+    (copy / "config.json").write_text(json.dumps(config))
+    first, second, *_ = sorted(p for p in copy.iterdir() if p.is_dir())
+    for folder, where, key in ((first, ("servers",), "startup_s"), (second, ("marks", "bursts"), "repeat")):
+        record = json.loads((folder / "experiment.json").read_text())
+        entries = record[where[0]] if len(where) == 1 else record[where[0]][where[1]]
+        entries[0][key] = "x"
+        (folder / "experiment.json").write_text(json.dumps(record))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["problems"] == [
+        "config.json: timing, config.idle_window_s of the wrong kind, left out (defaults used)"
+    ]
+    assert summary["failed"][first.name].endswith("(TypeError: servers: a startup_s of the wrong kind (str))")
+    assert summary["failed"][second.name].endswith(
+        "(TypeError: marks.bursts: a repeat of the wrong kind (str))"
+    )
+    assert rx.mean([1e308, 1e308]) == 1e308, "two damaged rows' sum overflowed"
+    (copy / "plots").write_text("")
+    assert rx.main(["--report", str(copy)], out=lambda _: None) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 def test_a_report_whose_summary_is_a_folder_says_to_move_it_aside(tmp_path, capsys):
     copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
     (copy / "summary.md").mkdir()

@@ -7844,6 +7844,28 @@ def build_report(run_dir: Path, draw_plots: bool = True) -> dict:
     )
 
 
+def report_command(run_dir: Path, draw_plots: bool) -> int:
+    """--report: the summaries and plots rebuilt, shown inline in a notebook as a run's are."""
+    result = build_report(run_dir, draw_plots=draw_plots)
+    say(f"summary: {run_dir / 'summary.md'}\n{json.dumps(readable(result))}")
+    if running_in_notebook():
+        show_in_notebook(run_dir)
+    return 0
+
+
+def show_in_notebook(run_dir: Path) -> None:
+    """Inline summary and plots in Jupyter/Colab (the files are written either way)."""
+    try:
+        with contextlib.suppress(Exception):
+            from IPython.display import Image, Markdown, display
+
+            display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
+            for png in sorted((run_dir / "plots").glob("*.png")):
+                display(Image(filename=str(png)))
+    except KeyboardInterrupt:  # the servers are stopped and every file written: only the display stops
+        say(f"display stopped; the summary and plots are in {run_dir}")
+
+
 # %% Preflight: what must hold before a server starts (--check prints it and stops)
 @dataclasses.dataclass
 class Check:
@@ -9077,28 +9099,6 @@ def plan_summary(plan: WorkloadPlan) -> dict:
     out = {**dataclasses.asdict(plan), "requests": len(plan.requests)}
     clipped = sum(r.clipped for r in plan.requests)
     return {**out, "clipped": clipped} if clipped else out
-
-
-def report_command(run_dir: Path, draw_plots: bool) -> int:
-    """--report: the summaries and plots rebuilt, shown inline in a notebook as a run's are."""
-    result = build_report(run_dir, draw_plots=draw_plots)
-    say(f"summary: {run_dir / 'summary.md'}\n{json.dumps(readable(result))}")
-    if running_in_notebook():
-        show_in_notebook(run_dir)
-    return 0
-
-
-def show_in_notebook(run_dir: Path) -> None:
-    """Inline summary and plots in Jupyter/Colab (the files are written either way)."""
-    try:
-        with contextlib.suppress(Exception):
-            from IPython.display import Image, Markdown, display
-
-            display(Markdown((run_dir / "summary.md").read_text().split("\nPlots:")[0]))
-            for png in sorted((run_dir / "plots").glob("*.png")):
-                display(Image(filename=str(png)))
-    except KeyboardInterrupt:  # the servers are stopped and every file written: only the display stops
-        say(f"display stopped; the summary and plots are in {run_dir}")
 
 
 def install_stop_signals() -> dict:

@@ -1787,7 +1787,7 @@ def tokens_or_auto(value: str) -> int:
     if value == "auto":
         return AUTO_LENGTH
     try:
-        return int(value)
+        return max(int(value), 0)  # -1 is how auto is held: typed, it is no length (FIELD_CHECKS refuses 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a whole number of tokens or 'auto', not {value!r}") from None
 
@@ -1967,7 +1967,7 @@ FIELD_CHECKS = (
     ("rate", lambda v: v >= 0, "must be >= 0 requests per second, got {v:g}"),
     # below 0.01 the gamma's gaps underflow to 0 and a window would never end
     ("burstiness", lambda v: v >= 0.01, "must be >= 0.01 (1 = Poisson, below 1 burstier), got {v:g}"),
-    ("ramp_step", lambda v: v > 0, "must be > 0 requests/s per second, got {v:g}"),
+    ("ramp_step", lambda v: v >= 1e-6, "must be at least 1e-06 requests/s per second, got {v:g}"),
     (
         "stagger_s",
         lambda v: v >= 0,
@@ -2720,8 +2720,8 @@ def arrival_offsets(rng: random.Random, rate: float, shape: float, duration_s: f
 
 
 def parse_peaks(cfg: Config) -> list[float]:
-    why = "must be peak requests per second of at least 1, separated by commas, e.g. 12,16,20"
-    return number_list(cfg, "peak_rates", lambda p: p >= 1, why)
+    why = "must be peak requests per second of 1 to 1e+06, separated by commas, e.g. 12,16,20"
+    return number_list(cfg, "peak_rates", lambda p: 1 <= p <= 1e6, why)
 
 
 def ramp_seconds(peak: float, step: float) -> list[float]:

@@ -662,10 +662,13 @@ def test_each_model_ramps_in_turn_one_window_per_peak():
     "flags, message",
     [
         (["--peak-rates", "4"], "--peak-rates: apply to --arrivals ramp"),
-        (["--arrivals", "ramp"], "--peak-rates: must be peak requests per second of at least 1"),
+        (["--arrivals", "ramp"], "--peak-rates: must be peak requests per second of 1 to 1e+06"),
         (["--arrivals", "ramp", "--peak-rates", "4,x"], "--peak-rates: must be peak requests per second"),
         (["--arrivals", "ramp", "--peak-rates", "0.5"], "--peak-rates: must be peak requests per second"),
-        (["--arrivals", "ramp", "--peak-rates", "4", "--ramp-step", "0"], "--ramp-step: must be > 0"),
+        (
+            ["--arrivals", "ramp", "--peak-rates", "4", "--ramp-step", "0"],
+            "--ramp-step: must be at least 1e-06",
+        ),
         (["--arrivals", "ramp", "--peak-rates", "4", "--stagger-s", "-1"], "--stagger-s: must be >= 0"),
         (
             ["--arrivals", "ramp", "--peak-rates", "20", "--duration-s", "30"],

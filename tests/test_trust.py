@@ -1256,6 +1256,10 @@ def test_a_server_that_came_up_before_its_partner_failed_counts_as_a_paid_start_
             ],
             "--duration-s",
         ),
+        # ramp_length overflowed in --check; -1, how auto is held, was taken for auto
+        (["--arrivals", "ramp", "--peak-rates", "10", "--ramp-step", "1e-320"], "--ramp-step"),
+        (["--arrivals", "ramp", "--peak-rates", "1e300", "--ramp-step", "1e-6"], "--peak-rates"),
+        (["--max-model-len", "-1", "--arrivals", "trace", "--trace", "t.csv"], "--max-model-len"),
         (["--request-timeout-s", "1e300"], "--request-timeout-s"),
         (["--overload-budget-gib", "1e308"], "--overload-budget-gib"),
         (["--sample-hz", "1e9"], "--sample-hz"),

@@ -1214,7 +1214,12 @@ class Trial:
         write_json(self.folder / "experiment.json", self.record)
 
     def close(self) -> None:
-        """Give kvcached its limits back, stop sampling, and write the record down."""
+        """Give kvcached its limits back, stop sampling, and write the record down: a signal meanwhile (a
+        second Ctrl-C right after the first) is raised once the record is written, not in its middle."""
+        with signals_held():
+            self.write_down()
+
+    def write_down(self) -> None:
         for ipc, total in self.limits_before.items():
             with contextlib.suppress(OSError):
                 write_segment_limit(ipc, total)
@@ -3538,6 +3543,22 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
         STATE.interrupt_pending.clear()
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """In the main thread, a stop signal during the block is raised after it (as during a server's stop)."""
+    if threading.current_thread() is not threading.main_thread() or STATE.stopping.is_set():
+        yield
+        return
+    STATE.stopping.set()
+    try:
+        yield
+    finally:
+        STATE.stopping.clear()
+    if STATE.interrupt_pending.is_set():
+        STATE.interrupt_pending.clear()
+        raise KeyboardInterrupt("interrupted while a record was written")
 
 
 def stop_every_server(pool: "ServerPool") -> bool:

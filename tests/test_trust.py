@@ -1660,3 +1660,29 @@ def test_a_server_on_an_ipv6_address_is_reached_at_its_bracketed_url():
             assert rx.health_ok(server), "an unbracketed ::1 read as no host: never ready, start-up timed out"
         finally:
             httpd.shutdown()
+
+
+def test_a_signal_while_the_record_is_written_is_raised_once_it_is_written(tmp_path, monkeypatch):
+    # a second Ctrl-C 5 ms after the first interrupted Trial.close before its save: experiment.json kept
+    # no burst, although requests.jsonl held burst 1's rows
+    monkeypatch.setattr(rx, "STATE", rx.RunState(lambda _: None))
+
+    class SignalledWhileStopping:
+        errors, error_kinds, missed_ticks = 0, {}, 0
+
+        def stop(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs here
+
+    record = rx.ExperimentRecord("kvcached", "q")
+    record.marks.bursts.append(rx.BurstMark("burst 1", "A", 0, 1.0))
+    trial = rx.Trial(rx.Config(), None, {}, {}, SignalledWhileStopping(), record, tmp_path)
+    previous = rx.install_stop_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trial.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    (burst,) = json.loads((tmp_path / "experiment.json").read_text())["marks"]["bursts"]
+    assert burst["end"] is not None and not rx.STATE.stopping.is_set()

@@ -1714,7 +1714,20 @@ def config_from_args(argv: Optional[list[str]]) -> Optional[Config]:
         namespace = build_parser().parse_args(argv)
     except SystemExit:  # --help printed (bad flags raise ConfigError instead)
         return None
-    return resolve_config(validate_config(Config(**vars(namespace))))
+    return resolve_config(validate_config(home_expanded(Config(**vars(namespace)))))
+
+
+def home_expanded(cfg: Config) -> Config:
+    """'~/models/a' as a shell expands it, which it does not after '=', nor in a notebook's string: vLLM
+    would take the literal '~' for a Hugging Face id, and --results-dir would make a folder named '~'."""
+    paths = {
+        name: os.path.expanduser(getattr(cfg, name))
+        for name in ("model_a", "model_b", "results_dir", "report")
+    }
+    for name in ("models", "trace"):  # comma lists
+        items = [os.path.expanduser(item.strip()) for item in getattr(cfg, name).split(",")]
+        paths[name] = ",".join(items) if "~" in getattr(cfg, name) else getattr(cfg, name)
+    return dataclasses.replace(cfg, **paths)
 
 
 def default_argv() -> list[str]:

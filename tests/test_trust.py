@@ -1686,3 +1686,15 @@ def test_a_signal_while_the_record_is_written_is_raised_once_it_is_written(tmp_p
             signal.signal(sig, handler)
     (burst,) = json.loads((tmp_path / "experiment.json").read_text())["marks"]["bursts"]
     assert burst["end"] is not None and not rx.STATE.stopping.is_set()
+
+
+def test_a_home_folder_given_after_an_equals_sign_or_in_a_notebook_string_is_expanded(tmp_path, monkeypatch):
+    # the shell expands ~ in `--models ~/a` but not in `--models=~/a`, nor does main("--models ~/a"):
+    # the check found the folder, and vLLM was handed the literal '~/a', a Hugging Face id to it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    cfg = rx.config_from_args(["--models=~/a,~/b", "--results-dir=~/runs", "--model-a=~/a"])
+    assert (cfg.models, cfg.model_a) == (f"{tmp_path}/a,{tmp_path}/b", f"{tmp_path}/a")
+    assert cfg.results_dir == f"{tmp_path}/runs"

@@ -651,15 +651,11 @@ def main(
         cfg = config_from_args(argv)
         if cfg is None:  # --help
             return 0
-        if cfg.report:
-            return report_command(Path(cfg.report), cfg.plots)
-        if cfg.check:
-            experiments = parse_experiments(cfg.experiments)
-            checks, nvml = preflight(cfg, experiments, nvml_module)
-            say(checklist(checks))
-            if all(c.ok for c in checks):  # what the run refuses after its checklist, --check refuses too
-                plan_run(cfg, experiments, nvml)
-            return 0 if all(c.ok for c in checks) else 2  # as the run's own refusal: nothing launched
+        if cfg.report or cfg.check:
+            with stop_signals():  # SIGTERM and SIGHUP end them as Ctrl-C does
+                if cfg.report:
+                    return report_command(Path(cfg.report), cfg.plots)
+                return check_command(cfg, nvml_module)
         if cfg.lane_of:  # one card's process of a --gpus run: its experiments, no report
             interrupted, failures = run_table(join_run(cfg, nvml_module))
             return 130 if interrupted else (1 if failures else 0)
@@ -683,6 +679,16 @@ def main(
         return 130
     run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures)
+
+
+def check_command(cfg: Config, nvml_module: Any) -> int:
+    """--check: the preflight's checklist, and what the run refuses after it; 2 where a check fails."""
+    experiments = parse_experiments(cfg.experiments)
+    checks, nvml = preflight(cfg, experiments, nvml_module)
+    say(checklist(checks))
+    if all(c.ok for c in checks):
+        plan_run(cfg, experiments, nvml)
+    return 0 if all(c.ok for c in checks) else 2  # as the run's own refusal: nothing launched
 
 
 def run_table(run: Run) -> tuple[bool, int]:
@@ -5342,7 +5348,7 @@ def write_requests_csv(path: Path, rows: list[dict]) -> None:
     for row in rows:
         gaps = row.get("itl_s") or []
         writer.writerow({**row, "itl_p50_s": percentile(gaps, 50), "itl_max_s": max(gaps, default=None)})
-    write_text_atomic(path, out.getvalue())
+    write_summary(path, out.getvalue())
 
 
 def open_jsonl(path: Path) -> Optional[Any]:
@@ -7809,7 +7815,9 @@ def report_experiment(
     summary = summarize_experiment(exp, tolerance, slo, target)
     if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
         write_requests_csv(exp_dir / "requests.csv", exp.requests)
-    write_json(exp_dir / "summary.json", summary)
+    write_summary(
+        exp_dir / "summary.json", json.dumps(to_json(summary), indent=2)
+    )  # unwritable: said as such
     return exp, summary
 
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -624,6 +625,26 @@ def test_a_report_names_damaged_timing_records_and_plot_places_instead_of_a_trac
     (copy / "plots").write_text("")
     assert rx.main(["--report", str(copy)], out=lambda _: None) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_write_an_experiments_summary_says_so_and_sigterm_ends_it_as_ctrl_c(
+    tmp_path, monkeypatch, capsys
+):
+    # the write's OSError was named "its files could not be read"; SIGTERM killed it without a word (143)
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    first = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    (first / "summary.json").unlink()
+    (first / "summary.json").mkdir()
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 2
+    assert f"cannot write {first / 'summary.json'} (Is a directory)" in capsys.readouterr().err
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler raises here
+
+    monkeypatch.setattr(rx, "build_report", terminated)
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 130
+    assert "interrupted before anything was measured; run --report" in capsys.readouterr().err
 
 
 def test_a_report_whose_summary_is_a_folder_says_to_move_it_aside(tmp_path, capsys):

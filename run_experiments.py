@@ -2063,7 +2063,9 @@ def validate_config(cfg: Config) -> Config:
     need(
         not cfg.pair_utilization_b or cfg.static_shares or len(slots(cfg)) == 2,
         "pair_utilization_b",
-        f"is model B's share of a pair: for {len(slots(cfg))} models give every share in --static-shares",
+        f"is model B's share of a pair: for {len(slots(cfg))} models give every share in --static-shares"
+        if len(slots(cfg)) > 2
+        else "is model B's share of a pair, and one model has no B: leave it out",
     )
     pair_given = cfg.pair_utilization_b and not cfg.static_shares
     pair = shares_total([cfg.gpu_memory_utilization, cfg.pair_utilization_b])

@@ -1698,3 +1698,12 @@ def test_a_home_folder_given_after_an_equals_sign_or_in_a_notebook_string_is_exp
     cfg = rx.config_from_args(["--models=~/a,~/b", "--results-dir=~/runs", "--model-a=~/a"])
     assert (cfg.models, cfg.model_a) == (f"{tmp_path}/a,{tmp_path}/b", f"{tmp_path}/a")
     assert cfg.results_dir == f"{tmp_path}/runs"
+
+
+def test_a_b_share_for_one_model_is_refused_as_such(capsys):
+    # it said "for 1 models give every share in --static-shares", a flag one model has no use for
+    assert rx.main(["--models", "org/a", "--pair-utilization-b", "0.3"], out=lambda _: None) == 2
+    assert (
+        "--pair-utilization-b: is model B's share of a pair, and one model has no B"
+        in capsys.readouterr().err
+    )

@@ -1836,6 +1836,12 @@ def resolve_config(cfg: Config) -> Config:
         "shared_prefix_tokens",
         f"must be below the prompt length ({room} tokens: --prompt-tokens, within --max-model-len)",
     )
+    if cfg.prompt_tokens > room and cfg.arrivals != "trace":
+        say(
+            f"note: prompts of --prompt-tokens {cfg.prompt_tokens} are cut to {room} tokens, what "
+            f"--max-model-len {cfg.max_model_len} leaves beside {longest} output tokens and "
+            f"{PROMPT_MARGIN_TOKENS} of margin"
+        )
     lengths_planned = "--arrivals trace" if cfg.arrivals == "trace" else None
     if cfg.output_tokens_dist != "fixed":
         lengths_planned = f"--output-tokens-dist {cfg.output_tokens_dist}"

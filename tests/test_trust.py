@@ -1707,3 +1707,14 @@ def test_a_b_share_for_one_model_is_refused_as_such(capsys):
         "--pair-utilization-b: is model B's share of a pair, and one model has no B"
         in capsys.readouterr().err
     )
+
+
+def test_prompts_cut_to_fit_the_model_length_say_so(monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr(rx, "STATE", rx.RunState(said.append))
+    cfg = rx.config_from_args(["--preset", "smoke", "--prompt-tokens", "100000000"])
+    assert cfg.prompt_tokens == 100000000, "the flag keeps its value: the plan cuts each prompt"
+    assert (
+        "note: prompts of --prompt-tokens 100000000 are cut to 1968 tokens, what --max-model-len 2048 leaves "
+        "beside 16 output tokens and 64 of margin"
+    ) in said

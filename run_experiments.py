@@ -647,6 +647,7 @@ def main(
         cached.cache_clear()
     started, run, cfg = time.time(), None, None
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a card's process held them since its start
         argv = given_argv(argv)  # once: for the config, each card's process, config.json
         cfg = config_from_args(argv)
         if cfg is None:  # --help
@@ -895,7 +896,7 @@ def run_lanes(run: Run, argv: list[str]) -> tuple[bool, int]:
                 process.send_signal(signum)
 
     restore = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         # off the main thread (a notebook's worker) the signals stay theirs
         with contextlib.suppress(ValueError):
             restore[sig] = signal.signal(sig, pass_on)
@@ -903,13 +904,18 @@ def run_lanes(run: Run, argv: list[str]) -> tuple[bool, int]:
     try:
         for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
-                lanes[index] = subprocess.Popen(
-                    [*command, "--lane-of", str(run.run_dir), "--gpu-index", str(index)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1", LANE_PARENT: str(os.getpid())},
-                    start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
-                )
+                # it holds a passed-on signal until main() reads it: one while it imports showed its traceback
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                try:
+                    lanes[index] = subprocess.Popen(
+                        [*command, "--lane-of", str(run.run_dir), "--gpu-index", str(index)],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1", LANE_PARENT: str(os.getpid())},
+                        start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
+                    )
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 if signals:  # came while it was starting, before pass_on could see it
                     lanes[index].send_signal(signals[0])
         relay_output(lanes)
@@ -9151,6 +9157,9 @@ def plan_summary(plan: WorkloadPlan) -> dict:
     return {**out, "clipped": clipped} if clipped else out
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_stop_signals() -> dict:
     """Ctrl-C, SIGTERM and SIGHUP end the run through the finally-blocks that stop the servers. During a
     stop the first signal ends the run once the stop is done, any further one kills the servers at once."""
@@ -9165,7 +9174,7 @@ def install_stop_signals() -> dict:
             say("\n  signalled again: killing the servers now")
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, handler)
     return previous

@@ -1718,3 +1718,28 @@ def test_prompts_cut_to_fit_the_model_length_say_so(monkeypatch):
         "note: prompts of --prompt-tokens 100000000 are cut to 1968 tokens, what --max-model-len 2048 leaves "
         "beside 16 output tokens and 64 of margin"
     ) in said
+
+
+def test_a_cards_process_holds_a_passed_on_signal_until_main_reads_it(tmp_path, monkeypatch, capsys):
+    # a Ctrl-C passed on while a card's process was still importing showed "[GPU 0] Traceback ..."
+    masks = []
+
+    def started(*args, **kwargs):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        raise RuntimeError("not started here")
+
+    monkeypatch.setattr(rx.subprocess, "Popen", started)
+    lane = types.SimpleNamespace(cfg=types.SimpleNamespace(gpu_index=0))
+    run = types.SimpleNamespace(import_checks=None, config={"timing": {}}, lanes=[lane], run_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="not started here"):
+        rx.run_lanes(run, [])
+    assert set(rx.STOP_SIGNALS) <= masks[0], "started with the stop signals held"
+    assert not set(rx.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, []), "and released here"
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        # passed on while it imported (one thread then, here others may take a process's signal): pending
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        assert rx.main(["--help"], out=lambda _: None) == 130
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    assert "interrupted before anything was measured" in capsys.readouterr().err

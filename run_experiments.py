@@ -8400,7 +8400,8 @@ def card_checks(cfg: Config, experiments: list[Experiment], nvml_module: Any) ->
     shown = "; ".join(f"GPU {i}: {nvml_text(n)}" for i, n in zip(indices, names))
     checks = [Check("nvml", True, shown), check_driver(nvml, torch_cuda_version())]
     budget = int(cfg.overload_budget_gib * GIB)
-    static = max((static_held_at_once(e.servers(cfg, budget)) for e in experiments), default=(0, 0))
+    held = [static_held_at_once(e.servers(cfg, budget), awake_at_most(cfg)) for e in experiments]
+    static = max(held, default=(0, 0))
     checks += [check_card(nvml, i, static) for i in indices]
     return checks + room_checks(cfg, nvml, indices, experiments, budget), nvml
 
@@ -8664,13 +8665,14 @@ def check_static_split(cfg: Config, sizes: dict[str, ModelRoom], card: CardRoom,
     )
 
 
-def static_held_at_once(servers: Iterable[ServerSpec]) -> tuple[float, int]:
-    """The card's fraction an experiment's static pools hold at once, and how many pools: shared_static's add
-    up, while only one sleep-mode server of shared_sleep is awake at a time."""
+def static_held_at_once(servers: Iterable[ServerSpec], sleepers_awake: int = 1) -> tuple[float, int]:
+    """The card's fraction an experiment's static pools hold at once, and how many servers hold memory
+    beside them: shared_static's pools add up; of shared_sleep's, the router keeps `sleepers_awake` awake,
+    and the others asleep still hold their CUDA context."""
     pools = [s for s in servers if not s.kvcached and not s.kv_cache_memory_bytes]  # fixed pools: start gate
     awake = [s.gpu_memory_utilization or 0 for s in pools if not s.sleep_mode]
-    sleepers = [s.gpu_memory_utilization or 0 for s in pools if s.sleep_mode]
-    return sum(awake) + max(sleepers, default=0), len(awake) + bool(sleepers)
+    sleepers = sorted((s.gpu_memory_utilization or 0 for s in pools if s.sleep_mode), reverse=True)
+    return sum(awake) + sum(sleepers[:sleepers_awake]), len(awake) + len(sleepers)
 
 
 # What a running vLLM server holds beyond its --gpu-memory-utilization share (CUDA context and the like):
@@ -8701,7 +8703,7 @@ def check_card(nvml: Any, index: int, static: tuple[float, int]) -> Check:
             f"{shown}: {beside / MIB:,.0f} MiB beside the {static_share:g} of the card that {pools} static "
             "pools hold at once; each server started before the last holds up to "
             f"{OUTSIDE_SHARE_MOST / MIB:,.0f} MiB outside its share (CUDA context): the last may not start"
-            + (f"; other processes on it: {listed}" if listed else ""),
+            " (or, asleep, wake)" + (f"; other processes on it: {listed}" if listed else ""),
             SHARES_FIX,
         )
     if others:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def test_static_pools_that_leave_no_room_for_each_servers_context_are_warned_of(
     stranger.write_text(json.dumps({"used_bytes": 100 * rx.MIB}))
     crowded = rx.check_card(nvml, 0, (0.95, 3))
     assert crowded.warning and crowded.detail.endswith(f"; other processes on it: pid {os.getpid()} 100 MiB")
+
+
+def test_the_sleep_arms_servers_awake_at_once_count_against_the_card(fake_gpu):
+    # 4 models at 0.3: the router keeps 3 awake (0.9 of the card) beside the fourth asleep, where the check
+    # counted one awake: on a 16,384 MiB card they overflowed it by 474 MiB, and nothing said so
+    asleep = types.SimpleNamespace(kvcached=False, kv_cache_memory_bytes=None, sleep_mode=True)
+    four = [types.SimpleNamespace(**vars(asleep), gpu_memory_utilization=0.3) for _ in range(4)]
+    awake = rx.awake_at_most(rx.Config(gpu_memory_utilization=0.3))
+    share, servers = rx.static_held_at_once(four, awake)
+    assert (awake, servers) == (3, 4) and share == pytest.approx(0.9)
+    tight = rx.check_card(rx.load_nvml(fake_gpu), 0, (share, servers))
+    assert tight.warning and tight.detail.endswith("the last may not start (or, asleep, wake)")
 
 
 def test_an_import_failing_on_the_cuda_runtime_says_torch_and_vllm_disagree():

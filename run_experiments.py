@@ -6678,7 +6678,7 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         rows, t0 = loaded.memory, loaded.t0
         plot_series(mem, loaded.device, t0, color="black", lw=1.4, label="device total")
         for server in loaded.record.servers:
-            slot, model = server["spec"]["name"], server["spec"]["model"].split("/")[-1]
+            slot, model = server["spec"]["name"], model_name(server["spec"]["model"])
             color = color_of(slot)
             proc = series(rows, "process", server=slot)
             plot_series(mem, proc, t0, color=color, lw=1.2, label=f"{slot}: {model}")
@@ -6697,6 +6697,11 @@ def plot_pair(path: Path, arms: dict[str, LoadedExperiment]) -> Optional[Path]:
         met.set_title("vLLM's /metrics: running (solid) and waiting (dashed) requests")
         met.set_xlabel(f"seconds since the experiment began ({shaded_words(loaded.record.marks)})")
     return save_figure(fig, path)
+
+
+def model_name(model: str) -> str:
+    """A model's last path part: 'Qwen2.5-0.5B-Instruct' of an id or a folder, '/m/a/' too."""
+    return model.rstrip("/").split("/")[-1] or model
 
 
 def plot_memory_per_model(path: Path, loaded: dict[str, LoadedExperiment]) -> Optional[Path]:
@@ -7081,7 +7086,7 @@ def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
 def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     columns: list[Column] = [
         EXPERIMENT,
-        ("model", lambda _, key, v: f"{key}: {v.model.split('/')[-1]}"),
+        ("model", lambda _, key, v: f"{key}: {model_name(v.model)}"),
         ("idle (MiB)", lambda _, key, v: fmt(v.memory.idle_before_workload_mib)),
         ("peak (MiB)", lambda _, key, v: fmt(v.memory.peak_mib)),
         (
@@ -8033,15 +8038,19 @@ def import_check(
     return Check(name, True, printed[-1] if printed else "importable"), proc.stdout
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """Helper program: killed when the thread that started it ends (Linux), as a --preimport import check,
-    started from a thread that a stop never reaches, outlived the run."""
+    started from a thread that a stop never reaches, outlived the run; gone at once if that came first."""
+    import os
+
     try:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except Exception:  # elsewhere it ends when its import does
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def probe_vllm() -> None:
@@ -8087,11 +8096,11 @@ def check_serving_imports(
             return [warn("vllm", f"not checked: servers run with --server-cmd {prefix[0]}")]
         python, module, _ = launch
         probe = program_source(
-            die_with_parent, probe_module, call=f"die_with_parent()\nprobe_module({module!r})"
+            die_with_parent, probe_module, call=f"die_with_parent({os.getpid()})\nprobe_module({module!r})"
         )
         fix = f"check --server-cmd: `{shlex.join(python)} -m {module}` must import"
         return [import_check("server", probe, env, timeout_s, fix, python=prefix[0])[0]]
-    probe = program_source(die_with_parent, probe_vllm, call="die_with_parent()\nprobe_vllm()")
+    probe = program_source(die_with_parent, probe_vllm, call=f"die_with_parent({os.getpid()})\nprobe_vllm()")
     say("  checking that vLLM imports in a fresh Python (20-60 s)...")
     vllm, out = import_check("vllm", probe, env, timeout_s, "pip install -r requirements.txt (vllm==0.24.0)")
     if not (kvcached_needed and vllm.ok):

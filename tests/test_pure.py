@@ -731,3 +731,13 @@ def test_report_sentences_leave_out_what_is_n_a_and_say_more_where_kvcached_hold
 def test_shares_are_rounded_down_to_tenths_and_a_tiny_negative_is_no_minus_zero():
     assert rx.share_to_tenths(0.9995) == "99.9%" and rx.share_to_tenths(1.0) == "100.0%"
     assert rx.signed_tenths(-0.04) == "0.0" and rx.signed_tenths(-0.06) == "-0.1"
+
+
+def test_a_models_name_in_tables_and_plots_is_its_last_path_part_with_or_without_a_slash():
+    # `--models /m/a/,/m/b/` showed "A: " with no name in the per-model table and its plot
+    assert [rx.model_name(m) for m in ("/m/a/", "Qwen/Qwen2.5-0.5B-Instruct", "org/b", "/")] == [
+        "a",
+        "Qwen2.5-0.5B-Instruct",
+        "b",
+        "/",
+    ]

@@ -230,8 +230,8 @@ SESSION_ENV = dict(os.environ)
 
 def in_memory(gpu_dir: Path) -> Path:
     """The fake card's state files in /dev/shm behind `gpu_dir`, as a real card's memory is read from no disk.
-    On disk, a fake server's rename waited for the journal behind the runs' fsyncs, holding the folder that
-    the device sampler lists: each fake run on the machine stopped sampling for about 0.9 s at once."""
+    On disk, three fake runs once stopped sampling for about 0.9 s at the same moment (the fake servers'
+    renames waiting on the journal behind the runs' fsyncs, it seems); in memory, no suite run has since."""
     if not gpu_dir.is_dir() or gpu_dir.is_symlink() or any(gpu_dir.iterdir()) or not SHM.is_dir():
         return gpu_dir
     gpu_dir.rmdir()

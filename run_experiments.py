@@ -587,15 +587,6 @@ def run_experiment(
 
 # %% main(): resolve the config, open the run folder, run the table, report
 @dataclasses.dataclass
-class Lane:
-    """One card and the experiments it runs, in order."""
-
-    cfg: "Config"  # the run's config with this card's index and ports
-    gpu: dict  # the card's facts (gpu_facts)
-    experiments: list[Experiment]
-
-
-@dataclasses.dataclass
 class Run:
     """Everything one run needs, settled before the first server starts."""
 
@@ -614,26 +605,6 @@ class Run:
     def save_config(self) -> None:
         with stopped_if_unwritable(self.run_dir):
             write_json(self.run_dir / self.config_file, self.config)
-
-
-class ResultsUnwritable(RuntimeError):
-    """The run folder takes no more writes (a full disk, a quota, a read-only mount): the run stops."""
-
-
-UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-@contextlib.contextmanager
-def stopped_if_unwritable(run_dir: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in UNWRITABLE:
-            raise
-        raise ResultsUnwritable(
-            f"cannot write in {run_dir} ({exc.strerror}): the run stopped, every server with it; what was "
-            f"recorded is there: free some space, then build its report with --report {run_dir}"
-        ) from None
 
 
 def main(
@@ -680,16 +651,6 @@ def main(
         return 130
     run.config["timing"]["table_end"] = time.time()
     return report_run(run, interrupted, failures)
-
-
-def check_command(cfg: Config, nvml_module: Any) -> int:
-    """--check: the preflight's checklist, and what the run refuses after it; 2 where a check fails."""
-    experiments = parse_experiments(cfg.experiments)
-    checks, nvml = preflight(cfg, experiments, nvml_module)
-    say(checklist(checks))
-    if all(c.ok for c in checks):
-        plan_run(cfg, experiments, nvml)
-    return 0 if all(c.ok for c in checks) else 2  # as the run's own refusal: nothing launched
 
 
 def run_table(run: Run) -> tuple[bool, int]:
@@ -758,14 +719,6 @@ def run_lane_experiments(run: Run, lane: Lane, pool: "ServerPool") -> int:
     return failures
 
 
-def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
-    """error.json in the experiment's folder, and the line that says so."""
-    with stopped_if_unwritable(exp_dir.parent):
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
-    say(f"  FAILED {entry.name}: {error}")
-
-
 def report_run(run: Run, interrupted: bool, failures: int) -> int:
     run.config["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     run.config["interrupted"] = interrupted
@@ -805,6 +758,15 @@ def report_run(run: Run, interrupted: bool, failures: int) -> int:
 LANE_PORT_STEP = 100
 START_ESTIMATE_S = 60.0  # one vLLM start-up, for the scheduler's estimates only
 BURST_ESTIMATE_S = 10.0  # one burst
+
+
+@dataclasses.dataclass
+class Lane:
+    """One card and the experiments it runs, in order."""
+
+    cfg: "Config"  # the run's config with this card's index and ports
+    gpu: dict  # the card's facts (gpu_facts)
+    experiments: list[Experiment]
 
 
 def gpu_indices(cfg: "Config") -> list[int]:
@@ -904,18 +866,7 @@ def run_lanes(run: Run, argv: list[str]) -> tuple[bool, int]:
     try:
         for index in (lane.cfg.gpu_index for lane in run.lanes):  # one that cannot start stops them all
             if not signals:  # interrupted meanwhile: the rest never start
-                # it holds a passed-on signal until main() reads it: one while it imports showed its traceback
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-                try:
-                    lanes[index] = subprocess.Popen(
-                        [*command, "--lane-of", str(run.run_dir), "--gpu-index", str(index)],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1", LANE_PARENT: str(os.getpid())},
-                        start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
-                    )
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                lanes[index] = start_card_process([*command, "--lane-of", str(run.run_dir)], index)
                 if signals:  # came while it was starting, before pass_on could see it
                     lanes[index].send_signal(signals[0])
         relay_output(lanes)
@@ -936,6 +887,22 @@ def run_lanes(run: Run, argv: list[str]) -> tuple[bool, int]:
     failures = sum(gather_lane(run, lane, codes.get(lane.cfg.gpu_index, 130)) for lane in run.lanes)
     run.save_config()
     return bool(signals) or 130 in codes.values(), failures
+
+
+def start_card_process(command: list[str], index: int) -> subprocess.Popen:
+    """This script for card `index`, holding a passed-on signal until its main() reads it: one that came
+    while it imported showed its traceback."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(
+            [*command, "--gpu-index", str(index)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", LANE_PARENT: str(os.getpid())},
+            start_new_session=True,  # a terminal's Ctrl-C reaches it once, through pass_on
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def script_file() -> Optional[str]:
@@ -5348,6 +5315,34 @@ def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(to_json(obj), indent=2))
 
 
+class ResultsUnwritable(RuntimeError):
+    """The run folder takes no more writes (a full disk, a quota, a read-only mount): the run stops."""
+
+
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def stopped_if_unwritable(run_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        raise ResultsUnwritable(
+            f"cannot write in {run_dir} ({exc.strerror}): the run stopped, every server with it; what was "
+            f"recorded is there: free some space, then build its report with --report {run_dir}"
+        ) from None
+
+
+def write_failure(exp_dir: Path, entry: Experiment, error: str, trace: str = "") -> None:
+    """error.json in the experiment's folder, and the line that says so."""
+    with stopped_if_unwritable(exp_dir.parent):
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        write_json(exp_dir / "error.json", {"experiment": entry.name, "error": error, "traceback": trace})
+    say(f"  FAILED {entry.name}: {error}")
+
+
 CSV_COLUMNS = (
     "experiment server phase repeat burst index t_send ok status error ttft_s tpot_s e2e_s prompt_tokens "
     "completion_tokens finish_reason itl_p50_s itl_max_s"
@@ -7928,6 +7923,16 @@ def show_in_notebook(run_dir: Path) -> None:
 
 
 # %% Preflight: what must hold before a server starts (--check prints it and stops)
+def check_command(cfg: Config, nvml_module: Any) -> int:
+    """--check: the preflight's checklist, and what the run refuses after it; 2 where a check fails."""
+    experiments = parse_experiments(cfg.experiments)
+    checks, nvml = preflight(cfg, experiments, nvml_module)
+    say(checklist(checks))
+    if all(c.ok for c in checks):
+        plan_run(cfg, experiments, nvml)
+    return 0 if all(c.ok for c in checks) else 2  # as the run's own refusal: nothing launched
+
+
 @dataclasses.dataclass
 class Check:
     name: str

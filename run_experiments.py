@@ -7829,17 +7829,16 @@ def report_experiment(
     summary = summarize_experiment(exp, tolerance, slo, target)
     if (exp_dir / "requests.jsonl").exists():  # compressed archives of committed runs get none
         write_requests_csv(exp_dir / "requests.csv", exp.requests)
-    write_summary(
-        exp_dir / "summary.json", json.dumps(to_json(summary), indent=2)
-    )  # unwritable: said as such
+    write_summary(exp_dir / "summary.json", json.dumps(to_json(summary), indent=2))
     return exp, summary
 
 
 def write_summary(path: Path, text: str) -> None:
     try:
         write_text_atomic(path, text)
-    except OSError as exc:  # a folder, or a read-only file, in its place
-        raise ReportError(f"cannot write {path} ({exc.strerror or exc}); move it aside") from exc
+    except OSError as exc:  # a folder in its place, or a full disk
+        fix = "free some space, then --report again" if exc.errno in UNWRITABLE else "move it aside"
+        raise ReportError(f"cannot write {path} ({exc.strerror or exc}); {fix}") from exc
 
 
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:

@@ -2456,8 +2456,22 @@ def has_chat_template(model: str) -> Optional[bool]:
 
 
 def text_config(model_config: dict) -> dict:
-    """The language model's part of a config.json: multimodal configs nest it under text_config."""
-    return model_config.get("text_config", model_config)
+    """The language model's part of a config.json: multimodal configs nest it under text_config, where
+    transformers leaves out each value equal to its class's default (Gemma 3's head_dim of 256)."""
+    text = model_config.get("text_config", model_config)
+    return {**TEXT_DEFAULTS.get(text.get("model_type"), {}), **text} if isinstance(text, dict) else text
+
+
+TEXT_DEFAULTS = {  # transformers' Gemma3TextConfig: none of these is derived from the others
+    "gemma3_text": dict(
+        head_dim=256,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        hidden_size=2304,
+        num_hidden_layers=26,
+        max_position_embeddings=131072,
+    )
+}
 
 
 def served_bytes_per_value(text: dict) -> int:
@@ -8169,16 +8183,19 @@ def check_model(cfg: Config, slot: str) -> Check:
 
 def no_chat_template(cfg: Config, slot: str) -> Optional[Check]:
     """A model whose tokenizer has no chat template (a base model) would answer every request with 400."""
-    model = model_of(cfg, slot)
-    told = {"--chat-template", "--tokenizer"} & set(extra_server_flags(cfg))
-    if told or has_chat_template(model) is not False:
+    tokenizer = cfg.tokenizer or model_of(cfg, slot)  # the servers' --tokenizer, where one is given
+    if "--chat-template" in extra_server_flags(cfg) or has_chat_template(tokenizer) is not False:
         return None
     return fail(
         f"model {slot}",
-        f"{model}: its tokenizer has no chat template (a base model?), and vLLM refuses the chat completions "
-        "the harness sends without one",
-        "an instruct or chat model, or --extra-server-args '--chat-template FILE' (a Jinja template)",
+        f"{tokenizer}: its tokenizer has no chat template (a base model?), and vLLM refuses the chat "
+        "completions the harness sends without one",
+        "an instruct or chat model (or its --tokenizer), or --extra-server-args '--chat-template FILE'",
     )
+
+
+# RoPE types whose factor vLLM does not multiply max_position_embeddings by (Llama 3.x, Phi-3's longrope)
+UNSTRETCHED = (None, "default", "su", "longrope", "llama3")
 
 
 def too_long_for(cfg: Config, slot: str) -> Optional[Check]:
@@ -8188,7 +8205,7 @@ def too_long_for(cfg: Config, slot: str) -> Optional[Check]:
     limit = text.get("max_position_embeddings")
     ropes = [text.get("rope_scaling"), text.get("rope_parameters")]  # newer configs name "default" there
     stretched = any(
-        isinstance(r, dict) and r.get("rope_type", r.get("type")) not in (None, "default") for r in ropes
+        isinstance(r, dict) and r.get("rope_type", r.get("type")) not in UNSTRETCHED for r in ropes
     )
     if not isinstance(limit, int) or stretched or cfg.max_model_len <= limit:
         return None
@@ -8745,6 +8762,12 @@ def release(version: Optional[str]) -> Optional[tuple[int, int]]:
     return (int(match[1]), int(match[2])) if match else None
 
 
+def base_version(version: Optional[str]) -> str:
+    """'0.1.6' of 0.1.6.post1 or 0.1.6+cu129: the release a table of releases knows."""
+    found = re.match(r"\d+(\.\d+)*", version or "")
+    return found.group(0) if found else ""
+
+
 def shown_release(major_minor: tuple[int, ...]) -> str:
     return ".".join(str(part) for part in major_minor)
 
@@ -8772,7 +8795,7 @@ def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Ch
     if release(vllm) is None:
         return warn("versions", "vLLM's version unknown: the servers' Python has no vllm package")
     shown = f"vllm {vllm}" + (f", kvcached {kvcached}" if kvcached_needed and kvcached else "")
-    supported = KVCACHED_SUPPORTS_VLLM.get(kvcached)
+    supported = KVCACHED_SUPPORTS_VLLM.get(base_version(kvcached))
     if kvcached_needed and supported and not supported[0] <= release(vllm) <= supported[1]:
         return fail(
             "versions",

@@ -376,6 +376,16 @@ def test_a_max_model_len_past_the_models_own_limit_fails_naming_the_limit(
         tmp_path / "r", "--check", "--models", f"{stretched},{stretched}", "--experiments", "1"
     )
     assert rx.main([*yarn_args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0, "left to vLLM"
+    # vLLM multiplies no limit by Llama 3.x's or Phi-3's factor: it refused these at every server start
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 8192}
+    unstretched = model_folder(
+        tmp_path / "llama3", {**HALF_B, "max_position_embeddings": 4096, "rope_scaling": llama3}
+    )
+    llama3_args = in_process_args(
+        tmp_path / "r", "--check", "--models", f"{unstretched},{unstretched}", "--experiments", "1"
+    )
+    assert rx.main([*llama3_args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 2
+    assert "takes at most 4,096 tokens" in capsys.readouterr().out
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way to allow it
     assert rx.main([*args, "--max-model-len", "8192"], nvml_module=fake_gpu) == 0
 
@@ -666,3 +676,11 @@ def test_fixed_kv_pools_too_large_for_the_card_are_told_the_budget_that_fits(
     fix = re.search(r"fix: (--overload-budget-gib ([0-9.]+)), or a smaller model", out)
     assert fix and 0 < float(fix.group(2)) < 4, out
     assert rx.main([*args, *fix.group(1).split()], nvml_module=fake_gpu) == 0
+
+
+def test_gemma_3s_kv_bytes_count_the_head_dim_its_config_leaves_out():
+    # google/gemma-3-12b-it's text_config names no head_dim (Gemma3TextConfig's default 256, not 3840 / 16)
+    text = dict(model_type="gemma3_text", hidden_size=3840, num_attention_heads=16, num_key_value_heads=8)
+    assert rx.kv_bytes_per_token({"text_config": {**text, "num_hidden_layers": 48}}) == 2 * 48 * 8 * 256 * 2
+    four_b = {"model_type": "gemma3_text", "hidden_size": 2560, "num_hidden_layers": 34}  # heads left out too
+    assert rx.kv_bytes_per_token({"text_config": four_b}) == 2 * 34 * 4 * 256 * 2

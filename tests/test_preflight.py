@@ -163,6 +163,11 @@ def test_a_base_model_without_a_chat_template_is_refused_before_launch(tmp_path)
     assert all(check.ok for check in served)
     told = rx.resolve_config(dataclasses.replace(cfg, extra_server_args="--chat-template /tmp/chatml.jinja"))
     assert rx.check_model(told, "A").ok, "a template the server is given"
+    # the servers' --tokenizer is the one whose template counts: a base model with an instruct tokenizer
+    # was refused, and a chat model with a tokenizer lacking one passed
+    assert rx.check_model(dataclasses.replace(cfg, tokenizer=str(instruct)), "A").ok
+    chat = dataclasses.replace(cfg, tokenizer=str(base))
+    assert not rx.check_model(chat, "B").ok and rx.check_model(chat, "B").detail.startswith(f"{base}: its")
     (base / "tokenizer_config.json").unlink()
     assert rx.check_model(cfg, "A").ok, "no tokenizer beside the model: not known here"
 

@@ -91,6 +91,8 @@ def test_versions_kvcached_supports_pass_and_unknown_ones_warn():
     unknown = rx.check_versions({"vllm": "0.24.0", "kvcached": "0.2.0"}, True)
     assert unknown.ok and unknown.warning and "kvcached 0.2.0" in unknown.detail
     assert rx.check_versions({}, True).warning
+    for suffixed in ("0.1.6.post1", "0.1.6+cu129"):  # kvcached 0.1.6 all the same: it was only warned of
+        assert not rx.check_versions({"vllm": "0.33.0", "kvcached": suffixed}, True).ok
 
 
 @pytest.mark.parametrize(

@@ -4094,7 +4094,9 @@ def runner_hint(server: RunningServer) -> str:
         )
     return (
         f" kvcached refused vLLM's model runner ({RUNNER_VARIABLE}={given}): unset {RUNNER_VARIABLE} in "
-        f"the shell, and the harness gives every server the runner kvcached needs (--check says which)."
+        f"the shell, and the harness gives every server the runner kvcached needs (--check says which). "
+        "Where the shell sets none, the servers' vLLM is not the one --check read: run --server-cmd with "
+        "its Python (`/venv/bin/python -m vllm.entrypoints.openai.api_server`)."
     )
 
 
@@ -8781,12 +8783,26 @@ def server_versions(cfg: Config, timeout_s: float = 60.0) -> dict[str, Optional[
     call = "import json\nprint(json.dumps(package_versions(('vllm', 'kvcached'))))"
     try:
         code = program_source(package_versions, call=call)
-        first = server_prefix(cfg)[0]
-        python = first if Path(first).name.startswith("python") else sys.executable
+        python = servers_python(server_prefix(cfg)[0])
         proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout_s)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return {}
+
+
+def servers_python(first: str) -> str:
+    """The Python a --server-cmd runs: itself, or a script's (`/venv/bin/vllm serve`: its #! line names the
+    venv's, whose vLLM may not be ours); this one's where neither says."""
+    if Path(first).name.startswith("python"):
+        return first
+    with contextlib.suppress(OSError, TypeError):
+        with open(shutil.which(first) or first, "rb") as script:
+            line = script.read(256).split(b"\n")[0].decode(errors="replace")
+        words = line[2:].split() if line.startswith("#!") else []
+        named = [w for w in words if Path(w).name.startswith("python")]  # also `#!/usr/bin/env python3`
+        if named:
+            return named[0]
+    return sys.executable
 
 
 def check_versions(found: dict[str, Optional[str]], kvcached_needed: bool) -> Check:

@@ -159,6 +159,7 @@ def test_a_server_that_kvcached_stopped_on_v2_says_what_to_do(tmp_path):
     hint = rx.runner_hint(server)
     assert "kvcached refused vLLM's model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in hint
     assert "unset VLLM_USE_V2_MODEL_RUNNER" in hint
+    assert "Where the shell sets none, the servers' vLLM is not the one --check read" in hint
     # vLLM's version unknown (--server-cmd): the harness set nothing, so there is nothing to unset
     vllm_chose = rx.RunningServer(spec, None, [], {}, log, 0.0)
     assert "(VLLM_USE_V2_MODEL_RUNNER unset): set it in the shell" in rx.runner_hint(vllm_chose)
@@ -282,3 +283,16 @@ def test_from_vllm_0_28_every_arm_keeps_vllms_default_runner(qwen3_on_vllm_0_30)
     assert {s["model_runner"] for s in config["servers"].values()} == {"V2"}
     for log in server_logs(qwen3_on_vllm_0_30).values():
         assert "VLLM_USE_V2_MODEL_RUNNER" not in log.splitlines()[0]
+
+
+def test_a_server_command_that_is_a_script_has_its_versions_read_from_the_python_it_names(tmp_path):
+    # `--server-cmd "/venv/bin/vllm serve"`: versions were read from the harness's Python (vLLM 0.24), and
+    # the runner forced for it killed the venv's vLLM 0.29 at engine start
+    script = tmp_path / "vllm"
+    script.write_text("#!/venv/bin/python3.12\nfrom vllm.entrypoints.cli.main import main\n")
+    env_script = tmp_path / "tool"
+    env_script.write_text("#!/usr/bin/env python3\n")
+    assert rx.servers_python(str(script)) == "/venv/bin/python3.12"
+    assert rx.servers_python(str(env_script)) == "python3"
+    assert rx.servers_python("/usr/bin/python3") == "/usr/bin/python3"
+    assert rx.servers_python(str(tmp_path / "none")) == rx.sys.executable, "nothing to read: ours"

@@ -5621,6 +5621,16 @@ class MemoryCost:
     gib_hours: float
 
 
+def serving_span(marks: "Marks") -> Optional[Span]:
+    """The workload, through the sleep arm's last fall-asleep: the earlier ones fall within the workload, so
+    each burst's is counted (its release is timed from the workload's end all the same)."""
+    if marks.workload is None:
+        return None
+    last = marks.bursts[-1] if marks.bursts else None
+    asleep = marks.asleep or (last and last.end and last.sleep_s and last.end + last.sleep_s) or 0.0
+    return marks.workload[0], max(marks.workload[1], asleep)
+
+
 def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCost]:
     """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
     inside = np.asarray(window_samples(samples, workload), dtype=float)
@@ -5993,7 +6003,7 @@ def summarize_experiment(
         if not record.finished:  # memory was still coming back (or not) when the run stopped
             cut = dict.fromkeys(("release_s", "residual_mib", "residual_vs_load_mib"))
             return dataclasses.replace(summary, **cut), None
-        return summary, memory_cost(samples, marks.workload)
+        return summary, memory_cost(samples, serving_span(marks))
 
     device, device_cost = memory(loaded.device)
     sweep = rate_sweep(records, marks, slo, [] if invalid else loaded.device)
@@ -7133,8 +7143,9 @@ def memory_cost_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
         ("mean per model (MiB)", per_model),
     ]
     return table_section(
-        "Memory held while serving (NVML over the workload, from its first request to its last one's end; "
-        "mean weighted by time; GiB·h = mean × the workload's length):",
+        "Memory held while serving (NVML over the workload, from its first request to its last one's end, "
+        "the sleep arm's to its last fall-asleep; mean weighted by time; GiB·h = mean × the workload's "
+        "length):",
         columns,
         ((name, s.memory_cost, s) for name, s in summaries.items() if s.memory_cost),
     )

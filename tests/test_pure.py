@@ -741,3 +741,16 @@ def test_a_models_name_in_tables_and_plots_is_its_last_path_part_with_or_without
         "b",
         "/",
     ]
+
+
+def test_the_sleep_arms_memory_cost_counts_its_last_fall_asleep_as_it_counts_the_others():
+    # the workload ended with the last burst: the fall-asleep after it was left out, those after the
+    # earlier bursts counted; two identical models under the router read 1,904 and 1,236 MiB
+    burst = rx.BurstMark("burst 2", "A", 0, 10.0, end=12.0)
+    burst.sleep_s = 0.3
+    marks = rx.Marks(workload=(5.0, 12.0), bursts=[burst])
+    assert rx.serving_span(marks) == (5.0, 12.3)
+    assert rx.serving_span(dataclasses.replace(marks, asleep=12.8)) == (5.0, 12.8), "the router's last"
+    burst.sleep_s = None
+    assert rx.serving_span(marks) == (5.0, 12.0), "no sleep arm: the workload"
+    assert rx.serving_span(rx.Marks()) is None

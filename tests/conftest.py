@@ -417,6 +417,16 @@ def succeeded_run(background_runs: "BackgroundJobs", name: str) -> Path:
     return next((base / "results").iterdir())
 
 
+def first_to_claim(marker: Path) -> bool:
+    """Whether this process is the first to start the jobs: the first worker with a test, which under `-k`
+    need not be gw0 (a worker given no test never starts them, and the tests on the others waited 900 s)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def background_runs(request, tmp_path_factory):
     used = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}
@@ -424,7 +434,7 @@ def background_runs(request, tmp_path_factory):
         sorted(used, key=lambda n: (-BACKGROUND[n][0], n)),
         tmp_path_factory,
         background_folder(request.config),
-        starter=worker_id() == "gw0",
+        starter=first_to_claim(background_folder(request.config) / "starter"),
     )
     yield jobs
     jobs.close(others_read_them="PYTEST_XDIST_WORKER" in os.environ)

@@ -7349,7 +7349,7 @@ def sleep_paragraph(name: str, block: Comparison, sleep: ExperimentSummary) -> s
     level = f" (level {sleep.sleep.level})" if sleep.sleep and sleep.sleep.level is not None else ""
     # under a router the models sleep after --sleep-after-idle-s, which a short gap never reaches
     when = "before the workload" if sleep.sleep and sleep.sleep.router else "between bursts"
-    beside = {"kvcached": "kvcached idle between bursts", "static": "static pool"}
+    beside = {"kvcached": "kvcached idle before the workload", "static": "static pool"}
     ran = [arm for arm in beside if arm in block.figures]
     held = ", ".join(f"{beside[arm]} {fmt(idle[arm])} MiB" for arm in ran)
     ttft = ", ".join(f"sleep/{arm} {with_repeats(*block.ratio(f'sleep/{arm}', 'ttft_s_p50'))}" for arm in ran)

@@ -561,7 +561,9 @@ def test_the_sleep_paragraph_compares_only_with_the_arms_that_ran():
         figures={"sleep": figures(2398.0), "kvcached": figures(12144.0)}, ratios=ratios
     )
     said = rx.sleep_paragraph("shared", with_kvcached, sleep)
-    assert "holds 2,398 MiB (kvcached idle between bursts 12,144 MiB);" in said and "static" not in said, said
+    assert (
+        "holds 2,398 MiB (kvcached idle before the workload 12,144 MiB);" in said and "static" not in said
+    ), said
     assert said.endswith("TTFT p50 sleep/kvcached 2.71; E2E p50 1.45."), said
 
 

@@ -1195,7 +1195,7 @@ class Trial:
     def close(self) -> None:
         """Give kvcached its limits back, stop sampling, and write the record down: a signal meanwhile (a
         second Ctrl-C right after the first) is raised once the record is written, not in its middle."""
-        with signals_held():
+        with signals_held("interrupted while a record was written"):
             self.write_down()
 
     def write_down(self) -> None:
@@ -3536,11 +3536,7 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
         return 0.0
     grace_s = STOP_GRACE_S if grace_s is None else grace_s
     started = time.time()
-    # signals, and so STOPPING and the re-raised interrupt, concern the main thread alone
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        STATE.stopping.set()  # from here on a signal cannot cut the stop short
-    try:
+    with signals_held("interrupted while stopping servers"):  # a signal cannot cut the stop short
         hint = f"; press Ctrl-C again to kill {'them' if len(servers) > 1 else 'it'} now"
         say(
             f"  stopping {len(servers)} server{'s' if len(servers) > 1 else ''} ({why}), "
@@ -3550,18 +3546,14 @@ def stop_servers(servers: list[RunningServer], why: str, grace_s: Optional[float
         for server in servers:
             settle(server)
         say(f"  stopped {', '.join(s.spec.label for s in servers)} in {time.time() - started:.1f} s")
-    finally:
-        if main:
-            STATE.stopping.clear()
-    if main and (interrupted or STATE.interrupt_pending.is_set()):
-        STATE.interrupt_pending.clear()
+    if interrupted and threading.current_thread() is threading.main_thread():  # signals concern it alone
         raise KeyboardInterrupt("interrupted while stopping servers")
     return time.time() - started
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """In the main thread, a stop signal during the block is raised after it (as during a server's stop)."""
+def signals_held(why: str) -> Iterator[None]:
+    """In the main thread, a stop signal during the block is raised after it, as a KeyboardInterrupt(why)."""
     if threading.current_thread() is not threading.main_thread() or STATE.stopping.is_set():
         yield
         return
@@ -3572,7 +3564,7 @@ def signals_held() -> Iterator[None]:
         STATE.stopping.clear()
     if STATE.interrupt_pending.is_set():
         STATE.interrupt_pending.clear()
-        raise KeyboardInterrupt("interrupted while a record was written")
+        raise KeyboardInterrupt(why)
 
 
 def stop_every_server(pool: "ServerPool") -> bool:

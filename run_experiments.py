@@ -9124,9 +9124,8 @@ def capped_mix_note(cfg: Config, plan: WorkloadPlan) -> Optional[str]:
     )
 
 
-def refuse_empty_plans(cfg: Config, plans: dict[str, WorkloadPlan]) -> None:
+def refuse_empty_plans(cfg: Config, plans: dict[str, WorkloadPlan], served: list[str]) -> None:
     """A workload that plans no request at all measures nothing: say which flag thinned it to none."""
-    served = served_slots(cfg, parse_experiments(cfg.experiments))
     family = per_model_family(cfg)
     silent = [slot for slot in served if family and not plans[f"{family}_{slot}"].requests]
     empty = ["the workload"] if not plans["main"].requests else [f"model {slot}'s" for slot in silent]
@@ -9160,7 +9159,8 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         plans["main"] = plans[f"{family}_A"]
     else:
         plans = {"main": open_loop_plan(cfg, sizing) if open_loop else plan_workload(cfg, size, sizing)}
-    refuse_empty_plans(cfg, plans)
+    served = served_slots(cfg, parse_experiments(cfg.experiments))  # experiments 1 and 2 alone: A only
+    refuse_empty_plans(cfg, plans, served)
     budget = int(cfg.overload_budget_gib * GIB)
     for key in slots(cfg) if overload_lengths(cfg, cfg.max_model_len)[1] >= OVERLOAD_LEAST_PROMPT else ():
         plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
@@ -9177,7 +9177,6 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     say(f"  why: {sizing}")
     if note := capped_mix_note(cfg, main):
         say(note)
-    served = served_slots(cfg, parse_experiments(cfg.experiments))  # experiments 1 and 2 alone: A only
     for key in [slot for slot in slots(cfg)[1:] if slot in served]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv and kv_a:

@@ -6573,10 +6573,8 @@ def save_figure(fig: Any, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
         fig.savefig(path)
-    except OSError as exc:  # a file named plots, a folder in a plot's place
-        raise ReportError(
-            f"cannot write {path} ({exc.strerror or exc}); move what is in its way aside"
-        ) from None
+    except OSError as exc:  # a file named plots, a folder in a plot's place, a full disk
+        raise unwritten(path, exc, "move what is in its way aside") from None
     return path
 
 
@@ -7856,8 +7854,13 @@ def write_summary(path: Path, text: str) -> None:
     try:
         write_text_atomic(path, text)
     except OSError as exc:  # a folder in its place, or a full disk
-        fix = "free some space, then --report again" if exc.errno in UNWRITABLE else "move it aside"
-        raise ReportError(f"cannot write {path} ({exc.strerror or exc}); {fix}") from exc
+        raise unwritten(path, exc, "move it aside") from exc
+
+
+def unwritten(path: Path, exc: OSError, aside: str) -> ReportError:
+    """A report file that cannot be written, and what to do: free space, or move what is in its place."""
+    fix = "free some space, then --report again" if exc.errno in UNWRITABLE else aside
+    return ReportError(f"cannot write {path} ({exc.strerror or exc}); {fix}")
 
 
 def build_report(run_dir: Path, draw_plots: bool = True) -> dict:

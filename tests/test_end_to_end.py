@@ -668,10 +668,14 @@ def test_in_a_notebook_main_takes_its_flags_as_one_string_and_a_report_is_shown_
 
 
 def test_a_report_on_a_full_disk_says_to_free_space_not_to_move_a_file(tmp_path, monkeypatch, capsys):
-    def full(path, text):
+    def full(*args):
         raise OSError(rx.errno.ENOSPC, "No space left on device")
 
     copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
     monkeypatch.setattr(rx, "write_text_atomic", full)
     assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 2
     assert "(No space left on device); free some space, then --report again" in capsys.readouterr().err
+
+    figure = types.SimpleNamespace(tight_layout=lambda: None, savefig=full)  # the plots on a full disk too
+    with pytest.raises(rx.ReportError, match="free some space, then --report again"):
+        rx.save_figure(figure, tmp_path / "plots" / "latency.png")

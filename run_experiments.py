@@ -7039,6 +7039,9 @@ def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> 
             f"{k} {fmt(v.startup_s, 0)}{' (reused)' if v.reused else ''}" for k, v in s.servers.items()
         )
 
+    def idle(mib: Optional[float], s: ExperimentSummary) -> str:
+        return fmt(mib) + (" asleep" if s.sleep and mib is not None else "")
+
     columns: list[Column] = [
         (
             "experiment",
@@ -7046,9 +7049,9 @@ def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> 
         ),
         (
             "idle after load (MiB)",
-            lambda name, s: fmt(s.device.idle_after_load_mib) + (" *" if name in not_fresh else ""),
+            lambda name, s: idle(s.device.idle_after_load_mib, s) + (" *" if name in not_fresh else ""),
         ),
-        ("idle before workload (MiB)", lambda _, s: fmt(s.device.idle_before_workload_mib)),
+        ("idle before workload (MiB)", lambda _, s: idle(s.device.idle_before_workload_mib, s)),
         ("peak (MiB)", lambda _, s: fmt(s.device.peak_mib)),
         ("flex (MiB)", lambda _, s: fmt(s.device.flex_mib)),
         ("release (s)", lambda _, s: fmt(s.device.release_s, 2)),

@@ -102,6 +102,10 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     assert block["ratios"]["sleep/kvcached"]["ttft_s_p50"] > 1
     md = (run_dir / "summary.md").read_text()
     assert "**vLLM sleep mode, one model (level 1):** asleep between bursts the card holds" in md
+    sleep_row = next(line for line in md.splitlines() if line.startswith("| sleep |"))
+    assert sleep_row.count(" asleep |") == 2, "the main table says its idle levels are measured asleep"
+    static_row = next(line for line in md.splitlines() if line.startswith("| static |"))
+    assert "asleep" not in static_row
 
 
 def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fake_gpu, tmp_path):

@@ -6098,6 +6098,7 @@ def server_view(
     # stretch open (its start only): it runs to the log's end
     start, end = (*span, None)[:2] if span else (0, None)
     own = log_figures("\n".join(text.split("\n")[start:end])) if span and asleep else figures
+    fresh = not start  # its stretch (or, without one, the whole log) begins with its start-up
     return ServerSummary(
         label=server["label"],
         model=server["spec"]["model"],
@@ -6109,7 +6110,9 @@ def server_view(
         vllm=VllmView.of(during(select(loaded.memory, kind="metrics", server=slot), marks.workload)),
         latency_repeats=per_repeat(mine, sorted({r.repeat for r in loaded.records})),
         footprint=None if asleep else footprint(server, held, figures, kvcached_rows, marks),
-        sleeps=sleep_split(own, held.idle_before_workload_mib, True if span else None) if asleep else None,
+        sleeps=sleep_split(own, held.idle_before_workload_mib, True if span else None, fresh)
+        if asleep
+        else None,
         memory_cost=cost,
     )
 
@@ -6406,20 +6409,26 @@ class SleepSplit:
 
     sleeps: int
     pool_freed_mib: Optional[float]  # the last sleep's
-    beyond_pool_mib: Distribution  # process freed - pool freed, per sleep
+    beyond_pool_mib: Distribution  # process freed - pool freed, per sleep after a burst
     asleep_mib: Optional[float]  # NVML, its process tree, asleep
     # True: the sleeps of this experiment only; None (runs older than the log spans): the whole log's
     this_experiment: Optional[bool] = omitted_if_none()
+    # beyond the pool at the sleep right after load, before any request: what start-up left, not a burst
+    after_load_mib: Optional[float] = omitted_if_none()
 
 
 def sleep_split(
-    figures: dict[str, list[float]], asleep_mib: Optional[float], this_experiment: Optional[bool] = None
+    figures: dict[str, list[float]], asleep_mib: Optional[float], this_experiment: Optional[bool], fresh: bool
 ) -> Optional[SleepSplit]:
+    """`fresh`: the first sleep counted is the one right after the server's load."""
     pools, freed = figures["sleep_pool_freed_gib"], figures["sleep_freed_gib"]
     if not pools:
         return None
     beyond = [(f - p) * 1024 for p, f in zip(pools, freed)]
-    return SleepSplit(len(pools), pools[-1] * 1024, Distribution.of(beyond), asleep_mib, this_experiment)
+    after_load = beyond.pop(0) if fresh and beyond else None
+    return SleepSplit(
+        len(pools), pools[-1] * 1024, Distribution.of(beyond), asleep_mib, this_experiment, after_load
+    )
 
 
 # %% Comparisons: kvcached vs static (and sleep mode) within each group of the table
@@ -7182,9 +7191,11 @@ def sleep_split_line(name: str, server: ServerSummary, split: SleepSplit, kept: 
     beyond = split.beyond_pool_mib
     if beyond is not None and beyond.mean is not None:
         line += (
-            f" and {fmt(beyond.mean)} MiB more on average (at most {fmt(beyond.max)} MiB): memory outside "
-            "the pool, torch's caching allocator, regrown in each burst"
+            f"; each after a burst also freed {fmt(beyond.mean)} MiB on average (at most {fmt(beyond.max)} "
+            "MiB) outside the pool: torch's caching allocator, regrown in each burst"
         )
+    if split.after_load_mib is not None:
+        line += f" (the sleep right after load: {fmt(split.after_load_mib)} MiB outside the pool)"
     asleep = (
         f" Asleep its processes held {fmt(split.asleep_mib)} MiB." if split.asleep_mib is not None else ""
     )

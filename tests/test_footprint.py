@@ -1,5 +1,7 @@
 """What an idle server's memory is made of: vLLM's own log lines, read back; a missing line is n/a."""
 
+import types
+
 import pytest
 from conftest import rx
 
@@ -47,7 +49,7 @@ def test_a_missing_line_is_na_never_0():
     memory.idle_before_workload_mib = 80000.0
     f = rx.footprint(static_server(), memory, rx.log_figures("no such lines"), [], rx.Marks())
     assert (f.total_mib, f.weights_mib, f.kv_mib, f.rest_mib) == (80000.0, None, None, None)
-    assert rx.sleep_split(rx.log_figures(""), 900.0) is None
+    assert rx.sleep_split(rx.log_figures(""), 900.0, None, True) is None
 
 
 def test_kvcached_kv_is_its_segment_over_the_idle_window():
@@ -63,7 +65,18 @@ def test_kvcached_kv_is_its_segment_over_the_idle_window():
 
 
 def test_the_sleep_split_is_pool_and_beyond():
-    split = rx.sleep_split(rx.log_figures(LOG), 1578.0)
+    split = rx.sleep_split(rx.log_figures(LOG), 1578.0, None, False)
     assert split.sleeps == 2 and split.pool_freed_mib == pytest.approx(74.57 * 1024)
     assert split.beyond_pool_mib.max == pytest.approx((89.81 - 74.57) * 1024)
+    assert split.after_load_mib is None
+
+
+def test_a_fresh_servers_first_sleep_right_after_load_is_apart_from_the_bursts():
+    split = rx.sleep_split(rx.log_figures(LOG), 1578.0, True, True)
+    assert split.after_load_mib == pytest.approx((89.81 - 74.57) * 1024)
+    assert split.beyond_pool_mib.n == 1 and split.beyond_pool_mib.max == pytest.approx((76.60 - 74.57) * 1024)
+    server = types.SimpleNamespace(label="A static + sleep mode", reused=False)
+    line = rx.sleep_split_line("sleep", server, split, kept=False)
+    assert "each after a burst also freed 2,079 MiB on average" in line
+    assert "(the sleep right after load: 15,606 MiB outside the pool)" in line
     assert split.asleep_mib == 1578.0

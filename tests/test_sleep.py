@@ -167,6 +167,8 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     kv_pool = servers["static"]["footprint"]["kv_mib"]
     assert split["pool_freed_mib"] == pytest.approx(1024 + kv_pool, abs=10), "weights and KV"
     assert split["beyond_pool_mib"]["max"] == pytest.approx(300 + 256, abs=10), "overhead and outside"
+    assert split["beyond_pool_mib"]["n"] == 3, "the sleeps after the warm-up and the two bursts"
+    assert split["after_load_mib"] == pytest.approx(300, abs=10), "right after load: nothing regrown yet"
     figures = summary["comparison"]["single"]["figures"]
     assert figures["sleep"]["peak_mib"] - figures["static"]["peak_mib"] == pytest.approx(256, abs=1)
     md = (sleep_run / "summary.md").read_text()

@@ -7164,7 +7164,8 @@ def footprint_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
     return table_section(
         "What each server holds before its workload (MiB; the total from NVML by process tree, weights and "
         "a static pool from vLLM's log, kvcached's KV pages from its segment; the rest is the CUDA context, "
-        "activation workspace and allocator caches; n/a where a log line is missing):",
+        "activation workspace and allocator caches, and for kvcached the pages a burst left mapped that its "
+        "segment no longer counts; n/a where a log line is missing):",
         columns,
         (
             (name, v, f)

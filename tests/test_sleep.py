@@ -173,6 +173,9 @@ def test_each_servers_idle_memory_is_explained_and_sleep_frees_beyond_its_pool(s
     assert figures["sleep"]["peak_mib"] - figures["static"]["peak_mib"] == pytest.approx(256, abs=1)
     md = (sleep_run / "summary.md").read_text()
     assert "| static | A static 0.55 | " in md and "What sleep mode frees" in md
+    assert "and for kvcached the pages a burst left mapped that its segment no longer counts" in md, (
+        "the rest says where kvcached's 64 MiB of kept pages went"
+    )
     assert "- sleep: the awake peak exceeds the same static pool without sleep mode by 256 MiB" in md
     assert (sleep_run / "plots" / "footprint.png").stat().st_size > 0 and "plots/footprint.png" in md
 

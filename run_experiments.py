@@ -1515,8 +1515,10 @@ class WakeGate:
 class SleepRouter:
     """What a router does for sleep-mode servers under concurrent traffic: a request for a sleeping model
     wakes it (its latency counts the wake-up); at most `awake_at_most` models are awake, so a request for
-    another one waits until an awake model has no request in flight and puts it to sleep; a model idle
-    for --sleep-after-idle-s goes back to sleep. Waking and putting to sleep go one at a time."""
+    another one waits until an awake model has no request in flight and puts it to sleep. So that a busy
+    model cannot keep its place for ever, the one awake longest then takes no new request (it drains)
+    until the waiting model had its turn. A model idle for --sleep-after-idle-s goes back to sleep.
+    Waking and putting to sleep go one at a time."""
 
     def __init__(self, servers: dict[str, "RunningServer"], cfg: "Config", awake_at_most: int):
         self.servers, self.cfg, self.awake_at_most = servers, cfg, awake_at_most
@@ -1524,6 +1526,9 @@ class SleepRouter:
         self.in_flight = dict.fromkeys(servers, 0)
         self.idle_since = dict.fromkeys(servers, time.monotonic())
         self.moving: set[str] = set()  # being woken or put to sleep
+        self.awake_since = dict.fromkeys(servers, 0.0)  # perf_counter
+        # an awake model whose place a sleeping one waits for -> since when: no request after that goes in
+        self.draining: dict[str, float] = {}
         self.log = {slot: {"wakes": [], "sleeps": [], "waits": [], "gave_up": []} for slot in servers}
         self.error: Optional[str] = None
         self.stopped = threading.Event()
@@ -1563,21 +1568,29 @@ class SleepRouter:
                     f"the workload ended before {slot} had a turn awake"
                     if self.stopped.is_set()
                     else f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
-                    "(--request-timeout-s): the models awake had requests in flight all along; lower "
-                    "--gpu-memory-utilization so that more fit awake, or lower the rates"
+                    "(--request-timeout-s): the requests in flight on the models awake did not all end "
+                    "in that time; lower --gpu-memory-utilization so that more fit awake, or lower the rates"
                 )
-            if not self.servers[slot].asleep and slot not in self.moving:
+            awake = not self.servers[slot].asleep and slot not in self.moving
+            if awake and started <= self.draining.get(slot, math.inf):
                 self.in_flight[slot] += 1
                 self.log[slot]["waits"].append(time.perf_counter() - started)
                 return None
-            if slot not in self.moving:
+            if not awake and slot not in self.moving:
                 room = len(self.awake()) < self.awake_at_most
                 # else the model idle longest makes room (None while each one is busy)
                 victim = "" if room else min(self.idle(), key=self.idle_since.get, default=None)
                 if victim is not None:
                     self.moving.update({slot, victim} - {""})
                     return victim
+                self.drain_one()
             self.cond.wait(0.05)
+
+    def drain_one(self) -> None:
+        """All awake models are busy: unless one drains already, the one awake longest takes no more."""
+        busy = [s for s in self.awake() if s not in self.moving]
+        if busy and not set(self.draining) & set(busy):
+            self.draining[min(busy, key=self.awake_since.get)] = time.perf_counter()
 
     def move(self, slot: str, asleep: bool) -> None:
         server, took = self.servers[slot], None
@@ -1587,6 +1600,8 @@ class SleepRouter:
             self.error = str(exc)
         with self.cond:
             self.moving.discard(slot)
+            self.draining.pop(slot, None)
+            self.awake_since[slot] = time.perf_counter()
             if took is not None:
                 self.log[slot]["sleeps" if asleep else "wakes"].append(took)
             self.cond.notify_all()

@@ -1564,6 +1564,7 @@ class SleepRouter:
             if self.stopped.is_set() or waited > self.cfg.request_timeout_s:
                 self.log[slot]["waits"].append(waited)  # a request that never had a turn waited too
                 self.log[slot]["gave_up"].append(waited)
+                self.draining.clear()  # for a request no longer waiting; the other waiters drain one again
                 raise ServerError(
                     f"the workload ended before {slot} had a turn awake"
                     if self.stopped.is_set()
@@ -1580,8 +1581,9 @@ class SleepRouter:
                 room = len(self.awake()) < self.awake_at_most
                 # else the model idle longest makes room (None while each one is busy)
                 victim = "" if room else min(self.idle(), key=self.idle_since.get, default=None)
-                if victim is not None:
+                if victim is not None:  # this model has its turn: the others drain for whoever waits next
                     self.moving.update({slot, victim} - {""})
+                    self.draining.clear()
                     return victim
                 self.drain_one()
             self.cond.wait(0.05)

@@ -238,6 +238,8 @@ def test_a_request_that_never_gets_a_turn_awake_fails_at_the_request_timeout(mon
         router.enter("A")  # and never leaves: A keeps the one place awake
         with pytest.raises(rx.ServerError, match="no turn awake for B within 0.2 s"):
             router.enter("B")
+        router.enter("A")  # nobody waits any more: A takes requests again, though it drained for B
+        router.leave("A")
     finally:
         router.leave("A")
         router.stop()

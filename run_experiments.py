@@ -2820,11 +2820,23 @@ def overload_lengths(cfg: Config, max_model_len: int) -> tuple[int, int]:
     return max_tokens, max_model_len - max_tokens - PROMPT_MARGIN_TOKENS - 256
 
 
-def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> WorkloadPlan:
+OVERLOAD_FALLBACK_KV = 12288  # bytes of KV per token (Qwen2.5-0.5B's) for a model whose config is unread
+
+
+def unknown_kv_warning(key: str) -> str:
+    return (
+        f"WARNING: model {key}'s KV bytes per token are unknown (its config.json could not be read), so "
+        f"the overload burst was sized for {OVERLOAD_FALLBACK_KV} B (Qwen2.5-0.5B's) and may be far off: "
+        "give a local model folder, or let the Hugging Face hub be reached"
+    )
+
+
+def overload_plan(cfg: Config, kv_known: Optional[int], budget_bytes: int, key: str) -> WorkloadPlan:
     """One heavy burst (long prompts and outputs) needing overload_demand x a model's share of the budget."""
     share = budget_bytes / len(slots(cfg))
     whose = "the pair's" if len(slots(cfg)) == 2 else "the models'"
     max_tokens, prompt_tokens = overload_lengths(cfg, cfg.max_model_len)
+    kv_per_token = kv_known or OVERLOAD_FALLBACK_KV
     per_request = (prompt_tokens + max_tokens) * kv_per_token
     wanted = math.ceil(cfg.overload_demand * share / per_request)
     size = max(2, min(wanted, cfg.max_burst_size))
@@ -2844,6 +2856,8 @@ def overload_plan(cfg: Config, kv_per_token: int, budget_bytes: int) -> Workload
             "; WARNING: two requests of these lengths already fill the budget, so neither arm can hold the "
             "burst: raise --overload-budget-gib or lower --max-model-len"
         )
+    if not kv_known:
+        sizing += f"; {unknown_kv_warning(key)}"
     fixed = dataclasses.replace(cfg, output_tokens_dist="fixed")  # a length mix would send less than sized
     return plan_workload(fixed, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
@@ -9198,25 +9212,36 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
     refuse_empty_plans(cfg, plans, served)
     budget = int(cfg.overload_budget_gib * GIB)
     for key in slots(cfg) if overload_lengths(cfg, cfg.max_model_len)[1] >= OVERLOAD_LEAST_PROMPT else ():
-        plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"] or 12288, budget)
-    main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
-    output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
-    prompt = f"~{main.prompt_tokens}" if main.prompt_tokens else "the tutorial's"
-    lengths = f"{prompt} prompt + {output} output tokens"
-    if cfg.arrivals == "trace":
-        lengths = f"the trace's lengths, up to {main.prompt_tokens} prompt + {main.max_tokens} output tokens"
-    say(
-        f"workload: {main.bursts} {'windows' if open_loop else 'bursts'} x {main.burst_size} "
-        f"{'requests (busiest)' if open_loop else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
-    )
+        plans[f"overload_{key}"] = overload_plan(cfg, facts[key]["kv_bytes_per_token"], budget, key)
+        if not facts[key]["kv_bytes_per_token"]:
+            say(f"  {unknown_kv_warning(key)}")
+    say_workload(cfg, plans, [f"{family}_{key}" for key in served] if family else ["main"])
     say(f"  why: {sizing}")
-    if note := capped_mix_note(cfg, main):
+    if note := capped_mix_note(cfg, plans["main"]):
         say(note)
     for key in [slot for slot in slots(cfg)[1:] if slot in served]:
         kv = facts[key]["kv_bytes_per_token"]
         if kv and kv_a:
             say(f"  model {key} needs {kv / kv_a:.1f}x model A's KV per token in the shared experiments")
     return plans, budget, facts
+
+
+def say_workload(cfg: Config, plans: dict[str, WorkloadPlan], sent: list[str]) -> None:
+    """The workload in one line: its windows or bursts, the busiest (every model sent at once counted
+    together) and its lengths."""
+    main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
+    every = [r for key in sent for r in plans[key].requests]
+    card = WorkloadPlan.of(cfg, every, main.bursts, sizing=main.sizing) if len(sent) > 1 else main
+    output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
+    prompt = f"~{card.prompt_tokens}" if card.prompt_tokens else "the tutorial's"
+    lengths = f"{prompt} prompt + {output} output tokens"
+    if cfg.arrivals == "trace":
+        lengths = f"the trace's lengths, up to {card.prompt_tokens} prompt + {card.max_tokens} output tokens"
+    busiest = "requests (busiest" + (f", {len(sent)} models together)" if len(sent) > 1 else ")")
+    say(
+        f"workload: {main.bursts} {'windows' if cfg.arrivals != 'bursts' else 'bursts'} x {card.burst_size} "
+        f"{busiest if cfg.arrivals != 'bursts' else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
+    )
 
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:

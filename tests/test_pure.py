@@ -210,7 +210,7 @@ def test_the_overload_burst_keeps_its_sized_lengths_under_an_output_length_mix()
     cfg = rx.Config(
         experiments="5", max_model_len=8192, max_tokens=1024, output_tokens_dist="lognormal:100,1"
     )
-    plan = rx.overload_plan(rx.resolve_config(rx.validate_config(cfg)), 12288, 4 * rx.GIB)
+    plan = rx.overload_plan(rx.resolve_config(rx.validate_config(cfg)), 12288, 4 * rx.GIB, "A")
     assert {r.max_tokens for r in plan.requests} == {2048} and plan.sizing.startswith(
         "32 requests x (5824 + 2048)"
     )
@@ -248,7 +248,7 @@ def test_seed_preset_uses_the_tutorial_prompts():
 def test_overload_burst_needs_more_than_the_static_share_and_less_than_the_budget():
     cfg = rx.config_from_args(["--preset", "auto"])
     budget = 2 * rx.GIB
-    plan = rx.overload_plan(cfg, 12288, budget)
+    plan = rx.overload_plan(cfg, 12288, budget, "A")
     demand = len(plan.requests) * (plan.prompt_tokens + plan.max_tokens) * 12288
     assert budget / 2 < demand < budget
     assert plan.prompt_tokens + plan.max_tokens <= cfg.max_model_len - 64
@@ -259,9 +259,17 @@ def test_overload_burst_needs_more_than_the_static_share_and_less_than_the_budge
 def test_an_overload_burst_of_two_requests_past_the_budget_says_so():
     # one request of 7,840 + 32 tokens is 3.4 shares of a 0.25 GiB budget: the two sent fill it twice over
     cfg = rx.resolve_config(rx.validate_config(rx.Config(experiments="5", max_model_len=8192, max_tokens=16)))
-    plan = rx.overload_plan(cfg, 28672, rx.GIB // 4)
+    plan = rx.overload_plan(cfg, 28672, rx.GIB // 4, "B")
     assert len(plan.requests) == 2 and "0.42 GiB: 3.4x the static share (0.12 GiB), above" in plan.sizing
     assert "WARNING: two requests" in plan.sizing and "--overload-budget-gib" in plan.sizing
+
+
+def test_an_overload_burst_for_a_model_of_unknown_kv_size_says_it_was_guessed():
+    cfg = rx.config_from_args(["--preset", "auto"])
+    plan = rx.overload_plan(cfg, None, 2 * rx.GIB, "C")
+    assert "x 12288 B =" in plan.sizing
+    assert "WARNING: model C's KV bytes per token are unknown" in plan.sizing
+    assert "WARNING" not in rx.overload_plan(cfg, 12288, 2 * rx.GIB, "A").sizing
 
 
 def test_pair_limits_keep_the_pair_within_its_budget():

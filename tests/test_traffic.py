@@ -640,6 +640,21 @@ def test_a_ramp_rises_step_by_step_to_its_peak_and_falls_back_to_one():
     assert rx.ramp_offsets([0.5, 0.5, 0.5], 0.0) == [1.5], "half a request a second: one every two"
 
 
+def test_the_workload_line_counts_every_model_sent_at_once(monkeypatch):
+    cfg = rx.Config(
+        models="m1,m2,m3", arrivals="ramp", peak_rates="3,6", ramp_step=3, duration_s=30, max_tokens=8
+    )
+    plans = {f"ramp_{key}": rx.ramp_plan(cfg, i, "x") for i, key in enumerate("ABC")}
+    plans["main"] = plans["ramp_A"]
+    said: list[str] = []
+    monkeypatch.setattr(rx.STATE, "out", said.append)
+    rx.say_workload(cfg, plans, ["ramp_A", "ramp_B", "ramp_C"])
+    rx.say_workload(cfg, plans, ["ramp_A"])  # experiments 1, 2 and 6 alone send model A's
+    assert plans["main"].burst_size == 13, "3 + 6 + 3 + 1 requests in the peak-6 window"
+    assert said[0].startswith("workload: 2 windows x 39 requests (busiest, 3 models together)"), said
+    assert said[1].startswith("workload: 2 windows x 13 requests (busiest),"), said
+
+
 def test_each_model_ramps_in_turn_one_window_per_peak():
     cfg = rx.Config(
         models="m1,m2,m3", arrivals="ramp", peak_rates="3,4", ramp_step=1, duration_s=30, max_tokens=8

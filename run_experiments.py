@@ -7275,6 +7275,13 @@ def comparison_lines(
         lines += single_lines(block, apart) if not GROUPS[name].pair else pair_lines(name, block)
     if "sleep" in block.figures:
         lines += paragraphs(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
+    arms = group_arms(summaries)[name].values()
+    cut = [exp for exp in arms if any(p.startswith("incomplete:") for p in summaries[exp].problems)]
+    if lines and cut:
+        lines += paragraphs(
+            f"These ratios include {' and '.join(cut)}, cut short before "
+            f"{'their' if len(cut) > 1 else 'its'} end: only what was finished counts (see Problems)."
+        )
     return lines
 
 

@@ -556,6 +556,18 @@ def test_a_report_leaves_out_an_experiment_whose_record_is_damaged_and_says_why(
     assert len(summary["experiments"]) == len(others), "the others are reported"
 
 
+def test_a_comparison_with_an_arm_cut_short_says_so_beside_its_ratios(tmp_path):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    (static,) = [p for p in copy.iterdir() if p.name.endswith("_static")]
+    record = json.loads((static / "experiment.json").read_text())
+    record["finished"] = False  # a Ctrl-C during its last burst
+    (static / "experiment.json").write_text(json.dumps(record))
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    md = (copy / "summary.md").read_text()
+    one_model = md.split("**One model:**", 1)[1].split("\n\n", 2)
+    assert one_model[1].startswith("These ratios include static, cut short before its end"), one_model
+
+
 def test_a_report_reads_a_config_json_without_its_fields_of_the_wrong_kind_and_says_which(tmp_path):
     copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
     config = json.loads((copy / "config.json").read_text())

@@ -8314,10 +8314,30 @@ def preflight(
         checks += check_serving_imports(cfg, kvcached_needed)
     versions = server_versions(cfg) if versions is None else versions
     checks += [check_versions(versions, kvcached_needed), check_model_runner(versions, kvcached_needed)]
-    checks += [check_model(cfg, slot) for slot in slots]
+    checks += [check_model(cfg, slot) for slot in slots] + check_load_format(cfg.load_format)
     for lane, index in enumerate(gpu_indices(cfg)):
         checks += check_ports(lane_config(cfg, lane, index), slots)
     return checks, nvml
+
+
+VLLM_LOAD_FORMATS = (  # vLLM 0.24's model loaders (a plugin may register more); gguf from older releases
+    "auto hf bitsandbytes dummy fastsafetensors instanttensor mistral modelexpress npcache pt runai_streamer "
+    "runai_streamer_sharded safetensors sharded_state tensorizer gguf"
+).split()
+
+
+def check_load_format(load_format: str) -> list[Check]:
+    """A misspelt --load-format fails every server only once its engine loads the model: say so now."""
+    if not load_format or load_format.lower() in VLLM_LOAD_FORMATS:
+        return []
+    return [
+        warn(
+            "load format",
+            f"--load-format {load_format!r} is none of vLLM's own ({', '.join(VLLM_LOAD_FORMATS)}): unless a "
+            "plugin registers it, every server fails as it loads the model",
+            "check the spelling of --load-format",
+        )
+    ]
 
 
 def checklist(checks: list[Check], title: str = "preflight:") -> str:

@@ -294,3 +294,12 @@ def test_model_bs_kv_per_token_is_told_only_where_an_experiment_serves_model_b(f
         )
         assert rx.main(args, nvml_module=fake_gpu) == 0
         assert ("model B needs" in capsys.readouterr().out) == told, experiments
+
+
+def test_a_misspelt_load_format_is_said_before_anything_launches():
+    (check,) = rx.check_load_format("dumy")
+    assert check.ok and check.warning and "--load-format 'dumy' is none of vLLM's own" in check.detail
+    assert "--load-format" in check.fix
+    assert (
+        rx.check_load_format("dummy") == rx.check_load_format("Safetensors") == rx.check_load_format("") == []
+    )

@@ -3661,6 +3661,9 @@ def settle(server: RunningServer) -> None:
     if server.proc.stdin:  # one given a pipe to its stdin (see Preimporter), so that it hears EOF
         with contextlib.suppress(OSError):
             server.proc.stdin.close()
+    if server.stopped:  # a keeper killed (kill -9) stopped nothing: what its server left still has its group
+        with contextlib.suppress(OSError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
     if server.stopped and server.control is not None:
         os.close(server.control)
         server.control = None

@@ -151,6 +151,23 @@ def test_a_server_whose_keeper_is_killed_stops_all_the_same(fake_gpu, started):
     assert rx.server_problem(server) == "ended when its keeper was killed (SIGKILL)"
 
 
+def test_what_a_server_left_behind_its_killed_keeper_is_stopped_with_it(
+    fake_gpu, started, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("FAKE_MODE", "grandchild")  # a process of the server's that outlives the server
+    cfg = make_cfg()
+    server = started(cfg, KVC_A(cfg))
+    ready(server)
+    pid_file = tmp_path / "gpu" / "grandchild.pid"
+    assert wait_for(pid_file.exists)
+    grandchild = int(pid_file.read_text())
+    os.kill(server.proc.pid, signal.SIGKILL)  # the keeper: its server gets SIGTERM, the grandchild nothing
+    assert wait_for(lambda: server.proc.poll() is not None, 20)
+    assert alive(grandchild), "nothing has stopped it yet"
+    rx.stop_servers([server], "end of test", grace_s=2)
+    assert wait_for(lambda: not alive(grandchild), 10), "left holding what it held"
+
+
 def test_port_in_use_is_an_error_before_launch(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2207,10 +2207,12 @@ def check_server_command(cfg: Config) -> None:
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
     program = (shlex.split(cfg.server_cmd) or [""])[0]
+    shell_env = "=" in program and "/" not in program.partition("=")[0]  # `HF_TOKEN=x vllm serve`
     need(
         not cfg.server_cmd or shutil.which(program) is not None,
         "server_cmd",
-        f"{program} is not found (no executable file, nor a command on PATH)",
+        f"{redact_argv([program])[0]} is not found (no executable file, nor a command on PATH)"
+        + ("; NAME=value before a command is shell syntax: put it in the environment" if shell_env else ""),
     )
     ours = [flag for flag in extra_server_flags(cfg) if flag in SET_PER_SERVER]
     need(
@@ -3135,18 +3137,31 @@ def redact_env(env: dict[str, str]) -> dict[str, str]:
     return {k: (REDACTED if v and is_secret_name(k) else v) for k, v in env.items()}
 
 
+def words_of(arg: str) -> list[str]:
+    """An argument split as a shell would split it (`bash -c '... --token X'`); itself if it cannot be."""
+    try:
+        return shlex.split(arg)
+    except ValueError:
+        return [arg]
+
+
 def redact_argv(argv: list[str]) -> list[str]:
     """`--api-key X` and `--api-key=X` become `--api-key ***`, and `HF_TOKEN=X` (`env`, `docker -e`)
-    `HF_TOKEN=***`."""
+    `HF_TOKEN=***`, also within one argument that is a command line itself (`bash -c '...'`), whatever
+    their length."""
     out, hide_next = [], False
     for arg in argv:
         flag, eq, _ = arg.partition("=")
+        inner = words_of(arg)
         if hide_next:
             out.append(REDACTED)
             hide_next = False
         elif flag.startswith("--") and is_secret_name(flag[2:]):
             out.append(f"{flag}={REDACTED}" if eq else arg)
             hide_next = not eq
+        elif len(inner) > 1:
+            hidden = redact_argv(inner)
+            out.append(shlex.join(hidden) if hidden != inner else arg)
         elif (named := re.fullmatch(r"(--env=|-e)?([A-Za-z_]\w*)=.*", arg)) and is_secret_name(named[2]):
             out.append(f"{named[1] or ''}{named[2]}={REDACTED}")
         else:
@@ -3159,14 +3174,34 @@ def register_secrets(cfg: "Config") -> None:
     values = [cfg.api_key] + [v for k, v in os.environ.items() if is_secret_name(k)]
     values += [v for k, v in parse_env_pairs(cfg.kvcached_env).items() if is_secret_name(k)]
     for spec in (cfg.server_cmd, cfg.extra_server_args):
-        argv = shlex.split(spec)
-        for arg, shown in zip(argv, redact_argv(argv)):
-            _, eq, value = arg.partition("=")
-            values += [arg] if arg != shown else []
-            values += [value] if eq and arg != shown else []
-            # `bash -c 'HF_TOKEN=x vllm ...'`: a secret inside one argument
-            values += [v for k, v in re.findall(r"([A-Za-z_]\w*)=(\S+)", arg) if is_secret_name(k)]
+        values += secret_values(shlex.split(spec))
     STATE.secrets.update(v for v in values if v and len(v) >= 6)  # shorter values would mangle ordinary text
+
+
+def secret_values(argv: list[str]) -> list[str]:
+    """The values redact_argv hides, also inside one argument that is a command line (`bash -c '...'`)."""
+    values = []
+    for arg, shown in zip(argv, redact_argv(argv)):
+        inner = words_of(arg)
+        if len(inner) > 1:
+            values += secret_values(inner)
+        elif arg != shown:
+            _, eq, value = arg.partition("=")
+            values += [arg, value] if eq else [arg]
+    return values + [v.rstrip(";&|") for v in values]  # `--token X; exec vllm`: X without the `;`
+
+
+def redact_env_pairs(spec: str) -> str:
+    """--kvcached-env as given, or with its secret values hidden (see redact_env)."""
+    pairs = parse_env_pairs(spec)
+    shown = redact_env(pairs)
+    return ",".join(f"{k}={v}" for k, v in shown.items()) if shown != pairs else spec
+
+
+def redact_command(spec: str) -> str:
+    """A command line or NAME=value list as given, its secrets hidden (see redact_argv)."""
+    words = words_of(spec) if spec.strip() else []
+    return shlex.join(redact_argv(words)) if redact_argv(words) != words else spec
 
 
 def scrub(text: str) -> str:
@@ -3450,6 +3485,7 @@ def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
     keeper_pid, libc = os.getpid(), ctypes.CDLL(None)
+    secrets = os.environ.pop("KEEPER_SECRETS", "").split("\n")  # not for the server's environment
 
     def end_with_the_keeper() -> None:  # in the server, before exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a keeper killed by SIGKILL still stops it
@@ -3471,8 +3507,29 @@ def keeper(control: int, segment: str, gone_grace_s: float, cmd: list[str], kill
         print(f"[keeper] {problem}", flush=True)
     if left:
         print(f"[keeper] still alive after SIGKILL: pids {left}", flush=True)
+    if order == "gone":  # the harness, which scrubs the log after a stop, is gone: what vLLM echoed stays
+        scrub_own_log([s for s in secrets if s])
     code = codes.get(server.pid, 0)
     os._exit(code if code >= 0 else 128 - code)
+
+
+def scrub_own_log(secrets: list[str]) -> None:
+    """Replace each secret in the log this process writes to (its stdout) with ***, as scrub() does."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        path = os.readlink("/proc/self/fd/1")
+        with open(path, "rb") as f:
+            text = f.read()
+        scrubbed = text
+        for secret in sorted(secrets, key=len, reverse=True):
+            scrubbed = scrubbed.replace(secret.encode(), b"***")
+        if scrubbed != text:
+            tmp = f"{path}.keeper.tmp"
+            with open(tmp, "wb") as f:
+                f.write(scrubbed)
+            os.replace(tmp, path)
 
 
 def read_order(control: int, timeout_s: float) -> Optional[str]:
@@ -3553,7 +3610,10 @@ def comm_names(pids: list[int]) -> str:
 
 def keeper_source() -> str:
     """The keeper's program for `python -c`; its arguments: control fd, segment path, grace, command."""
-    helpers = (proc_stat, process_tree, live_below, unlink_segment, read_order, reap_children, comm_names)
+    helpers = (
+        *(proc_stat, process_tree, live_below, unlink_segment, read_order, reap_children, comm_names),
+        scrub_own_log,
+    )
     call = f"keeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})"
     return program_source(*helpers, end_tree, keeper, call="import sys\n" + call)
 
@@ -4028,7 +4088,7 @@ def start_server(
         try:  # -S: the keeper needs only the standard library, not site-packages' start-up hooks
             proc = subprocess.Popen(
                 [*keeper_cmd, *launch],
-                env=env,
+                env={**env, "KEEPER_SECRETS": "\n".join(sorted(STATE.secrets))},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
@@ -9084,7 +9144,13 @@ def run_config(
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "command": shlex.join(redact_argv(command)),
         "notebook": running_in_notebook(),
-        "config": {**dataclasses.asdict(cfg), "api_key": REDACTED if cfg.api_key else ""},
+        "config": {
+            **dataclasses.asdict(cfg),
+            "api_key": REDACTED if cfg.api_key else "",
+            "server_cmd": redact_command(cfg.server_cmd),
+            "extra_server_args": redact_command(cfg.extra_server_args),
+            "kvcached_env": redact_env_pairs(cfg.kvcached_env),
+        },
         "gpu": gpu,
         "versions": {"python": sys.version.split()[0], **package_versions()},
         "host": socket.gethostname(),

@@ -16,6 +16,7 @@ from typing import Optional
 
 import pytest
 from conftest import (
+    FAKE_SERVER_CMD,
     FAKES,
     KVC_A,
     STATIC_A,
@@ -166,6 +167,20 @@ def test_what_a_server_left_behind_its_killed_keeper_is_stopped_with_it(
     assert alive(grandchild), "nothing has stopped it yet"
     rx.stop_servers([server], "end of test", grace_s=2)
     assert wait_for(lambda: not alive(grandchild), 10), "left holding what it held"
+
+
+def test_a_keeper_whose_harness_is_gone_scrubs_the_secrets_its_server_echoed(fake_gpu, started, monkeypatch):
+    key = "sk-echoed-by-vllm-123"  # vLLM logs its non-default arguments, the key among them
+    cfg = make_cfg(server_cmd=f"{FAKE_SERVER_CMD} --api-key {key}", api_key=key)
+    monkeypatch.setattr(rx.STATE, "secrets", {key})
+    server = started(cfg, KVC_A(cfg))
+    ready(server)
+    assert key in server.log_path.read_text(), "echoed, as vLLM does"
+    os.close(server.control)  # the harness killed (kill -9): its end of the pipe closes with it
+    server.control = None
+    assert wait_for(lambda: server.proc.poll() is not None, 20)
+    assert key not in server.log_path.read_text() and "'api_key': '***'" in server.log_path.read_text()
+    assert "KEEPER_SECRETS" not in server.log_path.read_text()
 
 
 def test_port_in_use_is_an_error_before_launch(tmp_path):

@@ -1507,6 +1507,25 @@ def test_a_secret_in_an_inline_env_of_the_server_command_is_never_written(tmp_pa
     assert "wJalrXUtnFEMI" not in rx.scrub("wJalrXUtnFEMI")
 
 
+def test_a_secret_flag_inside_one_shell_string_and_short_secrets_are_hidden_where_commands_are_written(
+    capsys,
+):
+    login = "bash -c 'hf auth login --token hf_LONGSECRET_abc; exec vllm serve \"$@\"' x"
+    rx.register_secrets(rx.Config(server_cmd=login))
+    assert rx.scrub("log: hf_LONGSECRET_abc") == "log: ***", "inside one argument, as --flag VALUE"
+    shown = rx.redact_command(login)
+    assert "hf_LONGSECRET_abc" not in shown and shlex.split(shlex.split(shown)[2])[3:5] == ["--token", "***"]
+    short = "vllm serve --api-key k3y12"  # too short for scrub's search of free text, never for a command
+    assert rx.redact_command(short) == "vllm serve --api-key '***'"
+    assert rx.redact_command("vllm serve --port 8001") == "vllm serve --port 8001"
+    assert rx.redact_env_pairs("A=1,HF_TOKEN=abc") == "A=1,HF_TOKEN=***"
+    assert rx.redact_env_pairs("A=1, B=2") == "A=1, B=2", "as given where nothing is hidden"
+    assert rx.main(["--server-cmd", "HF_TOKEN=hf_SECRET_in_cmd_123 vllm serve", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_SECRET_in_cmd_123" not in err and "HF_TOKEN=*** is not found" in err
+    assert "NAME=value before a command is shell syntax" in err
+
+
 def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbreviations_are_refused(capsys):
     assert rx.main(["--hf-token", "hf_LEAKED_value123"]) == 2
     err = capsys.readouterr().err

@@ -9327,7 +9327,10 @@ def say_workload(cfg: Config, plans: dict[str, WorkloadPlan], sent: list[str]) -
     together) and its lengths."""
     main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
     every = [r for key in sent for r in plans[key].requests]
-    card = WorkloadPlan.of(cfg, every, main.bursts, sizing=main.sizing) if len(sent) > 1 else main
+    longest = {
+        field: max(getattr(plans[key], field) for key in sent) for field in ("prompt_tokens", "max_tokens")
+    }
+    card = WorkloadPlan.of(cfg, every, main.bursts, sizing=main.sizing, **longest) if len(sent) > 1 else main
     output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
     prompt = f"~{card.prompt_tokens}" if card.prompt_tokens else "the tutorial's"
     lengths = f"{prompt} prompt + {output} output tokens"

@@ -651,7 +651,8 @@ def test_the_workload_line_counts_every_model_sent_at_once(monkeypatch):
     rx.say_workload(cfg, plans, ["ramp_A", "ramp_B", "ramp_C"])
     rx.say_workload(cfg, plans, ["ramp_A"])  # experiments 1, 2 and 6 alone send model A's
     assert plans["main"].burst_size == 13, "3 + 6 + 3 + 1 requests in the peak-6 window"
-    assert said[0].startswith("workload: 2 windows x 39 requests (busiest, 3 models together)"), said
+    assert said[0].startswith("workload: 2 windows x 39 requests (busiest, 3 models together), ~"), said
+    assert f"~{plans['ramp_A'].prompt_tokens} prompt" in said[0], "not the tutorial's: each plan's own length"
     assert said[1].startswith("workload: 2 windows x 13 requests (busiest),"), said
 
 

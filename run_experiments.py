@@ -1524,7 +1524,9 @@ class SleepRouter:
         self.servers, self.cfg, self.awake_at_most = servers, cfg, awake_at_most
         self.cond = threading.Condition()
         self.in_flight = dict.fromkeys(servers, 0)
-        self.idle_since = dict.fromkeys(servers, time.monotonic())
+        self.idle_since = dict.fromkeys(servers, time.perf_counter())
+        self.queue: list[tuple[float, int, str]] = []  # (since, ticket, model): requests for sleeping models
+        self.tickets = itertools.count()
         self.moving: set[str] = set()  # being woken or put to sleep
         self.awake_since = dict.fromkeys(servers, 0.0)  # perf_counter
         # an awake model whose place a sleeping one waits for -> since when: no request after that goes in
@@ -1543,50 +1545,69 @@ class SleepRouter:
         return [s for s in self.awake() if not self.in_flight[s] and s not in self.moving]
 
     def enter(self, slot: str) -> None:
-        """Before a request for `slot` goes out: returns once its server is awake, counting it busy."""
+        """Before a request for `slot` goes out: returns once its server is awake, counting it busy.
+        Requests for sleeping models get their turns in the order they came (a ticket in the queue)."""
         started = time.perf_counter()
-        while True:
-            with self.cond:
-                victim = self.admit_or_pick(slot, started)
-            if victim is None:
-                return
-            if victim:
-                self.move(victim, asleep=True)
-            self.move(slot, asleep=False)
+        ticket = (started, next(self.tickets), slot)
+        try:
+            while True:
+                with self.cond:
+                    victim = self.admit_or_pick(slot, started, ticket)
+                if victim is None:
+                    return
+                if victim and not self.move(victim, asleep=True):  # its failure is the next round's error
+                    with self.cond:
+                        self.moving.discard(slot)
+                    continue
+                if self.move(slot, asleep=False, waker=started):
+                    return
+        finally:
+            with self.cond, contextlib.suppress(ValueError):
+                self.queue.remove(ticket)
 
-    def admit_or_pick(self, slot: str, started: float) -> Optional[str]:
+    def admit_or_pick(self, slot: str, started: float, ticket: tuple) -> Optional[str]:
         """None: the request may go. Otherwise `slot` is to be woken, after the model returned (if
         not '') is put to sleep. Waits while neither can be (called holding the lock)."""
         while True:
-            if self.error:
-                raise ServerError(self.error)
             waited = time.perf_counter() - started
-            if self.stopped.is_set() or waited > self.cfg.request_timeout_s:
+            if self.error or self.stopped.is_set() or waited > self.cfg.request_timeout_s:
                 self.log[slot]["waits"].append(waited)  # a request that never had a turn waited too
                 self.log[slot]["gave_up"].append(waited)
                 self.draining.clear()  # for a request no longer waiting; the other waiters drain one again
-                raise ServerError(
-                    f"the workload ended before {slot} had a turn awake"
-                    if self.stopped.is_set()
-                    else f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s "
-                    "(--request-timeout-s): the requests in flight on the models awake did not all end "
-                    "in that time; lower --gpu-memory-utilization so that more fit awake, or lower the rates"
-                )
+                raise ServerError(self.error or self.gave_up_why(slot))
             awake = not self.servers[slot].asleep and slot not in self.moving
             if awake and started <= self.draining.get(slot, math.inf):
-                self.in_flight[slot] += 1
-                self.log[slot]["waits"].append(time.perf_counter() - started)
+                self.admit(slot, started)
                 return None
             if not awake and slot not in self.moving:
-                room = len(self.awake()) < self.awake_at_most
-                # else the model idle longest makes room (None while each one is busy)
-                victim = "" if room else min(self.idle(), key=self.idle_since.get, default=None)
-                if victim is not None:  # this model has its turn: the others drain for whoever waits next
-                    self.moving.update({slot, victim} - {""})
-                    self.draining.clear()
-                    return victim
-                self.drain_one()
+                if ticket not in self.queue:
+                    bisect.insort(self.queue, ticket)
+                if self.next_turn() == slot:  # the model of the oldest request waiting
+                    room = len(self.awake()) < self.awake_at_most
+                    # else the model idle longest makes room (None while each one is busy)
+                    victim = "" if room else min(self.idle(), key=self.idle_since.get, default=None)
+                    if victim is not None:
+                        self.moving.update({slot, victim} - {""})
+                        self.draining.clear()
+                        return victim
+                    self.drain_one()
             self.cond.wait(0.05)
+
+    def next_turn(self) -> Optional[str]:
+        return next((s for *_, s in self.queue if self.servers[s].asleep and s not in self.moving), None)
+
+    def admit(self, slot: str, started: float) -> None:
+        self.in_flight[slot] += 1
+        self.log[slot]["waits"].append(time.perf_counter() - started)
+
+    def gave_up_why(self, slot: str) -> str:
+        if self.stopped.is_set():
+            return f"the workload ended before {slot} had a turn awake"
+        return (
+            f"no turn awake for {slot} within {self.cfg.request_timeout_s:g} s (--request-timeout-s): the "
+            "models awake had requests in flight, or were being woken, all that time; lower "
+            "--gpu-memory-utilization so that more fit awake, or lower the rates"
+        )
 
     def drain_one(self) -> None:
         """All awake models are busy: unless one drains already, the one awake longest takes no more."""
@@ -1594,7 +1615,9 @@ class SleepRouter:
         if busy and not set(self.draining) & set(busy):
             self.draining[min(busy, key=self.awake_since.get)] = time.perf_counter()
 
-    def move(self, slot: str, asleep: bool) -> None:
+    def move(self, slot: str, asleep: bool, waker: Optional[float] = None) -> bool:
+        """Put `slot` to sleep or wake it; whether that went. The request that woke it (started at `waker`)
+        is counted in under the same lock: nobody can take the model it woke before it goes out."""
         server, took = self.servers[slot], None
         try:
             took = put_to_sleep(server, self.cfg) if asleep else wake_up(server, self.cfg)
@@ -1603,30 +1626,37 @@ class SleepRouter:
         with self.cond:
             self.moving.discard(slot)
             self.draining.pop(slot, None)
-            self.awake_since[slot] = time.perf_counter()
+            self.awake_since[slot] = self.idle_since[slot] = time.perf_counter()
             if took is not None:
                 self.log[slot]["sleeps" if asleep else "wakes"].append(took)
+            woke = not asleep and not server.asleep and not self.stopped.is_set() and not self.error
+            if woke and waker is not None:
+                self.admit(slot, waker)
             self.cond.notify_all()
+        return not self.error and (asleep or woke)
 
     def leave(self, slot: str) -> None:
         with self.cond:
             self.in_flight[slot] -= 1
-            self.idle_since[slot] = time.monotonic()
+            self.idle_since[slot] = time.perf_counter()
             self.cond.notify_all()
 
     def sleep_idle_ones(self) -> None:
         while not self.stopped.wait(0.05):
             with self.cond:
-                now = time.monotonic()
+                now = time.perf_counter()
                 due = [s for s in self.idle() if now - self.idle_since[s] >= self.cfg.sleep_after_idle_s]
                 self.moving.update(due)
             for slot in due:
                 self.move(slot, asleep=True)
 
     def stop(self) -> None:
-        """No more requests: every model still awake goes to sleep, as after a burst."""
+        """No more requests: every model still awake goes to sleep, as after a burst, once any wake or
+        sleep under way has ended."""
         self.stopped.set()
         self.idler.join()
+        with self.cond:
+            self.cond.wait_for(lambda: not self.moving, timeout=self.cfg.request_timeout_s)
         for slot in self.awake():
             self.move(slot, asleep=True)
 

@@ -1,5 +1,6 @@
 """The third strategy: vLLM's sleep mode, put to sleep between bursts and woken by the first request."""
 
+import contextlib
 import json
 import sys
 import threading
@@ -196,22 +197,27 @@ class StubServer:
         self.asleep, self.calls, self.name = True, calls, name
 
 
-def stub_router(monkeypatch, awake_at_most: int, **cfg) -> tuple["rx.SleepRouter", list]:
+def stub_router(
+    monkeypatch, awake_at_most: int, models: str = "AB", wake_s: float = 0.0, **cfg
+) -> tuple["rx.SleepRouter", list]:
     calls: list = []
 
     def to_sleep(server, cfg):
+        if server.asleep:  # as put_to_sleep: nothing to do
+            return None
         calls.append(("sleep", server.name))
         server.asleep = True
         return 0.01
 
     def wake(server, cfg):
         calls.append(("wake", server.name))
+        time.sleep(wake_s)
         server.asleep = False
         return 0.02
 
     monkeypatch.setattr(rx, "put_to_sleep", to_sleep)
     monkeypatch.setattr(rx, "wake_up", wake)
-    servers = {slot: StubServer(calls, slot) for slot in "AB"}
+    servers = {slot: StubServer(calls, slot) for slot in models}
     router = rx.SleepRouter(servers, rx.Config(sleep_after_idle_s=60, **cfg), awake_at_most)
     return router, calls
 
@@ -307,6 +313,80 @@ def test_a_busy_model_takes_no_new_request_once_another_waits_for_its_place(monk
         ("wake", "A"),
         ("sleep", "A"),
     ]
+
+
+def request_thread(router, slot: str, order: list) -> threading.Thread:
+    def send():
+        with contextlib.suppress(rx.ServerError):
+            router.enter(slot)
+            order.append(slot)
+            router.leave(slot)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_sleeping_models_get_their_turns_in_the_order_their_requests_came(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1, models="ABC", request_timeout_s=30)
+    order: list[str] = []
+    try:
+        router.enter("A")  # A awake and busy
+        threads = [request_thread(router, "C", order)]
+        assert until(lambda: "A" in router.draining), "C waits for A's place: A drains"
+        threads += [request_thread(router, "B", order) for _ in range(5)]  # more, but later
+        assert until(lambda: len(router.queue) == 6)
+        router.leave("A")
+        for thread in threads:
+            thread.join(10)
+    finally:
+        router.stop()
+    assert order == ["C", *"BBBBB"], "C asked first"
+    assert calls[:6] == [
+        ("wake", "A"),
+        ("sleep", "A"),
+        ("wake", "C"),
+        ("sleep", "C"),
+        ("wake", "B"),
+        ("sleep", "B"),
+    ]
+
+
+def test_a_model_that_cannot_be_put_to_sleep_makes_no_room_for_another(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1, request_timeout_s=30)
+
+    def refuse(server, cfg):
+        raise rx.ServerError(f"{server.name} answered 500 to /sleep")
+
+    try:
+        router.enter("A")
+        router.leave("A")
+        monkeypatch.setattr(rx, "put_to_sleep", refuse)
+        with pytest.raises(rx.ServerError, match="A answered 500 to /sleep"):
+            router.enter("B")
+    finally:
+        monkeypatch.undo()
+        router.stopped.set()
+    assert ("wake", "B") not in calls, "two awake where one fits"
+    assert len(router.log["B"]["gave_up"]) == 1 and len(router.log["B"]["waits"]) == 1
+
+
+def test_the_routers_stop_waits_for_a_wake_under_way_and_puts_that_model_to_sleep(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1, wake_s=0.3, request_timeout_s=30)
+    order: list[str] = []
+    thread = request_thread(router, "B", order)
+    assert until(lambda: ("wake", "B") in calls)
+    router.stop()  # while B wakes
+    thread.join(10)
+    assert router.servers["B"].asleep and calls[-1] == ("sleep", "B"), calls
+    assert order == [] and router.log["B"]["gave_up"], "the workload ended before its request went"
 
 
 class FailingGate:

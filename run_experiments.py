@@ -1948,6 +1948,11 @@ MISSING_FOLDER = (
 FIELD_CHECKS = (
     # (Config fields, what each one's value v must pass, the message otherwise: may show {v}), in order
     ("preset", lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}, got {{v!r}}"),
+    (  # it goes into each request's Authorization header; the message never shows it
+        "api_key",
+        lambda v: re.fullmatch(r"[!-~]*", v),
+        "must be printable ASCII without spaces: every request would fail to send it",
+    ),
     (
         "tag",
         lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v),
@@ -2237,6 +2242,14 @@ def check_server_command(cfg: Config) -> None:
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
     program = (shlex.split(cfg.server_cmd) or [""])[0]
+    script = next(
+        (w for w in shlex.split(cfg.server_cmd)[1:] if w.endswith(".py") and not w.startswith("-")), ""
+    )
+    need(
+        not re.fullmatch(r"python[\d.]*", Path(program).name) or not script or Path(script).is_file(),
+        "server_cmd",
+        f"runs {script}, which is not a file: the server would exit at once",
+    )
     shell_env = "=" in program and "/" not in program.partition("=")[0]  # `HF_TOKEN=x vllm serve`
     need(
         not cfg.server_cmd or shutil.which(program) is not None,
@@ -4250,8 +4263,10 @@ def start_hint(server: RunningServer) -> str:
         )
     if re.search(r"error: (unrecognized arguments|argument )", log):  # argparse's usage error, as vLLM's
         return " vLLM refused its arguments (the log's last lines say which): check --extra-server-args."
-    if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork":
-        return ""
+    with contextlib.suppress(OSError):
+        log = server.log_path.read_text(errors="replace")
+    if server.env_shown.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork" or "non-default args" not in log:
+        return ""  # forked or not, one that never got as far as vLLM's arguments needs another fix
     return (
         " Its engine process was forked from the API server (--engine-start); if the log ends while "
         "that process starts, try --engine-start spawn, vLLM's own way."

@@ -95,6 +95,15 @@ def test_hanging_server_times_out_and_is_stopped(fake_gpu, started, monkeypatch)
     assert not any(alive(p) for p in tree)
 
 
+def test_a_server_command_that_never_reaches_vllm_gets_no_engine_start_advice(fake_gpu, started, monkeypatch):
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    cfg = make_cfg(server_cmd=f"{sys.executable} -m no_such_module_here")
+    server = started(cfg, STATIC_A(cfg))
+    with pytest.raises(rx.ServerError, match="exited with code 1") as err:
+        rx.wait_ready(server, timeout_s=30)
+    assert "No module named no_such_module_here" in str(err.value) and "--engine-start" not in str(err.value)
+
+
 def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_MODE", "grandchild")
     cfg = make_cfg()

@@ -1526,6 +1526,19 @@ def test_a_secret_flag_inside_one_shell_string_and_short_secrets_are_hidden_wher
     assert "NAME=value before a command is shell syntax" in err
 
 
+@pytest.mark.parametrize("key", ["sk-ключ-123456", "sk-with\nnewline", "sk with space"])
+def test_an_api_key_no_http_header_can_carry_is_refused_without_echoing_it(key, capsys):
+    assert rx.main(["--api-key", key, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key: must be printable ASCII without spaces" in err and key not in err
+
+
+def test_a_server_script_that_is_not_there_is_refused_before_anything_launches(tmp_path, capsys):
+    missing = tmp_path / "no_server_here.py"
+    assert rx.main(["--server-cmd", f"python3 -S {missing}", "--check"]) == 2
+    assert f"--server-cmd: runs {missing}, which is not a file" in capsys.readouterr().err
+
+
 def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbreviations_are_refused(capsys):
     assert rx.main(["--hf-token", "hf_LEAKED_value123"]) == 2
     err = capsys.readouterr().err

@@ -640,7 +640,7 @@ def test_preimport_auto_needs_spare_cores_per_card_and_a_module_command(
     [
         (["--preimport", "maybe"], "--preimport: must be auto, on or off"),
         (
-            ["--preimport", "on", "--server-cmd", "python3 my_server.py"],
+            ["--preimport", "on", "--server-cmd", f"python3 {FAKES / 'fake_vllm_server.py'}"],  # a script
             "--preimport: on needs a server command",
         ),
     ],

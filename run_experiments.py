@@ -5545,6 +5545,25 @@ def read_jsonl(path: Path, problems: Optional[list[str]] = None, expected: bool 
     return rows
 
 
+REQUEST_KEYS = {"server": str, "phase": str, "repeat": int, "burst": int, "t_send": (int, float)}
+
+
+def request_rows(rows: list[dict], problems: list[str]) -> list[dict]:
+    """The rows that are requests: another file's lines, or a row edited out of shape, are left out, said."""
+    kept = [
+        row
+        for row in rows
+        if set(row) & set(REQUEST_FIELDS)
+        and all(isinstance(row[k], kind) for k, kind in REQUEST_KEYS.items() if k in row)
+    ]
+    if len(kept) < len(rows):
+        problems.append(
+            f"requests.jsonl: {len(rows) - len(kept)} of {len(rows)} rows are not requests (no request's "
+            f"fields, or a {', '.join(REQUEST_KEYS)} of the wrong kind), left out"
+        )
+    return kept
+
+
 def record_row(record: RequestRecord, keep_itl: bool = True) -> dict:
     """A request's requests.jsonl row: its fields, then its TPOT, times rounded to keep the file small."""
     row = {**{name: getattr(record, name) for name in REQUEST_FIELDS}, "tpot_s": record.tpot_s}
@@ -5858,7 +5877,9 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
         problems.append(f"{problem or 'experiment.json malformed'}: figures come from the raw files only")
     marks = record.marks  # memory is written from the idle window after load on, requests from burst 1
     memory = read_jsonl(exp_dir / "memory.jsonl", problems, expected=marks.idle_after_load is not None)
-    requests = read_jsonl(exp_dir / "requests.jsonl", problems, expected=bool(marks.bursts))
+    requests = request_rows(
+        read_jsonl(exp_dir / "requests.jsonl", problems, expected=bool(marks.bursts)), problems
+    )
     loaded = LoadedExperiment(exp_dir, record, memory, requests, problems)
     # where a killed run left no workload mark, the workload spans its bursts, else from its first request
     # sent (a record saved before its first burst); no request and a record that reads: no workload ran

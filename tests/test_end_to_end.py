@@ -3,6 +3,7 @@ the servers: the static arm reserves its pool at start, the kvcached arm grows w
 Runs whose tests only read what they left go in the background (conftest.background), a few at once,
 while this module's first tests run in the foreground."""
 
+import gzip
 import json
 import os
 import re
@@ -554,6 +555,27 @@ def test_a_report_leaves_out_an_experiment_whose_record_is_damaged_and_says_why(
     summary = json.loads((copy / "summary.json").read_text())
     assert summary["failed"][first.name].startswith("its files could not be read into a summary (TypeError")
     assert len(summary["experiments"]) == len(others), "the others are reported"
+
+
+def test_a_report_leaves_out_a_row_that_is_not_a_request_and_keeps_the_experiment(tmp_path):
+    copy = rebuildable_copy(REPORT_CLI_RUN, tmp_path)
+    first = sorted(p for p in copy.iterdir() if p.is_dir() and p.name[:2].isdigit())[0]
+    rows = first / "requests.jsonl"
+    if not rows.exists():  # committed runs keep it gzipped
+        rows.write_bytes(gzip.decompress((first / "requests.jsonl.gz").read_bytes()))
+        (first / "requests.jsonl.gz").unlink()
+    total = len(rows.read_text().splitlines())
+    with rows.open("a") as f:
+        f.write('{"a": 1}\n{"server": "A", "phase": "burst 1", "repeat": null, "burst": 0, "t_send": 1.0}\n')
+    assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert not summary["failed"], summary["failed"]
+    name = re.sub(r"^\d+_", "", first.name)
+    assert summary["experiments"][name]["latency"]["requests"] == total
+    assert (
+        f"requests.jsonl: 2 of {total + 2} rows are not requests"
+        in summary["experiments"][name]["problems"][0]
+    )
 
 
 def test_a_comparison_with_an_arm_cut_short_says_so_beside_its_ratios(tmp_path):

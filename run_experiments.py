@@ -2907,6 +2907,27 @@ def overload_plan(cfg: Config, kv_known: Optional[int], budget_bytes: int, key: 
     return plan_workload(fixed, size, sizing, bursts=1, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
 
+def say_workload(cfg: Config, plans: dict[str, WorkloadPlan], sent: list[str]) -> None:
+    """The workload in one line: its windows or bursts, the busiest (every model sent at once counted
+    together) and its lengths."""
+    main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
+    every = [r for key in sent for r in plans[key].requests]
+    longest = {
+        field: max(getattr(plans[key], field) for key in sent) for field in ("prompt_tokens", "max_tokens")
+    }
+    card = WorkloadPlan.of(cfg, every, main.bursts, sizing=main.sizing, **longest) if len(sent) > 1 else main
+    output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
+    prompt = f"~{card.prompt_tokens}" if card.prompt_tokens else "the tutorial's"
+    lengths = f"{prompt} prompt + {output} output tokens"
+    if cfg.arrivals == "trace":
+        lengths = f"the trace's lengths, up to {card.prompt_tokens} prompt + {card.max_tokens} output tokens"
+    busiest = "requests (busiest" + (f", {len(sent)} models together)" if len(sent) > 1 else ")")
+    say(
+        f"workload: {main.bursts} {'windows' if cfg.arrivals != 'bursts' else 'bursts'} x {card.burst_size} "
+        f"{busiest if cfg.arrivals != 'bursts' else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
+    )
+
+
 # %% Trace replay: a production trace's arrivals and lengths, one file per model, as a plan
 PER_MODEL_ARRIVALS = ("ramp", "trace")  # every model on its own plan, all at once
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -9386,27 +9407,6 @@ def make_plans(cfg: Config, gpu: dict) -> tuple[dict[str, WorkloadPlan], int, di
         if kv and kv_a:
             say(f"  model {key} needs {kv / kv_a:.1f}x model A's KV per token in the shared experiments")
     return plans, budget, facts
-
-
-def say_workload(cfg: Config, plans: dict[str, WorkloadPlan], sent: list[str]) -> None:
-    """The workload in one line: its windows or bursts, the busiest (every model sent at once counted
-    together) and its lengths."""
-    main = plans["main"]  # its burst_size: the --burst-size or sized one, or open loop the busiest window
-    every = [r for key in sent for r in plans[key].requests]
-    longest = {
-        field: max(getattr(plans[key], field) for key in sent) for field in ("prompt_tokens", "max_tokens")
-    }
-    card = WorkloadPlan.of(cfg, every, main.bursts, sizing=main.sizing, **longest) if len(sent) > 1 else main
-    output = cfg.max_tokens if cfg.output_tokens_dist == "fixed" else cfg.output_tokens_dist
-    prompt = f"~{card.prompt_tokens}" if card.prompt_tokens else "the tutorial's"
-    lengths = f"{prompt} prompt + {output} output tokens"
-    if cfg.arrivals == "trace":
-        lengths = f"the trace's lengths, up to {card.prompt_tokens} prompt + {card.max_tokens} output tokens"
-    busiest = "requests (busiest" + (f", {len(sent)} models together)" if len(sent) > 1 else ")")
-    say(
-        f"workload: {main.bursts} {'windows' if cfg.arrivals != 'bursts' else 'bursts'} x {card.burst_size} "
-        f"{busiest if cfg.arrivals != 'bursts' else 'concurrent requests'}, {lengths}, {cfg.gap_s:g} s gaps"
-    )
 
 
 def save_plans(run_dir: Path, plans: dict[str, WorkloadPlan], experiments: list[Experiment]) -> None:

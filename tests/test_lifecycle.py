@@ -104,14 +104,19 @@ def test_a_server_command_that_never_reaches_vllm_gets_no_engine_start_advice(fa
     assert "No module named no_such_module_here" in str(err.value) and "--engine-start" not in str(err.value)
 
 
-def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tmp_path):
+def ready_with_a_grandchild(started, monkeypatch, tmp_path) -> tuple:
+    """A ready kvcached server that started a process of its own that outlives it, and that pid."""
     monkeypatch.setenv("FAKE_MODE", "grandchild")
     cfg = make_cfg()
     server = started(cfg, KVC_A(cfg))
     ready(server)
     pid_file = tmp_path / "gpu" / "grandchild.pid"
     assert wait_for(pid_file.exists)
-    grandchild = int(pid_file.read_text())
+    return server, int(pid_file.read_text())
+
+
+def test_grandchild_is_stopped_with_the_group(fake_gpu, started, monkeypatch, tmp_path):
+    server, grandchild = ready_with_a_grandchild(started, monkeypatch, tmp_path)
     assert alive(grandchild)
     rx.stop_servers([server], "end of test", grace_s=5)
     assert not alive(grandchild)
@@ -164,13 +169,7 @@ def test_a_server_whose_keeper_is_killed_stops_all_the_same(fake_gpu, started):
 def test_what_a_server_left_behind_its_killed_keeper_is_stopped_with_it(
     fake_gpu, started, monkeypatch, tmp_path
 ):
-    monkeypatch.setenv("FAKE_MODE", "grandchild")  # a process of the server's that outlives the server
-    cfg = make_cfg()
-    server = started(cfg, KVC_A(cfg))
-    ready(server)
-    pid_file = tmp_path / "gpu" / "grandchild.pid"
-    assert wait_for(pid_file.exists)
-    grandchild = int(pid_file.read_text())
+    server, grandchild = ready_with_a_grandchild(started, monkeypatch, tmp_path)
     os.kill(server.proc.pid, signal.SIGKILL)  # the keeper: its server gets SIGTERM, the grandchild nothing
     assert wait_for(lambda: server.proc.poll() is not None, 20)
     assert alive(grandchild), "nothing has stopped it yet"

@@ -275,46 +275,6 @@ def test_a_request_that_never_gets_a_turn_awake_fails_at_the_request_timeout(mon
     )
 
 
-def test_a_busy_model_takes_no_new_request_once_another_waits_for_its_place(monkeypatch):
-    router, calls = stub_router(monkeypatch, awake_at_most=1, request_timeout_s=30)
-    order: list[str] = []
-
-    def request(slot: str) -> threading.Thread:
-        def send():
-            router.enter(slot)
-            order.append(slot)
-            router.leave(slot)
-
-        thread = threading.Thread(target=send)
-        thread.start()
-        return thread
-
-    try:
-        router.enter("A")  # A awake and busy
-        b = request("B")
-        deadline = time.monotonic() + 10
-        while "A" not in router.draining and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert router.draining, "B waits for the one place awake: A drains"
-        a = request("A")  # came after B asked: waits for B's turn, not ahead of it
-        time.sleep(0.1)
-        assert order == [] and ("wake", "B") not in calls
-        router.leave("A")
-        b.join(10)
-        a.join(10)
-    finally:
-        router.stop()
-    assert order == ["B", "A"]
-    assert calls == [
-        ("wake", "A"),
-        ("sleep", "A"),
-        ("wake", "B"),
-        ("sleep", "B"),
-        ("wake", "A"),
-        ("sleep", "A"),
-    ]
-
-
 def request_thread(router, slot: str, order: list) -> threading.Thread:
     def send():
         with contextlib.suppress(rx.ServerError):
@@ -332,6 +292,32 @@ def until(condition, timeout_s: float = 10.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     return condition()
+
+
+def test_a_busy_model_takes_no_new_request_once_another_waits_for_its_place(monkeypatch):
+    router, calls = stub_router(monkeypatch, awake_at_most=1, request_timeout_s=30)
+    order: list[str] = []
+    try:
+        router.enter("A")  # A awake and busy
+        b = request_thread(router, "B", order)
+        assert until(lambda: "A" in router.draining), "B waits for the one place awake: A drains"
+        a = request_thread(router, "A", order)  # came after B asked: waits for B's turn, not ahead of it
+        time.sleep(0.1)
+        assert order == [] and ("wake", "B") not in calls
+        router.leave("A")
+        b.join(10)
+        a.join(10)
+    finally:
+        router.stop()
+    assert order == ["B", "A"]
+    assert calls == [
+        ("wake", "A"),
+        ("sleep", "A"),
+        ("wake", "B"),
+        ("sleep", "B"),
+        ("wake", "A"),
+        ("sleep", "A"),
+    ]
 
 
 def test_sleeping_models_get_their_turns_in_the_order_their_requests_came(monkeypatch):

@@ -5803,14 +5803,20 @@ def serving_span(marks: "Marks") -> Optional[Span]:
 
 
 def memory_cost(samples: Samples, workload: Optional[Span]) -> Optional[MemoryCost]:
-    """The memory cost of (t, MiB) samples over the workload; None without two samples in it."""
+    """The memory cost of (t, MiB) samples over the workload; None without two samples in it. Its ends
+    count too, each at the level of the sample in it nearest to that end: the workload begins as its first
+    requests go out and ends as its last one does, so a sample outside it reads another level."""
     inside = np.asarray(window_samples(samples, workload), dtype=float)
     if len(inside) < 2 or inside[-1, 0] <= inside[0, 0]:
         return None
-    times, mib = inside[:, 0], inside[:, 1]
-    mean = float(((mib[1:] + mib[:-1]) / 2 * np.diff(times)).sum() / (times[-1] - times[0]))
-    length = workload[1] - workload[0]
-    return MemoryCost(length, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * length / 3600)
+    start, end = workload
+    times = np.concatenate(([start], inside[:, 0], [end]))
+    levels = np.concatenate(([inside[0, 1]], inside[:, 1], [inside[-1, 1]]))
+    mean = float(((levels[1:] + levels[:-1]) / 2 * np.diff(times)).sum() / (end - start))
+    mib = inside[:, 1]
+    return MemoryCost(
+        end - start, mean, percentile(mib, 95), float(mib.max()), mean / 1024 * (end - start) / 3600
+    )
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -6347,6 +6353,31 @@ PEAK_SOURCES = {  # memory.jsonl kind -> where its peaks live
 }
 
 
+def process_series_stalls(loaded: LoadedExperiment) -> list[str]:
+    """Where several servers share the card, each one's process-tree series over the workload: a stretch
+    of MAX_SAMPLE_GAP of its intervals without a read (the reads failed or stalled) voids the per-model means
+    and peaks, which would be drawn straight across it."""
+    span = serving_span(loaded.record.marks)
+    if span is None or lone_server_idle_span(loaded) is not None:
+        return []
+    said = []
+    for server in loaded.record.servers:
+        slot = server["spec"]["name"]
+        ticks = sorted(t for t, _ in series(loaded.memory, "process", server=slot))
+        if len(ticks) < 2:
+            continue
+        every_s = float(np.median(np.diff(ticks)))
+        times = [span[0], *(t for t in ticks if span[0] <= t <= span[1]), span[1]]
+        gap = max(b - a for a, b in zip(times, times[1:]))
+        if gap > MAX_SAMPLE_GAP * every_s:
+            said.append(
+                f"per-model memory means and peaks n/a: {slot}'s process memory was not read for {gap:.1f} s "
+                f"of the workload (reads every {every_s:.2f} s otherwise; sampler errors: "
+                f"{loaded.record.sampler_error_kinds or 'none recorded'})"
+            )
+    return said
+
+
 def sampling_advice(loaded: LoadedExperiment) -> str:
     """What makes per-model figures add up: SAMPLES_PER_BURST per-process samples in the shortest burst."""
     bursts = [b.end - b.start for b in loaded.record.marks.bursts if b.end is not None and b.end > b.start]
@@ -6377,6 +6408,12 @@ def per_model_memory_checked(
     idles = [v.memory.idle_before_workload_mib for v in servers.values()]
     if not servers or device.idle_before_workload_mib is None or None in idles:
         return servers, []
+    if stalled := process_series_stalls(loaded):  # what is averaged across a stall is a guess
+        peaks = dict.fromkeys(PEAK_SOURCES["process"].peaks)
+        return {
+            k: dataclasses.replace(v, memory=dataclasses.replace(v.memory, **peaks), memory_cost=None)
+            for k, v in servers.items()
+        }, stalled
     outside = device.idle_before_workload_mib - sum(idles)
     means = [v.memory_cost and v.memory_cost.mean_mib for v in servers.values()]
     peaks = [v.memory.peak_mib for v in servers.values()]

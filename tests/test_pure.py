@@ -539,6 +539,15 @@ def test_memory_cost_is_the_time_weighted_mean_over_the_workload_and_its_integra
     assert rx.memory_cost(samples, None) is None, "no workload, no cost"
 
 
+def test_the_memory_cost_counts_the_workloads_ends_before_its_first_and_after_its_last_sample():
+    # the workload starts 0.5 s before the first sample in it and ends 0.2 s after the last: each end at
+    # the level of the sample in it nearest to that end, not the one outside (another level)
+    samples = [(0.0, 900.0), (1.0, 100.0), (2.0, 300.0), (3.0, 900.0)]
+    cost = rx.memory_cost(samples, (0.5, 2.2))
+    assert cost.mean_mib == pytest.approx((100 * 0.5 + 200 * 1.0 + 300 * 0.2) / 1.7), "not 200: 1 to 2 s only"
+    assert cost.gib_hours == pytest.approx(cost.mean_mib / 1024 * 1.7 / 3600)
+
+
 def test_the_sleep_paragraph_spells_out_one_and_two_models_only():
     def said(group: str, models: int) -> str:
         sleep = types.SimpleNamespace(servers=dict.fromkeys(range(models)), sleep=None)

@@ -503,6 +503,24 @@ def test_per_model_means_that_miss_the_cards_are_void_and_say_why(tmp_path):
     assert not fast.problems
 
 
+def test_per_model_figures_across_a_stall_of_a_servers_own_reads_are_void_and_say_why(tmp_path):
+    loaded = sleep_arm_sampled(tmp_path, 20, asleep_beside=True)
+    rows = rx.read_jsonl(loaded.path / "memory.jsonl")
+    stalled = [
+        r for r in rows if not (r["kind"] == "process" and r["server"] == "A" and 1005.0 <= r["t"] < 1005.8)
+    ]
+    (loaded.path / "memory.jsonl").unlink()
+    rx.write_jsonl(loaded.path / "memory.jsonl", stalled)  # A's reads failed through its first burst
+    summary = rx.summarize_experiment(rx.load_experiment(loaded.path), 0.05)
+    assert summary.servers["A"].memory_cost is None and summary.servers["A"].memory.peak_mib is None
+    assert summary.servers["B"].memory_cost is None, "the models' means are read together"
+    (problem,) = [p for p in summary.problems if p.startswith("per-model memory means and peaks n/a")]
+    assert (
+        "A's process memory was not read for 0.8 s of the workload (reads every 0.05 s otherwise" in problem
+    )
+    assert summary.memory_cost is not None, "the card's own series is whole"
+
+
 def test_per_model_peaks_below_the_cards_are_void_and_say_why(tmp_path):
     # read at 2 Hz between the bursts, the server's own series never sees it awake
     loaded = sleep_arm_sampled(tmp_path, process_hz=2, offset_s=0.42, asleep_beside=True)

@@ -5939,8 +5939,10 @@ def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencyS
         gap = max(b - a for a, b in zip(times, times[1:]))
         if gap > MAX_SAMPLE_GAP * record.sample_interval_s:
             problems.append(
-                f"device memory was not sampled for {gap:.1f} s (sampler stalled or failed: "
-                f"{record.sampler_error_kinds or 'no errors recorded'})"
+                f"device memory was not sampled for {gap:.1f} s, past {MAX_SAMPLE_GAP} sample intervals "
+                f"({MAX_SAMPLE_GAP * record.sample_interval_s:.1f} s; sampler stalled or failed: "
+                f"{record.sampler_error_kinds or 'no errors recorded'}): with no errors, the machine was "
+                "too busy to sample; rerun with fewer other jobs beside it, or a lower --sample-hz"
             )
     return problems
 
@@ -7193,6 +7195,7 @@ def markdown_summary(
             for name, block in comparison.items()
             for line in comparison_lines(name, block, summaries, config)
         ],
+        *one_run_note(comparison),
         *cards_apart_lines(config, summaries),
         *residuals_line(summaries),
         *rate_sweep_table(summaries),
@@ -7450,6 +7453,18 @@ def awake_peak_line(name: str, over: float) -> str:
         f"- {name}: the awake peak stayed {fmt(-over)} MiB below the same static pool without sleep "
         "mode: the memory outside vLLM's cumem pool, freed at each sleep, regrew less in its bursts than "
         "at start-up."
+    )
+
+
+def one_run_note(comparison: dict[str, Comparison]) -> list[str]:
+    """Latency ratios from one run of each arm, said as such: they move 10-60% between runs."""
+    ratios = [block for block in comparison.values() if block.ratios]
+    if not ratios or any(block.over_repeats for block in ratios):
+        return []
+    return paragraphs(
+        "These ratios come from one run of each arm: latency moves 10-60% between runs of the same "
+        "experiments, memory by a few MiB. Give --repeats 3 (each ratio's spread is shown), or compare "
+        "runs with benchmarks/compare_runs.py, before reading a latency ratio as a difference."
     )
 
 

@@ -773,3 +773,13 @@ def test_the_sleep_arms_memory_cost_counts_its_last_fall_asleep_as_it_counts_the
     burst.sleep_s = None
     assert rx.serving_span(marks) == (5.0, 12.0), "no sleep arm: the workload"
     assert rx.serving_span(rx.Marks()) is None
+
+
+def test_ratios_from_one_run_of_each_arm_are_said_to_be_one_run():
+    one = rx.Comparison(figures={}, ratios={"kvcached/static": {"ttft_s_p50": 0.4}})
+    (note,) = [line for line in rx.one_run_note({"single": one}) if line]
+    assert note.startswith("These ratios come from one run of each arm") and "--repeats 3" in note
+    spread = {"kvcached/static": {"ttft_s_p50": rx.Spread(0.4, 0.3, 0.5, 3)}}
+    repeated = rx.Comparison(figures={}, ratios=one.ratios, over_repeats=spread)
+    assert rx.one_run_note({"single": repeated}) == [], "the spread over repeats says it"
+    assert rx.one_run_note({}) == []

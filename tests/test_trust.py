@@ -830,7 +830,8 @@ def test_a_gap_in_the_device_series_voids_the_memory_figures(tmp_path):
     )
     summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
     assert not summary.memory_valid and summary.device.peak_mib is None
-    assert "not sampled for 8.0 s" in summary.problems[0]
+    assert "not sampled for 8.0 s, past 10 sample intervals (0.5 s; " in summary.problems[0]
+    assert summary.problems[0].endswith("rerun with fewer other jobs beside it, or a lower --sample-hz")
 
 
 def test_a_segment_locked_by_a_stranger_costs_one_sample_not_a_stall(tmp_path, monkeypatch):

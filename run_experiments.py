@@ -7284,7 +7284,7 @@ def main_table(summaries: dict[str, ExperimentSummary], not_fresh: set[str]) -> 
         ("idle before workload (MiB)", lambda _, s: idle(s.device.idle_before_workload_mib, s)),
         ("peak (MiB)", lambda _, s: fmt(s.device.peak_mib)),
         ("flex (MiB)", lambda _, s: fmt(s.device.flex_mib)),
-        ("release (s)", lambda _, s: fmt(s.device.release_s, 2)),
+        ("release (s)", lambda _, s: "flat" if s.device.release_s == 0 else fmt(s.device.release_s, 2)),
         ("TTFT p50/p90/p99 (s)", lambda _, s: side_by_side(s.latency.ttft_s, "p50", "p90", "p99", digits=3)),
         ("TPOT p50 (ms)", lambda _, s: side_by_side(s.latency.tpot_s, "p50", digits=1, scale=1000)),
         ("E2E p50/p99 (s)", lambda _, s: side_by_side(s.latency.e2e_s, "p50", "p99", digits=2)),
@@ -7893,7 +7893,7 @@ def definitions(config: dict, not_fresh: set[str]) -> list[str]:
         "from the first request sent to the last response (gaps between bursts included); *release* = "
         "seconds after the last burst until a device sample is within "
         f"{100 * (tolerance or Config.release_tolerance):g}% "
-        "of that idle level (so up to one sample interval late; 0: memory never rose above that; n/a: it "
+        "of that idle level (so up to one sample interval late; flat: memory never rose above that; n/a: it "
         "stayed above, see residual in summary.json).",
         "\\* A server reused from an earlier experiment was not freshly loaded: its level is where "
         "that experiment left it (a kvcached server keeps the pages its bursts mapped), so this figure "

@@ -108,6 +108,7 @@ def test_sleep_arm_end_to_end_against_kvcached_and_static(sleep_run):
     assert sleep_row.count(" asleep |") == 2, "the main table says its idle levels are measured asleep"
     static_row = next(line for line in md.splitlines() if line.startswith("| static |"))
     assert "asleep" not in static_row
+    assert "| flat |" in static_row, "a static pool's release: nothing to give back, not 0.00 s"
 
 
 def test_a_server_without_the_sleep_endpoints_fails_the_experiment_saying_why(fake_gpu, tmp_path):

@@ -7186,6 +7186,7 @@ def markdown_summary(
         *model_runner_lines(config),
         *per_token_table(summaries),
         *problems_list(summaries),
+        *short_outputs_note(config, summaries),
         *per_model_table(summaries),
         *memory_cost_table(summaries),
         *footprint_table(summaries),
@@ -7325,6 +7326,30 @@ def problems_list(summaries: dict[str, ExperimentSummary]) -> list[str]:
         if s.sampler_errors
     ]
     return titled("**Problems** (figures affected are n/a or flagged):", notes)
+
+
+SHORT_OUTPUTS = 0.9  # responses shorter than this share of --max-tokens on average: sized for more KV
+
+
+def short_outputs_note(config: dict, summaries: dict[str, ExperimentSummary]) -> list[str]:
+    """Where the model ended its responses early, the workload (sized for --max-tokens each) needed less KV
+    than planned: said, with the flag that keeps them as long as planned. Overload bursts ask for more."""
+    planned, ignored = dig(config, "config", "max_tokens"), dig(config, "config", "ignore_eos")
+    if not isinstance(planned, int) or planned < 2 or ignored is not False:
+        return []
+    if dig(config, "config", "output_tokens_dist") not in ("fixed", None):
+        return []
+    served = [
+        (s.latency.output_tokens, s.latency.ok) for n, s in summaries.items() if not n.startswith("overload")
+    ]
+    tokens, ok = map(sum, zip(*served)) if served else (0, 0)
+    if not ok or tokens / ok >= SHORT_OUTPUTS * planned:
+        return []
+    return paragraphs(
+        f"Responses averaged {tokens / ok:.0f} of the {planned} output tokens planned (--max-tokens): the "
+        "model ended them early, so each request held less KV than the workload was sized for. "
+        "--ignore-eos makes every response as long as planned."
+    )
 
 
 def per_model_table(summaries: dict[str, ExperimentSummary]) -> list[str]:

@@ -783,3 +783,17 @@ def test_ratios_from_one_run_of_each_arm_are_said_to_be_one_run():
     repeated = rx.Comparison(figures={}, ratios=one.ratios, over_repeats=spread)
     assert rx.one_run_note({"single": repeated}) == [], "the spread over repeats says it"
     assert rx.one_run_note({}) == []
+
+
+def test_responses_the_model_ended_early_are_said_with_the_flag_that_keeps_them_long():
+    def ran(tokens, ok):
+        return types.SimpleNamespace(latency=types.SimpleNamespace(output_tokens=tokens, ok=ok))
+
+    config = {"config": {"max_tokens": 128, "ignore_eos": False, "output_tokens_dist": "fixed"}}
+    summaries = {"kvcached": ran(69 * 8, 8), "static": ran(69 * 8, 8), "overload_static": ran(10, 8)}
+    (note,) = [line for line in rx.short_outputs_note(config, summaries) if line]
+    assert note.startswith("Responses averaged 69 of the 128 output tokens planned (--max-tokens)")
+    assert note.endswith("--ignore-eos makes every response as long as planned.")
+    assert rx.short_outputs_note(config, {"kvcached": ran(120 * 8, 8)}) == [], "within 10%: nothing to say"
+    kept = {"config": {**config["config"], "ignore_eos": True}}
+    assert rx.short_outputs_note(kept, summaries) == [], "as long as planned, or failed for it"

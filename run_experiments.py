@@ -7741,8 +7741,21 @@ def capacity_table(summaries: dict[str, ExperimentSummary]) -> list[str]:
             "",
             f"At {percent(first.capacity.target)} attainment, "
             + "; ".join(capacity_sentence(name, s) for name, s in swept.items())
-            + ".",
+            + "."
+            + sweep_apart_words({s.capacity.verdict for s in swept.values()}, len(swept)),
         ],
+    )
+
+
+def sweep_apart_words(verdicts: set[str], strategies: int) -> str:
+    """Where every strategy held the whole sweep, or none held its lowest rate, the sweep tells them not
+    apart: which way to move the rates."""
+    if strategies < 2 or len(verdicts) != 1 or verdicts == {"within the sweep"}:
+        return ""
+    way = "raise" if verdicts == {"above the sweep"} else "lower"
+    return (
+        f" Every strategy was {verdicts.pop()}, so this sweep does not tell them apart: {way} the rates "
+        "(--rates, --peak-rates or --trace-rate-scale)."
     )
 
 
@@ -7817,7 +7830,7 @@ def capacity_sentence(name: str, s: ExperimentSummary) -> str:
         lowest = min((rate for rate, share in c.attainment.items() if share is not None), key=float)
         return f"{name} missed it already at the lowest swept rate, {rate_words(lowest, c.unit, long=True)}"
     above = " (above the sweep)" if c.verdict == "above the sweep" else ""
-    memory = f", the card holding {c.mean_mib / 1024:.1f} GiB on average" if c.mean_mib is not None else ""
+    memory = f", the card holding {fmt(c.mean_mib)} MiB on average" if c.mean_mib is not None else ""
     return f"{name} held {rate_words(c.largest_held_rps, c.unit, long=True)}{above}{memory}"
 
 

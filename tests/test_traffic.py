@@ -428,8 +428,14 @@ def test_capacity_needs_slos_and_says_below_and_above_in_words():
     within = rx.capacity([point(3, 1.0, mean_mib=2048), point(6, 0.5)], 0.99)
     assert rx.capacity_words(within) == "3 req/s"
     assert rx.capacity_sentence("kvcached", types.SimpleNamespace(capacity=within)) == (
-        "kvcached held 3 requests/s, the card holding 2.0 GiB on average"
+        "kvcached held 3 requests/s, the card holding 2,048 MiB on average"
     )
+    assert rx.sweep_apart_words({"above the sweep"}, 3).startswith(
+        " Every strategy was above the sweep, so this sweep does not tell them apart: raise the rates"
+    )
+    assert "lower the rates" in rx.sweep_apart_words({"below the sweep"}, 2)
+    assert rx.sweep_apart_words({"above the sweep", "within the sweep"}, 2) == ""
+    assert rx.sweep_apart_words({"above the sweep"}, 1) == "", "one strategy: nothing to tell apart"
     ramps = [dataclasses.replace(p, unit=rx.RAMP_PEAK) for p in (point(3, 1.0), point(6, 0.5))]
     assert rx.capacity_words(rx.capacity(ramps, 0.99)) == "peak 3 req/s"
     assert rx.rate_axis(ramps) == "each model's peak arrival rate (requests/s)"

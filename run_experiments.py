@@ -1448,6 +1448,10 @@ def apply_pair_budget(
             f"  kvcached limit of {slot} set to {limit / GIB:.2f} GiB "
             f"(was {segments[slot]['total_bytes'] / GIB:.1f} GiB)"
         )
+    say(  # each limit leaves the others only what they hold now: the budget holds while one model bursts
+        f"  each limit is the {budget / GIB:.2f} GiB budget less the KV pages the others hold now: the "
+        "models burst in turn, so together they stay within it"
+    )
     return limits
 
 

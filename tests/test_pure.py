@@ -473,8 +473,14 @@ def test_pair_budget_too_small_for_kvcached_preallocation_is_a_clear_error(tmp_p
     restore = {}
     with pytest.raises(RuntimeError, match="Raise --overload-budget-gib"):
         rx.apply_pair_budget(rx.GIB // 2, servers, restore)
+    said: list[str] = []
+    monkeypatch.setattr(rx.STATE, "out", said.append)
     limits = rx.apply_pair_budget(4 * rx.GIB, servers, restore)
     assert limits == {"A": 4 * rx.GIB - 576 * rx.MIB, "B": 4 * rx.GIB - 576 * rx.MIB}
+    assert said[-1].endswith(
+        "4.00 GiB budget less the KV pages the others hold now: the models burst in "
+        "turn, so together they stay within it"
+    ), "not twice the budget, as the limits add"
     assert rx.read_segment(servers["A"].spec.ipc_name)["total_bytes"] == limits["A"]
     assert restore[servers["A"].spec.ipc_name] == 100 * rx.GIB
 

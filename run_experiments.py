@@ -452,7 +452,7 @@ EXPERIMENTS = [
         "shared",
         "sleep",
         "{Two} models time-sharing the card with sleep mode: each gets the static arm's share while awake, "
-        "and only the one that bursts is awake (the {other was} put to sleep after its own burst).",
+        "and only the one that bursts is awake (the {other was} put to sleep after {its own burst}).",
         lambda cfg, budget: tuple(sleeping_server(cfg, s, cfg.gpu_memory_utilization) for s in slots(cfg)),
         alternating_bursts,
         ("main",),
@@ -520,8 +520,9 @@ def resolve_experiment(
     entry: Experiment, cfg: "Config", plans: dict[str, "WorkloadPlan"], budget_bytes: int
 ) -> ExperimentSpec:
     n = len(slots(cfg))  # the questions' words for n models; for two, as the tutorial says them
-    two = ("Two", "both", "pair", "the other idles", "other was", "half the KV budget")
-    many = (str(n), "all", f"set of {n} models", "the others idle", "others were", f"1/{n} of the KV budget")
+    two = ("Two", "both", "pair", "the other idles", "other was", "its own burst", "half the KV budget")
+    many = (str(n), "all", f"set of {n} models", "the others idle", "others were", "their own bursts")
+    many += (f"1/{n} of the KV budget",)
     schedule, question = entry.schedule, entry.question.format(**dict(zip(two, two if n == 2 else many)))
     family = per_model_family(cfg)
     if family and schedule is alternating_bursts:  # the models' traffic overlaps in time
@@ -2123,7 +2124,10 @@ def given_flags(cfg: Config) -> list[str]:
 def check_report_alone(cfg: Config) -> None:
     """--report rebuilds a run with its own settings: another flag would change nothing, so it is refused."""
     given = [name for name in given_flags(cfg) if name not in ("report", "plots")]
-    why = "--report uses the run's own settings (its config.json): leave this flag out"
+    why = (
+        "--report uses the run's own settings (its config.json): leave this flag out (each experiment's "
+        "requests.csv has every request's ttft_s and tpot_s, to score against other SLOs)"
+    )
     need(not (cfg.report and given), given[0] if given else "report", why)
 
 
@@ -7896,7 +7900,7 @@ def first_startups_line(servers: dict[str, dict]) -> Optional[str]:
         f"{f'-{fmt(max(took))}' if round(max(took)) > round(min(took)) else ''} s) also pay, on a host "
         "where vLLM has not run yet, for what it had not cached (files read the first time, kernels built): "
         "on a fresh H100 one static server was ready after 48 s first and 26 s next, and kvcached's after "
-        "27 s. Compare start-ups across arms beyond these."
+        "27 s. Leave these out when comparing the arms' start-up times."
     )
 
 
@@ -7908,7 +7912,8 @@ def time_line(timing: Optional[Timing]) -> list[str]:
         and f"Time: {fmt(timing.wall_s)} s in all: preflight {fmt(timing.preflight_s)} s, then "
         f"{fmt(timing.table_s)} s for the experiments, of which vLLM start-ups {fmt(timing.startups_s)} s, "
         f"the planned workload {fmt(timing.workload_s)} s and the harness's own time "
-        f"{fmt(timing.harness_overhead_s)} s ({fmt(100 * timing.harness_overhead_share, 1)}%)"
+        f"{fmt(timing.harness_overhead_s)} s "
+        f"({fmt(100 * timing.harness_overhead_share, 1)}% of the experiments' time)"
         f"{overlap if cards > 1 else ''}."
     )
 

@@ -371,7 +371,7 @@ def test_the_runs_first_start_ups_are_named_as_no_measure_of_their_arm():
     }
     line = rx.first_startups_line(servers)
     assert line.startswith("The run's first start-ups (A kvcached, B kvcached: 40-48 s) also pay")
-    assert line.endswith("Compare start-ups across arms beyond these.")
+    assert line.endswith("Leave these out when comparing the arms' start-up times.")
     assert rx.first_startups_line({"A kvcached": servers["A kvcached"]}) is None, "nothing to compare"
 
 

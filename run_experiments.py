@@ -3302,7 +3302,7 @@ class ServerSpec:
         if self.kvcached:
             return f"{self.name} kvcached"
         if self.kv_cache_memory_bytes:
-            return f"{self.name} static {self.kv_cache_memory_bytes / GIB:g} GiB KV"
+            return f"{self.name} static {self.kv_cache_memory_bytes / GIB:.3g} GiB KV"
         sleep = " + sleep mode" if self.sleep_mode else ""
         return f"{self.name} static {self.gpu_memory_utilization:g}{sleep}"
 

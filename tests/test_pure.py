@@ -803,3 +803,12 @@ def test_responses_the_model_ended_early_are_said_with_the_flag_that_keeps_them_
     assert rx.short_outputs_note(config, {"kvcached": ran(120 * 8, 8)}) == [], "within 10%: nothing to say"
     kept = {"config": {**config["config"], "ignore_eos": True}}
     assert rx.short_outputs_note(kept, summaries) == [], "as long as planned, or failed for it"
+
+
+def test_a_static_kv_budget_label_is_rounded_to_three_figures():
+    third = rx.ServerSpec("A", "m", 1, kvcached=False, kv_cache_memory_bytes=rx.GIB * 2 // 3)
+    assert third.label == "A static 0.667 GiB KV", "not 0.666667"
+    assert (
+        rx.ServerSpec("B", "m", 2, kvcached=False, kv_cache_memory_bytes=2 * rx.GIB).label
+        == "B static 2 GiB KV"
+    )

@@ -67,9 +67,11 @@ if grandchild:  # a process that outlives its parent: only killing the group rem
     p = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
                           "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
                           "while True: time.sleep(3600)"])
-    if gpu_dir:
-        with open(os.path.join(gpu_dir, "grandchild.pid"), "w") as f:
+    if gpu_dir:  # whole or not at all: a test may read it the moment it appears
+        path = os.path.join(gpu_dir, "grandchild.pid")
+        with open(path + ".tmp", "w") as f:
             f.write(str(p.pid))
+        os.replace(path + ".tmp", path)
 # Like vLLM 0.24's EngineCore (vllm-project/vllm#55510), FAKE_ORPHAN_ENGINE=1 keeps it (and its
 # "GPU memory") alive after its API server dies: only whoever started the server can stop it then.
 orphan = os.environ.get("FAKE_ORPHAN_ENGINE") == "1"

@@ -2243,6 +2243,18 @@ SET_IN_SERVER_ENV = {
 }
 
 
+def python_script(words: list[str]) -> str:
+    """The script a `python [options] script.py ...` command runs; '' for -m or -c, or another program."""
+    if not words or not re.fullmatch(r"python[\d.]*", Path(words[0]).name):
+        return ""
+    for word in words[1:]:
+        if word.startswith(("-m", "-c")):  # a module or a string: what follows are its arguments
+            return ""
+        if word.endswith(".py") and not word.startswith("-"):
+            return word
+    return ""
+
+
 def check_server_command(cfg: Config) -> None:
     for name in ("server_cmd", "extra_server_args"):
         try:
@@ -2250,11 +2262,9 @@ def check_server_command(cfg: Config) -> None:
         except ValueError as exc:  # e.g. "No closing quotation"
             need(False, name, f"cannot be split into arguments ({exc}): check its quotes")
     program = (shlex.split(cfg.server_cmd) or [""])[0]
-    script = next(
-        (w for w in shlex.split(cfg.server_cmd)[1:] if w.endswith(".py") and not w.startswith("-")), ""
-    )
+    script = python_script(shlex.split(cfg.server_cmd))
     need(
-        not re.fullmatch(r"python[\d.]*", Path(program).name) or not script or Path(script).is_file(),
+        not script or Path(script).is_file(),
         "server_cmd",
         f"runs {script}, which is not a file: the server would exit at once",
     )

@@ -1538,6 +1538,9 @@ def test_a_server_script_that_is_not_there_is_refused_before_anything_launches(t
     missing = tmp_path / "no_server_here.py"
     assert rx.main(["--server-cmd", f"python3 -S {missing}", "--check"]) == 2
     assert f"--server-cmd: runs {missing}, which is not a file" in capsys.readouterr().err
+    assert rx.python_script(["python3", "-m", "vllm.entrypoints.openai.api_server", "--x", "cfg.py"]) == ""
+    assert rx.python_script(["/venv/bin/python3.12", "-u", "serve.py", "a.py"]) == "serve.py"
+    assert rx.python_script(["vllm", "serve", "x.py"]) == "", "not a Python: its arguments are its own"
 
 
 def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbreviations_are_refused(capsys):

@@ -8337,7 +8337,11 @@ def check_driver(nvml: Any, torch_cuda: Optional[str]) -> Check:
     have = (raw // 1000, raw % 1000 // 10)
     shown = f"driver {driver} supports CUDA {shown_release(have)}"
     if torch_cuda is None:
-        return warn("driver", shown + "; torch not installed here (servers use --server-cmd?)")
+        return warn(
+            "driver",
+            shown + "; torch is not installed in this Python, so its CUDA build is not compared",
+            "where the servers run another Python (--server-cmd), run --check with that one",
+        )
     built = tuple(int(x) for x in torch_cuda.split(".")[:2])
     if have[0] < built[0]:
         return fail(
@@ -8484,7 +8488,11 @@ def check_model(cfg: Config, slot: str) -> Check:
             name, f"{model}: a folder without config.json", f"{flag}: the folder that holds the model's files"
         )
     if cfg.server_cmd:  # another engine (or a fake) may name models its own way
-        return warn(name, f"{model}: left to --server-cmd")
+        return warn(
+            name,
+            f"{model}: not looked up (--server-cmd may name models its own way)",
+            "give a local folder with its config.json to have its size and length checked",
+        )
     path, why = hub_config(model)
     if path is not None:
         return (

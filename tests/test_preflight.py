@@ -303,3 +303,19 @@ def test_a_misspelt_load_format_is_said_before_anything_launches():
     assert (
         rx.check_load_format("dummy") == rx.check_load_format("Safetensors") == rx.check_load_format("") == []
     )
+
+
+def test_checks_left_undone_say_why_and_what_would_do_them():
+    nvml = types.SimpleNamespace(
+        nvmlSystemGetCudaDriverVersion=lambda: 12040, nvmlSystemGetDriverVersion=lambda: "550.1"
+    )
+    driver = rx.check_driver(nvml, None)
+    assert (
+        driver.warning
+        and "torch is not installed in this Python" in driver.detail
+        and "?" not in driver.detail
+    )
+    assert "run --check with that one" in driver.fix
+    cfg = rx.Config(server_cmd="python3 -m my_engine", model_a="org/some-model")
+    model = rx.check_model(cfg, "A")
+    assert model.warning and "org/some-model: not looked up" in model.detail and "local folder" in model.fix

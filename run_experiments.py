@@ -1296,7 +1296,8 @@ def run_measured_step(trial: Trial, step: Step, repeat: int, sink: "RecordSink")
     if gate is not None:
         burst.wake_s = gate.wake_s
         burst.sleep_s = put_to_sleep(server, cfg)
-        say(f"    woken in {fmt(gate.wake_s, 2)} s, back to sleep in {fmt(burst.sleep_s, 2)} s")
+        wake, back = fmt(gate.wake_s, 2), fmt(burst.sleep_s, 2)
+        say(f"    (woken in {wake} s for that burst; back to sleep after it in {back} s)")
 
 
 def run_concurrent_window(trial: Trial, steps: list[Step], burst: BurstMark, sink: "RecordSink") -> None:

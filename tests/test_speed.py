@@ -538,7 +538,10 @@ def test_arms_compared_across_cards_that_held_different_memory_are_said_to_be(tm
     alike = {"gpus": [{"index": 0, "used_mib_at_start": 400.0}, {"index": 1, "used_mib_at_start": 430.0}]}
     assert rx.cards_apart(alike, summaries, "single") is None, "within 64 MiB: compared alike"
     figures = {
-        arm: types.SimpleNamespace(idle_after_load_mib=9711.2, peak_mib=9711.2, failed=0) for arm in summaries
+        arm: types.SimpleNamespace(
+            idle_after_load_mib=9711.2, idle_before_workload_mib=9711.2, peak_mib=9711.2, failed=0
+        )
+        for arm in summaries
     }
     block = rx.Comparison(figures=figures, ratios={})
     assert "memory not compared: the arms ran on cards" in "\n".join(rx.single_lines(block, apart))

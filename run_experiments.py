@@ -7518,6 +7518,9 @@ def comparison_lines(
     lines = []
     if {"kvcached", "static"} <= set(block.figures):
         apart = cards_apart(config, summaries, name)  # --gpus: memory read on cards of different levels
+        if GROUPS[name].pair:  # the card's memory, as the one-model sentence gives it
+            memory = memory_words(block, "the static split", apart, fresh=False)
+            lines += paragraphs(f"**{name}, the whole card:** {memory}.")
         lines += single_lines(block, apart) if not GROUPS[name].pair else pair_lines(name, block)
     if "sleep" in block.figures:
         lines += paragraphs(sleep_paragraph(name, block, summaries[group_arms(summaries)[name]["sleep"]]))
@@ -7561,25 +7564,32 @@ def cards_apart_lines(config: dict, summaries: dict[str, ExperimentSummary]) -> 
 
 
 def single_lines(block: Comparison, apart: Optional[str] = None) -> list[str]:
+    memory = memory_words(block, "the static pool", apart)
+    ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
+    said = f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
+    return paragraphs(" ".join(filter(None, (said, survivors_note([("", block)])))))
+
+
+def memory_words(
+    block: Comparison, static_words: str, apart: Optional[str] = None, fresh: bool = True
+) -> str:
+    """What kvcached keeps less (or more) than the static arm, fresh (not where a server may be reused: its
+    level after load is where an earlier experiment left it), warmed up and at peak, in words."""
     kvcached, static = block.figures["kvcached"], block.figures["static"]
+    after_load = diff(static.idle_after_load_mib, kvcached.idle_after_load_mib) if fresh else None
     savings = [
-        saving_words(
-            diff(static.idle_after_load_mib, kvcached.idle_after_load_mib), "when idle after loading"
-        ),
+        saving_words(after_load, "when idle after loading"),
         saving_words(  # kvcached keeps some pages a burst mapped: warmed up, it holds more than fresh
-            diff(static.idle_before_workload_mib, kvcached.idle_before_workload_mib), "idle after a warm-up"
+            diff(static.idle_before_workload_mib, kvcached.idle_before_workload_mib),
+            "idle before the workload",
         ),
         saving_words(diff(static.peak_mib, kvcached.peak_mib), "at peak"),
     ]
     said = [words for words in savings if words]
     held = ", ".join(said[:-1]) + (" and " if len(said) > 1 else "") + (said[-1] if said else "")
-    memory = f"kvcached keeps {held} than the static pool" if held else "memory n/a for one of the arms"
-    memory = (
-        "memory not compared: the arms ran on cards that held different memory before" if apart else memory
-    )
-    ttft, e2e = (with_repeats(*block.ratio("kvcached/static", k)) for k in ("ttft_s_p50", "e2e_s_p50"))
-    said = f"**One model:** {memory}; TTFT p50 ratio kvcached/static {ttft}, E2E p50 ratio {e2e}."
-    return paragraphs(" ".join(filter(None, (said, survivors_note([("", block)])))))
+    if apart:
+        return "memory not compared: the arms ran on cards that held different memory before"
+    return f"kvcached keeps {held} than {static_words}" if held else "memory n/a for one of the arms"
 
 
 def saving_words(saving: Optional[float], when: str) -> str:

@@ -753,7 +753,7 @@ def test_report_sentences_leave_out_what_is_n_a_and_say_more_where_kvcached_hold
         ),
     }
     assert (
-        "kvcached keeps 7,655 MiB less when idle after loading, 7,591 MiB less idle after a warm-up and "
+        "kvcached keeps 7,655 MiB less when idle after loading, 7,591 MiB less idle before the workload and "
         "7,587 MiB less at peak"
     ) in "\n".join(rx.single_lines(rx.Comparison(figures=warmed, ratios={}))), (
         "the pages a warm-up left count"
@@ -826,3 +826,31 @@ def test_a_static_kv_budget_label_is_rounded_to_three_figures():
         rx.ServerSpec("B", "m", 2, kvcached=False, kv_cache_memory_bytes=2 * rx.GIB).label
         == "B static 2 GiB KV"
     )
+
+
+def test_a_pair_group_says_the_whole_cards_saving_before_the_workload_and_at_peak():
+    figures = {
+        "kvcached": rx.Figures(
+            0.1,
+            0.2,
+            1.0,
+            2.0,
+            peak_mib=18932.0,
+            idle_after_load_mib=12277.0,
+            idle_before_workload_mib=13327.0,
+        ),
+        "static": rx.Figures(
+            0.1,
+            0.2,
+            1.0,
+            2.0,
+            peak_mib=130828.0,
+            idle_after_load_mib=130820.0,
+            idle_before_workload_mib=130826.0,
+        ),
+    }
+    said = rx.memory_words(rx.Comparison(figures=figures, ratios={}), "the static split", fresh=False)
+    assert said == (
+        "kvcached keeps 117,499 MiB less idle before the workload and 111,896 MiB less at peak than the "
+        "static split"
+    ), "not after load: a reused server's level there is where an earlier experiment left it"

@@ -2245,13 +2245,16 @@ SET_IN_SERVER_ENV = {
 
 
 def python_script(words: list[str]) -> str:
-    """The script a `python [options] script.py ...` command runs; '' for -m or -c, or another program."""
+    """The script a `python [options] script ...` command runs; '' for -m or -c, or another program."""
     if not words or not re.fullmatch(r"python[\d.]*", Path(words[0]).name):
         return ""
-    for word in words[1:]:
+    options = iter(words[1:])
+    for word in options:
         if word.startswith(("-m", "-c")):  # a module or a string: what follows are its arguments
             return ""
-        if word.endswith(".py") and not word.startswith("-"):
+        if word in ("-W", "-X"):  # the two options whose value is a word of its own
+            next(options, None)
+        elif not word.startswith("-"):
             return word
     return ""
 
@@ -3265,12 +3268,15 @@ def secret_values(argv: list[str]) -> list[str]:
     """The values redact_argv hides, also inside one argument that is a command line (`bash -c '...'`)."""
     values = []
     for arg, shown in zip(argv, redact_argv(argv)):
-        inner = words_of(arg)
-        if len(inner) > 1:
-            values += secret_values(inner)
-        elif arg != shown:
-            _, eq, value = arg.partition("=")
-            values += [arg, value] if eq else [arg]
+        named = shown[: -len(REDACTED)]  # `--api-key=`, `HF_TOKEN=`, `-eHF_TOKEN=`: what stays shown
+        if arg == shown:
+            continue
+        if shown == REDACTED:  # the value after a secret flag, spaces and all
+            values.append(arg)
+        elif shown.endswith(f"={REDACTED}") and arg.startswith(named):
+            values += [arg, arg[len(named) :]]
+        else:  # a command line in one argument, its secrets hidden inside it
+            values += secret_values(words_of(arg))
     return values + [v.rstrip(";&|") for v in values]  # `--token X; exec vllm`: X without the `;`
 
 
@@ -5586,6 +5592,10 @@ def read_jsonl(path: Path, problems: Optional[list[str]] = None, expected: bool 
 
 
 REQUEST_KEYS = {"server": str, "phase": str, "repeat": int, "burst": int, "t_send": (int, float)}
+NUMBER_OR_NONE = (int, float, type(None))
+MEASURED_KEYS = dict.fromkeys(
+    "ttft_s e2e_s prompt_tokens completion_tokens send_delay_s".split(), NUMBER_OR_NONE
+)
 
 
 def request_rows(rows: list[dict], problems: list[str]) -> list[dict]:
@@ -5593,13 +5603,13 @@ def request_rows(rows: list[dict], problems: list[str]) -> list[dict]:
     kept = [
         row
         for row in rows
-        if set(row) & set(REQUEST_FIELDS)
-        and all(isinstance(row[k], kind) for k, kind in REQUEST_KEYS.items() if k in row)
+        if all(isinstance(row.get(k), kind) for k, kind in REQUEST_KEYS.items())
+        and all(isinstance(row[k], kind) for k, kind in MEASURED_KEYS.items() if k in row)
     ]
     if len(kept) < len(rows):
         problems.append(
-            f"requests.jsonl: {len(rows) - len(kept)} of {len(rows)} rows are not requests (no request's "
-            f"fields, or a {', '.join(REQUEST_KEYS)} of the wrong kind), left out"
+            f"requests.jsonl: {len(rows) - len(kept)} of {len(rows)} rows are not requests (a "
+            f"{', '.join(REQUEST_KEYS)} missing or of the wrong kind, or a measure no number), left out"
         )
     return kept
 

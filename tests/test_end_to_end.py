@@ -510,7 +510,7 @@ def test_a_report_names_a_torn_or_missing_raw_file_instead_of_reporting_fewer_re
     exp_dir.mkdir()
     marks = rx.Marks(idle_after_load=(1.0, 2.0), bursts=[rx.BurstMark("burst 1", "A", 0, 3.0, 4.0)])
     rx.write_json(exp_dir / "experiment.json", rx.ExperimentRecord("kvcached", "?", marks=marks))
-    row = json.dumps({"server": "A", "ok": True})
+    row = json.dumps({"server": "A", "phase": "burst 1", "repeat": 0, "burst": 0, "t_send": 3.5, "ok": True})
     (exp_dir / "requests.jsonl").write_text(f"{row}\n{row}\n{row[:9]}")  # cut mid-line, as a full disk does
     loaded = rx.load_experiment(exp_dir)
     assert len(loaded.requests) == 2
@@ -567,13 +567,15 @@ def test_a_report_leaves_out_a_row_that_is_not_a_request_and_keeps_the_experimen
     total = len(rows.read_text().splitlines())
     with rows.open("a") as f:
         f.write('{"a": 1}\n{"server": "A", "phase": "burst 1", "repeat": null, "burst": 0, "t_send": 1.0}\n')
+        f.write('{"server": "A"}\n')  # one field of a request only
+        f.write('{"server": "A", "phase": "p", "repeat": 0, "burst": 0, "t_send": 1.0, "e2e_s": "x"}\n')
     assert rx.main(["--report", str(copy), "--no-plots"], out=lambda _: None) == 0
     summary = json.loads((copy / "summary.json").read_text())
     assert not summary["failed"], summary["failed"]
     name = re.sub(r"^\d+_", "", first.name)
     assert summary["experiments"][name]["latency"]["requests"] == total
     assert (
-        f"requests.jsonl: 2 of {total + 2} rows are not requests"
+        f"requests.jsonl: 4 of {total + 4} rows are not requests"
         in summary["experiments"][name]["problems"][0]
     )
 

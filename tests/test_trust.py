@@ -989,7 +989,9 @@ def test_an_experiment_stopped_before_its_first_request_reports_no_workload_peak
     rx.write_jsonl(exp / "memory.jsonl", [{"kind": "device", "t": t, "used_mib": mib} for t, mib in levels])
     summary = rx.summarize_experiment(rx.load_experiment(exp), 0.05)
     assert summary.device.peak_mib is None and summary.memory_cost is None
-    rx.write_jsonl(exp / "requests.jsonl", [{"t_send": 4.5}])
+    rx.write_jsonl(
+        exp / "requests.jsonl", [{"server": "A", "phase": "burst 1", "repeat": 0, "burst": 0, "t_send": 4.5}]
+    )
     assert rx.load_experiment(exp).record.marks.workload == (4.5, 5.9)
 
 
@@ -1516,6 +1518,9 @@ def test_a_secret_flag_inside_one_shell_string_and_short_secrets_are_hidden_wher
     assert rx.scrub("log: hf_LONGSECRET_abc") == "log: ***", "inside one argument, as --flag VALUE"
     shown = rx.redact_command(login)
     assert "hf_LONGSECRET_abc" not in shown and shlex.split(shlex.split(shown)[2])[3:5] == ["--token", "***"]
+    spaced = rx.Config(server_cmd="vllm serve --api-key 'long pass phrase' --hf-token='tok en-secret-123'")
+    rx.register_secrets(spaced)
+    assert rx.scrub("--api-key long pass phrase, token tok en-secret-123") == "--api-key ***, token ***"
     short = "vllm serve --api-key k3y12"  # too short for scrub's search of free text, never for a command
     assert rx.redact_command(short) == "vllm serve --api-key '***'"
     assert rx.redact_command("vllm serve --port 8001") == "vllm serve --port 8001"
@@ -1541,6 +1546,9 @@ def test_a_server_script_that_is_not_there_is_refused_before_anything_launches(t
     assert rx.python_script(["python3", "-m", "vllm.entrypoints.openai.api_server", "--x", "cfg.py"]) == ""
     assert rx.python_script(["/venv/bin/python3.12", "-u", "serve.py", "a.py"]) == "serve.py"
     assert rx.python_script(["vllm", "serve", "x.py"]) == "", "not a Python: its arguments are its own"
+    assert rx.python_script(["python3", "-X", "dev", "serve", "--chat-template", "t.py"]) == "serve", (
+        "a script named without .py; -X's value is no script"
+    )
 
 
 def test_a_mistyped_secret_flag_is_refused_without_echoing_its_value_and_abbreviations_are_refused(capsys):

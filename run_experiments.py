@@ -79,7 +79,7 @@ import traceback
 import urllib.parse
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, AnyStr, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -3290,12 +3290,18 @@ def redact_env_pairs(spec: str) -> str:
 def redact_command(spec: str) -> str:
     """A command line or NAME=value list as given, its secrets hidden (see redact_argv)."""
     words = words_of(spec) if spec.strip() else []
-    return shlex.join(redact_argv(words)) if redact_argv(words) != words else spec
+    shown = redact_argv(words)
+    return shlex.join(shown) if shown != words else spec
 
 
 def scrub(text: str) -> str:
-    for secret in sorted(STATE.secrets, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+    return masked(text, STATE.secrets, REDACTED)
+
+
+def masked(text: AnyStr, secrets: Iterable[AnyStr], mask: AnyStr) -> AnyStr:
+    """`text` with each secret (longest first: one may hold another) replaced by `mask`."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, mask)
     return text
 
 
@@ -3611,9 +3617,7 @@ def scrub_own_log(secrets: list[str]) -> None:
         path = os.readlink("/proc/self/fd/1")
         with open(path, "rb") as f:
             text = f.read()
-        scrubbed = text
-        for secret in sorted(secrets, key=len, reverse=True):
-            scrubbed = scrubbed.replace(secret.encode(), b"***")
+        scrubbed = masked(text, [secret.encode() for secret in secrets], b"***")
         if scrubbed != text:
             tmp = f"{path}.keeper.tmp"
             with open(tmp, "wb") as f:
@@ -3701,7 +3705,7 @@ def keeper_source() -> str:
     """The keeper's program for `python -c`; its arguments: control fd, segment path, grace, command."""
     helpers = (
         *(proc_stat, process_tree, live_below, unlink_segment, read_order, reap_children, comm_names),
-        scrub_own_log,
+        *(scrub_own_log, masked),
     )
     call = f"keeper(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:], {KILL_WAIT_S!r})"
     return program_source(*helpers, end_tree, keeper, call="import sys\n" + call)
@@ -5954,6 +5958,12 @@ def load_experiment(exp_dir: Path) -> LoadedExperiment:
 MAX_SAMPLE_GAP = 10  # sample intervals without a device sample before memory figures are void
 
 
+def longest_gap(times: Iterable[float], span: Span) -> float:
+    """The longest stretch of `span` without one of `times` in it (its ends count as edges)."""
+    edges = [span[0], *(t for t in times if span[0] <= t <= span[1]), span[1]]
+    return max(b - a for a, b in zip(edges, edges[1:]))
+
+
 def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencySummary) -> list[str]:
     """Why this experiment's memory figures must not be reported, if they must not."""
     problems = []
@@ -5964,8 +5974,7 @@ def memory_problems(record: ExperimentRecord, device: Samples, latency: LatencyS
     if start is not None and end is not None and record.sample_interval_s:
         # the longest stretch without a sample: a stalled sampler leaves one, and a peak or a release time
         # read across it would be wrong
-        times = [start] + [t for t, _ in device if start <= t <= end] + [end]
-        gap = max(b - a for a, b in zip(times, times[1:]))
+        gap = longest_gap((t for t, _ in device), (start, end))
         if gap > MAX_SAMPLE_GAP * record.sample_interval_s:
             problems.append(
                 f"device memory was not sampled for {gap:.1f} s, past {MAX_SAMPLE_GAP} sample intervals "
@@ -6398,8 +6407,7 @@ def process_series_stalls(loaded: LoadedExperiment) -> list[str]:
         if len(ticks) < 2:
             continue
         every_s = float(np.median(np.diff(ticks)))
-        times = [span[0], *(t for t in ticks if span[0] <= t <= span[1]), span[1]]
-        gap = max(b - a for a, b in zip(times, times[1:]))
+        gap = longest_gap(ticks, span)
         if gap > MAX_SAMPLE_GAP * every_s:
             said.append(
                 f"per-model memory means and peaks n/a: {slot}'s process memory was not read for {gap:.1f} s "
